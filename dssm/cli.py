@@ -1,0 +1,57 @@
+"""The one command-line tool, ``dssm``, with subcommands.
+
+Each subcommand lives in its own module as ``main(argv: list[str] | None) -> int`` and is imported only
+when called, so ``dssm --help`` stays fast. Beam jobs parse their own flags with ``parse_known_args``
+and pass the rest to Beam. A :class:`~dssm.errors.DSSMError` prints as one ``error:`` line (exit 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from dssm.errors import DSSMError
+
+__all__ = ["COMMANDS", "main"]
+
+# name -> (module, summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/TSV/CSV/JSONL/Parquet/BEIR) → hashed-trigram TFRecord shards."),
+    "train": ("dssm.train", "Train the two-tower model on pair shards and export a SavedModel."),
+    "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
+    "search": ("serving.searcher", "Search an index from the command line."),
+    "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
+    "demo": ("dssm.demo", "pairs → train → index → eval → sample searches on quora-dev."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dssm COMMAND [options]   (dssm COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<11} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``dssm COMMAND ...`` to ``COMMANDS[COMMAND]``'s ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from dssm import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except DSSMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

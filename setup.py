@@ -1,0 +1,30 @@
+"""Packaging for dssm-search: pinned stack, one console script (`dssm`)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dssm-search",
+    version="0.1.0",
+    description="Information retrieval on DSSM query-document towers: Beam pipelines, training, ScaNN serving.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["dssm", "dssm.*", "pipelines", "pipelines.*", "serving", "serving.*"]),
+    install_requires=[
+        "tensorflow==2.20.*",
+        "tf-keras==2.20.*",
+        # NFKC normalisation as a TF op, so the exported SavedModel featurizes raw strings itself.
+        "tensorflow-text==2.20.*",
+        "tensorflow-recommenders==0.7.7",
+        "scann==1.4.2",
+        "apache-beam[dask]==2.77.0",
+        "pandas>=2.2,<4",
+        "pyarrow>=17",
+        "bm25s==0.3.16",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
+    },
+    entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
+)
