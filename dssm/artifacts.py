@@ -62,7 +62,7 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
     manifest = {
         "kind": kind,
         "format_version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "files": files,
         **(extra or {}),
     }

@@ -16,7 +16,7 @@ __all__ = ["COMMANDS", "main"]
 
 # name -> (module, summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/TSV/CSV/JSONL/Parquet/BEIR) → hashed-trigram TFRecord shards."),
+    "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/CSV/TSV/JSONL/Parquet/BEIR) → TFRecord shards."),
     "train": ("dssm.train", "Train the two-tower model on pair shards and export a SavedModel."),
     "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
     "search": ("serving.searcher", "Search an index from the command line."),

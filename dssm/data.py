@@ -1,0 +1,309 @@
+"""Readers for the user's files: tables (CSV/TSV/JSONL/Parquet), corpora, BEIR directories; the split.
+
+Every reader takes the path it reads from its caller (no hidden I/O) and streams, so corpora larger
+than memory can be read row by row. Bad rows are not dropped silently: :func:`iter_rows` yields them
+with a reason, and the caller decides (the pipelines send them to a dead-letter output).
+
+Invalid UTF-8 is carried as lone surrogates (``errors="surrogateescape"``) so a row can be reported
+with its location instead of aborting the whole file; :func:`is_valid_utf8` tells such values apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from dssm.errors import InputError
+
+__all__ = [
+    "TABLE_FORMATS",
+    "Row",
+    "Document",
+    "BeirDataset",
+    "table_format",
+    "read_columns",
+    "iter_rows",
+    "iter_corpus",
+    "read_queries",
+    "read_qrels",
+    "read_beir",
+    "is_valid_utf8",
+    "split_of",
+]
+
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+             ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+# Quora and other sources have questions longer than csv's 128 KiB default field limit.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class Row(NamedTuple):
+    """One input record.
+
+    Attributes:
+        location: ``path:line`` (or ``path:row`` for Parquet) for error messages and dead letters.
+        fields: column → value (``None`` where the record has no such column).
+        error: why the record could not be parsed at all, or ``None``.
+    """
+
+    location: str
+    fields: dict[str, Any]
+    error: str | None = None
+
+
+class Document(NamedTuple):
+    """A corpus document."""
+
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class BeirDataset:
+    """A BEIR directory in memory: ``corpus`` id → Document, ``queries`` id → text, ``qrels`` qid → {docid: grade}."""
+
+    corpus: dict[str, Document]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} is not a file: {path}")
+
+
+def table_format(path: str | Path, format: str | None = None) -> str:  # noqa: A002
+    """The table format of ``path``: ``format`` if given, else from its suffix (``.gz`` is not supported)."""
+    if format is not None:
+        if format not in TABLE_FORMATS:
+            raise InputError(f"unknown table format {format!r}; use one of {TABLE_FORMATS}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise InputError(f"cannot tell the format of {path} from its suffix {suffix!r}; "
+                         f"use one of {sorted(_SUFFIXES)} or name the format")
+    return _SUFFIXES[suffix]
+
+
+def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # noqa: A002
+    """Column names of a table: its header (CSV/TSV), schema (Parquet) or first record's keys (JSONL).
+
+    Raises:
+        InputError: the file is missing, empty, or its first record is not a JSON object.
+    """
+    path = Path(path)
+    _require_file(path, "input file")
+    kind = table_format(path, format)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        if kind == "jsonl":
+            for line_no, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise InputError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
+                    if not isinstance(first, dict):
+                        raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(first).__name__}")
+                    return list(first)
+            raise InputError(f"input file is empty: {path}")
+        header = next(_csv_reader(handle, kind), None)
+        if not header:
+            raise InputError(f"input file is empty: {path}")
+        return header
+
+
+def _csv_reader(handle: Any, kind: str) -> Any:
+    if kind == "tsv":
+        # TSV as Quora and BEIR write it: no quoting, quotes are ordinary characters.
+        return csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.reader(handle)
+
+
+def iter_rows(path: str | Path, format: str | None = None) -> Iterator[Row]:  # noqa: A002
+    """Stream the records of a CSV/TSV/JSONL/Parquet table.
+
+    CSV/TSV need a header row. Records with the wrong number of fields or invalid JSON come back with
+    ``error`` set, not raised, so the caller can reject them and go on.
+
+    Raises:
+        InputError: the file is missing or its format unknown.
+    """
+    path = Path(path)
+    _require_file(path, "input file")
+    kind = table_format(path, format)
+    if kind == "parquet":
+        yield from _iter_parquet(path)
+        return
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        if kind == "jsonl":
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                location = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeEncodeError) as exc:
+                    yield Row(location, {"raw": line.rstrip("\n")}, f"not valid JSON: {exc}")
+                    continue
+                if not isinstance(record, dict):
+                    yield Row(location, {"raw": line.rstrip("\n")}, "not a JSON object")
+                    continue
+                yield Row(location, record)
+            return
+        reader = _csv_reader(handle, kind)
+        header = next(reader, None)
+        if header is None:
+            return
+        for values in reader:
+            location = f"{path}:{reader.line_num}"
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                yield Row(location, dict(zip(header, values, strict=False)),
+                          f"has {len(values)} fields, header has {len(header)}")
+                continue
+            yield Row(location, dict(zip(header, values, strict=True)))
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+        for record in batch.to_pylist():
+            row_no += 1
+            yield Row(f"{path}:row {row_no}", record)
+
+
+def is_valid_utf8(value: str) -> bool:
+    """False if ``value`` carries bytes that were not UTF-8 (read with ``surrogateescape``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def iter_corpus(
+    path: str | Path,
+    *,
+    id_column: str | None = None,
+    text_column: str = "text",
+    title_column: str | None = "title",
+    format: str | None = None,  # noqa: A002
+) -> Iterator[Document]:
+    """Stream documents from a corpus table (BEIR ``corpus.jsonl`` or any CSV/TSV/JSONL/Parquet).
+
+    Args:
+        path: the corpus file.
+        id_column: id column; default ``_id`` if present, else ``id``.
+        text_column: text column.
+        title_column: optional title column (missing → empty titles).
+        format: table format; default from the suffix.
+
+    Raises:
+        InputError: missing file, missing id/text column, an unparsable record, an empty id,
+            invalid UTF-8 (each names the record).
+    """
+    columns = read_columns(path, format)
+    if id_column is None:
+        id_column = "_id" if "_id" in columns else "id"
+    missing = [c for c in (id_column, text_column) if c not in columns]
+    if missing:
+        raise InputError(f"corpus {path} lacks column(s) {missing}; it has {columns}")
+    for row in iter_rows(path, format):
+        if row.error:
+            raise InputError(f"{row.location}: {row.error}")
+        doc_id = _text(row.fields.get(id_column)).strip()
+        if not doc_id:
+            raise InputError(f"{row.location}: empty document id")
+        title = _text(row.fields.get(title_column)) if title_column else ""
+        text = _text(row.fields.get(text_column))
+        if not (is_valid_utf8(doc_id) and is_valid_utf8(title) and is_valid_utf8(text)):
+            raise InputError(f"{row.location}: document {doc_id!r} is not valid UTF-8")
+        yield Document(doc_id, title, text)
+
+
+def read_queries(path: str | Path) -> dict[str, str]:
+    """BEIR ``queries.jsonl`` (``_id``, ``text``) → {id: text}."""
+    queries = {}
+    for doc in iter_corpus(path, text_column="text", title_column=None):
+        queries[doc.id] = doc.text
+    return queries
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """BEIR ``qrels.tsv`` (header ``query-id corpus-id score``) → {qid: {docid: grade}}.
+
+    Raises:
+        InputError: missing file, wrong header, or a non-integer score (naming the line).
+    """
+    columns = read_columns(path, "tsv")
+    if columns[:2] != ["query-id", "corpus-id"] or len(columns) < 3:
+        raise InputError(f"qrels {path} must have header 'query-id corpus-id score', has {columns}")
+    qrels: dict[str, dict[str, int]] = {}
+    for row in iter_rows(path, "tsv"):
+        if row.error:
+            raise InputError(f"{row.location}: {row.error}")
+        qid, did, score = (row.fields[c] for c in columns[:3])
+        try:
+            grade = int(float(score))
+        except ValueError as exc:
+            raise InputError(f"{row.location}: score {score!r} is not a number") from exc
+        qrels.setdefault(qid, {})[did] = grade
+    return qrels
+
+
+def read_beir(directory: str | Path) -> BeirDataset:
+    """Read a BEIR directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` or ``qrels/test.tsv``).
+
+    Raises:
+        InputError: the directory or one of its files is missing, or the corpus is empty.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"BEIR directory not found: {directory}")
+    qrels_path = directory / "qrels.tsv"
+    if not qrels_path.exists() and (directory / "qrels" / "test.tsv").exists():
+        qrels_path = directory / "qrels" / "test.tsv"
+    for needed in (directory / "corpus.jsonl", directory / "queries.jsonl", qrels_path):
+        if not needed.exists():
+            raise InputError(f"BEIR directory {directory} lacks {needed.name}")
+    corpus = {doc.id: doc for doc in iter_corpus(directory / "corpus.jsonl")}
+    if not corpus:
+        raise InputError(f"corpus {directory / 'corpus.jsonl'} is empty")
+    return BeirDataset(corpus=corpus, queries=read_queries(directory / "queries.jsonl"), qrels=read_qrels(qrels_path))
+
+
+def split_of(text: str, *, validation_fraction: float, salt: str = "") -> str:
+    """``"validation"`` or ``"train"``, from a hash of the NFKC-casefolded, space-normalised text.
+
+    Deterministic across runs, machines and Beam runners (sha256, not Python's salted ``hash``), so
+    a query and all its pairs land in the same split every time.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise InputError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    key = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8", "surrogatepass")).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    return "validation" if point < validation_fraction else "train"
