@@ -1,0 +1,36 @@
+# The two set-up commands: `make demo` (the main job end to end on real data) and `make test`.
+# Both create .venv if missing and install the package into it first.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(wildcard ../shared/datasets/quora-dev)
+WORKDIR ?= work/demo
+PART ?=
+QUICK ?=
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/dssm: setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev,serve]" --config-settings editable_mode=compat
+	touch $(BIN)/dssm
+
+install: $(BIN)/dssm
+
+demo: install
+	$(BIN)/dssm demo $(if $(DATA),--data $(DATA)) --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/ruff check dssm pipelines serving tests bench
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check dssm pipelines serving tests bench
+
+bench: install
+	$(BIN)/python -m bench $(if $(PART),--part $(PART)) $(if $(QUICK),--quick)
+
+clean:
+	rm -rf work build *.egg-info .pytest_cache
