@@ -1,0 +1,452 @@
+"""Offline retrieval evaluation: metrics, runs, the BM25 baseline beside DSSM; ``main(argv)`` = ``dssm eval``.
+
+Terms, as trec_eval uses them:
+
+* a **run** is ``{query_id: [(doc_id, score), ...]}`` ranked best first. Metrics read the order only;
+  scores are carried for reports. A doc id repeated within one ranking counts at its first position.
+* **qrels** are ``{query_id: {doc_id: grade}}``. A document is *relevant* when its grade is > 0.
+* The evaluated queries are those of the qrels with at least one relevant document; queries without
+  one are skipped (no metric is defined for them: nDCG's ideal DCG and recall's denominator are 0).
+  An evaluated query that is missing from the run scores 0 on every metric (trec_eval ``-c``), so a
+  system cannot gain by returning nothing. Restrict the qrels to restrict the query set.
+
+Metrics (``name@k``), per query, then averaged over the evaluated queries:
+
+* ``recall@k``: relevant documents in the top k / all relevant documents of the query.
+* ``precision@k``: relevant documents in the top k / k.
+* ``mrr@k``: 1 / rank of the first relevant document within the top k, else 0.
+* ``ndcg@k``: graded, with trec_eval's and pytrec_eval's (hence BEIR's) *linear* gain:
+  ``DCG@k = sum_{r=1..k} grade(d_r) / log2(r + 1)``, divided by the DCG@k of the ideal ordering of all
+  judged relevant documents. (Not the ``2^grade - 1`` "exponential" gain.) With binary qrels the two agree.
+* ``map@k``: sum of precision@r over ranks r <= k holding a relevant document / all relevant documents.
+
+Per-query values are kept (:class:`SystemResult.per_query`) for significance tests and plots.
+
+The library part (everything but :func:`main`) reads and writes no files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dssm.errors import ConfigError, InputError
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "Run",
+    "Qrels",
+    "SystemResult",
+    "parse_metric",
+    "recall_at_k",
+    "precision_at_k",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "average_precision_at_k",
+    "evaluated_queries",
+    "per_query_metrics",
+    "mean_metrics",
+    "evaluate_run",
+    "metric_depth",
+    "drop_self",
+    "retrieve_run",
+    "sample_queries",
+    "select_queries",
+    "report_dict",
+    "format_table",
+    "main",
+]
+
+Run = Mapping[str, Sequence[tuple[str, float]]]
+Qrels = Mapping[str, Mapping[str, float]]
+
+#: The metrics of the ``dssm eval`` contract, in report order.
+DEFAULT_METRICS: tuple[str, ...] = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10")
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _unique(ranked: Iterable[str], k: int) -> list[str]:
+    """The first ``k`` distinct ids in rank order (a repeat keeps its first position)."""
+    seen: set[str] = set()
+    out = []
+    for doc_id in ranked:
+        if doc_id not in seen:
+            seen.add(doc_id)
+            out.append(doc_id)
+            if len(out) == k:
+                break
+    return out
+
+
+def _relevant(grades: Mapping[str, float]) -> set[str]:
+    return {d for d, g in grades.items() if g > 0}
+
+
+def recall_at_k(ranked: Sequence[str], grades: Mapping[str, float], k: int) -> float:
+    """Fraction of the query's relevant documents found in the top ``k``.
+
+    Args:
+        ranked: doc ids, best first.
+        grades: the query's qrels, ``{doc_id: grade}``; relevant means grade > 0.
+        k: cut-off.
+
+    Returns:
+        A value in [0, 1]; 0 when the query has no relevant document.
+    """
+    relevant = _relevant(grades)
+    if not relevant:
+        return 0.0
+    return sum(d in relevant for d in _unique(ranked, k)) / len(relevant)
+
+
+def precision_at_k(ranked: Sequence[str], grades: Mapping[str, float], k: int) -> float:
+    """Relevant documents in the top ``k`` divided by ``k`` (a short ranking is not rewarded)."""
+    relevant = _relevant(grades)
+    return sum(d in relevant for d in _unique(ranked, k)) / k
+
+
+def mrr_at_k(ranked: Sequence[str], grades: Mapping[str, float], k: int) -> float:
+    """Reciprocal rank of the first relevant document within the top ``k``, else 0."""
+    relevant = _relevant(grades)
+    for rank, doc_id in enumerate(_unique(ranked, k), start=1):
+        if doc_id in relevant:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_k(ranked: Sequence[str], grades: Mapping[str, float], k: int) -> float:
+    """Graded nDCG@k with linear gain ``grade / log2(rank + 1)`` (trec_eval ``ndcg_cut``, pytrec_eval, BEIR).
+
+    Grades <= 0 give no gain. The ideal DCG orders all of the query's positive grades descending.
+
+    Returns:
+        A value in [0, 1]; 0 when the query has no relevant document.
+    """
+    ideal = sorted((g for g in grades.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(rank + 1) for rank, g in enumerate(ideal, start=1))
+    if idcg == 0:
+        return 0.0
+    dcg = sum(max(grades.get(d, 0), 0) / math.log2(rank + 1) for rank, d in enumerate(_unique(ranked, k), start=1))
+    return dcg / idcg
+
+
+def average_precision_at_k(ranked: Sequence[str], grades: Mapping[str, float], k: int) -> float:
+    """AP cut at ``k`` (trec_eval ``map_cut``): sum of precision@r at relevant ranks r <= k / all relevant."""
+    relevant = _relevant(grades)
+    if not relevant:
+        return 0.0
+    hits = 0
+    total = 0.0
+    for rank, doc_id in enumerate(_unique(ranked, k), start=1):
+        if doc_id in relevant:
+            hits += 1
+            total += hits / rank
+    return total / len(relevant)
+
+
+_METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Mapping[str, float], int], float]] = {
+    "recall": recall_at_k,
+    "precision": precision_at_k,
+    "mrr": mrr_at_k,
+    "ndcg": ndcg_at_k,
+    "map": average_precision_at_k,
+}
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """``"ndcg@10"`` → ``("ndcg", 10)``.
+
+    Raises:
+        ConfigError: unknown metric or a cut-off that is not a positive integer.
+    """
+    base, sep, cut = name.partition("@")
+    if base not in _METRIC_FUNCTIONS or not sep or not cut.isdigit() or int(cut) < 1:
+        raise ConfigError(f"unknown metric {name!r}; use NAME@K with NAME in {sorted(_METRIC_FUNCTIONS)}")
+    return base, int(cut)
+
+
+def metric_depth(metrics: Sequence[str]) -> int:
+    """The ranking depth the metrics need (the largest cut-off)."""
+    return max(parse_metric(m)[1] for m in metrics)
+
+
+def evaluated_queries(qrels: Qrels) -> list[str]:
+    """Query ids with at least one relevant (grade > 0) document, sorted; the others are skipped."""
+    return sorted(q for q, grades in qrels.items() if _relevant(grades))
+
+
+def per_query_metrics(run: Run, qrels: Qrels, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+    """Every metric for every evaluated query.
+
+    Args:
+        run: ``{qid: [(doc_id, score), ...]}`` ranked best first.
+        qrels: ``{qid: {doc_id: grade}}``.
+        metrics: names like ``"ndcg@10"``.
+
+    Returns:
+        ``{metric: {qid: value}}`` over :func:`evaluated_queries` (a qid missing from ``run`` scores 0).
+    """
+    parsed = [(m, *parse_metric(m)) for m in metrics]
+    out: dict[str, dict[str, float]] = {m: {} for m in metrics}
+    for qid in evaluated_queries(qrels):
+        ranked = [hit[0] for hit in run.get(qid, ())]
+        for name, base, k in parsed:
+            out[name][qid] = _METRIC_FUNCTIONS[base](ranked, qrels[qid], k)
+    return out
+
+
+def mean_metrics(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean over queries of each metric (0.0 for a metric with no queries)."""
+    return {m: (sum(v.values()) / len(v) if v else 0.0) for m, v in per_query.items()}
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """One system's evaluation.
+
+    Attributes:
+        name: system name as reported (``"dssm"``, ``"bm25"``, ...).
+        means: ``{metric: mean over queries}``.
+        per_query: ``{metric: {qid: value}}`` (paired across systems by qid).
+    """
+
+    name: str
+    means: dict[str, float]
+    per_query: dict[str, dict[str, float]]
+
+    @property
+    def num_queries(self) -> int:
+        return len(next(iter(self.per_query.values()), {}))
+
+
+def evaluate_run(name: str, run: Run, qrels: Qrels, *, metrics: Sequence[str] = DEFAULT_METRICS) -> SystemResult:
+    """Score ``run`` against ``qrels``: per-query values and their means (see the module docstring)."""
+    per_query = per_query_metrics(run, qrels, metrics)
+    return SystemResult(name=name, means=mean_metrics(per_query), per_query=per_query)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def drop_self(run: Run, *, k: int) -> dict[str, list[tuple[str, float]]]:
+    """Remove each query's own id from its ranking and cut it to ``k``.
+
+    Quora's retrieval view puts every query's own text in the corpus under the query's id; finding it
+    is trivial and says nothing. Retrieve ``k + 1`` and apply this so the depth stays ``k``.
+    """
+    return {qid: [hit for hit in hits if hit[0] != qid][:k] for qid, hits in run.items()}
+
+
+SearchBatch = Callable[[list[str], int], Sequence[Sequence[Any]]]
+
+
+def retrieve_run(search_batch: SearchBatch, queries: Mapping[str, str], *, k: int, skip_self: bool = False,
+                 batch_size: int = 256, show_progress: bool = False,
+                 desc: str = "search") -> dict[str, list[tuple[str, float]]]:
+    """Run a batch search function over queries and collect a run.
+
+    Args:
+        search_batch: ``(texts, k) -> [[hit, ...] per text]`` where ``hit[0]`` is the doc id and ``hit[1]``
+            the score (``serving.searcher.Hit`` and ``BM25Index`` both fit).
+        queries: ``{qid: text}``; searched in this order, ``batch_size`` at a time.
+        k: ranking depth kept per query.
+        skip_self: drop a hit whose id equals the query id; ``k + 1`` are fetched so depth stays ``k``.
+        batch_size: queries per ``search_batch`` call.
+        show_progress: draw a tqdm bar (on stderr) over batches.
+        desc: the bar's label.
+
+    Returns:
+        ``{qid: [(doc_id, score), ...]}``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    qids = list(queries)
+    fetch = k + 1 if skip_self else k
+    starts = range(0, len(qids), batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", total=len(starts), file=sys.stderr)
+    run: dict[str, list[tuple[str, float]]] = {}
+    for start in starts:
+        batch = qids[start:start + batch_size]
+        results = search_batch([queries[q] for q in batch], fetch)
+        if len(results) != len(batch):
+            raise InputError(f"{desc}: search_batch returned {len(results)} rankings for {len(batch)} queries")
+        for qid, hits in zip(batch, results, strict=True):
+            run[qid] = [(str(h[0]), float(h[1])) for h in hits]
+    return drop_self(run, k=k) if skip_self else {q: hits[:k] for q, hits in run.items()}
+
+
+def sample_queries(qids: Iterable[str], n: int) -> list[str]:
+    """A deterministic pseudo-random subset of ``n`` query ids (sha1 order of the id), sorted.
+
+    Hashing rather than taking the first ``n`` avoids the bias of files sorted by topic or date, and
+    the same id always gets the same position, so subsets of growing ``n`` are nested.
+    """
+    if n < 1:
+        raise ConfigError(f"--max-queries must be >= 1, got {n}")
+    ordered = sorted(qids, key=lambda q: hashlib.sha1(q.encode("utf-8")).hexdigest())
+    return sorted(ordered[:n])
+
+
+def select_queries(queries: Mapping[str, str], qrels: Qrels, *, keep: Callable[[str], bool] | None = None,
+                   max_queries: int | None = None) -> list[str]:
+    """The query ids to evaluate: in both the queries and (with a relevant doc) the qrels.
+
+    Args:
+        queries: ``{qid: text}``.
+        qrels: ``{qid: {doc_id: grade}}``.
+        keep: optional filter on the query text (e.g. "in the held-out split").
+        max_queries: optional size of a deterministic subset (:func:`sample_queries`).
+
+    Returns:
+        Sorted query ids, possibly empty.
+    """
+    qids = [q for q in evaluated_queries(qrels) if q in queries]
+    if keep is not None:
+        qids = [q for q in qids if keep(queries[q])]
+    if max_queries is not None:
+        qids = sample_queries(qids, max_queries)
+    return qids
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report_dict(results: Sequence[SystemResult], *, queries: int, docs: int) -> dict[str, Any]:
+    """The ``dssm eval --json`` object: ``{system: {metric: mean}, "queries": N, "docs": N}``."""
+    out: dict[str, Any] = {r.name: dict(r.means) for r in results}
+    out["queries"] = queries
+    out["docs"] = docs
+    return out
+
+
+def format_table(results: Sequence[SystemResult], *, queries: int | None = None, docs: int | None = None) -> str:
+    """A fixed-width text table, one row per system, one column per metric."""
+    if not results:
+        return "(no systems)"
+    metrics = list(results[0].means)
+    width = max(8, *(len(r.name) for r in results))
+    lines = [f"{'system':<{width}}  " + "  ".join(f"{m:>10}" for m in metrics)]
+    lines += [f"{r.name:<{width}}  " + "  ".join(f"{r.means[m]:>10.4f}" for m in metrics) for r in results]
+    if queries is not None or docs is not None:
+        lines.append(f"queries: {queries}  docs: {docs}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dssm.bm25 import BM25Config
+    from dssm.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="dssm eval",
+        description="Recall@1/10/100, MRR@10 and nDCG@10 of an index on a BEIR directory, with BM25 (bm25s) "
+                    "on the same corpus and queries beside it.")
+    parser.add_argument("--index", help="index directory written by `dssm index` (omit to evaluate BM25 only)")
+    parser.add_argument("--data", required=True, help="BEIR directory: corpus.jsonl, queries.jsonl, qrels.tsv")
+    parser.add_argument("--skip-self", action="store_true",
+                        help="drop a hit whose id equals the query's id (Quora: each query is also a document)")
+    parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON to this file")
+    parser.add_argument("--holdout", metavar="PAIRS_DIR",
+                        help="evaluate only queries that this pairs dataset put in its validation split")
+    parser.add_argument("--max-queries", type=int, metavar="N",
+                        help="evaluate a deterministic subset of N queries (by hash of the query id)")
+    parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
+    parser.add_argument("--batch-size", type=int, default=256, help="queries per search call (default: 256)")
+    add_config_arguments(parser, BM25Config, prefix="bm25-")
+    return parser
+
+
+def _holdout_filter(pairs_dir: Path) -> Callable[[str], bool]:
+    """``text -> in validation split`` from ``PAIRS_DIR/pairs_config.json`` (the split ``dssm pairs`` used)."""
+    from dssm.data import split_of
+
+    path = pairs_dir / "pairs_config.json"
+    if not path.is_file():
+        raise InputError(f"--holdout {pairs_dir}: no pairs_config.json there (not a `dssm pairs` output?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [key for key in ("validation_fraction", "salt") if key not in config]
+    if missing:
+        raise InputError(f"{path} lacks {missing}; cannot reproduce its train/validation split")
+    fraction, salt = float(config["validation_fraction"]), config["salt"]
+    if fraction <= 0:
+        raise InputError(f"{path}: validation_fraction is {fraction}, so there are no held-out queries")
+    return lambda text: split_of(text, validation_fraction=fraction, salt=salt) == "validation"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm eval``: evaluate DSSM (if ``--index``) and BM25 on a BEIR directory; print a table."""
+    from dssm.bm25 import BM25Config, BM25Index, document_text
+    from dssm.config import config_from_args
+    from dssm.data import read_beir
+
+    args = _parser().parse_args(argv)
+    if args.index is None and args.no_bm25:
+        raise InputError("nothing to evaluate: give --index, or drop --no-bm25")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    bm25_config = config_from_args(BM25Config, args, prefix="bm25-")
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise InputError(f"--data {data_dir}: no such directory (expected a BEIR directory)")
+    # Load the index before the (slower) corpus read, so a bad --index fails fast.
+    searcher = None
+    if args.index is not None:
+        from serving.searcher import Searcher
+
+        searcher = Searcher.load(args.index)
+
+    dataset = read_beir(data_dir)
+    corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
+    keep = _holdout_filter(Path(args.holdout)) if args.holdout else None
+    qids = select_queries(queries, qrels, keep=keep, max_queries=args.max_queries)
+    if not qids:
+        judged = evaluated_queries(qrels)
+        why = (f"{len(judged)} queries have relevant documents in qrels.tsv, "
+               f"{sum(q in queries for q in judged)} of them are in queries.jsonl")
+        if keep is not None:
+            why += f", none of those is in the validation split of {args.holdout}"
+        raise InputError(f"--data {data_dir}: no query to evaluate ({why})")
+    selected = {q: queries[q] for q in qids}
+    sel_qrels = {q: qrels[q] for q in qids}
+    depth = metric_depth(DEFAULT_METRICS)
+    print(f"evaluating {len(qids)} queries against {len(corpus)} documents"
+          f"{' (skip-self)' if args.skip_self else ''}", file=sys.stderr)
+
+    results = []
+    if searcher is not None:
+        run = retrieve_run(searcher.search_batch, selected, k=depth, skip_self=args.skip_self,
+                           batch_size=args.batch_size, show_progress=True, desc="dssm")
+        results.append(evaluate_run("dssm", run, sel_qrels))
+    if not args.no_bm25:
+        ids = list(corpus)
+        bm25 = BM25Index.build(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], config=bm25_config)
+        run = retrieve_run(bm25.search_batch, selected, k=depth, skip_self=args.skip_self,
+                           batch_size=args.batch_size, show_progress=True, desc="bm25")
+        results.append(evaluate_run("bm25", run, sel_qrels))
+
+    print(format_table(results, queries=len(qids), docs=len(corpus)))
+    if args.json:
+        from dssm.artifacts import write_json_atomic
+
+        out = Path(args.json)
+        if out.parent and not out.parent.is_dir():
+            raise InputError(f"--json {out}: directory {out.parent} does not exist")
+        write_json_atomic(out, report_dict(results, queries=len(qids), docs=len(corpus)))
+    return 0

@@ -1,0 +1,317 @@
+"""Metrics against hand-computed values, skip-self, the BM25 baseline on ADI, and the `dssm eval` CLI."""
+
+from __future__ import annotations
+
+import json
+from math import log2
+
+import pytest
+from conftest import dataset
+
+from dssm.bm25 import BM25Config, BM25Index, document_text, tokenize
+from dssm.cli import main as cli_main
+from dssm.data import read_beir
+from dssm.errors import ConfigError, InputError
+from dssm.evaluate import (
+    DEFAULT_METRICS,
+    drop_self,
+    evaluate_run,
+    evaluated_queries,
+    format_table,
+    main,
+    metric_depth,
+    mrr_at_k,
+    ndcg_at_k,
+    parse_metric,
+    per_query_metrics,
+    report_dict,
+    retrieve_run,
+    sample_queries,
+    select_queries,
+)
+
+# ------------------------------------------------------------------ a 3-query example, computed by hand
+#
+# q1 relevant d1 (grade 2), d2 (grade 1); d3 judged non-relevant (0). Ranking: d3 d1 d9 d2
+# q2 relevant d4 (grade 3).                                            Ranking: d10 d11 d4
+# q3 relevant d5 d6 d7 (grade 1 each).                                 Ranking: d5 d12 d6
+# q4 has only a non-relevant judgement: skipped by every metric.
+
+GRADED = {
+    "q1": {"d1": 2, "d2": 1, "d3": 0},
+    "q2": {"d4": 3},
+    "q3": {"d5": 1, "d6": 1, "d7": 1},
+    "q4": {"d8": 0},
+}
+RUN = {
+    "q1": [("d3", 9.0), ("d1", 8.0), ("d9", 7.0), ("d2", 6.0)],
+    "q2": [("d10", 3.0), ("d11", 2.0), ("d4", 1.0)],
+    "q3": [("d5", 0.9), ("d12", 0.8), ("d6", 0.7)],
+    "q4": [("d8", 1.0)],
+}
+METRICS = ("ndcg@10", "ndcg@2", "recall@1", "recall@10", "mrr@10", "mrr@1", "precision@2", "map@10")
+
+# nDCG with linear gain grade / log2(rank + 1); ideal DCG from the sorted positive grades.
+Q1_NDCG10 = (2 / log2(3) + 1 / log2(5)) / (2 / log2(2) + 1 / log2(3))  # ≈ 0.6433
+Q1_NDCG2 = (2 / log2(3)) / (2 / log2(2) + 1 / log2(3))  # ≈ 0.4796
+Q2_NDCG10 = (3 / log2(4)) / (3 / log2(2))  # = 0.5
+Q3_NDCG10 = (1 / log2(2) + 1 / log2(4)) / (1 / log2(2) + 1 / log2(3) + 1 / log2(4))  # ≈ 0.7039
+Q3_NDCG2 = (1 / log2(2)) / (1 / log2(2) + 1 / log2(3))  # ≈ 0.6131
+
+EXPECTED = {
+    "ndcg@10": {"q1": Q1_NDCG10, "q2": Q2_NDCG10, "q3": Q3_NDCG10},
+    "ndcg@2": {"q1": Q1_NDCG2, "q2": 0.0, "q3": Q3_NDCG2},
+    "recall@1": {"q1": 0.0, "q2": 0.0, "q3": 1 / 3},
+    "recall@10": {"q1": 1.0, "q2": 1.0, "q3": 2 / 3},
+    "mrr@10": {"q1": 1 / 2, "q2": 1 / 3, "q3": 1.0},
+    "mrr@1": {"q1": 0.0, "q2": 0.0, "q3": 1.0},
+    "precision@2": {"q1": 1 / 2, "q2": 0.0, "q3": 1 / 2},
+    # AP: precision at each relevant rank, summed, / number relevant.
+    "map@10": {"q1": (1 / 2 + 2 / 4) / 2, "q2": (1 / 3) / 1, "q3": (1 / 1 + 2 / 3) / 3},
+}
+
+
+def test_per_query_metrics_graded_match_hand_computed():
+    per_query = per_query_metrics(RUN, GRADED, METRICS)
+    assert set(per_query) == set(METRICS)
+    for metric, values in EXPECTED.items():
+        assert per_query[metric].keys() == values.keys(), metric  # q4 (no relevant doc) skipped
+        for qid, value in values.items():
+            assert per_query[metric][qid] == pytest.approx(value), (metric, qid)
+
+
+def test_means_graded_match_hand_computed():
+    result = evaluate_run("sys", RUN, GRADED, metrics=METRICS)
+    assert result.num_queries == 3
+    assert result.means["recall@1"] == pytest.approx(1 / 9)
+    assert result.means["recall@10"] == pytest.approx(8 / 9)
+    assert result.means["mrr@10"] == pytest.approx(11 / 18)
+    assert result.means["precision@2"] == pytest.approx(1 / 3)
+    assert result.means["map@10"] == pytest.approx(25 / 54)
+    assert result.means["ndcg@10"] == pytest.approx((Q1_NDCG10 + 0.5 + Q3_NDCG10) / 3)
+    assert result.means["ndcg@10"] == pytest.approx(0.61574, abs=1e-5)
+
+
+def test_binary_qrels_ndcg_hand_computed():
+    binary = {q: {d: int(g > 0) for d, g in grades.items()} for q, grades in GRADED.items()}
+    per_query = per_query_metrics(RUN, binary, ("ndcg@10", "recall@10", "mrr@10"))
+    # q1 with both relevant docs at grade 1: ranks 2 and 4; ideal ranks 1 and 2.
+    assert per_query["ndcg@10"]["q1"] == pytest.approx((1 / log2(3) + 1 / log2(5)) / (1 + 1 / log2(3)))
+    assert per_query["ndcg@10"]["q2"] == pytest.approx(0.5)
+    # Recall and MRR ignore the grade.
+    assert per_query["recall@10"] == pytest.approx(EXPECTED["recall@10"])
+    assert per_query["mrr@10"] == pytest.approx(EXPECTED["mrr@10"])
+
+
+def test_ndcg_gain_is_linear_not_exponential():
+    # Grade 3 at rank 2 after a grade-1 doc: linear gain 1 + 3/log2(3) over ideal 3 + 1/log2(3).
+    value = ndcg_at_k(["a", "b"], {"a": 1, "b": 3}, 10)
+    assert value == pytest.approx((1 + 3 / log2(3)) / (3 + 1 / log2(3)))
+    exponential = (1 + 7 / log2(3)) / (7 + 1 / log2(3))
+    assert value != pytest.approx(exponential)
+
+
+def test_missing_run_query_scores_zero_and_duplicates_count_once():
+    per_query = per_query_metrics({"q1": RUN["q1"]}, GRADED, ("recall@10", "ndcg@10"))
+    assert per_query["recall@10"]["q2"] == 0.0 and per_query["ndcg@10"]["q3"] == 0.0
+    # d1 twice: the repeat is dropped, so d2 moves up to rank 2.
+    assert mrr_at_k(["d9", "d1", "d1", "d2"], GRADED["q1"], 2) == pytest.approx(1 / 2)
+    assert ndcg_at_k(["d1", "d1", "d2"], GRADED["q1"], 10) == pytest.approx(1.0)
+
+
+def test_evaluated_queries_and_metric_parsing():
+    assert evaluated_queries(GRADED) == ["q1", "q2", "q3"]
+    assert parse_metric("ndcg@10") == ("ndcg", 10)
+    assert metric_depth(DEFAULT_METRICS) == 100
+    for bad in ("ndcg", "ndcg@0", "foo@10", "recall@x"):
+        with pytest.raises(ConfigError, match="unknown metric"):
+            parse_metric(bad)
+
+
+# --------------------------------------------------------------------------------------------- skip-self
+
+
+def test_drop_self_removes_query_id_and_cuts_depth():
+    run = {"q1": [("q1", 1.0), ("a", 0.9), ("b", 0.8)], "q2": [("a", 1.0), ("b", 0.9), ("c", 0.8)]}
+    assert drop_self(run, k=2) == {"q1": [("a", 0.9), ("b", 0.8)], "q2": [("a", 1.0), ("b", 0.9)]}
+
+
+def test_retrieve_run_skip_self_fetches_one_more():
+    docs = ["q1", "a", "q2", "b", "c"]
+    asked = []
+
+    def search_batch(texts, k):
+        asked.append((len(texts), k))
+        return [[(d, 1.0 / (r + 1)) for r, d in enumerate(docs[:k])] for _ in texts]
+
+    queries = {"q1": "x", "q2": "y", "q3": "z"}
+    run = retrieve_run(search_batch, queries, k=3, skip_self=True, batch_size=2)
+    assert asked == [(2, 4), (1, 4)]
+    assert [d for d, _ in run["q1"]] == ["a", "q2", "b"]
+    assert [d for d, _ in run["q2"]] == ["q1", "a", "b"]
+    assert [d for d, _ in run["q3"]] == ["q1", "a", "q2"]  # its own id is not retrieved: depth k
+    plain = retrieve_run(search_batch, queries, k=3)
+    assert asked[-1] == (3, 3) and [d for d, _ in plain["q1"]] == ["q1", "a", "q2"]
+
+
+def test_retrieve_run_rejects_wrong_number_of_rankings():
+    with pytest.raises(InputError, match="2 queries"):
+        retrieve_run(lambda texts, k: [[]], {"a": "x", "b": "y"}, k=1)
+
+
+def test_sample_and_select_queries_are_deterministic():
+    qids = [str(i) for i in range(100)]
+    first = sample_queries(qids, 10)
+    assert first == sample_queries(list(reversed(qids)), 10) and len(first) == 10
+    assert set(first) <= set(sample_queries(qids, 20))  # nested as n grows
+    queries = {"q1": "keep me", "q2": "drop me", "q3": "keep too", "q4": "keep"}
+    assert select_queries(queries, GRADED) == ["q1", "q2", "q3"]
+    assert select_queries(queries, GRADED, keep=lambda t: t.startswith("keep")) == ["q1", "q3"]
+
+
+# -------------------------------------------------------------------------------------------------- BM25
+
+
+def test_tokenize_documented_rules():
+    assert tokenize(["The Running of the DOGS, in ＡＢＣ 7"]) == [["run", "dog", "abc", "7"]]
+    assert tokenize(["The Running"], stopwords=False, stem=False) == [["the", "running"]]
+    assert tokenize(["the of and"]) == [[]]
+
+
+@pytest.fixture(scope="module")
+def adi(adi_dir):
+    return read_beir(adi_dir)
+
+
+@pytest.fixture(scope="module")
+def adi_bm25(adi):
+    ids = list(adi.corpus)
+    return BM25Index.build(ids, [document_text(adi.corpus[i].title, adi.corpus[i].text) for i in ids])
+
+
+def test_bm25_adi_sensible_recall(adi, adi_bm25):
+    qids = select_queries(adi.queries, adi.qrels)
+    assert len(qids) == 35
+    run = retrieve_run(adi_bm25.search_batch, {q: adi.queries[q] for q in qids}, k=100)
+    result = evaluate_run("bm25", run, adi.qrels)
+    # Measured 0.53 recall@10, 0.91 recall@100, 0.49 nDCG@10; a random ranking of 82 docs gives ~0.12 recall@10.
+    assert result.means["recall@10"] > 0.4
+    assert result.means["recall@100"] > 0.8
+    assert result.means["ndcg@10"] > 0.35
+
+
+def test_bm25_exact_document_text_retrieves_that_document_first(adi, adi_bm25):
+    ids = list(adi.corpus)
+    texts = [document_text(adi.corpus[i].title, adi.corpus[i].text) for i in ids]
+    top = [hits[0][0] for hits in adi_bm25.search_batch(texts, k=3)]
+    assert top == ids
+
+
+def test_bm25_drops_zero_score_hits_and_checks_input():
+    index = BM25Index.build(["a", "b", "c"], ["red apple", "green pear", "apple pie"])
+    hits = index.search("apple", k=3)
+    assert {d for d, _ in hits} == {"a", "c"} and all(s > 0 for _, s in hits)
+    assert index.search("banana", k=3) == []
+    assert index.search_batch([], k=3) == []
+    with pytest.raises(InputError, match="'a'"):
+        BM25Index.build(["a", "a"], ["x", "y"])
+    with pytest.raises(InputError, match="empty"):
+        BM25Index.build([], [])
+    with pytest.raises(ConfigError):
+        BM25Index.build(["a"], ["x"], config=BM25Config(method="nope"))
+
+
+# ------------------------------------------------------------------------------- agreement with trec_eval
+
+
+def test_metrics_agree_with_trec_eval_on_cranfield_bm25():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    cran = read_beir(dataset("cranfield"))  # graded 1-4
+    ids = list(cran.corpus)
+    index = BM25Index.build(ids, [document_text(cran.corpus[i].title, cran.corpus[i].text) for i in ids])
+    qids = select_queries(cran.queries, cran.qrels)
+    run = retrieve_run(index.search_batch, {q: cran.queries[q] for q in qids}, k=100)
+    ours = per_query_metrics(run, cran.qrels, ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100"))
+    # trec_eval orders by score (ties by doc id); give it strictly falling scores so it keeps our order.
+    trec_run = {q: {d: float(-r) for r, (d, _) in enumerate(hits)} for q, hits in run.items()}
+    trec_run10 = {q: {d: float(-r) for r, (d, _) in enumerate(hits[:10])} for q, hits in run.items()}
+    qrels = {q: cran.qrels[q] for q in qids}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10,100", "map_cut.100"}).evaluate(trec_run)
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(trec_run10)
+    for q in qids:
+        assert ours["ndcg@10"][q] == pytest.approx(theirs[q]["ndcg_cut_10"], abs=1e-6), q
+        assert ours["recall@10"][q] == pytest.approx(theirs[q]["recall_10"], abs=1e-6), q
+        assert ours["recall@100"][q] == pytest.approx(theirs[q]["recall_100"], abs=1e-6), q
+        assert ours["map@100"][q] == pytest.approx(theirs[q]["map_cut_100"], abs=1e-6), q
+        assert ours["mrr@10"][q] == pytest.approx(rr[q]["recip_rank"], abs=1e-6), q
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+def test_report_dict_and_table():
+    results = [evaluate_run("dssm", RUN, GRADED), evaluate_run("bm25", {}, GRADED)]
+    report = report_dict(results, queries=3, docs=12)
+    assert set(report) == {"dssm", "bm25", "queries", "docs"}
+    assert set(report["dssm"]) == set(DEFAULT_METRICS) and report["bm25"]["recall@100"] == 0.0
+    table = format_table(results, queries=3, docs=12).splitlines()
+    assert table[0].split() == ["system", *DEFAULT_METRICS]
+    assert table[1].split()[0] == "dssm" and table[2].split()[0] == "bm25"
+
+
+def test_cli_bm25_json_keys(adi_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["--data", str(adi_dir), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"bm25", "queries", "docs"}
+    assert set(report["bm25"]) == set(DEFAULT_METRICS)
+    assert report["queries"] == 35 and report["docs"] == 82
+    assert 0 < report["bm25"]["recall@10"] <= report["bm25"]["recall@100"] <= 1
+    printed = capsys.readouterr().out
+    assert "bm25" in printed and "ndcg@10" in printed
+
+
+def test_cli_max_queries_and_skip_self(quora_dir, tmp_path):
+    plain, skip = tmp_path / "plain.json", tmp_path / "skip.json"
+    assert main(["--data", str(quora_dir), "--max-queries", "200", "--json", str(plain)]) == 0
+    assert main(["--data", str(quora_dir), "--max-queries", "200", "--skip-self", "--json", str(skip)]) == 0
+    plain, skip = json.loads(plain.read_text()), json.loads(skip.read_text())
+    assert plain["queries"] == skip["queries"] == 200
+    # Without skip-self each query's own text takes rank 1, so recall@1 collapses.
+    assert plain["bm25"]["recall@1"] < 0.2 < skip["bm25"]["recall@1"]
+
+
+def test_cli_holdout_evaluates_only_validation_queries(adi_dir, adi, tmp_path):
+    from dssm.data import split_of
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "pairs_config.json").write_text(json.dumps({"validation_fraction": 0.3, "salt": "s"}))
+    out = tmp_path / "eval.json"
+    assert main(["--data", str(adi_dir), "--holdout", str(pairs), "--json", str(out)]) == 0
+    expected = sum(split_of(adi.queries[q], validation_fraction=0.3, salt="s") == "validation"
+                   for q in select_queries(adi.queries, adi.qrels))
+    assert 0 < expected < 35 and json.loads(out.read_text())["queries"] == expected
+
+
+def test_cli_errors(adi_dir, tmp_path, capsys):
+    with pytest.raises(InputError, match="no such directory"):
+        main(["--data", str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="lacks"):
+        main(["--data", str(tmp_path / "empty")])
+    with pytest.raises(InputError, match="pairs_config.json"):
+        main(["--data", str(adi_dir), "--holdout", str(tmp_path)])
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        main(["--data", str(adi_dir), "--no-bm25"])
+    # Queries whose ids do not meet the qrels: no overlap.
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "hello"}\n')
+    (beir / "queries.jsonl").write_text('{"_id": "x", "text": "hello"}\n')
+    (beir / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\ny\td1\t1\n")
+    with pytest.raises(InputError, match="no query to evaluate"):
+        main(["--data", str(beir)])
+    # Through the dispatcher: one error line, exit 2.
+    assert cli_main(["eval", "--data", str(tmp_path / "nope")]) == 2
+    assert "error: --data" in capsys.readouterr().err
