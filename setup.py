@@ -19,11 +19,15 @@ setup(
         "pandas>=2.2,<4",
         "pyarrow>=17",
         "bm25s==0.3.16",
+        # Snowball English stemming for the BM25 baseline (dssm/bm25.py), as Elasticsearch's english analyzer.
+        "PyStemmer==3.1.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100",
+                # trec_eval bindings: tests check our metrics against it.
+                "pytrec-eval-terrier==0.5.11"],
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
     },
     entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
