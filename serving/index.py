@@ -1,0 +1,868 @@
+"""The ScaNN index: build from embeddings, publish a version atomically, load and verify it.
+
+Layout (see ``docs/design.md``)::
+
+    INDEX_DIR/CURRENT                       one line: the live version's name
+    INDEX_DIR/versions/<version>/model/     copy of the model directory (the query tower serves from it)
+    INDEX_DIR/versions/<version>/scann/     ScaNN's own files, built without ``docids`` (they would be pickled)
+    INDEX_DIR/versions/<version>/docs.sqlite  row → id, title, text (SQLite, our own id mapping)
+    INDEX_DIR/versions/<version>/embeddings.npy  [n, dim] float32, L2-normalised, row order = docs.sqlite
+    INDEX_DIR/versions/<version>/manifest.json   kind "index": counts, dim, ScaNN config, recall, sha256s
+    INDEX_DIR/.staging/<version>/           a build in progress (never read; safe to delete when no build runs)
+
+A build writes the whole version under ``.staging``, renames it into ``versions/`` and only then
+replaces ``CURRENT`` (write ``CURRENT.tmp-*``, fsync, ``os.replace``, fsync the directory). A build
+killed at any point therefore leaves the previous version live. Loading follows ``CURRENT`` and checks
+every file against the manifest's sha256 before use.
+
+Row ``i`` of ``embeddings.npy``, ScaNN's datapoint ``i`` and ``docs.sqlite`` row ``i`` are the same
+document; ids live only in SQLite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import resource
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dssm.artifacts import read_manifest, verify_manifest, write_manifest
+from dssm.config import config_to_dict, field
+from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
+
+__all__ = [
+    "SCANN_MODES",
+    "ScannConfig",
+    "Doc",
+    "DocStore",
+    "DocStoreWriter",
+    "BuildResult",
+    "Index",
+    "resolve_scann_params",
+    "build_scann",
+    "l2_normalize_inplace",
+    "exact_top_k",
+    "measure_recall",
+    "new_version_name",
+    "staging_dir",
+    "publish_version",
+    "current_version_dir",
+    "list_versions",
+    "prune_versions",
+    "build_index",
+    "build_index_from_shards",
+    "count_shard_rows",
+    "load_index",
+]
+
+SCANN_MODES = ("auto", "brute_force", "ah", "tree_ah")
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+STAGING = ".staging"
+DOCS_DB = "docs.sqlite"
+EMBEDDINGS = "embeddings.npy"
+SCANN_DIR = "scann"
+MODEL_DIR = "model"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Rows per SQLite transaction / Arrow batch while streaming shards: bounded memory whatever n is.
+_BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ScannConfig:
+    """How the ScaNN searcher is built; ``auto`` picks by corpus size (see :func:`resolve_scann_params`)."""
+
+    mode: str = field("auto", "auto | brute_force | ah | tree_ah; auto: brute force < brute_force_below docs, "
+                              "AH + reorder < tree_above, tree + AH + reorder above")
+    brute_force_below: int = field(20_000, "auto mode: exact (brute-force) search below this many documents")
+    tree_above: int = field(100_000, "auto mode: partition into a k-means tree at or above this many documents")
+    num_leaves: int = field(0, "tree partitions; 0 = round(sqrt(n))")
+    num_leaves_to_search: int = field(0, "partitions searched per query; 0 = max(8, num_leaves // 10)")
+    dims_per_block: int = field(2, "AH: dimensions per quantisation block (2 = 16 centres per 2 dims)")
+    anisotropic_quantization_threshold: float = field(0.2, "AH: anisotropic (score-aware) quantisation threshold")
+    reorder_k: int = field(100, "AH: candidates re-scored exactly before the final top-k")
+    training_sample_size: int = field(100_000, "vectors sampled to train the tree and the AH codebooks")
+    num_neighbors: int = field(10, "default k stored in the ScaNN config (search passes its own k)")
+    recall_sample: int = field(1000, "document-derived queries used to measure recall@10 after the build")
+    min_recall: float = field(0.95, "fail the build if recall@10 against exact search is below this")
+    seed: int = field(0, "seed for the recall sample")
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCANN_MODES:
+            raise ConfigError(f"ScaNN mode {self.mode!r} is not one of {SCANN_MODES}")
+        for name in ("brute_force_below", "tree_above", "dims_per_block", "reorder_k", "training_sample_size",
+                     "num_neighbors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ScaNN {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_leaves", "num_leaves_to_search", "recall_sample"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ScaNN {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ConfigError(f"min_recall must be in [0, 1], got {self.min_recall}")
+
+
+def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
+    """The concrete ScaNN parameters for ``n`` documents (what goes into the manifest).
+
+    Args:
+        config: the requested configuration.
+        n: number of documents.
+
+    Returns:
+        ``{"mode": ..., ...}`` with every ``auto``/``0`` resolved.
+
+    Raises:
+        ConfigError: the forced mode cannot work for ``n`` (AH needs 16+ vectors; a tree needs
+            at least as many vectors as leaves).
+    """
+    mode = config.mode
+    if mode == "auto":
+        if n < config.brute_force_below:
+            mode = "brute_force"
+        elif n < config.tree_above:
+            mode = "ah"
+        else:
+            mode = "tree_ah"
+    params: dict[str, Any] = {"mode": mode, "distance": "dot_product", "num_neighbors": config.num_neighbors}
+    if mode == "brute_force":
+        return params
+    if n < 16:
+        raise ConfigError(f"ScaNN mode {mode!r} needs at least 16 documents to train its codebooks, got {n}")
+    params.update(
+        dims_per_block=config.dims_per_block,
+        anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+        reorder_k=config.reorder_k,
+        training_sample_size=min(config.training_sample_size, n),
+    )
+    if mode == "tree_ah":
+        leaves = config.num_leaves or max(2, round(math.sqrt(n)))
+        if leaves > n:
+            raise ConfigError(f"num_leaves={leaves} exceeds the number of documents {n}")
+        to_search = config.num_leaves_to_search or max(8, leaves // 10)
+        params.update(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves))
+    return params
+
+
+def build_scann(matrix: np.ndarray, params: dict[str, Any]) -> Any:
+    """Build a ScaNN searcher over ``matrix`` (never with ``docids``: ScaNN would pickle them).
+
+    Args:
+        matrix: [n, dim] float32, L2-normalised (dot product = cosine).
+        params: from :func:`resolve_scann_params`.
+
+    Returns:
+        A ``scann_ops_pybind.ScannSearcher``.
+    """
+    from scann.scann_ops.py import scann_ops_pybind
+
+    builder = scann_ops_pybind.builder(matrix, params["num_neighbors"], params["distance"])
+    mode = params["mode"]
+    if mode == "brute_force":
+        builder = builder.score_brute_force()
+    else:
+        if mode == "tree_ah":
+            builder = builder.tree(
+                num_leaves=params["num_leaves"],
+                num_leaves_to_search=params["num_leaves_to_search"],
+                training_sample_size=params["training_sample_size"],
+            )
+        builder = builder.score_ah(
+            params["dims_per_block"],
+            anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"],
+            training_sample_size=params["training_sample_size"],
+        ).reorder(params["reorder_k"])
+    return builder.build()
+
+
+def l2_normalize_inplace(matrix: np.ndarray, *, chunk: int = 65536) -> int:
+    """L2-normalise the rows of ``matrix`` in place, chunk by chunk (no full-size temporary).
+
+    Zero rows stay zero (they score 0 against every query).
+
+    Args:
+        matrix: [n, dim] float32.
+
+    Returns:
+        Number of zero rows.
+    """
+    zeros = 0
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start:start + chunk]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        zero = norms[:, 0] == 0.0
+        zeros += int(zero.sum())
+        norms[zero] = 1.0
+        block /= norms
+    return zeros
+
+
+def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *,
+                chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Exact dot-product top-k, scanning ``matrix`` in chunks so memory is O(queries × chunk).
+
+    Args:
+        matrix: [n, dim] float32.
+        queries: [q, dim] float32.
+        k: neighbours per query (clipped to n).
+
+    Returns:
+        (rows [q, k] int64, scores [q, k] float32), best first.
+    """
+    n = matrix.shape[0]
+    k = min(k, n)
+    best_rows = np.zeros((queries.shape[0], 0), dtype=np.int64)
+    best_scores = np.zeros((queries.shape[0], 0), dtype=np.float32)
+    for start in range(0, n, chunk):
+        scores = queries @ matrix[start:start + chunk].T
+        rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        rows = np.concatenate([best_rows, rows], axis=1)
+        if scores.shape[1] > k:
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores = np.take_along_axis(scores, part, axis=1)
+            rows = np.take_along_axis(rows, part, axis=1)
+        best_scores, best_rows = scores, rows
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
+
+
+def measure_recall(searcher: Any, matrix: np.ndarray, *, k: int = 10, sample: int = 1000, seed: int = 0,
+                   pre_reorder: int | None = None) -> float:
+    """Recall@k of ``searcher`` against exact search, on ``sample`` documents used as queries.
+
+    A returned row counts as correct when its exact score reaches the k-th exact score (minus 1e-5),
+    so exact ties (duplicate documents) are not counted as misses whichever tied row either side picks.
+
+    Args:
+        searcher: a ScaNN searcher over ``matrix``.
+        matrix: [n, dim] float32, the indexed vectors.
+        k: cut-off.
+        sample: number of query rows (all rows if n is smaller).
+        seed: sampling seed.
+        pre_reorder: candidates before reordering (AH); ``None`` for the searcher's default.
+
+    Returns:
+        Mean recall@k in [0, 1].
+    """
+    n = matrix.shape[0]
+    k = min(k, n)
+    if n == 0 or sample == 0:
+        return 1.0
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    queries = np.ascontiguousarray(matrix[rows])
+    _, exact_scores = exact_top_k(matrix, queries, k)
+    found, _ = searcher.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder)
+    found = np.asarray(found, dtype=np.int64)
+    true_scores = np.einsum("qd,qkd->qk", queries, matrix[found])
+    threshold = exact_scores[:, k - 1:k] - 1e-5
+    hits = np.minimum((true_scores >= threshold).sum(axis=1), k)
+    return float(hits.mean() / k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Document store
+
+
+class Doc(NamedTuple):
+    """A stored document."""
+
+    id: str
+    title: str
+    text: str
+
+
+_SCHEMA = """
+CREATE TABLE docs (
+    row   INTEGER PRIMARY KEY,  -- = ScaNN datapoint index = embeddings.npy row
+    id    TEXT NOT NULL UNIQUE,
+    title TEXT NOT NULL,
+    text  TEXT NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+
+class DocStoreWriter:
+    """Writes ``docs.sqlite`` in row order; duplicate ids are refused with both rows named.
+
+    The file lives in a staging directory that is discarded if the build dies, so the bulk load runs
+    without a journal; :meth:`close` commits and fsyncs.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.exists():
+            raise InputError(f"document store {self.path} already exists")
+        self._conn = sqlite3.connect(self.path)
+        self._conn.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;" + _SCHEMA)
+        self.count = 0
+
+    def add(self, ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], *,
+            locations: Sequence[str] | None = None) -> None:
+        """Append documents as rows ``count, count+1, ...``.
+
+        Raises:
+            InputError: an id is empty or already stored (naming the id, its row and source location).
+        """
+        start = self.count
+        rows = []
+        for offset, (doc_id, title, text) in enumerate(zip(ids, titles, texts, strict=True)):
+            if not isinstance(doc_id, str) or not doc_id:
+                where = f" ({locations[offset]})" if locations else ""
+                raise InputError(f"document at row {start + offset}{where} has an empty or non-string id {doc_id!r}")
+            rows.append((start + offset, doc_id, title or "", text or ""))
+        try:
+            self._conn.executemany("INSERT INTO docs (row, id, title, text) VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.IntegrityError as exc:
+            self._conn.rollback()
+            raise self._duplicate_error(rows, locations) from exc
+        self._conn.commit()
+        self.count += len(rows)
+
+    def _duplicate_error(self, rows: list[tuple[int, str, str, str]], locations: Sequence[str] | None) -> InputError:
+        seen: dict[str, int] = {}
+        for offset, (row, doc_id, _, _) in enumerate(rows):
+            where = f" ({locations[offset]})" if locations else ""
+            earlier = self._conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+            first = earlier[0] if earlier else seen.get(doc_id)
+            if first is not None:
+                return InputError(f"duplicate document id {doc_id!r}: rows {first} and {row}{where}")
+            seen[doc_id] = row
+        return InputError(f"could not store documents at rows {rows[0][0]}..{rows[-1][0]}")
+
+    def close(self) -> None:
+        """Commit, close and fsync the database file."""
+        self._conn.commit()
+        self._conn.close()
+        _fsync_file(self.path)
+
+
+class DocStore:
+    """Read-only access to ``docs.sqlite``; safe to share between threads (one connection per thread).
+
+    The version directory is immutable once published, so connections open with ``immutable=1``
+    (no locking, no journal checks).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise IndexNotFoundError(f"document store not found: {self.path}")
+        self._local = threading.local()
+        self._size = int(self._conn().execute("SELECT COUNT(*) FROM docs").fetchone()[0])
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            uri = f"file:{self.path.resolve()}?mode=ro&immutable=1"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self._local.conn = conn
+        return conn
+
+    def __len__(self) -> int:
+        return self._size
+
+    def get(self, rows: Sequence[int]) -> list[Doc]:
+        """Documents at ``rows``, in that order.
+
+        Raises:
+            IndexNotFoundError: a row is not in the store (index and store disagree).
+        """
+        wanted = [int(r) for r in rows]
+        if not wanted:
+            return []
+        found: dict[int, Doc] = {}
+        unique = sorted(set(wanted))
+        # SQLite's default limit on bound parameters is 32766; stay well under it.
+        for start in range(0, len(unique), 900):
+            part = unique[start:start + 900]
+            marks = ",".join("?" * len(part))
+            for row, doc_id, title, text in self._conn().execute(
+                    f"SELECT row, id, title, text FROM docs WHERE row IN ({marks})", part):
+                found[row] = Doc(doc_id, title, text)
+        missing = [r for r in unique if r not in found]
+        if missing:
+            raise IndexNotFoundError(f"rows {missing[:5]} are not in the document store {self.path}")
+        return [found[r] for r in wanted]
+
+    def row_of(self, doc_id: str) -> int | None:
+        """The row of document ``doc_id``, or ``None``."""
+        result = self._conn().execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+        return None if result is None else int(result[0])
+
+    def iter_all(self, *, batch: int = _BATCH_ROWS) -> Iterator[tuple[int, Doc]]:
+        """All (row, Doc) in row order."""
+        cursor = self._conn().execute("SELECT row, id, title, text FROM docs ORDER BY row")
+        while chunk := cursor.fetchmany(batch):
+            for row, doc_id, title, text in chunk:
+                yield int(row), Doc(doc_id, title, text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Versions and publication
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_dir(Path(root))
+
+
+def new_version_name() -> str:
+    """A sortable, unique version name: UTC time to the microsecond plus a random suffix.
+
+    Example: ``20250101T120000.123456Z-1a2b3c``; names sort in build order.
+    """
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{secrets.token_hex(3)}"
+
+
+def staging_dir(index_dir: str | Path, version: str) -> Path:
+    """Where a build of ``version`` writes before publication (same filesystem, so rename is atomic)."""
+    return Path(index_dir) / STAGING / version
+
+
+def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> Path:
+    """Move a complete staged version into ``versions/`` and point ``CURRENT`` at it, atomically.
+
+    Args:
+        index_dir: the index directory.
+        staged: a complete version directory (with its manifest) on the same filesystem.
+        version: its name.
+
+    Returns:
+        The published version directory.
+    """
+    index_dir = Path(index_dir)
+    if not _VERSION_RE.match(version):
+        raise ConfigError(f"invalid index version name {version!r}")
+    read_manifest(staged)  # refuse to publish a version whose manifest was never written
+    versions = index_dir / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / version
+    _fsync_tree(Path(staged))
+    os.rename(staged, final)
+    _fsync_dir(versions)
+    tmp = index_dir / f"{CURRENT}.tmp-{version}"
+    with open(tmp, "w") as handle:
+        handle.write(version + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, index_dir / CURRENT)
+    _fsync_dir(index_dir)
+    return final
+
+
+def current_version_dir(index_dir: str | Path) -> Path:
+    """The directory ``CURRENT`` points to.
+
+    Raises:
+        IndexNotFoundError: no index at ``index_dir``, or ``CURRENT`` names a missing version.
+    """
+    index_dir = Path(index_dir)
+    pointer = index_dir / CURRENT
+    if not pointer.is_file():
+        raise IndexNotFoundError(f"no index at {index_dir}: {pointer} not found (build one with `dssm index`)")
+    version = pointer.read_text().strip()
+    if not _VERSION_RE.match(version):
+        raise IndexNotFoundError(f"{pointer} holds {version!r}, which is not a version name")
+    directory = index_dir / VERSIONS / version
+    if not directory.is_dir():
+        raise IndexNotFoundError(f"{pointer} names version {version!r} but {directory} does not exist")
+    return directory
+
+
+def list_versions(index_dir: str | Path) -> list[str]:
+    """Published version names, oldest first."""
+    versions = Path(index_dir) / VERSIONS
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+
+    Returns:
+        Names of deleted versions.
+    """
+    if keep < 1:
+        raise ConfigError(f"keep must be >= 1, got {keep}")
+    current = current_version_dir(index_dir).name
+    names = list_versions(index_dir)
+    doomed = [v for v in names[:-keep] if v != current]
+    for name in doomed:
+        shutil.rmtree(Path(index_dir) / VERSIONS / name)
+    return doomed
+
+
+# --------------------------------------------------------------------------------------------------
+# Build
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build produced."""
+
+    index_dir: Path
+    version: str
+    version_dir: Path
+    documents: int
+    dim: int
+    scann: dict[str, Any]
+    recall_at_10: float
+    seconds: dict[str, float]
+    peak_rss_bytes: int
+    matrix_bytes: int
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        data = dataclasses.asdict(self)
+        data["index_dir"] = str(self.index_dir)
+        data["version_dir"] = str(self.version_dir)
+        return data
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _check_finite(matrix: np.ndarray, store_path: Path) -> None:
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        conn = sqlite3.connect(store_path)
+        found = conn.execute("SELECT id FROM docs WHERE row = ?", (row,)).fetchone()
+        conn.close()
+        doc_id = found[0] if found else f"row {row}"
+        raise InputError(f"embedding of document {doc_id!r} (and {bad.size - 1} more) is not finite (NaN/inf)")
+
+
+def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.ndarray, store: DocStoreWriter,
+                    model_dir: str | Path | None, config: ScannConfig, extra: dict[str, Any] | None,
+                    timings: dict[str, float]) -> BuildResult:
+    """Normalise, save, build ScaNN, measure recall, copy the model, write the manifest, publish."""
+    n, dim = matrix.shape
+    store.close()
+    if n == 0:
+        raise InputError("the corpus has no documents to index")
+    _check_finite(matrix, store.path)
+    zero_rows = l2_normalize_inplace(matrix)
+
+    tick = time.perf_counter()
+    np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
+    timings["save_embeddings"] = time.perf_counter() - tick
+
+    params = resolve_scann_params(config, n)
+    tick = time.perf_counter()
+    searcher = build_scann(matrix, params)
+    timings["scann_build"] = time.perf_counter() - tick
+    (stage / SCANN_DIR).mkdir()
+    searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+
+    tick = time.perf_counter()
+    recall = measure_recall(searcher, matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    timings["recall"] = time.perf_counter() - tick
+    if recall < config.min_recall:
+        raise ConfigError(f"ScaNN recall@10 {recall:.4f} against exact search is below --min-recall "
+                          f"{config.min_recall} with {params}; search more leaves or raise reorder_k")
+
+    model_info: dict[str, Any] | None = None
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        model_manifest = verify_manifest(model_dir, kind="model")
+        shutil.copytree(model_dir, stage / MODEL_DIR)
+        model_info = {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
+                      "files": len(model_manifest.get("files", {}))}
+
+    peak = _peak_rss_bytes()
+    manifest_extra = {
+        "version": version,
+        "counts": {"documents": n, "zero_embeddings": zero_rows},
+        "dim": dim,
+        "scann": params,
+        "scann_config": config_to_dict(config),
+        "recall@10": recall,
+        "recall_sample": min(config.recall_sample, n),
+        "model": model_info,
+        "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_bytes": peak,
+                  "matrix_bytes": int(matrix.nbytes)},
+        **(extra or {}),
+    }
+    write_manifest(stage, kind="index", extra=manifest_extra)
+    final = publish_version(index_dir, stage, version)
+    return BuildResult(index_dir=index_dir, version=version, version_dir=final, documents=n, dim=dim, scann=params,
+                       recall_at_10=recall, seconds=timings, peak_rss_bytes=peak, matrix_bytes=int(matrix.nbytes))
+
+
+def build_index(
+    index_dir: str | Path,
+    *,
+    embeddings: np.ndarray,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    titles: Sequence[str] | None = None,
+    model_dir: str | Path | None = None,
+    config: ScannConfig = ScannConfig(),  # noqa: B008 - frozen, immutable
+    version: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> BuildResult:
+    """Build and publish an index version from an in-memory embedding matrix.
+
+    Args:
+        index_dir: the index directory (created if missing).
+        embeddings: [n, dim] float; copied once into float32 (the caller's array is not modified).
+        ids: n unique document ids.
+        texts: n document texts.
+        titles: n titles, or ``None`` for empty titles.
+        model_dir: the model directory to copy into the version (its manifest is verified);
+            ``None`` builds a vector-only index (search by vector; no text queries).
+        config: ScaNN configuration.
+        version: version name; default :func:`new_version_name`.
+        extra: more manifest keys.
+
+    Returns:
+        The :class:`BuildResult`.
+
+    Raises:
+        InputError: no documents, mismatched lengths, a duplicate or empty id, non-finite embeddings.
+        ConfigError: recall below ``config.min_recall``, or a ScaNN mode impossible for n.
+    """
+    matrix = np.array(embeddings, dtype=np.float32, copy=True, order="C")
+    if matrix.ndim != 2:
+        raise InputError(f"embeddings must be a [n, dim] matrix, got shape {matrix.shape}")
+    n = matrix.shape[0]
+    titles = [""] * n if titles is None else titles
+    for name, values in (("ids", ids), ("texts", texts), ("titles", titles)):
+        if len(values) != n:
+            raise InputError(f"{len(values)} {name} for {n} embeddings")
+    index_dir = Path(index_dir)
+    version = version or new_version_name()
+    stage = staging_dir(index_dir, version) / "version"
+    stage.mkdir(parents=True)
+    try:
+        tick = time.perf_counter()
+        store = DocStoreWriter(stage / DOCS_DB)
+        for start in range(0, n, _BATCH_ROWS):
+            stop = start + _BATCH_ROWS
+            store.add(list(ids[start:stop]), list(titles[start:stop]), list(texts[start:stop]))
+        timings = {"docs": time.perf_counter() - tick}
+        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
+                               model_dir=model_dir, config=config, extra=extra, timings=timings)
+    finally:
+        shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+
+
+def count_shard_rows(shards: Iterable[str | Path]) -> tuple[int, int | None]:
+    """Rows in Parquet embedding shards (from their footers) and the embedding width of the first row.
+
+    Returns:
+        (rows, dim) — dim is ``None`` if every shard is empty.
+    """
+    import pyarrow.parquet as pq
+
+    total, dim = 0, None
+    for path in shards:
+        file = pq.ParquetFile(path)
+        total += file.metadata.num_rows
+        if dim is None and file.metadata.num_rows:
+            first = next(file.iter_batches(batch_size=1, columns=["embedding"]))
+            dim = len(first.column(0)[0])
+    return total, dim
+
+
+def build_index_from_shards(
+    index_dir: str | Path,
+    *,
+    shards: Sequence[str | Path],
+    model_dir: str | Path | None,
+    config: ScannConfig = ScannConfig(),  # noqa: B008 - frozen, immutable
+    version: str | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Stream Parquet shards (``id``, ``title``, ``text``, ``embedding``) into a published index version.
+
+    The matrix is preallocated once from the shards' row counts and filled batch by batch, so the
+    only full-size array is the [n, dim] float32 matrix itself (plus ScaNN's structures).
+
+    Args:
+        index_dir: the index directory.
+        shards: Parquet files written by the encode job.
+        model_dir: model directory copied into the version (``None``: vector-only index).
+        config: ScaNN configuration.
+        version: version name; default :func:`new_version_name`.
+        extra: more manifest keys (e.g. the encode job's counts).
+        progress: show a tqdm bar.
+
+    Raises:
+        InputError: no documents, a missing column, an embedding of the wrong width (naming the id),
+            a duplicate id (naming it and both rows), non-finite embeddings.
+    """
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    shards = [Path(s) for s in shards]
+    for path in shards:
+        if not path.is_file():
+            raise InputError(f"embedding shard not found: {path}")
+        names = pq.read_schema(path).names
+        missing = [c for c in ("id", "title", "text", "embedding") if c not in names]
+        if missing:
+            raise InputError(f"embedding shard {path} lacks column(s) {missing}; it has {names}")
+    n, dim = count_shard_rows(shards)
+    if n == 0 or dim is None:
+        raise InputError("the corpus has no documents to index (every embedding shard is empty)")
+    index_dir = Path(index_dir)
+    version = version or new_version_name()
+    stage = staging_dir(index_dir, version) / "version"
+    stage.mkdir(parents=True)
+    try:
+        tick = time.perf_counter()
+        matrix = np.empty((n, dim), dtype=np.float32)
+        store = DocStoreWriter(stage / DOCS_DB)
+        pos = 0
+        with tqdm(total=n, desc="loading shards", unit="doc", disable=not progress) as bar:
+            for path in shards:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS,
+                                                               columns=["id", "title", "text", "embedding"]):
+                    ids = batch.column(0).to_pylist()
+                    column = batch.column(3)
+                    lengths = np.diff(np.asarray(column.offsets))
+                    wrong = np.flatnonzero(lengths != dim)
+                    if wrong.size:
+                        raise InputError(f"{path}: document {ids[int(wrong[0])]!r} has a {int(lengths[wrong[0]])}"
+                                         f"-dim embedding, expected {dim}")
+                    if column.null_count:
+                        raise InputError(f"{path}: a document has a null embedding")
+                    rows = len(ids)
+                    if pos + rows > n:
+                        raise InputError(f"{path} holds more rows than its footer said ({pos + rows} > {n})")
+                    values = column.flatten().to_numpy(zero_copy_only=False)
+                    matrix[pos:pos + rows] = values.reshape(rows, dim)
+                    store.add(ids, batch.column(1).to_pylist(), batch.column(2).to_pylist(),
+                              locations=[f"{path.name} row {i}" for i in range(rows)])
+                    pos += rows
+                    bar.update(rows)
+        if pos != n:
+            raise InputError(f"embedding shards held {pos} rows, their footers said {n}")
+        timings = {"load_shards": time.perf_counter() - tick}
+        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
+                               model_dir=model_dir, config=config, extra=extra, timings=timings)
+    finally:
+        shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+
+
+class Index:
+    """A loaded, verified index version: ScaNN searcher + document store (+ the model directory path)."""
+
+    def __init__(self, *, version_dir: Path, manifest: dict[str, Any], scann: Any, docs: DocStore):
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.scann = scann
+        self.docs = docs
+        self.dim = int(manifest["dim"])
+        self.size = int(manifest["counts"]["documents"])
+        self.params = dict(manifest["scann"])
+
+    @property
+    def version(self) -> str:
+        """The version name."""
+        return self.version_dir.name
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The copied model directory, or ``None`` for a vector-only index."""
+        path = self.version_dir / MODEL_DIR
+        return path if path.is_dir() else None
+
+    def embeddings(self, *, mmap: bool = True) -> np.ndarray:
+        """The [n, dim] float32 matrix (memory-mapped read-only by default)."""
+        return np.load(self.version_dir / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k by dot product.
+
+        Args:
+            queries: [q, dim] float32 (L2-normalised query embeddings).
+            k: neighbours per query (clipped to the index size).
+
+        Returns:
+            (rows [q, k'] int64, scores [q, k'] float32), best first, k' = min(k, size).
+        """
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"query vectors must be [q, {self.dim}], got shape {queries.shape}")
+        k = min(k, self.size)
+        pre = max(k, self.params["reorder_k"]) if "reorder_k" in self.params else None
+        if queries.shape[0] == 1:
+            rows, scores = self.scann.search(queries[0], final_num_neighbors=k,
+                                             pre_reorder_num_neighbors=pre if pre is not None else -1)
+            return np.asarray(rows, dtype=np.int64)[None, :], np.asarray(scores, dtype=np.float32)[None, :]
+        rows, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+        return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
+def load_index(index_dir: str | Path, *, verify: bool = True) -> Index:
+    """Load the version ``CURRENT`` points to, after checking every file's sha256.
+
+    Args:
+        index_dir: the index directory.
+        verify: check checksums (leave on; off only for benchmarks that just built the index).
+
+    Raises:
+        IndexNotFoundError: no index / no ``CURRENT`` / missing version.
+        ChecksumError: a file is missing, truncated or corrupted (the message names it).
+    """
+    from scann.scann_ops.py import scann_ops_pybind
+
+    version_dir = current_version_dir(index_dir)
+    manifest = verify_manifest(version_dir, kind="index") if verify else read_manifest(version_dir)
+    for name in (SCANN_DIR, DOCS_DB, EMBEDDINGS):
+        if not (version_dir / name).exists():
+            raise ChecksumError(f"index version {version_dir} lacks {name}")
+    if (version_dir / SCANN_DIR / "scann_docids.pkl").exists():
+        raise ChecksumError(f"{version_dir / SCANN_DIR} holds a pickled docids file; refusing to load it")
+    docs = DocStore(version_dir / DOCS_DB)
+    if len(docs) != manifest["counts"]["documents"]:
+        raise ChecksumError(f"{version_dir / DOCS_DB} holds {len(docs)} documents, manifest says "
+                            f"{manifest['counts']['documents']}")
+    scann = scann_ops_pybind.load_searcher(str(version_dir / SCANN_DIR), assets_backcompat_shim=False)
+    return Index(version_dir=version_dir, manifest=manifest, scann=scann, docs=docs)

@@ -1,0 +1,301 @@
+"""serving/index.py: ScaNN build/load, recall against brute force, versions, checksums, doc store."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dssm.artifacts import read_manifest
+from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
+from serving import index as ix
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres, like real document embeddings (topics)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ids_for(n: int) -> list[str]:
+    return [f"doc-{i}" for i in range(n)]
+
+
+def noisy_queries(matrix: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = matrix[rng.choice(len(matrix), count, replace=False)]
+    q = q + 0.1 * rng.standard_normal(q.shape).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    k = exact.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist(), strict=True)]))
+
+
+def test_auto_mode_follows_corpus_size():
+    config = ix.ScannConfig()
+    assert ix.resolve_scann_params(config, 19_999)["mode"] == "brute_force"
+    assert ix.resolve_scann_params(config, 20_000)["mode"] == "ah"
+    tree = ix.resolve_scann_params(config, 1_000_000)
+    assert tree["mode"] == "tree_ah"
+    assert tree["num_leaves"] == 1000 and tree["num_leaves_to_search"] == 100
+    forced = ix.resolve_scann_params(ix.ScannConfig(mode="tree_ah", num_leaves=7, num_leaves_to_search=3), 500)
+    assert (forced["num_leaves"], forced["num_leaves_to_search"]) == (7, 3)
+    with pytest.raises(ConfigError, match="16 documents"):
+        ix.resolve_scann_params(ix.ScannConfig(mode="ah"), 10)
+    with pytest.raises(ConfigError, match="'hnsw'"):
+        ix.ScannConfig(mode="hnsw")
+
+
+def test_exact_top_k_matches_full_sort():
+    matrix = unit_vectors(1000, 16)
+    queries = unit_vectors(7, 16, seed=3)
+    rows, scores = ix.exact_top_k(matrix, queries, 10, chunk=64)
+    full = queries @ matrix.T
+    expected = np.argsort(-full, axis=1)[:, :10]
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), rtol=1e-6)
+
+
+def test_ah_recall_against_brute_force(tmp_path):
+    matrix = unit_vectors(3000, 32)
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(3000), texts=["t"] * 3000,
+                            config=ix.ScannConfig(mode="ah"))
+    assert result.scann["mode"] == "ah"
+    index = ix.load_index(tmp_path / "idx")
+    queries = noisy_queries(matrix, 300)
+    found, _ = index.search_vectors(queries, 10)
+    exact, _ = ix.exact_top_k(matrix, queries, 10)
+    assert recall_at_k(found, exact) >= 0.95
+    # The build measured recall itself on document-derived queries and wrote it into the manifest.
+    assert index.manifest["recall@10"] >= 0.95 and index.manifest["scann"]["mode"] == "ah"
+
+
+def test_tree_ah_recall_on_clustered_vectors(tmp_path):
+    matrix = clustered_vectors(4000, 32, clusters=40)
+    config = ix.ScannConfig(mode="tree_ah", num_leaves=40, num_leaves_to_search=10)
+    ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(4000), texts=["t"] * 4000, config=config)
+    index = ix.load_index(tmp_path / "idx")
+    assert index.params["num_leaves"] == 40
+    queries = noisy_queries(matrix, 300)
+    found, _ = index.search_vectors(queries, 10)
+    exact, _ = ix.exact_top_k(matrix, queries, 10)
+    assert recall_at_k(found, exact) >= 0.95
+
+
+def test_build_fails_below_min_recall_and_keeps_previous_version(tmp_path):
+    matrix = unit_vectors(2000, 32)
+    first = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(2000), texts=["t"] * 2000)
+    # One leaf of 40 searched on structureless random vectors cannot reach 0.95.
+    starved = ix.ScannConfig(mode="tree_ah", num_leaves=40, num_leaves_to_search=1)
+    with pytest.raises(ConfigError, match="recall@10"):
+        ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(2000), texts=["t"] * 2000, config=starved)
+    assert ix.current_version_dir(tmp_path / "idx") == first.version_dir
+    assert ix.list_versions(tmp_path / "idx") == [first.version]
+    assert not any((tmp_path / "idx" / ix.STAGING).iterdir())
+
+
+def test_save_load_round_trip(tmp_path):
+    n = 600
+    matrix = 3.0 * unit_vectors(n, 24)  # not normalised on purpose: the build normalises
+    ids = ids_for(n)
+    texts = [f"text number {i} ünïcödé" for i in range(n)]
+    titles = [f"title {i}" for i in range(n)]
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids, texts=texts, titles=titles,
+                            config=ix.ScannConfig(mode="ah"))
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 3.0, rtol=1e-5)  # caller's array untouched
+    index = ix.load_index(tmp_path / "idx")
+    assert (index.size, index.dim, index.version) == (n, 24, result.version)
+    np.testing.assert_allclose(index.embeddings(), matrix / 3.0, rtol=1e-5)
+    assert index.docs.get([5, 0, 599]) == [ix.Doc(ids[5], titles[5], texts[5]), ix.Doc(ids[0], titles[0], texts[0]),
+                                           ix.Doc(ids[599], titles[599], texts[599])]
+    assert index.docs.row_of("doc-42") == 42 and index.docs.row_of("nope") is None
+    queries = noisy_queries(matrix / 3.0, 50)
+    rows, scores = index.search_vectors(queries, 10)
+
+    # The directory is self-contained: moved elsewhere it loads and answers identically.
+    moved = tmp_path / "elsewhere" / "idx"
+    shutil.copytree(tmp_path / "idx", moved)
+    shutil.rmtree(tmp_path / "idx")
+    again = ix.load_index(moved)
+    rows2, scores2 = again.search_vectors(queries, 10)
+    np.testing.assert_array_equal(rows, rows2)
+    np.testing.assert_array_equal(scores, scores2)
+    # Single-query path agrees with the batched one.
+    one_rows, one_scores = again.search_vectors(queries[:1], 10)
+    np.testing.assert_array_equal(one_rows[0], rows[0])
+    np.testing.assert_allclose(one_scores[0], scores[0], rtol=1e-6)
+    # Scores are dot products of normalised vectors (reordered exactly).
+    exact = np.einsum("d,kd->k", queries[0], (matrix / 3.0)[rows[0]])
+    np.testing.assert_allclose(scores[0], exact, atol=1e-4)
+
+
+def test_brute_force_is_exact_and_k_is_clipped(tmp_path):
+    matrix = unit_vectors(30, 8)
+    ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(30), texts=["x"] * 30)
+    index = ix.load_index(tmp_path / "idx")
+    rows, scores = index.search_vectors(matrix[:3], 100)
+    assert rows.shape == (3, 30)
+    exact, _ = ix.exact_top_k(matrix, matrix[:3], 30)
+    np.testing.assert_array_equal(rows, exact)
+    assert list(rows[:, 0]) == [0, 1, 2]
+    with pytest.raises(InputError, match="k must be"):
+        index.search_vectors(matrix[:1], 0)
+    with pytest.raises(InputError, match=r"\[q, 8\]"):
+        index.search_vectors(np.zeros((1, 5), np.float32), 3)
+
+
+def test_current_points_to_a_complete_version(tmp_path):
+    matrix = unit_vectors(100, 8)
+    first = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(100), texts=["a"] * 100)
+    second = ix.build_index(tmp_path / "idx", embeddings=matrix[:50], ids=ids_for(50), texts=["b"] * 50)
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == second.version
+    assert ix.list_versions(tmp_path / "idx") == sorted([first.version, second.version])
+    current = ix.current_version_dir(tmp_path / "idx")
+    assert sorted(p.name for p in current.iterdir()) == ["docs.sqlite", "embeddings.npy", "manifest.json", "scann"]
+    manifest = read_manifest(current)
+    assert manifest["kind"] == "index" and manifest["counts"]["documents"] == 50 and manifest["dim"] == 8
+    # Every file in the version is covered by the manifest.
+    on_disk = {p.relative_to(current).as_posix() for p in current.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert on_disk == set(manifest["files"])
+    assert ix.load_index(tmp_path / "idx").size == 50
+    assert not list((tmp_path / "idx").glob("CURRENT.tmp*"))
+
+    # A failed build (duplicate id) publishes nothing: CURRENT and the version list are unchanged.
+    with pytest.raises(InputError, match=r"duplicate document id 'doc-1': rows 1 and 3"):
+        ix.build_index(tmp_path / "idx", embeddings=matrix[:4], ids=["doc-0", "doc-1", "doc-2", "doc-1"],
+                       texts=["c"] * 4)
+    assert ix.current_version_dir(tmp_path / "idx") == second.version_dir
+    assert len(ix.list_versions(tmp_path / "idx")) == 2
+
+    assert ix.prune_versions(tmp_path / "idx", keep=1) == [first.version]
+    assert ix.list_versions(tmp_path / "idx") == [second.version]
+
+
+def test_unpublished_version_is_never_read(tmp_path):
+    """A build that died after moving its version but before flipping CURRENT leaves the old one live."""
+    matrix = unit_vectors(40, 8)
+    first = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(40), texts=["a"] * 40)
+    orphan = tmp_path / "idx" / "versions" / "99999999T000000Z-ffffff"
+    shutil.copytree(first.version_dir, orphan)
+    (orphan / "embeddings.npy").write_bytes(b"garbage")
+    assert ix.load_index(tmp_path / "idx").version == first.version
+
+
+@pytest.mark.parametrize("target", ["embeddings.npy", "docs.sqlite", "scann/dataset.npy"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_or_truncated_file_is_refused_by_name(tmp_path, target, damage):
+    matrix = unit_vectors(64, 8)
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(64), texts=["a"] * 64)
+    path = result.version_dir / target
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=target.split("/")[-1]):
+        ix.load_index(tmp_path / "idx")
+
+
+def test_missing_index_and_bad_pointer(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="CURRENT"):
+        ix.load_index(tmp_path / "nothing")
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "CURRENT").write_text("../../etc\n")
+    with pytest.raises(IndexNotFoundError, match="not a version name"):
+        ix.load_index(tmp_path / "idx")
+    (tmp_path / "idx" / "CURRENT").write_text("20250101T000000Z-000000\n")
+    with pytest.raises(IndexNotFoundError, match="does not exist"):
+        ix.load_index(tmp_path / "idx")
+
+
+def test_bad_inputs_name_the_record(tmp_path):
+    with pytest.raises(InputError, match="no documents"):
+        ix.build_index(tmp_path / "idx", embeddings=np.zeros((0, 8), np.float32), ids=[], texts=[])
+    with pytest.raises(InputError, match="3 ids for 2 embeddings"):
+        ix.build_index(tmp_path / "idx", embeddings=unit_vectors(2, 8), ids=["a", "b", "c"], texts=["", ""])
+    bad = unit_vectors(5, 8)
+    bad[3, 2] = np.nan
+    with pytest.raises(InputError, match="'doc-3'"):
+        ix.build_index(tmp_path / "idx", embeddings=bad, ids=ids_for(5), texts=["a"] * 5)
+    with pytest.raises(InputError, match="empty or non-string id"):
+        ix.build_index(tmp_path / "idx", embeddings=unit_vectors(2, 8), ids=["a", ""], texts=["", ""])
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def write_shard(path: Path, ids: list[str], matrix: np.ndarray, *, texts: list[str] | None = None) -> None:
+    texts = texts or [f"text of {i}" for i in ids]
+    table = pa.table({
+        "id": pa.array(ids, pa.string()),
+        "title": pa.array([f"title of {i}" for i in ids], pa.string()),
+        "text": pa.array(texts, pa.string()),
+        "embedding": pa.array(list(matrix), pa.list_(pa.float32())),
+    })
+    pq.write_table(table, path)
+
+
+def test_build_from_shards_streams_into_one_matrix(tmp_path):
+    matrix = unit_vectors(250, 16)
+    ids = ids_for(250)
+    shards = [tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "empty.parquet"]
+    write_shard(shards[0], ids[:100], matrix[:100])
+    write_shard(shards[1], ids[100:], matrix[100:])
+    write_shard(shards[2], [], np.zeros((0, 16), np.float32))
+    assert ix.count_shard_rows(shards) == (250, 16)
+    result = ix.build_index_from_shards(tmp_path / "idx", shards=shards, model_dir=None,
+                                        extra={"encode": {"read": 250}}, progress=False)
+    index = ix.load_index(tmp_path / "idx")
+    np.testing.assert_allclose(index.embeddings(), matrix, rtol=1e-6)
+    assert index.docs.get([0, 100, 249]) == [ix.Doc(i, f"title of {i}", f"text of {i}")
+                                             for i in ("doc-0", "doc-100", "doc-249")]
+    assert index.manifest["encode"] == {"read": 250} and result.documents == 250
+    assert index.manifest["build"]["matrix_bytes"] == 250 * 16 * 4
+    rows, _ = index.search_vectors(matrix[[7, 180]], 1)
+    assert rows[:, 0].tolist() == [7, 180]
+
+
+def test_build_from_shards_rejects_bad_shards(tmp_path):
+    matrix = unit_vectors(10, 16)
+    write_shard(tmp_path / "a.parquet", ids_for(10), matrix)
+    write_shard(tmp_path / "b.parquet", ["doc-x", "doc-y"], unit_vectors(2, 12))
+    with pytest.raises(InputError, match=r"'doc-x' has a 12-dim embedding, expected 16"):
+        ix.build_index_from_shards(tmp_path / "idx", shards=[tmp_path / "a.parquet", tmp_path / "b.parquet"],
+                                   model_dir=None, progress=False)
+    write_shard(tmp_path / "c.parquet", ["doc-3"], unit_vectors(1, 16))
+    with pytest.raises(InputError, match=r"duplicate document id 'doc-3': rows 3 and 10 \(c.parquet row 0\)"):
+        ix.build_index_from_shards(tmp_path / "idx", shards=[tmp_path / "a.parquet", tmp_path / "c.parquet"],
+                                   model_dir=None, progress=False)
+    pq.write_table(pa.table({"id": ["a"], "text": ["b"]}), tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['title', 'embedding'\]"):
+        ix.build_index_from_shards(tmp_path / "idx", shards=[tmp_path / "d.parquet"], model_dir=None)
+    with pytest.raises(InputError, match="no documents"):
+        write_shard(tmp_path / "e.parquet", [], np.zeros((0, 16), np.float32))
+        ix.build_index_from_shards(tmp_path / "idx", shards=[tmp_path / "e.parquet"], model_dir=None)
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_doc_store_is_real_sqlite_and_read_only(tmp_path):
+    ix.build_index(tmp_path / "idx", embeddings=unit_vectors(20, 8), ids=ids_for(20), texts=["z"] * 20)
+    path = ix.current_version_dir(tmp_path / "idx") / "docs.sqlite"
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT id, text FROM docs WHERE row = 7").fetchone() == ("doc-7", "z")
+    conn.close()
+    store = ix.DocStore(path)
+    with pytest.raises(sqlite3.OperationalError):
+        store._conn().execute("DELETE FROM docs")
+    with pytest.raises(IndexNotFoundError, match=r"rows \[20\]"):
+        store.get([1, 20])
