@@ -22,6 +22,8 @@ setup(
         # Snowball English stemming for the BM25 baseline (dssm/bm25.py), as Elasticsearch's english analyzer.
         "PyStemmer==3.1.0",
         "tqdm>=4.66",
+        # Beam's TFRecord writer needs a CRC32C implementation; this is the fast one it prefers.
+        "google-crc32c==1.9.0",
         "matplotlib>=3.8",
     ],
     extras_require={
