@@ -1,0 +1,397 @@
+"""``dssm pairs``: raw query–document pairs → hashed-trigram TFRecord shards for ``dssm train``.
+
+Usage::
+
+    dssm pairs --input PATH [--format quora|pairs|beir] --output DIR [options] [beam flags]
+
+Input formats (``--format``; guessed from the input when omitted):
+
+* ``quora``: TSV/CSV as Quora publishes it (``question1, question2, is_duplicate``, with ``qid1``/``qid2``
+  used as ids), or ``text1, text2, is_duplicate`` (a ``score`` or ``label`` column is taken when there is
+  no ``is_duplicate``, so STS-style graded pairs keep their grade). Other columns are ignored.
+* ``pairs``: any CSV/TSV/JSONL/Parquet table with ``--query-column``, ``--document-column`` and an
+  optional ``--label-column`` (missing → every pair is a positive, label 1.0).
+* ``beir``: a BEIR directory; one pair per qrel with score > 0 (label = the grade), the document
+  being ``title + " " + text``.
+
+Guessing: a directory is ``beir``; a table whose header has ``question1`` or ``text1`` is ``quora``;
+any other table is ``pairs``.
+
+Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFRecord shards,
+``rejected-*.jsonl`` dead letters, ``stats.json``, ``features.json``, ``pairs_config.json`` and a
+``manifest.json`` (kind ``pairs``) written last. Every record read ends up either written or rejected;
+``stats.json`` counts both and the job checks that they add up.
+
+Rejected rows: unparsable, missing a column, not UTF-8, empty, longer than ``--max-query-chars`` /
+``--max-document-chars``, or with a label that is not a finite number (reason codes in
+:data:`pipelines.transforms.REASONS`). The length limits exist to catch broken input (a CSV quote
+that swallows the rest of the file), not to trim: the featurizer already cuts every text to
+``--max-chars``. The defaults are 10,000 characters for a query (the longest in our datasets, a CISI
+query, has 2,024) and 1,000,000 for a document.
+
+The job runs on Beam's DirectRunner unless Beam flags say otherwise (``--runner``,
+``--direct_num_workers``, ``--direct_running_mode``, ...); any flag this module does not know is
+passed to Beam. The output directory must be on the local file system (the JSON files and manifest
+are written directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.artifacts import MANIFEST, write_json_atomic, write_manifest
+from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, save_config
+from dssm.data import read_columns, table_format
+from dssm.errors import DSSMError, InputError
+from dssm.features import FeatureConfig
+from pipelines.transforms import (
+    REJECTED,
+    FeaturizePairs,
+    JoinBeir,
+    PairColumns,
+    PairLimits,
+    SplitSpec,
+    ValidatePairs,
+    read_table,
+    rejected_json,
+)
+
+__all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
+
+FORMATS = ("quora", "pairs", "beir")
+SPLITS = ("train", "validation")
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+_COUNTS = ".counts.json"  # the counting branch's output, folded into stats.json and removed
+
+# Quora's published header, then the BiMPM/sentence-pair style used by quora-dev and stsb.
+_QUORA_QUERY = ("question1", "text1")
+_QUORA_DOCUMENT = ("question2", "text2")
+_QUORA_LABEL = ("is_duplicate", "label", "score")
+_QUORA_IDS = {"question1": ("qid1", "qid2"), "text1": (None, None)}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """How ``dssm pairs`` reads, checks and splits pairs. Saved (resolved) in ``pairs_config.json``."""
+
+    query_column: str = field("query", "column holding the query (format pairs; quora uses question1/text1)")
+    document_column: str = field("document", "column holding the document (format pairs; quora uses question2/text2)")
+    label_column: str = field("label", "label column; if the table has none every pair gets label 1.0 "
+                                       "(quora uses is_duplicate, then label, then score)")
+    query_id_column: str = field("query_id", "query id column, used when present (else sha1 of the text)")
+    document_id_column: str = field("document_id", "document id column, used when present (else sha1 of the text)")
+    validation_fraction: float = field(0.1, "share of queries (by hash of the query text) put in validation")
+    split_salt: str = field("", "salt for the split hash; change it to draw a different split")
+    max_query_chars: int = field(10_000, "queries longer than this (characters) are rejected")
+    max_document_chars: int = field(1_000_000, "documents longer than this (characters) are rejected")
+    num_shards: int = field(0, "shards per output (train, validation, rejected); 0 lets the runner choose")
+    batch_size: int = field(512, "most pairs per featurizer call")
+    beir_qrels: str = field("", "qrels file inside a BEIR directory; default qrels.tsv, else qrels/train.tsv")
+
+
+@dataclass(frozen=True)
+class PairsInput:
+    """A checked input: its format and the files and columns the pipeline reads."""
+
+    path: Path
+    format: str
+    table_format: str | None  # csv/tsv/jsonl/parquet for quora and pairs; None for beir
+    columns: PairColumns
+    qrels: Path | None = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dssm pairs",
+        description="Raw query-document pairs -> hashed-trigram TFRecord shards (Beam job). "
+                    "Unknown flags go to Beam (--runner, --direct_num_workers, --direct_running_mode, ...).",
+    )
+    parser.add_argument("--input", required=True, help="a table (CSV/TSV/JSONL/Parquet) or a BEIR directory")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="input format; guessed when omitted (directory -> beir, question1/text1 -> quora)")
+    parser.add_argument("--output", required=True, help="output directory (local)")
+    add_config_arguments(parser, PairsConfig)
+    add_config_arguments(parser, FeatureConfig)
+    return parser
+
+
+def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in columns), None)
+
+
+def _beir_qrels(directory: Path, name: str) -> Path:
+    candidates = [name] if name else ["qrels.tsv", "qrels/train.tsv"]
+    for candidate in candidates:
+        if (directory / candidate).is_file():
+            return directory / candidate
+    found = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.tsv"))
+    raise InputError(f"BEIR directory {directory} has no {' or '.join(candidates)} (its .tsv files: {found}); "
+                     "name the qrels file with --beir-qrels")
+
+
+def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig,  # noqa: A002
+                  explicit: frozenset[str] = frozenset()) -> tuple[PairsInput, PairsConfig]:
+    """Check the input before the job starts and settle its format and columns.
+
+    Args:
+        path: the ``--input``.
+        format: ``--format`` or ``None`` to guess.
+        config: the settings (column names).
+        explicit: names of ``config`` fields the user set on the command line (they win over a
+            format's own column names, and an explicit label column must exist).
+
+    Returns:
+        The checked input, and ``config`` with the column names actually used (``label_column`` and
+        the id columns are ``""`` when the table has none).
+
+    Raises:
+        InputError: the input is missing, of the wrong kind for ``format``, or lacks columns (the
+            message names the columns found and the ones expected).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if format is None:
+        if path.is_dir():
+            format = "beir"  # noqa: A001
+        else:
+            found = read_columns(path)
+            format = "quora" if _pick(found, _QUORA_QUERY) else "pairs"  # noqa: A001
+    if format not in FORMATS:
+        raise InputError(f"unknown format {format!r}; use one of {FORMATS}")
+
+    if format == "beir":
+        if not path.is_dir():
+            raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
+        qrels = _beir_qrels(path, config.beir_qrels)
+        for needed in ("queries.jsonl", "corpus.jsonl"):
+            if not (path / needed).is_file():
+                raise InputError(f"BEIR directory {path} lacks {needed}")
+        found = read_columns(qrels, "tsv")
+        if found[:3] != ["query-id", "corpus-id", "score"]:
+            raise InputError(f"qrels {qrels} has columns {found}; expected query-id, corpus-id, score")
+        for name in ("queries.jsonl", "corpus.jsonl"):
+            cols = read_columns(path / name)
+            if "_id" not in cols or "text" not in cols:
+                raise InputError(f"{path / name} has columns {cols}; expected _id and text")
+        columns = PairColumns("query", "document", "label", "query_id", "document_id")
+        resolved = replace(config, query_column="query", document_column="document", label_column="label",
+                           query_id_column="query_id", document_id_column="document_id",
+                           beir_qrels=qrels.relative_to(path).as_posix())
+        return PairsInput(path, format, None, columns, qrels), resolved
+
+    if path.is_dir():
+        raise InputError(f"--format {format} needs a table file (CSV/TSV/JSONL/Parquet), got the directory {path}")
+    kind = table_format(path)
+    found = read_columns(path, kind)
+    if format == "quora":
+        query = config.query_column if "query_column" in explicit else _pick(found, _QUORA_QUERY)
+        document = config.document_column if "document_column" in explicit else _pick(found, _QUORA_DOCUMENT)
+        label = config.label_column if "label_column" in explicit else _pick(found, _QUORA_LABEL)
+        query_id, document_id = _QUORA_IDS.get(query or "", (None, None))
+        expected = "question1, question2, is_duplicate (or text1, text2, is_duplicate)"
+    else:
+        query, document = config.query_column, config.document_column
+        label = config.label_column
+        query_id, document_id = config.query_id_column, config.document_id_column
+        expected = f"{config.query_column}, {config.document_column} and optionally {config.label_column}"
+    if "query_id_column" in explicit:
+        query_id = config.query_id_column
+    if "document_id_column" in explicit:
+        document_id = config.document_id_column
+    missing = [c for c in (query, document) if c is None or c not in found]
+    if label is not None and label not in found:
+        if "label_column" in explicit or format == "quora":
+            missing.append(label)
+        else:
+            label = None  # a table of positives only
+    if format == "quora" and label is None:
+        missing.append("is_duplicate")
+    for name, column in (("query_id_column", query_id), ("document_id_column", document_id)):
+        if column and column not in found and name in explicit:
+            missing.append(column)
+    if missing:
+        shown = [m for m in missing if m] or ["query/document columns"]
+        raise InputError(f"{path} ({format} format) lacks column(s) {shown}: it has {found}; expected {expected} "
+                         "(rename with --query-column/--document-column/--label-column)")
+    query_id = query_id if query_id in found else None
+    document_id = document_id if document_id in found else None
+    columns = PairColumns(query, document, label, query_id, document_id)
+    resolved = replace(config, query_column=query, document_column=document, label_column=label or "",
+                       query_id_column=query_id or "", document_id_column=document_id or "", beir_qrels="")
+    return PairsInput(path, format, kind, columns), resolved
+
+
+def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: PairsConfig,
+                   features: FeatureConfig, output: Path) -> None:
+    """Add the job's transforms to ``pipeline`` (read → validate → featurize → write, plus counts)."""
+    rejected_parts = []
+    if source.format == "beir":
+        assert source.qrels is not None
+        raw = {
+            name: (pipeline | f"Path{name.title()}" >> beam.Create([str(file)])
+                   | f"Read{name.title()}" >> beam.FlatMap(read_table, fmt)
+                   | f"Spread{name.title()}" >> beam.Reshuffle())
+            for name, file, fmt in (("qrels", source.qrels, "tsv"), ("queries", source.path / "queries.jsonl", "jsonl"),
+                                    ("corpus", source.path / "corpus.jsonl", "jsonl"))
+        }
+        joined = raw | "JoinBeir" >> JoinBeir()
+        records = joined["pairs"]
+        rejected_parts.append(joined[REJECTED])
+        read_markers = (records, joined[REJECTED])
+    else:
+        records = (
+            pipeline
+            | "Path" >> beam.Create([str(source.path)])
+            | "Read" >> beam.FlatMap(read_table, source.table_format)
+            # Reading is one element's work; the shuffle lets validation and hashing spread out.
+            | "Spread" >> beam.Reshuffle()
+        )
+        read_markers = (records,)
+
+    checked = records | "Validate" >> beam.ParDo(ValidatePairs(
+        columns=source.columns,
+        limits=PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars),
+        split=SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt),
+    )).with_outputs(REJECTED, main="pairs")
+    rejected_parts.append(checked[REJECTED])
+    rejected = tuple(rejected_parts) | "AllRejected" >> beam.Flatten()
+
+    examples = (
+        checked.pairs
+        | "Batch" >> beam.BatchElements(min_batch_size=min(32, config.batch_size), max_batch_size=config.batch_size)
+        | "Featurize" >> beam.ParDo(FeaturizePairs(feature_config=features))
+    )
+    by_split = examples | "BySplit" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+    for split, part in zip(SPLITS, by_split, strict=True):
+        (part
+         | f"Bytes{split.title()}" >> beam.Values()
+         | f"Write{split.title()}" >> beam.io.WriteToTFRecord(
+             str(output / split), file_name_suffix=".tfrecord.gz", num_shards=config.num_shards,
+             shard_name_template=SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP))
+    (rejected
+     | "RejectedJson" >> beam.Map(rejected_json)
+     | "WriteRejected" >> beam.io.WriteToText(str(output / REJECTED), file_name_suffix=".jsonl",
+                                               num_shards=config.num_shards, shard_name_template=SHARD_TEMPLATE))
+
+    # Counting branch: runner-independent (Beam metrics are not supported by every runner).
+    keys = [part | f"ReadKey{i}" >> beam.Map(lambda _: "read") for i, part in enumerate(read_markers)]
+    keys.append(examples | "SplitKey" >> beam.Map(lambda kv: kv[0]))
+    keys.append(rejected | "RejectedKey" >> beam.Map(lambda r: f"{REJECTED}:{r['reason']}"))
+    (tuple(keys)
+     | "AllKeys" >> beam.Flatten()
+     | "Count" >> beam.combiners.Count.PerElement()
+     | "ToDict" >> beam.combiners.ToDict()
+     | "CountsJson" >> beam.Map(lambda counts: json.dumps(counts, sort_keys=True))
+     | "WriteCounts" >> beam.io.WriteToText(str(output / _COUNTS), num_shards=1, shard_name_template=""))
+
+
+def _stats(counts: dict[str, int]) -> dict[str, Any]:
+    by_reason = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith(f"{REJECTED}:")}
+    stats = {
+        "read": counts.get("read", 0),
+        "train": counts.get("train", 0),
+        "validation": counts.get("validation", 0),
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": by_reason,
+    }
+    stats["written"] = stats["train"] + stats["validation"]
+    return stats
+
+
+def _clear_outputs(output: Path) -> None:
+    """Remove what an earlier run left, manifest first, so a half-finished run is never taken for done."""
+    (output / MANIFEST).unlink(missing_ok=True)
+    patterns = [f"{s}-*-of-*.tfrecord.gz" for s in SPLITS] + [f"{REJECTED}-*-of-*.jsonl", _COUNTS,
+                                                               "stats.json", "features.json", "pairs_config.json"]
+    for pattern in patterns:
+        for stale in output.glob(pattern):
+            stale.unlink()
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A readable table of ``stats.json``."""
+    rows = [(key, stats[key]) for key in ("read", "written", "train", "validation", "rejected")]
+    rows += [(f"  {reason}", n) for reason, n in stats["rejected_by_reason"].items()]
+    if "seconds" in stats:
+        rows += [("seconds", stats["seconds"]), ("rows/s", stats["rows_per_second"])]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Run the job.
+
+    Args:
+        argv: command-line flags (ours and Beam's).
+        test_pipeline: a pipeline to build into (tests pass ``TestPipeline()``); Beam flags in
+            ``argv`` are then ignored.
+
+    Returns:
+        The statistics written to ``stats.json``.
+
+    Raises:
+        InputError: bad input (missing file, wrong columns), or every record was rejected.
+    """
+    args, beam_args = _parser().parse_known_args(argv)
+    explicit = frozenset(k for k in ("query_column", "document_column", "label_column", "query_id_column",
+                                     "document_id_column") if getattr(args, k) is not None)
+    config = config_from_args(PairsConfig, args)
+    features = config_from_args(FeatureConfig, args)
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise InputError(f"--validation-fraction must be in [0, 1), got {config.validation_fraction}")
+    if min(config.max_query_chars, config.max_document_chars, config.batch_size) < 1 or config.num_shards < 0:
+        raise InputError("--max-query-chars, --max-document-chars and --batch-size must be positive, "
+                         f"--num-shards >= 0; got {config}")
+    source, config = resolve_input(args.input, format=args.format, config=config, explicit=explicit)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} exists and is not a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(output)
+
+    started = time.perf_counter()
+    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, source, config=config, features=features, output=output)
+    log.info("dssm pairs: %s (%s) -> %s", source.path, source.format, output)
+    pipeline.run().wait_until_finish()
+    seconds = time.perf_counter() - started
+
+    counts_path = output / _COUNTS
+    counts = json.loads(counts_path.read_text())
+    counts_path.unlink()
+    stats = _stats(counts)
+    if stats["read"] != stats["written"] + stats["rejected"]:
+        raise DSSMError(f"pairs job lost records: read {stats['read']} != written {stats['written']} + "
+                        f"rejected {stats['rejected']} (a bug; please report it with the input)")
+    stats["seconds"] = round(seconds, 3)
+    stats["rows_per_second"] = round(stats["read"] / seconds, 1) if seconds > 0 else 0.0
+    write_json_atomic(output / "stats.json", stats)
+    save_config(features, output / "features.json")
+    write_json_atomic(output / "pairs_config.json",
+                      {"input": str(source.path.resolve()), "format": source.format, **config_to_dict(config)})
+    if stats["written"] == 0:
+        raise InputError(f"no pairs written from {source.path}: {stats['read']} records read, all rejected "
+                         f"({stats['rejected_by_reason']}); see {output}/{REJECTED}-*.jsonl")
+    write_manifest(output, kind="pairs", extra={"stats": stats, "format": source.format})
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm pairs``: run the job and print its statistics as a table."""
+    stats = run(argv)
+    print(format_stats(stats))
+    return 0

@@ -1,0 +1,436 @@
+"""Pure Beam pieces shared by the jobs: reading records, validating pairs, joining BEIR, featurizing.
+
+Nothing here touches the file system except the reader DoFns, which read the paths they are given.
+Elements are plain dicts and tuples (pickled by Beam's default coder) so every runner can move them.
+
+Element shapes:
+
+* **raw record** (what the readers and the BEIR join emit)::
+
+      {"record": "path:line", "fields": {column: value}, "reason": str | None, "error": str | None}
+
+  ``reason``/``error`` are set when the record is already known to be unusable (it could not be
+  parsed, or a BEIR id did not resolve). String values that were not valid UTF-8 are carried as
+  ``bytes``: a Python ``str`` holding the surrogates of undecodable bytes cannot be encoded by Beam's
+  coders, and ``bytes`` also make "not UTF-8" a type check.
+* **pair** (after :class:`ValidatePairs`)::
+
+      {"record", "query_id", "document_id", "query_text", "document_text", "label": float, "split"}
+
+* **rejected** (the dead letter, written as one JSON line each)::
+
+      {"record": "path:line", "reason": code, "detail": human-readable, "row": {column: value}}
+
+Rejection ``reason`` codes are the keys of ``stats.json``'s ``rejected_by_reason``: see
+:data:`REASONS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.data import iter_rows, split_of
+from dssm.features import FeatureConfig
+
+__all__ = [
+    "REASONS",
+    "REJECTED",
+    "PairColumns",
+    "PairLimits",
+    "SplitSpec",
+    "carry_bytes",
+    "json_safe",
+    "text_id",
+    "read_table",
+    "ValidatePairs",
+    "JoinBeir",
+    "FeaturizePairs",
+    "pair_example",
+    "rejected_json",
+]
+
+REJECTED = "rejected"
+
+REASONS = {
+    "unparsable": "the record could not be parsed (wrong field count, invalid JSON)",
+    "missing_column": "the record lacks a required column",
+    "query_not_utf8": "the query is not valid UTF-8",
+    "document_not_utf8": "the document is not valid UTF-8",
+    "empty_query": "the query is empty or only whitespace",
+    "empty_document": "the document is empty or only whitespace",
+    "query_too_long": "the query is longer than --max-query-chars",
+    "document_too_long": "the document is longer than --max-document-chars",
+    "bad_label": "the label is empty, not a number, or not finite",
+    "non_positive_score": "a BEIR qrel with score <= 0 (judged not relevant)",
+    "unknown_query_id": "a BEIR qrel names a query id not in queries.jsonl",
+    "unknown_document_id": "a BEIR qrel names a document id not in corpus.jsonl",
+    "duplicate_id": "a BEIR query or document id occurs more than once",
+    "bad_query_record": "a line of the BEIR queries.jsonl could not be used",
+    "bad_document_record": "a line of the BEIR corpus.jsonl could not be used",
+}
+
+
+@dataclass(frozen=True)
+class PairColumns:
+    """Which input columns hold what. ``label``/ids may be ``None`` (no such column)."""
+
+    query: str
+    document: str
+    label: str | None = None
+    query_id: str | None = None
+    document_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PairLimits:
+    """Longest accepted texts, in characters (longer rows are rejected, not cut)."""
+
+    max_query_chars: int
+    max_document_chars: int
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Settings for :func:`dssm.data.split_of`."""
+
+    validation_fraction: float
+    salt: str = ""
+
+
+def carry_bytes(value: Any) -> Any:
+    """Turn strings holding undecodable bytes (surrogates) into ``bytes``, recursively.
+
+    :func:`dssm.data.iter_rows` reads with ``errors="surrogateescape"``; such strings cannot be
+    encoded by Beam's coders, and as ``bytes`` they are easy to recognise as "not UTF-8".
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON \\ud800 escape
+                return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, dict):
+        return {json_safe(k) if not isinstance(k, str) else _printable(k): carry_bytes(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [carry_bytes(v) for v in value]
+    return value
+
+
+def _printable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-encodable copy: bytes as text with ``\\xNN`` escapes for bytes that are not UTF-8."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, str):
+        return _printable(value)
+    if isinstance(value, dict):
+        return {str(json_safe(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def text_id(text: str) -> str:
+    """The id of a text without an id column: the first 16 hex digits of the sha1 of its UTF-8."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str, Any]]:
+    """Raw records of one CSV/TSV/JSONL/Parquet file (the body of a ``FlatMap`` over paths).
+
+    Args:
+        path: the file.
+        table_format: ``csv``/``tsv``/``jsonl``/``parquet``, or ``None`` for the file's suffix.
+
+    Yields:
+        Raw records (see the module docstring); unparsable ones carry ``reason="unparsable"``.
+    """
+    for row in iter_rows(path, table_format):
+        yield {
+            "record": _printable(row.location),
+            "fields": carry_bytes(row.fields),
+            "reason": "unparsable" if row.error else None,
+            "error": row.error,
+        }
+
+
+def rejected_json(rejected: dict[str, Any]) -> str:
+    """One dead-letter line."""
+    return json.dumps(json_safe(rejected), ensure_ascii=False, sort_keys=True)
+
+
+def _reject(raw: dict[str, Any], reason: str, detail: str) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(
+        REJECTED, {"record": raw["record"], "reason": reason, "detail": detail, "row": raw["fields"]}
+    )
+
+
+def _label_of(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_text(value: Any) -> str | bytes | None:
+    if value is None or isinstance(value, str | bytes):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    return json.dumps(json_safe(value), ensure_ascii=False)
+
+
+class ValidatePairs(beam.DoFn):
+    """Raw record → pair (main output) or dead letter (``rejected`` output), never both, never neither.
+
+    Checks, in order: parse errors, required columns, UTF-8, emptiness, length, label. Texts are kept
+    exactly as read. Records without a label column get label 1.0 (a positive pair); ids come from
+    the id columns when present and non-empty, else from :func:`text_id`.
+    """
+
+    def __init__(self, *, columns: PairColumns, limits: PairLimits, split: SplitSpec) -> None:
+        self._columns = columns
+        self._limits = limits
+        self._split = split
+
+    def process(self, raw: dict[str, Any]) -> Iterator[Any]:
+        if raw.get("reason"):
+            yield _reject(raw, raw["reason"], raw.get("error") or REASONS.get(raw["reason"], raw["reason"]))
+            return
+        fields, cols = raw["fields"], self._columns
+        required = [cols.query, cols.document] + ([cols.label] if cols.label else [])
+        missing = [c for c in required if c not in fields]
+        if missing:
+            yield _reject(raw, "missing_column", f"no column(s) {missing}; the record has {sorted(fields)}")
+            return
+        texts = {}
+        for side, column, limit in (("query", cols.query, self._limits.max_query_chars),
+                                    ("document", cols.document, self._limits.max_document_chars)):
+            text = _as_text(fields[column])
+            if isinstance(text, bytes):
+                yield _reject(raw, f"{side}_not_utf8", f"{side} column {column!r} is not valid UTF-8: "
+                              f"{text[:80].decode('utf-8', 'backslashreplace')!r}")
+                return
+            if text is None or not text.strip():
+                yield _reject(raw, f"empty_{side}", f"{side} column {column!r} is empty: {text!r}")
+                return
+            if len(text) > limit:
+                yield _reject(raw, f"{side}_too_long",
+                              f"{side} has {len(text)} characters, the limit is {limit}")
+                return
+            texts[side] = text
+        label = 1.0
+        if cols.label:
+            label = _label_of(fields[cols.label])
+            if label is None:
+                yield _reject(raw, "bad_label",
+                              f"label column {cols.label!r} is not a finite number: {json_safe(fields[cols.label])!r}")
+                return
+        yield {
+            "record": raw["record"],
+            "query_id": self._id(fields, cols.query_id, texts["query"]),
+            "document_id": self._id(fields, cols.document_id, texts["document"]),
+            "query_text": texts["query"],
+            "document_text": texts["document"],
+            "label": label,
+            "split": split_of(texts["query"], validation_fraction=self._split.validation_fraction,
+                              salt=self._split.salt),
+        }
+
+    @staticmethod
+    def _id(fields: dict[str, Any], column: str | None, text: str) -> str:
+        if column:
+            value = _as_text(fields.get(column))
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "backslashreplace")
+            if value is not None and value.strip():
+                return value.strip()
+        return text_id(text)
+
+
+def _keyed(raw: dict[str, Any], id_key: str, reason: str) -> Iterator[Any]:
+    """BEIR queries/corpus line → ``(id, raw)``, or a dead letter if it has no usable id."""
+    if raw.get("reason"):
+        yield beam.pvalue.TaggedOutput(REJECTED, {"record": raw["record"], "reason": reason,
+                                                 "detail": raw.get("error") or "", "row": raw["fields"]})
+        return
+    value = _as_text(raw["fields"].get(id_key))
+    if not isinstance(value, str) or not value.strip():
+        yield beam.pvalue.TaggedOutput(REJECTED, {"record": raw["record"], "reason": reason,
+                                                 "detail": f"no usable {id_key!r}: {json_safe(value)!r}",
+                                                 "row": raw["fields"]})
+        return
+    yield value.strip(), raw
+
+
+def _document_text(fields: dict[str, Any]) -> str | bytes | None:
+    """``title + " " + text`` (the convention of :func:`dssm.bm25.document_text`)."""
+    title, text = _as_text(fields.get("title")), _as_text(fields.get("text"))
+    if isinstance(title, bytes) or isinstance(text, bytes):
+        return (title.encode() if isinstance(title, str) else title or b"") + b" " + (
+            text.encode() if isinstance(text, str) else text or b"")
+    if title and title.strip():
+        return f"{title} {text or ''}".strip()
+    return text
+
+
+def _qrel(raw: dict[str, Any]) -> Iterator[Any]:
+    """qrels.tsv line → ``(query_id, raw pair)`` for the join, or the raw record straight through."""
+    fields = raw["fields"]
+    qid, did, score = (_as_text(fields.get(c)) for c in ("query-id", "corpus-id", "score"))
+    pair = {"record": raw["record"], "reason": raw.get("reason"), "error": raw.get("error"),
+            "fields": {"query_id": qid, "document_id": did, "label": score}}
+    if not pair["reason"]:
+        label = _label_of(score)
+        if not isinstance(qid, str) or not qid.strip() or not isinstance(did, str) or not did.strip():
+            pair.update(reason="unparsable", error=f"empty or non-UTF-8 query-id/corpus-id: {qid!r} {did!r}")
+        elif label is None:
+            pair.update(reason="bad_label", error=f"score {json_safe(score)!r} is not a finite number")
+        elif label <= 0:
+            pair.update(reason="non_positive_score", error=f"score {score} marks the document not relevant")
+        else:
+            pair["fields"]["label"] = label
+    if pair["reason"]:
+        yield beam.pvalue.TaggedOutput("done", pair)
+    else:
+        yield qid.strip(), pair
+
+
+def _attach(grouped: tuple[str, dict[str, list[Any]]], *, side: str, source: str) -> Iterator[Any]:
+    """One CoGroupByKey group: copy the single matching text into every pair of the group."""
+    key, groups = grouped
+    matches, pairs = list(groups["texts"]), groups["pairs"]
+    for pair in pairs:
+        pair = {**pair, "fields": dict(pair["fields"])}
+        if not matches:
+            pair.update(reason=f"unknown_{side}_id", error=f"{side} id {key!r} is not in {source}")
+        elif len(matches) > 1:
+            pair.update(reason="duplicate_id", error=f"{side} id {key!r} occurs {len(matches)} times in {source} "
+                                                     f"({', '.join(m['record'] for m in matches[:3])})")
+        else:
+            fields = matches[0]["fields"]
+            pair["fields"][side] = _as_text(fields.get("text")) if side == "query" else _document_text(fields)
+        if side == "query" and not pair["reason"]:
+            yield pair["fields"]["document_id"].strip(), pair
+        else:
+            yield beam.pvalue.TaggedOutput("done", pair)
+
+
+class JoinBeir(beam.PTransform):
+    """Joins BEIR qrels with their query and document texts: one raw pair record per qrel line.
+
+    Input: a dict of PCollections of raw records ``{"qrels", "queries", "corpus"}``. Output: a dict
+    ``{"pairs": raw pair records, "rejected": dead letters for unusable queries/corpus lines}``. A pair
+    record has fields ``query_id, query, document_id, document, label`` (document = title + " " +
+    text) and its qrels line as ``record``; qrels with score <= 0 or unresolved ids come out with a
+    ``reason``, so :class:`ValidatePairs` sends them to the dead letter.
+    """
+
+    def __init__(self, *, queries_name: str = "queries.jsonl", corpus_name: str = "corpus.jsonl") -> None:
+        super().__init__()
+        self._queries_name = queries_name
+        self._corpus_name = corpus_name
+
+    def expand(self, inputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        queries = inputs["queries"] | "KeyQueries" >> beam.FlatMap(
+            _keyed, "_id", "bad_query_record").with_outputs(REJECTED, main="keyed")
+        corpus = inputs["corpus"] | "KeyCorpus" >> beam.FlatMap(
+            _keyed, "_id", "bad_document_record").with_outputs(REJECTED, main="keyed")
+        qrels = inputs["qrels"] | "KeyQrels" >> beam.FlatMap(_qrel).with_outputs("done", main="keyed")
+        with_query = (
+            {"texts": queries.keyed, "pairs": qrels.keyed}
+            | "JoinQueries" >> beam.CoGroupByKey()
+            | "AttachQuery" >> beam.FlatMap(_attach, side="query", source=self._queries_name).with_outputs(
+                "done", main="keyed")
+        )
+        with_document = (
+            {"texts": corpus.keyed, "pairs": with_query.keyed}
+            | "JoinCorpus" >> beam.CoGroupByKey()
+            | "AttachDocument" >> beam.FlatMap(_attach, side="document", source=self._corpus_name).with_outputs(
+                "done", main="keyed")
+        )
+        pairs = (qrels.done, with_query.done, with_document.done) | "AllPairs" >> beam.Flatten()
+        rejected = (queries[REJECTED], corpus[REJECTED]) | "BadTexts" >> beam.Flatten()
+        return {"pairs": pairs, "rejected": rejected}
+
+
+def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag: tuple[Any, Any]) -> bytes:
+    """A serialized ``tf.train.Example`` with exactly the features of docs/design.md.
+
+    Args:
+        pair: a validated pair.
+        query_bag: ``(ids int64 [m], counts float32 [m])`` of the query.
+        document_bag: the same for the document.
+    """
+    import tensorflow as tf
+
+    def _bytes(value: str) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
+
+    feature = {
+        "query_id": _bytes(pair["query_id"]),
+        "document_id": _bytes(pair["document_id"]),
+        "query_text": _bytes(pair["query_text"]),
+        "document_text": _bytes(pair["document_text"]),
+        "label": tf.train.Feature(float_list=tf.train.FloatList(value=[pair["label"]])),
+        "query_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=query_bag[0])),
+        "query_counts": tf.train.Feature(float_list=tf.train.FloatList(value=query_bag[1])),
+        "document_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=document_bag[0])),
+        "document_counts": tf.train.Feature(float_list=tf.train.FloatList(value=document_bag[1])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class FeaturizePairs(beam.DoFn):
+    """Batch of pairs → ``(split, serialized tf.train.Example)`` per pair.
+
+    Feed it lists of pairs (``beam.BatchElements``): one :meth:`~dssm.features.Featurizer.bags_numpy`
+    call per batch hashes all queries and documents together, which is what makes it fast. The
+    Featurizer (and TensorFlow's graph) is built once per worker in :meth:`setup`, not pickled.
+    """
+
+    def __init__(self, *, feature_config: FeatureConfig) -> None:
+        self._config = feature_config
+        self._featurizer: Any = None
+
+    def setup(self) -> None:
+        from dssm.features import Featurizer
+
+        self._featurizer = Featurizer(self._config)
+
+    def process(self, batch: Iterable[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
+        batch = list(batch)
+        bags = self._featurizer.bags_numpy(
+            [p["query_text"] for p in batch] + [p["document_text"] for p in batch])
+        for i, pair in enumerate(batch):
+            yield pair["split"], pair_example(pair, bags[i], bags[len(batch) + i])
