@@ -734,10 +734,12 @@ def build_index_from_shards(
     from tqdm import tqdm
 
     shards = [Path(s) for s in shards]
+    has_record = True  # the encode job's source locations, for error messages
     for path in shards:
         if not path.is_file():
             raise InputError(f"embedding shard not found: {path}")
         names = pq.read_schema(path).names
+        has_record = has_record and "record" in names
         missing = [c for c in ("id", "title", "text", "embedding") if c not in names]
         if missing:
             raise InputError(f"embedding shard {path} lacks column(s) {missing}; it has {names}")
@@ -755,8 +757,9 @@ def build_index_from_shards(
         pos = 0
         with tqdm(total=n, desc="loading shards", unit="doc", disable=not progress) as bar:
             for path in shards:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS,
-                                                               columns=["id", "title", "text", "embedding"]):
+                shard_row = 0
+                wanted = ["id", "title", "text", "embedding"] + (["record"] if has_record else [])
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
                     ids = batch.column(0).to_pylist()
                     column = batch.column(3)
                     lengths = np.diff(np.asarray(column.offsets))
@@ -772,7 +775,9 @@ def build_index_from_shards(
                     values = column.flatten().to_numpy(zero_copy_only=False)
                     matrix[pos:pos + rows] = values.reshape(rows, dim)
                     store.add(ids, batch.column(1).to_pylist(), batch.column(2).to_pylist(),
-                              locations=[f"{path.name} row {i}" for i in range(rows)])
+                              locations=(batch.column(4).to_pylist() if has_record
+                                         else [f"{path.name} row {shard_row + i}" for i in range(rows)]))
+                    shard_row += rows
                     pos += rows
                     bar.update(rows)
         if pos != n:

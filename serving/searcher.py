@@ -1,0 +1,181 @@
+"""Search an index by text: query tower → ScaNN → SQLite doc store. ``main(argv)`` is ``dssm search``.
+
+The :class:`Searcher` is transport-free (the HTTP app wraps it). One query costs one call of the
+exported ``embed_query`` signature, one ScaNN search and one SQLite ``SELECT ... WHERE row IN``.
+
+Example::
+
+    searcher = Searcher.load("work/index")
+    for doc_id, score, text in searcher.search("how do I learn python", k=5):
+        ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.errors import IndexNotFoundError, InputError
+from serving.index import Index, load_index
+
+__all__ = ["Hit", "QueryEncoder", "Searcher", "format_hits", "hits_json", "main"]
+
+
+class Hit(NamedTuple):
+    """One result; unpacks as ``(doc_id, score, text)``."""
+
+    id: str
+    score: float
+    text: str
+
+
+class QueryEncoder(Protocol):
+    """What the searcher needs from a model (``dssm.export.Encoder`` fits)."""
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """texts → [n, dim] float32, L2-normalised."""
+        ...
+
+
+class Searcher:
+    """Text search over one loaded index version.
+
+    Thread-safe for concurrent searches (ScaNN search is read-only; the doc store keeps one SQLite
+    connection per thread).
+    """
+
+    def __init__(self, *, index: Index, encoder: QueryEncoder | None):
+        self.index = index
+        self.encoder = encoder
+
+    @classmethod
+    def load(cls, index_dir: str | Path, *, encoder: QueryEncoder | None = None, verify: bool = True) -> Searcher:
+        """Load the version ``CURRENT`` names, verify its checksums, and load its query model.
+
+        Args:
+            index_dir: the index directory written by ``dssm index``.
+            encoder: use this instead of the index's own ``model/`` (tests, or a model shared between
+                several indexes); default loads ``model/`` with :func:`dssm.export.load_encoder`.
+            verify: check every file's sha256 first (leave on).
+
+        Raises:
+            IndexNotFoundError: no index there, or the index has no model and no ``encoder`` is given.
+            ChecksumError: a file is corrupted or truncated (named in the message).
+        """
+        index = load_index(index_dir, verify=verify)
+        if encoder is None and index.model_dir is not None:
+            from dssm.export import load_encoder
+
+            encoder = load_encoder(index.model_dir)
+        return cls(index=index, encoder=encoder)
+
+    @property
+    def version(self) -> str:
+        """The loaded index version."""
+        return self.index.version
+
+    def __len__(self) -> int:
+        return self.index.size
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise IndexNotFoundError(f"index {self.index.version_dir} has no model/: it can be searched by "
+                                     "vector only (search_vectors)")
+        for text in texts:
+            if not isinstance(text, str):
+                raise InputError(f"query must be a string, got {type(text).__name__}: {text!r}")
+            if not text.strip():
+                raise InputError(f"query is empty or only whitespace: {text!r}")
+        vectors = np.asarray(self.encoder.embed_queries(list(texts)), dtype=np.float32)
+        if vectors.shape != (len(texts), self.index.dim):
+            raise InputError(f"the query model returned shape {vectors.shape}, the index expects "
+                             f"[{len(texts)}, {self.index.dim}] (model and index do not match)")
+        return vectors
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k documents for query embeddings.
+
+        Args:
+            vectors: [q, dim] float32 query embeddings.
+            k: results per query (at most the index size).
+
+        Returns:
+            q lists of :class:`Hit`, best first.
+        """
+        rows, scores = self.index.search_vectors(vectors, k)
+        docs = self.index.docs.get(rows.ravel().tolist())
+        hits, pos = [], 0
+        for row_scores in scores:
+            hits.append([Hit(docs[pos + j].id, float(s), docs[pos + j].text) for j, s in enumerate(row_scores)])
+            pos += len(row_scores)
+        return hits
+
+    def search(self, text: str, k: int = 10) -> list[Hit]:
+        """Top-k documents for one query text, best first.
+
+        Raises:
+            InputError: ``text`` is empty or not a string, or ``k < 1``.
+        """
+        return self.search_vectors(self._embed([text]), k)[0]
+
+    def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Top-k documents for each query text (one model call and one ScaNN batch for all)."""
+        if isinstance(texts, str):
+            raise InputError("search_batch takes a list of query texts, got one string")
+        if not texts:
+            return []
+        return self.search_vectors(self._embed(texts), k)
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def format_hits(query: str, hits: Sequence[Hit], *, width: int | None = None) -> str:
+    """A readable table: rank, score, id, text (cut to the terminal width)."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    id_width = min(24, max([2] + [len(h.id) for h in hits]))
+    lines = [f"query: {query}", f"{'#':>3}  {'score':>7}  {'id':<{id_width}}  text"]
+    text_width = max(20, width - (3 + 2 + 7 + 2 + id_width + 2))
+    for rank, hit in enumerate(hits, 1):
+        lines.append(f"{rank:>3}  {hit.score:>7.4f}  {_one_line(hit.id, id_width):<{id_width}}  "
+                     f"{_one_line(hit.text, text_width)}")
+    if not hits:
+        lines.append("(no results)")
+    return "\n".join(lines)
+
+
+def hits_json(query: str, hits: Sequence[Hit]) -> dict[str, Any]:
+    """The ``--json`` shape: ``{"query": str, "hits": [{"id", "score", "text"}]}``."""
+    return {"query": query, "hits": [{"id": h.id, "score": h.score, "text": h.text} for h in hits]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm search --index INDEX_DIR [-k 10] [--json] "query text"``."""
+    parser = argparse.ArgumentParser(prog="dssm search", description="Search an index built by `dssm index`.")
+    parser.add_argument("--index", required=True, type=Path, help="index directory (follows its CURRENT)")
+    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"query": ..., "hits": [{"id", "score", "text"}]} instead of a table')
+    parser.add_argument("query", nargs="+", help="query text (several words are joined by spaces)")
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        raise InputError(f"-k must be >= 1, got {args.k}")
+    query = " ".join(args.query)
+    searcher = Searcher.load(args.index)
+    hits = searcher.search(query, k=args.k)
+    if args.json:
+        json.dump(hits_json(query, hits), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(format_hits(query, hits))
+    return 0

@@ -1,0 +1,97 @@
+"""serving/searcher.py: text → query tower → ScaNN → doc store; the ``dssm search`` CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dssm.errors import IndexNotFoundError, InputError
+from serving import index as ix
+from serving.searcher import Hit, Searcher, format_hits, hits_json
+
+
+class LookupEncoder:
+    """Stand-in query tower for the searcher's own logic: a fixed vector per known text."""
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+        self.calls = 0
+
+    def embed_queries(self, texts):
+        self.calls += 1
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+
+@pytest.fixture()
+def small_index(tmp_path):
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((300, 16)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = [f"d{i}" for i in range(300)]
+    texts = [f"body {i}" for i in range(300)]
+    ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids, texts=texts, titles=[f"t{i}" for i in ids])
+    return tmp_path / "idx", matrix
+
+
+def test_query_with_a_documents_embedding_finds_that_document(small_index):
+    index_dir, matrix = small_index
+    encoder = LookupEncoder({"q17": matrix[17], "q250": matrix[250]})
+    searcher = Searcher.load(index_dir, encoder=encoder)
+    hits = searcher.search("q17", k=5)
+    assert len(hits) == 5 and all(isinstance(h, Hit) for h in hits)
+    doc_id, score, text = hits[0]
+    assert (doc_id, text) == ("d17", "body 17")
+    assert score == pytest.approx(1.0, abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Scores are cosines with the query: the second hit's equals the exact dot product.
+    second = int(hits[1].id[1:])
+    assert hits[1].score == pytest.approx(float(matrix[17] @ matrix[second]), abs=1e-5)
+    assert encoder.calls == 1
+
+    batch = searcher.search_batch(["q250", "q17"], k=5)
+    assert encoder.calls == 2  # one model call for the whole batch
+    assert [b[0].id for b in batch] == ["d250", "d17"]
+    assert [h.id for h in batch[1]] == [h.id for h in hits]
+    assert searcher.search_batch([], k=3) == []
+    assert len(searcher.search("q17", k=1000)) == 300
+    assert len(searcher) == 300 and searcher.version == ix.current_version_dir(index_dir).name
+
+
+def test_bad_queries_are_refused(small_index):
+    index_dir, matrix = small_index
+    searcher = Searcher.load(index_dir, encoder=LookupEncoder({"q": matrix[0]}))
+    with pytest.raises(InputError, match="empty"):
+        searcher.search("   ")
+    with pytest.raises(InputError, match="must be a string"):
+        searcher.search_batch(["q", None])
+    with pytest.raises(InputError, match="list of query texts"):
+        searcher.search_batch("q")
+    with pytest.raises(InputError, match="k must be"):
+        searcher.search("q", k=0)
+
+
+def test_model_and_index_dimension_mismatch_is_reported(small_index):
+    index_dir, _ = small_index
+    searcher = Searcher.load(index_dir, encoder=LookupEncoder({"q": np.ones(8, np.float32)}))
+    with pytest.raises(InputError, match=r"\[1, 16\]"):
+        searcher.search("q")
+
+
+def test_vector_only_index_needs_an_encoder_for_text(small_index):
+    index_dir, matrix = small_index
+    searcher = Searcher.load(index_dir)
+    assert searcher.encoder is None
+    with pytest.raises(IndexNotFoundError, match="no model"):
+        searcher.search("anything")
+    assert searcher.search_vectors(matrix[[3]], k=1)[0][0].id == "d3"
+
+
+def test_output_formats():
+    hits = [Hit("a1", 0.91234, "first\ndocument"), Hit("b2", 0.5, "x" * 500)]
+    assert hits_json("q", hits) == {"query": "q", "hits": [{"id": "a1", "score": 0.91234, "text": "first\ndocument"},
+                                                           {"id": "b2", "score": 0.5, "text": "x" * 500}]}
+    table = format_hits("q", hits, width=80).splitlines()
+    assert table[0] == "query: q"
+    assert table[2].split()[:4] == ["1", "0.9123", "a1", "first"]
+    assert all(len(line) <= 80 for line in table)
+    assert "(no results)" in format_hits("q", [], width=80)
