@@ -1,0 +1,419 @@
+"""``dssm index``: encode a corpus with the document tower (Beam RunInference), then build the ScaNN index.
+
+Pipeline (any Beam runner; DirectRunner by default)::
+
+    corpus file(s) ─ read_table ─ Reshuffle ─ ValidateDocuments ─┬─ EncodeDocuments ─ WriteToParquet
+                                                                  │   (RunInference, KeyedModelHandler over
+                                                                  │    the SavedModel's embed_document)
+                                                                  └─ rejected ─ WriteToText (dead letters)
+
+then :func:`serving.index.build_index_from_shards` streams the Parquet shards (``id``, ``title``,
+``text``, ``record``, ``embedding`` float32 list) into one preallocated matrix and the SQLite doc
+store, builds ScaNN, checks recall, and publishes ``INDEX_DIR/versions/<version>/`` by flipping
+``CURRENT``.
+
+Documents that cannot be indexed (unparsable, no id, empty, not UTF-8) go to
+``INDEX_DIR/rejected/<version>/rejected-*.jsonl`` with a reason; their counts are in the manifest.
+A missing file, a missing id/text column, an empty corpus or a duplicate id stops the build with
+an :class:`~dssm.errors.InputError` naming the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.artifacts import verify_manifest
+from dssm.bm25 import document_text
+from dssm.config import add_config_arguments, config_from_args, config_to_dict
+from dssm.data import read_columns, table_format
+from dssm.errors import ConfigError, InputError
+from pipelines.transforms import REJECTED, json_safe, read_table, rejected_json
+from serving import index as index_lib
+
+__all__ = [
+    "REASONS",
+    "SHARD_SCHEMA",
+    "CorpusColumns",
+    "DocumentTowerHandler",
+    "ValidateDocuments",
+    "EncodeDocuments",
+    "resolve_corpus",
+    "encode_pipeline",
+    "run",
+    "main",
+]
+
+REASONS = {
+    "unparsable": "the record could not be parsed (wrong field count, invalid JSON)",
+    "empty_id": "the id is missing, empty or only whitespace",
+    "not_utf8": "the id, title or text is not valid UTF-8",
+    "empty_document": "title and text are both empty or only whitespace",
+}
+
+
+def _shard_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("record", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+    ])
+
+
+SHARD_SCHEMA = _shard_schema()
+
+
+@dataclass(frozen=True)
+class CorpusColumns:
+    """Which columns hold the id, title and text (``title=None``: no titles)."""
+
+    id: str
+    text: str = "text"
+    title: str | None = "title"
+
+
+def _as_str(value: Any) -> str | bytes | None:
+    if value is None or isinstance(value, str | bytes):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    return json.dumps(json_safe(value), ensure_ascii=False)
+
+
+class ValidateDocuments(beam.DoFn):
+    """Raw record (``pipelines.transforms.read_table``) → document dict, or a dead letter.
+
+    Output: ``{"record", "id", "title", "text"}``; rejected: ``{"record", "reason", "detail", "row"}``
+    on the ``rejected`` tag.
+    """
+
+    def __init__(self, columns: CorpusColumns):
+        self.columns = columns
+
+    def process(self, raw: dict[str, Any]) -> Iterator[Any]:
+        fields = raw["fields"]
+        record = raw["record"]
+
+        def reject(reason: str, detail: str) -> beam.pvalue.TaggedOutput:
+            return beam.pvalue.TaggedOutput(REJECTED, {"record": record, "reason": reason, "detail": detail,
+                                                       "row": fields})
+
+        if raw.get("reason"):
+            yield reject("unparsable", raw.get("error") or raw["reason"])
+            return
+        doc_id = _as_str(fields.get(self.columns.id))
+        title = _as_str(fields.get(self.columns.title)) if self.columns.title else ""
+        text = _as_str(fields.get(self.columns.text))
+        values = {"id": doc_id, "title": title, "text": text}
+        not_utf8 = [name for name, value in values.items() if isinstance(value, bytes)]
+        if not_utf8:
+            yield reject("not_utf8", f"{', '.join(not_utf8)} not valid UTF-8")
+            return
+        if doc_id is None or not doc_id.strip():
+            yield reject("empty_id", f"no usable {self.columns.id!r}: {json_safe(doc_id)!r}")
+            return
+        title, text = title or "", text or ""
+        if not (title.strip() or text.strip()):
+            yield reject("empty_document", f"document {doc_id.strip()!r} has no title or text")
+            return
+        yield {"record": record, "id": doc_id.strip(), "title": title, "text": text}
+
+
+class DocumentTowerHandler(ModelHandler[str, PredictionResult, Any]):
+    """RunInference handler for the exported document tower: raw texts → [dim] float32 embeddings.
+
+    The model is the SavedModel under ``MODEL_DIR/saved_model`` loaded with
+    :func:`dssm.export.load_encoder` (which verifies the model's manifest), so Beam, the searcher
+    and the tests all run the same ``embed_document`` signature.
+    """
+
+    def __init__(self, model_dir: str, *, min_batch_size: int = 256, max_batch_size: int = 4096):
+        super().__init__()
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ConfigError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
+        self.model_dir = str(model_dir)
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
+
+    def load_model(self) -> Any:
+        from dssm.export import load_encoder
+
+        return load_encoder(self.model_dir)
+
+    def run_inference(self, batch: Sequence[str], model: Any,
+                      inference_args: dict[str, Any] | None = None) -> list[PredictionResult]:
+        embeddings = np.asarray(model.embed_documents(list(batch)), dtype=np.float32)
+        return [PredictionResult(text, vector) for text, vector in zip(batch, embeddings, strict=True)]
+
+    def get_num_bytes(self, batch: Sequence[str]) -> int:
+        return sum(len(text.encode("utf-8")) for text in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "dssm_document_tower"
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}
+
+
+def _key_document(doc: dict[str, Any]) -> tuple[tuple[str, str, str, str], str]:
+    return (doc["id"], doc["title"], doc["text"], doc["record"]), document_text(doc["title"], doc["text"])
+
+
+def _shard_row(keyed: tuple[tuple[str, str, str, str], PredictionResult]) -> dict[str, Any]:
+    (doc_id, title, text, record), result = keyed
+    return {"id": doc_id, "title": title, "text": text, "record": record,
+            "embedding": np.asarray(result.inference, dtype=np.float32)}
+
+
+class EncodeDocuments(beam.PTransform):
+    """Documents ``{"record", "id", "title", "text"}`` → shard rows with an ``embedding`` [dim] float32.
+
+    The tower sees ``title + " " + text`` (:func:`dssm.bm25.document_text`, the same join BM25 and the
+    pairs pipeline use).
+    """
+
+    def __init__(self, model_dir: str, *, min_batch_size: int = 256, max_batch_size: int = 4096):
+        super().__init__()
+        self.handler = KeyedModelHandler(
+            DocumentTowerHandler(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size))
+
+    def expand(self, docs: beam.PCollection) -> beam.PCollection:
+        return (
+            docs
+            | "Key" >> beam.Map(_key_document)
+            | "RunInference" >> RunInference(self.handler)
+            | "ToShardRow" >> beam.Map(_shard_row)
+        )
+
+
+def resolve_corpus(corpus: str) -> list[str]:
+    """The corpus file(s): a file, a glob, or a BEIR directory (its ``corpus.jsonl``).
+
+    Raises:
+        InputError: nothing matches.
+    """
+    path = Path(corpus)
+    if path.is_dir():
+        beir = path / "corpus.jsonl"
+        if not beir.is_file():
+            raise InputError(f"--corpus {corpus} is a directory without corpus.jsonl")
+        return [str(beir)]
+    if path.is_file():
+        return [str(path)]
+    matches = sorted(p for p in glob.glob(corpus) if Path(p).is_file())
+    if not matches:
+        raise InputError(f"corpus not found: {corpus}")
+    return matches
+
+
+def _check_columns(paths: Sequence[str], columns: CorpusColumns, table: str | None) -> None:
+    for path in paths:
+        have = read_columns(path, table)
+        missing = [c for c in (columns.id, columns.text) if c not in have]
+        if missing:
+            raise InputError(f"corpus {path} lacks column(s) {missing}; it has {have} "
+                             "(rename with --id-column / --text-column)")
+
+
+def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusColumns, table: str | None,
+                    model_dir: str, shards_prefix: str, rejected_prefix: str, min_batch_size: int,
+                    max_batch_size: int, num_shards: int) -> None:
+    """Add the encode job to pipeline ``p`` (read → validate → encode → Parquet + dead letters)."""
+    raw = (
+        p
+        | "CorpusFiles" >> beam.Create(list(paths))
+        | "Read" >> beam.FlatMap(read_table, table)
+        # One file is read by one worker; spread its records before the expensive step.
+        | "Spread" >> beam.Reshuffle()
+    )
+    checked = raw | "Validate" >> beam.ParDo(ValidateDocuments(columns)).with_outputs(REJECTED, main="documents")
+    (
+        checked.documents
+        | "Encode" >> EncodeDocuments(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        | "WriteShards" >> beam.io.WriteToParquet(shards_prefix, SHARD_SCHEMA, file_name_suffix=".parquet",
+                                                  num_shards=num_shards)
+    )
+    (
+        checked[REJECTED]
+        | "RejectedJson" >> beam.Map(rejected_json)
+        | "WriteRejected" >> beam.io.WriteToText(rejected_prefix, file_name_suffix=".jsonl", num_shards=1)
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dssm index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other flags go to Beam (e.g. --runner, --direct_num_workers, --direct_running_mode).")
+    parser.add_argument("--model", required=True, help="model directory written by `dssm train`")
+    parser.add_argument("--corpus", required=True,
+                        help="corpus: BEIR directory or corpus.jsonl, or JSONL/CSV/TSV/Parquet file(s) (glob ok)")
+    parser.add_argument("--output", required=True, help="index directory (a new version is added)")
+    parser.add_argument("--format", default=None, choices=["csv", "tsv", "jsonl", "parquet"],
+                        help="corpus table format (default: from the suffix)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
+    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--title-column", default="title",
+                        help="title column, joined before the text; '' for none (default: title; "
+                             "a corpus without it gets empty titles)")
+    parser.add_argument("--min-batch-size", type=int, default=256, help="RunInference batch lower bound")
+    parser.add_argument("--max-batch-size", type=int, default=4096, help="RunInference batch upper bound")
+    parser.add_argument("--num-shards", type=int, default=0, help="Parquet shards (0: the runner decides)")
+    parser.add_argument("--shards", default=None,
+                        help="keep the embedding shards in this directory (default: a staging "
+                             "directory removed after the build)")
+    parser.add_argument("--keep-versions", type=int, default=0,
+                        help="after publishing, delete all but the newest N versions (0: keep all)")
+    parser.add_argument("--min-recall", dest="scann_min_recall", type=float, default=None,
+                        help="same as --scann-min-recall")
+    parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
+    add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
+    return parser
+
+
+def _count_rejected(prefix: str) -> tuple[int, dict[str, int], str | None]:
+    reasons: Counter[str] = Counter()
+    example = None
+    for path in sorted(glob.glob(prefix + "*")):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    item = json.loads(line)
+                    reasons[item["reason"]] += 1
+                    if example is None:
+                        example = f"{item['record']}: {item['detail']}"
+    return sum(reasons.values()), dict(sorted(reasons.items())), example
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Run the encode job and build + publish a new index version.
+
+    Args:
+        argv: ``dssm index`` flags; unknown ones go to Beam's ``PipelineOptions``.
+        test_pipeline: a ``TestPipeline`` to build the job on instead of a new pipeline.
+
+    Returns:
+        The build summary (also stored in the version's manifest).
+
+    Raises:
+        InputError: missing corpus/model, missing columns, empty corpus, duplicate ids.
+        ConfigError: bad flags, or the built index's recall is below ``--min-recall``.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args, beam_args = _parser().parse_known_args(argv)
+    config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
+    if args.keep_versions < 0:
+        raise ConfigError(f"--keep-versions must be >= 0, got {args.keep_versions}")
+    if args.num_shards < 0:
+        raise ConfigError(f"--num-shards must be >= 0, got {args.num_shards}")
+    paths = resolve_corpus(args.corpus)
+    table = args.format  # None: each file's suffix decides
+    for path in paths:
+        table_format(path, table)  # an unknown suffix fails here, not inside the pipeline
+    first_columns = read_columns(paths[0], table)
+    id_column = args.id_column or ("_id" if "_id" in first_columns else "id")
+    columns = CorpusColumns(id=id_column, text=args.text_column, title=args.title_column or None)
+    _check_columns(paths, columns, table)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise InputError(f"--model {model_dir}: no such directory (train one with `dssm train`)")
+    verify_manifest(model_dir, kind="model")
+
+    output = Path(args.output)
+    version = index_lib.new_version_name()
+    stage = index_lib.staging_dir(output, version)
+    shards_dir = Path(args.shards) if args.shards else stage / "shards"
+    if args.shards and any(shards_dir.glob("embeddings-*.parquet")):
+        raise InputError(f"--shards {shards_dir} already holds embedding shards; give an empty directory")
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    rejected_dir = output / "rejected" / version
+    rejected_dir.mkdir(parents=True, exist_ok=True)
+    shards_prefix = str(shards_dir / "embeddings")
+    rejected_prefix = str(rejected_dir / "rejected")
+
+    try:
+        started = time.perf_counter()
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+        encode_pipeline(pipeline, paths=paths, columns=columns, table=table, model_dir=str(model_dir),
+                        shards_prefix=shards_prefix, rejected_prefix=rejected_prefix,
+                        min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
+                        num_shards=args.num_shards)
+        print(f"encoding {', '.join(paths)} with {model_dir} ...", file=sys.stderr, flush=True)
+        pipeline.run().wait_until_finish()
+        encode_seconds = time.perf_counter() - started
+
+        shards = sorted(shards_dir.glob("embeddings-*.parquet"))
+        encoded, _ = index_lib.count_shard_rows(shards)
+        rejected, by_reason, example = _count_rejected(rejected_prefix)
+        if encoded == 0:
+            detail = f"; {rejected} record(s) rejected, e.g. {example} (see {rejected_dir})" if rejected else ""
+            raise InputError(f"corpus {args.corpus} has no documents to index{detail}")
+        encode = {
+            "corpus": [str(Path(p).resolve()) for p in paths],
+            "columns": {"id": columns.id, "title": columns.title, "text": columns.text},
+            "read": encoded + rejected,
+            "encoded": encoded,
+            "rejected": rejected,
+            "rejected_by_reason": by_reason,
+            "rejected_dir": str(rejected_dir),
+            "seconds": round(encode_seconds, 3),
+            "docs_per_second": round(encoded / encode_seconds, 1),
+            "beam_args": beam_args,
+        }
+        result = index_lib.build_index_from_shards(output, shards=shards, model_dir=model_dir, config=config,
+                                                   version=version, extra={"encode": encode})
+    finally:
+        # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
+        shutil.rmtree(stage, ignore_errors=True)
+    pruned = index_lib.prune_versions(output, keep=args.keep_versions) if args.keep_versions else []
+    summary = result.summary()
+    summary.update(encode=encode, pruned_versions=pruned, scann_config=config_to_dict(config),
+                   shards=str(shards_dir) if args.shards else None)
+    return summary
+
+
+def _table(summary: dict[str, Any]) -> str:
+    enc = summary["encode"]
+    rows = [
+        ("version", summary["version"]),
+        ("index", summary["version_dir"]),
+        ("documents", f"{summary['documents']:,} (dim {summary['dim']})"),
+        ("rejected", f"{enc['rejected']:,} {enc['rejected_by_reason'] or ''} → {enc['rejected_dir']}"),
+        ("encode", f"{enc['seconds']:.1f} s, {enc['docs_per_second']:,.0f} docs/s"),
+        ("scann", ", ".join(f"{k}={v}" for k, v in summary["scann"].items())),
+        ("recall@10", f"{summary['recall_at_10']:.4f} vs exact"),
+        ("build", ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items())),
+        ("peak RSS", f"{summary['peak_rss_bytes'] / 2**20:,.0f} MiB "
+                     f"(matrix {summary['matrix_bytes'] / 2**20:,.1f} MiB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm index --model MODEL_DIR --corpus PATH --output INDEX_DIR [beam flags]``."""
+    as_json = _parser().parse_known_args(argv)[0].json
+    summary = run(argv)
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    else:
+        print(_table(summary))
+    return 0
