@@ -371,7 +371,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _holdout_filter(pairs_dir: Path) -> Callable[[str], bool]:
-    """``text -> in validation split`` from ``PAIRS_DIR/pairs_config.json`` (the split ``dssm pairs`` used)."""
+    """``text -> in validation split``, the split ``dssm pairs`` made (``PAIRS_DIR/pairs_config.json``:
+    ``validation_fraction`` and ``split_salt``, hashed by :func:`dssm.data.split_of` on the query text)."""
     from dssm.data import split_of
 
     path = pairs_dir / "pairs_config.json"
@@ -381,13 +382,28 @@ def _holdout_filter(pairs_dir: Path) -> Callable[[str], bool]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
-    missing = [key for key in ("validation_fraction", "salt") if key not in config]
+    missing = [key for key in ("validation_fraction", "split_salt") if key not in config]
     if missing:
         raise InputError(f"{path} lacks {missing}; cannot reproduce its train/validation split")
-    fraction, salt = float(config["validation_fraction"]), config["salt"]
+    fraction, salt = float(config["validation_fraction"]), str(config["split_salt"])
     if fraction <= 0:
         raise InputError(f"{path}: validation_fraction is {fraction}, so there are no held-out queries")
     return lambda text: split_of(text, validation_fraction=fraction, salt=salt) == "validation"
+
+
+def _check_index_covers(searcher: Any, qrels: Qrels, *, corpus_size: int, index: str, data: Path) -> None:
+    """Refuse an index that holds none of the judged documents (built from another corpus); warn if partial."""
+    relevant = sorted({d for grades in qrels.values() for d, g in grades.items() if g > 0})
+    missing = [d for d in relevant if searcher.index.docs.row_of(d) is None]
+    if relevant and len(missing) == len(relevant):
+        raise InputError(f"--index {index} holds none of the {len(relevant)} relevant documents of --data {data} "
+                         f"(e.g. id {missing[0]!r}): the index was built from another corpus")
+    if missing:
+        print(f"warning: {len(missing)} of {len(relevant)} relevant documents are not in the index "
+              f"(e.g. id {missing[0]!r}); DSSM cannot retrieve them", file=sys.stderr)
+    if len(searcher) != corpus_size:
+        print(f"warning: the index holds {len(searcher)} documents, --data's corpus {corpus_size}; "
+              "BM25 searches the corpus, DSSM the index", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     if searcher is not None:
+        _check_index_covers(searcher, sel_qrels, corpus_size=len(corpus), index=args.index, data=data_dir)
         run = retrieve_run(searcher.search_batch, selected, k=depth, skip_self=args.skip_self,
                            batch_size=args.batch_size, show_progress=True, desc="dssm")
         results.append(evaluate_run("dssm", run, sel_qrels))

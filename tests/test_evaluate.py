@@ -286,7 +286,7 @@ def test_cli_holdout_evaluates_only_validation_queries(adi_dir, adi, tmp_path):
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()
-    (pairs / "pairs_config.json").write_text(json.dumps({"validation_fraction": 0.3, "salt": "s"}))
+    (pairs / "pairs_config.json").write_text(json.dumps({"validation_fraction": 0.3, "split_salt": "s"}))
     out = tmp_path / "eval.json"
     assert main(["--data", str(adi_dir), "--holdout", str(pairs), "--json", str(out)]) == 0
     expected = sum(split_of(adi.queries[q], validation_fraction=0.3, salt="s") == "validation"
