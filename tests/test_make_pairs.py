@@ -1,0 +1,364 @@
+"""The pairs job: its DoFns under TestPipeline, and whole runs on tiny files in every input format."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from dssm.artifacts import verify_manifest
+from dssm.cli import main as cli_main
+from dssm.data import split_of
+from dssm.errors import InputError
+from dssm.features import FeatureConfig, Featurizer
+from pipelines.make_pairs import run
+from pipelines.transforms import (
+    REJECTED,
+    FeaturizePairs,
+    JoinBeir,
+    PairColumns,
+    PairLimits,
+    SplitSpec,
+    ValidatePairs,
+    text_id,
+)
+
+import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
+
+SMALL = FeatureConfig(num_buckets=5000)
+SMALL_FLAGS = ["--num-buckets", "5000"]
+
+
+def _raw(line: int, **fields: Any) -> dict[str, Any]:
+    return {"record": f"in.tsv:{line}", "fields": fields, "reason": None, "error": None}
+
+
+def test_validate_pairs_sends_every_bad_row_to_the_dead_letter_with_its_reason() -> None:
+    columns = PairColumns("q", "d", "label", "qid", None)
+    limits = PairLimits(max_query_chars=20, max_document_chars=30)
+    raws = [
+        _raw(2, q="how to cook rice", d="rice cooking guide", label="1", qid="Q7"),
+        _raw(3, q="is the sky blue", d="why the sky is blue", label="0", qid=""),  # negative kept; id by hash
+        _raw(4, q="   ", d="doc", label="1"),
+        _raw(5, q=b"caf\xe9 au lait", d="coffee", label="1"),  # Latin-1 bytes, not UTF-8
+        _raw(6, q="short", d="x" * 31, label="1"),
+        _raw(7, q="q" * 21, d="doc", label="1"),
+        _raw(8, q="no document here", label="1"),
+        _raw(9, q="what is a label", d="a label", label="yes"),
+        _raw(10, q="nan label", d="doc", label="nan"),
+        _raw(11, q="graded", d="graded doc", label="3.8"),
+        {"record": "in.tsv:12", "fields": {"q": "a"}, "reason": "unparsable", "error": "has 1 fields, header has 3"},
+    ]
+    split = SplitSpec(validation_fraction=0.5, salt="s")
+    expected_pairs = [
+        ("in.tsv:2", "Q7", text_id("rice cooking guide"), 1.0),
+        ("in.tsv:3", text_id("is the sky blue"), text_id("why the sky is blue"), 0.0),
+        ("in.tsv:11", text_id("graded"), text_id("graded doc"), 3.8),
+    ]
+    expected_rejected = [
+        ("in.tsv:4", "empty_query"), ("in.tsv:5", "query_not_utf8"), ("in.tsv:6", "document_too_long"),
+        ("in.tsv:7", "query_too_long"), ("in.tsv:8", "missing_column"), ("in.tsv:9", "bad_label"),
+        ("in.tsv:10", "bad_label"), ("in.tsv:12", "unparsable"),
+    ]
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create(raws)
+               | beam.ParDo(ValidatePairs(columns=columns, limits=limits, split=split)).with_outputs(
+                   REJECTED, main="pairs"))
+        assert_that(out.pairs | "P" >> beam.Map(lambda x: (x["record"], x["query_id"], x["document_id"], x["label"])),
+                    equal_to(expected_pairs), label="pairs")
+        assert_that(out.pairs | "S" >> beam.Map(lambda x: x["split"] == split_of(
+            x["query_text"], validation_fraction=0.5, salt="s")), equal_to([True] * 3), label="splits")
+        assert_that(out[REJECTED] | "R" >> beam.Map(lambda x: (x["record"], x["reason"])),
+                    equal_to(expected_rejected), label="rejected")
+        # The dead letter keeps the row as read, bytes and all, and says what was wrong.
+        assert_that(out[REJECTED] | "D" >> beam.Filter(lambda x: x["record"] == "in.tsv:5")
+                    | beam.Map(lambda x: (x["row"]["q"], "'caf\\\\xe9 au lait'" in x["detail"])),
+                    equal_to([(b"caf\xe9 au lait", True)]), label="detail")
+
+
+def test_featurize_pairs_gives_the_featurizer_ids() -> None:
+    pairs = [{"record": f"r{i}", "query_id": f"q{i}", "document_id": f"d{i}", "query_text": q,
+              "document_text": d, "label": float(i % 2), "split": "train" if i % 3 else "validation"}
+             for i, (q, d) in enumerate([("How do magnets work?", "magnetism explained"), ("日本語の質問", "答え"),
+                                         ("emoji 🙂 query", "a b c"), ("x", "y" * 100)])]
+    featurizer = Featurizer(SMALL)
+    expected = []
+    for pair in pairs:
+        (qi, qc), (di, dc) = featurizer.bags_numpy([pair["query_text"], pair["document_text"]])
+        expected.append((pair["split"], pair["query_id"], tuple(qi), tuple(qc), tuple(di), tuple(dc), pair["label"]))
+
+    def parse(kv: tuple[str, bytes]) -> tuple:
+        f = tf.train.Example.FromString(kv[1]).features.feature
+        return (kv[0], f["query_id"].bytes_list.value[0].decode(), tuple(f["query_ids"].int64_list.value),
+                tuple(f["query_counts"].float_list.value), tuple(f["document_ids"].int64_list.value),
+                tuple(f["document_counts"].float_list.value), f["label"].float_list.value[0])
+
+    with test_pipeline.TestPipeline() as p:
+        got = (p | beam.Create(pairs) | beam.BatchElements(min_batch_size=3, max_batch_size=3)
+               | beam.ParDo(FeaturizePairs(feature_config=SMALL)) | beam.Map(parse))
+        assert_that(got, equal_to(expected))
+
+
+def test_join_beir_resolves_ids_and_rejects_what_does_not() -> None:
+    def raw(name: str, line: int, **fields: Any) -> dict[str, Any]:
+        return {"record": f"{name}:{line}", "fields": fields, "reason": None, "error": None}
+
+    queries = [raw("queries.jsonl", 1, _id="1", text="first query"), raw("queries.jsonl", 2, _id="2", text="dup a"),
+               raw("queries.jsonl", 3, _id="2", text="dup b"),
+               {"record": "queries.jsonl:4", "fields": {"raw": "{oops"}, "reason": "unparsable", "error": "bad json"}]
+    corpus = [raw("corpus.jsonl", 1, _id="d1", title="Title", text="body one"),
+              raw("corpus.jsonl", 2, _id="d2", title="", text="body two")]
+    qrels = [raw("qrels.tsv", 2, **{"query-id": "1", "corpus-id": "d1", "score": "2"}),
+             raw("qrels.tsv", 3, **{"query-id": "1", "corpus-id": "d2", "score": "1"}),
+             raw("qrels.tsv", 4, **{"query-id": "1", "corpus-id": "d9", "score": "1"}),
+             raw("qrels.tsv", 5, **{"query-id": "7", "corpus-id": "d1", "score": "1"}),
+             raw("qrels.tsv", 6, **{"query-id": "2", "corpus-id": "d1", "score": "1"}),
+             raw("qrels.tsv", 7, **{"query-id": "1", "corpus-id": "d1", "score": "0"})]
+    with test_pipeline.TestPipeline() as p:
+        joined = {"qrels": p | "Q" >> beam.Create(qrels), "queries": p | "U" >> beam.Create(queries),
+                  "corpus": p | "C" >> beam.Create(corpus)} | JoinBeir()
+        assert_that(joined["pairs"] | beam.Map(lambda r: (r["record"], r["reason"], r["fields"].get("query"),
+                                                          r["fields"].get("document"), r["fields"]["label"])),
+                    equal_to([("qrels.tsv:2", None, "first query", "Title body one", 2.0),
+                              ("qrels.tsv:3", None, "first query", "body two", 1.0),
+                              ("qrels.tsv:4", "unknown_document_id", "first query", None, 1.0),
+                              ("qrels.tsv:5", "unknown_query_id", None, None, 1.0),
+                              ("qrels.tsv:6", "duplicate_id", None, None, 1.0),
+                              ("qrels.tsv:7", "non_positive_score", None, None, "0")]), label="pairs")
+        assert_that(joined[REJECTED] | "R" >> beam.Map(lambda r: (r["record"], r["reason"])),
+                    equal_to([("queries.jsonl:4", "bad_query_record")]), label="rejected")
+
+
+# ---- whole runs -------------------------------------------------------------------------------------------
+
+_FEATURES = {
+    "query_id": tf.io.FixedLenFeature([], tf.string), "document_id": tf.io.FixedLenFeature([], tf.string),
+    "query_text": tf.io.FixedLenFeature([], tf.string), "document_text": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.float32),
+    "query_ids": tf.io.VarLenFeature(tf.int64), "query_counts": tf.io.VarLenFeature(tf.float32),
+    "document_ids": tf.io.VarLenFeature(tf.int64), "document_counts": tf.io.VarLenFeature(tf.float32),
+}
+
+
+def _shards(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every example of every split, parsed back with tf.data; also checks no feature is extra."""
+    result = {}
+    for split in ("train", "validation"):
+        files = sorted(str(p) for p in out.glob(f"{split}-*-of-*.tfrecord.gz"))
+        assert files, f"no {split} shards in {out}"
+        examples = []
+        for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+            assert set(tf.train.Example.FromString(record.numpy()).features.feature) == set(_FEATURES)
+            parsed = tf.io.parse_single_example(record, _FEATURES)
+            row = {k: v.numpy() for k, v in parsed.items() if not isinstance(v, tf.SparseTensor)}
+            row.update({k: v.values.numpy() for k, v in parsed.items() if isinstance(v, tf.SparseTensor)})
+            row.update({k: row[k].decode() for k in ("query_id", "document_id", "query_text", "document_text")})
+            examples.append(row)
+        result[split] = examples
+    return result
+
+
+def _rejected(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for p in sorted(out.glob("rejected-*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def _check_features(examples: list[dict[str, Any]], config: FeatureConfig = SMALL) -> None:
+    featurizer = Featurizer(config)
+    texts = [e["query_text"] for e in examples] + [e["document_text"] for e in examples]
+    bags = featurizer.bags_numpy(texts)
+    for i, example in enumerate(examples):
+        for side, (ids, counts) in (("query", bags[i]), ("document", bags[len(examples) + i])):
+            np.testing.assert_array_equal(example[f"{side}_ids"], ids)
+            np.testing.assert_array_equal(example[f"{side}_counts"], counts)
+
+
+def _stats(out: Path) -> dict[str, Any]:
+    return json.loads((out / "stats.json").read_text())
+
+
+QUORA_TSV = (
+    b"id\ttext1\ttext2\tis_duplicate\tsplit\tquora_pair_id\n"
+    b"p1\tHow do I learn Python ?\tWhat is the best way to learn Python ?\t1\tdev\t11\n"
+    b"p2\tIs honey good for you ?\tHow far is the moon ?\t0\tdev\t12\n"
+    b"p3\tWhy is the sky blue ?\tWhat makes the sky blue ?\t1\tdev\t13\n"
+    b"p4\t\tAn empty question on the left\t1\tdev\t14\n"
+    b"p5\tCaf\xe9 in Latin-1 ?\tNot UTF-8\t1\tdev\t15\n"
+    b"p6\tToo many fields\there\t1\tdev\t16\textra\n"
+    b"p7\tWhat is a label ?\tA number\tmaybe\tdev\t17\n"
+    + b"p8\t" + b"long " * 30 + b"?\tshort\t1\tdev\t18\n"
+    + b"".join(b"q%d\tquestion number %d about topic %d ?\tanother phrasing of number %d ?\t%d\tdev\t%d\n"
+               % (i, i, i % 7, i, i % 2, 100 + i) for i in range(40))
+)
+
+
+def test_quora_tsv_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(QUORA_TSV)
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), "--max-query-chars", "100",
+                 "--validation-fraction", "0.3", *SMALL_FLAGS])
+
+    assert stats == _stats(out)
+    assert (stats["read"], stats["written"], stats["rejected"]) == (48, 43, 5)
+    assert stats["rejected_by_reason"] == {"bad_label": 1, "empty_query": 1, "query_not_utf8": 1,
+                                           "query_too_long": 1, "unparsable": 1}
+    shards = _shards(out)
+    assert len(shards["train"]) == stats["train"] and len(shards["validation"]) == stats["validation"]
+    assert stats["train"] > 0 and stats["validation"] > 0
+    examples = shards["train"] + shards["validation"]
+    _check_features(examples)
+    for split, rows in shards.items():
+        assert all(split_of(e["query_text"], validation_fraction=0.3) == split for e in rows)
+    by_query = {e["query_text"]: e for e in examples}
+    honey = by_query["Is honey good for you ?"]
+    assert honey["label"] == 0.0 and honey["document_text"] == "How far is the moon ?"  # explicit negative kept
+    assert honey["query_id"] == text_id("Is honey good for you ?")
+    assert by_query["How do I learn Python ?"]["label"] == 1.0
+
+    rejected = {r["record"]: r for r in _rejected(out)}
+    assert {k.rsplit(":", 1)[1]: v["reason"] for k, v in rejected.items()} == {
+        "5": "empty_query", "6": "query_not_utf8", "7": "unparsable", "8": "bad_label", "9": "query_too_long"}
+    assert rejected[f"{path}:6"]["row"]["text1"] == "Caf\\xe9 in Latin-1 ?"
+    assert rejected[f"{path}:8"]["row"]["is_duplicate"] == "maybe"
+    assert json.loads((out / "features.json").read_text())["num_buckets"] == 5000
+    config = json.loads((out / "pairs_config.json").read_text())
+    assert (config["format"], config["query_column"], config["label_column"]) == ("quora", "text1", "is_duplicate")
+    manifest = verify_manifest(out, kind="pairs")
+    assert "stats.json" in manifest["files"] and not list(out.glob(".counts*"))
+
+
+def test_quora_csv_as_quora_publishes_it(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text(
+        'id,qid1,qid2,question1,question2,is_duplicate\n'
+        '0,1,2,"What is the step by step guide to invest in share market in india?",'
+        '"What is the step by step guide to invest in share market?",0\n'
+        '1,3,4,"How do I read and find my YouTube comments?","How can I see all my Youtube comments?",1\n'
+        '2,5,6,"A question, with a comma and ""quotes""","Multi\nline answer",1\n'
+        '3,7,8,"",Empty question,0\n'
+    )
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), "--validation-fraction", "0", *SMALL_FLAGS])
+    assert (stats["read"], stats["train"], stats["validation"], stats["rejected_by_reason"]) == (
+        4, 3, 0, {"empty_query": 1})
+    examples = {e["query_id"]: e for e in _shards(out)["train"]}
+    assert set(examples) == {"1", "3", "5"}  # qid1/qid2 are Quora's question ids
+    assert examples["5"]["document_id"] == "6"
+    assert examples["5"]["query_text"] == 'A question, with a comma and "quotes"'
+    assert examples["5"]["document_text"] == "Multi\nline answer"
+    assert examples["1"]["label"] == 0.0
+    _check_features(list(examples.values()))
+    assert _rejected(out)[0]["record"] == f"{path}:6"  # the physical line: the row after a multi-line field
+
+
+def test_jsonl_pairs_with_renamed_columns_and_ids(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    rows = [{"q": "cheap flights", "doc": "Find cheap flights to anywhere", "qid": "u1", "did": 42, "clicked": 1},
+            {"q": "weather today", "doc": "Weather forecast", "qid": "u2", "did": 43, "clicked": True},
+            {"q": "no doc", "qid": "u3", "clicked": 1},
+            {"q": "null label", "doc": "something", "qid": "u4", "did": 44, "clicked": None}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), "--query-column", "q", "--document-column", "doc",
+                 "--label-column", "clicked", "--query-id-column", "qid", "--document-id-column", "did",
+                 "--validation-fraction", "0", *SMALL_FLAGS])
+    assert (stats["read"], stats["written"]) == (5, 2)
+    assert stats["rejected_by_reason"] == {"bad_label": 1, "missing_column": 1, "unparsable": 1}
+    examples = sorted(_shards(out)["train"], key=lambda e: e["query_id"])
+    assert [(e["query_id"], e["document_id"], e["label"]) for e in examples] == [("u1", "42", 1.0), ("u2", "43", 1.0)]
+    _check_features(examples)
+    assert {r["record"] for r in _rejected(out)} == {f"{path}:3", f"{path}:4", f"{path}:5"}
+
+
+def test_parquet_pairs_without_a_label_column_are_positives(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query": f"query {i}", "document": f"document {i} text"} for i in range(20)]
+                                        + [{"query": "null doc", "document": None}]), path)
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), "--validation-fraction", "0.5", *SMALL_FLAGS])
+    assert (stats["read"], stats["written"], stats["rejected_by_reason"]) == (21, 20, {"empty_document": 1})
+    shards = _shards(out)
+    examples = shards["train"] + shards["validation"]
+    assert {e["label"] for e in examples} == {1.0}
+    assert {e["document_id"] for e in examples} == {text_id(f"document {i} text") for i in range(20)}
+    _check_features(examples)
+    assert _rejected(out)[0]["record"] == f"{path}:row 21"
+
+
+def test_beir_directory_end_to_end(adi_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stats = run(["--input", str(adi_dir), "--output", str(out), "--validation-fraction", "0.3", *SMALL_FLAGS],
+                test_pipeline=test_pipeline.TestPipeline())
+    assert (stats["read"], stats["written"], stats["rejected"]) == (170, 170, 0)  # adi: 170 qrels, all score 1
+    shards = _shards(out)
+    assert len(shards["validation"]) == stats["validation"] > 0
+    examples = shards["train"] + shards["validation"]
+    queries = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (adi_dir / "queries.jsonl").open()}
+    corpus = {d["_id"]: d for d in map(json.loads, (adi_dir / "corpus.jsonl").open())}
+    qrels = Counter(tuple(line.split("\t")[:2]) for line in (adi_dir / "qrels.tsv").read_text().splitlines()[1:])
+    assert Counter((e["query_id"], e["document_id"]) for e in examples) == qrels
+    for e in examples:
+        assert e["query_text"] == queries[e["query_id"]]
+        doc = corpus[e["document_id"]]
+        assert e["document_text"] == (f"{doc['title']} {doc['text']}".strip() if doc["title"] else doc["text"])
+    _check_features(examples)
+    assert json.loads((out / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv"
+
+
+def test_split_is_the_same_on_every_run_and_moves_with_the_salt(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(QUORA_TSV)
+
+    def splits(name: str, *flags: str) -> dict[tuple[str, str], str]:
+        run(["--input", str(path), "--output", str(tmp_path / name), "--validation-fraction", "0.5", *flags,
+             *SMALL_FLAGS, "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"])
+        return {(e["query_text"], e["document_text"]): split
+                for split, rows in _shards(tmp_path / name).items() for e in rows}
+
+    first, second = splits("a"), splits("b")
+    assert first == second and len(first) == 44  # the long query passes the default limit
+    salted = splits("c", "--split-salt", "other")
+    assert salted.keys() == first.keys() and salted != first
+
+
+def test_input_errors_stop_the_job_before_it_starts(tmp_path: Path, adi_dir: Path) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError, match="input not found"):
+        run(["--input", str(tmp_path / "missing.tsv"), "--output", out])
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("title,body\na,b\n")
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['query', 'document'\]: it has \['title', 'body'\]"):
+        run(["--input", str(wrong), "--output", out])
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['stars'\]"):
+        run(["--input", str(wrong), "--output", out, "--query-column", "title", "--document-column", "body",
+             "--label-column", "stars"])
+    no_label = tmp_path / "nolabel.tsv"
+    no_label.write_text("question1\tquestion2\nx\ty\n")
+    with pytest.raises(InputError, match=r"quora format\) lacks column\(s\) \['is_duplicate'\]"):
+        run(["--input", str(no_label), "--output", out])
+    with pytest.raises(InputError, match="needs a BEIR directory"):
+        run(["--input", str(wrong), "--format", "beir", "--output", out])
+    with pytest.raises(InputError, match="has no qrels.tsv or qrels/train.tsv"):
+        run(["--input", str(tmp_path), "--output", out])
+    with pytest.raises(InputError, match="needs a table file"):
+        run(["--input", str(adi_dir), "--format", "pairs", "--output", out])
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_rows_rejected_is_an_error_but_keeps_the_dead_letters(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "bad.tsv"
+    path.write_text("query\tdocument\n\tx\n \ty\n")
+    out = tmp_path / "out"
+    assert cli_main(["pairs", "--input", str(path), "--output", str(out), *SMALL_FLAGS]) == 2
+    assert "no pairs written" in capsys.readouterr().err
+    assert _stats(out)["rejected_by_reason"] == {"empty_query": 2}
+    assert len(_rejected(out)) == 2 and not (out / "manifest.json").exists()
