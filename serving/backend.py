@@ -1,0 +1,453 @@
+"""The transport-free serving backend: the live :class:`~serving.searcher.Searcher`, hot swaps, load shedding, metrics.
+
+:class:`Backend` holds one immutable :class:`Snapshot` (a loaded index version and what was read from
+it). Every operation takes the snapshot reference once at its start and uses only that object, so a
+swap that happens meanwhile cannot give it a mix of two versions; the old version stays alive until
+its last request lets go of it. Swapping is one reference assignment under a lock.
+
+A watcher thread polls ``INDEX_DIR/CURRENT``; when it names a new version the backend loads it in that
+thread (checksums verified, one warm-up query) and only then swaps. A version that fails to load is
+logged, counted and skipped; the old one keeps serving. When the new version carries the same model
+files as the live one, the loaded query encoder is reused, so swaps after incremental updates take
+the time of the ScaNN/SQLite load only.
+
+Load shedding: :meth:`Backend.try_acquire` admits at most ``max_in_flight`` operations at once and
+refuses the rest immediately (the HTTP layer turns that into a 429), so a burst can never build an
+unbounded queue.
+
+Metrics are Prometheus collectors in a registry owned by the backend (one per instance, so several
+backends can live in one process, as in tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
+from serving.index import current_version_dir
+
+__all__ = [
+    "DUPLICATE_THRESHOLD_KEY",
+    "NotReadyError",
+    "DocumentNotFoundError",
+    "WriteNotSupportedError",
+    "Snapshot",
+    "SimilarityResult",
+    "Metrics",
+    "Backend",
+]
+
+log = logging.getLogger(__name__)
+
+# Manifest key (in the index version's manifest.json) holding the calibrated cosine threshold for
+# duplicate detection, written by `dssm thresholds --save`.
+DUPLICATE_THRESHOLD_KEY = "duplicate_threshold"
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NotReadyError(DSSMError):
+    """No index version is loaded yet (the HTTP layer answers 503)."""
+
+
+class DocumentNotFoundError(IndexNotFoundError):
+    """A document id is not in the live index version (the HTTP layer answers 404)."""
+
+
+class WriteNotSupportedError(DSSMError):
+    """The loaded searcher has no incremental update path (``upsert``/``delete``)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded index version and what the service reads from it. Never mutated after creation."""
+
+    searcher: Any
+    version: str
+    documents: int
+    duplicate_threshold: float | None
+    supports_hybrid: bool
+    model_fingerprint: str | None
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    """Cosine of two texts and the duplicate verdict when the index has a threshold."""
+
+    version: str
+    cosine: float
+    is_duplicate: bool | None
+    threshold: float | None
+
+
+class Metrics:
+    """The service's Prometheus collectors, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("dssm_requests", "HTTP requests by route and status", ["method", "route", "status"],
+                                registry=r)
+        self.latency = Histogram("dssm_request_duration_seconds", "HTTP request latency (until the response is sent)",
+                                 ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("dssm_in_flight_operations", "index operations admitted and not yet finished",
+                               registry=r)
+        self.rejected = Counter("dssm_overload_rejections", "operations refused because the in-flight limit was full",
+                                registry=r)
+        self.index_info = Gauge("dssm_index_version_info", "1 for the live index version", ["version"], registry=r)
+        self.index_documents = Gauge("dssm_index_documents", "documents in the live index version", registry=r)
+        self.index_loaded = Gauge("dssm_index_loaded_timestamp_seconds", "when the live version was swapped in",
+                                  registry=r)
+        self.swaps = Counter("dssm_index_swaps", "index versions swapped in (the first load included)", registry=r)
+        self.load_failures = Counter("dssm_index_load_failures", "index versions that failed to load", registry=r)
+        self.load_seconds = Histogram("dssm_index_load_seconds", "time to load and warm up an index version",
+                                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+
+
+def _model_fingerprint(version_dir: Path) -> str | None:
+    """sha256 of the version's ``model/manifest.json`` (which lists every model file's sha256)."""
+    path = version_dir / "model" / "manifest.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
+    from serving.searcher import Searcher
+
+    return Searcher.load(index_dir, encoder=encoder)
+
+
+class Backend:
+    """Serves one index directory: the live version, hot swaps, an in-flight limit and metrics.
+
+    Args:
+        index_dir: the index directory (``CURRENT`` + ``versions/``).
+        max_in_flight: operations admitted at once; more are refused by :meth:`try_acquire`.
+        watch_interval: seconds between checks of ``CURRENT`` (``0`` disables the watcher thread;
+            :meth:`reload` still works).
+        loader: ``(index_dir, encoder_or_None) -> searcher``; default :meth:`Searcher.load`.
+            The encoder argument is the live version's encoder when the model files are unchanged.
+        warmup_query: a text searched once on a freshly loaded version before it goes live.
+    """
+
+    def __init__(self, index_dir: str | Path, *, max_in_flight: int = 64, watch_interval: float = 1.0,
+                 loader: Callable[[Path, Any | None], Any] | None = None,
+                 warmup_query: str = "warm up") -> None:
+        if max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if watch_interval < 0:
+            raise ConfigError(f"watch_interval must be >= 0, got {watch_interval}")
+        self.index_dir = Path(index_dir)
+        self.max_in_flight = max_in_flight
+        self.watch_interval = watch_interval
+        self.metrics = Metrics()
+        self._loader = loader or _default_loader
+        self._warmup_query = warmup_query
+        self._snapshot: Snapshot | None = None
+        self._swap_lock = threading.Lock()     # guards the swap and the metrics that describe it
+        self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
+        self._write_lock = threading.Lock()    # one incremental update at a time
+        self._slots_lock = threading.Lock()
+        self._in_flight = 0
+        self._failed_versions: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def start(self, *, wait: bool = False, timeout: float | None = None) -> None:
+        """Start the watcher thread; its first pass loads the current version.
+
+        Args:
+            wait: block until a version is loaded (or ``timeout`` passes).
+            timeout: seconds to wait when ``wait`` is set.
+        """
+        if self._watcher is not None:
+            return
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="dssm-index-watcher", daemon=True)
+        self._watcher.start()
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._snapshot is None and not self._stop.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise NotReadyError(f"no index version of {self.index_dir} loaded after {timeout} s "
+                                        f"(last error: {self.last_error})")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the watcher thread (the loaded version stays usable)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+            self._watcher = None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reload()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything; reload logged it
+                pass
+            if self.watch_interval == 0 and self._snapshot is not None:
+                return
+            self._stop.wait(self.watch_interval or 0.5)
+
+    # ---------------------------------------------------------------------------------------------
+    # Loading and swapping
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The live snapshot, or ``None`` before the first load."""
+        return self._snapshot
+
+    def current(self) -> Snapshot:
+        """The live snapshot.
+
+        Raises:
+            NotReadyError: nothing is loaded yet.
+        """
+        snap = self._snapshot
+        if snap is None:
+            raise NotReadyError(f"no index version of {self.index_dir} is loaded yet"
+                                + (f" (last error: {self.last_error})" if self.last_error else ""))
+        return snap
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Load the version ``CURRENT`` names if it is not the live one, then swap it in.
+
+        Args:
+            force: retry a version that failed to load before.
+
+        Returns:
+            True if a new version went live.
+
+        Raises:
+            DSSMError: the version could not be loaded (it is remembered and skipped until ``force``).
+        """
+        with self._load_lock:
+            try:
+                target = current_version_dir(self.index_dir)
+            except IndexNotFoundError as exc:
+                self.last_error = str(exc)
+                raise
+            live = self._snapshot
+            if live is not None and live.version == target.name:
+                return False
+            if target.name in self._failed_versions and not force:
+                return False
+            tick = time.perf_counter()
+            try:
+                snap = self._load(target, live)
+            except Exception as exc:
+                self._failed_versions[target.name] = f"{type(exc).__name__}: {exc}"
+                self.last_error = f"version {target.name}: {type(exc).__name__}: {exc}"
+                self.metrics.load_failures.inc()
+                log.error("could not load index version %s: %s", target, exc)
+                raise
+            self.metrics.load_seconds.observe(time.perf_counter() - tick)
+            self._swap(snap)
+            log.info("serving index version %s (%d documents)", snap.version, snap.documents)
+            return True
+
+    def _load(self, target: Path, live: Snapshot | None) -> Snapshot:
+        fingerprint = _model_fingerprint(target)
+        reuse = None
+        if live is not None and fingerprint is not None and fingerprint == live.model_fingerprint:
+            reuse = getattr(live.searcher, "encoder", None)
+        searcher = self._loader(self.index_dir, reuse)
+        version_dir = Path(searcher.index.version_dir)
+        loaded_fingerprint = _model_fingerprint(version_dir)
+        if reuse is not None and loaded_fingerprint != fingerprint:
+            # CURRENT moved between our look and the load, to a version with another model.
+            searcher = self._loader(self.index_dir, None)
+            version_dir = Path(searcher.index.version_dir)
+            loaded_fingerprint = _model_fingerprint(version_dir)
+        manifest = getattr(searcher.index, "manifest", {}) or {}
+        threshold = getattr(searcher, "duplicate_threshold", None)
+        if threshold is None:
+            threshold = manifest.get(DUPLICATE_THRESHOLD_KEY)
+        if threshold is not None:
+            threshold = float(threshold)
+            if not np.isfinite(threshold):
+                raise ConfigError(f"{version_dir}: {DUPLICATE_THRESHOLD_KEY} is not finite: {threshold!r}")
+        try:
+            supports_hybrid = "mode" in inspect.signature(searcher.search).parameters
+        except (TypeError, ValueError):
+            supports_hybrid = False
+        if self._warmup_query and getattr(searcher, "encoder", None) is not None and len(searcher) > 0:
+            searcher.search(self._warmup_query, k=1)
+        return Snapshot(searcher=searcher, version=str(searcher.version), documents=int(len(searcher)),
+                        duplicate_threshold=threshold, supports_hybrid=supports_hybrid,
+                        model_fingerprint=loaded_fingerprint, loaded_at=time.time())
+
+    def _swap(self, snap: Snapshot) -> None:
+        with self._swap_lock:
+            old = self._snapshot
+            self._snapshot = snap
+            if old is not None:
+                self.metrics.index_info.remove(old.version)
+            self.metrics.index_info.labels(version=snap.version).set(1)
+            self.metrics.index_documents.set(snap.documents)
+            self.metrics.index_loaded.set(snap.loaded_at)
+            self.metrics.swaps.inc()
+            self.last_error = None
+
+    # ---------------------------------------------------------------------------------------------
+    # Admission
+
+    def try_acquire(self) -> bool:
+        """Admit one operation if fewer than ``max_in_flight`` are running; never blocks."""
+        with self._slots_lock:
+            if self._in_flight >= self.max_in_flight:
+                self.metrics.rejected.inc()
+                return False
+            self._in_flight += 1
+            self.metrics.in_flight.set(self._in_flight)
+            return True
+
+    def release(self) -> None:
+        """Give back a slot taken by :meth:`try_acquire`."""
+        with self._slots_lock:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Operations admitted and not yet released."""
+        return self._in_flight
+
+    # ---------------------------------------------------------------------------------------------
+    # Reads (blocking: call them from a worker thread)
+
+    @staticmethod
+    def _check_k(k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+
+    def _check_mode(self, snap: Snapshot, mode: str) -> None:
+        if mode not in ("dense", "hybrid"):
+            raise InputError(f"mode must be 'dense' or 'hybrid', got {mode!r}")
+        if mode == "hybrid" and not snap.supports_hybrid:
+            raise InputError(f"index version {snap.version} does not support mode='hybrid' (no BM25 state)")
+
+    def search(self, query: str, k: int, *, mode: str = "dense") -> tuple[str, list[Any]]:
+        """Top-k hits for one query.
+
+        Returns:
+            (version, hits) — hits are the searcher's ``Hit`` tuples ``(id, score, text)``, best first.
+        """
+        snap = self.current()
+        self._check_k(k)
+        self._check_mode(snap, mode)
+        if mode == "hybrid":
+            return snap.version, snap.searcher.search(query, k=k, mode=mode)
+        return snap.version, snap.searcher.search(query, k=k)
+
+    def search_batch(self, queries: Sequence[str], k: int, *, mode: str = "dense") -> tuple[str, list[list[Any]]]:
+        """Top-k hits for each query, all from one version."""
+        snap = self.current()
+        self._check_k(k)
+        self._check_mode(snap, mode)
+        if mode == "hybrid":
+            return snap.version, snap.searcher.search_batch(list(queries), k=k, mode=mode)
+        return snap.version, snap.searcher.search_batch(list(queries), k=k)
+
+    def similarity(self, text1: str, text2: str) -> SimilarityResult:
+        """Cosine between the two texts' embeddings (query tower, as for duplicate questions)."""
+        snap = self.current()
+        searcher = snap.searcher
+        own = getattr(searcher, "similarity", None)
+        if own is not None:
+            value = own(text1, text2)
+            cosine = float(getattr(value, "cosine", value))
+        else:
+            encoder = getattr(searcher, "encoder", None)
+            if encoder is None:
+                raise IndexNotFoundError(f"index version {snap.version} has no model: cannot embed texts")
+            for text in (text1, text2):
+                if not isinstance(text, str) or not text.strip():
+                    raise InputError(f"text is empty or only whitespace: {text!r}")
+            vectors = np.asarray(encoder.embed_queries([text1, text2]), dtype=np.float32)
+            cosine = float(np.dot(vectors[0], vectors[1]))
+        threshold = snap.duplicate_threshold
+        verdict = None if threshold is None else bool(cosine >= threshold)
+        return SimilarityResult(version=snap.version, cosine=cosine, is_duplicate=verdict, threshold=threshold)
+
+    def get_document(self, doc_id: str) -> tuple[str, Any]:
+        """The stored document ``doc_id`` as ``(version, Doc(id, title, text))``.
+
+        Raises:
+            DocumentNotFoundError: no such id in the live version.
+        """
+        snap = self.current()
+        own = getattr(snap.searcher, "get_document", None)
+        if own is not None:
+            try:
+                doc = own(doc_id)
+            except (KeyError, IndexNotFoundError) as exc:
+                raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}") from exc
+        else:
+            docs = snap.searcher.index.docs
+            row = docs.row_of(doc_id)
+            doc = None if row is None else docs.get([row])[0]
+        if doc is None:
+            raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}")
+        return snap.version, doc
+
+    # ---------------------------------------------------------------------------------------------
+    # Writes (the incremental update path of the index; each publishes a new version)
+
+    def _write(self, method: str, *args: Any) -> str:
+        with self._write_lock:
+            snap = self.current()
+            fn = getattr(snap.searcher, method, None)
+            if fn is None:
+                raise WriteNotSupportedError(
+                    f"the loaded searcher ({type(snap.searcher).__name__}) has no {method}(); "
+                    "incremental updates are not available for this index")
+            fn(*args)
+            # Read-your-writes: the new version is live before the caller hears back.
+            self.reload(force=True)
+            return self.current().version
+
+    def upsert(self, documents: Sequence[tuple[str, str, str]]) -> str:
+        """Add or replace documents ``(id, title, text)``; returns the new live version.
+
+        Raises:
+            InputError: an id appears twice in ``documents``.
+        """
+        seen: set[str] = set()
+        for doc_id, _, _ in documents:
+            if doc_id in seen:
+                raise InputError(f"document id {doc_id!r} appears twice in one upsert")
+            seen.add(doc_id)
+        return self._write("upsert", list(documents))
+
+    def delete(self, doc_ids: Sequence[str]) -> str:
+        """Delete documents by id; returns the new live version.
+
+        Raises:
+            DocumentNotFoundError: an id is not in the live version (nothing is deleted).
+        """
+        snap = self.current()
+        docs = snap.searcher.index.docs
+        for doc_id in doc_ids:
+            if docs.row_of(doc_id) is None:
+                raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}")
+        return self._write("delete", list(doc_ids))

@@ -1,0 +1,197 @@
+"""Request and response models of the HTTP API, with the size limits the service enforces.
+
+The limits are module constants rather than per-process settings so that the OpenAPI document
+(checked in as ``docs/openapi.json``) states exactly what every server accepts. Every text field is
+checked to hold at least one non-whitespace character and to be encodable as UTF-8 (JSON may carry
+lone surrogates, which TensorFlow's string ops cannot take).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+__all__ = [
+    "MAX_K",
+    "DEFAULT_K",
+    "MAX_QUERY_CHARS",
+    "MAX_BATCH_QUERIES",
+    "MAX_DOCUMENTS_PER_REQUEST",
+    "MAX_DOCUMENT_CHARS",
+    "MAX_ID_CHARS",
+    "MAX_BODY_BYTES",
+    "SearchRequest",
+    "BatchSearchRequest",
+    "SimilarityRequest",
+    "DocumentIn",
+    "UpsertRequest",
+    "HitOut",
+    "SearchResponse",
+    "BatchSearchResponse",
+    "SimilarityResponse",
+    "DocumentOut",
+    "DocumentResponse",
+    "WriteResponse",
+    "HealthResponse",
+    "ReadyResponse",
+    "ErrorResponse",
+]
+
+MAX_K = 1000
+DEFAULT_K = 10
+MAX_QUERY_CHARS = 2048
+MAX_BATCH_QUERIES = 256
+MAX_DOCUMENTS_PER_REQUEST = 1000
+MAX_DOCUMENT_CHARS = 100_000
+MAX_ID_CHARS = 512
+# Bounds what one request may make the server buffer; checked before the JSON is parsed.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+_NON_BLANK = re.compile(r"\S")
+
+
+def _checked_text(value: str) -> str:
+    if not _NON_BLANK.search(value):
+        raise ValueError("must contain a non-whitespace character (it is empty or only whitespace)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not encodable as UTF-8 ({exc.reason} at position {exc.start})") from exc
+    return value
+
+
+def _text(max_length: int, description: str) -> object:
+    return Annotated[
+        str,
+        Field(min_length=1, max_length=max_length, description=description, json_schema_extra={"pattern": r"\S"}),
+        AfterValidator(_checked_text),
+    ]
+
+
+Query = _text(MAX_QUERY_CHARS, f"search text: 1..{MAX_QUERY_CHARS} characters, not only whitespace")
+DocText = _text(MAX_DOCUMENT_CHARS, f"document text: 1..{MAX_DOCUMENT_CHARS} characters, not only whitespace")
+DocId = _text(MAX_ID_CHARS, f"document id: 1..{MAX_ID_CHARS} characters, not only whitespace")
+K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
+Mode = Literal["dense", "hybrid"]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused so a misspelt field ("querry") is a 422, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(_Strict):
+    """``POST /v1/search``."""
+
+    query: Query  # type: ignore[valid-type]
+    k: K = DEFAULT_K
+    mode: Mode = Field("dense", description="dense: DSSM only; hybrid: DSSM fused with BM25 (needs BM25 state)")
+
+
+class BatchSearchRequest(_Strict):
+    """``POST /v1/search:batch``."""
+
+    queries: list[Query] = Field(  # type: ignore[valid-type]
+        min_length=1, max_length=MAX_BATCH_QUERIES, description=f"1..{MAX_BATCH_QUERIES} queries")
+    k: K = DEFAULT_K
+    mode: Mode = "dense"
+
+
+class SimilarityRequest(_Strict):
+    """``POST /v1/similarity``."""
+
+    text1: Query  # type: ignore[valid-type]
+    text2: Query  # type: ignore[valid-type]
+
+
+class DocumentIn(_Strict):
+    """One document to add or replace."""
+
+    id: DocId  # type: ignore[valid-type]
+    text: DocText  # type: ignore[valid-type]
+    title: str = Field("", max_length=MAX_QUERY_CHARS)
+
+
+class UpsertRequest(_Strict):
+    """``PUT /v1/documents``."""
+
+    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST,
+                                        description=f"1..{MAX_DOCUMENTS_PER_REQUEST} documents; ids unique")
+
+
+class HitOut(BaseModel):
+    """One search result."""
+
+    id: str
+    score: float = Field(description="cosine similarity (dense) or the fused score (hybrid)")
+    text: str
+
+
+class SearchResponse(BaseModel):
+    """Hits, best first, and the index version that produced them."""
+
+    version: str
+    hits: list[HitOut]
+
+
+class BatchSearchResponse(BaseModel):
+    """One hit list per query, in request order, all from one index version."""
+
+    version: str
+    results: list[list[HitOut]]
+
+
+class SimilarityResponse(BaseModel):
+    """Cosine of the two texts' embeddings and, if the index has a calibrated threshold, the verdict."""
+
+    version: str
+    cosine: float
+    is_duplicate: bool | None = Field(description="cosine >= threshold; null when the index has no threshold")
+    threshold: float | None = Field(description="the index's duplicate_threshold, or null")
+
+
+class DocumentOut(BaseModel):
+    """A stored document."""
+
+    id: str
+    title: str
+    text: str
+
+
+class DocumentResponse(BaseModel):
+    """``GET /v1/documents/{id}``."""
+
+    version: str
+    document: DocumentOut
+
+
+class WriteResponse(BaseModel):
+    """The result of an upsert or delete: the new live version."""
+
+    version: str
+    upserted: int = 0
+    deleted: int = 0
+
+
+class HealthResponse(BaseModel):
+    """``GET /healthz``: the process is up."""
+
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    """``GET /readyz``: whether an index is loaded."""
+
+    ready: bool
+    version: str | None
+    documents: int | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: a one-line reason and, for validation errors, where each problem is."""
+
+    error: str
+    status: int
+    details: list[str] = Field(default_factory=list)
