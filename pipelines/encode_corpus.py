@@ -21,6 +21,7 @@ an :class:`~dssm.errors.InputError` naming the record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import shutil
@@ -383,6 +384,13 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     finally:
         # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
         shutil.rmtree(stage, ignore_errors=True)
+        if not any(f.stat().st_size for f in rejected_dir.glob("*")):
+            shutil.rmtree(rejected_dir, ignore_errors=True)
+        for empty in (stage.parent, rejected_dir.parent):
+            with contextlib.suppress(OSError):  # only if empty: other builds may be using it
+                empty.rmdir()
+    if not rejected:
+        encode["rejected_dir"] = None
     pruned = index_lib.prune_versions(output, keep=args.keep_versions) if args.keep_versions else []
     summary = result.summary()
     summary.update(encode=encode, pruned_versions=pruned, scann_config=config_to_dict(config),
@@ -396,7 +404,8 @@ def _table(summary: dict[str, Any]) -> str:
         ("version", summary["version"]),
         ("index", summary["version_dir"]),
         ("documents", f"{summary['documents']:,} (dim {summary['dim']})"),
-        ("rejected", f"{enc['rejected']:,} {enc['rejected_by_reason'] or ''} → {enc['rejected_dir']}"),
+        ("rejected", f"{enc['rejected']:,}" + (f" {enc['rejected_by_reason']} → {enc['rejected_dir']}"
+                                               if enc["rejected"] else "")),
         ("encode", f"{enc['seconds']:.1f} s, {enc['docs_per_second']:,.0f} docs/s"),
         ("scann", ", ".join(f"{k}={v}" for k, v in summary["scann"].items())),
         ("recall@10", f"{summary['recall_at_10']:.4f} vs exact"),

@@ -63,6 +63,7 @@ __all__ = [
     "prune_versions",
     "build_index",
     "build_index_from_shards",
+    "build_index_from_documents",
     "count_shard_rows",
     "load_index",
 ]
@@ -452,6 +453,14 @@ def staging_dir(index_dir: str | Path, version: str) -> Path:
     return Path(index_dir) / STAGING / version
 
 
+def _drop_staging(index_dir: Path, version: str) -> None:
+    shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+    try:  # only if empty: a concurrent build may be staging beside us
+        (index_dir / STAGING).rmdir()
+    except OSError:
+        pass
+
+
 def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> Path:
     """Move a complete staged version into ``versions/`` and point ``CURRENT`` at it, atomically.
 
@@ -637,12 +646,13 @@ def build_index(
     config: ScannConfig = ScannConfig(),  # noqa: B008 - frozen, immutable
     version: str | None = None,
     extra: dict[str, Any] | None = None,
+    copy: bool = True,
 ) -> BuildResult:
     """Build and publish an index version from an in-memory embedding matrix.
 
     Args:
         index_dir: the index directory (created if missing).
-        embeddings: [n, dim] float; copied once into float32 (the caller's array is not modified).
+        embeddings: [n, dim] float; copied once into float32 unless ``copy=False``.
         ids: n unique document ids.
         texts: n document texts.
         titles: n titles, or ``None`` for empty titles.
@@ -651,6 +661,8 @@ def build_index(
         config: ScaNN configuration.
         version: version name; default :func:`new_version_name`.
         extra: more manifest keys.
+        copy: ``False`` normalises a float32 C-contiguous ``embeddings`` in place instead of copying it
+            (no second [n, dim] matrix for callers that own the array).
 
     Returns:
         The :class:`BuildResult`.
@@ -659,7 +671,8 @@ def build_index(
         InputError: no documents, mismatched lengths, a duplicate or empty id, non-finite embeddings.
         ConfigError: recall below ``config.min_recall``, or a ScaNN mode impossible for n.
     """
-    matrix = np.array(embeddings, dtype=np.float32, copy=True, order="C")
+    matrix = np.array(embeddings, dtype=np.float32, copy=True, order="C") if copy else \
+        np.ascontiguousarray(embeddings, dtype=np.float32)
     if matrix.ndim != 2:
         raise InputError(f"embeddings must be a [n, dim] matrix, got shape {matrix.shape}")
     n = matrix.shape[0]
@@ -681,7 +694,53 @@ def build_index(
         return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
                                model_dir=model_dir, config=config, extra=extra, timings=timings)
     finally:
-        shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+        _drop_staging(index_dir, version)
+
+
+def build_index_from_documents(
+    index_dir: str | Path,
+    *,
+    model_dir: str | Path,
+    documents: Sequence[Any],
+    config: ScannConfig = ScannConfig(),  # noqa: B008 - frozen, immutable
+    batch_size: int = 4096,
+    version: str | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Encode documents in this process with the model's document tower, then :func:`build_index`.
+
+    The in-process counterpart of the ``dssm index`` Beam job, for corpora that fit in memory.
+
+    Args:
+        index_dir: the index directory.
+        model_dir: the model directory (verified, then copied into the version).
+        documents: objects with ``id``, ``title``, ``text`` (e.g. :class:`dssm.data.Document`).
+        config: ScaNN configuration.
+        batch_size: texts per call into the document tower.
+        version: version name; default :func:`new_version_name`.
+        progress: show a tqdm bar.
+    """
+    from tqdm import tqdm
+
+    from dssm.bm25 import document_text
+    from dssm.export import load_encoder
+
+    if not documents:
+        raise InputError("the corpus has no documents to index")
+    encoder = load_encoder(model_dir, batch_size=batch_size)
+    matrix = np.empty((len(documents), encoder.dim), dtype=np.float32)
+    tick = time.perf_counter()
+    with tqdm(total=len(documents), desc="encoding", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(documents), batch_size):
+            chunk = documents[start:start + batch_size]
+            matrix[start:start + len(chunk)] = encoder.embed_documents([document_text(d.title, d.text) for d in chunk])
+            bar.update(len(chunk))
+    seconds = time.perf_counter() - tick
+    return build_index(index_dir, embeddings=matrix, ids=[d.id for d in documents], texts=[d.text for d in documents],
+                       titles=[d.title for d in documents], model_dir=model_dir, config=config, version=version,
+                       copy=False,
+                       extra={"encode": {"encoded": len(documents), "seconds": round(seconds, 3), "in_process": True,
+                                         "docs_per_second": round(len(documents) / max(seconds, 1e-9), 1)}})
 
 
 def count_shard_rows(shards: Iterable[str | Path]) -> tuple[int, int | None]:
@@ -786,7 +845,7 @@ def build_index_from_shards(
         return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
                                model_dir=model_dir, config=config, extra=extra, timings=timings)
     finally:
-        shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+        _drop_staging(index_dir, version)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -59,3 +60,102 @@ def test_input_errors_before_the_pipeline(tmp_path):
         ec.run(["--model", str(tmp_path / "nomodel"), "--corpus", str(tmp_path / "c.jsonl"), "--output", out,
                 "--id-column", "doc", "--text-column", "body"])
     assert not (tmp_path / "idx").exists()
+
+
+def _adi_documents(adi_dir):
+    from dssm.data import iter_corpus
+
+    return list(iter_corpus(adi_dir / "corpus.jsonl"))
+
+
+def test_encode_transform_matches_the_encoder(tiny_model_dir, adi_dir):
+    """RunInference over the SavedModel gives what the encoder gives when called directly."""
+    from dssm.bm25 import document_text
+    from dssm.export import load_encoder
+
+    docs = _adi_documents(adi_dir)
+    expected = load_encoder(tiny_model_dir).embed_documents([document_text(d.title, d.text) for d in docs])
+    expected_by_id = {d.id: expected[i] for i, d in enumerate(docs)}
+
+    def check(rows):
+        got = {r["id"]: r["embedding"] for r in rows}
+        assert sorted(got) == sorted(expected_by_id)
+        for doc_id, vector in got.items():
+            assert vector.dtype == np.float32 and vector.shape == (16,)
+            np.testing.assert_allclose(vector, expected_by_id[doc_id], atol=1e-6, err_msg=doc_id)
+
+    with test_pipeline.TestPipeline() as p:
+        rows = (p | beam.Create([{"record": f"r{i}", "id": d.id, "title": d.title, "text": d.text}
+                                 for i, d in enumerate(docs)])
+                | ec.EncodeDocuments(str(tiny_model_dir), min_batch_size=8, max_batch_size=32))
+        assert_that(rows, check)
+
+
+def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, tmp_path):
+    from dssm.bm25 import document_text
+    from dssm.export import load_encoder
+    from serving import index as ix
+
+    out = tmp_path / "idx"
+    summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(adi_dir), "--output", str(out)],
+                     test_pipeline=test_pipeline.TestPipeline())
+    docs = _adi_documents(adi_dir)
+    assert summary["documents"] == len(docs) == 82
+    assert summary["encode"]["rejected"] == 0 and summary["encode"]["read"] == 82
+    assert summary["scann"]["mode"] == "brute_force" and summary["recall_at_10"] == 1.0
+    index = ix.load_index(out)
+    assert index.version == summary["version"] and (index.version_dir / "model" / "saved_model").is_dir()
+    assert index.manifest["encode"]["encoded"] == 82
+    # Rows of embeddings.npy are the encoder's document embeddings of the doc store's rows.
+    stored = dict(index.docs.iter_all())
+    by_id = {d.id: d for d in docs}
+    texts = [document_text(by_id[stored[r].id].title, by_id[stored[r].id].text) for r in range(82)]
+    np.testing.assert_allclose(index.embeddings(), load_encoder(tiny_model_dir).embed_documents(texts), atol=1e-6)
+    assert stored[0].title == by_id[stored[0].id].title and stored[5].text == by_id[stored[5].id].text
+    # The staging area (shards) is gone; nothing but the published version is left.
+    assert not (out / ".staging").exists() and not (out / "rejected").exists()
+
+
+def test_index_job_dead_letters_and_custom_columns(tiny_model_dir, tmp_path):
+    from serving import index as ix
+
+    corpus = tmp_path / "docs.csv"
+    corpus.write_text("doc_id,body,heading\n"
+                      "a1,first document about indexing,Head A\n"
+                      "a2,,\n"                      # empty → dead letter
+                      "a3,third document about retrieval,\n"
+                      "a4,only,two,many\n"          # wrong field count → dead letter
+                      ",no id here,x\n", encoding="utf-8")
+    out = tmp_path / "idx"
+    summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(corpus), "--output", str(out),
+                      "--id-column", "doc_id", "--text-column", "body", "--title-column", "heading",
+                      "--num-shards", "2"], test_pipeline=test_pipeline.TestPipeline())
+    assert summary["documents"] == 2
+    assert summary["encode"]["rejected_by_reason"] == {"empty_document": 1, "empty_id": 1, "unparsable": 1}
+    rejected = [json.loads(line) for f in sorted((out / "rejected" / summary["version"]).glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+    assert sorted(r["record"].rsplit(":", 1)[1] for r in rejected) == ["3", "5", "6"]
+    index = ix.load_index(out)
+    assert sorted(d.id for _, d in index.docs.iter_all()) == ["a1", "a3"]
+    assert index.docs.get([index.docs.row_of("a1")])[0].title == "Head A"
+
+
+def test_duplicate_ids_and_all_rejected_corpus_stop_the_build(tiny_model_dir, tmp_path):
+    from serving import index as ix
+
+    out = tmp_path / "idx"
+    first = ix.build_index(out, embeddings=np.eye(2, 16, dtype=np.float32), ids=["x", "y"], texts=["one", "two"])
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "text": "one"}, {"id": "y", "text": "two"},
+                                               {"id": "x", "text": "again"}])
+    with pytest.raises(InputError, match=r"duplicate document id 'x'.*dup.jsonl:[13]"):
+        ec.run(["--model", str(tiny_model_dir), "--corpus", str(dup), "--output", str(out)],
+               test_pipeline=test_pipeline.TestPipeline())
+    empty = write_jsonl(tmp_path / "blank.jsonl", [{"id": "x", "text": " "}])
+    with pytest.raises(InputError, match=r"no documents to index; 1 record\(s\) rejected, e.g. .*blank.jsonl:1"):
+        ec.run(["--model", str(tiny_model_dir), "--corpus", str(empty), "--output", str(out)],
+               test_pipeline=test_pipeline.TestPipeline())
+    assert ix.current_version_dir(out) == first.version_dir
+    assert ix.list_versions(out) == [first.version]
+    assert not (out / ".staging").exists()
+    # Only the all-rejected run's dead letters are kept (the duplicate run had none).
+    assert len(list((out / "rejected").iterdir())) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,57 @@ def test_output_formats():
     assert table[2].split()[:4] == ["1", "0.9123", "a1", "first"]
     assert all(len(line) <= 80 for line in table)
     assert "(no results)" in format_hits("q", [], width=80)
+
+
+@pytest.fixture(scope="module")
+def adi_index(tiny_model_dir, adi_dir, tmp_path_factory):
+    """adi encoded in process with the real tiny model (the Beam path is tested in test_encode_corpus)."""
+    from dssm.data import iter_corpus
+
+    docs = list(iter_corpus(adi_dir / "corpus.jsonl"))
+    out = tmp_path_factory.mktemp("adi_index") / "idx"
+    ix.build_index_from_documents(out, model_dir=tiny_model_dir, documents=docs, progress=False)
+    return out, docs
+
+
+def test_real_model_finds_a_document_by_its_own_text(adi_index):
+    from dssm.bm25 import document_text
+
+    index_dir, docs = adi_index
+    searcher = Searcher.load(index_dir)
+    assert searcher.index.manifest["model"]["files"] > 0 and len(searcher) == len(docs)
+    # Shared towers: a query equal to a document's title + text embeds exactly like that document.
+    picked = docs[::20]
+    results = searcher.search_batch([document_text(d.title, d.text) for d in picked], k=3)
+    for doc, hits in zip(picked, results, strict=True):
+        assert hits[0].id == doc.id and hits[0].text == doc.text
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+    single = searcher.search(document_text(picked[1].title, picked[1].text), k=3)
+    assert [h.id for h in single] == [h.id for h in results[1]]
+
+
+def test_cli_json_and_table(adi_index, capsys):
+    from serving.searcher import main
+
+    index_dir, docs = adi_index
+    assert main(["--index", str(index_dir), "-k", "4", "--json", "computer", "indexing"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"query", "hits"} and out["query"] == "computer indexing"
+    assert len(out["hits"]) == 4
+    texts = {d.id: d.text for d in docs}
+    for hit in out["hits"]:
+        assert set(hit) == {"id", "score", "text"} and isinstance(hit["score"], float)
+        assert hit["text"] == texts[hit["id"]]
+    assert [h["score"] for h in out["hits"]] == sorted((h["score"] for h in out["hits"]), reverse=True)
+
+    assert main(["--index", str(index_dir), "-k", "2", "computer indexing"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "query: computer indexing" and len(table) == 4
+    assert table[2].split()[2] == out["hits"][0]["id"]
+
+
+def test_cli_errors_go_through_dssm(tmp_path, capsys):
+    from dssm.cli import main as dssm_main
+
+    assert dssm_main(["search", "--index", str(tmp_path / "none"), "q"]) == 2
+    assert "error: no index at" in capsys.readouterr().err
