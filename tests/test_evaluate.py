@@ -315,3 +315,94 @@ def test_cli_errors(adi_dir, tmp_path, capsys):
     # Through the dispatcher: one error line, exit 2.
     assert cli_main(["eval", "--data", str(tmp_path / "nope")]) == 2
     assert "error: --data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ end to end on a real tiny index
+
+
+@pytest.fixture(scope="module")
+def adi_index(tiny_model_dir, adi, tmp_path_factory):
+    """A real index of adi (tiny trained model, brute-force ScaNN), built in-process to skip Beam's start-up."""
+    from dssm.export import load_encoder
+    from serving.index import build_index
+
+    ids = list(adi.corpus)
+    docs = [adi.corpus[i] for i in ids]
+    embeddings = load_encoder(tiny_model_dir).embed_documents([document_text(d.title, d.text) for d in docs])
+    index_dir = tmp_path_factory.mktemp("adi_index") / "index"
+    build_index(index_dir, embeddings=embeddings, ids=ids, texts=[d.text for d in docs],
+                titles=[d.title for d in docs], model_dir=tiny_model_dir)
+    return index_dir
+
+
+def _write_beir(directory, corpus, queries, qrels):
+    directory.mkdir()
+    with open(directory / "corpus.jsonl", "w") as handle:
+        for doc in corpus.values():
+            handle.write(json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n")
+    with open(directory / "queries.jsonl", "w") as handle:
+        for qid, text in queries.items():
+            handle.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    with open(directory / "qrels.tsv", "w") as handle:
+        handle.write("query-id\tcorpus-id\tscore\n")
+        handle.writelines(f"{q}\t{d}\t{g}\n" for q, grades in qrels.items() for d, g in grades.items())
+    return directory
+
+
+def test_cli_end_to_end_dssm_and_bm25_on_held_out_queries(adi_index, adi_dir, adi, tiny_model_dir, tmp_path,
+                                                          capsys):
+    from dssm.data import split_of
+    from serving.searcher import Searcher
+
+    pairs_dir = tiny_model_dir.parent / "pairs"  # the `dssm pairs` output the tiny model was trained on
+    config = json.loads((pairs_dir / "pairs_config.json").read_text())
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", "--index", str(adi_index), "--data", str(adi_dir), "--holdout", str(pairs_dir),
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"dssm", "bm25", "queries", "docs"}
+    assert set(report["dssm"]) == set(report["bm25"]) == set(DEFAULT_METRICS)
+    held_out = [q for q in select_queries(adi.queries, adi.qrels)
+                if split_of(adi.queries[q], validation_fraction=config["validation_fraction"],
+                            salt=config["split_salt"]) == "validation"]
+    assert 0 < report["queries"] == len(held_out) < 35 and report["docs"] == 82
+    # 82 documents < depth 100: DSSM returns every document, so its recall@100 is exactly 1.
+    assert report["dssm"]["recall@100"] == pytest.approx(1.0)
+    # The CLI's DSSM numbers are those of the searcher's own rankings on exactly the held-out queries.
+    searcher = Searcher.load(adi_index)
+    run = {q: [(h.id, h.score) for h in hits]
+           for q, hits in zip(held_out, searcher.search_batch([adi.queries[q] for q in held_out], 100), strict=True)}
+    assert report["dssm"] == pytest.approx(evaluate_run("dssm", run, {q: adi.qrels[q] for q in held_out}).means)
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[:3]] == ["system", "dssm", "bm25"]
+
+
+def test_cli_end_to_end_known_answers_and_skip_self(adi_index, adi, tiny_model_dir, tmp_path):
+    # Each query is a document's own indexed text and its only relevant document is that document.
+    # The model embeds queries and documents with one shared tower, so DSSM must rank it first.
+    from dssm.export import read_model_configs
+
+    assert read_model_configs(tiny_model_dir)[1].shared_towers
+    texts = {i: document_text(d.title, d.text) for i, d in adi.corpus.items()}
+    known = _write_beir(tmp_path / "known", adi.corpus, {f"q{i}": t for i, t in texts.items()},
+                        {f"q{i}": {i: 1} for i in texts})
+    out = tmp_path / "known.json"
+    assert main(["--index", str(adi_index), "--data", str(known), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["queries"] == 82
+    assert report["dssm"]["recall@1"] == pytest.approx(1.0) and report["dssm"]["mrr@10"] == pytest.approx(1.0)
+    assert report["bm25"]["recall@1"] == pytest.approx(1.0)
+    # Same, with query id == document id: --skip-self removes the only relevant hit from both systems.
+    self_dir = _write_beir(tmp_path / "self", adi.corpus, texts, {i: {i: 1} for i in texts})
+    assert main(["--index", str(adi_index), "--data", str(self_dir), "--skip-self", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dssm"]["recall@100"] == 0.0 and report["bm25"]["recall@100"] == 0.0
+
+
+def test_cli_refuses_an_index_of_another_corpus(adi_index, adi, tmp_path, capsys):
+    other = {f"x{i}": d._replace(id=f"x{i}") for i, d in adi.corpus.items()}
+    data = _write_beir(tmp_path / "other", other, {"q1": "information retrieval"}, {"q1": {"x1": 1}})
+    with pytest.raises(InputError, match="another corpus"):
+        main(["--index", str(adi_index), "--data", str(data)])
+    assert cli_main(["eval", "--index", str(tmp_path / "missing"), "--data", str(data)]) == 2
+    assert "error:" in capsys.readouterr().err
