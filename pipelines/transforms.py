@@ -40,6 +40,8 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.data import iter_rows, split_of
 from dssm.features import FeatureConfig
 
+import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
+
 __all__ = [
     "REASONS",
     "REJECTED",
@@ -389,26 +391,20 @@ def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag:
 
     Args:
         pair: a validated pair.
-        query_bag: ``(ids int64 [m], counts float32 [m])`` of the query.
+        query_bag: ``(ids int64 [m], counts float32 [m])`` numpy arrays of the query.
         document_bag: the same for the document.
     """
-    import tensorflow as tf
-
-    def _bytes(value: str) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
-
-    feature = {
-        "query_id": _bytes(pair["query_id"]),
-        "document_id": _bytes(pair["document_id"]),
-        "query_text": _bytes(pair["query_text"]),
-        "document_text": _bytes(pair["document_text"]),
-        "label": tf.train.Feature(float_list=tf.train.FloatList(value=[pair["label"]])),
-        "query_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=query_bag[0])),
-        "query_counts": tf.train.Feature(float_list=tf.train.FloatList(value=query_bag[1])),
-        "document_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=document_bag[0])),
-        "document_counts": tf.train.Feature(float_list=tf.train.FloatList(value=document_bag[1])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example()
+    feature = example.features.feature
+    for key in ("query_id", "document_id", "query_text", "document_text"):
+        feature[key].bytes_list.value.append(pair[key].encode("utf-8"))
+    feature["label"].float_list.value.append(pair["label"])
+    # tolist(): protobuf converts Python ints/floats three times faster than numpy scalars.
+    feature["query_ids"].int64_list.value.extend(query_bag[0].tolist())
+    feature["query_counts"].float_list.value.extend(query_bag[1].tolist())
+    feature["document_ids"].int64_list.value.extend(document_bag[0].tolist())
+    feature["document_counts"].float_list.value.extend(document_bag[1].tolist())
+    return example.SerializeToString()
 
 
 class FeaturizePairs(beam.DoFn):
