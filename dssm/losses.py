@@ -94,7 +94,8 @@ class LossConfig:
         DEFAULT_CIRCLE_M, "Circle loss relaxation m: optima O_p=1+m, O_n=-m, margins 1-m and m (paper: 0.25)")
     circle_gamma: float = field(
         DEFAULT_CIRCLE_GAMMA,
-        "Circle loss scale gamma (Sun et al. 2020 use 256 with m=0.25 for face recognition)")
+        "Circle loss scale gamma; 256 with m=0.25 are the paper's default hyper-parameters "
+        "(Sun et al. 2020, sec. 4.1, face recognition)")
     num_classes: int = field(2, "classes of the Sentence-BERT pair classifier (2: duplicate / not)")
     logq_correction: bool = field(
         False,
@@ -335,7 +336,7 @@ def circle_loss(scores: tf.Tensor, *, m: float = DEFAULT_CIRCLE_M, gamma: float 
     Args:
         scores: ``[batch, num_candidates]`` cosines, positives on the diagonal.
         m: relaxation (paper: 0.25 for face recognition, 0.4 for fine-grained retrieval).
-        gamma: scale (paper: 256 with m=0.25).
+        gamma: scale (paper's default: 256 with m=0.25, sec. 4.1).
         keys: optional ``[num_candidates]`` keys for accidental-hit masking.
         score_mask: optional ``[batch, num_candidates]`` bool.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.

@@ -444,6 +444,56 @@ def test_retrieval_loss_under_default_distribution_strategy():
     close(value, expected, 1e-5)
 
 
+_MIRRORED_SCRIPT = """
+import dssm, json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from dssm.losses import softmax_loss, circle_loss, similarity_matrix
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(4)
+q = tf.math.l2_normalize(tf.constant(rng.normal(size=(4, 3)), tf.float32), axis=1)
+d = tf.math.l2_normalize(tf.constant(rng.normal(size=(4, 3)), tf.float32), axis=1)
+keys = tf.constant([5, 6, 5, 8], tf.int64)
+def shard(x):
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: x[2 * ctx.replica_id_in_sync_group: 2 * ctx.replica_id_in_sync_group + 2])
+@tf.function
+def step(q_local, d_local, k_local):
+    ctx = tf.distribute.get_replica_context()
+    shift = -ctx.replica_id_in_sync_group * 2
+    d_all = tf.roll(ctx.all_gather(d_local, axis=0), shift, axis=0)
+    k_all = tf.roll(ctx.all_gather(k_local, axis=0), shift, axis=0)
+    s = similarity_matrix(q_local, d_all)
+    return (softmax_loss(s, temperature=0.1, keys=k_all, reduction="sum"),
+            circle_loss(s, keys=k_all, reduction="sum"))
+out = strategy.run(step, (shard(q), shard(d), shard(keys)))
+got = [float(strategy.reduce("SUM", x, axis=None)) for x in out]
+s = similarity_matrix(q, d)
+want = [float(softmax_loss(s, temperature=0.1, keys=keys, reduction="sum")),
+        float(circle_loss(s, keys=keys, reduction="sum"))]
+json.dump({"replicas": strategy.num_replicas_in_sync, "got": got, "want": want}, sys.stdout)
+"""
+
+
+def test_losses_per_replica_under_mirrored_strategy(tmp_path):
+    # Two logical CPUs (must be configured before TensorFlow starts, hence a subprocess). Each replica
+    # scores its 2 queries against the gathered 4 documents, rotated so its positives are columns 0-1:
+    # the summed replica losses equal the single-device loss over the whole batch.
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(_MIRRORED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    np.testing.assert_allclose(result["got"], result["want"], rtol=1e-5)
+
+
 # -------------------------------------------------------------------------------------- registry/config
 
 def test_registry_names_and_get_loss_binds_config():
