@@ -75,7 +75,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        # argparse %-formats help texts; a literal "3%" in a field's help would crash --help.
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")
         hint = hints[f.name]
         dest = prefix.replace("-", "_") + f.name
         if hint is bool:
