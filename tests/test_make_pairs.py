@@ -362,3 +362,12 @@ def test_all_rows_rejected_is_an_error_but_keeps_the_dead_letters(tmp_path: Path
     assert "no pairs written" in capsys.readouterr().err
     assert _stats(out)["rejected_by_reason"] == {"empty_query": 2}
     assert len(_rejected(out)) == 2 and not (out / "manifest.json").exists()
+
+
+def test_help_lists_our_flags_and_the_feature_flags(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--query-column", "--max-query-chars", "--split-salt", "--num-buckets", "--max-chars"):
+        assert flag in shown
