@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,8 +338,9 @@ def format_table(results: Sequence[SystemResult], *, queries: int | None = None,
         return "(no systems)"
     metrics = list(results[0].means)
     width = max(8, *(len(r.name) for r in results))
-    lines = [f"{'system':<{width}}  " + "  ".join(f"{m:>10}" for m in metrics)]
-    lines += [f"{r.name:<{width}}  " + "  ".join(f"{r.means[m]:>10.4f}" for m in metrics) for r in results]
+    cols = {m: max(10, len(m)) for m in metrics}
+    lines = [f"{'system':<{width}}  " + "  ".join(f"{m:>{cols[m]}}" for m in metrics)]
+    lines += [f"{r.name:<{width}}  " + "  ".join(f"{r.means[m]:>{cols[m]}.4f}" for m in metrics) for r in results]
     if queries is not None or docs is not None:
         lines.append(f"queries: {queries}  docs: {docs}")
     return "\n".join(lines)
@@ -364,6 +366,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="evaluate only queries that this pairs dataset put in its validation split")
     parser.add_argument("--max-queries", type=int, metavar="N",
                         help="evaluate a deterministic subset of N queries (by hash of the query id)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help="comma-separated NAME@K, NAME in recall, precision, mrr, ndcg, map "
+                             "(default: %(default)s)")
     parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
     parser.add_argument("--batch-size", type=int, default=256, help="queries per search call (default: 256)")
     add_config_arguments(parser, BM25Config, prefix="bm25-")
@@ -418,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     bm25_config = config_from_args(BM25Config, args, prefix="bm25-")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if not metrics:
+        raise ConfigError("--metrics is empty")
+    depth = metric_depth(metrics)  # also validates every name
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise InputError(f"--data {data_dir}: no such directory (expected a BEIR directory)")
@@ -441,22 +450,31 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--data {data_dir}: no query to evaluate ({why})")
     selected = {q: queries[q] for q in qids}
     sel_qrels = {q: qrels[q] for q in qids}
-    depth = metric_depth(DEFAULT_METRICS)
     print(f"evaluating {len(qids)} queries against {len(corpus)} documents"
           f"{' (skip-self)' if args.skip_self else ''}", file=sys.stderr)
 
-    results = []
+    systems: list[tuple[str, Callable[[], SearchBatch]]] = []
     if searcher is not None:
         _check_index_covers(searcher, sel_qrels, corpus_size=len(corpus), index=args.index, data=data_dir)
-        run = retrieve_run(searcher.search_batch, selected, k=depth, skip_self=args.skip_self,
-                           batch_size=args.batch_size, show_progress=True, desc="dssm")
-        results.append(evaluate_run("dssm", run, sel_qrels))
+        systems.append(("dssm", lambda: searcher.search_batch))
     if not args.no_bm25:
-        ids = list(corpus)
-        bm25 = BM25Index.build(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], config=bm25_config)
-        run = retrieve_run(bm25.search_batch, selected, k=depth, skip_self=args.skip_self,
-                           batch_size=args.batch_size, show_progress=True, desc="bm25")
-        results.append(evaluate_run("bm25", run, sel_qrels))
+        def bm25_search() -> SearchBatch:
+            ids = list(corpus)
+            texts = [document_text(corpus[i].title, corpus[i].text) for i in ids]
+            return BM25Index.build(ids, texts, config=bm25_config).search_batch
+
+        systems.append(("bm25", bm25_search))
+    results = []
+    for name, make in systems:
+        start = time.perf_counter()
+        search = make()
+        built = time.perf_counter()
+        run = retrieve_run(search, selected, k=depth, skip_self=args.skip_self, batch_size=args.batch_size,
+                           show_progress=True, desc=name)
+        done = time.perf_counter()
+        results.append(evaluate_run(name, run, sel_qrels, metrics=metrics))
+        print(f"{name}: set-up {built - start:.1f} s, {len(qids)} queries in {done - built:.1f} s "
+              f"({len(qids) / max(done - built, 1e-9):.0f} queries/s)", file=sys.stderr)
 
     print(format_table(results, queries=len(qids), docs=len(corpus)))
     if args.json:

@@ -271,6 +271,15 @@ def test_cli_bm25_json_keys(adi_dir, tmp_path, capsys):
     assert "bm25" in printed and "ndcg@10" in printed
 
 
+def test_cli_metrics_flag(adi_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["--data", str(adi_dir), "--metrics", "precision@10,map@100", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["bm25"]) == {"precision@10", "map@100"} and 0 < report["bm25"]["map@100"] < 1
+    with pytest.raises(ConfigError, match="unknown metric 'foo@1'"):
+        main(["--data", str(adi_dir), "--metrics", "ndcg@10,foo@1"])
+
+
 def test_cli_max_queries_and_skip_self(quora_dir, tmp_path):
     plain, skip = tmp_path / "plain.json", tmp_path / "skip.json"
     assert main(["--data", str(quora_dir), "--max-queries", "200", "--json", str(plain)]) == 0
