@@ -15,6 +15,7 @@ Where a test uses ``math``, it is only to do the arithmetic of the hand computat
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import numpy as np
@@ -430,6 +431,26 @@ def test_softmax_compiles_with_xla_on_integer_keys():
     keys = tf.constant([7, 9, 7], tf.int64)
     p = tf.fill([3], 1 / 3)
     close(fn(scores(), keys, p), (0.3133 + 1.4619 + 1.1711) / 3)
+
+
+def test_every_loss_compiles_with_xla():
+    # --xla compiles the whole train step; every loss must be XLA-compatible (int keys, asserts).
+    keys = tf.constant([7, 9, 7], tf.int64)
+    config = LossConfig(temperature=0.5, margin=0.3, circle_gamma=4.0)
+    def with_keys(fn, s, k):
+        return fn(s, keys=k)
+
+    cases = {name: functools.partial(with_keys, get_loss(name, config=config)) for name in SCORE_LOSSES}
+    cases["contrastive"] = lambda s, k: contrastive_loss(
+        s, tf.constant([0.7, 0.2, 0.95]), negative_mask=tf.constant([True, True, False]), temperature=0.5, keys=k,
+        negative_keys=tf.constant([1, 2, 3], tf.int64))
+    cases["cosent"] = lambda s, k: cosent_loss(tf.linalg.diag_part(s), tf.constant([5.0, 1.0, 3.0]))
+    cases["simcse"] = lambda s, k: simcse_loss(s, tf.transpose(s), keys=k)
+    cases["classifier"] = lambda s, k: classifier_loss(s[:, :2], tf.constant([1.0, 0.0, 1.0]))
+    assert set(cases) == set(LOSS_NAMES)
+    for name, fn in cases.items():
+        compiled = tf.function(fn, jit_compile=True, autograph=False)
+        np.testing.assert_allclose(compiled(scores(), keys), fn(scores(), keys), atol=1e-5, err_msg=name)
 
 
 def test_retrieval_loss_under_default_distribution_strategy():
