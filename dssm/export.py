@@ -1,0 +1,172 @@
+"""Model directory: export a trained model as a SavedModel that embeds raw strings, and load it back.
+
+Layout (docs/design.md)::
+
+    MODEL_DIR/saved_model/   signatures embed_query, embed_document: texts [None] tf.string
+                             -> {"embedding": [None, dim] float32}, L2-normalised
+    MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig}
+    MODEL_DIR/history.json   per-epoch training history
+    MODEL_DIR/manifest.json  kind "model", sha256 of every file
+
+Featurization runs inside the SavedModel (the same :class:`~dssm.features.Featurizer` graph the
+shards were made with), so callers pass raw text. The signatures hold only the towers' variables,
+not optimizer slots. :func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.artifacts import verify_manifest, write_json_atomic, write_manifest
+from dssm.config import config_from_dict, config_to_dict
+from dssm.errors import ConfigError, InputError
+from dssm.features import FeatureConfig
+from dssm.model import DSSMModel, ModelConfig
+
+import tensorflow as tf  # noqa: E402  isort: skip
+
+__all__ = ["SAVED_MODEL", "export_model", "load_encoder", "Encoder", "read_model_configs"]
+
+SAVED_MODEL = "saved_model"
+_TEXTS = tf.TensorSpec([None], tf.string, name="texts")
+
+
+class _Serving(tf.Module):
+    """What the SavedModel holds: the two towers and one tf.function per signature."""
+
+    def __init__(self, model: DSSMModel) -> None:
+        super().__init__(name="dssm")
+        self.query_tower = model.query_tower
+        self.document_tower = model.document_tower
+        self.output_dim = tf.constant(model.config.output_dim, tf.int32)
+
+    @tf.function(input_signature=[_TEXTS])
+    def embed_query(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``[batch]`` tf.string → ``{"embedding": [batch, dim] float32}`` with the query tower."""
+        return {"embedding": self.query_tower.embed_texts(texts)}
+
+    @tf.function(input_signature=[_TEXTS])
+    def embed_document(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``[batch]`` tf.string → ``{"embedding": [batch, dim] float32}`` with the document tower."""
+        return {"embedding": self.document_tower.embed_texts(texts)}
+
+
+def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
+                 history: dict[str, list[float]] | None = None, overwrite: bool = False) -> Path:
+    """Write ``model_dir`` (SavedModel, configs, history, manifest).
+
+    The directory is assembled under a temporary sibling and renamed into place, so a crash never
+    leaves a half-written model that looks complete.
+
+    Args:
+        model: a trained (built) model.
+        model_dir: destination directory.
+        train_config: the ``TrainConfig`` used (a dataclass; saved in ``config.json``).
+        history: per-epoch metrics to save as ``history.json``.
+        overwrite: replace an existing ``model_dir``.
+
+    Returns:
+        ``model_dir`` as a Path.
+
+    Raises:
+        InputError: ``model_dir`` exists and is not empty and ``overwrite`` is False.
+    """
+    model_dir = Path(model_dir)
+    if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
+        raise InputError(f"model directory {model_dir} exists and is not empty (overwrite=True replaces it)")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = model_dir.with_name(f".{model_dir.name}.tmp-export")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    serving = _Serving(model)
+    tf.saved_model.save(serving, str(staging / SAVED_MODEL),
+                        signatures={"embed_query": serving.embed_query, "embed_document": serving.embed_document})
+    write_json_atomic(staging / "config.json", {
+        "features": config_to_dict(model.feature_config),
+        "model": config_to_dict(model.config),
+        "train": config_to_dict(train_config),
+    })
+    write_json_atomic(staging / "history.json", history or {})
+    write_manifest(staging, kind="model", extra={"dim": model.config.output_dim})
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    staging.rename(model_dir)
+    return model_dir
+
+
+def read_model_configs(model_dir: str | Path) -> tuple[FeatureConfig, ModelConfig, dict[str, Any]]:
+    """``(FeatureConfig, ModelConfig, train config dict)`` from ``model_dir/config.json`` (not verified)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+        return (config_from_dict(FeatureConfig, data["features"]), config_from_dict(ModelConfig, data["model"]),
+                dict(data.get("train", {})))
+    except FileNotFoundError as exc:
+        raise InputError(f"{path} not found: not a dssm model directory") from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a valid model config: {exc!r}") from exc
+
+
+class Encoder:
+    """Embeds texts with a loaded model directory's towers.
+
+    Attributes:
+        dim: embedding width.
+        features, model: the configs the model was trained with.
+    """
+
+    def __init__(self, loaded: Any, *, features: FeatureConfig, model: ModelConfig, batch_size: int = 1024) -> None:
+        self._loaded = loaded
+        # The restored tf.functions, not the signature wrappers: they skip the signature's
+        # structured-output plumbing, which matters for single-query latency.
+        self._embed_query = loaded.embed_query
+        self._embed_document = loaded.embed_document
+        self.features = features
+        self.model = model
+        self.dim = model.output_dim
+        self.batch_size = batch_size
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """``n`` texts → ``[n, dim]`` float32 with the query tower."""
+        return self._embed(self._embed_query, texts)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """``n`` texts → ``[n, dim]`` float32 with the document tower."""
+        return self._embed(self._embed_document, texts)
+
+    def _embed(self, fn: Any, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, (str, bytes)):
+            raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t)
+                     for t in texts[start:start + self.batch_size]]
+            out[start:start + len(chunk)] = fn(tf.constant(chunk, tf.string))["embedding"].numpy()
+        return out
+
+
+def load_encoder(model_dir: str | Path, *, batch_size: int = 1024) -> Encoder:
+    """Verify ``model_dir``'s manifest, then load its SavedModel.
+
+    Args:
+        model_dir: a directory written by :func:`export_model` (``dssm train``).
+        batch_size: texts per call into the SavedModel.
+
+    Raises:
+        IndexNotFoundError: no ``manifest.json`` (not a model directory, or an unfinished write).
+        ChecksumError: a file is missing, truncated or changed.
+    """
+    verify_manifest(model_dir, kind="model")
+    features, model, _ = read_model_configs(model_dir)
+    import tensorflow_text  # noqa: F401, PLC0415  (registers the normalisation op before loading)
+
+    loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
+    return Encoder(loaded, features=features, model=model, batch_size=batch_size)

@@ -1,0 +1,341 @@
+"""The DSSM two-tower model: hashed-trigram bags → embedding bag → tanh MLP → L2-normalised vectors.
+
+A tower is the DSSM paper's network. Its first layer is an *embedding bag*: the text's sparse bag of
+hashed ids (with counts as weights) times a ``[num_buckets, embedding_dim]`` table, which is exactly a
+dense layer on the ``num_buckets``-wide count vector but touches only the rows the bag uses, so the
+table's gradient stays ``tf.IndexedSlices`` and a sparse optimizer updates only those rows. Then a
+bias and the activation, then ``hidden_dims`` dense layers, then L2 normalisation, so the dot product
+of two tower outputs is their cosine.
+
+:class:`DSSMModel` is a ``tfrs.Model`` holding a query tower and a document tower (one shared object
+by default, the Siamese set-up, or two separate towers) and a loss on the in-batch score matrix
+(``tfrs.tasks.Retrieval``: softmax over the batch's documents with a temperature, accidental hits
+masked by document id). Any object with the same call signature as the Retrieval task can be passed
+as ``loss`` (see :class:`PairLoss`).
+
+Batches are dicts of tensors as read from the pair shards (see ``dssm/train.py``):
+``query_ids``/``query_counts``/``document_ids``/``document_counts`` ragged ``[batch, None]``, optional
+``document_id`` ``[batch]`` string (for accidental-hit masking) and optional explicit negatives
+``negative_ids``/``negative_counts`` ragged ``[batch, None]`` (an empty row means "no negative") with
+``negative_id`` ``[batch]`` string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.config import config_to_dict, field
+from dssm.errors import ConfigError
+from dssm.features import FeatureConfig, Featurizer
+
+import tensorflow as tf  # noqa: E402  isort: skip
+import tensorflow_recommenders as tfrs  # noqa: E402  isort: skip
+
+__all__ = ["ModelConfig", "Tower", "DSSMModel", "PairLoss", "EmbeddingBag"]
+
+_ACTIVATIONS = ("tanh", "relu", "gelu", "linear")
+_COMBINERS = ("sum", "mean", "sqrtn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the towers and of the in-batch loss. Saved as ``config.json["model"]`` beside the model."""
+
+    embedding_dim: int = field(300, "width of the first layer: the embedding bag over hashed ids")
+    hidden_dims: tuple[int, ...] = field((300, 128), "dense layers after the embedding bag; the last is the output dim")
+    activation: str = field("tanh", f"activation after every layer, one of {_ACTIVATIONS}")
+    bag_combiner: str = field(
+        "sum", f"how a bag's rows are pooled, one of {_COMBINERS}: sum is the DSSM layer on raw counts; "
+        "mean/sqrtn divide by the total count / its square root (tames long documents)")
+    embedding_init_stddev: float = field(
+        0.05, "stddev of the embedding table's truncated-normal init (a 100-id bag then sums to ~0.5)")
+    shared_towers: bool = field(True, "one tower for queries and documents (Siamese); --no-shared-towers for two")
+    temperature: float = field(0.05, "softmax temperature on cosine scores (DSSM's smoothing factor is 1/temperature)")
+    dropout: float = field(0.0, "dropout rate after each hidden layer while training")
+    remove_accidental_hits: bool = field(
+        True, "mask in-batch negatives that have the same document id as the row's positive")
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if any(d < 1 for d in self.hidden_dims):
+            raise ConfigError(f"hidden_dims must all be positive, got {self.hidden_dims}")
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        if self.bag_combiner not in _COMBINERS:
+            raise ConfigError(f"bag_combiner must be one of {_COMBINERS}, got {self.bag_combiner!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.embedding_init_stddev > 0:
+            raise ConfigError(f"embedding_init_stddev must be > 0, got {self.embedding_init_stddev}")
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the tower output (the embedding dimension the index stores)."""
+        return self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim
+
+
+class PairLoss(Protocol):
+    """What :class:`DSSMModel` calls to turn tower outputs into a loss (``tfrs.tasks.Retrieval`` fits).
+
+    ``query_embeddings`` ``[batch, dim]``, ``candidate_embeddings`` ``[num_candidates, dim]`` whose first
+    ``batch`` rows are the positives (row ``i`` for query ``i``) and the rest extra negatives for every
+    query; ``candidate_ids`` ``[num_candidates]`` or None; ``score_mask`` ``[batch, num_candidates]``
+    bool (False = ignore that score) or None. Returns the *sum* of the per-query losses (a scalar);
+    the model divides by the global batch size.
+    """
+
+    def __call__(self, query_embeddings: tf.Tensor, candidate_embeddings: tf.Tensor, *,
+                 candidate_ids: tf.Tensor | None, score_mask: tf.Tensor | None,
+                 compute_metrics: bool, compute_batch_metrics: bool) -> tf.Tensor: ...
+
+
+class EmbeddingBag(tf.keras.layers.Layer):
+    """``[batch, None]`` ragged ids with counts → ``[batch, dim]`` count-weighted sums of table rows.
+
+    The batch's ids are de-duplicated first and only those rows gathered, so the table's gradient
+    is ``tf.IndexedSlices`` over the batch's distinct ids (a 1024-pair batch of Quora questions
+    touches ~20k distinct rows of ~130k ids); the pooling is then one fused ``SparseSegmentSum``
+    over the small gathered block (no ``[ids, dim]`` intermediate, which would cost more memory
+    traffic than all the dense layers together). Counts are occurrence counts, so an id with count
+    ``c`` is simply listed ``c`` times.
+    """
+
+    def __init__(self, num_buckets: int, dim: int, *, combiner: str, init_stddev: float,
+                 name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.num_buckets = num_buckets
+        self.dim = dim
+        self.combiner = combiner
+        self.init_stddev = init_stddev
+
+    def build(self, input_shape: object) -> None:
+        # Variables stay float32 under mixed precision (Keras keeps variable_dtype float32).
+        self.table = self.add_weight(
+            name="table", shape=[self.num_buckets, self.dim],
+            initializer=tf.keras.initializers.TruncatedNormal(stddev=self.init_stddev), trainable=True)
+        super().build(input_shape)
+
+    def call(self, ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> tf.Tensor:
+        """Args: ids ``[batch, None]`` int64, counts ``[batch, None]`` float32. Returns ``[batch, dim]``."""
+        rows = tf.cast(ids.value_rowids(), tf.int32)
+        nrows = tf.cast(ids.nrows(), tf.int32)
+        times = tf.cast(tf.round(counts.flat_values), tf.int32)
+        unique_ids, position = tf.unique(ids.flat_values, out_idx=tf.int32)
+        block = tf.cast(tf.gather(self.table, unique_ids), self.compute_dtype)  # [distinct ids, dim]
+        pooled = tf.sparse.segment_sum(block, tf.repeat(position, times), tf.repeat(rows, times),
+                                       num_segments=nrows)
+        if self.combiner == "sum":
+            return pooled
+        total = tf.math.unsorted_segment_sum(tf.cast(times, pooled.dtype), rows, nrows)
+        scale = total if self.combiner == "mean" else tf.sqrt(total)
+        return pooled / tf.maximum(scale, 1)[:, tf.newaxis]
+
+
+class Tower(tf.keras.Model):
+    """One DSSM tower: bag → embedding bag (+bias, activation) → dense layers → L2 normalise.
+
+    Args:
+        config: the model shape.
+        num_buckets: the featurizer's hash space (rows of the embedding table).
+        featurizer: used by :meth:`embed_texts` to hash raw strings exactly like the training shards.
+    """
+
+    def __init__(self, config: ModelConfig, *, num_buckets: int, featurizer: Featurizer | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.config = config
+        self.featurizer = featurizer
+        activation = None if config.activation == "linear" else config.activation
+        self.bag = EmbeddingBag(num_buckets, config.embedding_dim, combiner=config.bag_combiner,
+                                init_stddev=config.embedding_init_stddev, name="embedding_bag")
+        self.bag_bias = self.add_weight(name="embedding_bias", shape=[config.embedding_dim],
+                                        initializer="zeros", trainable=True)
+        self.bag_activation = tf.keras.layers.Activation(activation or "linear", name="bag_activation")
+        self.hidden = [tf.keras.layers.Dense(d, activation=activation, name=f"dense_{i}")
+                       for i, d in enumerate(config.hidden_dims)]
+        self.drop = [tf.keras.layers.Dropout(config.dropout, name=f"dropout_{i}")
+                     for i in range(len(config.hidden_dims))]
+
+    def get_config(self) -> dict[str, object]:
+        # Lets Keras serialise the tower inside a SavedModel without warning; loading goes through
+        # the exported signatures, never through this config.
+        return {"config": config_to_dict(self.config), "num_buckets": self.bag.num_buckets, "name": self.name}
+
+    def call(self, inputs: tuple[tf.RaggedTensor, tf.RaggedTensor], training: bool | None = None) -> tf.Tensor:
+        """Embed bags.
+
+        Args:
+            inputs: ``(ids, counts)``: ``[batch, None]`` int64 and ``[batch, None]`` float32 ragged.
+            training: enables dropout.
+
+        Returns:
+            ``[batch, output_dim]`` float32, rows of unit L2 norm (all-zero for an empty bag with zero biases).
+        """
+        ids, counts = inputs
+        x = self.bag(ids, counts)
+        x = self.bag_activation(x + tf.cast(self.bag_bias, x.dtype))
+        for dense, drop in zip(self.hidden, self.drop, strict=True):
+            x = drop(dense(x), training=training)
+        # Normalise in float32: under mixed precision the squared norm of a 128-wide fp16 vector is
+        # fine, but the scores and softmax that follow must be float32.
+        return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+    def embed_texts(self, texts: tf.Tensor) -> tf.Tensor:
+        """Featurize raw strings in-graph and embed them.
+
+        Args:
+            texts: ``[batch]`` tf.string.
+
+        Returns:
+            ``[batch, output_dim]`` float32, L2-normalised.
+        """
+        if self.featurizer is None:
+            raise ConfigError(f"tower {self.name!r} was built without a featurizer; pass featurizer=")
+        ids, counts = self.featurizer.bags(texts)
+        return self((ids, counts), training=False)
+
+
+class DSSMModel(tfrs.Model):
+    """Two DSSM towers and an in-batch loss.
+
+    Args:
+        config: tower shape, sharing, temperature.
+        feature_config: the hashing the towers read (its ``num_buckets`` sizes the tables).
+        loss: a :class:`PairLoss`; default ``tfrs.tasks.Retrieval`` (in-batch softmax with
+            ``config.temperature``, summed over queries).
+    """
+
+    def __init__(self, config: ModelConfig, *, feature_config: FeatureConfig, loss: PairLoss | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_config = feature_config
+        self.featurizer = Featurizer(feature_config)
+        self.query_tower = Tower(config, num_buckets=feature_config.num_buckets, featurizer=self.featurizer,
+                                 name="query_tower" if not config.shared_towers else "tower")
+        if config.shared_towers:
+            self.document_tower = self.query_tower
+        else:
+            self.document_tower = Tower(config, num_buckets=feature_config.num_buckets,
+                                        featurizer=self.featurizer, name="document_tower")
+        self.task: PairLoss = loss if loss is not None else tfrs.tasks.Retrieval(
+            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
+            temperature=config.temperature,
+        )
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    @property
+    def metrics(self) -> list[tf.keras.metrics.Metric]:
+        # Listed here so Keras resets it every epoch and logs the epoch mean, not the last batch.
+        return [self.loss_tracker, *super().metrics]
+
+    def train_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One optimizer step; logs ``loss`` as the running mean over the epoch (per pair)."""
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(batch, training=True)
+            total = loss + tf.add_n(self.losses) if self.losses else loss
+        # minimize() applies loss scaling when the optimizer is a LossScaleOptimizer (mixed float16).
+        self.optimizer.minimize(total, self.trainable_variables, tape=tape)
+        return self._log(loss)
+
+    def test_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """The loss on a batch without dropout or updates."""
+        return self._log(self.compute_loss(batch, training=False))
+
+    def _log(self, loss: tf.Tensor) -> dict[str, tf.Tensor]:
+        # compute_loss divides by the global batch; times the replica count it is this replica's mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.loss_tracker.update_state(loss * replicas)
+        return {m.name: m.result() for m in self.metrics}
+
+    def embed_queries(self, texts: tf.Tensor) -> tf.Tensor:
+        """``[batch]`` tf.string → ``[batch, dim]`` float32 with the query tower."""
+        return self.query_tower.embed_texts(texts)
+
+    def embed_documents(self, texts: tf.Tensor) -> tf.Tensor:
+        """``[batch]`` tf.string → ``[batch, dim]`` float32 with the document tower."""
+        return self.document_tower.embed_texts(texts)
+
+    def call(self, features: dict[str, tf.Tensor], training: bool | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``features`` batch → ``(query [batch, dim], document [batch, dim])`` embeddings."""
+        query = self.query_tower((features["query_ids"], features["query_counts"]), training=training)
+        document = self.document_tower((features["document_ids"], features["document_counts"]), training=training)
+        return query, document
+
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """The batch's loss, divided by the *global* batch size so replica gradients sum to the mean.
+
+        Candidates are the batch's documents, then its explicit negatives (if the batch has
+        ``negative_ids``; rows with an empty negative bag are masked out). Under a multi-replica
+        strategy every replica's candidates are gathered, so each query is scored against the whole
+        global batch. With ``remove_accidental_hits``, a candidate whose ``document_id`` equals the
+        row's positive's is masked (``score_mask``), not counted as a negative.
+        """
+        query, document = self(features, training=training)
+        local_batch = tf.shape(query)[0]
+        keys = _candidate_keys(features.get("document_id"), local_batch, tag=0)
+        candidates, candidate_keys = _gather_replicas(document, keys, rotate=True)
+        keep_columns = None
+        if "negative_ids" in features:
+            negative = self.document_tower((features["negative_ids"], features["negative_counts"]),
+                                           training=training)
+            negative_keys = _candidate_keys(features.get("negative_id"), local_batch, tag=1)
+            negative, negative_keys = _gather_replicas(negative, negative_keys, rotate=False)
+            # all_gather has no bool kernel on every device; ship the flags as int32.
+            present, _ = _gather_replicas(tf.cast(features["negative_ids"].row_lengths() > 0, tf.int32), None,
+                                          rotate=False)
+            keep_columns = tf.concat([tf.ones([tf.shape(candidates)[0]], tf.bool), present > 0], axis=0)
+            candidates = tf.concat([candidates, negative], axis=0)
+            candidate_keys = tf.concat([candidate_keys, negative_keys], axis=0)
+        num_candidates = tf.shape(candidates)[0]
+        score_mask = None
+        if self.config.remove_accidental_hits:
+            # After the rotation in _gather_replicas this replica's positives are the first columns.
+            hit = tf.equal(candidate_keys[:local_batch, tf.newaxis], candidate_keys[tf.newaxis, :])
+            score_mask = tf.logical_or(tf.logical_not(hit), tf.eye(local_batch, num_candidates, dtype=tf.bool))
+        if keep_columns is not None:
+            keep = tf.broadcast_to(keep_columns[tf.newaxis, :], [local_batch, num_candidates])
+            score_mask = keep if score_mask is None else tf.logical_and(score_mask, keep)
+        loss_sum = self.task(query, candidates,
+                             candidate_ids=candidate_keys if self.config.remove_accidental_hits else None,
+                             score_mask=score_mask, compute_metrics=False, compute_batch_metrics=False)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss_sum / tf.cast(local_batch * replicas, loss_sum.dtype)
+
+
+def _candidate_keys(ids: tf.Tensor | None, batch: tf.Tensor, *, tag: int) -> tf.Tensor:
+    """``[batch]`` int64 keys for accidental-hit masking.
+
+    String ids are hashed (FarmHash64 into [0, 2^62)): comparing a 1024×1024 grid of strings costs
+    more than the whole softmax. Without ids, every row gets a distinct negative key (unique per
+    replica and per ``tag``), so nothing is masked.
+    """
+    if ids is not None:
+        return tf.strings.to_hash_bucket_fast(ids, 2**62)
+    ctx = tf.distribute.get_replica_context()
+    replica = tf.cast(ctx.replica_id_in_sync_group if ctx is not None else 0, tf.int64)
+    return -1 - ((replica * 2 + tag) * 2**32 + tf.range(tf.cast(batch, tf.int64)))
+
+
+def _gather_replicas(values: tf.Tensor, ids: tf.Tensor | None, *, rotate: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Concatenate ``values`` (and ``ids``) of every replica along axis 0; no-op with one replica.
+
+    With ``rotate`` the result starts at this replica's rows, so row ``i`` is still this replica's
+    ``i``-th positive (``tfrs.tasks.Retrieval`` takes the diagonal as the labels). Gradients flow back
+    through ``all_gather`` to the replica that produced each row.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return values, ids
+    gathered = ctx.all_gather(values, axis=0)
+    gathered_ids = ctx.all_gather(ids, axis=0) if ids is not None else None
+    if rotate:
+        shift = -ctx.replica_id_in_sync_group * tf.shape(values)[0]
+        gathered = tf.roll(gathered, shift=shift, axis=0)
+        if gathered_ids is not None:
+            gathered_ids = tf.roll(gathered_ids, shift=shift, axis=0)
+    return gathered, gathered_ids

@@ -1,0 +1,235 @@
+"""The two-tower model: embedding bag arithmetic, sparse gradients, tower sharing, the in-batch loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import dssm  # noqa: F401
+from dssm.errors import ConfigError
+from dssm.features import FeatureConfig
+from dssm.model import DSSMModel, EmbeddingBag, ModelConfig
+from dssm.train import LazyAdam
+
+import tensorflow as tf  # noqa: E402  isort: skip
+
+FEATURES = FeatureConfig(num_buckets=4096)
+SMALL = ModelConfig(embedding_dim=16, hidden_dims=(12, 8))
+QUERIES = ["how do i learn python", "what is the capital of france", "best way to lose weight",
+           "how to cook rice", "why is the sky blue"]
+DOCUMENTS = ["learning python for beginners", "paris is the capital of france", "how can i lose weight fast",
+             "cooking rice on a stove", "why does the sky look blue"]
+
+
+def _batch(model: DSSMModel, queries: list[str], documents: list[str], doc_ids: list[str] | None = None) -> dict:
+    q_ids, q_counts = model.featurizer.bags(tf.constant(queries))
+    d_ids, d_counts = model.featurizer.bags(tf.constant(documents))
+    batch = {"query_ids": q_ids, "query_counts": q_counts, "document_ids": d_ids, "document_counts": d_counts}
+    if doc_ids is not None:
+        batch["document_id"] = tf.constant(doc_ids)
+    return batch
+
+
+def _softmax_ce(scores: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean over rows of -log softmax(row)[i] with masked entries removed (done in numpy by hand)."""
+    total = 0.0
+    for i, row in enumerate(scores):
+        keep = np.ones_like(row, bool) if mask is None else mask[i]
+        logits = row[keep]
+        total += -(row[i] - np.log(np.sum(np.exp(logits))))
+    return total / len(scores)
+
+
+def test_embedding_bag_is_count_weighted_row_sum() -> None:
+    bag = EmbeddingBag(10, 3, combiner="sum", init_stddev=0.1)
+    ids = tf.ragged.constant([[1, 4], [4], [], [9, 0, 2]], dtype=tf.int64)
+    counts = tf.ragged.constant([[2.0, 1.0], [3.0], [], [1.0, 1.0, 2.0]])
+    out = bag(ids, counts).numpy()
+    table = bag.table.numpy()
+    expected = np.stack([2 * table[1] + table[4], 3 * table[4], np.zeros(3), table[9] + table[0] + 2 * table[2]])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+    for combiner, scale in (("mean", [3, 3, 1, 4]), ("sqrtn", np.sqrt([3, 3, 1, 4]))):
+        other = EmbeddingBag(10, 3, combiner=combiner, init_stddev=0.1)
+        other(ids, counts)
+        other.table.assign(table)
+        np.testing.assert_allclose(other(ids, counts).numpy(), expected / np.asarray(scale)[:, None], rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_embedding_bag_handles_int32_row_splits_and_trailing_empty_rows() -> None:
+    bag = EmbeddingBag(5, 2, combiner="sum", init_stddev=0.1)
+    ids = tf.RaggedTensor.from_row_splits(tf.constant([3], tf.int64), tf.constant([0, 1, 1, 1], tf.int32))
+    counts = tf.RaggedTensor.from_row_splits(tf.constant([1.0]), tf.constant([0, 1, 1, 1], tf.int32))
+    out = bag(ids, counts).numpy()
+    assert out.shape == (3, 2)
+    np.testing.assert_allclose(out[0], bag.table.numpy()[3])
+    np.testing.assert_array_equal(out[1:], 0.0)
+
+
+def test_embedding_gradient_is_sparse_over_the_batch_ids() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=True)
+    table = model.query_tower.bag.table
+    grad = tape.gradient(loss, table)
+    assert isinstance(grad, tf.IndexedSlices)
+    used = set(np.concatenate([batch["query_ids"].flat_values.numpy(), batch["document_ids"].flat_values.numpy()]))
+    assert set(grad.indices.numpy()) == used
+    assert len(used) < FEATURES.num_buckets // 10
+
+
+def test_towers_output_unit_vectors_and_embed_texts_matches_bags() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    texts = QUERIES + ["", "🙂 ¿qué?"]
+    emb = model.embed_queries(tf.constant(texts)).numpy()
+    assert emb.shape == (len(texts), SMALL.output_dim) and emb.dtype == np.float32
+    norms = np.linalg.norm(emb, axis=1)
+    np.testing.assert_allclose(norms[:5], 1.0, rtol=1e-5)
+    assert np.isfinite(emb).all()
+    ids, counts = model.featurizer.bags(tf.constant(texts))
+    np.testing.assert_allclose(model.query_tower((ids, counts)).numpy(), emb, atol=1e-6)
+
+
+def test_shared_and_separate_towers() -> None:
+    shared = DSSMModel(SMALL, feature_config=FEATURES)
+    assert shared.query_tower is shared.document_tower
+    np.testing.assert_array_equal(shared.embed_queries(tf.constant(QUERIES)).numpy(),
+                                  shared.embed_documents(tf.constant(QUERIES)).numpy())
+
+    separate = DSSMModel(dataclasses.replace(SMALL, shared_towers=False), feature_config=FEATURES)
+    assert separate.query_tower is not separate.document_tower
+    q = separate.embed_queries(tf.constant(QUERIES)).numpy()
+    d = separate.embed_documents(tf.constant(QUERIES)).numpy()
+    assert not np.allclose(q, d, atol=1e-3)
+    separate(_batch(separate, QUERIES, DOCUMENTS))
+    shared(_batch(shared, QUERIES, DOCUMENTS))
+    assert len(separate.trainable_variables) == 2 * len(shared.trainable_variables)
+
+
+def test_loss_is_in_batch_softmax_with_temperature() -> None:
+    model = DSSMModel(dataclasses.replace(SMALL, temperature=0.2), feature_config=FEATURES)
+    batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
+    q, d = (t.numpy() for t in model(batch))
+    loss = float(model.compute_loss(batch))
+    assert loss == pytest.approx(_softmax_ce(q @ d.T / 0.2), rel=1e-5)
+
+
+def test_accidental_hits_are_masked_not_negatives() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    # Rows 0 and 3 share a document id: for row 0, column 3 must not be a negative (and vice versa).
+    ids = ["a", "b", "c", "a", "e"]
+    batch = _batch(model, QUERIES, DOCUMENTS, ids)
+    q, d = (t.numpy() for t in model(batch))
+    scores = q @ d.T / SMALL.temperature
+    mask = np.ones((5, 5), bool)
+    mask[0, 3] = mask[3, 0] = False
+    assert float(model.compute_loss(batch)) == pytest.approx(_softmax_ce(scores, mask), rel=1e-5)
+    unmasked = DSSMModel(dataclasses.replace(SMALL, remove_accidental_hits=False), feature_config=FEATURES)
+    unmasked(batch)
+    unmasked.set_weights(model.get_weights())
+    assert float(unmasked.compute_loss(batch)) == pytest.approx(_softmax_ce(scores), rel=1e-5)
+
+
+def test_explicit_negatives_are_extra_columns_and_empty_ones_are_ignored() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
+    negatives = ["python snakes in the zoo", "", "gain weight quickly", "", "the sea is blue"]
+    n_ids, n_counts = model.featurizer.bags(tf.constant(negatives))
+    batch.update(negative_ids=n_ids, negative_counts=n_counts,
+                 negative_id=tf.constant([f"n{i}" for i in range(5)]))
+    q, d = (t.numpy() for t in model(batch))
+    n = model.document_tower((n_ids, n_counts)).numpy()
+    scores = q @ np.concatenate([d, n]).T / SMALL.temperature
+    mask = np.ones((5, 10), bool)
+    mask[:, [6, 8]] = False  # rows 1 and 3 have no negative
+    assert float(model.compute_loss(batch)) == pytest.approx(_softmax_ce(scores, mask), rel=1e-5)
+
+
+def test_model_config_rejects_bad_values() -> None:
+    for bad in ({"temperature": 0.0}, {"activation": "sigmoidish"}, {"hidden_dims": (10, 0)},
+                {"dropout": 1.0}, {"bag_combiner": "max"}, {"embedding_dim": 0}):
+        with pytest.raises(ConfigError, match=str(list(bad.values())[0]).split(",")[0].strip("()")):
+            ModelConfig(**bad)
+
+
+def test_lazy_adam_updates_only_touched_rows() -> None:
+    table = tf.Variable(tf.ones([6, 2]))
+    reference = tf.Variable(tf.ones([6, 2]))
+    lazy, adam = LazyAdam(0.1), tf.keras.optimizers.Adam(0.1)
+    first = tf.IndexedSlices(tf.constant([[1.0, -2.0], [0.5, 0.5]]), tf.constant([1, 3]), tf.constant([6, 2]))
+    lazy.apply_gradients([(first, table)])
+    adam.apply_gradients([(first, reference)])
+    # Step 1 is identical to Adam: untouched rows have zero moments either way.
+    np.testing.assert_allclose(table.numpy(), reference.numpy(), rtol=1e-6)
+    second = tf.IndexedSlices(tf.constant([[1.0, 1.0]]), tf.constant([4]), tf.constant([6, 2]))
+    before = table.numpy()
+    lazy.apply_gradients([(second, table)])
+    adam.apply_gradients([(second, reference)])
+    after = table.numpy()
+    np.testing.assert_array_equal(after[[0, 1, 2, 3, 5]], before[[0, 1, 2, 3, 5]])  # rows 1, 3 keep still
+    assert not np.allclose(reference.numpy()[1], before[1])  # dense Adam keeps moving them on momentum
+    np.testing.assert_allclose(after[4], reference.numpy()[4], rtol=1e-6)
+
+
+_MIRRORED = textwrap.dedent("""
+    import dssm, json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from dssm.features import FeatureConfig
+    from dssm.model import DSSMModel, ModelConfig
+    config = ModelConfig(embedding_dim=16, hidden_dims=(12, 8), temperature=0.1)
+    features = FeatureConfig(num_buckets=4096)
+    texts = json.loads(sys.argv[1])
+    ids = ["a", "b", "c", "a", "e", "f"]
+    def batch(model, lo, hi):
+        q = model.featurizer.bags(tf.constant(texts[0][lo:hi]))
+        d = model.featurizer.bags(tf.constant(texts[1][lo:hi]))
+        n = model.featurizer.bags(tf.constant(texts[2][lo:hi]))
+        return {"query_ids": q[0], "query_counts": q[1], "document_ids": d[0], "document_counts": d[1],
+                "document_id": tf.constant(ids[lo:hi]), "negative_ids": n[0], "negative_counts": n[1]}
+    tf.keras.utils.set_random_seed(1)
+    single = DSSMModel(config, feature_config=features)
+    single_loss = float(single.compute_loss(batch(single, 0, 6)))
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        mirrored = DSSMModel(config, feature_config=features)
+        mirrored(batch(mirrored, 0, 6))
+    single(batch(single, 0, 6))
+    mirrored.set_weights(single.get_weights())
+    halves = [batch(mirrored, 0, 3), batch(mirrored, 3, 6)]
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: halves[ctx.replica_id_in_sync_group])
+    losses = strategy.run(lambda b: mirrored.compute_loss(b, training=False), args=(per_replica,))
+    total = float(strategy.reduce("SUM", losses, axis=None))
+    print(json.dumps({"single": single_loss, "mirrored": total, "replicas": strategy.num_replicas_in_sync}))
+""")
+
+
+def test_mirrored_strategy_sees_the_global_batch() -> None:
+    """Two logical CPUs under MirroredStrategy give the same loss as one device on the whole batch.
+
+    This is the GPU code path (all-gather of candidates, rotation so the diagonal stays the positive,
+    division by the global batch) run on CPU devices, in a subprocess because logical devices must be
+    configured before TensorFlow initialises.
+    """
+    import json
+
+    texts = [QUERIES + ["how tall is everest"], DOCUMENTS + ["height of mount everest"],
+             ["snakes", "", "gain weight", "rice pudding", "", "k2 height"]]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED, json.dumps(texts)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    assert result["mirrored"] == pytest.approx(result["single"], rel=1e-5)
