@@ -60,6 +60,9 @@ __all__ = [
     "retrieve_run",
     "sample_queries",
     "select_queries",
+    "reciprocal_rank_fusion",
+    "paired_randomization_test",
+    "trec_run_lines",
     "report_dict",
     "format_table",
     "main",
@@ -321,7 +324,86 @@ def select_queries(queries: Mapping[str, str], qrels: Qrels, *, keep: Callable[[
     return qids
 
 
+def reciprocal_rank_fusion(runs: Sequence[Run], *, k: int, rrf_k: float = 60.0) -> dict[str, list[tuple[str, float]]]:
+    """Fuse rankings by reciprocal rank (Cormack et al. 2009): ``score(d) = sum_runs 1 / (rrf_k + rank(d))``.
+
+    Args:
+        runs: runs over the same queries (a query missing from a run contributes nothing from it).
+        k: depth of the fused ranking.
+        rrf_k: the damping constant (60 in the paper).
+
+    Returns:
+        The fused run; ties are broken by doc id so the result is deterministic.
+    """
+    fused: dict[str, list[tuple[str, float]]] = {}
+    for qid in sorted({q for run in runs for q in run}):
+        scores: dict[str, float] = {}
+        for run in runs:
+            hits = run.get(qid, ())
+            for rank, doc_id in enumerate(_unique((h[0] for h in hits), len(hits)), 1):
+                scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (rrf_k + rank)
+        fused[qid] = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return fused
+
+
+def paired_randomization_test(a: Mapping[str, float], b: Mapping[str, float], *, trials: int = 10_000,
+                              seed: int = 0) -> float:
+    """Two-sided p-value that systems ``a`` and ``b`` have the same mean, by paired randomisation.
+
+    Each trial swaps the two systems' values on a random half of the queries (sign flips of the
+    per-query differences); p is the share of trials whose |mean difference| reaches the observed one
+    (Smucker, Allan & Carterette 2007). Queries are paired by id.
+
+    Args:
+        a, b: per-query values of one metric, ``{qid: value}``, over the same query ids.
+        trials: random permutations.
+        seed: RNG seed (results repeat).
+
+    Raises:
+        InputError: the query sets differ or are empty.
+    """
+    import numpy as np
+
+    if set(a) != set(b) or not a:
+        raise InputError(f"paired test needs the same non-empty query set: {len(a)} vs {len(b)} queries, "
+                         f"{len(set(a) ^ set(b))} not shared")
+    qids = sorted(a)
+    diff = np.array([a[q] - b[q] for q in qids], dtype=np.float64)
+    observed = abs(diff.mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, trials, 1000):  # blocks bound memory at 1000 x n
+        n = min(1000, trials - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(n, diff.size))
+        hits += int((np.abs((signs * diff).mean(axis=1)) >= observed - 1e-12).sum())
+    # +1 in both counts the observed assignment itself, so p is never 0 (Phipson & Smyth 2010).
+    return (hits + 1) / (trials + 1)
+
+
 # ---------------------------------------------------------------------------------------------- report
+
+
+def trec_run_lines(run: Run, *, system: str) -> list[str]:
+    """The run in TREC format, ``qid Q0 docid rank score system``, so trec_eval users can check us.
+
+    Scores are rewritten as strictly falling values when the run has ties, because trec_eval re-sorts by
+    score (ties by doc id) and would otherwise change our order.
+    """
+    if not system or any(c.isspace() for c in system):
+        raise ConfigError(f"TREC system tag must be one word, got {system!r}")
+    lines = []
+    for qid in sorted(run):
+        hits = list(run[qid])
+        scores = [float(h[1]) for h in hits]
+        monotone = all(x > y for x, y in zip(scores, scores[1:], strict=False))
+        for rank, hit in enumerate(hits, 1):
+            doc_id = hit[0]
+            if any(c.isspace() for c in str(qid) + str(doc_id)):
+                raise InputError(f"TREC run ids cannot contain whitespace: query {qid!r}, document {doc_id!r}")
+            score = scores[rank - 1] if monotone else float(len(hits) - rank + 1)
+            lines.append(f"{qid} Q0 {doc_id} {rank} {score!r} {system}")  # repr: exact, so order survives
+    return lines
+
 
 
 def report_dict(results: Sequence[SystemResult], *, queries: int, docs: int) -> dict[str, Any]:

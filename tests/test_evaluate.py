@@ -22,12 +22,15 @@ from dssm.evaluate import (
     metric_depth,
     mrr_at_k,
     ndcg_at_k,
+    paired_randomization_test,
     parse_metric,
     per_query_metrics,
+    reciprocal_rank_fusion,
     report_dict,
     retrieve_run,
     sample_queries,
     select_queries,
+    trec_run_lines,
 )
 
 # ------------------------------------------------------------------ a 3-query example, computed by hand
@@ -415,3 +418,43 @@ def test_cli_refuses_an_index_of_another_corpus(adi_index, adi, tmp_path, capsys
         main(["--index", str(adi_index), "--data", str(data)])
     assert cli_main(["eval", "--index", str(tmp_path / "missing"), "--data", str(data)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------- building blocks for issue 6
+
+
+def test_reciprocal_rank_fusion_hand_example():
+    a = {"q": [("x", 9.0), ("y", 8.0), ("z", 7.0)]}
+    b = {"q": [("z", 0.9), ("x", 0.8)], "r": [("w", 1.0)]}
+    fused = reciprocal_rank_fusion([a, b], k=10, rrf_k=60)
+    # x: 1/61 + 1/62; z: 1/63 + 1/61; y: 1/62; w (only in b's "r"): 1/61.
+    assert [d for d, _ in fused["q"]] == ["x", "z", "y"]
+    assert fused["q"][0][1] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused["q"][1][1] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused["q"][2][1] == pytest.approx(1 / 62)
+    assert fused["r"] == [("w", pytest.approx(1 / 61))]
+    assert [d for d, _ in reciprocal_rank_fusion([a, b], k=2)["q"]] == ["x", "z"]
+
+
+def test_paired_randomization_test():
+    ids = [f"q{i}" for i in range(30)]
+    same = {q: 0.5 for q in ids}
+    assert paired_randomization_test(same, dict(same)) == pytest.approx(1.0)
+    better = {q: 0.9 for q in ids}
+    # Every query favours `better`: only the 2 all-same-sign flips of 2^30 reach the observed mean.
+    assert paired_randomization_test(better, same, trials=2000) == pytest.approx(1 / 2001)
+    # One query out of 30 differs: a swap of that query alone halves the trials, p ≈ 1.
+    nearly = dict(same, q0=0.6)
+    assert paired_randomization_test(nearly, same, trials=2000) > 0.9
+    with pytest.raises(InputError, match="same non-empty query set"):
+        paired_randomization_test({"a": 1.0}, {"b": 1.0})
+
+
+def test_trec_run_lines_keep_our_order_for_trec_eval():
+    lines = trec_run_lines({"q2": [("d1", 0.5), ("d2", 0.5)], "q1": [("d3", 2.0), ("d4", 1.0)]}, system="dssm")
+    assert lines == ["q1 Q0 d3 1 2.0 dssm", "q1 Q0 d4 2 1.0 dssm",
+                     "q2 Q0 d1 1 2.0 dssm", "q2 Q0 d2 2 1.0 dssm"]  # tied scores rewritten to falling ones
+    with pytest.raises(ConfigError):
+        trec_run_lines({}, system="two words")
+    with pytest.raises(InputError, match="whitespace"):
+        trec_run_lines({"q 1": [("d", 1.0)]}, system="x")
