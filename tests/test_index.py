@@ -299,3 +299,44 @@ def test_doc_store_is_real_sqlite_and_read_only(tmp_path):
         store._conn().execute("DELETE FROM docs")
     with pytest.raises(IndexNotFoundError, match=r"rows \[20\]"):
         store.get([1, 20])
+
+
+_SLOW_BUILD = """
+import sys
+import numpy as np
+from serving import index as ix
+x = np.random.default_rng(0).standard_normal((120_000, 32)).astype(np.float32)
+ix.build_index(sys.argv[1], embeddings=x, ids=[f"n{i}" for i in range(len(x))], texts=["t"] * len(x),
+               config=ix.ScannConfig(mode="tree_ah", min_recall=0.0))
+"""
+
+
+@pytest.mark.parametrize("stage_file", ["docs.sqlite", "embeddings.npy"])
+def test_build_killed_mid_way_leaves_the_previous_version_live(tmp_path, stage_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    matrix = unit_vectors(50, 32)
+    first = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(50), texts=["a"] * 50)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(tmp_path / "idx")],
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        # Kill while the build writes its doc store, or later while it saves the matrix / trains ScaNN.
+        while not list((tmp_path / "idx").glob(f".staging/*/version/{stage_file}")):
+            assert proc.poll() is None, "the build finished or failed before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    index = ix.load_index(tmp_path / "idx")
+    assert index.version == first.version
+    assert index.search_vectors(matrix[[9]], 1)[0][0, 0] == 9
+    # The next build is not blocked by the dead build's staging leftovers.
+    second = ix.build_index(tmp_path / "idx", embeddings=matrix[:20], ids=ids_for(20), texts=["b"] * 20)
+    assert ix.load_index(tmp_path / "idx").version == second.version
