@@ -15,7 +15,7 @@ import dssm  # noqa: F401
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, EmbeddingBag, ModelConfig
-from dssm.train import LazyAdam
+from dssm.train import LazyAdam, SparseAdagrad
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -71,6 +71,33 @@ def test_embedding_bag_handles_int32_row_splits_and_trailing_empty_rows() -> Non
     assert out.shape == (3, 2)
     np.testing.assert_allclose(out[0], bag.table.numpy()[3])
     np.testing.assert_array_equal(out[1:], 0.0)
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_embedding_bag_gradient_matches_dense_autodiff(combiner: str) -> None:
+    """The hand-written pooling gradient equals autodiff through a dense count-matrix formulation."""
+    rng = np.random.default_rng(0)
+    bag = EmbeddingBag(50, 4, combiner=combiner, init_stddev=0.1)
+    ids = tf.ragged.constant([[3, 7, 1], [7], [], [49, 3, 0, 12], [1, 2]], dtype=tf.int64)
+    counts = tf.ragged.constant([[1.0, 2.0, 1.0], [3.0], [], [1.0, 1.0, 2.0, 1.0], [1.0, 4.0]])
+    bag(ids, counts)
+    upstream = tf.constant(rng.normal(size=(5, 4)), tf.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(bag(ids, counts) * upstream)
+    grad = tape.gradient(loss, bag.table)
+    assert isinstance(grad, tf.IndexedSlices)
+    dense_counts = np.zeros((5, 50), np.float32)
+    for r, (row_ids, row_counts) in enumerate(zip(ids.to_list(), counts.to_list(), strict=True)):
+        dense_counts[r, row_ids] = row_counts
+    total = dense_counts.sum(1, keepdims=True)
+    scale = {"sum": np.ones_like(total), "mean": np.maximum(total, 1), "sqrtn": np.maximum(np.sqrt(total), 1)}
+    weights = tf.constant(dense_counts / scale[combiner])
+    table = tf.Variable(bag.table.numpy())
+    with tf.GradientTape() as tape:
+        reference = tf.reduce_sum(tf.matmul(weights, table) * upstream)
+    np.testing.assert_allclose(float(loss), float(reference), rtol=1e-5)
+    np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), tape.gradient(reference, table).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_embedding_gradient_is_sparse_over_the_batch_ids() -> None:
@@ -179,6 +206,24 @@ def test_lazy_adam_updates_only_touched_rows() -> None:
     np.testing.assert_allclose(after[4], reference.numpy()[4], rtol=1e-6)
 
 
+def test_sparse_adagrad_matches_the_adagrad_formula_on_touched_rows() -> None:
+    table = tf.Variable(tf.ones([5, 2]))
+    optimizer = SparseAdagrad(0.5)
+    grad = tf.IndexedSlices(tf.constant([[1.0, -2.0], [0.5, 0.0]]), tf.constant([3, 0]), tf.constant([5, 2]))
+    optimizer.apply_gradients([(grad, table)])
+    accumulator = 0.1 + np.array([[0.25, 0.0], [1.0, 4.0]])  # Keras' initial_accumulator_value is 0.1
+    expected = np.ones((5, 2), np.float32)
+    expected[[0, 3]] -= 0.5 * np.array([[0.5, 0.0], [1.0, -2.0]]) / (np.sqrt(accumulator) + 1e-7)
+    np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6)
+    # Repeated rows (a model that gathers a table twice) are summed first, as Keras does.
+    twice = tf.IndexedSlices(tf.constant([[1.0, 1.0], [1.0, 1.0]]), tf.constant([2, 2]), tf.constant([5, 2]))
+    once = tf.IndexedSlices(tf.constant([[2.0, 2.0]]), tf.constant([2]), tf.constant([5, 2]))
+    a, b = tf.Variable(tf.ones([5, 2])), tf.Variable(tf.ones([5, 2]))
+    SparseAdagrad(0.5).apply_gradients([(twice, a)])
+    SparseAdagrad(0.5).apply_gradients([(once, b)])
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
 _MIRRORED = textwrap.dedent("""
     import dssm, json, sys
     import numpy as np
@@ -206,17 +251,29 @@ _MIRRORED = textwrap.dedent("""
         mirrored(batch(mirrored, 0, 6))
     single(batch(single, 0, 6))
     mirrored.set_weights(single.get_weights())
+    before = [v.numpy() for v in single.trainable_variables]
     halves = [batch(mirrored, 0, 3), batch(mirrored, 3, 6)]
     per_replica = strategy.experimental_distribute_values_from_function(
         lambda ctx: halves[ctx.replica_id_in_sync_group])
     losses = strategy.run(lambda b: mirrored.compute_loss(b, training=False), args=(per_replica,))
     total = float(strategy.reduce("SUM", losses, axis=None))
-    print(json.dumps({"single": single_loss, "mirrored": total, "replicas": strategy.num_replicas_in_sync}))
+    # One optimizer step each: gradients flow back through all_gather and are summed over replicas.
+    from dssm.train import SparseAdagrad
+    single.compile(optimizer=SparseAdagrad(0.5))
+    with strategy.scope():
+        mirrored.compile(optimizer=SparseAdagrad(0.5))
+    single.train_step(batch(single, 0, 6))
+    tf.function(lambda b: strategy.run(mirrored.train_step, args=(b,)))(per_replica)
+    after = [v.numpy() for v in single.trainable_variables]
+    diff = max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip(after, mirrored.trainable_variables))
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(after, before))
+    print(json.dumps({"single": single_loss, "mirrored": total, "replicas": strategy.num_replicas_in_sync,
+                      "weight_diff": diff, "moved": moved}))
 """)
 
 
 def test_mirrored_strategy_sees_the_global_batch() -> None:
-    """Two logical CPUs under MirroredStrategy give the same loss as one device on the whole batch.
+    """Two logical CPUs under MirroredStrategy give the same loss and update as one device on the whole batch.
 
     This is the GPU code path (all-gather of candidates, rotation so the diagonal stays the positive,
     division by the global batch) run on CPU devices, in a subprocess because logical devices must be
@@ -233,3 +290,5 @@ def test_mirrored_strategy_sees_the_global_batch() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
     assert result["mirrored"] == pytest.approx(result["single"], rel=1e-5)
+    assert result["moved"] > 1e-3  # the step changed the weights...
+    assert result["weight_diff"] < 1e-5  # ...identically on one device and on two replicas
