@@ -2,7 +2,7 @@
 
 Usage::
 
-    dssm pairs --input PATH [--format quora|pairs|beir] --output DIR [options] [beam flags]
+    dssm pairs --input PATH [--format quora|pairs|beir|corpus] --output DIR [options] [beam flags]
 
 Input formats (``--format``; guessed from the input when omitted):
 
@@ -13,9 +13,33 @@ Input formats (``--format``; guessed from the input when omitted):
   optional ``--label-column`` (missing → every pair is a positive, label 1.0).
 * ``beir``: a BEIR directory; one pair per qrel with score > 0 (label = the grade), the document
   being ``title + " " + text``.
+* ``corpus``: a bare corpus, no queries or labels: BEIR ``corpus.jsonl`` (or a BEIR directory, whose
+  ``corpus.jsonl`` is read) or any table with id/title/text columns (``--id-column``,
+  ``--title-column``, ``--text-column``). Self-supervised pairs, label 1.0: the title → the body
+  (the text without a leading copy of the title: cranfield's texts start with their title), and for
+  documents without a usable title, or when ``--pairs-per-document`` asks for more, a sentence → the
+  rest of the document (title + body without that sentence). Sentences are picked in an order fixed
+  by a hash of ``--seed`` and the document id, so runs repeat on every runner. A query has at least
+  ``--min-query-chars`` characters. ``query_id`` is ``<doc id>#title`` or ``<doc id>#s<i>`` (sentence
+  ``i``), ``document_id`` the doc id. The split hashes the *document id* (not the query text), so all
+  pairs of a document share a split. ``stats.json`` counts documents: ``read`` = ``paired_documents``
+  + ``rejected``; ``written`` counts pairs.
 
 Guessing: a directory is ``beir``; a table whose header has ``question1`` or ``text1`` is ``quora``;
-any other table is ``pairs``.
+a table without the ``--query-column``/``--document-column`` columns but with ``text`` and ``_id`` or
+``id`` is ``corpus``; any other table is ``pairs``.
+
+Explicit negatives as a third tower input (``--negatives-as-third-input``, formats quora and pairs,
+off by default): rows with label <= 0 (Quora's ``is_duplicate = 0``) are grouped by normalised
+query text and each positive pair of that query carries one of them as ``negative_id``,
+``negative_text``, ``negative_ids``, ``negative_counts`` (both directions: a non-duplicate A/B
+makes B a negative for A's positives and A one for B's). The label-0 rows are still written as
+their own label-0 pairs, so ``read = written + rejected`` holds and the classifier/contrastive
+losses still see them; ``stats.json`` adds ``with_negative`` (positives carrying one). Off by
+default because it adds a grouping shuffle and attaches little when queries rarely repeat (in
+quora-dev only 19 of the 4,973 queries with a label-0 row also have a positive pair); turn it on
+for the full Quora train set, where questions recur. Every run's ``stats.json`` has
+``label_0`` (written pairs with label <= 0).
 
 Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFRecord shards,
 ``rejected-*.jsonl`` dead letters, ``stats.json``, ``features.json``, ``pairs_config.json`` and a
@@ -57,19 +81,23 @@ from dssm.errors import DSSMError, InputError
 from dssm.features import FeatureConfig
 from pipelines.transforms import (
     REJECTED,
+    CorpusPairs,
+    CorpusSpec,
     FeaturizePairs,
     JoinBeir,
     PairColumns,
     PairLimits,
     SplitSpec,
     ValidatePairs,
+    attach_negatives,
+    negative_entries,
     read_table,
     rejected_json,
 )
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
 
-FORMATS = ("quora", "pairs", "beir")
+FORMATS = ("quora", "pairs", "beir", "corpus")
 SPLITS = ("train", "validation")
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _COUNTS = ".counts.json"  # the counting branch's output, folded into stats.json and removed
@@ -100,6 +128,15 @@ class PairsConfig:
     num_shards: int = field(0, "shards per output (train, validation, rejected); 0 lets the runner choose")
     batch_size: int = field(512, "most pairs per featurizer call")
     beir_qrels: str = field("", "qrels file inside a BEIR directory; default qrels.tsv, else qrels/train.tsv")
+    id_column: str = field("", "format corpus: document id column; default _id if present, else id")
+    title_column: str = field("title", "format corpus: title column (optional; missing -> sentence pairs only)")
+    text_column: str = field("text", "format corpus: text column")
+    pairs_per_document: int = field(1, "format corpus: most pairs per document (title -> body first, then "
+                                       "sentence -> rest)")
+    min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
+    seed: int = field(0, "format corpus: seed of the hash that picks sentences")
+    negatives_as_third_input: bool = field(False, "formats quora/pairs: attach label<=0 rows to the positives "
+                                                  "of the same query as negative_* features")
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,7 @@ class PairsInput:
     table_format: str | None  # csv/tsv/jsonl/parquet for quora and pairs; None for beir
     columns: PairColumns
     qrels: Path | None = None
+    corpus: CorpusSpec | None = None  # format corpus
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,9 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Raw query-document pairs -> hashed-trigram TFRecord shards (Beam job). "
                     "Unknown flags go to Beam (--runner, --direct_num_workers, --direct_running_mode, ...).",
     )
-    parser.add_argument("--input", required=True, help="a table (CSV/TSV/JSONL/Parquet) or a BEIR directory")
+    parser.add_argument("--input", required=True,
+                        help="a table (CSV/TSV/JSONL/Parquet), a BEIR directory, or a corpus (format corpus)")
     parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="input format; guessed when omitted (directory -> beir, question1/text1 -> quora)")
+                        help="input format; guessed when omitted (directory -> beir, question1/text1 -> quora, "
+                             "no query/document columns but _id or id and text -> corpus)")
     parser.add_argument("--output", required=True, help="output directory (local)")
     add_config_arguments(parser, PairsConfig)
     add_config_arguments(parser, FeatureConfig)
@@ -170,9 +210,15 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
         else:
             found = read_columns(path)
             format = "quora" if _pick(found, _QUORA_QUERY) else "pairs"  # noqa: A001
+            is_pairs = config.query_column in found or config.document_column in found
+            if format == "pairs" and not is_pairs and config.text_column in found and (
+                    config.id_column in found if config.id_column else _pick(found, ("_id", "id"))):
+                format = "corpus"  # noqa: A001
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {FORMATS}")
 
+    if format == "corpus":
+        return _resolve_corpus(path, config, explicit)
     if format == "beir":
         if not path.is_dir():
             raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
@@ -235,6 +281,39 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
     return PairsInput(path, format, kind, columns), resolved
 
 
+def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str]) -> tuple[PairsInput, PairsConfig]:
+    """``resolve_input`` for format corpus: a corpus table, or a BEIR directory's ``corpus.jsonl``."""
+    if path.is_dir():
+        if not (path / "corpus.jsonl").is_file():
+            raise InputError(f"--format corpus needs a corpus table or a BEIR directory with corpus.jsonl; "
+                             f"{path} has no corpus.jsonl")
+        path = path / "corpus.jsonl"
+    kind = table_format(path)
+    found = read_columns(path, kind)
+    id_column = config.id_column or _pick(found, ("_id", "id"))
+    missing = [c for c in (id_column, config.text_column) if c is None or c not in found]
+    if missing:
+        shown = [m or "_id or id" for m in missing]
+        raise InputError(f"{path} (corpus format) lacks column(s) {shown}: it has {found}; expected an id (_id or "
+                         "id), text and optionally title (rename with --id-column/--text-column/--title-column)")
+    title_column = config.title_column if config.title_column in found else None
+    if config.title_column and title_column is None and "title_column" in explicit:
+        raise InputError(f"{path} (corpus format) lacks the title column {config.title_column!r}: it has {found}")
+    if config.pairs_per_document < 1 or config.min_query_chars < 1:
+        raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1, got "
+                         f"{config.pairs_per_document} and {config.min_query_chars}")
+    if config.negatives_as_third_input:
+        raise InputError("--negatives-as-third-input needs labelled pairs (formats quora, pairs); "
+                         "a corpus has no explicit negatives (mine some with `dssm mine`)")
+    spec = CorpusSpec(id_column=id_column, text_column=config.text_column, title_column=title_column,
+                      pairs_per_document=config.pairs_per_document, min_query_chars=config.min_query_chars,
+                      seed=config.seed)
+    columns = PairColumns(config.text_column, config.text_column, None, id_column, id_column)
+    resolved = replace(config, query_column="", document_column="", label_column="", query_id_column="",
+                       document_id_column="", beir_qrels="", id_column=id_column, title_column=title_column or "")
+    return PairsInput(path, "corpus", kind, columns, corpus=spec), resolved
+
+
 def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: PairsConfig,
                    features: FeatureConfig, output: Path) -> None:
     """Add the job's transforms to ``pipeline`` (read → validate → featurize → write, plus counts)."""
@@ -262,18 +341,34 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
         )
         read_markers = (records,)
 
-    checked = records | "Validate" >> beam.ParDo(ValidatePairs(
-        columns=source.columns,
-        limits=PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars),
-        split=SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt),
-    )).with_outputs(REJECTED, main="pairs")
+    limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
+    split = SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt)
+    extra_keys = []
+    if source.corpus is not None:
+        checked = records | "CorpusPairs" >> beam.ParDo(CorpusPairs(
+            spec=source.corpus, limits=limits, split=split)).with_outputs(REJECTED, CorpusPairs.PAIRED, main="pairs")
+        extra_keys.append(checked[CorpusPairs.PAIRED] | "PairedKey" >> beam.Map(lambda _: "paired_documents"))
+    else:
+        checked = records | "Validate" >> beam.ParDo(ValidatePairs(
+            columns=source.columns, limits=limits, split=split)).with_outputs(REJECTED, main="pairs")
     rejected_parts.append(checked[REJECTED])
     rejected = tuple(rejected_parts) | "AllRejected" >> beam.Flatten()
 
+    pairs = checked.pairs
+    if config.negatives_as_third_input:
+        pairs = (pairs
+                 | "NegativeEntries" >> beam.FlatMap(negative_entries)
+                 | "GroupByQuery" >> beam.GroupByKey()
+                 | "AttachNegatives" >> beam.FlatMap(attach_negatives))
+        extra_keys.append(pairs | "NegativeKey" >> beam.Filter(lambda p: bool(p.get("negative_text")))
+                          | "WithNegativeKey" >> beam.Map(lambda _: "with_negative"))
+    extra_keys.append(pairs | "Label0" >> beam.Filter(lambda p: p["label"] <= 0)
+                      | "Label0Key" >> beam.Map(lambda _: "label_0"))
     examples = (
-        checked.pairs
+        pairs
         | "Batch" >> beam.BatchElements(min_batch_size=min(32, config.batch_size), max_batch_size=config.batch_size)
-        | "Featurize" >> beam.ParDo(FeaturizePairs(feature_config=features))
+        | "Featurize" >> beam.ParDo(FeaturizePairs(feature_config=features,
+                                                   negatives=config.negatives_as_third_input))
     )
     by_split = examples | "BySplit" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
     for split, part in zip(SPLITS, by_split, strict=True):
@@ -291,6 +386,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
     keys = [part | f"ReadKey{i}" >> beam.Map(lambda _: "read") for i, part in enumerate(read_markers)]
     keys.append(examples | "SplitKey" >> beam.Map(lambda kv: kv[0]))
     keys.append(rejected | "RejectedKey" >> beam.Map(lambda r: f"{REJECTED}:{r['reason']}"))
+    keys.extend(extra_keys)
     (tuple(keys)
      | "AllKeys" >> beam.Flatten()
      | "Count" >> beam.combiners.Count.PerElement()
@@ -299,7 +395,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
      | "WriteCounts" >> beam.io.WriteToText(str(output / _COUNTS), num_shards=1, shard_name_template=""))
 
 
-def _stats(counts: dict[str, int]) -> dict[str, Any]:
+def _stats(counts: dict[str, int], *, source: PairsInput, config: PairsConfig) -> dict[str, Any]:
     by_reason = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith(f"{REJECTED}:")}
     stats = {
         "read": counts.get("read", 0),
@@ -307,8 +403,13 @@ def _stats(counts: dict[str, int]) -> dict[str, Any]:
         "validation": counts.get("validation", 0),
         "rejected": sum(by_reason.values()),
         "rejected_by_reason": by_reason,
+        "label_0": counts.get("label_0", 0),
     }
     stats["written"] = stats["train"] + stats["validation"]
+    if source.corpus is not None:
+        stats["paired_documents"] = counts.get("paired_documents", 0)
+    if config.negatives_as_third_input:
+        stats["with_negative"] = counts.get("with_negative", 0)
     return stats
 
 
@@ -324,7 +425,8 @@ def _clear_outputs(output: Path) -> None:
 
 def format_stats(stats: dict[str, Any]) -> str:
     """A readable table of ``stats.json``."""
-    rows = [(key, stats[key]) for key in ("read", "written", "train", "validation", "rejected")]
+    keys = ("read", "paired_documents", "written", "train", "validation", "label_0", "with_negative", "rejected")
+    rows = [(key, stats[key]) for key in keys if key in stats]
     rows += [(f"  {reason}", n) for reason, n in stats["rejected_by_reason"].items()]
     if "seconds" in stats:
         rows += [("seconds", stats["seconds"]), ("rows/s", stats["rows_per_second"])]
@@ -348,7 +450,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     """
     args, beam_args = _parser().parse_known_args(argv)
     explicit = frozenset(k for k in ("query_column", "document_column", "label_column", "query_id_column",
-                                     "document_id_column") if getattr(args, k) is not None)
+                                     "document_id_column", "title_column") if getattr(args, k) is not None)
     config = config_from_args(PairsConfig, args)
     features = config_from_args(FeatureConfig, args)
     if not 0.0 <= config.validation_fraction < 1.0:
@@ -357,6 +459,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise InputError("--max-query-chars, --max-document-chars and --batch-size must be positive, "
                          f"--num-shards >= 0; got {config}")
     source, config = resolve_input(args.input, format=args.format, config=config, explicit=explicit)
+    if config.negatives_as_third_input and (source.format not in ("quora", "pairs") or not config.label_column):
+        raise InputError(f"--negatives-as-third-input needs labelled pairs (format quora, or pairs with a label "
+                         f"column); {source.path} is format {source.format} "
+                         f"{'without a label column' if source.format != 'beir' else '(qrels are positives only)'}")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output} exists and is not a directory")
@@ -373,16 +479,19 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     counts_path = output / _COUNTS
     counts = json.loads(counts_path.read_text())
     counts_path.unlink()
-    stats = _stats(counts)
-    if stats["read"] != stats["written"] + stats["rejected"]:
-        raise DSSMError(f"pairs job lost records: read {stats['read']} != written {stats['written']} + "
+    stats = _stats(counts, source=source, config=config)
+    kept, kept_name = ((stats["paired_documents"], "paired documents") if source.corpus
+                       else (stats["written"], "written"))
+    if stats["read"] != kept + stats["rejected"]:
+        raise DSSMError(f"pairs job lost records: read {stats['read']} != {kept_name} {kept} + "
                         f"rejected {stats['rejected']} (a bug; please report it with the input)")
     stats["seconds"] = round(seconds, 3)
     stats["rows_per_second"] = round(stats["read"] / seconds, 1) if seconds > 0 else 0.0
     write_json_atomic(output / "stats.json", stats)
     save_config(features, output / "features.json")
     write_json_atomic(output / "pairs_config.json",
-                      {"input": str(source.path.resolve()), "format": source.format, **config_to_dict(config)})
+                      {"input": str(source.path.resolve()), "format": source.format,
+                       "split_key": "document_id" if source.corpus else "query_text", **config_to_dict(config)})
     if stats["written"] == 0:
         raise InputError(f"no pairs written from {source.path}: {stats['read']} records read, all rejected "
                          f"({stats['rejected_by_reason']}); see {output}/{REJECTED}-*.jsonl")

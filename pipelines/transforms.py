@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +56,16 @@ __all__ = [
     "read_table",
     "ValidatePairs",
     "JoinBeir",
+    "CorpusSpec",
+    "CorpusPairs",
+    "corpus_pairs",
+    "sentence_spans",
+    "strip_title",
     "FeaturizePairs",
+    "normalise_text",
+    "negative_entries",
+    "attach_negatives",
+    "set_negative",
     "pair_example",
     "rejected_json",
 ]
@@ -77,6 +88,9 @@ REASONS = {
     "duplicate_id": "a BEIR query or document id occurs more than once",
     "bad_query_record": "a line of the BEIR queries.jsonl could not be used",
     "bad_document_record": "a line of the BEIR corpus.jsonl could not be used",
+    "empty_document_id": "a corpus record has no id (format corpus)",
+    "no_pair": "a corpus document has no usable title and no sentence of --min-query-chars with text left "
+               "beside it (format corpus)",
 }
 
 
@@ -386,13 +400,241 @@ class JoinBeir(beam.PTransform):
         return {"pairs": pairs, "rejected": rejected}
 
 
-def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag: tuple[Any, Any]) -> bytes:
+# ---- format corpus: self-supervised pairs from bare documents ------------------------------------------
+
+# A sentence ends at . ! ? followed by white space, or at a blank line. Crude on purpose: the pairs
+# only need a plausible "short text about the document", and numbers like "3. 5" splitting is harmless.
+_SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+_WORD = re.compile(r"\w+")
+# Title words that must reappear in order at the start of the text to call it a copy of the title:
+# cranfield's titles are its first sentence, sometimes cut or with a typo fixed ("oseen's"/"oseens's").
+_TITLE_MATCH = 0.9
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """How :class:`CorpusPairs` reads a corpus record and turns it into pairs."""
+
+    id_column: str
+    text_column: str
+    title_column: str | None
+    pairs_per_document: int
+    min_query_chars: int
+    seed: int
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the sentences of ``text``, surrounding white space excluded."""
+    spans, start = [], 0
+    for boundary in [*_SENTENCE_BOUNDARY.finditer(text), None]:
+        stop = boundary.start() if boundary is not None else len(text)
+        piece = text[start:stop]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + len(piece.rstrip())))
+        if boundary is not None:
+            start = boundary.end()
+    return spans
+
+
+def strip_title(title: str, text: str) -> str:
+    """``text`` without a leading copy of ``title`` (compared word by word, case-folded).
+
+    The copy counts when at least 90% of the title's words reappear at the same positions among the
+    text's first words, so a title cut short or with a one-word typo still matches. The title's
+    closing punctuation goes with it. Returns ``text`` unchanged when it does not start with the title.
+    """
+    title_words = [w.casefold() for w in _WORD.findall(title)]
+    if not title_words:
+        return text
+    leading = []
+    for match in _WORD.finditer(text):
+        leading.append(match)
+        if len(leading) == len(title_words):
+            break
+    if len(leading) < len(title_words):
+        return text
+    same = sum(a == m.group().casefold() for a, m in zip(title_words, leading, strict=True))
+    if same < math.ceil(_TITLE_MATCH * len(title_words)):
+        return text
+    return text[leading[-1].end():].lstrip(" \t\r\n.:;!?,-\u2013\u2014")
+
+
+def _rank_key(seed: int, doc_id: str, index: int) -> bytes:
+    """A repeatable pseudo-random order of a document's sentences (sha256: the same on every runner)."""
+    return hashlib.sha256(f"{seed}\x00{doc_id}\x00{index}".encode("utf-8", "surrogatepass")).digest()
+
+
+def corpus_pairs(doc_id: str, title: str, text: str, *, pairs_per_document: int, min_query_chars: int,
+                 max_query_chars: int, seed: int) -> list[tuple[str, str, str]]:
+    """Self-supervised ``(suffix, query, document)`` pairs from one document.
+
+    The title, when it has ``min_query_chars``..``max_query_chars`` characters and the body is not
+    empty, is the first query and the body (``text`` without a leading copy of the title, see
+    :func:`strip_title`) its document. Further pairs, up to ``pairs_per_document``, take a body sentence
+    of ``min_query_chars``..``max_query_chars`` characters as the query and the rest of the document
+    (title, then the body without that sentence) as the document. Sentences are drawn in an order fixed
+    by a hash of ``seed``, ``doc_id`` and the sentence's position, so every run picks the same ones.
+
+    Returns:
+        Up to ``pairs_per_document`` triples; ``suffix`` is ``"title"`` or ``"s<sentence index>"``
+        (the caller appends it to the document id to make the query id). Empty when the document
+        yields no pair (no usable title and fewer than two sentences, or none long enough).
+    """
+    title = title.strip()
+    body = (strip_title(title, text) if title else text).strip()
+    pairs: list[tuple[str, str, str]] = []
+    if title and body and min_query_chars <= len(title) <= max_query_chars:
+        pairs.append(("title", title, body))
+    wanted = pairs_per_document - len(pairs)
+    if wanted <= 0:
+        return pairs
+    spans = sentence_spans(body)
+    if len(spans) < 2:
+        return pairs
+    candidates = [i for i, (start, end) in enumerate(spans) if min_query_chars <= end - start <= max_query_chars]
+    for i in sorted(candidates, key=lambda i: _rank_key(seed, doc_id, i))[:wanted]:
+        start, end = spans[i]
+        rest = f"{body[:start].rstrip()} {body[end:].lstrip()}".strip()
+        pairs.append((f"s{i}", body[start:end], f"{title} {rest}" if title else rest))
+    return pairs
+
+
+class CorpusPairs(beam.DoFn):
+    """Raw corpus record → self-supervised pairs (main output) or one dead letter (``rejected``).
+
+    A document yields up to ``pairs_per_document`` pairs (:func:`corpus_pairs`), each with
+    ``query_id = <doc id>#<suffix>``, ``document_id = <doc id>``, label 1.0, and the document's split,
+    drawn from a hash of the document id, so all pairs of a document land in one split (a validation
+    pair's document is never a training document). It also emits the document id on the ``paired``
+    output, once per document with pairs, for the job's accounting (read = paired + rejected).
+    """
+
+    PAIRED = "paired"
+
+    def __init__(self, *, spec: CorpusSpec, limits: PairLimits, split: SplitSpec) -> None:
+        self._spec = spec
+        self._limits = limits
+        self._split = split
+
+    def process(self, raw: dict[str, Any]) -> Iterator[Any]:
+        if raw.get("reason"):
+            yield _reject(raw, raw["reason"], raw.get("error") or REASONS.get(raw["reason"], raw["reason"]))
+            return
+        fields, spec = raw["fields"], self._spec
+        missing = [c for c in (spec.id_column, spec.text_column) if c not in fields]
+        if missing:
+            yield _reject(raw, "missing_column", f"no column(s) {missing}; the record has {sorted(fields)}")
+            return
+        doc_id = _as_text(fields[spec.id_column])
+        if isinstance(doc_id, bytes):
+            doc_id = doc_id.decode("utf-8", "backslashreplace")
+        if doc_id is None or not doc_id.strip():
+            yield _reject(raw, "empty_document_id", f"id column {spec.id_column!r} is empty: {doc_id!r}")
+            return
+        doc_id = doc_id.strip()
+        parts = {}
+        for column in (spec.title_column, spec.text_column):
+            value = _as_text(fields.get(column)) if column else None
+            if isinstance(value, bytes):
+                yield _reject(raw, "document_not_utf8", f"document {doc_id!r}: column {column!r} is not valid "
+                              f"UTF-8: {value[:80].decode('utf-8', 'backslashreplace')!r}")
+                return
+            parts[column] = value or ""
+        title, text = parts.get(spec.title_column, "") if spec.title_column else "", parts[spec.text_column]
+        if not title.strip() and not text.strip():
+            yield _reject(raw, "empty_document", f"document {doc_id!r} has neither title nor text")
+            return
+        if len(title) + len(text) > self._limits.max_document_chars:
+            yield _reject(raw, "document_too_long", f"document {doc_id!r} has {len(title) + len(text)} characters, "
+                          f"the limit is {self._limits.max_document_chars}")
+            return
+        pairs = corpus_pairs(doc_id, title, text, pairs_per_document=spec.pairs_per_document,
+                             min_query_chars=spec.min_query_chars, max_query_chars=self._limits.max_query_chars,
+                             seed=spec.seed)
+        if not pairs:
+            yield _reject(raw, "no_pair", f"document {doc_id!r} ({len(text)} characters, title {title[:60]!r}) has no "
+                          f"usable title and no sentence of {spec.min_query_chars}+ characters with text beside it")
+            return
+        split = split_of(doc_id, validation_fraction=self._split.validation_fraction, salt=self._split.salt)
+        for suffix, query, document in pairs:
+            yield {"record": raw["record"], "query_id": f"{doc_id}#{suffix}", "document_id": doc_id,
+                   "query_text": query, "document_text": document, "label": 1.0, "split": split}
+        yield beam.pvalue.TaggedOutput(self.PAIRED, doc_id)
+
+
+# ---- explicit negatives as a third tower input ---------------------------------------------------------
+
+
+def normalise_text(text: str) -> str:
+    """NFKC, case-folded, white space collapsed: the key under which two texts count as the same."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def negative_entries(pair: dict[str, Any]) -> Iterator[tuple[str, tuple[str, Any]]]:
+    """A validated pair → entries keyed by normalised query text for :func:`attach_negatives`.
+
+    Every pair goes to its query's group as a ``row``. A pair with label <= 0 also offers each side
+    as a negative of the other: "B is not a duplicate of A" makes B a negative for A's positives and
+    A one for B's (duplicate questions are a symmetric relation).
+    """
+    yield normalise_text(pair["query_text"]), ("row", pair)
+    if pair["label"] <= 0:
+        yield normalise_text(pair["query_text"]), ("negative", (pair["document_id"], pair["document_text"]))
+        yield normalise_text(pair["document_text"]), ("negative", (pair["query_id"], pair["query_text"]))
+
+
+def attach_negatives(group: tuple[str, Iterable[tuple[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """One query's group → its pairs, each positive carrying one explicit negative when the query has any.
+
+    Negatives are handed out round-robin (positives ordered by source record, negatives by id and
+    text) so each positive gets one and as many distinct negatives as possible get used; a negative
+    with the positive's document id or text, or the query's own text, is skipped for that positive
+    (contradictory labels).
+    Every row comes out exactly once; rows with label <= 0 come out unchanged (still label-0 pairs).
+    The carried negative is ``pair["negative_id"]``/``pair["negative_text"]``.
+    """
+    key, entries = group
+    rows, negatives = [], set()
+    for kind, value in entries:
+        if kind == "row":
+            rows.append(value)
+        else:
+            negatives.add(value)
+    ordered = sorted(negatives)
+    positives = sorted((r for r in rows if r["label"] > 0), key=lambda r: r["record"])
+    for i, pair in enumerate(positives):
+        own = normalise_text(pair["document_text"])
+        usable = [n for n in ordered
+                  if n[0] != pair["document_id"] and normalise_text(n[1]) not in (own, key)]
+        if usable:
+            negative_id, negative_text = usable[i % len(usable)]
+            pair = {**pair, "negative_id": negative_id, "negative_text": negative_text}
+        yield pair
+    yield from (r for r in rows if r["label"] <= 0)
+
+
+def set_negative(example: tf.train.Example, negative_id: str, negative_text: str,
+                 bag: tuple[Any, Any] | None) -> None:
+    """Set the ``negative_*`` features of ``example`` (empty id/text/bag = "no negative", as model.py reads it)."""
+    feature = example.features.feature
+    feature["negative_id"].bytes_list.value[:] = [negative_id.encode("utf-8")]
+    feature["negative_text"].bytes_list.value[:] = [negative_text.encode("utf-8")]
+    feature["negative_ids"].int64_list.value[:] = bag[0].tolist() if bag is not None else []
+    feature["negative_counts"].float_list.value[:] = bag[1].tolist() if bag is not None else []
+
+
+def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag: tuple[Any, Any], *,
+                 negative_bag: tuple[Any, Any] | None = None, with_negative: bool = False) -> bytes:
     """A serialized ``tf.train.Example`` with exactly the features of docs/design.md.
 
     Args:
-        pair: a validated pair.
+        pair: a validated pair (with ``negative_id``/``negative_text`` when it carries a negative).
         query_bag: ``(ids int64 [m], counts float32 [m])`` numpy arrays of the query.
         document_bag: the same for the document.
+        negative_bag: the same for the pair's negative, or ``None``.
+        with_negative: also write the ``negative_*`` features (empty when the pair has no negative),
+            so every example of a run has the same features.
     """
     example = tf.train.Example()
     feature = example.features.feature
@@ -404,6 +646,8 @@ def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag:
     feature["query_counts"].float_list.value.extend(query_bag[1].tolist())
     feature["document_ids"].int64_list.value.extend(document_bag[0].tolist())
     feature["document_counts"].float_list.value.extend(document_bag[1].tolist())
+    if with_negative:
+        set_negative(example, pair.get("negative_id", ""), pair.get("negative_text", ""), negative_bag)
     return example.SerializeToString()
 
 
@@ -411,12 +655,18 @@ class FeaturizePairs(beam.DoFn):
     """Batch of pairs → ``(split, serialized tf.train.Example)`` per pair.
 
     Feed it lists of pairs (``beam.BatchElements``): one :meth:`~dssm.features.Featurizer.bags_numpy`
-    call per batch hashes all queries and documents together, which is what makes it fast. The
-    Featurizer (and TensorFlow's graph) is built once per worker in :meth:`setup`, not pickled.
+    call per batch hashes all queries, documents (and negatives) together, which is what makes it fast.
+    The Featurizer (and TensorFlow's graph) is built once per worker in :meth:`setup`, not pickled.
+
+    Args:
+        feature_config: the featurizer's settings.
+        negatives: write the ``negative_*`` features on every example (pairs that carry a
+            ``negative_text`` get its bag; the others an empty one).
     """
 
-    def __init__(self, *, feature_config: FeatureConfig) -> None:
+    def __init__(self, *, feature_config: FeatureConfig, negatives: bool = False) -> None:
         self._config = feature_config
+        self._negatives = negatives
         self._featurizer: Any = None
 
     def setup(self) -> None:
@@ -426,7 +676,11 @@ class FeaturizePairs(beam.DoFn):
 
     def process(self, batch: Iterable[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
         batch = list(batch)
-        bags = self._featurizer.bags_numpy(
-            [p["query_text"] for p in batch] + [p["document_text"] for p in batch])
+        n = len(batch)
+        with_negative = [i for i, p in enumerate(batch) if self._negatives and p.get("negative_text")]
+        bags = self._featurizer.bags_numpy([p["query_text"] for p in batch] + [p["document_text"] for p in batch]
+                                           + [batch[i]["negative_text"] for i in with_negative])
+        negative_bags = dict(zip(with_negative, bags[2 * n:], strict=True))
         for i, pair in enumerate(batch):
-            yield pair["split"], pair_example(pair, bags[i], bags[len(batch) + i])
+            yield pair["split"], pair_example(pair, bags[i], bags[n + i], negative_bag=negative_bags.get(i),
+                                              with_negative=self._negatives)

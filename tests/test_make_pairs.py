@@ -23,12 +23,17 @@ from dssm.features import FeatureConfig, Featurizer
 from pipelines.make_pairs import run
 from pipelines.transforms import (
     REJECTED,
+    CorpusPairs,
+    CorpusSpec,
     FeaturizePairs,
     JoinBeir,
     PairColumns,
     PairLimits,
     SplitSpec,
     ValidatePairs,
+    corpus_pairs,
+    sentence_spans,
+    strip_title,
     text_id,
 )
 
@@ -371,3 +376,251 @@ def test_help_lists_our_flags_and_the_feature_flags(capsys: Any) -> None:
     shown = capsys.readouterr().out
     for flag in ("--query-column", "--max-query-chars", "--split-salt", "--num-buckets", "--max-chars"):
         assert flag in shown
+
+
+# ---- format corpus: self-supervised pairs -----------------------------------------------------------------
+
+def test_strip_title_removes_a_leading_copy_of_the_title_only() -> None:
+    # cranfield: the text starts with the title, lower-cased, with its " ." and a one-word typo.
+    assert strip_title("Experimental investigation of a wing .",
+                       "experimental investigation of a wing . an experimental study was made .") == (
+        "an experimental study was made .")
+    title = "steady motion of a sphere., oseen's criticism and solution ."
+    text = "steady motion of a sphere., oseens's criticism and solution . the formula of stokes"
+    assert strip_title(title, text) == "the formula of stokes"
+    # cisi/adi: the title is not repeated; two words of five differ -> not a copy.
+    assert strip_title("Use Made of Technical Libraries", "This report is a study") == "This report is a study"
+    assert strip_title("a b c d e", "a b x y e and more") == "a b x y e and more"
+    assert strip_title("", "body") == "body"
+    assert strip_title("longer title than text", "longer title") == "longer title"
+
+
+def test_sentence_spans_split_on_sentence_ends_and_blank_lines() -> None:
+    text = "  First one. Second? Third!\n\nFourth without end\nstill fourth"
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "First one.", "Second?", "Third!", "Fourth without end\nstill fourth"]
+    assert sentence_spans("   ") == [] and sentence_spans("no end") == [(0, 6)]
+
+
+def test_corpus_pairs_title_first_then_hashed_sentences() -> None:
+    text = "alpha sentence is long enough. beta sentence is long enough. gamma sentence is long enough."
+    kwargs = {"min_query_chars": 20, "max_query_chars": 100}
+    (only,) = corpus_pairs("d1", "The Title Of This Document", text, pairs_per_document=1, **kwargs, seed=0)
+    assert only == ("title", "The Title Of This Document", text)
+    three = corpus_pairs("d1", "The Title Of This Document", text, pairs_per_document=3, **kwargs, seed=0)
+    assert [p[0] for p in three][0] == "title" and len(three) == 3
+    for suffix, query, document in three[1:]:
+        i = int(suffix[1:])
+        assert query == ["alpha sentence is long enough.", "beta sentence is long enough.",
+                         "gamma sentence is long enough."][i]
+        assert document.startswith("The Title Of This Document ") and query not in document
+        assert document.count("sentence is long enough.") == 2  # the rest: the other two sentences
+    # The pick is a hash of seed and doc id: repeatable, and it moves with either.
+    assert corpus_pairs("d1", "", text, pairs_per_document=1, **kwargs, seed=0) == corpus_pairs(
+        "d1", "", text, pairs_per_document=1, **kwargs, seed=0)
+    picks = {corpus_pairs(d, "", text, pairs_per_document=1, **kwargs, seed=s)[0][0]
+             for d in ("d1", "d2", "d3") for s in range(4)}
+    assert picks == {"s0", "s1", "s2"}
+    # Too short: a 5-character title is no query; a one-sentence text has no "rest".
+    assert corpus_pairs("d", "Short", "one sentence only, long enough.", pairs_per_document=2, **kwargs,
+                        seed=0) == []
+    assert corpus_pairs("d", "", "tiny. bits. here.", pairs_per_document=1, **kwargs, seed=0) == []
+    # A title that is the whole text leaves no body: falls back to nothing usable.
+    assert corpus_pairs("d", "the whole text .", "the whole text .", pairs_per_document=1, **kwargs, seed=0) == []
+
+
+def test_corpus_pairs_dofn_emits_pairs_and_dead_letters() -> None:
+    spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=2,
+                      min_query_chars=10, seed=0)
+    raws = [
+        _raw(1, _id="a", title="a title here", text="a title here . first real sentence. second real sentence."),
+        _raw(2, _id="b", title="", text="only sentence one here. only sentence two here."),
+        _raw(3, _id=" ", title="x", text="no id"),
+        _raw(4, _id="c", title="", text=""),
+        _raw(5, _id="d", title="", text=b"caf\xe9 not utf8. another sentence."),
+        _raw(6, _id="e", title="", text="one sentence, nothing else"),
+        _raw(7, title="no id column", text="x"),
+        _raw(8, _id=9, title="numeric id ok", text="body of nine"),
+        {"record": "in.tsv:9", "fields": {"raw": "{"}, "reason": "unparsable", "error": "not valid JSON"},
+    ]
+    split = SplitSpec(validation_fraction=0.5, salt="")
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create(raws)
+               | beam.ParDo(CorpusPairs(spec=spec, limits=PairLimits(max_query_chars=100, max_document_chars=1000),
+                                        split=split)).with_outputs(REJECTED, CorpusPairs.PAIRED, main="pairs"))
+        assert_that(out.pairs | "P" >> beam.Map(lambda x: (x["query_id"], x["document_id"], x["query_text"],
+                                                           x["document_text"], x["label"], x["split"])),
+                    equal_to([
+                        ("a#title", "a", "a title here", "first real sentence. second real sentence.", 1.0,
+                         split_of("a", validation_fraction=0.5)),
+                        *[(f"a#s{i}", "a", q, f"a title here {rest}", 1.0, split_of("a", validation_fraction=0.5))
+                          for i, q, rest in [(0, "first real sentence.", "second real sentence."),
+                                             (1, "second real sentence.", "first real sentence.")]
+                          if corpus_pairs("a", "a title here", "a title here . first real sentence. second real "
+                                          "sentence.", pairs_per_document=2, min_query_chars=10,
+                                          max_query_chars=100, seed=0)[1][0] == f"s{i}"],
+                        *[(f"b#{s}", "b", q, d, 1.0, split_of("b", validation_fraction=0.5))
+                          for s, q, d in corpus_pairs("b", "", "only sentence one here. only sentence two here.",
+                                                      pairs_per_document=2, min_query_chars=10,
+                                                      max_query_chars=100, seed=0)],
+                        ("9#title", "9", "numeric id ok", "body of nine", 1.0, split_of("9", validation_fraction=0.5)),
+                    ]), label="pairs")
+        assert_that(out[REJECTED] | "R" >> beam.Map(lambda x: (x["record"], x["reason"])),
+                    equal_to([("in.tsv:3", "empty_document_id"), ("in.tsv:4", "empty_document"),
+                              ("in.tsv:5", "document_not_utf8"), ("in.tsv:6", "no_pair"),
+                              ("in.tsv:7", "missing_column"), ("in.tsv:9", "unparsable")]), label="rejected")
+        assert_that(out[CorpusPairs.PAIRED], equal_to(["a", "b", "9"]), label="paired")
+
+
+def test_corpus_end_to_end_on_adi(adi_dir: Path, tmp_path: Path) -> None:
+    corpus = {d["_id"]: d for d in map(json.loads, (adi_dir / "corpus.jsonl").open())}
+    out = tmp_path / "out"
+    # No --format: a table with _id and text and no query/document columns is a corpus.
+    stats = run(["--input", str(adi_dir / "corpus.jsonl"), "--output", str(out), "--pairs-per-document", "3",
+                 "--validation-fraction", "0.3", *SMALL_FLAGS], test_pipeline=test_pipeline.TestPipeline())
+    assert stats == _stats(out)
+    assert (stats["read"], stats["paired_documents"], stats["rejected"]) == (82, 82, 0)
+    shards = _shards(out)
+    examples = shards["train"] + shards["validation"]
+    assert len(examples) == stats["written"] == stats["train"] + stats["validation"]
+    # adi's titles are not repeated in the text: 74 documents give title + 2 sentences, 8 only the title.
+    assert stats["written"] == 74 * 3 + 8
+    by_doc: dict[str, list[dict[str, Any]]] = {}
+    for e in examples:
+        by_doc.setdefault(e["document_id"], []).append(e)
+        assert e["label"] == 1.0 and e["query_text"] and e["query_text"] not in e["document_text"]
+    assert by_doc.keys() == corpus.keys()
+    for doc_id, rows in by_doc.items():
+        doc = corpus[doc_id]
+        if doc_id == "17":  # "document recovery" is under --min-query-chars 20: sentence pairs only
+            assert all(r["query_id"] != "17#title" for r in rows) and rows
+            continue
+        title = next(r for r in rows if r["query_id"] == f"{doc_id}#title")
+        assert title["query_text"] == doc["title"].strip()
+        if doc_id == "24":  # its text opens with the title's words: they are cut from the positive
+            assert title["document_text"].startswith("is described . a technical reports program")
+        elif doc_id == "33":  # "/information please/ services ." | "information please services are ..."
+            assert title["document_text"].startswith("are required to provide answer")
+        else:
+            assert title["document_text"] == doc["text"].strip()
+        for r in rows:
+            assert r["query_id"].startswith(f"{doc_id}#") and len(r["query_text"]) >= 20
+            if r["query_id"] != f"{doc_id}#title":
+                assert r["query_text"] in doc["text"] and r["document_text"].startswith(doc["title"].strip())
+    for split, rows in shards.items():  # a document's pairs share its split, drawn from the document id
+        assert {split_of(e["document_id"], validation_fraction=0.3) for e in rows} == {split}
+    _check_features(examples)
+    config = json.loads((out / "pairs_config.json").read_text())
+    assert (config["format"], config["split_key"], config["id_column"], config["pairs_per_document"]) == (
+        "corpus", "document_id", "_id", 3)
+    verify_manifest(out, kind="pairs")
+
+    # Repeatable: the same seed gives the same pairs; another seed picks other sentences.
+    def pairs_of(name: str, *flags: str) -> set[tuple[str, str]]:
+        run(["--input", str(adi_dir), "--format", "corpus", "--output", str(tmp_path / name),
+             "--pairs-per-document", "3", "--validation-fraction", "0.3", *flags, *SMALL_FLAGS])
+        return {(e["query_id"], e["query_text"]) for rows in _shards(tmp_path / name).values() for e in rows}
+
+    assert pairs_of("again") == {(e["query_id"], e["query_text"]) for e in examples}
+    assert pairs_of("seeded", "--seed", "7") != pairs_of("again")
+
+
+def test_corpus_with_renamed_columns_title_prefix_and_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    path.write_text(
+        "doc_no,heading,body\n"
+        "1,wing in a slipstream .,wing in a slipstream . a study of a wing in a propeller slipstream was made .\n"
+        "2,,first sentence of the second doc. and its second sentence here.\n"
+        "3,the whole text,the whole text\n"
+        ",no id,text without id\n"
+    )
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--format", "corpus", "--output", str(out), "--id-column", "doc_no",
+                 "--title-column", "heading", "--text-column", "body", "--validation-fraction", "0", *SMALL_FLAGS])
+    assert (stats["read"], stats["paired_documents"], stats["written"]) == (4, 2, 2)
+    assert stats["rejected_by_reason"] == {"empty_document_id": 1, "no_pair": 1}
+    examples = {e["query_id"]: e for e in _shards_or_empty(out)["train"]}
+    # The title is not left in its own positive: the pair would be trivial.
+    assert examples["1#title"]["document_text"] == "a study of a wing in a propeller slipstream was made ."
+    assert examples["1#title"]["query_text"] == "wing in a slipstream ."
+    (second,) = [e for k, e in examples.items() if k.startswith("2#")]
+    assert second["document_id"] == "2" and second["query_text"] in (
+        "first sentence of the second doc.", "and its second sentence here.")
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['text'\]"):
+        run(["--input", str(path), "--format", "corpus", "--output", str(tmp_path / "x"), "--id-column", "doc_no"])
+    with pytest.raises(InputError, match="lacks the title column 'name'"):
+        run(["--input", str(path), "--format", "corpus", "--output", str(tmp_path / "x"), "--id-column", "doc_no",
+             "--text-column", "body", "--title-column", "name"])
+    with pytest.raises(InputError, match="needs labelled pairs"):
+        run(["--input", str(path), "--format", "corpus", "--output", str(tmp_path / "x"), "--id-column", "doc_no",
+             "--text-column", "body", "--negatives-as-third-input"])
+
+
+def _shards_or_empty(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Like :func:`_shards`, but a split with no examples is an empty list (its shard may be absent)."""
+    result = {}
+    for split in ("train", "validation"):
+        files = sorted(str(p) for p in out.glob(f"{split}-*-of-*.tfrecord.gz"))
+        result[split] = [
+            {k: (v.decode() if isinstance(v, bytes) else v) for k, v in _parse(r).items()}
+            for r in (tf.data.TFRecordDataset(files, compression_type="GZIP") if files else [])]
+    return result
+
+
+def _parse(record: tf.Tensor, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    parsed = tf.io.parse_single_example(record, spec or _FEATURES)
+    return {k: (v.values.numpy() if isinstance(v, tf.SparseTensor) else v.numpy()) for k, v in parsed.items()}
+
+
+# ---- explicit negatives as a third tower input ------------------------------------------------------------
+
+_NEGATIVE_FEATURES = {**_FEATURES, "negative_id": tf.io.FixedLenFeature([], tf.string),
+                      "negative_text": tf.io.FixedLenFeature([], tf.string),
+                      "negative_ids": tf.io.VarLenFeature(tf.int64), "negative_counts": tf.io.VarLenFeature(tf.float32)}
+
+
+def test_label_0_rows_become_negatives_of_the_same_querys_positives(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_text(
+        "text1\ttext2\tis_duplicate\n"
+        "How do I learn Python ?\tWhat is the best way to learn Python ?\t1\n"
+        "How do I learn Python ?\tHow can I teach myself Python ?\t1\n"
+        "How do I learn Python ?\tHow do I cook rice ?\t0\n"
+        "how do I  learn python ?\tWhat is a snake ?\t0\n"  # same query once normalised
+        "Why is the sky blue ?\tWhat makes the sky blue ?\t1\n"
+        "Is the moon made of cheese ?\tWhy is the sky blue ?\t0\n"  # negative for the other side's query
+        "Is honey good for you ?\tHow far is the moon ?\t0\n"  # no positive to attach to
+        "Can pigs fly ?\tDo pigs fly ?\t1\n"
+        "Can pigs fly ?\tDo pigs fly ?\t0\n"  # contradicts the positive: never its negative
+        "Can pigs fly ?\t\t0\n"  # rejected, as without the option
+    )
+    out = tmp_path / "out"
+    stats = run(["--input", str(path), "--output", str(out), "--negatives-as-third-input",
+                 "--validation-fraction", "0", *SMALL_FLAGS])
+    assert (stats["read"], stats["written"], stats["rejected"]) == (10, 9, 1)
+    assert (stats["label_0"], stats["with_negative"]) == (5, 3)
+    files = sorted(str(p) for p in out.glob("train-*.tfrecord.gz"))
+    rows = [_parse(r, _NEGATIVE_FEATURES) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    assert len(rows) == 9
+    text = {k: lambda r, k=k: r[k].decode() for k in ("query_text", "document_text", "negative_text", "negative_id")}
+    got = {(text["query_text"](r), text["document_text"](r), r["label"]): text["negative_text"](r) for r in rows}
+    python = {got[("How do I learn Python ?", d, 1.0)] for d in (
+        "What is the best way to learn Python ?", "How can I teach myself Python ?")}
+    assert python == {"How do I cook rice ?", "What is a snake ?"}  # round-robin: one each
+    assert got[("Why is the sky blue ?", "What makes the sky blue ?", 1.0)] == "Is the moon made of cheese ?"
+    assert got[("Can pigs fly ?", "Do pigs fly ?", 1.0)] == ""
+    assert got[("Is honey good for you ?", "How far is the moon ?", 0.0)] == ""  # label-0 rows stay as they are
+    featurizer = Featurizer(SMALL)
+    for r in rows:
+        negative = text["negative_text"](r)
+        if negative:
+            ids, counts = featurizer.bags_numpy([negative])[0]
+            np.testing.assert_array_equal(r["negative_ids"], ids)
+            np.testing.assert_array_equal(r["negative_counts"], counts)
+            assert text["negative_id"](r) == text_id(negative)
+        else:
+            assert len(r["negative_ids"]) == 0 and text["negative_id"](r) == ""
+    with pytest.raises(InputError, match="needs labelled pairs"):
+        unlabelled = tmp_path / "unlabelled.tsv"
+        unlabelled.write_text("query\tdocument\na\tb\n")
+        run(["--input", str(unlabelled), "--output", str(tmp_path / "x"), "--negatives-as-third-input"])
