@@ -15,25 +15,46 @@ with ``k1=1.5, b=0.75`` by default. Documents are ``title + " " + text``.
 
 Hits with score 0 (no query term in the document) are not returned: their order would be arbitrary,
 and counting them as retrieved would credit BM25 with random recall.
+
+Stored state (``BM25_DIR`` = ``bm25/`` inside an index version, written by :func:`write_bm25_state`
+while the version is staged, so the version's manifest checksums it like every other file)::
+
+    bm25/params.json   {"format": 1, "config": BM25Config, "documents": n, "vocabulary": v}
+    bm25/vocab.json    the terms, term id = position in the list
+    bm25/data.npy      float32 [nnz]  precomputed BM25 term weights (bm25s' CSC matrix, term-major)
+    bm25/indices.npy   int32   [nnz]  document row of each weight
+    bm25/indptr.npy    int64   [v+1]  term id → slice of data/indices
+
+No pickle: JSON and ``.npy`` written and read with ``allow_pickle=False``. Document ``i`` of the state
+is row ``i`` of the index version (``docs.sqlite``, ``embeddings.npy``); ids are not duplicated here.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 
-from dssm.config import field
-from dssm.errors import ConfigError, InputError
+from dssm.config import config_to_dict, field
+from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
-__all__ = ["BM25Config", "BM25Index", "tokenize", "document_text"]
+__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "document_text", "build_bm25_state",
+           "write_bm25_state", "load_bm25_state", "has_bm25_state"]
+
+#: Directory of the BM25 state inside an index version.
+BM25_DIR = "bm25"
+_STATE_FORMAT = 1
+_METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
 
 _WORD = re.compile(r"\w+")
 _STOPWORDS = frozenset(STOPWORDS_EN)
@@ -86,12 +107,17 @@ def document_text(title: str, text: str) -> str:
 
 
 class BM25Index:
-    """A ``bm25s`` index over a list of documents, searched by raw query text."""
+    """A ``bm25s`` index over a list of documents, searched by raw query text.
 
-    def __init__(self, retriever: bm25s.BM25, ids: list[str], config: BM25Config):
+    Document ``i`` is row ``i``; ``ids`` maps rows to document ids (for a state loaded from an index
+    version, the caller passes the version's ids or leaves them ``None`` and works with rows).
+    """
+
+    def __init__(self, retriever: bm25s.BM25, ids: list[str] | None, config: BM25Config, *, size: int):
         self._retriever = retriever
         self._ids = ids
         self.config = config
+        self.size = size
 
     @classmethod
     def build(cls, ids: Sequence[str], texts: Sequence[str], *, config: BM25Config | None = None,
@@ -108,8 +134,8 @@ class BM25Index:
             InputError: no documents, or ``ids`` and ``texts`` differ in length, or an id repeats.
         """
         config = config or BM25Config()
-        if config.method not in ("lucene", "robertson", "atire", "bm25l", "bm25+"):
-            raise ConfigError(f"unknown BM25 method {config.method!r}")
+        if config.method not in _METHODS:
+            raise ConfigError(f"unknown BM25 method {config.method!r}; use one of {_METHODS}")
         ids = [str(i) for i in ids]
         if len(ids) != len(texts):
             raise InputError(f"BM25: {len(ids)} ids but {len(texts)} texts")
@@ -120,11 +146,123 @@ class BM25Index:
             raise InputError(f"BM25: document id {dup!r} occurs more than once")
         tokens = tokenize(texts, stopwords=config.stopwords, stem=config.stem)
         retriever = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
-        retriever.index(tokens, show_progress=show_progress)
-        return cls(retriever, ids, config)
+        if any(tokens):
+            retriever.index(tokens, show_progress=show_progress)
+        else:  # no document has a term (bm25s cannot index that): an empty matrix scores everything 0
+            _set_state(retriever, data=np.zeros(0, np.float32), indices=np.zeros(0, np.int32),
+                       indptr=np.zeros(1, np.int64), num_docs=len(ids), terms=[])
+        return cls(retriever, ids, config, size=len(ids))
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self.size
+
+    @property
+    def ids(self) -> list[str] | None:
+        """Document ids by row (``None`` for a state loaded without them)."""
+        return self._ids
+
+    # ------------------------------------------------------------------------------- persistence
+
+    def save(self, directory: str | Path) -> None:
+        """Write the state to ``directory`` (created; must not exist) as JSON + ``.npy``, no pickle.
+
+        Only the bm25s methods without a non-occurrence correction (lucene, robertson, atire) are
+        stored: bm25l and bm25+ add a per-term array we do not persist.
+        """
+        if getattr(self._retriever, "nonoccurrence_array", None) is not None:
+            raise ConfigError(f"BM25 method {self.config.method!r} cannot be stored; use lucene, robertson or atire")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=False)
+        scores = self._retriever.scores
+        columns = len(scores["indptr"]) - 1
+        # bm25s appends an empty-string term after building the matrix (it has no column); our
+        # tokeniser never yields "", so only the terms with a column are stored.
+        terms = [""] * columns
+        for term, term_id in self._retriever.vocab_dict.items():
+            if int(term_id) < columns:
+                terms[int(term_id)] = term
+        np.save(directory / "data.npy", np.asarray(scores["data"], dtype=np.float32), allow_pickle=False)
+        np.save(directory / "indices.npy", np.asarray(scores["indices"], dtype=np.int32), allow_pickle=False)
+        np.save(directory / "indptr.npy", np.asarray(scores["indptr"], dtype=np.int64), allow_pickle=False)
+        (directory / "vocab.json").write_text(json.dumps(terms, ensure_ascii=False))
+        params = {"format": _STATE_FORMAT, "config": config_to_dict(self.config), "documents": self.size,
+                  "vocabulary": len(terms)}
+        (directory / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, *, ids: Sequence[str] | None = None, mmap: bool = True) -> BM25Index:
+        """Read a state written by :meth:`save` (arrays with ``allow_pickle=False``, memory-mapped).
+
+        Checksums are the caller's business: inside an index version the version manifest covers
+        these files and :func:`serving.index.load_index` has verified them.
+
+        Args:
+            directory: the state directory.
+            ids: document ids by row, if the caller wants ids back from :meth:`search_batch`.
+            mmap: memory-map the arrays instead of reading them.
+
+        Raises:
+            IndexNotFoundError: no state there.
+            ChecksumError: the files disagree with each other (wrong sizes or format).
+        """
+        from dssm.config import config_from_dict
+
+        directory = Path(directory)
+        params_path = directory / "params.json"
+        if not params_path.is_file():
+            raise IndexNotFoundError(f"no BM25 state at {directory} (no params.json)")
+        try:
+            params = json.loads(params_path.read_text())
+            terms = json.loads((directory / "vocab.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ChecksumError(f"BM25 state {directory} is unreadable: {exc}") from exc
+        if params.get("format") != _STATE_FORMAT:
+            raise ChecksumError(f"BM25 state {directory} has format {params.get('format')!r}, "
+                                f"this version reads {_STATE_FORMAT}")
+        config = config_from_dict(BM25Config, params["config"])
+        mode = "r" if mmap else None
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+                  for name in ("data", "indices", "indptr")}
+        n = int(params["documents"])
+        if len(terms) != params["vocabulary"] or arrays["indptr"].shape != (len(terms) + 1,) \
+                or arrays["data"].shape != arrays["indices"].shape or int(arrays["indptr"][-1]) != arrays["data"].size:
+            raise ChecksumError(f"BM25 state {directory}: vocabulary and arrays disagree")
+        if ids is not None and len(ids) != n:
+            raise ChecksumError(f"BM25 state {directory} holds {n} documents, {len(ids)} ids given")
+        retriever = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
+        _set_state(retriever, **arrays, num_docs=n, terms=terms)
+        return cls(retriever, None if ids is None else [str(i) for i in ids], config, size=n)
+
+    # ------------------------------------------------------------------------------------ search
+
+    def _tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        return tokenize(texts, stopwords=self.config.stopwords, stem=self.config.stem)
+
+    def scores(self, text: str) -> np.ndarray:
+        """BM25 score of every document for one query: [n] float32 (0 where no query term occurs)."""
+        tokens = self._tokens([text])[0]
+        term_ids = self._retriever.get_tokens_ids(tokens)
+        if not term_ids:
+            return np.zeros(self.size, dtype=np.float32)
+        return np.asarray(self._retriever.get_scores_from_ids(term_ids), dtype=np.float32)
+
+    def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-``k`` rows for each query: ``(rows int64 [<=k], scores float32 [<=k])`` best first, score > 0.
+
+        Raises:
+            ConfigError: ``k < 1``.
+        """
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        out = []
+        for text in texts:
+            scores = self.scores(text)
+            rows = np.flatnonzero(scores > 0)
+            if rows.size > k:
+                rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
+            rows = rows[np.lexsort((rows, -scores[rows]))]  # by score, ties by row: deterministic
+            out.append((rows.astype(np.int64), scores[rows]))
+        return out
 
     def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-``k`` documents for each query text.
@@ -136,19 +274,73 @@ class BM25Index:
         Returns:
             Per query, ``(doc_id, score)`` by descending score; documents sharing no term with the
             query (score 0) are left out, so a list may be shorter than ``k``.
+
+        Raises:
+            ConfigError: ``k < 1``, or the index was loaded without ids (use :meth:`search_rows_batch`).
         """
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
-        if not texts:
-            return []
-        tokens = tokenize(texts, stopwords=self.config.stopwords, stem=self.config.stem)
-        k = min(k, len(self._ids))
-        rows, scores = self._retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        out = []
-        for row, score in zip(np.asarray(rows), np.asarray(scores), strict=True):
-            out.append([(self._ids[int(r)], float(s)) for r, s in zip(row, score, strict=True) if s > 0])
-        return out
+        if self._ids is None:
+            raise ConfigError("this BM25 state was loaded without document ids; use search_rows_batch")
+        return [[(self._ids[int(r)], float(s)) for r, s in zip(rows, scores, strict=True)]
+                for rows, scores in self.search_rows_batch(texts, k)]
 
     def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """Top-``k`` ``(doc_id, score)`` for one query text."""
         return self.search_batch([text], k)[0]
+
+
+def _set_state(retriever: bm25s.BM25, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, num_docs: int,
+               terms: list[str]) -> None:
+    """Give a bm25s retriever a precomputed matrix and vocabulary (what ``index`` would have set)."""
+    retriever.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": num_docs}
+    retriever.vocab_dict = {term: i for i, term in enumerate(terms)}
+    retriever.unique_token_ids_set = set(range(len(terms)))
+    retriever.nonoccurrence_array = None
+
+
+def build_bm25_state(ids: Sequence[str], texts: Sequence[str], *, config: BM25Config | None = None,
+                     show_progress: bool = False) -> BM25Index:
+    """Build the BM25 state of a corpus (for a new index version; e.g. after upserts/deletes).
+
+    Args:
+        ids: document ids in index row order.
+        texts: the BM25 text of each document (:func:`document_text` of title and body).
+        config: BM25 settings.
+        show_progress: bm25s' progress bar.
+
+    Returns:
+        The index; :meth:`BM25Index.save` it to ``VERSION_DIR / BM25_DIR`` before the manifest is written.
+    """
+    return BM25Index.build(ids, texts, config=config, show_progress=show_progress)
+
+
+def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM25Config | None = None) -> int:
+    """Build and save the BM25 state of a staged index version into ``version_dir / BM25_DIR``.
+
+    Call it before the version's manifest is written, so the manifest covers the files.
+
+    Args:
+        version_dir: the staged version directory.
+        docs: the version's documents in row order, objects with ``id``, ``title`` and ``text``
+            (``serving.index.Doc``, ``dssm.data.Document``).
+        config: BM25 settings (default :class:`BM25Config`).
+
+    Returns:
+        The number of documents indexed.
+    """
+    ids, texts = [], []
+    for doc in docs:
+        ids.append(doc.id)
+        texts.append(document_text(doc.title, doc.text))
+    index = build_bm25_state(ids, texts, config=config)
+    index.save(Path(version_dir) / BM25_DIR)
+    return len(ids)
+
+
+def has_bm25_state(version_dir: str | Path) -> bool:
+    """Whether an index version carries BM25 state (versions built before it existed do not)."""
+    return (Path(version_dir) / BM25_DIR / "params.json").is_file()
+
+
+def load_bm25_state(version_dir: str | Path, *, ids: Sequence[str] | None = None) -> BM25Index:
+    """Load ``version_dir / BM25_DIR`` (see :meth:`BM25Index.load`)."""
+    return BM25Index.load(Path(version_dir) / BM25_DIR, ids=ids)

@@ -626,6 +626,14 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
         model_info = {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
                       "files": len(model_manifest.get("files", {}))}
 
+    # BM25 state for Searcher mode="hybrid"/"bm25" (dssm/bm25.py owns the format); written before
+    # the manifest so the manifest checksums it.
+    from dssm.bm25 import write_bm25_state
+
+    tick = time.perf_counter()
+    write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
+    timings["bm25"] = time.perf_counter() - tick
+
     peak = _peak_rss_bytes()
     manifest_extra = {
         "version": version,

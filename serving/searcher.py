@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -26,7 +27,7 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import IndexNotFoundError, InputError
 from serving.index import Index, load_index
 
-__all__ = ["Hit", "QueryEncoder", "Searcher", "format_hits", "hits_json", "main"]
+__all__ = ["Hit", "QueryEncoder", "Searcher", "Similarity", "format_hits", "hits_json", "main"]
 
 
 class Hit(NamedTuple):
@@ -35,6 +36,14 @@ class Hit(NamedTuple):
     id: str
     score: float
     text: str
+
+
+class Similarity(NamedTuple):
+    """Cosine of two texts (query tower on both sides) and the duplicate verdict when the index has a threshold."""
+
+    cosine: float
+    is_duplicate: bool | None
+    threshold: float | None
 
 
 class QueryEncoder(Protocol):
@@ -118,21 +127,93 @@ class Searcher:
             pos += len(row_scores)
         return hits
 
-    def search(self, text: str, k: int = 10) -> list[Hit]:
+    def search(self, text: str, k: int = 10, *, mode: str = "dense") -> list[Hit]:
         """Top-k documents for one query text, best first.
 
+        Args:
+            text: the query.
+            k: number of hits.
+            mode: ``dense`` (DSSM + ScaNN), ``bm25``, or ``hybrid`` (DSSM and BM25 scores fused, see
+                :mod:`dssm.hybrid`); the last two need the version's BM25 state.
+
         Raises:
-            InputError: ``text`` is empty or not a string, or ``k < 1``.
+            InputError: ``text`` is empty or not a string, ``k < 1``, or an unknown mode.
+            IndexNotFoundError: ``bm25``/``hybrid`` on a version without BM25 state.
         """
+        if mode != "dense":
+            return self.search_batch([text], k, mode=mode)[0]
         return self.search_vectors(self._embed([text]), k)[0]
 
-    def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str = "dense") -> list[list[Hit]]:
         """Top-k documents for each query text (one model call and one ScaNN batch for all)."""
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
+        if mode not in ("dense", "bm25", "hybrid"):
+            raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
         if not texts:
             return []
-        return self.search_vectors(self._embed(texts), k)
+        if mode == "dense":
+            return self.search_vectors(self._embed(texts), k)
+        return self._search_fused(list(texts), k, mode)
+
+    # -- BM25 / hybrid modes and similarity (issue 6; the fusion itself lives in dssm.hybrid)
+
+    @functools.cached_property
+    def bm25(self) -> Any:
+        """The version's :class:`dssm.bm25.BM25Index` (rows only), or ``None`` if it has no BM25 state."""
+        from dssm.bm25 import has_bm25_state, load_bm25_state
+
+        return load_bm25_state(self.index.version_dir) if has_bm25_state(self.index.version_dir) else None
+
+    @property
+    def supports_hybrid(self) -> bool:
+        """Whether ``mode="bm25"``/``"hybrid"`` can be served (the version holds BM25 state and a model)."""
+        return self.encoder is not None and self.bm25 is not None
+
+    @functools.cached_property
+    def hybrid_config(self) -> Any:
+        """The version's :class:`dssm.hybrid.HybridConfig` (``hybrid.json``, else the defaults)."""
+        from dssm.hybrid import read_hybrid_config
+
+        return read_hybrid_config(self.index.version_dir)
+
+    @property
+    def duplicate_threshold(self) -> float | None:
+        """The cosine at or above which two texts are duplicates (``dssm thresholds --save``), or ``None``."""
+        value = self.index.manifest.get("duplicate_threshold")
+        return None if value is None else float(value)
+
+    def _search_fused(self, texts: list[str], k: int, mode: str) -> list[list[Hit]]:
+        from dssm.hybrid import fused_rows
+
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        if self.bm25 is None:
+            raise IndexNotFoundError(f"index version {self.index.version_dir} holds no BM25 state (built before "
+                                     f"it existed): mode={mode!r} needs it; rebuild the index or use mode='dense'")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"query is empty, only whitespace or not a string: {text!r}")
+        vectors = self._embed(texts) if mode == "hybrid" else None
+        results = fused_rows(query_vectors=vectors, texts=texts, k=k, mode=mode, ann=self.index.search_vectors,
+                             embeddings=self.index.embeddings(), bm25=self.bm25, config=self.hybrid_config)
+        docs = self.index.docs.get([int(r) for rows, _ in results for r in rows])
+        hits, pos = [], 0
+        for rows, scores in results:
+            hits.append([Hit(docs[pos + j].id, float(s), docs[pos + j].text) for j, s in enumerate(scores)])
+            pos += len(rows)
+        return hits
+
+    def similarity(self, text1: str, text2: str) -> Similarity:
+        """Cosine of the two texts' query-tower embeddings, and ``is_duplicate`` if a threshold is stored.
+
+        Both sides go through the query tower: duplicate questions are two texts of the same kind, and
+        with shared (Siamese) towers the two towers are one anyway.
+        """
+        vectors = self._embed([text1, text2])
+        cosine = float(np.dot(vectors[0], vectors[1]))
+        threshold = self.duplicate_threshold
+        return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
 
 
 def _one_line(text: str, width: int) -> str:
@@ -166,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
     parser.add_argument("--json", action="store_true",
                         help='print {"query": ..., "hits": [{"id", "score", "text"}]} instead of a table')
+    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense",
+                        help="dense: DSSM + ScaNN; bm25: the index's BM25 state; hybrid: both, scores fused "
+                             "(weight from the version's hybrid.json, default 0.5) (default: dense)")
     parser.add_argument("query", nargs="+", help="query text (several words are joined by spaces)")
     args = parser.parse_args(argv)
     if args.k < 1:
         raise InputError(f"-k must be >= 1, got {args.k}")
     query = " ".join(args.query)
     searcher = Searcher.load(args.index)
-    hits = searcher.search(query, k=args.k)
+    hits = searcher.search(query, k=args.k, mode=args.mode)
     if args.json:
         json.dump(hits_json(query, hits), sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -165,7 +165,8 @@ def test_current_points_to_a_complete_version(tmp_path):
     assert (tmp_path / "idx" / "CURRENT").read_text().strip() == second.version
     assert ix.list_versions(tmp_path / "idx") == sorted([first.version, second.version])
     current = ix.current_version_dir(tmp_path / "idx")
-    assert sorted(p.name for p in current.iterdir()) == ["docs.sqlite", "embeddings.npy", "manifest.json", "scann"]
+    assert sorted(p.name for p in current.iterdir()) == ["bm25", "docs.sqlite", "embeddings.npy", "manifest.json",
+                                                         "scann"]
     manifest = read_manifest(current)
     assert manifest["kind"] == "index" and manifest["counts"]["documents"] == 50 and manifest["dim"] == 8
     # Every file in the version is covered by the manifest.
