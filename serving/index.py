@@ -54,7 +54,9 @@ __all__ = [
     "build_scann",
     "l2_normalize_inplace",
     "exact_top_k",
+    "RecallProbe",
     "measure_recall",
+    "tune_leaves_to_search",
     "new_version_name",
     "staging_dir",
     "publish_version",
@@ -90,7 +92,8 @@ class ScannConfig:
     brute_force_below: int = field(20_000, "auto mode: exact (brute-force) search below this many documents")
     tree_above: int = field(100_000, "auto mode: partition into a k-means tree at or above this many documents")
     num_leaves: int = field(0, "tree partitions; 0 = round(sqrt(n))")
-    num_leaves_to_search: int = field(0, "partitions searched per query; 0 = max(8, num_leaves // 10)")
+    num_leaves_to_search: int = field(0, "partitions searched per query; 0 = start at max(8, num_leaves // 10) "
+                                         "and grow it at build time until recall@10 reaches min_recall")
     dims_per_block: int = field(2, "AH: dimensions per quantisation block (2 = 16 centres per 2 dims)")
     anisotropic_quantization_threshold: float = field(0.2, "AH: anisotropic (score-aware) quantisation threshold")
     reorder_k: int = field(100, "AH: candidates re-scored exactly before the final top-k")
@@ -250,37 +253,76 @@ def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *,
     return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
-def measure_recall(searcher: Any, matrix: np.ndarray, *, k: int = 10, sample: int = 1000, seed: int = 0,
-                   pre_reorder: int | None = None) -> float:
-    """Recall@k of ``searcher`` against exact search, on ``sample`` documents used as queries.
+class RecallProbe:
+    """Document-derived queries with their exact top-k scores, computed once to score search settings.
 
     A returned row counts as correct when its exact score reaches the k-th exact score (minus 1e-5),
     so exact ties (duplicate documents) are not counted as misses whichever tied row either side picks.
 
     Args:
-        searcher: a ScaNN searcher over ``matrix``.
         matrix: [n, dim] float32, the indexed vectors.
         k: cut-off.
-        sample: number of query rows (all rows if n is smaller).
+        sample: number of query rows drawn from ``matrix`` (all rows if n is smaller).
         seed: sampling seed.
-        pre_reorder: candidates before reordering (AH); ``None`` for the searcher's default.
+    """
+
+    def __init__(self, matrix: np.ndarray, *, k: int = 10, sample: int = 1000, seed: int = 0):
+        n = matrix.shape[0]
+        self.matrix = matrix
+        self.k = min(k, n)
+        self.size = min(sample, n)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=self.size, replace=False))
+        self.queries = np.ascontiguousarray(matrix[rows], dtype=np.float32)
+        if self.size:
+            _, exact_scores = exact_top_k(matrix, self.queries, self.k)
+            self.threshold = exact_scores[:, self.k - 1:self.k] - 1e-5
+
+    def recall(self, searcher: Any, *, leaves_to_search: int | None = None, pre_reorder: int | None = None) -> float:
+        """Mean recall@k of ``searcher`` (a ScaNN searcher over ``matrix``) in [0, 1].
+
+        Args:
+            searcher: the searcher to score.
+            leaves_to_search: tree partitions searched; ``None`` for the searcher's default.
+            pre_reorder: candidates before exact reordering; ``None`` for the searcher's default.
+        """
+        if self.size == 0:
+            return 1.0
+        found, _ = searcher.search_batched(self.queries, final_num_neighbors=self.k,
+                                           pre_reorder_num_neighbors=pre_reorder, leaves_to_search=leaves_to_search)
+        found = np.asarray(found, dtype=np.int64)
+        true_scores = np.einsum("qd,qkd->qk", self.queries, self.matrix[found])
+        hits = np.minimum((true_scores >= self.threshold).sum(axis=1), self.k)
+        return float(hits.mean() / self.k)
+
+
+def measure_recall(searcher: Any, matrix: np.ndarray, *, k: int = 10, sample: int = 1000, seed: int = 0,
+                   leaves_to_search: int | None = None, pre_reorder: int | None = None) -> float:
+    """Recall@k of ``searcher`` against exact search on ``sample`` documents used as queries.
+
+    See :class:`RecallProbe` (use it directly to score several settings against one exact search).
+    """
+    return RecallProbe(matrix, k=k, sample=sample, seed=seed).recall(
+        searcher, leaves_to_search=leaves_to_search, pre_reorder=pre_reorder)
+
+
+def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
+                          min_recall: float) -> tuple[int, float, list[tuple[int, float]]]:
+    """Grow the number of tree partitions searched (x1.5 a step) until recall reaches ``min_recall``.
+
+    Searching more partitions is a query-time setting, so no rebuild is needed; the chosen value is
+    stored in the manifest and used by every search.
 
     Returns:
-        Mean recall@k in [0, 1].
+        (leaves_to_search, its recall, [(leaves, recall), ...] tried).
     """
-    n = matrix.shape[0]
-    k = min(k, n)
-    if n == 0 or sample == 0:
-        return 1.0
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
-    queries = np.ascontiguousarray(matrix[rows])
-    _, exact_scores = exact_top_k(matrix, queries, k)
-    found, _ = searcher.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder)
-    found = np.asarray(found, dtype=np.int64)
-    true_scores = np.einsum("qd,qkd->qk", queries, matrix[found])
-    threshold = exact_scores[:, k - 1:k] - 1e-5
-    hits = np.minimum((true_scores >= threshold).sum(axis=1), k)
-    return float(hits.mean() / k)
+    leaves = max(1, min(start, num_leaves))
+    recall = probe.recall(searcher, leaves_to_search=leaves)
+    tried = [(leaves, recall)]
+    while recall < min_recall and leaves < num_leaves:
+        leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.5)))
+        recall = probe.recall(searcher, leaves_to_search=leaves)
+        tried.append((leaves, recall))
+    return leaves, recall, tried
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,7 +654,13 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
 
     tick = time.perf_counter()
-    recall = measure_recall(searcher, matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
+                                                      num_leaves=params["num_leaves"], min_recall=config.min_recall)
+        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+    else:
+        recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
     timings["recall"] = time.perf_counter() - tick
     if recall < config.min_recall:
         raise ConfigError(f"ScaNN recall@10 {recall:.4f} against exact search is below --min-recall "
@@ -915,11 +963,15 @@ class Index:
             raise InputError(f"query vectors must be [q, {self.dim}], got shape {queries.shape}")
         k = min(k, self.size)
         pre = max(k, self.params["reorder_k"]) if "reorder_k" in self.params else None
+        # The build may have tuned this past what the serialized ScaNN config holds.
+        leaves = self.params.get("num_leaves_to_search")
         if queries.shape[0] == 1:
             rows, scores = self.scann.search(queries[0], final_num_neighbors=k,
-                                             pre_reorder_num_neighbors=pre if pre is not None else -1)
+                                             pre_reorder_num_neighbors=-1 if pre is None else pre,
+                                             leaves_to_search=-1 if leaves is None else leaves)
             return np.asarray(rows, dtype=np.int64)[None, :], np.asarray(scores, dtype=np.float32)[None, :]
-        rows, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre)
+        rows, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre,
+                                                 leaves_to_search=leaves)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 

@@ -91,7 +91,7 @@ def test_encode_transform_matches_the_encoder(tiny_model_dir, adi_dir):
         assert_that(rows, check)
 
 
-def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, tmp_path):
+def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, tmp_path, capsys):
     from dssm.bm25 import document_text
     from dssm.export import load_encoder
     from serving import index as ix
@@ -114,6 +114,17 @@ def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, t
     assert stored[0].title == by_id[stored[0].id].title and stored[5].text == by_id[stored[5].id].text
     # The staging area (shards) is gone; nothing but the published version is left.
     assert not (out / ".staging").exists() and not (out / "rejected").exists()
+
+    # `dssm index` again through main(): ScaNN flags override the size rule, --keep-versions prunes.
+    # (Re-ranking all 82 documents exactly makes AH exact here; the 2-epoch model's embeddings are too
+    # alike for AH codes alone to rank them.)
+    assert ec.main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(out),
+                    "--scann-mode", "ah", "--scann-reorder-k", "82", "--min-recall", "0.99", "--keep-versions", "1",
+                    "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scann"]["mode"] == "ah" and printed["scann"]["reorder_k"] == 82
+    assert printed["recall_at_10"] >= 0.99 and printed["pruned_versions"] == [summary["version"]]
+    assert ix.list_versions(out) == [printed["version"]] == [ix.load_index(out).version]
 
 
 def test_index_job_dead_letters_and_custom_columns(tiny_model_dir, tmp_path):

@@ -341,3 +341,23 @@ def test_build_killed_mid_way_leaves_the_previous_version_live(tmp_path, stage_f
     # The next build is not blocked by the dead build's staging leftovers.
     second = ix.build_index(tmp_path / "idx", embeddings=matrix[:20], ids=ids_for(20), texts=["b"] * 20)
     assert ix.load_index(tmp_path / "idx").version == second.version
+
+
+def test_tree_leaves_to_search_is_tuned_to_min_recall_and_used_after_load(tmp_path):
+    matrix = unit_vectors(5000, 32, seed=4)  # no cluster structure: the starting 8 of 70 leaves is too few
+    config = ix.ScannConfig(mode="tree_ah", num_leaves=70, min_recall=0.9)
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(5000), texts=["t"] * 5000, config=config)
+    tuning = result.scann["leaves_tuning"]
+    assert tuning[0][0] == 8 and tuning[0][1] < 0.9  # the start was not enough ...
+    assert [lv for lv, _ in tuning] == sorted({lv for lv, _ in tuning})  # ... so it grew, never shrank
+    assert tuning[-1] == [result.scann["num_leaves_to_search"], round(result.recall_at_10, 4)]
+    assert result.recall_at_10 >= 0.9
+    index = ix.load_index(tmp_path / "idx")
+    assert index.params["num_leaves_to_search"] == tuning[-1][0]
+    # Searches after load use the tuned value, not the smaller one in ScaNN's serialized config.
+    probe = ix.RecallProbe(matrix, sample=500, seed=9)
+    rows, _ = index.search_vectors(probe.queries, 10)
+    scores = np.einsum("qd,qkd->qk", probe.queries, matrix[rows])
+    assert (scores >= probe.threshold).sum(axis=1).mean() / 10 >= 0.88
+    one, _ = index.search_vectors(probe.queries[:1], 10)
+    np.testing.assert_array_equal(one[0], rows[0])
