@@ -22,6 +22,22 @@ Metrics (``name@k``), per query, then averaged over the evaluated queries:
 
 Per-query values are kept (:class:`SystemResult.per_query`) for significance tests and plots.
 
+Systems compared by ``dssm eval`` (``--systems``), all on the same queries:
+
+* ``dssm``: the index's ScaNN search (what serving returns);
+* ``dssm-exact``: brute force over the index's stored embeddings (``embeddings.npy``), so ANN loss
+  shows as the gap to ``dssm`` (zero for brute-force indexes, which all indexes under 20k docs are);
+* ``bm25``: :mod:`dssm.bm25` over ``--data``'s corpus;
+* ``hybrid-rrf``: reciprocal-rank fusion of ``dssm`` and ``bm25`` (no parameter tuned);
+* ``hybrid``: convex combination of per-query min-max normalised exact scores
+  (:mod:`dssm.hybrid`) over the union of both systems' top-``depth`` candidates, with the DSSM weight
+  tuned on nDCG@10 of *tuning queries*: a deterministic ``--tune-fraction`` of the selected queries
+  (by sha1 of ``"tune:" + query id``), removed from the evaluated set, so the weight never sees an
+  evaluated query. (The train split of ``--holdout`` is not used for tuning: DSSM was trained on
+  those queries' pairs, so a weight tuned there would over-trust it.)
+
+Significance: :func:`paired_randomization_test` between every two systems on every metric.
+
 The library part (everything but :func:`main`) reads and writes no files.
 """
 
@@ -62,17 +78,23 @@ __all__ = [
     "select_queries",
     "reciprocal_rank_fusion",
     "paired_randomization_test",
+    "significance",
+    "split_tuning_queries",
     "trec_run_lines",
     "report_dict",
     "format_table",
+    "ALL_SYSTEMS",
     "main",
 ]
 
 Run = Mapping[str, Sequence[tuple[str, float]]]
 Qrels = Mapping[str, Mapping[str, float]]
 
-#: The metrics of the ``dssm eval`` contract, in report order.
-DEFAULT_METRICS: tuple[str, ...] = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10")
+#: The metrics ``dssm eval`` reports by default: the end-to-end contract's five first, then issue 6's.
+DEFAULT_METRICS: tuple[str, ...] = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "recall@5",
+                                    "precision@10", "map@100")
+#: Every system ``dssm eval`` can compare, in report order.
+ALL_SYSTEMS: tuple[str, ...] = ("dssm", "dssm-exact", "bm25", "hybrid-rrf", "hybrid")
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -380,6 +402,42 @@ def paired_randomization_test(a: Mapping[str, float], b: Mapping[str, float], *,
     return (hits + 1) / (trials + 1)
 
 
+def significance(results: Sequence[SystemResult], *, trials: int = 10_000,
+                 seed: int = 0) -> dict[str, dict[str, float]]:
+    """Paired randomisation p-values between every two systems on every metric they share.
+
+    Returns:
+        ``{"A vs B": {metric: p}}`` for each pair in ``results`` order (A before B).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            shared = [m for m in a.per_query if m in b.per_query]
+            out[f"{a.name} vs {b.name}"] = {m: paired_randomization_test(a.per_query[m], b.per_query[m],
+                                                                         trials=trials, seed=seed) for m in shared}
+    return out
+
+
+def split_tuning_queries(qids: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Split query ids into (tuning, evaluated), deterministically by sha1 of ``"tune:" + qid``.
+
+    The same id always lands on the same side, whatever the other ids are.
+
+    Raises:
+        ConfigError: ``fraction`` outside (0, 1), or a side would be empty.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--tune-fraction must be in (0, 1), got {fraction}")
+    tune, rest = [], []
+    for qid in qids:
+        bucket = int(hashlib.sha1(f"tune:{qid}".encode()).hexdigest()[:8], 16) / 0x100000000
+        (tune if bucket < fraction else rest).append(qid)
+    if not tune or not rest:
+        raise ConfigError(f"--tune-fraction {fraction} of {len(qids)} queries leaves {len(tune)} for tuning and "
+                          f"{len(rest)} to evaluate; both must be non-empty")
+    return tune, rest
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -437,13 +495,16 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dssm eval",
-        description="Recall@1/10/100, MRR@10 and nDCG@10 of an index on a BEIR directory, with BM25 (bm25s) "
-                    "on the same corpus and queries beside it.")
+        description="Retrieval metrics of DSSM (ANN and exact), BM25 and their hybrids on a BEIR directory, "
+                    "on the same queries, with paired significance tests; --report writes JSON, Markdown, "
+                    "TREC runs and plots.")
     parser.add_argument("--index", help="index directory written by `dssm index` (omit to evaluate BM25 only)")
     parser.add_argument("--data", required=True, help="BEIR directory: corpus.jsonl, queries.jsonl, qrels.tsv")
     parser.add_argument("--skip-self", action="store_true",
                         help="drop a hit whose id equals the query's id (Quora: each query is also a document)")
     parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON to this file")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write metrics.json, per_query.json, results.md, runs/SYSTEM.trec and PNG plots here")
     parser.add_argument("--holdout", metavar="PAIRS_DIR",
                         help="evaluate only queries that this pairs dataset put in its validation split")
     parser.add_argument("--max-queries", type=int, metavar="N",
@@ -451,7 +512,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                         help="comma-separated NAME@K, NAME in recall, precision, mrr, ndcg, map "
                              "(default: %(default)s)")
-    parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
+    parser.add_argument("--systems", default=None,
+                        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all with --index, "
+                             "else bm25)")
+    parser.add_argument("--no-bm25", action="store_true", help="skip BM25 and the hybrids")
+    parser.add_argument("--tune-fraction", type=float, default=0.2,
+                        help="share of the selected queries (by hash of the id) used only to tune the hybrid "
+                             "weight and left out of the evaluation (default: %(default)s)")
+    parser.add_argument("--tune-metric", default="ndcg@10", help="metric the hybrid weight maximises (default: "
+                                                                  "%(default)s)")
+    parser.add_argument("--normalization", choices=("minmax", "zscore"), default="minmax",
+                        help="per-query score normalisation of the convex hybrid (default: %(default)s)")
+    parser.add_argument("--rrf-k", type=float, default=60.0, help="RRF damping constant (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=10_000,
+                        help="randomisation-test trials per comparison (default: %(default)s)")
+    parser.add_argument("--save-weight", action="store_true",
+                        help="store the tuned hybrid weight in the index (a new version with hybrid.json) so "
+                             "search mode=hybrid uses it")
     parser.add_argument("--batch-size", type=int, default=256, help="queries per search call (default: 256)")
     add_config_arguments(parser, BM25Config, prefix="bm25-")
     return parser
@@ -493,25 +570,110 @@ def _check_index_covers(searcher: Any, qrels: Qrels, *, corpus_size: int, index:
               "BM25 searches the corpus, DSSM the index", file=sys.stderr)
 
 
+def _parse_systems(args: argparse.Namespace) -> list[str]:
+    if args.systems is None:
+        systems = list(ALL_SYSTEMS) if args.index is not None else ["bm25"]
+    else:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in ALL_SYSTEMS]
+        if unknown or not systems:
+            raise ConfigError(f"--systems {args.systems!r}: unknown {unknown}; choose from {ALL_SYSTEMS}")
+        systems = [s for s in ALL_SYSTEMS if s in systems]  # report order, no repeats
+    if args.no_bm25:
+        systems = [s for s in systems if s in ("dssm", "dssm-exact")]
+    if not systems:
+        raise InputError("nothing to evaluate: give --index, or drop --no-bm25")
+    dense = [s for s in systems if s != "bm25"]
+    if dense and args.index is None:
+        raise InputError(f"systems {dense} need --index")
+    return systems
+
+
+def _embed_queries(searcher: Any, queries: Mapping[str, str], qids: Sequence[str], *, batch_size: int) -> Any:
+    """[len(qids), dim] float32 query embeddings, batch by batch with a progress bar."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    if searcher.encoder is None:
+        raise InputError("--index has no model/: it cannot embed query texts")
+    for qid in qids:
+        if not queries[qid].strip():
+            raise InputError(f"query {qid!r} has an empty text")
+    out = np.zeros((len(qids), searcher.index.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(qids), batch_size), desc="embed queries", unit="batch", file=sys.stderr):
+        batch = qids[start:start + batch_size]
+        out[start:start + len(batch)] = searcher.encoder.embed_queries([queries[q] for q in batch])
+    return out
+
+
+def _dense_runs(searcher: Any, vectors: Any, qids: Sequence[str], *, fetch: int, exact: bool,
+                batch_size: int) -> dict[str, list[tuple[str, float]]]:
+    """ScaNN (``exact=False``) or brute-force (``exact=True``) rankings of the index for query vectors."""
+    from serving.index import exact_top_k
+
+    run: dict[str, list[tuple[str, float]]] = {}
+    if exact:
+        rows, scores = exact_top_k(searcher.index.embeddings(), vectors, fetch)
+        docs = searcher.index.docs.get(rows.ravel().tolist())
+        width = rows.shape[1]
+        for i, qid in enumerate(qids):
+            run[qid] = [(docs[i * width + j].id, float(scores[i, j])) for j in range(width)]
+        return run
+    for start in range(0, len(qids), batch_size):
+        hits = searcher.search_vectors(vectors[start:start + batch_size], fetch)
+        for qid, row in zip(qids[start:start + batch_size], hits, strict=True):
+            run[qid] = [(h.id, h.score) for h in row]
+    return run
+
+
+def _hybrid_candidates(searcher: Any, bm25: Any, vectors: Any, qids: Sequence[str], queries: Mapping[str, str],
+                       dense_run: Run, sparse_run: Run) -> tuple[dict[str, dict[str, float]],
+                                                                 dict[str, dict[str, float]]]:
+    """Exact DSSM cosines and BM25 scores of every candidate (union of both runs) per query."""
+    import numpy as np
+
+    row_of = {doc.id: row for row, doc in searcher.index.docs.iter_all()}
+    corpus_pos = {doc_id: i for i, doc_id in enumerate(bm25.ids)}
+    embeddings = searcher.index.embeddings()
+    dense: dict[str, dict[str, float]] = {}
+    sparse: dict[str, dict[str, float]] = {}
+    for i, qid in enumerate(qids):
+        candidates = sorted({h[0] for h in dense_run.get(qid, ())} | {h[0] for h in sparse_run.get(qid, ())})
+        in_index = [d for d in candidates if d in row_of]
+        cosines = np.asarray(embeddings[[row_of[d] for d in in_index]], dtype=np.float32) @ vectors[i]
+        dense[qid] = dict(zip(in_index, cosines.tolist(), strict=True))
+        full = bm25.scores(queries[qid])
+        sparse[qid] = {d: float(full[corpus_pos[d]]) if d in corpus_pos else 0.0 for d in candidates}
+    return dense, sparse
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``dssm eval``: evaluate DSSM (if ``--index``) and BM25 on a BEIR directory; print a table."""
+    """``dssm eval``: evaluate the systems on a BEIR directory; print a table; write JSON / a report."""
     from dssm.bm25 import BM25Config, BM25Index, document_text
     from dssm.config import config_from_args
     from dssm.data import read_beir
+    from dssm.hybrid import convex_fusion, tune_weight
 
     args = _parser().parse_args(argv)
-    if args.index is None and args.no_bm25:
-        raise InputError("nothing to evaluate: give --index, or drop --no-bm25")
+    systems = _parse_systems(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {args.trials}")
     bm25_config = config_from_args(BM25Config, args, prefix="bm25-")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if not metrics:
         raise ConfigError("--metrics is empty")
     depth = metric_depth(metrics)  # also validates every name
+    parse_metric(args.tune_metric)
+    if args.save_weight and "hybrid" not in systems:
+        raise ConfigError("--save-weight needs the hybrid system (it saves the weight tuned for it)")
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise InputError(f"--data {data_dir}: no such directory (expected a BEIR directory)")
+    for flag, value in (("--json", args.json), ("--report", args.report)):
+        if value and not Path(value).resolve().parent.is_dir():
+            raise InputError(f"{flag} {value}: directory {Path(value).resolve().parent} does not exist")
     # Load the index before the (slower) corpus read, so a bad --index fails fast.
     searcher = None
     if args.index is not None:
@@ -530,40 +692,109 @@ def main(argv: list[str] | None = None) -> int:
         if keep is not None:
             why += f", none of those is in the validation split of {args.holdout}"
         raise InputError(f"--data {data_dir}: no query to evaluate ({why})")
-    selected = {q: queries[q] for q in qids}
+    tune_qids: list[str] = []
+    if "hybrid" in systems:
+        tune_qids, qids = split_tuning_queries(qids, args.tune_fraction)
     sel_qrels = {q: qrels[q] for q in qids}
     print(f"evaluating {len(qids)} queries against {len(corpus)} documents"
-          f"{' (skip-self)' if args.skip_self else ''}", file=sys.stderr)
+          f"{' (skip-self)' if args.skip_self else ''}"
+          f"{f'; {len(tune_qids)} other queries tune the hybrid weight' if tune_qids else ''}", file=sys.stderr)
 
-    systems: list[tuple[str, Callable[[], SearchBatch]]] = []
+    all_qids = qids + tune_qids
+    fetch = depth + 1 if args.skip_self else depth
+    runs: dict[str, dict[str, list[tuple[str, float]]]] = {}
+    seconds: dict[str, float] = {}
+
+    def finish(run: dict[str, list[tuple[str, float]]]) -> dict[str, list[tuple[str, float]]]:
+        return drop_self(run, k=depth) if args.skip_self else {q: hits[:depth] for q, hits in run.items()}
+
+    vectors = None
     if searcher is not None:
         _check_index_covers(searcher, sel_qrels, corpus_size=len(corpus), index=args.index, data=data_dir)
-        systems.append(("dssm", lambda: searcher.search_batch))
-    if not args.no_bm25:
-        def bm25_search() -> SearchBatch:
-            ids = list(corpus)
-            texts = [document_text(corpus[i].title, corpus[i].text) for i in ids]
-            return BM25Index.build(ids, texts, config=bm25_config).search_batch
+        tick = time.perf_counter()
+        vectors = _embed_queries(searcher, queries, all_qids, batch_size=args.batch_size)
+        embed_seconds = time.perf_counter() - tick
+        for name, exact in (("dssm", False), ("dssm-exact", True)):
+            if name in systems or (name == "dssm" and {"hybrid", "hybrid-rrf"} & set(systems)):
+                tick = time.perf_counter()
+                runs[name] = finish(_dense_runs(searcher, vectors, all_qids, fetch=fetch, exact=exact,
+                                                batch_size=args.batch_size))
+                seconds[name] = time.perf_counter() - tick + embed_seconds
+    bm25 = None
+    if {"bm25", "hybrid", "hybrid-rrf"} & set(systems):
+        tick = time.perf_counter()
+        ids = list(corpus)
+        bm25 = BM25Index.build(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], config=bm25_config)
+        runs["bm25"] = retrieve_run(bm25.search_batch, {q: queries[q] for q in all_qids}, k=depth,
+                                    skip_self=args.skip_self, batch_size=args.batch_size, show_progress=True,
+                                    desc="bm25")
+        seconds["bm25"] = time.perf_counter() - tick
+    if "hybrid-rrf" in systems:
+        tick = time.perf_counter()
+        runs["hybrid-rrf"] = reciprocal_rank_fusion([runs["dssm"], runs["bm25"]], k=depth, rrf_k=args.rrf_k)
+        seconds["hybrid-rrf"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
+    hybrid_info: dict[str, Any] | None = None
+    if "hybrid" in systems:
+        tick = time.perf_counter()
+        dense_c, sparse_c = _hybrid_candidates(searcher, bm25, vectors, all_qids, queries, runs["dssm"], runs["bm25"])
+        tune_set = set(tune_qids)
+        tune_qrels = {q: qrels[q] for q in tune_qids}
 
-        systems.append(("bm25", bm25_search))
+        def tuned_score(weight: float) -> float:
+            run = convex_fusion({q: v for q, v in dense_c.items() if q in tune_set},
+                                {q: v for q, v in sparse_c.items() if q in tune_set},
+                                weight=weight, k=depth, normalization=args.normalization)
+            return evaluate_run("tune", run, tune_qrels, metrics=(args.tune_metric,)).means[args.tune_metric]
+
+        weight, curve = tune_weight(tuned_score)
+        eval_set = set(qids)
+        runs["hybrid"] = convex_fusion({q: v for q, v in dense_c.items() if q in eval_set},
+                                       {q: v for q, v in sparse_c.items() if q in eval_set},
+                                       weight=weight, k=depth, normalization=args.normalization)
+        seconds["hybrid"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
+        hybrid_info = {"weight": weight, "normalization": args.normalization, "tuning_queries": len(tune_qids),
+                       "tuning_metric": args.tune_metric, "tuning_curve": {f"{w:.2f}": v for w, v in curve.items()},
+                       "tuning_split": f"sha1('tune:' + query id) < {args.tune_fraction}; disjoint from the "
+                                       "evaluated queries"}
+        print(f"hybrid: weight {weight:.2f} on DSSM ({args.normalization}), tuned on {len(tune_qids)} queries "
+              f"({args.tune_metric} {curve[weight]:.4f})", file=sys.stderr)
+
+    eval_set = set(qids)
     results = []
-    for name, make in systems:
-        start = time.perf_counter()
-        search = make()
-        built = time.perf_counter()
-        run = retrieve_run(search, selected, k=depth, skip_self=args.skip_self, batch_size=args.batch_size,
-                           show_progress=True, desc=name)
-        done = time.perf_counter()
+    for name in systems:
+        run = {q: hits for q, hits in runs[name].items() if q in eval_set}
+        runs[name] = run
         results.append(evaluate_run(name, run, sel_qrels, metrics=metrics))
-        print(f"{name}: set-up {built - start:.1f} s, {len(qids)} queries in {done - built:.1f} s "
-              f"({len(qids) / max(done - built, 1e-9):.0f} queries/s)", file=sys.stderr)
+        print(f"{name}: {seconds[name]:.1f} s for {len(all_qids)} queries "
+              f"({len(all_qids) / max(seconds[name], 1e-9):.0f} queries/s)", file=sys.stderr)
+    tests = significance(results, trials=args.trials) if len(results) > 1 else {}
 
     print(format_table(results, queries=len(qids), docs=len(corpus)))
+    for pair, values in tests.items():
+        if "bm25" in pair.split(" vs ") or pair == "dssm vs dssm-exact":
+            first = metrics[0]
+            print(f"p({pair}, {first}) = {values[first]:.4g}")
+    report = report_dict(results, queries=len(qids), docs=len(corpus))
+    if len(results) > 1:
+        report["significance"] = tests
+    if hybrid_info is not None:
+        report["hybrid_tuning"] = hybrid_info
     if args.json:
         from dssm.artifacts import write_json_atomic
 
-        out = Path(args.json)
-        if out.parent and not out.parent.is_dir():
-            raise InputError(f"--json {out}: directory {out.parent} does not exist")
-        write_json_atomic(out, report_dict(results, queries=len(qids), docs=len(corpus)))
+        write_json_atomic(Path(args.json), report)
+    if args.report:
+        from dssm.report import write_report
+
+        written = write_report(Path(args.report), results=results, runs=runs, qrels=sel_qrels, report=report,
+                               title=f"dssm eval on {data_dir.name}")
+        print(f"report: {len(written)} files in {args.report}", file=sys.stderr)
+    if args.save_weight:
+        from dssm.config import config_to_dict
+        from dssm.hybrid import HYBRID_FILE, HybridConfig
+        from dssm.thresholds import publish_index_files
+
+        settings = config_to_dict(HybridConfig(weight=hybrid_info["weight"], normalization=args.normalization))
+        version = publish_index_files(args.index, files={HYBRID_FILE: settings}, manifest_updates={"hybrid": settings})
+        print(f"saved hybrid weight {hybrid_info['weight']:.2f} in {args.index} as version {version}", file=sys.stderr)
     return 0
