@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/CSV/TSV/JSONL/Parquet/BEIR) → TFRecord shards."),
     "train": ("dssm.train", "Train the two-tower model on pair shards and export a SavedModel."),
     "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
+    "mine": ("pipelines.mine_negatives", "Beam job: hard negatives for training pairs, retrieved from an index."),
     "search": ("serving.searcher", "Search an index from the command line."),
     "serve": ("serving.app", "HTTP search service (FastAPI) over an index; hot-swaps new versions."),
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
