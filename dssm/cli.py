@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("serving.searcher", "Search an index from the command line."),
     "serve": ("serving.app", "HTTP search service (FastAPI) over an index; hot-swaps new versions."),
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
+    "thresholds": ("dssm.thresholds", "Duplicate-detection threshold from labelled pairs (accuracy, F1, AP); --save."),
+    "tag": ("dssm.tagging", "Zero-shot tagging: rank labels (short descriptions in a tags index) for a text."),
     "demo": ("dssm.demo", "pairs → train → index → eval → sample searches on quora-dev."),
 }
 
