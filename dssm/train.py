@@ -37,7 +37,7 @@ from dssm.model import DSSMModel, ModelConfig
 import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["TrainConfig", "SparseAdagrad", "LazyAdam", "make_optimizer", "pair_files", "read_feature_config",
-           "make_dataset", "select_strategy", "build_model", "count_pairs", "train", "main"]
+           "make_dataset", "has_negatives", "select_strategy", "build_model", "count_pairs", "train", "main"]
 
 _OPTIMIZERS = ("adagrad", "lazy_adam", "adam", "sgd")
 # Only what training reads is parsed; raw texts stay in the shards for mining/eval tools.
@@ -48,6 +48,12 @@ _PARSE_SPEC = {
     "query_counts": tf.io.RaggedFeature(tf.float32),
     "document_ids": tf.io.RaggedFeature(tf.int64),
     "document_counts": tf.io.RaggedFeature(tf.float32),
+}
+# Written by `dssm pairs --negatives-as-third-input`; an empty bag means "this pair has no negative".
+_NEGATIVE_SPEC = {
+    "negative_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "negative_ids": tf.io.RaggedFeature(tf.int64),
+    "negative_counts": tf.io.RaggedFeature(tf.float32),
 }
 
 
@@ -65,6 +71,8 @@ class TrainConfig:
     min_label: float = field(0.0, "pairs with label <= this are dropped (explicit negatives are no in-batch positives)")
     shuffle_buffer: int = field(100_000, "shuffle buffer in pairs (>= the number of pairs shuffles fully)")
     cache: bool = field(True, "keep parsed positive pairs in memory after the first epoch")
+    negatives: bool = field(True, "use the shards' explicit negatives (negative_ids) as extra softmax columns "
+                            "when they have them")
     mixed_precision: bool = field(False, "compute in float16 on GPU / bfloat16 on CPU; variables stay float32")
     xla: bool = field(False, "compile the train step with XLA (jit_compile)")
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
@@ -183,13 +191,16 @@ def read_feature_config(pairs_dir: str | Path) -> FeatureConfig:
     return load_config(FeatureConfig, path)
 
 
-def _parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """``[batch]`` serialized Examples → dict of ``[batch]`` / ``[batch, None]`` ragged tensors."""
-    return tf.io.parse_example(serialized, _PARSE_SPEC)
+def has_negatives(files: list[str]) -> bool:
+    """Whether the shards carry explicit negatives (looks at the first record)."""
+    for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
+        example = tf.train.Example.FromString(record.numpy())
+        return "negative_ids" in example.features.feature
+    return False
 
 
 def make_dataset(files: list[str], *, batch_size: int, training: bool, config: TrainConfig,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
+                 drop_remainder: bool = False, negatives: bool = False) -> tf.data.Dataset:
     """Batches of positive pairs for :meth:`DSSMModel.compute_loss`.
 
     Records are parsed in blocks (``parse_example`` is vectorised), pairs with ``label <= min_label``
@@ -201,19 +212,22 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: T
         training: shuffle (seeded, reshuffled each epoch) and cache if ``config.cache``.
         config: shuffle buffer, seed, label threshold.
         drop_remainder: drop a last short batch (needed when replicas must see equal batches).
+        negatives: also read ``negative_id``/``negative_ids``/``negative_counts``.
 
     Returns:
         Dataset of dicts: ``query_ids``/``document_ids`` ``[batch, None]`` int64 ragged,
         ``query_counts``/``document_counts`` ``[batch, None]`` float32 ragged, ``document_id``
-        ``[batch]`` string, ``label`` ``[batch]`` float32.
+        ``[batch]`` string, ``label`` ``[batch]`` float32 (and the ``negative_*`` keys with ``negatives``).
     """
+    spec = {**_PARSE_SPEC, **(_NEGATIVE_SPEC if negatives else {})}
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
         files_ds = files_ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
     ds = files_ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
                              cycle_length=min(4, max(1, len(files))), num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True)
-    ds = ds.batch(1024).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(1024).map(lambda records: tf.io.parse_example(records, spec), num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
 
     def keep_positive(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         keep = batch["label"] > config.min_label
@@ -331,14 +345,16 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     if steps == 0:
         raise InputError(f"the train shards in {pairs_dir} hold {n_train} pairs with label > "
                          f"{train_config.min_label}; need at least {batch if drop else 1}")
-    train_ds = make_dataset(train_files, batch_size=batch, training=True, config=train_config, drop_remainder=drop)
+    negatives = train_config.negatives and has_negatives(train_files)
+    train_ds = make_dataset(train_files, batch_size=batch, training=True, config=train_config, drop_remainder=drop,
+                            negatives=negatives)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps))
     validation_ds = None
     n_validation = count_pairs(validation_files, min_label=train_config.min_label)
     validation_steps = n_validation // batch if drop else -(-n_validation // batch)
     if validation_steps:
         validation_ds = make_dataset(validation_files, batch_size=batch, training=False, config=train_config,
-                                     drop_remainder=drop)
+                                     drop_remainder=drop, negatives=negatives)
         validation_ds = validation_ds.apply(tf.data.experimental.assert_cardinality(validation_steps))
     with strategy.scope():
         model = build_model(model_config, feature_config, train_config)

@@ -16,7 +16,17 @@ from dssm.config import save_config
 from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.features import FeatureConfig, Featurizer
 from dssm.model import ModelConfig
-from dssm.train import TrainConfig, build_model, count_pairs, main, make_dataset, pair_files, select_strategy, train
+from dssm.train import (
+    TrainConfig,
+    build_model,
+    count_pairs,
+    has_negatives,
+    main,
+    make_dataset,
+    pair_files,
+    select_strategy,
+    train,
+)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -33,15 +43,17 @@ def quora_pairs(quora_dir: Path, n: int) -> list[tuple[str, str, float]]:
 
 
 def write_pair_shards(directory: Path, pairs: list[tuple[str, str, float]], *, features: FeatureConfig = FEATURES,
-                      validation_every: int = 5, shards: int = 2) -> Path:
+                      validation_every: int = 5, shards: int = 2, negatives: list[str] | None = None) -> Path:
     """A minimal ``dssm pairs`` output: shards in docs/design.md's Example format, features.json, manifest.
 
-    Every ``validation_every``-th pair goes to the validation split.
+    Every ``validation_every``-th pair goes to the validation split. ``negatives`` (one text per pair,
+    "" for none) adds the ``negative_*`` features as ``dssm pairs --negatives-as-third-input`` writes them.
     """
     directory.mkdir(parents=True, exist_ok=True)
     featurizer = Featurizer(features)
     queries = featurizer.bags_numpy([p[0] for p in pairs])
     documents = featurizer.bags_numpy([p[1] for p in pairs])
+    negative_bags = featurizer.bags_numpy(negatives) if negatives is not None else None
     splits: dict[str, list[bytes]] = {"train": [], "validation": []}
     for i, ((query, document, label), (q_ids, q_counts), (d_ids, d_counts)) in enumerate(
             zip(pairs, queries, documents, strict=True)):
@@ -56,6 +68,13 @@ def write_pair_shards(directory: Path, pairs: list[tuple[str, str, float]], *, f
             "document_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=d_ids)),
             "document_counts": tf.train.Feature(float_list=tf.train.FloatList(value=d_counts)),
         }
+        if negatives is not None:
+            n_ids, n_counts = negative_bags[i] if negatives[i] else ([], [])
+            feature.update(
+                negative_id=tf.train.Feature(bytes_list=tf.train.BytesList(value=[negatives[i][:40].encode()])),
+                negative_text=tf.train.Feature(bytes_list=tf.train.BytesList(value=[negatives[i].encode()])),
+                negative_ids=tf.train.Feature(int64_list=tf.train.Int64List(value=n_ids)),
+                negative_counts=tf.train.Feature(float_list=tf.train.FloatList(value=n_counts)))
         example = tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
         splits["validation" if i % validation_every == validation_every - 1 else "train"].append(example)
     for split, records in splits.items():
@@ -120,6 +139,26 @@ def test_one_train_step_lowers_the_loss_on_that_batch(quora_dir: Path) -> None:
     model.train_step(batch)
     after = float(model.compute_loss(batch))
     assert after < before
+
+
+def test_explicit_negatives_are_read_and_trained_on(quora_dir: Path, tmp_path: Path) -> None:
+    pairs = quora_pairs(quora_dir, 600)
+    # Quora's non-duplicates as negatives of the next positive pair (every third one left empty).
+    non_duplicates = [p[1] for p in pairs if p[2] == 0]
+    negatives = ["" if i % 3 == 0 else non_duplicates[i % len(non_duplicates)] for i in range(len(pairs))]
+    shards = write_pair_shards(tmp_path / "pairs", pairs, negatives=negatives)
+    files = pair_files(shards, "train")
+    assert has_negatives(files) and not has_negatives(pair_files(write_pair_shards(tmp_path / "plain", pairs[:20]),
+                                                                  "train"))
+    batch = next(iter(make_dataset(files, batch_size=32, training=False, config=FAST, negatives=True)))
+    lengths = batch["negative_ids"].row_lengths().numpy()
+    assert (lengths == 0).any() and (lengths > 0).any()
+    model, history = train(shards, model_config=SMALL, train_config=FAST)
+    assert history["loss"][-1] < 0.7 * history["loss"][0]
+    # The negatives really enter the loss: the same batch scores higher without them.
+    with_negatives = float(model.compute_loss(batch))
+    without = float(model.compute_loss({k: v for k, v in batch.items() if not k.startswith("negative")}))
+    assert with_negatives > without
 
 
 def test_training_is_repeatable_with_a_seed(quora_shards: Path) -> None:
