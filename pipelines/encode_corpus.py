@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ __all__ = [
     "SHARD_SCHEMA",
     "CorpusColumns",
     "DocumentTowerHandler",
+    "validate_document",
     "ValidateDocuments",
     "EncodeDocuments",
     "shard_table",
@@ -100,43 +101,53 @@ def _as_str(value: Any) -> str | bytes | None:
     return json.dumps(json_safe(value), ensure_ascii=False)
 
 
-class ValidateDocuments(beam.DoFn):
-    """Raw record (``pipelines.transforms.read_table``) → document dict, or a dead letter.
+DOCUMENT = "document"
 
-    Output: ``{"record", "id", "title", "text"}``; rejected: ``{"record", "reason", "detail", "row"}``
-    on the ``rejected`` tag.
+
+def validate_document(raw: dict[str, Any], columns: CorpusColumns) -> tuple[str, dict[str, Any]]:
+    """Raw record (``pipelines.transforms.read_table``) → ``("document", doc)`` or ``("rejected", dead letter)``.
+
+    A document is ``{"record", "id", "title", "text"}``; a dead letter ``{"record", "reason", "detail",
+    "row"}`` with a reason from :data:`REASONS`. One output marked by kind rather than a multi-output
+    ParDo, because Beam's Dask runner hands every output of a ParDo to every consumer.
     """
+    fields = raw["fields"]
+    record = raw["record"]
+
+    def reject(reason: str, detail: str) -> tuple[str, dict[str, Any]]:
+        return REJECTED, {"record": record, "reason": reason, "detail": detail, "row": fields}
+
+    if raw.get("reason"):
+        return reject("unparsable", raw.get("error") or raw["reason"])
+    doc_id = _as_str(fields.get(columns.id))
+    title = _as_str(fields.get(columns.title)) if columns.title else ""
+    text = _as_str(fields.get(columns.text))
+    not_utf8 = [name for name, value in (("id", doc_id), ("title", title), ("text", text)) if isinstance(value, bytes)]
+    if not_utf8:
+        return reject("not_utf8", f"{', '.join(not_utf8)} not valid UTF-8")
+    if doc_id is None or not doc_id.strip():
+        return reject("empty_id", f"no usable {columns.id!r}: {json_safe(doc_id)!r}")
+    title, text = title or "", text or ""
+    if not (title.strip() or text.strip()):
+        return reject("empty_document", f"document {doc_id.strip()!r} has no title or text")
+    return DOCUMENT, {"record": record, "id": doc_id.strip(), "title": title, "text": text}
+
+
+def _select(item: tuple[str, dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [item[1]] if item[0] == kind else []
+
+
+class ValidateDocuments(beam.PTransform):
+    """Raw records → ``(documents, rejected)`` PCollections (see :func:`validate_document`)."""
 
     def __init__(self, columns: CorpusColumns):
+        super().__init__()
         self.columns = columns
 
-    def process(self, raw: dict[str, Any]) -> Iterator[Any]:
-        fields = raw["fields"]
-        record = raw["record"]
-
-        def reject(reason: str, detail: str) -> beam.pvalue.TaggedOutput:
-            return beam.pvalue.TaggedOutput(REJECTED, {"record": record, "reason": reason, "detail": detail,
-                                                       "row": fields})
-
-        if raw.get("reason"):
-            yield reject("unparsable", raw.get("error") or raw["reason"])
-            return
-        doc_id = _as_str(fields.get(self.columns.id))
-        title = _as_str(fields.get(self.columns.title)) if self.columns.title else ""
-        text = _as_str(fields.get(self.columns.text))
-        values = {"id": doc_id, "title": title, "text": text}
-        not_utf8 = [name for name, value in values.items() if isinstance(value, bytes)]
-        if not_utf8:
-            yield reject("not_utf8", f"{', '.join(not_utf8)} not valid UTF-8")
-            return
-        if doc_id is None or not doc_id.strip():
-            yield reject("empty_id", f"no usable {self.columns.id!r}: {json_safe(doc_id)!r}")
-            return
-        title, text = title or "", text or ""
-        if not (title.strip() or text.strip()):
-            yield reject("empty_document", f"document {doc_id.strip()!r} has no title or text")
-            return
-        yield {"record": record, "id": doc_id.strip(), "title": title, "text": text}
+    def expand(self, raw: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        checked = raw | "Check" >> beam.Map(validate_document, self.columns)
+        return (checked | "Documents" >> beam.FlatMap(_select, DOCUMENT),
+                checked | "Rejected" >> beam.FlatMap(_select, REJECTED))
 
 
 class DocumentTowerHandler(ModelHandler[str, PredictionResult, Any]):
@@ -263,9 +274,9 @@ def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusCo
         # One file is read by one worker; spread its records before the expensive step.
         | "Spread" >> beam.Reshuffle()
     )
-    checked = raw | "Validate" >> beam.ParDo(ValidateDocuments(columns)).with_outputs(REJECTED, main="documents")
+    documents, rejected = raw | "Validate" >> ValidateDocuments(columns)
     (
-        checked.documents
+        documents
         | "Encode" >> EncodeDocuments(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         | "BatchRows" >> beam.BatchElements(min_batch_size=min_batch_size, max_batch_size=max(max_batch_size, 8192))
         | "ToArrow" >> beam.Map(shard_table)
@@ -273,7 +284,7 @@ def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusCo
                                                          num_shards=num_shards)
     )
     (
-        checked[REJECTED]
+        rejected
         | "RejectedJson" >> beam.Map(rejected_json)
         | "WriteRejected" >> beam.io.WriteToText(rejected_prefix, file_name_suffix=".jsonl", num_shards=1)
     )

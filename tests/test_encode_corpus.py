@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dssm.errors import InputError
 from pipelines import encode_corpus as ec
-from pipelines.transforms import REJECTED, read_table
+from pipelines.transforms import read_table
 
 
 def write_jsonl(path, records):
@@ -33,12 +33,11 @@ def test_validate_documents_splits_good_and_rejected(tmp_path):
     ])
     corpus.write_bytes(corpus.read_bytes() + b'{"_id": "d", "text": "bad \xff byte"}\n')
     with test_pipeline.TestPipeline() as p:
-        checked = (p | beam.Create([str(corpus)]) | beam.FlatMap(read_table, None)
-                   | beam.ParDo(ec.ValidateDocuments(ec.CorpusColumns(id="_id"))).with_outputs(REJECTED,
-                                                                                              main="docs"))
-        assert_that(checked.docs | "ids" >> beam.Map(lambda d: (d["id"], d["title"], d["text"])),
+        docs, rejected = (p | beam.Create([str(corpus)]) | beam.FlatMap(read_table, None)
+                          | ec.ValidateDocuments(ec.CorpusColumns(id="_id")))
+        assert_that(docs | "ids" >> beam.Map(lambda d: (d["id"], d["title"], d["text"])),
                     equal_to([("a", "T", "alpha"), ("b", "", "beta"), ("7", "", "numeric id")]), label="docs")
-        assert_that(checked[REJECTED] | "reasons" >> beam.Map(lambda r: (r["record"].rsplit(":", 1)[1], r["reason"])),
+        assert_that(rejected | "reasons" >> beam.Map(lambda r: (r["record"].rsplit(":", 1)[1], r["reason"])),
                     equal_to([("3", "empty_id"), ("4", "empty_document"), ("5", "unparsable"), ("7", "not_utf8")]),
                     label="rejected")
 
