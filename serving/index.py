@@ -620,8 +620,10 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _check_finite(matrix: np.ndarray, store_path: Path) -> None:
-    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -> None:
+    # Chunked: a whole-matrix isfinite() would allocate an [n, dim] bool temporary.
+    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(matrix[start:start + chunk]).all(axis=1))
+                          for start in range(0, matrix.shape[0], chunk)] or [np.zeros(0, np.int64)])
     if bad.size:
         row = int(bad[0])
         conn = sqlite3.connect(store_path)

@@ -169,3 +169,21 @@ def test_duplicate_ids_and_all_rejected_corpus_stop_the_build(tiny_model_dir, tm
     assert not (out / ".staging").exists()
     # Only the all-rejected run's dead letters are kept (the duplicate run had none).
     assert len(list((out / "rejected").iterdir())) == 1
+
+
+def test_index_job_reads_parquet_corpus(tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serving import index as ix
+
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["alpha beta", "gamma", "delta epsilon"],
+                             "extra": [1, 2, 3]}), tmp_path / "corpus.parquet")
+    out = tmp_path / "idx"
+    summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(tmp_path / "corpus.parquet"),
+                      "--output", str(out)], test_pipeline=test_pipeline.TestPipeline())
+    assert summary["documents"] == 3 and summary["encode"]["columns"] == {"id": "id", "title": "title",
+                                                                          "text": "text"}
+    index = ix.load_index(out)
+    assert {d.id: (d.title, d.text) for _, d in index.docs.iter_all()} == {
+        "p1": ("", "alpha beta"), "p2": ("", "gamma"), "p3": ("", "delta epsilon")}
