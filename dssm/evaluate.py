@@ -692,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         if keep is not None:
             why += f", none of those is in the validation split of {args.holdout}"
         raise InputError(f"--data {data_dir}: no query to evaluate ({why})")
+    if searcher is not None:
+        _check_index_covers(searcher, {q: qrels[q] for q in qids}, corpus_size=len(corpus), index=args.index,
+                            data=data_dir)
     tune_qids: list[str] = []
     if "hybrid" in systems:
         tune_qids, qids = split_tuning_queries(qids, args.tune_fraction)
@@ -710,7 +713,6 @@ def main(argv: list[str] | None = None) -> int:
 
     vectors = None
     if searcher is not None:
-        _check_index_covers(searcher, sel_qrels, corpus_size=len(corpus), index=args.index, data=data_dir)
         tick = time.perf_counter()
         vectors = _embed_queries(searcher, queries, all_qids, batch_size=args.batch_size)
         embed_seconds = time.perf_counter() - tick

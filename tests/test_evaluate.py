@@ -30,6 +30,8 @@ from dssm.evaluate import (
     retrieve_run,
     sample_queries,
     select_queries,
+    significance,
+    split_tuning_queries,
     trec_run_lines,
 )
 
@@ -52,7 +54,8 @@ RUN = {
     "q3": [("d5", 0.9), ("d12", 0.8), ("d6", 0.7)],
     "q4": [("d8", 1.0)],
 }
-METRICS = ("ndcg@10", "ndcg@2", "recall@1", "recall@10", "mrr@10", "mrr@1", "precision@2", "map@10")
+METRICS = ("ndcg@10", "ndcg@2", "recall@1", "recall@10", "mrr@10", "mrr@1", "precision@2", "map@10", "recall@5",
+           "recall@100", "precision@10", "map@100")
 
 # nDCG with linear gain grade / log2(rank + 1); ideal DCG from the sorted positive grades.
 Q1_NDCG10 = (2 / log2(3) + 1 / log2(5)) / (2 / log2(2) + 1 / log2(3))  # ≈ 0.6433
@@ -71,6 +74,11 @@ EXPECTED = {
     "precision@2": {"q1": 1 / 2, "q2": 0.0, "q3": 1 / 2},
     # AP: precision at each relevant rank, summed, / number relevant.
     "map@10": {"q1": (1 / 2 + 2 / 4) / 2, "q2": (1 / 3) / 1, "q3": (1 / 1 + 2 / 3) / 3},
+    # Issue 6's cut-offs: every relevant doc of q1/q2 is within rank 4; q3 finds d5 (1) and d6 (3) of 3.
+    "recall@5": {"q1": 1.0, "q2": 1.0, "q3": 2 / 3},
+    "recall@100": {"q1": 1.0, "q2": 1.0, "q3": 2 / 3},
+    "precision@10": {"q1": 2 / 10, "q2": 1 / 10, "q3": 2 / 10},
+    "map@100": {"q1": (1 / 2 + 2 / 4) / 2, "q2": (1 / 3) / 1, "q3": (1 / 1 + 2 / 3) / 3},
 }
 
 
@@ -104,6 +112,11 @@ def test_binary_qrels_ndcg_hand_computed():
     # Recall and MRR ignore the grade.
     assert per_query["recall@10"] == pytest.approx(EXPECTED["recall@10"])
     assert per_query["mrr@10"] == pytest.approx(EXPECTED["mrr@10"])
+    # So do precision and AP: on binary qrels every issue-6 metric but nDCG equals the graded value.
+    binary_all = per_query_metrics(RUN, binary, DEFAULT_METRICS)
+    for metric in DEFAULT_METRICS:
+        if not metric.startswith("ndcg"):
+            assert binary_all[metric] == pytest.approx(EXPECTED[metric]), metric
 
 
 def test_ndcg_gain_is_linear_not_exponential():
@@ -370,9 +383,10 @@ def test_cli_end_to_end_dssm_and_bm25_on_held_out_queries(adi_index, adi_dir, ad
     config = json.loads((pairs_dir / "pairs_config.json").read_text())
     out = tmp_path / "eval.json"
     assert cli_main(["eval", "--index", str(adi_index), "--data", str(adi_dir), "--holdout", str(pairs_dir),
-                     "--json", str(out)]) == 0
+                     "--systems", "dssm,bm25", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"dssm", "bm25", "queries", "docs"}
+    assert set(report) == {"dssm", "bm25", "queries", "docs", "significance"}
+    assert set(report["significance"]) == {"dssm vs bm25"}
     assert set(report["dssm"]) == set(report["bm25"]) == set(DEFAULT_METRICS)
     held_out = [q for q in select_queries(adi.queries, adi.qrels)
                 if split_of(adi.queries[q], validation_fraction=config["validation_fraction"],
@@ -399,14 +413,17 @@ def test_cli_end_to_end_known_answers_and_skip_self(adi_index, adi, tiny_model_d
     known = _write_beir(tmp_path / "known", adi.corpus, {f"q{i}": t for i, t in texts.items()},
                         {f"q{i}": {i: 1} for i in texts})
     out = tmp_path / "known.json"
-    assert main(["--index", str(adi_index), "--data", str(known), "--json", str(out)]) == 0
+    assert main(["--index", str(adi_index), "--data", str(known), "--systems", "dssm,dssm-exact,bm25",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["queries"] == 82
     assert report["dssm"]["recall@1"] == pytest.approx(1.0) and report["dssm"]["mrr@10"] == pytest.approx(1.0)
+    assert report["dssm-exact"]["recall@1"] == pytest.approx(1.0)
     assert report["bm25"]["recall@1"] == pytest.approx(1.0)
     # Same, with query id == document id: --skip-self removes the only relevant hit from both systems.
     self_dir = _write_beir(tmp_path / "self", adi.corpus, texts, {i: {i: 1} for i in texts})
-    assert main(["--index", str(adi_index), "--data", str(self_dir), "--skip-self", "--json", str(out)]) == 0
+    assert main(["--index", str(adi_index), "--data", str(self_dir), "--skip-self", "--systems", "dssm,bm25",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dssm"]["recall@100"] == 0.0 and report["bm25"]["recall@100"] == 0.0
 
@@ -458,3 +475,94 @@ def test_trec_run_lines_keep_our_order_for_trec_eval():
         trec_run_lines({}, system="two words")
     with pytest.raises(InputError, match="whitespace"):
         trec_run_lines({"q 1": [("d", 1.0)]}, system="x")
+
+
+def test_significance_over_every_pair_of_systems():
+    a = evaluate_run("a", RUN, GRADED)
+    same = evaluate_run("b", RUN, GRADED)
+    empty = evaluate_run("c", {}, GRADED)
+    tests = significance([a, same, empty], trials=500)
+    assert list(tests) == ["a vs b", "a vs c", "b vs c"]
+    assert set(tests["a vs b"]) == set(DEFAULT_METRICS)
+    assert all(p == pytest.approx(1.0) for p in tests["a vs b"].values())  # identical systems
+    # 3 queries allow only 2^3 sign patterns: the smallest two-sided p is 2/8, reached when all differ.
+    assert tests["a vs c"]["recall@100"] == pytest.approx(0.25, abs=0.06)
+
+
+def test_split_tuning_queries_is_deterministic_and_disjoint():
+    qids = [str(i) for i in range(200)]
+    tune, rest = split_tuning_queries(qids, 0.2)
+    assert set(tune).isdisjoint(rest) and sorted(tune + rest, key=int) == qids
+    assert 20 < len(tune) < 60
+    again, _ = split_tuning_queries(list(reversed(qids)) + ["extra"], 0.2)
+    assert set(tune) <= set(again)  # a query's side depends on its id only
+    with pytest.raises(ConfigError, match="tune-fraction"):
+        split_tuning_queries(qids, 1.0)
+    with pytest.raises(ConfigError, match="non-empty"):
+        split_tuning_queries(["only"], 0.5)
+
+
+def test_cli_all_systems_report_files(adi_index, adi_dir, adi, tmp_path, capsys):
+    import matplotlib.image
+
+    report_dir, out = tmp_path / "report", tmp_path / "eval.json"
+    assert main(["--index", str(adi_index), "--data", str(adi_dir), "--report", str(report_dir),
+                 "--json", str(out), "--trials", "2000"]) == 0
+    report = json.loads(out.read_text())
+    systems = ["dssm", "dssm-exact", "bm25", "hybrid-rrf", "hybrid"]
+    assert set(report) == {*systems, "queries", "docs", "significance", "hybrid_tuning"}
+    assert json.loads((report_dir / "metrics.json").read_text()) == report
+    for name in systems:
+        assert set(report[name]) == set(DEFAULT_METRICS)
+    # The weight was tuned on queries that are not evaluated; together they are adi's 35.
+    tuning = report["hybrid_tuning"]
+    assert report["queries"] + tuning["tuning_queries"] == 35 and 0 <= tuning["weight"] <= 1
+    assert len(tuning["tuning_curve"]) == 21
+    tune_ids, eval_ids = split_tuning_queries(select_queries(adi.queries, adi.qrels), 0.2)
+    per_query = json.loads((report_dir / "per_query.json").read_text())
+    for name in systems:
+        assert set(per_query[name]["ndcg@10"]) == set(eval_ids)
+        assert sum(per_query[name]["recall@10"].values()) / len(eval_ids) == pytest.approx(report[name]["recall@10"])
+    # 82 documents: the index is brute force, so ANN and exact agree exactly.
+    assert report["dssm"] == report["dssm-exact"]
+    assert all(p == pytest.approx(1.0) for p in report["significance"]["dssm vs dssm-exact"].values())
+    assert len(report["significance"]) == 10
+    for name in systems:
+        lines = (report_dir / "runs" / f"{name}.trec").read_text().splitlines()
+        fields = [line.split() for line in lines]
+        assert lines and all(len(f) == 6 and f[1] == "Q0" and f[5] == name for f in fields)
+        assert {f[0] for f in fields} == set(eval_ids)
+        first = [f for f in fields if f[0] == eval_ids[0]]
+        assert [int(f[3]) for f in first] == list(range(1, len(first) + 1))
+        assert [float(f[4]) for f in first] == sorted((float(f[4]) for f in first), reverse=True)
+    for png in ("recall_at_k.png", "ndcg_diff_dssm_vs_bm25.png", "ndcg_diff_hybrid_vs_bm25.png"):
+        path = report_dir / png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+    markdown = (report_dir / "results.md").read_text()
+    assert "| dssm-exact |" in markdown and "![Recall@k per system](recall_at_k.png)" in markdown
+    assert "| hybrid vs bm25 |" in markdown or "| bm25 vs hybrid |" in markdown
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines()[:6]] == ["system", *systems]
+
+
+def test_cli_save_weight_stores_the_tuned_weight_in_the_index(adi_index, adi_dir, tmp_path):
+    import shutil
+
+    from serving.searcher import Searcher
+
+    index = tmp_path / "index"
+    shutil.copytree(adi_index, index)
+    out = tmp_path / "eval.json"
+    assert main(["--index", str(index), "--data", str(adi_dir), "--systems", "bm25,hybrid", "--normalization",
+                 "zscore", "--save-weight", "--json", str(out), "--trials", "100"]) == 0
+    tuned = json.loads(out.read_text())["hybrid_tuning"]
+    config = Searcher.load(index).hybrid_config
+    assert (config.weight, config.normalization) == (tuned["weight"], "zscore")
+    with pytest.raises(ConfigError, match="save-weight"):
+        main(["--index", str(index), "--data", str(adi_dir), "--systems", "dssm", "--save-weight"])
+    with pytest.raises(ConfigError, match="'bm26'"):
+        main(["--index", str(index), "--data", str(adi_dir), "--systems", "bm26"])
+    with pytest.raises(InputError, match="need --index"):
+        main(["--data", str(adi_dir), "--systems", "hybrid"])
