@@ -44,7 +44,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from dssm.errors import ConfigError, DSSMError, InputError
-from serving.backend import Backend, DocumentNotFoundError, NotReadyError, WriteNotSupportedError
+from serving.backend import (
+    Backend,
+    DocumentNotFoundError,
+    ModeNotAvailableError,
+    NotReadyError,
+    WriteNotSupportedError,
+)
 from serving.index import current_version_dir
 from serving.schemas import (
     MAX_BODY_BYTES,
@@ -113,15 +119,17 @@ class _Guard:
         self.require_key_for_reads = require_key_for_reads
         self._routes = routes
 
-    def _route_label(self, scope: dict[str, Any]) -> str:
-        partial = None
+    def _route_label(self, scope: dict[str, Any]) -> tuple[str, bool, set[str]]:
+        """(route path for metric labels, whether a route serves this method, methods the path allows)."""
+        label, allowed = None, set()
         for route in self._routes():
             match, _ = route.matches(scope)
             if match == Match.FULL:
-                return _CONVERTOR.sub("}", route.path)
-            if match == Match.PARTIAL and partial is None:
-                partial = _CONVERTOR.sub("}", route.path)
-        return partial or "unmatched"
+                return _CONVERTOR.sub("}", route.path), True, set()
+            if match == Match.PARTIAL:
+                label = label or _CONVERTOR.sub("}", route.path)
+                allowed |= set(getattr(route, "methods", None) or ())
+        return label or "unmatched", False, allowed
 
     def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
         if self.api_key is None:
@@ -139,7 +147,7 @@ class _Guard:
             return
         start = time.perf_counter()
         method = scope["method"]
-        route = self._route_label(scope)
+        route, served, allowed = self._route_label(scope)
         status_box = [500]
 
         async def send_recorded(message: dict[str, Any]) -> None:
@@ -148,7 +156,15 @@ class _Guard:
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_recorded, method)
+            if served:
+                await self._handle(scope, receive, send_recorded, method)
+            elif allowed:
+                # Known path, other method. Answered here because Starlette's own 405 lists only the
+                # methods of the first route with this path (GET and DELETE documents are two routes).
+                await _send_error(send_recorded, 405, f"method {method} not allowed; allowed: "
+                                  f"{', '.join(sorted(allowed))}", {"Allow": ", ".join(sorted(allowed))})
+            else:  # unknown path: FastAPI's 404, without touching the index
+                await self.app(scope, receive, send_recorded)
         finally:
             metrics = self.backend.metrics
             metrics.requests.labels(method=method, route=route, status=str(status_box[0])).inc()
@@ -260,12 +276,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (413, f"body over {MAX_BODY_BYTES} bytes"),
         (415, "content type is not application/json"),
+        (409, "the index version cannot serve this request's mode (hybrid needs BM25 state in the index)"),
         (422, "a field is missing, of the wrong type or out of range"),
         (429, "too many requests in flight; retry after the Retry-After seconds"),
         (503, "no index version loaded yet"),
     )
 }
 _READ_ERRORS = {c: _ERRORS[c] for c in (400, 401, 413, 415, 422, 429, 503)}
+_SEARCH_ERRORS = _READ_ERRORS | {409: _ERRORS[409]}
 _GET_ERRORS = {c: _ERRORS[c] for c in (401, 429, 503)} | {404: {"model": ErrorResponse,
                                                                 "description": "no document with that id"}}
 _WRITE_ERRORS = dict(_READ_ERRORS) | {
@@ -337,6 +355,10 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     async def _on_missing(_: Request, exc: DocumentNotFoundError) -> JSONResponse:
         return _error(404, str(exc))
 
+    @app.exception_handler(ModeNotAvailableError)
+    async def _on_mode(_: Request, exc: ModeNotAvailableError) -> JSONResponse:
+        return _error(409, str(exc))
+
     @app.exception_handler(WriteNotSupportedError)
     async def _on_no_writes(_: Request, exc: WriteNotSupportedError) -> JSONResponse:
         return _error(501, str(exc))
@@ -378,17 +400,27 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     def _hits(hits: list[Any]) -> list[HitOut]:
         return [HitOut(id=h[0], score=float(h[1]), text=h[2]) for h in hits]
 
-    @app.post("/v1/search", response_model=SearchResponse, responses=_READ_ERRORS, tags=["search"])
-    async def search(body: SearchRequest) -> SearchResponse:
-        """Top-k documents for one query, best first."""
-        version, hits = await run(backend.search, body.query, body.k, mode=body.mode)
-        return SearchResponse(version=version, hits=_hits(hits))
+    def _json(model: Any) -> Response:
+        # Serialised in the worker thread too: a 25k-hit batch answer must not stall the event loop.
+        return Response(model.model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/search:batch", response_model=BatchSearchResponse, responses=_READ_ERRORS, tags=["search"])
-    async def search_batch(body: BatchSearchRequest) -> BatchSearchResponse:
+    def _search(body: SearchRequest) -> Response:
+        version, hits = backend.search(body.query, body.k, mode=body.mode)
+        return _json(SearchResponse(version=version, hits=_hits(hits)))
+
+    def _search_batch(body: BatchSearchRequest) -> Response:
+        version, results = backend.search_batch(body.queries, body.k, mode=body.mode)
+        return _json(BatchSearchResponse(version=version, results=[_hits(h) for h in results]))
+
+    @app.post("/v1/search", response_model=SearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
+    async def search(body: SearchRequest) -> Any:
+        """Top-k documents for one query, best first."""
+        return await run(_search, body)
+
+    @app.post("/v1/search:batch", response_model=BatchSearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
+    async def search_batch(body: BatchSearchRequest) -> Any:
         """Top-k documents for each query (one model call), all from the same index version."""
-        version, results = await run(backend.search_batch, body.queries, body.k, mode=body.mode)
-        return BatchSearchResponse(version=version, results=[_hits(h) for h in results])
+        return await run(_search_batch, body)
 
     @app.post("/v1/similarity", response_model=SimilarityResponse, responses=_READ_ERRORS, tags=["search"])
     async def similarity(body: SimilarityRequest) -> SimilarityResponse:

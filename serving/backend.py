@@ -41,6 +41,7 @@ __all__ = [
     "DUPLICATE_THRESHOLD_KEY",
     "NotReadyError",
     "DocumentNotFoundError",
+    "ModeNotAvailableError",
     "WriteNotSupportedError",
     "Snapshot",
     "SimilarityResult",
@@ -63,6 +64,10 @@ class NotReadyError(DSSMError):
 
 class DocumentNotFoundError(IndexNotFoundError):
     """A document id is not in the live index version (the HTTP layer answers 404)."""
+
+
+class ModeNotAvailableError(DSSMError):
+    """The live index version cannot serve the requested search mode (e.g. hybrid without BM25 state)."""
 
 
 class WriteNotSupportedError(DSSMError):
@@ -344,7 +349,8 @@ class Backend:
         if mode not in ("dense", "hybrid"):
             raise InputError(f"mode must be 'dense' or 'hybrid', got {mode!r}")
         if mode == "hybrid" and not snap.supports_hybrid:
-            raise InputError(f"index version {snap.version} does not support mode='hybrid' (no BM25 state)")
+            raise ModeNotAvailableError(f"index version {snap.version} does not support mode='hybrid' "
+                                        "(it holds no BM25 state); use mode='dense'")
 
     def search(self, query: str, k: int, *, mode: str = "dense") -> tuple[str, list[Any]]:
         """Top-k hits for one query.

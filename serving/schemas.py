@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_K",
     "MAX_QUERY_CHARS",
     "MAX_BATCH_QUERIES",
+    "MAX_BATCH_K",
     "MAX_DOCUMENTS_PER_REQUEST",
     "MAX_DOCUMENT_CHARS",
     "MAX_ID_CHARS",
@@ -43,6 +44,8 @@ MAX_K = 1000
 DEFAULT_K = 10
 MAX_QUERY_CHARS = 2048
 MAX_BATCH_QUERIES = 256
+# A batch answer holds queries × k hits with their texts; this keeps it to 25,600 hits at most.
+MAX_BATCH_K = 100
 MAX_DOCUMENTS_PER_REQUEST = 1000
 MAX_DOCUMENT_CHARS = 100_000
 MAX_ID_CHARS = 512
@@ -74,6 +77,7 @@ Query = _text(MAX_QUERY_CHARS, f"search text: 1..{MAX_QUERY_CHARS} characters, n
 DocText = _text(MAX_DOCUMENT_CHARS, f"document text: 1..{MAX_DOCUMENT_CHARS} characters, not only whitespace")
 DocId = _text(MAX_ID_CHARS, f"document id: 1..{MAX_ID_CHARS} characters, not only whitespace")
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
+BatchK = Annotated[int, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}")]
 Mode = Literal["dense", "hybrid"]
 
 
@@ -95,7 +99,7 @@ class BatchSearchRequest(_Strict):
 
     queries: list[Query] = Field(  # type: ignore[valid-type]
         min_length=1, max_length=MAX_BATCH_QUERIES, description=f"1..{MAX_BATCH_QUERIES} queries")
-    k: K = DEFAULT_K
+    k: BatchK = DEFAULT_K
     mode: Mode = "dense"
 
 

@@ -1,0 +1,148 @@
+"""Helpers for the serving tests: a tiny trained model, index versions of adi, a real uvicorn server.
+
+The model is trained once per test session (``dssm pairs`` on adi → ``dssm.train.train`` → export)
+and shared by every serving test module through a cache keyed by pytest's session temp directory.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+
+__all__ = ["API_KEY", "tiny_model", "shared_encoder", "adi_rows", "build_version", "shared_encoder_loader",
+           "ServerThread", "wait_until", "metric_value"]
+
+API_KEY = "test-key-0123"
+_MODELS: dict[str, Path] = {}
+_ENCODERS: dict[str, Any] = {}
+
+
+def tiny_model(base: Path, adi_dir: Path) -> Path:
+    """Train a small DSSM on adi's query–document pairs and export it (once per session)."""
+    key = str(base)
+    if key in _MODELS:
+        return _MODELS[key]
+    from dssm.export import export_model
+    from dssm.model import ModelConfig
+    from dssm.train import TrainConfig, train
+    from pipelines.make_pairs import run as make_pairs
+
+    base.mkdir(parents=True, exist_ok=True)
+    make_pairs(["--input", str(adi_dir), "--output", str(base / "pairs"), "--validation-fraction", "0",
+                "--num-buckets", "4096"])
+    train_config = TrainConfig(epochs=3, batch_size=16, verbose=0)
+    model, history = train(base / "pairs", model_config=ModelConfig(embedding_dim=32, hidden_dims=(32,)),
+                           train_config=train_config)
+    export_model(model, base / "model", train_config=train_config, history=history)
+    _MODELS[key] = base / "model"
+    return base / "model"
+
+
+def shared_encoder(model_dir: Path) -> Any:
+    """The model's :class:`dssm.export.Encoder`, loaded once per session."""
+    key = str(model_dir)
+    if key not in _ENCODERS:
+        from dssm.export import load_encoder
+
+        _ENCODERS[key] = load_encoder(model_dir)
+    return _ENCODERS[key]
+
+
+def shared_encoder_loader(model_dir: Path) -> Callable[[Path, Any], Any]:
+    """A Backend loader that reuses the session's encoder instead of loading the SavedModel again."""
+    from serving.searcher import Searcher
+
+    encoder = shared_encoder(model_dir)
+    return lambda index_dir, reuse: Searcher.load(index_dir, encoder=reuse or encoder)
+
+
+def adi_rows(adi_dir: Path) -> list[dict[str, str]]:
+    """adi's corpus as ``{"id", "title", "text"}`` rows."""
+    rows = []
+    with open(adi_dir / "corpus.jsonl") as handle:
+        for line in handle:
+            row = json.loads(line)
+            rows.append({"id": row["_id"], "title": row.get("title", ""), "text": row["text"]})
+    return rows
+
+
+def build_version(index_dir: Path, model_dir: Path, rows: Sequence[dict[str, str]], *,
+                  extra: dict[str, Any] | None = None) -> str:
+    """Embed ``rows`` with the document tower and publish them as a new version; returns its name."""
+    from serving import index as ix
+
+    encoder = shared_encoder(model_dir)
+    embeddings = encoder.embed_documents([r["text"] for r in rows])
+    result = ix.build_index(index_dir, embeddings=np.asarray(embeddings), ids=[r["id"] for r in rows],
+                            texts=[r["text"] for r in rows], titles=[r["title"] for r in rows],
+                            model_dir=model_dir, extra=extra)
+    return result.version
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 in a thread, on a port bound before the server starts.
+
+    Args:
+        app: the ASGI app.
+        start: start at once; with ``False`` the port is bound (connections are refused until
+            :meth:`start`), which lets a test see the client retry a refused connection.
+    """
+
+    def __init__(self, app: Any, *, start: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=30, what="uvicorn to start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=15)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample from Prometheus text (0.0 if absent), parsed with prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(sample.value)
+    return 0.0
