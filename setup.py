@@ -29,7 +29,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100",
                 # trec_eval bindings: tests check our metrics against it.
-                "pytrec-eval-terrier==0.5.11"],
+                "pytrec-eval-terrier==0.5.11",
+                # property-based HTTP tests against the served OpenAPI document (tests/test_serving.py).
+                "schemathesis==4.32.5"],
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
     },
     entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
