@@ -127,7 +127,13 @@ class EmbeddingBag(tf.keras.layers.Layer):
         times = tf.cast(tf.round(counts.flat_values), tf.int32)
         unique_ids, position = tf.unique(ids.flat_values, out_idx=tf.int32)
         block = tf.cast(tf.gather(self.table, unique_ids), self.compute_dtype)  # [distinct ids, dim]
-        pooled = _pool(block, tf.repeat(position, times), tf.repeat(rows, times), nrows)
+        # An id counted c times contributes c copies of its row. Most counts are 1 and tf.repeat
+        # costs O(entries x max count), so the few entries with c > 1 are repeated c - 1 more times
+        # and pooled separately (repeat keeps their bag numbers ascending, as the kernel needs).
+        repeated = times > 1
+        pooled = _pool(block, position, rows, nrows) + _pool(
+            block, tf.repeat(position[repeated], times[repeated] - 1), tf.repeat(rows[repeated], times[repeated] - 1),
+            nrows)
         if self.combiner == "sum":
             return pooled
         total = tf.math.unsorted_segment_sum(tf.cast(times, pooled.dtype), rows, nrows)
@@ -150,20 +156,56 @@ def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tens
 
     @tf.custom_gradient
     def pool(block: tf.Tensor) -> tuple[tf.Tensor, object]:
-        pooled = tf.sparse.segment_sum(block, position, rows, num_segments=nrows)
+        pooled = _segment_sum(block, position, rows, nrows)
 
         def grad(upstream: tf.Tensor) -> tf.Tensor:
             # The transpose of the pooling is the same fused kernel with the entries grouped by
             # block row instead of by bag; one int64 sort regroups them. TF's registered gradient
             # (SparseSegmentSumGrad) takes ~4x longer here and was half of the whole train step.
+            # Keys count down so a descending sort (TopK itself, no negations) yields ascending block rows.
             n = tf.cast(tf.maximum(nrows, 1), tf.int64)
-            keys = tf.sort(tf.cast(position, tf.int64) * n + tf.cast(rows, tf.int64))
-            return tf.sparse.segment_sum(upstream, tf.cast(keys % n, tf.int32), tf.cast(keys // n, tf.int32),
-                                         num_segments=tf.shape(block)[0])
+            last = tf.cast(tf.shape(block)[0], tf.int64) - 1
+            keys = tf.sort((last - tf.cast(position, tf.int64)) * n + tf.cast(rows, tf.int64), direction="DESCENDING")
+            return _segment_sum(upstream, tf.cast(keys % n, tf.int32), tf.cast(last - keys // n, tf.int32),
+                                tf.shape(block)[0])
 
         return pooled, grad
 
     return pool(block)
+
+
+_SEGMENT_CHUNKS = 4
+
+
+def _segment_sum(data: tf.Tensor, indices: tf.Tensor, segment_ids: tf.Tensor, num_segments: tf.Tensor) -> tf.Tensor:
+    """``tf.sparse.segment_sum`` split into independent ops over disjoint segment ranges.
+
+    The CPU kernel runs on one thread; as ``_SEGMENT_CHUNKS`` separate ops the executor's inter-op
+    pool runs them on all cores. Chunks end at segment boundaries, so each output row comes from
+    exactly one chunk and the results are simply concatenated.
+
+    Args:
+        data: ``[rows, dim]``.
+        indices: ``[entries]`` int32 rows of ``data``.
+        segment_ids: ``[entries]`` int32, ascending.
+        num_segments: output rows.
+
+    Returns:
+        ``[num_segments, dim]``.
+    """
+    entries = tf.shape(segment_ids)[0]
+    targets = tf.range(1, _SEGMENT_CHUNKS) * entries // _SEGMENT_CHUNKS
+    # First segment of each chunk (after the first): the segment at the target entry, moved back to
+    # where that segment starts so no segment straddles two chunks.
+    first = tf.gather(tf.concat([segment_ids, [num_segments]], axis=0), targets)  # targets < entries, or 0 if none
+    bounds = tf.concat([[0], first, [num_segments]], axis=0)  # [chunks + 1] segment bounds
+    starts = tf.concat([[0], tf.searchsorted(segment_ids, first, side="left", out_type=tf.int32), [entries]], axis=0)
+    parts = []
+    for k in range(_SEGMENT_CHUNKS):
+        lo, hi = starts[k], starts[k + 1]
+        parts.append(tf.sparse.segment_sum(data, indices[lo:hi], segment_ids[lo:hi] - bounds[k],
+                                           num_segments=bounds[k + 1] - bounds[k]))
+    return tf.concat(parts, axis=0)
 
 
 class Tower(tf.keras.Model):

@@ -63,6 +63,21 @@ def test_embedding_bag_is_count_weighted_row_sum() -> None:
                                    atol=1e-7)
 
 
+@pytest.mark.parametrize("entries", [0, 1, 3, 7, 500])
+def test_chunked_segment_sum_equals_one_kernel_call(entries: int) -> None:
+    from dssm.model import _segment_sum
+
+    rng = np.random.default_rng(entries)
+    data = tf.constant(rng.normal(size=(20, 3)), tf.float32)
+    indices = tf.constant(rng.integers(0, 20, entries), tf.int32)
+    # Sorted segment ids with gaps (empty segments) and one long run that straddles chunk targets.
+    segments = np.sort(np.concatenate([rng.integers(0, 40, entries // 2), np.full(entries - entries // 2, 17)]))
+    segment_ids = tf.constant(segments, tf.int32)
+    expected = tf.sparse.segment_sum(data, indices, segment_ids, num_segments=45)
+    np.testing.assert_allclose(_segment_sum(data, indices, segment_ids, tf.constant(45)).numpy(), expected.numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_embedding_bag_handles_int32_row_splits_and_trailing_empty_rows() -> None:
     bag = EmbeddingBag(5, 2, combiner="sum", init_stddev=0.1)
     ids = tf.RaggedTensor.from_row_splits(tf.constant([3], tf.int64), tf.constant([0, 1, 1, 1], tf.int32))
