@@ -241,3 +241,14 @@ def test_search_cli_mode_flag(adi_index, capsys):
     assert out["query"] == "computer programs" and len(out["hits"]) == 3
     assert main(["--index", str(adi_index), "-k", "2", "--mode", "bm25", "indexing"]) == 0
     assert "indexing" in capsys.readouterr().out
+
+
+def test_serving_backend_passes_mode_hybrid_through(adi_index, adi):
+    from serving.backend import Backend
+
+    backend = Backend(adi_index, watch_interval=0)
+    backend.reload()
+    version, hits = backend.search(adi.queries["5"], 5, mode="hybrid")
+    assert version == ix.current_version_dir(adi_index).name and len(hits) == 5
+    assert [h[0] for h in hits] == [h.id for h in backend.current().searcher.search(adi.queries["5"], k=5,
+                                                                                    mode="hybrid")]

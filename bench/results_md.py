@@ -1,0 +1,143 @@
+"""Assemble docs/results.md from the reports ``bench/results_report.sh`` wrote (called by that script).
+
+Reads ``WORK/{quora,cranfield,cisi}/report/{metrics,per_query}.json``, the models' ``config.json`` and
+``history.json``, the pairs' ``stats.json`` and ``WORK/quora/thresholds.json``; writes one Markdown page
+whose images point at ``docs/results/NAME/*.png`` (the script copies them there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from dssm.evaluate import SystemResult
+from dssm.report import markdown_report
+
+__all__ = ["main"]
+
+_DATASETS = (
+    ("quora", "quora-dev (held-out queries)",
+     "Supervised: `dssm pairs --format quora --validation-fraction 0.2` on quora-dev's `pairs.tsv`; the model "
+     "trains on the duplicate pairs of the 80% of first questions in the train split. Evaluated on the "
+     "retrieval view's queries whose text is in the held-out 20% (`--holdout`), with `--skip-self` (each "
+     "query's own text is in the corpus under its id)."),
+    ("cranfield", "cranfield (label-free)",
+     "Label-free: `dssm pairs --format corpus` cuts (title → body, sentence → rest) pairs from the corpus "
+     "alone; no query or relevance judgement is used for training. Graded qrels (1–4) for nDCG."),
+    ("cisi", "cisi (label-free)",
+     "Label-free, as for cranfield. CISI's queries are long library-science requests; binary qrels."),
+)
+
+_COMMANDS = {
+    "quora": ["dssm pairs --input $DATA/quora-dev/pairs.tsv --format quora --output $W/pairs --validation-fraction 0.2",
+              "dssm train --pairs $W/pairs --output $W/model",
+              "dssm index --model $W/model --corpus $DATA/quora-dev/corpus.jsonl --output $W/index",
+              "dssm eval --index $W/index --data $DATA/quora-dev --skip-self --holdout $W/pairs --report $W/report",
+              "dssm thresholds --index $W/index --pairs $DATA/quora-dev/pairs.tsv --holdout $W/pairs "
+              "--json $W/thresholds.json --plot $W/report/thresholds.png --save"],
+    "corpus": ["dssm pairs --input $DATA/NAME --format corpus --output $W/pairs",
+               "dssm train --pairs $W/pairs --output $W/model",
+               "dssm index --model $W/model --corpus $DATA/NAME/corpus.jsonl --output $W/index",
+               "dssm eval --index $W/index --data $DATA/NAME --report $W/report"],
+}
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _results(report_dir: Path) -> tuple[list[SystemResult], dict[str, Any]]:
+    report = _load(report_dir / "metrics.json")
+    per_query = _load(report_dir / "per_query.json")
+    results = [SystemResult(name=name, means=report[name], per_query=per_query[name]) for name in per_query]
+    return results, report
+
+
+def _training(work: Path) -> str:
+    config = _load(work / "model" / "config.json")
+    history = _load(work / "model" / "history.json")
+    stats = _load(work / "pairs" / "stats.json")
+    train, model = config.get("train", {}), config.get("model", {})
+    loss = history.get("loss", [None])[-1] if isinstance(history, dict) else None
+    parts = [f"{stats.get('train', '?')} training pairs ({stats.get('validation', '?')} validation)",
+             f"{train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, "
+             f"{train.get('optimizer', '?')} lr {train.get('learning_rate', '?')}",
+             f"towers {'shared' if model.get('shared_towers', True) else 'separate'}, "
+             f"output dim {(model.get('hidden_dims') or ['?'])[-1]}"]
+    if isinstance(loss, float):
+        parts.append(f"final training loss {loss:.4f}")
+    return "; ".join(parts)
+
+
+def _thresholds_section(path: Path) -> list[str]:
+    data = _load(path)
+    objective = data["objective"]
+    out = ["## Quora duplicate classification", "",
+           "`dssm thresholds` scores each labelled pair of quora-dev's `pairs.tsv` by the cosine of the two "
+           "questions' query-tower embeddings (the towers are shared, so either tower gives the same vector). "
+           "Only pairs whose first question is in the held-out split of the model's training pairs are used; "
+           f"they are split into tuning and test parts ({data['split']}). Thresholds are chosen on the tuning "
+           "part; the figures below are on the **test** part.", "",
+           "| threshold chosen for (on tuning pairs) | threshold | accuracy | precision | recall | F1 |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name in ("accuracy", "f1"):
+        at = data["test"][f"at_best_{name}_threshold"]
+        mark = " (saved)" if name == objective else ""
+        out.append(f"| best {name}{mark} | {at['threshold']:.4f} | {at['accuracy']:.4f} | {at['precision']:.4f} | "
+                   f"{at['recall']:.4f} | {at['f1']:.4f} |")
+    test = data["test"]
+    out += ["", f"{test['pairs']} test pairs ({test['duplicates']} duplicates), "
+                f"{data['tuning']['pairs']} tuning pairs. Average precision on the test pairs: "
+                f"{test['average_precision']:.4f}. The chosen threshold ({objective}) is stored in the index "
+                "(`--save`: `duplicate_threshold` in the manifest, `thresholds.json`), so `Searcher.similarity` "
+                "and `/v1/similarity` return `is_duplicate`.", "",
+            "![cosine histogram of duplicate and non-duplicate test pairs](results/quora/thresholds.png)", ""]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the page. Returns 0."""
+    parser = argparse.ArgumentParser(prog="results_md", description=__doc__)
+    parser.add_argument("--work", type=Path, required=True, help="the script's work directory")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--seconds", type=int, default=None, help="wall time of the whole script")
+    args = parser.parse_args(argv)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Results: DSSM against BM25, hybrids, duplicate detection",
+        "",
+        f"Generated by `bench/results_report.sh` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC at commit "
+        f"`{commit or 'unknown'}`"
+        + (f", {args.seconds / 60:.1f} minutes end to end on 2 shared CPU cores" if args.seconds else "")
+        + ". Every number below comes from the commands listed per dataset (`$DATA` = `../shared/datasets`, "
+        "`$W` = `work/results/NAME`); rerun the script to regenerate this page. Models use the default "
+        "trainer of that commit (`dssm train` without flags).",
+        "",
+        "Systems (all on the same queries): `dssm` = the index's ScaNN search; `dssm-exact` = brute force over "
+        "the stored embeddings (ANN loss = the gap to `dssm`; these corpora are under 20k documents, so the "
+        "index is itself brute force and the two coincide); `bm25` = bm25s, Lucene scoring, k1 1.5, b 0.75, "
+        "Elasticsearch-english-like tokenisation (`dssm/bm25.py`); `hybrid-rrf` = reciprocal-rank fusion "
+        "(k = 60) of dssm and bm25; `hybrid` = convex combination w·DSSM + (1−w)·BM25 of per-query min-max "
+        "normalised exact scores over the union of both top-100 lists, w tuned for nDCG@10 on a "
+        "deterministic 20% of the queries (sha1 of the query id) that are then left out of every system's "
+        "evaluation. Metrics follow trec_eval (nDCG with linear gain; see `dssm/evaluate.py`).",
+        "",
+    ]
+    for name, title, setup in _DATASETS:
+        work = args.work / name
+        results, report = _results(work / "report")
+        images = [("Recall@k per system", f"results/{name}/recall_at_k.png"),
+                  ("per-query nDCG@10, dssm minus bm25", f"results/{name}/ndcg_diff_dssm_vs_bm25.png"),
+                  ("per-query nDCG@10, hybrid minus bm25", f"results/{name}/ndcg_diff_hybrid_vs_bm25.png")]
+        commands = _COMMANDS["quora" if name == "quora" else "corpus"]
+        lines += [markdown_report(results, report, title=title, images=[]), "", setup, "",
+                  f"Training: {_training(work)}.", "", "```", *(c.replace("NAME", name) for c in commands), "```", ""]
+        lines += [f"![{caption}]({path})" + "\n" for caption, path in images]
+    lines += _thresholds_section(args.work / "quora" / "thresholds.json")
+    args.out.write_text("\n".join(lines).rstrip() + "\n")
+    return 0
