@@ -21,6 +21,7 @@ loop keeps answering health checks and refusing overload while searches run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import hmac
 import json
@@ -276,7 +277,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (413, f"body over {MAX_BODY_BYTES} bytes"),
         (415, "content type is not application/json"),
-        (409, "the index version cannot serve this request's mode (hybrid needs BM25 state in the index)"),
+        (409, "the index version cannot serve this request's mode (bm25/hybrid need BM25 state in the index)"),
         (422, "a field is missing, of the wrong type or out of range"),
         (429, "too many requests in flight; retry after the Retry-After seconds"),
         (503, "no index version loaded yet"),
@@ -415,7 +416,11 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     @app.post("/v1/search", response_model=SearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def search(body: SearchRequest) -> Any:
         """Top-k documents for one query, best first."""
-        return await run(_search, body)
+        if body.mode != "dense":
+            return await run(_search, body)
+        # Dense single queries go to the backend's batchers (no worker thread is held while waiting).
+        version, hits = await asyncio.wrap_future(backend.submit_search(body.query, body.k))
+        return SearchResponse(version=version, hits=_hits(hits))
 
     @app.post("/v1/search:batch", response_model=BatchSearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def search_batch(body: BatchSearchRequest) -> Any:

@@ -78,7 +78,7 @@ DocText = _text(MAX_DOCUMENT_CHARS, f"document text: 1..{MAX_DOCUMENT_CHARS} cha
 DocId = _text(MAX_ID_CHARS, f"document id: 1..{MAX_ID_CHARS} characters, not only whitespace")
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
 BatchK = Annotated[int, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}")]
-Mode = Literal["dense", "hybrid"]
+Mode = Literal["dense", "bm25", "hybrid"]
 
 
 class _Strict(BaseModel):
@@ -91,7 +91,8 @@ class SearchRequest(_Strict):
 
     query: Query  # type: ignore[valid-type]
     k: K = DEFAULT_K
-    mode: Mode = Field("dense", description="dense: DSSM only; hybrid: DSSM fused with BM25 (needs BM25 state)")
+    mode: Mode = Field("dense", description="dense: DSSM + ScaNN; bm25: BM25 only; hybrid: DSSM and BM25 scores "
+                                            "fused (bm25/hybrid need BM25 state in the index version)")
 
 
 class BatchSearchRequest(_Strict):
@@ -100,7 +101,7 @@ class BatchSearchRequest(_Strict):
     queries: list[Query] = Field(  # type: ignore[valid-type]
         min_length=1, max_length=MAX_BATCH_QUERIES, description=f"1..{MAX_BATCH_QUERIES} queries")
     k: BatchK = DEFAULT_K
-    mode: Mode = "dense"
+    mode: Mode = Field("dense", description="as in /v1/search")
 
 
 class SimilarityRequest(_Strict):
@@ -129,7 +130,7 @@ class HitOut(BaseModel):
     """One search result."""
 
     id: str
-    score: float = Field(description="cosine similarity (dense) or the fused score (hybrid)")
+    score: float = Field(description="cosine similarity (dense), BM25 score (bm25) or the fused score (hybrid)")
     text: str
 
 

@@ -20,6 +20,7 @@ from serving.backend import Backend
 from serving.client import (
     AuthenticationError,
     BadRequestError,
+    ClientError,
     ConnectionFailedError,
     Document,
     Hit,
@@ -182,3 +183,7 @@ def test_server_errors_are_not_retried(tmp_path):
                 client.search("text")
             assert caught.value.status == 500 and client.attempts == 1
             assert client.get_document("v3").text == "t"  # the rest of the service works
+            # Without a query model there is no hybrid either: a 409 naming the mode, not a 500.
+            with pytest.raises(ClientError, match="mode='hybrid'") as caught:
+                client.search("text", mode="hybrid")
+            assert caught.value.status == 409
