@@ -1,11 +1,10 @@
 """``dssm index``: encode a corpus with the document tower (Beam RunInference), then build the ScaNN index.
 
-Pipeline (any Beam runner; DirectRunner by default)::
+Pipeline (one chain, so it runs the same on the DirectRunner, Dask and portable runners)::
 
-    corpus file(s) ─ read_table ─ Reshuffle ─ ValidateDocuments ─┬─ EncodeDocuments ─ WriteToParquet
-                                                                  │   (RunInference, KeyedModelHandler over
-                                                                  │    the SavedModel's embed_document)
-                                                                  └─ rejected ─ WriteToText (dead letters)
+    corpus file(s) ─ read_table ─ validate_document ─ GroupByKey into batches ─ RunInference
+        (KeyedModelHandler over the SavedModel's embed_document; one example = one batch)
+        ─ write_batch: embeddings-BBBBB-of-NNNNN.parquet + rejected-BBBBB-of-NNNNN.jsonl (dead letters)
 
 then :func:`serving.index.build_index_from_shards` streams the Parquet shards (``id``, ``title``,
 ``text``, ``record``, ``embedding`` float32 list) into one preallocated matrix and the SQLite doc
@@ -24,11 +23,14 @@ import argparse
 import contextlib
 import glob
 import json
+import math
+import os
 import shutil
 import sys
 import time
+import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,11 @@ __all__ = [
     "DocumentTowerHandler",
     "validate_document",
     "ValidateDocuments",
-    "EncodeDocuments",
+    "EncodeBatches",
+    "batch_of",
     "shard_table",
+    "write_batch",
+    "count_records",
     "resolve_corpus",
     "encode_pipeline",
     "run",
@@ -150,88 +155,130 @@ class ValidateDocuments(beam.PTransform):
                 checked | "Rejected" >> beam.FlatMap(_select, REJECTED))
 
 
-class DocumentTowerHandler(ModelHandler[str, PredictionResult, Any]):
-    """RunInference handler for the exported document tower: raw texts → [dim] float32 embeddings.
+class DocumentTowerHandler(ModelHandler[Sequence[str], PredictionResult, Any]):
+    """RunInference handler for the exported document tower: one batch of texts → [n, dim] float32.
 
-    The model is the SavedModel under ``MODEL_DIR/saved_model`` loaded with
-    :func:`dssm.export.load_encoder` (which verifies the model's manifest), so Beam, the searcher
-    and the tests all run the same ``embed_document`` signature.
+    An *example* is a whole batch (the job forms batches itself with a GroupByKey, see
+    :class:`EncodeBatches`), so RunInference's own ``BatchElements`` is skipped: it emits its last
+    batch from ``finish_bundle``, which Beam's Dask runner drops. The model is the SavedModel under
+    ``MODEL_DIR/saved_model`` loaded with :func:`dssm.export.load_encoder` (which verifies the
+    model's manifest), so Beam, the searcher and the tests all run the same ``embed_document``.
     """
 
-    def __init__(self, model_dir: str, *, min_batch_size: int = 256, max_batch_size: int = 4096):
+    def __init__(self, model_dir: str):
         super().__init__()
-        if not 1 <= min_batch_size <= max_batch_size:
-            raise ConfigError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}")
         self.model_dir = str(model_dir)
-        self.min_batch_size = min_batch_size
-        self.max_batch_size = max_batch_size
 
     def load_model(self) -> Any:
         from dssm.export import load_encoder
 
         return load_encoder(self.model_dir)
 
-    def run_inference(self, batch: Sequence[str], model: Any,
+    def run_inference(self, batch: Sequence[Sequence[str]], model: Any,
                       inference_args: dict[str, Any] | None = None) -> list[PredictionResult]:
-        embeddings = np.asarray(model.embed_documents(list(batch)), dtype=np.float32)
-        return [PredictionResult(text, vector) for text, vector in zip(batch, embeddings, strict=True)]
+        return [PredictionResult(texts, np.asarray(model.embed_documents(list(texts)), dtype=np.float32))
+                for texts in batch]
 
-    def get_num_bytes(self, batch: Sequence[str]) -> int:
-        return sum(len(text.encode("utf-8")) for text in batch)
+    def get_num_bytes(self, batch: Sequence[Sequence[str]]) -> int:
+        return sum(len(text.encode("utf-8")) for texts in batch for text in texts)
 
     def get_metrics_namespace(self) -> str:
         return "dssm_document_tower"
 
-    def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}
+    def should_skip_batching(self) -> bool:
+        return True
 
 
-def _key_document(doc: dict[str, Any]) -> tuple[tuple[str, str, str, str], str]:
-    return (doc["id"], doc["title"], doc["text"], doc["record"]), document_text(doc["title"], doc["text"])
+def batch_of(item: tuple[str, dict[str, Any]], num_batches: int) -> int:
+    """The batch a validated record goes to: crc32 of its source location, mod ``num_batches``.
 
-
-def _shard_row(keyed: tuple[tuple[str, str, str, str], PredictionResult]) -> dict[str, Any]:
-    (doc_id, title, text, record), result = keyed
-    return {"id": doc_id, "title": title, "text": text, "record": record,
-            "embedding": np.asarray(result.inference, dtype=np.float32)}
-
-
-def shard_table(rows: Sequence[dict[str, Any]]) -> Any:
-    """Shard rows → one ``pyarrow.Table`` in :data:`SHARD_SCHEMA` (embeddings [n, dim] stacked, no per-row lists).
-
-    Converting a whole batch at once is what makes the Parquet write cheap next to the per-row
-    dict conversion ``WriteToParquet`` does.
+    Deterministic on every runner and retry (unlike Python's salted ``hash``).
     """
+    return zlib.crc32(item[1]["record"].encode("utf-8", "surrogatepass")) % num_batches
+
+
+def _to_example(group: tuple[int, Iterable[tuple[str, dict[str, Any]]]]) -> tuple[Any, list[str]]:
+    batch_id, items = group
+    docs = sorted((payload for kind, payload in items if kind == DOCUMENT), key=lambda d: d["record"])
+    rejected = sorted((payload for kind, payload in items if kind == REJECTED), key=lambda d: d["record"])
+    # One keyed example (key, texts) per element; with batching skipped RunInference hands the
+    # model handler a batch of one.
+    return (batch_id, docs, rejected), [document_text(d["title"], d["text"]) for d in docs]
+
+
+def _from_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[int, list[dict], list[dict], np.ndarray]:
+    (batch_id, docs, rejected), result = keyed
+    return batch_id, docs, rejected, result.inference
+
+
+class EncodeBatches(beam.PTransform):
+    """Validated records ``(kind, payload)`` → ``(batch_id, docs, rejected, embeddings [len(docs), dim])``.
+
+    Records are grouped into ``num_batches`` batches by :func:`batch_of` (a GroupByKey, which also
+    spreads one file's records over the workers), and each batch is one RunInference example over a
+    :class:`~apache_beam.ml.inference.base.KeyedModelHandler` of :class:`DocumentTowerHandler`. Dead
+    letters ride along in their batch so the job stays one chain (the Dask runner computes only the
+    last transform's graph). The tower sees ``title + " " + text`` (:func:`dssm.bm25.document_text`).
+    """
+
+    def __init__(self, model_dir: str, *, num_batches: int):
+        super().__init__()
+        if num_batches < 1:
+            raise ConfigError(f"num_batches must be >= 1, got {num_batches}")
+        self.num_batches = num_batches
+        self.handler = KeyedModelHandler(DocumentTowerHandler(model_dir))
+
+    def expand(self, checked: beam.PCollection) -> beam.PCollection:
+        return (
+            checked
+            | "KeyByBatch" >> beam.Map(lambda item, n: (batch_of(item, n), item), self.num_batches)
+            | "GroupBatches" >> beam.GroupByKey()
+            | "ToExample" >> beam.Map(_to_example)
+            | "RunInference" >> RunInference(self.handler)
+            | "FromPrediction" >> beam.Map(_from_prediction)
+        )
+
+
+def shard_table(docs: Sequence[dict[str, Any]], embeddings: np.ndarray) -> Any:
+    """Documents and their [n, dim] embeddings → one ``pyarrow.Table`` in :data:`SHARD_SCHEMA`."""
     import pyarrow as pa
 
-    matrix = np.stack([r["embedding"] for r in rows]).astype(np.float32, copy=False) if rows else \
-        np.zeros((0, 0), np.float32)
-    dim = matrix.shape[1]
-    offsets = pa.array(np.arange(0, (len(rows) + 1) * dim, dim, dtype=np.int32) if rows else [0], pa.int32())
+    matrix = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if matrix.shape[0] != len(docs):
+        raise ConfigError(f"{len(docs)} documents but {matrix.shape[0]} embeddings")
+    dim = matrix.shape[1] if matrix.ndim == 2 else 0
+    offsets = pa.array(np.arange(0, (len(docs) + 1) * dim, dim, dtype=np.int32) if dim else
+                       np.zeros(len(docs) + 1, np.int32), pa.int32())
     embedding = pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), pa.float32()))
-    columns = [pa.array([r[name] for r in rows], pa.string()) for name in ("id", "title", "text", "record")]
+    columns = [pa.array([d[name] for d in docs], pa.string()) for name in ("id", "title", "text", "record")]
     return pa.Table.from_arrays([*columns, embedding], schema=SHARD_SCHEMA)
 
 
-class EncodeDocuments(beam.PTransform):
-    """Documents ``{"record", "id", "title", "text"}`` → shard rows with an ``embedding`` [dim] float32.
+def _replace_atomically(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
 
-    The tower sees ``title + " " + text`` (:func:`dssm.bm25.document_text`, the same join BM25 and the
-    pairs pipeline use).
+
+def write_batch(batch: tuple[int, list[dict], list[dict], np.ndarray], *, shards_dir: str, rejected_dir: str,
+                num_batches: int) -> tuple[int, int]:
+    """Write one batch's shard (``embeddings-BBBBB-of-NNNNN.parquet``) and dead letters; returns the counts.
+
+    Files are named by batch id and replaced atomically, so a retried batch overwrites its own
+    output and a killed worker never leaves half a file under the final name.
     """
+    import pyarrow.parquet as pq
 
-    def __init__(self, model_dir: str, *, min_batch_size: int = 256, max_batch_size: int = 4096):
-        super().__init__()
-        self.handler = KeyedModelHandler(
-            DocumentTowerHandler(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size))
-
-    def expand(self, docs: beam.PCollection) -> beam.PCollection:
-        return (
-            docs
-            | "Key" >> beam.Map(_key_document)
-            | "RunInference" >> RunInference(self.handler)
-            | "ToShardRow" >> beam.Map(_shard_row)
-        )
+    batch_id, docs, rejected, embeddings = batch
+    name = f"{batch_id:05d}-of-{num_batches:05d}"
+    if docs:
+        table = shard_table(docs, embeddings)
+        _replace_atomically(Path(shards_dir) / f"embeddings-{name}.parquet", lambda p: pq.write_table(table, p))
+    if rejected:
+        text = "".join(rejected_json(r) + "\n" for r in rejected)
+        _replace_atomically(Path(rejected_dir) / f"rejected-{name}.jsonl",
+                            lambda p: p.write_text(text, encoding="utf-8"))
+    return len(docs), len(rejected)
 
 
 def resolve_corpus(corpus: str) -> list[str]:
@@ -263,30 +310,44 @@ def _check_columns(paths: Sequence[str], columns: CorpusColumns, table: str | No
                              "(rename with --id-column / --text-column)")
 
 
+def count_records(paths: Sequence[str], table: str | None) -> int:
+    """Records in the corpus files (Parquet footers; non-empty lines of text files, less CSV/TSV headers).
+
+    Only sizes the batches: a quoted CSV field spanning lines makes it an overestimate, which just
+    makes the batches smaller.
+    """
+    total = 0
+    for path in paths:
+        kind = table_format(path, table)
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+            continue
+        with open(path, "rb") as handle:
+            lines = sum(1 for line in handle if line.strip())
+        total += max(0, lines - (kind in ("csv", "tsv")))
+    return total
+
+
 def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusColumns, table: str | None,
-                    model_dir: str, shards_prefix: str, rejected_prefix: str, min_batch_size: int,
-                    max_batch_size: int, num_shards: int) -> None:
-    """Add the encode job to pipeline ``p`` (read → validate → encode → Parquet + dead letters)."""
-    raw = (
+                    model_dir: str, shards_dir: str, rejected_dir: str, num_batches: int) -> beam.PCollection:
+    """Add the encode job to pipeline ``p``: read → validate → batch → RunInference → Parquet + dead letters.
+
+    One chain with no multi-output steps and no ``finish_bundle`` outputs, so it runs the same on the
+    DirectRunner, the Dask runner and the portable runners.
+
+    Returns:
+        ``(documents, rejected)`` counts per batch.
+    """
+    return (
         p
         | "CorpusFiles" >> beam.Create(list(paths))
         | "Read" >> beam.FlatMap(read_table, table)
-        # One file is read by one worker; spread its records before the expensive step.
-        | "Spread" >> beam.Reshuffle()
-    )
-    documents, rejected = raw | "Validate" >> ValidateDocuments(columns)
-    (
-        documents
-        | "Encode" >> EncodeDocuments(model_dir, min_batch_size=min_batch_size, max_batch_size=max_batch_size)
-        | "BatchRows" >> beam.BatchElements(min_batch_size=min_batch_size, max_batch_size=max(max_batch_size, 8192))
-        | "ToArrow" >> beam.Map(shard_table)
-        | "WriteShards" >> beam.io.WriteToParquetBatched(shards_prefix, SHARD_SCHEMA, file_name_suffix=".parquet",
-                                                         num_shards=num_shards)
-    )
-    (
-        rejected
-        | "RejectedJson" >> beam.Map(rejected_json)
-        | "WriteRejected" >> beam.io.WriteToText(rejected_prefix, file_name_suffix=".jsonl", num_shards=1)
+        | "Validate" >> beam.Map(validate_document, columns)
+        | "Encode" >> EncodeBatches(model_dir, num_batches=num_batches)
+        | "Write" >> beam.Map(write_batch, shards_dir=shards_dir, rejected_dir=rejected_dir,
+                              num_batches=num_batches)
     )
 
 
@@ -305,9 +366,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--title-column", default="title",
                         help="title column, joined before the text; '' for none (default: title; "
                              "a corpus without it gets empty titles)")
-    parser.add_argument("--min-batch-size", type=int, default=256, help="RunInference batch lower bound")
-    parser.add_argument("--max-batch-size", type=int, default=4096, help="RunInference batch upper bound")
-    parser.add_argument("--num-shards", type=int, default=0, help="Parquet shards (0: the runner decides)")
+    parser.add_argument("--batch-size", type=int, default=4096,
+                        help="documents per RunInference batch and per Parquet shard (about; batches are "
+                             "formed by hashing each record's location)")
     parser.add_argument("--shards", default=None,
                         help="keep the embedding shards in this directory (default: a staging "
                              "directory removed after the build)")
@@ -354,8 +415,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
     if args.keep_versions < 0:
         raise ConfigError(f"--keep-versions must be >= 0, got {args.keep_versions}")
-    if args.num_shards < 0:
-        raise ConfigError(f"--num-shards must be >= 0, got {args.num_shards}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = resolve_corpus(args.corpus)
     table = args.format  # None: each file's suffix decides
     for path in paths:
@@ -378,23 +439,23 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     shards_dir.mkdir(parents=True, exist_ok=True)
     rejected_dir = output / "rejected" / version
     rejected_dir.mkdir(parents=True, exist_ok=True)
-    shards_prefix = str(shards_dir / "embeddings")
-    rejected_prefix = str(rejected_dir / "rejected")
+    records = count_records(paths, table)
+    num_batches = max(1, math.ceil(records / args.batch_size))
 
     try:
         started = time.perf_counter()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
         encode_pipeline(pipeline, paths=paths, columns=columns, table=table, model_dir=str(model_dir),
-                        shards_prefix=shards_prefix, rejected_prefix=rejected_prefix,
-                        min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
-                        num_shards=args.num_shards)
-        print(f"encoding {', '.join(paths)} with {model_dir} ...", file=sys.stderr, flush=True)
+                        shards_dir=str(shards_dir.resolve()), rejected_dir=str(rejected_dir.resolve()),
+                        num_batches=num_batches)
+        print(f"encoding {records:,} records of {', '.join(paths)} in {num_batches} batches with {model_dir} ...",
+              file=sys.stderr, flush=True)
         pipeline.run().wait_until_finish()
         encode_seconds = time.perf_counter() - started
 
         shards = sorted(shards_dir.glob("embeddings-*.parquet"))
         encoded, _ = index_lib.count_shard_rows(shards)
-        rejected, by_reason, example = _count_rejected(rejected_prefix)
+        rejected, by_reason, example = _count_rejected(str(rejected_dir / "rejected-"))
         if encoded == 0:
             detail = f"; {rejected} record(s) rejected, e.g. {example} (see {rejected_dir})" if rejected else ""
             raise InputError(f"corpus {args.corpus} has no documents to index{detail}")
@@ -408,6 +469,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             "rejected_dir": str(rejected_dir),
             "seconds": round(encode_seconds, 3),
             "docs_per_second": round(encoded / encode_seconds, 1),
+            "batches": num_batches,
             "beam_args": beam_args,
         }
         result = index_lib.build_index_from_shards(output, shards=shards, model_dir=model_dir, config=config,
@@ -415,7 +477,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     finally:
         # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
         shutil.rmtree(stage, ignore_errors=True)
-        if not any(f.stat().st_size for f in rejected_dir.glob("*")):
+        if not any(rejected_dir.glob("rejected-*.jsonl")):
             shutil.rmtree(rejected_dir, ignore_errors=True)
         for empty in (stage.parent, rejected_dir.parent):
             with contextlib.suppress(OSError):  # only if empty: other builds may be using it

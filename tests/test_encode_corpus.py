@@ -75,19 +75,25 @@ def test_encode_transform_matches_the_encoder(tiny_model_dir, adi_dir):
     docs = _adi_documents(adi_dir)
     expected = load_encoder(tiny_model_dir).embed_documents([document_text(d.title, d.text) for d in docs])
     expected_by_id = {d.id: expected[i] for i, d in enumerate(docs)}
+    dead = {"record": "x:1", "reason": "empty_id", "detail": "", "row": {}}
 
-    def check(rows):
-        got = {r["id"]: r["embedding"] for r in rows}
+    def check(batches):
+        assert sorted(b[0] for b in batches) == [0, 1, 2]  # 3 batches by hash of the record
+        got = {}
+        for _, batch_docs, rejected, embeddings in batches:
+            assert embeddings.dtype == np.float32 and embeddings.shape == (len(batch_docs), 16)
+            got.update({d["id"]: embeddings[i] for i, d in enumerate(batch_docs)})
+            assert rejected in ([], [dead])
+        assert sum(len(b[2]) for b in batches) == 1
         assert sorted(got) == sorted(expected_by_id)
         for doc_id, vector in got.items():
-            assert vector.dtype == np.float32 and vector.shape == (16,)
             np.testing.assert_allclose(vector, expected_by_id[doc_id], atol=1e-6, err_msg=doc_id)
 
+    items = [(ec.DOCUMENT, {"record": f"corpus:{i}", "id": d.id, "title": d.title, "text": d.text})
+             for i, d in enumerate(docs)] + [("rejected", dead)]
     with test_pipeline.TestPipeline() as p:
-        rows = (p | beam.Create([{"record": f"r{i}", "id": d.id, "title": d.title, "text": d.text}
-                                 for i, d in enumerate(docs)])
-                | ec.EncodeDocuments(str(tiny_model_dir), min_batch_size=8, max_batch_size=32))
-        assert_that(rows, check)
+        batches = p | beam.Create(items) | ec.EncodeBatches(str(tiny_model_dir), num_batches=3)
+        assert_that(batches, check)
 
 
 def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, tmp_path, capsys):
@@ -139,7 +145,7 @@ def test_index_job_dead_letters_and_custom_columns(tiny_model_dir, tmp_path):
     out = tmp_path / "idx"
     summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(corpus), "--output", str(out),
                       "--id-column", "doc_id", "--text-column", "body", "--title-column", "heading",
-                      "--num-shards", "2"], test_pipeline=test_pipeline.TestPipeline())
+                      "--batch-size", "2"], test_pipeline=test_pipeline.TestPipeline())
     assert summary["documents"] == 2
     assert summary["encode"]["rejected_by_reason"] == {"empty_document": 1, "empty_id": 1, "unparsable": 1}
     rejected = [json.loads(line) for f in sorted((out / "rejected" / summary["version"]).glob("*.jsonl"))
