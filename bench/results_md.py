@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from dssm.evaluate import SystemResult
+from dssm.evaluate import ALL_SYSTEMS, SystemResult
 from dssm.report import markdown_report
 
 __all__ = ["main"]
@@ -50,11 +50,47 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+# Display order (the JSON files are written with sorted keys).
+_METRIC_ORDER = ("recall@1", "recall@5", "recall@10", "recall@100", "precision@10", "mrr@10", "ndcg@10", "map@100")
+
+
 def _results(report_dir: Path) -> tuple[list[SystemResult], dict[str, Any]]:
     report = _load(report_dir / "metrics.json")
     per_query = _load(report_dir / "per_query.json")
-    results = [SystemResult(name=name, means=report[name], per_query=per_query[name]) for name in per_query]
+    results = []
+    for name in (n for n in ALL_SYSTEMS if n in per_query):
+        metrics = [m for m in _METRIC_ORDER if m in report[name]] + sorted(set(report[name]) - set(_METRIC_ORDER))
+        results.append(SystemResult(name=name, means={m: report[name][m] for m in metrics},
+                                    per_query={m: per_query[name][m] for m in metrics}))
     return results, report
+
+
+def _p(report: dict[str, Any], a: str, b: str, metric: str) -> float:
+    tests = report["significance"]
+    return (tests.get(f"{a} vs {b}") or tests[f"{b} vs {a}"])[metric]
+
+
+def _summary(work: Path) -> list[str]:
+    lines = ["## Summary", "",
+             "nDCG@10 per system; the differences to BM25 with their paired-randomisation p-values.", "",
+             "| dataset | queries | dssm | bm25 | hybrid-rrf | hybrid (w) | dssm − bm25 | hybrid − bm25 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, title, _ in _DATASETS:
+        report = _load(work / name / "report" / "metrics.json")
+        m = "ndcg@10"
+        d, h = report["dssm"][m] - report["bm25"][m], report["hybrid"][m] - report["bm25"][m]
+        lines.append(f"| {title} | {report['queries']} | {report['dssm'][m]:.4f} | {report['bm25'][m]:.4f} | "
+                     f"{report['hybrid-rrf'][m]:.4f} | {report['hybrid'][m]:.4f} "
+                     f"({report['hybrid_tuning']['weight']:.2f}) | {d:+.4f} (p={_p(report, 'dssm', 'bm25', m):.2g}) | "
+                     f"{h:+.4f} (p={_p(report, 'hybrid', 'bm25', m):.2g}) |")
+    data = _load(work / "quora" / "thresholds.json")
+    at = data["test"][f"at_best_{data['objective']}_threshold"]
+    lines += ["", f"Quora duplicate classification on held-out test pairs at the saved threshold "
+                  f"{at['threshold']:.4f} (best {data['objective']} on the tuning pairs): accuracy "
+                  f"{at['accuracy']:.4f}, F1 {at['f1']:.4f}; average precision "
+                  f"{data['test']['average_precision']:.4f}.",
+              ""]
+    return lines
 
 
 def _training(work: Path) -> str:
@@ -128,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation. Metrics follow trec_eval (nDCG with linear gain; see `dssm/evaluate.py`).",
         "",
     ]
+    lines += _summary(args.work)
     for name, title, setup in _DATASETS:
         work = args.work / name
         results, report = _results(work / "report")

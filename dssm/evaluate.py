@@ -779,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     report = report_dict(results, queries=len(qids), docs=len(corpus))
     if len(results) > 1:
         report["significance"] = tests
+        report["significance_trials"] = args.trials
     if hybrid_info is not None:
         report["hybrid_tuning"] = hybrid_info
     if args.json:

@@ -106,8 +106,10 @@ def markdown_report(results: Sequence[SystemResult], report: Mapping[str, Any], 
            f"{report.get('queries')} queries, {report.get('docs')} documents.", "", markdown_table(results), ""]
     tests = report.get("significance") or {}
     if tests:
-        out += ["Mean difference and two-sided p-value of a paired randomisation test (10,000 sign flips of "
-                "per-query differences; bold: p < 0.05):", "",
+        trials = int(report.get("significance_trials", 10_000))
+        out += [f"Mean difference and two-sided p-value of a paired randomisation test ({trials:,} random sign "
+                f"flips of the per-query differences; the smallest reachable p is 1/{trials + 1:,} = "
+                f"{1 / (trials + 1):.2g}; bold: p < 0.05):", "",
                 markdown_significance(results, tests, pairs=_default_pairs(names)), ""]
     tuning = report.get("hybrid_tuning")
     if tuning:

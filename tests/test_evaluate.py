@@ -385,7 +385,7 @@ def test_cli_end_to_end_dssm_and_bm25_on_held_out_queries(adi_index, adi_dir, ad
     assert cli_main(["eval", "--index", str(adi_index), "--data", str(adi_dir), "--holdout", str(pairs_dir),
                      "--systems", "dssm,bm25", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"dssm", "bm25", "queries", "docs", "significance"}
+    assert set(report) == {"dssm", "bm25", "queries", "docs", "significance", "significance_trials"}
     assert set(report["significance"]) == {"dssm vs bm25"}
     assert set(report["dssm"]) == set(report["bm25"]) == set(DEFAULT_METRICS)
     held_out = [q for q in select_queries(adi.queries, adi.qrels)
@@ -510,7 +510,7 @@ def test_cli_all_systems_report_files(adi_index, adi_dir, adi, tmp_path, capsys)
                  "--json", str(out), "--trials", "2000"]) == 0
     report = json.loads(out.read_text())
     systems = ["dssm", "dssm-exact", "bm25", "hybrid-rrf", "hybrid"]
-    assert set(report) == {*systems, "queries", "docs", "significance", "hybrid_tuning"}
+    assert set(report) == {*systems, "queries", "docs", "significance", "significance_trials", "hybrid_tuning"}
     assert json.loads((report_dir / "metrics.json").read_text()) == report
     for name in systems:
         assert set(report[name]) == set(DEFAULT_METRICS)
