@@ -36,13 +36,14 @@ _COMMANDS = {
     "quora": ["dssm pairs --input $DATA/quora-dev/pairs.tsv --format quora --output $W/pairs --validation-fraction 0.2",
               "dssm train --pairs $W/pairs --output $W/model",
               "dssm index --model $W/model --corpus $DATA/quora-dev/corpus.jsonl --output $W/index",
-              "dssm eval --index $W/index --data $DATA/quora-dev --skip-self --holdout $W/pairs --report $W/report",
+              "dssm eval --index $W/index --data $DATA/quora-dev --skip-self --holdout $W/pairs --report $W/report "
+              "--save-weight",
               "dssm thresholds --index $W/index --pairs $DATA/quora-dev/pairs.tsv --holdout $W/pairs "
               "--json $W/thresholds.json --plot $W/report/thresholds.png --save"],
     "corpus": ["dssm pairs --input $DATA/NAME --format corpus --output $W/pairs",
                "dssm train --pairs $W/pairs --output $W/model",
                "dssm index --model $W/model --corpus $DATA/NAME/corpus.jsonl --output $W/index",
-               "dssm eval --index $W/index --data $DATA/NAME --report $W/report"],
+               "dssm eval --index $W/index --data $DATA/NAME --report $W/report --save-weight"],
 }
 
 
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "(k = 60) of dssm and bm25; `hybrid` = convex combination w·DSSM + (1−w)·BM25 of per-query min-max "
         "normalised exact scores over the union of both top-100 lists, w tuned for nDCG@10 on a "
         "deterministic 20% of the queries (sha1 of the query id) that are then left out of every system's "
-        "evaluation. Metrics follow trec_eval (nDCG with linear gain; see `dssm/evaluate.py`).",
+        "evaluation (`--save-weight` stores it in the index, so `dssm search --mode hybrid` uses it). Metrics "
+        "follow trec_eval (nDCG with linear gain; see `dssm/evaluate.py`).",
         "",
     ]
     lines += _summary(args.work)

@@ -27,7 +27,7 @@ run "$DSSM" pairs --input "$DATA/quora-dev/pairs.tsv" --format quora --output "$
 run "$DSSM" train --pairs "$q/pairs" --output "$q/model" --verbose 2
 run "$DSSM" index --model "$q/model" --corpus "$DATA/quora-dev/corpus.jsonl" --output "$q/index"
 run "$DSSM" eval --index "$q/index" --data "$DATA/quora-dev" --skip-self --holdout "$q/pairs" \
-    --report "$q/report" --json "$q/eval.json"
+    --report "$q/report" --json "$q/eval.json" --save-weight
 run "$DSSM" thresholds --index "$q/index" --pairs "$DATA/quora-dev/pairs.tsv" --holdout "$q/pairs" \
     --json "$q/thresholds.json" --plot "$q/report/thresholds.png" --save
 
@@ -38,7 +38,7 @@ for name in cranfield cisi; do
     run "$DSSM" pairs --input "$DATA/$name" --format corpus --output "$w/pairs"
     run "$DSSM" train --pairs "$w/pairs" --output "$w/model" --verbose 2
     run "$DSSM" index --model "$w/model" --corpus "$DATA/$name/corpus.jsonl" --output "$w/index"
-    run "$DSSM" eval --index "$w/index" --data "$DATA/$name" --report "$w/report" --json "$w/eval.json"
+    run "$DSSM" eval --index "$w/index" --data "$DATA/$name" --report "$w/report" --json "$w/eval.json" --save-weight
 done
 
 for name in quora cranfield cisi; do
