@@ -1,7 +1,7 @@
-"""Helpers for the serving tests: a tiny trained model, index versions of adi, a real uvicorn server.
+"""Helpers for the serving tests: index versions of adi, a shared encoder, a real uvicorn server.
 
-The model is trained once per test session (``dssm pairs`` on adi → ``dssm.train.train`` → export)
-and shared by every serving test module through a cache keyed by pytest's session temp directory.
+The model is conftest's session ``tiny_model_dir`` (trained once per test run on adi's pairs); its
+encoder is loaded once here and shared by the test-side index builds.
 """
 
 from __future__ import annotations
@@ -17,33 +17,11 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-__all__ = ["API_KEY", "tiny_model", "shared_encoder", "adi_rows", "build_version", "shared_encoder_loader",
+__all__ = ["API_KEY", "shared_encoder", "adi_rows", "build_version", "shared_encoder_loader",
            "ServerThread", "wait_until", "metric_value"]
 
 API_KEY = "test-key-0123"
-_MODELS: dict[str, Path] = {}
 _ENCODERS: dict[str, Any] = {}
-
-
-def tiny_model(base: Path, adi_dir: Path) -> Path:
-    """Train a small DSSM on adi's query–document pairs and export it (once per session)."""
-    key = str(base)
-    if key in _MODELS:
-        return _MODELS[key]
-    from dssm.export import export_model
-    from dssm.model import ModelConfig
-    from dssm.train import TrainConfig, train
-    from pipelines.make_pairs import run as make_pairs
-
-    base.mkdir(parents=True, exist_ok=True)
-    make_pairs(["--input", str(adi_dir), "--output", str(base / "pairs"), "--validation-fraction", "0",
-                "--num-buckets", "4096"])
-    train_config = TrainConfig(epochs=3, batch_size=16, verbose=0)
-    model, history = train(base / "pairs", model_config=ModelConfig(embedding_dim=32, hidden_dims=(32,)),
-                           train_config=train_config)
-    export_model(model, base / "model", train_config=train_config, history=history)
-    _MODELS[key] = base / "model"
-    return base / "model"
 
 
 def shared_encoder(model_dir: Path) -> Any:

@@ -36,8 +36,8 @@ from serving.searcher import Searcher
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, adi_dir):
-    return support.tiny_model(tmp_path_factory.getbasetemp() / "serving-model", adi_dir)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir  # conftest's session model: trained once for the whole test run
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,8 @@ ODD_ID = "odd/id ü %20?#"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, adi_dir):
-    return support.tiny_model(tmp_path_factory.getbasetemp() / "serving-model", adi_dir)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir  # conftest's session model: trained once for the whole test run
 
 
 @pytest.fixture(scope="module")
@@ -390,30 +390,28 @@ def test_overload_gets_429_at_once_and_the_client_retries(tmp_path, model_dir, r
 def test_event_loop_answers_while_searches_run_in_worker_threads(served, rows):
     # Long texts and k=1: the time goes into the model and the index, not into JSON on the loop.
     body = {"queries": [(r["text"] * 3)[:MAX_QUERY_CHARS] for r in rows[:64]] * 4, "k": 1}
-    durations, probes, statuses, done = [], [], [], threading.Event()
+    durations, probes, statuses = [], [], []
 
     def heavy():
-        try:
-            for _ in range(4):
-                tick = time.perf_counter()
-                statuses.append(httpx.post(served.url + "/v1/search:batch", json=body, timeout=60).status_code)
-                durations.append(time.perf_counter() - tick)
-        finally:
-            done.set()
+        for _ in range(3):
+            tick = time.perf_counter()
+            statuses.append(httpx.post(served.url + "/v1/search:batch", json=body, timeout=60).status_code)
+            durations.append(time.perf_counter() - tick)
 
-    worker = threading.Thread(target=heavy)
-    worker.start()
+    # Two heavy clients, so that a blocked loop would be blocked nearly all the time.
+    workers = [threading.Thread(target=heavy, daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
     with httpx.Client(base_url=served.url, timeout=30) as probe:
-        while not done.is_set():
+        while any(w.is_alive() for w in workers):
             tick = time.perf_counter()
             assert probe.get("/healthz").status_code == 200
             probes.append(time.perf_counter() - tick)
-    worker.join()
-    assert statuses == [200] * 4
-    # If searches ran on the event loop, a probe would wait for the rest of the running batch: half a
-    # batch's time on average. Medians, so one scheduling hiccup on a shared machine does not decide.
+    assert statuses == [200] * 6
+    # If searches ran on the event loop, a probe would wait for the rest of a running batch: half a
+    # batch's time or more. Medians, so one scheduling hiccup on a shared machine does not decide.
     assert len(probes) >= 5
-    assert np.median(probes) < 0.2 * np.median(durations), (np.median(probes), durations)
+    assert np.median(probes) < 0.35 * np.median(durations), (np.median(probes), durations)
 
 
 # ---- hot swap -----------------------------------------------------------------------------------
@@ -577,7 +575,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(served, tmp_
         pytest.fail("schemathesis is not installed: pip install -e '.[dev]'")
     # No key: reads are fully exercised; writes are checked on their documented 401 path (the write
     # path itself is covered above, and fuzzing it would rewrite the shared test index).
-    proc = subprocess.run([st, "run", served.url + "/openapi.json", "--max-examples", "15", "--seed", "7",
+    proc = subprocess.run([st, "run", served.url + "/openapi.json", "--max-examples", "8", "--seed", "7",
                            "--workers", "1", "--checks", "all", "--no-shrink", "--request-timeout", "20",
                            "--report", "junit", "--report-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=240)
