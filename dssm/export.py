@@ -125,10 +125,10 @@ class Encoder:
 
     def __init__(self, loaded: Any, *, features: FeatureConfig, model: ModelConfig, batch_size: int = 1024) -> None:
         self._loaded = loaded
-        # The restored tf.functions, not the signature wrappers: they skip the signature's
-        # structured-output plumbing, which matters for single-query latency.
-        self._embed_query = loaded.embed_query
-        self._embed_document = loaded.embed_document
+        # The signatures' concrete functions: calling them skips the restored tf.function's argument
+        # matching, ~0.1 ms of a ~0.5 ms single-query call.
+        self._embed_query = loaded.signatures["embed_query"]
+        self._embed_document = loaded.signatures["embed_document"]
         self.features = features
         self.model = model
         self.dim = model.output_dim
@@ -145,12 +145,18 @@ class Encoder:
     def _embed(self, fn: Any, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, (str, bytes)):
             raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
+        if 0 < len(texts) <= self.batch_size:  # the query path: one call, no copy
+            return fn(texts=tf.constant(_utf8(texts), tf.string))["embedding"].numpy()
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), self.batch_size):
-            chunk = [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t)
-                     for t in texts[start:start + self.batch_size]]
-            out[start:start + len(chunk)] = fn(tf.constant(chunk, tf.string))["embedding"].numpy()
+            chunk = _utf8(texts[start:start + self.batch_size])
+            out[start:start + len(chunk)] = fn(texts=tf.constant(chunk, tf.string))["embedding"].numpy()
         return out
+
+
+def _utf8(texts: Sequence[str | bytes]) -> list[bytes]:
+    # surrogatepass: a lone surrogate from a bad JSON escape reaches the featurizer, which replaces it.
+    return [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t) for t in texts]
 
 
 def load_encoder(model_dir: str | Path, *, batch_size: int = 1024) -> Encoder:

@@ -162,12 +162,14 @@ def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tens
             # The transpose of the pooling is the same fused kernel with the entries grouped by
             # block row instead of by bag; one int64 sort regroups them. TF's registered gradient
             # (SparseSegmentSumGrad) takes ~4x longer here and was half of the whole train step.
-            # Keys count down so a descending sort (TopK itself, no negations) yields ascending block rows.
-            n = tf.cast(tf.maximum(nrows, 1), tf.int64)
+            # Key = (last block row - position) << 32 | bag: counting down lets a descending sort (TopK
+            # itself, no negations) give ascending block rows, and shifts decode it without division.
             last = tf.cast(tf.shape(block)[0], tf.int64) - 1
-            keys = tf.sort((last - tf.cast(position, tf.int64)) * n + tf.cast(rows, tf.int64), direction="DESCENDING")
-            return _segment_sum(upstream, tf.cast(keys % n, tf.int32), tf.cast(last - keys // n, tf.int32),
-                                tf.shape(block)[0])
+            keys = tf.sort(tf.bitwise.left_shift(last - tf.cast(position, tf.int64), 32) | tf.cast(rows, tf.int64),
+                           direction="DESCENDING")
+            bags = tf.cast(keys & 0xFFFFFFFF, tf.int32)
+            block_rows = tf.cast(last - tf.bitwise.right_shift(keys, 32), tf.int32)
+            return _segment_sum(upstream, bags, block_rows, tf.shape(block)[0])
 
         return pooled, grad
 
