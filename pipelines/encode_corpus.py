@@ -273,7 +273,10 @@ def write_batch(batch: tuple[int, list[dict], list[dict], np.ndarray], *, shards
     name = f"{batch_id:05d}-of-{num_batches:05d}"
     if docs:
         table = shard_table(docs, embeddings)
-        _replace_atomically(Path(shards_dir) / f"embeddings-{name}.parquet", lambda p: pq.write_table(table, p))
+        # Dictionary encoding of unique ids/texts was 3/4 of the write time; float vectors do not compress.
+        compression = {"id": "snappy", "title": "snappy", "text": "snappy", "record": "snappy", "embedding": "none"}
+        _replace_atomically(Path(shards_dir) / f"embeddings-{name}.parquet",
+                            lambda p: pq.write_table(table, p, compression=compression, use_dictionary=False))
     if rejected:
         text = "".join(rejected_json(r) + "\n" for r in rejected)
         _replace_atomically(Path(rejected_dir) / f"rejected-{name}.jsonl",
