@@ -7,7 +7,12 @@
 #
 # DATASETS_DIR defaults to ../shared/datasets, WORKDIR to work/results (both relative to the project
 # root). Artifacts and full reports (TREC runs etc.) stay in WORKDIR; docs/results/ receives the
-# metrics JSON and the PNGs that docs/results.md embeds. About 5 minutes on 2 CPU cores.
+# metrics JSON and the PNGs that docs/results.md embeds. About 9 minutes on 2 shared CPU cores.
+#
+# In a tree other people are editing, run it from a clean checkout of the commit you report on, e.g.
+#   git worktree add --detach /tmp/wt HEAD && cd /tmp/wt && PYTHONPATH=$PWD DSSM=$OLDPWD/.venv/bin/dssm \
+#     PY=$OLDPWD/.venv/bin/python bench/results_report.sh $OLDPWD/../shared/datasets $OLDPWD/work/results
+# and copy docs/results.md and docs/results/ back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/datasets}
