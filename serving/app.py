@@ -420,7 +420,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
             return await run(_search, body)
         # Dense single queries go to the backend's batchers (no worker thread is held while waiting).
         version, hits = await asyncio.wrap_future(backend.submit_search(body.query, body.k))
-        return SearchResponse(version=version, hits=_hits(hits))
+        return _json(SearchResponse(version=version, hits=_hits(hits)))
 
     @app.post("/v1/search:batch", response_model=BatchSearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def search_batch(body: BatchSearchRequest) -> Any:
