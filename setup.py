@@ -32,7 +32,9 @@ setup(
                 "pytrec-eval-terrier==0.5.11",
                 # property-based HTTP tests against the served OpenAPI document (tests/test_serving.py).
                 "schemathesis==4.32.5"],
-        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20"],
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20",
+                  # uvicorn picks these up when present: C HTTP parser and libuv event loop (lower per-request cost).
+                  "uvloop==0.22.1", "httptools==0.9.0"],
     },
     entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
 )
