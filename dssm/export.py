@@ -87,8 +87,17 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
         shutil.rmtree(staging)
     staging.mkdir()
     serving = _Serving(model)
-    tf.saved_model.save(serving, str(staging / SAVED_MODEL),
-                        signatures={"embed_query": serving.embed_query, "embed_document": serving.embed_document})
+    towers = {model.query_tower, model.document_tower}
+    jit = {tower: tower.jit_dense for tower in towers}
+    try:
+        # The serving graph runs without XLA: no compile at load time, and CPU serving gains nothing.
+        for tower in towers:
+            tower.jit_dense = False
+        tf.saved_model.save(serving, str(staging / SAVED_MODEL),
+                            signatures={"embed_query": serving.embed_query, "embed_document": serving.embed_document})
+    finally:
+        for tower, value in jit.items():
+            tower.jit_dense = value
     write_json_atomic(staging / "config.json", {
         "features": config_to_dict(model.feature_config),
         "model": config_to_dict(model.config),

@@ -74,7 +74,7 @@ class TrainConfig:
     negatives: bool = field(True, "use the shards' explicit negatives (negative_ids) as extra softmax columns "
                             "when they have them")
     mixed_precision: bool = field(False, "compute in float16 on GPU / bfloat16 on CPU; variables stay float32")
-    xla: bool = field(False, "compile the train step with XLA (jit_compile)")
+    xla: bool = field(False, "compile the towers' dense layers with XLA (the sparse bag has no XLA kernels)")
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
     verbose: int = field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
 
@@ -269,8 +269,10 @@ def build_model(model_config: ModelConfig, feature_config: FeatureConfig, train_
     """A compiled :class:`DSSMModel` (call inside the strategy's scope when distributing)."""
     with _dtype_policy(train_config.mixed_precision):
         model = DSSMModel(model_config, feature_config=feature_config)
-        model.compile(optimizer=make_optimizer(train_config), jit_compile=train_config.xla,
-                      steps_per_execution=train_config.steps_per_execution)
+        # Not compile(jit_compile=...): the whole step cannot be XLA-compiled (ragged ids, unique,
+        # string ids); the towers' dense layers can.
+        model.query_tower.jit_dense = model.document_tower.jit_dense = train_config.xla
+        model.compile(optimizer=make_optimizer(train_config), steps_per_execution=train_config.steps_per_execution)
     return model
 
 

@@ -129,7 +129,7 @@ def test_training_lowers_the_loss_on_quora_pairs(quora_shards: Path) -> None:
 
 def test_one_train_step_lowers_the_loss_on_that_batch(quora_dir: Path) -> None:
     pairs = [p for p in quora_pairs(quora_dir, 400) if p[2] > 0][:64]
-    model = build_model(SMALL, FEATURES, dataclasses.replace(FAST, learning_rate=0.2))
+    model = build_model(SMALL, FEATURES, TrainConfig())
     featurizer = model.featurizer
     q_ids, q_counts = featurizer.bags(tf.constant([p[0] for p in pairs]))
     d_ids, d_counts = featurizer.bags(tf.constant([p[1] for p in pairs]))
@@ -138,7 +138,7 @@ def test_one_train_step_lowers_the_loss_on_that_batch(quora_dir: Path) -> None:
     before = float(model.compute_loss(batch))
     model.train_step(batch)
     after = float(model.compute_loss(batch))
-    assert after < before
+    assert after < 0.95 * before
 
 
 def test_explicit_negatives_are_read_and_trained_on(quora_dir: Path, tmp_path: Path) -> None:
@@ -184,6 +184,18 @@ def test_mixed_precision_builds_bfloat16_towers_on_cpu_and_restores_the_policy(q
     assert model.query_tower.bag.table.dtype == tf.float32
     assert model.embed_queries(tf.constant(["hello"])).dtype == tf.float32
     assert np.isfinite(history["loss"]).all()
+
+
+def test_xla_flag_compiles_the_dense_layers_and_the_export_still_loads(quora_shards: Path, tmp_path: Path) -> None:
+    from dssm.export import export_model, load_encoder
+
+    config = dataclasses.replace(FAST, epochs=2, validation=False, xla=True)
+    model, history = train(quora_shards, model_config=SMALL, train_config=config)
+    assert model.query_tower.jit_dense and history["loss"][-1] < history["loss"][0]
+    texts = ["how do i lose weight", "best python book"]
+    export_model(model, tmp_path / "model", train_config=config)
+    np.testing.assert_allclose(load_encoder(tmp_path / "model").embed_queries(texts),
+                               model.embed_queries(tf.constant(texts)).numpy(), atol=1e-5)
 
 
 def test_cpu_uses_the_default_strategy() -> None:
