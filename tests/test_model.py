@@ -287,6 +287,7 @@ _MIRRORED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_sees_the_global_batch() -> None:
     """Two logical CPUs under MirroredStrategy give the same loss and update as one device on the whole batch.
 

@@ -113,6 +113,7 @@ def test_dataset_keeps_positive_pairs_in_batches(quora_dir: Path, quora_shards: 
     assert any(np.array_equal(ids, row) for row in first["query_ids"].numpy())
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_quora_pairs(quora_shards: Path) -> None:
     model, history = train(quora_shards, model_config=SMALL, train_config=FAST)
     assert len(history["loss"]) == FAST.epochs
@@ -141,6 +142,7 @@ def test_one_train_step_lowers_the_loss_on_that_batch(quora_dir: Path) -> None:
     assert after < 0.95 * before
 
 
+@pytest.mark.slow
 def test_explicit_negatives_are_read_and_trained_on(quora_dir: Path, tmp_path: Path) -> None:
     pairs = quora_pairs(quora_dir, 600)
     # Quora's non-duplicates as negatives of the next positive pair (every third one left empty).
@@ -161,6 +163,7 @@ def test_explicit_negatives_are_read_and_trained_on(quora_dir: Path, tmp_path: P
     assert with_negatives > without
 
 
+@pytest.mark.slow
 def test_training_is_repeatable_with_a_seed(quora_shards: Path) -> None:
     config = dataclasses.replace(FAST, epochs=1, validation=False)
     _, first = train(quora_shards, model_config=SMALL, train_config=config)
@@ -186,6 +189,7 @@ def test_mixed_precision_builds_bfloat16_towers_on_cpu_and_restores_the_policy(q
     assert np.isfinite(history["loss"]).all()
 
 
+@pytest.mark.slow
 def test_xla_flag_compiles_the_dense_layers_and_the_export_still_loads(quora_shards: Path, tmp_path: Path) -> None:
     from dssm.export import export_model, load_encoder
 
@@ -234,6 +238,7 @@ def test_train_config_rejects_bad_values() -> None:
             TrainConfig(**bad)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_exports(quora_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     argv = ["--pairs", str(quora_shards), "--output", str(out), "--epochs", "1", "--batch-size", "64",
