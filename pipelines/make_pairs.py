@@ -85,6 +85,7 @@ from pipelines.transforms import (
     CorpusSpec,
     FeaturizePairs,
     JoinBeir,
+    MakePairs,
     PairColumns,
     PairLimits,
     SplitSpec,
@@ -92,7 +93,9 @@ from pipelines.transforms import (
     attach_negatives,
     negative_entries,
     read_table,
+    read_table_chunks,
     rejected_json,
+    sum_counts,
 )
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
@@ -126,7 +129,7 @@ class PairsConfig:
     max_query_chars: int = field(10_000, "queries longer than this (characters) are rejected")
     max_document_chars: int = field(1_000_000, "documents longer than this (characters) are rejected")
     num_shards: int = field(0, "shards per output (train, validation, rejected); 0 lets the runner choose")
-    batch_size: int = field(512, "most pairs per featurizer call")
+    batch_size: int = field(512, "records per chunk (the unit of work) and most pairs per featurizer call")
     beir_qrels: str = field("", "qrels file inside a BEIR directory; default qrels.tsv, else qrels/train.tsv")
     id_column: str = field("", "format corpus: document id column; default _id if present, else id")
     title_column: str = field("title", "format corpus: title column (optional; missing -> sentence pairs only)")
@@ -316,8 +319,12 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str]) -
 
 def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: PairsConfig,
                    features: FeatureConfig, output: Path) -> None:
-    """Add the job's transforms to ``pipeline`` (read → validate → featurize → write, plus counts)."""
-    rejected_parts = []
+    """Add the job's transforms to ``pipeline`` (read → check + featurize → write, plus counts).
+
+    Records travel in chunks of ``batch_size`` (:class:`~pipelines.transforms.MakePairs`): per-element
+    Beam steps cost more than the hashing on the DirectRunner, so only the writers see single examples.
+    """
+    rejected_parts, count_parts = [], []
     if source.format == "beir":
         assert source.qrels is not None
         raw = {
@@ -328,69 +335,60 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
                                     ("corpus", source.path / "corpus.jsonl", "jsonl"))
         }
         joined = raw | "JoinBeir" >> JoinBeir()
-        records = joined["pairs"]
+        chunks = joined["pairs"] | "Chunk" >> beam.BatchElements(min_batch_size=min(32, config.batch_size),
+                                                                 max_batch_size=config.batch_size)
         rejected_parts.append(joined[REJECTED])
-        read_markers = (records, joined[REJECTED])
+        count_parts.append(joined[REJECTED] | "CountBadTexts" >> beam.Map(
+            lambda r: {"read": 1, f"{REJECTED}:{r['reason']}": 1}))
     else:
-        records = (
+        chunks = (
             pipeline
             | "Path" >> beam.Create([str(source.path)])
-            | "Read" >> beam.FlatMap(read_table, source.table_format)
-            # Reading is one element's work; the shuffle lets validation and hashing spread out.
+            | "Read" >> beam.FlatMap(read_table_chunks, source.table_format, config.batch_size)
+            # Reading is one element's work; shuffling the chunks lets checking and hashing spread out.
             | "Spread" >> beam.Reshuffle()
         )
-        read_markers = (records,)
 
     limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
     split = SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt)
-    extra_keys = []
-    if source.corpus is not None:
-        checked = records | "CorpusPairs" >> beam.ParDo(CorpusPairs(
-            spec=source.corpus, limits=limits, split=split)).with_outputs(REJECTED, CorpusPairs.PAIRED, main="pairs")
-        extra_keys.append(checked[CorpusPairs.PAIRED] | "PairedKey" >> beam.Map(lambda _: "paired_documents"))
-    else:
-        checked = records | "Validate" >> beam.ParDo(ValidatePairs(
-            columns=source.columns, limits=limits, split=split)).with_outputs(REJECTED, main="pairs")
-    rejected_parts.append(checked[REJECTED])
-    rejected = tuple(rejected_parts) | "AllRejected" >> beam.Flatten()
-
-    pairs = checked.pairs
-    if config.negatives_as_third_input:
-        pairs = (pairs
+    check = (CorpusPairs(spec=source.corpus, limits=limits, split=split) if source.corpus is not None
+             else ValidatePairs(columns=source.columns, limits=limits, split=split))
+    regroup = config.negatives_as_third_input
+    made = chunks | "MakePairs" >> beam.ParDo(MakePairs(
+        check=check, feature_config=features, batch_size=config.batch_size, featurize=not regroup,
+    )).with_outputs(REJECTED, MakePairs.VALIDATION, MakePairs.COUNTS, main="train")
+    rejected_parts.append(made[REJECTED])
+    count_parts.append(made[MakePairs.COUNTS])
+    if regroup:
+        pairs = (made.train
                  | "NegativeEntries" >> beam.FlatMap(negative_entries)
                  | "GroupByQuery" >> beam.GroupByKey()
                  | "AttachNegatives" >> beam.FlatMap(attach_negatives))
-        extra_keys.append(pairs | "NegativeKey" >> beam.Filter(lambda p: bool(p.get("negative_text")))
-                          | "WithNegativeKey" >> beam.Map(lambda _: "with_negative"))
-    extra_keys.append(pairs | "Label0" >> beam.Filter(lambda p: p["label"] <= 0)
-                      | "Label0Key" >> beam.Map(lambda _: "label_0"))
-    examples = (
-        pairs
-        | "Batch" >> beam.BatchElements(min_batch_size=min(32, config.batch_size), max_batch_size=config.batch_size)
-        | "Featurize" >> beam.ParDo(FeaturizePairs(feature_config=features,
-                                                   negatives=config.negatives_as_third_input))
-    )
-    by_split = examples | "BySplit" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
-    for split, part in zip(SPLITS, by_split, strict=True):
-        (part
-         | f"Bytes{split.title()}" >> beam.Values()
-         | f"Write{split.title()}" >> beam.io.WriteToTFRecord(
-             str(output / split), file_name_suffix=".tfrecord.gz", num_shards=config.num_shards,
-             shard_name_template=SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP))
-    (rejected
+        count_parts.append(pairs | "CountPairs" >> beam.Map(lambda p: {
+            p["split"]: 1, "label_0": int(p["label"] <= 0), "with_negative": int(bool(p.get("negative_text")))}))
+        examples = (pairs
+                    | "Batch" >> beam.BatchElements(min_batch_size=min(32, config.batch_size),
+                                                    max_batch_size=config.batch_size)
+                    | "Featurize" >> beam.ParDo(FeaturizePairs(feature_config=features, negatives=True)))
+        by_split = examples | "BySplit" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+        written = {split: part | f"Bytes{split.title()}" >> beam.Values()
+                   for split, part in zip(SPLITS, by_split, strict=True)}
+    else:
+        written = {"train": made.train, "validation": made[MakePairs.VALIDATION]}
+    for name, part in written.items():
+        part | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
+            str(output / name), file_name_suffix=".tfrecord.gz", num_shards=config.num_shards,
+            shard_name_template=SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP)
+    (tuple(rejected_parts)
+     | "AllRejected" >> beam.Flatten()
      | "RejectedJson" >> beam.Map(rejected_json)
      | "WriteRejected" >> beam.io.WriteToText(str(output / REJECTED), file_name_suffix=".jsonl",
                                                num_shards=config.num_shards, shard_name_template=SHARD_TEMPLATE))
 
     # Counting branch: runner-independent (Beam metrics are not supported by every runner).
-    keys = [part | f"ReadKey{i}" >> beam.Map(lambda _: "read") for i, part in enumerate(read_markers)]
-    keys.append(examples | "SplitKey" >> beam.Map(lambda kv: kv[0]))
-    keys.append(rejected | "RejectedKey" >> beam.Map(lambda r: f"{REJECTED}:{r['reason']}"))
-    keys.extend(extra_keys)
-    (tuple(keys)
-     | "AllKeys" >> beam.Flatten()
-     | "Count" >> beam.combiners.Count.PerElement()
-     | "ToDict" >> beam.combiners.ToDict()
+    (tuple(count_parts)
+     | "AllCounts" >> beam.Flatten()
+     | "Count" >> beam.CombineGlobally(sum_counts)
      | "CountsJson" >> beam.Map(lambda counts: json.dumps(counts, sort_keys=True))
      | "WriteCounts" >> beam.io.WriteToText(str(output / _COUNTS), num_shards=1, shard_name_template=""))
 

@@ -27,6 +27,7 @@ from pipelines.transforms import (
     CorpusSpec,
     FeaturizePairs,
     JoinBeir,
+    MakePairs,
     PairColumns,
     PairLimits,
     SplitSpec,
@@ -34,6 +35,7 @@ from pipelines.transforms import (
     corpus_pairs,
     sentence_spans,
     strip_title,
+    sum_counts,
     text_id,
 )
 
@@ -624,3 +626,36 @@ def test_label_0_rows_become_negatives_of_the_same_querys_positives(tmp_path: Pa
         unlabelled = tmp_path / "unlabelled.tsv"
         unlabelled.write_text("query\tdocument\na\tb\n")
         run(["--input", str(unlabelled), "--output", str(tmp_path / "x"), "--negatives-as-third-input"])
+
+
+def test_make_pairs_checks_and_featurizes_a_chunk_with_counts() -> None:
+    columns = PairColumns("q", "d", "label", None, None)
+    check = ValidatePairs(columns=columns, limits=PairLimits(max_query_chars=50, max_document_chars=50),
+                          split=SplitSpec(validation_fraction=0.5, salt=""))
+    raws = [_raw(i, q=f"question number {i}", d=f"document {i}", label=str(i % 2)) for i in range(2, 12)]
+    raws += [_raw(12, q="", d="x", label="1"), _raw(13, q="q", d="d", label="?")]
+    featurizer = Featurizer(SMALL)
+    expected = {"train": [], "validation": []}
+    for r in raws[:10]:
+        query, document = r["fields"]["q"], r["fields"]["d"]
+        split = split_of(query, validation_fraction=0.5)
+        expected[split].append((query, tuple(featurizer.bags_numpy([document])[0][0])))
+    assert expected["train"] and expected["validation"]
+
+    def parse(serialized: bytes) -> tuple[str, tuple[int, ...]]:
+        f = tf.train.Example.FromString(serialized).features.feature
+        return f["query_text"].bytes_list.value[0].decode(), tuple(f["document_ids"].int64_list.value)
+
+    with test_pipeline.TestPipeline() as p:
+        # Two chunks; batch_size 3 makes each chunk featurize in several calls.
+        made = (p | beam.Create([raws[:7], raws[7:]])
+                | beam.ParDo(MakePairs(check=check, feature_config=SMALL, batch_size=3)).with_outputs(
+                    REJECTED, MakePairs.VALIDATION, MakePairs.COUNTS, main="train"))
+        assert_that(made.train | "T" >> beam.Map(parse), equal_to(expected["train"]), label="train")
+        assert_that(made[MakePairs.VALIDATION] | "V" >> beam.Map(parse), equal_to(expected["validation"]),
+                    label="validation")
+        assert_that(made[REJECTED] | "R" >> beam.Map(lambda r: r["reason"]), equal_to(["empty_query", "bad_label"]),
+                    label="rejected")
+        assert_that(made[MakePairs.COUNTS] | beam.CombineGlobally(sum_counts), equal_to([{
+            "read": 12, "train": len(expected["train"]), "validation": len(expected["validation"]), "label_0": 5,
+            "rejected:empty_query": 1, "rejected:bad_label": 1}]), label="counts")
