@@ -107,7 +107,8 @@ def _time_passes(step, batches, *, repeats: int) -> tuple[Stats, Stats]:  # noqa
             Stats(statistics.median(cpu), min(cpu), max(cpu), len(cpu)))
 
 
-def measure_step(*, batch_size: int = 1024, repeats: int = 5, naive: bool = True) -> dict[str, Stats]:
+def measure_step(*, batch_size: int = 1024, repeats: int = 5, naive: bool = True,
+                 mixed_precision: bool = False) -> dict[str, Stats]:
     """pairs/s (wall and per CPU second) of our train step and the naive peer's, on in-memory batches."""
     from dssm.features import FeatureConfig, Featurizer
     from dssm.model import ModelConfig
@@ -116,7 +117,8 @@ def measure_step(*, batch_size: int = 1024, repeats: int = 5, naive: bool = True
     import tensorflow as tf  # noqa: E402  isort: skip
 
     tf.keras.utils.set_random_seed(0)
-    feature_config, model_config, train_config = FeatureConfig(), ModelConfig(), TrainConfig()
+    feature_config, model_config = FeatureConfig(), ModelConfig()
+    train_config = TrainConfig(mixed_precision=mixed_precision)
     batches = _batches(Featurizer(feature_config), _pairs(), batch_size)
     model = build_model(model_config, feature_config, train_config)
     out = {}
@@ -154,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive Keras peer")
     parser.add_argument("--pipeline", action="store_true", help="also time train() from shards")
+    parser.add_argument("--mixed-precision", action="store_true", help="our step in mixed_bfloat16 (CPU)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    stats = measure_step(batch_size=args.batch_size, repeats=args.repeats, naive=not args.no_naive)
-    result = {"batch_size": args.batch_size, "load_average": os.getloadavg(), "machine": machine_facts(),
+    stats = measure_step(batch_size=args.batch_size, repeats=args.repeats, naive=not args.no_naive,
+                         mixed_precision=args.mixed_precision)
+    result = {"batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+              "load_average": os.getloadavg(), "machine": machine_facts(),
               **{k: v.to_dict() for k, v in stats.items()}}
     if args.pipeline:
         result["pipeline_pairs_per_sec"] = measure_pipeline(batch_size=args.batch_size)

@@ -368,8 +368,7 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dssm train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="dssm train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", required=True, help="directory written by `dssm pairs`")
     parser.add_argument("--output", required=True, help="model directory to write (SavedModel, configs, manifest)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
