@@ -39,7 +39,7 @@ from typing import Any
 import apache_beam as beam
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.data import iter_rows, split_of
+from dssm.data import is_valid_utf8, iter_rows, split_of
 from dssm.features import FeatureConfig
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
@@ -187,13 +187,31 @@ def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str,
     Yields:
         Raw records (see the module docstring); unparsable ones carry ``reason="unparsable"``.
     """
+    location_ok = is_valid_utf8(str(path))
     for row in iter_rows(path, table_format):
         yield {
-            "record": _printable(row.location),
-            "fields": carry_bytes(row.fields),
+            "record": row.location if location_ok else _printable(row.location),
+            "fields": row.fields if _plain_utf8(row.fields) else carry_bytes(row.fields),
             "reason": "unparsable" if row.error else None,
             "error": row.error,
         }
+
+
+def _plain_utf8(fields: dict[str, Any]) -> bool:
+    """True if every key and value is a valid-UTF-8 ``str`` or a scalar: the row needs no :func:`carry_bytes`.
+
+    One encode of the joined strings instead of one per value (almost every row takes this path).
+    """
+    texts = []
+    for key, value in fields.items():
+        if not isinstance(key, str):
+            return False
+        texts.append(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif not (value is None or isinstance(value, bool | int | float)):
+            return False
+    return is_valid_utf8("".join(texts))
 
 
 def read_table_chunks(path: str, table_format: str | None, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
