@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
     "mine": ("pipelines.mine_negatives", "Beam job: hard negatives for training pairs, retrieved from an index."),
     "search": ("serving.searcher", "Search an index from the command line."),
+    "upsert": ("serving.upsert", "Add or replace documents of an index without a rebuild (new version)."),
+    "delete": ("serving.delete", "Delete documents from an index by id without a rebuild (new version)."),
     "serve": ("serving.app", "HTTP search service (FastAPI) over an index; hot-swaps new versions."),
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
     "thresholds": ("dssm.thresholds", "Duplicate-detection threshold from labelled pairs (accuracy, F1, AP); --save."),

@@ -156,6 +156,35 @@ class Searcher:
             return self.search_vectors(self._embed(texts), k)
         return self._search_fused(list(texts), k, mode)
 
+    # -- incremental updates (each publishes a new version; this searcher keeps serving its own)
+
+    @property
+    def index_dir(self) -> Path:
+        """The index directory this version belongs to (``INDEX_DIR/versions/<version>``)."""
+        return self.index.version_dir.parent.parent
+
+    def upsert(self, documents: Sequence[Any]) -> str:
+        """Add or replace ``(id, title, text)`` documents; returns the new live version's name.
+
+        Only these documents are encoded, with the document tower of this searcher's encoder when it
+        has one (``dssm.export.Encoder`` does), else the live version's ``model/``. This object keeps
+        answering from the version it loaded (versions are immutable); load the new one to see the
+        change (the serving backend reloads after every write).
+        """
+        from serving.index import current_version_dir, upsert_documents
+
+        # Our encoder is the model of the version we loaded; if a rebuild has since replaced the live
+        # version (maybe with another model), encode with the live version's model instead.
+        same = current_version_dir(self.index_dir).name == self.version
+        encoder = self.encoder if same and hasattr(self.encoder, "embed_documents") else None
+        return upsert_documents(self.index_dir, documents, encoder=encoder).version
+
+    def delete(self, doc_ids: Sequence[str]) -> str:
+        """Delete documents by id (all must exist); returns the new live version's name."""
+        from serving.index import delete_documents
+
+        return delete_documents(self.index_dir, list(doc_ids)).version
+
     # -- BM25 / hybrid modes and similarity (issue 6; the fusion itself lives in dssm.hybrid)
 
     @functools.cached_property

@@ -1,0 +1,66 @@
+"""``dssm upsert``: add or replace documents of a live index without a rebuild (a new version).
+
+Only the given documents are encoded, with the document tower stored in the live version; see
+:func:`serving.index.update_index` for the row bookkeeping and when the ScaNN partitions are rebalanced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.errors import InputError
+
+__all__ = ["add_update_arguments", "print_update", "main"]
+
+
+def add_update_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``dssm upsert`` and ``dssm delete``."""
+    parser.add_argument("--index", required=True, type=Path, help="index directory (its CURRENT version is updated)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rebalance", dest="rebalance", action="store_true", default=None,
+                       help="rebuild the ScaNN partitions and codebooks from the updated matrix (no re-encoding)")
+    group.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                       help="never rebalance (the update fails if recall drops below the build's --min-recall)")
+    parser.add_argument("--rebalance-fraction", type=float, default=0.2,
+                        help="rebalance automatically once the rows changed since the last full build exceed this "
+                             "fraction of that build's documents (default: 0.2)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def print_update(result: object, *, as_json: bool) -> None:
+    """The result as JSON or as a short table."""
+    summary = result.summary()  # type: ignore[attr-defined]
+    if as_json:
+        json.dump(summary, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    for key in ("base_version", "version", "documents", "deleted", "inserted", "replaced", "rebalanced",
+                "rebalance_reason", "recall_at_10", "rows_changed_since_build"):
+        print(f"{key:<24} {summary[key]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm upsert --index INDEX_DIR --corpus PATH [--id-column ...] [--rebalance]``."""
+    from dssm.data import iter_corpus
+    from serving.index import upsert_documents
+
+    parser = argparse.ArgumentParser(prog="dssm upsert", description=__doc__.splitlines()[0])
+    add_update_arguments(parser)
+    parser.add_argument("--corpus", required=True, type=Path,
+                        help="documents to add or replace (BEIR corpus.jsonl, CSV/TSV/JSONL/Parquet)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
+    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--title-column", default="title", help="title column, if any (default: title)")
+    args = parser.parse_args(argv)
+    documents = list(iter_corpus(args.corpus, id_column=args.id_column, text_column=args.text_column,
+                                 title_column=args.title_column))
+    if not documents:
+        raise InputError(f"corpus {args.corpus} holds no documents")
+    result = upsert_documents(args.index, documents, rebalance=args.rebalance,
+                              rebalance_fraction=args.rebalance_fraction)
+    print_update(result, as_json=args.json)
+    return 0

@@ -1,0 +1,165 @@
+"""Incremental updates (serving/index.py update_index/upsert/delete; ``dssm upsert``/``dssm delete``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dssm.cli import main as dssm_main
+from dssm.errors import InputError
+from serving import index as ix
+from serving.searcher import Searcher
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_ids(vectors: dict[str, np.ndarray], queries: np.ndarray, k: int) -> list[set[str]]:
+    ids = list(vectors)
+    matrix = np.stack([vectors[i] for i in ids])
+    top = np.argsort(-(queries @ matrix.T), axis=1)[:, :k]
+    return [{ids[j] for j in row} for row in top]
+
+
+def search_ids(index: ix.Index, queries: np.ndarray, k: int) -> list[list[str]]:
+    rows, _ = index.search_vectors(queries, k)
+    docs = index.docs.get(rows.ravel().tolist())
+    return [[d.id for d in docs[i * k:(i + 1) * k]] for i in range(len(queries))]
+
+
+def recall(found: list[list[str]], truth: list[set[str]]) -> float:
+    return float(np.mean([len(set(f) & t) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+@pytest.mark.parametrize("rebalance", [False, None], ids=["in-place", "auto-rebalance"])
+def test_delete_half_upsert_new_equals_a_fresh_build(tmp_path, rebalance):
+    n, dim, k = 4000, 32, 10
+    base = clustered(n, dim, 40, seed=0)
+    config = ix.ScannConfig(mode="tree_ah", num_leaves=40, training_sample_size=4000)
+    ix.build_index(tmp_path / "idx", embeddings=base, ids=[f"d{i}" for i in range(n)],
+                   texts=[f"text {i}" for i in range(n)], config=config)
+    old = ix.load_index(tmp_path / "idx")
+    rng = np.random.default_rng(1)
+    deleted = [f"d{i}" for i in rng.choice(n, n // 2, replace=False)]
+    ix.update_index(tmp_path / "idx", delete_ids=deleted, rebalance=rebalance)
+    fresh_vectors = clustered(1000, dim, 40, seed=2)
+    kept = [f"d{i}" for i in range(n) if f"d{i}" not in set(deleted)]
+    replaced = kept[:300]
+    replacement = clustered(300, dim, 40, seed=3)
+    new_ids = [f"new{i}" for i in range(1000)] + replaced
+    result = ix.update_index(tmp_path / "idx", upsert_ids=new_ids, upsert_titles=[""] * len(new_ids),
+                             upsert_texts=[f"new text {i}" for i in new_ids],
+                             upsert_vectors=np.concatenate([fresh_vectors, replacement]), rebalance=rebalance)
+    assert (result.deleted, result.inserted, result.replaced) == (0, 1000, 300)
+    assert result.documents == n - n // 2 + 1000
+    # The automatic policy rebalances once more than 20% of the build's rows changed; False never does.
+    assert result.rebalanced is (rebalance is None)
+
+    truth_vectors = {f"d{i}": base[i] for i in range(n)}
+    for doc_id in deleted:
+        del truth_vectors[doc_id]
+    truth_vectors.update(zip(new_ids, np.concatenate([fresh_vectors, replacement]), strict=True))
+    updated = ix.load_index(tmp_path / "idx")
+    assert updated.size == len(truth_vectors) == len(updated.docs)
+    # Row invariant: embeddings row i, ScaNN point i and docs row i are one document.
+    emb = updated.embeddings()
+    docs = updated.docs.get(range(updated.size))
+    assert np.allclose(emb, np.stack([truth_vectors[d.id] for d in docs]), atol=1e-6)
+    assert docs[0].text == f"text {docs[0].id[1:]}" or docs[0].id in replaced
+
+    fresh = ix.build_index(tmp_path / "fresh", embeddings=emb, ids=[d.id for d in docs],
+                           texts=[d.text for d in docs], config=config)
+    # Queries near the final documents (old topics and the new ones the upserts brought).
+    noise = np.random.default_rng(5)
+    queries = emb[noise.choice(len(emb), 300, replace=False)] + 0.1 * noise.standard_normal((300, dim))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    truth = exact_ids(truth_vectors, queries, k)
+    got = search_ids(updated, queries, k)
+    want = search_ids(ix.load_index(fresh.index_dir), queries, k)
+    # Equal to a fresh build by recall: both meet the 0.95 gate against exact search (the in-place
+    # path grows leaves_to_search just to the gate, a fresh build may land above it); both are
+    # approximate, so their mutual overlap is bounded by both errors, hence the looser bound on it.
+    assert recall(got, truth) >= 0.95 and recall(want, truth) >= 0.95
+    assert recall(got, [set(w) for w in want]) >= 0.9
+    # Deleted ids never come back, not even for their own vectors.
+    gone = base[[int(d[1:]) for d in deleted[:200]]]
+    assert not set(deleted) & {i for row in search_ids(updated, gone, 50) for i in row}
+    # A reader that loaded the old version keeps it (immutable versions), deleted docs included.
+    still = search_ids(old, gone[:20], 1)
+    assert [row[0] for row in still] == deleted[:20]
+    assert old.size == n
+
+
+def test_bad_updates_change_nothing(tmp_path):
+    matrix = clustered(200, 8, 4, seed=0)
+    ix.build_index(tmp_path / "idx", embeddings=matrix, ids=[f"d{i}" for i in range(200)], texts=["t"] * 200)
+    before = (tmp_path / "idx" / "CURRENT").read_text()
+    with pytest.raises(InputError, match="'nope' is not in index version"):
+        ix.delete_documents(tmp_path / "idx", ["d1", "nope"])
+    with pytest.raises(InputError, match="'d3' appears twice"):
+        ix.update_index(tmp_path / "idx", upsert_ids=["d3", "d3"], upsert_titles=["", ""], upsert_texts=["a", "b"],
+                        upsert_vectors=matrix[:2])
+    with pytest.raises(InputError, match="both upserted and deleted"):
+        ix.update_index(tmp_path / "idx", upsert_ids=["d3"], upsert_titles=[""], upsert_texts=["a"],
+                        upsert_vectors=matrix[:1], delete_ids=["d3"])
+    with pytest.raises(InputError, match=r"must be \[1, 8\]"):
+        ix.update_index(tmp_path / "idx", upsert_ids=["x"], upsert_titles=[""], upsert_texts=["a"],
+                        upsert_vectors=np.ones((1, 4)))
+    with pytest.raises(InputError, match="'x' is not finite"):
+        ix.update_index(tmp_path / "idx", upsert_ids=["x"], upsert_titles=[""], upsert_texts=["a"],
+                        upsert_vectors=np.full((1, 8), np.nan))
+    with pytest.raises(InputError, match="every document"):
+        ix.delete_documents(tmp_path / "idx", [f"d{i}" for i in range(200)])
+    assert (tmp_path / "idx" / "CURRENT").read_text() == before
+    assert not (tmp_path / "idx" / ".staging").exists()
+    assert len(ix.list_versions(tmp_path / "idx")) == 1
+
+
+def test_searcher_upsert_and_delete_with_the_real_model(tiny_model_dir, adi_dir, tmp_path):
+    from dssm.data import iter_corpus
+
+    documents = list(iter_corpus(adi_dir / "corpus.jsonl"))
+    ix.build_index_from_documents(tmp_path / "idx", model_dir=tiny_model_dir, documents=documents, progress=False)
+    searcher = Searcher.load(tmp_path / "idx")
+    text = "zebra migration patterns across the serengeti observed by satellite telemetry"
+    version = searcher.upsert([("zebra", "animal tracking", text), (documents[0].id, "new title", "replaced body")])
+    assert len(searcher) == len(documents)  # this object still serves the version it loaded
+    after = Searcher.load(tmp_path / "idx")
+    assert after.version == version and len(after) == len(documents) + 1
+    assert after.search(text, k=1)[0].id == "zebra"
+    assert after.search("zebra serengeti telemetry", k=1, mode="bm25")[0].id == "zebra"  # BM25 state updated
+    assert after.index.docs.get([after.index.docs.row_of(documents[0].id)])[0].text == "replaced body"
+    # The model directory is shared by hard links, not copied.
+    old_model = searcher.index.version_dir / "model" / "config.json"
+    assert (after.index.version_dir / "model" / "config.json").stat().st_ino == old_model.stat().st_ino
+    after.delete(["zebra"])
+    final = Searcher.load(tmp_path / "idx")
+    assert len(final) == len(documents) and final.index.docs.row_of("zebra") is None
+    assert "zebra" not in [h.id for h in final.search(text, k=len(documents))]
+
+
+def test_cli_upsert_and_delete(tiny_model_dir, adi_dir, tmp_path, capsys):
+    from dssm.data import iter_corpus
+
+    documents = list(iter_corpus(adi_dir / "corpus.jsonl"))
+    ix.build_index_from_documents(tmp_path / "idx", model_dir=tiny_model_dir, documents=documents, progress=False)
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text(json.dumps({"_id": "n1", "title": "", "text": "a brand new document"}) + "\n")
+    assert dssm_main(["upsert", "--index", str(tmp_path / "idx"), "--corpus", str(corpus), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inserted"] == 1 and out["documents"] == len(documents) + 1
+    ids = tmp_path / "ids.txt"
+    ids.write_text("n1\n\n1\n")
+    assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(ids), "--rebalance"]) == 0
+    out = capsys.readouterr().out
+    assert "rebalanced               True" in out
+    assert len(ix.load_index(tmp_path / "idx").docs) == len(documents) - 1
+    ids.write_text("missing-id\n")
+    assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(ids)]) == 2
+    assert "'missing-id' is not in index version" in capsys.readouterr().err
