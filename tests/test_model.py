@@ -92,6 +92,7 @@ def test_embedding_bag_handles_int32_row_splits_and_trailing_empty_rows() -> Non
 def test_embedding_bag_gradient_matches_dense_autodiff(combiner: str) -> None:
     """The hand-written pooling gradient equals autodiff through a dense count-matrix formulation."""
     rng = np.random.default_rng(0)
+    tf.keras.utils.set_random_seed(0)
     bag = EmbeddingBag(50, 4, combiner=combiner, init_stddev=0.1)
     ids = tf.ragged.constant([[3, 7, 1], [7], [], [49, 3, 0, 12], [1, 2]], dtype=tf.int64)
     counts = tf.ragged.constant([[1.0, 2.0, 1.0], [3.0], [], [1.0, 1.0, 2.0, 1.0], [1.0, 4.0]])
@@ -110,7 +111,8 @@ def test_embedding_bag_gradient_matches_dense_autodiff(combiner: str) -> None:
     table = tf.Variable(bag.table.numpy())
     with tf.GradientTape() as tape:
         reference = tf.reduce_sum(tf.matmul(weights, table) * upstream)
-    np.testing.assert_allclose(float(loss), float(reference), rtol=1e-5)
+    # A sum of signed products: compare with an absolute floor, it can land near zero.
+    np.testing.assert_allclose(float(loss), float(reference), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), tape.gradient(reference, table).numpy(),
                                rtol=1e-5, atol=1e-6)
 
