@@ -121,8 +121,6 @@ def test_writes_send_the_api_key_and_check_documents_before_sending(server):
         assert client.attempts == 2  # the three local refusals sent nothing
 
 
-@pytest.mark.xfail(not hasattr(Searcher, "upsert"), strict=True,
-                   reason="Searcher.upsert(documents) (issue 4 incremental updates) is not implemented yet")
 def test_upsert_returns_the_new_live_version(server):
     with SearchClient(server.url, api_key=API_KEY, retries=0) as client:
         before = client.search("retrieval", k=1).version
