@@ -62,6 +62,7 @@ __all__ = [
     "count_records",
     "resolve_corpus",
     "encode_pipeline",
+    "in_shard",
     "run",
     "main",
 ]
@@ -221,12 +222,13 @@ class EncodeBatches(beam.PTransform):
     last transform's graph). The tower sees ``title + " " + text`` (:func:`dssm.bm25.document_text`).
     """
 
-    def __init__(self, model_dir: str, *, num_batches: int):
+    def __init__(self, model_dir: str, *, num_batches: int, use_run_inference: bool = True):
         super().__init__()
         if num_batches < 1:
             raise ConfigError(f"num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches
         self.handler = KeyedModelHandler(DocumentTowerHandler(model_dir))
+        self.use_run_inference = use_run_inference
 
     def expand(self, checked: beam.PCollection) -> beam.PCollection:
         return (
@@ -234,9 +236,29 @@ class EncodeBatches(beam.PTransform):
             | "KeyByBatch" >> beam.Map(lambda item, n: (batch_of(item, n), item), self.num_batches)
             | "GroupBatches" >> beam.GroupByKey()
             | "ToExample" >> beam.Map(_to_example)
-            | "RunInference" >> RunInference(self.handler)
+            | ("RunInference" >> RunInference(self.handler) if self.use_run_inference
+               else "Inference" >> beam.ParDo(_PlainInference(self.handler)))
             | "FromPrediction" >> beam.Map(_from_prediction)
         )
+
+
+class _PlainInference(beam.DoFn):
+    """The same keyed model handler called from a plain DoFn (model loaded in ``setup``).
+
+    For Beam's Dask runner, where ``RunInference`` (2.77) drops one example of the job: with the same
+    handler, batches and GroupByKey, this DoFn delivers every batch (see docs/scaling.md).
+    """
+
+    def __init__(self, handler: KeyedModelHandler):
+        super().__init__()
+        self.handler = handler
+        self.model: Any = None
+
+    def setup(self) -> None:
+        self.model = self.handler.load_model()
+
+    def process(self, example: tuple[Any, list[str]]) -> Iterable[tuple[Any, PredictionResult]]:
+        yield from self.handler.run_inference([example], self.model)
 
 
 def shard_table(docs: Sequence[dict[str, Any]], embeddings: np.ndarray) -> Any:
@@ -333,8 +355,17 @@ def count_records(paths: Sequence[str], table: str | None) -> int:
     return total
 
 
+def in_shard(item: tuple[str, dict[str, Any]], shard: tuple[int, int]) -> bool:
+    """Whether a validated record belongs to index shard ``shard = (i, N)`` (:func:`serving.index.shard_of`)."""
+    kind, value = item
+    if kind != DOCUMENT:
+        return shard[0] == 0
+    return index_lib.shard_of(value["id"], shard[1]) == shard[0]
+
+
 def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusColumns, table: str | None,
-                    model_dir: str, shards_dir: str, rejected_dir: str, num_batches: int) -> beam.PCollection:
+                    model_dir: str, shards_dir: str, rejected_dir: str, num_batches: int,
+                    shard: tuple[int, int] | None = None, use_run_inference: bool = True) -> beam.PCollection:
     """Add the encode job to pipeline ``p``: read → validate → batch → RunInference → Parquet + dead letters.
 
     One chain with no multi-output steps and no ``finish_bundle`` outputs, so it runs the same on the
@@ -343,12 +374,19 @@ def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusCo
     Returns:
         ``(documents, rejected)`` counts per batch.
     """
-    return (
+    checked = (
         p
         | "CorpusFiles" >> beam.Create(list(paths))
         | "Read" >> beam.FlatMap(read_table, table)
         | "Validate" >> beam.Map(validate_document, columns)
-        | "Encode" >> EncodeBatches(model_dir, num_batches=num_batches)
+    )
+    if shard is not None:
+        # A filter keeps the job one chain; dead letters are kept by shard 0 only, so N shard jobs
+        # over one corpus report each rejected record once.
+        checked = checked | "Shard" >> beam.Filter(in_shard, shard)
+    return (
+        checked
+        | "Encode" >> EncodeBatches(model_dir, num_batches=num_batches, use_run_inference=use_run_inference)
         | "Write" >> beam.Map(write_batch, shards_dir=shards_dir, rejected_dir=rejected_dir,
                               num_batches=num_batches)
     )
@@ -379,6 +417,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="after publishing, delete all but the newest N versions (0: keep all)")
     parser.add_argument("--min-recall", dest="scann_min_recall", type=float, default=None,
                         help="same as --scann-min-recall")
+    parser.add_argument("--shard", default=None, metavar="i/N",
+                        help="index only the documents whose id hashes to shard i of N (sha1 of the id; "
+                             "run N jobs into N index directories and search them with ShardedSearcher; "
+                             "see docs/scaling.md)")
+    parser.add_argument("--inference", choices=("auto", "runinference", "pardo"), default="auto",
+                        help="runinference: Beam RunInference over the keyed model handler; pardo: the same "
+                             "handler in a plain DoFn; auto: pardo on the DaskRunner (whose RunInference drops "
+                             "an example in Beam 2.77), runinference elsewhere (default: auto)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
@@ -420,6 +466,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise ConfigError(f"--keep-versions must be >= 0, got {args.keep_versions}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    shard = index_lib.parse_shard_spec(args.shard) if args.shard else None
     paths = resolve_corpus(args.corpus)
     table = args.format  # None: each file's suffix decides
     for path in paths:
@@ -442,15 +489,17 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     shards_dir.mkdir(parents=True, exist_ok=True)
     rejected_dir = output / "rejected" / version
     rejected_dir.mkdir(parents=True, exist_ok=True)
+    dask = any("DaskRunner" in arg for arg in beam_args)
+    use_run_inference = args.inference == "runinference" or (args.inference == "auto" and not dask)
     records = count_records(paths, table)
-    num_batches = max(1, math.ceil(records / args.batch_size))
+    num_batches = max(1, math.ceil(records / (shard[1] if shard else 1) / args.batch_size))
 
     try:
         started = time.perf_counter()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
         encode_pipeline(pipeline, paths=paths, columns=columns, table=table, model_dir=str(model_dir),
                         shards_dir=str(shards_dir.resolve()), rejected_dir=str(rejected_dir.resolve()),
-                        num_batches=num_batches)
+                        num_batches=num_batches, shard=shard, use_run_inference=use_run_inference)
         print(f"encoding {records:,} records of {', '.join(paths)} in {num_batches} batches with {model_dir} ...",
               file=sys.stderr, flush=True)
         pipeline.run().wait_until_finish()
@@ -474,9 +523,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             "docs_per_second": round(encoded / encode_seconds, 1),
             "batches": num_batches,
             "beam_args": beam_args,
+            "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
+            "inference": "runinference" if use_run_inference else "pardo",
         }
+        extra: dict[str, Any] = {"encode": encode}
+        if shard is not None:
+            extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
         result = index_lib.build_index_from_shards(output, shards=shards, model_dir=model_dir, config=config,
-                                                   version=version, extra={"encode": encode})
+                                                   version=version, extra=extra)
     finally:
         # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
         shutil.rmtree(stage, ignore_errors=True)

@@ -27,7 +27,8 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import IndexNotFoundError, InputError
 from serving.index import Index, load_index
 
-__all__ = ["Hit", "QueryEncoder", "Searcher", "Similarity", "format_hits", "hits_json", "main"]
+__all__ = ["Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "merge_top_k", "format_hits",
+           "hits_json", "main"]
 
 
 class Hit(NamedTuple):
@@ -243,6 +244,182 @@ class Searcher:
         cosine = float(np.dot(vectors[0], vectors[1]))
         threshold = self.duplicate_threshold
         return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
+
+
+def merge_top_k(results: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """The best ``k`` of several best-first hit lists, by score (ties keep shard order: stable)."""
+    merged = [hit for hits in results for hit in hits]
+    merged.sort(key=lambda h: -h.score)
+    return merged[:k]
+
+
+class ShardedSearcher:
+    """Search fanned out over several index directories (shards of one corpus), top-k merged by score.
+
+    Each shard is a complete index (its own ScaNN, doc store, BM25 state and model copy), typically
+    built by ``dssm index --shard i/N`` so a document id lives in exactly one shard. The query is
+    embedded once; every shard returns its own top-k (a shard's top-k contains every global top-k
+    document it holds, so merging the lists by score gives the global top-k of the union, exactly
+    for brute force and with each shard's recall for ANN). Dense scores are cosines, comparable
+    across shards; ``mode="bm25"`` merges per-shard BM25 scores, whose IDF is computed per shard (close
+    to the global IDF for hash-sharded corpora, not equal); ``mode="hybrid"`` is refused because
+    its per-shard score normalisation makes fused scores incomparable across shards.
+
+    Same methods as :class:`Searcher` (``search``, ``search_batch``, ``search_vectors``, ``similarity``,
+    ``upsert``, ``delete``, ``get_document``); writes are routed to shards by
+    :func:`serving.index.shard_of`. Searches run the shards in a thread pool (ScaNN and SQLite release
+    the GIL).
+    """
+
+    def __init__(self, shards: Sequence[Searcher], *, encoder: QueryEncoder | None):
+        if not shards:
+            raise InputError("ShardedSearcher needs at least one shard")
+        dims = {s.index.dim for s in shards}
+        if len(dims) != 1:
+            raise InputError(f"shards have different embedding widths {sorted(dims)}: not one corpus's index")
+        self.shards = list(shards)
+        self.encoder = encoder
+        self.dim = dims.pop()
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="shard")
+
+    @classmethod
+    def load(cls, index_dirs: Sequence[str | Path], *, encoder: QueryEncoder | None = None,
+             verify: bool = True) -> ShardedSearcher:
+        """Load every shard's ``CURRENT`` version (checksums verified) and one query model.
+
+        The model comes from the first shard's ``model/``; every shard must hold the same model
+        (same ``model/manifest.json``), since one query embedding is searched in all of them.
+
+        Raises:
+            InputError: no shards, the same directory twice, or shards with different models/widths.
+        """
+        import hashlib
+
+        dirs = [Path(d) for d in index_dirs]
+        if len({d.resolve() for d in dirs}) != len(dirs):
+            raise InputError(f"the same index directory is given twice: {[str(d) for d in dirs]}")
+        shards = [Searcher.load(d, encoder=encoder or _NoEncoder(), verify=verify) for d in dirs]
+        fingerprints = set()
+        for shard in shards:
+            model = shard.index.model_dir
+            fingerprints.add(None if model is None else
+                             hashlib.sha256((model / "manifest.json").read_bytes()).hexdigest())
+        if len(fingerprints) != 1:
+            raise InputError(f"shards {[str(d) for d in dirs]} hold different models; one query embedding "
+                             "cannot search them all")
+        if encoder is None and shards[0].index.model_dir is not None:
+            from dssm.export import load_encoder
+
+            encoder = load_encoder(shards[0].index.model_dir)
+        for shard in shards:
+            shard.encoder = encoder
+        return cls(shards, encoder=encoder)
+
+    @property
+    def version(self) -> str:
+        """The shards' versions joined by ``+`` (changes when any shard changes)."""
+        return "+".join(s.version for s in self.shards)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    @property
+    def supports_hybrid(self) -> bool:
+        """Always ``False``: fused scores are normalised per shard and cannot be merged."""
+        return False
+
+    @property
+    def duplicate_threshold(self) -> float | None:
+        """The shards' common duplicate threshold, or ``None`` if they do not all carry the same one."""
+        values = {s.duplicate_threshold for s in self.shards}
+        return values.pop() if len(values) == 1 else None
+
+    def _fan_out(self, call: Any) -> list[Any]:
+        return list(self._pool.map(call, self.shards))
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k documents of all shards for query embeddings [q, dim]."""
+        per_shard = self._fan_out(lambda shard: shard.search_vectors(vectors, k))
+        return [merge_top_k([hits[i] for hits in per_shard], k) for i in range(len(vectors))]
+
+    def search(self, text: str, k: int = 10, *, mode: str = "dense") -> list[Hit]:
+        """Top-k documents of all shards for one query (see :meth:`Searcher.search`)."""
+        return self.search_batch([text], k, mode=mode)[0]
+
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str = "dense") -> list[list[Hit]]:
+        """Top-k documents of all shards for each query (one model call for all shards)."""
+        if isinstance(texts, str):
+            raise InputError("search_batch takes a list of query texts, got one string")
+        if mode == "hybrid":
+            raise InputError("mode='hybrid' is not available over shards: fused scores are normalised per shard "
+                             "and cannot be merged; use 'dense' or 'bm25'")
+        if mode not in ("dense", "bm25"):
+            raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
+        if not texts:
+            return []
+        if mode == "dense":
+            return self.search_vectors(self.shards[0]._embed(list(texts)), k)
+        per_shard = self._fan_out(lambda shard: shard.search_batch(list(texts), k, mode="bm25"))
+        return [merge_top_k([hits[i] for hits in per_shard], k) for i in range(len(texts))]
+
+    def similarity(self, text1: str, text2: str) -> Similarity:
+        """See :meth:`Searcher.similarity` (the threshold is the shards' common one)."""
+        vectors = self.shards[0]._embed([text1, text2])
+        cosine = float(np.dot(vectors[0], vectors[1]))
+        threshold = self.duplicate_threshold
+        return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
+
+    def get_document(self, doc_id: str) -> Any:
+        """The stored document ``doc_id`` (a :class:`serving.index.Doc`), from whichever shard holds it.
+
+        Raises:
+            KeyError: no shard holds it.
+        """
+        for shard in self.shards:
+            row = shard.index.docs.row_of(doc_id)
+            if row is not None:
+                return shard.index.docs.get([row])[0]
+        raise KeyError(doc_id)
+
+    def shard_index(self, doc_id: str) -> int:
+        """Which shard a document id belongs to (:func:`serving.index.shard_of` over the shard count)."""
+        from serving.index import shard_of
+
+        return shard_of(doc_id, len(self.shards))
+
+    def upsert(self, documents: Sequence[Any]) -> str:
+        """Add or replace ``(id, title, text)`` documents, each in its hash shard; returns the new version."""
+        groups: dict[int, list[Any]] = {}
+        for doc in documents:
+            doc_id = doc[0] if isinstance(doc, tuple) else doc.id
+            groups.setdefault(self.shard_index(doc_id), []).append(doc)
+        for i, docs in sorted(groups.items()):
+            self.shards[i].upsert(docs)
+        return "+".join(_live_version(s.index_dir) for s in self.shards)
+
+    def delete(self, doc_ids: Sequence[str]) -> str:
+        """Delete documents by id from their hash shards; returns the new version."""
+        groups: dict[int, list[str]] = {}
+        for doc_id in doc_ids:
+            groups.setdefault(self.shard_index(doc_id), []).append(doc_id)
+        for i, ids in sorted(groups.items()):
+            self.shards[i].delete(ids)
+        return "+".join(_live_version(s.index_dir) for s in self.shards)
+
+
+class _NoEncoder:
+    """Placeholder while shards load, so the model is loaded once for all of them."""
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        raise IndexNotFoundError("no query model loaded")
+
+
+def _live_version(index_dir: Path) -> str:
+    from serving.index import current_version_dir
+
+    return current_version_dir(index_dir).name
 
 
 def _one_line(text: str, width: int) -> str:
