@@ -15,7 +15,7 @@ import dssm  # noqa: F401
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, EmbeddingBag, ModelConfig
-from dssm.train import LazyAdam, SparseAdagrad
+from dssm.train import LazyAdam, RowwiseAdagrad, SparseAdagrad
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -241,6 +241,29 @@ def test_sparse_adagrad_matches_the_adagrad_formula_on_touched_rows() -> None:
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
 
 
+def test_rowwise_adagrad_keeps_one_accumulator_per_table_row() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
+    model(batch)
+    optimizer = RowwiseAdagrad(0.5)
+    table = model.query_tower.bag.table
+    dense = model.query_tower.hidden[0].kernel
+    optimizer.build(model.trainable_variables)
+    accumulators = {id(v): a for v, a in zip(model.trainable_variables, optimizer._accumulators, strict=True)}
+    assert accumulators[id(table)].shape == (FEATURES.num_buckets,)
+    assert accumulators[id(dense)].shape == dense.shape  # dense layers: ordinary Adagrad
+    grad = tf.IndexedSlices(tf.constant([[0.2] * 16, [1.0] * 8 + [-1.0] * 8]), tf.constant([7, 2]),
+                            tf.constant(table.shape))
+    before = table.numpy()
+    optimizer.apply_gradients([(grad, table)])
+    after = table.numpy()
+    acc = 0.1 + np.array([0.04, 1.0])  # initial value + mean of the squared row gradient
+    np.testing.assert_allclose(after[[7, 2]], before[[7, 2]] - 0.5 * grad.values.numpy() / np.sqrt(acc)[:, None],
+                               rtol=1e-5)
+    untouched = np.setdiff1d(np.arange(FEATURES.num_buckets), [2, 7])
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+
+
 _MIRRORED = textwrap.dedent("""
     import dssm, json, sys
     import numpy as np
@@ -275,10 +298,10 @@ _MIRRORED = textwrap.dedent("""
     losses = strategy.run(lambda b: mirrored.compute_loss(b, training=False), args=(per_replica,))
     total = float(strategy.reduce("SUM", losses, axis=None))
     # One optimizer step each: gradients flow back through all_gather and are summed over replicas.
-    from dssm.train import SparseAdagrad
-    single.compile(optimizer=SparseAdagrad(0.5))
+    from dssm.train import RowwiseAdagrad
+    single.compile(optimizer=RowwiseAdagrad(0.5))
     with strategy.scope():
-        mirrored.compile(optimizer=SparseAdagrad(0.5))
+        mirrored.compile(optimizer=RowwiseAdagrad(0.5))
     single.train_step(batch(single, 0, 6))
     tf.function(lambda b: strategy.run(mirrored.train_step, args=(b,)))(per_replica)
     after = [v.numpy() for v in single.trainable_variables]
