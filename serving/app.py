@@ -373,6 +373,11 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         log.error("request failed: %s: %s", type(exc).__name__, exc)
         return _error(500, f"{type(exc).__name__}: {exc}")
 
+    @app.exception_handler(Exception)
+    async def _on_bug(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: same JSON shape for clients; Starlette still logs the traceback.
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
     # ---- health
 
     @app.get("/healthz", response_model=HealthResponse, tags=["health"])
