@@ -23,7 +23,11 @@ Input formats (``--format``; guessed from the input when omitted):
   ``--min-query-chars`` characters. ``query_id`` is ``<doc id>#title`` or ``<doc id>#s<i>`` (sentence
   ``i``), ``document_id`` the doc id. The split hashes the *document id* (not the query text), so all
   pairs of a document share a split. ``stats.json`` counts documents: ``read`` = ``paired_documents``
-  + ``rejected``; ``written`` counts pairs.
+  + ``rejected``; ``written`` counts pairs. Default ``--pairs-per-document 3``: on cranfield
+  (pairs → ``dssm train`` with its defaults → ``dssm index`` → ``dssm eval --metrics
+  ndcg@10,recall@10,recall@100``, 197 queries, one run each) 3 pairs per document gave DSSM
+  nDCG@10 0.271 / Recall@10 0.308 / Recall@100 0.686 against 0.236 / 0.266 / 0.663 with 1 (BM25:
+  0.380 / 0.410 / 0.747), so sentence pairs add signal beyond the title.
 
 Guessing: a directory is ``beir``; a table whose header has ``question1`` or ``text1`` is ``quora``;
 a table without the ``--query-column``/``--document-column`` columns but with ``text`` and ``_id`` or
@@ -134,8 +138,8 @@ class PairsConfig:
     id_column: str = field("", "format corpus: document id column; default _id if present, else id")
     title_column: str = field("title", "format corpus: title column (optional; missing -> sentence pairs only)")
     text_column: str = field("text", "format corpus: text column")
-    pairs_per_document: int = field(1, "format corpus: most pairs per document (title -> body first, then "
-                                       "sentence -> rest)")
+    pairs_per_document: int = field(3, "format corpus: most pairs per document (title -> body first, then "
+                                       "sentence -> rest); 3 beat 1 on cranfield (see the module docstring)")
     min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
     negatives_as_third_input: bool = field(False, "formats quora/pairs: attach label<=0 rows to the positives "

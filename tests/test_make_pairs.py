@@ -538,7 +538,8 @@ def test_corpus_with_renamed_columns_title_prefix_and_dead_letters(tmp_path: Pat
     )
     out = tmp_path / "out"
     stats = run(["--input", str(path), "--format", "corpus", "--output", str(out), "--id-column", "doc_no",
-                 "--title-column", "heading", "--text-column", "body", "--validation-fraction", "0", *SMALL_FLAGS])
+                 "--title-column", "heading", "--text-column", "body", "--pairs-per-document", "1",
+                 "--validation-fraction", "0", *SMALL_FLAGS])
     assert (stats["read"], stats["paired_documents"], stats["written"]) == (4, 2, 2)
     assert stats["rejected_by_reason"] == {"empty_document_id": 1, "no_pair": 1}
     examples = {e["query_id"]: e for e in _shards_or_empty(out)["train"]}
