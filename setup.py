@@ -35,6 +35,8 @@ setup(
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20",
                   # uvicorn picks these up when present: C HTTP parser and libuv event loop (lower per-request cost).
                   "uvloop==0.22.1", "httptools==0.9.0"],
+        # ANN peers of ScaNN in bench/part_index.py (HNSW graphs), on the same vectors.
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.1"],
     },
     entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
 )
