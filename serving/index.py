@@ -1372,8 +1372,14 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
     from dssm.bm25 import document_text
 
     index_dir = Path(index_dir)
-    docs = [Doc(*d) if isinstance(d, tuple) and not isinstance(d, Doc) else Doc(d.id, d.title, d.text)
-            for d in documents]
+    docs = []
+    for d in documents:
+        if hasattr(d, "id") and hasattr(d, "text"):
+            docs.append(Doc(d.id, getattr(d, "title", "") or "", d.text))
+        elif isinstance(d, (tuple, list)) and len(d) == 3:
+            docs.append(Doc(*d))
+        else:
+            raise InputError(f"a document must be (id, title, text) or have id/title/text attributes, got {d!r:.80}")
     if not docs:
         raise InputError("no documents to upsert")
     for d in docs:
