@@ -51,7 +51,7 @@ def test_two_shards_merge_to_the_single_index_results(tmp_path, mode):
     n, dim, k = 6000, 32, 10
     matrix = clustered(n, dim, 30, seed=0)
     ids = [f"d{i}" for i in range(n)]
-    config = ix.ScannConfig(mode=mode, num_leaves=40 if mode == "tree_ah" else 0)
+    config = ix.ScannConfig(mode=mode, num_leaves=40 if mode == "tree_ah" else 0, min_recall=0.97)
     ix.build_index(tmp_path / "single", embeddings=matrix, ids=ids, texts=ids, config=config)
     for shard in range(2):
         rows = [i for i in range(n) if ix.shard_of(ids[i], 2) == shard]
