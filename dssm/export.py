@@ -3,14 +3,18 @@
 Layout (docs/design.md)::
 
     MODEL_DIR/saved_model/   signatures embed_query, embed_document: texts [None] tf.string
-                             -> {"embedding": [None, dim] float32}, L2-normalised
+                             -> {"embedding": [None, dim] float32}, L2-normalised;
+                             featurize: texts [None] tf.string -> {"ids": [None, None] int64 (padded
+                             with -1), "counts": [None, None] float32 (padded with 0), "lengths": [None] int64}
     MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig}
     MODEL_DIR/history.json   per-epoch training history
     MODEL_DIR/manifest.json  kind "model", sha256 of every file
 
 Featurization runs inside the SavedModel (the same :class:`~dssm.features.Featurizer` graph the
-shards were made with), so callers pass raw text. The signatures hold only the towers' variables,
-not optimizer slots. :func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
+shards were made with), so callers pass raw text; the ``featurize`` signature exposes that graph's
+bags, so the ids a model computes can be checked against the ids in the shards it was trained on
+(``Encoder.featurize``). The signatures hold only the towers' variables, not optimizer slots.
+:func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class _Serving(tf.Module):
         self.query_tower = model.query_tower
         self.document_tower = model.document_tower
         self.output_dim = tf.constant(model.config.output_dim, tf.int32)
+        # Both towers hash with this one object (DSSMModel shares it), so `featurize` shows exactly
+        # the bags the embed signatures feed their towers.
+        self._featurizer = model.query_tower.featurizer
 
     @tf.function(input_signature=[_TEXTS])
     def embed_query(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -56,6 +63,18 @@ class _Serving(tf.Module):
     def embed_document(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
         """``[batch]`` tf.string → ``{"embedding": [batch, dim] float32}`` with the document tower."""
         return {"embedding": self.document_tower.embed_texts(texts)}
+
+    @tf.function(input_signature=[_TEXTS])
+    def featurize(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``[batch]`` tf.string → the towers' input bags, padded (signatures cannot return ragged tensors).
+
+        Returns:
+            ``{"ids": [batch, width] int64, "counts": [batch, width] float32, "lengths": [batch] int64}``;
+            row ``i`` holds ``lengths[i]`` entries, the rest is padding (id -1, count 0).
+        """
+        ids, counts = self._featurizer.bags(texts)
+        return {"ids": ids.to_tensor(default_value=-1), "counts": counts.to_tensor(default_value=0.0),
+                "lengths": ids.row_lengths()}
 
 
 def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
@@ -94,7 +113,8 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
         for tower in towers:
             tower.jit_dense = False
         tf.saved_model.save(serving, str(staging / SAVED_MODEL),
-                            signatures={"embed_query": serving.embed_query, "embed_document": serving.embed_document})
+                            signatures={"embed_query": serving.embed_query, "embed_document": serving.embed_document,
+                                        "featurize": serving.featurize})
     finally:
         for tower, value in jit.items():
             tower.jit_dense = value
@@ -138,6 +158,8 @@ class Encoder:
         # matching, ~0.1 ms of a ~0.5 ms single-query call.
         self._embed_query = loaded.signatures["embed_query"]
         self._embed_document = loaded.signatures["embed_document"]
+        # Models exported before the signature existed lack it; only featurize() needs it.
+        self._featurize = loaded.signatures.get("featurize")
         self.features = features
         self.model = model
         self.dim = model.output_dim
@@ -150,6 +172,28 @@ class Encoder:
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         """``n`` texts → ``[n, dim]`` float32 with the document tower."""
         return self._embed(self._embed_document, texts)
+
+    def featurize(self, texts: Sequence[str | bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The bags the SavedModel's towers read, computed by the SavedModel itself.
+
+        Args:
+            texts: ``n`` texts (``str`` or UTF-8 ``bytes``).
+
+        Returns:
+            ``n`` pairs ``(ids int64 [m], counts float32 [m])``, like ``Featurizer.bags_numpy``.
+
+        Raises:
+            ConfigError: the model was exported without a ``featurize`` signature (an older export).
+        """
+        if self._featurize is None:
+            raise ConfigError("this model has no featurize signature (exported before it existed); re-export it")
+        if isinstance(texts, (str, bytes)):
+            raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
+        if len(texts) == 0:
+            return []
+        out = self._featurize(texts=tf.constant(_utf8(texts), tf.string))
+        ids, counts, lengths = out["ids"].numpy(), out["counts"].numpy(), out["lengths"].numpy()
+        return [(ids[i, :n], counts[i, :n]) for i, n in enumerate(lengths.tolist())]
 
     def _embed(self, fn: Any, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, (str, bytes)):

@@ -19,7 +19,8 @@ from dssm.train import TrainConfig, build_model
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-FEATURES = FeatureConfig(num_buckets=4096)
+# max_chars well under the longest test text, so cutting is part of every comparison below.
+FEATURES = FeatureConfig(num_buckets=4096, max_chars=200)
 SMALL = ModelConfig(embedding_dim=16, hidden_dims=(16, 8))
 TRAIN = TrainConfig(epochs=1, batch_size=32, verbose=0)
 EXTRA_TEXTS = ["", "   ", "ÉCOLE Straße ﬁne", "🙂🙂 emoji", "עברית ימין לשמאל", "a" * 5000, "\x00\x07 control"]
@@ -70,7 +71,7 @@ def test_signatures_take_raw_strings(exported: tuple) -> None:
 
     _, model_dir, texts = exported
     loaded = tf.saved_model.load(str(model_dir / SAVED_MODEL))
-    assert set(loaded.signatures) == {"embed_query", "embed_document"}
+    assert set(loaded.signatures) == {"embed_query", "embed_document", "featurize"}
     for name in ("embed_query", "embed_document"):
         signature = loaded.signatures[name]
         spec = signature.structured_input_signature[1]["texts"]
@@ -146,3 +147,80 @@ def test_export_refuses_to_overwrite_unless_asked(exported: tuple, tmp_path: Pat
     assert not (target / "keep.txt").exists()
     np.testing.assert_allclose(load_encoder(target).embed_queries(texts[:4]),
                                model.embed_queries(tf.constant(texts[:4])).numpy(), atol=1e-5)
+
+
+# Texts where a second featurizer implementation would most likely drift: NFKC compatibility forms
+# (ligatures, full-width, circled, squared units, superscripts), case folding beyond ASCII (ß, final
+# sigma, dotted İ, Cherokee), combining marks, emoji with ZWJ and skin tones, RTL, CJK, punctuation
+# runs, and texts longer than max_chars, including one whose NFKC form grows past it.
+PARITY_TEXTS = [
+    "Hello, World!! How ARE you?", "ﬁne ﬂour ﬃ ﬄ", "ＦＵＬＬ－ＷＩＤＴＨ ｌｅｔｔｅｒｓ １２３",
+    "Straße STRASSE ΣΊΣΥΦΟΣ ὀδυσσεύς", "İstanbul ıi Ꭰ", "Ⓐⓑⓒ ㎏ ㎞ x² H₂O ½ ⅻ",
+    "cafe\u0301 café naïve Å Å", "👩\u200d👩\u200d👧 family 👍🏽 ok 🚀🚀", "مرحبا بالعالم שלום עולם",
+    "東京都 の 天気 はどう？", "a-b_c.d/e\\f (g) [h] {i} <j> «k» „l“ ‘m’", "tabs\tand\nnew lines\r\n  spaced",
+    "word " * 100, "ﬃ" * 150, "MiXeD CaSe " + "É" * 300,
+]
+
+
+@pytest.mark.slow  # one small Beam job (~5 s)
+def test_savedmodel_bags_equal_the_pair_shards_ids(exported: tuple, tmp_path: Path) -> None:
+    """The ids `dssm pairs` writes into its shards are the ids the exported model computes (issue 2)."""
+    from pipelines.make_pairs import run as make_pairs
+
+    model, model_dir, _ = exported
+    assert any(len(t) > FEATURES.max_chars for t in PARITY_TEXTS)
+    # Each text is a query once and a document once, with ids to find its example again.
+    n = len(PARITY_TEXTS)
+    rows = [{"query": PARITY_TEXTS[i], "document": PARITY_TEXTS[(i + 1) % n], "qid": f"q{i}", "did": f"d{i}"}
+            for i in range(n)]
+    source = tmp_path / "tricky.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "pairs"
+    stats = make_pairs(["--input", str(source), "--format", "pairs", "--output", str(out),
+                        "--query-id-column", "qid", "--document-id-column", "did", "--validation-fraction", "0",
+                        "--num-buckets", str(FEATURES.num_buckets), "--max-chars", str(FEATURES.max_chars)])
+    assert (stats["written"], stats["rejected"]) == (n, 0)
+
+    spec = {f"{side}_{key}": tf.io.VarLenFeature(dtype) for side in ("query", "document")
+            for key, dtype in (("ids", tf.int64), ("counts", tf.float32))}
+    spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in ("query_id", "query_text", "document_text")})
+    shard_bags = {}  # text -> (ids, counts) as written by the pipeline
+    for path in sorted(out.glob("train-*.tfrecord.gz")):
+        for record in tf.data.TFRecordDataset(str(path), compression_type="GZIP"):
+            example = tf.io.parse_single_example(record, spec)
+            i = int(example["query_id"].numpy().decode()[1:])
+            for side, text in (("query", PARITY_TEXTS[i]), ("document", PARITY_TEXTS[(i + 1) % n])):
+                assert example[f"{side}_text"].numpy().decode() == text  # the raw text, untouched
+                shard_bags.setdefault(side, {})[text] = (example[f"{side}_ids"].values.numpy(),
+                                                         example[f"{side}_counts"].values.numpy())
+    assert set(shard_bags["query"]) == set(shard_bags["document"]) == set(PARITY_TEXTS)
+
+    encoder = load_encoder(model_dir)
+    saved = encoder.featurize(PARITY_TEXTS)
+    for text, (ids, counts) in zip(PARITY_TEXTS, saved, strict=True):
+        for side in ("query", "document"):
+            shard_ids, shard_counts = shard_bags[side][text]
+            assert ids.dtype == np.int64 and counts.dtype == np.float32
+            np.testing.assert_array_equal(ids, shard_ids, err_msg=repr(text[:40]))  # same ids, same order
+            np.testing.assert_array_equal(counts, shard_counts, err_msg=repr(text[:40]))
+        assert len(ids) > 0 and ids.min() >= 0 and ids.max() < FEATURES.num_buckets
+
+    # And those bags are what the SavedModel's towers embed: the shards' bags fed to the in-memory
+    # towers give the signatures' embeddings of the raw texts.
+    bags = [shard_bags["query"][t] for t in PARITY_TEXTS]
+    ragged_ids = tf.ragged.constant([b[0] for b in bags], dtype=tf.int64)
+    ragged_counts = tf.ragged.constant([b[1] for b in bags], dtype=tf.float32)
+    for tower, embed in ((model.query_tower, encoder.embed_queries), (model.document_tower, encoder.embed_documents)):
+        np.testing.assert_allclose(embed(PARITY_TEXTS), tower((ragged_ids, ragged_counts)).numpy(), atol=1e-5)
+
+
+def test_featurize_signature_pads_rows_and_refuses_a_single_string(exported: tuple) -> None:
+    _, model_dir, _ = exported
+    encoder = load_encoder(model_dir)
+    out = encoder._featurize(texts=tf.constant(["a", "a much longer text with many words", ""]))  # noqa: SLF001
+    lengths = out["lengths"].numpy()
+    assert lengths[2] == 0 and lengths[0] < lengths[1] == out["ids"].shape[1]
+    assert (out["ids"].numpy()[0, lengths[0]:] == -1).all() and (out["counts"].numpy()[0, lengths[0]:] == 0).all()
+    assert encoder.featurize([]) == []
+    with pytest.raises(InputError, match="single str"):
+        encoder.featurize("one string")
