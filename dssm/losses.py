@@ -25,7 +25,9 @@ the ``[batch]`` per-row losses. CoSENT is a loss over all pairs of the batch and
 
 The registry :data:`LOSSES` maps each ``--loss`` name to a :class:`LossSpec` (function, which inputs
 it needs, which :class:`LossConfig` fields it reads); :func:`get_loss` binds a config's
-hyperparameters to the function.
+hyperparameters to the function. The temperature is not in :class:`LossConfig`: it is
+``ModelConfig.temperature`` (it predates this module, is in every saved model's config and has one
+``--temperature`` flag), passed to :func:`get_loss` / :class:`RetrievalLoss` by the model.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "LOSSES",
     "LOSS_NAMES",
     "get_loss",
+    "loss_help",
     "similarity_matrix",
     "pair_cosines",
     "negative_mask",
@@ -78,12 +81,12 @@ DEFAULT_CIRCLE_GAMMA = 256.0
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Hyperparameters of every loss (each loss reads only its own). Saved with the training config."""
+    """Hyperparameters of the losses (each loss reads only its own). Saved as ``config.json["loss"]``.
 
-    temperature: float = field(
-        DEFAULT_TEMPERATURE,
-        "softmax / contrastive / simcse temperature on cosine scores (DSSM's smoothing factor gamma is "
-        "1/temperature); 0.05 is SimCSE's value (Gao et al. 2021)")
+    Which loss trains is ``ModelConfig.loss``; the softmax / contrastive / simcse temperature is
+    ``ModelConfig.temperature``.
+    """
+
     margin: float = field(
         DEFAULT_MARGIN,
         "triplet / hard-negative margin alpha on cosine similarity: a negative is penalised until it is "
@@ -103,8 +106,6 @@ class LossConfig:
         "contrastive); the trainer passes the probabilities, estimated from document frequency")
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not self.margin >= 0:
             raise ConfigError(f"margin must be >= 0, got {self.margin}")
         if not self.cosent_scale > 0:
@@ -544,7 +545,8 @@ class LossSpec:
             texts through the tower twice with dropout on;
             ``"classifier"``: ``fn(logits [batch, num_classes], labels [batch], *, reduction=)`` with
             logits from ``PairClassifier(config.num_classes)((q, d))``.
-        hyperparameters: ``(function keyword, LossConfig field)`` pairs that :func:`get_loss` binds.
+        hyperparameters: ``(function keyword, LossConfig field)`` pairs that :func:`get_loss` binds;
+            the field ``"temperature"`` stands for the temperature passed to :func:`get_loss`.
         logq: whether the loss accepts ``candidate_sampling_probability`` (logQ correction).
         summary: one line for ``--help`` and docs.
     """
@@ -560,21 +562,21 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec for spec in (
         LossSpec("softmax", softmax_loss, "scores", (("temperature", "temperature"),), True,
-                 "DSSM/InfoNCE in-batch softmax with temperature, accidental hits masked, optional logQ"),
+                 "DSSM/InfoNCE in-batch softmax with --temperature, accidental hits masked, optional logQ"),
         LossSpec("triplet", triplet_loss, "scores", (("margin", "margin"),), False,
-                 "max(s(A,N) - s(A,P) + margin, 0) averaged over all in-batch negatives"),
+                 "max(s(A,N) - s(A,P) + margin, 0) averaged over all in-batch negatives (--margin)"),
         LossSpec("hard-negative", hard_negative_loss, "scores", (("margin", "margin"),), False,
-                 "L1 (mean negative) + L2 (closest negative below the positive) hinge losses"),
+                 "L1 (mean negative) + L2 (closest negative below the positive) hinge losses (--margin)"),
         LossSpec("cosent", cosent_loss, "graded", (("scale", "cosent_scale"),), False,
-                 "CoSENT ranking loss on graded pairs (STS scores or 0/1 labels)"),
+                 "CoSENT ranking loss on labelled pairs (STS scores or 0/1; label-0 rows kept)"),
         LossSpec("circle", circle_loss, "scores", (("m", "circle_m"), ("gamma", "circle_gamma")), False,
-                 "Circle loss (Sun et al. 2020) on the in-batch scores"),
+                 "Circle loss (Sun et al. 2020) on the in-batch scores (--circle-m, --circle-gamma)"),
         LossSpec("contrastive", contrastive_loss, "scores+negatives", (("temperature", "temperature"),), True,
-                 "in-batch softmax plus each query's explicit negatives (e.g. Quora non-duplicates)"),
+                 "in-batch softmax plus explicit negatives (needs `dssm pairs --negatives-as-third-input`)"),
         LossSpec("simcse", simcse_loss, "views", (("temperature", "temperature"),), False,
-                 "unsupervised SimCSE: two dropout views of the same text are the positive pair"),
+                 "label-free SimCSE: two dropout views of each query text (--dropout, 0.1 if unset)"),
         LossSpec("classifier", classifier_loss, "classifier", (), False,
-                 "Sentence-BERT softmax classifier over [u, v, |u-v|] on labelled pairs"),
+                 "Sentence-BERT classifier over [u, v, |u-v|] on 0/1 pairs (head not exported)"),
     )
 }
 
@@ -588,11 +590,24 @@ def _spec(name: str) -> LossSpec:
         raise ConfigError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}") from None
 
 
-def get_loss(name: str, *, config: LossConfig | None = None) -> Callable[..., tf.Tensor]:
+def loss_help() -> str:
+    """The ``--loss`` choices, one per line (``name  summary``), for ``dssm train --help``."""
+    width = max(len(name) for name in LOSS_NAMES)
+    return "\n".join(f"  {name:<{width}}  {spec.summary}" for name, spec in LOSSES.items())
+
+
+def get_loss(name: str, *, config: LossConfig | None = None,
+             temperature: float = DEFAULT_TEMPERATURE) -> Callable[..., tf.Tensor]:
     """The loss function ``name`` with ``config``'s hyperparameters bound as keyword defaults.
 
     The result still takes every tensor argument listed for its ``LossSpec.inputs``; a bound
     hyperparameter can be overridden per call by keyword.
+
+    Args:
+        name: a key of :data:`LOSSES`.
+        config: the margins and scales; defaults when None.
+        temperature: bound for the losses that take one (softmax, contrastive, simcse); the model
+            passes ``ModelConfig.temperature``.
 
     Raises:
         ConfigError: ``name`` is not in :data:`LOSSES` (the message lists the known names), or
@@ -603,14 +618,17 @@ def get_loss(name: str, *, config: LossConfig | None = None) -> Callable[..., tf
     if config.logq_correction and not spec.logq:
         with_logq = [n for n, s in LOSSES.items() if s.logq]
         raise ConfigError(f"logq_correction is not available for loss {name!r}; only for {with_logq}")
-    bound = {keyword: getattr(config, attribute) for keyword, attribute in spec.hyperparameters}
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    bound = {keyword: temperature if attribute == "temperature" else getattr(config, attribute)
+             for keyword, attribute in spec.hyperparameters}
     return functools.partial(spec.function, **bound)
 
 
 class RetrievalLoss:
     """A score-matrix loss behind ``tfrs.tasks.Retrieval``'s call signature (``dssm.model.PairLoss``).
 
-    ``DSSMModel(config, feature_config=..., loss=RetrievalLoss("triplet", config=loss_config))``.
+    ``DSSMModel`` builds one for every score-matrix loss (``ModelConfig.loss``).
     Scores are ``query_embeddings @ candidate_embeddings^T`` (the towers L2-normalise). Candidates past
     the batch (explicit negatives appended by the model, other replicas' documents) are negatives for
     every row unless ``score_mask`` drops them, so ``contrastive`` here is the in-batch softmax with the
@@ -620,12 +638,14 @@ class RetrievalLoss:
     Args:
         name: one of the losses whose ``inputs`` are ``"scores"`` or ``"scores+negatives"``.
         config: hyperparameters.
+        temperature: for softmax / contrastive (``ModelConfig.temperature``).
 
     Raises:
         ConfigError: unknown name, or a loss that needs other inputs (cosent, simcse, classifier).
     """
 
-    def __init__(self, name: str, *, config: LossConfig | None = None) -> None:
+    def __init__(self, name: str, *, config: LossConfig | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE) -> None:
         spec = _spec(name)
         if spec.inputs not in ("scores", "scores+negatives"):
             usable = [n for n, s in LOSSES.items() if s.inputs in ("scores", "scores+negatives")]
@@ -634,7 +654,8 @@ class RetrievalLoss:
         self.name = name
         self.config = config if config is not None else LossConfig()
         # contrastive on the model's layout (explicit negatives as extra columns) is exactly softmax.
-        self._function = get_loss("softmax" if name == "contrastive" else name, config=self.config)
+        self._function = get_loss("softmax" if name == "contrastive" else name, config=self.config,
+                                  temperature=temperature)
         self._logq = spec.logq
 
     def __call__(self, query_embeddings: tf.Tensor, candidate_embeddings: tf.Tensor, *,

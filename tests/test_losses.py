@@ -127,7 +127,7 @@ def test_softmax_matches_tfrs_retrieval():
         loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
         temperature=0.1, remove_accidental_hits=True)
     expected = task(q, d, candidate_ids=ids, compute_metrics=False, compute_batch_metrics=False)
-    ours = RetrievalLoss("softmax", config=LossConfig(temperature=0.1))
+    ours = RetrievalLoss("softmax", temperature=0.1)
     close(ours(q, d, candidate_ids=ids), float(expected), 1e-4)
 
 
@@ -275,7 +275,7 @@ def test_contrastive_equals_retrieval_loss_on_the_models_layout():
     mask = tf.broadcast_to(present[tf.newaxis, :], [4, 8])
     full = similarity_matrix(q, docs)
     direct = contrastive_loss(full[:, :4], full[:, 4:], negative_mask=mask[:, 4:], temperature=0.2, reduction="sum")
-    adapter = RetrievalLoss("contrastive", config=LossConfig(temperature=0.2))
+    adapter = RetrievalLoss("contrastive", temperature=0.2)
     close(adapter(q, docs, score_mask=mask), float(direct), 1e-5)
 
 
@@ -414,7 +414,7 @@ def test_other_losses_gradients_finite():
 def test_losses_inside_tf_function_with_dynamic_shapes():
     spec = [tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.string)]
     for name in SCORE_LOSSES:
-        fn = get_loss(name, config=LossConfig(temperature=0.5, margin=0.3, circle_gamma=4.0))
+        fn = get_loss(name, config=LossConfig(margin=0.3, circle_gamma=4.0), temperature=0.5)
         graph = tf.function(lambda s, k, fn=fn: fn(s, keys=k), input_signature=spec)
         keys = tf.constant(["a", "b", "a"])
         close(graph(scores(), keys), float(fn(scores(), keys=keys)), 1e-6)
@@ -436,11 +436,12 @@ def test_softmax_compiles_with_xla_on_integer_keys():
 def test_every_loss_compiles_with_xla():
     # --xla compiles the whole train step; every loss must be XLA-compatible (int keys, asserts).
     keys = tf.constant([7, 9, 7], tf.int64)
-    config = LossConfig(temperature=0.5, margin=0.3, circle_gamma=4.0)
+    config = LossConfig(margin=0.3, circle_gamma=4.0)
     def with_keys(fn, s, k):
         return fn(s, keys=k)
 
-    cases = {name: functools.partial(with_keys, get_loss(name, config=config)) for name in SCORE_LOSSES}
+    cases = {name: functools.partial(with_keys, get_loss(name, config=config, temperature=0.5))
+             for name in SCORE_LOSSES}
     cases["contrastive"] = lambda s, k: contrastive_loss(
         s, tf.constant([0.7, 0.2, 0.95]), negative_mask=tf.constant([True, True, False]), temperature=0.5, keys=k,
         negative_keys=tf.constant([1, 2, 3], tf.int64))
@@ -523,14 +524,22 @@ def test_registry_names_and_get_loss_binds_config():
     for name, spec in LOSSES.items():
         assert spec.name == name and spec.summary
         for _, attribute in spec.hyperparameters:
-            assert hasattr(LossConfig(), attribute)
+            assert attribute == "temperature" or hasattr(LossConfig(), attribute)
     close(get_loss("triplet", config=LossConfig(margin=0.3))(scores()), 0.95 / 3, 1e-6)
     close(get_loss("hard-negative", config=LossConfig(margin=0.3))(scores()), 1.3 / 3, 1e-6)
     close(get_loss("circle", config=LossConfig(circle_m=0.25, circle_gamma=4.0))(scores()), 2.9421)
     close(get_loss("cosent", config=LossConfig(cosent_scale=20.0))(tf.constant([0.6, 0.7, 0.5]),
                                                                    tf.constant([5.0, 1.0, 3.0])), 4.1451)
-    # The bound value is a default that a call may override.
-    close(get_loss("softmax")(scores(), temperature=0.5), 1.1317)
+    # The temperature is bound from get_loss's argument (the model passes ModelConfig.temperature) ...
+    close(get_loss("softmax", temperature=0.5)(scores()), 1.1317)
+    close(get_loss("simcse", temperature=0.05)(tf.constant([[3.0, 0.0], [0.0, 3.0], [1.8, 2.4]]),
+                                               tf.constant([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])),
+          (0.000335 + 4.018150 + 4.018479) / 3)
+    # ... and a bound value is a default that a call may override.
+    close(get_loss("softmax", temperature=0.2)(scores(), temperature=0.5), 1.1317)
+    # Every loss has a one-line --help entry.
+    lines = losses.loss_help().splitlines()
+    assert [line.split()[0] for line in lines] == list(LOSS_NAMES)
 
 
 def test_bad_names_and_values_raise_config_error():
@@ -543,7 +552,7 @@ def test_bad_names_and_values_raise_config_error():
     with pytest.raises(ConfigError, match="logq_correction.*'triplet'"):
         get_loss("triplet", config=LossConfig(logq_correction=True))
     with pytest.raises(ConfigError, match="temperature must be > 0, got 0"):
-        LossConfig(temperature=0.0)
+        get_loss("softmax", temperature=0.0)
     with pytest.raises(ConfigError, match="circle_m must be in"):
         LossConfig(circle_m=1.5)
     with pytest.raises(ConfigError, match="'avg'"):
@@ -556,10 +565,10 @@ def test_bad_names_and_values_raise_config_error():
 
 
 def test_loss_config_round_trips_and_makes_flags():
-    config = LossConfig(temperature=0.1, circle_gamma=64.0, logq_correction=True)
+    config = LossConfig(margin=0.1, circle_gamma=64.0, logq_correction=True)
     assert config_from_dict(LossConfig, config_to_dict(config)) == config
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, LossConfig, prefix="loss-")
     args = parser.parse_args(["--loss-margin", "0.4", "--loss-logq-correction"])
     assert config_from_args(LossConfig, args, prefix="loss-") == LossConfig(margin=0.4, logq_correction=True)
-    assert losses.LossConfig().circle_gamma == 256.0 and losses.LossConfig().temperature == 0.05
+    assert losses.LossConfig().circle_gamma == 256.0 and not hasattr(LossConfig(), "temperature")
