@@ -1,0 +1,169 @@
+"""query: text → top-10 latency, in process and over HTTP (1, 8, 64 clients), beside bm25s on the same corpus.
+
+Corpus: quora-dev's 19,056 questions (quick: the first 2,000), indexed as ``dssm index`` would
+(``serving.index.build_index``: exact ScaNN under 20k documents, doc store, BM25 state) with the
+default-shape model exported with its initial weights (latency does not depend on the weights).
+Queries: quora-dev's 4,709 query texts, the same for every system.
+
+* in process: :func:`bench.load_test.in_process` (``Searcher.search(text, k=10)``, one query at a
+  time: featurize + query tower + ScaNN + doc store);
+* over HTTP: ``dssm serve`` on loopback in a child process, :func:`bench.load_test.http_scenario`'s
+  closed-loop clients (1, 8, 64), single-query ``POST /v1/search``; the peer is the in-process figure,
+  so the ratio is what HTTP and concurrency add;
+* bm25s: the same corpus indexed by ``bm25s`` as its README does it (``bm25s.tokenize`` with English
+  stop words and the Snowball stemmer, ``BM25().index``), one query at a time, tokenize + ``retrieve(k=10)``
+  on one thread.
+
+Every scenario runs ``repeats`` times after a warm-up (each run bounded by a request count and
+seconds); a figure is the median of the runs' p50 (or p99), with min and max.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.harness import DATASETS, Figure, Stats, corpus_texts, export_untrained_model
+
+__all__ = ["run", "bm25s_latencies", "start_server"]
+
+CLIENTS = (1, 8, 64)
+
+
+def _queries() -> list[str]:
+    with open(DATASETS / "quora-dev" / "queries.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle if line.strip()]
+
+
+def bm25s_latencies(texts: list[str], queries: list[str], *, requests: int, seconds: float,
+                    repeats: int) -> list[tuple[float, float]]:
+    """``(p50_ms, p99_ms)`` of single bm25s queries (tokenize + retrieve top 10), per run, after a warm-up."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    k = min(10, len(texts))
+
+    def search(query: str) -> Any:
+        tokens = bm25s.tokenize([query], stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+        return retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+
+    for q in queries[:50]:
+        search(q)
+    runs = []
+    for repeat in range(repeats):
+        latencies, start, i = [], time.perf_counter(), repeat * requests
+        while len(latencies) < requests and time.perf_counter() - start < seconds:
+            tick = time.perf_counter()
+            search(queries[i % len(queries)])
+            latencies.append(time.perf_counter() - tick)
+            i += 1
+        ms = np.asarray(latencies) * 1e3
+        runs.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
+    return runs
+
+
+def start_server(index_dir: Path, port: int) -> subprocess.Popen:
+    """``dssm serve`` on 127.0.0.1:``port`` in a child process, returned once ``/readyz`` answers 200.
+
+    A thin adapter: bench/load_test.py starts its server inside ``main`` from its parsed flags.
+    """
+    import httpx
+
+    dssm_bin = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
+    server = subprocess.Popen([dssm_bin, "serve", "--index", str(index_dir), "--port", str(port),
+                               "--log-level", "warning", "--max-in-flight", "64"], env=dict(os.environ))
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"dssm serve did not become ready (exit code {server.poll()})")
+        time.sleep(0.2)
+
+
+def _stats(rows: list[dict[str, Any]], key: str) -> Stats:
+    return Stats.of([r[key] for r in rows])
+
+
+def run(*, quick: bool) -> list[Figure]:
+    """In-process and HTTP latency of our search, and bm25s's, on one corpus and one query set."""
+    import dssm  # noqa: F401
+    from bench import load_test
+    from dssm.export import load_encoder
+    from serving.index import build_index
+
+    docs = 2_000 if quick else None
+    repeats = 2 if quick else 3
+    requests, seconds = (200, 3.0) if quick else (2000, 10.0)
+    ids, texts = corpus_texts("quora-dev", docs)
+    queries = _queries()
+    work = Path(tempfile.mkdtemp(prefix="bench-query-"))
+    server = None
+    try:
+        model_dir = export_untrained_model(work / "model")
+        embeddings = load_encoder(model_dir).embed_documents(texts)
+        build_index(work / "index", embeddings=embeddings, ids=ids, texts=texts, model_dir=model_dir)
+        rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=32,
+                                    repeats=repeats)
+        single = [r for r in rows if r["scenario"] == "in-process single"]
+        print(f"  in process: {json.dumps(single)}", flush=True)
+        bm25 = bm25s_latencies(texts, queries, requests=requests, seconds=seconds, repeats=repeats)
+        print(f"  bm25s: {bm25}", flush=True)
+
+        port = load_test._free_port()  # noqa: SLF001 - the load test's own helper
+        server = start_server(work / "index", port)
+        asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=4, batch=1, requests=300,
+                                            seconds=5))  # warm-up
+        http: dict[int, list[dict[str, Any]]] = {c: [] for c in CLIENTS}
+        for repeat in range(repeats):
+            for clients in CLIENTS:
+                row = asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=clients, batch=1,
+                                                          requests=requests, seconds=seconds,
+                                                          server_pid=server.pid, seed=repeat))
+                print(f"  http: {json.dumps(row)}", flush=True)
+                if not row["requests"] or row["errors"]:
+                    raise RuntimeError(f"HTTP scenario with {clients} clients failed: {row}")
+                http[clients].append(row)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    corpus = f"{len(texts):,} quora-dev questions"
+    bm25_name = "bm25s (stemmed, stop words), tokenize + retrieve, 1 thread"
+    figures = [
+        Figure("query", f"text → top-10 in process, p50, {corpus}", "ms", _stats(single, "p50_ms"), bm25_name,
+               Stats.of([p50 for p50, _ in bm25]), higher_is_better=False,
+               note="Searcher.search: featurize + query tower + ScaNN (exact) + doc store"),
+        Figure("query", f"text → top-10 in process, p99, {corpus}", "ms", _stats(single, "p99_ms"), bm25_name,
+               Stats.of([p99 for _, p99 in bm25]), higher_is_better=False),
+    ]
+    for clients in CLIENTS:
+        rows_c = http[clients]
+        qps = Stats.of([r["queries_per_s"] for r in rows_c])
+        shed = sum(r["shed_429"] for r in rows_c)
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            figures.append(Figure(
+                "query", f"text → top-10 over HTTP, {clients} client{'s' if clients > 1 else ''}, {label}", "ms",
+                _stats(rows_c, key), f"in process, {label}", _stats(single, key), higher_is_better=False,
+                note=f"{qps.median:,.0f} queries/s" + (f", {shed} answered 429" if shed else "")
+                if key == "p50_ms" else ""))
+    return figures

@@ -1,0 +1,160 @@
+"""The benchmark harness (``python -m bench``): results files, README table, the PyTorch reference, a quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.harness import README_END, README_START, SCHEMA, Figure, Stats, update_readme, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ("featurize", "train", "encode", "index", "query", "quality")
+
+
+def _figure(part: str, ours: list[float], peer: list[float] | None, *, higher: bool = True) -> Figure:
+    return Figure(part, f"{part} figure", "x/s", Stats.of(ours), "peer" if peer else None,
+                  Stats.of(peer) if peer else None, higher_is_better=higher)
+
+
+def _check_schema(data: dict, *, quick: bool) -> None:
+    assert data["schema"] == SCHEMA and data["quick"] is quick
+    machine = data["machine"]
+    for key in ("cpu", "cores", "memory_gb", "python", "commit", "load_average", "versions"):
+        assert key in machine, key
+    assert machine["cores"] >= 1 and machine["versions"]["tensorflow"]
+    for figure in data["figures"]:
+        assert figure["part"] in data["parts"]
+        for stats in [figure["ours"]] + ([figure["peer"]] if figure["peer"] else []):
+            assert set(stats) == {"median", "min", "max", "runs"}
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["runs"] >= 1
+        if figure["peer"] and figure["peer"]["median"]:
+            assert figure["ratio"] == pytest.approx(figure["ours"]["median"] / figure["peer"]["median"])
+        else:
+            assert figure["ratio"] is None
+    for meta in data["parts"].values():
+        assert {"time", "seconds", "load_average", "commit", "error"} <= set(meta)
+
+
+def test_stats_of_is_median_min_max() -> None:
+    assert Stats.of([3.0, 1.0, 2.0, 10.0]) == Stats(2.5, 1.0, 10.0, 4)
+    assert Stats.one(4.0) == Stats(4.0, 4.0, 4.0, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        Stats.of([])
+
+
+def test_write_results_keeps_other_parts_and_reports_ratios(tmp_path: Path) -> None:
+    first = write_results([_figure("train", [10, 20, 30], [5, 5, 5]), _figure("query", [2.0], [4.0], higher=False)],
+                          out_dir=tmp_path, quick=False, errors={},
+                          parts={"train": {"time": "t1", "seconds": 1.0, "load_average": [1, 1, 1]},
+                                 "query": {"time": "t1", "seconds": 2.0, "load_average": [1, 1, 1]}}, order=ORDER)
+    _check_schema(first, quick=False)
+    assert [f["ratio"] for f in first["figures"]] == [4.0, 0.5]
+    # Re-running one part replaces its figures and keeps the others' (in the parts' order).
+    second = write_results([_figure("featurize", [7], None)], out_dir=tmp_path, quick=False,
+                           errors={"train": "RuntimeError: boom"},
+                           parts={"train": {"time": "t2", "seconds": 3.0, "load_average": [2, 2, 2]},
+                                  "featurize": {"time": "t2", "seconds": 4.0, "load_average": [2, 2, 2]}}, order=ORDER)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == second
+    _check_schema(on_disk, quick=False)
+    assert [f["part"] for f in on_disk["figures"]] == ["featurize", "query"]
+    assert on_disk["parts"]["train"]["error"] == "RuntimeError: boom" and on_disk["errors"] == {
+        "train": "RuntimeError: boom"}
+    assert on_disk["parts"]["query"]["time"] == "t1"
+    table = (tmp_path / "results.md").read_text()
+    assert "| query | query figure | 2.00 x/s | peer | 4.00 x/s | 0.50× (ours better) |" in table
+    assert "| train | **failed**: RuntimeError: boom |" in table
+    # A quick run into the same directory does not mix with the full run's figures.
+    third = write_results([_figure("train", [1], [1])], out_dir=tmp_path, quick=True, errors={},
+                          parts={"train": {"time": "t3", "seconds": 1.0, "load_average": [0, 0, 0]}}, order=ORDER)
+    assert [f["part"] for f in third["figures"]] == ["train"]
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    assert update_readme(readme, "| new | table |\n", command="make bench")
+    text = readme.read_text()
+    assert "old table" not in text and "| new | table |" in text
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, "| t |", command="make bench")
+    assert plain.read_text() == "no markers\n"
+
+
+@pytest.mark.slow
+def test_torch_reference_is_the_same_model_as_dssm_model() -> None:
+    """With the TF model's weights copied in, the PyTorch reference gives the same embeddings and loss."""
+    torch = pytest.importorskip("torch")
+    import dssm  # noqa: F401
+    from dssm.features import FeatureConfig, Featurizer
+    from dssm.model import DSSMModel, ModelConfig
+
+    import tensorflow as tf  # noqa: E402  isort: skip
+
+    from bench import torch_reference as ref
+
+    tf.keras.utils.set_random_seed(1)
+    features = FeatureConfig(num_buckets=997)
+    config = ModelConfig(embedding_dim=12, hidden_dims=(10, 6))
+    model = DSSMModel(config, feature_config=features)
+    pairs = [("how do i learn python", "best way to learn python", "d1"),
+             ("what is the capital of france", "paris is the capital of which country", "d2"),
+             ("how to lose weight fast", "quick weight loss tips", "d3"),
+             ("why is python popular", "best way to learn python", "d1")]  # d1 twice: an accidental hit
+    featurizer = Featurizer(features)
+    q_ids, q_counts = featurizer.bags(tf.constant([p[0] for p in pairs]))
+    d_ids, d_counts = featurizer.bags(tf.constant([p[1] for p in pairs]))
+    batch = {"query_ids": q_ids, "query_counts": q_counts, "document_ids": d_ids, "document_counts": d_counts,
+             "document_id": tf.constant([p[2] for p in pairs])}
+    tf_loss = float(model.compute_loss(batch))
+    tower = model.query_tower
+
+    net = ref.TorchDSSM(num_buckets=features.num_buckets, embedding_dim=config.embedding_dim,
+                        hidden_dims=config.hidden_dims, init_stddev=config.embedding_init_stddev)
+    with torch.no_grad():
+        net.bag.weight.copy_(torch.from_numpy(tower.bag.table.numpy()))
+        net.bias.copy_(torch.from_numpy(tower.bag_bias.numpy()))
+        for layer, dense in zip(net.dense, tower.hidden, strict=True):
+            layer.weight.copy_(torch.from_numpy(dense.kernel.numpy().T))
+            layer.bias.copy_(torch.from_numpy(dense.bias.numpy()))
+    (torch_batch,) = ref.make_batches(pairs, featurizer=featurizer, batch_size=len(pairs))
+    out = net(torch_batch.ids, torch_batch.offsets, torch_batch.weights).detach().numpy()
+    np.testing.assert_allclose(out[:4], tower((q_ids, q_counts)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[4:], tower((d_ids, d_counts)).numpy(), rtol=1e-4, atol=1e-5)
+    loss = float(ref.loss_fn(net, torch_batch, temperature=config.temperature).detach())
+    assert loss == pytest.approx(tf_loss, rel=1e-4)
+    # Without the mask the duplicate document counts as a negative and the loss changes.
+    unmasked = ref.TorchBatch(torch_batch.ids, torch_batch.offsets, torch_batch.weights, torch.arange(4))
+    assert float(ref.loss_fn(net, unmasked, temperature=config.temperature).detach()) > tf_loss + 0.01
+    # One step: the table's gradient is sparse (Adagrad then updates only the touched rows).
+    optimizer = ref.make_optimizer(net, learning_rate=0.05)
+    before = net.bag.weight.detach().clone()
+    ref.train_step(net, optimizer, torch_batch, temperature=config.temperature)
+    assert net.bag.weight.grad.is_sparse
+    changed = torch.nonzero((net.bag.weight.detach() != before).any(dim=1)).flatten().numpy()
+    assert set(changed.tolist()) == set(torch_batch.ids.numpy().tolist())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results(tmp_path: Path) -> None:
+    """``python -m bench --quick`` on two cheap parts writes both files with the schema and every figure."""
+    done = subprocess.run([sys.executable, "-m", "bench", "--part", "query", "quality", "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    _check_schema(data, quick=True)
+    assert set(data["parts"]) == {"query", "quality"} and data["errors"] == {}
+    names = [f["name"] for f in data["figures"]]
+    assert any("over HTTP, 64 clients, p99" in n for n in names)
+    assert any(n.startswith("ndcg@10 hybrid, adi") for n in names)
+    query = [f for f in data["figures"] if f["part"] == "query"]
+    assert all(f["unit"] == "ms" and f["peer"] and f["ours"]["runs"] == 2 for f in query)
+    table = (tmp_path / "results.md").read_text()
+    assert sum(line.startswith(("| query |", "| quality |")) for line in table.splitlines()) == len(names) + 2
