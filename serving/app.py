@@ -7,8 +7,8 @@ Endpoints (all JSON; the OpenAPI document is served at ``/openapi.json`` and che
 - ``POST /v1/search:batch`` ``{"queries", "k", "mode"}`` → ``{"version", "results": [[hit, ...], ...]}``
 - ``POST /v1/similarity`` ``{"text1", "text2"}`` → ``{"version", "cosine", "is_duplicate", "threshold"}``
 - ``GET /v1/documents/{id}`` → ``{"version", "document": {"id", "title", "text"}}``
-- ``PUT /v1/documents`` ``{"documents": [{"id", "text", "title"?}]}`` and ``DELETE /v1/documents/{id}``
-  (API key required) → ``{"version", "upserted", "deleted"}``
+- ``PUT /v1/documents`` ``{"documents": [{"id", "text", "title"?}]}``, ``DELETE /v1/documents/{id}`` and
+  ``POST /v1/documents:delete`` ``{"ids": [...]}`` (API key required) → ``{"version", "upserted", "deleted"}``
 - ``GET /healthz``, ``GET /readyz`` (503 until an index is loaded), ``GET /metrics`` (Prometheus)
 
 Every error is ``{"error": reason, "status": code, "details": [...]}``. Before a request reaches
@@ -58,6 +58,7 @@ from serving.schemas import (
     MAX_ID_CHARS,
     BatchSearchRequest,
     BatchSearchResponse,
+    DeleteRequest,
     DocumentOut,
     DocumentResponse,
     ErrorResponse,
@@ -465,6 +466,13 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
                                f"(got {doc_id[:80]!r})")
         version = await run(backend.delete, [doc_id])
         return WriteResponse(version=version, deleted=1)
+
+    @app.post("/v1/documents:delete", response_model=WriteResponse, responses=_WRITE_ERRORS, tags=["documents"],
+              openapi_extra={"security": [{_SECURITY_SCHEME: []}]})
+    async def delete_many(body: DeleteRequest) -> WriteResponse:
+        """Delete several documents in one new index version; all ids must exist, or nothing is deleted (404)."""
+        version = await run(backend.delete, list(body.ids))
+        return WriteResponse(version=version, deleted=len(body.ids))
 
     def custom_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
 from serving.index import current_version_dir
+from serving.searcher import DocumentNotFoundError  # the HTTP layer answers 404
 
 __all__ = [
     "DUPLICATE_THRESHOLD_KEY",
@@ -71,10 +72,6 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 class NotReadyError(DSSMError):
     """No index version is loaded yet (the HTTP layer answers 503)."""
-
-
-class DocumentNotFoundError(IndexNotFoundError):
-    """A document id is not in the live index version (the HTTP layer answers 404)."""
 
 
 class ModeNotAvailableError(DSSMError):
@@ -500,19 +497,10 @@ class Backend:
             DocumentNotFoundError: no such id in the live version.
         """
         snap = self.current()
-        own = getattr(snap.searcher, "get_document", None)
-        if own is not None:
-            try:
-                doc = own(doc_id)
-            except (KeyError, IndexNotFoundError) as exc:
-                raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}") from exc
-        else:
-            docs = snap.searcher.index.docs
-            row = docs.row_of(doc_id)
-            doc = None if row is None else docs.get([row])[0]
-        if doc is None:
-            raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}")
-        return snap.version, doc
+        try:
+            return snap.version, snap.searcher.get_document(doc_id)
+        except KeyError as exc:  # DocumentNotFoundError, or a KeyError from another searcher type
+            raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}") from exc
 
     # ---------------------------------------------------------------------------------------------
     # Writes (the incremental update path of the index; each publishes a new version)
@@ -549,12 +537,22 @@ class Backend:
         """Delete documents by id; returns the new live version.
 
         Raises:
+            InputError: no ids, or an id appears twice.
             DocumentNotFoundError: an id is not in the live version (nothing is deleted).
         """
+        if not doc_ids:
+            raise InputError("no document ids to delete")
+        seen: set[str] = set()
+        for doc_id in doc_ids:
+            if doc_id in seen:
+                raise InputError(f"document id {doc_id!r} appears twice in one delete")
+            seen.add(doc_id)
+
         def all_present(snap: Snapshot) -> None:
-            docs = snap.searcher.index.docs
             for doc_id in doc_ids:
-                if docs.row_of(doc_id) is None:
-                    raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}")
+                try:
+                    snap.searcher.get_document(doc_id)
+                except KeyError as exc:
+                    raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {snap.version}") from exc
 
         return self._write("delete", list(doc_ids), check=all_present)

@@ -321,15 +321,23 @@ class SearchClient:
         return WriteResult(version=body["version"], upserted=body["upserted"], deleted=body["deleted"])
 
     def delete(self, doc_ids: str | Sequence[str]) -> WriteResult:
-        """Delete one document or several (one request each); returns the last new index version."""
-        ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
-        if not ids:
-            raise BadRequestError("delete needs at least one document id")
-        deleted, body = 0, None
-        for doc_id in ids:
-            body = self._request("DELETE", f"/v1/documents/{_quote(doc_id)}")
-            deleted += body["deleted"]
-        return WriteResult(version=body["version"], upserted=0, deleted=deleted)
+        """Delete one document (``DELETE /v1/documents/{id}``) or several in one request and one new
+        index version (``POST /v1/documents:delete``); all must exist, or nothing is deleted.
+
+        Raises:
+            NotFoundError: an id is not in the index (nothing was deleted).
+            BadRequestError: no ids, a blank id, or an id given twice.
+        """
+        if isinstance(doc_ids, str):
+            body = self._request("DELETE", f"/v1/documents/{_quote(doc_ids)}")
+        else:
+            ids = list(doc_ids)
+            if not ids:
+                raise BadRequestError("delete needs at least one document id")
+            for doc_id in ids:
+                _quote(doc_id)  # the same local check as for one id
+            body = self._request("POST", "/v1/documents:delete", json={"ids": ids})
+        return WriteResult(version=body["version"], upserted=0, deleted=body["deleted"])
 
     # ---------------------------------------------------------------------------------------------
     # Service

@@ -28,6 +28,7 @@ __all__ = [
     "SimilarityRequest",
     "DocumentIn",
     "UpsertRequest",
+    "DeleteRequest",
     "HitOut",
     "SearchResponse",
     "BatchSearchResponse",
@@ -53,6 +54,9 @@ MAX_ID_CHARS = 512
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 _NON_BLANK = re.compile(r"\S")
+# The same set in the schema's ECMA-262 regex dialect: Python's \s also counts \x1c-\x1f and \x85 as
+# whitespace, ECMA's does not, so a bare "\S" in the schema would call "\x1f" valid while we refuse it.
+_NON_BLANK_ECMA = r"[^\s\x1c-\x1f\x85]"
 
 
 def _checked_text(value: str) -> str:
@@ -68,7 +72,8 @@ def _checked_text(value: str) -> str:
 def _text(max_length: int, description: str) -> object:
     return Annotated[
         str,
-        Field(min_length=1, max_length=max_length, description=description, json_schema_extra={"pattern": r"\S"}),
+        Field(min_length=1, max_length=max_length, description=description,
+              json_schema_extra={"pattern": _NON_BLANK_ECMA}),
         AfterValidator(_checked_text),
     ]
 
@@ -124,6 +129,23 @@ class UpsertRequest(_Strict):
 
     documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST,
                                         description=f"1..{MAX_DOCUMENTS_PER_REQUEST} documents; ids unique")
+
+
+def _unique_ids(ids: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for doc_id in ids:
+        if doc_id in seen:
+            raise ValueError(f"document id {doc_id!r} appears twice")
+        seen.add(doc_id)
+    return ids
+
+
+class DeleteRequest(_Strict):
+    """``POST /v1/documents:delete``."""
+
+    ids: Annotated[list[DocId], AfterValidator(_unique_ids)] = Field(  # type: ignore[valid-type]
+        min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST, json_schema_extra={"uniqueItems": True},
+        description=f"1..{MAX_DOCUMENTS_PER_REQUEST} distinct document ids; all must exist or nothing is deleted")
 
 
 class HitOut(BaseModel):

@@ -27,8 +27,15 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import IndexNotFoundError, InputError
 from serving.index import Index, load_index
 
-__all__ = ["Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "merge_top_k", "format_hits",
-           "hits_json", "main"]
+__all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "as_documents",
+           "merge_top_k", "format_hits", "hits_json", "main"]
+
+
+class DocumentNotFoundError(IndexNotFoundError, KeyError):
+    """A document id is not in the index version (a ``KeyError`` too, as for a missing mapping key)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class Hit(NamedTuple):
@@ -94,6 +101,20 @@ class Searcher:
 
     def __len__(self) -> int:
         return self.index.size
+
+    def get_document(self, doc_id: str) -> Any:
+        """The stored document ``doc_id`` as a :class:`serving.index.Doc` ``(id, title, text)``.
+
+        Raises:
+            InputError: ``doc_id`` is not a non-blank string.
+            DocumentNotFoundError: no document with that id in this version.
+        """
+        _check_id(doc_id)
+        docs = self.index.docs
+        row = docs.row_of(doc_id)
+        if row is None:
+            raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {self.version}")
+        return docs.get([row])[0]
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.encoder is None:
@@ -165,7 +186,11 @@ class Searcher:
         return self.index.version_dir.parent.parent
 
     def upsert(self, documents: Sequence[Any]) -> str:
-        """Add or replace ``(id, title, text)`` documents; returns the new live version's name.
+        """Add or replace documents; returns the new live version's name.
+
+        A document is ``(id, title, text)``, ``(id, text)``, a mapping with ``id``, ``text`` and an
+        optional ``title``, or an object with those attributes (``serving.client.Document``): the
+        forms :meth:`serving.client.SearchClient.upsert` takes.
 
         Only these documents are encoded, with the document tower of this searcher's encoder when it
         has one (``dssm.export.Encoder`` does), else the live version's ``model/``. This object keeps
@@ -178,13 +203,13 @@ class Searcher:
         # version (maybe with another model), encode with the live version's model instead.
         same = current_version_dir(self.index_dir).name == self.version
         encoder = self.encoder if same and hasattr(self.encoder, "embed_documents") else None
-        return upsert_documents(self.index_dir, documents, encoder=encoder).version
+        return upsert_documents(self.index_dir, as_documents(documents), encoder=encoder).version
 
-    def delete(self, doc_ids: Sequence[str]) -> str:
-        """Delete documents by id (all must exist); returns the new live version's name."""
+    def delete(self, doc_ids: str | Sequence[str]) -> str:
+        """Delete one document id or several (all must exist, or nothing changes); returns the new live version."""
         from serving.index import delete_documents
 
-        return delete_documents(self.index_dir, list(doc_ids)).version
+        return delete_documents(self.index_dir, _id_list(doc_ids)).version
 
     # -- BM25 / hybrid modes and similarity (issue 6; the fusion itself lives in dssm.hybrid)
 
@@ -375,13 +400,16 @@ class ShardedSearcher:
         """The stored document ``doc_id`` (a :class:`serving.index.Doc`), from whichever shard holds it.
 
         Raises:
-            KeyError: no shard holds it.
+            InputError: ``doc_id`` is not a non-blank string.
+            DocumentNotFoundError: no shard holds it (a ``KeyError`` too).
         """
+        _check_id(doc_id)
         for shard in self.shards:
             row = shard.index.docs.row_of(doc_id)
             if row is not None:
                 return shard.index.docs.get([row])[0]
-        raise KeyError(doc_id)
+        raise DocumentNotFoundError(f"document {doc_id!r} is in none of the {len(self.shards)} shards "
+                                    f"(version {self.version})")
 
     def shard_index(self, doc_id: str) -> int:
         """Which shard a document id belongs to (:func:`serving.index.shard_of` over the shard count)."""
@@ -392,21 +420,62 @@ class ShardedSearcher:
     def upsert(self, documents: Sequence[Any]) -> str:
         """Add or replace ``(id, title, text)`` documents, each in its hash shard; returns the new version."""
         groups: dict[int, list[Any]] = {}
-        for doc in documents:
-            doc_id = doc[0] if isinstance(doc, tuple) else doc.id
-            groups.setdefault(self.shard_index(doc_id), []).append(doc)
+        for doc in as_documents(documents):
+            groups.setdefault(self.shard_index(doc[0]), []).append(doc)
         for i, docs in sorted(groups.items()):
             self.shards[i].upsert(docs)
         return "+".join(_live_version(s.index_dir) for s in self.shards)
 
-    def delete(self, doc_ids: Sequence[str]) -> str:
-        """Delete documents by id from their hash shards; returns the new version."""
+    def delete(self, doc_ids: str | Sequence[str]) -> str:
+        """Delete one document id or several from their hash shards; returns the new version."""
         groups: dict[int, list[str]] = {}
-        for doc_id in doc_ids:
+        for doc_id in _id_list(doc_ids):
             groups.setdefault(self.shard_index(doc_id), []).append(doc_id)
         for i, ids in sorted(groups.items()):
             self.shards[i].delete(ids)
         return "+".join(_live_version(s.index_dir) for s in self.shards)
+
+
+def _check_id(doc_id: object) -> None:
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise InputError(f"document id must be a non-blank string, got {doc_id!r}")
+
+
+def _id_list(doc_ids: str | Sequence[str]) -> list[str]:
+    # One id may be passed bare, as SearchClient.delete allows; a string is never split into characters.
+    ids = [doc_ids] if isinstance(doc_ids, str) else list(doc_ids)
+    if not ids:
+        raise InputError("no document ids to delete")
+    for doc_id in ids:
+        _check_id(doc_id)
+    return ids
+
+
+def as_documents(documents: Sequence[Any]) -> list[tuple[str, str, str]]:
+    """``(id, title, text)`` tuples from the document forms the client also takes.
+
+    Raises:
+        InputError: a document is none of ``(id, title, text)``, ``(id, text)``, a mapping with
+            ``id``/``text`` (optional ``title``) or an object with those attributes.
+    """
+    from collections.abc import Mapping
+
+    if isinstance(documents, (str, bytes, Mapping)):
+        raise InputError(f"documents must be a list of documents, got one {type(documents).__name__}")
+    out = []
+    for doc in documents:
+        if isinstance(doc, Mapping):
+            if "id" not in doc or "text" not in doc or set(doc) - {"id", "title", "text"}:
+                raise InputError(f"a document needs 'id' and 'text' (optional 'title'), got keys {sorted(doc)}")
+            out.append((doc["id"], doc.get("title") or "", doc["text"]))
+        elif isinstance(doc, (tuple, list)) and len(doc) in (2, 3):
+            out.append((doc[0], doc[1] if len(doc) == 3 else "", doc[-1]))
+        elif hasattr(doc, "id") and hasattr(doc, "text"):
+            out.append((doc.id, getattr(doc, "title", "") or "", doc.text))
+        else:
+            raise InputError(f"a document must be (id, title, text), (id, text), a dict or have id/text "
+                             f"attributes, got {doc!r:.80}")
+    return out
 
 
 class _NoEncoder:

@@ -69,6 +69,14 @@ def test_remote_and_local_search_are_used_the_same_way(server, model_dir, rows):
             assert [b[0].id for b in batch] == [rows[4]["id"], rows[5]["id"]]
         local_ids = [h.id for h in local.search("automatic indexing", k=10)]
         assert [h.id for h in remote.search("automatic indexing", k=10)] == local_ids
+        # The other reads too: same names, same fields, same answers.
+        for engine in (local, remote):
+            doc = engine.get_document(rows[6]["id"])
+            assert (doc.id, doc.title, doc.text) == (rows[6]["id"], rows[6]["title"], rows[6]["text"])
+            with pytest.raises(KeyError if engine is local else NotFoundError):
+                engine.get_document("missing-id")
+        assert remote.similarity("libraries", "indexing").cosine == pytest.approx(
+            local.similarity("libraries", "indexing").cosine, abs=1e-5)
 
 
 def test_results_are_typed_dataclasses(server, rows):

@@ -9,7 +9,7 @@ import pytest
 
 from dssm.errors import IndexNotFoundError, InputError
 from serving import index as ix
-from serving.searcher import Hit, Searcher, format_hits, hits_json
+from serving.searcher import DocumentNotFoundError, Hit, Searcher, as_documents, format_hits, hits_json
 
 
 class LookupEncoder:
@@ -88,6 +88,35 @@ def test_vector_only_index_needs_an_encoder_for_text(small_index):
     assert searcher.search_vectors(matrix[[3]], k=1)[0][0].id == "d3"
 
 
+def test_get_document_by_id(small_index):
+    index_dir, _ = small_index
+    searcher = Searcher.load(index_dir)
+    doc = searcher.get_document("d42")
+    assert (doc.id, doc.title, doc.text) == ("d42", "td42", "body 42")
+    with pytest.raises(DocumentNotFoundError, match="'d300' is not in index version") as caught:
+        searcher.get_document("d300")
+    # The client raises NotFoundError; in process a missing id is both a KeyError and an IndexNotFoundError.
+    assert isinstance(caught.value, KeyError) and isinstance(caught.value, IndexNotFoundError)
+    for bad in ("", "  ", None, 42):
+        with pytest.raises(InputError, match="non-blank string"):
+            searcher.get_document(bad)
+
+
+def test_documents_are_accepted_in_the_clients_forms():
+    from serving.client import Document
+
+    forms = [("a", "title a", "text a"), ("b", "text b"), {"id": "c", "text": "text c"},
+             {"id": "d", "title": "title d", "text": "text d"}, Document(id="e", text="text e", title="title e"),
+             ix.Doc("f", "title f", "text f")]
+    assert as_documents(forms) == [("a", "title a", "text a"), ("b", "", "text b"), ("c", "", "text c"),
+                                   ("d", "title d", "text d"), ("e", "title e", "text e"), ("f", "title f", "text f")]
+    for bad in ([{"id": "x", "body": "y"}], [("only-id",)], [42]):
+        with pytest.raises(InputError, match="document"):
+            as_documents(bad)
+    with pytest.raises(InputError, match="list of documents"):
+        as_documents({"id": "x", "text": "y"})
+
+
 def test_output_formats():
     hits = [Hit("a1", 0.91234, "first\ndocument"), Hit("b2", 0.5, "x" * 500)]
     assert hits_json("q", hits) == {"query": "q", "hits": [{"id": "a1", "score": 0.91234, "text": "first\ndocument"},
@@ -151,3 +180,32 @@ def test_cli_errors_go_through_dssm(tmp_path, capsys):
 
     assert dssm_main(["search", "--index", str(tmp_path / "none"), "q"]) == 2
     assert "error: no index at" in capsys.readouterr().err
+
+
+def test_in_process_writes_and_reads_match_the_clients_methods(adi_index, tmp_path):
+    """upsert/delete/get_document as SearchClient offers them, on a copy of the index (writes publish versions)."""
+    import shutil
+
+    source, docs = adi_index
+    index_dir = tmp_path / "idx"
+    shutil.copytree(source, index_dir)
+    searcher = Searcher.load(index_dir)
+    version = searcher.upsert([{"id": "new-a", "text": "zebra quagga okapi"}, ("new-b", "striped horses")])
+    updated = Searcher.load(index_dir)
+    assert updated.version == version != searcher.version and len(updated) == len(docs) + 2
+    assert updated.get_document("new-b") == ix.Doc("new-b", "", "striped horses")
+    assert updated.search("zebra quagga okapi", k=1)[0].id == "new-a"
+    with pytest.raises(DocumentNotFoundError):
+        searcher.get_document("new-a")  # the old object keeps serving the version it loaded
+
+    after_one = Searcher.load(index_dir).delete("new-a")  # one bare id, not its characters
+    after_two = Searcher.load(index_dir).delete(["new-b", docs[0].id])
+    final = Searcher.load(index_dir)
+    assert final.version == after_two != after_one and len(final) == len(docs) - 1
+    for gone in ("new-a", "new-b", docs[0].id):
+        with pytest.raises(DocumentNotFoundError):
+            final.get_document(gone)
+    with pytest.raises(InputError, match="no document ids"):
+        final.delete([])
+    with pytest.raises(InputError, match="non-blank"):
+        final.delete(["ok", " "])

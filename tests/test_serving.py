@@ -338,6 +338,43 @@ def test_upsert_and_delete_publish_new_versions(tmp_path, model_dir, rows):
             assert "new-1" not in [h.id for h in client.search(text, k=10)]
 
 
+            # Several ids in one request: one new version, all gone, and the in-process Searcher agrees.
+            more = client.upsert([(f"bulk-{i}", f"bulk document number {i}") for i in range(3)])
+            versions = ix.list_versions(index_dir)
+            bulk = client.delete(["bulk-0", "bulk-2"])
+            assert (bulk.deleted, bulk.upserted) == (2, 0) and bulk.version != more.version
+            assert ix.list_versions(index_dir) == versions + [bulk.version]  # one version for both ids
+            assert backend.current().version == bulk.version and len(backend.current().searcher) == 41
+            for gone in ("bulk-0", "bulk-2"):
+                with pytest.raises(NotFoundError):
+                    client.get_document(gone)
+            assert client.get_document("bulk-1").text == "bulk document number 1"
+            assert backend.current().searcher.get_document("bulk-1").text == "bulk document number 1"
+
+            # All or nothing: one unknown id deletes none of them (404 naming it).
+            with pytest.raises(NotFoundError, match="'nope'"):
+                client.delete(["bulk-1", "nope"])
+            with pytest.raises(BadRequestError, match="'bulk-1' appears twice") as caught:
+                client.delete(["bulk-1", "bulk-1"])
+            assert caught.value.status == 422
+            assert backend.current().version == bulk.version and client.get_document("bulk-1").id == "bulk-1"
+            with pytest.raises(BadRequestError, match="at least one"):
+                client.delete([])  # refused before sending
+
+            # Bad bodies are 4xx with a reason; without the key, 401 and nothing runs.
+            key = {"X-API-Key": API_KEY}
+            for body, status, reason in (({"ids": []}, 422, "at least 1"), ({"ids": "bulk-1"}, 422, "list"),
+                                         ({"ids": ["ok", "  "]}, 422, "ids.1"), ({"id": ["bulk-1"]}, 422, "ids"),
+                                         ({"ids": ["x"] * 1001}, 422, "at most 1000")):
+                response = post_raw(server.url, "/v1/documents:delete", json.dumps(body).encode(), headers=key)
+                assert response.status_code == status and reason in response.json()["error"], response.text
+            response = post_raw(server.url, "/v1/documents:delete", b'{"ids": ["bulk-1"]}')
+            assert response.status_code == 401
+            response = post_raw(server.url, "/v1/documents:delete", b'{"ids": ["bulk-1"]}', "text/plain", key)
+            assert response.status_code == 415
+            assert backend.current().version == bulk.version and ix.list_versions(index_dir)[-1] == bulk.version
+
+
 # ---- load shedding and responsiveness ------------------------------------------------------------
 
 
