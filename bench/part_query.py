@@ -21,6 +21,7 @@ seconds); a figure is the median of the runs' p50 (or p99), with min and max.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -98,6 +99,28 @@ def start_server(index_dir: Path, port: int) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+def _in_process_runs(load_test: Any, index_dir: Path, queries: list[str], *, requests: int, seconds: float,
+                     repeats: int) -> list[dict[str, Any]]:
+    """load_test.in_process's single-query rows, ``repeats`` of them (its ``repeats=`` where it has one)."""
+    if "repeats" in inspect.signature(load_test.in_process).parameters:
+        rows = load_test.in_process(index_dir, queries, requests=requests, seconds=seconds, batch=32, repeats=repeats)
+    else:  # the load test before it repeated scenarios itself
+        rows = [row for _ in range(repeats)
+                for row in load_test.in_process(index_dir, queries, requests=requests, seconds=seconds, batch=32)]
+    return [r for r in rows if r["scenario"] == "in-process single"]
+
+
+def _http_run(load_test: Any, port: int, queries: list[str], *, clients: int, requests: int, seconds: float,
+              server_pid: int, seed: int) -> dict[str, Any]:
+    """One run of load_test's HTTP scenario (single queries); adapts to the older ``_http_scenario(url, ...)``."""
+    if hasattr(load_test, "http_scenario"):
+        return asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=clients, batch=1,
+                                                   requests=requests, seconds=seconds, server_pid=server_pid,
+                                                   seed=seed))
+    return asyncio.run(load_test._http_scenario(f"http://127.0.0.1:{port}", queries, clients=clients,  # noqa: SLF001
+                                                batch=1, requests=requests, seconds=seconds))
+
+
 def _stats(rows: list[dict[str, Any]], key: str) -> Stats:
     return Stats.of([r[key] for r in rows])
 
@@ -120,23 +143,21 @@ def run(*, quick: bool) -> list[Figure]:
         model_dir = export_untrained_model(work / "model")
         embeddings = load_encoder(model_dir).embed_documents(texts)
         build_index(work / "index", embeddings=embeddings, ids=ids, texts=texts, model_dir=model_dir)
-        rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=32,
-                                    repeats=repeats)
-        single = [r for r in rows if r["scenario"] == "in-process single"]
+        single = _in_process_runs(load_test, work / "index", queries, requests=requests, seconds=seconds,
+                                  repeats=repeats)
         print(f"  in process: {json.dumps(single)}", flush=True)
         bm25 = bm25s_latencies(texts, queries, requests=requests, seconds=seconds, repeats=repeats)
         print(f"  bm25s: {bm25}", flush=True)
 
         port = load_test._free_port()  # noqa: SLF001 - the load test's own helper
         server = start_server(work / "index", port)
-        asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=4, batch=1, requests=300,
-                                            seconds=5))  # warm-up
+        _http_run(load_test, port, queries, clients=4, requests=300, seconds=5, server_pid=server.pid,
+                  seed=99)  # warm-up
         http: dict[int, list[dict[str, Any]]] = {c: [] for c in CLIENTS}
         for repeat in range(repeats):
             for clients in CLIENTS:
-                row = asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=clients, batch=1,
-                                                          requests=requests, seconds=seconds,
-                                                          server_pid=server.pid, seed=repeat))
+                row = _http_run(load_test, port, queries, clients=clients, requests=requests, seconds=seconds,
+                                server_pid=server.pid, seed=repeat)
                 print(f"  http: {json.dumps(row)}", flush=True)
                 if not row["requests"] or row["errors"]:
                     raise RuntimeError(f"HTTP scenario with {clients} clients failed: {row}")
