@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["pairs"] = time.perf_counter() - start
 
     start = _step("2/5 train: two-tower DSSM on the train split's duplicate pairs")
-    _call("dssm.train", ["--pairs", str(pairs), "--output", str(model)]
+    # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
+    _call("dssm.train", ["--pairs", str(pairs), "--output", str(model), "--overwrite"]
           + (["--epochs", str(args.epochs)] if args.epochs else []))
     timings["train"] = time.perf_counter() - start
 

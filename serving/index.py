@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dssm.artifacts import read_manifest, verify_manifest, write_manifest
+from dssm.artifacts import MANIFEST, read_manifest, verify_manifest, write_manifest
 from dssm.config import config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
@@ -678,7 +678,11 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     if model_dir is not None:
         model_dir = Path(model_dir)
         model_manifest = verify_manifest(model_dir, kind="model")
-        shutil.copytree(model_dir, stage / MODEL_DIR)
+        # Only the model's own files: `dssm train` keeps its checkpoints/ and logs/ (hundreds of MB,
+        # not in the manifest) in the model directory.
+        listed = {rel.split("/", 1)[0] for rel in model_manifest["files"]} | {MANIFEST}
+        shutil.copytree(model_dir, stage / MODEL_DIR, ignore=lambda d, names: [
+            n for n in names if Path(d) == model_dir and n not in listed])
         model_info = {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
                       "files": len(model_manifest.get("files", {}))}
 
