@@ -7,7 +7,7 @@ Layout (docs/design.md)::
                              featurize: texts [None] tf.string -> {"ids": [None, None] int64 (padded
                              with -1), "counts": [None, None] float32 (padded with 0), "lengths": [None] int64}
     MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig}
-    MODEL_DIR/history.json   per-epoch training history
+    MODEL_DIR/history.json   per-epoch training metrics, best_epoch, pairs/s, wall time (dssm.train)
     MODEL_DIR/manifest.json  kind "model", sha256 of every file
 
 Featurization runs inside the SavedModel (the same :class:`~dssm.features.Featurizer` graph the
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.artifacts import verify_manifest, write_json_atomic, write_manifest
+from dssm.artifacts import MANIFEST, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import config_from_dict, config_to_dict
 from dssm.errors import ConfigError, InputError
 from dssm.features import FeatureConfig
@@ -78,27 +78,35 @@ class _Serving(tf.Module):
 
 
 def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
-                 history: dict[str, list[float]] | None = None, overwrite: bool = False) -> Path:
+                 history: dict[str, Any] | None = None, overwrite: bool = False, keep: Sequence[str] = ()) -> Path:
     """Write ``model_dir`` (SavedModel, configs, history, manifest).
 
     The directory is assembled under a temporary sibling and renamed into place, so a crash never
-    leaves a half-written model that looks complete.
+    leaves a half-written model that looks complete. Entries of an existing ``model_dir`` named in
+    ``keep`` (the trainer's ``checkpoints/`` and ``logs/``) stay where they are and are not listed
+    in the manifest: the old model's files are removed (manifest first) and the new ones moved in
+    (manifest last).
 
     Args:
         model: a trained (built) model.
         model_dir: destination directory.
         train_config: the ``TrainConfig`` used (a dataclass; saved in ``config.json``).
-        history: per-epoch metrics to save as ``history.json``.
+        history: the trainer's history (per-epoch lists, ``best_epoch``, wall time...) to save as ``history.json``.
         overwrite: replace an existing ``model_dir``.
+        keep: names of entries in ``model_dir`` to leave in place (they do not count as "not empty").
 
     Returns:
         ``model_dir`` as a Path.
 
     Raises:
-        InputError: ``model_dir`` exists and is not empty and ``overwrite`` is False.
+        InputError: ``model_dir`` exists and holds more than ``keep`` and ``overwrite`` is False.
+        ConfigError: ``keep`` names a file the export writes.
     """
     model_dir = Path(model_dir)
-    if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
+    keep = frozenset(keep)
+    if keep & {SAVED_MODEL, "config.json", "history.json", MANIFEST}:
+        raise ConfigError(f"keep={sorted(keep)} names a file the export writes")
+    if model_dir.exists() and any(p.name not in keep for p in model_dir.iterdir()) and not overwrite:
         raise InputError(f"model directory {model_dir} exists and is not empty (overwrite=True replaces it)")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = model_dir.with_name(f".{model_dir.name}.tmp-export")
@@ -125,6 +133,21 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
     })
     write_json_atomic(staging / "history.json", history or {})
     write_manifest(staging, kind="model", extra={"dim": model.config.output_dim})
+    if model_dir.exists() and any(p.name in keep for p in model_dir.iterdir()):
+        (model_dir / MANIFEST).unlink(missing_ok=True)  # from here until the new manifest: not a loadable model
+        for entry in model_dir.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for entry in staging.iterdir():
+            if entry.name != MANIFEST:
+                entry.rename(model_dir / entry.name)
+        (staging / MANIFEST).rename(model_dir / MANIFEST)
+        staging.rmdir()
+        return model_dir
     if model_dir.exists():
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
