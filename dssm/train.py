@@ -1,6 +1,6 @@
 """Training: pair shards → tf.data → the two-tower model → an exported model directory.
 
-``dssm train --pairs PAIRS_DIR --output MODEL_DIR [--epochs N] [--batch-size B] [model/train flags]``
+``dssm train --pairs PAIRS_DIR --output MODEL_DIR [--epochs N] [--batch-size B] [--resume] [model/train flags]``
 
 The input is the directory ``dssm pairs`` writes (see docs/design.md): GZIP TFRecord shards
 ``train-*.tfrecord.gz`` / ``validation-*.tfrecord.gz`` of ``tf.train.Example`` with hashed bags, and
@@ -12,6 +12,15 @@ Optimizers and the embedding table: the table is ``[num_buckets, embedding_dim]`
 its moment decay to the *whole* table every step even for sparse gradients, which dominates the
 step; ``adagrad`` and ``lazy_adam`` (:class:`LazyAdam`, Adam restricted to the rows in the batch)
 update only the rows a batch touches.
+
+Each epoch ends with an exact-search validation: up to ``validation_queries`` validation queries are
+scored against every document of the validation split (de-duplicated by ``document_id``) with the
+current towers, logged as ``val_recall_at_10`` / ``val_mrr_at_10``. Training stops early when
+``val_recall_at_10`` has not improved for ``early_stopping_patience`` epochs, and the model returned
+(and exported) is the best epoch's. With a checkpoint directory, the model, optimizer, epoch counter
+and run state are saved after every epoch (``last/``) and at every new best (``best/``), and
+``resume=True`` continues an interrupted run from ``last/``: epoch ``e`` shuffles its pairs with a
+seed derived from ``(seed, e)``, so a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,17 +28,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
+import json
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.artifacts import verify_manifest
-from dssm.config import add_config_arguments, config_from_args, field, load_config
+from dssm.artifacts import verify_manifest, write_json_atomic
+from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, load_config
 from dssm.errors import ConfigError, InputError
+from dssm.evaluate import mrr_at_k, recall_at_k
 from dssm.export import export_model
 from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, ModelConfig
@@ -38,9 +53,17 @@ import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
            "read_feature_config", "make_dataset", "has_negatives", "select_strategy", "build_model", "count_pairs",
-           "train", "main"]
+           "ValidationSet", "read_validation_set", "evaluate_retrieval", "MONITOR", "RUN_CONFIG", "train", "main"]
 
 _OPTIMIZERS = ("adagrad", "rowwise_adagrad", "lazy_adam", "adam", "sgd")
+# The metric early stopping and the best checkpoint follow (higher is better).
+MONITOR = "val_recall_at_10"
+# Written in the checkpoint directory when a run starts; `resume` compares the new run against it.
+RUN_CONFIG = "run.json"
+_K = 10
+# TrainConfig fields that may change when a run is resumed: they decide how far it goes and what it
+# prints, not what the epochs already trained computed.
+_RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "early_stopping_patience"})
 # Only what training reads is parsed; raw texts stay in the shards for mining/eval tools.
 _PARSE_SPEC = {
     "label": tf.io.FixedLenFeature([], tf.float32, default_value=1.0),
@@ -70,7 +93,14 @@ class TrainConfig:
         "(adam decays the whole table every step). rowwise_adagrad keeps one accumulator per table row: "
         "same quora-dev quality as adagrad (nDCG@10 0.704 both), about half the optimizer time")
     seed: int = field(0, "seed for initialisation, shuffling and dropout (runs repeat on CPU)")
-    validation: bool = field(True, "compute the loss on validation-* shards after each epoch")
+    validation: bool = field(True, "after each epoch, compute the loss and val_recall_at_10/val_mrr_at_10 on the "
+                             "validation-* shards")
+    validation_queries: int = field(2000, "validation queries searched each epoch (a seeded sample; exact search "
+                                    "against all validation documents); 0 = no retrieval validation")
+    early_stopping_patience: int = field(3, "stop after this many epochs without a better val_recall_at_10 "
+                                         "(0 = train all epochs)")
+    keep_best: bool = field(True, "return/export the weights of the epoch with the best val_recall_at_10, not the "
+                            "last epoch's")
     min_label: float = field(0.0, "pairs with label <= this are dropped (explicit negatives are no in-batch positives)")
     shuffle_buffer: int = field(100_000, "shuffle buffer in pairs (>= the number of pairs shuffles fully)")
     cache: bool = field(True, "keep parsed positive pairs in memory after the first epoch")
@@ -93,6 +123,9 @@ class TrainConfig:
         if self.shuffle_buffer < 1 or self.steps_per_execution < 1:
             raise ConfigError("shuffle_buffer and steps_per_execution must be >= 1, got "
                               f"{self.shuffle_buffer} and {self.steps_per_execution}")
+        if self.validation_queries < 0 or self.early_stopping_patience < 0:
+            raise ConfigError("validation_queries and early_stopping_patience must be >= 0, got "
+                              f"{self.validation_queries} and {self.early_stopping_patience}")
 
 
 class _UniqueRows:
@@ -245,8 +278,26 @@ def has_negatives(files: list[str]) -> bool:
     return False
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of ``epoch`` (0-based): a function of the run's seed and the epoch only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _concatenate(parts: list[tf.data.Dataset]) -> tf.data.Dataset:
+    """``parts[0]`` then ``parts[1]``...; a balanced tree of ``concatenate`` so many epochs nest shallowly.
+
+    ``concatenate`` opens its second input only when the first is exhausted, so an in-memory
+    ``cache()`` shared by the parts is complete before the second epoch reads it.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    return _concatenate(parts[:middle]).concatenate(_concatenate(parts[middle:]))
+
+
 def make_dataset(files: list[str], *, batch_size: int, training: bool, config: TrainConfig,
-                 drop_remainder: bool = False, negatives: bool = False) -> tf.data.Dataset:
+                 drop_remainder: bool = False, negatives: bool = False,
+                 epochs: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
     """Batches of positive pairs for :meth:`DSSMModel.compute_loss`.
 
     Records are parsed in blocks (``parse_example`` is vectorised), pairs with ``label <= min_label``
@@ -255,10 +306,14 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: T
     Args:
         files: GZIP TFRecord shards.
         batch_size: pairs per batch.
-        training: shuffle (seeded, reshuffled each epoch) and cache if ``config.cache``.
+        training: shuffle and cache if ``config.cache``; the result holds the epochs ``range(*epochs)``
+            back to back, epoch ``e`` shuffled with a seed derived from ``(config.seed, e)``, so
+            epoch ``e``'s batches do not depend on how many epochs ran before in this process (a
+            resumed run sees the batches an uninterrupted one would).
         config: shuffle buffer, seed, label threshold.
         drop_remainder: drop a last short batch (needed when replicas must see equal batches).
         negatives: also read ``negative_id``/``negative_ids``/``negative_counts``.
+        epochs: ``(first, end)`` 0-based epochs to hold when ``training`` (ignored otherwise).
 
     Returns:
         Dataset of dicts: ``query_ids``/``document_ids`` ``[batch, None]`` int64 ragged,
@@ -268,7 +323,9 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: T
     spec = {**_PARSE_SPEC, **(_NEGATIVE_SPEC if negatives else {})}
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
-        files_ds = files_ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
+        # One file order for every pass: the per-epoch element shuffle below supplies the variety,
+        # and an order that changed with each pass would tie epoch e to the number of passes made.
+        files_ds = files_ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=False)
     ds = files_ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
                              cycle_length=min(4, max(1, len(files))), num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True)
@@ -281,11 +338,16 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: T
                 else tf.boolean_mask(value, keep) for key, value in batch.items()}
 
     ds = ds.map(keep_positive, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-    if training:
-        if config.cache:
-            ds = ds.cache()
-        ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    first, end = epochs
+    if not 0 <= first < end:
+        raise ConfigError(f"epochs must be (first, end) with 0 <= first < end, got {epochs}")
+    if config.cache:
+        ds = ds.cache()
+    parts = [ds.shuffle(config.shuffle_buffer, seed=_epoch_seed(config.seed, epoch), reshuffle_each_iteration=False)
+             .batch(batch_size, drop_remainder=drop_remainder) for epoch in range(first, end)]
+    return _concatenate(parts).prefetch(tf.data.AUTOTUNE)
 
 
 def select_strategy() -> tf.distribute.Strategy:
@@ -323,11 +385,17 @@ def build_model(model_config: ModelConfig, feature_config: FeatureConfig, train_
 
 
 class _Throughput(tf.keras.callbacks.Callback):
-    """Adds ``pairs_per_sec`` (training pairs / seconds from epoch start to its last train batch) to the logs."""
+    """``pairs_per_sec`` in the logs: running during the epoch (the progress bar), final at its end.
 
-    def __init__(self, pairs_per_epoch: int) -> None:
+    During the epoch it is the pairs trained so far over the seconds since the epoch began; at the
+    end, the epoch's pairs over the seconds from its start to its last train batch (validation excluded).
+    """
+
+    def __init__(self, pairs_per_epoch: int, batch_size: int) -> None:
         super().__init__()
+        self._supports_tf_logs = True  # it only writes a float: no reason to copy the logs to numpy per batch
         self.pairs_per_epoch = pairs_per_epoch
+        self.batch_size = batch_size
         self._start = 0.0
         self._last = 0.0
 
@@ -336,6 +404,10 @@ class _Throughput(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._last = time.perf_counter()
+        if logs is not None:
+            # `batch` is the 0-based index of the last step run (steps_per_execution may run several).
+            seen = min((batch + 1) * self.batch_size, self.pairs_per_epoch)
+            logs["pairs_per_sec"] = seen / max(self._last - self._start, 1e-9)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:
@@ -353,34 +425,425 @@ def count_pairs(files: list[str], *, min_label: float) -> int:
     return int(ds.reduce(tf.constant(0, tf.int64), lambda total, n: total + n))
 
 
+_VALIDATION_SPEC = {
+    "query_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "query_text": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "document_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "document_text": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "label": tf.io.FixedLenFeature([], tf.float32, default_value=1.0),
+    "query_ids": tf.io.RaggedFeature(tf.int64),
+    "query_counts": tf.io.RaggedFeature(tf.float32),
+    "document_ids": tf.io.RaggedFeature(tf.int64),
+    "document_counts": tf.io.RaggedFeature(tf.float32),
+}
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Validation queries and documents for exact-search Recall@k / MRR@k.
+
+    Attributes:
+        query_keys: ``query_id`` (else the query text) of each query, in row order.
+        document_keys: ``document_id`` (else the text) of each document, in row order.
+        queries: the query bags in batches, each ``(ids, counts)`` ``[batch, None]`` int64/float32 ragged.
+        documents: the document bags in batches, likewise.
+        relevant: per query, the sorted rows of its relevant documents (``label > min_label``).
+        excluded: ``[m, 2]`` int64 ``(query row, document row)`` pairs left out of the ranking: a
+            document whose text is the query's own (a question asked again is not a result).
+    """
+
+    query_keys: list[str]
+    document_keys: list[str]
+    queries: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
+    documents: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
+    relevant: list[np.ndarray]
+    excluded: np.ndarray
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_keys)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_keys)
+
+
+def _ragged_batches(bags: list[tuple[np.ndarray, np.ndarray]], batch_size: int
+                    ) -> list[tuple[tf.RaggedTensor, tf.RaggedTensor]]:
+    out = []
+    for start in range(0, len(bags), batch_size):
+        chunk = bags[start:start + batch_size]
+        lengths = np.array([len(ids) for ids, _ in chunk], np.int64)
+        ids = np.concatenate([ids for ids, _ in chunk]).astype(np.int64)
+        counts = np.concatenate([counts for _, counts in chunk]).astype(np.float32)
+        out.append((tf.RaggedTensor.from_row_lengths(ids, lengths), tf.RaggedTensor.from_row_lengths(counts, lengths)))
+    return out
+
+
+def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: int, seed: int,
+                        batch_size: int = 1024) -> ValidationSet | None:
+    """The validation split as a retrieval task: its queries against all its documents.
+
+    Documents are every ``document_*`` of the shards (relevant or not), de-duplicated by
+    ``document_id``; a query's relevant documents are those it is paired with at ``label >
+    min_label``. Queries without one are dropped; above ``max_queries``, a sample seeded by ``seed``
+    is kept (the same queries every epoch and every run).
+
+    Args:
+        files: ``validation-*`` shards.
+        min_label: pairs at or below it are not relevant (the trainer's positive threshold).
+        max_queries: at most this many queries (0 = none).
+        seed: the sampling seed.
+        batch_size: bags per embedding batch.
+
+    Returns:
+        The set, or None when there are no files, no queries with a relevant document or ``max_queries`` is 0.
+    """
+    if not files or max_queries <= 0:
+        return None
+    ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024)
+    ds = ds.map(lambda records: tf.io.parse_example(records, _VALIDATION_SPEC))
+    doc_row: dict[bytes, int] = {}
+    doc_bags: list[tuple[np.ndarray, np.ndarray]] = []
+    doc_keys: list[str] = []
+    doc_text_rows: dict[bytes, list[int]] = {}
+    query_row: dict[bytes, int] = {}
+    query_bags: list[tuple[np.ndarray, np.ndarray]] = []
+    query_keys: list[str] = []
+    query_texts: list[bytes] = []
+    relevant: list[set[int]] = []
+    for batch in ds:
+        columns = {key: batch[key].numpy() for key in ("query_id", "query_text", "document_id", "document_text",
+                                                        "label")}
+        bags = {key: (batch[key].values.numpy(), batch[key].row_splits.numpy())
+                for key in ("query_ids", "query_counts", "document_ids", "document_counts")}
+
+        def bag(prefix: str, i: int, bags: dict[str, tuple[np.ndarray, np.ndarray]] = bags
+                ) -> tuple[np.ndarray, np.ndarray]:
+            ids, splits = bags[f"{prefix}_ids"]
+            counts, _ = bags[f"{prefix}_counts"]
+            return ids[splits[i]:splits[i + 1]], counts[splits[i]:splits[i + 1]]
+
+        for i in range(len(columns["label"])):
+            doc_key = columns["document_id"][i] or columns["document_text"][i]
+            row = doc_row.get(doc_key)
+            if row is None:
+                row = doc_row[doc_key] = len(doc_bags)
+                doc_bags.append(bag("document", i))
+                doc_keys.append(doc_key.decode("utf-8", "replace"))
+                doc_text_rows.setdefault(columns["document_text"][i], []).append(row)
+            query_key = columns["query_id"][i] or columns["query_text"][i]
+            q = query_row.get(query_key)
+            if q is None:
+                q = query_row[query_key] = len(query_bags)
+                query_bags.append(bag("query", i))
+                query_keys.append(query_key.decode("utf-8", "replace"))
+                query_texts.append(columns["query_text"][i])
+                relevant.append(set())
+            if columns["label"][i] > min_label:
+                relevant[q].add(row)
+    chosen = [q for q in range(len(query_bags)) if relevant[q]]
+    if not chosen:
+        return None
+    if len(chosen) > max_queries:
+        chosen = sorted(np.random.default_rng(seed).choice(chosen, size=max_queries, replace=False).tolist())
+    excluded = [(new, row) for new, q in enumerate(chosen) for row in doc_text_rows.get(query_texts[q], [])
+                if row not in relevant[q]]
+    return ValidationSet(
+        query_keys=[query_keys[q] for q in chosen], document_keys=doc_keys,
+        queries=_ragged_batches([query_bags[q] for q in chosen], batch_size),
+        documents=_ragged_batches(doc_bags, batch_size),
+        relevant=[np.array(sorted(relevant[q]), np.int64) for q in chosen],
+        excluded=np.array(excluded, np.int64).reshape(-1, 2))
+
+
+def _embed_batches(tower: tf.keras.Model, batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> tf.Tensor:
+    """``[n, dim]`` float32 embeddings of the bags, with dropout off.
+
+    Eager on purpose: a few dozen batches per epoch cost less than tracing a tf.function each time.
+    """
+    return tf.concat([tower((ids, counts), training=False) for ids, counts in batches], axis=0)
+
+
+def evaluate_retrieval(model: DSSMModel, validation: ValidationSet, *, k: int = _K,
+                       batch_size: int = 1024) -> dict[str, float]:
+    """Exact search of every validation query among all validation documents, with the current towers.
+
+    Args:
+        model: queries go through ``model.query_tower``, documents through ``model.document_tower``
+            (``training=False``).
+        validation: from :func:`read_validation_set`.
+        k: the cut-off.
+        batch_size: queries scored per matrix product (``[batch, num_documents]`` scores).
+
+    Returns:
+        ``{"recall_at_{k}": mean Recall@k, "mrr_at_{k}": mean MRR@k}`` over the queries, with the
+        definitions of :func:`dssm.evaluate.recall_at_k` / :func:`dssm.evaluate.mrr_at_k`.
+    """
+    documents = _embed_batches(model.document_tower, validation.documents)
+    queries = _embed_batches(model.query_tower, validation.queries)
+    k = min(k, validation.num_documents)
+    top = np.empty((validation.num_queries, k), np.int64)
+    excluded = validation.excluded
+    for start in range(0, validation.num_queries, batch_size):
+        block = queries[start:start + batch_size]
+        scores = tf.matmul(block, documents, transpose_b=True)
+        mine = excluded[(excluded[:, 0] >= start) & (excluded[:, 0] < start + batch_size)]
+        if len(mine):
+            rows = tf.constant(mine - np.array([start, 0]), tf.int64)
+            scores = tf.tensor_scatter_nd_update(scores, rows, tf.fill([len(mine)], -np.inf))
+        top[start:start + len(block)] = tf.math.top_k(scores, k=k).indices.numpy()
+    recall = mrr = 0.0
+    for ranked, relevant in zip(top, validation.relevant, strict=True):
+        grades = dict.fromkeys(relevant.tolist(), 1.0)
+        recall += recall_at_k(ranked.tolist(), grades, k)
+        mrr += mrr_at_k(ranked.tolist(), grades, k)
+    n = validation.num_queries
+    return {f"recall_at_{_K}": recall / n, f"mrr_at_{_K}": mrr / n}
+
+
+class _RetrievalValidation(tf.keras.callbacks.Callback):
+    """Adds ``val_recall_at_10``, ``val_mrr_at_10`` and ``val_retrieval_seconds`` to each epoch's logs."""
+
+    def __init__(self, validation: ValidationSet) -> None:
+        super().__init__()
+        self.validation = validation
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        start = time.perf_counter()
+        metrics = evaluate_retrieval(self.model, self.validation)
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in metrics.items()})
+            logs["val_retrieval_seconds"] = time.perf_counter() - start
+
+
+class _Checkpoints:
+    """One run's checkpoints: ``DIR/last/`` after every epoch, ``DIR/best/`` at every new best, ``DIR/run.json``.
+
+    A checkpoint holds the model (towers, loss state), the optimizer (slots, iteration count), the
+    number of completed epochs and the run state as JSON (history so far, best epoch, epochs without
+    improvement, wall time), so a resumed run carries on exactly where the last one saved.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.checkpoint: tf.train.Checkpoint | None = None
+        self._last: tf.train.CheckpointManager | None = None
+        self._best: tf.train.CheckpointManager | None = None
+
+    def exists(self) -> bool:
+        """Whether the directory holds (part of) a run: its run.json or a checkpoint."""
+        return (self.directory / RUN_CONFIG).exists() or tf.train.latest_checkpoint(str(self.directory / "last")) \
+            is not None
+
+    def completed_epochs(self) -> int:
+        """Epochs completed by the last checkpoint (read without building a model); 0 without one."""
+        path = tf.train.latest_checkpoint(str(self.directory / "last"))
+        if path is None:
+            return 0
+        return int(tf.train.load_checkpoint(path).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+
+    def clear(self) -> None:
+        """Delete this run's files (run.json, last/, best/), nothing else in the directory."""
+        (self.directory / RUN_CONFIG).unlink(missing_ok=True)
+        for name in ("last", "best"):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def attach(self, model: DSSMModel) -> None:
+        """Track ``model`` and its optimizer; a restore needs their variables built (:func:`_build_for_restore`).
+
+        Called outside the strategy's scope: the counters are plain variables (a string variable
+        cannot be mirrored onto GPUs).
+        """
+        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self._state = tf.Variable("{}", dtype=tf.string, trainable=False, name="run_state")
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self._epoch,
+                                              state=self._state)
+        self._last = tf.train.CheckpointManager(self.checkpoint, str(self.directory / "last"), max_to_keep=1)
+        self._best = tf.train.CheckpointManager(self.checkpoint, str(self.directory / "best"), max_to_keep=1)
+
+    def save(self, *, epoch: int, state: dict[str, Any], best: bool) -> None:
+        """Save after ``epoch`` (1-based) completed; ``best`` also replaces the best checkpoint."""
+        assert self._last is not None and self._best is not None, "attach() first"
+        self._epoch.assign(epoch)
+        self._state.assign(json.dumps(state))
+        # Best before last: a crash in between leaves `last` one epoch behind, whose state names an
+        # older best, and re-running that epoch saves the best again. The other order could leave
+        # `last` naming a best epoch that `best/` does not hold.
+        if best:
+            self._best.save(checkpoint_number=epoch)
+        self._last.save(checkpoint_number=epoch)
+
+    def restore_last(self) -> tuple[int, dict[str, Any]]:
+        """Load the last checkpoint into the attached objects; returns ``(completed epochs, run state)``."""
+        assert self._last is not None and self.checkpoint is not None, "attach() first"
+        if self._last.latest_checkpoint is None:
+            raise InputError(f"no checkpoint in {self.directory / 'last'}")
+        self.checkpoint.restore(self._last.latest_checkpoint).assert_existing_objects_matched()
+        return int(self._epoch.numpy()), json.loads(self._state.numpy().decode())
+
+    def restore_best(self) -> None:
+        """Load the best checkpoint's weights (and optimizer state) into the attached model."""
+        assert self._best is not None and self.checkpoint is not None, "attach() first"
+        if self._best.latest_checkpoint is None:
+            raise InputError(f"no best checkpoint in {self.directory / 'best'}")
+        self.checkpoint.restore(self._best.latest_checkpoint).assert_existing_objects_matched()
+
+
+def _new_state() -> dict[str, Any]:
+    return {"history": {}, "best_epoch": None, "best_value": None, "wait": 0, "stopped_early": False,
+            "wall_seconds": 0.0}
+
+
+class _RunTracker(tf.keras.callbacks.Callback):
+    """History across resumed sessions, the best epoch by :data:`MONITOR`, early stopping, checkpoints.
+
+    Runs after the callbacks that add metrics to the epoch's logs. Without checkpoints, the best
+    epoch's weights are kept in memory (``best_weights``) when ``snapshot`` is set.
+    """
+
+    def __init__(self, state: dict[str, Any], *, patience: int, checkpoints: _Checkpoints | None,
+                 snapshot: bool, session_start: float) -> None:
+        super().__init__()
+        self.state = state
+        self.patience = patience
+        self.checkpoints = checkpoints
+        self.snapshot = snapshot
+        self.best_weights: list[np.ndarray] | None = None
+        self.last_epoch = max(state["history"].get("epoch", [0]))
+        self.session_start = session_start
+        self.wall_before = float(state["wall_seconds"])  # earlier sessions of a resumed run
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = dict(logs or {})
+        history = self.state["history"]
+        history.setdefault("epoch", []).append(epoch + 1)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(float(value))
+        history.setdefault("epoch_seconds", []).append(time.perf_counter() - self._epoch_start)
+        self.last_epoch = epoch + 1
+        value = logs.get(MONITOR)
+        improved = False
+        if value is not None:
+            improved = self.state["best_value"] is None or float(value) > self.state["best_value"]
+            if improved:
+                self.state.update(best_value=float(value), best_epoch=epoch + 1, wait=0)
+            else:
+                self.state["wait"] += 1
+        if self.patience and self.state["wait"] >= self.patience:
+            self.state["stopped_early"] = True
+            self.model.stop_training = True
+        self.state["wall_seconds"] = self.wall_before + time.perf_counter() - self.session_start
+        if self.checkpoints is not None:
+            self.checkpoints.save(epoch=epoch + 1, state=self.state, best=improved)
+        elif improved and self.snapshot:
+            self.best_weights = self.model.get_weights()
+
+
+def _pairs_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a pairs manifest's file list: the same shards wherever the directory lives."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def _run_config(feature_config: FeatureConfig, model_config: ModelConfig, train_config: TrainConfig,
+                pairs_digest: str) -> dict[str, Any]:
+    """What ``run.json`` records: everything that decides what a run computes."""
+    return {"pairs_sha256": pairs_digest, "features": config_to_dict(feature_config),
+            "model": config_to_dict(model_config), "train": config_to_dict(train_config)}
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run under a different configuration (only :data:`_RESUMABLE_CHANGES` may differ).
+
+    Raises:
+        ConfigError: naming the first differing field, with both values.
+    """
+    if saved.get("pairs_sha256") != current["pairs_sha256"]:
+        raise ConfigError(f"cannot resume: the pairs differ from the checkpointed run's (their manifest sha256 "
+                          f"{current['pairs_sha256'][:12]} vs {str(saved.get('pairs_sha256'))[:12]} in {path})")
+    for section in sorted((set(saved) | set(current)) - {"pairs_sha256"}):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            if old.get(key) != new.get(key):
+                raise ConfigError(f"cannot resume: {section}.{key} is {new.get(key)!r} but the checkpointed run used "
+                                  f"{old.get(key)!r} ({path}); resume with the same setting or start a new run")
+
+
+def _build_for_restore(model: DSSMModel, batch: dict[str, tf.Tensor]) -> None:
+    """Create every variable a train step creates (one forward pass, no update), then the optimizer's slots.
+
+    A checkpoint restores into existing variables; the optimizer's slots otherwise appear only in
+    the first ``apply_gradients``.
+    """
+    model.compute_loss(batch, training=False)
+    model.optimizer.build(model.trainable_variables)
+
+
 def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: TrainConfig,
-          feature_config: FeatureConfig | None = None) -> tuple[DSSMModel, dict[str, list[float]]]:
+          feature_config: FeatureConfig | None = None, checkpoint_dir: str | Path | None = None,
+          tensorboard_dir: str | Path | None = None, resume: bool = False) -> tuple[DSSMModel, dict[str, Any]]:
     """Train a model on the pair shards in ``pairs_dir``.
+
+    After each epoch the validation split gives ``val_loss`` and, by exact search of up to
+    ``train_config.validation_queries`` queries among its documents, ``val_recall_at_10`` and
+    ``val_mrr_at_10``. Training stops after ``early_stopping_patience`` epochs without a better
+    ``val_recall_at_10``; with ``keep_best`` the returned model has the best epoch's weights.
 
     Args:
         pairs_dir: a ``dssm pairs`` output directory.
         model_config: tower shape and loss settings.
         train_config: optimisation settings.
         feature_config: override for ``pairs_dir/features.json`` (must match the shards' hashing).
+        checkpoint_dir: save ``last/`` (every epoch) and ``best/`` checkpoints and ``run.json`` here;
+            None = no checkpoints.
+        tensorboard_dir: write TensorBoard scalars (per epoch) here; None = none.
+        resume: continue the run checkpointed in ``checkpoint_dir`` from its last checkpoint (same
+            configuration; only ``epochs``, ``verbose`` and ``early_stopping_patience`` may change).
 
     Returns:
-        ``(model, history)``: the trained model and Keras' per-epoch history (``loss``, ``val_loss``,
-        ``pairs_per_sec``), lists of floats.
+        ``(model, history)``. ``history`` holds per-epoch lists (``epoch`` 1-based, ``loss``,
+        ``val_loss``, ``val_recall_at_10``, ``val_mrr_at_10``, ``pairs_per_sec``, ``epoch_seconds``...,
+        across resumed sessions) and ``best_epoch`` (1-based; the last epoch without retrieval
+        validation), ``monitor``, ``best_value``, ``stopped_early``, ``wall_seconds`` (all sessions),
+        ``train_pairs``, ``validation_queries``, ``validation_documents``.
 
     Raises:
-        InputError: the directory, ``features.json`` or training shards are missing, or no shard holds
-            a positive pair.
+        InputError: the directory, ``features.json`` or training shards are missing, no shard holds
+            a positive pair, ``checkpoint_dir`` holds another run (without ``resume``) or nothing to resume.
+        ConfigError: ``resume`` with a configuration or pairs that differ from the checkpointed run's.
         IndexNotFoundError: no ``manifest.json`` (the pairs job did not finish).
         ChecksumError: a shard does not match its checksum.
     """
+    session_start = time.perf_counter()
     train_files = pair_files(pairs_dir, "train")
     if feature_config is None:
         feature_config = read_feature_config(pairs_dir)
     if not train_files:
         raise InputError(f"no train-*.tfrecord.gz shards in {pairs_dir}")
     # The manifest is written last by `dssm pairs`: this refuses unfinished and corrupted shards.
-    verify_manifest(pairs_dir, kind="pairs")
+    pairs_manifest = verify_manifest(pairs_dir, kind="pairs")
     validation_files = pair_files(pairs_dir, "validation") if train_config.validation else []
+    checkpoints = _Checkpoints(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and checkpoints is None:
+        raise InputError("resume needs the checkpoint directory of the run to continue")
+    if checkpoints is not None and not resume and checkpoints.exists():
+        raise InputError(f"checkpoint directory {checkpoint_dir} holds another run's checkpoints (resume it, or "
+                         "delete it to start over)")
+    first_epoch = checkpoints.completed_epochs() if resume and checkpoints is not None else 0
+    run_config: dict[str, Any] = {}
+    if checkpoints is not None:
+        run_config = _run_config(feature_config, model_config, train_config, _pairs_digest(pairs_manifest))
+        run_path = checkpoints.directory / RUN_CONFIG
+        if resume and not run_path.is_file():
+            raise InputError(f"nothing to resume: no {RUN_CONFIG} in {checkpoint_dir}")
+        if resume:  # before any data is read or model built: a mismatch fails fast
+            _check_resumable(json.loads(run_path.read_text()), run_config, run_path)
 
     tf.keras.utils.set_random_seed(train_config.seed)
     strategy = select_strategy()
@@ -388,15 +851,16 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     # Replicas all-gather their candidates, which needs equal local batches: drop a short last batch.
     drop = replicas > 1
     batch = train_config.batch_size
+    negatives = train_config.negatives and has_negatives(train_files)
     n_train = count_pairs(train_files, min_label=train_config.min_label)
     steps = n_train // batch if drop else -(-n_train // batch)
     if steps == 0:
         raise InputError(f"the train shards in {pairs_dir} hold {n_train} pairs with label > "
                          f"{train_config.min_label}; need at least {batch if drop else 1}")
-    negatives = train_config.negatives and has_negatives(train_files)
+    epochs_left = max(train_config.epochs - first_epoch, 1)
     train_ds = make_dataset(train_files, batch_size=batch, training=True, config=train_config, drop_remainder=drop,
-                            negatives=negatives)
-    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps))
+                            negatives=negatives, epochs=(first_epoch, first_epoch + epochs_left))
+    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps * epochs_left))
     validation_ds = None
     n_validation = count_pairs(validation_files, min_label=train_config.min_label)
     validation_steps = n_validation // batch if drop else -(-n_validation // batch)
@@ -407,9 +871,59 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     with strategy.scope():
         model = build_model(model_config, feature_config, train_config)
     pairs_per_epoch = steps * batch if drop else n_train
-    result = model.fit(train_ds, validation_data=validation_ds, epochs=train_config.epochs,
-                       callbacks=[_Throughput(pairs_per_epoch)], verbose=train_config.verbose)
-    history = {key: [float(v) for v in values] for key, values in result.history.items()}
+    retrieval = read_validation_set(validation_files, min_label=train_config.min_label,
+                                    max_queries=train_config.validation_queries, seed=train_config.seed)
+
+    state = _new_state()
+    if checkpoints is not None:
+        run_path = checkpoints.directory / RUN_CONFIG
+        if resume and first_epoch > 0:
+            with strategy.scope():
+                _build_for_restore(model, next(iter(make_dataset(train_files, batch_size=2, training=False,
+                                                                 config=train_config, negatives=negatives))))
+            checkpoints.attach(model)
+            first_epoch, state = checkpoints.restore_last()
+        elif resume:  # the run stopped before its first checkpoint: start it again, same run.json
+            checkpoints.attach(model)
+        else:
+            checkpoints.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_path, run_config)
+            checkpoints.attach(model)
+    patience = train_config.early_stopping_patience if retrieval is not None else 0
+    tracker = _RunTracker(state, patience=patience, checkpoints=checkpoints,
+                          snapshot=train_config.keep_best and retrieval is not None, session_start=session_start)
+    # Order matters: every callback after one that adds metrics sees them in the same logs dict.
+    callbacks: list[tf.keras.callbacks.Callback] = []
+    if retrieval is not None:
+        callbacks.append(_RetrievalValidation(retrieval))
+    callbacks.append(_Throughput(pairs_per_epoch, batch))
+    if train_config.verbose:
+        # Our own progress bar, after _Throughput, so it shows the running pairs_per_sec as is.
+        callbacks.append(tf.keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=["pairs_per_sec"]))
+    callbacks.append(tracker)
+    if tensorboard_dir is not None:
+        callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), histogram_freq=0,
+                                                        write_graph=False, update_freq="epoch", profile_batch=0))
+    done = first_epoch >= train_config.epochs or (patience and state["wait"] >= patience)
+    if not done:
+        model.fit(train_ds, validation_data=validation_ds, epochs=train_config.epochs, initial_epoch=first_epoch,
+                  steps_per_epoch=steps, callbacks=callbacks, verbose=train_config.verbose)
+    best_epoch = state["best_epoch"] if state["best_epoch"] is not None else tracker.last_epoch
+    weights_epoch = tracker.last_epoch
+    if train_config.keep_best and best_epoch != tracker.last_epoch:
+        if checkpoints is not None:
+            checkpoints.restore_best()
+            weights_epoch = best_epoch
+        elif tracker.best_weights is not None:
+            model.set_weights(tracker.best_weights)
+            weights_epoch = best_epoch
+    history: dict[str, Any] = dict(state["history"])
+    history.update(
+        best_epoch=best_epoch, weights_epoch=weights_epoch, monitor=MONITOR if retrieval is not None else None,
+        best_value=state["best_value"], stopped_early=bool(state["stopped_early"]), train_pairs=pairs_per_epoch,
+        validation_queries=retrieval.num_queries if retrieval is not None else 0,
+        validation_documents=retrieval.num_documents if retrieval is not None else 0,
+        wall_seconds=tracker.wall_before + time.perf_counter() - session_start)
     return model, history
 
 
@@ -417,25 +931,57 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dssm train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", required=True, help="directory written by `dssm pairs`")
     parser.add_argument("--output", required=True, help="model directory to write (SavedModel, configs, manifest)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory (and start "
+                        "its checkpoints and, inside OUTPUT, its TensorBoard logs afresh)")
+    parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir "
+                        "from its last epoch (same pairs and settings; --epochs and --early-stopping-patience may "
+                        "change)")
+    parser.add_argument("--checkpoint-dir", help="checkpoints after every epoch (last/) and of the best epoch "
+                        "(best/), '' for none (default: OUTPUT/checkpoints)")
+    parser.add_argument("--tensorboard-dir", help="TensorBoard scalars per epoch, '' for none (default: OUTPUT/logs)")
     add_config_arguments(parser, ModelConfig)
     add_config_arguments(parser, TrainConfig)
     return parser
 
 
+def _run_dir(value: str | None, default: Path) -> Path | None:
+    if value is None:
+        return default
+    return Path(value) if value else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``dssm train``: train on ``--pairs`` and export to ``--output``; prints the final losses."""
+    """``dssm train``: train on ``--pairs`` and export to ``--output``; prints the exported epoch's metrics."""
     args = _parser().parse_args(argv)
     model_config = config_from_args(ModelConfig, args)
     train_config = config_from_args(TrainConfig, args)
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    checkpoint_dir = _run_dir(args.checkpoint_dir, output / "checkpoints")
+    tensorboard_dir = _run_dir(args.tensorboard_dir, output / "logs")
+    if args.resume and checkpoint_dir is None:
+        raise InputError("--resume needs the checkpoint directory of the run (--checkpoint-dir '' turns them off)")
+    # Run directories inside OUTPUT survive the export that replaces the model files around them.
+    keep = [d.name for d in (checkpoint_dir, tensorboard_dir)
+            if d is not None and d.absolute().parent == output.absolute()]
+    if output.exists() and any(output.iterdir()) and not (args.overwrite or args.resume):
+        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it, or "
+                         "--resume to continue its checkpointed run)")
+    if args.overwrite and not args.resume:
+        if checkpoint_dir is not None:
+            _Checkpoints(checkpoint_dir).clear()
+        if tensorboard_dir is not None and tensorboard_dir.name in keep:
+            shutil.rmtree(tensorboard_dir, ignore_errors=True)
     feature_config = read_feature_config(args.pairs)
     model, history = train(args.pairs, model_config=model_config, train_config=train_config,
-                           feature_config=feature_config)
-    export_model(model, output, train_config=train_config, history=history, overwrite=args.overwrite)
-    last = {key: values[-1] for key, values in history.items() if values}
-    print(f"wrote {output}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items())))
+                           feature_config=feature_config, checkpoint_dir=checkpoint_dir,
+                           tensorboard_dir=tensorboard_dir, resume=args.resume)
+    export_model(model, output, train_config=train_config, history=history,
+                 overwrite=args.overwrite or args.resume, keep=keep)
+    epoch = history["weights_epoch"]
+    row = history["epoch"].index(epoch) if epoch in history.get("epoch", []) else -1
+    metrics = {key: values[row] for key, values in history.items()
+               if isinstance(values, list) and values and key not in ("epoch",)}
+    print(f"wrote {output}: weights of epoch {epoch} (best by {history['monitor'] or 'last epoch'}; "
+          f"{len(history.get('epoch', []))} trained{', stopped early' if history['stopped_early'] else ''}), "
+          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return 0
-
