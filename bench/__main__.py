@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, Figure, results_markdown, run_part, update_readme, write_results
+from bench.harness import ROOT, Figure, git_commit, results_markdown, run_part, update_readme, write_results
 
 PARTS = ("featurize", "train", "encode", "index", "query", "quality")
 
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     for part in dict.fromkeys(args.part):
         start = time.perf_counter()
-        meta = {"time": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        # The commit when the part starts: other work may land in a shared checkout during a long run.
+        meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "commit": git_commit(),
                 "load_average": [round(x, 2) for x in os.getloadavg()]}
         print(f"\n### bench part {part}{' (quick)' if args.quick else ''}", flush=True)
         # Each part in its own process: one broken part must not hide (or disturb) the others' figures.

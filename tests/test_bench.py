@@ -57,7 +57,8 @@ def test_write_results_keeps_other_parts_and_reports_ratios(tmp_path: Path) -> N
     # Re-running one part replaces its figures and keeps the others' (in the parts' order).
     second = write_results([_figure("featurize", [7], None)], out_dir=tmp_path, quick=False,
                            errors={"train": "RuntimeError: boom"},
-                           parts={"train": {"time": "t2", "seconds": 3.0, "load_average": [2, 2, 2]},
+                           parts={"train": {"time": "t2", "seconds": 3.0, "load_average": [2, 2, 2],
+                                            "commit": "abc1234+"},
                                   "featurize": {"time": "t2", "seconds": 4.0, "load_average": [2, 2, 2]}}, order=ORDER)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == second
@@ -66,6 +67,9 @@ def test_write_results_keeps_other_parts_and_reports_ratios(tmp_path: Path) -> N
     assert on_disk["parts"]["train"]["error"] == "RuntimeError: boom" and on_disk["errors"] == {
         "train": "RuntimeError: boom"}
     assert on_disk["parts"]["query"]["time"] == "t1"
+    # The commit a part started at is kept, "+" meaning tracked files had uncommitted changes.
+    assert (on_disk["parts"]["train"]["commit"], on_disk["parts"]["train"]["dirty_tree"]) == ("abc1234", True)
+    assert "| train | t2 | abc1234 (+ uncommitted changes) | 3 |" in (tmp_path / "results.md").read_text()
     table = (tmp_path / "results.md").read_text()
     assert "| query | query figure | 2.00 x/s | peer | 4.00 x/s | 0.50× (ours better) |" in table
     assert "| train | **failed**: RuntimeError: boom |" in table
