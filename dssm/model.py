@@ -22,8 +22,11 @@ Batches are dicts of tensors as read from the pair shards (see ``dssm/train.py``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.config import config_to_dict, field
@@ -33,7 +36,8 @@ from dssm.features import FeatureConfig, Featurizer
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_recommenders as tfrs  # noqa: E402  isort: skip
 
-__all__ = ["ModelConfig", "Tower", "DSSMModel", "PairLoss", "EmbeddingBag"]
+__all__ = ["ModelConfig", "Tower", "DSSMModel", "PairLoss", "EmbeddingBag", "bag_plan", "bag_plan_numpy", "bag_groups",
+           "plan_key", "BAG_PLANS", "gathered_rows"]
 
 _ACTIVATIONS = ("tanh", "relu", "gelu", "linear")
 _COMBINERS = ("sum", "mean", "sqrtn")
@@ -99,12 +103,17 @@ class PairLoss(Protocol):
 class EmbeddingBag(tf.keras.layers.Layer):
     """``[batch, None]`` ragged ids with counts → ``[batch, dim]`` count-weighted sums of table rows.
 
-    The batch's ids are de-duplicated first and only those rows gathered, so the table's gradient
-    is ``tf.IndexedSlices`` over the batch's distinct ids (a 1024-pair batch of Quora questions
-    touches ~20k distinct rows of ~130k ids); the pooling is then one fused ``SparseSegmentSum``
-    over the small gathered block (no ``[ids, dim]`` intermediate, which would cost more memory
-    traffic than all the dense layers together). Counts are occurrence counts, so an id with count
-    ``c`` is simply listed ``c`` times.
+    The batch's ids are de-duplicated first and only those rows gathered, so the table's gradient is
+    ``tf.IndexedSlices`` over the batch's distinct ids (a 1024-pair batch of Quora questions touches
+    ~18k distinct rows of 131k) and a sparse optimizer updates only those rows. The pooling is one
+    fused ``SparseSegmentSum`` over the small gathered block (no ``[ids, dim]`` intermediate, which
+    would cost more memory traffic than all the dense layers together). Counts are occurrence
+    counts, so an id with count ``c`` is simply listed ``c`` times.
+
+    How the ids map onto the block is a :func:`bag_plan`. The layer makes one in the graph when
+    called without; the trainer's input pipeline makes them ahead of the step (see
+    ``dssm.train.make_dataset``), together with the transposed order the gradient needs, which
+    otherwise costs an in-step sort.
     """
 
     def __init__(self, num_buckets: int, dim: int, *, combiner: str, init_stddev: float,
@@ -122,28 +131,147 @@ class EmbeddingBag(tf.keras.layers.Layer):
             initializer=tf.keras.initializers.TruncatedNormal(stddev=self.init_stddev), trainable=True)
         super().build(input_shape)
 
-    def call(self, ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> tf.Tensor:
-        """Args: ids ``[batch, None]`` int64, counts ``[batch, None]`` float32. Returns ``[batch, dim]``."""
-        rows = tf.cast(ids.value_rowids(), tf.int32)
+    def call(self, ids: tf.RaggedTensor, counts: tf.RaggedTensor, plan: dict[str, tf.Tensor] | None = None
+             ) -> tf.Tensor:
+        """Pool the bags.
+
+        Args:
+            ids: ``[batch, None]`` int64.
+            counts: ``[batch, None]`` float32.
+            plan: :func:`bag_plan` of exactly these bags (computed here when None).
+
+        Returns:
+            ``[batch, dim]``.
+        """
         nrows = tf.cast(ids.nrows(), tf.int32)
-        times = tf.cast(tf.round(counts.flat_values), tf.int32)
-        unique_ids, position = tf.unique(ids.flat_values, out_idx=tf.int32)
-        block = tf.cast(tf.gather(self.table, unique_ids), self.compute_dtype)  # [distinct ids, dim]
-        # An id counted c times contributes c copies of its row. Most counts are 1 and tf.repeat
-        # costs O(entries x max count), so the few entries with c > 1 are repeated c - 1 more times
-        # and pooled separately (repeat keeps their bag numbers ascending, as the kernel needs).
-        repeated = times > 1
-        pooled = _pool(block, position, rows, nrows) + _pool(
-            block, tf.repeat(position[repeated], times[repeated] - 1), tf.repeat(rows[repeated], times[repeated] - 1),
-            nrows)
+        if plan is None:
+            plan = bag_plan(ids, counts)
+        block = tf.cast(_gather_rows(self.table, plan["unique_ids"]), self.compute_dtype)  # [distinct ids, dim]
+        transposed = (plan["grad_bags"], plan["grad_rows"]) if "grad_bags" in plan else None
+        pooled = _pool(block, plan["position"], plan["rows"], nrows, transposed)
         if self.combiner == "sum":
             return pooled
-        total = tf.math.unsorted_segment_sum(tf.cast(times, pooled.dtype), rows, nrows)
+        total = tf.math.unsorted_segment_sum(tf.round(tf.cast(counts.flat_values, pooled.dtype)),
+                                             tf.cast(counts.value_rowids(), tf.int32), nrows)
         scale = total if self.combiner == "mean" else tf.sqrt(total)
         return pooled / tf.maximum(scale, 1)[:, tf.newaxis]
 
 
-def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tensor) -> tf.Tensor:
+# Attribute of the gathered ids tensor holding the rows the forward pass read.
+_ROWS_ATTRIBUTE = "_dssm_table_rows"
+
+
+def _gather_rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+    """``table[ids]``, remembered on the gather's ``ids`` for the optimizer (see :func:`gathered_rows`).
+
+    The optimizer's update reads the same rows again (``table[row] -= ...`` needs the old values;
+    TF's scatter_sub kernel costs three times a gather plus a scatter_update of the same rows).
+    """
+    ids = tf.identity(ids)  # this gather's own tensor, so nothing else can carry the mark
+    rows = tf.gather(table, ids)
+    # Not for an autocast (mixed precision) read: the update needs the variable's own dtype.
+    if not tf.executing_eagerly() and rows.dtype == getattr(table, "true_dtype", table.dtype):
+        setattr(ids, _ROWS_ATTRIBUTE, rows)
+    return rows
+
+
+def gathered_rows(indices: tf.Tensor) -> tf.Tensor | None:
+    """The table rows an :class:`EmbeddingBag` read this step, if ``indices`` is its table gradient's.
+
+    The table's gradient is ``IndexedSlices(values, reshape(ids))`` from the gather's registered
+    gradient, with the embedding bag's distinct, ascending ids. The rows the forward pass read at
+    ``ids`` are still the table's content when the optimizer applies that gradient (one update per
+    step, after the forward pass), so the update need not gather them again. Anything else (eager
+    tensors, gradients summed or all-gathered across replicas) gives None.
+    """
+    if tf.executing_eagerly() or not hasattr(indices, "op"):
+        return None
+    source = indices.op.inputs[0] if indices.op.type == "Reshape" else indices
+    return getattr(source, _ROWS_ATTRIBUTE, None)
+
+
+def bag_plan(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> dict[str, tf.Tensor]:
+    """How a batch of bags maps onto its distinct table rows, in TensorFlow ops (any device, in-graph).
+
+    Args:
+        ids: ``[batch, None]`` int64 bucket ids.
+        counts: ``[batch, None]`` float32 occurrence counts (rounded; an id counted ``c`` times is
+            an entry ``c`` times).
+
+    Returns:
+        ``unique_ids`` ``[distinct]`` int64 (in order of first appearance here, ascending from
+        :func:`bag_plan_numpy`); ``position`` ``[entries]`` int32 (row of
+        ``unique_ids`` per entry) and ``rows`` ``[entries]`` int32 (bag per entry, ascending), with
+        every id repeated by its count. :func:`bag_plan_numpy` also gives the transposed order.
+    """
+    times = tf.maximum(tf.cast(tf.round(counts.flat_values), tf.int32), 0)
+    entries = _expand(times)  # [entries] index into flat_values, each repeated by its count
+    flat = tf.gather(ids.flat_values, entries)
+    rows = tf.gather(tf.cast(ids.value_rowids(), tf.int32), entries)
+    unique_ids, position = tf.unique(flat, out_idx=tf.int32)
+    return {"unique_ids": unique_ids, "position": position, "rows": rows}
+
+
+def _expand(times: tf.Tensor) -> tf.Tensor:
+    """``[sum(times)]`` int32: ``i`` repeated ``times[i]`` times, in order; O(output) unlike ``tf.repeat``.
+
+    ``tf.repeat`` builds an ``[entries, max(times)]`` mask. Here every entry after the first marks
+    where its run starts and a cumulative sum of the marks numbers the runs (a zero-length run puts
+    its mark on the same spot as the next one, so it is skipped).
+    """
+    ends = tf.cumsum(times)
+    total = tf.reduce_sum(times)
+    marks = tf.math.unsorted_segment_sum(tf.ones_like(ends[:-1]), ends[:-1], total + 1)[:total]
+    return tf.cumsum(marks)
+
+
+def bag_plan_numpy(ids: np.ndarray, row_splits: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`bag_plan` in numpy plus the transposed order its gradient needs (the input pipeline's version).
+
+    The distinct ids come from a presence mask over the id range instead of a hash table or a sort,
+    and the transposed order from NumPy's radix sort on 16-bit keys: a few milliseconds per
+    1024-pair batch, where TensorFlow's comparison sort alone takes ~10.
+
+    Args:
+        ids: ``[values]`` int64 flat ids of the ragged bags.
+        row_splits: ``[batch + 1]`` int64 row splits.
+        counts: ``[values]`` float32 counts.
+
+    Returns:
+        ``(unique_ids, position, rows, grad_bags, grad_rows)``: the first three as in :func:`bag_plan`;
+        ``grad_rows`` ``[entries]`` int32 is ``position`` sorted ascending and ``grad_bags`` the
+        matching ``rows`` (the entries grouped by table row, bags ascending within a row).
+    """
+    times = np.maximum(np.rint(counts), 0).astype(np.int64)
+    rows = np.repeat(np.arange(len(row_splits) - 1, dtype=np.int32), np.diff(row_splits))
+    if not np.all(times == 1):
+        entries = np.repeat(np.arange(len(ids)), times)
+        ids, rows = ids[entries], rows[entries]
+    if len(ids) and 0 <= ids.min() and ids.max() < 2**24:
+        present = np.zeros(int(ids.max()) + 1, np.bool_)
+        present[ids] = True
+        unique_ids = np.flatnonzero(present)
+        rank = np.zeros(len(present), np.int32)
+        rank[unique_ids] = np.arange(len(unique_ids), dtype=np.int32)
+        position = rank[ids]
+    else:
+        unique_ids, position = np.unique(ids, return_inverse=True)
+        position = position.astype(np.int32).reshape(-1)
+    order = _radix_argsort(position, len(unique_ids))
+    return (unique_ids.astype(np.int64), position, rows, rows[order], position[order])
+
+
+def _radix_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of non-negative int32 ``keys < bound`` by 16-bit radix passes (NumPy's stable uint16 sort)."""
+    low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    if bound <= 1 << 16:
+        return low
+    high = np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")
+    return low[high]
+
+
+def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tensor,
+          transposed: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
     """``out[r] = sum of block[position[e]] over entries e with rows[e] == r``, with a fast gradient.
 
     Args:
@@ -151,6 +279,8 @@ def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tens
         position: ``[entries]`` int32 row of ``block`` per entry.
         rows: ``[entries]`` int32 bag per entry, sorted ascending.
         nrows: number of bags.
+        transposed: ``(bags, block_rows)`` ``[entries]`` int32: the entries grouped by block row
+            (ascending), as :func:`bag_plan_numpy` gives them; sorted here when None.
 
     Returns:
         ``[nrows, dim]``.
@@ -162,15 +292,19 @@ def _pool(block: tf.Tensor, position: tf.Tensor, rows: tf.Tensor, nrows: tf.Tens
 
         def grad(upstream: tf.Tensor) -> tf.Tensor:
             # The transpose of the pooling is the same fused kernel with the entries grouped by
-            # block row instead of by bag; one int64 sort regroups them. TF's registered gradient
-            # (SparseSegmentSumGrad) takes ~4x longer here and was half of the whole train step.
-            # Key = (last block row - position) << 32 | bag: counting down lets a descending sort (TopK
-            # itself, no negations) give ascending block rows, and shifts decode it without division.
-            last = tf.cast(tf.shape(block)[0], tf.int64) - 1
-            keys = tf.sort(tf.bitwise.left_shift(last - tf.cast(position, tf.int64), 32) | tf.cast(rows, tf.int64),
-                           direction="DESCENDING")
-            bags = tf.cast(keys & 0xFFFFFFFF, tf.int32)
-            block_rows = tf.cast(last - tf.bitwise.right_shift(keys, 32), tf.int32)
+            # block row instead of by bag. TF's registered gradient (SparseSegmentSumGrad) takes ~4x
+            # longer here and was half of the whole train step.
+            if transposed is not None:
+                bags, block_rows = transposed
+            else:
+                # One int64 sort regroups them. Key = (last block row - position) << 32 | bag:
+                # counting down lets a descending sort (TopK itself, no negations) give ascending
+                # block rows, and shifts decode it without division.
+                last = tf.cast(tf.shape(block)[0], tf.int64) - 1
+                keys = tf.sort(tf.bitwise.left_shift(last - tf.cast(position, tf.int64), 32)
+                               | tf.cast(rows, tf.int64), direction="DESCENDING")
+                bags = tf.cast(keys & 0xFFFFFFFF, tf.int32)
+                block_rows = tf.cast(last - tf.bitwise.right_shift(keys, 32), tf.int32)
             return _segment_sum(upstream, bags, block_rows, tf.shape(block)[0])
 
         return pooled, grad
@@ -246,18 +380,20 @@ class Tower(tf.keras.Model):
         # the exported signatures, never through this config.
         return {"config": config_to_dict(self.config), "num_buckets": self.bag.num_buckets, "name": self.name}
 
-    def call(self, inputs: tuple[tf.RaggedTensor, tf.RaggedTensor], training: bool | None = None) -> tf.Tensor:
+    def call(self, inputs: tuple[tf.RaggedTensor, tf.RaggedTensor], training: bool | None = None,
+             plan: dict[str, tf.Tensor] | None = None) -> tf.Tensor:
         """Embed bags.
 
         Args:
             inputs: ``(ids, counts)``: ``[batch, None]`` int64 and ``[batch, None]`` float32 ragged.
             training: enables dropout.
+            plan: the bags' :func:`bag_plan` if the input pipeline made one.
 
         Returns:
             ``[batch, output_dim]`` float32, rows of unit L2 norm (all-zero for an empty bag with zero biases).
         """
         ids, counts = inputs
-        pooled = self.bag(ids, counts)
+        pooled = self.bag(ids, counts, plan=plan)
         if self.jit_dense:
             return self._dense_xla(pooled, training=bool(training))
         return self._dense(pooled, training=training)
@@ -366,7 +502,9 @@ class DSSMModel(tfrs.Model):
         for tower in towers:
             mine = [name for name in names if groups[name] is tower]
             bags = [(features[f"{name}_ids"], features[f"{name}_counts"]) for name in mine]
-            for name, embedding in zip(mine, _embed_together(tower, bags, training=training), strict=True):
+            plan = features.get(BAG_PLANS, {}).get(plan_key(mine))
+            for name, embedding in zip(mine, _embed_together(tower, bags, training=training, plan=plan),
+                                       strict=True):
                 out[name] = embedding
         return out
 
@@ -411,14 +549,43 @@ class DSSMModel(tfrs.Model):
         return loss_sum / tf.cast(local_batch * replicas, loss_sum.dtype)
 
 
+# Key of the batch's dict of precomputed bag plans (see bag_groups and dssm.train.make_dataset).
+BAG_PLANS = "bag_plans"
+
+
+def plan_key(names: Sequence[str]) -> str:
+    """The key of the plan for the concatenation of these bags (``"query+document"``)."""
+    return "+".join(names)
+
+
+def bag_groups(config: ModelConfig, names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The bags each tower embeds in one call, as :meth:`DSSMModel.compute_loss` groups them.
+
+    Args:
+        config: the model (``shared_towers`` decides the grouping).
+        names: the batch's bags, of ``query``, ``document``, ``negative``, in that order.
+
+    Returns:
+        One tuple per tower call: all of ``names`` with shared towers, else the query alone and the
+        rest (documents and negatives share the document tower).
+    """
+    if config.shared_towers:
+        return [tuple(names)]
+    return [group for group in (tuple(n for n in names if n == "query"), tuple(n for n in names if n != "query"))
+            if group]
+
+
 def _embed_together(tower: Tower, bags: list[tuple[tf.RaggedTensor, tf.RaggedTensor]], *,
-                    training: bool | None) -> list[tf.Tensor]:
-    """Run ``tower`` once on the concatenation of several ``(ids, counts)`` batches; split the output."""
+                    training: bool | None, plan: dict[str, tf.Tensor] | None = None) -> list[tf.Tensor]:
+    """Run ``tower`` once on the concatenation of several ``(ids, counts)`` batches; split the output.
+
+    ``plan`` is the :func:`bag_plan` of the concatenation, if the input pipeline made one.
+    """
     if len(bags) == 1:
-        return [tower(bags[0], training=training)]
+        return [tower(bags[0], training=training, plan=plan)]
     ids = tf.concat([b[0].with_row_splits_dtype(tf.int64) for b in bags], axis=0)
     counts = tf.concat([b[1].with_row_splits_dtype(tf.int64) for b in bags], axis=0)
-    out = tower((ids, counts), training=training)
+    out = tower((ids, counts), training=training, plan=plan)
     return tf.split(out, [b[0].nrows(out_type=tf.int32) for b in bags], axis=0)
 
 
