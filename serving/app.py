@@ -14,20 +14,28 @@ Endpoints (all JSON; the OpenAPI document is served at ``/openapi.json`` and che
 Every error is ``{"error": reason, "status": code, "details": [...]}``. Before a request reaches
 FastAPI, one ASGI layer (:class:`_Guard`) checks the API key (401, nothing runs), the content type
 (415), the body size (413) and the in-flight limit (429 at once, with ``Retry-After``), and records
-the request count and latency per route. Index work runs in a bounded worker-thread pool so the event
-loop keeps answering health checks and refusing overload while searches run.
+the request count and latency per route. Single dense queries are coalesced in the backend's model
+thread; other index work (batches, similarity, other modes, document reads, writes) runs in a bounded
+worker-thread pool, so the event loop keeps answering health checks and refusing overload while
+searches run.
+
+The hot path: a valid ``POST /v1/search`` or ``/v1/search:batch`` is answered by the guard itself
+(pydantic validates the raw body against the same request model, the answer is encoded with
+``json.dumps``), without FastAPI's routing, dependency and response-model machinery, which cost more
+than the search itself on small requests. A body that fails validation goes on to the FastAPI route,
+which answers it with the usual 4xx, so both paths accept and refuse exactly the same requests.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import hmac
 import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -63,7 +72,6 @@ from serving.schemas import (
     DocumentResponse,
     ErrorResponse,
     HealthResponse,
-    HitOut,
     ReadyResponse,
     SearchRequest,
     SearchResponse,
@@ -106,6 +114,54 @@ def _error(status: int, reason: str, details: list[str] | None = None,
                         headers=headers)
 
 
+def _exception_answer(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
+    """(status, reason, headers) for an exception raised by the backend; one mapping for both paths."""
+    if isinstance(exc, NotReadyError):
+        return 503, str(exc), {"Retry-After": "1"}
+    if isinstance(exc, DocumentNotFoundError):
+        return 404, str(exc), None
+    if isinstance(exc, ModeNotAvailableError):
+        return 409, str(exc), None
+    if isinstance(exc, WriteNotSupportedError):
+        return 501, str(exc), None
+    if isinstance(exc, InputError):
+        return 400, str(exc), None
+    if isinstance(exc, DSSMError):
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return 500, f"{type(exc).__name__}: {exc}", None
+    # A bug, not bad input: same JSON shape for clients, the traceback in the server log.
+    log.error("request failed", exc_info=exc)
+    return 500, f"internal error ({type(exc).__name__}); see the server log", None
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if headers:
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+FastAnswer = Callable[[str, bytes], Awaitable[tuple[int, bytes, dict[str, str] | None] | None]]
+_FAST_PATHS = frozenset({"/v1/search", "/v1/search:batch"})
+
+
+def _hit_dicts(hits: Any) -> list[dict[str, Any]]:
+    return [{"id": h[0], "score": float(h[1]), "text": h[2]} for h in hits]
+
+
+def _hits_json(version: str, hits: Any) -> bytes:
+    """The ``SearchResponse`` body, encoded directly (same JSON as the pydantic model's)."""
+    return json.dumps({"version": version, "hits": _hit_dicts(hits)}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+def _results_json(version: str, results: Any) -> bytes:
+    """The ``BatchSearchResponse`` body."""
+    return json.dumps({"version": version, "results": [_hit_dicts(h) for h in results]}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
 class _Guard:
     """ASGI layer in front of FastAPI: metrics for every request; auth, content type, size, admission for ``/v1``.
 
@@ -114,15 +170,28 @@ class _Guard:
     """
 
     def __init__(self, app: Any, *, backend: Backend, api_key: str | None, require_key_for_reads: bool,
-                 routes: Callable[[], list[Any]]) -> None:
+                 routes: Callable[[], list[Any]], fast: FastAnswer | None = None) -> None:
         self.app = app
         self.backend = backend
         self.api_key = api_key.encode() if api_key else None
         self.require_key_for_reads = require_key_for_reads
         self._routes = routes
+        self._fast = fast
+        self._static: dict[str, frozenset[str]] | None = None
 
     def _route_label(self, scope: dict[str, Any]) -> tuple[str, bool, set[str]]:
         """(route path for metric labels, whether a route serves this method, methods the path allows)."""
+        if self._static is None:
+            # Paths without parameters, looked up by dict instead of matching every route's regex.
+            static: dict[str, frozenset[str]] = {}
+            for route in self._routes():
+                methods = getattr(route, "methods", None)
+                if methods and "{" not in route.path:
+                    static[route.path] = static.get(route.path, frozenset()) | frozenset(methods)
+            self._static = static
+        methods = self._static.get(scope["path"])
+        if methods is not None and scope["method"] in methods:
+            return scope["path"], True, set()
         label, allowed = None, set()
         for route in self._routes():
             match, _ = route.matches(scope)
@@ -213,6 +282,11 @@ class _Guard:
                 if body is None:
                     await _send_error(send, 413, f"request body exceeds {MAX_BODY_BYTES} bytes")
                     return
+                if self._fast is not None and method == "POST" and scope["path"] in _FAST_PATHS:
+                    answer = await self._fast(scope["path"], body)
+                    if answer is not None:
+                        await _send_json(send, *answer)
+                        return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
@@ -324,6 +398,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         try:
             yield
         finally:
+            backend.close_mailboxes()
             if manage_backend:
                 await anyio.to_thread.run_sync(backend.stop)
 
@@ -349,35 +424,13 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    @app.exception_handler(NotReadyError)
-    async def _on_not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
-        return _error(503, str(exc), headers={"Retry-After": "1"})
+    async def _on_backend_error(_: Request, exc: Exception) -> JSONResponse:
+        status, reason, headers = _exception_answer(exc)
+        return _error(status, reason, headers=headers)
 
-    @app.exception_handler(DocumentNotFoundError)
-    async def _on_missing(_: Request, exc: DocumentNotFoundError) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(ModeNotAvailableError)
-    async def _on_mode(_: Request, exc: ModeNotAvailableError) -> JSONResponse:
-        return _error(409, str(exc))
-
-    @app.exception_handler(WriteNotSupportedError)
-    async def _on_no_writes(_: Request, exc: WriteNotSupportedError) -> JSONResponse:
-        return _error(501, str(exc))
-
-    @app.exception_handler(InputError)
-    async def _on_input(_: Request, exc: InputError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(DSSMError)
-    async def _on_dssm(_: Request, exc: DSSMError) -> JSONResponse:
-        log.error("request failed: %s: %s", type(exc).__name__, exc)
-        return _error(500, f"{type(exc).__name__}: {exc}")
-
-    @app.exception_handler(Exception)
-    async def _on_bug(_: Request, exc: Exception) -> JSONResponse:
-        # A bug, not bad input: same JSON shape for clients; Starlette still logs the traceback.
-        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+    for error_class in (NotReadyError, DocumentNotFoundError, ModeNotAvailableError, WriteNotSupportedError,
+                        InputError, DSSMError, Exception):
+        app.add_exception_handler(error_class, _on_backend_error)
 
     # ---- health
 
@@ -404,34 +457,51 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
 
     # ---- reads
 
-    def _hits(hits: list[Any]) -> list[HitOut]:
-        return [HitOut(id=h[0], score=float(h[1]), text=h[2]) for h in hits]
-
-    def _json(model: Any) -> Response:
-        # Serialised in the worker thread too: a 25k-hit batch answer must not stall the event loop.
-        return Response(model.model_dump_json(), media_type="application/json")
-
-    def _search(body: SearchRequest) -> Response:
+    def _search_answer(body: SearchRequest) -> bytes:
         version, hits = backend.search(body.query, body.k, mode=body.mode)
-        return _json(SearchResponse(version=version, hits=_hits(hits)))
+        return _hits_json(version, hits)
 
-    def _search_batch(body: BatchSearchRequest) -> Response:
+    def _batch_answer(body: BatchSearchRequest) -> bytes:
+        # Encoded in the model thread too: a 25k-hit batch answer must not stall the event loop.
         version, results = backend.search_batch(body.queries, body.k, mode=body.mode)
-        return _json(BatchSearchResponse(version=version, results=[_hits(h) for h in results]))
+        return _results_json(version, results)
+
+    async def answer_search(body: SearchRequest) -> bytes:
+        if body.mode != "dense":
+            return await run(_search_answer, body)
+        # Dense single queries are coalesced with concurrent ones into one model call in the model thread.
+        version, hits = await backend.search_async(body.query, body.k)
+        return _hits_json(version, hits)
+
+    async def answer_batch(body: BatchSearchRequest) -> bytes:
+        # Batches are already batched: they run in the worker pool, so several use both cores and
+        # none holds up the single queries queued for the model thread.
+        return await run(_batch_answer, body)
+
+    async def fast(path: str, raw: bytes) -> tuple[int, bytes, dict[str, str] | None] | None:
+        try:
+            if path == "/v1/search":
+                search_body = SearchRequest.model_validate_json(raw)
+            else:
+                batch_body = BatchSearchRequest.model_validate_json(raw)
+        except ValidationError:
+            return None  # the FastAPI route answers it: the same 4xx as without this path
+        try:
+            payload = await (answer_search(search_body) if path == "/v1/search" else answer_batch(batch_body))
+        except Exception as exc:  # noqa: BLE001 - mapped to its 4xx/5xx like FastAPI's handlers do
+            status, reason, headers = _exception_answer(exc)
+            return status, _error_body(status, reason), headers
+        return 200, payload, None
 
     @app.post("/v1/search", response_model=SearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def search(body: SearchRequest) -> Any:
         """Top-k documents for one query, best first."""
-        if body.mode != "dense":
-            return await run(_search, body)
-        # Dense single queries go to the backend's batchers (no worker thread is held while waiting).
-        version, hits = await asyncio.wrap_future(backend.submit_search(body.query, body.k))
-        return _json(SearchResponse(version=version, hits=_hits(hits)))
+        return Response(await answer_search(body), media_type="application/json")
 
     @app.post("/v1/search:batch", response_model=BatchSearchResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def search_batch(body: BatchSearchRequest) -> Any:
         """Top-k documents for each query (one model call), all from the same index version."""
-        return await run(_search_batch, body)
+        return Response(await answer_batch(body), media_type="application/json")
 
     @app.post("/v1/similarity", response_model=SimilarityResponse, responses=_READ_ERRORS, tags=["search"])
     async def similarity(body: SimilarityRequest) -> SimilarityResponse:
@@ -489,7 +559,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
 
     app.openapi = custom_openapi  # type: ignore[method-assign]
     app.add_middleware(_Guard, backend=backend, api_key=api_key, require_key_for_reads=require_key_for_reads,
-                       routes=lambda: app.router.routes)
+                       routes=lambda: app.router.routes, fast=fast)
     return app
 
 
@@ -501,6 +571,17 @@ def openapi_document() -> dict[str, Any]:
 def write_openapi(path: str | Path) -> None:
     """Write :func:`openapi_document` as indented JSON (this is ``docs/openapi.json``)."""
     Path(path).write_text(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
+
+
+def _set_tf_threads(threads: int) -> None:
+    import tensorflow as tf  # noqa: PLC0415  (only the serving process pays for the import here)
+
+    try:
+        # Only possible before TensorFlow runs its first op; the index loads after this.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as exc:  # `dssm serve` called inside a process that already ran TensorFlow
+        log.warning("--tf-threads %d not applied: %s", threads, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,9 +597,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-key-for-reads", action="store_true", help="also require the key for /v1 reads")
     parser.add_argument("--max-in-flight", type=int, default=64,
                         help="requests admitted at once; more get 429 immediately (default: 64)")
-    parser.add_argument("--threads", type=int, default=8, help="worker threads for index work (default: 8)")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="worker threads for batch searches, similarity, document reads and writes "
+                             "(default: 8); single queries are coalesced in the model thread")
+    parser.add_argument("--model-threads", type=int, default=1,
+                        help="threads that answer single queries, each taking every query waiting at that "
+                             "moment as one batch (default: 1)")
+    parser.add_argument("--tf-threads", type=int, default=1,
+                        help="TensorFlow intra- and inter-op threads (default: 1: a single query's ops are too small "
+                             "to gain from a pool, and the event loop needs the other core)")
+    parser.add_argument("--switch-interval-ms", type=float, default=5.0,
+                        help="Python's GIL switch interval (sys.setswitchinterval) in ms (default: 5.0)")
+    parser.add_argument("--batch-window-ms", type=float, default=0.0,
+                        help="how long the model thread waits for more concurrent queries to join a batch "
+                             "(default: 0, take only those already waiting)")
     parser.add_argument("--watch-interval", type=float, default=1.0,
                         help="seconds between checks of CURRENT for a new version (default: 1.0)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="event loop implementation (default: auto = uvloop when installed)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--write-openapi", type=Path, metavar="PATH",
                         help="write the OpenAPI document to PATH and exit (no index needed)")
@@ -531,15 +627,22 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--index is required (the index directory written by `dssm index`)")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.tf_threads < 0:
+        raise ConfigError(f"--tf-threads must be >= 0 (0 = TensorFlow's default), got {args.tf_threads}")
     current_version_dir(args.index)  # fail fast on a wrong path: IndexNotFoundError names it
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = Backend(args.index, max_in_flight=args.max_in_flight, watch_interval=args.watch_interval)
+    backend = Backend(args.index, max_in_flight=args.max_in_flight, watch_interval=args.watch_interval,
+                      batchers=args.model_threads, batch_window=args.batch_window_ms / 1000.0)
     app = create_app(backend, api_key=args.api_key, require_key_for_reads=args.require_key_for_reads,
                      worker_threads=args.threads)
+    if args.tf_threads:
+        _set_tf_threads(args.tf_threads)
+    if args.switch_interval_ms > 0:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, loop=args.loop)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     return 0

@@ -11,12 +11,18 @@ logged, counted and skipped; the old one keeps serving. When the new version car
 files as the live one, the loaded query encoder is reused, so swaps after incremental updates take
 the time of the ScaNN/SQLite load only.
 
-Micro-batching: single dense queries submitted with :meth:`Backend.submit_search` are coalesced by
-batcher threads: each takes every query waiting at that moment (up to ``max_batch``) and answers
-them with one ``search_batch`` call on one snapshot. Nothing waits for a batch to fill, so a lone
-query costs what it did; under concurrency one model call serves many queries (on this 2-core
-machine a batch of 8 costs about 1.3× a single query). A query that makes its batch fail is retried
-alone, so one bad query cannot fail its neighbours.
+Micro-batching and the model thread: single dense queries (:meth:`Backend.search_async`,
+:meth:`Backend.submit_search`) queue for one dedicated model thread; each round it takes every query
+waiting at that moment (up to ``max_batch``; with ``batch_window`` > 0 it also waits that long for
+more) and answers them with one ``search_batch`` call on one snapshot, then settles the asyncio
+futures of the round with a single wake-up of the event loop. Nothing waits for a batch to fill by
+default, so a lone query costs what it did; under concurrency one model call serves many queries
+(on this 2-core machine a batch of 8 costs about 2× a single query, not 8×), and the event loop's
+thread and the model thread each keep a core instead of a pool of threads fighting over both cores
+and the GIL. Batch requests, which are batched already, run in the caller's worker threads, so
+several can use both cores and none holds up the queued single queries (:meth:`Backend.call_async`
+runs any other function in the model thread). A query that makes its batch fail is retried alone,
+so one bad query cannot fail its neighbours.
 
 Load shedding: :meth:`Backend.try_acquire` admits at most ``max_in_flight`` operations at once and
 refuses the rest immediately (the HTTP layer turns that into a 429), so a burst can never build an
@@ -28,8 +34,12 @@ backends can live in one process, as in tests).
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import functools
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,7 +47,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -140,6 +150,110 @@ def _model_fingerprint(version_dir: Path) -> str | None:
         return None
 
 
+class _Job(NamedTuple):
+    """One dense query waiting for the model thread; ``box`` is ``None`` for a ``concurrent.futures.Future``."""
+
+    query: str
+    k: int
+    future: Any
+    box: _Mailbox | None
+
+
+class _Call(NamedTuple):
+    """A function to run in the model thread, its asyncio future and its loop's mailbox."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    box: _Mailbox
+
+
+class _Mailbox:
+    """Hands results from the model thread to one event loop.
+
+    ``loop.call_soon_threadsafe`` under uvloop writes its wake-up with the GIL held; when that write
+    wakes the loop's thread, the scheduler often switches to it at once, and it then waits for the GIL
+    the descheduled model thread still holds (profiles showed a quarter of all GIL time in that
+    call). Here the model thread queues the results and writes one byte with ``os.write``, which
+    releases the GIL, and only when the loop has not been woken already; the loop drains everything
+    queued in one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._pending: collections.deque[list[tuple[asyncio.Future, Any, BaseException | None]]] = collections.deque()
+        self._woken = False
+        self._closed = False
+        # Only so that close() cannot free the pipe while a model thread writes to it (a reused fd
+        # number would get our byte); uncontended, it costs well under a microsecond.
+        self._lock = threading.Lock()
+        loop.add_reader(self._read, self._drain)
+
+    def post(self, items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+        """Queue ``(future, result, exception)`` items (any thread); wakes the loop if it is not awake yet."""
+        self._pending.append(items)
+        if self._woken:
+            return
+        with self._lock:
+            if self._closed:  # the loop is shutting down: its callers are gone
+                return
+            self._woken = True
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:  # the pipe is full: the loop has plenty of wake-ups pending
+                pass
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Cleared before draining: a post after this point writes again (see post()).
+        self._woken = False
+        while self._pending:
+            _settle_in_loop(self._pending.popleft())
+
+    def close(self) -> None:
+        """Stop watching the pipe and close it (call from the loop's thread)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.loop.remove_reader(self._read)
+            finally:
+                os.close(self._read)
+                os.close(self._write)
+
+
+def _settle(outcomes: Sequence[tuple[Any, Any, Any, BaseException | None]]) -> None:
+    """Resolve ``(future, mailbox, result, exception)`` outcomes: asyncio futures through their loop's mailbox."""
+    by_box: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
+    for future, box, result, exc in outcomes:
+        if box is None:
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+        else:
+            by_box.setdefault(box, []).append((future, result, exc))
+    for box, items in by_box.items():
+        box.post(items)
+
+
+def _settle_in_loop(items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, result, exc in items:
+        if future.done():  # cancelled: the client disconnected
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
 def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
     from serving.searcher import Searcher
 
@@ -158,18 +272,23 @@ class Backend:
             The encoder argument is the live version's encoder when the model files are unchanged.
         warmup_query: a text searched once on a freshly loaded version before it goes live.
         max_batch: most single queries one coalesced call answers (1 turns micro-batching off).
-        batchers: threads coalescing single queries.
+        batchers: model threads (one by default: every model call runs in it, see the module docstring).
+        batch_window: seconds the model thread waits for more queries after the first of a batch
+            (0: take only what is already waiting).
     """
 
     def __init__(self, index_dir: str | Path, *, max_in_flight: int = 64, watch_interval: float = 1.0,
                  loader: Callable[[Path, Any | None], Any] | None = None,
-                 warmup_query: str = "warm up", max_batch: int = 64, batchers: int = 2) -> None:
+                 warmup_query: str = "warm up", max_batch: int = 64, batchers: int = 1,
+                 batch_window: float = 0.0) -> None:
         if max_batch < 1 or batchers < 1:
             raise ConfigError(f"max_batch and batchers must be >= 1, got {max_batch} and {batchers}")
         if max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if watch_interval < 0:
             raise ConfigError(f"watch_interval must be >= 0, got {watch_interval}")
+        if not 0 <= batch_window <= 1.0:
+            raise ConfigError(f"batch_window must be in [0, 1] seconds, got {batch_window}")
         self.index_dir = Path(index_dir)
         self.max_in_flight = max_in_flight
         self.watch_interval = watch_interval
@@ -187,11 +306,13 @@ class Backend:
         self._watcher: threading.Thread | None = None
         self.last_error: str | None = None
         self.max_batch = max_batch
-        self._batch_queue: queue.SimpleQueue[tuple[str, int, Future] | None] = queue.SimpleQueue()
-        self._batcher_threads = [threading.Thread(target=self._batch_loop, name=f"dssm-batcher-{i}", daemon=True)
+        self.batch_window = batch_window
+        self._batch_queue: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
+        self._batcher_threads = [threading.Thread(target=self._batch_loop, name=f"dssm-model-{i}", daemon=True)
                                  for i in range(batchers)]
         self._batchers_started = False
         self._batchers_lock = threading.Lock()
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle
@@ -391,74 +512,146 @@ class Backend:
             return snap.version, snap.searcher.search(query, k=k, mode=mode)
         return snap.version, snap.searcher.search(query, k=k)
 
-    def submit_search(self, query: str, k: int) -> Future:
-        """Queue one dense query for the batcher threads; never blocks.
-
-        Returns:
-            A future of ``(version, hits)``, as :meth:`search` returns (or its exception).
-        """
-        self._check_k(k)
+    def _ensure_batchers(self) -> None:
+        if self._batchers_started:
+            return
         with self._batchers_lock:
             if not self._batchers_started:
                 for thread in self._batcher_threads:
                     thread.start()
                 self._batchers_started = True
+
+    def submit_search(self, query: str, k: int) -> Future:
+        """Queue one dense query for the model thread; never blocks.
+
+        Returns:
+            A future of ``(version, hits)``, as :meth:`search` returns (or its exception).
+        """
+        self._check_k(k)
+        self._ensure_batchers()
         future: Future = Future()
-        self._batch_queue.put((query, k, future))
+        self._batch_queue.put(_Job(query, k, future, None))
         return future
+
+    async def search_async(self, query: str, k: int) -> tuple[str, list[Any]]:
+        """:meth:`submit_search` for asyncio callers: the answer comes back through the caller's loop.
+
+        The model thread settles all the futures of one batch that belong to a loop with a single
+        ``call_soon_threadsafe``, so a batch of n queries wakes the event loop once, not n times.
+        """
+        self._check_k(k)
+        self._ensure_batchers()
+        box = self._mailbox()
+        future = box.loop.create_future()
+        self._batch_queue.put(_Job(query, k, future, box))
+        return await future
+
+    async def call_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the model thread (in turn with the coalesced queries) and await it.
+
+        Model calls of every kind go through the one thread, so they never compete with each other
+        for the two cores, the GIL or TensorFlow's thread pools.
+        """
+        self._ensure_batchers()
+        box = self._mailbox()
+        future = box.loop.create_future()
+        self._batch_queue.put(_Call(functools.partial(fn, *args, **kwargs), future, box))
+        return await future
+
+    def _mailbox(self) -> _Mailbox:
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            with self._batchers_lock:
+                box = self._mailboxes.get(loop)
+                if box is None:
+                    box = self._mailboxes[loop] = _Mailbox(loop)
+        return box
+
+    def close_mailboxes(self) -> None:
+        """Release the pipes of the mailboxes of the running loop (the app calls this at shutdown)."""
+        loop = asyncio.get_running_loop()
+        with self._batchers_lock:
+            box = self._mailboxes.pop(loop, None)
+        if box is not None:
+            box.close()
 
     def _batch_loop(self) -> None:
         while True:
             item = self._batch_queue.get()
             if item is None:
                 return
-            items = [item]
-            while len(items) < self.max_batch:
+            jobs: list[_Job] = []
+            calls: list[_Call] = []
+            (calls if isinstance(item, _Call) else jobs).append(item)
+            stop = False
+            deadline = time.perf_counter() + self.batch_window if self.batch_window else None
+            # Everything already waiting joins this round; with a window, also what arrives within it.
+            while len(jobs) < self.max_batch:
                 try:
-                    more = self._batch_queue.get_nowait()
+                    if deadline is None:
+                        more = self._batch_queue.get_nowait()
+                    else:
+                        left = deadline - time.perf_counter()
+                        more = self._batch_queue.get(timeout=left) if left > 0 else self._batch_queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:  # shutting down: answer what we hold, then stop
-                    self._answer(items)
-                    return
-                items.append(more)
-            self._answer(items)
+                    stop = True
+                    break
+                (calls if isinstance(more, _Call) else jobs).append(more)
+            if jobs:
+                self._answer(jobs)
+            for call in calls:
+                self._run_call(call)
+            if stop:
+                return
 
-    def _answer(self, items: list[tuple[str, int, Future]]) -> None:
-        live = [(q, k, f) for q, k, f in items if f.set_running_or_notify_cancel()]
+    @staticmethod
+    def _run_call(call: _Call) -> None:
+        if call.future.done():  # the caller went away
+            return
+        try:
+            _settle([(call.future, call.box, call.fn(), None)])
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            _settle([(call.future, call.box, None, exc)])
+
+    def _answer(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if (j.future.set_running_or_notify_cancel() if j.box is None else not j.future.done())]
         if not live:
             return
         try:
             snap = self.current()
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-            for _, _, future in live:
-                future.set_exception(exc)
+            _settle([(j.future, j.box, None, exc) for j in live])
             return
-        by_k: dict[int, list[tuple[str, Future]]] = {}
-        for query, k, future in live:
-            by_k.setdefault(k, []).append((query, future))
+        by_k: dict[int, list[_Job]] = {}
+        for job in live:
+            by_k.setdefault(job.k, []).append(job)
+        outcomes: list[tuple[Any, Any, Any, BaseException | None]] = []
         for k, group in by_k.items():
             self.metrics.batch_size.observe(len(group))
             try:
                 if len(group) == 1:
-                    results = [snap.searcher.search(group[0][0], k=k)]
+                    results: list[Any] = [snap.searcher.search(group[0].query, k=k)]
                 else:
-                    results = snap.searcher.search_batch([q for q, _ in group], k=k)
+                    results = snap.searcher.search_batch([j.query for j in group], k=k)
             except Exception as exc:  # noqa: BLE001 - alone, each query gets its own answer or error
                 if len(group) == 1:
-                    group[0][1].set_exception(exc)
-                    continue
-                results = []
-                for query, _ in group:
-                    try:
-                        results.append(snap.searcher.search(query, k=k))
-                    except Exception as single:  # noqa: BLE001
-                        results.append(single)
-            for (_, future), hits in zip(group, results, strict=True):
-                if isinstance(hits, Exception):
-                    future.set_exception(hits)
+                    results = [exc]
                 else:
-                    future.set_result((snap.version, hits))
+                    results = []
+                    for job in group:
+                        try:
+                            results.append(snap.searcher.search(job.query, k=k))
+                        except Exception as single:  # noqa: BLE001
+                            results.append(single)
+            for job, hits in zip(group, results, strict=True):
+                if isinstance(hits, Exception):
+                    outcomes.append((job.future, job.box, None, hits))
+                else:
+                    outcomes.append((job.future, job.box, (snap.version, hits), None))
+        _settle(outcomes)
 
     def search_batch(self, queries: Sequence[str], k: int, *, mode: str = "dense") -> tuple[str, list[list[Any]]]:
         """Top-k hits for each query, all from one version."""

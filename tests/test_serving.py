@@ -25,10 +25,11 @@ import httpx
 import numpy as np
 import pytest
 import serving_support as support
+from prometheus_client import generate_latest
 from serving_support import API_KEY, ServerThread, metric_value, wait_until
 
 from dssm.cli import main as cli_main
-from dssm.errors import InputError
+from dssm.errors import ConfigError, InputError
 from serving import index as ix
 from serving.app import create_app, openapi_document
 from serving.backend import Backend
@@ -186,6 +187,75 @@ def test_concurrent_single_queries_are_coalesced_into_batches(served, rows):
     with ThreadPoolExecutor(8) as pool:
         remote = list(pool.map(lambda t: served.client.search(t, k=3), texts))
     assert [[h.id for h in r] for r in remote] == [[h.id for h in searcher.search(t, k=3)] for t in texts]
+
+
+def test_http_queries_waiting_together_share_one_model_call(served, rows):
+    """Single queries over HTTP queue for the model thread; those waiting when it frees up are one batch."""
+    import asyncio
+
+    from serving.schemas import SearchResponse
+
+    backend = served.backend
+    release, blocked = threading.Event(), threading.Event()
+
+    def hold_the_model_thread():
+        blocked.set()
+        release.wait(30)
+
+    async def occupy():
+        try:
+            await backend.call_async(hold_the_model_thread)
+        finally:
+            backend.close_mailboxes()
+
+    holder = threading.Thread(target=asyncio.run, args=(occupy(),))
+    holder.start()
+    try:
+        assert blocked.wait(30)
+        before = served.client.metrics()
+        texts = [r["text"] for r in rows[:8]]
+        with ThreadPoolExecutor(8) as pool:
+            answers = pool.map(lambda t: httpx.post(served.url + "/v1/search", json={"query": t, "k": 3}, timeout=30),
+                               texts)
+            wait_until(lambda: backend._batch_queue.qsize() == 8, timeout=30, what="8 queued queries")  # noqa: SLF001
+            release.set()
+            answers = list(answers)
+    finally:
+        release.set()
+        holder.join(30)
+    after = served.client.metrics()
+
+    def grew(name):
+        return metric_value(after, name) - metric_value(before, name)
+
+    # One model call answered all eight, each with its own hits.
+    assert (grew("dssm_search_batch_size_count"), grew("dssm_search_batch_size_sum")) == (1, 8)
+    searcher = backend.current().searcher
+    for text, response in zip(texts, answers, strict=True):
+        assert response.status_code == 200
+        body = SearchResponse.model_validate_json(response.content)  # the hand-encoded JSON fits the model
+        assert body.version == served.version
+        assert [h.id for h in body.hits] == [h.id for h in searcher.search(text, k=3)]
+
+
+def test_batch_window_lets_later_queries_join_a_batch(tmp_path, model_dir, rows):
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows[:30])
+    backend = Backend(index_dir, watch_interval=0, batch_window=0.5, loader=support.shared_encoder_loader(model_dir))
+    backend.reload()
+    try:
+        first = backend.submit_search(rows[0]["text"], 2)
+        time.sleep(0.05)  # well inside the window
+        second = backend.submit_search(rows[1]["text"], 2)
+        assert first.result(timeout=30)[1][0].id == rows[0]["id"]
+        assert second.result(timeout=30)[1][0].id == rows[1]["id"]
+        text = generate_latest(backend.metrics.registry).decode()
+        assert (metric_value(text, "dssm_search_batch_size_count"), metric_value(text, "dssm_search_batch_size_sum")) \
+            == (1, 2)
+    finally:
+        backend.stop()
+    with pytest.raises(ConfigError, match="batch_window"):
+        Backend(index_dir, batch_window=2.0)
 
 
 # ---- bad input: always a 4xx with a reason, never a 500 -----------------------------------------
