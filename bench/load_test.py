@@ -368,7 +368,7 @@ def _start_server(index_dir: Path, port: int, args: argparse.Namespace) -> subpr
 
     dssm_bin = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
     command = [dssm_bin, "serve", "--index", str(index_dir), "--port", str(port), "--log-level", "warning",
-               "--max-in-flight", str(args.max_in_flight), *args.server_args]
+               "--max-in-flight", str(args.max_in_flight), "--tf-threads", str(args.tf_threads), *args.server_args]
     server = subprocess.Popen(command, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of every scenario (the table shows medians)")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per batch request")
     parser.add_argument("--max-in-flight", type=int, default=64, help="server's in-flight limit")
+    parser.add_argument("--tf-threads", type=int, default=1,
+                        help="TensorFlow intra/inter-op threads, in this process (in-process scenarios) and the "
+                             "server's --tf-threads (default: 1, as `dssm serve`; 0 = TensorFlow's default)")
     parser.add_argument("--skip-in-process", action="store_true", help="only the HTTP scenarios")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("server_args", nargs="*", help="extra `dssm serve` flags (after --)")
@@ -410,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.requests < 1 or args.seconds <= 0:
         parser.error("--repeats, --requests and --seconds must be positive")
 
+    if args.tf_threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.tf_threads)
     index_dir, setup = prepare_index(args)
     queries = synthetic_texts(2000, seed=1)
     runs: list[dict[str, Any]] = []
