@@ -127,12 +127,14 @@ def measure_fit(*, batch_size: int = 1024, epochs: int = 6, mixed_precision: boo
     groups = bag_groups(model_config, ["query", "document"]) if plans else []
 
     def take(step: tf.Tensor) -> dict[str, tf.Tensor]:
+        step = step % steps
         return {key: value[step * batch_size:(step + 1) * batch_size] for key, value in table.items()}
 
-    ds = add_bag_plans(tf.data.Dataset.range(steps).map(take), groups).prefetch(tf.data.AUTOTUNE)
+    # All epochs in one dataset read by one iterator, as dssm.train.train feeds fit.
+    ds = add_bag_plans(tf.data.Dataset.range(steps * epochs).map(take), groups).prefetch(tf.data.AUTOTUNE)
     model = build_model(model_config, feature_config, train_config)
     timer = _epoch_timer(steps * batch_size)
-    model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer])
+    model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     return {"wall": _stats(timer.wall[1:]), "cpu": _stats(timer.cpu[1:]),
             "others_cores": statistics.median(timer.others[1:]), "loss": timer.loss}
 

@@ -111,8 +111,10 @@ class TrainConfig:
     keep_best: bool = field(True, "return/export the weights of the epoch with the best val_recall_at_10, not the "
                             "last epoch's")
     min_label: float = field(0.0, "pairs with label <= this are dropped (explicit negatives are no in-batch positives)")
-    shuffle_buffer: int = field(100_000, "shuffle buffer in pairs (>= the number of pairs shuffles fully)")
-    cache: bool = field(True, "keep parsed positive pairs in memory after the first epoch")
+    shuffle_buffer: int = field(100_000, "shuffle buffer in pairs when streaming (--no-cache); with the cache "
+                                "every epoch is a full shuffle")
+    cache: bool = field(True, "hold the parsed positive pairs in memory and cut each epoch's batches from a seeded "
+                        "permutation: about half the input pipeline's CPU per pair of unbatch/shuffle/batch")
     negatives: bool = field(True, "use the shards' explicit negatives (negative_ids) as extra softmax columns "
                             "when they have them")
     mixed_precision: bool = field(False, "compute in float16 on GPU / bfloat16 on CPU; variables stay float32")
