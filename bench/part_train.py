@@ -7,6 +7,11 @@ shared towers, in-batch softmax with the same temperature, Adagrad with a sparse
 trained in the same run on the same batches: the same pairs in the same order, cut at the same batch
 size and hashed by the same :class:`~dssm.features.Featurizer`. Its figure is pairs per wall-clock
 second over whole passes through the batches, after a warm-up pass, like ours.
+
+The PyTorch step is not steady from the start: on this machine its first steps take ~0.7 s and it
+settles near 2 s per 1024-pair step within two passes (the sparse EmbeddingBag gradient of ~130k
+rows x 300 and the sparse Adagrad update dominate), so whole passes after a warm-up pass are timed,
+and the quick run's figure (2 batches) overstates it.
 """
 
 from __future__ import annotations
@@ -80,4 +85,4 @@ def run(*, quick: bool) -> list[Figure]:
         "train", f"train step, batch {BATCH}, default tower (CPU) vs PyTorch", "pairs/s", ours.ours,
         f"PyTorch {version('torch')} EmbeddingBag(sum, per_sample_weights) + Linear/tanh, sparse Adagrad",
         torch_stats, note="same batches: quora-dev's 10,000 pairs, default FeatureConfig/ModelConfig"
-        + ("; quick: PyTorch on the first 2 batches only" if quick else ""))]
+        + ("; quick: PyTorch on the first 2 batches only, not its steady state" if quick else ""))]
