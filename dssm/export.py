@@ -6,7 +6,8 @@ Layout (docs/design.md)::
                              -> {"embedding": [None, dim] float32}, L2-normalised;
                              featurize: texts [None] tf.string -> {"ids": [None, None] int64 (padded
                              with -1), "counts": [None, None] float32 (padded with 0), "lengths": [None] int64}
-    MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig}
+    MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig,
+                              "loss": LossConfig}
     MODEL_DIR/history.json   per-epoch training metrics, best_epoch, pairs/s, wall time (dssm.train)
     MODEL_DIR/manifest.json  kind "model", sha256 of every file
 
@@ -130,6 +131,7 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
         "features": config_to_dict(model.feature_config),
         "model": config_to_dict(model.config),
         "train": config_to_dict(train_config),
+        "loss": config_to_dict(model.loss_config),
     })
     write_json_atomic(staging / "history.json", history or {})
     write_manifest(staging, kind="model", extra={"dim": model.config.output_dim})

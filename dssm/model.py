@@ -8,20 +8,33 @@ bias and the activation, then ``hidden_dims`` dense layers, then L2 normalisatio
 of two tower outputs is their cosine.
 
 :class:`DSSMModel` is a ``tfrs.Model`` holding a query tower and a document tower (one shared object
-by default, the Siamese set-up, or two separate towers) and a loss on the in-batch score matrix
-(``tfrs.tasks.Retrieval``: softmax over the batch's documents with a temperature, accidental hits
-masked by document id). Any object with the same call signature as the Retrieval task can be passed
-as ``loss`` (see :class:`PairLoss`).
+by default, the Siamese set-up, or two separate towers) and the training objective ``ModelConfig.loss``
+(one of :data:`dssm.losses.LOSSES`, hyperparameters in a :class:`~dssm.losses.LossConfig`):
+
+* score-matrix losses (softmax, the default; triplet, hard-negative, circle; contrastive, which
+  needs explicit negatives) score every query against the batch's documents and explicit negatives,
+  with accidental hits (a candidate with the row's document id, or the same bag, i.e. identical text
+  after normalisation) masked, optionally with logQ correction (softmax, contrastive);
+* cosent scores each labelled pair by the cosine of its two towers' outputs, ranked against the
+  batch's other pairs by label (label-0 rows and graded scores are data here, not noise);
+* classifier trains a Sentence-BERT :class:`~dssm.losses.PairClassifier` head on ``[u, v, |u-v|]``;
+  the head lives in the model for training only (export keeps just the towers);
+* simcse runs the batch's query bags through the query tower twice (two dropout masks) and treats
+  the two views of a text as the positive pair: no labels or documents needed.
+
+Any object with the call signature of ``tfrs.tasks.Retrieval`` can be passed as ``loss`` to replace a
+score-matrix loss (see :class:`PairLoss`).
 
 Batches are dicts of tensors as read from the pair shards (see ``dssm/train.py``):
 ``query_ids``/``query_counts``/``document_ids``/``document_counts`` ragged ``[batch, None]``, optional
-``document_id`` ``[batch]`` string (for accidental-hit masking) and optional explicit negatives
-``negative_ids``/``negative_counts`` ragged ``[batch, None]`` (an empty row means "no negative") with
-``negative_id`` ``[batch]`` string.
+``document_id`` ``[batch]`` string (for accidental-hit masking), ``label`` ``[batch]`` float32 (needed
+by cosent and classifier) and optional explicit negatives ``negative_ids``/``negative_counts`` ragged
+``[batch, None]`` (an empty row means "no negative") with ``negative_id`` ``[batch]`` string.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,15 +45,27 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.config import config_to_dict, field
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
+from dssm.losses import (
+    LOSS_NAMES,
+    LOSSES,
+    LossConfig,
+    PairClassifier,
+    RetrievalLoss,
+    get_loss,
+    pair_cosines,
+)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_recommenders as tfrs  # noqa: E402  isort: skip
 
-__all__ = ["ModelConfig", "Tower", "DSSMModel", "PairLoss", "EmbeddingBag", "bag_plan", "bag_plan_numpy", "bag_groups",
-           "plan_key", "BAG_PLANS", "gathered_rows"]
+__all__ = ["ModelConfig", "Tower", "DSSMModel", "PairLoss", "EmbeddingBag", "apply_loss_defaults",
+           "SIMCSE_DEFAULT_DROPOUT", "bag_plan", "bag_plan_numpy", "bag_groups", "plan_key", "BAG_PLANS",
+           "gathered_rows"]
 
 _ACTIVATIONS = ("tanh", "relu", "gelu", "linear")
 _COMBINERS = ("sum", "mean", "sqrtn")
+# SimCSE's dropout when the user left it at 0 (the paper's default rate, Gao et al. 2021).
+SIMCSE_DEFAULT_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -56,18 +81,22 @@ class ModelConfig:
     embedding_init_stddev: float = field(
         0.05, "stddev of the embedding table's truncated-normal init (a 100-id bag then sums to ~0.5)")
     shared_towers: bool = field(True, "one tower for queries and documents (Siamese); --no-shared-towers for two")
+    loss: str = field("softmax", f"training objective, one of {', '.join(LOSS_NAMES)} (listed below; "
+                      "docs/losses.md compares them)")
     temperature: float = field(
-        0.1, "softmax temperature on cosine scores (DSSM's smoothing factor is 1/temperature); on quora-dev "
-        "held-out queries 0.1 gave nDCG@10 0.704 vs 0.679 at 0.05 and 0.695 at 0.15")
+        0.1, "softmax / contrastive / simcse temperature on cosine scores (DSSM's smoothing factor is "
+        "1/temperature); on quora-dev held-out queries 0.1 gave nDCG@10 0.704 vs 0.679 at 0.05 and 0.695 at 0.15")
     dropout: float = field(0.0, "dropout rate after each hidden layer while training")
     remove_accidental_hits: bool = field(
-        True, "mask in-batch negatives that have the same document id as the row's positive")
+        True, "mask in-batch negatives that have the same document id, or the same text, as the row's positive")
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if any(d < 1 for d in self.hidden_dims):
             raise ConfigError(f"hidden_dims must all be positive, got {self.hidden_dims}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; known losses: {', '.join(LOSS_NAMES)}")
         if self.activation not in _ACTIVATIONS:
             raise ConfigError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         if self.bag_combiner not in _COMBINERS:
@@ -83,6 +112,23 @@ class ModelConfig:
     def output_dim(self) -> int:
         """Width of the tower output (the embedding dimension the index stores)."""
         return self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim
+
+
+def apply_loss_defaults(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """Settings a loss cannot train without, filled in where the user left the default.
+
+    simcse's only positive signal is the difference between two dropout masks, so it needs
+    ``dropout > 0``: a config with 0 gets :data:`SIMCSE_DEFAULT_DROPOUT`.
+
+    Returns:
+        ``(config, notes)``: the adjusted config and one human-readable line per change (the CLI
+        prints them).
+    """
+    if config.loss == "simcse" and config.dropout == 0:
+        return (dataclasses.replace(config, dropout=SIMCSE_DEFAULT_DROPOUT),
+                [f"loss simcse needs dropout > 0 (its two views differ only by dropout): using dropout "
+                 f"{SIMCSE_DEFAULT_DROPOUT}"])
+    return config, []
 
 
 class PairLoss(Protocol):
@@ -423,19 +469,36 @@ class Tower(tf.keras.Model):
 
 
 class DSSMModel(tfrs.Model):
-    """Two DSSM towers and an in-batch loss.
+    """Two DSSM towers and their training objective (``config.loss``).
 
     Args:
-        config: tower shape, sharing, temperature.
+        config: tower shape, sharing, the loss and its temperature.
         feature_config: the hashing the towers read (its ``num_buckets`` sizes the tables).
-        loss: a :class:`PairLoss`; default ``tfrs.tasks.Retrieval`` (in-batch softmax with
-            ``config.temperature``, summed over queries).
+        loss: optional :class:`PairLoss` replacing the score-matrix loss (softmax, triplet,
+            hard-negative, circle, contrastive); default
+            ``RetrievalLoss(config.loss, config=loss_config, temperature=config.temperature)``.
+        loss_config: the losses' margins and scales (:class:`~dssm.losses.LossConfig`); saved as
+            ``config.json["loss"]`` by export.
+
+    Raises:
+        ConfigError: ``loss`` given for a loss that is not a score-matrix loss, or simcse with
+            ``dropout == 0`` (see :func:`apply_loss_defaults`).
     """
 
-    def __init__(self, config: ModelConfig, *, feature_config: FeatureConfig, loss: PairLoss | None = None) -> None:
+    def __init__(self, config: ModelConfig, *, feature_config: FeatureConfig, loss: PairLoss | None = None,
+                 loss_config: LossConfig | None = None) -> None:
         super().__init__()
         self.config = config
         self.feature_config = feature_config
+        self.loss_config = loss_config if loss_config is not None else LossConfig()
+        spec = LOSSES[config.loss]
+        self.loss_inputs = spec.inputs
+        if config.loss == "simcse" and config.dropout == 0:
+            raise ConfigError("loss simcse needs dropout > 0: its two views of a text differ only by dropout "
+                              f"(got dropout {config.dropout}; {SIMCSE_DEFAULT_DROPOUT} is SimCSE's)")
+        if loss is not None and spec.inputs not in ("scores", "scores+negatives"):
+            raise ConfigError(f"loss= replaces a score-matrix loss; ModelConfig.loss is {config.loss!r} "
+                              f"({spec.inputs!r} inputs)")
         self.featurizer = Featurizer(feature_config)
         self.query_tower = Tower(config, num_buckets=feature_config.num_buckets, featurizer=self.featurizer,
                                  name="query_tower" if not config.shared_towers else "tower")
@@ -444,10 +507,22 @@ class DSSMModel(tfrs.Model):
         else:
             self.document_tower = Tower(config, num_buckets=feature_config.num_buckets,
                                         featurizer=self.featurizer, name="document_tower")
-        self.task: PairLoss = loss if loss is not None else tfrs.tasks.Retrieval(
-            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM),
-            temperature=config.temperature,
-        )
+        self.task: PairLoss | None = None
+        if spec.inputs in ("scores", "scores+negatives"):
+            self.task = loss if loss is not None else RetrievalLoss(config.loss, config=self.loss_config,
+                                                                    temperature=config.temperature)
+        # get_loss validates the combination (e.g. logq_correction with a loss that has none).
+        self._loss_fn = (None if self.task is not None
+                         else get_loss(config.loss, config=self.loss_config, temperature=config.temperature))
+        if self.loss_config.logq_correction and not spec.logq:
+            raise ConfigError(f"logq_correction is not available for loss {config.loss!r}; only for "
+                              f"{[n for n, s in LOSSES.items() if s.logq]}")
+        # The Sentence-BERT head: trained with the towers, never exported (export keeps only the towers).
+        self.classifier = (PairClassifier(self.loss_config.num_classes, name="pair_classifier")
+                           if spec.inputs == "classifier" else None)
+        # Document sampling probabilities for logQ correction; a plain holder so Keras does not track
+        # the lookup table as model state (it is derived from the data, rebuilt by the trainer).
+        self._sampling = _Holder()
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
 
     @property
@@ -487,14 +562,15 @@ class DSSMModel(tfrs.Model):
         out = self._embed_batch(features, training=training)
         return out["query"], out["document"]
 
-    def _embed_batch(self, features: dict[str, tf.Tensor], *, training: bool | None) -> dict[str, tf.Tensor]:
-        """Embeddings of ``query``, ``document`` and (if present) ``negative`` bags.
+    def _embed_batch(self, features: dict[str, tf.Tensor], *, training: bool | None,
+                     negatives: bool = True) -> dict[str, tf.Tensor]:
+        """Embeddings of ``query``, ``document`` and (if present and ``negatives``) ``negative`` bags.
 
         Each tower runs once per step on all the bags it embeds (with shared towers: queries,
         documents and negatives together), so each embedding table gets exactly one gather per step
         and its gradient is one ``IndexedSlices`` with unique rows (no de-duplication pass needed).
         """
-        names = ["query", "document"] + (["negative"] if "negative_ids" in features else [])
+        names = ["query", "document"] + (["negative"] if negatives and "negative_ids" in features else [])
         groups = {"query": self.query_tower, "document": self.document_tower, "negative": self.document_tower}
         out: dict[str, tf.Tensor] = {}
         towers = [self.query_tower] if self.query_tower is self.document_tower else [self.query_tower,
@@ -508,45 +584,118 @@ class DSSMModel(tfrs.Model):
                 out[name] = embedding
         return out
 
-    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        """The batch's loss, divided by the *global* batch size so replica gradients sum to the mean.
+    def set_sampling_probabilities(self, document_ids: np.ndarray | list[bytes] | list[str]) -> None:
+        """Estimate each document's in-batch sampling probability (for logQ correction) from its frequency.
 
-        Candidates are the batch's documents, then its explicit negatives (if the batch has
-        ``negative_ids``; rows with an empty negative bag are masked out). Under a multi-replica
-        strategy every replica's candidates are gathered, so each query is scored against the whole
-        global batch. With ``remove_accidental_hits``, a candidate whose ``document_id`` equals the
-        row's positive's is masked (``score_mask``), not counted as a negative.
+        ``p(d) = count(d) / len(document_ids)``; a document not in the list (e.g. a validation one)
+        gets ``1 / len(document_ids)``, as if seen once. Explicit negatives are chosen per query,
+        not sampled, and get no correction.
+
+        Args:
+            document_ids: the ``document_id`` of every training pair (one entry per pair).
+
+        Raises:
+            ConfigError: the loss config does not ask for logQ correction, or the list is empty.
         """
-        embedded = self._embed_batch(features, training=training)
+        if not self.loss_config.logq_correction:
+            raise ConfigError("set_sampling_probabilities needs LossConfig(logq_correction=True)")
+        if len(document_ids) == 0:
+            raise ConfigError("set_sampling_probabilities got no document ids")
+        keys = tf.strings.to_hash_bucket_fast(tf.constant(document_ids, tf.string), 2**62).numpy()
+        unique, counts = np.unique(keys, return_counts=True)
+        total = float(len(keys))
+        self._sampling.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(unique, tf.int64),
+                                                tf.constant(counts / total, tf.float32)),
+            default_value=1.0 / total)
+
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """The batch's loss, scaled so that the replicas' gradients sum to the global batch's.
+
+        Score-matrix losses: candidates are the batch's documents, then its explicit negatives (if
+        the batch has ``negative_ids``; rows with an empty negative bag are masked out). Under a
+        multi-replica strategy every replica's candidates are gathered, so each query is scored
+        against the whole global batch. With ``remove_accidental_hits``, a candidate whose
+        ``document_id`` or bag (the text after normalisation) equals the row's positive's is masked
+        (``score_mask``), not counted as a negative. The per-row losses are summed and divided by
+        the global batch. classifier: cross-entropy of the pair head, likewise per pair. cosent: one
+        ranking loss over the replica's pairs, divided by the number of replicas. simcse: the
+        softmax of the query texts' first dropout views against their second views (gathered over
+        replicas), repeated texts masked.
+
+        Raises:
+            ConfigError: cosent / classifier on a batch without ``label``.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.loss_inputs == "views":
+            return self._simcse(features, training=training, replicas=replicas)
+        if self.loss_inputs in ("graded", "classifier") and "label" not in features:
+            raise ConfigError(f"loss {self.config.loss!r} needs a 'label' per pair in the batch")
+        embedded = self._embed_batch(features, training=training,
+                                     negatives=self.loss_inputs in ("scores", "scores+negatives"))
         query, document = embedded["query"], embedded["document"]
         local_batch = tf.shape(query)[0]
-        keys = _candidate_keys(features.get("document_id"), local_batch, tag=0)
+        global_batch = tf.cast(local_batch * replicas, tf.float32)
+        if self.loss_inputs == "graded":
+            # CoSENT has no per-pair form: each replica ranks its own pairs; the replicas' mean.
+            return self._loss_fn(pair_cosines(query, document), features["label"]) / replicas
+        if self.loss_inputs == "classifier":
+            logits = self.classifier((query, document))
+            return self._loss_fn(logits, features["label"], reduction="sum") / global_batch
+        keys = _pair_keys(features.get("document_id"), features["document_ids"], features["document_counts"],
+                          local_batch, tag=0)
         candidates, candidate_keys = _gather_replicas(document, keys, rotate=True)
+        probability = None
+        if self._sampling.table is not None:
+            probability = self._sampling.table.lookup(candidate_keys[:, 0])
         keep_columns = None
         if "negative_ids" in features:
             negative = embedded["negative"]
-            negative_keys = _candidate_keys(features.get("negative_id"), local_batch, tag=1)
+            negative_keys = _pair_keys(features.get("negative_id"), features["negative_ids"],
+                                       features["negative_counts"], local_batch, tag=1)
             negative, negative_keys = _gather_replicas(negative, negative_keys, rotate=False)
             # all_gather has no bool kernel on every device; ship the flags as int32.
             present, _ = _gather_replicas(tf.cast(features["negative_ids"].row_lengths() > 0, tf.int32), None,
                                           rotate=False)
             keep_columns = tf.concat([tf.ones([tf.shape(candidates)[0]], tf.bool), present > 0], axis=0)
+            if probability is not None:  # chosen per query, not sampled: no correction (log 1 = 0)
+                probability = tf.concat([probability, tf.ones([tf.shape(negative)[0]])], axis=0)
             candidates = tf.concat([candidates, negative], axis=0)
             candidate_keys = tf.concat([candidate_keys, negative_keys], axis=0)
         num_candidates = tf.shape(candidates)[0]
         score_mask = None
         if self.config.remove_accidental_hits:
             # After the rotation in _gather_replicas this replica's positives are the first columns.
-            hit = tf.equal(candidate_keys[:local_batch, tf.newaxis], candidate_keys[tf.newaxis, :])
+            # A hit: the same document id, or the same bag (identical text after normalisation).
+            hit = tf.reduce_any(tf.equal(candidate_keys[:local_batch, tf.newaxis, :],
+                                         candidate_keys[tf.newaxis, :, :]), axis=-1)
             score_mask = tf.logical_or(tf.logical_not(hit), tf.eye(local_batch, num_candidates, dtype=tf.bool))
         if keep_columns is not None:
             keep = tf.broadcast_to(keep_columns[tf.newaxis, :], [local_batch, num_candidates])
             score_mask = keep if score_mask is None else tf.logical_and(score_mask, keep)
-        loss_sum = self.task(query, candidates,
-                             candidate_ids=candidate_keys if self.config.remove_accidental_hits else None,
-                             score_mask=score_mask, compute_metrics=False, compute_batch_metrics=False)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        extra = {} if probability is None else {"candidate_sampling_probability": probability}
+        loss_sum = self.task(query, candidates, candidate_ids=None, score_mask=score_mask, compute_metrics=False,
+                             compute_batch_metrics=False, **extra)
+        return loss_sum / tf.cast(global_batch, loss_sum.dtype)
+
+    def _simcse(self, features: dict[str, tf.Tensor], *, training: bool | None, replicas: int) -> tf.Tensor:
+        """SimCSE: the query bags through the query tower twice (one call, so one table gather)."""
+        bags = (features["query_ids"], features["query_counts"])
+        first, second = _embed_together(self.query_tower, [bags, bags], training=training)
+        local_batch = tf.shape(first)[0]
+        # A text repeated in the batch (one query with several pairs) is not its own negative.
+        keys = _bag_keys(*bags)
+        second, keys = _gather_replicas(second, keys, rotate=True)
+        loss_sum = self._loss_fn(first, second, keys=keys if self.config.remove_accidental_hits else None,
+                                 reduction="sum")
         return loss_sum / tf.cast(local_batch * replicas, loss_sum.dtype)
+
+
+class _Holder:
+    """An attribute bag Keras does not track (see ``DSSMModel._sampling``)."""
+
+    def __init__(self) -> None:
+        self.table: tf.lookup.StaticHashTable | None = None
 
 
 # Key of the batch's dict of precomputed bag plans (see bag_groups and dssm.train.make_dataset).
@@ -601,6 +750,38 @@ def _candidate_keys(ids: tf.Tensor | None, batch: tf.Tensor, *, tag: int) -> tf.
     ctx = tf.distribute.get_replica_context()
     replica = tf.cast(ctx.replica_id_in_sync_group if ctx is not None else 0, tf.int64)
     return -1 - ((replica * 2 + tag) * 2**32 + tf.range(tf.cast(batch, tf.int64)))
+
+
+def _bag_keys(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> tf.Tensor:
+    """``[batch]`` int64 fingerprint of each bag: equal bags (same ids with the same counts) get equal keys.
+
+    Identical texts (after the featurizer's normalisation) have identical bags, so this masks them
+    as accidental hits even when their ids differ, or when the batch has no ids. Each (id, count)
+    entry is mixed by SplitMix64's finaliser and the row's entries summed (mod 2^64: unsigned
+    arithmetic wraps), so the key does not depend on entry order and two different bags collide
+    with probability ~2^-62.
+    """
+    x = tf.bitcast(ids.flat_values, tf.uint64) * tf.constant(0x9E3779B97F4A7C15, tf.uint64) + tf.cast(
+        tf.round(counts.flat_values), tf.uint64)
+    x = _splitmix64(x)
+    rows = tf.cast(ids.value_rowids(), tf.int32)
+    total = tf.math.unsorted_segment_sum(x, rows, tf.cast(ids.nrows(), tf.int32))
+    # Non-negative int64 (all_gather and equality need no unsigned kernels).
+    return tf.bitcast(tf.bitwise.right_shift(_splitmix64(total), tf.constant(2, tf.uint64)), tf.int64)
+
+
+def _splitmix64(x: tf.Tensor) -> tf.Tensor:
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(30, tf.uint64))) * tf.constant(
+        0xBF58476D1CE4E5B9, tf.uint64)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(27, tf.uint64))) * tf.constant(
+        0x94D049BB133111EB, tf.uint64)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(31, tf.uint64)))
+
+
+def _pair_keys(ids: tf.Tensor | None, bag_ids: tf.RaggedTensor, bag_counts: tf.RaggedTensor, batch: tf.Tensor, *,
+               tag: int) -> tf.Tensor:
+    """``[batch, 2]`` int64: (document id key, bag key); a match in either column is an accidental hit."""
+    return tf.stack([_candidate_keys(ids, batch, tag=tag), _bag_keys(bag_ids, bag_counts)], axis=1)
 
 
 def _gather_replicas(values: tf.Tensor, ids: tf.Tensor | None, *, rotate: bool) -> tuple[tf.Tensor, tf.Tensor | None]:

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,10 +50,12 @@ from dssm.errors import ConfigError, InputError
 from dssm.evaluate import mrr_at_k, recall_at_k
 from dssm.export import export_model
 from dssm.features import FeatureConfig
+from dssm.losses import LOSSES, LossConfig, loss_help
 from dssm.model import (
     BAG_PLANS,
     DSSMModel,
     ModelConfig,
+    apply_loss_defaults,
     bag_groups,
     bag_plan_numpy,
     gathered_rows,
@@ -470,10 +475,11 @@ def _dtype_policy(mixed_precision: bool) -> Iterator[None]:
         tf.keras.mixed_precision.set_global_policy(previous)
 
 
-def build_model(model_config: ModelConfig, feature_config: FeatureConfig, train_config: TrainConfig) -> DSSMModel:
+def build_model(model_config: ModelConfig, feature_config: FeatureConfig, train_config: TrainConfig, *,
+                loss_config: LossConfig | None = None) -> DSSMModel:
     """A compiled :class:`DSSMModel` (call inside the strategy's scope when distributing)."""
     with _dtype_policy(train_config.mixed_precision):
-        model = DSSMModel(model_config, feature_config=feature_config)
+        model = DSSMModel(model_config, feature_config=feature_config, loss_config=loss_config)
         # Not compile(jit_compile=...): the whole step cannot be XLA-compiled (ragged ids, unique,
         # string ids); the towers' dense layers can.
         model.query_tower.jit_dense = model.document_tower.jit_dense = train_config.xla
@@ -847,10 +853,11 @@ def _pairs_digest(manifest: dict[str, Any]) -> str:
 
 
 def _run_config(feature_config: FeatureConfig, model_config: ModelConfig, train_config: TrainConfig,
-                pairs_digest: str) -> dict[str, Any]:
+                loss_config: LossConfig, pairs_digest: str) -> dict[str, Any]:
     """What ``run.json`` records: everything that decides what a run computes."""
     return {"pairs_sha256": pairs_digest, "features": config_to_dict(feature_config),
-            "model": config_to_dict(model_config), "train": config_to_dict(train_config)}
+            "model": config_to_dict(model_config), "train": config_to_dict(train_config),
+            "loss": config_to_dict(loss_config)}
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -882,9 +889,61 @@ def _build_for_restore(model: DSSMModel, batch: dict[str, tf.Tensor]) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
+def _loss_data(model_config: ModelConfig, loss_config: LossConfig, train_config: TrainConfig,
+               train_files: list[str], *, negatives: bool) -> tuple[TrainConfig, bool]:
+    """What ``model_config.loss`` trains on: ``(config for its datasets, read explicit negatives)``.
+
+    cosent and classifier learn from labelled pairs, so label-0 rows (Quora non-duplicates) and
+    graded scores (STS 0-5) stay in their batches instead of being filtered by ``min_label``; simcse
+    only reads the query texts, so every row's text is used. The score-matrix losses train on
+    positives (``label > min_label``); contrastive also needs the shards' explicit negatives.
+
+    Raises:
+        ConfigError: contrastive without explicit negatives; cosent with a single label value;
+            classifier with labels that are not class indices ``0..num_classes-1``.
+    """
+    inputs = LOSSES[model_config.loss].inputs
+    if inputs == "scores+negatives" and not negatives:
+        raise ConfigError(f"loss {model_config.loss!r} needs explicit negatives, and the train shards carry none"
+                          + ("" if train_config.negatives else " that are read (--no-negatives is set)")
+                          + ": make the pairs with `dssm pairs --negatives-as-third-input` (label-0 rows of "
+                          "the same query) or `dssm mine`")
+    if inputs in ("scores", "scores+negatives"):
+        return train_config, negatives
+    data_config = dataclasses.replace(train_config, min_label=-math.inf)
+    if inputs in ("graded", "classifier"):
+        spec = {"label": _PARSE_SPEC["label"]}
+        ds = tf.data.TFRecordDataset(train_files, compression_type="GZIP").batch(4096).map(
+            lambda s: tf.io.parse_example(s, spec)["label"])
+        labels = np.unique(np.concatenate([b.numpy() for b in ds] or [np.zeros(0, np.float32)]))
+        if inputs == "graded" and len(labels) < 2:
+            raise ConfigError(f"loss cosent ranks pairs by label, but every train pair has label {labels.tolist()}: "
+                              "it needs graded or 0/1 labelled pairs")
+        classes = np.arange(loss_config.num_classes)
+        if inputs == "classifier" and not np.isin(labels, classes).all():
+            raise ConfigError(f"loss classifier needs class labels in {classes.tolist()} (--num-classes "
+                              f"{loss_config.num_classes}); the train pairs have labels "
+                              f"{[float(f'{x:.4g}') for x in labels[~np.isin(labels, classes)][:5]]} (graded "
+                              "pairs: use --loss cosent)")
+    return data_config, False
+
+
+def _document_ids(files: list[str], *, min_label: float) -> np.ndarray:
+    """``document_id`` of every pair with ``label > min_label`` (logQ correction's frequency count)."""
+    spec = {"label": _PARSE_SPEC["label"], "document_id": _PARSE_SPEC["document_id"]}
+
+    def ids(records: tf.Tensor) -> tf.Tensor:
+        example = tf.io.parse_example(records, spec)
+        return tf.boolean_mask(example["document_id"], example["label"] > min_label)
+
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096).map(ids)
+    return np.concatenate([b.numpy() for b in ds] or [np.zeros(0, object)])
+
+
 def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: TrainConfig,
           feature_config: FeatureConfig | None = None, checkpoint_dir: str | Path | None = None,
-          tensorboard_dir: str | Path | None = None, resume: bool = False) -> tuple[DSSMModel, dict[str, Any]]:
+          tensorboard_dir: str | Path | None = None, resume: bool = False,
+          loss_config: LossConfig | None = None) -> tuple[DSSMModel, dict[str, Any]]:
     """Train a model on the pair shards in ``pairs_dir``.
 
     After each epoch the validation split gives ``val_loss`` and, by exact search of up to
@@ -902,6 +961,7 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         tensorboard_dir: write TensorBoard scalars (per epoch) here; None = none.
         resume: continue the run checkpointed in ``checkpoint_dir`` from its last checkpoint (same
             configuration; only ``epochs``, ``verbose`` and ``early_stopping_patience`` may change).
+        loss_config: the losses' hyperparameters (``model_config.loss`` picks the loss); defaults if None.
 
     Returns:
         ``(model, history)``. ``history`` holds per-epoch lists (``epoch`` 1-based, ``loss``,
@@ -935,7 +995,9 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     first_epoch = checkpoints.completed_epochs() if resume and checkpoints is not None else 0
     run_config: dict[str, Any] = {}
     if checkpoints is not None:
-        run_config = _run_config(feature_config, model_config, train_config, _pairs_digest(pairs_manifest))
+        run_config = _run_config(feature_config, model_config, train_config,
+                                 loss_config if loss_config is not None else LossConfig(),
+                                 _pairs_digest(pairs_manifest))
         run_path = checkpoints.directory / RUN_CONFIG
         if resume and not run_path.is_file():
             raise InputError(f"nothing to resume: no {RUN_CONFIG} in {checkpoint_dir}")
@@ -948,28 +1010,33 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     # Replicas all-gather their candidates, which needs equal local batches: drop a short last batch.
     drop = replicas > 1
     batch = train_config.batch_size
-    negatives = train_config.negatives and has_negatives(train_files)
-    n_train = count_pairs(train_files, min_label=train_config.min_label)
+    loss_config = loss_config if loss_config is not None else LossConfig()
+    # The loss decides which rows it learns from (data_config.min_label) and whether negatives are read.
+    data_config, negatives = _loss_data(model_config, loss_config, train_config, train_files,
+                                        negatives=train_config.negatives and has_negatives(train_files))
+    n_train = count_pairs(train_files, min_label=data_config.min_label)
     steps = n_train // batch if drop else -(-n_train // batch)
     if steps == 0:
         raise InputError(f"the train shards in {pairs_dir} hold {n_train} pairs with label > "
-                         f"{train_config.min_label}; need at least {batch if drop else 1}")
+                         f"{data_config.min_label}; need at least {batch if drop else 1}")
     epochs_left = max(train_config.epochs - first_epoch, 1)
     # Bag plans come from the input pipeline with one replica (distributing a dataset splits every tensor).
     groups = bag_groups(model_config, ["query", "document"] + (["negative"] if negatives else [])) \
         if replicas == 1 else []
-    train_ds = make_dataset(train_files, batch_size=batch, training=True, config=train_config, drop_remainder=drop,
+    train_ds = make_dataset(train_files, batch_size=batch, training=True, config=data_config, drop_remainder=drop,
                             negatives=negatives, epochs=(first_epoch, first_epoch + epochs_left), bag_groups=groups)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps * epochs_left))
     validation_ds = None
-    n_validation = count_pairs(validation_files, min_label=train_config.min_label)
+    n_validation = count_pairs(validation_files, min_label=data_config.min_label)
     validation_steps = n_validation // batch if drop else -(-n_validation // batch)
     if validation_steps:
-        validation_ds = make_dataset(validation_files, batch_size=batch, training=False, config=train_config,
+        validation_ds = make_dataset(validation_files, batch_size=batch, training=False, config=data_config,
                                      drop_remainder=drop, negatives=negatives, bag_groups=groups)
         validation_ds = validation_ds.apply(tf.data.experimental.assert_cardinality(validation_steps))
     with strategy.scope():
-        model = build_model(model_config, feature_config, train_config)
+        model = build_model(model_config, feature_config, train_config, loss_config=loss_config)
+    if loss_config.logq_correction:
+        model.set_sampling_probabilities(_document_ids(train_files, min_label=data_config.min_label))
     pairs_per_epoch = steps * batch if drop else n_train
     retrieval = read_validation_set(validation_files, min_label=train_config.min_label,
                                     max_queries=train_config.validation_queries, seed=train_config.seed)
@@ -980,7 +1047,7 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         if resume and first_epoch > 0:
             with strategy.scope():
                 _build_for_restore(model, next(iter(make_dataset(train_files, batch_size=2, training=False,
-                                                                 config=train_config, negatives=negatives))))
+                                                                 config=data_config, negatives=negatives))))
             checkpoints.attach(model)
             first_epoch, state = checkpoints.restore_last()
         elif resume:  # the run stopped before its first checkpoint: start it again, same run.json
@@ -1028,7 +1095,10 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dssm train", description=__doc__.split("\n\n")[0])
+    # Raw epilog: the --loss choices one per line (the flags' help texts still wrap as usual).
+    parser = argparse.ArgumentParser(prog="dssm train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="losses (--loss NAME):\n" + loss_help())
     parser.add_argument("--pairs", required=True, help="directory written by `dssm pairs`")
     parser.add_argument("--output", required=True, help="model directory to write (SavedModel, configs, manifest)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory (and start "
@@ -1041,6 +1111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensorboard-dir", help="TensorBoard scalars per epoch, '' for none (default: OUTPUT/logs)")
     add_config_arguments(parser, ModelConfig)
     add_config_arguments(parser, TrainConfig)
+    add_config_arguments(parser, LossConfig)
     return parser
 
 
@@ -1053,8 +1124,11 @@ def _run_dir(value: str | None, default: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """``dssm train``: train on ``--pairs`` and export to ``--output``; prints the exported epoch's metrics."""
     args = _parser().parse_args(argv)
-    model_config = config_from_args(ModelConfig, args)
+    model_config, notes = apply_loss_defaults(config_from_args(ModelConfig, args))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     train_config = config_from_args(TrainConfig, args)
+    loss_config = config_from_args(LossConfig, args)
     output = Path(args.output)
     checkpoint_dir = _run_dir(args.checkpoint_dir, output / "checkpoints")
     tensorboard_dir = _run_dir(args.tensorboard_dir, output / "logs")
@@ -1074,7 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
     feature_config = read_feature_config(args.pairs)
     model, history = train(args.pairs, model_config=model_config, train_config=train_config,
                            feature_config=feature_config, checkpoint_dir=checkpoint_dir,
-                           tensorboard_dir=tensorboard_dir, resume=args.resume)
+                           tensorboard_dir=tensorboard_dir, resume=args.resume, loss_config=loss_config)
     export_model(model, output, train_config=train_config, history=history,
                  overwrite=args.overwrite or args.resume, keep=keep)
     epoch = history["weights_epoch"]

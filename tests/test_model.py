@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import dssm  # noqa: F401
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
-from dssm.model import DSSMModel, EmbeddingBag, ModelConfig
+from dssm.model import DSSMModel, EmbeddingBag, ModelConfig, apply_loss_defaults
 from dssm.train import LazyAdam, RowwiseAdagrad, SparseAdagrad
 
 import tensorflow as tf  # noqa: E402  isort: skip
@@ -199,9 +200,186 @@ def test_explicit_negatives_are_extra_columns_and_empty_ones_are_ignored() -> No
 
 def test_model_config_rejects_bad_values() -> None:
     for bad in ({"temperature": 0.0}, {"activation": "sigmoidish"}, {"hidden_dims": (10, 0)},
-                {"dropout": 1.0}, {"bag_combiner": "max"}, {"embedding_dim": 0}):
+                {"dropout": 1.0}, {"bag_combiner": "max"}, {"embedding_dim": 0}, {"loss": "sofmax"}):
         with pytest.raises(ConfigError, match=str(list(bad.values())[0]).split(",")[0].strip("()")):
             ModelConfig(**bad)
+
+
+LOSS_QUERIES = QUERIES + ["how do i learn java", "what is the capital of spain"]
+LOSS_DOCUMENTS = DOCUMENTS + ["java tutorial for beginners", "madrid is the capital of spain"]
+
+
+def _with_labels(batch: dict, labels: list[float]) -> dict:
+    return {**batch, "label": tf.constant(labels, tf.float32)}
+
+
+def test_identical_texts_are_accidental_hits_even_with_different_ids() -> None:
+    model = DSSMModel(SMALL, feature_config=FEATURES)
+    # Documents 1 and 4 are the same text up to case and punctuation (same bag), under different ids.
+    documents = list(DOCUMENTS)
+    documents[4] = "Paris is the capital of France!"
+    batch = _batch(model, QUERIES, documents, [f"d{i}" for i in range(5)])
+    q, d = (t.numpy() for t in model(batch))
+    mask = np.ones((5, 5), bool)
+    mask[1, 4] = mask[4, 1] = False
+    assert float(model.compute_loss(batch)) == pytest.approx(_softmax_ce(q @ d.T / SMALL.temperature, mask), rel=1e-5)
+    # Without document ids the bags alone still mask them.
+    no_ids = {k: v for k, v in batch.items() if k != "document_id"}
+    assert float(model.compute_loss(no_ids)) == pytest.approx(_softmax_ce(q @ d.T / SMALL.temperature, mask),
+                                                              rel=1e-5)
+
+
+def test_bag_keys_ignore_entry_order_and_tell_bags_apart() -> None:
+    from dssm.model import _bag_keys
+
+    ids = tf.ragged.constant([[3, 9, 12], [12, 3, 9], [3, 9, 12], [3, 9], [3, 9, 13], [], []], dtype=tf.int64)
+    counts = tf.ragged.constant([[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [2.0, 1.0, 1.0], [1.0, 2.0], [1.0, 2.0, 1.0],
+                                 [], []])
+    keys = _bag_keys(ids, counts).numpy()
+    assert keys.dtype == np.int64 and (keys >= 0).all()
+    assert keys[0] == keys[1]  # same (id, count) entries in another order
+    assert keys[5] == keys[6]  # two empty bags
+    assert len({keys[0], keys[2], keys[3], keys[4], keys[5]}) == 5  # other counts, fewer ids, another id, empty
+
+
+def test_score_matrix_losses_are_the_loss_functions_on_the_models_scores() -> None:
+    from dssm.losses import LossConfig, circle_loss, hard_negative_loss, triplet_loss
+
+    config = LossConfig(margin=0.3, circle_gamma=8.0)
+    ids = ["a", "b", "c", "a", "e"]  # rows 0 and 3 share a document: masked for every loss
+    for name, fn in (("triplet", lambda s, m: triplet_loss(s, margin=0.3, score_mask=m)),
+                     ("hard-negative", lambda s, m: hard_negative_loss(s, margin=0.3, score_mask=m)),
+                     ("circle", lambda s, m: circle_loss(s, gamma=8.0, score_mask=m))):
+        model = DSSMModel(dataclasses.replace(SMALL, loss=name), feature_config=FEATURES, loss_config=config)
+        batch = _batch(model, QUERIES, DOCUMENTS, ids)
+        q, d = (t.numpy() for t in model(batch))
+        mask = np.ones((5, 5), bool)
+        mask[0, 3] = mask[3, 0] = False
+        expected = float(fn(tf.constant(q @ d.T), tf.constant(mask)))
+        assert float(model.compute_loss(batch)) == pytest.approx(expected, rel=1e-5), name
+
+
+def test_logq_correction_subtracts_log_document_frequency() -> None:
+    from dssm.losses import LossConfig
+
+    model = DSSMModel(SMALL, feature_config=FEATURES, loss_config=LossConfig(logq_correction=True))
+    batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
+    # d0 in 4 of 10 training pairs, d1 in 1, d2 in 2; d3 and d4 unseen (counted as once).
+    model.set_sampling_probabilities(["d0"] * 4 + ["d1"] + ["d2"] * 2 + ["x", "y", "z"])
+    p = np.array([0.4, 0.1, 0.2, 0.1, 0.1])
+    q, d = (t.numpy() for t in model(batch))
+    expected = _softmax_ce(q @ d.T / SMALL.temperature - np.log(p)[None, :])
+    assert float(model.compute_loss(batch)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="logq_correction"):
+        DSSMModel(SMALL, feature_config=FEATURES).set_sampling_probabilities(["d0"])
+    with pytest.raises(ConfigError, match="logq_correction is not available for loss 'triplet'"):
+        DSSMModel(dataclasses.replace(SMALL, loss="triplet"), feature_config=FEATURES,
+                  loss_config=LossConfig(logq_correction=True))
+
+
+def test_cosent_model_loss_ranks_pair_cosines_by_label() -> None:
+    model = DSSMModel(dataclasses.replace(SMALL, loss="cosent"), feature_config=FEATURES)
+    labels = [5.0, 0.0, 3.2, 1.0, 0.0]
+    batch = _with_labels(_batch(model, QUERIES, DOCUMENTS), labels)
+    q, d = (t.numpy() for t in model(batch))
+    cos = np.sum(q * d, axis=1)
+    terms = [20.0 * (cos[i] - cos[j]) for i in range(5) for j in range(5) if labels[i] < labels[j]]
+    expected = np.log1p(np.sum(np.exp(terms)))
+    assert float(model.compute_loss(batch)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="'label'"):
+        model.compute_loss(_batch(model, QUERIES, DOCUMENTS))
+
+
+def test_classifier_head_is_cross_entropy_on_u_v_and_their_difference() -> None:
+    model = DSSMModel(dataclasses.replace(SMALL, loss="classifier"), feature_config=FEATURES)
+    labels = [1.0, 0.0, 1.0, 0.0, 0.0]
+    batch = _with_labels(_batch(model, QUERIES, DOCUMENTS), labels)
+    loss = float(model.compute_loss(batch))
+    q, d = (t.numpy() for t in model(batch))
+    kernel, bias = (w.numpy() for w in model.classifier.dense.weights)
+    logits = np.concatenate([q, d, np.abs(q - d)], axis=1) @ kernel + bias
+    log_softmax = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+    assert loss == pytest.approx(-np.mean(log_softmax[np.arange(5), np.array(labels, int)]), rel=1e-5)
+    assert {id(v) for v in model.classifier.trainable_variables} <= {id(v) for v in model.trainable_variables}
+
+
+def test_simcse_views_differ_by_dropout_and_repeated_texts_are_masked() -> None:
+    from dssm.model import SIMCSE_DEFAULT_DROPOUT
+
+    with pytest.raises(ConfigError, match="simcse needs dropout > 0"):
+        DSSMModel(dataclasses.replace(SMALL, loss="simcse"), feature_config=FEATURES)
+    config, notes = apply_loss_defaults(dataclasses.replace(SMALL, loss="simcse"))
+    assert config.dropout == SIMCSE_DEFAULT_DROPOUT and "dropout" in notes[0]
+    assert apply_loss_defaults(dataclasses.replace(SMALL, loss="simcse", dropout=0.3)) == (
+        dataclasses.replace(SMALL, loss="simcse", dropout=0.3), [])
+    assert apply_loss_defaults(SMALL) == (SMALL, [])
+
+    model = DSSMModel(dataclasses.replace(SMALL, loss="simcse", dropout=0.2), feature_config=FEATURES)
+    queries = QUERIES + [QUERIES[0]]  # a repeated text: not a negative of its twin
+    batch = _batch(model, queries, queries)  # documents are ignored by simcse
+    q = model.embed_queries(tf.constant(queries)).numpy()
+    mask = np.ones((6, 6), bool)
+    mask[0, 5] = mask[5, 0] = False
+    # Without dropout (evaluation) both views are the same vectors.
+    assert float(model.compute_loss(batch)) == pytest.approx(_softmax_ce(q @ q.T / SMALL.temperature, mask),
+                                                             rel=1e-5)
+    tf.keras.utils.set_random_seed(3)
+    trained = [float(model.compute_loss(batch, training=True)) for _ in range(2)]
+    assert trained[0] != trained[1]  # fresh dropout masks every call
+    assert all(t > float(model.compute_loss(batch)) for t in trained)  # views that differ score lower
+
+
+def _loss_batch(model: DSSMModel, loss: str) -> dict:
+    batch = _batch(model, LOSS_QUERIES, LOSS_DOCUMENTS, [f"d{i}" for i in range(len(LOSS_QUERIES))])
+    if loss == "contrastive":
+        negatives = ["python snakes in the zoo", "", "gain weight quickly", "rice pudding recipe", "",
+                     "coffee in java", "barcelona football club"]
+        n_ids, n_counts = model.featurizer.bags(tf.constant(negatives))
+        batch.update(negative_ids=n_ids, negative_counts=n_counts, negative_id=tf.constant(negatives))
+    if loss in ("cosent", "classifier"):
+        # Swap two documents so the batch holds non-duplicates (label 0) beside duplicates.
+        docs = list(LOSS_DOCUMENTS)
+        docs[1], docs[3] = docs[3], docs[1]
+        batch = _with_labels(_batch(model, LOSS_QUERIES, docs), [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    return batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["softmax", "triplet", "hard-negative", "cosent", "circle", "contrastive", "simcse",
+                                  "classifier"])
+def test_every_loss_trains(loss: str, tmp_path) -> None:
+    """A few optimizer steps on one small batch lower each loss; the two losses that change what is
+    exported (simcse: dropout must be off at serving; classifier: its head must stay out) export and load."""
+    from dssm.export import export_model, load_encoder
+    from dssm.losses import LossConfig
+    from dssm.train import TrainConfig, build_model
+
+    tf.keras.utils.set_random_seed(0)
+    config, _ = apply_loss_defaults(dataclasses.replace(SMALL, loss=loss))
+    train_config = TrainConfig(learning_rate=0.1)
+    model = build_model(config, FEATURES, train_config, loss_config=LossConfig(circle_gamma=32.0))
+    batch = _loss_batch(model, loss)
+    before = float(model.compute_loss(batch))
+    for _ in range(15):
+        model.train_step(batch)
+    after = float(model.compute_loss(batch))
+    assert np.isfinite(after) and after < 0.8 * before, (before, after)
+    if loss not in ("simcse", "classifier"):
+        return
+    out = export_model(model, tmp_path / "model", train_config=train_config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["loss"] == loss and saved["loss"]["circle_gamma"] == 32.0
+    encoder = load_encoder(out)
+    np.testing.assert_allclose(encoder.embed_queries(LOSS_QUERIES), model.embed_queries(tf.constant(LOSS_QUERIES)),
+                               atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_documents(LOSS_DOCUMENTS),
+                               model.embed_documents(tf.constant(LOSS_DOCUMENTS)), atol=1e-5)
+    # The SavedModel holds exactly the (shared) tower's variables: the Sentence-BERT head is never exported.
+    saved_shapes = sorted(shape for name, shape in tf.train.list_variables(
+        str(out / "saved_model" / "variables" / "variables")) if "VARIABLE_VALUE" in name)
+    assert saved_shapes == sorted(v.shape.as_list() for v in model.query_tower.variables)
+    if loss == "classifier":
+        assert [v.shape.as_list() for v in model.classifier.variables] == [[3 * SMALL.output_dim, 2], [2]]
 
 
 def test_lazy_adam_updates_only_touched_rows() -> None:
