@@ -666,9 +666,11 @@ class DSSMModel(tfrs.Model):
         score_mask = None
         if self.config.remove_accidental_hits:
             # After the rotation in _gather_replicas this replica's positives are the first columns.
-            # A hit: the same document id, or the same bag (identical text after normalisation).
-            hit = tf.reduce_any(tf.equal(candidate_keys[:local_batch, tf.newaxis, :],
-                                         candidate_keys[tf.newaxis, :, :]), axis=-1)
+            # A hit: the same document id, or the same bag (identical text after normalisation). One
+            # [batch, candidates] comparison per key column: the [batch, candidates, 2] equal + reduce_any
+            # took ~6 ms of a ~90 ms CPU step at batch 1024 (3-D broadcasting), these ~1 ms.
+            hit = tf.logical_or(tf.equal(candidate_keys[:local_batch, 0:1], candidate_keys[tf.newaxis, :, 0]),
+                                tf.equal(candidate_keys[:local_batch, 1:2], candidate_keys[tf.newaxis, :, 1]))
             score_mask = tf.logical_or(tf.logical_not(hit), tf.eye(local_batch, num_candidates, dtype=tf.bool))
         if keep_columns is not None:
             keep = tf.broadcast_to(keep_columns[tf.newaxis, :], [local_batch, num_candidates])
