@@ -254,7 +254,8 @@ def run(*, quick: bool) -> list[Figure]:
     naive = measure_naive(repeats=1 if quick else 3)
     note = (f"per-epoch median after the first; {ours['cpu'].median:,.0f} pairs per CPU second of ours; other "
             f"processes kept {ours['others_cores']:.1f} of the cores busy meanwhile")
-    return [Figure("train", "train step, batch 1024, default tower (CPU)", "pairs/s", ours["wall"],
+    return [Figure("train", "training, batch 1024, default tower (CPU): fit on the input pipeline", "pairs/s",
+                   ours["wall"],
                    "naive Keras (embedding_lookup_sparse + Adam)", naive["wall"], note=note)]
 
 
