@@ -225,7 +225,7 @@ def gathered_rows(indices: tf.Tensor) -> tf.Tensor | None:
     """The table rows an :class:`EmbeddingBag` read this step, if ``indices`` is its table gradient's.
 
     The table's gradient is ``IndexedSlices(values, reshape(ids))`` from the gather's registered
-    gradient, with the embedding bag's distinct, ascending ids. The rows the forward pass read at
+    gradient, with the embedding bag's distinct ids. The rows the forward pass read at
     ``ids`` are still the table's content when the optimizer applies that gradient (one update per
     step, after the forward pass), so the update need not gather them again. Anything else (eager
     tensors, gradients summed or all-gathered across replicas) gives None.

@@ -157,19 +157,23 @@ class _UniqueRows:
 
 
 def _unique_rows(grad: tf.IndexedSlices) -> tf.IndexedSlices:
-    """``grad`` with each row once (duplicates summed); as is, and nearly free, when its indices ascend.
+    """``grad`` with each row once (duplicates summed), copying nothing when the rows are already distinct.
 
-    The embedding bag's gradient comes with strictly ascending indices, which one comparison of
-    neighbours confirms; anything else (e.g. gradients concatenated across replicas) goes through
-    ``unique`` + ``unsorted_segment_sum``.
+    An :class:`~dssm.model.EmbeddingBag`'s own gradient (marked, see :func:`dssm.model.gathered_rows`)
+    has distinct rows by construction and passes as is; strictly ascending indices are confirmed by
+    one comparison of neighbours; anything else (e.g. gradients concatenated across replicas) goes
+    through ``unique``, and the segment sum runs only if something repeats.
     """
     indices = grad.indices
     if gathered_rows(indices) is not None:
-        return grad  # straight from an EmbeddingBag: distinct and ascending by construction
+        return grad
 
     def merged() -> tuple[tf.Tensor, tf.Tensor]:
+        # unique keeps first-appearance order, so when nothing repeats `rows` equals the indices.
         rows, position = tf.unique(indices)
-        return tf.math.unsorted_segment_sum(grad.values, position, tf.size(rows)), rows
+        values = tf.cond(tf.size(rows) == tf.size(indices), lambda: grad.values,
+                         lambda: tf.math.unsorted_segment_sum(grad.values, position, tf.size(rows)))
+        return values, rows
 
     ascending = tf.reduce_all(indices[1:] > indices[:-1])
     values, rows = tf.cond(ascending, lambda: (grad.values, indices), merged)
