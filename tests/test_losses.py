@@ -371,7 +371,8 @@ def test_gradients_finite_even_when_everything_is_masked(name):
     rng = np.random.default_rng(2)
     q = tf.Variable(rng.normal(size=(5, 8)).astype(np.float32))
     d = tf.Variable(rng.normal(size=(5, 8)).astype(np.float32))
-    fn = get_loss(name)  # default hyperparameters, incl. Circle's gamma 256 and temperature 0.05
+    # Sharp settings on purpose: the paper's Circle gamma 256 and temperature 0.05.
+    fn = get_loss(name, config=LossConfig(circle_gamma=256.0), temperature=0.05)
 
     def loss_and_grads(keys):
         with tf.GradientTape() as tape:
@@ -571,7 +572,9 @@ def test_loss_config_round_trips_and_makes_flags():
     add_config_arguments(parser, LossConfig, prefix="loss-")
     args = parser.parse_args(["--loss-margin", "0.4", "--loss-logq-correction"])
     assert config_from_args(LossConfig, args, prefix="loss-") == LossConfig(margin=0.4, logq_correction=True)
-    assert losses.LossConfig().circle_gamma == 256.0 and not hasattr(LossConfig(), "temperature")
+    # The measured defaults (docs/losses.md), not the papers' (256, 20, 0.2).
+    assert (LossConfig().circle_gamma, LossConfig().cosent_scale, LossConfig().margin) == (32.0, 5.0, 0.4)
+    assert not hasattr(losses.LossConfig(), "temperature")
 
 
 # --------------------------------------------------------------------------------- --loss in the trainer
@@ -687,9 +690,10 @@ def test_cosent_learns_graded_scores(stsb_pairs):
     model, history = _train(stsb_pairs, "cosent")
     rows, _ = _split_counts(stsb_pairs)
     assert history["train_pairs"] == rows  # score-0 pairs included
-    assert history["loss"][-1] < 0.9 * history["loss"][0]
+    assert history["loss"][-1] < history["loss"][0] - 0.2
     # On its own training pairs the cosine order moves towards the gold scores' (measured once: an
-    # untrained tower gives Spearman ~0.10, cosent ~0.49, softmax on the same pairs ~0.28).
+    # untrained tower gives Spearman ~0.10, cosent ~0.49 at scale 20 and ~0.59 at the default 5, softmax
+    # on the same pairs ~0.28).
     batch = next(iter(make_dataset(pair_files(stsb_pairs, "train"), batch_size=10_000, training=False,
                                    config=TrainConfig(min_label=-math.inf))))
 
