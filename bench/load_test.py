@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADI = ROOT.parent / "shared" / "datasets" / "adi"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "dssm-load-test"
 
-__all__ = ["synthetic_texts", "train_small_model", "build_synthetic_index", "http_scenario", "main"]
+__all__ = ["synthetic_texts", "train_small_model", "build_synthetic_index", "http_scenario", "start_server", "main"]
 
 
 def _vocabulary() -> list[str]:
@@ -363,12 +363,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _start_server(index_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(index_dir: Path, port: int, *, max_in_flight: int = 64, tf_threads: int = 1,
+                 server_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``dssm serve`` on 127.0.0.1:``port`` in a child process, returned once ``/readyz`` answers 200."""
     import httpx
 
     dssm_bin = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
     command = [dssm_bin, "serve", "--index", str(index_dir), "--port", str(port), "--log-level", "warning",
-               "--max-in-flight", str(args.max_in_flight), "--tf-threads", str(args.tf_threads), *args.server_args]
+               "--max-in-flight", str(max_in_flight), "--tf-threads", str(tf_threads), *server_args]
     server = subprocess.Popen(command, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         runs += in_process(index_dir, queries, requests=args.requests, seconds=args.seconds,
                            batch=args.batch_size, repeats=args.repeats)
     port = _free_port()
-    server = _start_server(index_dir, port, args)
+    server = start_server(index_dir, port, max_in_flight=args.max_in_flight, tf_threads=args.tf_threads,
+                          server_args=tuple(args.server_args))
     try:
         _run_async(http_scenario("127.0.0.1", port, queries, clients=4, batch=1, requests=300, seconds=5))  # warm-up
         for repeat in range(args.repeats):

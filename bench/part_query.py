@@ -23,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,26 +75,10 @@ def bm25s_latencies(texts: list[str], queries: list[str], *, requests: int, seco
 
 
 def start_server(index_dir: Path, port: int) -> subprocess.Popen:
-    """``dssm serve`` on 127.0.0.1:``port`` in a child process, returned once ``/readyz`` answers 200.
+    """``dssm serve`` on 127.0.0.1:``port`` (64 in flight, 1 TF thread), ready; see bench.load_test.start_server."""
+    from bench import load_test
 
-    A thin adapter: bench/load_test.py starts its server inside ``main`` from its parsed flags.
-    """
-    import httpx
-
-    dssm_bin = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
-    server = subprocess.Popen([dssm_bin, "serve", "--index", str(index_dir), "--port", str(port),
-                               "--log-level", "warning", "--max-in-flight", "64"], env=dict(os.environ))
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"dssm serve did not become ready (exit code {server.poll()})")
-        time.sleep(0.2)
+    return load_test.start_server(index_dir, port, max_in_flight=64)
 
 
 def _in_process_runs(load_test: Any, index_dir: Path, queries: list[str], *, requests: int, seconds: float,
