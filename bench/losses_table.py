@@ -173,6 +173,18 @@ def _split_rows(pairs_dir: Path, split: str) -> list[tuple[str, str, float]]:
     return rows
 
 
+def _seed_mean_per_query(work: Path, names: list[str], metric: str = "ndcg@10") -> dict[str, float]:
+    runs = [json.loads((work / "quora" / name / "report" / "per_query.json").read_text())["dssm"][metric]
+            for name in names]
+    return {q: sum(run[q] for run in runs) / len(runs) for q in runs[0]}
+
+
+def _paired_p(a: dict[str, float], b: dict[str, float]) -> float:
+    from dssm.evaluate import paired_randomization_test
+
+    return paired_randomization_test(a, b)
+
+
 def _spread(values: list[float]) -> dict[str, Any]:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
 
@@ -247,6 +259,23 @@ def markdown(result: dict[str, Any]) -> str:
         for name, r in seeds.items():
             lines.append(f"| {name} | {r['ndcg@10']['mean']:.4f} ({r['ndcg@10']['min']:.4f}–{r['ndcg@10']['max']:.4f}) "
                          f"| {r['recall@10']['mean']:.4f} ({r['recall@10']['min']:.4f}–{r['recall@10']['max']:.4f}) |")
+        for name, r in seeds.items():
+            if "vs_softmax" in r:
+                sig = r["vs_softmax"]
+                lines += ["", f"{name} − softmax, per-query nDCG@10 averaged over the {n} seeds first: "
+                          f"{sig['difference']:+.4f} (paired randomisation test p={sig['p']:.2g}); "
+                          "per seed: " + ", ".join(f"{x - y:+.4f}" for x, y in zip(
+                              r["ndcg@10"]["values"], seeds["softmax"]["ndcg@10"]["values"], strict=True)) + "."]
+    corpora = result.get("corpora") or {}
+    if corpora:
+        lines += ["", "The same settings on label-free corpora (`dssm pairs --format corpus`: title → body and "
+                  "sentence → rest-of-document pairs; all queries evaluated, no held-out split needed):", "",
+                  "| corpus | queries / documents | setting | nDCG@10 | Recall@10 | BM25 nDCG@10 |",
+                  "|---|---|---|---:|---:|---:|"]
+        for corpus, results in corpora.items():
+            for name, r in results.items():
+                lines.append(f"| {corpus} | {r['queries']} / {r['docs']} | {name} | {r['dssm']['ndcg@10']:.4f} | "
+                             f"{r['dssm']['recall@10']:.4f} | {r['bm25']['ndcg@10']:.4f} |")
     st = result.get("stsb")
     if st:
         n = result["settings"]["seeds"]
@@ -271,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="dssm train --epochs for every model")
     parser.add_argument("--losses", nargs="+", default=list(LOSS_ORDER), choices=LOSS_ORDER)
     parser.add_argument("--no-stsb", action="store_true", help="skip the STS-B part")
+    parser.add_argument("--corpora", nargs="*", default=["cranfield", "cisi"],
+                        help="label-free corpora (BEIR dirs in --data) on which softmax and the best tuned rival "
+                             "are also compared (pairs --format corpus)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="seeds (0..N-1) for the seed-spread rows (softmax, the best tuned rival, STS-B)")
     parser.add_argument("--no-tune", action="store_true",
@@ -398,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             runs = [base] + [quora_model(f"{name}@seed={seed}", loss, pairs["plain"], [*flags, "--seed", str(seed)])
                              for seed in range(1, args.seeds)]
             seeds[name] = {metric: _spread([r["dssm"][metric] for r in runs]) for metric in ("ndcg@10", "recall@10")}
+            seeds[name]["runs"] = [name] + [f"{name}@seed={seed}" for seed in range(1, args.seeds)]
+        if rival is not None:
+            # Per-query nDCG@10 averaged over the seeds (training noise averaged out), then the paired test.
+            a, b = (_seed_mean_per_query(work, seeds[name]["runs"]) for name in (picks[1][0], "softmax"))
+            seeds[picks[1][0]]["vs_softmax"] = {"difference": sum(a[q] - b[q] for q in a) / len(a),
+                                                "p": _paired_p(a, b)}
 
     for loss in losses:
         losses[loss]["vs_softmax"] = _significance(work, loss)
@@ -466,6 +504,33 @@ def main(argv: list[str] | None = None) -> int:
         result["stsb"] = {"train_rows": len(train_rows), "dev_rows": len(stsb_dev),
                           "validation_rows": len(validation), "cosent_scale_grid": scale_grid,
                           "cosent_scale": chosen, "models": models}
+    if args.corpora and seeds:
+        # Does the quora winner carry over? Label-free pairs cut from long-document corpora.
+        settings = [("softmax", "softmax", [])]
+        for name in seeds:
+            if name != "softmax":
+                t = tuning[name.split("@")[0]]
+                settings.append((name, name.split("@")[0], [t["flag"], f"{t['best']:g}"] if "@" in name else []))
+        corpora: dict[str, Any] = {}
+        for corpus in args.corpora:
+            w = work / corpus
+            run(["pairs", "--input", str(data / corpus), "--format", "corpus", "--output", str(w / "pairs")],
+                w / "pairs.log", done=w / "pairs" / "manifest.json", fresh=w / "pairs")
+            corpora[corpus] = {}
+            for name, loss, flags in settings:
+                m = w / name
+                run(["train", "--pairs", str(w / "pairs"), "--output", str(m / "model"), "--loss", loss, *flags,
+                     *fixed], m / "train.log", done=m / "model" / "manifest.json", fresh=m)
+                run(["index", "--model", str(m / "model"), "--corpus", str(data / corpus / "corpus.jsonl"), "--output",
+                     str(m / "index")], m / "index.log", done=m / "index" / "CURRENT", fresh=m / "index")
+                run(["eval", "--index", str(m / "index"), "--data", str(data / corpus), "--systems", "dssm,bm25",
+                     "--json", str(m / "eval.json")], m / "eval.log", done=m / "eval.json", fresh=m / "eval.json")
+                metrics = json.loads((m / "eval.json").read_text())
+                corpora[corpus][name] = {"dssm": metrics["dssm"], "bm25": metrics["bm25"],
+                                         "queries": metrics["queries"], "docs": metrics["docs"]}
+                print(f"  {corpus} {name}: nDCG@10 {metrics['dssm']['ndcg@10']:.4f} "
+                      f"(bm25 {metrics['bm25']['ndcg@10']:.4f})", flush=True)
+        result["corpora"] = corpora
     result["commands"] = commands
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["load_average"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
