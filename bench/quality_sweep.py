@@ -10,14 +10,15 @@ PAIRS_DIR comes from ``dssm pairs --input ../shared/datasets/quora-dev/pairs.tsv
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.data import read_beir, split_of
+from dssm.data import read_beir
+from dssm.evaluate import drop_self, holdout_filter, ndcg_at_k, recall_at_k, select_queries
 from dssm.model import ModelConfig
 from dssm.train import TrainConfig, train
 
@@ -38,10 +39,7 @@ def sweep_one(pairs_dir: str, name: str, overrides: dict, *, data: str = DATA) -
                            train_config=TrainConfig(**{"verbose": 0, **overrides.get("train", {})}))
     train_seconds = time.perf_counter() - start
     beir = read_beir(data)
-    with open(f"{pairs_dir}/pairs_config.json") as handle:
-        split = json.load(handle)
-    qids = [q for q, text in beir.queries.items() if q in beir.qrels and split_of(
-        text, validation_fraction=split["validation_fraction"], salt=split["split_salt"]) == "validation"]
+    qids = select_queries(beir.queries, beir.qrels, keep=holdout_filter(Path(pairs_dir)))
     doc_ids = list(beir.corpus)
     doc_texts = [(d.title + " " + d.text).strip() for d in beir.corpus.values()]
 
@@ -49,17 +47,14 @@ def sweep_one(pairs_dir: str, name: str, overrides: dict, *, data: str = DATA) -
         return np.concatenate([fn(tf.constant(texts[i:i + 2048])).numpy() for i in range(0, len(texts), 2048)])
 
     scores = embed(model.embed_queries, [beir.queries[q] for q in qids]) @ embed(model.embed_documents, doc_texts).T
-    row_of = {d: i for i, d in enumerate(doc_ids)}
-    ndcg, recall = [], []
-    for row, q in enumerate(qids):
-        if q in row_of:
-            scores[row, row_of[q]] = -np.inf
-        top = np.argpartition(-scores[row], 10)[:10]
-        top = [doc_ids[t] for t in top[np.argsort(-scores[row, top])]]
-        relevant = {d for d, g in beir.qrels[q].items() if g > 0 and d != q}
-        ideal = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
-        ndcg.append(sum(1 / math.log2(i + 2) for i, d in enumerate(top) if d in relevant) / ideal if ideal else 0.0)
-        recall.append(len(relevant & set(top)) / len(relevant) if relevant else 0.0)
+    # The 11 best, so that 10 remain once a query's own text (in the corpus, BEIR quora) is dropped.
+    top = np.argpartition(-scores, 11, axis=1)[:, :11]
+    run = {q: [(doc_ids[t], float(scores[row, t])) for t in top[row][np.argsort(-scores[row, top[row]])]]
+           for row, q in enumerate(qids)}
+    run = drop_self(run, k=10)
+    ranked = {q: [d for d, _ in hits] for q, hits in run.items()}
+    ndcg = [ndcg_at_k(ranked[q], beir.qrels[q], 10) for q in qids]
+    recall = [recall_at_k(ranked[q], beir.qrels[q], 10) for q in qids]
     return {"name": name, "ndcg10": round(float(np.mean(ndcg)), 4), "recall10": round(float(np.mean(recall)), 4),
             "queries": len(qids), "train_seconds": round(train_seconds, 1), "overrides": overrides,
             "best_epoch": history.get("best_epoch") if isinstance(history, dict) else None}

@@ -62,6 +62,7 @@ __all__ = [
     "Qrels",
     "SystemResult",
     "parse_metric",
+    "holdout_filter",
     "recall_at_k",
     "precision_at_k",
     "mrr_at_k",
@@ -534,7 +535,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _holdout_filter(pairs_dir: Path) -> Callable[[str], bool]:
+def holdout_filter(pairs_dir: Path) -> Callable[[str], bool]:
     """``text -> in validation split``, the split ``dssm pairs`` made (``PAIRS_DIR/pairs_config.json``:
     ``validation_fraction`` and ``split_salt``, hashed by :func:`dssm.data.split_of` on the query text)."""
     from dssm.data import split_of
@@ -683,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = read_beir(data_dir)
     corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
-    keep = _holdout_filter(Path(args.holdout)) if args.holdout else None
+    keep = holdout_filter(Path(args.holdout)) if args.holdout else None
     qids = select_queries(queries, qrels, keep=keep, max_queries=args.max_queries)
     if not qids:
         judged = evaluated_queries(qrels)

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from dssm.data import split_of
-    from dssm.evaluate import _holdout_filter
+    from dssm.evaluate import holdout_filter
     from serving.searcher import Searcher
 
     args = _parser().parse_args(argv)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--index {args.index} has no model/: it cannot embed texts")
     pairs = read_labelled_pairs(args.pairs)
     if args.holdout:
-        keep = _holdout_filter(Path(args.holdout))
+        keep = holdout_filter(Path(args.holdout))
         pairs = [p for p in pairs if keep(p[0])]
         if not pairs:
             raise InputError(f"no pair of {args.pairs} has its first text in the validation split of {args.holdout}")
