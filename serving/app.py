@@ -150,16 +150,18 @@ def _hit_dicts(hits: Any) -> list[dict[str, Any]]:
     return [{"id": h[0], "score": float(h[1]), "text": h[2]} for h in hits]
 
 
+def _dumps(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _hits_json(version: str, hits: Any) -> bytes:
     """The ``SearchResponse`` body, encoded directly (same JSON as the pydantic model's)."""
-    return json.dumps({"version": version, "hits": _hit_dicts(hits)}, ensure_ascii=False,
-                      separators=(",", ":")).encode()
+    return _dumps({"version": version, "hits": _hit_dicts(hits)})
 
 
 def _results_json(version: str, results: Any) -> bytes:
     """The ``BatchSearchResponse`` body."""
-    return json.dumps({"version": version, "results": [_hit_dicts(h) for h in results]}, ensure_ascii=False,
-                      separators=(",", ":")).encode()
+    return _dumps({"version": version, "results": [_hit_dicts(h) for h in results]})
 
 
 class _Guard:
@@ -462,7 +464,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         return _hits_json(version, hits)
 
     def _batch_answer(body: BatchSearchRequest) -> bytes:
-        # Encoded in the model thread too: a 25k-hit batch answer must not stall the event loop.
+        # Encoded in the worker thread too: a 25k-hit batch answer must not stall the event loop.
         version, results = backend.search_batch(body.queries, body.k, mode=body.mode)
         return _results_json(version, results)
 

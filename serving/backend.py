@@ -536,8 +536,8 @@ class Backend:
     async def search_async(self, query: str, k: int) -> tuple[str, list[Any]]:
         """:meth:`submit_search` for asyncio callers: the answer comes back through the caller's loop.
 
-        The model thread settles all the futures of one batch that belong to a loop with a single
-        ``call_soon_threadsafe``, so a batch of n queries wakes the event loop once, not n times.
+        The model thread hands all the answers of one batch that belong to a loop to its
+        :class:`_Mailbox` at once, so a batch of n queries wakes the event loop once, not n times.
         """
         self._check_k(k)
         self._ensure_batchers()
