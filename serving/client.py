@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from dssm.errors import DSSMError
+from serving.documents import document_fields
 
 __all__ = [
     "Hit",
@@ -185,17 +186,11 @@ def _hits(rows: Iterable[Mapping[str, Any]]) -> tuple[Hit, ...]:
 
 
 def _as_document(doc: Any) -> dict[str, str]:
-    if isinstance(doc, Document):
-        return {"id": doc.id, "text": doc.text, "title": doc.title}
-    if isinstance(doc, Mapping):
-        unknown = set(doc) - {"id", "text", "title"}
-        if unknown or "id" not in doc or "text" not in doc:
-            raise BadRequestError(f"a document needs 'id' and 'text' (optional 'title'), got keys {sorted(doc)}")
-        return {"id": doc["id"], "text": doc["text"], "title": doc.get("title", "")}
-    if isinstance(doc, tuple | list) and len(doc) in (2, 3):
-        # (id, text) or (id, title, text) — the order of the Searcher's documents.
-        return {"id": doc[0], "text": doc[-1], "title": doc[1] if len(doc) == 3 else ""}
-    raise BadRequestError(f"cannot send {doc!r} as a document: use Document, a dict or (id, [title,] text)")
+    try:
+        doc_id, title, text = document_fields(doc)
+    except ValueError as exc:
+        raise BadRequestError(f"cannot send {doc!r:.80} as a document: {exc}") from None
+    return {"id": doc_id, "text": text, "title": title}
 
 
 class SearchClient:

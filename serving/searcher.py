@@ -460,21 +460,16 @@ def as_documents(documents: Sequence[Any]) -> list[tuple[str, str, str]]:
     """
     from collections.abc import Mapping
 
+    from serving.documents import document_fields
+
     if isinstance(documents, (str, bytes, Mapping)):
         raise InputError(f"documents must be a list of documents, got one {type(documents).__name__}")
     out = []
     for doc in documents:
-        if isinstance(doc, Mapping):
-            if "id" not in doc or "text" not in doc or set(doc) - {"id", "title", "text"}:
-                raise InputError(f"a document needs 'id' and 'text' (optional 'title'), got keys {sorted(doc)}")
-            out.append((doc["id"], doc.get("title") or "", doc["text"]))
-        elif isinstance(doc, (tuple, list)) and len(doc) in (2, 3):
-            out.append((doc[0], doc[1] if len(doc) == 3 else "", doc[-1]))
-        elif hasattr(doc, "id") and hasattr(doc, "text"):
-            out.append((doc.id, getattr(doc, "title", "") or "", doc.text))
-        else:
-            raise InputError(f"a document must be (id, title, text), (id, text), a dict or have id/text "
-                             f"attributes, got {doc!r:.80}")
+        try:
+            out.append(document_fields(doc))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     return out
 
 
