@@ -15,6 +15,7 @@ import pytest
 import dssm  # noqa: F401
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
+from dssm.losses import LossConfig
 from dssm.model import DSSMModel, EmbeddingBag, ModelConfig, apply_loss_defaults
 from dssm.train import LazyAdam, RowwiseAdagrad, SparseAdagrad
 
@@ -243,7 +244,7 @@ def test_bag_keys_ignore_entry_order_and_tell_bags_apart() -> None:
 
 
 def test_score_matrix_losses_are_the_loss_functions_on_the_models_scores() -> None:
-    from dssm.losses import LossConfig, circle_loss, hard_negative_loss, triplet_loss
+    from dssm.losses import circle_loss, hard_negative_loss, triplet_loss
 
     config = LossConfig(margin=0.3, circle_gamma=8.0)
     ids = ["a", "b", "c", "a", "e"]  # rows 0 and 3 share a document: masked for every loss
@@ -260,7 +261,6 @@ def test_score_matrix_losses_are_the_loss_functions_on_the_models_scores() -> No
 
 
 def test_logq_correction_subtracts_log_document_frequency() -> None:
-    from dssm.losses import LossConfig
 
     model = DSSMModel(SMALL, feature_config=FEATURES, loss_config=LossConfig(logq_correction=True))
     batch = _batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)])
@@ -278,7 +278,9 @@ def test_logq_correction_subtracts_log_document_frequency() -> None:
 
 
 def test_cosent_model_loss_ranks_pair_cosines_by_label() -> None:
-    model = DSSMModel(dataclasses.replace(SMALL, loss="cosent"), feature_config=FEATURES)
+    # A non-default scale, so the test also fails if LossConfig.cosent_scale stops reaching the loss.
+    model = DSSMModel(dataclasses.replace(SMALL, loss="cosent"), feature_config=FEATURES,
+                      loss_config=LossConfig(cosent_scale=20.0))
     labels = [5.0, 0.0, 3.2, 1.0, 0.0]
     batch = _with_labels(_batch(model, QUERIES, DOCUMENTS), labels)
     q, d = (t.numpy() for t in model(batch))
@@ -351,7 +353,6 @@ def test_every_loss_trains(loss: str, tmp_path) -> None:
     """A few optimizer steps on one small batch lower each loss; the two losses that change what is
     exported (simcse: dropout must be off at serving; classifier: its head must stay out) export and load."""
     from dssm.export import export_model, load_encoder
-    from dssm.losses import LossConfig
     from dssm.train import TrainConfig, build_model
 
     tf.keras.utils.set_random_seed(0)
