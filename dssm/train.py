@@ -48,7 +48,7 @@ from dssm.artifacts import verify_manifest, write_json_atomic
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, load_config
 from dssm.errors import ConfigError, InputError
 from dssm.evaluate import mrr_at_k, recall_at_k
-from dssm.export import export_model
+from dssm.export import SAVED_MODEL, export_model, read_model_configs
 from dssm.features import FeatureConfig
 from dssm.losses import LOSSES, LossConfig, loss_help
 from dssm.model import (
@@ -66,7 +66,7 @@ import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
            "read_feature_config", "make_dataset", "add_bag_plans", "has_negatives", "select_strategy", "build_model",
-           "count_pairs",
+           "count_pairs", "load_towers",
            "ValidationSet", "read_validation_set", "evaluate_retrieval", "MONITOR", "RUN_CONFIG", "train", "main"]
 
 _OPTIMIZERS = ("adagrad", "rowwise_adagrad", "lazy_adam", "adam", "sgd")
@@ -126,6 +126,9 @@ class TrainConfig:
     xla: bool = field(False, "compile the towers' dense layers with XLA (the sparse bag has no XLA kernels)")
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
     verbose: int = field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    init_from: str = field("", "start from the tower weights of this model directory (a `dssm train` output with the "
+                           "same features and tower shape, e.g. one pre-trained label-free on the corpus to index); "
+                           "'' = random init")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -893,6 +896,41 @@ def _build_for_restore(model: DSSMModel, batch: dict[str, tf.Tensor]) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
+# ModelConfig fields that decide the towers' variables; the rest (loss, temperature, dropout...) may change.
+_TOWER_FIELDS = ("embedding_dim", "hidden_dims", "activation", "bag_combiner", "shared_towers")
+
+
+def load_towers(model: DSSMModel, model_dir: str | Path, *, batch: dict[str, tf.Tensor]) -> None:
+    """Set ``model``'s towers to the weights of the exported model in ``model_dir`` (a warm start).
+
+    Args:
+        model: a compiled model, not yet trained.
+        model_dir: a :func:`~dssm.export.export_model` directory; its manifest is verified first.
+        batch: a training batch, to build the towers' variables (one forward pass, no update).
+
+    Raises:
+        ConfigError: ``model_dir``'s features or tower shape differ from ``model``'s (both are named).
+        IndexNotFoundError / ChecksumError: ``model_dir`` is not a finished, intact model directory.
+    """
+    verify_manifest(model_dir, kind="model")
+    features, source, _ = read_model_configs(model_dir)
+    if features != model.feature_config:
+        raise ConfigError(f"init_from {model_dir}: its features {config_to_dict(features)} differ from this run's "
+                          f"{config_to_dict(model.feature_config)} (the pairs' features.json)")
+    differ = {name: (getattr(source, name), getattr(model.config, name)) for name in _TOWER_FIELDS
+              if getattr(source, name) != getattr(model.config, name)}
+    if differ:
+        raise ConfigError(f"init_from {model_dir}: its towers differ from this run's: "
+                          + ", ".join(f"{name} {old!r} there vs {new!r} here" for name, (old, new) in differ.items()))
+    model.compute_loss(batch, training=False)
+    # The SavedModel's variables are an object-based checkpoint rooted at the serving module, whose
+    # query_tower/document_tower attributes are the towers; they are matched by that path. read(), not
+    # restore(): restore would also expect the checkpoint's own save_counter, which a SavedModel lacks.
+    checkpoint = tf.train.Checkpoint(query_tower=model.query_tower, document_tower=model.document_tower)
+    status = checkpoint.read(str(Path(model_dir) / SAVED_MODEL / "variables" / "variables"))
+    status.expect_partial().assert_existing_objects_matched()  # every tower variable got a value
+
+
 def _loss_data(model_config: ModelConfig, loss_config: LossConfig, train_config: TrainConfig,
                train_files: list[str], *, negatives: bool) -> tuple[TrainConfig, bool]:
     """What ``model_config.loss`` trains on: ``(config for its datasets, read explicit negatives)``.
@@ -1039,6 +1077,9 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         validation_ds = validation_ds.apply(tf.data.experimental.assert_cardinality(validation_steps))
     with strategy.scope():
         model = build_model(model_config, feature_config, train_config, loss_config=loss_config)
+    if train_config.init_from and first_epoch == 0:  # a resumed run's checkpoint holds the weights
+        load_towers(model, train_config.init_from, batch=next(iter(make_dataset(
+            train_files, batch_size=2, training=False, config=data_config, negatives=negatives))))
     if loss_config.logq_correction:
         model.set_sampling_probabilities(_document_ids(train_files, min_label=data_config.min_label))
     pairs_per_epoch = steps * batch if drop else n_train

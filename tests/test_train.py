@@ -486,3 +486,59 @@ def test_index_copies_only_the_models_manifest_files_not_its_checkpoints(tmp_pat
     copied = result.version_dir / MODEL_DIR
     assert {p.relative_to(copied).as_posix() for p in copied.rglob("*")} == {
         "saved_model", "saved_model/saved_model.pb", "config.json", "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def two_tower_model(quora_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported model with separate query and document towers, trained one epoch on ``quora_shards``."""
+    from dssm.export import export_model
+
+    config = dataclasses.replace(FAST, epochs=1, validation=False)
+    model, _ = train(quora_shards, model_config=dataclasses.replace(SMALL, shared_towers=False), train_config=config)
+    return export_model(model, tmp_path_factory.mktemp("source") / "model", train_config=config)
+
+
+def tower_weights(model: train_module.DSSMModel) -> list[np.ndarray]:
+    return [w.numpy() for tower in (model.query_tower, model.document_tower) for w in tower.weights]
+
+
+@pytest.mark.slow
+def test_init_from_starts_training_at_the_exported_towers_weights(quora_shards: Path, two_tower_model: Path) -> None:
+    from dssm.export import load_encoder
+
+    texts = ["how do i lose weight", "best python book"]
+    source = load_encoder(two_tower_model)
+    # A step too small to move a weight: what train() returns is what it started from.
+    config = dataclasses.replace(FAST, epochs=1, validation=False, optimizer="sgd", learning_rate=1e-12,
+                                 init_from=str(two_tower_model))
+    model_config = dataclasses.replace(SMALL, shared_towers=False, dropout=0.1, temperature=0.05)
+    model, _ = train(quora_shards, model_config=model_config, train_config=config)
+    np.testing.assert_allclose(model.embed_queries(tf.constant(texts)).numpy(), source.embed_queries(texts), atol=1e-6)
+    np.testing.assert_allclose(model.embed_documents(tf.constant(texts)).numpy(), source.embed_documents(texts),
+                               atol=1e-6)
+    # The two towers came from their own halves of the source: they still differ from each other.
+    assert not np.allclose(model.embed_queries(tf.constant(texts)).numpy(),
+                           model.embed_documents(tf.constant(texts)).numpy(), atol=1e-3)
+    fresh, _ = train(quora_shards, model_config=model_config, train_config=dataclasses.replace(config, init_from=""))
+    assert not np.allclose(fresh.embed_queries(tf.constant(texts)).numpy(), source.embed_queries(texts), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_init_from_a_model_of_another_shape_or_features_names_both(quora_shards: Path, two_tower_model: Path,
+                                                                    tmp_path: Path) -> None:
+    batch = next(iter(make_dataset(pair_files(quora_shards, "train"), batch_size=4, training=False, config=FAST)))
+    other_shape = build_model(ModelConfig(embedding_dim=32, hidden_dims=(32, 8), shared_towers=False), FEATURES, FAST)
+    with pytest.raises(ConfigError, match=r"hidden_dims \(32, 16\) there vs \(32, 8\) here"):
+        train_module.load_towers(other_shape, two_tower_model, batch=batch)
+    shared = build_model(SMALL, FEATURES, FAST)
+    with pytest.raises(ConfigError, match="shared_towers False there vs True here"):
+        train_module.load_towers(shared, two_tower_model, batch=batch)
+    other_features = build_model(dataclasses.replace(SMALL, shared_towers=False), FeatureConfig(num_buckets=2048), FAST)
+    with pytest.raises(ConfigError, match="'num_buckets': 4096.*'num_buckets': 2048"):
+        train_module.load_towers(other_features, two_tower_model, batch=batch)
+    # Through the CLI the same refusal stops the run before it trains.
+    with pytest.raises(ConfigError, match="hidden_dims"):
+        main(["--pairs", str(quora_shards), "--output", str(tmp_path / "out"), "--verbose", "0", "--epochs", "1",
+              "--embedding-dim", "32", "--hidden-dims", "32", "8", "--no-shared-towers",
+              "--init-from", str(two_tower_model)])
+    assert not (tmp_path / "out" / "manifest.json").exists()
