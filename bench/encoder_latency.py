@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = load_encoder(args.model_dir)
     text = ["how do i learn python quickly"]
-    signature = encoder._embed_query  # noqa: SLF001 - the bare signature, for comparison
+    signature = encoder._loaded.signatures["embed_query"]  # noqa: SLF001 - the bare signature, for comparison
     constant = tf.constant(text)
     candidates = {"Encoder.embed_queries": lambda: encoder.embed_queries(text),
                   "embed_query signature": lambda: signature(texts=constant)}

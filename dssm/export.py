@@ -180,9 +180,9 @@ class Encoder:
     def __init__(self, loaded: Any, *, features: FeatureConfig, model: ModelConfig, batch_size: int = 1024) -> None:
         self._loaded = loaded
         # The signatures' concrete functions: calling them skips the restored tf.function's argument
-        # matching, ~0.1 ms of a ~0.5 ms single-query call.
-        self._embed_query = loaded.signatures["embed_query"]
-        self._embed_document = loaded.signatures["embed_document"]
+        # matching, ~0.1 ms of a ~0.5 ms single-query call; _flat_call goes one layer further down.
+        self._embed_query = _flat_call(loaded.signatures["embed_query"])
+        self._embed_document = _flat_call(loaded.signatures["embed_document"])
         # Models exported before the signature existed lack it; only featurize() needs it.
         self._featurize = loaded.signatures.get("featurize")
         self.features = features
@@ -224,12 +224,36 @@ class Encoder:
         if isinstance(texts, (str, bytes)):
             raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
         if 0 < len(texts) <= self.batch_size:  # the query path: one call, no copy
-            return fn(texts=tf.constant(_utf8(texts), tf.string))["embedding"].numpy()
+            return fn(tf.constant(_utf8(texts), tf.string)).numpy()
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), self.batch_size):
             chunk = _utf8(texts[start:start + self.batch_size])
-            out[start:start + len(chunk)] = fn(texts=tf.constant(chunk, tf.string))["embedding"].numpy()
+            out[start:start + len(chunk)] = fn(tf.constant(chunk, tf.string)).numpy()
         return out
+
+
+def _flat_call(signature: Any) -> Any:
+    """``texts tensor -> embedding tensor`` for an ``embed_*`` signature, with the least Python per call.
+
+    A signature call maps keyword arguments onto its flat inputs, appends the captured variables and
+    packs the flat outputs into a dict: ~0.1 ms of CPU of a ~0.6 ms single-query call (the serving hot
+    path). The atomic function under it takes the flat inputs directly. It is a private attribute of
+    TensorFlow's loaded functions, so anything unexpected falls back to the public call.
+    """
+    def public(texts: tf.Tensor) -> tf.Tensor:
+        return signature(texts=texts)["embedding"]
+
+    atomic = getattr(signature, "_inference_function", None)
+    captured = tuple(getattr(signature, "captured_inputs", ()))
+    outputs = getattr(signature, "structured_outputs", None)
+    if (atomic is None or not hasattr(atomic, "call_flat") or not isinstance(outputs, dict)
+            or list(outputs) != ["embedding"] or len(signature.inputs) != 1 + len(captured)):
+        return public
+
+    def flat(texts: tf.Tensor) -> tf.Tensor:
+        return atomic.call_flat(texts, *captured)[0]
+
+    return flat
 
 
 def _utf8(texts: Sequence[str | bytes]) -> list[bytes]:

@@ -224,3 +224,17 @@ def test_featurize_signature_pads_rows_and_refuses_a_single_string(exported: tup
     assert encoder.featurize([]) == []
     with pytest.raises(InputError, match="single str"):
         encoder.featurize("one string")
+
+
+def test_encoder_fast_call_path_matches_the_public_signature_call(exported: tuple) -> None:
+    # Encoder calls the signatures' flat functions (no kwargs/dict packing); it must give exactly what
+    # the public signature call gives, for one text (the serving path) and for a batch.
+    _, model_dir, texts = exported
+    encoder = load_encoder(model_dir)
+    # TensorFlow 2.20's loaded signatures do have the flat function (else this test checks nothing new).
+    assert encoder._embed_query.__name__ == encoder._embed_document.__name__ == "flat"  # noqa: SLF001
+    for name, embed in (("embed_query", encoder.embed_queries), ("embed_document", encoder.embed_documents)):
+        signature = encoder._loaded.signatures[name]  # noqa: SLF001
+        for chunk in (texts[:1], texts[:7]):
+            expected = signature(texts=tf.constant(chunk))["embedding"].numpy()
+            np.testing.assert_array_equal(embed(chunk), expected)
