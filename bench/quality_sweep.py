@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,25 +20,61 @@ import numpy as np
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.data import read_beir
 from dssm.evaluate import drop_self, holdout_filter, ndcg_at_k, recall_at_k, select_queries
-from dssm.model import ModelConfig
+from dssm.export import export_model
+from dssm.losses import LossConfig
+from dssm.model import ModelConfig, apply_loss_defaults
 from dssm.train import TrainConfig, train
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["sweep_one", "main"]
+__all__ = ["pretrain", "sweep_one", "main"]
 
 DATA = "../shared/datasets/quora-dev"
 
 
-def sweep_one(pairs_dir: str, name: str, overrides: dict, *, data: str = DATA) -> dict:
-    """Train one configuration and score it; returns the JSON-able result."""
-    model_overrides = dict(overrides.get("model", {}))
-    if "hidden_dims" in model_overrides:
-        model_overrides["hidden_dims"] = tuple(model_overrides["hidden_dims"])
+def _model_config(overrides: dict) -> ModelConfig:
+    overrides = dict(overrides)
+    if "hidden_dims" in overrides:
+        overrides["hidden_dims"] = tuple(overrides["hidden_dims"])
+    return apply_loss_defaults(ModelConfig(**overrides))[0]
+
+
+def pretrain(overrides: dict, output: Path) -> dict:
+    """Train on ``overrides["pretrain"]["pairs"]`` (e.g. bench/pseudo_pairs.py's label-free pairs) and export.
+
+    The pre-training run takes the main run's model overrides (so the towers match) updated by
+    ``pretrain["model"]``, the main run's seed, and ``pretrain["train"]`` / ``pretrain["loss"]``.
+    Returns its summary (seconds, best epoch).
+    """
+    spec = overrides["pretrain"]
+    train_config = TrainConfig(**{"verbose": 0, "seed": overrides.get("train", {}).get("seed", 0),
+                                  **spec.get("train", {})})
     start = time.perf_counter()
-    model, history = train(pairs_dir, model_config=ModelConfig(**model_overrides),
-                           train_config=TrainConfig(**{"verbose": 0, **overrides.get("train", {})}))
-    train_seconds = time.perf_counter() - start
+    model, history = train(spec["pairs"], model_config=_model_config({**overrides.get("model", {}),
+                                                                     **spec.get("model", {})}),
+                           train_config=train_config, loss_config=LossConfig(**spec.get("loss", {})))
+    export_model(model, output, train_config=train_config, history=history)
+    return {"seconds": round(time.perf_counter() - start, 1), "best_epoch": history.get("best_epoch")}
+
+
+def sweep_one(pairs_dir: str, name: str, overrides: dict, *, data: str = DATA) -> dict:
+    """Train one configuration and score it; returns the JSON-able result.
+
+    ``overrides`` holds ``model``, ``train`` and ``loss`` (config fields) and optionally ``pretrain``
+    (``{"pairs": DIR, "model": ..., "train": ..., "loss": ...}``): a first run whose towers the main
+    run starts from (``init_from``).
+    """
+    train_overrides = dict(overrides.get("train", {}))
+    pretrained = None
+    with tempfile.TemporaryDirectory(prefix="quality-sweep-") as scratch:
+        if "pretrain" in overrides:
+            pretrained = pretrain(overrides, Path(scratch) / "pretrained")
+            train_overrides["init_from"] = str(Path(scratch) / "pretrained")
+        start = time.perf_counter()
+        model, history = train(pairs_dir, model_config=_model_config(overrides.get("model", {})),
+                               train_config=TrainConfig(**{"verbose": 0, **train_overrides}),
+                               loss_config=LossConfig(**overrides.get("loss", {})))
+        train_seconds = time.perf_counter() - start
     beir = read_beir(data)
     qids = select_queries(beir.queries, beir.qrels, keep=holdout_filter(Path(pairs_dir)))
     doc_ids = list(beir.corpus)
@@ -57,7 +94,8 @@ def sweep_one(pairs_dir: str, name: str, overrides: dict, *, data: str = DATA) -
     recall = [recall_at_k(ranked[q], beir.qrels[q], 10) for q in qids]
     return {"name": name, "ndcg10": round(float(np.mean(ndcg)), 4), "recall10": round(float(np.mean(recall)), 4),
             "queries": len(qids), "train_seconds": round(train_seconds, 1), "overrides": overrides,
-            "best_epoch": history.get("best_epoch") if isinstance(history, dict) else None}
+            "best_epoch": history.get("best_epoch") if isinstance(history, dict) else None,
+            **({"pretrain": pretrained} if pretrained else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
