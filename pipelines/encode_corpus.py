@@ -2,9 +2,15 @@
 
 Pipeline (one chain, so it runs the same on the DirectRunner, Dask and portable runners)::
 
-    corpus file(s) ─ read_table ─ validate_document ─ GroupByKey into batches ─ RunInference
-        (KeyedModelHandler over the SavedModel's embed_document; one example = one batch)
+    read plan (ReadRange per ~batch-size lines of a JSONL file; per CSV/TSV/Parquet file)
+        ─ ReadBatches: read the range, validate_document, emit one keyed example per batch
+        ─ RunInference (KeyedModelHandler over the SavedModel's embed_document; one example = one batch)
         ─ write_batch: embeddings-BBBBB-of-NNNNN.parquet + rejected-BBBBB-of-NNNNN.jsonl (dead letters)
+
+Batches are formed where the records are read, so no document crosses a shuffle: on Beam's
+DirectRunner a GroupByKey of every document cost more CPU than encoding it. A JSONL corpus is cut into
+byte ranges at line boundaries (one range = one batch), so one big file is still spread over the
+workers; a CSV/TSV/Parquet file is read by one worker in ``--batch-size`` chunks.
 
 then :func:`serving.index.build_index_from_shards` streams the Parquet shards (``id``, ``title``,
 ``text``, ``record``, ``embedding`` float32 list) into one preallocated matrix and the SQLite doc
@@ -28,41 +34,77 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.artifacts import verify_manifest
-from dssm.bm25 import document_text
-from dssm.config import add_config_arguments, config_from_args, config_to_dict
-from dssm.data import read_columns, table_format
-from dssm.errors import ConfigError, InputError
-from pipelines.transforms import REJECTED, json_safe, read_table, rejected_json
-from serving import index as index_lib
+
+def _import_run_inference_without_torch() -> None:
+    """Import ``apache_beam.ml.inference.base`` with its optional ``torch`` import blocked.
+
+    Beam 2.77's ``base`` imports ``model_manager`` (for ``use_model_manager=True``, which this job does
+    not use), and that imports torch and scipy: about 3 s of CPU in every Beam worker process when the
+    ``bench`` extra has installed torch — at 20,000 docs/s, the time of 60,000 documents per worker.
+    ``base`` catches the ImportError and sets ``ModelManager = None``. The block is lifted at once,
+    so ``import torch`` elsewhere works as usual. Beam workers unpickle this job's ``Map`` functions
+    (downstream of RunInference, created first) before RunInference's DoFn, so they take this path too.
+    """
+    if "apache_beam.ml.inference.base" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # None in sys.modules: import raises ImportError
+    try:
+        import apache_beam.ml.inference.base  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
+_import_run_inference_without_torch()
+
+from apache_beam.metrics import Metrics  # noqa: E402
+from apache_beam.ml.inference.base import (  # noqa: E402
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+
+import dssm  # noqa: F401,E402  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.artifacts import verify_manifest  # noqa: E402
+from dssm.bm25 import document_text  # noqa: E402
+from dssm.config import add_config_arguments, config_from_args, config_to_dict  # noqa: E402
+from dssm.data import read_columns, table_format  # noqa: E402
+from dssm.errors import ConfigError, InputError  # noqa: E402
+from pipelines.transforms import (  # noqa: E402
+    REJECTED,
+    json_safe,
+    read_jsonl_range,
+    read_table,
+    rejected_json,
+)
+from serving import index as index_lib  # noqa: E402
 
 __all__ = [
     "REASONS",
     "SHARD_SCHEMA",
     "CorpusColumns",
     "DocumentTowerHandler",
+    "KeyedTowerHandler",
     "validate_document",
     "ValidateDocuments",
+    "ReadRange",
+    "ReadBatches",
+    "plan_reads",
     "EncodeBatches",
-    "batch_of",
     "shard_table",
     "write_batch",
     "count_records",
     "resolve_corpus",
     "encode_pipeline",
-    "in_shard",
     "run",
     "main",
 ]
@@ -159,9 +201,11 @@ class ValidateDocuments(beam.PTransform):
 class DocumentTowerHandler(ModelHandler[Sequence[str], PredictionResult, Any]):
     """RunInference handler for the exported document tower: one batch of texts → [n, dim] float32.
 
-    An *example* is a whole batch (the job forms batches itself with a GroupByKey, see
-    :class:`EncodeBatches`), so RunInference's own ``BatchElements`` is skipped: it emits its last
-    batch from ``finish_bundle``, which Beam's Dask runner drops. The model is the SavedModel under
+    An *example* is a whole batch of texts (the job forms batches where it reads them, see
+    :class:`ReadBatches`), so RunInference's own ``BatchElements`` is skipped (it would only regroup
+    the batches, and it emits its last group from ``finish_bundle``, which Beam's Dask runner drops):
+    each element reaching RunInference is then a ready "batch" of one keyed example,
+    ``[(key, texts)]``. The model is the SavedModel under
     ``MODEL_DIR/saved_model`` loaded with :func:`dssm.export.load_encoder` (which verifies the
     model's manifest), so Beam, the searcher and the tests all run the same ``embed_document``.
     """
@@ -190,21 +234,179 @@ class DocumentTowerHandler(ModelHandler[Sequence[str], PredictionResult, Any]):
         return True
 
 
-def batch_of(item: tuple[str, dict[str, Any]], num_batches: int) -> int:
-    """The batch a validated record goes to: crc32 of its source location, mod ``num_batches``.
+class KeyedTowerHandler(KeyedModelHandler):
+    """``KeyedModelHandler(DocumentTowerHandler(model_dir))`` that also passes on ``should_skip_batching``.
 
-    Deterministic on every runner and retry (unlike Python's salted ``hash``).
+    Beam 2.77's ``KeyedModelHandler`` forwards ``batch_elements_kwargs`` but not
+    ``should_skip_batching``, so RunInference put a ``BatchElements`` before the model anyway: it held
+    up to 8 of our batches (tens of thousands of documents) per bundle, and on the Dask runner lost the
+    ones it emits from ``finish_bundle``.
     """
-    return zlib.crc32(item[1]["record"].encode("utf-8", "surrogatepass")) % num_batches
+
+    def __init__(self, model_dir: str):
+        self.tower = DocumentTowerHandler(model_dir)
+        super().__init__(self.tower)
+
+    def should_skip_batching(self) -> bool:
+        return self.tower.should_skip_batching()
 
 
-def _to_example(group: tuple[int, Iterable[tuple[str, dict[str, Any]]]]) -> tuple[Any, list[str]]:
-    batch_id, items = group
-    docs = sorted((payload for kind, payload in items if kind == DOCUMENT), key=lambda d: d["record"])
-    rejected = sorted((payload for kind, payload in items if kind == REJECTED), key=lambda d: d["record"])
-    # One keyed example (key, texts) per element; with batching skipped RunInference hands the
-    # model handler a batch of one.
-    return (batch_id, docs, rejected), [document_text(d["title"], d["text"]) for d in docs]
+@dataclass(frozen=True)
+class ReadRange:
+    """One read task of the encode job: a byte range of a JSONL file, or a whole CSV/TSV/Parquet file.
+
+    Attributes:
+        path: the corpus file.
+        table: its format (``None``: from the suffix).
+        start: first byte (JSONL; 0 for a whole file).
+        end: byte just past the last line (JSONL), or ``None`` for the whole file.
+        first_line: line number at ``start`` (JSONL).
+        first_batch: id of the first batch this range emits.
+        batches: how many batch ids, from ``first_batch``, the range may use (1 for a JSONL range).
+    """
+
+    path: str
+    table: str | None
+    start: int
+    end: int | None
+    first_line: int
+    first_batch: int
+    batches: int
+
+
+# Bytes per read while planning JSONL ranges (numpy finds the newlines of each block).
+_PLAN_BLOCK = 1 << 24
+
+
+def _jsonl_cuts(path: str, lines_per_range: int) -> tuple[list[tuple[int, int, int]], int]:
+    """``([(start, end, first_line)], lines)``: byte ranges of ``lines_per_range`` lines (the last may be short)."""
+    starts, first_lines = [0], [1]
+    lines = offset = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_PLAN_BLOCK):
+            newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+            # The newline ending line number (lines + k + 1) closes a range when that number is a multiple.
+            first = (-lines - 1) % lines_per_range
+            for k in range(first, len(newlines), lines_per_range):
+                starts.append(offset + int(newlines[k]) + 1)
+                first_lines.append(lines + k + 2)
+            lines += len(newlines)
+            offset += len(block)
+    if offset and _ends_without_newline(path, offset):
+        lines += 1
+    if starts[-1] < offset:
+        starts.append(offset)
+        first_lines.append(0)
+    return [(starts[i], starts[i + 1], first_lines[i]) for i in range(len(starts) - 1)], lines
+
+
+def _ends_without_newline(path: str, size: int) -> bool:
+    """Whether the file's last byte is not a newline (its last line then has no ``\\n``)."""
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) != b"\n"
+
+
+def plan_reads(paths: Sequence[str], table: str | None, *, batch_size: int,
+               stride: int = 1) -> tuple[list[ReadRange], int]:
+    """Cut the corpus into read tasks and number their batches.
+
+    A JSONL file becomes byte ranges of ``batch_size * stride`` lines (one batch each); a CSV, TSV or
+    Parquet file is one task whose batches are ``batch_size * stride`` records (a CSV field may span
+    lines, so such files are not cut). ``stride`` is the shard count of a ``--shard i/N`` job, whose
+    batches keep about ``batch_size`` of every ``batch_size * N`` records.
+
+    Returns:
+        ``(ranges, records)``; the ranges' batch ids run from 0 to ``ranges[-1].first_batch +
+        ranges[-1].batches - 1`` without gaps (CSV may leave some of its ids unused).
+    """
+    ranges: list[ReadRange] = []
+    per_batch = batch_size * stride
+    next_batch = records = 0
+    for path in paths:
+        kind = table_format(path, table)
+        if kind == "jsonl":
+            cuts, lines = _jsonl_cuts(path, per_batch)
+            records += lines
+            for start, end, first_line in cuts:
+                ranges.append(ReadRange(path, table, start, end, first_line, next_batch, 1))
+                next_batch += 1
+            continue
+        count = count_records([path], table)
+        records += count
+        batches = max(1, math.ceil(count / per_batch))
+        ranges.append(ReadRange(path, table, 0, None, 1, next_batch, batches))
+        next_batch += batches
+    return ranges, records
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class ReadBatches(beam.DoFn):
+    """A :class:`ReadRange` → ``[((batch_id, docs, rejected), texts)]``: one keyed example per batch.
+
+    Reads the records, validates them (:func:`validate_document`), keeps one index shard's documents
+    when ``shard`` is set (dead letters go to shard 0 only, so N shard jobs report each once), and
+    hands each batch to RunInference as one keyed example in a list of one (the "batch" RunInference
+    passes to the model handler as is, batching skipped): ``texts`` are the documents' ``title + " " +
+    text`` (:func:`dssm.bm25.document_text`). A batch whose records were all rejected still goes on
+    (with no texts), so its dead letters are written. Counts ``read`` and ``rejected`` in the
+    ``dssm_encode`` metrics, and the wall-clock millisecond a batch's reading started
+    (``batch_start_ms``), from which the job's steady rate is measured.
+
+    Args:
+        columns: the corpus columns.
+        batch_size: records per batch of a whole-file range (times the shard count).
+        shard: ``(i, N)`` to keep index shard i of N only, or ``None``.
+    """
+
+    def __init__(self, *, columns: CorpusColumns, batch_size: int, shard: tuple[int, int] | None = None):
+        super().__init__()
+        self.columns = columns
+        self.batch_size = batch_size
+        self.shard = shard
+        self._read = Metrics.counter("dssm_encode", "read")
+        self._rejected = Metrics.counter("dssm_encode", "rejected")
+        self._started = Metrics.distribution("dssm_encode", "batch_start_ms")
+
+    def process(self, task: ReadRange) -> Iterator[list[tuple[tuple[int, list[dict], list[dict]], list[str]]]]:
+        self._started.update(int(time.time() * 1000))
+        if task.end is not None:
+            raws: Iterable[list[dict[str, Any]]] = [list(read_jsonl_range(task.path, task.start, task.end,
+                                                                         task.first_line))]
+        else:
+            raws = _chunks(read_table(task.path, task.table), self.batch_size)
+        for offset, chunk in enumerate(raws):
+            if offset >= task.batches:
+                raise InputError(f"corpus {task.path} has more records than the {task.batches * self.batch_size} "
+                                 "planned for it (it changed while the job ran?)")
+            if offset:
+                self._started.update(int(time.time() * 1000))
+            yield [self._example(task.first_batch + offset, chunk)]
+
+    def _example(self, batch_id: int, raws: list[dict[str, Any]]) -> tuple[tuple[int, list[dict], list[dict]],
+                                                                            list[str]]:
+        docs, rejected = [], []
+        columns, shard = self.columns, self.shard
+        for raw in raws:
+            kind, value = validate_document(raw, columns)
+            if kind == DOCUMENT:
+                if shard is None or index_lib.shard_of(value["id"], shard[1]) == shard[0]:
+                    docs.append(value)
+            elif shard is None or shard[0] == 0:
+                rejected.append(value)
+        self._read.inc(len(raws))
+        self._rejected.inc(len(rejected))
+        return (batch_id, docs, rejected), [document_text(d["title"], d["text"]) for d in docs]
 
 
 def _from_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[int, list[dict], list[dict], np.ndarray]:
@@ -213,29 +415,22 @@ def _from_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[int, list[dic
 
 
 class EncodeBatches(beam.PTransform):
-    """Validated records ``(kind, payload)`` → ``(batch_id, docs, rejected, embeddings [len(docs), dim])``.
+    """``[((batch_id, docs, rejected), texts)]`` → ``(batch_id, docs, rejected, embeddings)``.
 
-    Records are grouped into ``num_batches`` batches by :func:`batch_of` (a GroupByKey, which also
-    spreads one file's records over the workers), and each batch is one RunInference example over a
-    :class:`~apache_beam.ml.inference.base.KeyedModelHandler` of :class:`DocumentTowerHandler`. Dead
-    letters ride along in their batch so the job stays one chain (the Dask runner computes only the
-    last transform's graph). The tower sees ``title + " " + text`` (:func:`dssm.bm25.document_text`).
+    Each example is one RunInference call over a :class:`KeyedTowerHandler` (a
+    :class:`~apache_beam.ml.inference.base.KeyedModelHandler` of :class:`DocumentTowerHandler`);
+    ``embeddings`` is ``[len(docs), dim]`` float32, row i for ``texts[i]``. Dead letters ride along in
+    their batch so the job stays one chain (the Dask runner computes only the last transform's graph).
     """
 
-    def __init__(self, model_dir: str, *, num_batches: int, use_run_inference: bool = True):
+    def __init__(self, model_dir: str, *, use_run_inference: bool = True):
         super().__init__()
-        if num_batches < 1:
-            raise ConfigError(f"num_batches must be >= 1, got {num_batches}")
-        self.num_batches = num_batches
-        self.handler = KeyedModelHandler(DocumentTowerHandler(model_dir))
+        self.handler = KeyedTowerHandler(model_dir)
         self.use_run_inference = use_run_inference
 
-    def expand(self, checked: beam.PCollection) -> beam.PCollection:
+    def expand(self, examples: beam.PCollection) -> beam.PCollection:
         return (
-            checked
-            | "KeyByBatch" >> beam.Map(lambda item, n: (batch_of(item, n), item), self.num_batches)
-            | "GroupBatches" >> beam.GroupByKey()
-            | "ToExample" >> beam.Map(_to_example)
+            examples
             | ("RunInference" >> RunInference(self.handler) if self.use_run_inference
                else "Inference" >> beam.ParDo(_PlainInference(self.handler)))
             | "FromPrediction" >> beam.Map(_from_prediction)
@@ -246,7 +441,7 @@ class _PlainInference(beam.DoFn):
     """The same keyed model handler called from a plain DoFn (model loaded in ``setup``).
 
     For Beam's Dask runner, where ``RunInference`` (2.77) drops one example of the job: with the same
-    handler, batches and GroupByKey, this DoFn delivers every batch (see docs/scaling.md).
+    handler and batches, this DoFn delivers every batch (see docs/scaling.md).
     """
 
     def __init__(self, handler: KeyedModelHandler):
@@ -257,8 +452,8 @@ class _PlainInference(beam.DoFn):
     def setup(self) -> None:
         self.model = self.handler.load_model()
 
-    def process(self, example: tuple[Any, list[str]]) -> Iterable[tuple[Any, PredictionResult]]:
-        yield from self.handler.run_inference([example], self.model)
+    def process(self, batch: list[tuple[Any, list[str]]]) -> Iterable[tuple[Any, PredictionResult]]:
+        yield from self.handler.run_inference(batch, self.model)
 
 
 def shard_table(docs: Sequence[dict[str, Any]], embeddings: np.ndarray) -> Any:
@@ -287,12 +482,16 @@ def write_batch(batch: tuple[int, list[dict], list[dict], np.ndarray], *, shards
     """Write one batch's shard (``embeddings-BBBBB-of-NNNNN.parquet``) and dead letters; returns the counts.
 
     Files are named by batch id and replaced atomically, so a retried batch overwrites its own
-    output and a killed worker never leaves half a file under the final name.
+    output and a killed worker never leaves half a file under the final name. Batch ids follow the
+    corpus order, so the shards' name order is the corpus order (ids are zero-padded to the width of
+    ``num_batches``, at least 5 digits). Records the wall-clock millisecond each batch was written in
+    the ``dssm_encode`` distribution ``batch_written_ms``.
     """
     import pyarrow.parquet as pq
 
     batch_id, docs, rejected, embeddings = batch
-    name = f"{batch_id:05d}-of-{num_batches:05d}"
+    width = max(5, len(str(num_batches)))
+    name = f"{batch_id:0{width}d}-of-{num_batches:0{width}d}"
     if docs:
         table = shard_table(docs, embeddings)
         # Dictionary encoding of unique ids/texts was 3/4 of the write time; float vectors do not compress.
@@ -303,6 +502,8 @@ def write_batch(batch: tuple[int, list[dict], list[dict], np.ndarray], *, shards
         text = "".join(rejected_json(r) + "\n" for r in rejected)
         _replace_atomically(Path(rejected_dir) / f"rejected-{name}.jsonl",
                             lambda p: p.write_text(text, encoding="utf-8"))
+    Metrics.distribution("dssm_encode", "batch_written_ms").update(int(time.time() * 1000))
+    Metrics.counter("dssm_encode", "encoded").inc(len(docs))
     return len(docs), len(rejected)
 
 
@@ -355,38 +556,36 @@ def count_records(paths: Sequence[str], table: str | None) -> int:
     return total
 
 
-def in_shard(item: tuple[str, dict[str, Any]], shard: tuple[int, int]) -> bool:
-    """Whether a validated record belongs to index shard ``shard = (i, N)`` (:func:`serving.index.shard_of`)."""
-    kind, value = item
-    if kind != DOCUMENT:
-        return shard[0] == 0
-    return index_lib.shard_of(value["id"], shard[1]) == shard[0]
+def encode_pipeline(p: beam.Pipeline, *, ranges: Sequence[ReadRange], columns: CorpusColumns, model_dir: str,
+                    shards_dir: str, rejected_dir: str, batch_size: int, shard: tuple[int, int] | None = None,
+                    use_run_inference: bool = True) -> beam.PCollection:
+    """Add the encode job to pipeline ``p``: read + validate + batch → RunInference → Parquet + dead letters.
 
+    Args:
+        p: the pipeline.
+        ranges: the read tasks (:func:`plan_reads`); their batch ids name the output files.
+        columns: the corpus columns.
+        model_dir: the model directory (``saved_model`` inside).
+        shards_dir: where the ``embeddings-*.parquet`` shards go.
+        rejected_dir: where the ``rejected-*.jsonl`` dead letters go.
+        batch_size: records per batch of a whole-file range, as planned.
+        shard: ``(i, N)``: keep only the documents of index shard i of N.
+        use_run_inference: RunInference (else the same handler in a plain DoFn, for Dask).
 
-def encode_pipeline(p: beam.Pipeline, *, paths: Sequence[str], columns: CorpusColumns, table: str | None,
-                    model_dir: str, shards_dir: str, rejected_dir: str, num_batches: int,
-                    shard: tuple[int, int] | None = None, use_run_inference: bool = True) -> beam.PCollection:
-    """Add the encode job to pipeline ``p``: read → validate → batch → RunInference → Parquet + dead letters.
-
-    One chain with no multi-output steps and no ``finish_bundle`` outputs, so it runs the same on the
-    DirectRunner, the Dask runner and the portable runners.
+    One chain with no multi-output steps, no shuffle of documents and no ``finish_bundle`` outputs, so it
+    runs the same on the DirectRunner, the Dask runner and the portable runners. ``beam.Create``
+    redistributes the read tasks (a reshuffle of a few small elements), so workers share them.
 
     Returns:
         ``(documents, rejected)`` counts per batch.
     """
-    checked = (
-        p
-        | "CorpusFiles" >> beam.Create(list(paths))
-        | "Read" >> beam.FlatMap(read_table, table)
-        | "Validate" >> beam.Map(validate_document, columns)
-    )
-    if shard is not None:
-        # A filter keeps the job one chain; dead letters are kept by shard 0 only, so N shard jobs
-        # over one corpus report each rejected record once.
-        checked = checked | "Shard" >> beam.Filter(in_shard, shard)
+    num_batches = ranges[-1].first_batch + ranges[-1].batches if ranges else 0
+    stride = shard[1] if shard else 1
     return (
-        checked
-        | "Encode" >> EncodeBatches(model_dir, num_batches=num_batches, use_run_inference=use_run_inference)
+        p
+        | "ReadTasks" >> beam.Create(list(ranges))
+        | "ReadBatches" >> beam.ParDo(ReadBatches(columns=columns, batch_size=batch_size * stride, shard=shard))
+        | "Encode" >> EncodeBatches(model_dir, use_run_inference=use_run_inference)
         | "Write" >> beam.Map(write_batch, shards_dir=shards_dir, rejected_dir=rejected_dir,
                               num_batches=num_batches)
     )
@@ -408,8 +607,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="title column, joined before the text; '' for none (default: title; "
                              "a corpus without it gets empty titles)")
     parser.add_argument("--batch-size", type=int, default=4096,
-                        help="documents per RunInference batch and per Parquet shard (about; batches are "
-                             "formed by hashing each record's location)")
+                        help="documents per RunInference batch and per Parquet shard (lines of a JSONL file, "
+                             "records of a CSV/TSV/Parquet file; with --shard i/N, about that many of every "
+                             "N times as many)")
     parser.add_argument("--shards", default=None,
                         help="keep the embedding shards in this directory (default: a staging "
                              "directory removed after the build)")
@@ -428,6 +628,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
+
+
+def _steady_rate(job: Any) -> dict[str, Any]:
+    """Documents/s from the first batch read to the last shard written (Beam metrics), or ``{}`` if unknown.
+
+    Leaves out what comes before the first batch: worker start-up, imports and model loading, a fixed
+    cost of seconds that dominates a short job's whole-job rate.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        metrics = job.metrics().query(MetricsFilter().with_namespace("dssm_encode"))
+    except (NotImplementedError, AttributeError, KeyError):  # a runner without metrics
+        return {}
+    found = {m.key.metric.name: m.committed for kind in ("counters", "distributions") for m in metrics.get(kind, [])}
+    start, end, encoded = found.get("batch_start_ms"), found.get("batch_written_ms"), found.get("encoded")
+    if not (start and end and encoded and start.count and end.count and end.max > start.min):
+        return {}
+    seconds = (end.max - start.min) / 1000
+    return {"steady_seconds": round(seconds, 3), "steady_docs_per_second": round(encoded / seconds, 1)}
 
 
 def _count_rejected(prefix: str) -> tuple[int, dict[str, int], str | None]:
@@ -491,19 +711,21 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     rejected_dir.mkdir(parents=True, exist_ok=True)
     dask = any("DaskRunner" in arg for arg in beam_args)
     use_run_inference = args.inference == "runinference" or (args.inference == "auto" and not dask)
-    records = count_records(paths, table)
-    num_batches = max(1, math.ceil(records / (shard[1] if shard else 1) / args.batch_size))
+    ranges, records = plan_reads(paths, table, batch_size=args.batch_size, stride=shard[1] if shard else 1)
+    num_batches = ranges[-1].first_batch + ranges[-1].batches if ranges else 0
 
     try:
         started = time.perf_counter()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-        encode_pipeline(pipeline, paths=paths, columns=columns, table=table, model_dir=str(model_dir),
+        encode_pipeline(pipeline, ranges=ranges, columns=columns, model_dir=str(model_dir),
                         shards_dir=str(shards_dir.resolve()), rejected_dir=str(rejected_dir.resolve()),
-                        num_batches=num_batches, shard=shard, use_run_inference=use_run_inference)
+                        batch_size=args.batch_size, shard=shard, use_run_inference=use_run_inference)
         print(f"encoding {records:,} records of {', '.join(paths)} in {num_batches} batches with {model_dir} ...",
               file=sys.stderr, flush=True)
-        pipeline.run().wait_until_finish()
+        job = pipeline.run()
+        job.wait_until_finish()
         encode_seconds = time.perf_counter() - started
+        steady = _steady_rate(job)
 
         shards = sorted(shards_dir.glob("embeddings-*.parquet"))
         encoded, _ = index_lib.count_shard_rows(shards)
@@ -521,6 +743,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             "rejected_dir": str(rejected_dir),
             "seconds": round(encode_seconds, 3),
             "docs_per_second": round(encoded / encode_seconds, 1),
+            **steady,
             "batches": num_batches,
             "beam_args": beam_args,
             "shard": None if shard is None else {"index": shard[0], "count": shard[1]},

@@ -54,6 +54,7 @@ __all__ = [
     "json_safe",
     "text_id",
     "read_table",
+    "read_jsonl_range",
     "ValidatePairs",
     "JoinBeir",
     "CorpusSpec",
@@ -194,6 +195,52 @@ def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str,
             "fields": row.fields if _plain_utf8(row.fields) else carry_bytes(row.fields),
             "reason": "unparsable" if row.error else None,
             "error": row.error,
+        }
+
+
+def read_jsonl_range(path: str, start: int, end: int, first_line: int) -> Iterator[dict[str, Any]]:
+    """Raw records of the lines in bytes ``[start, end)`` of a JSONL file, as :func:`read_table` makes them.
+
+    Lets a job split one big JSONL file into byte ranges read by different workers (the encode job's
+    read stage). ``start`` and ``end`` must be line starts (0, just after a ``\\n``, or the file size);
+    ``first_line`` is the 1-based number of the line at ``start``, so locations read ``path:line`` as
+    :func:`read_table`'s do. Lines are ``\\n``-separated (a lone ``\\r`` is JSON whitespace, not a line
+    break); blank lines are skipped but counted.
+
+    Args:
+        path: the JSONL file.
+        start: byte offset of the first line.
+        end: byte offset just past the last line.
+        first_line: the line number of the line at ``start``.
+
+    Yields:
+        Raw records (see the module docstring); unparsable ones carry ``reason="unparsable"``.
+    """
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    location_ok = is_valid_utf8(str(path))
+    where = str(path) if location_ok else _printable(str(path))
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    for line_no, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue
+        error = None
+        try:
+            fields = json.loads(line)
+            if not isinstance(fields, dict):
+                error = "not a JSON object"
+        except (json.JSONDecodeError, UnicodeEncodeError) as exc:
+            error = f"not valid JSON: {exc}"
+        if error:
+            fields = {"raw": line}
+        yield {
+            "record": f"{where}:{line_no}",
+            "fields": fields if _plain_utf8(fields) else carry_bytes(fields),
+            "reason": "unparsable" if error else None,
+            "error": error,
         }
 
 

@@ -67,32 +67,65 @@ def _adi_documents(adi_dir):
     return list(iter_corpus(adi_dir / "corpus.jsonl"))
 
 
-def test_encode_transform_matches_the_encoder(tiny_model_dir, adi_dir):
-    """RunInference over the SavedModel gives what the encoder gives when called directly."""
+def test_plan_reads_cuts_jsonl_at_lines_and_reads_what_read_table_reads(tmp_path):
+    """Byte ranges of N lines each, read back, give read_table's records (locations included), in order."""
+    from pipelines.transforms import read_jsonl_range
+
+    lines = [json.dumps({"_id": f"d{i}", "text": f"text {i} \u00e9"}) for i in range(10)]
+    lines[3] = ""                   # blank: skipped, but counted in the line numbers
+    lines[6] = "{broken"            # unparsable: a raw record with reason set
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(("\n".join(lines)).encode("utf-8") + b'\n{"_id": "x", "text": "bad \xff"}')  # no final \n
+    ranges, records = ec.plan_reads([str(corpus)], None, batch_size=4)
+    assert records == 11
+    assert [(r.first_line, r.first_batch, r.batches) for r in ranges] == [(1, 0, 1), (5, 1, 1), (9, 2, 1)]
+    assert ranges[0].start == 0 and ranges[-1].end == corpus.stat().st_size
+    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    got = [raw for r in ranges for raw in read_jsonl_range(r.path, r.start, r.end, r.first_line)]
+    assert got == list(read_table(str(corpus)))
+    assert got[-1]["fields"]["text"] == b"bad \xff" and got[5]["reason"] == "unparsable"
+
+    # A CSV file is one read task with enough batch ids for its records; with --shard i/3 a batch
+    # holds three times as many records, so a third of them on average stay.
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,text\n" + "".join(f"{i},t{i}\n" for i in range(9)), encoding="utf-8")
+    ranges, records = ec.plan_reads([str(corpus), str(csv)], None, batch_size=2, stride=3)
+    assert records == 20 and [(r.end is None, r.first_batch, r.batches) for r in ranges] == [
+        (False, 0, 1), (False, 1, 1), (True, 2, 2)]
+
+
+def test_read_and_encode_batches_match_the_encoder(tiny_model_dir, adi_dir, tmp_path):
+    """Read tasks → batches → RunInference over the SavedModel give what the encoder gives directly."""
     from dssm.bm25 import document_text
     from dssm.export import load_encoder
 
     docs = _adi_documents(adi_dir)
     expected = load_encoder(tiny_model_dir).embed_documents([document_text(d.title, d.text) for d in docs])
     expected_by_id = {d.id: expected[i] for i, d in enumerate(docs)}
-    dead = {"record": "x:1", "reason": "empty_id", "detail": "", "row": {}}
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": d.id, "title": d.title, "text": d.text} for d in docs]
+                         + [{"_id": "", "text": "no id"}])
+    ranges, _ = ec.plan_reads([str(corpus)], None, batch_size=30)
+    assert len(ranges) == 3
+    # RunInference gets each batch as it is: no BatchElements regrouping them (Beam's KeyedModelHandler
+    # does not pass should_skip_batching on).
+    assert ec.KeyedTowerHandler(str(tiny_model_dir)).should_skip_batching()
 
     def check(batches):
-        assert sorted(b[0] for b in batches) == [0, 1, 2]  # 3 batches by hash of the record
-        got = {}
-        for _, batch_docs, rejected, embeddings in batches:
+        assert sorted(b[0] for b in batches) == [0, 1, 2]  # one batch per range, in corpus order
+        got, order = {}, []
+        for batch_id, batch_docs, rejected, embeddings in sorted(batches, key=lambda b: b[0]):
             assert embeddings.dtype == np.float32 and embeddings.shape == (len(batch_docs), 16)
             got.update({d["id"]: embeddings[i] for i, d in enumerate(batch_docs)})
-            assert rejected in ([], [dead])
-        assert sum(len(b[2]) for b in batches) == 1
-        assert sorted(got) == sorted(expected_by_id)
+            order += [d["id"] for d in batch_docs]
+            assert [r["reason"] for r in rejected] == (["empty_id"] if batch_id == 2 else [])
+        assert order == [d.id for d in docs]
         for doc_id, vector in got.items():
             np.testing.assert_allclose(vector, expected_by_id[doc_id], atol=1e-6, err_msg=doc_id)
 
-    items = [(ec.DOCUMENT, {"record": f"corpus:{i}", "id": d.id, "title": d.title, "text": d.text})
-             for i, d in enumerate(docs)] + [("rejected", dead)]
     with test_pipeline.TestPipeline() as p:
-        batches = p | beam.Create(items) | ec.EncodeBatches(str(tiny_model_dir), num_batches=3)
+        batches = (p | beam.Create(ranges)
+                   | beam.ParDo(ec.ReadBatches(columns=ec.CorpusColumns(id="_id"), batch_size=30))
+                   | ec.EncodeBatches(str(tiny_model_dir)))
         assert_that(batches, check)
 
 
