@@ -1,6 +1,6 @@
 """Load test of the search service on loopback: p50/p99 latency and QPS at 1, 8 and 64 concurrent clients.
 
-    python -m bench.load_test [--index INDEX_DIR | --model MODEL_DIR] [--docs 100000] [--clients 1 8 64]
+    python -m bench.load_test [--index INDEX_DIR | --model MODEL_DIR] [--docs 100000] [--clients 1 8 64] [--workers 2]
                               [--requests 5000] [--seconds 10] [--repeats 3] [--batch-size 32] [--json OUT]
 
 Without ``--index`` it builds (once) a synthetic index of ``--docs`` documents (texts drawn from adi's
@@ -11,15 +11,15 @@ default) builds what ``dssm index`` builds for that many documents (tree + AH + 
 ``--reorder-k`` candidates re-scored so that recall@10 reaches ``--min-recall`` on these near-tied
 synthetic embeddings); ``brute_force`` is exact search.
 
-The server is ``dssm serve`` in a subprocess on 127.0.0.1. The load generator is one asyncio process
-speaking plain HTTP/1.1 over one persistent connection per client with pre-encoded bodies (no HTTP
-library on the client's hot path), because the two share the machine's cores: a heavy client would
-measure itself. Each scenario is closed-loop (every client sends its next request when the previous
-answer arrives), bounded by ``--requests`` and ``--seconds``, and repeated ``--repeats`` times; the
-table shows the median of the repeats. The CPU time the generator and the server used during a
-scenario is reported next to it (seconds of CPU per second of wall time; 2.0 = both cores), with the
-server's CPU time per answered request, which other jobs on a shared machine move much less than
-they move latency.
+The server is ``dssm serve`` (``--workers`` processes) in a subprocess on 127.0.0.1. The load
+generator is one asyncio process speaking plain HTTP/1.1 over one persistent connection per client
+with pre-encoded bodies (no HTTP library on the client's hot path), because the two share the
+machine's cores: a heavy client would measure itself. Each scenario is closed-loop (every client
+sends its next request when the previous answer arrives), bounded by ``--requests`` and
+``--seconds``, and repeated ``--repeats`` times; the table shows the median of the repeats. The CPU
+time the generator and the server used during a scenario is reported next to it (seconds of CPU per
+second of wall time; 2.0 = both cores), with the server's CPU time per answered request, which other
+jobs on a shared machine move much less than they move latency.
 
 Reports, per scenario (in-process Searcher, HTTP single query, HTTP batch): requests, errors (any
 non-200 other than 429), deliberate 429s, p50/p99 latency in ms, requests/s and queries/s — as JSON
@@ -259,13 +259,31 @@ def _request(path: str, body: dict[str, Any], host: str) -> bytes:
             f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (Linux /proc), e.g. ``dssm serve --workers N``'s workers."""
+    out, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        out.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
 def _proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (Linux /proc), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its descendants (Linux /proc), in seconds."""
+    total, found = 0.0, False
+    for member in _descendants(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found = True
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if found else None
 
 
 async def http_scenario(host: str, port: int, queries: list[str], *, clients: int, batch: int, requests: int,
@@ -363,20 +381,29 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def start_server(index_dir: Path, port: int, *, max_in_flight: int = 64, tf_threads: int = 1,
+def _ready_workers(url: str) -> int:
+    """How many worker processes have an index loaded (``/metrics``: one ``dssm_index_documents`` per worker)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    return sum(1 for line in text.splitlines() if line.startswith("dssm_index_documents"))
+
+
+def start_server(index_dir: Path, port: int, *, max_in_flight: int = 64, tf_threads: int = 1, workers: int = 1,
                  server_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """``dssm serve`` on 127.0.0.1:``port`` in a child process, returned once ``/readyz`` answers 200."""
+    """``dssm serve`` on 127.0.0.1:``port`` in a child process, returned once every worker has loaded the index."""
     import httpx
 
     dssm_bin = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
     command = [dssm_bin, "serve", "--index", str(index_dir), "--port", str(port), "--log-level", "warning",
-               "--max-in-flight", str(max_in_flight), "--tf-threads", str(tf_threads), *server_args]
+               "--max-in-flight", str(max_in_flight), "--tf-threads", str(tf_threads), "--workers", str(workers),
+               *server_args]
     server = subprocess.Popen(command, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
         try:
-            if httpx.get(url + "/readyz").status_code == 200:
+            if httpx.get(url + "/readyz").status_code == 200 and (workers == 1 or _ready_workers(url) >= workers):
                 return server
         except httpx.TransportError:
             pass
@@ -404,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per run of a scenario at most")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every scenario (the table shows medians)")
     parser.add_argument("--batch-size", type=int, default=32, help="queries per batch request")
-    parser.add_argument("--max-in-flight", type=int, default=64, help="server's in-flight limit")
+    parser.add_argument("--max-in-flight", type=int, default=64, help="server's in-flight limit (per worker)")
+    parser.add_argument("--workers", type=int, default=1, help="`dssm serve --workers`: server processes")
     parser.add_argument("--tf-threads", type=int, default=1,
                         help="TensorFlow intra/inter-op threads, in this process (in-process scenarios) and the "
                              "server's --tf-threads (default: 1, as `dssm serve`; 0 = TensorFlow's default)")
@@ -428,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                            batch=args.batch_size, repeats=args.repeats)
     port = _free_port()
     server = start_server(index_dir, port, max_in_flight=args.max_in_flight, tf_threads=args.tf_threads,
-                          server_args=tuple(args.server_args))
+                          workers=args.workers, server_args=tuple(args.server_args))
     try:
         _run_async(http_scenario("127.0.0.1", port, queries, clients=4, batch=1, requests=300, seconds=5))  # warm-up
         for repeat in range(args.repeats):
@@ -447,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in runs:
         order.setdefault((row["scenario"], row["clients"]), []).append(row)
     results = [median_of(group) for group in order.values()]
-    report = {"setup": setup, "index": str(index_dir), "cpu_count": os.cpu_count(),
+    report = {"setup": setup, "index": str(index_dir), "cpu_count": os.cpu_count(), "workers": args.workers,
               "load_average": os.getloadavg(), "results": results, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

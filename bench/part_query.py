@@ -1,30 +1,31 @@
-"""query: text → top-10 latency, in process and over HTTP (1, 8, 64 clients), beside bm25s on the same corpus.
+"""query: text → top-10 latency and throughput on a 100k-document index, single queries and batches of 32.
 
-Corpus: quora-dev's 19,056 questions (quick: the first 2,000), indexed as ``dssm index`` would
-(``serving.index.build_index``: exact ScaNN under 20k documents, doc store, BM25 state) with the
-default-shape model exported with its initial weights (latency does not depend on the weights).
-Queries: quora-dev's 4,709 query texts, the same for every system.
+Index: ``bench.load_test``'s synthetic corpus (100,000 texts of 8–40 words drawn from adi's
+vocabulary; quick: 5,000), encoded and indexed by :func:`bench.load_test.build_synthetic_index` as
+``dssm index`` builds that many documents (tree + AH + exact re-scoring of 1,500 candidates, the
+setting at which recall@10 reaches 0.95 on these near-tied embeddings), with the default-shape model
+exported with its initial weights (:func:`bench.harness.export_untrained_model`: latency does not
+depend on the weights). Queries: 2,000 more synthetic texts (another seed), the same for every system.
 
-* in process: :func:`bench.load_test.in_process` (``Searcher.search(text, k=10)``, one query at a
-  time: featurize + query tower + ScaNN + doc store);
-* over HTTP: ``dssm serve`` on loopback in a child process, :func:`bench.load_test.http_scenario`'s
-  closed-loop clients (1, 8, 64), single-query ``POST /v1/search``; the peer is the in-process figure,
-  so the ratio is what HTTP and concurrency add;
+* in process: :func:`bench.load_test.in_process` (``Searcher.search(text, k=10)`` one query at a time,
+  and ``Searcher.search_batch`` of 32 texts: featurize + query tower + ScaNN + doc store);
+* over HTTP: ``dssm serve --workers 2`` (one process per core) on loopback in a child process,
+  :func:`bench.load_test.http_scenario`'s closed-loop clients (1, 8, 64), ``POST /v1/search`` (one
+  query) and ``POST /v1/search:batch`` (32 queries); the peer is the in-process figure, so the ratio
+  is what HTTP and concurrency add; queries/s for both;
 * bm25s: the same corpus indexed by ``bm25s`` as its README does it (``bm25s.tokenize`` with English
-  stop words and the Snowball stemmer, ``BM25().index``), one query at a time, tokenize + ``retrieve(k=10)``
-  on one thread.
+  stop words and the Snowball stemmer, ``BM25().index``), tokenize + ``retrieve(k=10)`` on one thread,
+  one query at a time and 32 at a time.
 
 Every scenario runs ``repeats`` times after a warm-up (each run bounded by a request count and
-seconds); a figure is the median of the runs' p50 (or p99), with min and max.
+seconds); a figure is the median of the runs' p50 (or p99, or queries/s), with min and max. Any
+answer other than 200 or a deliberate 429 fails the part.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,21 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import DATASETS, Figure, Stats, corpus_texts, export_untrained_model
+from bench.harness import Figure, Stats, export_untrained_model
 
-__all__ = ["run", "bm25s_latencies", "start_server"]
+__all__ = ["run", "bm25s_latencies", "start_server", "CLIENTS", "BATCH", "WORKERS"]
 
 CLIENTS = (1, 8, 64)
+BATCH = 32
+# `dssm serve --workers`: one process per core of the 2-core benchmark machine (one process is held
+# to one core by the GIL).
+WORKERS = 2
 
 
-def _queries() -> list[str]:
-    with open(DATASETS / "quora-dev" / "queries.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle if line.strip()]
-
-
-def bm25s_latencies(texts: list[str], queries: list[str], *, requests: int, seconds: float,
-                    repeats: int) -> list[tuple[float, float]]:
-    """``(p50_ms, p99_ms)`` of single bm25s queries (tokenize + retrieve top 10), per run, after a warm-up."""
+def bm25s_latencies(texts: list[str], queries: list[str], *, requests: int, seconds: float, repeats: int,
+                    batch: int = 1) -> list[tuple[float, float, float]]:
+    """``(p50_ms, p99_ms, queries_per_s)`` of bm25s calls (tokenize + retrieve top 10) of ``batch`` queries, per run."""
     import bm25s
     import Stemmer
 
@@ -55,118 +55,123 @@ def bm25s_latencies(texts: list[str], queries: list[str], *, requests: int, seco
     retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
     k = min(10, len(texts))
 
-    def search(query: str) -> Any:
-        tokens = bm25s.tokenize([query], stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    def search(chunk: list[str]) -> Any:
+        tokens = bm25s.tokenize(chunk, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
         return retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
 
-    for q in queries[:50]:
-        search(q)
+    for i in range(0, 50 * batch, batch):
+        search(queries[i % len(queries):i % len(queries) + batch] or queries[:batch])
     runs = []
     for repeat in range(repeats):
-        latencies, start, i = [], time.perf_counter(), repeat * requests
+        latencies, start, i = [], time.perf_counter(), repeat * requests * batch
         while len(latencies) < requests and time.perf_counter() - start < seconds:
+            chunk = [queries[(i + j) % len(queries)] for j in range(batch)]
             tick = time.perf_counter()
-            search(queries[i % len(queries)])
+            search(chunk)
             latencies.append(time.perf_counter() - tick)
-            i += 1
+            i += batch
+        wall = time.perf_counter() - start
         ms = np.asarray(latencies) * 1e3
-        runs.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
+        runs.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(latencies) * batch / wall))
     return runs
 
 
-def start_server(index_dir: Path, port: int) -> subprocess.Popen:
-    """``dssm serve`` on 127.0.0.1:``port`` (64 in flight, 1 TF thread), ready; see bench.load_test.start_server."""
+def start_server(index_dir: Path, port: int, *, workers: int = WORKERS) -> Any:
+    """``dssm serve --workers`` on 127.0.0.1:``port`` (64 in flight per worker, 1 TF thread), all workers ready."""
     from bench import load_test
 
-    return load_test.start_server(index_dir, port, max_in_flight=64)
-
-
-def _in_process_runs(load_test: Any, index_dir: Path, queries: list[str], *, requests: int, seconds: float,
-                     repeats: int) -> list[dict[str, Any]]:
-    """load_test.in_process's single-query rows, ``repeats`` of them (its ``repeats=`` where it has one)."""
-    if "repeats" in inspect.signature(load_test.in_process).parameters:
-        rows = load_test.in_process(index_dir, queries, requests=requests, seconds=seconds, batch=32, repeats=repeats)
-    else:  # the load test before it repeated scenarios itself
-        rows = [row for _ in range(repeats)
-                for row in load_test.in_process(index_dir, queries, requests=requests, seconds=seconds, batch=32)]
-    return [r for r in rows if r["scenario"] == "in-process single"]
-
-
-def _http_run(load_test: Any, port: int, queries: list[str], *, clients: int, requests: int, seconds: float,
-              server_pid: int, seed: int) -> dict[str, Any]:
-    """One run of load_test's HTTP scenario (single queries); adapts to the older ``_http_scenario(url, ...)``."""
-    if hasattr(load_test, "http_scenario"):
-        return asyncio.run(load_test.http_scenario("127.0.0.1", port, queries, clients=clients, batch=1,
-                                                   requests=requests, seconds=seconds, server_pid=server_pid,
-                                                   seed=seed))
-    return asyncio.run(load_test._http_scenario(f"http://127.0.0.1:{port}", queries, clients=clients,  # noqa: SLF001
-                                                batch=1, requests=requests, seconds=seconds))
+    return load_test.start_server(index_dir, port, max_in_flight=64, workers=workers)
 
 
 def _stats(rows: list[dict[str, Any]], key: str) -> Stats:
     return Stats.of([r[key] for r in rows])
 
 
+def _http_figures(label: str, rows_by_clients: dict[int, list[dict[str, Any]]], peer_name: str,
+                  peer: list[dict[str, Any]]) -> list[Figure]:
+    figures = []
+    for clients, rows in rows_by_clients.items():
+        shed = sum(r["shed_429"] for r in rows)
+        who = f"{clients} client{'s' if clients > 1 else ''}"
+        cpu = Stats.of([r["server_cpu_ms_per_request"] for r in rows if r.get("server_cpu_ms_per_request")] or [0.0])
+        for key, name in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            figures.append(Figure("query", f"{label} over HTTP, {who}, {name}", "ms", _stats(rows, key),
+                                  f"in process, {name}", _stats(peer, key), higher_is_better=False,
+                                  note=(f"{shed} answered 429" if shed else "") if key == "p50_ms" else ""))
+        figures.append(Figure("query", f"{label} over HTTP, {who}, throughput", "queries/s",
+                              _stats(rows, "queries_per_s"), peer_name, _stats(peer, "queries_per_s"),
+                              note=f"server CPU {cpu.median:.2f} ms per request, {WORKERS} workers"))
+    return figures
+
+
 def run(*, quick: bool) -> list[Figure]:
-    """In-process and HTTP latency of our search, and bm25s's, on one corpus and one query set."""
+    """In-process and HTTP latency/throughput of our search (single and batch), and bm25s's, on one corpus."""
     import dssm  # noqa: F401
     from bench import load_test
-    from dssm.export import load_encoder
-    from serving.index import build_index
 
-    docs = 2_000 if quick else None
+    import tensorflow as tf  # noqa: E402  isort: skip
+
+    # As `dssm serve` runs it (--tf-threads 1), so the in-process figures are the servers' per-query work.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    docs = 5_000 if quick else 100_000
     repeats = 2 if quick else 3
     requests, seconds = (200, 3.0) if quick else (2000, 10.0)
-    ids, texts = corpus_texts("quora-dev", docs)
-    queries = _queries()
+    batch_requests = max(20, requests // 4)
+    queries = load_test.synthetic_texts(2000, seed=1)
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     server = None
     try:
         model_dir = export_untrained_model(work / "model")
-        embeddings = load_encoder(model_dir).embed_documents(texts)
-        build_index(work / "index", embeddings=embeddings, ids=ids, texts=texts, model_dir=model_dir)
-        single = _in_process_runs(load_test, work / "index", queries, requests=requests, seconds=seconds,
-                                  repeats=repeats)
-        print(f"  in process: {json.dumps(single)}", flush=True)
+        texts, setup = load_test.build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto",
+                                                       reorder_k=1500, min_recall=0.95)
+        print(f"  index: {json.dumps(setup)}", flush=True)
+        rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=BATCH,
+                                    repeats=repeats)
+        single = [r for r in rows if r["scenario"] == "in-process single"]
+        batched = [r for r in rows if r["scenario"] != "in-process single"]
+        print(f"  in process: {json.dumps(rows)}", flush=True)
         bm25 = bm25s_latencies(texts, queries, requests=requests, seconds=seconds, repeats=repeats)
-        print(f"  bm25s: {bm25}", flush=True)
+        bm25_batch = bm25s_latencies(texts, queries, requests=batch_requests, seconds=seconds, repeats=repeats,
+                                     batch=BATCH)
+        print(f"  bm25s: {bm25} batch of {BATCH}: {bm25_batch}", flush=True)
 
         port = load_test._free_port()  # noqa: SLF001 - the load test's own helper
         server = start_server(work / "index", port)
-        _http_run(load_test, port, queries, clients=4, requests=300, seconds=5, server_pid=server.pid,
-                  seed=99)  # warm-up
-        http: dict[int, list[dict[str, Any]]] = {c: [] for c in CLIENTS}
+        load_test._run_async(load_test.http_scenario(  # noqa: SLF001 - warm-up, every worker
+            "127.0.0.1", port, queries, clients=8, batch=1, requests=400, seconds=5))
+        http: dict[int, dict[int, list[dict[str, Any]]]] = {size: {c: [] for c in CLIENTS} for size in (1, BATCH)}
         for repeat in range(repeats):
-            for clients in CLIENTS:
-                row = _http_run(load_test, port, queries, clients=clients, requests=requests, seconds=seconds,
-                                server_pid=server.pid, seed=repeat)
-                print(f"  http: {json.dumps(row)}", flush=True)
-                if not row["requests"] or row["errors"]:
-                    raise RuntimeError(f"HTTP scenario with {clients} clients failed: {row}")
-                http[clients].append(row)
+            for size in (1, BATCH):
+                for clients in CLIENTS:
+                    row = load_test._run_async(load_test.http_scenario(  # noqa: SLF001
+                        "127.0.0.1", port, queries, clients=clients, batch=size, server_pid=server.pid,
+                        requests=requests if size == 1 else batch_requests, seconds=seconds, seed=repeat))
+                    print(f"  http: {json.dumps(row)}", flush=True)
+                    if not row["requests"] or row["errors"]:
+                        raise RuntimeError(f"HTTP scenario {row['scenario']} with {clients} clients failed: {row}")
+                    http[size][clients].append(row)
     finally:
         if server is not None:
             server.terminate()
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
-    corpus = f"{len(texts):,} quora-dev questions"
+    corpus = f"{docs:,} synthetic docs, {setup['scann']['mode']}"
     bm25_name = "bm25s (stemmed, stop words), tokenize + retrieve, 1 thread"
     figures = [
         Figure("query", f"text → top-10 in process, p50, {corpus}", "ms", _stats(single, "p50_ms"), bm25_name,
-               Stats.of([p50 for p50, _ in bm25]), higher_is_better=False,
-               note="Searcher.search: featurize + query tower + ScaNN (exact) + doc store"),
+               Stats.of([p50 for p50, _, _ in bm25]), higher_is_better=False,
+               note="Searcher.search: featurize + query tower + ScaNN + doc store; "
+                    f"recall@10 {setup['recall@10']:.3f}"),
         Figure("query", f"text → top-10 in process, p99, {corpus}", "ms", _stats(single, "p99_ms"), bm25_name,
-               Stats.of([p99 for _, p99 in bm25]), higher_is_better=False),
+               Stats.of([p99 for _, p99, _ in bm25]), higher_is_better=False),
+        Figure("query", f"batch of {BATCH} texts → top-10 each in process, p50", "ms", _stats(batched, "p50_ms"),
+               bm25_name, Stats.of([p50 for p50, _, _ in bm25_batch]), higher_is_better=False,
+               note="Searcher.search_batch: one model call, one ScaNN batch, one doc-store read"),
+        Figure("query", f"batch of {BATCH} texts → top-10 each in process, throughput", "queries/s",
+               _stats(batched, "queries_per_s"), bm25_name, Stats.of([qps for _, _, qps in bm25_batch])),
     ]
-    for clients in CLIENTS:
-        rows_c = http[clients]
-        qps = Stats.of([r["queries_per_s"] for r in rows_c])
-        shed = sum(r["shed_429"] for r in rows_c)
-        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-            figures.append(Figure(
-                "query", f"text → top-10 over HTTP, {clients} client{'s' if clients > 1 else ''}, {label}", "ms",
-                _stats(rows_c, key), f"in process, {label}", _stats(single, key), higher_is_better=False,
-                note=f"{qps.median:,.0f} queries/s" + (f", {shed} answered 429" if shed else "")
-                if key == "p50_ms" else ""))
+    figures += _http_figures("text → top-10", http[1], "in process, 1 thread", single)
+    figures += _http_figures(f"batch of {BATCH} → top-10", http[BATCH], "in process, 1 thread", batched)
     return figures

@@ -60,6 +60,7 @@ from serving.backend import (
     ModeNotAvailableError,
     NotReadyError,
     WriteNotSupportedError,
+    multiprocess_metrics,
 )
 from serving.index import current_version_dir
 from serving.schemas import (
@@ -81,11 +82,14 @@ from serving.schemas import (
     WriteResponse,
 )
 
-__all__ = ["API_KEY_ENV", "create_app", "openapi_document", "write_openapi", "main"]
+__all__ = ["API_KEY_ENV", "WORKER_CONFIG_ENV", "create_app", "metrics_text", "openapi_document", "write_openapi",
+           "worker_app", "main"]
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "DSSM_API_KEY"
+# `dssm serve --workers N` hands each worker process its settings as JSON in this variable.
+WORKER_CONFIG_ENV = "DSSM_SERVE_WORKER_CONFIG"
 _API_PREFIX = "/v1/"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -403,6 +407,11 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
             backend.close_mailboxes()
             if manage_backend:
                 await anyio.to_thread.run_sync(backend.stop)
+            if multiprocess_metrics():
+                # This worker's live gauges (in flight, its version) leave the shared sums with it.
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())
 
     from dssm import __version__
 
@@ -455,7 +464,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
                               "description": "Prometheus text exposition format"}})
     async def metrics() -> Response:
         """Request counts, latency histograms, in-flight operations, the index version and its size."""
-        return Response(generate_latest(backend.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics_text(backend), media_type=CONTENT_TYPE_LATEST)
 
     # ---- reads
 
@@ -565,6 +574,17 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     return app
 
 
+def metrics_text(backend: Backend) -> bytes:
+    """The Prometheus exposition of ``backend``'s metrics, or of every worker's under ``--workers N``."""
+    if multiprocess_metrics():
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(backend.metrics.registry)
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document a default server (reads open) serves; no index is needed."""
     return create_app(Backend("unused", watch_interval=0), manage_backend=False).openapi()
@@ -586,8 +606,69 @@ def _set_tf_threads(threads: int) -> None:
         log.warning("--tf-threads %d not applied: %s", threads, exc)
 
 
+def _serving_app(settings: dict[str, Any]) -> FastAPI:
+    """One serving process's app from ``settings`` (the parsed ``dssm serve`` flags), process settings applied."""
+    backend = Backend(settings["index"], max_in_flight=settings["max_in_flight"],
+                      watch_interval=settings["watch_interval"], batchers=settings["model_threads"],
+                      batch_window=settings["batch_window_ms"] / 1000.0)
+    app = create_app(backend, api_key=settings["api_key"], require_key_for_reads=settings["require_key_for_reads"],
+                     worker_threads=settings["threads"])
+    if settings["tf_threads"]:
+        _set_tf_threads(settings["tf_threads"])
+    if settings["switch_interval_ms"] > 0:
+        sys.setswitchinterval(settings["switch_interval_ms"] / 1000.0)
+    return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one ``dssm serve --workers N`` process (uvicorn's factory, in a spawned interpreter).
+
+    The parent puts the parsed flags in ``$DSSM_SERVE_WORKER_CONFIG``. Each worker loads the index
+    itself and watches ``CURRENT`` on its own, so a write answered by one worker (which swaps the new
+    version in before it answers) reaches the others within their ``--watch-interval``.
+
+    Raises:
+        ConfigError: the variable is missing (the factory was started by something other than ``dssm serve``).
+    """
+    raw = os.environ.get(WORKER_CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"${WORKER_CONFIG_ENV} is not set: worker_app is started by `dssm serve --workers N`")
+    settings = json.loads(raw)
+    logging.basicConfig(level=settings["log_level"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    return _serving_app(settings)
+
+
+def _run_workers(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Serve with ``args.workers`` processes on one listening socket (uvicorn's supervisor).
+
+    Each process has its own Searcher, model thread and GIL, so the service uses every core instead
+    of one. Metrics go through prometheus_client's multiprocess directory (a fresh temporary one
+    unless ``$PROMETHEUS_MULTIPROC_DIR`` is set) so ``/metrics`` from any worker reports them all.
+    """
+    import tempfile
+
+    import uvicorn
+
+    own_dir = None
+    if not multiprocess_metrics():
+        own_dir = tempfile.mkdtemp(prefix="dssm-serve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    os.environ[WORKER_CONFIG_ENV] = json.dumps(settings)
+    try:
+        uvicorn.run("serving.app:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                    log_level=args.log_level, access_log=False, loop=args.loop)
+    finally:
+        os.environ.pop(WORKER_CONFIG_ENV, None)
+        if own_dir is not None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            import shutil
+
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``dssm serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--require-key-for-reads]``."""
+    """``dssm serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--workers N] ...``."""
     parser = argparse.ArgumentParser(prog="dssm serve", description="HTTP search service over an index directory; "
                                      "follows its CURRENT version and swaps new versions in without downtime.")
     parser.add_argument("--index", type=Path, help="index directory written by `dssm index`")
@@ -597,8 +678,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"key for writes (and reads with --require-key-for-reads); default ${API_KEY_ENV}; "
                              "without one, writes are refused")
     parser.add_argument("--require-key-for-reads", action="store_true", help="also require the key for /v1 reads")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port, each with its own copy of the index and model "
+                             "(default: 1). One process is bound to one core by Python's GIL; N processes use N "
+                             "cores for N times the memory. Limits (--max-in-flight, --threads) are per process; "
+                             "a write is answered after its own process swapped the new version in, the others "
+                             "follow within --watch-interval")
     parser.add_argument("--max-in-flight", type=int, default=64,
-                        help="requests admitted at once; more get 429 immediately (default: 64)")
+                        help="requests admitted at once (per worker process); more get 429 immediately (default: 64)")
     parser.add_argument("--threads", type=int, default=8,
                         help="worker threads for batch searches, similarity, document reads and writes "
                              "(default: 8); single queries are coalesced in the model thread")
@@ -631,21 +718,25 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.tf_threads < 0:
         raise ConfigError(f"--tf-threads must be >= 0 (0 = TensorFlow's default), got {args.tf_threads}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     current_version_dir(args.index)  # fail fast on a wrong path: IndexNotFoundError names it
+    if args.require_key_for_reads and not args.api_key:
+        raise ConfigError("require_key_for_reads needs an API key (--api-key or $DSSM_API_KEY)")
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = Backend(args.index, max_in_flight=args.max_in_flight, watch_interval=args.watch_interval,
-                      batchers=args.model_threads, batch_window=args.batch_window_ms / 1000.0)
-    app = create_app(backend, api_key=args.api_key, require_key_for_reads=args.require_key_for_reads,
-                     worker_threads=args.threads)
-    if args.tf_threads:
-        _set_tf_threads(args.tf_threads)
-    if args.switch_interval_ms > 0:
-        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
+    settings = {"index": str(args.index.resolve()), "api_key": args.api_key,
+                "require_key_for_reads": args.require_key_for_reads, "max_in_flight": args.max_in_flight,
+                "threads": args.threads, "model_threads": args.model_threads, "tf_threads": args.tf_threads,
+                "switch_interval_ms": args.switch_interval_ms, "batch_window_ms": args.batch_window_ms,
+                "watch_interval": args.watch_interval, "log_level": args.log_level}
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, loop=args.loop)
+        if args.workers > 1:
+            _run_workers(args, settings)
+        else:
+            uvicorn.run(_serving_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                        access_log=False, loop=args.loop)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     return 0
-

@@ -67,6 +67,7 @@ __all__ = [
     "SimilarityResult",
     "Metrics",
     "Backend",
+    "multiprocess_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,19 @@ class SimilarityResult:
     threshold: float | None
 
 
+def multiprocess_metrics() -> bool:
+    """Whether prometheus_client records into ``$PROMETHEUS_MULTIPROC_DIR`` (``dssm serve --workers N``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
 class Metrics:
-    """The service's Prometheus collectors, in their own registry."""
+    """The service's Prometheus collectors, in their own registry.
+
+    Under ``dssm serve --workers N`` every worker process records into prometheus_client's
+    multiprocess directory and ``/metrics`` sums them (see :func:`serving.app.metrics_text`): counters
+    and histograms add up over the workers, the in-flight gauge is the live workers' sum, and the
+    gauges that describe a worker's loaded version carry a ``pid`` label, one series per live worker.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -126,13 +138,15 @@ class Metrics:
         self.latency = Histogram("dssm_request_duration_seconds", "HTTP request latency (until the response is sent)",
                                  ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("dssm_in_flight_operations", "index operations admitted and not yet finished",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.rejected = Counter("dssm_overload_rejections", "operations refused because the in-flight limit was full",
                                 registry=r)
-        self.index_info = Gauge("dssm_index_version_info", "1 for the live index version", ["version"], registry=r)
-        self.index_documents = Gauge("dssm_index_documents", "documents in the live index version", registry=r)
+        self.index_info = Gauge("dssm_index_version_info", "1 for the live index version", ["version"], registry=r,
+                                multiprocess_mode="liveall")
+        self.index_documents = Gauge("dssm_index_documents", "documents in the live index version", registry=r,
+                                     multiprocess_mode="liveall")
         self.index_loaded = Gauge("dssm_index_loaded_timestamp_seconds", "when the live version was swapped in",
-                                  registry=r)
+                                  registry=r, multiprocess_mode="liveall")
         self.swaps = Counter("dssm_index_swaps", "index versions swapped in (the first load included)", registry=r)
         self.load_failures = Counter("dssm_index_load_failures", "index versions that failed to load", registry=r)
         self.batch_size = Histogram("dssm_search_batch_size", "single queries answered per coalesced model call",
@@ -452,8 +466,12 @@ class Backend:
         with self._swap_lock:
             old = self._snapshot
             self._snapshot = snap
-            if old is not None:
-                self.metrics.index_info.remove(old.version)
+            if old is not None and old.version != snap.version:
+                if multiprocess_metrics():
+                    # Series cannot be removed from the shared files: the old version reads 0.
+                    self.metrics.index_info.labels(version=old.version).set(0)
+                else:
+                    self.metrics.index_info.remove(old.version)
             self.metrics.index_info.labels(version=snap.version).set(1)
             self.metrics.index_documents.set(snap.documents)
             self.metrics.index_loaded.set(snap.loaded_at)

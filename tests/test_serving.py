@@ -698,3 +698,73 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path, mo
         answered = {(s.labels["method"], s.labels["route"]) for s in samples if s.labels["status"] == "200"}
         assert {("POST", "/v1/search"), ("POST", "/v1/search:batch"), ("POST", "/v1/similarity"),
                 ("PUT", "/v1/documents"), ("GET", "/metrics")} <= answered, answered
+
+
+@pytest.mark.slow
+def test_dssm_serve_workers_share_the_port_and_every_worker_follows_a_write(tmp_path, model_dir, rows, capsys):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.app import worker_app
+
+    assert cli_main(["serve", "--index", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="DSSM_SERVE_WORKER_CONFIG"):
+        worker_app()  # only `dssm serve --workers N` configures it
+
+    index_dir = tmp_path / "index"
+    v1 = support.build_version(index_dir, model_dir, rows)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    dssm = shutil.which("dssm", path=str(Path(sys.executable).parent)) or "dssm"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    proc = subprocess.Popen([dssm, "serve", "--index", str(index_dir), "--port", str(port), "--workers", "2",
+                             "--watch-interval", "0.2", "--log-level", "warning"],
+                            env=dict(env, DSSM_API_KEY=API_KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+    def versions_by_worker() -> dict[str, str]:
+        """{pid: version} of every live worker, from the summed /metrics (version_info has one series per pid)."""
+        out = {}
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+            for sample in family.samples:
+                if sample.name == "dssm_index_version_info" and sample.value == 1:
+                    out[sample.labels["pid"]] = sample.labels["version"]
+        return out
+
+    def all_on(version: str) -> bool:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            found = versions_by_worker()
+        except httpx.TransportError:
+            return False
+        return len(found) == 2 and set(found.values()) == {version}
+
+    try:
+        wait_until(lambda: all_on(v1), timeout=120, what="both workers to load the index", interval=0.2)
+        workers = set(versions_by_worker())
+        assert len(workers) == 2 and str(proc.pid) not in workers  # two processes besides the supervisor
+        searches = 24
+        for _ in range(searches):  # a new connection each time: the kernel hands them to either worker
+            answer = httpx.post(url + "/v1/search", json={"query": "information retrieval", "k": 3})
+            assert answer.status_code == 200 and answer.json()["version"] == v1 and len(answer.json()["hits"]) == 3
+        # Counters are summed over the workers.
+        text = httpx.get(url + "/metrics").text
+        assert metric_value(text, "dssm_requests_total", {"route": "/v1/search", "status": "200"}) == searches
+
+        # A write lands in one worker, which answers after swapping; the other follows through CURRENT.
+        put = httpx.put(url + "/v1/documents", headers={"X-API-Key": API_KEY},
+                        json={"documents": [{"id": "fresh-doc", "text": "a brand new document about jet engines"}]})
+        assert put.status_code == 200, put.text
+        v2 = put.json()["version"]
+        assert v2 != v1
+        wait_until(lambda: all_on(v2), timeout=60, what="both workers to swap in the written version", interval=0.1)
+        assert set(versions_by_worker()) == workers  # swapped in place, no worker restarted
+        for _ in range(12):
+            got = httpx.get(url + "/v1/documents/fresh-doc")
+            assert got.status_code == 200 and got.json()["version"] == v2, got.text
+        assert httpx.get(url + "/readyz").json()["version"] == v2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGTERM), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
