@@ -53,11 +53,12 @@ from dssm.features import FeatureConfig
 from dssm.losses import LOSSES, LossConfig, loss_help
 from dssm.model import (
     BAG_PLANS,
+    CSR_PLAN_KEYS,
     DSSMModel,
     ModelConfig,
     apply_loss_defaults,
     bag_groups,
-    bag_plan_numpy,
+    bag_plan_csr,
     gathered_rows,
     plan_key,
 )
@@ -361,7 +362,7 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: T
         negatives: also read ``negative_id``/``negative_ids``/``negative_counts``.
         epochs: ``(first, end)`` 0-based epochs to hold when ``training`` (ignored otherwise).
         bag_groups: bags the model embeds in one tower call (:func:`dssm.model.bag_groups`); each
-            batch gets their :func:`dssm.model.bag_plan_numpy` under ``batch[BAG_PLANS][plan_key(group)]``,
+            batch gets their :func:`dssm.model.bag_plan_csr` under ``batch[BAG_PLANS][plan_key(group)]``,
             computed here so it overlaps with the previous train step instead of running inside it.
             Only for a single replica: distributing a dataset splits every tensor of a batch.
 
@@ -432,7 +433,7 @@ def _epoch_batches(pairs: dict[str, tf.Tensor], *, seed: int, batch_size: int, d
 def add_bag_plans(ds: tf.data.Dataset, bag_groups: Sequence[Sequence[str]]) -> tf.data.Dataset:
     """``ds``'s batches with ``batch[BAG_PLANS][plan_key(group)]``, the bag plan of each group (none: as is).
 
-    The plans are made by tf.data's threads (:func:`dssm.model.bag_plan_numpy`), so they overlap with
+    The plans are made by tf.data's threads (:func:`dssm.model.bag_plan_csr`), so they overlap with
     the train step that consumes the previous batch; the model looks them up by key and makes the
     plan in the step for a group without one.
     """
@@ -443,18 +444,18 @@ def add_bag_plans(ds: tf.data.Dataset, bag_groups: Sequence[Sequence[str]]) -> t
 
 
 def _with_plans(batch: dict[str, tf.Tensor], groups: list[tuple[str, ...]]) -> dict[str, Any]:
-    """``batch`` plus ``BAG_PLANS``: the :func:`bag_plan_numpy` of each group of bags present."""
+    """``batch`` plus ``BAG_PLANS``: the :func:`bag_plan_csr` of each group of bags present."""
     plans = {}
     for group in groups:
         if not all(f"{name}_ids" in batch for name in group):
             continue
         ids = tf.concat([batch[f"{name}_ids"].with_row_splits_dtype(tf.int64) for name in group], axis=0)
         counts = tf.concat([batch[f"{name}_counts"].with_row_splits_dtype(tf.int64) for name in group], axis=0)
-        out = tf.numpy_function(bag_plan_numpy, [ids.flat_values, ids.row_splits, counts.flat_values],
-                                [tf.int64, tf.int32, tf.int32, tf.int32, tf.int32], stateful=False)
-        plan = dict(zip(("unique_ids", "position", "rows", "grad_bags", "grad_rows"), out, strict=True))
-        for value in plan.values():
-            value.set_shape([None])
+        out = tf.numpy_function(bag_plan_csr, [ids.flat_values, ids.row_splits, counts.flat_values],
+                                [tf.int64, tf.int64, tf.float32, tf.int64, tf.float32], stateful=False)
+        plan = dict(zip(CSR_PLAN_KEYS, out, strict=True))
+        for key, value in plan.items():
+            value.set_shape([None, 2] if key.endswith("_index") else [None])
         plans[plan_key(group)] = plan
     return {**batch, BAG_PLANS: plans} if plans else batch
 

@@ -13,11 +13,13 @@ import dssm  # noqa: F401
 from dssm.features import FeatureConfig, Featurizer
 from dssm.model import (
     BAG_PLANS,
+    CSR_PLAN_KEYS,
     EmbeddingBag,
     ModelConfig,
     _expand,
     bag_groups,
     bag_plan,
+    bag_plan_csr,
     bag_plan_numpy,
     gathered_rows,
     plan_key,
@@ -41,6 +43,14 @@ def _numpy_plan(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> dict[str, tf.T
                          counts.flat_values.numpy())
     return {key: tf.constant(value) for key, value in
             zip(("unique_ids", "position", "rows", "grad_bags", "grad_rows"), out, strict=True)}
+
+
+def _csr_plan(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> dict[str, tf.Tensor]:
+    out = bag_plan_csr(ids.flat_values.numpy(), ids.row_splits.numpy().astype(np.int64), counts.flat_values.numpy())
+    return {key: tf.constant(value) for key, value in zip(CSR_PLAN_KEYS, out, strict=True)}
+
+
+PLANS = {"numpy": _numpy_plan, "csr": _csr_plan}
 
 
 def _entries(ids: list[list[int]], counts: list[list[float]]) -> list[tuple[int, int]]:
@@ -75,6 +85,29 @@ def test_numpy_and_tensorflow_plans_describe_the_same_entries(case: str) -> None
     assert grad == sorted(zip(plan["position"].numpy().tolist(), plan["rows"].numpy().tolist(), strict=True))
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_csr_plan_is_the_count_matrix_and_its_transpose(case: str) -> None:
+    ids_list, counts_list = CASES[case]
+    plan = {key: value.numpy() for key, value in
+            _csr_plan(_ragged(ids_list, tf.int64), _ragged(counts_list, tf.float32)).items()}
+    unique = plan["unique_ids"]
+    assert np.all(np.diff(unique) > 0)
+    # The count matrix [bags, distinct ids], one entry per (bag, id) with a positive count.
+    got: dict[tuple[int, int], float] = {}
+    for (bag, row), weight in zip(plan["bag_index"].tolist(), plan["bag_weight"].tolist(), strict=True):
+        assert weight > 0
+        got[bag, int(unique[row])] = got.get((bag, int(unique[row])), 0.0) + weight
+    expected: dict[tuple[int, int], float] = {}
+    for bag, i in _entries(ids_list, counts_list):
+        expected[bag, i] = expected.get((bag, i), 0.0) + 1.0
+    assert got == expected
+    assert set(unique.tolist()) == {i for _, i in expected}
+    # The transpose: the same entries grouped by row of unique_ids, bags ascending within a row.
+    transposed = list(zip(plan["row_index"].tolist(), plan["row_weight"].tolist(), strict=True))
+    assert transposed == sorted(([row, bag], w) for (bag, row), w in
+                                zip(plan["bag_index"].tolist(), plan["bag_weight"].tolist(), strict=True))
+
+
 def test_radix_order_beyond_16_bit_block_rows() -> None:
     """More than 65,536 distinct ids take the two-pass radix sort; the order must still be exact."""
     rng = np.random.default_rng(0)
@@ -94,14 +127,15 @@ def test_expand_repeats_each_index_by_its_count() -> None:
         np.testing.assert_array_equal(_expand(tf.constant(times, tf.int32)).numpy(), expected)
 
 
+@pytest.mark.parametrize("kind", sorted(PLANS))
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
-def test_pipeline_plan_gives_the_same_output_and_gradient(combiner: str) -> None:
+def test_pipeline_plan_gives_the_same_output_and_gradient(combiner: str, kind: str) -> None:
     ids_list, counts_list = CASES["counts"]
     ids, counts = _ragged(ids_list, tf.int64), _ragged(counts_list, tf.float32)
     bag = EmbeddingBag(50, 4, combiner=combiner, init_stddev=0.1)
     upstream = tf.constant(np.random.default_rng(1).normal(size=(5, 4)), tf.float32)
     results = []
-    for plan in (None, _numpy_plan(ids, counts)):
+    for plan in (None, PLANS[kind](ids, counts)):
         with tf.GradientTape() as tape:
             out = bag(ids, counts, plan=plan)
             loss = tf.reduce_sum(out * upstream)
@@ -112,10 +146,30 @@ def test_pipeline_plan_gives_the_same_output_and_gradient(combiner: str) -> None
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
 
 
-def test_rowwise_adagrad_reuses_the_forward_rows_and_matches_a_plain_update() -> None:
+def test_csr_plan_pools_in_the_layers_compute_dtype() -> None:
+    """Under mixed_bfloat16 the products run in float32 (no bfloat16 kernel) and come back as bfloat16."""
+    ids_list, counts_list = CASES["counts"]
+    ids, counts = _ragged(ids_list, tf.int64), _ragged(counts_list, tf.float32)
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        bag = EmbeddingBag(50, 4, combiner="sum", init_stddev=0.1)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+    with tf.GradientTape() as tape:
+        out = bag(ids, counts, plan=_csr_plan(ids, counts))
+        loss = tf.reduce_sum(tf.cast(out, tf.float32))
+    grad = tape.gradient(loss, bag.table)
+    assert out.dtype == tf.bfloat16 and isinstance(grad, tf.IndexedSlices) and grad.values.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy().astype(np.float32), bag(ids, counts).numpy().astype(np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", sorted(PLANS))
+def test_rowwise_adagrad_reuses_the_forward_rows_and_matches_a_plain_update(kind: str) -> None:
     ids = tf.ragged.constant([[3, 7, 1], [7, 9]], dtype=tf.int64)
     counts = tf.ragged.constant([[1.0, 2.0, 1.0], [1.0, 1.0]])
-    plan = _numpy_plan(ids, counts)
+    plan = PLANS[kind](ids, counts)
     # Named like a tower's bag: RowwiseAdagrad recognises embedding tables by name.
     bags = [EmbeddingBag(12, 4, combiner="sum", init_stddev=0.1, name="embedding_bag") for _ in range(2)]
     bags[0](ids, counts)
@@ -206,7 +260,7 @@ def test_batches_carry_plans_of_their_bags_and_train_like_plain_batches(tmp_path
     plan = batch[BAG_PLANS][plan_key(groups[0])]
     ids = tf.concat([batch["query_ids"], batch["document_ids"]], axis=0)
     counts = tf.concat([batch["query_counts"], batch["document_counts"]], axis=0)
-    for key, value in _numpy_plan(ids, counts).items():
+    for key, value in _csr_plan(ids, counts).items():
         np.testing.assert_array_equal(plan[key].numpy(), value.numpy())
 
     plain = {key: value for key, value in batch.items() if key != BAG_PLANS}
