@@ -31,6 +31,7 @@ is row ``i`` of the index version (``docs.sqlite``, ``embeddings.npy``); ids are
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -55,6 +56,7 @@ __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "document_text", "
 BM25_DIR = "bm25"
 _STATE_FORMAT = 1
 _METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
+_STORABLE = ("lucene", "robertson", "atire")  # no per-term non-occurrence array to persist
 
 _WORD = re.compile(r"\w+")
 _STOPWORDS = frozenset(STOPWORDS_EN)
@@ -171,8 +173,6 @@ class BM25Index:
         """
         if getattr(self._retriever, "nonoccurrence_array", None) is not None:
             raise ConfigError(f"BM25 method {self.config.method!r} cannot be stored; use lucene, robertson or atire")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=False)
         scores = self._retriever.scores
         columns = len(scores["indptr"]) - 1
         # bm25s appends an empty-string term after building the matrix (it has no column); our
@@ -181,13 +181,8 @@ class BM25Index:
         for term, term_id in self._retriever.vocab_dict.items():
             if int(term_id) < columns:
                 terms[int(term_id)] = term
-        np.save(directory / "data.npy", np.asarray(scores["data"], dtype=np.float32), allow_pickle=False)
-        np.save(directory / "indices.npy", np.asarray(scores["indices"], dtype=np.int32), allow_pickle=False)
-        np.save(directory / "indptr.npy", np.asarray(scores["indptr"], dtype=np.int64), allow_pickle=False)
-        (directory / "vocab.json").write_text(json.dumps(terms, ensure_ascii=False))
-        params = {"format": _STATE_FORMAT, "config": config_to_dict(self.config), "documents": self.size,
-                  "vocabulary": len(terms)}
-        (directory / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        _save_state(directory, data=scores["data"], indices=scores["indices"], indptr=scores["indptr"], terms=terms,
+                    config=self.config, n=self.size)
 
     @classmethod
     def load(cls, directory: str | Path, *, ids: Sequence[str] | None = None, mmap: bool = True) -> BM25Index:
@@ -288,6 +283,18 @@ class BM25Index:
         return self.search_batch([text], k)[0]
 
 
+def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[str],
+                config: BM25Config, n: int) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=False)
+    np.save(directory / "data.npy", np.asarray(data, dtype=np.float32), allow_pickle=False)
+    np.save(directory / "indices.npy", np.asarray(indices, dtype=np.int32), allow_pickle=False)
+    np.save(directory / "indptr.npy", np.asarray(indptr, dtype=np.int64), allow_pickle=False)
+    (directory / "vocab.json").write_text(json.dumps(terms, ensure_ascii=False))
+    params = {"format": _STATE_FORMAT, "config": config_to_dict(config), "documents": n, "vocabulary": len(terms)}
+    (directory / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+
+
 def _set_state(retriever: bm25s.BM25, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, num_docs: int,
                terms: list[str]) -> None:
     """Give a bm25s retriever a precomputed matrix and vocabulary (what ``index`` would have set)."""
@@ -313,27 +320,126 @@ def build_bm25_state(ids: Sequence[str], texts: Sequence[str], *, config: BM25Co
     return BM25Index.build(ids, texts, config=config, show_progress=show_progress)
 
 
-def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM25Config | None = None) -> int:
+def _idf_lookup(method: str) -> Any:
+    from bm25s.scoring import _select_idf_scorer
+
+    return _select_idf_scorer(method)
+
+
+def _chunk_triples(texts: list[str], vocab: dict[str, int], config: BM25Config
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row in chunk, term id, count) per distinct (document, term) of ``texts``, plus token counts.
+
+    New terms are added to ``vocab`` in order of first appearance.
+    """
+    tokens = tokenize(texts, stopwords=config.stopwords, stem=config.stem)
+    sizes = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    flat = np.fromiter((vocab.setdefault(term, len(vocab)) for words in tokens for term in words),
+                       dtype=np.int64, count=int(sizes.sum()))
+    local = np.repeat(np.arange(len(tokens), dtype=np.int64), sizes)
+    # One key per (document, term): unique() sorts by document, then term, and counts repeats.
+    keys, counts = np.unique(local << 32 | flat, return_counts=True)
+    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), counts.astype(np.int32), sizes
+
+
+def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int]:
+    """The BM25 matrix of a document stream, built chunk by chunk: (data, indices, indptr, terms, n).
+
+    ``bm25s.BM25.index`` wants every document's token list at once (about 0.5 KB of Python objects
+    per document), then a COO triple and its CSC copy. Here each chunk of documents is tokenised,
+    mapped to term ids and reduced to (document, term, count) triples in compact int32 arrays, so
+    memory is the vocabulary plus 12 bytes per distinct (document, term) pair. The weights repeat
+    bm25s' arithmetic (float32 idf from a float64 ``math.log``; term-frequency component in float64;
+    product rounded to float32), so the matrix equals what ``bm25s`` builds, with terms numbered in
+    order of first appearance.
+    """
+    vocab: dict[str, int] = {}
+    doc_parts: list[np.ndarray] = []
+    term_parts: list[np.ndarray] = []
+    tf_parts: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    n = 0
+    pending: list[str] = []
+    docs = iter(docs)
+    while True:
+        pending = [document_text(doc.title, doc.text) for doc in itertools.islice(docs, chunk)]
+        if not pending:
+            break
+        rows, term_ids, counts, sizes = _chunk_triples(pending, vocab, config)
+        doc_parts.append(rows + np.int32(n))
+        term_parts.append(term_ids)
+        tf_parts.append(counts)
+        lengths.append(sizes)
+        n += len(pending)
+    doc_idx = np.concatenate(doc_parts) if doc_parts else np.zeros(0, np.int32)
+    del doc_parts
+    term_idx = np.concatenate(term_parts) if term_parts else np.zeros(0, np.int32)
+    del term_parts
+    tf = np.concatenate(tf_parts) if tf_parts else np.zeros(0, np.int32)
+    del tf_parts
+    doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    del lengths
+    terms = list(vocab)
+    del vocab
+    if not terms:
+        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64), terms, n
+
+    # bm25s: avgdl is the mean token count (duplicates included) as float64; idf is math.log in
+    # float64 stored as float32; tfc is float64 (the numpy float64 avgdl promotes it).
+    avg = np.asarray(doc_len).mean()
+    df = np.bincount(term_idx, minlength=len(terms))
+    idf_fn = _idf_lookup(config.method)
+    values, inverse = np.unique(df, return_inverse=True)
+    idf = np.asarray([idf_fn(int(v), N=n) if v else 0.0 for v in values], dtype=np.float32)[inverse]
+    # Term-major (CSC) order; a stable sort keeps documents ascending within a term, as scipy does.
+    order = np.argsort(term_idx, kind="stable")
+    indices = doc_idx[order]
+    del doc_idx
+    data = np.empty(order.size, np.float32)
+    k1, b, step = config.k1, config.b, 1 << 20
+    for start in range(0, order.size, step):  # bounded float64 temporaries
+        part = order[start:start + step]
+        tfa = tf[part].astype(np.float64)
+        lens = doc_len[indices[start:start + step]]
+        if config.method == "atire":
+            tfc = (tfa * (k1 + 1)) / (tfa + k1 * (1 - b + b * lens / avg))
+        else:  # lucene, robertson
+            tfc = tfa / (k1 * ((1 - b) + b * lens / avg) + tfa)
+        data[start:start + part.size] = idf[term_idx[part]].astype(np.float64) * tfc
+    indptr = np.zeros(len(terms) + 1, np.int64)
+    np.cumsum(df, out=indptr[1:])
+    return data, indices, indptr, terms, n
+
+
+def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM25Config | None = None,
+                     chunk: int = 8192) -> int:
     """Build and save the BM25 state of a staged index version into ``version_dir / BM25_DIR``.
 
-    Call it before the version's manifest is written, so the manifest covers the files.
+    Call it before the version's manifest is written, so the manifest covers the files. The documents
+    are streamed (never all held; see :func:`_stream_state`); the stored matrix equals the one
+    :meth:`BM25Index.build` + :meth:`BM25Index.save` write, up to the numbering of terms.
 
     Args:
         version_dir: the staged version directory.
         docs: the version's documents in row order, objects with ``id``, ``title`` and ``text``
             (``serving.index.Doc``, ``dssm.data.Document``).
         config: BM25 settings (default :class:`BM25Config`).
+        chunk: documents tokenised at a time.
 
     Returns:
         The number of documents indexed.
+
+    Raises:
+        ConfigError: a BM25 method whose state cannot be stored (bm25l, bm25+).
     """
-    ids, texts = [], []
-    for doc in docs:
-        ids.append(doc.id)
-        texts.append(document_text(doc.title, doc.text))
-    index = build_bm25_state(ids, texts, config=config)
-    index.save(Path(version_dir) / BM25_DIR)
-    return len(ids)
+    config = config or BM25Config()
+    if config.method not in _STORABLE:
+        raise ConfigError(f"BM25 method {config.method!r} cannot be stored; use one of {_STORABLE}")
+    data, indices, indptr, terms, n = _stream_state(docs, config, chunk=chunk)
+    _save_state(Path(version_dir) / BM25_DIR, data=data, indices=indices, indptr=indptr, terms=terms, config=config,
+                n=n)
+    return n
 
 
 def has_bm25_state(version_dir: str | Path) -> bool:

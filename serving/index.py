@@ -52,6 +52,7 @@ __all__ = [
     "Index",
     "resolve_scann_params",
     "build_scann",
+    "build_scann_in_chunks",
     "l2_normalize_inplace",
     "exact_top_k",
     "RecallProbe",
@@ -194,6 +195,76 @@ def build_scann(matrix: np.ndarray, params: dict[str, Any]) -> Any:
             training_sample_size=params["training_sample_size"],
         ).reorder(params["reorder_k"])
     return builder.build()
+
+
+def build_scann_in_chunks(sample: np.ndarray, rows: Iterable[np.ndarray], params: dict[str, Any]) -> Any:
+    """Build a ScaNN searcher from a training sample, then add every row in order, chunk by chunk.
+
+    ``builder.build()`` over the whole matrix peaks inside ScaNN at about 2.3x the matrix (at 1M x
+    128: its 554 MB of final structures plus 574 MB of temporaries), on top of the caller's copy.
+    ScaNN trains its tree and AH codebooks on a sample of ``training_sample_size`` rows anyway, so
+    training on ``sample`` and then upserting the rows (each is assigned to its nearest partition
+    and encoded with the trained codebooks) needs ScaNN's final structures plus one chunk; it costs
+    about 25% more CPU. Datapoint ``i`` is the ``i``-th row yielded.
+
+    Args:
+        sample: [s, dim] float32 training rows (drawn at random from the corpus).
+        rows: [chunk, dim] float32 blocks of all rows, in row order.
+        params: from :func:`resolve_scann_params` (``ah`` or ``tree_ah``).
+
+    Returns:
+        A ``scann_ops_pybind.ScannSearcher`` over the rows.
+    """
+    searcher = build_scann(np.ascontiguousarray(sample, dtype=np.float32), params)
+    # Delete from the end: ScaNN fills a deleted slot with its last point, which this avoids.
+    searcher.searcher.delete(list(range(sample.shape[0] - 1, -1, -1)))
+    for block in rows:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        searcher.searcher.upsert([None] * block.shape[0], block, 1)
+    return searcher
+
+
+class _NpyRows:
+    """Rows of a 2-d ``.npy`` fetched with ``pread``, indexable like the array (``rows[found]``).
+
+    A memory map of ``embeddings.npy`` (even with MADV_RANDOM) added ~500 MB of resident file pages
+    to the recall gate at 1M documents: the kernel maps pages around each of its ~10,000 scattered
+    rows per try.
+    """
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            (self._n, self._dim), _, self._dtype = reader(handle)
+            self._offset = handle.tell()
+        self._row_bytes = self._dim * self._dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
+        out = np.empty((unique.size, self._dim), self._dtype)
+        for i, row in enumerate(unique.tolist()):
+            out[i] = np.frombuffer(os.pread(self._fd, self._row_bytes, self._offset + row * self._row_bytes),
+                                   self._dtype)
+        return out[inverse].reshape(*rows.shape, self._dim)
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self._fd)
+
+
+def _npy_chunks(path: Path, *, chunk: int = 65536) -> Iterator[np.ndarray]:
+    """[chunk, dim] blocks of a 2-d float32 ``.npy`` read with plain reads (pages stay in the page
+    cache, not in this process's RSS as a memory map's would)."""
+    with open(path, "rb") as handle:
+        major, _ = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        (n, dim), _, dtype = reader(handle)
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            yield np.fromfile(handle, dtype=dtype, count=rows * dim).reshape(rows, dim)
 
 
 def l2_normalize_inplace(matrix: np.ndarray, *, chunk: int = 65536) -> int:
@@ -612,6 +683,7 @@ class BuildResult:
     seconds: dict[str, float]
     peak_rss_bytes: int
     matrix_bytes: int
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -624,6 +696,110 @@ class BuildResult:
 def _peak_rss_bytes() -> int:
     # ru_maxrss is KiB on Linux.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM of this process in bytes ({} where /proc is missing)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) * 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    # Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM, and ru_maxrss with it).
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _load_build_libraries() -> None:
+    # Imported before the memory baseline: ScaNN pulls in TensorFlow (~600 MB resident), which is
+    # the process's, not the build's (`dssm index` has it loaded already to encode).
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: F401
+
+    import dssm.bm25  # noqa: F401
+
+
+class _MemoryTrace:
+    """Resident memory of a build, stage by stage, from the kernel's own counters.
+
+    tracemalloc sees neither numpy's nor ScaNN's C++ allocations, so each stage boundary reads the
+    process's VmRSS and high-water mark (VmHWM) from ``/proc/self/status`` and resets the mark, which
+    makes each stage's peak exact (including memory allocated and freed inside the stage). Side effect:
+    the process's ``ru_maxrss`` restarts at the build's start. Where the reset is refused (no ``/proc``),
+    the peaks are the process's lifetime high-water mark and ``peak_is_lifetime`` says so.
+
+    Attributes:
+        baseline: RSS when the build started, after importing ScaNN (and TensorFlow with it) and
+            bm25s: the interpreter, libraries and the caller's data, not the build's.
+    """
+
+    def __init__(self) -> None:
+        _load_build_libraries()
+        self.exact = _reset_peak_rss()
+        self.baseline = _proc_status().get("VmRSS") or _peak_rss_bytes()
+        self.stages: list[dict[str, Any]] = []
+
+    def mark(self, stage: str) -> None:
+        """Close ``stage``: record its peak and end RSS, and start the next stage's peak."""
+        status = _proc_status()
+        peak = status.get("VmHWM") if self.exact else None
+        self.stages.append({"stage": stage, "peak_rss_bytes": peak or _peak_rss_bytes(),
+                            "end_rss_bytes": status.get("VmRSS")})
+        if self.exact:
+            _reset_peak_rss()
+
+    @property
+    def peak(self) -> int:
+        """The highest RSS seen during the build (bytes)."""
+        return max([s["peak_rss_bytes"] for s in self.stages] or [self.baseline])
+
+    def report(self, *, matrix_bytes: int, scann_bytes: int, bm25_bytes: int) -> dict[str, Any]:
+        """The manifest's ``build.memory`` section.
+
+        ``ratio`` = (peak − baseline − ScaNN's structures) / raw matrix: what the build holds beside
+        ScaNN's own copy of the data, in units of the float32 matrix (budget: ≤ 1.5).
+        """
+        mib = 2**20
+        peak = self.peak
+        return {
+            "baseline_rss_bytes": self.baseline,
+            "peak_rss_bytes": peak,
+            "peak_above_baseline_bytes": peak - self.baseline,
+            "matrix_bytes": matrix_bytes,
+            "scann_bytes": scann_bytes,
+            "bm25_bytes": bm25_bytes,
+            "ratio": round((peak - self.baseline - scann_bytes) / max(matrix_bytes, 1), 3),
+            "peak_is_lifetime": not self.exact,
+            "stages_mib": [{"stage": s["stage"], "peak": round((s["peak_rss_bytes"] - self.baseline) / mib, 1),
+                            "end": None if s["end_rss_bytes"] is None else
+                            round((s["end_rss_bytes"] - self.baseline) / mib, 1)} for s in self.stages],
+        }
+
+
+def _release_free_memory() -> None:
+    # glibc keeps freed heap (ScaNN's and numpy's temporaries) mapped; malloc_trim returns it to the
+    # OS so the next stage starts from what is really held. A no-op elsewhere.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -> None:
@@ -641,9 +817,15 @@ def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -
 
 def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.ndarray, store: DocStoreWriter,
                     model_dir: str | Path | None, config: ScannConfig, extra: dict[str, Any] | None,
-                    timings: dict[str, float]) -> BuildResult:
-    """Normalise, save, build ScaNN, measure recall, copy the model, write the manifest, publish."""
+                    timings: dict[str, float], trace: _MemoryTrace) -> BuildResult:
+    """Normalise, save, build ScaNN, measure recall, copy the model, write the manifest, publish.
+
+    ``matrix`` is released after the exact search (ScaNN then reads ``embeddings.npy`` in chunks; see
+    :func:`build_scann_in_chunks`): callers that pass their only reference (``matrix=box.pop()``)
+    get it freed before ScaNN builds.
+    """
     n, dim = matrix.shape
+    matrix_bytes = int(matrix.nbytes)
     store.close()
     if n == 0:
         raise InputError("the corpus has no documents to index")
@@ -653,16 +835,41 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     tick = time.perf_counter()
     np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
     timings["save_embeddings"] = time.perf_counter() - tick
+    trace.mark("normalise_save")
 
-    params = resolve_scann_params(config, n)
-    tick = time.perf_counter()
-    searcher = build_scann(matrix, params)
-    timings["scann_build"] = time.perf_counter() - tick
-    (stage / SCANN_DIR).mkdir()
-    searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
-
+    # The exact side of the recall gate runs now, while the matrix is the only large array: after
+    # the ScaNN build it would sit beside ScaNN's copy of the data.
     tick = time.perf_counter()
     probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    timings["exact_search"] = time.perf_counter() - tick
+    params = resolve_scann_params(config, n)
+    chunked = params["mode"] != "brute_force" and n > params["training_sample_size"]
+    if chunked:
+        sample_rows = np.sort(np.random.default_rng(config.seed).choice(n, params["training_sample_size"],
+                                                                        replace=False))
+        sample = matrix[sample_rows]
+        del matrix  # ScaNN reads the rows back from embeddings.npy, a chunk at a time
+    # The gate scores the few rows ScaNN returns, read back from the file.
+    probe.matrix = rows_on_disk = _NpyRows(stage / EMBEDDINGS)
+    _release_free_memory()
+    trace.mark("exact_search")
+
+    tick = time.perf_counter()
+    if chunked:
+        searcher = build_scann_in_chunks(sample, _npy_chunks(stage / EMBEDDINGS), params)
+        del sample
+    else:
+        searcher = build_scann(matrix, params)
+        del matrix
+    timings["scann_build"] = time.perf_counter() - tick
+    _release_free_memory()
+    trace.mark("scann_build")
+    (stage / SCANN_DIR).mkdir()
+    searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+    _release_free_memory()
+    trace.mark("scann_serialize")
+
+    tick = time.perf_counter()
     if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
         leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
                                                       num_leaves=params["num_leaves"], min_recall=config.min_recall)
@@ -670,6 +877,10 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     else:
         recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
     timings["recall"] = time.perf_counter() - tick
+    rows_on_disk.close()
+    del searcher, probe
+    _release_free_memory()
+    trace.mark("recall")
     if recall < config.min_recall:
         raise ConfigError(f"ScaNN recall@10 {recall:.4f} against exact search is below --min-recall "
                           f"{config.min_recall} with {params}; search more leaves or raise reorder_k")
@@ -685,16 +896,20 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
             n for n in names if Path(d) == model_dir and n not in listed])
         model_info = {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
                       "files": len(model_manifest.get("files", {}))}
+    trace.mark("model_copy")
 
     # BM25 state for Searcher mode="hybrid"/"bm25" (dssm/bm25.py owns the format); written before
     # the manifest so the manifest checksums it.
-    from dssm.bm25 import write_bm25_state
+    from dssm.bm25 import BM25_DIR, write_bm25_state
 
     tick = time.perf_counter()
     write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
+    trace.mark("bm25")
 
-    peak = _peak_rss_bytes()
+    memory = trace.report(matrix_bytes=matrix_bytes, scann_bytes=_tree_bytes(stage / SCANN_DIR),
+                          bm25_bytes=_tree_bytes(stage / BM25_DIR))
+    peak = memory["peak_rss_bytes"]
     manifest_extra = {
         "version": version,
         "counts": {"documents": n, "zero_embeddings": zero_rows},
@@ -705,13 +920,14 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
         "recall_sample": min(config.recall_sample, n),
         "model": model_info,
         "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_bytes": peak,
-                  "matrix_bytes": int(matrix.nbytes)},
+                  "matrix_bytes": matrix_bytes, "memory": memory},
         **(extra or {}),
     }
     write_manifest(stage, kind="index", extra=manifest_extra)
     final = publish_version(index_dir, stage, version)
     return BuildResult(index_dir=index_dir, version=version, version_dir=final, documents=n, dim=dim, scann=params,
-                       recall_at_10=recall, seconds=timings, peak_rss_bytes=peak, matrix_bytes=int(matrix.nbytes))
+                       recall_at_10=recall, seconds=timings, peak_rss_bytes=peak, matrix_bytes=matrix_bytes,
+                       memory=memory)
 
 
 def build_index(
@@ -750,6 +966,7 @@ def build_index(
         InputError: no documents, mismatched lengths, a duplicate or empty id, non-finite embeddings.
         ConfigError: recall below ``config.min_recall``, or a ScaNN mode impossible for n.
     """
+    trace = _MemoryTrace()  # before the copy: a copied matrix is the build's memory
     matrix = np.array(embeddings, dtype=np.float32, copy=True, order="C") if copy else \
         np.ascontiguousarray(embeddings, dtype=np.float32)
     if matrix.ndim != 2:
@@ -770,8 +987,11 @@ def build_index(
             stop = start + _BATCH_ROWS
             store.add(list(ids[start:stop]), list(titles[start:stop]), list(texts[start:stop]))
         timings = {"docs": time.perf_counter() - tick}
-        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
-                               model_dir=model_dir, config=config, extra=extra, timings=timings)
+        trace.mark("docs")
+        box = [matrix]  # the callee frees a copy it alone holds (copy=False: the caller's array stays)
+        del matrix
+        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=box.pop(), store=store,
+                               model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace)
     finally:
         _drop_staging(index_dir, version)
 
@@ -868,6 +1088,7 @@ def build_index_from_shards(
         InputError: no documents, a missing column, an embedding of the wrong width (naming the id),
             a duplicate id (naming it and both rows), non-finite embeddings.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -888,6 +1109,7 @@ def build_index_from_shards(
     version = version or new_version_name()
     stage = staging_dir(index_dir, version) / "version"
     stage.mkdir(parents=True)
+    trace = _MemoryTrace()
     try:
         tick = time.perf_counter()
         matrix = np.empty((n, dim), dtype=np.float32)
@@ -920,9 +1142,15 @@ def build_index_from_shards(
                     bar.update(rows)
         if pos != n:
             raise InputError(f"embedding shards held {pos} rows, their footers said {n}")
+        del batch, values, column
+        pa.default_memory_pool().release_unused()  # Arrow keeps freed batches for reuse
+        _release_free_memory()
         timings = {"load_shards": time.perf_counter() - tick}
-        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=matrix, store=store,
-                               model_dir=model_dir, config=config, extra=extra, timings=timings)
+        trace.mark("load_shards")
+        box = [matrix]  # so that _finish_version can free it once ScaNN has its copy
+        del matrix
+        return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=box.pop(), store=store,
+                               model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace)
     finally:
         _drop_staging(index_dir, version)
 

@@ -361,3 +361,79 @@ def test_tree_leaves_to_search_is_tuned_to_min_recall_and_used_after_load(tmp_pa
     assert (scores >= probe.threshold).sum(axis=1).mean() / 10 >= 0.88
     one, _ = index.search_vectors(probe.queries[:1], 10)
     np.testing.assert_array_equal(one[0], rows[0])
+
+
+def test_chunked_scann_build_keeps_row_order_and_recall(tmp_path):
+    matrix = clustered_vectors(4000, 32, clusters=40)
+    # A training sample smaller than the corpus: ScaNN is trained on it, then every row is upserted.
+    config = ix.ScannConfig(mode="tree_ah", num_leaves=40, num_leaves_to_search=10, training_sample_size=1000)
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(4000), texts=["t"] * 4000, config=config)
+    assert result.recall_at_10 >= 0.95
+    index = ix.load_index(tmp_path / "idx")
+    assert index.scann.size() == 4000
+    # Datapoint i is still row i: ScaNN's reordering copy of the data is the matrix, row for row.
+    np.testing.assert_array_equal(np.load(index.version_dir / "scann" / "dataset.npy"), index.embeddings())
+    queries = noisy_queries(matrix, 300)
+    found, _ = index.search_vectors(queries, 10)
+    exact, _ = ix.exact_top_k(matrix, queries, 10)
+    assert recall_at_k(found, exact) >= 0.95
+
+
+def test_build_in_chunks_directly_appends_blocks_in_order():
+    matrix = clustered_vectors(1500, 16, clusters=20, seed=3)
+    params = ix.resolve_scann_params(ix.ScannConfig(mode="ah", training_sample_size=300), 1500)
+    searcher = ix.build_scann_in_chunks(matrix[::5], (matrix[s:s + 400] for s in range(0, 1500, 400)), params)
+    assert searcher.size() == 1500
+    rows, _ = searcher.search_batched(matrix[[0, 399, 400, 1499]], final_num_neighbors=1)
+    assert np.asarray(rows)[:, 0].tolist() == [0, 399, 400, 1499]
+
+
+def test_build_reports_memory_by_stage(tmp_path):
+    matrix = unit_vectors(3000, 16)
+    write_shard(tmp_path / "a.parquet", ids_for(3000), matrix)
+    result = ix.build_index_from_shards(tmp_path / "idx", shards=[tmp_path / "a.parquet"], model_dir=None,
+                                        progress=False)
+    memory = read_manifest(result.version_dir)["build"]["memory"]
+    assert memory == result.memory
+    assert [s["stage"] for s in memory["stages_mib"]] == [
+        "load_shards", "normalise_save", "exact_search", "scann_build", "scann_serialize", "recall", "model_copy",
+        "bm25"]
+    assert memory["matrix_bytes"] == 3000 * 16 * 4
+    on_disk = {name: sum(p.stat().st_size for p in (result.version_dir / name).rglob("*") if p.is_file())
+               for name in ("scann", "bm25")}
+    assert (memory["scann_bytes"], memory["bm25_bytes"]) == (on_disk["scann"], on_disk["bm25"]) and on_disk["scann"]
+    assert memory["baseline_rss_bytes"] > 0 and memory["peak_rss_bytes"] >= memory["baseline_rss_bytes"]
+    assert memory["peak_rss_bytes"] == result.peak_rss_bytes
+    assert memory["peak_above_baseline_bytes"] == memory["peak_rss_bytes"] - memory["baseline_rss_bytes"]
+    assert memory["ratio"] == round((memory["peak_above_baseline_bytes"] - memory["scann_bytes"]) / (3000 * 64), 3)
+    top = max(s["peak"] for s in memory["stages_mib"])
+    assert abs(top - memory["peak_above_baseline_bytes"] / 2**20) < 0.1
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
+def test_streamed_bm25_state_equals_bm25s(tmp_path, method):
+    import json
+
+    from dssm import bm25
+
+    rng = np.random.default_rng(5)
+    words = ["alpha", "beta", "gamma", "the", "running", "runs", "ran", "x", "c", "windows", "7", "Über", "straße"]
+    docs = [ix.Doc(f"d{i}", str(rng.choice(["", "Title beta"])), " ".join(rng.choice(words, rng.integers(0, 12))))
+            for i in range(500)]
+    config = bm25.BM25Config(method=method)
+    assert bm25.write_bm25_state(tmp_path / "streamed", docs, config=config, chunk=7) == 500  # many chunks
+    bm25.BM25Index.build([d.id for d in docs], [bm25.document_text(d.title, d.text) for d in docs],
+                         config=config).save(tmp_path / "bm25s")
+
+    def columns(directory):
+        arrays = {k: np.load(directory / f"{k}.npy") for k in ("data", "indices", "indptr")}
+        terms = json.loads((directory / "vocab.json").read_text())
+        ptr = arrays["indptr"]
+        return {t: (arrays["indices"][ptr[i]:ptr[i + 1]].tolist(), arrays["data"][ptr[i]:ptr[i + 1]].tolist())
+                for i, t in enumerate(terms)}, json.loads((directory / "params.json").read_text())
+
+    streamed, bm25s_made = columns(tmp_path / "streamed" / bm25.BM25_DIR), columns(tmp_path / "bm25s")
+    assert streamed == bm25s_made  # same weights bit for bit, term by term (term ids may differ)
+    assert len(streamed[0]) == 12
+    with pytest.raises(ConfigError, match="bm25l"):
+        bm25.write_bm25_state(tmp_path / "l", docs, config=bm25.BM25Config(method="bm25l"))
