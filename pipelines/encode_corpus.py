@@ -779,7 +779,9 @@ def _table(summary: dict[str, Any]) -> str:
         ("documents", f"{summary['documents']:,} (dim {summary['dim']})"),
         ("rejected", f"{enc['rejected']:,}" + (f" {enc['rejected_by_reason']} → {enc['rejected_dir']}"
                                                if enc["rejected"] else "")),
-        ("encode", f"{enc['seconds']:.1f} s, {enc['docs_per_second']:,.0f} docs/s"),
+        ("encode", f"{enc['seconds']:.1f} s, {enc['docs_per_second']:,.0f} docs/s"
+                   + (f" (steady {enc['steady_docs_per_second']:,.0f} docs/s after start-up)"
+                      if enc.get("steady_docs_per_second") else "")),
         ("scann", ", ".join(f"{k}={v}" for k, v in summary["scann"].items())),
         ("recall@10", f"{summary['recall_at_10']:.4f} vs exact"),
         ("build", ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items())),
