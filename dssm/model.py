@@ -353,8 +353,9 @@ def bag_plan_csr(ids: np.ndarray, row_splits: np.ndarray, counts: np.ndarray) ->
         unique_ids, position = np.unique(ids, return_inverse=True)
         position = position.astype(np.int64).reshape(-1)
     order = _radix_argsort(position.astype(np.int32), len(unique_ids))
-    bag_index = np.stack([bags, position], axis=1)
-    return (unique_ids.astype(np.int64), bag_index, times, bag_index[order][:, ::-1].copy(), times[order])
+    # Stacked from 1-d gathers: fancy-indexing the [nnz, 2] rows instead costs ~6x as much.
+    row_index = np.stack([position[order], bags[order]], axis=1)
+    return (unique_ids.astype(np.int64), np.stack([bags, position], axis=1), times, row_index, times[order])
 
 
 def _pool_csr(block: tf.Tensor, plan: dict[str, tf.Tensor], nrows: tf.Tensor) -> tf.Tensor:
