@@ -440,8 +440,8 @@ class EncodeBatches(beam.PTransform):
 class _PlainInference(beam.DoFn):
     """The same keyed model handler called from a plain DoFn (model loaded in ``setup``).
 
-    For Beam's Dask runner, where ``RunInference`` (2.77) drops one example of the job: with the same
-    handler and batches, this DoFn delivers every batch (see docs/scaling.md).
+    ``--inference pardo``: a fallback for runners where RunInference misbehaves (on Beam 2.77's Dask runner
+    it lost batches while its ``BatchElements`` was not skipped; see docs/scaling.md).
     """
 
     def __init__(self, handler: KeyedModelHandler):
@@ -623,8 +623,8 @@ def _parser() -> argparse.ArgumentParser:
                              "see docs/scaling.md)")
     parser.add_argument("--inference", choices=("auto", "runinference", "pardo"), default="auto",
                         help="runinference: Beam RunInference over the keyed model handler; pardo: the same "
-                             "handler in a plain DoFn; auto: pardo on the DaskRunner (whose RunInference drops "
-                             "an example in Beam 2.77), runinference elsewhere (default: auto)")
+                             "handler in a plain DoFn (a fallback for runners where RunInference misbehaves); "
+                             "auto: runinference (default: auto)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
@@ -709,8 +709,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     shards_dir.mkdir(parents=True, exist_ok=True)
     rejected_dir = output / "rejected" / version
     rejected_dir.mkdir(parents=True, exist_ok=True)
-    dask = any("DaskRunner" in arg for arg in beam_args)
-    use_run_inference = args.inference == "runinference" or (args.inference == "auto" and not dask)
+    # auto was pardo on Dask while RunInference's BatchElements (not skipped through Beam 2.77's
+    # KeyedModelHandler) lost the batches it emits from finish_bundle there; KeyedTowerHandler skips it.
+    use_run_inference = args.inference in ("auto", "runinference")
     ranges, records = plan_reads(paths, table, batch_size=args.batch_size, stride=shard[1] if shard else 1)
     num_batches = ranges[-1].first_batch + ranges[-1].batches if ranges else 0
 
