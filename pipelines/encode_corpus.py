@@ -50,17 +50,22 @@ def _import_run_inference_without_torch() -> None:
     Beam 2.77's ``base`` imports ``model_manager`` (for ``use_model_manager=True``, which this job does
     not use), and that imports torch and scipy: about 3 s of CPU in every Beam worker process when the
     ``bench`` extra has installed torch — at 20,000 docs/s, the time of 60,000 documents per worker.
-    ``base`` catches the ImportError and sets ``ModelManager = None``. The block is lifted at once,
-    so ``import torch`` elsewhere works as usual. Beam workers unpickle this job's ``Map`` functions
+    ``base`` catches the ImportError and sets ``ModelManager = None`` (and ``resource = None``, which
+    is put back: RunInference measures the model's memory with it). The block is lifted at once, so
+    ``import torch`` elsewhere works as usual. Beam workers unpickle this job's ``Map`` functions
     (downstream of RunInference, created first) before RunInference's DoFn, so they take this path too.
     """
     if "apache_beam.ml.inference.base" in sys.modules or "torch" in sys.modules:
         return
     sys.modules["torch"] = None  # type: ignore[assignment]  # None in sys.modules: import raises ImportError
     try:
-        import apache_beam.ml.inference.base  # noqa: F401
+        import apache_beam.ml.inference.base as inference_base
     finally:
         del sys.modules["torch"]
+    if getattr(inference_base, "resource", True) is None:
+        import resource
+
+        inference_base.resource = resource
 
 
 _import_run_inference_without_torch()
