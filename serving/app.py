@@ -376,7 +376,7 @@ _WRITE_ERRORS = dict(_READ_ERRORS) | {
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_reads: bool = False,
-               worker_threads: int = 8, manage_backend: bool = True) -> FastAPI:
+               worker_threads: int = 8, manage_backend: bool = True, load_before_serving: bool = False) -> FastAPI:
     """Build the FastAPI application around ``backend``.
 
     Args:
@@ -386,6 +386,10 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         require_key_for_reads: also require the key for ``/v1`` reads (health and metrics stay open).
         worker_threads: threads that run index work (searches block on TF, ScaNN and SQLite).
         manage_backend: start the backend's watcher at startup and stop it at shutdown.
+        load_before_serving: finish startup (so uvicorn accepts connections) only once the first
+            version is loaded or failed to load. ``dssm serve --workers N`` sets it: the workers share
+            one listening socket, and a worker that accepted connections while loading would answer
+            them 503 although another worker is ready.
 
     Returns:
         The ASGI app (FastAPI wrapped by the guard layer is installed as middleware).
@@ -401,6 +405,9 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         limiter_box.append(anyio.CapacityLimiter(worker_threads))
         if manage_backend:
             backend.start()
+            if load_before_serving:
+                while backend.snapshot is None and backend.last_error is None:
+                    await anyio.sleep(0.05)
         try:
             yield
         finally:
@@ -612,7 +619,7 @@ def _serving_app(settings: dict[str, Any]) -> FastAPI:
                       watch_interval=settings["watch_interval"], batchers=settings["model_threads"],
                       batch_window=settings["batch_window_ms"] / 1000.0)
     app = create_app(backend, api_key=settings["api_key"], require_key_for_reads=settings["require_key_for_reads"],
-                     worker_threads=settings["threads"])
+                     worker_threads=settings["threads"], load_before_serving=settings.get("load_before_serving", False))
     if settings["tf_threads"]:
         _set_tf_threads(settings["tf_threads"])
     if settings["switch_interval_ms"] > 0:
@@ -633,7 +640,7 @@ def worker_app() -> FastAPI:
     raw = os.environ.get(WORKER_CONFIG_ENV)
     if not raw:
         raise ConfigError(f"${WORKER_CONFIG_ENV} is not set: worker_app is started by `dssm serve --workers N`")
-    settings = json.loads(raw)
+    settings = dict(json.loads(raw), load_before_serving=True)
     logging.basicConfig(level=settings["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     return _serving_app(settings)
@@ -657,7 +664,8 @@ def _run_workers(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     os.environ[WORKER_CONFIG_ENV] = json.dumps(settings)
     try:
         uvicorn.run("serving.app:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                    log_level=args.log_level, access_log=False, loop=args.loop)
+                    log_level=args.log_level, access_log=False, loop=args.loop,
+                    timeout_worker_healthcheck=args.worker_timeout)
     finally:
         os.environ.pop(WORKER_CONFIG_ENV, None)
         if own_dir is not None:
@@ -684,6 +692,10 @@ def main(argv: list[str] | None = None) -> int:
                              "cores for N times the memory. Limits (--max-in-flight, --threads) are per process; "
                              "a write is answered after its own process swapped the new version in, the others "
                              "follow within --watch-interval")
+    parser.add_argument("--worker-timeout", type=int, default=60,
+                        help="with --workers: seconds a worker may leave the supervisor's health check unanswered "
+                             "before it is killed and replaced (default: 60; uvicorn's 5 s kills workers that are "
+                             "loading a new index version on a busy machine)")
     parser.add_argument("--max-in-flight", type=int, default=64,
                         help="requests admitted at once (per worker process); more get 429 immediately (default: 64)")
     parser.add_argument("--threads", type=int, default=8,
@@ -720,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--tf-threads must be >= 0 (0 = TensorFlow's default), got {args.tf_threads}")
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.worker_timeout < 1:
+        raise ConfigError(f"--worker-timeout must be >= 1 second, got {args.worker_timeout}")
     current_version_dir(args.index)  # fail fast on a wrong path: IndexNotFoundError names it
     if args.require_key_for_reads and not args.api_key:
         raise ConfigError("require_key_for_reads needs an API key (--api-key or $DSSM_API_KEY)")
