@@ -253,8 +253,12 @@ class _NpyRows:
         return out[inverse].reshape(*rows.shape, self._dim)
 
     def close(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
+        """Close the file (idempotent; also on garbage collection, e.g. when a build fails first)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    __del__ = close
 
 
 def _npy_chunks(path: Path, *, chunk: int = 65536) -> Iterator[np.ndarray]:
