@@ -213,16 +213,23 @@ class DocumentTowerHandler(ModelHandler[Sequence[str], PredictionResult, Any]):
     ``[(key, texts)]``. The model is the SavedModel under
     ``MODEL_DIR/saved_model`` loaded with :func:`dssm.export.load_encoder` (which verifies the
     model's manifest), so Beam, the searcher and the tests all run the same ``embed_document``.
+
+    Args:
+        model_dir: the model directory.
+        call_size: texts per SavedModel call (a batch is cut into calls of this size). 4096 took about
+            9% less CPU per document than the encoder's default 1024 on quora-length texts (in-process
+            A/B on 100k texts, 3 alternating runs each: 37.4 vs 41.3 µs/doc).
     """
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, *, call_size: int = 4096):
         super().__init__()
         self.model_dir = str(model_dir)
+        self.call_size = call_size
 
     def load_model(self) -> Any:
         from dssm.export import load_encoder
 
-        return load_encoder(self.model_dir)
+        return load_encoder(self.model_dir, batch_size=self.call_size)
 
     def run_inference(self, batch: Sequence[Sequence[str]], model: Any,
                       inference_args: dict[str, Any] | None = None) -> list[PredictionResult]:
