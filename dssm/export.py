@@ -17,7 +17,7 @@ bags, so the ids a model computes can be checked against the ids in the shards i
 (``Encoder.featurize``). The signatures hold only the towers' variables, not optimizer slots.
 :func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
 
-A few ASCII queries at a time (the search hot path: one query) skip the graph: :func:`dssm.features.ascii_bag`
+A few ASCII queries at a time (the search hot path: one query) skip the graph: :func:`dssm.features.ascii_buckets`
 hashes the text in Python and :class:`QueryTower` runs the query tower's forward pass in numpy on
 the loaded variables (~0.05 ms instead of ~0.6 ms of TensorFlow per-call and per-op overhead). The
 result equals the signature's to float32 rounding; anything else (non-ASCII text, batches, a model
@@ -38,7 +38,7 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import config_from_dict, config_to_dict
 from dssm.errors import ConfigError, InputError
-from dssm.features import FeatureConfig, ascii_bag
+from dssm.features import FeatureConfig, ascii_buckets
 from dssm.model import DSSMModel, ModelConfig
 
 import tensorflow as tf  # noqa: E402  isort: skip
@@ -307,15 +307,16 @@ class QueryTower:
             rounding; ``None`` when a text needs the graph's Unicode handling.
         """
         pooled = np.empty((len(texts), self.model.embedding_dim), np.float32)
+        combiner = self.model.bag_combiner
         for row, text in enumerate(texts):
-            bag = ascii_bag(text, self.features)
-            if bag is None:
+            buckets = ascii_buckets(text, self.features)
+            if buckets is None:
                 return None
-            ids, counts = bag
-            pooled[row] = counts @ self.table[ids]
-            combiner = self.model.bag_combiner
+            # Every token's row once, repeats included: the count-weighted sum of the bag's rows
+            # without counting (the bag's total count is the number of tokens).
+            self.table[buckets].sum(axis=0, out=pooled[row])
             if combiner != "sum":
-                total = float(np.round(counts).sum())  # the graph rounds counts before totalling them
+                total = float(len(buckets))
                 pooled[row] /= max(total if combiner == "mean" else np.sqrt(total), 1.0)
         x = self._activation(pooled + self.bias)
         for kernel, bias in self.layers:

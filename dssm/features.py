@@ -11,15 +11,16 @@ so a text gets the same bucket ids everywhere. The steps (all TF ops, so they li
 6. hash every token with ``tf.strings.to_hash_bucket_fast`` (FarmHash64) into ``num_buckets``;
 7. count: one unique id per bucket per text, with its count.
 
-:func:`ascii_bag` is the same computation in plain Python for one ASCII text (FarmHash64 from the
-``pyfarmhash`` package, the function ``to_hash_bucket_fast`` calls): serving a single query through
-the TF graph costs ~0.3 ms of per-op overhead, this ~10 us. It declines (``None``) any non-ASCII
-text, whose Unicode normalisation only the TF graph does.
+:func:`ascii_buckets` and :func:`ascii_bag` are the same computation in plain Python for one ASCII
+text (FarmHash64 from the ``pyfarmhash`` package is the hash ``to_hash_bucket_fast`` computes): one
+query through the TF graph costs ~0.6 ms, mostly per-call and per-op overhead; these ~50 us. They
+decline (``None``) any non-ASCII text, whose Unicode normalisation only the graph does.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from dssm.errors import ConfigError
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_text as tf_text  # noqa: E402  isort: skip
 
-__all__ = ["FeatureConfig", "Featurizer", "ascii_bag"]
+__all__ = ["FeatureConfig", "Featurizer", "ascii_bag", "ascii_buckets"]
 
 # \x01 never survives step 3 (it is not a letter or digit), so no trigram or word can equal these.
 _UNIGRAM_PREFIX = "\x01u"
@@ -167,8 +168,8 @@ class Featurizer:
         ]
 
 
-def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """``Featurizer.bags`` of one ASCII text, without TensorFlow; ``None`` for anything else.
+def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
+    """The bucket of every token ``Featurizer.tokens`` gives one ASCII text, without TensorFlow.
 
     On ASCII the graph's steps reduce to Python string operations: invalid UTF-8 cannot occur and
     control characters are kept by the transcode (then split on like any non-word character);
@@ -180,8 +181,8 @@ def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]
         config: the hashing (the model's ``features``).
 
     Returns:
-        ``(ids int64 [m], counts float32 [m])``, ids unique in order of first appearance, exactly as
-        the graph's row for ``text``; or ``None`` when the caller must use the graph.
+        ``[tokens]`` int64 bucket ids in the graph's token order, repeats kept (the query tower sums
+        rows, so it needs no counting); ``None`` when the caller must use the graph.
     """
     if not isinstance(text, str) or not text.isascii():
         return None
@@ -191,11 +192,24 @@ def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]
         tokens += [_UNIGRAM_PREFIX + w for w in words]
     if config.word_bigrams:
         tokens += [f"{_BIGRAM_PREFIX}{a} {b}" for a, b in zip(words[:-1], words[1:], strict=True)]
-    buckets = config.num_buckets
-    fingerprint = farmhash.fingerprint64
-    counts: dict[int, int] = {}  # insertion-ordered: first appearance, like tf.unique_with_counts
-    for token in tokens:
-        bucket = fingerprint(token) % buckets
-        counts[bucket] = counts.get(bucket, 0) + 1
+    hashes = np.fromiter(map(farmhash.fingerprint64, tokens), np.uint64, len(tokens))
+    return (hashes % np.uint64(config.num_buckets)).astype(np.int64)
+
+
+def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """``Featurizer.bags`` of one ASCII text, without TensorFlow; ``None`` for anything else.
+
+    Args:
+        text: the text; a non-``str`` or a text with any non-ASCII character gives ``None``.
+        config: the hashing (the model's ``features``).
+
+    Returns:
+        ``(ids int64 [m], counts float32 [m])``, ids unique in order of first appearance, exactly as
+        the graph's row for ``text`` (see :func:`ascii_buckets`); or ``None``.
+    """
+    buckets = ascii_buckets(text, config)
+    if buckets is None:
+        return None
+    counts = Counter(buckets.tolist())  # insertion-ordered: first appearance, like tf.unique_with_counts
     return (np.fromiter(counts.keys(), np.int64, len(counts)),
             np.fromiter(counts.values(), np.float32, len(counts)))

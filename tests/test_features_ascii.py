@@ -1,4 +1,4 @@
-"""ascii_bag: the pure-Python featurizer of the single-query fast path equals the TF graph on ASCII text."""
+"""ascii_buckets / ascii_bag: the single-query fast path's pure-Python featurizer equals the TF graph on ASCII."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dssm.features import FeatureConfig, Featurizer, ascii_bag
+from dssm.features import FeatureConfig, Featurizer, ascii_bag, ascii_buckets
+
+import tensorflow as tf  # noqa: E402  isort: skip
 
 # Small max_chars so long texts are cut; the other configs switch the word n-grams off.
 CONFIGS = [
@@ -40,7 +42,13 @@ def _featurizer(config: FeatureConfig) -> Featurizer:
 
 
 def _assert_same_bags(config: FeatureConfig, texts: list[str]) -> None:
-    expected = _featurizer(config).bags_numpy(texts)
+    featurizer = _featurizer(config)
+    tokens = featurizer.tokens(tf.constant([t.encode() for t in texts]))
+    hashed = tf.strings.to_hash_bucket_fast(tokens, config.num_buckets).to_list()
+    for text, buckets in zip(texts, hashed, strict=True):  # every token, in the graph's order
+        got = ascii_buckets(text, config)
+        assert got is not None and got.dtype == np.int64 and got.tolist() == buckets, text
+    expected = featurizer.bags_numpy(texts)
     for text, (ids, counts) in zip(texts, expected, strict=True):
         got = ascii_bag(text, config)
         assert got is not None, text
@@ -68,7 +76,7 @@ def test_repeated_tokens_are_counted_once_per_id() -> None:
 
 @pytest.mark.parametrize("text", ["café", "ＨＥＬＬＯ", "naïve text", "emoji 🙂", "\u00a0nbsp", "\udcff"])
 def test_declines_non_ascii(text: str) -> None:
-    assert ascii_bag(text, CONFIGS[0]) is None
+    assert ascii_bag(text, CONFIGS[0]) is None and ascii_buckets(text, CONFIGS[0]) is None
 
 
 def test_declines_non_strings() -> None:
