@@ -250,48 +250,71 @@ class Encoder:
 
 
 class QueryTower:
-    """The exported query tower's forward pass in numpy, for a few ASCII texts (no TensorFlow call).
+    """The exported query tower's forward pass in numpy, for a few ASCII texts (no graph call).
 
     The same computation as ``Tower.call`` at inference (dropout is off): count-weighted sum of the
     bag's table rows (divided by the total count or its root for ``mean``/``sqrtn``), + bias,
     activation, the dense layers, L2 normalisation; all in float32.
 
-    The arrays are the loaded variables' values read once (``.numpy()``); the table's read shares
-    the variable's buffer when TensorFlow allows it, so it costs no second copy of the table (the
-    figure is in ``docs/design.md``).
+    The table may stay a TensorFlow variable: its rows are then read with one eager
+    ``ResourceGather`` per text. A numpy copy of a loaded table is a second copy of it (157 MB at the
+    default size): TensorFlow's gather switches a variable to copy-on-read, so ``.numpy()`` never
+    shares its buffer. The small dense weights are numpy arrays.
 
-    Attributes:
+    Args:
+        table: ``[num_buckets, embedding_dim]`` float32, a numpy array or a ``tf.Variable``.
+        bias: ``[embedding_dim]`` float32.
+        layers: ``(kernel [in, out], bias [out])`` float32 per dense layer.
         features, model: the configs the weights belong to.
+
+    Raises:
+        ConfigError: a weight's shape or dtype does not match the configs.
     """
 
-    def __init__(self, *, table: np.ndarray, bias: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]],
-                 features: FeatureConfig, model: ModelConfig) -> None:
+    def __init__(self, *, table: np.ndarray | tf.Variable, bias: np.ndarray,
+                 layers: Sequence[tuple[np.ndarray, np.ndarray]], features: FeatureConfig, model: ModelConfig) -> None:
         expected = [(features.num_buckets, model.embedding_dim), (model.embedding_dim,)]
         widths = (model.embedding_dim, *model.hidden_dims)
         expected += [shape for i, d in enumerate(model.hidden_dims) for shape in ((widths[i], d), (d,))]
-        arrays = [table, bias, *(a for layer in layers for a in layer)]
-        if [a.shape for a in arrays] != expected or any(a.dtype != np.float32 for a in arrays):
-            raise ConfigError(f"query tower weights {[(a.shape, str(a.dtype)) for a in arrays]} do not match the "
-                              f"model config (expected float32 {expected})")
-        for array in arrays:  # a view of a TF variable's buffer must never be written through
-            array.flags.writeable = False
+        arrays = [bias, *(a for layer in layers for a in layer)]
+        got = [(tuple(table.shape), np.dtype(getattr(table.dtype, "as_numpy_dtype", table.dtype)))]
+        got += [(a.shape, a.dtype) for a in arrays]
+        if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
+            raise ConfigError(f"query tower weights {[(shape, str(dtype)) for shape, dtype in got]} do not match "
+                              f"the model config (expected float32 {expected})")
+        if isinstance(table, np.ndarray):
+            self._rows = table.__getitem__
+        else:
+            handle = table.handle
+
+            def rows(ids: np.ndarray) -> np.ndarray:
+                return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=tf.float32).numpy()
+
+            self._rows = rows
         self.table, self.bias, self.layers = table, bias, list(layers)
         self.features, self.model = features, model
         self._activation = _numpy_activation(model.activation)
 
     @classmethod
-    def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig) -> QueryTower | None:
+    def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig,
+                    copy_table: bool = False) -> QueryTower | None:
         """The query tower of a loaded SavedModel (``tf.saved_model.load``), or ``None`` if its layout is unknown.
 
         Reads ``loaded.query_tower``'s ``bag.table``, ``bag_bias`` and ``hidden[i].kernel``/``.bias``
         (the attribute names :class:`_Serving` and ``dssm.model.Tower`` save); a model whose object
         graph lacks them (or does not match the config) is served by the signature alone.
+
+        Args:
+            loaded: the loaded SavedModel.
+            features, model: its configs.
+            copy_table: hold a numpy copy of the table (a second copy in memory) instead of
+                gathering rows from the variable.
         """
         try:
             tower = loaded.query_tower
-            hidden = list(tower.hidden)
-            return cls(table=tower.bag.table.numpy(), bias=tower.bag_bias.numpy(),
-                       layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in hidden],
+            table = tower.bag.table
+            return cls(table=table.numpy() if copy_table else table, bias=tower.bag_bias.numpy(),
+                       layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in list(tower.hidden)],
                        features=features, model=model)
         except (AttributeError, TypeError, ConfigError):
             return None
@@ -314,7 +337,7 @@ class QueryTower:
                 return None
             # Every token's row once, repeats included: the count-weighted sum of the bag's rows
             # without counting (the bag's total count is the number of tokens).
-            self.table[buckets].sum(axis=0, out=pooled[row])
+            self._rows(buckets).sum(axis=0, out=pooled[row])
             if combiner != "sum":
                 total = float(len(buckets))
                 pooled[row] /= max(total if combiner == "mean" else np.sqrt(total), 1.0)

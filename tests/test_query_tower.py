@@ -71,8 +71,11 @@ def test_numpy_tower_equals_the_signature(exported: Path) -> None:
     got = np.concatenate([encoder.query_tower.embed([text]) for text in ASCII])
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    # Several texts in one call give the same rows.
+    # Several texts in one call give the same rows; so does a numpy copy of the table.
     np.testing.assert_allclose(encoder.query_tower.embed(ASCII[:5]), expected[:5], atol=1e-5)
+    copied = QueryTower.from_loaded(encoder._loaded, features=encoder.features, model=encoder.model, copy_table=True)
+    assert isinstance(copied.table, np.ndarray) and not isinstance(encoder.query_tower.table, np.ndarray)
+    np.testing.assert_allclose(copied.embed(ASCII), expected, atol=1e-5)
     if not encoder.model.shared_towers:  # it is the query tower, not the document tower
         documents = encoder.embed_documents(ASCII)
         assert not np.allclose(got, documents, atol=1e-3)
@@ -118,8 +121,10 @@ def test_weights_that_do_not_fit_the_config_are_refused() -> None:
     features = dataclasses.replace(FEATURES, num_buckets=10)
     good = {"table": np.zeros((10, 4), np.float32), "bias": np.zeros(4, np.float32),
             "layers": [(np.zeros((4, 3), np.float32), np.zeros(3, np.float32))]}
-    tower = QueryTower(**good, features=features, model=config)
-    assert not tower.table.flags.writeable  # a view of a TF variable is never written through
+    QueryTower(**good, features=features, model=config)
+    QueryTower(**{**good, "table": tf.Variable(good["table"])}, features=features, model=config)
+    with pytest.raises(ConfigError, match="float64"):
+        QueryTower(**{**good, "table": tf.Variable(np.zeros((10, 4)))}, features=features, model=config)
     with pytest.raises(ConfigError, match=r"\(10, 5\)"):
         QueryTower(**{**good, "table": np.zeros((10, 5), np.float32)}, features=features, model=config)
     with pytest.raises(ConfigError, match="float64"):
