@@ -1,7 +1,8 @@
 """Search an index by text: query tower → ScaNN → SQLite doc store. ``main(argv)`` is ``dssm search``.
 
-The :class:`Searcher` is transport-free (the HTTP app wraps it). One query costs one call of the
-exported ``embed_query`` signature, one ScaNN search and one SQLite ``SELECT ... WHERE row IN``.
+The :class:`Searcher` is transport-free (the HTTP app wraps it). One query costs one query-tower
+embedding (an ASCII query: :class:`dssm.export.QueryTower` in numpy, no TensorFlow call; otherwise
+the exported ``embed_query`` signature), one ScaNN search and one SQLite ``SELECT ... WHERE row IN``.
 
 Example::
 
@@ -74,7 +75,8 @@ class Searcher:
         self.encoder = encoder
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, encoder: QueryEncoder | None = None, verify: bool = True) -> Searcher:
+    def load(cls, index_dir: str | Path, *, encoder: QueryEncoder | None = None, verify: bool = True,
+             fast_queries: bool = True) -> Searcher:
         """Load the version ``CURRENT`` names, verify its checksums, and load its query model.
 
         Args:
@@ -82,6 +84,8 @@ class Searcher:
             encoder: use this instead of the index's own ``model/`` (tests, or a model shared between
                 several indexes); default loads ``model/`` with :func:`dssm.export.load_encoder`.
             verify: check every file's sha256 first (leave on).
+            fast_queries: the loaded model embeds a few ASCII queries at a time in numpy
+                (:class:`dssm.export.QueryTower`) rather than with its SavedModel signature.
 
         Raises:
             IndexNotFoundError: no index there, or the index has no model and no ``encoder`` is given.
@@ -91,7 +95,7 @@ class Searcher:
         if encoder is None and index.model_dir is not None:
             from dssm.export import load_encoder
 
-            encoder = load_encoder(index.model_dir)
+            encoder = load_encoder(index.model_dir, fast_queries=fast_queries)
         return cls(index=index, encoder=encoder)
 
     @property
