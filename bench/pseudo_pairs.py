@@ -8,6 +8,10 @@ ranks ``skip+1..skip+top``. No relevance judgement is read: only ``corpus.jsonl`
 pre-training lever: pre-train the towers on these pairs of the corpus to be indexed, then fine-tune
 on the labelled pairs (``dssm train --init-from``); bench/quality_sweep.py's ``pretrain`` override
 runs both steps.
+
+The product command is ``dssm pairs --format neighbours`` (same pairs, straight to shards, with the
+same :func:`dssm.bm25.neighbour_pairs`); this script stays for ``--exclude-holdout``, the bench's
+"no held-out query text seen" control, which a user's pipeline has no use for.
 """
 
 from __future__ import annotations
@@ -16,36 +20,19 @@ import argparse
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
-from dssm.bm25 import BM25Index, document_text
+from dssm.bm25 import document_text, neighbour_pairs
 from dssm.evaluate import holdout_filter
 
 __all__ = ["pseudo_pairs", "main"]
 
 
-def pseudo_pairs(ids: list[str], texts: list[str], *, top: int = 1, skip: int = 0,
-                 batch: int = 1024) -> list[tuple[str, str, str, str]]:
+def pseudo_pairs(ids: list[str], texts: list[str], *, top: int = 1,
+                 skip: int = 0) -> list[tuple[str, str, str, str]]:
     """``(query_id, query, document_id, document)`` for each document and its BM25 neighbours ranked skip+1..skip+top.
 
-    Args:
-        ids: document ids, one per text.
-        texts: document texts (title and body joined).
-        top: neighbours kept per document.
-        skip: best neighbours passed over first (often near-copies).
-        batch: queries per BM25 call (progress granularity).
+    :func:`dssm.bm25.neighbour_pairs` (kept under this name for the commands in docs/losses.md).
     """
-    index = BM25Index.build(ids, texts)
-    want = skip + top
-    out = []
-    for start in tqdm(range(0, len(texts), batch), desc="bm25 neighbours", unit_scale=batch):
-        chunk = texts[start:start + batch]
-        # +want: room for the document itself and identical texts, which are dropped below.
-        for offset, (rows, _) in enumerate(index.search_rows_batch(chunk, k=2 * want + 1)):
-            row = start + offset
-            neighbours = [int(r) for r in rows if int(r) != row and texts[int(r)] != texts[row]][skip:want]
-            out.extend((ids[row], texts[row], ids[r], texts[r]) for r in neighbours)
-    return out
+    return neighbour_pairs(ids, texts, top=top, skip=skip)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,10 @@ stopping and keep_best on ``val_recall_at_10``) pick the epoch on the test queri
 pass ``"train": {"epochs": 10, "early_stopping_patience": 0, "keep_best": false}`` (as
 bench/losses_table.py does); the figures above were measured without it.
 
-Overrides ``pretrain`` (a label-free first run, e.g. on bench/pseudo_pairs.py's BM25-neighbour pairs
-of the corpus, whose towers the main run starts from) and ``mine`` (a second round on hard negatives
+Overrides ``pretrain`` (a label-free first run on the BM25-neighbour pairs of the corpus, from
+``dssm pairs --input DATA/corpus.jsonl --format neighbours --validation-fraction 0.05`` or
+bench/pseudo_pairs.py + ``dssm pairs --format pairs``, whose towers the main run starts from: the
+default recipe, which ``dssm demo`` runs) and ``mine`` (a second round on hard negatives
 mined with the first round's model) are described in :func:`sweep_one` and :func:`mine_round`.
 """
 
@@ -50,7 +52,7 @@ def _model_config(overrides: dict) -> ModelConfig:
 
 
 def pretrain(overrides: dict, output: Path) -> dict:
-    """Train on ``overrides["pretrain"]["pairs"]`` (e.g. bench/pseudo_pairs.py's label-free pairs) and export.
+    """Train on ``overrides["pretrain"]["pairs"]`` (label-free pair shards, e.g. ``--format neighbours``) and export.
 
     The pre-training run takes the main run's model overrides (so the towers match) updated by
     ``pretrain["model"]``, the main run's seed, and ``pretrain["train"]`` / ``pretrain["loss"]``.

@@ -50,7 +50,7 @@ from dssm.config import config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
 __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "document_text", "build_bm25_state",
-           "write_bm25_state", "load_bm25_state", "has_bm25_state"]
+           "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
 BM25_DIR = "bm25"
@@ -450,3 +450,68 @@ def has_bm25_state(version_dir: str | Path) -> bool:
 def load_bm25_state(version_dir: str | Path, *, ids: Sequence[str] | None = None) -> BM25Index:
     """Load ``version_dir / BM25_DIR`` (see :meth:`BM25Index.load`)."""
     return BM25Index.load(Path(version_dir) / BM25_DIR, ids=ids)
+
+
+def neighbour_pairs(ids: Sequence[str], texts: Sequence[str], *, top: int = 1, skip: int = 0,
+                    config: BM25Config | None = None, batch: int = 1024,
+                    progress: bool = True) -> list[tuple[str, str, str, str]]:
+    """Label-free training pairs with BM25 as the teacher: each document → its nearest other documents.
+
+    One BM25 index over all of ``texts`` (global: a document's neighbours come from the whole corpus),
+    then every document is searched as a query. Its own row and every document with exactly the same
+    text are passed over (a copy teaches the towers nothing and is the easiest hit), then the best
+    ``skip`` remaining hits, and the next ``top`` are its neighbours, best first (ties by row). A
+    document sharing no term with any other has no neighbour and yields no pair.
+
+    Cost: one index build plus one BM25 search per document, on one core. Each search sums the
+    postings of the query's terms and scans a dense score vector over all ``n`` documents, so the
+    whole run grows as ``n`` searches of ``O(n)`` each: quadratic for large corpora (see
+    ``pipelines/make_pairs.py`` for measured times). Memory: the term matrix plus the texts. No I/O.
+
+    Args:
+        ids: document ids, [n], unique.
+        texts: document texts, [n] (:func:`document_text` for title + body).
+        top: neighbours kept per document (>= 1).
+        skip: best neighbours passed over first (>= 0; near-copies, if they are too easy).
+        config: BM25 settings (default :class:`BM25Config`).
+        batch: queries per progress step.
+        progress: draw a tqdm bar (on stderr).
+
+    Returns:
+        ``(query_id, query_text, document_id, document_text)`` for every document that has
+        neighbours, up to ``top`` per document, in row order then rank order.
+
+    Raises:
+        ConfigError: ``top < 1`` or ``skip < 0``.
+        InputError: as :meth:`BM25Index.build` (no documents, lengths differ, an id repeats).
+    """
+    from tqdm import tqdm
+
+    if top < 1 or skip < 0:
+        raise ConfigError(f"neighbours: top must be >= 1 and skip >= 0, got top={top}, skip={skip}")
+    ids, texts = [str(i) for i in ids], list(texts)
+    index = BM25Index.build(ids, texts, config=config)
+    want = skip + top
+    out: list[tuple[str, str, str, str]] = []
+    with tqdm(total=len(texts), desc="bm25 neighbours", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(texts), batch):
+            chunk = texts[start:start + batch]
+            # 2 * want + 1: room for the document itself and a few copies of its text; a query whose
+            # full list still leaves too few is searched again deeper (below), so copies never cost a neighbour.
+            k = 2 * want + 1
+            for offset, (rows, _) in enumerate(index.search_rows_batch(chunk, k=k)):
+                row = start + offset
+                kept = _other_rows(rows, row, texts)
+                depth = k
+                while len(kept) < want and len(rows) == depth and depth < len(texts):
+                    depth = min(2 * depth, len(texts))
+                    rows = index.search_rows_batch([texts[row]], k=depth)[0][0]
+                    kept = _other_rows(rows, row, texts)
+                out.extend((ids[row], texts[row], ids[r], texts[r]) for r in kept[skip:want])
+            bar.update(len(chunk))
+    return out
+
+
+def _other_rows(rows: np.ndarray, row: int, texts: Sequence[str]) -> list[int]:
+    """``rows`` without ``row`` and without any row whose text equals ``row``'s."""
+    return [int(r) for r in rows if int(r) != row and texts[int(r)] != texts[row]]

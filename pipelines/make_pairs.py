@@ -2,7 +2,7 @@
 
 Usage::
 
-    dssm pairs --input PATH [--format quora|pairs|beir|corpus] --output DIR [options] [beam flags]
+    dssm pairs --input PATH [--format quora|pairs|beir|corpus|neighbours] --output DIR [options] [beam flags]
 
 Input formats (``--format``; guessed from the input when omitted):
 
@@ -28,10 +28,39 @@ Input formats (``--format``; guessed from the input when omitted):
   ndcg@10,recall@10,recall@100``, 197 queries, one run each) 3 pairs per document gave DSSM
   nDCG@10 0.271 / Recall@10 0.308 / Recall@100 0.686 against 0.236 / 0.266 / 0.663 with 1 (BM25:
   0.380 / 0.410 / 0.747), so sentence pairs add signal beyond the title.
+* ``neighbours``: the same corpus inputs and columns as ``corpus``, no queries or labels; BM25 is the
+  teacher. Every document (title + " " + text, as BM25 and the index see it) is a query paired with
+  its BM25 top ``--neighbours`` (default 1) *other* documents, after passing over the best
+  ``--skip-neighbours`` (default 0); its own id and every document with the identical text are
+  excluded. Label 1.0; ``query_id``/``document_id`` are the two document ids. The split hashes the
+  query text, as format pairs does (all pairs of a document share a split). This is the default
+  recipe's pre-training data (README, "Training"; docs/losses.md, issue 3): pre-train on the pairs
+  of the corpus you will index, then fine-tune on labelled pairs with ``dssm train --init-from``.
+  On quora-dev (942 held-out queries, 3 seeds) that lifts the default tower from nDCG@10 0.697 to
+  0.752 (BM25 0.7455) when the query texts are in the corpus pre-trained on (duplicate search); for
+  query texts it never saw, 0.712. ``corpus`` stays the format for corpora with titles and bodies
+  and no labelled pairs at all. ``stats.json`` counts documents as format corpus does (``read`` =
+  ``paired_documents`` + ``rejected``); besides the corpus reasons, a document can be rejected as
+  ``duplicate_id`` (its id was read before; the first record in file order is kept) or
+  ``no_neighbour`` (no other document of a different text shares a term with it). A document is
+  checked against ``--max-document-chars`` only (it is the query too; the featurizer cuts every
+  text to ``--max-chars`` anyway).
 
-Guessing: a directory is ``beir``; a table whose header has ``question1`` or ``text1`` is ``quora``;
-a table without the ``--query-column``/``--document-column`` columns but with ``text`` and ``_id`` or
-``id`` is ``corpus``; any other table is ``pairs``.
+  How it scales: the BM25 index is global (a document's neighbours come from the whole corpus), so
+  the valid documents are gathered into one element (``beam.combiners.ToList``) and one worker
+  builds the index once and searches every document (:func:`dssm.bm25.neighbour_pairs`, single
+  core); reading, checking and featurizing/writing the pairs run in parallel around that step.
+  The worker holds every text and the BM25 term matrix in memory, and each search scans a score
+  vector over all ``n`` documents, so that step tends to ``O(n²)``. Measured on quora-dev's 19,056
+  documents (``dssm demo``'s first step, DirectRunner, quiet 2-core machine): about 3 s of BM25
+  search (some 6,800 documents/s) in a 10.6 s job. Not measured at larger sizes; at the quadratic
+  limit 1M documents would take about (1M / 19k)² × 3 s ≈ 2 hours on that one core. Beyond a few
+  hundred thousand documents, split the corpus and pair within each part, or sample the documents
+  used as queries (neither implemented).
+
+Guessing (``neighbours`` is never guessed: ask for it): a directory is ``beir``; a table whose header
+has ``question1`` or ``text1`` is ``quora``; a table without the ``--query-column``/``--document-column``
+columns but with ``text`` and ``_id`` or ``id`` is ``corpus``; any other table is ``pairs``.
 
 Explicit negatives as a third tower input (``--negatives-as-third-input``, formats quora and pairs,
 off by default): rows with label <= 0 (Quora's ``is_duplicate = 0``) are grouped by normalised
@@ -85,17 +114,21 @@ from dssm.errors import DSSMError, InputError
 from dssm.features import FeatureConfig
 from pipelines.transforms import (
     REJECTED,
+    CheckDocuments,
     CorpusPairs,
     CorpusSpec,
+    FeaturizeChunks,
     FeaturizePairs,
     JoinBeir,
     MakePairs,
+    NeighbourSpec,
     PairColumns,
     PairLimits,
     SplitSpec,
     ValidatePairs,
     attach_negatives,
     negative_entries,
+    neighbour_outputs,
     read_table,
     read_table_chunks,
     rejected_json,
@@ -104,7 +137,7 @@ from pipelines.transforms import (
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
 
-FORMATS = ("quora", "pairs", "beir", "corpus")
+FORMATS = ("quora", "pairs", "beir", "corpus", "neighbours")
 SPLITS = ("train", "validation")
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _COUNTS = ".counts.json"  # the counting branch's output, folded into stats.json and removed
@@ -142,6 +175,9 @@ class PairsConfig:
                                        "sentence -> rest); 3 beat 1 on cranfield (see the module docstring)")
     min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
+    neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
+                               "as pre-training on quora-dev, docs/losses.md)")
+    skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
     negatives_as_third_input: bool = field(False, "formats quora/pairs: attach label<=0 rows to the positives "
                                                   "of the same query as negative_* features")
 
@@ -155,7 +191,7 @@ class PairsInput:
     table_format: str | None  # csv/tsv/jsonl/parquet for quora and pairs; None for beir
     columns: PairColumns
     qrels: Path | None = None
-    corpus: CorpusSpec | None = None  # format corpus
+    corpus: CorpusSpec | None = None  # formats corpus and neighbours
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,10 +201,12 @@ def _parser() -> argparse.ArgumentParser:
                     "Unknown flags go to Beam (--runner, --direct_num_workers, --direct_running_mode, ...).",
     )
     parser.add_argument("--input", required=True,
-                        help="a table (CSV/TSV/JSONL/Parquet), a BEIR directory, or a corpus (format corpus)")
+                        help="a table (CSV/TSV/JSONL/Parquet), a BEIR directory, or a corpus (formats corpus, "
+                             "neighbours)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="input format; guessed when omitted (directory -> beir, question1/text1 -> quora, "
-                             "no query/document columns but _id or id and text -> corpus)")
+                             "no query/document columns but _id or id and text -> corpus; neighbours only "
+                             "when asked for)")
     parser.add_argument("--output", required=True, help="output directory (local)")
     add_config_arguments(parser, PairsConfig)
     add_config_arguments(parser, FeatureConfig)
@@ -224,8 +262,8 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {FORMATS}")
 
-    if format == "corpus":
-        return _resolve_corpus(path, config, explicit)
+    if format in ("corpus", "neighbours"):
+        return _resolve_corpus(path, config, explicit, format=format)
     if format == "beir":
         if not path.is_dir():
             raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
@@ -288,11 +326,12 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
     return PairsInput(path, format, kind, columns), resolved
 
 
-def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str]) -> tuple[PairsInput, PairsConfig]:
-    """``resolve_input`` for format corpus: a corpus table, or a BEIR directory's ``corpus.jsonl``."""
+def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *,
+                    format: str = "corpus") -> tuple[PairsInput, PairsConfig]:  # noqa: A002
+    """``resolve_input`` for formats corpus and neighbours: a corpus table, or a BEIR directory's ``corpus.jsonl``."""
     if path.is_dir():
         if not (path / "corpus.jsonl").is_file():
-            raise InputError(f"--format corpus needs a corpus table or a BEIR directory with corpus.jsonl; "
+            raise InputError(f"--format {format} needs a corpus table or a BEIR directory with corpus.jsonl; "
                              f"{path} has no corpus.jsonl")
         path = path / "corpus.jsonl"
     kind = table_format(path)
@@ -301,24 +340,27 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str]) -
     missing = [c for c in (id_column, config.text_column) if c is None or c not in found]
     if missing:
         shown = [m or "_id or id" for m in missing]
-        raise InputError(f"{path} (corpus format) lacks column(s) {shown}: it has {found}; expected an id (_id or "
+        raise InputError(f"{path} ({format} format) lacks column(s) {shown}: it has {found}; expected an id (_id or "
                          "id), text and optionally title (rename with --id-column/--text-column/--title-column)")
     title_column = config.title_column if config.title_column in found else None
     if config.title_column and title_column is None and "title_column" in explicit:
-        raise InputError(f"{path} (corpus format) lacks the title column {config.title_column!r}: it has {found}")
+        raise InputError(f"{path} ({format} format) lacks the title column {config.title_column!r}: it has {found}")
     if config.pairs_per_document < 1 or config.min_query_chars < 1:
         raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1, got "
                          f"{config.pairs_per_document} and {config.min_query_chars}")
     if config.negatives_as_third_input:
         raise InputError("--negatives-as-third-input needs labelled pairs (formats quora, pairs); "
                          "a corpus has no explicit negatives (mine some with `dssm mine`)")
+    if config.neighbours < 1 or config.skip_neighbours < 0:
+        raise InputError(f"--neighbours must be >= 1 and --skip-neighbours >= 0, got {config.neighbours} "
+                         f"and {config.skip_neighbours}")
     spec = CorpusSpec(id_column=id_column, text_column=config.text_column, title_column=title_column,
                       pairs_per_document=config.pairs_per_document, min_query_chars=config.min_query_chars,
                       seed=config.seed)
     columns = PairColumns(config.text_column, config.text_column, None, id_column, id_column)
     resolved = replace(config, query_column="", document_column="", label_column="", query_id_column="",
                        document_id_column="", beir_qrels="", id_column=id_column, title_column=title_column or "")
-    return PairsInput(path, "corpus", kind, columns, corpus=spec), resolved
+    return PairsInput(path, format, kind, columns, corpus=spec), resolved
 
 
 def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: PairsConfig,
@@ -329,6 +371,9 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
     Beam steps cost more than the hashing on the DirectRunner, so only the writers see single examples.
     """
     rejected_parts, count_parts = [], []
+    if source.format == "neighbours":
+        _build_neighbours(pipeline, source, config=config, features=features, output=output)
+        return
     if source.format == "beir":
         assert source.qrels is not None
         raw = {
@@ -379,6 +424,47 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
                    for split, part in zip(SPLITS, by_split, strict=True)}
     else:
         written = {"train": made.train, "validation": made[MakePairs.VALIDATION]}
+    _write_outputs(written, rejected_parts, count_parts, config=config, output=output)
+
+
+def _build_neighbours(pipeline: beam.Pipeline, source: PairsInput, *, config: PairsConfig,
+                      features: FeatureConfig, output: Path) -> None:
+    """Format neighbours: read + check in chunks → all documents to one BM25 step → featurize in chunks."""
+    assert source.corpus is not None
+    limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
+    checked = (
+        pipeline
+        | "Path" >> beam.Create([str(source.path)])
+        | "Read" >> beam.FlatMap(read_table_chunks, source.table_format, config.batch_size)
+        | "Spread" >> beam.Reshuffle()
+        | "CheckDocuments" >> beam.ParDo(CheckDocuments(spec=source.corpus, limits=limits)).with_outputs(
+            REJECTED, CheckDocuments.COUNTS, main="documents")
+    )
+    # The index is global: every document meets in one element, and one worker builds it once.
+    paired = (
+        checked.documents
+        | "AllDocuments" >> beam.combiners.ToList()
+        | "Neighbours" >> beam.FlatMap(
+            neighbour_outputs, spec=NeighbourSpec(top=config.neighbours, skip=config.skip_neighbours,
+                                                  chunk=config.batch_size),
+            split=SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt),
+        ).with_outputs(REJECTED, CheckDocuments.COUNTS, main="chunks")
+    )
+    made = (
+        paired.chunks
+        | "SpreadPairs" >> beam.Reshuffle()
+        | "Featurize" >> beam.ParDo(FeaturizeChunks(feature_config=features, batch_size=config.batch_size))
+        .with_outputs(FeaturizeChunks.VALIDATION, FeaturizeChunks.COUNTS, main="train")
+    )
+    _write_outputs({"train": made.train, "validation": made[FeaturizeChunks.VALIDATION]},
+                   [checked[REJECTED], paired[REJECTED]],
+                   [checked[CheckDocuments.COUNTS], paired[CheckDocuments.COUNTS], made[FeaturizeChunks.COUNTS]],
+                   config=config, output=output)
+
+
+def _write_outputs(written: dict[str, beam.PCollection], rejected_parts: list[beam.PCollection],
+                   count_parts: list[beam.PCollection], *, config: PairsConfig, output: Path) -> None:
+    """The writers every format shares: TFRecord shards per split, the dead letter, the counts."""
     for name, part in written.items():
         part | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
             str(output / name), file_name_suffix=".tfrecord.gz", num_shards=config.num_shards,
@@ -493,7 +579,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     save_config(features, output / "features.json")
     write_json_atomic(output / "pairs_config.json",
                       {"input": str(source.path.resolve()), "format": source.format,
-                       "split_key": "document_id" if source.corpus else "query_text", **config_to_dict(config)})
+                       "split_key": "document_id" if source.format == "corpus" else "query_text",
+                       **config_to_dict(config)})
     if stats["written"] == 0:
         raise InputError(f"no pairs written from {source.path}: {stats['read']} records read, all rejected "
                          f"({stats['rejected_by_reason']}); see {output}/{REJECTED}-*.jsonl")

@@ -60,6 +60,11 @@ __all__ = [
     "CorpusSpec",
     "CorpusPairs",
     "corpus_pairs",
+    "corpus_document",
+    "NeighbourSpec",
+    "CheckDocuments",
+    "neighbour_outputs",
+    "FeaturizeChunks",
     "sentence_spans",
     "strip_title",
     "FeaturizePairs",
@@ -90,12 +95,14 @@ REASONS = {
     "non_positive_score": "a BEIR qrel with score <= 0 (judged not relevant)",
     "unknown_query_id": "a BEIR qrel names a query id not in queries.jsonl",
     "unknown_document_id": "a BEIR qrel names a document id not in corpus.jsonl",
-    "duplicate_id": "a BEIR query or document id occurs more than once",
+    "duplicate_id": "a BEIR query or document id, or a corpus id in format neighbours, occurs more than once",
     "bad_query_record": "a line of the BEIR queries.jsonl could not be used",
     "bad_document_record": "a line of the BEIR corpus.jsonl could not be used",
     "empty_document_id": "a corpus record has no id (format corpus)",
     "no_pair": "a corpus document has no usable title and no sentence of --min-query-chars with text left "
                "beside it (format corpus)",
+    "no_neighbour": "a corpus document shares no BM25 term with any other document of a different text, or has "
+                    "fewer than --skip-neighbours + 1 such neighbours (format neighbours)",
 }
 
 
@@ -581,6 +588,42 @@ def corpus_pairs(doc_id: str, title: str, text: str, *, pairs_per_document: int,
     return pairs
 
 
+def corpus_document(raw: dict[str, Any], *, spec: CorpusSpec,
+                    limits: PairLimits) -> tuple[str, str, str] | beam.pvalue.TaggedOutput:
+    """A raw corpus record → ``(doc_id, title, text)``, or its dead letter (a ``rejected`` TaggedOutput).
+
+    Checks, in order: parse errors, the id and text columns, a non-empty id, UTF-8, some title or
+    text, ``title + text`` within ``limits.max_document_chars``. ``title`` is ``""`` without a title
+    column.
+    """
+    if raw.get("reason"):
+        return _reject(raw, raw["reason"], raw.get("error") or REASONS.get(raw["reason"], raw["reason"]))
+    fields = raw["fields"]
+    missing = [c for c in (spec.id_column, spec.text_column) if c not in fields]
+    if missing:
+        return _reject(raw, "missing_column", f"no column(s) {missing}; the record has {sorted(fields)}")
+    doc_id = _as_text(fields[spec.id_column])
+    if isinstance(doc_id, bytes):
+        doc_id = doc_id.decode("utf-8", "backslashreplace")
+    if doc_id is None or not doc_id.strip():
+        return _reject(raw, "empty_document_id", f"id column {spec.id_column!r} is empty: {doc_id!r}")
+    doc_id = doc_id.strip()
+    parts = {}
+    for column in (spec.title_column, spec.text_column):
+        value = _as_text(fields.get(column)) if column else None
+        if isinstance(value, bytes):
+            return _reject(raw, "document_not_utf8", f"document {doc_id!r}: column {column!r} is not valid "
+                           f"UTF-8: {value[:80].decode('utf-8', 'backslashreplace')!r}")
+        parts[column] = value or ""
+    title, text = parts.get(spec.title_column, "") if spec.title_column else "", parts[spec.text_column]
+    if not title.strip() and not text.strip():
+        return _reject(raw, "empty_document", f"document {doc_id!r} has neither title nor text")
+    if len(title) + len(text) > limits.max_document_chars:
+        return _reject(raw, "document_too_long", f"document {doc_id!r} has {len(title) + len(text)} characters, "
+                       f"the limit is {limits.max_document_chars}")
+    return doc_id, title, text
+
+
 class CorpusPairs(beam.DoFn):
     """Raw corpus record → self-supervised pairs (main output) or one dead letter (``rejected``).
 
@@ -599,37 +642,12 @@ class CorpusPairs(beam.DoFn):
         self._split = split
 
     def process(self, raw: dict[str, Any]) -> Iterator[Any]:
-        if raw.get("reason"):
-            yield _reject(raw, raw["reason"], raw.get("error") or REASONS.get(raw["reason"], raw["reason"]))
+        document = corpus_document(raw, spec=self._spec, limits=self._limits)
+        if isinstance(document, beam.pvalue.TaggedOutput):
+            yield document
             return
-        fields, spec = raw["fields"], self._spec
-        missing = [c for c in (spec.id_column, spec.text_column) if c not in fields]
-        if missing:
-            yield _reject(raw, "missing_column", f"no column(s) {missing}; the record has {sorted(fields)}")
-            return
-        doc_id = _as_text(fields[spec.id_column])
-        if isinstance(doc_id, bytes):
-            doc_id = doc_id.decode("utf-8", "backslashreplace")
-        if doc_id is None or not doc_id.strip():
-            yield _reject(raw, "empty_document_id", f"id column {spec.id_column!r} is empty: {doc_id!r}")
-            return
-        doc_id = doc_id.strip()
-        parts = {}
-        for column in (spec.title_column, spec.text_column):
-            value = _as_text(fields.get(column)) if column else None
-            if isinstance(value, bytes):
-                yield _reject(raw, "document_not_utf8", f"document {doc_id!r}: column {column!r} is not valid "
-                              f"UTF-8: {value[:80].decode('utf-8', 'backslashreplace')!r}")
-                return
-            parts[column] = value or ""
-        title, text = parts.get(spec.title_column, "") if spec.title_column else "", parts[spec.text_column]
-        if not title.strip() and not text.strip():
-            yield _reject(raw, "empty_document", f"document {doc_id!r} has neither title nor text")
-            return
-        if len(title) + len(text) > self._limits.max_document_chars:
-            yield _reject(raw, "document_too_long", f"document {doc_id!r} has {len(title) + len(text)} characters, "
-                          f"the limit is {self._limits.max_document_chars}")
-            return
+        doc_id, title, text = document
+        spec = self._spec
         pairs = corpus_pairs(doc_id, title, text, pairs_per_document=spec.pairs_per_document,
                              min_query_chars=spec.min_query_chars, max_query_chars=self._limits.max_query_chars,
                              seed=spec.seed)
@@ -642,6 +660,137 @@ class CorpusPairs(beam.DoFn):
             yield {"record": raw["record"], "query_id": f"{doc_id}#{suffix}", "document_id": doc_id,
                    "query_text": query, "document_text": document, "label": 1.0, "split": split}
         yield beam.pvalue.TaggedOutput(self.PAIRED, doc_id)
+
+
+# ---- format neighbours: each document → its BM25 nearest other documents -------------------------------
+
+
+@dataclass(frozen=True)
+class NeighbourSpec:
+    """How :func:`neighbour_outputs` pairs documents (``dssm pairs --format neighbours``)."""
+
+    top: int
+    skip: int
+    chunk: int  # pairs per emitted chunk (the featurizing step's unit of work)
+
+
+class CheckDocuments(beam.DoFn):
+    """A chunk of raw corpus records → usable documents (main) or dead letters, plus a counts dict.
+
+    Main output: ``{"record", "id", "text"}`` with ``text`` = title + " " + body
+    (:func:`dssm.bm25.document_text`, the text BM25 and the index use). Outputs ``rejected`` and
+    ``counts`` (``read`` and ``rejected:<reason>`` of the chunk).
+    """
+
+    COUNTS = "counts"
+
+    def __init__(self, *, spec: CorpusSpec, limits: PairLimits) -> None:
+        self._spec = spec
+        self._limits = limits
+
+    def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
+        from dssm.bm25 import document_text
+
+        counts: dict[str, int] = {}
+        for raw in chunk:
+            counts["read"] = counts.get("read", 0) + 1
+            document = corpus_document(raw, spec=self._spec, limits=self._limits)
+            if isinstance(document, beam.pvalue.TaggedOutput):
+                key = f"{REJECTED}:{document.value['reason']}"
+                counts[key] = counts.get(key, 0) + 1
+                yield document
+                continue
+            doc_id, title, text = document
+            yield {"record": raw["record"], "id": doc_id, "text": document_text(title, text)}
+        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+
+
+def _record_order(record: str) -> tuple[str, int]:
+    """``"path:line"`` → ``(path, line)`` so records sort in file order (line 10 after line 9)."""
+    path, _, line = record.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (record, 0)
+
+
+def neighbour_outputs(documents: list[dict[str, Any]], *, spec: NeighbourSpec,
+                      split: SplitSpec) -> Iterator[Any]:
+    """The global step of format neighbours: all documents at once → chunks of pairs (main output).
+
+    Documents are ordered by id (then record), so the BM25 rows and tie-breaks do not depend on the
+    order the runner delivered them in. A repeated id keeps its first record in file order; the
+    others go to the dead letter (``duplicate_id``). :func:`dssm.bm25.neighbour_pairs` pairs each
+    document (as the query) with its BM25 neighbours ranked ``skip+1..skip+top`` among the other
+    documents, its own row and identical texts excluded; a document without one goes to the dead
+    letter (``no_neighbour``). Pairs have label 1.0 and the split of their query text (as format
+    pairs; all pairs of a query share it). Also emits one ``counts`` dict: ``paired_documents`` and
+    the rejections made here.
+    """
+    from dssm.bm25 import neighbour_pairs
+
+    counts: dict[str, int] = {}
+    kept: dict[str, dict[str, Any]] = {}
+    for doc in sorted(documents, key=lambda d: (d["id"], _record_order(d["record"]))):
+        first = kept.setdefault(doc["id"], doc)
+        if first is not doc:
+            counts[f"{REJECTED}:duplicate_id"] = counts.get(f"{REJECTED}:duplicate_id", 0) + 1
+            yield beam.pvalue.TaggedOutput(REJECTED, {
+                "record": doc["record"], "reason": "duplicate_id",
+                "detail": f"document id {doc['id']!r} already read at {first['record']}",
+                "row": {"id": doc["id"], "text": doc["text"]}})
+    paired: set[str] = set()
+    chunk: list[dict[str, Any]] = []
+    if kept:
+        docs = list(kept.values())
+        for query_id, query, document_id, document in neighbour_pairs(
+                [d["id"] for d in docs], [d["text"] for d in docs], top=spec.top, skip=spec.skip):
+            paired.add(query_id)
+            chunk.append({"record": kept[query_id]["record"], "query_id": query_id, "document_id": document_id,
+                          "query_text": query, "document_text": document, "label": 1.0,
+                          "split": split_of(query, validation_fraction=split.validation_fraction, salt=split.salt)})
+            if len(chunk) >= spec.chunk:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+    for doc_id, doc in kept.items():
+        if doc_id not in paired:
+            counts[f"{REJECTED}:no_neighbour"] = counts.get(f"{REJECTED}:no_neighbour", 0) + 1
+            yield beam.pvalue.TaggedOutput(REJECTED, {
+                "record": doc["record"], "reason": "no_neighbour",
+                "detail": f"document {doc_id!r} shares no BM25 term with any other document of a different "
+                          f"text (or has fewer than --skip-neighbours + 1 such neighbours)",
+                "row": {"id": doc_id, "text": doc["text"]}})
+    counts["paired_documents"] = len(paired)
+    yield beam.pvalue.TaggedOutput(CheckDocuments.COUNTS, counts)
+
+
+class FeaturizeChunks(beam.DoFn):
+    """A chunk of validated pairs → serialized Examples: ``train`` (main), ``validation``, and a counts dict.
+
+    :class:`MakePairs` without the checking step, for pairs made elsewhere (format neighbours).
+    """
+
+    VALIDATION = "validation"
+    COUNTS = "counts"
+
+    def __init__(self, *, feature_config: FeatureConfig, batch_size: int) -> None:
+        self._config = feature_config
+        self._batch_size = batch_size
+        self._featurizer: Any = None
+
+    def setup(self) -> None:
+        from dssm.features import Featurizer
+
+        self._featurizer = Featurizer(self._config)
+
+    def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
+        pairs = list(chunk)
+        counts: dict[str, int] = {}
+        for start in range(0, len(pairs), self._batch_size):
+            for split, example in featurize_pairs(self._featurizer, pairs[start:start + self._batch_size],
+                                                  negatives=False):
+                counts[split] = counts.get(split, 0) + 1
+                yield example if split == "train" else beam.pvalue.TaggedOutput(self.VALIDATION, example)
+        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
 
 
 # ---- explicit negatives as a third tower input ---------------------------------------------------------

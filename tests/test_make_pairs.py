@@ -660,3 +660,130 @@ def test_make_pairs_checks_and_featurizes_a_chunk_with_counts() -> None:
         assert_that(made[MakePairs.COUNTS] | beam.CombineGlobally(sum_counts), equal_to([{
             "read": 12, "train": len(expected["train"]), "validation": len(expected["validation"]), "label_0": 5,
             "rejected:empty_query": 1, "rejected:bad_label": 1}]), label="counts")
+
+
+# ---- format neighbours: each document → its BM25 nearest other documents -----------------------------------
+
+# Hand-checked BM25 neighbours (stop words and stemming as dssm.bm25 does them):
+# a and b are the same text, so neither is the other's neighbour; both share "apple pie" with c.
+# c shares "apple pie" with a and b (two terms) and "cinnamon" with d (one, rarer): a and b score the
+# same for c, so the row order (ids sorted) puts a first. d shares only "cinnamon", with c.
+# e and f share "quantum physics". g shares no term with anyone: no neighbour.
+HAND_CORPUS = {
+    "a": "red apple pie recipe",
+    "b": "red apple pie recipe",
+    "c": "apple pie with cinnamon",
+    "d": "cinnamon rolls baking",
+    "e": "quantum physics lecture",
+    "f": "quantum physics homework help",
+    "g": "zebra",
+}
+HAND_TOP1 = {"a": "c", "b": "c", "c": "a", "d": "c", "e": "f", "f": "e"}
+
+
+def test_neighbour_pairs_by_hand_without_self_or_identical_text() -> None:
+    from dssm.bm25 import neighbour_pairs
+    from dssm.errors import ConfigError
+
+    ids, texts = list(HAND_CORPUS), list(HAND_CORPUS.values())
+    top1 = neighbour_pairs(ids, texts, top=1, progress=False)
+    assert [(q, d) for q, _, d, _ in top1] == list(HAND_TOP1.items())
+    assert all(qt == HAND_CORPUS[q] and dt == HAND_CORPUS[d] for q, qt, d, dt in top1)
+    top2 = neighbour_pairs(ids, texts, top=2, progress=False)
+    assert [(q, d) for q, _, d, _ in top2 if q == "c"] == [("c", "a"), ("c", "b")]
+    assert [(q, d) for q, _, d, _ in top2 if q == "d"] == [("d", "c")]  # only one shares a term
+    # skip 1: c's best (a) is passed over; a has a single neighbour, so nothing is left for it.
+    skipped = dict((q, d) for q, _, d, _ in neighbour_pairs(ids, texts, top=1, skip=1, progress=False))
+    assert skipped.get("c") == "b" and "a" not in skipped and "e" not in skipped
+    with pytest.raises(ConfigError, match="top=0"):
+        neighbour_pairs(ids, texts, top=0)
+    with pytest.raises(InputError, match="'a' occurs more than once"):
+        neighbour_pairs(["a", "a"], ["x y", "x z"])
+
+
+def test_neighbour_pairs_searches_deeper_past_many_copies() -> None:
+    from dssm.bm25 import neighbour_pairs
+
+    # Five copies outscore the one real neighbour; the first search (k = 3) sees only copies.
+    ids = [f"x{i}" for i in range(5)] + ["y", "z"]
+    texts = ["solar panel installation cost"] * 5 + ["solar panel cleaning", "kitchen tiles"]
+    pairs = neighbour_pairs(ids, texts, top=1, progress=False)
+    assert [(q, d) for q, _, d, _ in pairs[:5]] == [(f"x{i}", "y") for i in range(5)]
+    assert len(pairs) == 6 and pairs[5][0] == "y" and pairs[5][2] in ids[:5]  # the copies tie for y
+
+
+def test_neighbour_transforms_pair_documents_and_dead_letter_the_rest() -> None:
+    from pipelines.transforms import CheckDocuments, NeighbourSpec, neighbour_outputs
+
+    spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=1,
+                      min_query_chars=1, seed=0)
+    raws = [_raw(i, _id=doc_id, title="", text=text) for i, (doc_id, text) in enumerate(HAND_CORPUS.items(), 1)]
+    raws[2] = _raw(3, _id="c", title="apple pie", text="with cinnamon")  # title + text = c's text above
+    raws += [
+        _raw(8, _id="a", title="", text="quantum physics"),  # a's id again: dead letter, a keeps line 1
+        _raw(9, _id=" ", title="", text="no id"),
+        _raw(10, _id="h", title="", text=b"caf\xe9 physics"),
+        {"record": "in.tsv:11", "fields": {"raw": "{"}, "reason": "unparsable", "error": "not valid JSON"},
+    ]
+    split = SplitSpec(validation_fraction=0.5, salt="")
+    limits = PairLimits(max_query_chars=100, max_document_chars=100)
+    with test_pipeline.TestPipeline() as p:
+        checked = (p | beam.Create([raws[:6], raws[6:]])  # two chunks
+                   | beam.ParDo(CheckDocuments(spec=spec, limits=limits)).with_outputs(
+                       REJECTED, CheckDocuments.COUNTS, main="documents"))
+        paired = (checked.documents | beam.combiners.ToList()
+                  | beam.FlatMap(neighbour_outputs, spec=NeighbourSpec(top=1, skip=0, chunk=4), split=split)
+                  .with_outputs(REJECTED, CheckDocuments.COUNTS, main="chunks"))
+        assert_that(paired.chunks | beam.Map(len), equal_to([4, 2]), label="chunk sizes")
+        assert_that(paired.chunks | beam.FlatMap(lambda c: c) | beam.Map(
+            lambda x: (x["record"], x["query_id"], x["document_id"], x["query_text"], x["document_text"],
+                       x["label"], x["split"])),
+            equal_to([(f"in.tsv:{'abcdef'.index(q) + 1}", q, d, HAND_CORPUS[q], HAND_CORPUS[d], 1.0,
+                       split_of(HAND_CORPUS[q], validation_fraction=0.5)) for q, d in HAND_TOP1.items()]),
+            label="pairs")
+        rejected = (checked[REJECTED], paired[REJECTED]) | "AllRejected" >> beam.Flatten()
+        assert_that(rejected | "R" >> beam.Map(lambda x: (x["record"], x["reason"])),
+                    equal_to([("in.tsv:7", "no_neighbour"), ("in.tsv:8", "duplicate_id"),
+                              ("in.tsv:9", "empty_document_id"), ("in.tsv:10", "document_not_utf8"),
+                              ("in.tsv:11", "unparsable")]), label="rejected")
+        counts = ((checked[CheckDocuments.COUNTS], paired[CheckDocuments.COUNTS]) | "AllCounts" >> beam.Flatten()
+                  | beam.CombineGlobally(sum_counts))
+        assert_that(counts, equal_to([{"read": 11, "paired_documents": 6, "rejected:no_neighbour": 1,
+                                       "rejected:duplicate_id": 1, "rejected:empty_document_id": 1,
+                                       "rejected:document_not_utf8": 1, "rejected:unparsable": 1}]),
+                    label="counts")
+
+
+def test_neighbours_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"_id": doc_id, "title": "", "text": text}) for doc_id, text in HAND_CORPUS.items()]
+    lines.append('{"_id": "broken", "text": ')  # a bad record
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    stats = run(["--input", str(tmp_path), "--format", "neighbours", "--output", str(out), "--batch-size", "2",
+                 "--validation-fraction", "0.4", *SMALL_FLAGS], test_pipeline=test_pipeline.TestPipeline())
+    assert stats == _stats(out)
+    assert (stats["read"], stats["paired_documents"], stats["written"], stats["rejected"]) == (8, 6, 6, 2)
+    assert stats["rejected_by_reason"] == {"no_neighbour": 1, "unparsable": 1}
+    assert sorted((r["record"].rsplit(":", 1)[1], r["reason"]) for r in _rejected(out)) == [
+        ("7", "no_neighbour"), ("8", "unparsable")]
+    shards = _shards_or_empty(out)
+    examples = shards["train"] + shards["validation"]
+    assert {(e["query_id"], e["document_id"]) for e in examples} == set(HAND_TOP1.items())
+    for split, rows in shards.items():  # the split hashes the query text, as format pairs does
+        assert {split_of(e["query_text"], validation_fraction=0.4) for e in rows} <= {split}
+    assert stats["train"] == len(shards["train"]) and stats["validation"] == len(shards["validation"])
+    _check_features(examples)
+    config = json.loads((out / "pairs_config.json").read_text())
+    assert (config["format"], config["split_key"], config["neighbours"], config["skip_neighbours"]) == (
+        "neighbours", "query_text", 1, 0)
+    verify_manifest(out, kind="pairs")
+    two = run(["--input", str(path), "--format", "neighbours", "--output", str(tmp_path / "two"),
+               "--neighbours", "2", *SMALL_FLAGS])
+    # a, b, d, e, f have one neighbour each (a and b are the same text), c two.
+    assert two["written"] == sum(len(rows) for rows in _shards_or_empty(tmp_path / "two").values()) == 7
+    with pytest.raises(InputError, match="--neighbours must be >= 1"):
+        run(["--input", str(path), "--format", "neighbours", "--output", str(tmp_path / "x"), "--neighbours", "0"])
+    with pytest.raises(InputError, match=r"neighbours format\) lacks column\(s\) \['body'\]"):
+        run(["--input", str(path), "--format", "neighbours", "--output", str(tmp_path / "x"), "--text-column",
+             "body"])
