@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
     "thresholds": ("dssm.thresholds", "Duplicate-detection threshold from labelled pairs (accuracy, F1, AP); --save."),
     "tag": ("dssm.tagging", "Zero-shot tagging: rank labels (short descriptions in a tags index) for a text."),
-    "demo": ("dssm.demo", "pairs → train → index → eval → sample searches on quora-dev."),
+    "demo": ("dssm.demo", "The default recipe on quora-dev: neighbour pairs → pre-train → pairs → fine-tune → "
+                          "index → eval → searches."),
 }
 
 

@@ -1,0 +1,67 @@
+"""``dssm demo``: the default recipe's command sequence on a tiny quora-dev-style directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dssm.demo import main
+from dssm.errors import InputError
+
+_SUBJECTS = ["python", "guitar", "french", "chess", "piano", "cooking", "swimming", "drawing", "calculus",
+             "chemistry", "poetry", "running", "painting", "yoga", "knitting", "photography", "gardening",
+             "spanish", "physics", "history", "economics", "welding", "sailing", "baking"]
+
+
+def _quora_like(root: Path) -> Path:
+    """Each subject: a question (also a query and a document) and its duplicate (the judged document)."""
+    root.mkdir()
+    pairs = ["id\ttext1\ttext2\tis_duplicate\tsplit\tquora_pair_id"]
+    corpus, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
+    for i, subject in enumerate(_SUBJECTS):
+        question, duplicate = f"How do I learn {subject} quickly ?", f"What is the fastest way to learn {subject} ?"
+        pairs.append(f"p{i}\t{question}\t{duplicate}\t1\tdev\t{i}")
+        pairs.append(f"n{i}\t{question}\tWhy is {_SUBJECTS[i - 1]} hard ?\t0\tdev\t{100 + i}")
+        corpus += [{"_id": f"q{i}", "title": "", "text": question}, {"_id": f"d{i}", "title": "", "text": duplicate},
+                   {"_id": f"h{i}", "title": "", "text": f"Why is {subject} hard ?"}]
+        queries.append({"_id": f"q{i}", "text": question})
+        qrels.append(f"q{i}\td{i}\t1")
+    (root / "pairs.tsv").write_text("\n".join(pairs) + "\n")
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (root / "qrels.tsv").write_text("\n".join(qrels) + "\n")
+    return root
+
+
+def test_demo_refuses_incomplete_data_and_bad_epochs(tmp_path: Path) -> None:
+    data = _quora_like(tmp_path / "data")
+    with pytest.raises(InputError, match="--epochs and --pretrain-epochs must be >= 1, got 0"):
+        main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--epochs", "0"])
+    (data / "qrels.tsv").unlink()
+    with pytest.raises(InputError, match="lacks qrels.tsv"):
+        main(["--data", str(data), "--workdir", str(tmp_path / "w")])
+
+
+@pytest.mark.slow
+def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsys: Any) -> None:
+    data = _quora_like(tmp_path / "data")
+    work = tmp_path / "work"
+    assert main(["--data", str(data), "--workdir", str(work), "--epochs", "1", "--pretrain-epochs", "1",
+                 "--validation-fraction", "0.3"]) == 0
+    shown = capsys.readouterr().out
+    # The user's commands, in the recipe's order.
+    commands = [line.split()[2] + (" neighbours" if "--format neighbours" in line else "")
+                for line in shown.splitlines() if line.startswith("$ dssm ")]
+    assert commands[:6] == ["pairs neighbours", "train", "pairs", "train", "index", "eval"]
+    neighbour_stats = json.loads((work / "neighbour_pairs" / "stats.json").read_text())
+    assert neighbour_stats["paired_documents"] == neighbour_stats["read"] == 3 * len(_SUBJECTS)
+    fine_tuned = json.loads((work / "model" / "config.json").read_text())["train"]
+    assert fine_tuned["init_from"] == str(work / "pretrained")
+    assert (fine_tuned["epochs"], fine_tuned["early_stopping_patience"], fine_tuned["keep_best"]) == (1, 0, False)
+    results = json.loads((work / "eval.json").read_text())
+    summary = next(line for line in shown.splitlines() if line.startswith("nDCG@10 on "))
+    assert f"DSSM {results['dssm']['ndcg@10']:.4f}" in summary and f"BM25 {results['bm25']['ndcg@10']:.4f}" in summary
+    assert results["queries"] > 0 and "hybrid" not in results
