@@ -298,18 +298,26 @@ def bag_plan_numpy(ids: np.ndarray, row_splits: np.ndarray, counts: np.ndarray) 
     if not np.all(times == 1):
         entries = np.repeat(np.arange(len(ids)), times)
         ids, rows = ids[entries], rows[entries]
+    unique_ids, position = _distinct_positions(ids, np.int32)
+    order = _radix_argsort(position, len(unique_ids))
+    return (unique_ids.astype(np.int64), position, rows, rows[order], position[order])
+
+
+def _distinct_positions(ids: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """``(unique_ids ascending, position of each id in unique_ids as dtype)`` for the bag plans.
+
+    Hashed ids are small non-negative ints, so a presence table ranks them in linear time; anything
+    else (ids past 2^24 or negative) falls back to ``np.unique``.
+    """
     if len(ids) and 0 <= ids.min() and ids.max() < 2**24:
         present = np.zeros(int(ids.max()) + 1, np.bool_)
         present[ids] = True
         unique_ids = np.flatnonzero(present)
-        rank = np.zeros(len(present), np.int32)
-        rank[unique_ids] = np.arange(len(unique_ids), dtype=np.int32)
-        position = rank[ids]
-    else:
-        unique_ids, position = np.unique(ids, return_inverse=True)
-        position = position.astype(np.int32).reshape(-1)
-    order = _radix_argsort(position, len(unique_ids))
-    return (unique_ids.astype(np.int64), position, rows, rows[order], position[order])
+        rank = np.zeros(len(present), dtype)
+        rank[unique_ids] = np.arange(len(unique_ids), dtype=dtype)
+        return unique_ids, rank[ids]
+    unique_ids, position = np.unique(ids, return_inverse=True)
+    return unique_ids, position.astype(dtype).reshape(-1)
 
 
 # The arrays of a bag_plan_csr, in its return order (the keys of the plan dict the input pipeline makes).
@@ -342,16 +350,7 @@ def bag_plan_csr(ids: np.ndarray, row_splits: np.ndarray, counts: np.ndarray) ->
     if not np.all(times > 0):
         keep = times > 0
         ids, bags, times = ids[keep], bags[keep], times[keep]
-    if len(ids) and 0 <= ids.min() and ids.max() < 2**24:
-        present = np.zeros(int(ids.max()) + 1, np.bool_)
-        present[ids] = True
-        unique_ids = np.flatnonzero(present)
-        rank = np.zeros(len(present), np.int64)
-        rank[unique_ids] = np.arange(len(unique_ids), dtype=np.int64)
-        position = rank[ids]
-    else:
-        unique_ids, position = np.unique(ids, return_inverse=True)
-        position = position.astype(np.int64).reshape(-1)
+    unique_ids, position = _distinct_positions(ids, np.int64)
     order = _radix_argsort(position.astype(np.int32), len(unique_ids))
     # Stacked from 1-d gathers: fancy-indexing the [nnz, 2] rows instead costs ~6x as much.
     row_index = np.stack([position[order], bags[order]], axis=1)
