@@ -283,3 +283,17 @@ def test_featurizer_bags_round_trip_through_a_plan() -> None:
     bag = EmbeddingBag(FEATURES.num_buckets, 8, combiner="sum", init_stddev=0.1)
     np.testing.assert_allclose(bag(ids, counts).numpy(), bag(ids, counts, plan=_numpy_plan(ids, counts)).numpy(),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("plan", [bag_plan_numpy, bag_plan_csr])
+def test_plans_rank_large_ids_like_small_ones(plan) -> None:
+    """Ids past 2^24 (tables of 2^25+ buckets) take np.unique's path and give the same plan, ids aside."""
+    small = np.array([5, 2, 9, 2, 5, 7], np.int64)
+    large = small + 2**30
+    splits = np.array([0, 3, 6], np.int64)
+    counts = np.array([1, 2, 1, 1, 3, 1], np.float32)
+    a, b = plan(small, splits, counts), plan(large, splits, counts)
+    np.testing.assert_array_equal(a[0] + 2**30, b[0])
+    for x, y in zip(a[1:], b[1:], strict=True):
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == y.dtype
