@@ -3,8 +3,10 @@
 The commands of ``bench/results_report.sh`` (which regenerates docs/results.md from the same runs), in
 one process and a temporary work directory, with the default trainer (``dssm train`` without flags):
 
-* quora-dev, supervised: ``dssm pairs --format quora --validation-fraction 0.2``, ``dssm train``,
-  ``dssm index``, ``dssm eval --skip-self --holdout PAIRS`` (the held-out 20% of the questions);
+* quora-dev, the default recipe: ``dssm pairs --format neighbours`` on the corpus and ``dssm train``
+  (label-free pre-training), ``dssm pairs --format quora --validation-fraction 0.2`` and ``dssm train
+  --init-from PRETRAINED --epochs 10 --early-stopping-patience 0 --no-keep-best``, ``dssm index``,
+  ``dssm eval --skip-self --holdout PAIRS`` (the held-out 20% of the questions);
 * cranfield and cisi, label-free: ``dssm pairs --format corpus`` (pairs cut from the corpus alone),
   ``dssm train``, ``dssm index``, ``dssm eval``.
 
@@ -33,9 +35,17 @@ def commands(name: str, data: Path, work: Path) -> list[list[str]]:
     """The ``dssm`` command lines (without ``dssm``) results_report.sh runs for dataset ``name``."""
     pairs, model, index = str(work / "pairs"), str(work / "model"), str(work / "index")
     if name == "quora-dev":
-        return [["pairs", "--input", str(data / "pairs.tsv"), "--format", "quora", "--output", pairs,
+        # The default recipe (dssm demo, docs/losses.md): label-free pre-training on BM25-neighbour
+        # pairs of the corpus, then fine-tuning on the labelled pairs for a fixed 10 epochs, so the
+        # held-out queries (the pairs' validation split) choose nothing.
+        neighbours, pretrained = str(work / "neighbours"), str(work / "pretrained")
+        return [["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output", neighbours,
+                 "--validation-fraction", "0.05"],
+                ["train", "--pairs", neighbours, "--output", pretrained, "--verbose", "2"],
+                ["pairs", "--input", str(data / "pairs.tsv"), "--format", "quora", "--output", pairs,
                  "--validation-fraction", "0.2"],
-                ["train", "--pairs", pairs, "--output", model, "--verbose", "2"],
+                ["train", "--pairs", pairs, "--output", model, "--verbose", "2", "--init-from", pretrained,
+                 "--epochs", "10", "--early-stopping-patience", "0", "--no-keep-best"],
                 ["index", "--model", model, "--corpus", str(data / "corpus.jsonl"), "--output", index],
                 ["eval", "--index", index, "--data", str(data), "--skip-self", "--holdout", pairs,
                  "--json", str(work / "eval.json")]]
