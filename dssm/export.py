@@ -330,18 +330,18 @@ class QueryTower:
             ``[n, output_dim]`` float32, equal to the ``embed_query`` signature's rows to float32
             rounding; ``None`` when a text needs the graph's Unicode handling.
         """
-        pooled = np.empty((len(texts), self.model.embedding_dim), np.float32)
-        combiner = self.model.bag_combiner
-        for row, text in enumerate(texts):
-            buckets = ascii_buckets(text, self.features)
-            if buckets is None:
-                return None
-            # Every token's row once, repeats included: the count-weighted sum of the bag's rows
-            # without counting (the bag's total count is the number of tokens).
-            self._rows(buckets).sum(axis=0, out=pooled[row])
-            if combiner != "sum":
-                total = float(len(buckets))
-                pooled[row] /= max(total if combiner == "mean" else np.sqrt(total), 1.0)
+        bags = [ascii_buckets(text, self.features) for text in texts]
+        if any(buckets is None for buckets in bags):
+            return None
+        # One gather for all texts. Every token's row once, repeats included: the count-weighted sum
+        # of the bag's rows without counting (the bag's total count is the number of tokens).
+        lengths = [len(buckets) for buckets in bags]
+        rows = self._rows(np.concatenate(bags))
+        pooled = np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
+        if self.model.bag_combiner != "sum":
+            totals = np.asarray(lengths, np.float32)
+            scale = totals if self.model.bag_combiner == "mean" else np.sqrt(totals)
+            pooled /= np.maximum(scale, np.float32(1))[:, None]
         x = self._activation(pooled + self.bias)
         for kernel, bias in self.layers:
             x = self._activation(x @ kernel + bias)
