@@ -25,7 +25,7 @@ setup(
         # Beam's TFRecord writer needs a CRC32C implementation; this is the fast one it prefers.
         "google-crc32c==1.9.0",
         "matplotlib>=3.8",
-        # FarmHash64, the hash of tf.strings.to_hash_bucket_fast: one query is hashed without TF (features.ascii_bag).
+        # FarmHash64, the hash of tf.strings.to_hash_bucket_fast: one query hashed without TF (ascii_buckets).
         "pyfarmhash==0.5.1",
     ],
     extras_require={

@@ -11,7 +11,7 @@ so a text gets the same bucket ids everywhere. The steps (all TF ops, so they li
 6. hash every token with ``tf.strings.to_hash_bucket_fast`` (FarmHash64) into ``num_buckets``;
 7. count: one unique id per bucket per text, with its count.
 
-:func:`ascii_buckets` and :func:`ascii_bag` are the same computation in plain Python for one ASCII
+:func:`ascii_buckets` is the same computation in plain Python for one ASCII
 text (FarmHash64 from the ``pyfarmhash`` package is the hash ``to_hash_bucket_fast`` computes): one
 query through the TF graph costs ~0.6 ms, mostly per-call and per-op overhead; these ~50 us. They
 decline (``None``) any non-ASCII text, whose Unicode normalisation only the graph does.
@@ -20,7 +20,6 @@ decline (``None``) any non-ASCII text, whose Unicode normalisation only the grap
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from dssm.errors import ConfigError
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_text as tf_text  # noqa: E402  isort: skip
 
-__all__ = ["FeatureConfig", "Featurizer", "ascii_bag", "ascii_buckets"]
+__all__ = ["FeatureConfig", "Featurizer", "ascii_buckets"]
 
 # \x01 never survives step 3 (it is not a letter or digit), so no trigram or word can equal these.
 _UNIGRAM_PREFIX = "\x01u"
@@ -195,21 +194,3 @@ def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
     hashes = np.fromiter(map(farmhash.fingerprint64, tokens), np.uint64, len(tokens))
     return (hashes % np.uint64(config.num_buckets)).astype(np.int64)
 
-
-def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """``Featurizer.bags`` of one ASCII text, without TensorFlow; ``None`` for anything else.
-
-    Args:
-        text: the text; a non-``str`` or a text with any non-ASCII character gives ``None``.
-        config: the hashing (the model's ``features``).
-
-    Returns:
-        ``(ids int64 [m], counts float32 [m])``, ids unique in order of first appearance, exactly as
-        the graph's row for ``text`` (see :func:`ascii_buckets`); or ``None``.
-    """
-    buckets = ascii_buckets(text, config)
-    if buckets is None:
-        return None
-    counts = Counter(buckets.tolist())  # insertion-ordered: first appearance, like tf.unique_with_counts
-    return (np.fromiter(counts.keys(), np.int64, len(counts)),
-            np.fromiter(counts.values(), np.float32, len(counts)))

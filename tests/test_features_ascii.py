@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import random
 import string
+from collections import Counter
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dssm.features import FeatureConfig, Featurizer, ascii_bag, ascii_buckets
+from dssm.features import FeatureConfig, Featurizer, ascii_buckets
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -24,6 +25,16 @@ CONFIGS = [
 ]
 # Every ASCII character, weighted towards letters, digits and separators so texts have words.
 ALPHABET = string.ascii_letters + string.digits + "     " + "".join(map(chr, range(128)))
+
+
+def ascii_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """``Featurizer.bags``'s row for one text, from :func:`ascii_buckets` (ids in first-appearance order, counts)."""
+    buckets = ascii_buckets(text, config)
+    if buckets is None:
+        return None
+    counts = Counter(buckets.tolist())  # insertion-ordered: first appearance, like tf.unique_with_counts
+    return (np.fromiter(counts.keys(), np.int64, len(counts)),
+            np.fromiter(counts.values(), np.float32, len(counts)))
 
 
 def _random_texts(n: int, seed: int) -> list[str]:
