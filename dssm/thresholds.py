@@ -198,14 +198,25 @@ def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
     Returns:
         The new version's name.
     """
+    from dssm.artifacts import MANIFEST
+    from serving.index import IndexWriteLock
+
+    for name in files:
+        if "/" in name or name in ("", MANIFEST) or name.startswith("."):
+            raise ConfigError(f"cannot add index file {name!r}")
+    # The live version is read under the writers' lock and the new one published before it is
+    # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
+    # writes would be lost (issue 12).
+    with IndexWriteLock(index_dir):
+        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates)
+
+
+def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> str:
     import datetime as dt
 
     from dssm.artifacts import MANIFEST, sha256_file, verify_manifest, write_json_atomic
     from serving.index import current_version_dir, new_version_name, publish_version, staging_dir
 
-    for name in files:
-        if "/" in name or name in ("", MANIFEST) or name.startswith("."):
-            raise ConfigError(f"cannot add index file {name!r}")
     source = current_version_dir(index_dir)
     manifest = verify_manifest(source, kind="index")
     version = new_version_name()

@@ -61,6 +61,7 @@ __all__ = [
     "new_version_name",
     "staging_dir",
     "publish_version",
+    "IndexWriteLock",
     "current_version_dir",
     "list_versions",
     "prune_versions",
@@ -597,6 +598,55 @@ def _drop_staging(index_dir: Path, version: str) -> None:
         pass
 
 
+_UPDATE_LOCK = ".update.lock"
+
+
+class IndexWriteLock:
+    """The one lock every writer of ``INDEX_DIR/CURRENT`` holds: an exclusive ``flock`` on ``.update.lock``.
+
+    Full builds (around the publish), updates, derived versions (thresholds, hybrid weight) and
+    pruning all take it, and a writer that derives a version from the live one reads ``CURRENT``
+    *under* it, so no publish is built on a base another writer has since replaced (issue 12).
+    Re-entrant within a thread (``update_index`` holds it and calls :func:`publish_version`, which
+    takes it too); other threads and processes wait.
+    """
+
+    _held = threading.local()
+
+    def __init__(self, index_dir: str | Path):
+        self.path = Path(index_dir) / _UPDATE_LOCK
+        self._key = str(Path(index_dir).resolve())
+
+    def __enter__(self) -> IndexWriteLock:
+        import fcntl
+
+        held = self._held.__dict__.setdefault("locks", {})
+        if self._key in held:
+            held[self._key][1] += 1
+            return self
+        if not self.path.parent.is_dir():
+            raise IndexNotFoundError(f"no index at {self.path.parent} (build one with `dssm index`)")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        held[self._key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        held = self._held.__dict__["locks"]
+        entry = held[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del held[self._key]
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+
 def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> Path:
     """Move a complete staged version into ``versions/`` and point ``CURRENT`` at it, atomically.
 
@@ -616,15 +666,16 @@ def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> 
     versions.mkdir(parents=True, exist_ok=True)
     final = versions / version
     _fsync_tree(Path(staged))
-    os.rename(staged, final)
-    _fsync_dir(versions)
-    tmp = index_dir / f"{CURRENT}.tmp-{version}"
-    with open(tmp, "w") as handle:
-        handle.write(version + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, index_dir / CURRENT)
-    _fsync_dir(index_dir)
+    with IndexWriteLock(index_dir):
+        os.rename(staged, final)
+        _fsync_dir(versions)
+        tmp = index_dir / f"{CURRENT}.tmp-{version}"
+        with open(tmp, "w") as handle:
+            handle.write(version + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, index_dir / CURRENT)
+        _fsync_dir(index_dir)
     return final
 
 
@@ -663,11 +714,12 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
     """
     if keep < 1:
         raise ConfigError(f"keep must be >= 1, got {keep}")
-    current = current_version_dir(index_dir).name
-    names = list_versions(index_dir)
-    doomed = [v for v in names[:-keep] if v != current]
-    for name in doomed:
-        shutil.rmtree(Path(index_dir) / VERSIONS / name)
+    with IndexWriteLock(index_dir):  # CURRENT cannot move to a version we are about to delete
+        current = current_version_dir(index_dir).name
+        names = list_versions(index_dir)
+        doomed = [v for v in names[:-keep] if v != current]
+        for name in doomed:
+            shutil.rmtree(Path(index_dir) / VERSIONS / name)
     return doomed
 
 
@@ -1282,7 +1334,6 @@ class UpdateResult:
 # Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
 # is hard-linked from the base version, which is never modified in place.
 _REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json"}
-_UPDATE_LOCK = ".update.lock"
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -1297,27 +1348,6 @@ def _link_tree(source: Path, target: Path) -> None:
         shutil.copytree(source, target, copy_function=link)
     else:
         link(str(source), str(target))
-
-
-class _WriteLock:
-    """An exclusive ``flock`` on ``INDEX_DIR/.update.lock``: incremental updates of one index run one at a time."""
-
-    def __init__(self, index_dir: Path):
-        self.path = index_dir / _UPDATE_LOCK
-        self._fd = -1
-
-    def __enter__(self) -> _WriteLock:
-        import fcntl
-
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import fcntl
-
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
 
 
 def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], vectors: np.ndarray,
@@ -1407,7 +1437,7 @@ def update_index(
     timings: dict[str, float] = {}
     if not index_dir.is_dir():
         raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
-    with _WriteLock(index_dir):
+    with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
         manifest = verify_manifest(base, kind="index")

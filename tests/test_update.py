@@ -164,3 +164,64 @@ def test_cli_upsert_and_delete(tiny_model_dir, adi_dir, tmp_path, capsys):
     ids.write_text("missing-id\n")
     assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(ids)]) == 2
     assert "'missing-id' is not in index version" in capsys.readouterr().err
+
+
+def _small_index(path, n: int = 300, dim: int = 16) -> None:
+    ix.build_index(path, embeddings=clustered(n, dim, 8, seed=0), ids=[f"d{i}" for i in range(n)],
+                   texts=[f"text {i}" for i in range(n)], config=ix.ScannConfig(mode="brute_force"))
+
+
+def test_concurrent_threshold_save_and_upsert_lose_neither_write(tmp_path, monkeypatch):
+    """Issue 12: a derived version (``dssm thresholds --save``) published while an upsert is in flight.
+
+    The upsert reads its base, then waits (up to 3 s) for the save to finish before publishing: without
+    one lock over read-CURRENT → publish for every writer, the save publishes from the old base and the
+    upsert's version (derived from the same old base) then drops the saved threshold.
+    """
+    import threading
+
+    from dssm.thresholds import THRESHOLDS_FILE, publish_index_files
+
+    _small_index(tmp_path / "idx")
+    base_read, save_done = threading.Event(), threading.Event()
+    real_verify = ix.verify_manifest
+
+    def verify_then_wait(directory, **kwargs):
+        manifest = real_verify(directory, **kwargs)
+        if threading.current_thread().name == "upsert":
+            base_read.set()
+            save_done.wait(timeout=3.0)  # with the lock the save is blocked until we publish
+        return manifest
+
+    monkeypatch.setattr(ix, "verify_manifest", verify_then_wait)
+    errors: list[BaseException] = []
+
+    def upsert() -> None:
+        try:
+            ix.update_index(tmp_path / "idx", upsert_ids=["new"], upsert_titles=[""], upsert_texts=["new text"],
+                            upsert_vectors=clustered(1, 16, 1, seed=5))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def save() -> None:
+        try:
+            base_read.wait(timeout=10)
+            publish_index_files(tmp_path / "idx", files={THRESHOLDS_FILE: {"threshold": 0.5}},
+                                manifest_updates={"duplicate_threshold": 0.5})
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            save_done.set()
+
+    threads = [threading.Thread(target=upsert, name="upsert"), threading.Thread(target=save, name="save")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    live = ix.current_version_dir(tmp_path / "idx")
+    manifest = json.loads((live / "manifest.json").read_text())
+    assert manifest.get("duplicate_threshold") == 0.5, "the threshold save was lost"
+    assert (live / THRESHOLDS_FILE).is_file()
+    index = ix.load_index(tmp_path / "idx")
+    assert index.docs.row_of("new") is not None, "the upsert was lost"
