@@ -517,6 +517,12 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all with --index, "
                              "else bm25)")
     parser.add_argument("--no-bm25", action="store_true", help="skip BM25 and the hybrids")
+    parser.add_argument("--hybrid-weight", choices=("index", "tune"), default="index",
+                        help="index: the hybrid uses the weight stored in the index version (the label-free one "
+                             "`dssm index` chose, or an earlier --save-weight), so every selected query is "
+                             "evaluated, as `dssm search` ranks them; tune: tune it on --tune-fraction of the "
+                             "queries, left out of the evaluation. An index without a stored weight is tuned "
+                             "(default: %(default)s)")
     parser.add_argument("--tune-fraction", type=float, default=0.2,
                         help="share of the selected queries (by hash of the id) used only to tune the hybrid "
                              "weight and left out of the evaluation (default: %(default)s)")
@@ -697,7 +703,19 @@ def main(argv: list[str] | None = None) -> int:
         _check_index_covers(searcher, {q: qrels[q] for q in qids}, corpus_size=len(corpus), index=args.index,
                             data=data_dir)
     tune_qids: list[str] = []
-    if "hybrid" in systems:
+    stored_weight = None
+    if "hybrid" in systems and args.hybrid_weight == "index" and searcher is not None:
+        from dssm.hybrid import HYBRID_FILE
+
+        if (searcher.index.version_dir / HYBRID_FILE).is_file():
+            stored_weight = searcher.hybrid_config
+        else:
+            print(f"index version {searcher.version} stores no hybrid weight: tuning it on queries "
+                  "(--hybrid-weight tune)", file=sys.stderr)
+    if args.save_weight and stored_weight is not None:
+        raise ConfigError("--save-weight saves a weight tuned on queries, and this index version already stores "
+                          "one (its hybrid.json): pass --hybrid-weight tune to tune and replace it")
+    if "hybrid" in systems and stored_weight is None:
         tune_qids, qids = split_tuning_queries(qids, args.tune_fraction)
     sel_qrels = {q: qrels[q] for q in qids}
     print(f"evaluating {len(qids)} queries against {len(corpus)} documents"
@@ -749,18 +767,30 @@ def main(argv: list[str] | None = None) -> int:
                                 weight=weight, k=depth, normalization=args.normalization)
             return evaluate_run("tune", run, tune_qrels, metrics=(args.tune_metric,)).means[args.tune_metric]
 
-        weight, curve = tune_weight(tuned_score)
+        if stored_weight is None:
+            weight, curve = tune_weight(tuned_score)
+            normalization = args.normalization
+        else:
+            weight, curve, normalization = stored_weight.weight, {}, stored_weight.normalization
         eval_set = set(qids)
         runs["hybrid"] = convex_fusion({q: v for q, v in dense_c.items() if q in eval_set},
                                        {q: v for q, v in sparse_c.items() if q in eval_set},
-                                       weight=weight, k=depth, normalization=args.normalization)
+                                       weight=weight, k=depth, normalization=normalization)
         seconds["hybrid"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
-        hybrid_info = {"weight": weight, "normalization": args.normalization, "tuning_queries": len(tune_qids),
-                       "tuning_metric": args.tune_metric, "tuning_curve": {f"{w:.2f}": v for w, v in curve.items()},
-                       "tuning_split": f"sha1('tune:' + query id) < {args.tune_fraction}; disjoint from the "
-                                       "evaluated queries"}
-        print(f"hybrid: weight {weight:.2f} on DSSM ({args.normalization}), tuned on {len(tune_qids)} queries "
-              f"({args.tune_metric} {curve[weight]:.4f})", file=sys.stderr)
+        if stored_weight is None:
+            hybrid_info = {"weight": weight, "normalization": args.normalization, "source": "tuned on queries",
+                           "tuning_queries": len(tune_qids), "tuning_metric": args.tune_metric,
+                           "tuning_curve": {f"{w:.2f}": v for w, v in curve.items()},
+                           "tuning_split": f"sha1('tune:' + query id) < {args.tune_fraction}; disjoint from the "
+                                           "evaluated queries"}
+            print(f"hybrid: weight {weight:.2f} on DSSM ({args.normalization}), tuned on {len(tune_qids)} queries "
+                  f"({args.tune_metric} {curve[weight]:.4f})", file=sys.stderr)
+        else:
+            hybrid_info = {"weight": weight, "normalization": normalization, "tuning_queries": 0,
+                           "source": f"stored in index version {searcher.version} (no query tuned it)",
+                           "index_tuning": searcher.index.manifest.get("hybrid_tuning")}
+            print(f"hybrid: weight {weight:.2f} on DSSM ({normalization}), stored in the index",
+                  file=sys.stderr)
 
     eval_set = set(qids)
     results = []

@@ -47,6 +47,11 @@ __all__ = [
     "tune_weight",
     "read_hybrid_config",
     "fused_rows",
+    "PseudoQuery",
+    "crop_pseudo_queries",
+    "reciprocal_ranks",
+    "choose_safe_weight",
+    "label_free_weight",
 ]
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
@@ -131,7 +136,7 @@ def convex_fusion(dense: Mapping[str, Mapping[str, float]], sparse: Mapping[str,
     lowest score for the query (0 for BM25 when the side is empty), i.e. the bottom of its scale.
 
     Returns:
-        ``{qid: [(doc_id, fused), ...]}`` best first; ties broken by doc id.
+        ``{qid: [(doc_id, fused), ...]}`` best first; ties broken by the dense score, then doc id.
     """
     out: dict[str, list[tuple[str, float]]] = {}
     for qid in sorted(set(dense) | set(sparse)):
@@ -142,9 +147,13 @@ def convex_fusion(dense: Mapping[str, Mapping[str, float]], sparse: Mapping[str,
             continue
         d_fill = min(d.values()) if d else 0.0
         s_fill = min(s.values()) if s else 0.0
-        fused = fuse_scores(np.array([d.get(x, d_fill) for x in docs]), np.array([s.get(x, s_fill) for x in docs]),
-                            weight=weight, normalization=normalization)
-        ranked = sorted(zip(docs, fused.tolist(), strict=True), key=lambda item: (-item[1], item[0]))
+        dense_scores = np.array([d.get(x, d_fill) for x in docs])
+        fused = fuse_scores(dense_scores, np.array([s.get(x, s_fill) for x in docs]), weight=weight,
+                            normalization=normalization)
+        # Ties (documents without a query term at weight 0) by the dense score, then doc id, as search does.
+        ranked = sorted(zip(docs, fused.tolist(), dense_scores.tolist(), strict=True),
+                        key=lambda item: (-item[1], -item[2], item[0]))
+        ranked = [(doc, score) for doc, score, _ in ranked]
         out[qid] = ranked[:k]
     return out
 
@@ -218,6 +227,179 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         cosines = np.asarray(embeddings[rows], dtype=np.float32) @ query_vectors[i]
         bm25_scores = bm25.scores(text)[rows]
         fused = fuse_scores(cosines, bm25_scores, weight=config.weight, normalization=config.normalization)
-        order = np.lexsort((rows, -fused))[:k]  # by fused score, ties by row
+        # By fused score; ties (e.g. documents without a query term at weight 0) by cosine, then row.
+        order = np.lexsort((rows, -cosines, -fused))[:k]
         out.append((rows[order], fused[order]))
     return out
+
+
+# ----------------------------------------------------------------------------- label-free weight (issue 11)
+
+
+@dataclass(frozen=True)
+class PseudoQuery:
+    """A span cut out of a corpus document: ``query`` is the span, ``rest`` the document without it."""
+
+    row: int
+    query: str
+    rest: str
+
+
+def crop_pseudo_queries(texts: Sequence[str], *, count: int, seed: int = 0, min_words: int = 8,
+                        query_words: tuple[int, int] = (4, 12)) -> list[PseudoQuery]:
+    """Pseudo-queries for tuning without labels: a contiguous span of words cut out of a document.
+
+    The span is *removed* from its document (Contriever's independent cropping, one side kept), so
+    the query shares only what the rest of the document shares with it — topic words, not the span
+    itself — which is closer to a real query than a copied sentence and does not hand BM25 an exact
+    match.
+
+    Args:
+        texts: document texts in row order.
+        count: pseudo-queries wanted (fewer when fewer documents are long enough).
+        seed: RNG seed; the documents and spans repeat for the same corpus and seed.
+        min_words: documents shorter than this are never used.
+        query_words: (shortest, longest) span in words; a span keeps at least half the document.
+
+    Returns:
+        Up to ``count`` :class:`PseudoQuery`, at most one per document, in row order.
+    """
+    shortest, longest = query_words
+    if not 1 <= shortest <= longest:
+        raise ConfigError(f"query_words must be 1 <= shortest <= longest, got {query_words}")
+    rng = np.random.default_rng(seed)
+    eligible = [row for row, text in enumerate(texts) if len(text.split()) >= max(min_words, 2 * shortest)]
+    rows = sorted(rng.choice(eligible, size=min(count, len(eligible)), replace=False).tolist()) if eligible else []
+    out = []
+    for row in rows:
+        words = texts[row].split()
+        length = int(rng.integers(shortest, min(longest, len(words) // 2) + 1))
+        start = int(rng.integers(0, len(words) - length + 1))
+        out.append(PseudoQuery(row=row, query=" ".join(words[start:start + length]),
+                               rest=" ".join(words[:start] + words[start + length:])))
+    return out
+
+
+def reciprocal_ranks(fused_rows_per_query: Sequence[np.ndarray], targets: Sequence[int], *, k: int = 10) -> np.ndarray:
+    """[q] 1/rank of each query's target row within its top ``k`` (0 when absent)."""
+    out = np.zeros(len(targets), dtype=np.float64)
+    for i, (rows, target) in enumerate(zip(fused_rows_per_query, targets, strict=True)):
+        hit = np.flatnonzero(np.asarray(rows[:k]) == target)
+        if hit.size:
+            out[i] = 1.0 / (hit[0] + 1)
+    return out
+
+
+def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05, trials: int = 10_000,
+                       seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """The weight with the best mean per-query value, kept only if it beats BM25 alone significantly.
+
+    Args:
+        curve: ``{weight: [q] per-query values (e.g. reciprocal rank)}``; must hold weight 0 (BM25 alone).
+        alpha: the best weight is kept only when its gain over weight 0 has a paired-randomisation
+            p-value below this; otherwise 0, so a tower that does not help cannot make the default
+            search worse than BM25.
+        trials: randomisation trials.
+        seed: RNG seed of the test.
+
+    Returns:
+        ``(weight, {"best": w*, "gain": mean gain of w* over 0, "p": p-value, "curve": {w: mean}})``.
+    """
+    if 0.0 not in curve:
+        raise ConfigError("choose_safe_weight needs the weight 0 (BM25 alone) in the curve")
+    means = {float(w): float(np.mean(v)) if len(v) else 0.0 for w, v in curve.items()}
+    best = max(means.values())
+    # Among equal means the smaller weight: the one closer to BM25, the safe side.
+    best_w = min(w for w, m in means.items() if m >= best - 1e-12)
+    base, top = np.asarray(curve[0.0], np.float64), np.asarray(curve[best_w], np.float64)
+    gain = float(top.mean() - base.mean()) if top.size else 0.0
+    p = 1.0
+    if best_w != 0.0 and gain > 0:
+        from dssm.evaluate import paired_randomization_test
+
+        p = paired_randomization_test(dict(enumerate(top.tolist())), dict(enumerate(base.tolist())),
+                                      trials=trials, seed=seed)
+    weight = best_w if (gain > 0 and p < alpha) else 0.0
+    return weight, {"best": best_w, "gain": round(gain, 6), "p": round(p, 6),
+                    "curve": {f"{w:.2f}": round(m, 6) for w, m in sorted(means.items())}}
+
+
+def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_queries: Callable[[list[str]], np.ndarray],
+                      embed_documents: Callable[[list[str]], np.ndarray], bm25_config: Any = None,
+                      queries: int = 500, max_docs: int = 50_000, candidates: int = 100, normalization: str = "minmax",
+                      alpha: float = 0.05, seed: int = 0) -> tuple[HybridConfig, dict[str, Any]]:
+    """Choose the hybrid weight of a corpus without any labelled query (what ``dssm index`` stores).
+
+    Pseudo-queries are spans cut out of documents (:func:`crop_pseudo_queries`); each one's target is
+    its document *without* the span, re-encoded by the document tower and re-indexed by BM25, inside a
+    tuning corpus of every document (or ``max_docs`` of them, the targets included). Each weight of the
+    0, 0.05, ..., 1 grid fuses the two systems exactly as search does (union of each one's top
+    ``candidates``, per-query normalisation), and is scored by the target's reciprocal rank in the top
+    10. :func:`choose_safe_weight` keeps the best weight only if it beats BM25 alone (weight 0)
+    significantly, so a useless tower gets weight 0 and hybrid search is then BM25's ranking.
+
+    Args:
+        texts: [n] document texts in row order (title and body joined, as BM25 indexes them).
+        embeddings: [n, dim] the index's L2-normalised document embeddings, same rows.
+        embed_queries: texts -> [len, dim] query-tower embeddings.
+        embed_documents: texts -> [len, dim] document-tower embeddings.
+        bm25_config: the index's :class:`dssm.bm25.BM25Config` (default settings when ``None``).
+        queries: pseudo-queries to cut.
+        max_docs: largest tuning corpus (bounds the BM25 re-index on large corpora).
+        candidates: depth taken from each system before fusing (as :class:`HybridConfig`).
+        normalization: ``minmax`` or ``zscore``.
+        alpha: significance level of :func:`choose_safe_weight`.
+        seed: RNG seed (pseudo-queries, tuning sample, test).
+
+    Returns:
+        ``(HybridConfig, report)``; the report holds the curve, the p-value and the counts.
+    """
+    from dssm.bm25 import BM25Index
+
+    n = len(texts)
+    if embeddings.shape[0] != n:
+        raise ConfigError(f"{n} texts but {embeddings.shape[0]} embeddings")
+    pseudo = crop_pseudo_queries(texts, count=queries, seed=seed)
+    report: dict[str, Any] = {"method": "label-free: spans cut out of documents", "pseudo_queries": len(pseudo),
+                              "documents": n, "alpha": alpha, "seed": seed}
+    if len(pseudo) < 30:  # too few to tell a gain from noise
+        report.update(weight=0.0, reason=f"only {len(pseudo)} documents have enough words to cut a query from")
+        return HybridConfig(weight=0.0, normalization=normalization, candidates=candidates), report
+    rng = np.random.default_rng(seed + 1)
+    targets = np.array([q.row for q in pseudo], dtype=np.int64)
+    if n > max_docs:
+        others = np.setdiff1d(np.arange(n), targets)
+        keep = np.sort(np.concatenate([targets, rng.choice(others, max_docs - len(targets), replace=False)]))
+    else:
+        keep = np.arange(n)
+    local = np.searchsorted(keep, targets)
+    sub_texts = [texts[r] for r in keep]
+    for q, row in zip(pseudo, local, strict=True):
+        sub_texts[row] = q.rest
+    matrix = np.array(embeddings[keep], dtype=np.float32)
+    matrix[local] = _unit(embed_documents([q.rest for q in pseudo]))
+    bm25 = BM25Index.build([str(i) for i in range(len(keep))], sub_texts, config=bm25_config)
+    query_vectors = _unit(embed_queries([q.query for q in pseudo]))
+    grid = [round(i * 0.05, 2) for i in range(21)]
+    ranked: dict[float, list[np.ndarray]] = {w: [] for w in grid}
+    depth = min(candidates, len(keep))
+    for i, q in enumerate(pseudo):
+        cosines = matrix @ query_vectors[i]
+        sparse = bm25.scores(q.query)
+        dense_top = np.argpartition(-cosines, depth - 1)[:depth]
+        hits = np.flatnonzero(sparse > 0)
+        sparse_top = hits[np.argpartition(-sparse[hits], min(depth, hits.size) - 1)[:depth]] if hits.size else hits
+        rows = np.union1d(dense_top, sparse_top)
+        for w in grid:
+            fused = fuse_scores(cosines[rows], sparse[rows], weight=w, normalization=normalization)
+            ranked[w].append(rows[np.lexsort((rows, -fused))[:10]])
+    curve = {w: reciprocal_ranks(ranked[w], local.tolist()) for w in grid}
+    weight, chosen = choose_safe_weight(curve, alpha=alpha, seed=seed)
+    report.update(weight=weight, tuning_documents=len(keep), metric="mrr@10", **chosen)
+    return HybridConfig(weight=weight, normalization=normalization, candidates=candidates), report
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)

@@ -639,9 +639,49 @@ def _parser() -> argparse.ArgumentParser:
                         help="runinference: Beam RunInference over the keyed model handler; pardo: the same "
                              "handler in a plain DoFn (a fallback for runners where RunInference misbehaves); "
                              "auto: runinference (default: auto)")
+    parser.add_argument("--hybrid-weight", choices=("label-free", "none"), default="label-free",
+                        help="label-free: choose the weight of DSSM in hybrid search (the default search mode) on "
+                             "pseudo-queries cut from the corpus and store it in the version; it stays 0 (BM25's "
+                             "ranking) unless the tower beats BM25 alone significantly on them (dssm.hybrid."
+                             "label_free_weight). none: store nothing (hybrid then uses weight 0.5). Skipped with "
+                             "--shard (default: label-free)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
+
+
+def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000) -> index_lib.Finalize:
+    """The build step that stores the label-free hybrid weight (``hybrid.json``) in the staged version.
+
+    Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
+    larger corpus: the tuning corpus, so memory stays bounded at any size) and runs
+    :func:`dssm.hybrid.label_free_weight`; its report goes to the manifest as ``hybrid_tuning``.
+    """
+    def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        from dssm.config import config_to_dict
+        from dssm.export import load_encoder
+        from dssm.hybrid import HYBRID_FILE, label_free_weight
+
+        store = index_lib.DocStore(stage / index_lib.DOCS_DB)
+        embeddings = np.load(stage / index_lib.EMBEDDINGS, mmap_mode="r")
+        rows = np.arange(len(store))
+        if rows.size > max_docs:
+            rows = np.sort(np.random.default_rng(seed).choice(rows.size, max_docs, replace=False))
+        texts = [document_text(d.title, d.text) for d in store.get(rows.tolist())]
+        encoder = load_encoder(stage / index_lib.MODEL_DIR)
+        tick = time.perf_counter()
+        hybrid, report = label_free_weight(texts=texts, embeddings=np.asarray(embeddings[rows]),
+                                           embed_queries=encoder.embed_queries,
+                                           embed_documents=encoder.embed_documents, queries=queries, seed=seed)
+        report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
+        print(f"hybrid weight {hybrid.weight:.2f} on DSSM (label-free, {report['pseudo_queries']} pseudo-queries; "
+              f"best {report.get('best', 0.0):.2f}, gain {report.get('gain', 0.0):+.4f} MRR@10, "
+              f"p {report.get('p', 1.0):.3g})",
+              file=sys.stderr, flush=True)
+        settings = config_to_dict(hybrid)
+        return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report}
+
+    return finalize
 
 
 def _steady_rate(job: Any) -> dict[str, Any]:
@@ -767,8 +807,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         extra: dict[str, Any] = {"encode": encode}
         if shard is not None:
             extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
+        finalize = label_free_finalize(seed=config.seed) if args.hybrid_weight == "label-free" and shard is None \
+            else None
         result = index_lib.build_index_from_shards(output, shards=shards, model_dir=model_dir, config=config,
-                                                   version=version, extra=extra)
+                                                   version=version, extra=extra, finalize=finalize)
     finally:
         # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
         shutil.rmtree(stage, ignore_errors=True)

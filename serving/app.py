@@ -485,7 +485,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
         return _results_json(version, results)
 
     async def answer_search(body: SearchRequest) -> bytes:
-        if body.mode != "dense":
+        if (body.mode or backend.default_mode()) != "dense":
             return await run(_search_answer, body)
         # Dense single queries are coalesced with concurrent ones into one model call in the model thread.
         version, hits = await backend.search_async(body.query, body.k)

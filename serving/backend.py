@@ -517,14 +517,24 @@ class Backend:
             raise ModeNotAvailableError(f"index version {snap.version} cannot serve mode={mode!r} (it needs BM25 "
                                         "state and a query model in the index); use mode='dense'")
 
-    def search(self, query: str, k: int, *, mode: str = "dense") -> tuple[str, list[Any]]:
-        """Top-k hits for one query.
+    @staticmethod
+    def _mode(snap: Snapshot, mode: str | None) -> str:
+        # A request without a mode gets the version's default (hybrid with its stored weight, else dense).
+        return mode or getattr(snap.searcher, "default_mode", "dense")
+
+    def default_mode(self) -> str:
+        """The mode a search without one runs in on the live version."""
+        return self._mode(self.current(), None)
+
+    def search(self, query: str, k: int, *, mode: str | None = None) -> tuple[str, list[Any]]:
+        """Top-k hits for one query (``mode=None``: the version's default mode).
 
         Returns:
             (version, hits) — hits are the searcher's ``Hit`` tuples ``(id, score, text)``, best first.
         """
         snap = self.current()
         self._check_k(k)
+        mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         if mode != "dense":
             return snap.version, snap.searcher.search(query, k=k, mode=mode)
@@ -671,10 +681,12 @@ class Backend:
                     outcomes.append((job.future, job.box, (snap.version, hits), None))
         _settle(outcomes)
 
-    def search_batch(self, queries: Sequence[str], k: int, *, mode: str = "dense") -> tuple[str, list[list[Any]]]:
-        """Top-k hits for each query, all from one version."""
+    def search_batch(self, queries: Sequence[str], k: int, *,
+                     mode: str | None = None) -> tuple[str, list[list[Any]]]:
+        """Top-k hits for each query, all from one version (``mode=None``: the version's default)."""
         snap = self.current()
         self._check_k(k)
+        mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         if mode != "dense":
             return snap.version, snap.searcher.search_batch(list(queries), k=k, mode=mode)

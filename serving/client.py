@@ -279,16 +279,17 @@ class SearchClient:
     # ---------------------------------------------------------------------------------------------
     # The Searcher's methods
 
-    def search(self, text: str, k: int = 10, *, mode: str = "dense") -> SearchResults:
+    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> SearchResults:
         """Top-k hits for one query, best first (iterates as ``(id, score, text)``)."""
-        body = self._request("POST", "/v1/search", json={"query": text, "k": k, "mode": mode})
+        body = self._request("POST", "/v1/search", json={"query": text, "k": k, **({"mode": mode} if mode else {})})
         return SearchResults(version=body["version"], hits=_hits(body["hits"]))
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str = "dense") -> BatchSearchResults:
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> BatchSearchResults:
         """Top-k hits for each query, all from one index version."""
         if isinstance(texts, str):
             raise BadRequestError("search_batch takes a list of query texts, got one string")
-        body = self._request("POST", "/v1/search:batch", json={"queries": list(texts), "k": k, "mode": mode})
+        body = self._request("POST", "/v1/search:batch",
+                             json={"queries": list(texts), "k": k, **({"mode": mode} if mode else {})})
         version = body["version"]
         return BatchSearchResults(version=version,
                                   results=tuple(SearchResults(version=version, hits=_hits(r)) for r in body["results"]))

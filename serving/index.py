@@ -31,14 +31,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from dssm.artifacts import MANIFEST, read_manifest, verify_manifest, write_manifest
+from dssm.artifacts import MANIFEST, read_manifest, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
@@ -873,9 +873,13 @@ def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -
         raise InputError(f"embedding of document {doc_id!r} (and {bad.size - 1} more) is not finite (NaN/inf)")
 
 
+#: ``stage -> ({file name: JSON data}, {manifest key: value})``: see :func:`build_index_from_shards`.
+Finalize = Callable[[Path], tuple[Mapping[str, Any], Mapping[str, Any]]]
+
+
 def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.ndarray, store: DocStoreWriter,
                     model_dir: str | Path | None, config: ScannConfig, extra: dict[str, Any] | None,
-                    timings: dict[str, float], trace: _MemoryTrace) -> BuildResult:
+                    timings: dict[str, float], trace: _MemoryTrace, finalize: Finalize | None = None) -> BuildResult:
     """Normalise, save, build ScaNN, measure recall, copy the model, write the manifest, publish.
 
     ``matrix`` is released after the exact search (ScaNN then reads ``embeddings.npy`` in chunks; see
@@ -964,6 +968,15 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
     trace.mark("bm25")
+    added: dict[str, Any] = {}
+    if finalize is not None:
+        tick = time.perf_counter()
+        files, added = finalize(stage)
+        for name, data in files.items():
+            if "/" in name or name in ("", MANIFEST) or name.startswith(".") or (stage / name).exists():
+                raise ConfigError(f"cannot add index file {name!r}")
+            write_json_atomic(stage / name, data)
+        timings["finalize"] = time.perf_counter() - tick
 
     memory = trace.report(matrix_bytes=matrix_bytes, scann_bytes=_tree_bytes(stage / SCANN_DIR),
                           bm25_bytes=_tree_bytes(stage / BM25_DIR))
@@ -980,6 +993,7 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
         "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "peak_rss_bytes": peak,
                   "matrix_bytes": matrix_bytes, "memory": memory},
         **(extra or {}),
+        **added,
     }
     write_manifest(stage, kind="index", extra=manifest_extra)
     final = publish_version(index_dir, stage, version)
@@ -1127,6 +1141,7 @@ def build_index_from_shards(
     version: str | None = None,
     extra: dict[str, Any] | None = None,
     progress: bool = True,
+    finalize: Finalize | None = None,
 ) -> BuildResult:
     """Stream Parquet shards (``id``, ``title``, ``text``, ``embedding``) into a published index version.
 
@@ -1141,6 +1156,9 @@ def build_index_from_shards(
         version: version name; default :func:`new_version_name`.
         extra: more manifest keys (e.g. the encode job's counts).
         progress: show a tqdm bar.
+        finalize: called with the complete staged version (embeddings, doc store, model, BM25) before
+            its manifest is written; returns ``(files, manifest keys)``: small JSON files added to the
+            version and checksummed with it (``dssm index`` stores the label-free hybrid weight so).
 
     Raises:
         InputError: no documents, a missing column, an embedding of the wrong width (naming the id),
@@ -1208,7 +1226,8 @@ def build_index_from_shards(
         box = [matrix]  # so that _finish_version can free it once ScaNN has its copy
         del matrix
         return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=box.pop(), store=store,
-                               model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace)
+                               model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace,
+                               finalize=finalize)
     finally:
         _drop_staging(index_dir, version)
 

@@ -96,8 +96,10 @@ class SearchRequest(_Strict):
 
     query: Query  # type: ignore[valid-type]
     k: K = DEFAULT_K
-    mode: Mode = Field("dense", description="dense: DSSM + ScaNN; bm25: BM25 only; hybrid: DSSM and BM25 scores "
-                                            "fused (bm25/hybrid need BM25 state in the index version)")
+    mode: Mode | None = Field(None, description="dense: DSSM + ScaNN; bm25: BM25 only; hybrid: DSSM and BM25 scores "
+                                                "fused (bm25/hybrid need BM25 state in the index version); omitted: "
+                                                "the index's default, hybrid with the weight `dssm index` chose "
+                                                "(label-free) when the version stores one, else dense")
 
 
 class BatchSearchRequest(_Strict):
@@ -106,7 +108,7 @@ class BatchSearchRequest(_Strict):
     queries: list[Query] = Field(  # type: ignore[valid-type]
         min_length=1, max_length=MAX_BATCH_QUERIES, description=f"1..{MAX_BATCH_QUERIES} queries")
     k: BatchK = DEFAULT_K
-    mode: Mode = Field("dense", description="as in /v1/search")
+    mode: Mode | None = Field(None, description="as in /v1/search")
 
 
 class SimilarityRequest(_Strict):

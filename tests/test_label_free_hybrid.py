@@ -1,0 +1,152 @@
+"""Label-free hybrid weight (issue 11): pseudo-queries cut from the corpus, the safe weight choice, the
+weight ``dssm index`` stores, and the default search mode that uses it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dssm.bm25 import document_text
+from dssm.data import read_beir
+from dssm.errors import ConfigError
+from dssm.hybrid import (
+    HYBRID_FILE,
+    choose_safe_weight,
+    crop_pseudo_queries,
+    label_free_weight,
+    reciprocal_ranks,
+)
+
+
+def test_crop_pseudo_queries_cuts_a_span_out_of_its_document():
+    texts = ["one two three four five six seven eight nine ten", "too short", "a b c d e f g h i j k l m n"]
+    pseudo = crop_pseudo_queries(texts, count=10, seed=3)
+    assert [q.row for q in pseudo] == [0, 2]  # "too short" has fewer than 8 words
+    for q in pseudo:
+        words, query, rest = texts[q.row].split(), q.query.split(), q.rest.split()
+        assert 4 <= len(query) <= len(words) // 2
+        assert len(query) + len(rest) == len(words)
+        start = next(i for i in range(len(words)) if words[i:i + len(query)] == query)
+        assert rest == words[:start] + words[start + len(query):]  # the span is removed, the rest kept in order
+    assert crop_pseudo_queries(texts, count=10, seed=3) == pseudo  # repeatable
+    assert len(crop_pseudo_queries(texts, count=1, seed=0)) == 1
+    with pytest.raises(ConfigError, match="query_words"):
+        crop_pseudo_queries(texts, count=1, query_words=(5, 2))
+
+
+def test_reciprocal_ranks_by_hand():
+    ranked = [np.array([4, 2, 9]), np.array([1, 3]), np.array([7] + list(range(20, 40)))]
+    # target 2 at rank 2 -> 0.5; 5 absent -> 0; 7 at rank 1 -> 1
+    assert reciprocal_ranks(ranked, [2, 5, 7]).tolist() == [0.5, 0.0, 1.0]
+    assert reciprocal_ranks([np.arange(20)], [15], k=10).tolist() == [0.0]
+
+
+def test_choose_safe_weight_keeps_only_a_significant_gain():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 200)
+    better = np.clip(base + 0.2, 0, 1)
+    # 0.5 gains 0.2 on nearly every query: kept.
+    weight, info = choose_safe_weight({0.0: base, 0.5: better, 1.0: base - 0.1})
+    assert weight == 0.5 and info["best"] == 0.5 and info["p"] < 0.05
+    assert info["curve"]["0.50"] == pytest.approx(better.mean(), abs=1e-6)
+    # A gain on one query of 200 is noise: weight 0 (BM25's ranking).
+    noisy = base.copy()
+    noisy[0] += 0.5
+    weight, info = choose_safe_weight({0.0: base, 0.5: noisy})
+    assert weight == 0.0 and info["best"] == 0.5 and info["p"] > 0.05
+    # Nothing beats weight 0: 0, no test needed.
+    weight, info = choose_safe_weight({0.0: base, 1.0: base - 0.3})
+    assert (weight, info["best"], info["p"]) == (0.0, 0.0, 1.0)
+    with pytest.raises(ConfigError, match="weight 0"):
+        choose_safe_weight({0.5: base})
+
+
+@pytest.fixture(scope="module")
+def adi_texts(adi_dir) -> list[str]:
+    return [document_text(d.title, d.text) for d in read_beir(adi_dir).corpus.values()]
+
+
+def test_a_useless_tower_gets_weight_zero(adi_texts):
+    rng = np.random.default_rng(0)
+
+    def noise(texts: list[str]) -> np.ndarray:  # a tower that knows nothing about the text
+        return rng.standard_normal((len(texts), 16)).astype(np.float32)
+
+    config, report = label_free_weight(texts=adi_texts, embeddings=noise(adi_texts), embed_queries=noise,
+                                       embed_documents=noise, seed=0)
+    assert report["pseudo_queries"] >= 30
+    assert config.weight == 0.0 and report["weight"] == 0.0
+    assert report["curve"]["0.00"] > report["curve"]["1.00"]  # BM25 alone finds the documents, noise does not
+
+
+def test_a_tower_that_finds_every_document_gets_weight_above_zero(adi_texts):
+    pseudo = crop_pseudo_queries(adi_texts, count=500, seed=0)
+    owner = {q.query: q.row for q in pseudo} | {q.rest: q.row for q in pseudo}
+    dim = len(adi_texts)
+
+    def one_hot(texts: list[str]) -> np.ndarray:  # an oracle: each text points at its own document
+        out = np.full((len(texts), dim), 0.01, np.float32)
+        for i, text in enumerate(texts):
+            out[i, owner.get(text, adi_texts.index(text) if text in adi_texts else 0)] = 1.0
+        return out
+
+    config, report = label_free_weight(texts=adi_texts, embeddings=one_hot(adi_texts), embed_queries=one_hot,
+                                       embed_documents=one_hot, seed=0)
+    assert report["curve"]["1.00"] == pytest.approx(1.0)
+    assert config.weight > 0.0 and report["p"] < 0.05
+
+
+def test_index_stores_the_label_free_weight_and_search_defaults_to_hybrid(tiny_model_dir, adi_dir, tmp_path):
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    index = tmp_path / "index"
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"),
+                       "--output", str(index), "--direct_running_mode=in_memory"]) == 0
+    searcher = Searcher.load(index)
+    stored = json.loads((searcher.index.version_dir / HYBRID_FILE).read_text())
+    tuning = searcher.index.manifest["hybrid_tuning"]
+    assert stored["weight"] == tuning["weight"] == searcher.hybrid_config.weight
+    assert HYBRID_FILE in searcher.index.manifest["files"]  # checksummed with the version
+    assert tuning["pseudo_queries"] >= 30 and set(tuning["curve"]) >= {"0.00", "1.00"}
+    assert searcher.default_mode == "hybrid"
+    query = "computer information retrieval systems"
+    assert searcher.search(query, k=5) == searcher.search(query, k=5, mode="hybrid")
+    assert searcher.search_batch([query], k=5) == searcher.search_batch([query], k=5, mode="hybrid")
+
+    # dssm eval's hybrid uses the stored weight: no query is spent on tuning, all 35 are evaluated.
+    from dssm.errors import ConfigError as Refused
+    from dssm.evaluate import main as eval_main
+
+    out = tmp_path / "eval.json"
+    assert eval_main(["--index", str(index), "--data", str(adi_dir), "--systems", "bm25,hybrid", "--json", str(out),
+                      "--trials", "100"]) == 0
+    report = json.loads(out.read_text())
+    assert report["queries"] == 35 and report["hybrid_tuning"]["tuning_queries"] == 0
+    assert report["hybrid_tuning"]["weight"] == stored["weight"]
+    if stored["weight"] == 0.0:  # weight 0 ranks as BM25 does
+        assert report["hybrid"]["ndcg@10"] == pytest.approx(report["bm25"]["ndcg@10"], abs=1e-9)
+    with pytest.raises(Refused, match="already stores"):
+        eval_main(["--index", str(index), "--data", str(adi_dir), "--systems", "hybrid", "--save-weight"])
+    assert eval_main(["--index", str(index), "--data", str(adi_dir), "--systems", "hybrid", "--hybrid-weight", "tune",
+                      "--json", str(out), "--trials", "100"]) == 0
+    assert json.loads(out.read_text())["hybrid_tuning"]["tuning_queries"] > 0
+
+    plain = tmp_path / "plain"
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"),
+                       "--output", str(plain), "--hybrid-weight", "none", "--direct_running_mode=in_memory"]) == 0
+    searcher = Searcher.load(plain)
+    assert not (searcher.index.version_dir / HYBRID_FILE).exists()
+    assert searcher.default_mode == "dense"
+    assert searcher.search(query, k=5) == searcher.search(query, k=5, mode="dense")
+
+
+def test_hybrid_at_weight_zero_ranks_as_bm25_then_by_cosine():
+    from dssm.hybrid import convex_fusion
+
+    dense = {"q": {"a": 0.9, "b": 0.2, "c": 0.5, "d": 0.7}}
+    sparse = {"q": {"a": 0.0, "b": 3.0, "c": 0.0, "d": 0.0}}
+    # b has the only BM25 score; a, c, d tie at 0 and follow by cosine: a 0.9, d 0.7, c 0.5.
+    assert [d for d, _ in convex_fusion(dense, sparse, weight=0.0, k=4)["q"]] == ["b", "a", "d", "c"]
