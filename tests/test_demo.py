@@ -50,7 +50,7 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     data = _quora_like(tmp_path / "data")
     work = tmp_path / "work"
     assert main(["--data", str(data), "--workdir", str(work), "--epochs", "1", "--pretrain-epochs", "1",
-                 "--validation-fraction", "0.3"]) == 0
+                 "--validation-fraction", "0.3", "--no-minilm"]) == 0
     shown = capsys.readouterr().out
     # The user's commands, in the recipe's order.
     commands = [line.split()[2] + (" neighbours" if "--format neighbours" in line else "")
@@ -64,4 +64,8 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     results = json.loads((work / "eval.json").read_text())
     summary = next(line for line in shown.splitlines() if line.startswith("nDCG@10 on "))
     assert f"DSSM {results['dssm']['ndcg@10']:.4f}" in summary and f"BM25 {results['bm25']['ndcg@10']:.4f}" in summary
-    assert results["queries"] > 0 and "hybrid" not in results
+    # The default search (hybrid with the weight the index job chose label-free) on every held-out query.
+    weight = results["hybrid_tuning"]["weight"]
+    assert f"hybrid {results['hybrid']['ndcg@10']:.4f}" in summary and f"label-free weight {weight:.2f}" in summary
+    assert results["queries"] > 0 and results["hybrid_tuning"]["tuning_queries"] == 0
+    assert "MiniLM" not in summary
