@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -824,17 +824,30 @@ class _RunTracker(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, state: dict[str, Any], *, patience: int, checkpoints: _Checkpoints | None,
-                 snapshot: bool, session_start: float) -> None:
+                 snapshot: bool, session_start: float, baseline: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.state = state
         self.patience = patience
         self.checkpoints = checkpoints
         self.snapshot = snapshot
         self.best_weights: list[np.ndarray] | None = None
+        self.baseline = baseline
+        self.start_weights: list[np.ndarray] | None = None
         self.last_epoch = max(state["history"].get("epoch", [0]))
         self.session_start = session_start
         self.wall_before = float(state["wall_seconds"])  # earlier sessions of a resumed run
         self._epoch_start = 0.0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # The starting point's score (random or --init-from weights), so keep_best can end where it
+        # began when no epoch beats it (issue 11: on a tiny corpus training can make the towers worse).
+        # Only for a fresh run: a resumed session no longer holds the starting weights.
+        if self.baseline is not None and not self.state["history"]:
+            self.state["start_value"] = float(self.baseline())
+            if not self.model.built:  # towers build on first use; the snapshot must hold every weight
+                self.model.embed_queries(tf.constant(["build"]))
+                self.model.embed_documents(tf.constant(["build"]))
+            self.start_weights = self.model.get_weights()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_start = time.perf_counter()
@@ -1113,8 +1126,11 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
             write_json_atomic(run_path, run_config)
             checkpoints.attach(model)
     patience = train_config.early_stopping_patience if retrieval is not None else 0
-    tracker = _RunTracker(state, patience=patience, checkpoints=checkpoints,
-                          snapshot=train_config.keep_best and retrieval is not None, session_start=session_start)
+    keep_start = train_config.keep_best and retrieval is not None
+    tracker = _RunTracker(state, patience=patience, checkpoints=checkpoints, snapshot=keep_start,
+                          session_start=session_start,
+                          baseline=(lambda: evaluate_retrieval(model, retrieval)[MONITOR.removeprefix("val_")])
+                          if keep_start else None)
     # Order matters: every callback after one that adds metrics sees them in the same logs dict.
     callbacks: list[tf.keras.callbacks.Callback] = []
     if retrieval is not None:
@@ -1133,7 +1149,13 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
                   steps_per_epoch=steps, callbacks=callbacks, verbose=train_config.verbose)
     best_epoch = state["best_epoch"] if state["best_epoch"] is not None else tracker.last_epoch
     weights_epoch = tracker.last_epoch
-    if train_config.keep_best and best_epoch != tracker.last_epoch:
+    start_value = state.get("start_value")
+    if tracker.start_weights is not None and start_value is not None and (
+            state["best_value"] is None or state["best_value"] <= start_value):
+        # No epoch beat the starting point on the validation split: return the starting weights.
+        model.set_weights(tracker.start_weights)
+        best_epoch = weights_epoch = 0
+    elif train_config.keep_best and best_epoch != tracker.last_epoch:
         if checkpoints is not None:
             checkpoints.restore_best()
             weights_epoch = best_epoch
@@ -1143,7 +1165,8 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     history: dict[str, Any] = dict(state["history"])
     history.update(
         best_epoch=best_epoch, weights_epoch=weights_epoch, monitor=MONITOR if retrieval is not None else None,
-        best_value=state["best_value"], stopped_early=bool(state["stopped_early"]), train_pairs=pairs_per_epoch,
+        best_value=state["best_value"], start_value=start_value,
+        stopped_early=bool(state["stopped_early"]), train_pairs=pairs_per_epoch,
         validation_queries=retrieval.num_queries if retrieval is not None else 0,
         validation_documents=retrieval.num_documents if retrieval is not None else 0,
         wall_seconds=tracker.wall_before + time.perf_counter() - session_start)

@@ -401,8 +401,9 @@ def test_run_tracker_stops_after_patience_and_keeps_the_best_epoch() -> None:
 def test_early_stopping_returns_and_checkpoints_the_best_epochs_weights(quora_shards: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # The validation signal is scripted (its computation is tested above): best at epoch 2, then
-    # two epochs without improvement stop a 6-epoch run after epoch 4.
-    scripted = [0.3, 0.5, 0.4, 0.45, 0.6, 0.7]
+    # two epochs without improvement stop a 6-epoch run after epoch 4. The first value scores the
+    # starting weights (below every epoch here).
+    scripted = [0.1, 0.3, 0.5, 0.4, 0.45, 0.6, 0.7]
     texts = tf.constant(["how do i lose weight", "best python book"])
     config = dataclasses.replace(FAST, epochs=6, early_stopping_patience=2)
     reference, _ = train(quora_shards, model_config=SMALL, train_config=dataclasses.replace(config, epochs=2))
@@ -544,3 +545,35 @@ def test_init_from_a_model_of_another_shape_or_features_names_both(quora_shards:
               "--embedding-dim", "32", "--hidden-dims", "32", "8", "--no-shared-towers",
               "--init-from", str(two_tower_model)])
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them(
+        quora_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: a run never ends worse than where it started on its validation split (keep_best)."""
+    texts = tf.constant(["how do i lose weight", "best python book"])
+    config = dataclasses.replace(FAST, epochs=2, early_stopping_patience=0)
+    # The starting weights, built as train() builds them: a run whose steps change nothing measurable.
+    still, _ = train(quora_shards, model_config=SMALL, train_config=dataclasses.replace(
+        config, learning_rate=1e-12, keep_best=False, validation=False))
+    start = still.embed_queries(texts).numpy()
+    for checkpoint_dir in (None, tmp_path / "checkpoints"):
+        recalls = iter([0.9, 0.3, 0.5])  # the start scores 0.9, the two epochs less
+        monkeypatch.setattr(train_module, "evaluate_retrieval",
+                            lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
+        model, history = train(quora_shards, model_config=SMALL, train_config=config, checkpoint_dir=checkpoint_dir)
+        assert history["epoch"] == [1, 2] and history["start_value"] == 0.9
+        assert history["best_epoch"] == history["weights_epoch"] == 0
+        np.testing.assert_allclose(model.embed_queries(texts).numpy(), start, atol=1e-6)
+    # An epoch that beats the start is kept as before; without keep_best the last epoch is.
+    recalls = iter([0.2, 0.3, 0.5])
+    monkeypatch.setattr(train_module, "evaluate_retrieval",
+                        lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
+    _, history = train(quora_shards, model_config=SMALL, train_config=config)
+    assert history["weights_epoch"] == 2 and history["start_value"] == 0.2
+    recalls = iter([0.3, 0.5])
+    monkeypatch.setattr(train_module, "evaluate_retrieval",
+                        lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
+    model, history = train(quora_shards, model_config=SMALL, train_config=dataclasses.replace(config, keep_best=False))
+    assert history["weights_epoch"] == 2 and history["start_value"] is None
+    assert not np.allclose(model.embed_queries(texts).numpy(), start, atol=1e-6)
