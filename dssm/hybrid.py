@@ -327,16 +327,20 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
 def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_queries: Callable[[list[str]], np.ndarray],
                       embed_documents: Callable[[list[str]], np.ndarray], bm25_config: Any = None,
                       queries: int = 500, max_docs: int = 50_000, candidates: int = 100, normalization: str = "minmax",
-                      alpha: float = 0.05, seed: int = 0) -> tuple[HybridConfig, dict[str, Any]]:
-    """Choose the hybrid weight of a corpus without any labelled query (what ``dssm index`` stores).
+                      alpha: float = 0.05, seed: int = 0,
+                      pairs: Sequence[tuple[str, str]] | None = None) -> tuple[HybridConfig, dict[str, Any]]:
+    """Choose the hybrid weight of a corpus without any evaluated query (what ``dssm index`` stores).
 
     Pseudo-queries are spans cut out of documents (:func:`crop_pseudo_queries`); each one's target is
     its document *without* the span, re-encoded by the document tower and re-indexed by BM25, inside a
-    tuning corpus of every document (or ``max_docs`` of them, the targets included). Each weight of the
-    0, 0.05, ..., 1 grid fuses the two systems exactly as search does (union of each one's top
-    ``candidates``, per-query normalisation), and is scored by the target's reciprocal rank in the top
-    10. :func:`choose_safe_weight` keeps the best weight only if it beats BM25 alone (weight 0)
-    significantly, so a useless tower gets weight 0 and hybrid search is then BM25's ranking.
+    tuning corpus of every document (or ``max_docs`` of them, the targets included). With ``pairs``
+    (labelled ``(query, document)`` pairs held out from training, ``dssm index --hybrid-pairs``) the
+    queries are theirs instead and each target is its document: the corpus row with the same text, or
+    the document added to the tuning corpus. Each weight of the 0, 0.05, ..., 1 grid fuses the two
+    systems exactly as search does (union of each one's top ``candidates``, per-query normalisation),
+    scored by the target's reciprocal rank in the top 10. :func:`choose_safe_weight` keeps the best
+    weight only if it beats BM25 alone (weight 0) significantly, so a useless tower gets weight 0 and
+    hybrid search is then BM25's ranking.
 
     Args:
         texts: [n] document texts in row order (title and body joined, as BM25 indexes them).
@@ -344,59 +348,83 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
         embed_queries: texts -> [len, dim] query-tower embeddings.
         embed_documents: texts -> [len, dim] document-tower embeddings.
         bm25_config: the index's :class:`dssm.bm25.BM25Config` (default settings when ``None``).
-        queries: pseudo-queries to cut.
+        queries: pseudo-queries to cut (or labelled pairs to use, at most).
         max_docs: largest tuning corpus (bounds the BM25 re-index on large corpora).
         candidates: depth taken from each system before fusing (as :class:`HybridConfig`).
         normalization: ``minmax`` or ``zscore``.
         alpha: significance level of :func:`choose_safe_weight`.
         seed: RNG seed (pseudo-queries, tuning sample, test).
+        pairs: labelled tuning pairs; ``None`` cuts pseudo-queries.
 
     Returns:
         ``(HybridConfig, report)``; the report holds the curve, the p-value and the counts.
     """
-    from dssm.bm25 import BM25Index
-
     n = len(texts)
     if embeddings.shape[0] != n:
         raise ConfigError(f"{n} texts but {embeddings.shape[0]} embeddings")
-    pseudo = crop_pseudo_queries(texts, count=queries, seed=seed)
-    report: dict[str, Any] = {"method": "label-free: spans cut out of documents", "pseudo_queries": len(pseudo),
-                              "documents": n, "alpha": alpha, "seed": seed}
-    if len(pseudo) < 30:  # too few to tell a gain from noise
-        report.update(weight=0.0, reason=f"only {len(pseudo)} documents have enough words to cut a query from")
-        return HybridConfig(weight=0.0, normalization=normalization, candidates=candidates), report
     rng = np.random.default_rng(seed + 1)
-    targets = np.array([q.row for q in pseudo], dtype=np.int64)
+    if pairs is not None:
+        chosen = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:queries].tolist())]
+        row_of = {text: row for row, text in enumerate(texts)}
+        extra = sorted({d for _, d in chosen if d not in row_of})
+        row_of.update({d: n + i for i, d in enumerate(extra)})
+        query_texts, targets = [q for q, _ in chosen], np.array([row_of[d] for _, d in chosen], dtype=np.int64)
+        replaced: dict[int, str] = {}
+        report: dict[str, Any] = {"method": "labelled pairs held out from training", "pairs": len(chosen),
+                                  "pairs_documents_added": len(extra)}
+    else:
+        pseudo = crop_pseudo_queries(texts, count=queries, seed=seed)
+        query_texts, targets, extra = [q.query for q in pseudo], np.array([q.row for q in pseudo], np.int64), []
+        replaced = {q.row: q.rest for q in pseudo}
+        report = {"method": "label-free: spans cut out of documents", "pseudo_queries": len(pseudo)}
+    report.update(documents=n, alpha=alpha, seed=seed)
+    if len(query_texts) < 30:  # too few to tell a gain from noise
+        report.update(weight=0.0, reason=f"only {len(query_texts)} tuning queries (documents with enough words to "
+                                         "cut a query from, or labelled pairs)")
+        return HybridConfig(weight=0.0, normalization=normalization, candidates=candidates), report
+    inside = targets[targets < n]
     if n > max_docs:
-        others = np.setdiff1d(np.arange(n), targets)
-        keep = np.sort(np.concatenate([targets, rng.choice(others, max_docs - len(targets), replace=False)]))
+        others = np.setdiff1d(np.arange(n), inside)
+        keep = np.sort(np.concatenate([np.unique(inside),
+                                       rng.choice(others, max(max_docs - np.unique(inside).size, 0), replace=False)]))
     else:
         keep = np.arange(n)
-    local = np.searchsorted(keep, targets)
-    sub_texts = [texts[r] for r in keep]
-    for q, row in zip(pseudo, local, strict=True):
-        sub_texts[row] = q.rest
+    sub_texts = [replaced.get(int(r), texts[r]) for r in keep] + extra
+    local = np.where(targets < n, np.searchsorted(keep, np.minimum(targets, n - 1)), len(keep) + targets - n)
     matrix = np.array(embeddings[keep], dtype=np.float32)
-    matrix[local] = _unit(embed_documents([q.rest for q in pseudo]))
-    bm25 = BM25Index.build([str(i) for i in range(len(keep))], sub_texts, config=bm25_config)
-    query_vectors = _unit(embed_queries([q.query for q in pseudo]))
+    if replaced:
+        rows = np.fromiter(replaced, dtype=np.int64)
+        matrix[np.searchsorted(keep, rows)] = _unit(embed_documents([replaced[int(r)] for r in rows]))
+    if extra:
+        matrix = np.concatenate([matrix, _unit(embed_documents(extra))])
+    curve = _fusion_curve(sub_texts, matrix, query_texts, local, _unit(embed_queries(query_texts)),
+                          bm25_config=bm25_config, candidates=candidates, normalization=normalization)
+    weight, chosen_weight = choose_safe_weight(curve, alpha=alpha, seed=seed)
+    report.update(weight=weight, tuning_documents=len(sub_texts), metric="mrr@10", **chosen_weight)
+    return HybridConfig(weight=weight, normalization=normalization, candidates=candidates), report
+
+
+def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targets: np.ndarray,
+                  query_vectors: np.ndarray, *, bm25_config: Any, candidates: int,
+                  normalization: str) -> dict[float, np.ndarray]:
+    """``{weight: [q] reciprocal rank@10 of each query's target row}`` over the weight grid."""
+    from dssm.bm25 import BM25Index
+
+    bm25 = BM25Index.build([str(i) for i in range(len(texts))], texts, config=bm25_config)
     grid = [round(i * 0.05, 2) for i in range(21)]
     ranked: dict[float, list[np.ndarray]] = {w: [] for w in grid}
-    depth = min(candidates, len(keep))
-    for i, q in enumerate(pseudo):
+    depth = min(candidates, len(texts))
+    for i, query in enumerate(queries):
         cosines = matrix @ query_vectors[i]
-        sparse = bm25.scores(q.query)
+        sparse = bm25.scores(query)
         dense_top = np.argpartition(-cosines, depth - 1)[:depth]
         hits = np.flatnonzero(sparse > 0)
         sparse_top = hits[np.argpartition(-sparse[hits], min(depth, hits.size) - 1)[:depth]] if hits.size else hits
         rows = np.union1d(dense_top, sparse_top)
         for w in grid:
             fused = fuse_scores(cosines[rows], sparse[rows], weight=w, normalization=normalization)
-            ranked[w].append(rows[np.lexsort((rows, -fused))[:10]])
-    curve = {w: reciprocal_ranks(ranked[w], local.tolist()) for w in grid}
-    weight, chosen = choose_safe_weight(curve, alpha=alpha, seed=seed)
-    report.update(weight=weight, tuning_documents=len(keep), metric="mrr@10", **chosen)
-    return HybridConfig(weight=weight, normalization=normalization, candidates=candidates), report
+            ranked[w].append(rows[np.lexsort((rows, -cosines[rows], -fused))[:10]])
+    return {w: reciprocal_ranks(ranked[w], targets.tolist()) for w in grid}
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -65,7 +65,8 @@ from dssm.model import (
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
+__all__ = [
+    "read_text_pairs","TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
            "read_feature_config", "make_dataset", "add_bag_plans", "has_negatives", "select_strategy", "build_model",
            "count_pairs", "load_towers",
            "ValidationSet", "read_validation_set", "evaluate_retrieval", "MONITOR", "RUN_CONFIG", "train", "main"]
@@ -598,6 +599,24 @@ def _ragged_batches(bags: list[tuple[np.ndarray, np.ndarray]], batch_size: int
         ids = np.concatenate([ids for ids, _ in chunk]).astype(np.int64)
         counts = np.concatenate([counts for _, counts in chunk]).astype(np.float32)
         out.append((tf.RaggedTensor.from_row_lengths(ids, lengths), tf.RaggedTensor.from_row_lengths(counts, lengths)))
+    return out
+
+
+def read_text_pairs(files: Sequence[str], *, min_label: float = 0.0) -> list[tuple[str, str]]:
+    """The ``(query_text, document_text)`` of every pair above ``min_label`` in ``files``, in file order.
+
+    ``dssm index --hybrid-pairs`` tunes the hybrid weight on a pairs directory's validation split with it.
+    """
+    if not files:
+        return []
+    spec = {key: _VALIDATION_SPEC[key] for key in ("query_text", "document_text", "label")}
+    ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024)
+    out: list[tuple[str, str]] = []
+    for batch in ds.map(lambda records: tf.io.parse_example(records, spec)):
+        for query, document, label in zip(batch["query_text"].numpy(), batch["document_text"].numpy(),
+                                          batch["label"].numpy(), strict=True):
+            if label > min_label and query and document:
+                out.append((query.decode("utf-8", "replace"), document.decode("utf-8", "replace")))
     return out
 
 

@@ -645,17 +645,23 @@ def _parser() -> argparse.ArgumentParser:
                              "ranking) unless the tower beats BM25 alone significantly on them (dssm.hybrid."
                              "label_free_weight). none: store nothing (hybrid then uses weight 0.5). Skipped with "
                              "--shard (default: label-free)")
+    parser.add_argument("--hybrid-pairs", default=None, metavar="PAIRS_DIR",
+                        help="choose the hybrid weight on the validation split of this `dssm pairs` output "
+                             "(labelled query -> document pairs the model was not trained on) instead of "
+                             "pseudo-queries cut from the corpus; the same significance rule keeps it or 0")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
 
 
-def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000) -> index_lib.Finalize:
-    """The build step that stores the label-free hybrid weight (``hybrid.json``) in the staged version.
+def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
+                        pairs: list[tuple[str, str]] | None = None) -> index_lib.Finalize:
+    """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
     Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
     larger corpus: the tuning corpus, so memory stays bounded at any size) and runs
-    :func:`dssm.hybrid.label_free_weight`; its report goes to the manifest as ``hybrid_tuning``.
+    :func:`dssm.hybrid.label_free_weight` on pseudo-queries, or on ``pairs`` (labelled pairs held out
+    from training) when given; its report goes to the manifest as ``hybrid_tuning``.
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         from dssm.config import config_to_dict
@@ -672,9 +678,12 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         tick = time.perf_counter()
         hybrid, report = label_free_weight(texts=texts, embeddings=np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries,
-                                           embed_documents=encoder.embed_documents, queries=queries, seed=seed)
+                                           embed_documents=encoder.embed_documents, queries=queries, seed=seed,
+                                           pairs=pairs)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
-        print(f"hybrid weight {hybrid.weight:.2f} on DSSM (label-free, {report['pseudo_queries']} pseudo-queries; "
+        tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
+            f"label-free, {report['pseudo_queries']} pseudo-queries"
+        print(f"hybrid weight {hybrid.weight:.2f} on DSSM ({tuned_on}; "
               f"best {report.get('best', 0.0):.2f}, gain {report.get('gain', 0.0):+.4f} MRR@10, "
               f"p {report.get('p', 1.0):.3g})",
               file=sys.stderr, flush=True)
@@ -754,6 +763,14 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         raise InputError(f"--model {model_dir}: no such directory (train one with `dssm train`)")
     verify_manifest(model_dir, kind="model")
 
+    tuning_pairs = None
+    if args.hybrid_pairs:
+        from dssm.train import pair_files, read_text_pairs
+
+        tuning_pairs = read_text_pairs(pair_files(args.hybrid_pairs, "validation"))
+        if not tuning_pairs:
+            raise InputError(f"--hybrid-pairs {args.hybrid_pairs}: its validation split holds no positive pair "
+                             "(make it with `dssm pairs --validation-fraction F`)")
     output = Path(args.output)
     version = index_lib.new_version_name()
     stage = index_lib.staging_dir(output, version)
@@ -807,8 +824,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         extra: dict[str, Any] = {"encode": encode}
         if shard is not None:
             extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
-        finalize = label_free_finalize(seed=config.seed) if args.hybrid_weight == "label-free" and shard is None \
-            else None
+        finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs) \
+            if args.hybrid_weight == "label-free" and shard is None else None
         result = index_lib.build_index_from_shards(output, shards=shards, model_dir=model_dir, config=config,
                                                    version=version, extra=extra, finalize=finalize)
     finally:

@@ -150,3 +150,62 @@ def test_hybrid_at_weight_zero_ranks_as_bm25_then_by_cosine():
     sparse = {"q": {"a": 0.0, "b": 3.0, "c": 0.0, "d": 0.0}}
     # b has the only BM25 score; a, c, d tie at 0 and follow by cosine: a 0.9, d 0.7, c 0.5.
     assert [d for d, _ in convex_fusion(dense, sparse, weight=0.0, k=4)["q"]] == ["b", "a", "d", "c"]
+
+
+def _adi_pairs(adi_dir) -> list[tuple[str, str]]:
+    adi = read_beir(adi_dir)
+    return [(adi.queries[q], document_text(adi.corpus[d].title, adi.corpus[d].text))
+            for q, grades in adi.qrels.items() for d, grade in grades.items() if grade > 0 and q in adi.queries]
+
+
+def test_labelled_pairs_tune_the_weight_with_the_same_rule(adi_dir, adi_texts):
+    pairs = _adi_pairs(adi_dir) + [("a query whose document is not in the corpus", "zebra okapi quagga " * 5)]
+    rng = np.random.default_rng(0)
+
+    def noise(texts: list[str]) -> np.ndarray:
+        return rng.standard_normal((len(texts), 16)).astype(np.float32)
+
+    config, report = label_free_weight(texts=adi_texts, embeddings=noise(adi_texts), embed_queries=noise,
+                                       embed_documents=noise, pairs=pairs, seed=0)
+    assert report["method"].startswith("labelled") and report["pairs"] == len(pairs)
+    assert report["pairs_documents_added"] == 1 and report["tuning_documents"] == len(adi_texts) + 1
+    assert config.weight == 0.0
+
+    # An oracle tower: each query points at one of its relevant documents, so dense alone ranks it first.
+    target = {}
+    for query, document in pairs:
+        target.setdefault(query, document)
+    texts = adi_texts + ["zebra okapi quagga " * 5]
+
+    def oracle(batch: list[str]) -> np.ndarray:
+        out = np.full((len(batch), len(texts)), 0.01, np.float32)
+        for i, text in enumerate(batch):
+            out[i, texts.index(target.get(text, text)) if target.get(text, text) in texts else 0] = 1.0
+        return out
+
+    first = [(q, d) for q, d in pairs if target[q] == d]  # the oracle's own target, one pair per query
+    config, report = label_free_weight(texts=adi_texts, embeddings=oracle(adi_texts), embed_queries=oracle,
+                                       embed_documents=oracle, pairs=first, seed=0)
+    assert report["curve"]["1.00"] == pytest.approx(1.0) and config.weight > 0.0 and report["p"] < 0.05
+
+
+def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
+    from dssm.errors import InputError
+    from pipelines import make_pairs
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    pairs = tmp_path / "pairs"
+    assert make_pairs.main(["--input", str(adi_dir), "--format", "beir", "--output", str(pairs), "--num-buckets",
+                            "4096", "--validation-fraction", "0.5", "--direct_running_mode=in_memory"]) == 0
+    index = tmp_path / "index"
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                       str(index), "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"]) == 0
+    searcher = Searcher.load(index)
+    tuning = searcher.index.manifest["hybrid_tuning"]
+    assert tuning["method"].startswith("labelled") and tuning["pairs"] > 0
+    assert tuning["weight"] == searcher.hybrid_config.weight and searcher.default_mode == "hybrid"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="validation split holds no positive pair"):
+        index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                    str(tmp_path / "other"), "--hybrid-pairs", str(tmp_path / "empty")])
