@@ -224,7 +224,7 @@ def _mean_std(values: list[float]) -> str:
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """docs/quality.md's tables from the JSON results."""
     lines = ["| set | queries | DSSM | hybrid (default search) | BM25 | MiniLM | DSSM / BM25 | hybrid / BM25 | "
-             "hybrid weight (label-free, per seed) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "hybrid weight stored by `dssm index` (per seed) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     costs = ["| set | DSSM encode docs/s | default-mode query p50 ms | dense query p50 ms | MiniLM encode docs/s |",
              "|---|---:|---:|---:|---:|"]
     for result in results:

@@ -115,19 +115,30 @@ def train_step(model: TorchDSSM, optimizer: torch.optim.Optimizer, batch: TorchB
 
 
 def from_ragged(query_ids: Any, query_counts: Any, document_ids: Any, document_counts: Any,
-                keys: np.ndarray) -> TorchBatch:
-    """A :class:`TorchBatch` from the featurizer's ragged ``[n, None]`` bags (TF ragged tensors) and ``[n]`` keys."""
+                keys: np.ndarray, *, combiner: str = "sum") -> TorchBatch:
+    """A :class:`TorchBatch` from the featurizer's ragged ``[n, None]`` bags (TF ragged tensors) and ``[n]`` keys.
+
+    ``combiner`` as :class:`dssm.model.ModelConfig`'s ``bag_combiner``: ``sqrtn``/``mean`` divide each
+    bag's counts by the square root of / the bag's total count (at least 1), which the sum-mode
+    ``EmbeddingBag`` then pools exactly as the TF bag does.
+    """
     ids = np.concatenate([query_ids.flat_values.numpy(), document_ids.flat_values.numpy()])
     weights = np.concatenate([query_counts.flat_values.numpy(), document_counts.flat_values.numpy()])
     q_splits = query_ids.row_splits.numpy()
     d_splits = document_ids.row_splits.numpy()
     offsets = np.concatenate([q_splits[:-1], d_splits[:-1] + q_splits[-1]])
+    if combiner != "sum":
+        lengths = np.diff(np.append(offsets, ids.size))
+        totals = np.add.reduceat(np.round(weights), offsets) if ids.size else np.zeros(0)
+        scale = np.maximum(np.sqrt(totals) if combiner == "sqrtn" else totals, 1.0)
+        weights = weights / np.repeat(scale, lengths)
     return TorchBatch(ids=torch.from_numpy(ids.astype(np.int64)), offsets=torch.from_numpy(offsets.astype(np.int64)),
                       weights=torch.from_numpy(weights.astype(np.float32)),
                       keys=torch.from_numpy(np.asarray(keys, dtype=np.int64)))
 
 
-def make_batches(pairs: Sequence[tuple[str, str, str]], *, featurizer: Any, batch_size: int) -> list[TorchBatch]:
+def make_batches(pairs: Sequence[tuple[str, str, str]], *, featurizer: Any, batch_size: int,
+                 combiner: str = "sum") -> list[TorchBatch]:
     """Featurize ``(query, document, document_id)`` pairs into full batches of ``batch_size`` (the rest dropped).
 
     The document keys are FarmHash64 of the id, as :class:`dssm.model.DSSMModel` hashes ``document_id``.
@@ -140,7 +151,7 @@ def make_batches(pairs: Sequence[tuple[str, str, str]], *, featurizer: Any, batc
         q_ids, q_counts = featurizer.bags(tf.constant([p[0] for p in chunk]))
         d_ids, d_counts = featurizer.bags(tf.constant([p[1] for p in chunk]))
         keys = tf.strings.to_hash_bucket_fast(tf.constant([p[2] for p in chunk]), 2**62).numpy()
-        batches.append(from_ragged(q_ids, q_counts, d_ids, d_counts, keys))
+        batches.append(from_ragged(q_ids, q_counts, d_ids, d_counts, keys, combiner=combiner))
     return batches
 
 

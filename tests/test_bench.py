@@ -128,7 +128,8 @@ def test_torch_reference_is_the_same_model_as_dssm_model() -> None:
         for layer, dense in zip(net.dense, tower.hidden, strict=True):
             layer.weight.copy_(torch.from_numpy(dense.kernel.numpy().T))
             layer.bias.copy_(torch.from_numpy(dense.bias.numpy()))
-    (torch_batch,) = ref.make_batches(pairs, featurizer=featurizer, batch_size=len(pairs))
+    (torch_batch,) = ref.make_batches(pairs, featurizer=featurizer, batch_size=len(pairs),
+                                      combiner=config.bag_combiner)
     out = net(torch_batch.ids, torch_batch.offsets, torch_batch.weights).detach().numpy()
     np.testing.assert_allclose(out[:4], tower((q_ids, q_counts)).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out[4:], tower((d_ids, d_counts)).numpy(), rtol=1e-4, atol=1e-5)

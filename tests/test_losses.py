@@ -580,7 +580,9 @@ def test_loss_config_round_trips_and_makes_flags():
 # --------------------------------------------------------------------------------- --loss in the trainer
 # Real `dssm pairs` runs on tiny tables (module fixtures, one Beam run each), then `train` / `dssm train`.
 
-TINY = dict(embedding_dim=16, hidden_dims=(16, 8))
+# sum pooling: these trainer tests' 3-epoch budgets and thresholds (and docs/losses.md's figures) were set for
+# raw-count bags; the default is sqrtn since issue 11 and has not been re-measured for cosent/classifier.
+TINY = dict(embedding_dim=16, hidden_dims=(16, 8), bag_combiner="sum")
 
 
 def _quora_rows(n: int) -> list[tuple[str, str, float]]:
