@@ -49,7 +49,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from dssm.config import config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
-__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "document_text", "build_bm25_state",
+__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows", "document_text", "build_bm25_state",
            "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
@@ -252,11 +252,8 @@ class BM25Index:
         out = []
         for text in texts:
             scores = self.scores(text)
-            rows = np.flatnonzero(scores > 0)
-            if rows.size > k:
-                rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
-            rows = rows[np.lexsort((rows, -scores[rows]))]  # by score, ties by row: deterministic
-            out.append((rows.astype(np.int64), scores[rows]))
+            rows = top_rows(scores, k)
+            out.append((rows, scores[rows]))
         return out
 
     def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
@@ -281,6 +278,14 @@ class BM25Index:
     def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """Top-``k`` ``(doc_id, score)`` for one query text."""
         return self.search_batch([text], k)[0]
+
+
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best rows of one query's [n] BM25 scores with a score > 0: int64, by score, ties by row."""
+    rows = np.flatnonzero(scores > 0)
+    if rows.size > k:
+        rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
+    return rows[np.lexsort((rows, -scores[rows]))].astype(np.int64)  # deterministic order
 
 
 def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[str],

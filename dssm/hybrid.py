@@ -47,6 +47,8 @@ __all__ = [
     "tune_weight",
     "read_hybrid_config",
     "fused_rows",
+    "rank_candidates",
+    "WEIGHT_GRID",
     "PseudoQuery",
     "crop_pseudo_queries",
     "reciprocal_ranks",
@@ -57,6 +59,8 @@ __all__ = [
 SEARCH_MODES = ("dense", "bm25", "hybrid")
 NORMALIZATIONS = ("minmax", "zscore")
 DEFAULT_WEIGHT = 0.5
+#: Hybrid weights tried when tuning: 0, 0.05, ..., 1.
+WEIGHT_GRID = tuple(round(i * 0.05, 2) for i in range(21))
 #: File in an index version holding the tuned :class:`HybridConfig` (written by ``dssm eval --save-weight``).
 HYBRID_FILE = "hybrid.json"
 
@@ -170,7 +174,7 @@ def tune_weight(score: Callable[[float], float], *,
         ``(best weight, {weight: score})``; among equal scores the weight nearest 0.5 wins (then the
         smaller), so a flat curve does not drift to an extreme.
     """
-    grid = [round(i * 0.05, 2) for i in range(21)] if grid is None else list(grid)
+    grid = list(WEIGHT_GRID) if grid is None else list(grid)
     if not grid:
         raise ConfigError("tune_weight needs at least one weight")
     curve = {float(w): float(score(float(w))) for w in grid}
@@ -218,19 +222,30 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         return [(rows[:k], scores[:k].astype(np.float64)) for rows, scores in bm25.search_rows_batch(texts, k)]
     if mode != "hybrid":
         raise ConfigError(f"mode {mode!r} is not one of {SEARCH_MODES}")
+    from dssm.bm25 import top_rows
+
     depth = max(k, config.candidates)
     dense_rows, _ = ann(query_vectors, depth)
-    sparse = bm25.search_rows_batch(texts, depth)
     out = []
     for i, text in enumerate(texts):
-        rows = np.union1d(np.asarray(dense_rows[i], dtype=np.int64), sparse[i][0])
+        sparse = bm25.scores(text)  # once per query: its top rows and the candidates' scores both come from it
+        rows = np.union1d(np.asarray(dense_rows[i], dtype=np.int64), top_rows(sparse, depth))
         cosines = np.asarray(embeddings[rows], dtype=np.float32) @ query_vectors[i]
-        bm25_scores = bm25.scores(text)[rows]
-        fused = fuse_scores(cosines, bm25_scores, weight=config.weight, normalization=config.normalization)
-        # By fused score; ties (e.g. documents without a query term at weight 0) by cosine, then row.
-        order = np.lexsort((rows, -cosines, -fused))[:k]
-        out.append((rows[order], fused[order]))
+        out.append(rank_candidates(rows, cosines, sparse[rows], weight=config.weight,
+                                   normalization=config.normalization, k=k))
     return out
+
+
+def rank_candidates(rows: np.ndarray, cosines: np.ndarray, sparse: np.ndarray, *, weight: float,
+                    normalization: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query's candidates fused and ranked: ``(rows [<=k], fused [<=k])`` best first.
+
+    Ties (e.g. documents without a query term at weight 0) go by cosine, then row. Search
+    (:func:`fused_rows`) and the weight tuning (:func:`label_free_weight`) both rank with it.
+    """
+    fused = fuse_scores(cosines, sparse, weight=weight, normalization=normalization)
+    order = np.lexsort((rows, -cosines, -fused))[:k]
+    return rows[order], fused[order]
 
 
 # ----------------------------------------------------------------------------- label-free weight (issue 11)
@@ -408,23 +423,19 @@ def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targ
                   query_vectors: np.ndarray, *, bm25_config: Any, candidates: int,
                   normalization: str) -> dict[float, np.ndarray]:
     """``{weight: [q] reciprocal rank@10 of each query's target row}`` over the weight grid."""
-    from dssm.bm25 import BM25Index
+    from dssm.bm25 import BM25Index, top_rows
 
     bm25 = BM25Index.build([str(i) for i in range(len(texts))], texts, config=bm25_config)
-    grid = [round(i * 0.05, 2) for i in range(21)]
-    ranked: dict[float, list[np.ndarray]] = {w: [] for w in grid}
+    ranked: dict[float, list[np.ndarray]] = {w: [] for w in WEIGHT_GRID}
     depth = min(candidates, len(texts))
     for i, query in enumerate(queries):
         cosines = matrix @ query_vectors[i]
         sparse = bm25.scores(query)
-        dense_top = np.argpartition(-cosines, depth - 1)[:depth]
-        hits = np.flatnonzero(sparse > 0)
-        sparse_top = hits[np.argpartition(-sparse[hits], min(depth, hits.size) - 1)[:depth]] if hits.size else hits
-        rows = np.union1d(dense_top, sparse_top)
-        for w in grid:
-            fused = fuse_scores(cosines[rows], sparse[rows], weight=w, normalization=normalization)
-            ranked[w].append(rows[np.lexsort((rows, -cosines[rows], -fused))[:10]])
-    return {w: reciprocal_ranks(ranked[w], targets.tolist()) for w in grid}
+        rows = np.union1d(np.argpartition(-cosines, depth - 1)[:depth], top_rows(sparse, depth))
+        for w in WEIGHT_GRID:
+            ranked[w].append(rank_candidates(rows, cosines[rows], sparse[rows], weight=w,
+                                             normalization=normalization, k=10)[0])
+    return {w: reciprocal_ranks(ranked[w], targets.tolist()) for w in WEIGHT_GRID}
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
