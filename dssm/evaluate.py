@@ -705,11 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_qids: list[str] = []
     stored_weight = None
     if "hybrid" in systems and args.hybrid_weight == "index" and searcher is not None:
-        from dssm.hybrid import HYBRID_FILE
-
-        if (searcher.index.version_dir / HYBRID_FILE).is_file():
-            stored_weight = searcher.hybrid_config
-        else:
+        stored_weight = searcher.stored_hybrid_config
+        if stored_weight is None:
             print(f"index version {searcher.version} stores no hybrid weight: tuning it on queries "
                   "(--hybrid-weight tune)", file=sys.stderr)
     if args.save_weight and stored_weight is not None:

@@ -198,12 +198,10 @@ def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
     Returns:
         The new version's name.
     """
-    from dssm.artifacts import MANIFEST
-    from serving.index import IndexWriteLock
+    from serving.index import IndexWriteLock, check_added_file_name
 
     for name in files:
-        if "/" in name or name in ("", MANIFEST) or name.startswith("."):
-            raise ConfigError(f"cannot add index file {name!r}")
+        check_added_file_name(name)
     # The live version is read under the writers' lock and the new one published before it is
     # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
     # writes would be lost (issue 12).

@@ -65,10 +65,9 @@ from dssm.model import (
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = [
-    "read_text_pairs","TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
-           "read_feature_config", "make_dataset", "add_bag_plans", "has_negatives", "select_strategy", "build_model",
-           "count_pairs", "load_towers",
+__all__ = ["TrainConfig", "SparseAdagrad", "RowwiseAdagrad", "LazyAdam", "make_optimizer", "pair_files",
+           "read_text_pairs", "read_feature_config", "make_dataset", "add_bag_plans", "has_negatives",
+           "select_strategy", "build_model", "count_pairs", "load_towers",
            "ValidationSet", "read_validation_set", "evaluate_retrieval", "MONITOR", "RUN_CONFIG", "train", "main"]
 
 _OPTIMIZERS = ("adagrad", "rowwise_adagrad", "lazy_adam", "adam", "sgd")

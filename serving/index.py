@@ -62,6 +62,7 @@ __all__ = [
     "staging_dir",
     "publish_version",
     "IndexWriteLock",
+    "check_added_file_name",
     "current_version_dir",
     "list_versions",
     "prune_versions",
@@ -873,6 +874,17 @@ def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -
         raise InputError(f"embedding of document {doc_id!r} (and {bad.size - 1} more) is not finite (NaN/inf)")
 
 
+def check_added_file_name(name: str) -> None:
+    """Refuse a name for a JSON file added to a version (a finalize hook's, ``publish_index_files``'):
+    a plain top-level name, not the manifest, not hidden.
+
+    Raises:
+        ConfigError: naming it.
+    """
+    if "/" in name or name in ("", MANIFEST) or name.startswith("."):
+        raise ConfigError(f"cannot add index file {name!r}")
+
+
 #: ``stage -> ({file name: JSON data}, {manifest key: value})``: see :func:`build_index_from_shards`.
 Finalize = Callable[[Path], tuple[Mapping[str, Any], Mapping[str, Any]]]
 
@@ -973,8 +985,9 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
         tick = time.perf_counter()
         files, added = finalize(stage)
         for name, data in files.items():
-            if "/" in name or name in ("", MANIFEST) or name.startswith(".") or (stage / name).exists():
-                raise ConfigError(f"cannot add index file {name!r}")
+            check_added_file_name(name)
+            if (stage / name).exists():
+                raise ConfigError(f"cannot add index file {name!r}: the version already has one")
             write_json_atomic(stage / name, data)
         timings["finalize"] = time.perf_counter() - tick
 

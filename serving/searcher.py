@@ -238,10 +238,14 @@ class Searcher:
         chosen weight (``hybrid.json``: the label-free weight ``dssm index`` stores, or ``dssm eval
         --save-weight``'s), else ``dense``. A weight of 0 makes hybrid rank as BM25 does, so the default
         search does not fall below BM25 where the tower does not help (issue 11)."""
+        return "hybrid" if self.stored_hybrid_config is not None and self.supports_hybrid else "dense"
+
+    @functools.cached_property
+    def stored_hybrid_config(self) -> Any:
+        """The weight the version stores (``hybrid.json``) as a :class:`dssm.hybrid.HybridConfig`, or ``None``."""
         from dssm.hybrid import HYBRID_FILE
 
-        has_weight = (self.index.version_dir / HYBRID_FILE).is_file()
-        return "hybrid" if has_weight and self.supports_hybrid else "dense"
+        return self.hybrid_config if (self.index.version_dir / HYBRID_FILE).is_file() else None
 
     @functools.cached_property
     def hybrid_config(self) -> Any:
