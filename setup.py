@@ -33,7 +33,9 @@ setup(
                 # trec_eval bindings: tests check our metrics against it.
                 "pytrec-eval-terrier==0.5.11",
                 # property-based HTTP tests against the served OpenAPI document (tests/test_serving.py).
-                "schemathesis==4.32.5"],
+                "schemathesis==4.32.5",
+                # the one-way layers contract (.importlinter), checked by tests/test_architecture.py.
+                "import-linter==2.17"],
         "serve": ["fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27", "prometheus-client>=0.20",
                   # uvicorn picks these up when present: C HTTP parser and libuv event loop (lower per-request cost).
                   "uvloop==0.22.1", "httptools==0.9.0"],

@@ -314,7 +314,7 @@ def export_untrained_model(model_dir: Path) -> Path:
 
 def corpus_texts(name: str, limit: int | None = None) -> tuple[list[str], list[str]]:
     """``(ids, texts)`` of ``DATASETS/name/corpus.jsonl`` (title and text joined as the index does)."""
-    from dssm.bm25 import document_text
+    from dssm.data import document_text
 
     ids, texts = [], []
     with open(DATASETS / name / "corpus.jsonl", encoding="utf-8") as handle:

@@ -3,7 +3,7 @@
 The parent writes ``n`` synthetic documents (:func:`bench.part_index.make_vectors`: clustered unit
 vectors, 128 dims; short synthetic texts) as 8 Parquet shards of the encode job's schema, then a
 child process imports what ``dssm index`` has loaded when its build starts (dssm, TensorFlow, ScaNN,
-bm25s, pyarrow), and runs :func:`serving.index.build_index_from_shards` (``auto`` ScaNN, recall gate,
+bm25s, pyarrow), and runs :func:`dssm.index.build_index_from_shards` (``auto`` ScaNN, recall gate,
 BM25 state). The build's own ``build.memory`` manifest section is printed: RSS at the build's start
 (baseline, not the build's), peak and end RSS of each stage above it, the raw float32 matrix, ScaNN's
 serialized structures and ``ratio = (peak − baseline − ScaNN) / matrix`` (budget ≤ 1.5).
@@ -59,7 +59,7 @@ def child_main(work: str) -> None:
     import importlib
 
     import dssm  # noqa: F401  (before TensorFlow: sets TF_USE_LEGACY_KERAS)
-    from serving.index import build_index_from_shards
+    from dssm.index import build_index_from_shards
 
     for name in ("tensorflow", "scann", "bm25s", "pyarrow.parquet"):  # in the baseline, as in `dssm index`
         importlib.import_module(name)

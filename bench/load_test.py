@@ -104,7 +104,7 @@ def build_synthetic_index(index_dir: Path, model_dir: Path, docs: int, *, scann_
     exact search.
     """
     from dssm.export import load_encoder
-    from serving.index import ScannConfig, build_index, load_index
+    from dssm.index import ScannConfig, build_index, load_index
 
     texts = synthetic_texts(docs)
     encoder = load_encoder(model_dir)
@@ -137,7 +137,7 @@ def _reusable(path: Path, kind: str, check: Any = None) -> bool:
 
 def prepare_index(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The index to serve: ``--index``, or the synthetic one in ``--workdir`` (built when missing)."""
-    from serving.index import current_version_dir
+    from dssm.index import current_version_dir
 
     if args.index is not None:
         return args.index, {"index": str(args.index)}

@@ -180,7 +180,7 @@ def _seed_mean_per_query(work: Path, names: list[str], metric: str = "ndcg@10") 
 
 
 def _paired_p(a: dict[str, float], b: dict[str, float]) -> float:
-    from dssm.evaluate import paired_randomization_test
+    from dssm.metrics import paired_randomization_test
 
     return paired_randomization_test(a, b)
 
@@ -201,7 +201,7 @@ def _history(model_dir: Path) -> dict[str, Any]:
 
 def _significance(work: Path, loss: str, metric: str = "ndcg@10") -> dict[str, float] | None:
     """Paired randomisation test of ``loss``'s dssm against softmax's dssm on the per-query ``metric``."""
-    from dssm.evaluate import paired_randomization_test
+    from dssm.metrics import paired_randomization_test
 
     if loss == "softmax":
         return None

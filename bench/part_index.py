@@ -11,7 +11,7 @@ store are short synthetic strings.
 Each system runs in its own child process (so the parent's arrays do not count), which reports its
 peak RSS and build seconds:
 
-- ours: what ``dssm index`` runs after encoding, :func:`serving.index.build_index_from_shards` end to
+- ours: what ``dssm index`` runs after encoding, :func:`dssm.index.build_index_from_shards` end to
   end from 8 Parquet shards (``bench.index_memory.write_shards``) — SQLite doc store, ``embeddings.npy``,
   ScaNN tree + AH + reorder (``auto`` mode), the build's recall gate with leaves tuning, BM25 state and
   the manifest's checksums — then the published version is loaded and searched. Its memory figures
@@ -102,7 +102,7 @@ def _sweep(search_with: Any, knobs: list[int], queries: np.ndarray, truth: np.nd
 
 def _child_scann(work: Path, n: int) -> dict[str, Any]:
     import dssm  # noqa: F401
-    from serving import index as ix
+    from dssm import index as ix
 
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def _child_faiss(work: Path, n: int) -> dict[str, Any]:
 
 def _child_truth(work: Path, n: int) -> dict[str, Any]:
     import dssm  # noqa: F401
-    from serving.index import exact_top_k
+    from dssm.index import exact_top_k
 
     rows, _ = exact_top_k(np.load(work / "docs.npy", mmap_mode="r"), np.load(work / "queries.npy"), 10)
     np.save(work / "truth.npy", rows)

@@ -20,8 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dssm.bm25 import document_text, neighbour_pairs
-from dssm.evaluate import holdout_filter
+from dssm.bm25 import neighbour_pairs
+from dssm.data import document_text, holdout_filter
 
 __all__ = ["pseudo_pairs", "main"]
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.data import read_beir
-from dssm.evaluate import drop_self, holdout_filter, ndcg_at_k, recall_at_k, select_queries
+from dssm.data import holdout_filter, read_beir
 from dssm.export import export_model
 from dssm.losses import LossConfig
+from dssm.metrics import drop_self, ndcg_at_k, recall_at_k, select_queries
 from dssm.model import ModelConfig, apply_loss_defaults
 from dssm.train import TrainConfig, train
 

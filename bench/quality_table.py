@@ -149,8 +149,8 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool) -> dict[str
 
 
 def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, dict[str, float]], bool]:
-    from dssm.data import read_beir
-    from dssm.evaluate import holdout_filter, select_queries
+    from dssm.data import holdout_filter, read_beir
+    from dssm.metrics import select_queries
 
     beir = read_beir(DATA / name)
     keep = holdout_filter(work / name / "pairs") if name == "quora-dev" else None
@@ -160,7 +160,7 @@ def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, 
 
 def minilm_scores(name: str, work: Path) -> dict[str, Any]:
     """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
-    from dssm.evaluate import holdout_filter
+    from dssm.data import holdout_filter
     from dssm.peers import minilm_available, minilm_ndcg
 
     if not minilm_available():
@@ -174,7 +174,7 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
     tuning half (``dssm thresholds --holdout``), for each seed's index, MiniLM's cosine and token Jaccard."""
     import numpy as np
 
-    from dssm.evaluate import holdout_filter
+    from dssm.data import holdout_filter
     from dssm.peers import minilm_available, minilm_encoder
     from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep, tuning_mask
 

@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from dssm.evaluate import ALL_SYSTEMS, SystemResult
+from dssm.evaluate import ALL_SYSTEMS
+from dssm.metrics import SystemResult
 from dssm.report import markdown_report
 
 __all__ = ["main"]

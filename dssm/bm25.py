@@ -45,11 +45,13 @@ from typing import Any
 import bm25s
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
+from tqdm import tqdm
 
-from dssm.config import config_to_dict, field
+from dssm.config import config_from_dict, config_to_dict, field
+from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
-__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows", "document_text", "build_bm25_state",
+__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows", "build_bm25_state",
            "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
@@ -75,6 +77,7 @@ class BM25Config:
 
 @lru_cache(maxsize=1)
 def _stemmer():
+    # deferred: PyStemmer, imported only when this runs
     import Stemmer  # PyStemmer; imported lazily so `dssm --help` stays fast
 
     return Stemmer.Stemmer("english")
@@ -103,11 +106,6 @@ def tokenize(texts: Sequence[str], *, stopwords: bool = True, stem: bool = True)
     return out
 
 
-def document_text(title: str, text: str) -> str:
-    """The text BM25 indexes for a document: title and body joined by a space (either may be empty)."""
-    return f"{title} {text}".strip() if title else text
-
-
 class BM25Index:
     """A ``bm25s`` index over a list of documents, searched by raw query text.
 
@@ -128,7 +126,7 @@ class BM25Index:
 
         Args:
             ids: document ids, one per text (unique).
-            texts: document texts (use :func:`document_text` to join title and body).
+            texts: document texts (use :func:`dssm.data.document_text` to join title and body).
             config: BM25 settings; defaults to :class:`BM25Config`.
             show_progress: let bm25s draw its progress bar.
 
@@ -189,7 +187,7 @@ class BM25Index:
         """Read a state written by :meth:`save` (arrays with ``allow_pickle=False``, memory-mapped).
 
         Checksums are the caller's business: inside an index version the version manifest covers
-        these files and :func:`serving.index.load_index` has verified them.
+        these files and :func:`dssm.index.load_index` has verified them.
 
         Args:
             directory: the state directory.
@@ -200,7 +198,6 @@ class BM25Index:
             IndexNotFoundError: no state there.
             ChecksumError: the files disagree with each other (wrong sizes or format).
         """
-        from dssm.config import config_from_dict
 
         directory = Path(directory)
         params_path = directory / "params.json"
@@ -315,7 +312,7 @@ def build_bm25_state(ids: Sequence[str], texts: Sequence[str], *, config: BM25Co
 
     Args:
         ids: document ids in index row order.
-        texts: the BM25 text of each document (:func:`document_text` of title and body).
+        texts: the BM25 text of each document (:func:`dssm.data.document_text` of title and body).
         config: BM25 settings.
         show_progress: bm25s' progress bar.
 
@@ -326,6 +323,7 @@ def build_bm25_state(ids: Sequence[str], texts: Sequence[str], *, config: BM25Co
 
 
 def _idf_lookup(method: str) -> Any:
+    # deferred: bm25s, imported only when this runs
     from bm25s.scoring import _select_idf_scorer
 
     return _select_idf_scorer(method)
@@ -428,7 +426,7 @@ def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM
     Args:
         version_dir: the staged version directory.
         docs: the version's documents in row order, objects with ``id``, ``title`` and ``text``
-            (``serving.index.Doc``, ``dssm.data.Document``).
+            (``dssm.index.Doc``, ``dssm.data.Document``).
         config: BM25 settings (default :class:`BM25Config`).
         chunk: documents tokenised at a time.
 
@@ -475,7 +473,7 @@ def neighbour_pairs(ids: Sequence[str], texts: Sequence[str], *, top: int = 1, s
 
     Args:
         ids: document ids, [n], unique.
-        texts: document texts, [n] (:func:`document_text` for title + body).
+        texts: document texts, [n] (:func:`dssm.data.document_text` for title + body).
         top: neighbours kept per document (>= 1).
         skip: best neighbours passed over first (>= 0; near-copies, if they are too easy).
         config: BM25 settings (default :class:`BM25Config`).
@@ -490,7 +488,6 @@ def neighbour_pairs(ids: Sequence[str], texts: Sequence[str], *, top: int = 1, s
         ConfigError: ``top < 1`` or ``skip < 0``.
         InputError: as :meth:`BM25Index.build` (no documents, lengths differ, an id repeats).
     """
-    from tqdm import tqdm
 
     if top < 1 or skip < 0:
         raise ConfigError(f"neighbours: top must be >= 1 and skip >= 0, got top={top}, skip={skip}")

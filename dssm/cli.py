@@ -1,8 +1,9 @@
 """The one command-line tool, ``dssm``, with subcommands.
 
-Each subcommand lives in its own module as ``main(argv: list[str] | None) -> int`` and is imported only
-when called, so ``dssm --help`` stays fast. Beam jobs parse their own flags with ``parse_known_args``
-and pass the rest to Beam. A :class:`~dssm.errors.DSSMError` prints as one ``error:`` line (exit 2).
+Each subcommand is a function ``main(argv: list[str] | None) -> int`` (``"module"`` names a module's
+``main``, ``"module:function"`` another function); its module is imported only when called, so
+``dssm --help`` stays fast. Beam jobs parse their own flags with ``parse_known_args`` and pass the rest to
+Beam. A :class:`~dssm.errors.DSSMError` prints as one ``error:`` line (exit 2).
 """
 
 from __future__ import annotations
@@ -10,19 +11,22 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dssm import __version__
 from dssm.errors import DSSMError
 
 __all__ = ["COMMANDS", "main"]
 
-# name -> (module, summary)
+# name -> ("module" or "module:function", summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/CSV/TSV/JSONL/Parquet/BEIR) → TFRecord shards."),
     "train": ("dssm.train", "Train the two-tower model on pair shards and export a SavedModel."),
     "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
     "mine": ("pipelines.mine_negatives", "Beam job: hard negatives for training pairs, retrieved from an index."),
     "search": ("serving.searcher", "Search an index from the command line."),
-    "upsert": ("serving.upsert", "Add or replace documents of an index without a rebuild (new version)."),
-    "delete": ("serving.delete", "Delete documents from an index by id without a rebuild (new version)."),
+    "upsert": ("dssm.index.commands:upsert_main",
+               "Add or replace documents of an index without a rebuild (a new version)."),
+    "delete": ("dssm.index.commands:delete_main",
+               "Delete documents of an index by id without a rebuild (a new version)."),
     "serve": ("serving.app", "HTTP search service (FastAPI) over an index; hot-swaps new versions."),
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
     "thresholds": ("dssm.thresholds", "Duplicate-detection threshold from labelled pairs (accuracy, F1, AP); --save."),
@@ -45,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from dssm import __version__
 
         print(__version__)
         return 0
@@ -53,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    command = getattr(importlib.import_module(module_name), function or "main")
     try:
-        return int(module.main(rest) or 0)
+        return int(command(rest) or 0)
     except DSSMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

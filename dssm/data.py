@@ -15,7 +15,7 @@ import hashlib
 import json
 import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +36,8 @@ __all__ = [
     "read_beir",
     "is_valid_utf8",
     "split_of",
+    "holdout_filter",
+    "document_text",
 ]
 
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -107,6 +109,7 @@ def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # n
     _require_file(path, "input file")
     kind = table_format(path, format)
     if kind == "parquet":
+        # deferred: pyarrow, imported only when this runs
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
@@ -182,6 +185,7 @@ def iter_rows(path: str | Path, format: str | None = None) -> Iterator[Row]:  # 
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:
+    # deferred: pyarrow, imported only when this runs
     import pyarrow.parquet as pq
 
     row_no = 0
@@ -307,3 +311,27 @@ def split_of(text: str, *, validation_fraction: float, salt: str = "") -> str:
     digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8", "surrogatepass")).digest()
     point = int.from_bytes(digest[:8], "big") / 2**64
     return "validation" if point < validation_fraction else "train"
+
+
+def document_text(title: str, text: str) -> str:
+    """What a document is to the towers and to BM25: title and body joined by a space (either may be empty)."""
+    return f"{title} {text}".strip() if title else text
+
+
+def holdout_filter(pairs_dir: str | Path) -> Callable[[str], bool]:
+    """``text -> in validation split``, the split ``dssm pairs`` made (``PAIRS_DIR/pairs_config.json``:
+    ``validation_fraction`` and ``split_salt``, hashed by :func:`dssm.data.split_of` on the query text)."""
+    path = Path(pairs_dir) / "pairs_config.json"
+    if not path.is_file():
+        raise InputError(f"--holdout {pairs_dir}: no pairs_config.json there (not a `dssm pairs` output?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [key for key in ("validation_fraction", "split_salt") if key not in config]
+    if missing:
+        raise InputError(f"{path} lacks {missing}; cannot reproduce its train/validation split")
+    fraction, salt = float(config["validation_fraction"]), str(config["split_salt"])
+    if fraction <= 0:
+        raise InputError(f"{path}: validation_fraction is {fraction}, so there are no held-out queries")
+    return lambda text: split_of(text, validation_fraction=fraction, salt=salt) == "validation"

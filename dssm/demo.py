@@ -26,12 +26,14 @@ BM25 0.7447, MiniLM 0.7850 (docs/quality.md: 0.7481 ± 0.0018 over 3 seeds).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
 
+from dssm.data import holdout_filter, read_queries, split_of
 from dssm.errors import InputError
-from dssm.peers import minilm_available
+from dssm.peers import minilm_available, minilm_ndcg
 
 __all__ = ["main"]
 
@@ -46,8 +48,6 @@ def _step(title: str) -> float:
 
 
 def _call(module: str, argv: list[str]) -> None:
-    import importlib
-
     print("$ dssm", {"pipelines.make_pairs": "pairs", "dssm.train": "train", "pipelines.encode_corpus": "index",
                      "dssm.evaluate": "eval", "serving.searcher": "search"}[module], " ".join(argv), flush=True)
     code = importlib.import_module(module).main(argv)
@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     minilm = None
     if not args.no_minilm and minilm_available():
         start = _step("MiniLM (all-MiniLM-L6-v2, the bench extra) on the same queries, exact cosine search")
-        from dssm.evaluate import holdout_filter
-        from dssm.peers import minilm_ndcg
 
         peer = minilm_ndcg(args.data, keep=holdout_filter(pairs), skip_self=True)
         minilm = peer["ndcg@10"]
@@ -141,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         timings["minilm"] = time.perf_counter() - start
 
     start = _step(f"{next(step)}/{steps} search: three held-out queries")
-    from dssm.data import read_queries, split_of
 
     config = json.loads((pairs / "pairs_config.json").read_text())
     held_out = [text for text in read_queries(args.data / "queries.jsonl").values()

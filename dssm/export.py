@@ -359,6 +359,7 @@ def _numpy_activation(name: str) -> Any:
     if name == "linear":
         return lambda x: x
     if name == "gelu":
+        # deferred: scipy, imported only when this runs
         from scipy.special import erf  # noqa: PLC0415  (only gelu models pay for the import)
 
         return lambda x: (np.float32(0.5) * x * (np.float32(1) + erf(x / np.float32(np.sqrt(2))))).astype(np.float32)
@@ -409,7 +410,6 @@ def load_encoder(model_dir: str | Path, *, batch_size: int = 1024, fast_queries:
     """
     verify_manifest(model_dir, kind="model")
     features, model, train = read_model_configs(model_dir)
-    import tensorflow_text  # noqa: F401, PLC0415  (registers the normalisation op before loading)
 
     loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
     return Encoder(loaded, features=features, model=model, batch_size=batch_size, fast_queries=fast_queries,

@@ -2,7 +2,7 @@
 
 Two fusions:
 
-* **Reciprocal-rank fusion** (:func:`dssm.evaluate.reciprocal_rank_fusion`): ranks only, no weight;
+* **Reciprocal-rank fusion** (:func:`dssm.metrics.reciprocal_rank_fusion`): ranks only, no weight;
   ``score(d) = sum 1 / (60 + rank(d))``.
 * **Convex combination** of normalised scores (:func:`fuse_scores`, :func:`convex_fusion`):
   ``score(d) = w * norm(dense(d)) + (1 - w) * norm(bm25(d))`` with ``w`` the weight of DSSM.
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from dssm.config import field
+from dssm.config import config_from_dict, field
 from dssm.errors import ChecksumError, ConfigError
+from dssm.metrics import paired_randomization_test
 
 __all__ = [
     "SEARCH_MODES",
@@ -189,7 +190,6 @@ def read_hybrid_config(version_dir: str | Path) -> HybridConfig:
     Raises:
         ChecksumError: the file exists but is not a valid :class:`HybridConfig`.
     """
-    from dssm.config import config_from_dict
 
     path = Path(version_dir) / HYBRID_FILE
     if not path.is_file():
@@ -222,6 +222,7 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         return [(rows[:k], scores[:k].astype(np.float64)) for rows, scores in bm25.search_rows_batch(texts, k)]
     if mode != "hybrid":
         raise ConfigError(f"mode {mode!r} is not one of {SEARCH_MODES}")
+    # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import top_rows
 
     depth = max(k, config.candidates)
@@ -330,7 +331,6 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
     gain = float(top.mean() - base.mean()) if top.size else 0.0
     p = 1.0
     if best_w != 0.0 and gain > 0:
-        from dssm.evaluate import paired_randomization_test
 
         p = paired_randomization_test(dict(enumerate(top.tolist())), dict(enumerate(base.tolist())),
                                       trials=trials, seed=seed)
@@ -423,6 +423,7 @@ def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targ
                   query_vectors: np.ndarray, *, bm25_config: Any, candidates: int,
                   normalization: str) -> dict[float, np.ndarray]:
     """``{weight: [q] reciprocal rank@10 of each query's target row}`` over the weight grid."""
+    # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import BM25Index, top_rows
 
     bm25 = BM25Index.build([str(i) for i in range(len(texts))], texts, config=bm25_config)

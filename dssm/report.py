@@ -18,8 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dssm.artifacts import write_json_atomic
 from dssm.errors import InputError
-from dssm.evaluate import Qrels, Run, SystemResult, mean_metrics, per_query_metrics, trec_run_lines
+from dssm.metrics import Qrels, Run, SystemResult, mean_metrics, per_query_metrics, trec_run_lines
 
 __all__ = [
     "RECALL_CUTS",
@@ -122,9 +125,11 @@ def markdown_report(results: Sequence[SystemResult], report: Mapping[str, Any], 
 
 
 def _pyplot() -> Any:
+    # deferred: matplotlib, imported only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib, imported only when this runs
     import matplotlib.pyplot as plt
 
     return plt
@@ -160,7 +165,6 @@ def plot_recall_curves(path: str | Path, curves: Mapping[str, Mapping[int, float
 def plot_metric_difference(path: str | Path, a: SystemResult, b: SystemResult, *, metric: str = "ndcg@10",
                            title: str) -> Path:
     """Per-query ``metric`` of ``a`` minus ``b``, sorted descending, as bars; wins/ties/losses in the legend."""
-    import numpy as np
 
     if metric not in a.per_query or metric not in b.per_query:
         raise InputError(f"metric {metric!r} is not in both systems' results")
@@ -196,7 +200,6 @@ def write_report(directory: str | Path, *, results: Sequence[SystemResult], runs
     Returns:
         The paths written.
     """
-    from dssm.artifacts import write_json_atomic
 
     directory = Path(directory)
     (directory / "runs").mkdir(parents=True, exist_ok=True)

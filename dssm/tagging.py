@@ -12,7 +12,7 @@ columns, renamed by ``--label-column``/``--description-column``)::
     dssm tag --index work/tags --labels labels.tsv --model work/model
     dssm tag --index work/tags "how do I learn python"
 
-The build runs in this process (:func:`serving.index.build_index_from_documents`): label sets are
+The build runs in this process (:func:`dssm.index.build_index_from_documents`): label sets are
 small, so the Beam job's start-up would dominate.
 """
 
@@ -24,7 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dssm.data import Document, iter_corpus
 from dssm.errors import InputError
+from dssm.index import build_index_from_documents
+from serving.searcher import Searcher
 
 __all__ = ["read_labels", "build_tag_index", "rank_labels", "main"]
 
@@ -37,7 +40,6 @@ def read_labels(path: str | Path, *, label_column: str = "label",
         InputError: missing file or columns, an empty label or description, a repeated label (each
             naming the record).
     """
-    from dssm.data import Document, iter_corpus
 
     labels: list[Document] = []
     seen: dict[str, int] = {}
@@ -56,7 +58,6 @@ def read_labels(path: str | Path, *, label_column: str = "label",
 def build_tag_index(index_dir: str | Path, *, labels_path: str | Path, model_dir: str | Path,
                     label_column: str = "label", description_column: str = "description") -> Any:
     """Embed the label descriptions with the model's document tower and publish a tags index version."""
-    from serving.index import build_index_from_documents
 
     labels = read_labels(labels_path, label_column=label_column, description_column=description_column)
     return build_index_from_documents(index_dir, model_dir=model_dir, documents=labels, progress=False)
@@ -94,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels is None:
             raise InputError("give a text to tag (or --labels and --model to build the tags index)")
         return 0
-    from serving.searcher import Searcher
 
     text = " ".join(args.text)
     ranked = rank_labels(Searcher.load(args.index), text, k=args.k)

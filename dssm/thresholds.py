@@ -20,16 +20,13 @@ question never lands in both.
 ``--save`` stores the chosen threshold in the index as a new version: the live version is copied
 with hard links, ``thresholds.json`` is added and the manifest gains the ``duplicate_threshold`` key
 that ``serving.backend`` and ``Searcher.duplicate_threshold`` read; then the version is published
-atomically (:func:`publish_index_files`).
+atomically (:func:`dssm.index.publish_index_files`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from dssm.artifacts import write_json_atomic
+from dssm.data import holdout_filter, iter_rows, read_columns, split_of
 from dssm.errors import ConfigError, InputError
+from dssm.index import publish_index_files
+from serving.searcher import Searcher
 
 __all__ = [
     "THRESHOLDS_FILE",
@@ -48,7 +50,6 @@ __all__ = [
     "best_point",
     "average_precision",
     "read_labelled_pairs",
-    "publish_index_files",
     "tuning_mask",
     "plot_score_histogram",
     "main",
@@ -157,7 +158,6 @@ def read_labelled_pairs(path: str | Path) -> list[tuple[str, str, int, str]]:
         InputError: missing file or columns, an unparsable row, an empty text or a label not 0/1
             (each names the row).
     """
-    from dssm.data import iter_rows, read_columns
 
     columns = read_columns(path)
     first, second = ("text1", "text2") if "text1" in columns else ("question1", "question2")
@@ -185,73 +185,9 @@ def read_labelled_pairs(path: str | Path) -> list[tuple[str, str, int, str]]:
 def tuning_mask(pairs: Sequence[tuple[str, ...]], fraction: float) -> np.ndarray:
     """[n] bool: the pairs that choose the threshold (``split_of``'s "validation" side of the first
     text, salt ``thresholds``); the rest are the test pairs it is reported on."""
-    from dssm.data import split_of
 
     return np.array([split_of(p[0], validation_fraction=fraction, salt="thresholds") == "validation" for p in pairs],
                     dtype=bool)
-
-
-def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
-                        manifest_updates: Mapping[str, Any]) -> str:
-    """Publish a new index version = the live one + small JSON files + manifest keys.
-
-    The live version is verified, copied with hard links (published versions are never modified in
-    place, so sharing inodes is safe; the manifest is written fresh, not linked), the JSON files are
-    written, their sha256s added to the copied manifest together with ``manifest_updates``, and the
-    result published with :func:`serving.index.publish_version` (atomic ``CURRENT`` switch).
-
-    Args:
-        index_dir: the index directory.
-        files: ``{file name: JSON-serialisable data}``, plain names at the version's top level.
-        manifest_updates: keys set in the new manifest (e.g. ``{"duplicate_threshold": 0.8}``).
-
-    Returns:
-        The new version's name.
-    """
-    from serving.index import IndexWriteLock, check_added_file_name
-
-    for name in files:
-        check_added_file_name(name)
-    # The live version is read under the writers' lock and the new one published before it is
-    # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
-    # writes would be lost (issue 12).
-    with IndexWriteLock(index_dir):
-        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates)
-
-
-def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> str:
-    import datetime as dt
-
-    from dssm.artifacts import MANIFEST, sha256_file, verify_manifest, write_json_atomic
-    from serving.index import current_version_dir, new_version_name, publish_version, staging_dir
-
-    source = current_version_dir(index_dir)
-    manifest = verify_manifest(source, kind="index")
-    version = new_version_name()
-    stage_root = staging_dir(index_dir, version)
-    stage = stage_root / "version"
-    stage_root.mkdir(parents=True)
-    try:
-        shutil.copytree(source, stage, copy_function=os.link, ignore=lambda d, names: [
-            n for n in names if Path(d) == source and (n == MANIFEST or n in files)])
-        new = dict(manifest)
-        new["files"] = {rel: meta for rel, meta in manifest["files"].items() if rel not in files}
-        for name, data in files.items():
-            path = stage / name
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            new["files"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        new.update(manifest_updates)
-        new.update(version=version, derived_from=source.name,
-                   created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-        write_json_atomic(stage / MANIFEST, new)
-        publish_version(index_dir, stage, version)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
-        try:  # only if empty: another build may be staging beside us
-            stage_root.parent.rmdir()
-        except OSError:
-            pass
-    return version
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -260,9 +196,11 @@ def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifes
 def plot_score_histogram(path: str | Path, scores: Sequence[float], labels: Sequence[int], *,
                          thresholds: Mapping[str, float], title: str) -> Path:
     """Histogram of duplicate vs non-duplicate cosines with the chosen thresholds as vertical lines."""
+    # deferred: matplotlib, imported only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib, imported only when this runs
     import matplotlib.pyplot as plt
 
     s, y = _check(scores, labels)
@@ -324,10 +262,6 @@ def _summary(scores: np.ndarray, labels: np.ndarray, chosen: Mapping[str, SweepP
 
 def main(argv: list[str] | None = None) -> int:
     """``dssm thresholds``: print the figures; ``--json``, ``--plot``, ``--save`` as asked."""
-    from tqdm.auto import tqdm
-
-    from dssm.evaluate import holdout_filter
-    from serving.searcher import Searcher
 
     args = _parser().parse_args(argv)
     if not 0.0 < args.tune_fraction < 1.0:
@@ -394,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         result["saved_version"] = version
         print(f"saved duplicate_threshold {threshold:.4f} in {args.index} as version {version}")
     if args.json:
-        from dssm.artifacts import write_json_atomic
 
         write_json_atomic(Path(args.json), result)
     return 0

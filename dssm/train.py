@@ -47,10 +47,10 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import verify_manifest, write_json_atomic
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, load_config
 from dssm.errors import ConfigError, InputError
-from dssm.evaluate import mrr_at_k, recall_at_k
 from dssm.export import SAVED_MODEL, export_model, read_model_configs
 from dssm.features import FeatureConfig
 from dssm.losses import LOSSES, LossConfig, loss_help
+from dssm.metrics import mrr_at_k, recall_at_k
 from dssm.model import (
     BAG_PLANS,
     CSR_PLAN_KEYS,
@@ -717,7 +717,7 @@ def evaluate_retrieval(model: DSSMModel, validation: ValidationSet, *, k: int = 
 
     Returns:
         ``{"recall_at_{k}": mean Recall@k, "mrr_at_{k}": mean MRR@k}`` over the queries, with the
-        definitions of :func:`dssm.evaluate.recall_at_k` / :func:`dssm.evaluate.mrr_at_k`.
+        definitions of :func:`dssm.metrics.recall_at_k` / :func:`dssm.metrics.mrr_at_k`.
     """
     documents = _embed_batches(model.document_tower, validation.documents)
     queries = _embed_batches(model.query_tower, validation.queries)

@@ -14,7 +14,7 @@ the fixed start-up; the tower itself takes about 40). A JSONL corpus is cut into
 byte ranges at line boundaries (one range = one batch), so one big file is still spread over the
 workers; a CSV/TSV/Parquet file is read by one worker in ``--batch-size`` chunks.
 
-then :func:`serving.index.build_index_from_shards` streams the Parquet shards (``id``, ``title``,
+then :func:`dssm.index.build_index_from_shards` streams the Parquet shards (``id``, ``title``,
 ``text``, ``record``, ``embedding`` float32 list) into one preallocated matrix and the SQLite doc
 store, builds ScaNN, checks recall, and publishes ``INDEX_DIR/versions/<version>/`` by flipping
 ``CURRENT``.
@@ -44,56 +44,19 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
 
-
-def _import_run_inference_without_torch() -> None:
-    """Import ``apache_beam.ml.inference.base`` with its optional ``torch`` import blocked.
-
-    Beam 2.77's ``base`` imports ``model_manager`` (for ``use_model_manager=True``, which this job does
-    not use), and that imports torch and scipy: about 2.5 s of CPU in every Beam worker process when the
-    ``bench`` extra has installed torch (a 1,000-document job with 2 workers: 17.1 → 12.1 CPU-seconds).
-    ``base`` catches the ImportError and sets ``ModelManager = None`` (and ``resource = None``, which
-    is put back: RunInference measures the model's memory with it). The block is lifted at once, so
-    ``import torch`` elsewhere works as usual. Beam workers unpickle this job's ``Map`` functions
-    (downstream of RunInference, created first) before RunInference's DoFn, so they take this path too.
-    """
-    if "apache_beam.ml.inference.base" in sys.modules or "torch" in sys.modules:
-        return
-    sys.modules["torch"] = None  # type: ignore[assignment]  # None in sys.modules: import raises ImportError
-    try:
-        import apache_beam.ml.inference.base as inference_base
-    finally:
-        del sys.modules["torch"]
-    if getattr(inference_base, "resource", True) is None:
-        import resource
-
-        inference_base.resource = resource
-
-
-_import_run_inference_without_torch()
-
-from apache_beam.metrics import Metrics  # noqa: E402
-from apache_beam.ml.inference.base import (  # noqa: E402
-    KeyedModelHandler,
-    ModelHandler,
-    PredictionResult,
-    RunInference,
-)
-
-import dssm  # noqa: F401,E402  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.artifacts import verify_manifest  # noqa: E402
-from dssm.bm25 import document_text  # noqa: E402
-from dssm.config import add_config_arguments, config_from_args, config_to_dict  # noqa: E402
-from dssm.data import read_columns, table_format  # noqa: E402
-from dssm.errors import ConfigError, InputError  # noqa: E402
-from pipelines.transforms import (  # noqa: E402
-    REJECTED,
-    json_safe,
-    read_jsonl_range,
-    read_table,
-    rejected_json,
-)
-from serving import index as index_lib  # noqa: E402
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm import index as index_lib
+from dssm.artifacts import verify_manifest
+from dssm.config import add_config_arguments, config_from_args, config_to_dict
+from dssm.data import document_text, read_columns, table_format
+from dssm.errors import ConfigError, InputError
+from dssm.hybrid import HYBRID_FILE, label_free_weight
+from pipelines.transforms import REJECTED, json_safe, read_jsonl_range, read_table, rejected_json
 
 __all__ = [
     "REASONS",
@@ -125,6 +88,7 @@ REASONS = {
 
 
 def _shard_schema() -> Any:
+    # deferred: pyarrow, imported only when this runs
     import pyarrow as pa
 
     return pa.schema([
@@ -229,6 +193,7 @@ class DocumentTowerHandler(ModelHandler[Sequence[str], PredictionResult, Any]):
         self.call_size = call_size
 
     def load_model(self) -> Any:
+        # deferred: TensorFlow, imported only when this runs
         from dssm.export import load_encoder
 
         return load_encoder(self.model_dir, batch_size=self.call_size)
@@ -472,6 +437,7 @@ class _PlainInference(beam.DoFn):
 
 def shard_table(docs: Sequence[dict[str, Any]], embeddings: np.ndarray) -> Any:
     """Documents and their [n, dim] embeddings → one ``pyarrow.Table`` in :data:`SHARD_SCHEMA`."""
+    # deferred: pyarrow, imported only when this runs
     import pyarrow as pa
 
     matrix = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -501,6 +467,7 @@ def write_batch(batch: tuple[int, list[dict], list[dict], np.ndarray], *, shards
     ``num_batches``, at least 5 digits). Records the wall-clock millisecond each batch was written in
     the ``dssm_encode`` distribution ``batch_written_ms``.
     """
+    # deferred: pyarrow, imported only when this runs
     import pyarrow.parquet as pq
 
     batch_id, docs, rejected, embeddings = batch
@@ -560,6 +527,7 @@ def count_records(paths: Sequence[str], table: str | None) -> int:
     for path in paths:
         kind = table_format(path, table)
         if kind == "parquet":
+            # deferred: pyarrow, imported only when this runs
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows
@@ -664,9 +632,8 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     from training) when given; its report goes to the manifest as ``hybrid_tuning``.
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        from dssm.config import config_to_dict
+        # deferred: TensorFlow, imported only when this runs
         from dssm.export import load_encoder
-        from dssm.hybrid import HYBRID_FILE, label_free_weight
 
         store = index_lib.DocStore(stage / index_lib.DOCS_DB)
         embeddings = np.load(stage / index_lib.EMBEDDINGS, mmap_mode="r")
@@ -699,7 +666,6 @@ def _steady_rate(job: Any) -> dict[str, Any]:
     Leaves out what comes before the first batch: worker start-up, imports and model loading, a fixed
     cost of seconds that dominates a short job's whole-job rate.
     """
-    from apache_beam.metrics.metric import MetricsFilter
 
     try:
         metrics = job.metrics().query(MetricsFilter().with_namespace("dssm_encode"))
@@ -741,7 +707,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         InputError: missing corpus/model, missing columns, empty corpus, duplicate ids.
         ConfigError: bad flags, or the built index's recall is below ``--min-recall``.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     args, beam_args = _parser().parse_known_args(argv)
     config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
@@ -765,6 +730,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
     tuning_pairs = None
     if args.hybrid_pairs:
+        # deferred: TensorFlow, imported only when this runs
         from dssm.train import pair_files, read_text_pairs
 
         tuning_pairs = read_text_pairs(pair_files(args.hybrid_pairs, "validation"))

@@ -56,14 +56,18 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, load_config
+from dssm.data import document_text
 from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
-from dssm.features import FeatureConfig
+from dssm.export import load_encoder
+from dssm.features import FeatureConfig, Featurizer
+from dssm.index import MODEL_DIR, current_version_dir, load_index
 from pipelines.transforms import REJECTED, normalise_text, rejected_json, set_negative
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
@@ -166,30 +170,26 @@ class MineNegatives(beam.DoFn):
 
     def __init__(self, spec: MiningSpec) -> None:
         self._spec = spec
-        self._searcher: Any = None
+        self._index: Any = None
+        self._encoder: Any = None
         self._featurizer: Any = None
-        self._document_text: Any = None
 
     def setup(self) -> None:
-        from dssm.bm25 import document_text
-        from dssm.features import Featurizer
-        from serving.searcher import Searcher
-
-        self._searcher = Searcher.load(self._spec.index_dir)
-        if self._searcher.version != self._spec.index_version:
+        self._index = load_index(self._spec.index_dir)
+        if self._index.version != self._spec.index_version:
             raise ConfigError(f"index {self._spec.index_dir} moved from version {self._spec.index_version} to "
-                              f"{self._searcher.version} while the job ran; run it again")
-        if self._searcher.encoder is None:
+                              f"{self._index.version} while the job ran; run it again")
+        if self._index.model_dir is None:
             raise IndexNotFoundError(f"index {self._spec.index_dir} has no model/ to embed queries")
+        self._encoder = load_encoder(self._index.model_dir)
         self._featurizer = Featurizer(self._spec.features)
-        self._document_text = document_text
 
     def _candidates(self, key: str, pairs: list[dict[str, Any]], docs: Iterable[Any]) -> list[tuple[str, str]]:
         positive_ids = {p["document_id"] for p in pairs}
         positive_texts = {normalise_text(p["document_text"]) for p in pairs} | {key}
         found = []
         for doc in docs:
-            text = self._document_text(doc.title, doc.text)
+            text = document_text(doc.title, doc.text)
             if doc.id in positive_ids or normalise_text(text) in positive_texts or \
                     normalise_text(doc.text) in positive_texts:
                 continue
@@ -198,13 +198,11 @@ class MineNegatives(beam.DoFn):
         return found[spec.skip_top:spec.skip_top + spec.negatives_per_query]
 
     def process(self, batch: Iterable[tuple[str, Iterable[dict[str, Any]]]]) -> Iterator[tuple[str, bytes, str]]:
-        import numpy as np
-
         groups = [(key, list(pairs)) for key, pairs in batch]
         if not groups:
             return
-        index = self._searcher.index
-        vectors = np.asarray(self._searcher.encoder.embed_queries([pairs[0]["query_text"] for _, pairs in groups]),
+        index = self._index
+        vectors = np.asarray(self._encoder.embed_queries([pairs[0]["query_text"] for _, pairs in groups]),
                              dtype=np.float32)
         k = self._spec.skip_top + self._spec.negatives_per_query + _SEARCH_MARGIN + max(
             len({p["document_id"] for p in pairs}) for _, pairs in groups)
@@ -341,8 +339,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         IndexNotFoundError: no index, or an index without a model (it cannot embed query texts).
         ChecksumError: the pairs directory does not match its manifest.
     """
-    from serving.index import MODEL_DIR, current_version_dir
-
     args, beam_args = _parser().parse_known_args(argv)
     config = config_from_args(MineConfig, args)
     if config.negatives_per_query < 1 or config.skip_top < 0 or config.batch_size < 1 or config.num_shards < 0:

@@ -39,8 +39,8 @@ from typing import Any
 import apache_beam as beam
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.data import is_valid_utf8, iter_rows, split_of
-from dssm.features import FeatureConfig
+from dssm.data import document_text, is_valid_utf8, iter_rows, split_of
+from dssm.features import FeatureConfig, Featurizer
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
 
@@ -689,8 +689,6 @@ class CheckDocuments(beam.DoFn):
         self._limits = limits
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
-        from dssm.bm25 import document_text
-
         counts: dict[str, int] = {}
         for raw in chunk:
             counts["read"] = counts.get("read", 0) + 1
@@ -724,6 +722,7 @@ def neighbour_outputs(documents: list[dict[str, Any]], *, spec: NeighbourSpec,
     pairs; all pairs of a query share it). Also emits one ``counts`` dict: ``paired_documents`` and
     the rejections made here.
     """
+    # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import neighbour_pairs
 
     counts: dict[str, int] = {}
@@ -778,8 +777,6 @@ class FeaturizeChunks(beam.DoFn):
         self._featurizer: Any = None
 
     def setup(self) -> None:
-        from dssm.features import Featurizer
-
         self._featurizer = Featurizer(self._config)
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
@@ -900,8 +897,6 @@ class FeaturizePairs(beam.DoFn):
         self._featurizer: Any = None
 
     def setup(self) -> None:
-        from dssm.features import Featurizer
-
         self._featurizer = Featurizer(self._config)
 
     def process(self, batch: Iterable[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
@@ -963,8 +958,6 @@ class MakePairs(beam.DoFn):
         self._featurizer: Any = None
 
     def setup(self) -> None:
-        from dssm.features import Featurizer
-
         self._check.setup()
         if self._featurize:
             self._featurizer = Featurizer(self._config)

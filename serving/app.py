@@ -35,7 +35,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,12 +50,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from dssm import __version__
 from dssm.errors import ConfigError, DSSMError, InputError
+from dssm.index import current_version_dir
 from serving.backend import (
     Backend,
     DocumentNotFoundError,
@@ -62,7 +66,6 @@ from serving.backend import (
     WriteNotSupportedError,
     multiprocess_metrics,
 )
-from serving.index import current_version_dir
 from serving.schemas import (
     MAX_BODY_BYTES,
     MAX_ID_CHARS,
@@ -420,7 +423,6 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
 
                 multiprocess.mark_process_dead(os.getpid())
 
-    from dssm import __version__
 
     app = FastAPI(title="dssm-search", version=__version__, lifespan=lifespan,
                   description="Semantic search over a DSSM index: search, batch search, similarity, documents, "
@@ -584,7 +586,6 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
 def metrics_text(backend: Backend) -> bytes:
     """The Prometheus exposition of ``backend``'s metrics, or of every worker's under ``--workers N``."""
     if multiprocess_metrics():
-        from prometheus_client import CollectorRegistry, multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -603,6 +604,7 @@ def write_openapi(path: str | Path) -> None:
 
 
 def _set_tf_threads(threads: int) -> None:
+    # deferred: TensorFlow, imported only when this runs
     import tensorflow as tf  # noqa: PLC0415  (only the serving process pays for the import here)
 
     try:
@@ -653,8 +655,8 @@ def _run_workers(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     of one. Metrics go through prometheus_client's multiprocess directory (a fresh temporary one
     unless ``$PROMETHEUS_MULTIPROC_DIR`` is set) so ``/metrics`` from any worker reports them all.
     """
-    import tempfile
 
+    # deferred: the optional serve extra, imported only when this runs
     import uvicorn
 
     own_dir = None
@@ -670,8 +672,6 @@ def _run_workers(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         os.environ.pop(WORKER_CONFIG_ENV, None)
         if own_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            import shutil
-
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
@@ -737,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     current_version_dir(args.index)  # fail fast on a wrong path: IndexNotFoundError names it
     if args.require_key_for_reads and not args.api_key:
         raise ConfigError("require_key_for_reads needs an API key (--api-key or $DSSM_API_KEY)")
+    # deferred: the optional serve extra, imported only when this runs
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -53,8 +53,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
-from serving.index import current_version_dir
-from serving.searcher import DocumentNotFoundError  # the HTTP layer answers 404
+from dssm.index import current_version_dir
+from serving.searcher import (
+    DocumentNotFoundError,  # the HTTP layer answers 404
+    Searcher,
+)
 
 __all__ = [
     "DUPLICATE_THRESHOLD_KEY",
@@ -269,8 +272,6 @@ def _settle_in_loop(items: list[tuple[asyncio.Future, Any, BaseException | None]
 
 
 def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
-    from serving.searcher import Searcher
-
     return Searcher.load(index_dir, encoder=encoder)
 
 

@@ -24,11 +24,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from dssm.errors import DSSMError
-from serving.documents import document_fields
+from dssm.index.documents import document_fields
 
 __all__ = [
     "Hit",
@@ -358,8 +359,6 @@ class SearchClient:
 
 
 def _quote(doc_id: str) -> str:
-    from urllib.parse import quote
-
     if not isinstance(doc_id, str) or not doc_id.strip():
         raise BadRequestError(f"document id must be a non-blank string, got {doc_id!r}")
     return quote(doc_id, safe="")

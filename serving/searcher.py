@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import shutil
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -26,9 +28,11 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import IndexNotFoundError, InputError
-from serving.index import Index, load_index
+from dssm.hybrid import HYBRID_FILE, fused_rows, read_hybrid_config
+from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
+from dssm.index.documents import as_documents
 
-__all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "as_documents",
+__all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity",
            "merge_top_k", "format_hits", "hits_json", "main"]
 
 
@@ -93,6 +97,7 @@ class Searcher:
         """
         index = load_index(index_dir, verify=verify)
         if encoder is None and index.model_dir is not None:
+            # deferred: TensorFlow, imported only when this runs
             from dssm.export import load_encoder
 
             encoder = load_encoder(index.model_dir, fast_queries=fast_queries)
@@ -107,7 +112,7 @@ class Searcher:
         return self.index.size
 
     def get_document(self, doc_id: str) -> Any:
-        """The stored document ``doc_id`` as a :class:`serving.index.Doc` ``(id, title, text)``.
+        """The stored document ``doc_id`` as a :class:`dssm.index.Doc` ``(id, title, text)``.
 
         Raises:
             InputError: ``doc_id`` is not a non-blank string.
@@ -204,7 +209,6 @@ class Searcher:
         answering from the version it loaded (versions are immutable); load the new one to see the
         change (the serving backend reloads after every write).
         """
-        from serving.index import current_version_dir, upsert_documents
 
         # Our encoder is the model of the version we loaded; if a rebuild has since replaced the live
         # version (maybe with another model), encode with the live version's model instead.
@@ -214,7 +218,6 @@ class Searcher:
 
     def delete(self, doc_ids: str | Sequence[str]) -> str:
         """Delete one document id or several (all must exist, or nothing changes); returns the new live version."""
-        from serving.index import delete_documents
 
         return delete_documents(self.index_dir, _id_list(doc_ids)).version
 
@@ -223,6 +226,7 @@ class Searcher:
     @functools.cached_property
     def bm25(self) -> Any:
         """The version's :class:`dssm.bm25.BM25Index` (rows only), or ``None`` if it has no BM25 state."""
+        # deferred: bm25s and PyStemmer, imported only when this runs
         from dssm.bm25 import has_bm25_state, load_bm25_state
 
         return load_bm25_state(self.index.version_dir) if has_bm25_state(self.index.version_dir) else None
@@ -243,14 +247,12 @@ class Searcher:
     @functools.cached_property
     def stored_hybrid_config(self) -> Any:
         """The weight the version stores (``hybrid.json``) as a :class:`dssm.hybrid.HybridConfig`, or ``None``."""
-        from dssm.hybrid import HYBRID_FILE
 
         return self.hybrid_config if (self.index.version_dir / HYBRID_FILE).is_file() else None
 
     @functools.cached_property
     def hybrid_config(self) -> Any:
         """The version's :class:`dssm.hybrid.HybridConfig` (``hybrid.json``, else the defaults)."""
-        from dssm.hybrid import read_hybrid_config
 
         return read_hybrid_config(self.index.version_dir)
 
@@ -261,8 +263,6 @@ class Searcher:
         return None if value is None else float(value)
 
     def _search_fused(self, texts: list[str], k: int, mode: str) -> list[list[Hit]]:
-        from dssm.hybrid import fused_rows
-
         if k < 1:
             raise InputError(f"k must be >= 1, got {k}")
         if self.bm25 is None:
@@ -314,7 +314,7 @@ class ShardedSearcher:
 
     Same methods as :class:`Searcher` (``search``, ``search_batch``, ``search_vectors``, ``similarity``,
     ``upsert``, ``delete``, ``get_document``); writes are routed to shards by
-    :func:`serving.index.shard_of`. Searches run the shards in a thread pool (ScaNN and SQLite release
+    :func:`dssm.index.shard_of`. Searches run the shards in a thread pool (ScaNN and SQLite release
     the GIL).
     """
 
@@ -327,7 +327,6 @@ class ShardedSearcher:
         self.shards = list(shards)
         self.encoder = encoder
         self.dim = dims.pop()
-        from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="shard")
 
@@ -342,7 +341,6 @@ class ShardedSearcher:
         Raises:
             InputError: no shards, the same directory twice, or shards with different models/widths.
         """
-        import hashlib
 
         dirs = [Path(d) for d in index_dirs]
         if len({d.resolve() for d in dirs}) != len(dirs):
@@ -357,6 +355,7 @@ class ShardedSearcher:
             raise InputError(f"shards {[str(d) for d in dirs]} hold different models; one query embedding "
                              "cannot search them all")
         if encoder is None and shards[0].index.model_dir is not None:
+            # deferred: TensorFlow, imported only when this runs
             from dssm.export import load_encoder
 
             encoder = load_encoder(shards[0].index.model_dir)
@@ -424,7 +423,7 @@ class ShardedSearcher:
         return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
 
     def get_document(self, doc_id: str) -> Any:
-        """The stored document ``doc_id`` (a :class:`serving.index.Doc`), from whichever shard holds it.
+        """The stored document ``doc_id`` (a :class:`dssm.index.Doc`), from whichever shard holds it.
 
         Raises:
             InputError: ``doc_id`` is not a non-blank string.
@@ -439,8 +438,7 @@ class ShardedSearcher:
                                     f"(version {self.version})")
 
     def shard_index(self, doc_id: str) -> int:
-        """Which shard a document id belongs to (:func:`serving.index.shard_of` over the shard count)."""
-        from serving.index import shard_of
+        """Which shard a document id belongs to (:func:`dssm.index.shard_of` over the shard count)."""
 
         return shard_of(doc_id, len(self.shards))
 
@@ -478,28 +476,6 @@ def _id_list(doc_ids: str | Sequence[str]) -> list[str]:
     return ids
 
 
-def as_documents(documents: Sequence[Any]) -> list[tuple[str, str, str]]:
-    """``(id, title, text)`` tuples from the document forms the client also takes.
-
-    Raises:
-        InputError: a document is none of ``(id, title, text)``, ``(id, text)``, a mapping with
-            ``id``/``text`` (optional ``title``) or an object with those attributes.
-    """
-    from collections.abc import Mapping
-
-    from serving.documents import document_fields
-
-    if isinstance(documents, (str, bytes, Mapping)):
-        raise InputError(f"documents must be a list of documents, got one {type(documents).__name__}")
-    out = []
-    for doc in documents:
-        try:
-            out.append(document_fields(doc))
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-    return out
-
-
 class _NoEncoder:
     """Placeholder while shards load, so the model is loaded once for all of them."""
 
@@ -508,8 +484,6 @@ class _NoEncoder:
 
 
 def _live_version(index_dir: Path) -> str:
-    from serving.index import current_version_dir
-
     return current_version_dir(index_dir).name
 
 

@@ -55,7 +55,7 @@ def adi_rows(adi_dir: Path) -> list[dict[str, str]]:
 def build_version(index_dir: Path, model_dir: Path, rows: Sequence[dict[str, str]], *,
                   extra: dict[str, Any] | None = None) -> str:
     """Embed ``rows`` with the document tower and publish them as a new version; returns its name."""
-    from serving import index as ix
+    from dssm import index as ix
 
     encoder = shared_encoder(model_dir)
     embeddings = encoder.embed_documents([r["text"] for r in rows])

@@ -14,7 +14,7 @@ import pytest
 import serving_support as support
 from serving_support import API_KEY, ServerThread, wait_until
 
-from serving import index as ix
+from dssm import index as ix
 from serving.app import create_app
 from serving.backend import Backend
 from serving.client import (

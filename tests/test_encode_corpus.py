@@ -96,7 +96,7 @@ def test_plan_reads_cuts_jsonl_at_lines_and_reads_what_read_table_reads(tmp_path
 
 def test_read_and_encode_batches_match_the_encoder(tiny_model_dir, adi_dir, tmp_path):
     """Read tasks → batches → RunInference over the SavedModel give what the encoder gives directly."""
-    from dssm.bm25 import document_text
+    from dssm.data import document_text
     from dssm.export import load_encoder
 
     docs = _adi_documents(adi_dir)
@@ -130,9 +130,9 @@ def test_read_and_encode_batches_match_the_encoder(tiny_model_dir, adi_dir, tmp_
 
 
 def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, tmp_path, capsys):
-    from dssm.bm25 import document_text
+    from dssm import index as ix
+    from dssm.data import document_text
     from dssm.export import load_encoder
-    from serving import index as ix
 
     out = tmp_path / "idx"
     summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(adi_dir), "--output", str(out)],
@@ -166,7 +166,7 @@ def test_index_job_on_adi_builds_a_searchable_version(tiny_model_dir, adi_dir, t
 
 
 def test_index_job_dead_letters_and_custom_columns(tiny_model_dir, tmp_path):
-    from serving import index as ix
+    from dssm import index as ix
 
     corpus = tmp_path / "docs.csv"
     corpus.write_text("doc_id,body,heading\n"
@@ -190,7 +190,7 @@ def test_index_job_dead_letters_and_custom_columns(tiny_model_dir, tmp_path):
 
 
 def test_duplicate_ids_and_all_rejected_corpus_stop_the_build(tiny_model_dir, tmp_path):
-    from serving import index as ix
+    from dssm import index as ix
 
     out = tmp_path / "idx"
     first = ix.build_index(out, embeddings=np.eye(2, 16, dtype=np.float32), ids=["x", "y"], texts=["one", "two"])
@@ -214,7 +214,7 @@ def test_index_job_reads_parquet_corpus(tiny_model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from serving import index as ix
+    from dssm import index as ix
 
     pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["alpha beta", "gamma", "delta epsilon"],
                              "extra": [1, 2, 3]}), tmp_path / "corpus.parquet")
@@ -236,7 +236,7 @@ def test_same_job_on_direct_and_dask_gives_the_same_embeddings(tiny_model_dir, a
     batches so there are several.
     """
     distributed = pytest.importorskip("distributed")
-    from serving import index as ix
+    from dssm import index as ix
 
     common = ["--model", str(tiny_model_dir), "--corpus", str(adi_dir), "--batch-size", "20", "--json"]
     direct = ec.run([*common, "--output", str(tmp_path / "direct"), "--direct_running_mode=multi_processing",

@@ -8,17 +8,17 @@ from math import log2
 import pytest
 from conftest import dataset
 
-from dssm.bm25 import BM25Config, BM25Index, document_text, tokenize
+from dssm.bm25 import BM25Config, BM25Index, tokenize
 from dssm.cli import main as cli_main
-from dssm.data import read_beir
+from dssm.data import document_text, read_beir
 from dssm.errors import ConfigError, InputError
-from dssm.evaluate import (
+from dssm.evaluate import main
+from dssm.metrics import (
     DEFAULT_METRICS,
     drop_self,
     evaluate_run,
     evaluated_queries,
     format_table,
-    main,
     metric_depth,
     mrr_at_k,
     ndcg_at_k,
@@ -349,7 +349,7 @@ def test_cli_errors(adi_dir, tmp_path, capsys):
 def adi_index(tiny_model_dir, adi, tmp_path_factory):
     """A real index of adi (tiny trained model, brute-force ScaNN), built in-process to skip Beam's start-up."""
     from dssm.export import load_encoder
-    from serving.index import build_index
+    from dssm.index import build_index
 
     ids = list(adi.corpus)
     docs = [adi.corpus[i] for i in ids]

@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
+from dssm import index as ix
 from dssm.artifacts import read_manifest
-from dssm.bm25 import BM25_DIR, BM25Index, document_text, has_bm25_state, load_bm25_state
-from dssm.data import read_beir
+from dssm.bm25 import BM25_DIR, BM25Index, has_bm25_state, load_bm25_state
+from dssm.data import document_text, read_beir
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 from dssm.hybrid import (
     HYBRID_FILE,
@@ -22,7 +23,6 @@ from dssm.hybrid import (
     read_hybrid_config,
     tune_weight,
 )
-from serving import index as ix
 
 # -------------------------------------------------------------------------------- hand-computed fusion
 #
@@ -172,7 +172,7 @@ def test_bm25_mode_equals_bm25_over_the_corpus(searcher, adi):
 
 
 def test_hybrid_mode_fuses_and_its_extremes_reproduce_each_system(searcher, adi_index, adi):
-    from dssm.thresholds import publish_index_files
+    from dssm.index import publish_index_files
     from serving.searcher import Searcher
 
     query = adi.queries["5"]

@@ -1,4 +1,4 @@
-"""serving/index.py: ScaNN build/load, recall against brute force, versions, checksums, doc store."""
+"""dssm/index/: ScaNN build/load, recall against brute force, versions, checksums, doc store."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dssm import index as ix
 from dssm.artifacts import read_manifest
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
-from serving import index as ix
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -305,7 +305,7 @@ def test_doc_store_is_real_sqlite_and_read_only(tmp_path):
 _SLOW_BUILD = """
 import sys
 import numpy as np
-from serving import index as ix
+from dssm import index as ix
 x = np.random.default_rng(0).standard_normal((120_000, 32)).astype(np.float32)
 ix.build_index(sys.argv[1], embeddings=x, ids=[f"n{i}" for i in range(len(x))], texts=["t"] * len(x),
                config=ix.ScannConfig(mode="tree_ah", min_recall=0.0))

@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dssm.bm25 import document_text
-from dssm.data import read_beir
+from dssm.data import document_text, read_beir
 from dssm.errors import ConfigError
 from dssm.hybrid import (
     HYBRID_FILE,

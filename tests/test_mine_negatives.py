@@ -13,17 +13,16 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from dssm import index as ix
 from dssm.artifacts import verify_manifest
-from dssm.bm25 import document_text
 from dssm.cli import main as cli_main
 from dssm.config import load_config
-from dssm.data import Document, iter_corpus
+from dssm.data import Document, document_text, iter_corpus
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.features import FeatureConfig, Featurizer
 from pipelines import make_pairs
 from pipelines.mine_negatives import MineNegatives, MiningSpec, run
 from pipelines.transforms import normalise_text
-from serving import index as ix
 from serving.searcher import Searcher
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)

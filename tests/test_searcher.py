@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from dssm import index as ix
 from dssm.errors import IndexNotFoundError, InputError
-from serving import index as ix
-from serving.searcher import DocumentNotFoundError, Hit, Searcher, as_documents, format_hits, hits_json
+from dssm.index.documents import as_documents
+from serving.searcher import DocumentNotFoundError, Hit, Searcher, format_hits, hits_json
 
 
 class LookupEncoder:
@@ -140,7 +141,7 @@ def adi_index(tiny_model_dir, adi_dir, tmp_path_factory):
 
 
 def test_real_model_finds_a_document_by_its_own_text(adi_index):
-    from dssm.bm25 import document_text
+    from dssm.data import document_text
 
     index_dir, docs = adi_index
     searcher = Searcher.load(index_dir)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import dssm  # noqa: F401
+from dssm import index as ix
 from dssm.data import iter_corpus
 from dssm.export import export_model
 from dssm.features import FeatureConfig
 from dssm.model import ModelConfig
 from dssm.train import TrainConfig, build_model
-from serving import index as ix
 from serving.searcher import Searcher
 
 import tensorflow as tf  # noqa: E402  isort: skip

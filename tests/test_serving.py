@@ -28,9 +28,9 @@ import serving_support as support
 from prometheus_client import generate_latest
 from serving_support import API_KEY, ServerThread, metric_value, wait_until
 
+from dssm import index as ix
 from dssm.cli import main as cli_main
 from dssm.errors import ConfigError, InputError
-from serving import index as ix
 from serving.app import create_app, openapi_document
 from serving.backend import Backend
 from serving.client import (
@@ -774,7 +774,7 @@ def test_search_without_a_mode_uses_the_index_default_hybrid_weight(tmp_path, mo
     """Issue 11: once the version stores a hybrid weight (``dssm index`` stores its label-free one), a
     request that names no mode is answered in hybrid mode with it; before, in dense mode."""
     from dssm.hybrid import HYBRID_FILE
-    from dssm.thresholds import publish_index_files
+    from dssm.index import publish_index_files
 
     index_dir = tmp_path / "index"
     support.build_version(index_dir, model_dir, rows)

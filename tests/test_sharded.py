@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from apache_beam.testing import test_pipeline
 
+from dssm import index as ix
 from dssm.errors import ConfigError, InputError
 from pipelines import encode_corpus as ec
-from serving import index as ix
 from serving.searcher import Hit, Searcher, ShardedSearcher, merge_top_k
 
 

@@ -8,21 +8,20 @@ import math
 
 import pytest
 
+from dssm import index as ix
 from dssm.artifacts import read_manifest, verify_manifest
-from dssm.bm25 import document_text
-from dssm.data import read_beir
+from dssm.data import document_text, read_beir
 from dssm.errors import ConfigError, InputError
+from dssm.index import publish_index_files
 from dssm.thresholds import (
     THRESHOLDS_FILE,
     average_precision,
     best_point,
     classification_at,
     main,
-    publish_index_files,
     read_labelled_pairs,
     threshold_sweep,
 )
-from serving import index as ix
 
 # ------------------------------------------------------------------------------------ a hand example
 #

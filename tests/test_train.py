@@ -17,8 +17,8 @@ import dssm.train as train_module
 from dssm.artifacts import read_manifest, write_manifest
 from dssm.config import save_config
 from dssm.errors import ChecksumError, ConfigError, InputError
-from dssm.evaluate import mrr_at_k, recall_at_k
 from dssm.features import FeatureConfig, Featurizer
+from dssm.metrics import mrr_at_k, recall_at_k
 from dssm.model import ModelConfig
 from dssm.train import (
     MONITOR,
@@ -472,7 +472,7 @@ def test_progress_bar_shows_pairs_per_sec_as_measured(quora_shards: Path, capsys
 
 
 def test_index_copies_only_the_models_manifest_files_not_its_checkpoints(tmp_path: Path) -> None:
-    from serving.index import MODEL_DIR, build_index
+    from dssm.index import MODEL_DIR, build_index
 
     model_dir = tmp_path / "model"
     (model_dir / "saved_model").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Incremental updates (serving/index.py update_index/upsert/delete; ``dssm upsert``/``dssm delete``)."""
+"""Incremental updates (dssm/index/ update_index/upsert/delete; ``dssm upsert``/``dssm delete``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from dssm import index as ix
 from dssm.cli import main as dssm_main
 from dssm.errors import InputError
-from serving import index as ix
 from serving.searcher import Searcher
 
 
@@ -180,11 +180,13 @@ def test_concurrent_threshold_save_and_upsert_lose_neither_write(tmp_path, monke
     """
     import threading
 
-    from dssm.thresholds import THRESHOLDS_FILE, publish_index_files
+    from dssm.index import publish_index_files
+    from dssm.index import updates as index_updates
+    from dssm.thresholds import THRESHOLDS_FILE
 
     _small_index(tmp_path / "idx")
     base_read, save_done = threading.Event(), threading.Event()
-    real_verify = ix.verify_manifest
+    real_verify = index_updates.verify_manifest
 
     def verify_then_wait(directory, **kwargs):
         manifest = real_verify(directory, **kwargs)
@@ -193,7 +195,7 @@ def test_concurrent_threshold_save_and_upsert_lose_neither_write(tmp_path, monke
             save_done.wait(timeout=3.0)  # with the lock the save is blocked until we publish
         return manifest
 
-    monkeypatch.setattr(ix, "verify_manifest", verify_then_wait)
+    monkeypatch.setattr(index_updates, "verify_manifest", verify_then_wait)
     errors: list[BaseException] = []
 
     def upsert() -> None:

@@ -1,7 +1,7 @@
-"""``dssm upsert``: add or replace documents of a live index without a rebuild (a new version).
+"""``dssm upsert`` and ``dssm delete``: change documents of a live index without a rebuild (a new version).
 
 Only the given documents are encoded, with the document tower stored in the live version; see
-:func:`serving.index.update_index` for the row bookkeeping and when the ScaNN partitions are rebalanced.
+:func:`dssm.index.updates.update_index` for the row bookkeeping and when the ScaNN partitions are rebalanced.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.data import iter_corpus
 from dssm.errors import InputError
+from dssm.index.updates import delete_documents, upsert_documents
 
-__all__ = ["add_update_arguments", "print_update", "main"]
+__all__ = ["add_update_arguments", "print_update", "read_ids", "upsert_main", "delete_main"]
 
 
 def add_update_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +44,11 @@ def print_update(result: object, *, as_json: bool) -> None:
         print(f"{key:<24} {summary[key]}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def upsert_main(argv: list[str] | None = None) -> int:
     """``dssm upsert --index INDEX_DIR --corpus PATH [--id-column ...] [--rebalance]``."""
-    from dssm.data import iter_corpus
-    from serving.index import upsert_documents
-
-    parser = argparse.ArgumentParser(prog="dssm upsert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dssm upsert",
+                                     description="Add or replace documents of a live index without a rebuild "
+                                                 "(a new version).")
     add_update_arguments(parser)
     parser.add_argument("--corpus", required=True, type=Path,
                         help="documents to add or replace (BEIR corpus.jsonl, CSV/TSV/JSONL/Parquet)")
@@ -61,6 +61,34 @@ def main(argv: list[str] | None = None) -> int:
     if not documents:
         raise InputError(f"corpus {args.corpus} holds no documents")
     result = upsert_documents(args.index, documents, rebalance=args.rebalance,
+                              rebalance_fraction=args.rebalance_fraction)
+    print_update(result, as_json=args.json)
+    return 0
+
+
+def read_ids(path: Path) -> list[str]:
+    """Ids from a file, one per line (surrounding whitespace and blank lines ignored).
+
+    Raises:
+        InputError: the file is missing or holds no ids.
+    """
+    if not path.is_file():
+        raise InputError(f"ids file not found: {path}")
+    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not ids:
+        raise InputError(f"ids file {path} holds no ids")
+    return ids
+
+
+def delete_main(argv: list[str] | None = None) -> int:
+    """``dssm delete --index INDEX_DIR --ids FILE [--rebalance]``."""
+    parser = argparse.ArgumentParser(prog="dssm delete",
+                                     description="Delete documents from a live index by id without a rebuild "
+                                                 "(a new version).")
+    add_update_arguments(parser)
+    parser.add_argument("--ids", required=True, type=Path, help="file with one document id per line")
+    args = parser.parse_args(argv)
+    result = delete_documents(args.index, read_ids(args.ids), rebalance=args.rebalance,
                               rebalance_fraction=args.rebalance_fraction)
     print_update(result, as_json=args.json)
     return 0

@@ -1,0 +1,116 @@
+"""The index layer: versions of an index directory under one writers' lock, the document store, ScaNN
+builds and the recall gate, full builds, incremental updates and shards.
+
+Used by ``pipelines/`` (the encode job builds versions), ``serving/`` (the Searcher loads them) and the
+offline tools; it imports only the model core (``dssm.artifacts``, ``dssm.config``, ``dssm.bm25``,
+``dssm.export`` for the document tower). Modules:
+
+- :mod:`~dssm.index.layout`: names of a directory's parts; :mod:`~dssm.index.files`: fsync, hard links.
+- :mod:`~dssm.index.versions`: version names, staging, :class:`IndexWriteLock`, :func:`publish_version`,
+  :func:`publish_index_files`, :func:`prune_versions`.
+- :mod:`~dssm.index.ann`: :class:`ScannConfig`, ScaNN builds, exact top-k; :mod:`~dssm.index.recall`: the gate.
+- :mod:`~dssm.index.docstore`: ``docs.sqlite``; :mod:`~dssm.index.documents`: accepted document forms.
+- :mod:`~dssm.index.build`: full builds; :mod:`~dssm.index.memory`: their memory accounting.
+- :mod:`~dssm.index.load`: :func:`load_index`; :mod:`~dssm.index.updates`: upserts and deletes;
+  :mod:`~dssm.index.shards`: shard routing; :mod:`~dssm.index.commands`: ``dssm upsert`` / ``dssm delete``.
+"""
+
+from __future__ import annotations
+
+from dssm.index.ann import (
+    SCANN_MODES,
+    NpyRows,
+    ScannConfig,
+    build_scann,
+    build_scann_in_chunks,
+    exact_top_k,
+    l2_normalize_inplace,
+    npy_chunks,
+    resolve_scann_params,
+)
+from dssm.index.build import (
+    BuildResult,
+    Finalize,
+    build_index,
+    build_index_from_documents,
+    build_index_from_shards,
+    count_shard_rows,
+)
+from dssm.index.docstore import Doc, DocStore, DocStoreWriter
+from dssm.index.documents import as_documents, document_fields
+from dssm.index.files import fsync_dir, fsync_file, fsync_tree, link_tree, tree_bytes
+from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
+from dssm.index.load import Index, load_index
+from dssm.index.memory import MemoryTrace, release_free_memory
+from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.shards import parse_shard_spec, shard_of
+from dssm.index.updates import UpdateResult, delete_documents, update_index, upsert_documents
+from dssm.index.versions import (
+    IndexWriteLock,
+    check_added_file_name,
+    current_version_dir,
+    drop_staging,
+    list_versions,
+    new_version_name,
+    prune_versions,
+    publish_index_files,
+    publish_version,
+    staging_dir,
+)
+
+__all__ = [
+    "CURRENT",
+    "VERSIONS",
+    "STAGING",
+    "DOCS_DB",
+    "EMBEDDINGS",
+    "SCANN_DIR",
+    "MODEL_DIR",
+    "fsync_file",
+    "fsync_dir",
+    "fsync_tree",
+    "link_tree",
+    "tree_bytes",
+    "SCANN_MODES",
+    "ScannConfig",
+    "resolve_scann_params",
+    "build_scann",
+    "build_scann_in_chunks",
+    "NpyRows",
+    "npy_chunks",
+    "l2_normalize_inplace",
+    "exact_top_k",
+    "RecallProbe",
+    "tune_leaves_to_search",
+    "Doc",
+    "DocStoreWriter",
+    "DocStore",
+    "document_fields",
+    "as_documents",
+    "new_version_name",
+    "staging_dir",
+    "drop_staging",
+    "IndexWriteLock",
+    "publish_version",
+    "current_version_dir",
+    "list_versions",
+    "prune_versions",
+    "check_added_file_name",
+    "publish_index_files",
+    "MemoryTrace",
+    "release_free_memory",
+    "BuildResult",
+    "Finalize",
+    "build_index",
+    "build_index_from_documents",
+    "count_shard_rows",
+    "build_index_from_shards",
+    "Index",
+    "load_index",
+    "UpdateResult",
+    "update_index",
+    "upsert_documents",
+    "delete_documents",
+    "shard_of",
+    "parse_shard_spec",
+]

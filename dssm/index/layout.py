@@ -1,0 +1,27 @@
+"""Names of an index directory's parts (``docs/design.md`` has the layout); no logic."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "BATCH_ROWS"]
+
+
+CURRENT = "CURRENT"
+
+VERSIONS = "versions"
+
+STAGING = ".staging"
+
+DOCS_DB = "docs.sqlite"
+
+EMBEDDINGS = "embeddings.npy"
+
+SCANN_DIR = "scann"
+
+MODEL_DIR = "model"
+
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Rows per SQLite transaction / Arrow batch while streaming shards: bounded memory whatever n is.
+BATCH_ROWS = 8192

@@ -1,0 +1,374 @@
+"""Incremental updates: upserts and deletes into a new version without re-encoding the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dssm.artifacts import verify_manifest, write_manifest
+from dssm.data import document_text
+from dssm.errors import ConfigError, IndexNotFoundError, InputError
+from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params
+from dssm.index.docstore import Doc, DocStore
+from dssm.index.documents import as_documents
+from dssm.index.files import fsync_file, link_tree
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
+from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.versions import (
+    IndexWriteLock,
+    current_version_dir,
+    drop_staging,
+    new_version_name,
+    publish_version,
+    staging_dir,
+)
+
+__all__ = ["UpdateResult", "update_index", "upsert_documents", "delete_documents"]
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an incremental update produced."""
+
+    index_dir: Path
+    base_version: str
+    version: str
+    version_dir: Path
+    documents: int
+    deleted: int
+    inserted: int
+    replaced: int
+    rebalanced: bool
+    rebalance_reason: str | None
+    recall_at_10: float
+    rows_changed_since_build: int
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        data = dataclasses.asdict(self)
+        data["index_dir"] = str(self.index_dir)
+        data["version_dir"] = str(self.version_dir)
+        return data
+
+# Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
+# is hard-linked from the base version, which is never modified in place.
+_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json"}
+
+def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], vectors: np.ndarray,
+                        deletes: Sequence[str], dim: int) -> None:
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids) or (len(ids) and vectors.shape[1] != dim):
+        raise InputError(f"upsert vectors must be [{len(ids)}, {dim}], got shape {vectors.shape}")
+    if not len(titles) == len(texts) == len(ids):
+        raise InputError(f"{len(ids)} ids, {len(titles)} titles and {len(texts)} texts to upsert")
+    seen: set[str] = set()
+    for doc_id in ids:
+        if not isinstance(doc_id, str) or not doc_id:
+            raise InputError(f"upsert document has an empty or non-string id {doc_id!r}")
+        if doc_id in seen:
+            raise InputError(f"document id {doc_id!r} appears twice in one upsert")
+        seen.add(doc_id)
+    gone: set[str] = set()
+    for doc_id in deletes:
+        if doc_id in seen:
+            raise InputError(f"document id {doc_id!r} is both upserted and deleted in one update")
+        if doc_id in gone:
+            raise InputError(f"document id {doc_id!r} appears twice in one delete")
+        gone.add(doc_id)
+    if len(ids):
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if bad.size:
+            raise InputError(f"embedding of document {ids[int(bad[0])]!r} is not finite (NaN/inf)")
+
+def update_index(
+    index_dir: str | Path,
+    *,
+    upsert_ids: Sequence[str] = (),
+    upsert_titles: Sequence[str] = (),
+    upsert_texts: Sequence[str] = (),
+    upsert_vectors: np.ndarray | None = None,
+    delete_ids: Sequence[str] = (),
+    rebalance: bool | None = None,
+    rebalance_fraction: float = 0.2,
+    min_recall: float | None = None,
+    version: str | None = None,
+) -> UpdateResult:
+    """Delete and upsert documents into a new version of the live index, without re-encoding the rest.
+
+    The base version is never modified. Row bookkeeping follows ScaNN's own mutation semantics so
+    that ``embeddings.npy`` row ``i``, ScaNN datapoint ``i`` and ``docs.sqlite`` row ``i`` stay one
+    document: a delete moves the last row into the hole (in the order given), an upsert of a known id
+    overwrites its row in place, a new id is appended. ScaNN is mutated through its pybind searcher
+    with our row numbers (never ``docids``, which it would pickle), and the rows it reports are
+    checked against ours.
+
+    Rebalancing (rebuilding the ScaNN partitions, codebooks and leaves tuning from the updated matrix,
+    no re-encoding) happens when ``rebalance`` is ``True``; or, when it is ``None``, if the rows changed
+    since the last full build exceed ``rebalance_fraction`` of the documents that build held (the
+    k-means tree and AH codebooks were trained on the old distribution, and appended points sit in
+    partitions whose centres no longer describe them), if the ``auto`` ScaNN mode would now pick
+    another structure for the new size, or if recall@10 of the updated searcher falls below
+    ``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update).
+
+    Args:
+        index_dir: the index directory (its ``CURRENT`` version is the base).
+        upsert_ids: ids to add or replace.
+        upsert_titles: their titles.
+        upsert_texts: their texts.
+        upsert_vectors: [len(upsert_ids), dim] float embeddings (L2-normalised here).
+        delete_ids: ids to delete; each must be in the base version.
+        rebalance: force (``True``) or forbid (``False``) a rebalance; ``None`` decides as above.
+        rebalance_fraction: drift threshold for the automatic rebalance, in (0, 1].
+        min_recall: recall@10 gate; default the base build's ``min_recall``.
+        version: new version name; default :func:`new_version_name`.
+
+    Returns:
+        The :class:`UpdateResult`.
+
+    Raises:
+        InputError: an id to delete is not in the index, duplicate ids, wrong shapes, non-finite vectors,
+            or the update would leave no documents.
+        ConfigError: recall below ``min_recall``, or ScaNN's row bookkeeping disagrees with ours.
+    """
+    # deferred: ScaNN (it loads TensorFlow), imported only when this runs
+    from scann.scann_ops.py import scann_ops_pybind
+
+    # deferred: bm25s and PyStemmer, imported only when this runs
+    from dssm.bm25 import write_bm25_state
+
+    if not 0.0 < rebalance_fraction <= 1.0:
+        raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
+    index_dir = Path(index_dir)
+    ids, deletes = list(upsert_ids), list(delete_ids)
+    timings: dict[str, float] = {}
+    if not index_dir.is_dir():
+        raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
+    with IndexWriteLock(index_dir):
+        tick = time.perf_counter()
+        base = current_version_dir(index_dir)
+        manifest = verify_manifest(base, kind="index")
+        dim, n = int(manifest["dim"]), int(manifest["counts"]["documents"])
+        vectors = np.zeros((0, dim), np.float32) if upsert_vectors is None else \
+            np.array(upsert_vectors, dtype=np.float32, copy=True, order="C")
+        _check_update_input(ids, list(upsert_titles), list(upsert_texts), vectors, deletes, dim)
+        if not ids and not deletes:
+            raise InputError("nothing to update: no documents to upsert and no ids to delete")
+        l2_normalize_inplace(vectors)
+        version = version or new_version_name()
+        stage = staging_dir(index_dir, version) / "version"
+        stage.mkdir(parents=True)
+        try:
+            for child in base.iterdir():
+                if child.name not in _REGENERATED:
+                    link_tree(child, stage / child.name)
+            shutil.copyfile(base / DOCS_DB, stage / DOCS_DB)
+            matrix = np.load(base / EMBEDDINGS, allow_pickle=False)  # a private, writable copy
+            timings["load"] = time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            conn = sqlite3.connect(stage / DOCS_DB)
+            conn.execute("PRAGMA journal_mode = OFF")
+            size = n
+            delete_rows: list[int] = []
+            moved_from: list[int] = []
+            for doc_id in deletes:
+                found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+                if found is None:
+                    raise InputError(f"document id {doc_id!r} is not in index version {base.name}; nothing was "
+                                     "deleted")
+                row, last = int(found[0]), size - 1
+                conn.execute("DELETE FROM docs WHERE row = ?", (row,))
+                if row != last:
+                    conn.execute("UPDATE docs SET row = ? WHERE row = ?", (row, last))
+                    matrix[row] = matrix[last]
+                delete_rows.append(row)
+                moved_from.append(last)
+                size -= 1
+            upsert_rows: list[int | None] = []
+            new_rows: list[int] = []
+            replaced = 0
+            titles, texts = list(upsert_titles), list(upsert_texts)
+            for j, doc_id in enumerate(ids):
+                found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+                if found is None:
+                    conn.execute("INSERT INTO docs (row, id, title, text) VALUES (?, ?, ?, ?)",
+                                 (size + len(new_rows), doc_id, titles[j] or "", texts[j] or ""))
+                    upsert_rows.append(None)
+                    new_rows.append(j)
+                else:
+                    row = int(found[0])
+                    conn.execute("UPDATE docs SET title = ?, text = ? WHERE row = ?", (titles[j] or "", texts[j] or "",
+                                                                                       row))
+                    matrix[row] = vectors[j]
+                    upsert_rows.append(row)
+                    replaced += 1
+            final = size + len(new_rows)
+            if final == 0:
+                raise InputError(f"the update would delete every document of index version {base.name}")
+            conn.commit()
+            conn.close()
+            fsync_file(stage / DOCS_DB)
+            matrix = np.concatenate([matrix[:size], vectors[new_rows]]) if new_rows else matrix[:size]
+            np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
+            timings["store"] = time.perf_counter() - tick
+
+            config_dict = dict(manifest.get("scann_config") or {})
+            config = ScannConfig(**{k: v for k, v in config_dict.items()
+                                    if k in {f.name for f in dataclasses.fields(ScannConfig)}})
+            if min_recall is None:
+                min_recall = config.min_recall
+            history = dict(manifest.get("updates") or {})
+            at_build = int(history.get("documents_at_build", n))
+            changed = int(history.get("rows_changed_since_build", 0)) + len(deletes) + len(ids)
+            params = dict(manifest["scann"])
+            reason: str | None = None
+            if rebalance:
+                reason = "requested"
+            elif rebalance is None:
+                if changed > rebalance_fraction * at_build:
+                    reason = (f"{changed} rows changed since the last full build of {at_build} "
+                              f"(> {rebalance_fraction:.0%})")
+                elif config.mode == "auto" and resolve_scann_params(config, final)["mode"] != params["mode"]:
+                    reason = f"auto mode picks {resolve_scann_params(config, final)['mode']} for {final} documents"
+
+            tick = time.perf_counter()
+            probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
+            timings["exact"] = time.perf_counter() - tick
+            recall = 0.0
+            if reason is None:
+                tick = time.perf_counter()
+                searcher = scann_ops_pybind.load_searcher(str(base / SCANN_DIR), assets_backcompat_shim=False)
+                if delete_rows:
+                    got = [int(r) for r in searcher.searcher.delete(delete_rows)]
+                    if got != moved_from:
+                        raise ConfigError(f"ScaNN moved rows {got[:5]}... on delete, we expected {moved_from[:5]}...")
+                if upsert_rows:
+                    got = [int(r) for r in searcher.searcher.upsert(upsert_rows, vectors, 1)]
+                    expected, appended = [], size
+                    for row in upsert_rows:
+                        expected.append(appended if row is None else row)
+                        appended += row is None
+                    if got != expected:
+                        raise ConfigError(f"ScaNN placed upserts at rows {got[:5]}..., we expected {expected[:5]}...")
+                if int(searcher.size()) != final:
+                    raise ConfigError(f"ScaNN holds {searcher.size()} points after the update, the store {final}")
+                timings["scann_update"] = time.perf_counter() - tick
+                recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+                # Keep the recall the last full build reached (within 0.01), not just the gate: points
+                # added to stale partitions cost recall first, and searching more partitions is a
+                # query-time setting, cheaper than re-partitioning.
+                target = max(min_recall, min(1.0, float(history.get("recall_at_build", manifest["recall@10"]))) - 0.01)
+                if recall < target and params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+                    leaves, recall, tried = tune_leaves_to_search(
+                        searcher, probe, start=params["num_leaves_to_search"], num_leaves=params["num_leaves"],
+                        min_recall=target)
+                    params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+                if recall < min_recall and rebalance is None:
+                    reason = f"recall@10 {recall:.4f} below {min_recall} after the in-place update"
+            if reason is not None:
+                tick = time.perf_counter()
+                params = resolve_scann_params(config, final)
+                searcher = build_scann(matrix, params)
+                timings["scann_rebuild"] = time.perf_counter() - tick
+                if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+                    leaves, recall, tried = tune_leaves_to_search(
+                        searcher, probe, start=params["num_leaves_to_search"], num_leaves=params["num_leaves"],
+                        min_recall=min_recall)
+                    params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+                else:
+                    recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+                history = {"documents_at_build": final, "rows_changed_since_build": 0, "last_build": version,
+                           "recall_at_build": recall}
+            else:
+                history = {"documents_at_build": at_build, "rows_changed_since_build": changed,
+                           "last_build": history.get("last_build", base.name),
+                           "recall_at_build": history.get("recall_at_build", manifest["recall@10"])}
+            if recall < min_recall:
+                raise ConfigError(f"ScaNN recall@10 {recall:.4f} after the update is below {min_recall} with {params}"
+                                  + ("" if rebalance is not False else "; rebalancing was forbidden"))
+            (stage / SCANN_DIR).mkdir()
+            searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+
+            tick = time.perf_counter()
+            write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
+            timings["bm25"] = time.perf_counter() - tick
+
+            new_manifest = {k: v for k, v in manifest.items()
+                            if k not in ("kind", "format_version", "created", "files")}
+            new_manifest.update(
+                version=version,
+                counts={"documents": final, "zero_embeddings": int((~matrix.any(axis=1)).sum())},
+                scann=params,
+                **{"recall@10": recall, "recall_sample": min(config.recall_sample, final)},
+                updates={**history, "base_version": base.name, "deleted": len(deletes),
+                         "inserted": len(new_rows), "replaced": replaced, "rebalanced": reason is not None,
+                         "rebalance_reason": reason, "rebalance_fraction": rebalance_fraction,
+                         "seconds": {k: round(v, 3) for k, v in timings.items()}},
+            )
+            write_manifest(stage, kind="index", extra=new_manifest)
+            published = publish_version(index_dir, stage, version)
+        finally:
+            drop_staging(index_dir, version)
+    return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
+                        documents=final, deleted=len(deletes), inserted=len(new_rows), replaced=replaced,
+                        rebalanced=reason is not None, rebalance_reason=reason, recall_at_10=recall,
+                        rows_changed_since_build=history["rows_changed_since_build"], seconds=timings)
+
+def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
+    if encoder is not None:
+        return encoder
+    # deferred: TensorFlow, imported only when this runs
+    from dssm.export import load_encoder
+
+    model = current_version_dir(index_dir) / MODEL_DIR
+    if not model.is_dir():
+        raise IndexNotFoundError(f"index version {model.parent} has no model/: upsert vectors with update_index")
+    return load_encoder(model)
+
+def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
+                     rebalance: bool | None = None, rebalance_fraction: float = 0.2,
+                     batch_size: int = 4096) -> UpdateResult:
+    """Add or replace documents, encoding only them with the live version's document tower.
+
+    Args:
+        index_dir: the index directory.
+        documents: in any form :func:`dssm.index.documents.as_documents` accepts.
+        encoder: an object with ``embed_documents(texts) -> [n, dim]``; default the live version's
+            ``model/`` (the model its other rows were encoded with).
+        rebalance: see :func:`update_index`.
+        rebalance_fraction: see :func:`update_index`.
+        batch_size: texts per model call.
+
+    Returns:
+        The :class:`UpdateResult` (the new version is live).
+    """
+
+    index_dir = Path(index_dir)
+    docs = [Doc(*fields) for fields in as_documents(documents)]
+    if not docs:
+        raise InputError("no documents to upsert")
+    current_version_dir(index_dir)  # a clear error before loading a model
+    encoder = _document_encoder(index_dir, encoder)
+    texts = [document_text(d.title or "", d.text) for d in docs]
+    vectors = np.concatenate([np.asarray(encoder.embed_documents(texts[s:s + batch_size]), dtype=np.float32)
+                              for s in range(0, len(texts), batch_size)])
+    return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
+                        upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
+                        rebalance_fraction=rebalance_fraction)
+
+
+
+def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
+                     rebalance_fraction: float = 0.2) -> UpdateResult:
+    """Delete documents by id into a new live version (every id must exist; otherwise nothing changes)."""
+    if isinstance(ids, str):
+        raise InputError("delete_documents takes a list of ids, got one string")
+    return update_index(index_dir, delete_ids=list(ids), rebalance=rebalance, rebalance_fraction=rebalance_fraction)

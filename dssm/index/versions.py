@@ -1,0 +1,236 @@
+"""Versions of an index directory: names, staging, the writers' lock, atomic publication of ``CURRENT``, pruning.
+
+Every writer of ``CURRENT`` (full builds, updates, derived versions, pruning) publishes through
+:func:`publish_version` under :class:`IndexWriteLock`; :func:`publish_index_files` derives a version
+from the live one (reading ``CURRENT`` under the lock).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dssm.artifacts import MANIFEST, read_manifest, sha256_file, verify_manifest, write_json_atomic
+from dssm.errors import ConfigError, IndexNotFoundError
+from dssm.index.files import fsync_dir, fsync_tree
+from dssm.index.layout import CURRENT, STAGING, VERSION_RE, VERSIONS
+
+__all__ = [
+    "new_version_name",
+    "staging_dir",
+    "drop_staging",
+    "IndexWriteLock",
+    "publish_version",
+    "current_version_dir",
+    "list_versions",
+    "prune_versions",
+    "check_added_file_name",
+    "publish_index_files",
+]
+
+
+def new_version_name() -> str:
+    """A sortable, unique version name: UTC time to the microsecond plus a random suffix.
+
+    Example: ``20250101T120000.123456Z-1a2b3c``; names sort in build order.
+    """
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{secrets.token_hex(3)}"
+
+def staging_dir(index_dir: str | Path, version: str) -> Path:
+    """Where a build of ``version`` writes before publication (same filesystem, so rename is atomic)."""
+    return Path(index_dir) / STAGING / version
+
+def drop_staging(index_dir: Path, version: str) -> None:
+    shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
+    try:  # only if empty: a concurrent build may be staging beside us
+        (index_dir / STAGING).rmdir()
+    except OSError:
+        pass
+
+_UPDATE_LOCK = ".update.lock"
+
+class IndexWriteLock:
+    """The one lock every writer of ``INDEX_DIR/CURRENT`` holds: an exclusive ``flock`` on ``.update.lock``.
+
+    Full builds (around the publish), updates, derived versions (thresholds, hybrid weight) and
+    pruning all take it, and a writer that derives a version from the live one reads ``CURRENT``
+    *under* it, so no publish is built on a base another writer has since replaced (issue 12).
+    Re-entrant within a thread (``update_index`` holds it and calls :func:`publish_version`, which
+    takes it too); other threads and processes wait.
+    """
+
+    _held = threading.local()
+
+    def __init__(self, index_dir: str | Path):
+        self.path = Path(index_dir) / _UPDATE_LOCK
+        self._key = str(Path(index_dir).resolve())
+
+    def __enter__(self) -> IndexWriteLock:
+        held = self._held.__dict__.setdefault("locks", {})
+        if self._key in held:
+            held[self._key][1] += 1
+            return self
+        if not self.path.parent.is_dir():
+            raise IndexNotFoundError(f"no index at {self.path.parent} (build one with `dssm index`)")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        held[self._key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        held = self._held.__dict__["locks"]
+        entry = held[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del held[self._key]
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> Path:
+    """Move a complete staged version into ``versions/`` and point ``CURRENT`` at it, atomically.
+
+    Args:
+        index_dir: the index directory.
+        staged: a complete version directory (with its manifest) on the same filesystem.
+        version: its name.
+
+    Returns:
+        The published version directory.
+    """
+    index_dir = Path(index_dir)
+    if not VERSION_RE.match(version):
+        raise ConfigError(f"invalid index version name {version!r}")
+    read_manifest(staged)  # refuse to publish a version whose manifest was never written
+    versions = index_dir / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / version
+    fsync_tree(Path(staged))
+    with IndexWriteLock(index_dir):
+        os.rename(staged, final)
+        fsync_dir(versions)
+        tmp = index_dir / f"{CURRENT}.tmp-{version}"
+        with open(tmp, "w") as handle:
+            handle.write(version + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, index_dir / CURRENT)
+        fsync_dir(index_dir)
+    return final
+
+def current_version_dir(index_dir: str | Path) -> Path:
+    """The directory ``CURRENT`` points to.
+
+    Raises:
+        IndexNotFoundError: no index at ``index_dir``, or ``CURRENT`` names a missing version.
+    """
+    index_dir = Path(index_dir)
+    pointer = index_dir / CURRENT
+    if not pointer.is_file():
+        raise IndexNotFoundError(f"no index at {index_dir}: {pointer} not found (build one with `dssm index`)")
+    version = pointer.read_text().strip()
+    if not VERSION_RE.match(version):
+        raise IndexNotFoundError(f"{pointer} holds {version!r}, which is not a version name")
+    directory = index_dir / VERSIONS / version
+    if not directory.is_dir():
+        raise IndexNotFoundError(f"{pointer} names version {version!r} but {directory} does not exist")
+    return directory
+
+def list_versions(index_dir: str | Path) -> list[str]:
+    """Published version names, oldest first."""
+    versions = Path(index_dir) / VERSIONS
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+
+def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+
+    Returns:
+        Names of deleted versions.
+    """
+    if keep < 1:
+        raise ConfigError(f"keep must be >= 1, got {keep}")
+    with IndexWriteLock(index_dir):  # CURRENT cannot move to a version we are about to delete
+        current = current_version_dir(index_dir).name
+        names = list_versions(index_dir)
+        doomed = [v for v in names[:-keep] if v != current]
+        for name in doomed:
+            shutil.rmtree(Path(index_dir) / VERSIONS / name)
+    return doomed
+
+def check_added_file_name(name: str) -> None:
+    """Refuse a name for a JSON file added to a version (a finalize hook's, ``publish_index_files``'):
+    a plain top-level name, not the manifest, not hidden.
+
+    Raises:
+        ConfigError: naming it.
+    """
+    if "/" in name or name in ("", MANIFEST) or name.startswith("."):
+        raise ConfigError(f"cannot add index file {name!r}")
+
+
+def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
+                        manifest_updates: Mapping[str, Any]) -> str:
+    """Publish a new index version = the live one + small JSON files + manifest keys.
+
+    The live version is verified, copied with hard links (published versions are never modified in
+    place, so sharing inodes is safe; the manifest is written fresh, not linked), the JSON files are
+    written, their sha256s added to the copied manifest together with ``manifest_updates``, and the
+    result published with :func:`publish_version` (atomic ``CURRENT`` switch).
+
+    Args:
+        index_dir: the index directory.
+        files: ``{file name: JSON-serialisable data}``, plain names at the version's top level.
+        manifest_updates: keys set in the new manifest (e.g. ``{"duplicate_threshold": 0.8}``).
+
+    Returns:
+        The new version's name.
+    """
+    for name in files:
+        check_added_file_name(name)
+    # The live version is read under the writers' lock and the new one published before it is
+    # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
+    # writes would be lost (issue 12).
+    with IndexWriteLock(index_dir):
+        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates)
+
+
+def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> str:
+    source = current_version_dir(index_dir)
+    manifest = verify_manifest(source, kind="index")
+    version = new_version_name()
+    stage_root = staging_dir(index_dir, version)
+    stage = stage_root / "version"
+    stage_root.mkdir(parents=True)
+    try:
+        shutil.copytree(source, stage, copy_function=os.link, ignore=lambda d, names: [
+            n for n in names if Path(d) == source and (n == MANIFEST or n in files)])
+        new = dict(manifest)
+        new["files"] = {rel: meta for rel, meta in manifest["files"].items() if rel not in files}
+        for name, data in files.items():
+            path = stage / name
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            new["files"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        new.update(manifest_updates)
+        new.update(version=version, derived_from=source.name,
+                   created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        write_json_atomic(stage / MANIFEST, new)
+        publish_version(index_dir, stage, version)
+    finally:
+        drop_staging(Path(index_dir), version)
+    return version
