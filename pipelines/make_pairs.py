@@ -81,7 +81,7 @@ Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFReco
 
 Rejected rows: unparsable, missing a column, not UTF-8, empty, longer than ``--max-query-chars`` /
 ``--max-document-chars``, or with a label that is not a finite number (reason codes in
-:data:`pipelines.transforms.REASONS`). The length limits exist to catch broken input (a CSV quote
+:data:`pipelines.validate.REASONS`). The length limits exist to catch broken input (a CSV quote
 that swallows the rest of the file), not to trim: the featurizer already cuts every text to
 ``--max-chars``. The defaults are 10,000 characters for a query (the longest in our datasets, a CISI
 query, has 2,024) and 1,000,000 for a document.
@@ -112,28 +112,11 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict, 
 from dssm.data import read_columns, table_format
 from dssm.errors import DSSMError, InputError
 from dssm.features import FeatureConfig
-from pipelines.transforms import (
-    REJECTED,
-    CheckDocuments,
-    CorpusPairs,
-    CorpusSpec,
-    FeaturizeChunks,
-    FeaturizePairs,
-    JoinBeir,
-    MakePairs,
-    NeighbourSpec,
-    PairColumns,
-    PairLimits,
-    SplitSpec,
-    ValidatePairs,
-    attach_negatives,
-    negative_entries,
-    neighbour_outputs,
-    read_table,
-    read_table_chunks,
-    rejected_json,
-    sum_counts,
-)
+from pipelines.beir import JoinBeir
+from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
+from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
+from pipelines.records import REJECTED, read_table, read_table_chunks, rejected_json, sum_counts
+from pipelines.validate import PairColumns, PairLimits, SplitSpec, ValidatePairs
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
 
@@ -250,40 +233,56 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if format is None:
-        if path.is_dir():
-            format = "beir"  # noqa: A001
-        else:
-            found = read_columns(path)
-            format = "quora" if _pick(found, _QUORA_QUERY) else "pairs"  # noqa: A001
-            is_pairs = config.query_column in found or config.document_column in found
-            if format == "pairs" and not is_pairs and config.text_column in found and (
-                    config.id_column in found if config.id_column else _pick(found, ("_id", "id"))):
-                format = "corpus"  # noqa: A001
+        format = _guess_format(path, config)  # noqa: A001
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; use one of {FORMATS}")
 
     if format in ("corpus", "neighbours"):
         return _resolve_corpus(path, config, explicit, format=format)
     if format == "beir":
-        if not path.is_dir():
-            raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
-        qrels = _beir_qrels(path, config.beir_qrels)
-        for needed in ("queries.jsonl", "corpus.jsonl"):
-            if not (path / needed).is_file():
-                raise InputError(f"BEIR directory {path} lacks {needed}")
-        found = read_columns(qrels, "tsv")
-        if found[:3] != ["query-id", "corpus-id", "score"]:
-            raise InputError(f"qrels {qrels} has columns {found}; expected query-id, corpus-id, score")
-        for name in ("queries.jsonl", "corpus.jsonl"):
-            cols = read_columns(path / name)
-            if "_id" not in cols or "text" not in cols:
-                raise InputError(f"{path / name} has columns {cols}; expected _id and text")
-        columns = PairColumns("query", "document", "label", "query_id", "document_id")
-        resolved = replace(config, query_column="query", document_column="document", label_column="label",
-                           query_id_column="query_id", document_id_column="document_id",
-                           beir_qrels=qrels.relative_to(path).as_posix())
-        return PairsInput(path, format, None, columns, qrels), resolved
+        return _resolve_beir(path, config)
+    return _resolve_table(path, config, explicit, format=format)
 
+
+def _guess_format(path: Path, config: PairsConfig) -> str:
+    """The format of an input without ``--format`` (see the module docstring, "Guessing")."""
+    if path.is_dir():
+        return "beir"
+    found = read_columns(path)
+    if _pick(found, _QUORA_QUERY):
+        return "quora"
+    is_pairs = config.query_column in found or config.document_column in found
+    if not is_pairs and config.text_column in found and (
+            config.id_column in found if config.id_column else _pick(found, ("_id", "id"))):
+        return "corpus"
+    return "pairs"
+
+
+def _resolve_beir(path: Path, config: PairsConfig) -> tuple[PairsInput, PairsConfig]:
+    """``resolve_input`` for format beir: a BEIR directory with qrels, queries.jsonl and corpus.jsonl."""
+    if not path.is_dir():
+        raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
+    qrels = _beir_qrels(path, config.beir_qrels)
+    for needed in ("queries.jsonl", "corpus.jsonl"):
+        if not (path / needed).is_file():
+            raise InputError(f"BEIR directory {path} lacks {needed}")
+    found = read_columns(qrels, "tsv")
+    if found[:3] != ["query-id", "corpus-id", "score"]:
+        raise InputError(f"qrels {qrels} has columns {found}; expected query-id, corpus-id, score")
+    for name in ("queries.jsonl", "corpus.jsonl"):
+        cols = read_columns(path / name)
+        if "_id" not in cols or "text" not in cols:
+            raise InputError(f"{path / name} has columns {cols}; expected _id and text")
+    columns = PairColumns("query", "document", "label", "query_id", "document_id")
+    resolved = replace(config, query_column="query", document_column="document", label_column="label",
+                       query_id_column="query_id", document_id_column="document_id",
+                       beir_qrels=qrels.relative_to(path).as_posix())
+    return PairsInput(path, "beir", None, columns, qrels), resolved
+
+
+def _resolve_table(path: Path, config: PairsConfig, explicit: frozenset[str], *,
+                   format: str) -> tuple[PairsInput, PairsConfig]:  # noqa: A002
+    """``resolve_input`` for formats quora and pairs: one table file with query/document (and label) columns."""
     if path.is_dir():
         raise InputError(f"--format {format} needs a table file (CSV/TSV/JSONL/Parquet), got the directory {path}")
     kind = table_format(path)
@@ -367,7 +366,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
                    features: FeatureConfig, output: Path) -> None:
     """Add the job's transforms to ``pipeline`` (read → check + featurize → write, plus counts).
 
-    Records travel in chunks of ``batch_size`` (:class:`~pipelines.transforms.MakePairs`): per-element
+    Records travel in chunks of ``batch_size`` (:class:`~pipelines.featurize.MakePairs`): per-element
     Beam steps cost more than the hashing on the DirectRunner, so only the writers see single examples.
     """
     rejected_parts, count_parts = [], []

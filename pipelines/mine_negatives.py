@@ -68,7 +68,8 @@ from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
 from dssm.export import load_encoder
 from dssm.features import FeatureConfig, Featurizer
 from dssm.index import MODEL_DIR, current_version_dir, load_index
-from pipelines.transforms import REJECTED, normalise_text, rejected_json, set_negative
+from pipelines.featurize import normalise_text, set_negative
+from pipelines.records import REJECTED, rejected_json
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
 

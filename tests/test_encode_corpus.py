@@ -12,7 +12,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dssm.errors import InputError
 from pipelines import encode_corpus as ec
-from pipelines.transforms import read_table
+from pipelines.corpus_batches import CorpusColumns, ReadBatches, plan_reads
+from pipelines.inference import EncodeBatches, KeyedTowerHandler
+from pipelines.records import read_table
 
 
 def write_jsonl(path, records):
@@ -32,9 +34,12 @@ def test_validate_documents_splits_good_and_rejected(tmp_path):
         {"_id": 7, "title": None, "text": "numeric id"},
     ])
     corpus.write_bytes(corpus.read_bytes() + b'{"_id": "d", "text": "bad \xff byte"}\n')
+    ranges, _ = plan_reads([str(corpus)], None, batch_size=100)
     with test_pipeline.TestPipeline() as p:
-        docs, rejected = (p | beam.Create([str(corpus)]) | beam.FlatMap(read_table, None)
-                          | ec.ValidateDocuments(ec.CorpusColumns(id="_id")))
+        batches = (p | beam.Create(ranges) | beam.ParDo(ReadBatches(columns=CorpusColumns(id="_id"), batch_size=100))
+                   | beam.FlatMap(lambda example: [key for key, _texts in example]))
+        docs = batches | "docs" >> beam.FlatMap(lambda batch: batch[1])
+        rejected = batches | "rejected" >> beam.FlatMap(lambda batch: batch[2])
         assert_that(docs | "ids" >> beam.Map(lambda d: (d["id"], d["title"], d["text"])),
                     equal_to([("a", "T", "alpha"), ("b", "", "beta"), ("7", "", "numeric id")]), label="docs")
         assert_that(rejected | "reasons" >> beam.Map(lambda r: (r["record"].rsplit(":", 1)[1], r["reason"])),
@@ -69,14 +74,14 @@ def _adi_documents(adi_dir):
 
 def test_plan_reads_cuts_jsonl_at_lines_and_reads_what_read_table_reads(tmp_path):
     """Byte ranges of N lines each, read back, give read_table's records (locations included), in order."""
-    from pipelines.transforms import read_jsonl_range
+    from pipelines.records import read_jsonl_range
 
     lines = [json.dumps({"_id": f"d{i}", "text": f"text {i} \u00e9"}) for i in range(10)]
     lines[3] = ""                   # blank: skipped, but counted in the line numbers
     lines[6] = "{broken"            # unparsable: a raw record with reason set
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(("\n".join(lines)).encode("utf-8") + b'\n{"_id": "x", "text": "bad \xff"}')  # no final \n
-    ranges, records = ec.plan_reads([str(corpus)], None, batch_size=4)
+    ranges, records = plan_reads([str(corpus)], None, batch_size=4)
     assert records == 11
     assert [(r.first_line, r.first_batch, r.batches) for r in ranges] == [(1, 0, 1), (5, 1, 1), (9, 2, 1)]
     assert ranges[0].start == 0 and ranges[-1].end == corpus.stat().st_size
@@ -89,7 +94,7 @@ def test_plan_reads_cuts_jsonl_at_lines_and_reads_what_read_table_reads(tmp_path
     # holds three times as many records, so a third of them on average stay.
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\n" + "".join(f"{i},t{i}\n" for i in range(9)), encoding="utf-8")
-    ranges, records = ec.plan_reads([str(corpus), str(csv)], None, batch_size=2, stride=3)
+    ranges, records = plan_reads([str(corpus), str(csv)], None, batch_size=2, stride=3)
     assert records == 20 and [(r.end is None, r.first_batch, r.batches) for r in ranges] == [
         (False, 0, 1), (False, 1, 1), (True, 2, 2)]
 
@@ -104,11 +109,11 @@ def test_read_and_encode_batches_match_the_encoder(tiny_model_dir, adi_dir, tmp_
     expected_by_id = {d.id: expected[i] for i, d in enumerate(docs)}
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": d.id, "title": d.title, "text": d.text} for d in docs]
                          + [{"_id": "", "text": "no id"}])
-    ranges, _ = ec.plan_reads([str(corpus)], None, batch_size=30)
+    ranges, _ = plan_reads([str(corpus)], None, batch_size=30)
     assert len(ranges) == 3
     # RunInference gets each batch as it is: no BatchElements regrouping them (Beam's KeyedModelHandler
     # does not pass should_skip_batching on).
-    assert ec.KeyedTowerHandler(str(tiny_model_dir)).should_skip_batching()
+    assert KeyedTowerHandler(str(tiny_model_dir)).should_skip_batching()
 
     def check(batches):
         assert sorted(b[0] for b in batches) == [0, 1, 2]  # one batch per range, in corpus order
@@ -124,8 +129,8 @@ def test_read_and_encode_batches_match_the_encoder(tiny_model_dir, adi_dir, tmp_
 
     with test_pipeline.TestPipeline() as p:
         batches = (p | beam.Create(ranges)
-                   | beam.ParDo(ec.ReadBatches(columns=ec.CorpusColumns(id="_id"), batch_size=30))
-                   | ec.EncodeBatches(str(tiny_model_dir)))
+                   | beam.ParDo(ReadBatches(columns=CorpusColumns(id="_id"), batch_size=30))
+                   | EncodeBatches(str(tiny_model_dir)))
         assert_that(batches, check)
 
 

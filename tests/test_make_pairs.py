@@ -20,24 +20,12 @@ from dssm.cli import main as cli_main
 from dssm.data import split_of
 from dssm.errors import InputError
 from dssm.features import FeatureConfig, Featurizer
+from pipelines.beir import JoinBeir
+from pipelines.corpus import CorpusPairs, CorpusSpec, corpus_pairs, sentence_spans, strip_title
+from pipelines.featurize import FeaturizePairs, MakePairs
 from pipelines.make_pairs import run
-from pipelines.transforms import (
-    REJECTED,
-    CorpusPairs,
-    CorpusSpec,
-    FeaturizePairs,
-    JoinBeir,
-    MakePairs,
-    PairColumns,
-    PairLimits,
-    SplitSpec,
-    ValidatePairs,
-    corpus_pairs,
-    sentence_spans,
-    strip_title,
-    sum_counts,
-    text_id,
-)
+from pipelines.records import REJECTED, sum_counts
+from pipelines.validate import PairColumns, PairLimits, SplitSpec, ValidatePairs, text_id
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
 
@@ -713,7 +701,7 @@ def test_neighbour_pairs_searches_deeper_past_many_copies() -> None:
 
 
 def test_neighbour_transforms_pair_documents_and_dead_letter_the_rest() -> None:
-    from pipelines.transforms import CheckDocuments, NeighbourSpec, neighbour_outputs
+    from pipelines.corpus import CheckDocuments, NeighbourSpec, neighbour_outputs
 
     spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=1,
                       min_query_chars=1, seed=0)

@@ -21,8 +21,8 @@ from dssm.data import Document, document_text, iter_corpus
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.features import FeatureConfig, Featurizer
 from pipelines import make_pairs
+from pipelines.featurize import normalise_text
 from pipelines.mine_negatives import MineNegatives, MiningSpec, run
-from pipelines.transforms import normalise_text
 from serving.searcher import Searcher
 
 import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
