@@ -163,7 +163,7 @@ def _split_rows(pairs_dir: Path, split: str) -> list[tuple[str, str, float]]:
     """``(query text, document text, label)`` of every pair in a pairs directory's ``split`` shards."""
     import tensorflow as tf
 
-    from dssm.train import pair_files
+    from dssm.inputs import pair_files
 
     rows = []
     for record in tf.data.TFRecordDataset(pair_files(pairs_dir, split), compression_type="GZIP"):

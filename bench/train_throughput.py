@@ -6,7 +6,7 @@ labels ignored: throughput does not depend on them), hashed with the default ``F
 
 * ``ours``: ``model.fit`` on the trainer's own input pipeline over in-memory pairs: the same batches
   as the peers (full batches of 1024 in file order), each batch's bag plan made by
-  :func:`dssm.train.make_dataset`'s mapping while the previous step runs, as in ``dssm train``.
+  :func:`dssm.inputs.make_dataset`'s mapping while the previous step runs, as in ``dssm train``.
   pairs/s per epoch (one pass over the 9 batches), median over the epochs after the first (tracing).
 * ``naive``: the textbook Keras version on the same batches, eager-featurized beforehand:
   ``tf.nn.embedding_lookup_sparse`` for the bag and Keras' Adam, whose sparse update still decays
@@ -112,8 +112,9 @@ def measure_fit(*, batch_size: int = 1024, epochs: int = 6, mixed_precision: boo
         processes kept busy meanwhile, and the loss after each epoch (it must fall).
     """
     from dssm.features import FeatureConfig, Featurizer
+    from dssm.inputs import add_bag_plans
     from dssm.model import ModelConfig, bag_groups
-    from dssm.train import TrainConfig, add_bag_plans, build_model
+    from dssm.train import TrainConfig, build_model
 
     import tensorflow as tf  # noqa: E402  isort: skip
 

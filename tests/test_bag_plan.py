@@ -10,21 +10,22 @@ import numpy as np
 import pytest
 
 import dssm  # noqa: F401
-from dssm.features import FeatureConfig, Featurizer
-from dssm.model import (
+from dssm.bags import (
     BAG_PLANS,
     CSR_PLAN_KEYS,
     EmbeddingBag,
-    ModelConfig,
     _expand,
-    bag_groups,
     bag_plan,
     bag_plan_csr,
     bag_plan_numpy,
     gathered_rows,
     plan_key,
 )
-from dssm.train import RowwiseAdagrad, TrainConfig, build_model, make_dataset, pair_files
+from dssm.features import FeatureConfig, Featurizer
+from dssm.inputs import make_dataset, pair_files
+from dssm.model import ModelConfig, bag_groups
+from dssm.optim import RowwiseAdagrad
+from dssm.train import TrainConfig, build_model
 
 import tensorflow as tf  # noqa: E402  isort: skip
 

@@ -25,17 +25,11 @@ import dssm  # noqa: F401
 from dssm import losses
 from dssm.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict
 from dssm.errors import ConfigError, InputError
-from dssm.losses import (
-    LOSS_NAMES,
-    LOSSES,
-    LossConfig,
-    PairClassifier,
-    RetrievalLoss,
+from dssm.losses import LOSS_NAMES, LOSSES, LossConfig, RetrievalLoss, get_loss
+from dssm.pair_losses import PairClassifier, classifier_loss, cosent_loss
+from dssm.score_losses import (
     circle_loss,
-    classifier_loss,
     contrastive_loss,
-    cosent_loss,
-    get_loss,
     hard_negative_loss,
     negative_mask,
     pair_cosines,
@@ -473,7 +467,7 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from dssm.losses import softmax_loss, circle_loss, similarity_matrix
+from dssm.score_losses import softmax_loss, circle_loss, similarity_matrix
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(4)
 q = tf.math.l2_normalize(tf.constant(rng.normal(size=(4, 3)), tf.float32), axis=1)
@@ -644,7 +638,7 @@ def _train(pairs, loss: str, **loss_kwargs):
 
 def _split_counts(pairs) -> tuple[int, int]:
     """(train rows, train rows with label > 0) of a pairs directory, read from its shards."""
-    from dssm.train import count_pairs, pair_files
+    from dssm.inputs import count_pairs, pair_files
 
     files = pair_files(pairs, "train")
     return count_pairs(files, min_label=-math.inf), count_pairs(files, min_label=0.0)
@@ -686,8 +680,9 @@ def test_trainer_refuses_losses_without_their_data(quora_negative_pairs, stsb_pa
 def test_cosent_learns_graded_scores(stsb_pairs):
     from scipy.stats import spearmanr
 
+    from dssm.inputs import make_dataset, pair_files
     from dssm.model import DSSMModel
-    from dssm.train import TrainConfig, make_dataset, pair_files
+    from dssm.train import TrainConfig
 
     model, history = _train(stsb_pairs, "cosent")
     rows, _ = _split_counts(stsb_pairs)

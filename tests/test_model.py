@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import dssm  # noqa: F401
+from dssm.bags import EmbeddingBag
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
 from dssm.losses import LossConfig
-from dssm.model import DSSMModel, EmbeddingBag, ModelConfig, apply_loss_defaults
-from dssm.train import LazyAdam, RowwiseAdagrad, SparseAdagrad
+from dssm.model import DSSMModel, ModelConfig, apply_loss_defaults
+from dssm.optim import LazyAdam, RowwiseAdagrad, SparseAdagrad
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -69,7 +70,7 @@ def test_embedding_bag_is_count_weighted_row_sum() -> None:
 
 @pytest.mark.parametrize("entries", [0, 1, 3, 7, 500])
 def test_chunked_segment_sum_equals_one_kernel_call(entries: int) -> None:
-    from dssm.model import _segment_sum
+    from dssm.bags import _segment_sum
 
     rng = np.random.default_rng(entries)
     data = tf.constant(rng.normal(size=(20, 3)), tf.float32)
@@ -246,7 +247,7 @@ def test_bag_keys_ignore_entry_order_and_tell_bags_apart() -> None:
 
 
 def test_score_matrix_losses_are_the_loss_functions_on_the_models_scores() -> None:
-    from dssm.losses import circle_loss, hard_negative_loss, triplet_loss
+    from dssm.score_losses import circle_loss, hard_negative_loss, triplet_loss
 
     config = LossConfig(margin=0.3, circle_gamma=8.0)
     ids = ["a", "b", "c", "a", "e"]  # rows 0 and 3 share a document: masked for every loss
@@ -479,7 +480,7 @@ _MIRRORED = textwrap.dedent("""
     losses = strategy.run(lambda b: mirrored.compute_loss(b, training=False), args=(per_replica,))
     total = float(strategy.reduce("SUM", losses, axis=None))
     # One optimizer step each: gradients flow back through all_gather and are summed over replicas.
-    from dssm.train import RowwiseAdagrad
+    from dssm.optim import RowwiseAdagrad
     single.compile(optimizer=RowwiseAdagrad(0.5))
     with strategy.scope():
         mirrored.compile(optimizer=RowwiseAdagrad(0.5))

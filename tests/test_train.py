@@ -14,26 +14,16 @@ import pytest
 
 import dssm  # noqa: F401
 import dssm.train as train_module
+import dssm.validation as validation_module
 from dssm.artifacts import read_manifest, write_manifest
 from dssm.config import save_config
 from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.features import FeatureConfig, Featurizer
+from dssm.inputs import count_pairs, has_negatives, make_dataset, pair_files
 from dssm.metrics import mrr_at_k, recall_at_k
 from dssm.model import ModelConfig
-from dssm.train import (
-    MONITOR,
-    TrainConfig,
-    build_model,
-    count_pairs,
-    evaluate_retrieval,
-    has_negatives,
-    main,
-    make_dataset,
-    pair_files,
-    read_validation_set,
-    select_strategy,
-    train,
-)
+from dssm.train import TrainConfig, build_model, main, select_strategy, train
+from dssm.validation import MONITOR, evaluate_retrieval, read_validation_set
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -410,7 +400,7 @@ def test_early_stopping_returns_and_checkpoints_the_best_epochs_weights(quora_sh
     expected = reference.embed_queries(texts).numpy()
     for checkpoint_dir in (None, tmp_path / "checkpoints"):
         recalls = iter(scripted)
-        monkeypatch.setattr(train_module, "evaluate_retrieval",
+        monkeypatch.setattr(validation_module, "evaluate_retrieval",
                             lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
         model, history = train(quora_shards, model_config=SMALL, train_config=config, checkpoint_dir=checkpoint_dir)
         assert history["epoch"] == [1, 2, 3, 4] and history["stopped_early"]
@@ -559,7 +549,7 @@ def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them(
     start = still.embed_queries(texts).numpy()
     for checkpoint_dir in (None, tmp_path / "checkpoints"):
         recalls = iter([0.9, 0.3, 0.5])  # the start scores 0.9, the two epochs less
-        monkeypatch.setattr(train_module, "evaluate_retrieval",
+        monkeypatch.setattr(validation_module, "evaluate_retrieval",
                             lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
         model, history = train(quora_shards, model_config=SMALL, train_config=config, checkpoint_dir=checkpoint_dir)
         assert history["epoch"] == [1, 2] and history["start_value"] == 0.9
@@ -567,12 +557,12 @@ def test_keep_best_returns_the_starting_weights_when_no_epoch_beats_them(
         np.testing.assert_allclose(model.embed_queries(texts).numpy(), start, atol=1e-6)
     # An epoch that beats the start is kept as before; without keep_best the last epoch is.
     recalls = iter([0.2, 0.3, 0.5])
-    monkeypatch.setattr(train_module, "evaluate_retrieval",
+    monkeypatch.setattr(validation_module, "evaluate_retrieval",
                         lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
     _, history = train(quora_shards, model_config=SMALL, train_config=config)
     assert history["weights_epoch"] == 2 and history["start_value"] == 0.2
     recalls = iter([0.3, 0.5])
-    monkeypatch.setattr(train_module, "evaluate_retrieval",
+    monkeypatch.setattr(validation_module, "evaluate_retrieval",
                         lambda *a, recalls=recalls, **k: {"recall_at_10": next(recalls), "mrr_at_10": 0.1})
     model, history = train(quora_shards, model_config=SMALL, train_config=dataclasses.replace(config, keep_best=False))
     assert history["weights_epoch"] == 2 and history["start_value"] is None

@@ -1,0 +1,217 @@
+"""Retrieval validation: the validation split as a search task, scored after every epoch.
+
+This module owns the exact-search validation that picks the best epoch: :func:`read_validation_set`
+turns the ``validation-*`` shards into queries and their relevant documents (up to
+``validation_queries`` queries against every document of the split, de-duplicated by
+``document_id``), :func:`evaluate_retrieval` scores them with the current towers as Recall@10 and
+MRR@10, and :class:`RetrievalValidation` logs those as ``val_recall_at_10`` / ``val_mrr_at_10`` at the
+end of each epoch. :data:`MONITOR` is the metric early stopping and keep-best follow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.inputs import VALIDATION_SPEC
+from dssm.metrics import mrr_at_k, recall_at_k
+from dssm.model import DSSMModel
+
+import tensorflow as tf  # noqa: E402  isort: skip
+
+__all__ = ["MONITOR", "ValidationSet", "read_validation_set", "evaluate_retrieval", "monitored_value",
+           "RetrievalValidation"]
+
+# The metric early stopping and the best checkpoint follow (higher is better).
+MONITOR = "val_recall_at_10"
+_K = 10
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Validation queries and documents for exact-search Recall@k / MRR@k.
+
+    Attributes:
+        query_keys: ``query_id`` (else the query text) of each query, in row order.
+        document_keys: ``document_id`` (else the text) of each document, in row order.
+        queries: the query bags in batches, each ``(ids, counts)`` ``[batch, None]`` int64/float32 ragged.
+        documents: the document bags in batches, likewise.
+        relevant: per query, the sorted rows of its relevant documents (``label > min_label``).
+        excluded: ``[m, 2]`` int64 ``(query row, document row)`` pairs left out of the ranking: a
+            document whose text is the query's own (a question asked again is not a result).
+    """
+
+    query_keys: list[str]
+    document_keys: list[str]
+    queries: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
+    documents: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
+    relevant: list[np.ndarray]
+    excluded: np.ndarray
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_keys)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_keys)
+
+
+def _ragged_batches(bags: list[tuple[np.ndarray, np.ndarray]], batch_size: int
+                    ) -> list[tuple[tf.RaggedTensor, tf.RaggedTensor]]:
+    out = []
+    for start in range(0, len(bags), batch_size):
+        chunk = bags[start:start + batch_size]
+        lengths = np.array([len(ids) for ids, _ in chunk], np.int64)
+        ids = np.concatenate([ids for ids, _ in chunk]).astype(np.int64)
+        counts = np.concatenate([counts for _, counts in chunk]).astype(np.float32)
+        out.append((tf.RaggedTensor.from_row_lengths(ids, lengths), tf.RaggedTensor.from_row_lengths(counts, lengths)))
+    return out
+
+
+
+def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: int, seed: int,
+                        batch_size: int = 1024) -> ValidationSet | None:
+    """The validation split as a retrieval task: its queries against all its documents.
+
+    Documents are every ``document_*`` of the shards (relevant or not), de-duplicated by
+    ``document_id``; a query's relevant documents are those it is paired with at ``label >
+    min_label``. Queries without one are dropped; above ``max_queries``, a sample seeded by ``seed``
+    is kept (the same queries every epoch and every run).
+
+    Args:
+        files: ``validation-*`` shards.
+        min_label: pairs at or below it are not relevant (the trainer's positive threshold).
+        max_queries: at most this many queries (0 = none).
+        seed: the sampling seed.
+        batch_size: bags per embedding batch.
+
+    Returns:
+        The set, or None when there are no files, no queries with a relevant document or ``max_queries`` is 0.
+    """
+    if not files or max_queries <= 0:
+        return None
+    ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024)
+    ds = ds.map(lambda records: tf.io.parse_example(records, VALIDATION_SPEC))
+    doc_row: dict[bytes, int] = {}
+    doc_bags: list[tuple[np.ndarray, np.ndarray]] = []
+    doc_keys: list[str] = []
+    doc_text_rows: dict[bytes, list[int]] = {}
+    query_row: dict[bytes, int] = {}
+    query_bags: list[tuple[np.ndarray, np.ndarray]] = []
+    query_keys: list[str] = []
+    query_texts: list[bytes] = []
+    relevant: list[set[int]] = []
+    for batch in ds:
+        columns = {key: batch[key].numpy() for key in ("query_id", "query_text", "document_id", "document_text",
+                                                        "label")}
+        bags = {key: (batch[key].values.numpy(), batch[key].row_splits.numpy())
+                for key in ("query_ids", "query_counts", "document_ids", "document_counts")}
+
+        def bag(prefix: str, i: int, bags: dict[str, tuple[np.ndarray, np.ndarray]] = bags
+                ) -> tuple[np.ndarray, np.ndarray]:
+            ids, splits = bags[f"{prefix}_ids"]
+            counts, _ = bags[f"{prefix}_counts"]
+            return ids[splits[i]:splits[i + 1]], counts[splits[i]:splits[i + 1]]
+
+        for i in range(len(columns["label"])):
+            doc_key = columns["document_id"][i] or columns["document_text"][i]
+            row = doc_row.get(doc_key)
+            if row is None:
+                row = doc_row[doc_key] = len(doc_bags)
+                doc_bags.append(bag("document", i))
+                doc_keys.append(doc_key.decode("utf-8", "replace"))
+                doc_text_rows.setdefault(columns["document_text"][i], []).append(row)
+            query_key = columns["query_id"][i] or columns["query_text"][i]
+            q = query_row.get(query_key)
+            if q is None:
+                q = query_row[query_key] = len(query_bags)
+                query_bags.append(bag("query", i))
+                query_keys.append(query_key.decode("utf-8", "replace"))
+                query_texts.append(columns["query_text"][i])
+                relevant.append(set())
+            if columns["label"][i] > min_label:
+                relevant[q].add(row)
+    chosen = [q for q in range(len(query_bags)) if relevant[q]]
+    if not chosen:
+        return None
+    if len(chosen) > max_queries:
+        chosen = sorted(np.random.default_rng(seed).choice(chosen, size=max_queries, replace=False).tolist())
+    excluded = [(new, row) for new, q in enumerate(chosen) for row in doc_text_rows.get(query_texts[q], [])
+                if row not in relevant[q]]
+    return ValidationSet(
+        query_keys=[query_keys[q] for q in chosen], document_keys=doc_keys,
+        queries=_ragged_batches([query_bags[q] for q in chosen], batch_size),
+        documents=_ragged_batches(doc_bags, batch_size),
+        relevant=[np.array(sorted(relevant[q]), np.int64) for q in chosen],
+        excluded=np.array(excluded, np.int64).reshape(-1, 2))
+
+
+def _embed_batches(tower: tf.keras.Model, batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> tf.Tensor:
+    """``[n, dim]`` float32 embeddings of the bags, with dropout off.
+
+    Eager on purpose: a few dozen batches per epoch cost less than tracing a tf.function each time.
+    """
+    return tf.concat([tower((ids, counts), training=False) for ids, counts in batches], axis=0)
+
+
+def evaluate_retrieval(model: DSSMModel, validation: ValidationSet, *, k: int = _K,
+                       batch_size: int = 1024) -> dict[str, float]:
+    """Exact search of every validation query among all validation documents, with the current towers.
+
+    Args:
+        model: queries go through ``model.query_tower``, documents through ``model.document_tower``
+            (``training=False``).
+        validation: from :func:`read_validation_set`.
+        k: the cut-off.
+        batch_size: queries scored per matrix product (``[batch, num_documents]`` scores).
+
+    Returns:
+        ``{"recall_at_{k}": mean Recall@k, "mrr_at_{k}": mean MRR@k}`` over the queries, with the
+        definitions of :func:`dssm.metrics.recall_at_k` / :func:`dssm.metrics.mrr_at_k`.
+    """
+    documents = _embed_batches(model.document_tower, validation.documents)
+    queries = _embed_batches(model.query_tower, validation.queries)
+    k = min(k, validation.num_documents)
+    top = np.empty((validation.num_queries, k), np.int64)
+    excluded = validation.excluded
+    for start in range(0, validation.num_queries, batch_size):
+        block = queries[start:start + batch_size]
+        scores = tf.matmul(block, documents, transpose_b=True)
+        mine = excluded[(excluded[:, 0] >= start) & (excluded[:, 0] < start + batch_size)]
+        if len(mine):
+            rows = tf.constant(mine - np.array([start, 0]), tf.int64)
+            scores = tf.tensor_scatter_nd_update(scores, rows, tf.fill([len(mine)], -np.inf))
+        top[start:start + len(block)] = tf.math.top_k(scores, k=k).indices.numpy()
+    recall = mrr = 0.0
+    for ranked, relevant in zip(top, validation.relevant, strict=True):
+        grades = dict.fromkeys(relevant.tolist(), 1.0)
+        recall += recall_at_k(ranked.tolist(), grades, k)
+        mrr += mrr_at_k(ranked.tolist(), grades, k)
+    n = validation.num_queries
+    return {f"recall_at_{_K}": recall / n, f"mrr_at_{_K}": mrr / n}
+
+
+def monitored_value(model: DSSMModel, validation: ValidationSet) -> float:
+    """The :data:`MONITOR` figure of ``model``'s current towers (:func:`evaluate_retrieval`'s Recall@10)."""
+    return evaluate_retrieval(model, validation)[MONITOR.removeprefix("val_")]
+
+
+class RetrievalValidation(tf.keras.callbacks.Callback):
+    """Adds ``val_recall_at_10``, ``val_mrr_at_10`` and ``val_retrieval_seconds`` to each epoch's logs."""
+
+    def __init__(self, validation: ValidationSet) -> None:
+        super().__init__()
+        self.validation = validation
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        start = time.perf_counter()
+        metrics = evaluate_retrieval(self.model, self.validation)
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in metrics.items()})
+            logs["val_retrieval_seconds"] = time.perf_counter() - start
