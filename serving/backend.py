@@ -11,18 +11,13 @@ logged, counted and skipped; the old one keeps serving. When the new version car
 files as the live one, the loaded query encoder is reused, so swaps after incremental updates take
 the time of the ScaNN/SQLite load only.
 
-Micro-batching and the model thread: single dense queries (:meth:`Backend.search_async`,
-:meth:`Backend.submit_search`) queue for one dedicated model thread; each round it takes every query
-waiting at that moment (up to ``max_batch``; with ``batch_window`` > 0 it also waits that long for
-more) and answers them with one ``search_batch`` call on one snapshot, then settles the asyncio
-futures of the round with a single wake-up of the event loop. Nothing waits for a batch to fill by
-default, so a lone query costs what it did; under concurrency one model call serves many queries
-(on this 2-core machine a batch of 8 costs about 2× a single query, not 8×), and the event loop's
-thread and the model thread each keep a core instead of a pool of threads fighting over both cores
-and the GIL. Batch requests, which are batched already, run in the caller's worker threads, so
-several can use both cores and none holds up the queued single queries (:meth:`Backend.call_async`
-runs any other function in the model thread). A query that makes its batch fail is retried alone,
-so one bad query cannot fail its neighbours.
+Micro-batching and the model thread (:mod:`serving.model_thread`): single dense queries
+(:meth:`Backend.search_async`, :meth:`Backend.submit_search`) queue for one dedicated model thread,
+which answers every query waiting at that moment with one ``search_batch`` call on one snapshot
+(on this 2-core machine a batch of 8 costs about 2× a single query, not 8×). Batch requests, which
+are batched already, run in the caller's worker threads, so several can use both cores and none
+holds up the queued single queries (:meth:`Backend.call_async` runs any other function in the
+model thread).
 
 Load shedding: :meth:`Backend.try_acquire` admits at most ``max_in_flight`` operations at once and
 refuses the rest immediately (the HTTP layer turns that into a 429), so a burst can never build an
@@ -34,29 +29,28 @@ backends can live in one process, as in tests).
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import functools
-import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
+from dssm.hybrid import SEARCH_MODES
 from dssm.index import current_version_dir
+from dssm.index.documents import as_documents
+from serving.model_thread import ModelThread
 from serving.searcher import (
     DocumentNotFoundError,  # the HTTP layer answers 404
     Searcher,
+    model_fingerprint,
 )
 
 __all__ = [
@@ -78,8 +72,6 @@ log = logging.getLogger(__name__)
 # Manifest key (in the index version's manifest.json) holding the calibrated cosine threshold for
 # duplicate detection, written by `dssm thresholds --save`.
 DUPLICATE_THRESHOLD_KEY = "duplicate_threshold"
-# Searcher modes: DSSM + ScaNN; BM25 alone; both fused (the last two need BM25 state in the version).
-SEARCH_MODES = ("dense", "bm25", "hybrid")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -128,7 +120,7 @@ class Metrics:
     """The service's Prometheus collectors, in their own registry.
 
     Under ``dssm serve --workers N`` every worker process records into prometheus_client's
-    multiprocess directory and ``/metrics`` sums them (see :func:`serving.app.metrics_text`): counters
+    multiprocess directory and ``/metrics`` sums them (see :func:`serving.routes.metrics_text`): counters
     and histograms add up over the workers, the in-flight gauge is the live workers' sum, and the
     gauges that describe a worker's loaded version carry a ``pid`` label, one series per live worker.
     """
@@ -157,118 +149,6 @@ class Metrics:
         self.load_seconds = Histogram("dssm_index_load_seconds", "time to load and warm up an index version",
                                       buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
 
-
-def _model_fingerprint(version_dir: Path) -> str | None:
-    """sha256 of the version's ``model/manifest.json`` (which lists every model file's sha256)."""
-    path = version_dir / "model" / "manifest.json"
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-class _Job(NamedTuple):
-    """One dense query waiting for the model thread; ``box`` is ``None`` for a ``concurrent.futures.Future``."""
-
-    query: str
-    k: int
-    future: Any
-    box: _Mailbox | None
-
-
-class _Call(NamedTuple):
-    """A function to run in the model thread, its asyncio future and its loop's mailbox."""
-
-    fn: Callable[[], Any]
-    future: asyncio.Future
-    box: _Mailbox
-
-
-class _Mailbox:
-    """Hands results from the model thread to one event loop.
-
-    ``loop.call_soon_threadsafe`` under uvloop writes its wake-up with the GIL held; when that write
-    wakes the loop's thread, the scheduler often switches to it at once, and it then waits for the GIL
-    the descheduled model thread still holds (profiles showed a quarter of all GIL time in that
-    call). Here the model thread queues the results and writes one byte with ``os.write``, which
-    releases the GIL, and only when the loop has not been woken already; the loop drains everything
-    queued in one callback.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        self._pending: collections.deque[list[tuple[asyncio.Future, Any, BaseException | None]]] = collections.deque()
-        self._woken = False
-        self._closed = False
-        # Only so that close() cannot free the pipe while a model thread writes to it (a reused fd
-        # number would get our byte); uncontended, it costs well under a microsecond.
-        self._lock = threading.Lock()
-        loop.add_reader(self._read, self._drain)
-
-    def post(self, items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
-        """Queue ``(future, result, exception)`` items (any thread); wakes the loop if it is not awake yet."""
-        self._pending.append(items)
-        if self._woken:
-            return
-        with self._lock:
-            if self._closed:  # the loop is shutting down: its callers are gone
-                return
-            self._woken = True
-            try:
-                os.write(self._write, b"\0")
-            except BlockingIOError:  # the pipe is full: the loop has plenty of wake-ups pending
-                pass
-
-    def _drain(self) -> None:
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        # Cleared before draining: a post after this point writes again (see post()).
-        self._woken = False
-        while self._pending:
-            _settle_in_loop(self._pending.popleft())
-
-    def close(self) -> None:
-        """Stop watching the pipe and close it (call from the loop's thread)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self.loop.remove_reader(self._read)
-            finally:
-                os.close(self._read)
-                os.close(self._write)
-
-
-def _settle(outcomes: Sequence[tuple[Any, Any, Any, BaseException | None]]) -> None:
-    """Resolve ``(future, mailbox, result, exception)`` outcomes: asyncio futures through their loop's mailbox."""
-    by_box: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
-    for future, box, result, exc in outcomes:
-        if box is None:
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
-        else:
-            by_box.setdefault(box, []).append((future, result, exc))
-    for box, items in by_box.items():
-        box.post(items)
-
-
-def _settle_in_loop(items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
-    for future, result, exc in items:
-        if future.done():  # cancelled: the client disconnected
-            continue
-        if exc is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exc)
 
 
 def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
@@ -322,12 +202,9 @@ class Backend:
         self.last_error: str | None = None
         self.max_batch = max_batch
         self.batch_window = batch_window
-        self._batch_queue: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
-        self._batcher_threads = [threading.Thread(target=self._batch_loop, name=f"dssm-model-{i}", daemon=True)
-                                 for i in range(batchers)]
-        self._batchers_started = False
-        self._batchers_lock = threading.Lock()
-        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+        self._model = ModelThread(current=self.current, batch_size=self.metrics.batch_size, max_batch=max_batch,
+                                  threads=batchers, batch_window=batch_window)
+        self._batch_queue = self._model.queue  # what the model thread has not taken yet
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle
@@ -358,15 +235,7 @@ class Backend:
         if self._watcher is not None:
             self._watcher.join(timeout=30)
             self._watcher = None
-        with self._batchers_lock:
-            if self._batchers_started:
-                for _ in self._batcher_threads:
-                    self._batch_queue.put(None)
-                for thread in self._batcher_threads:
-                    thread.join(timeout=30)
-                self._batcher_threads = [threading.Thread(target=self._batch_loop, name=t.name, daemon=True)
-                                         for t in self._batcher_threads]
-                self._batchers_started = False
+        self._model.stop()
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -436,18 +305,18 @@ class Backend:
             return True
 
     def _load(self, target: Path, live: Snapshot | None) -> Snapshot:
-        fingerprint = _model_fingerprint(target)
+        fingerprint = model_fingerprint(target / "model")
         reuse = None
         if live is not None and fingerprint is not None and fingerprint == live.model_fingerprint:
             reuse = getattr(live.searcher, "encoder", None)
         searcher = self._loader(self.index_dir, reuse)
         version_dir = Path(searcher.index.version_dir)
-        loaded_fingerprint = _model_fingerprint(version_dir)
+        loaded_fingerprint = model_fingerprint(version_dir / "model")
         if reuse is not None and loaded_fingerprint != fingerprint:
             # CURRENT moved between our look and the load, to a version with another model.
             searcher = self._loader(self.index_dir, None)
             version_dir = Path(searcher.index.version_dir)
-            loaded_fingerprint = _model_fingerprint(version_dir)
+            loaded_fingerprint = model_fingerprint(version_dir / "model")
         manifest = getattr(searcher.index, "manifest", {}) or {}
         threshold = getattr(searcher, "duplicate_threshold", None)
         if threshold is None:
@@ -527,7 +396,7 @@ class Backend:
         """The mode a search without one runs in on the live version."""
         return self._mode(self.current(), None)
 
-    def search(self, query: str, k: int, *, mode: str | None = None) -> tuple[str, list[Any]]:
+    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> tuple[str, list[Any]]:
         """Top-k hits for one query (``mode=None``: the version's default mode).
 
         Returns:
@@ -538,17 +407,8 @@ class Backend:
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         if mode != "dense":
-            return snap.version, snap.searcher.search(query, k=k, mode=mode)
-        return snap.version, snap.searcher.search(query, k=k)
-
-    def _ensure_batchers(self) -> None:
-        if self._batchers_started:
-            return
-        with self._batchers_lock:
-            if not self._batchers_started:
-                for thread in self._batcher_threads:
-                    thread.start()
-                self._batchers_started = True
+            return snap.version, snap.searcher.search(text, k=k, mode=mode)
+        return snap.version, snap.searcher.search(text, k=k)
 
     def submit_search(self, query: str, k: int) -> Future:
         """Queue one dense query for the model thread; never blocks.
@@ -557,23 +417,16 @@ class Backend:
             A future of ``(version, hits)``, as :meth:`search` returns (or its exception).
         """
         self._check_k(k)
-        self._ensure_batchers()
-        future: Future = Future()
-        self._batch_queue.put(_Job(query, k, future, None))
-        return future
+        return self._model.submit(query, k)
 
     async def search_async(self, query: str, k: int) -> tuple[str, list[Any]]:
         """:meth:`submit_search` for asyncio callers: the answer comes back through the caller's loop.
 
-        The model thread hands all the answers of one batch that belong to a loop to its
-        :class:`_Mailbox` at once, so a batch of n queries wakes the event loop once, not n times.
+        The model thread hands all the answers of one batch that belong to a loop to its mailbox at
+        once, so a batch of n queries wakes the event loop once, not n times.
         """
         self._check_k(k)
-        self._ensure_batchers()
-        box = self._mailbox()
-        future = box.loop.create_future()
-        self._batch_queue.put(_Job(query, k, future, box))
-        return await future
+        return await self._model.submit_async(query, k)
 
     async def call_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the model thread (in turn with the coalesced queries) and await it.
@@ -581,108 +434,14 @@ class Backend:
         Model calls of every kind go through the one thread, so they never compete with each other
         for the two cores, the GIL or TensorFlow's thread pools.
         """
-        self._ensure_batchers()
-        box = self._mailbox()
-        future = box.loop.create_future()
-        self._batch_queue.put(_Call(functools.partial(fn, *args, **kwargs), future, box))
-        return await future
-
-    def _mailbox(self) -> _Mailbox:
-        loop = asyncio.get_running_loop()
-        box = self._mailboxes.get(loop)
-        if box is None:
-            with self._batchers_lock:
-                box = self._mailboxes.get(loop)
-                if box is None:
-                    box = self._mailboxes[loop] = _Mailbox(loop)
-        return box
+        return await self._model.call_async(fn, *args, **kwargs)
 
     def close_mailboxes(self) -> None:
         """Release the pipes of the mailboxes of the running loop (the app calls this at shutdown)."""
-        loop = asyncio.get_running_loop()
-        with self._batchers_lock:
-            box = self._mailboxes.pop(loop, None)
-        if box is not None:
-            box.close()
+        self._model.close_mailboxes()
 
-    def _batch_loop(self) -> None:
-        while True:
-            item = self._batch_queue.get()
-            if item is None:
-                return
-            jobs: list[_Job] = []
-            calls: list[_Call] = []
-            (calls if isinstance(item, _Call) else jobs).append(item)
-            stop = False
-            deadline = time.perf_counter() + self.batch_window if self.batch_window else None
-            # Everything already waiting joins this round; with a window, also what arrives within it.
-            while len(jobs) < self.max_batch:
-                try:
-                    if deadline is None:
-                        more = self._batch_queue.get_nowait()
-                    else:
-                        left = deadline - time.perf_counter()
-                        more = self._batch_queue.get(timeout=left) if left > 0 else self._batch_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:  # shutting down: answer what we hold, then stop
-                    stop = True
-                    break
-                (calls if isinstance(more, _Call) else jobs).append(more)
-            if jobs:
-                self._answer(jobs)
-            for call in calls:
-                self._run_call(call)
-            if stop:
-                return
 
-    @staticmethod
-    def _run_call(call: _Call) -> None:
-        if call.future.done():  # the caller went away
-            return
-        try:
-            _settle([(call.future, call.box, call.fn(), None)])
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
-            _settle([(call.future, call.box, None, exc)])
-
-    def _answer(self, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if (j.future.set_running_or_notify_cancel() if j.box is None else not j.future.done())]
-        if not live:
-            return
-        try:
-            snap = self.current()
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-            _settle([(j.future, j.box, None, exc) for j in live])
-            return
-        by_k: dict[int, list[_Job]] = {}
-        for job in live:
-            by_k.setdefault(job.k, []).append(job)
-        outcomes: list[tuple[Any, Any, Any, BaseException | None]] = []
-        for k, group in by_k.items():
-            self.metrics.batch_size.observe(len(group))
-            try:
-                if len(group) == 1:
-                    results: list[Any] = [snap.searcher.search(group[0].query, k=k)]
-                else:
-                    results = snap.searcher.search_batch([j.query for j in group], k=k)
-            except Exception as exc:  # noqa: BLE001 - alone, each query gets its own answer or error
-                if len(group) == 1:
-                    results = [exc]
-                else:
-                    results = []
-                    for job in group:
-                        try:
-                            results.append(snap.searcher.search(job.query, k=k))
-                        except Exception as single:  # noqa: BLE001
-                            results.append(single)
-            for job, hits in zip(group, results, strict=True):
-                if isinstance(hits, Exception):
-                    outcomes.append((job.future, job.box, None, hits))
-                else:
-                    outcomes.append((job.future, job.box, (snap.version, hits), None))
-        _settle(outcomes)
-
-    def search_batch(self, queries: Sequence[str], k: int, *,
+    def search_batch(self, texts: Sequence[str], k: int = 10, *,
                      mode: str | None = None) -> tuple[str, list[list[Any]]]:
         """Top-k hits for each query, all from one version (``mode=None``: the version's default)."""
         snap = self.current()
@@ -690,29 +449,19 @@ class Backend:
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         if mode != "dense":
-            return snap.version, snap.searcher.search_batch(list(queries), k=k, mode=mode)
-        return snap.version, snap.searcher.search_batch(list(queries), k=k)
+            return snap.version, snap.searcher.search_batch(list(texts), k=k, mode=mode)
+        return snap.version, snap.searcher.search_batch(list(texts), k=k)
 
     def similarity(self, text1: str, text2: str) -> SimilarityResult:
-        """Cosine between the two texts' embeddings (query tower, as for duplicate questions)."""
+        """Cosine between the two texts' embeddings (query tower, as for duplicate questions).
+
+        The live searcher computes it (:func:`serving.searcher.text_similarity`, against the version's
+        stored threshold); this tags the answer with the version that gave it.
+        """
         snap = self.current()
-        searcher = snap.searcher
-        own = getattr(searcher, "similarity", None)
-        if own is not None:
-            value = own(text1, text2)
-            cosine = float(getattr(value, "cosine", value))
-        else:
-            encoder = getattr(searcher, "encoder", None)
-            if encoder is None:
-                raise IndexNotFoundError(f"index version {snap.version} has no model: cannot embed texts")
-            for text in (text1, text2):
-                if not isinstance(text, str) or not text.strip():
-                    raise InputError(f"text is empty or only whitespace: {text!r}")
-            vectors = np.asarray(encoder.embed_queries([text1, text2]), dtype=np.float32)
-            cosine = float(np.dot(vectors[0], vectors[1]))
-        threshold = snap.duplicate_threshold
-        verdict = None if threshold is None else bool(cosine >= threshold)
-        return SimilarityResult(version=snap.version, cosine=cosine, is_duplicate=verdict, threshold=threshold)
+        result = snap.searcher.similarity(text1, text2)
+        return SimilarityResult(version=snap.version, cosine=float(result.cosine), is_duplicate=result.is_duplicate,
+                                threshold=result.threshold)
 
     def get_document(self, doc_id: str) -> tuple[str, Any]:
         """The stored document ``doc_id`` as ``(version, Doc(id, title, text))``.
@@ -744,12 +493,15 @@ class Backend:
             self.reload(force=True)
             return self.current().version
 
-    def upsert(self, documents: Sequence[tuple[str, str, str]]) -> str:
-        """Add or replace documents ``(id, title, text)``; returns the new live version.
+    def upsert(self, documents: Sequence[Any]) -> str:
+        """Add or replace documents; returns the new live version.
+
+        A document is ``(id, title, text)`` or any other form :meth:`Searcher.upsert` takes.
 
         Raises:
-            InputError: an id appears twice in ``documents``.
+            InputError: an id appears twice in ``documents``, or a document is in none of the forms.
         """
+        documents = as_documents(documents)
         seen: set[str] = set()
         for doc_id, _, _ in documents:
             if doc_id in seen:
@@ -757,13 +509,15 @@ class Backend:
             seen.add(doc_id)
         return self._write("upsert", list(documents))
 
-    def delete(self, doc_ids: Sequence[str]) -> str:
-        """Delete documents by id; returns the new live version.
+    def delete(self, doc_ids: str | Sequence[str]) -> str:
+        """Delete one document id or several; returns the new live version.
 
         Raises:
             InputError: no ids, or an id appears twice.
             DocumentNotFoundError: an id is not in the live version (nothing is deleted).
         """
+        if isinstance(doc_ids, str):  # one id, as Searcher.delete and SearchClient.delete take it
+            doc_ids = [doc_ids]
         if not doc_ids:
             raise InputError("no document ids to delete")
         seen: set[str] = set()

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -28,12 +28,12 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import IndexNotFoundError, InputError
-from dssm.hybrid import HYBRID_FILE, fused_rows, read_hybrid_config
+from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_config
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity",
-           "merge_top_k", "format_hits", "hits_json", "main"]
+           "text_similarity", "model_fingerprint", "merge_top_k", "format_hits", "hits_json", "main"]
 
 
 class DocumentNotFoundError(IndexNotFoundError, KeyError):
@@ -65,6 +65,37 @@ class QueryEncoder(Protocol):
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """texts → [n, dim] float32, L2-normalised."""
         ...
+
+
+def text_similarity(embed: Callable[[Sequence[str]], np.ndarray], text1: str, text2: str,
+                    threshold: float | None) -> Similarity:
+    """Cosine of two texts' query-tower embeddings and the duplicate verdict against ``threshold``.
+
+    The one implementation behind :meth:`Searcher.similarity`, :meth:`ShardedSearcher.similarity`
+    and the serving backend's.
+
+    Args:
+        embed: texts → [n, dim] L2-normalised embeddings (validating the texts).
+        text1: first text.
+        text2: second text.
+        threshold: cosine at or above which the texts are duplicates; ``None``: no verdict.
+    """
+    vectors = embed([text1, text2])
+    cosine = float(np.dot(vectors[0], vectors[1]))
+    return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
+
+
+def model_fingerprint(model_dir: Path | None) -> str | None:
+    """sha256 of ``model_dir/manifest.json`` (which lists every model file's sha256); ``None`` without one.
+
+    Two index versions (or shards) with equal fingerprints hold the same query model.
+    """
+    if model_dir is None:
+        return None
+    try:
+        return hashlib.sha256((Path(model_dir) / "manifest.json").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 class Searcher:
@@ -182,7 +213,7 @@ class Searcher:
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
         mode = mode or self.default_mode
-        if mode not in ("dense", "bm25", "hybrid"):
+        if mode not in SEARCH_MODES:
             raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
         if not texts:
             return []
@@ -287,10 +318,7 @@ class Searcher:
         Both sides go through the query tower: duplicate questions are two texts of the same kind, and
         with shared (Siamese) towers the two towers are one anyway.
         """
-        vectors = self._embed([text1, text2])
-        cosine = float(np.dot(vectors[0], vectors[1]))
-        threshold = self.duplicate_threshold
-        return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
+        return text_similarity(self._embed, text1, text2, self.duplicate_threshold)
 
 
 def merge_top_k(results: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
@@ -346,11 +374,7 @@ class ShardedSearcher:
         if len({d.resolve() for d in dirs}) != len(dirs):
             raise InputError(f"the same index directory is given twice: {[str(d) for d in dirs]}")
         shards = [Searcher.load(d, encoder=encoder or _NoEncoder(), verify=verify) for d in dirs]
-        fingerprints = set()
-        for shard in shards:
-            model = shard.index.model_dir
-            fingerprints.add(None if model is None else
-                             hashlib.sha256((model / "manifest.json").read_bytes()).hexdigest())
+        fingerprints = {model_fingerprint(shard.index.model_dir) for shard in shards}
         if len(fingerprints) != 1:
             raise InputError(f"shards {[str(d) for d in dirs]} hold different models; one query embedding "
                              "cannot search them all")
@@ -417,10 +441,7 @@ class ShardedSearcher:
 
     def similarity(self, text1: str, text2: str) -> Similarity:
         """See :meth:`Searcher.similarity` (the threshold is the shards' common one)."""
-        vectors = self.shards[0]._embed([text1, text2])
-        cosine = float(np.dot(vectors[0], vectors[1]))
-        threshold = self.duplicate_threshold
-        return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
+        return text_similarity(self.shards[0]._embed, text1, text2, self.duplicate_threshold)
 
     def get_document(self, doc_id: str) -> Any:
         """The stored document ``doc_id`` (a :class:`dssm.index.Doc`), from whichever shard holds it.
@@ -518,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
     parser.add_argument("--json", action="store_true",
                         help='print {"query": ..., "hits": [{"id", "score", "text"}]} instead of a table')
-    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default=None,
+    parser.add_argument("--mode", choices=SEARCH_MODES, default=None,
                         help="dense: DSSM + ScaNN; bm25: the index's BM25 state; hybrid: both, scores fused "
                              "(weight from the version's hybrid.json, default 0.5) (default: the index's default "
                              "mode: hybrid with the weight `dssm index` chose label-free, dense for an index "
