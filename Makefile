@@ -28,6 +28,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check dssm pipelines serving tests bench
+	$(BIN)/lint-imports
 
 # `make bench` runs every part and copies the table into README.md; `make bench PART="train query"` runs
 # some parts (the others' figures stay in bench/results.json); `make bench QUICK=1` is a smoke check under

@@ -51,7 +51,7 @@ from dssm.config import config_from_dict, config_to_dict, field
 from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
-__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows", "build_bm25_state",
+__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows",
            "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
@@ -304,22 +304,6 @@ def _set_state(retriever: bm25s.BM25, *, data: np.ndarray, indices: np.ndarray, 
     retriever.vocab_dict = {term: i for i, term in enumerate(terms)}
     retriever.unique_token_ids_set = set(range(len(terms)))
     retriever.nonoccurrence_array = None
-
-
-def build_bm25_state(ids: Sequence[str], texts: Sequence[str], *, config: BM25Config | None = None,
-                     show_progress: bool = False) -> BM25Index:
-    """Build the BM25 state of a corpus (for a new index version; e.g. after upserts/deletes).
-
-    Args:
-        ids: document ids in index row order.
-        texts: the BM25 text of each document (:func:`dssm.data.document_text` of title and body).
-        config: BM25 settings.
-        show_progress: bm25s' progress bar.
-
-    Returns:
-        The index; :meth:`BM25Index.save` it to ``VERSION_DIR / BM25_DIR`` before the manifest is written.
-    """
-    return BM25Index.build(ids, texts, config=config, show_progress=show_progress)
 
 
 def _idf_lookup(method: str) -> Any:

@@ -29,9 +29,10 @@ import argparse
 import importlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from dssm.data import holdout_filter, read_queries, split_of
+from dssm.data import holdout_filter, read_queries
 from dssm.errors import InputError
 from dssm.peers import minilm_available, minilm_ndcg
 
@@ -55,8 +56,7 @@ def _call(module: str, argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo. Returns 0 on success."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dssm demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True,
@@ -74,81 +74,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the all-MiniLM-L6-v2 comparison (run only when the bench extra is installed)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of the labelled queries held out from training and used for evaluation")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo. Returns 0 on success."""
+    args = _parser().parse_args(argv)
     if args.epochs < 1 or (args.pretrain_epochs is not None and args.pretrain_epochs < 1):
         raise InputError(f"--epochs and --pretrain-epochs must be >= 1, got {args.epochs} and {args.pretrain_epochs}")
-
     for name in ("pairs.tsv", "corpus.jsonl", "queries.jsonl", "qrels.tsv"):
         if not (args.data / name).is_file():
             raise InputError(f"demo data directory {args.data} lacks {name}")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    neighbours, pretrained = work / "neighbour_pairs", work / "pretrained"
-    pairs, model, index = work / "pairs", work / "model", work / "index"
-    timings = {}
+    timings: dict[str, float] = {}
     steps = 5 if args.no_pretrain else 7
     step = iter(range(1, steps + 1))
-
-    if not args.no_pretrain:
-        start = _step(f"{next(step)}/{steps} pairs: each corpus document → its BM25 nearest other document "
-                      "(label-free, Beam)")
-        _call("pipelines.make_pairs", ["--input", str(args.data / "corpus.jsonl"), "--format", "neighbours",
-                                       "--output", str(neighbours),
-                                       "--validation-fraction", _PRETRAIN_VALIDATION_FRACTION])
-        timings["neighbour pairs"] = time.perf_counter() - start
-
-        start = _step(f"{next(step)}/{steps} train: pre-train the towers on the neighbour pairs")
-        # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
-        _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite"]
-              + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else []))
-        timings["pre-train"] = time.perf_counter() - start
-
-    start = _step(f"{next(step)}/{steps} pairs: Quora pairs → hashed letter-trigram TFRecord shards (Beam)")
-    _call("pipelines.make_pairs", ["--input", str(args.data / "pairs.tsv"), "--format", "quora",
-                                   "--output", str(pairs), "--validation-fraction", str(args.validation_fraction)])
-    timings["pairs"] = time.perf_counter() - start
-
-    start = _step(f"{next(step)}/{steps} train: " + ("fine-tune the pre-trained towers" if not args.no_pretrain
-                                                     else "two-tower DSSM") + " on the train split's duplicate pairs")
-    _call("dssm.train", ["--pairs", str(pairs), "--output", str(model), "--overwrite", "--epochs", str(args.epochs),
-                         "--early-stopping-patience", "0", "--no-keep-best"]
-          + ([] if args.no_pretrain else ["--init-from", str(pretrained)]))
-    timings["train"] = time.perf_counter() - start
-
-    start = _step(f"{next(step)}/{steps} index: encode the corpus with the document tower, build ScaNN")
-    _call("pipelines.encode_corpus", ["--model", str(model), "--corpus", str(args.data / "corpus.jsonl"),
-                                      "--output", str(index)])
-    timings["index"] = time.perf_counter() - start
-
-    start = _step(f"{next(step)}/{steps} eval: held-out queries, DSSM and hybrid vs BM25")
-    report = work / "eval.json"
-    # The hybrid is the default search: the weight `dssm index` chose label-free and stored, so no
-    # query is held back to tune it and all held-out queries are evaluated.
-    _call("dssm.evaluate", ["--index", str(index), "--data", str(args.data), "--skip-self",
-                            "--holdout", str(pairs), "--systems", "dssm,dssm-exact,bm25,hybrid",
-                            "--json", str(report)])
-    timings["eval"] = time.perf_counter() - start
-    minilm = None
-    if not args.no_minilm and minilm_available():
-        start = _step("MiniLM (all-MiniLM-L6-v2, the bench extra) on the same queries, exact cosine search")
-
-        peer = minilm_ndcg(args.data, keep=holdout_filter(pairs), skip_self=True)
-        minilm = peer["ndcg@10"]
-        print(f"MiniLM nDCG@10 {minilm:.4f} on {peer['queries']} queries "
-              f"(encoded {peer['encode_docs_per_second']:.0f} docs/s)")
-        timings["minilm"] = time.perf_counter() - start
-
-    start = _step(f"{next(step)}/{steps} search: three held-out queries")
-
-    config = json.loads((pairs / "pairs_config.json").read_text())
-    held_out = [text for text in read_queries(args.data / "queries.jsonl").values()
-                if split_of(text, validation_fraction=config["validation_fraction"],
-                            salt=config.get("split_salt", "")) == "validation"]
-    for text in held_out[:3]:
-        _call("serving.searcher", ["--index", str(index), "-k", "3", text])
-    timings["search"] = time.perf_counter() - start
-
-    results = json.loads(report.read_text())
+    _train_steps(args, work, lambda: f"{next(step)}/{steps}", timings)
+    minilm = _index_and_eval_steps(args, work, lambda: f"{next(step)}/{steps}", timings)
+    results = json.loads((work / "eval.json").read_text())
     weight = results["hybrid_tuning"]["weight"]
     print(f"\nnDCG@10 on {results['queries']} held-out queries: DSSM {results['dssm']['ndcg@10']:.4f} "
           f"(exact search {results['dssm-exact']['ndcg@10']:.4f}), hybrid {results['hybrid']['ndcg@10']:.4f} "
@@ -161,3 +105,65 @@ def main(argv: list[str] | None = None) -> int:
     made = ("" if args.no_pretrain else "neighbour_pairs/, pretrained/, ") + "pairs/, model/, index/, eval.json"
     print(f"artifacts in {work}/: {made}")
     return 0
+
+
+def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str], timings: dict[str, float]) -> None:
+    """Neighbour pairs → pre-train (unless ``--no-pretrain``), then Quora pairs → fine-tune."""
+    neighbours, pretrained, pairs, model = work / "neighbour_pairs", work / "pretrained", work / "pairs", work / "model"
+    if not args.no_pretrain:
+        start = _step(f"{step()} pairs: each corpus document → its BM25 nearest other document (label-free, Beam)")
+        _call("pipelines.make_pairs", ["--input", str(args.data / "corpus.jsonl"), "--format", "neighbours",
+                                       "--output", str(neighbours),
+                                       "--validation-fraction", _PRETRAIN_VALIDATION_FRACTION])
+        timings["neighbour pairs"] = time.perf_counter() - start
+
+        start = _step(f"{step()} train: pre-train the towers on the neighbour pairs")
+        # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
+        _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite"]
+              + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else []))
+        timings["pre-train"] = time.perf_counter() - start
+
+    start = _step(f"{step()} pairs: Quora pairs → hashed letter-trigram TFRecord shards (Beam)")
+    _call("pipelines.make_pairs", ["--input", str(args.data / "pairs.tsv"), "--format", "quora",
+                                   "--output", str(pairs), "--validation-fraction", str(args.validation_fraction)])
+    timings["pairs"] = time.perf_counter() - start
+
+    start = _step(f"{step()} train: " + ("fine-tune the pre-trained towers" if not args.no_pretrain
+                                         else "two-tower DSSM") + " on the train split's duplicate pairs")
+    _call("dssm.train", ["--pairs", str(pairs), "--output", str(model), "--overwrite", "--epochs", str(args.epochs),
+                         "--early-stopping-patience", "0", "--no-keep-best"]
+          + ([] if args.no_pretrain else ["--init-from", str(pretrained)]))
+    timings["train"] = time.perf_counter() - start
+
+
+def _index_and_eval_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
+                          timings: dict[str, float]) -> float | None:
+    """Index → eval (→ MiniLM on the same queries, when installed) → three searches; MiniLM's nDCG@10 or None."""
+    pairs, model, index = work / "pairs", work / "model", work / "index"
+    start = _step(f"{step()} index: encode the corpus with the document tower, build ScaNN")
+    _call("pipelines.encode_corpus", ["--model", str(model), "--corpus", str(args.data / "corpus.jsonl"),
+                                      "--output", str(index)])
+    timings["index"] = time.perf_counter() - start
+
+    start = _step(f"{step()} eval: held-out queries, DSSM and hybrid vs BM25")
+    # The hybrid is the default search: the weight `dssm index` chose label-free and stored, so no
+    # query is held back to tune it and all held-out queries are evaluated.
+    _call("dssm.evaluate", ["--index", str(index), "--data", str(args.data), "--skip-self",
+                            "--holdout", str(pairs), "--systems", "dssm,dssm-exact,bm25,hybrid",
+                            "--json", str(work / "eval.json")])
+    timings["eval"] = time.perf_counter() - start
+    held_out = holdout_filter(pairs)
+    minilm = None
+    if not args.no_minilm and minilm_available():
+        start = _step("MiniLM (all-MiniLM-L6-v2, the bench extra) on the same queries, exact cosine search")
+        peer = minilm_ndcg(args.data, keep=held_out, skip_self=True)
+        minilm = peer["ndcg@10"]
+        print(f"MiniLM nDCG@10 {minilm:.4f} on {peer['queries']} queries "
+              f"(encoded {peer['encode_docs_per_second']:.0f} docs/s)")
+        timings["minilm"] = time.perf_counter() - start
+
+    start = _step(f"{step()} search: three held-out queries")
+    for text in [text for text in read_queries(args.data / "queries.jsonl").values() if held_out(text)][:3]:
+        _call("serving.searcher", ["--index", str(index), "-k", "3", text])
+    timings["search"] = time.perf_counter() - start
+    return minilm

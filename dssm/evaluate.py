@@ -207,16 +207,35 @@ def _hybrid_candidates(searcher: Any, bm25: Any, vectors: Any, qids: Sequence[st
 
 def main(argv: list[str] | None = None) -> int:
     """``dssm eval``: evaluate the systems on a BEIR directory; print a table; write JSON / a report."""
-    # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import BM25Config, BM25Index
-
     args = _parser().parse_args(argv)
+    systems, metrics, depth, data_dir = _check_args(args)
+    # Load the index before the (slower) corpus read, so a bad --index fails fast.
+    searcher = Searcher.load(args.index) if args.index is not None else None
+    dataset = read_beir(data_dir)
+    qids, tune_qids, stored_weight = _select_queries(args, systems, searcher, dataset, data_dir)
+    runs, seconds, candidates = _first_stage_runs(args, systems, searcher, dataset, qids + tune_qids, depth)
+    hybrid_info: dict[str, Any] | None = None
+    if "hybrid" in systems:
+        tick = time.perf_counter()
+        runs["hybrid"], hybrid_info = _hybrid_run(args, candidates, dataset.qrels, qids, tune_qids, depth,
+                                                  stored_weight=stored_weight, searcher=searcher)
+        seconds["hybrid"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
+    _report(args, systems, runs, seconds, dataset, qids, n_run=len(qids) + len(tune_qids), metrics=metrics,
+            hybrid_info=hybrid_info, data_dir=data_dir)
+    if args.save_weight:
+        settings = config_to_dict(HybridConfig(weight=hybrid_info["weight"], normalization=args.normalization))
+        version = publish_index_files(args.index, files={HYBRID_FILE: settings}, manifest_updates={"hybrid": settings})
+        print(f"saved hybrid weight {hybrid_info['weight']:.2f} in {args.index} as version {version}", file=sys.stderr)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...], int, Path]:
+    """Validate the flags: ``(systems, metrics, depth, data_dir)``."""
     systems = _parse_systems(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
-    bm25_config = config_from_args(BM25Config, args, prefix="bm25-")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if not metrics:
         raise ConfigError("--metrics is empty")
@@ -230,13 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--json", args.json), ("--report", args.report)):
         if value and not Path(value).resolve().parent.is_dir():
             raise InputError(f"{flag} {value}: directory {Path(value).resolve().parent} does not exist")
-    # Load the index before the (slower) corpus read, so a bad --index fails fast.
-    searcher = None
-    if args.index is not None:
+    return systems, metrics, depth, data_dir
 
-        searcher = Searcher.load(args.index)
 
-    dataset = read_beir(data_dir)
+def _select_queries(args: argparse.Namespace, systems: Sequence[str], searcher: Any, dataset: Any,
+                    data_dir: Path) -> tuple[list[str], list[str], Any]:
+    """``(evaluated query ids, hybrid tuning query ids, the index's stored HybridConfig or None)``."""
     corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
     keep = holdout_filter(Path(args.holdout)) if args.holdout else None
     qids = select_queries(queries, qrels, keep=keep, max_queries=args.max_queries)
@@ -262,19 +280,22 @@ def main(argv: list[str] | None = None) -> int:
                           "one (its hybrid.json): pass --hybrid-weight tune to tune and replace it")
     if "hybrid" in systems and stored_weight is None:
         tune_qids, qids = split_tuning_queries(qids, args.tune_fraction)
-    sel_qrels = {q: qrels[q] for q in qids}
     print(f"evaluating {len(qids)} queries against {len(corpus)} documents"
           f"{' (skip-self)' if args.skip_self else ''}"
           f"{f'; {len(tune_qids)} other queries tune the hybrid weight' if tune_qids else ''}", file=sys.stderr)
+    return qids, tune_qids, stored_weight
 
-    all_qids = qids + tune_qids
+
+def _first_stage_runs(args: argparse.Namespace, systems: Sequence[str], searcher: Any, dataset: Any,
+                      all_qids: list[str], depth: int) -> tuple[dict[str, Any], dict[str, float], Any]:
+    """Dense, exact and BM25 runs (and RRF) over every query: ``(runs, seconds, hybrid candidates or None)``."""
+    # deferred: bm25s and PyStemmer, imported only when this runs
+    from dssm.bm25 import BM25Config, BM25Index
+
+    corpus, queries = dataset.corpus, dataset.queries
     fetch = depth + 1 if args.skip_self else depth
     runs: dict[str, dict[str, list[tuple[str, float]]]] = {}
     seconds: dict[str, float] = {}
-
-    def finish(run: dict[str, list[tuple[str, float]]]) -> dict[str, list[tuple[str, float]]]:
-        return drop_self(run, k=depth) if args.skip_self else {q: hits[:depth] for q, hits in run.items()}
-
     vectors = None
     if searcher is not None:
         tick = time.perf_counter()
@@ -283,14 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, exact in (("dssm", False), ("dssm-exact", True)):
             if name in systems or (name == "dssm" and {"hybrid", "hybrid-rrf"} & set(systems)):
                 tick = time.perf_counter()
-                runs[name] = finish(_dense_runs(searcher, vectors, all_qids, fetch=fetch, exact=exact,
-                                                batch_size=args.batch_size))
+                run = _dense_runs(searcher, vectors, all_qids, fetch=fetch, exact=exact, batch_size=args.batch_size)
+                runs[name] = drop_self(run, k=depth) if args.skip_self else {q: h[:depth] for q, h in run.items()}
                 seconds[name] = time.perf_counter() - tick + embed_seconds
     bm25 = None
     if {"bm25", "hybrid", "hybrid-rrf"} & set(systems):
         tick = time.perf_counter()
         ids = list(corpus)
-        bm25 = BM25Index.build(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids], config=bm25_config)
+        bm25 = BM25Index.build(ids, [document_text(corpus[i].title, corpus[i].text) for i in ids],
+                               config=config_from_args(BM25Config, args, prefix="bm25-"))
         runs["bm25"] = retrieve_run(bm25.search_batch, {q: queries[q] for q in all_qids}, k=depth,
                                     skip_self=args.skip_self, batch_size=args.batch_size, show_progress=True,
                                     desc="bm25")
@@ -299,76 +321,76 @@ def main(argv: list[str] | None = None) -> int:
         tick = time.perf_counter()
         runs["hybrid-rrf"] = reciprocal_rank_fusion([runs["dssm"], runs["bm25"]], k=depth, rrf_k=args.rrf_k)
         seconds["hybrid-rrf"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
-    hybrid_info: dict[str, Any] | None = None
+    candidates = None
     if "hybrid" in systems:
-        tick = time.perf_counter()
-        dense_c, sparse_c = _hybrid_candidates(searcher, bm25, vectors, all_qids, queries, runs["dssm"], runs["bm25"])
-        tune_set = set(tune_qids)
-        tune_qrels = {q: qrels[q] for q in tune_qids}
+        candidates = _hybrid_candidates(searcher, bm25, vectors, all_qids, queries, runs["dssm"], runs["bm25"])
+    return runs, seconds, candidates
 
-        def tuned_score(weight: float) -> float:
-            run = convex_fusion({q: v for q, v in dense_c.items() if q in tune_set},
-                                {q: v for q, v in sparse_c.items() if q in tune_set},
-                                weight=weight, k=depth, normalization=args.normalization)
-            return evaluate_run("tune", run, tune_qrels, metrics=(args.tune_metric,)).means[args.tune_metric]
 
-        if stored_weight is None:
-            weight, curve = tune_weight(tuned_score)
-            normalization = args.normalization
-        else:
-            weight, curve, normalization = stored_weight.weight, {}, stored_weight.normalization
-        eval_set = set(qids)
-        runs["hybrid"] = convex_fusion({q: v for q, v in dense_c.items() if q in eval_set},
-                                       {q: v for q, v in sparse_c.items() if q in eval_set},
-                                       weight=weight, k=depth, normalization=normalization)
-        seconds["hybrid"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
-        if stored_weight is None:
-            hybrid_info = {"weight": weight, "normalization": args.normalization, "source": "tuned on queries",
-                           "tuning_queries": len(tune_qids), "tuning_metric": args.tune_metric,
-                           "tuning_curve": {f"{w:.2f}": v for w, v in curve.items()},
-                           "tuning_split": f"sha1('tune:' + query id) < {args.tune_fraction}; disjoint from the "
-                                           "evaluated queries"}
-            print(f"hybrid: weight {weight:.2f} on DSSM ({args.normalization}), tuned on {len(tune_qids)} queries "
-                  f"({args.tune_metric} {curve[weight]:.4f})", file=sys.stderr)
-        else:
-            hybrid_info = {"weight": weight, "normalization": normalization, "tuning_queries": 0,
-                           "source": f"stored in index version {searcher.version} (no query tuned it)",
-                           "index_tuning": searcher.index.manifest.get("hybrid_tuning")}
-            print(f"hybrid: weight {weight:.2f} on DSSM ({normalization}), stored in the index",
-                  file=sys.stderr)
+def _hybrid_run(args: argparse.Namespace, candidates: Any, qrels: Qrels, qids: list[str], tune_qids: list[str],
+                depth: int, *, stored_weight: Any, searcher: Any) -> tuple[Run, dict[str, Any]]:
+    """The convex fusion run over the evaluated queries, with the weight stored or tuned: ``(run, info)``."""
+    dense_c, sparse_c = candidates
+    tune_set = set(tune_qids)
+    tune_qrels = {q: qrels[q] for q in tune_qids}
 
+    def tuned_score(weight: float) -> float:
+        run = convex_fusion({q: v for q, v in dense_c.items() if q in tune_set},
+                            {q: v for q, v in sparse_c.items() if q in tune_set},
+                            weight=weight, k=depth, normalization=args.normalization)
+        return evaluate_run("tune", run, tune_qrels, metrics=(args.tune_metric,)).means[args.tune_metric]
+
+    if stored_weight is None:
+        weight, curve = tune_weight(tuned_score)
+        normalization = args.normalization
+    else:
+        weight, curve, normalization = stored_weight.weight, {}, stored_weight.normalization
     eval_set = set(qids)
+    run = convex_fusion({q: v for q, v in dense_c.items() if q in eval_set},
+                        {q: v for q, v in sparse_c.items() if q in eval_set},
+                        weight=weight, k=depth, normalization=normalization)
+    if stored_weight is None:
+        print(f"hybrid: weight {weight:.2f} on DSSM ({args.normalization}), tuned on {len(tune_qids)} queries "
+              f"({args.tune_metric} {curve[weight]:.4f})", file=sys.stderr)
+        return run, {"weight": weight, "normalization": args.normalization, "source": "tuned on queries",
+                     "tuning_queries": len(tune_qids), "tuning_metric": args.tune_metric,
+                     "tuning_curve": {f"{w:.2f}": v for w, v in curve.items()},
+                     "tuning_split": f"sha1('tune:' + query id) < {args.tune_fraction}; disjoint from the "
+                                     "evaluated queries"}
+    print(f"hybrid: weight {weight:.2f} on DSSM ({normalization}), stored in the index", file=sys.stderr)
+    return run, {"weight": weight, "normalization": normalization, "tuning_queries": 0,
+                 "source": f"stored in index version {searcher.version} (no query tuned it)",
+                 "index_tuning": searcher.index.manifest.get("hybrid_tuning")}
+
+
+def _report(args: argparse.Namespace, systems: Sequence[str], runs: dict[str, Any], seconds: dict[str, float],
+            dataset: Any, qids: list[str], *, n_run: int, metrics: Sequence[str], hybrid_info: dict[str, Any] | None,
+            data_dir: Path) -> None:
+    """Score the evaluated queries, print the table and p-values, write ``--json`` and ``--report``."""
+    eval_set = set(qids)
+    sel_qrels = {q: dataset.qrels[q] for q in qids}
     results = []
     for name in systems:
         run = {q: hits for q, hits in runs[name].items() if q in eval_set}
         runs[name] = run
         results.append(evaluate_run(name, run, sel_qrels, metrics=metrics))
-        print(f"{name}: {seconds[name]:.1f} s for {len(all_qids)} queries "
-              f"({len(all_qids) / max(seconds[name], 1e-9):.0f} queries/s)", file=sys.stderr)
+        print(f"{name}: {seconds[name]:.1f} s for {n_run} queries "
+              f"({n_run / max(seconds[name], 1e-9):.0f} queries/s)", file=sys.stderr)
     tests = significance(results, trials=args.trials) if len(results) > 1 else {}
-
-    print(format_table(results, queries=len(qids), docs=len(corpus)))
+    docs = len(dataset.corpus)
+    print(format_table(results, queries=len(qids), docs=docs))
     for pair, values in tests.items():
         if "bm25" in pair.split(" vs ") or pair == "dssm vs dssm-exact":
-            first = metrics[0]
-            print(f"p({pair}, {first}) = {values[first]:.4g}")
-    report = report_dict(results, queries=len(qids), docs=len(corpus))
+            print(f"p({pair}, {metrics[0]}) = {values[metrics[0]]:.4g}")
+    report = report_dict(results, queries=len(qids), docs=docs)
     if len(results) > 1:
         report["significance"] = tests
         report["significance_trials"] = args.trials
     if hybrid_info is not None:
         report["hybrid_tuning"] = hybrid_info
     if args.json:
-
         write_json_atomic(Path(args.json), report)
     if args.report:
-
-        written = write_report(Path(args.report), results=results, runs=runs, qrels=sel_qrels, report=report,
-                               title=f"dssm eval on {data_dir.name}")
+        written = write_report(Path(args.report), results=results, runs={name: runs[name] for name in systems},
+                               qrels=sel_qrels, report=report, title=f"dssm eval on {data_dir.name}")
         print(f"report: {len(written)} files in {args.report}", file=sys.stderr)
-    if args.save_weight:
-
-        settings = config_to_dict(HybridConfig(weight=hybrid_info["weight"], normalization=args.normalization))
-        version = publish_index_files(args.index, files={HYBRID_FILE: settings}, manifest_updates={"hybrid": settings})
-        print(f"saved hybrid weight {hybrid_info['weight']:.2f} in {args.index} as version {version}", file=sys.stderr)
-    return 0

@@ -92,3 +92,17 @@ def test_light_modules_import_neither_tensorflow_nor_scann(module: str) -> None:
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_design_map_names_every_module() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    section = design[design.index("## Map"):design.index("\n## ", design.index("## Map") + 1)]
+    missing = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            stem = path.stem
+            if not any(f"`{form}" in section for form in (stem, f"{stem}.py", f"{path.parent.name}/{stem}")):
+                missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"docs/design.md's map does not name: {missing}"

@@ -17,18 +17,16 @@ offline tools; it imports only the model core (``dssm.artifacts``, ``dssm.config
 
 from __future__ import annotations
 
-from dssm.index.ann import (
+from dssm.index.ann import (  # noqa: I001
     SCANN_MODES,
-    NpyRows,
     ScannConfig,
     build_scann,
     build_scann_in_chunks,
     exact_top_k,
     l2_normalize_inplace,
-    npy_chunks,
     resolve_scann_params,
 )
-from dssm.index.build import (
+from dssm.index.build import (  # noqa: I001
     BuildResult,
     Finalize,
     build_index,
@@ -38,18 +36,15 @@ from dssm.index.build import (
 )
 from dssm.index.docstore import Doc, DocStore, DocStoreWriter
 from dssm.index.documents import as_documents, document_fields
-from dssm.index.files import fsync_dir, fsync_file, fsync_tree, link_tree, tree_bytes
 from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
 from dssm.index.load import Index, load_index
-from dssm.index.memory import MemoryTrace, release_free_memory
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.shards import parse_shard_spec, shard_of
 from dssm.index.updates import UpdateResult, delete_documents, update_index, upsert_documents
-from dssm.index.versions import (
+from dssm.index.versions import (  # noqa: I001
     IndexWriteLock,
     check_added_file_name,
     current_version_dir,
-    drop_staging,
     list_versions,
     new_version_name,
     prune_versions,
@@ -58,59 +53,14 @@ from dssm.index.versions import (
     staging_dir,
 )
 
+# The layer's public names (files, memory and row-reading helpers stay inside it).
 __all__ = [
-    "CURRENT",
-    "VERSIONS",
-    "STAGING",
-    "DOCS_DB",
-    "EMBEDDINGS",
-    "SCANN_DIR",
-    "MODEL_DIR",
-    "fsync_file",
-    "fsync_dir",
-    "fsync_tree",
-    "link_tree",
-    "tree_bytes",
-    "SCANN_MODES",
-    "ScannConfig",
-    "resolve_scann_params",
-    "build_scann",
-    "build_scann_in_chunks",
-    "NpyRows",
-    "npy_chunks",
-    "l2_normalize_inplace",
-    "exact_top_k",
-    "RecallProbe",
-    "tune_leaves_to_search",
-    "Doc",
-    "DocStoreWriter",
-    "DocStore",
-    "document_fields",
-    "as_documents",
-    "new_version_name",
-    "staging_dir",
-    "drop_staging",
-    "IndexWriteLock",
-    "publish_version",
-    "current_version_dir",
-    "list_versions",
-    "prune_versions",
-    "check_added_file_name",
-    "publish_index_files",
-    "MemoryTrace",
-    "release_free_memory",
-    "BuildResult",
-    "Finalize",
-    "build_index",
-    "build_index_from_documents",
-    "count_shard_rows",
-    "build_index_from_shards",
-    "Index",
-    "load_index",
-    "UpdateResult",
-    "update_index",
-    "upsert_documents",
-    "delete_documents",
-    "shard_of",
+    "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
+    "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
+    "exact_top_k", "RecallProbe", "tune_leaves_to_search", "Doc", "DocStoreWriter", "DocStore", "document_fields",
+    "as_documents", "new_version_name", "staging_dir", "IndexWriteLock", "publish_version", "current_version_dir",
+    "list_versions", "prune_versions", "check_added_file_name", "publish_index_files", "BuildResult", "Finalize",
+    "build_index", "build_index_from_documents", "count_shard_rows", "build_index_from_shards", "Index",
+    "load_index", "UpdateResult", "update_index", "upsert_documents", "delete_documents", "shard_of",
     "parse_shard_spec",
 ]

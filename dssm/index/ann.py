@@ -18,19 +18,13 @@ from dssm.config import field
 from dssm.errors import ConfigError
 
 __all__ = [
-    "SCANN_MODES",
-    "ScannConfig",
-    "resolve_scann_params",
-    "build_scann",
-    "build_scann_in_chunks",
-    "NpyRows",
-    "npy_chunks",
-    "l2_normalize_inplace",
-    "exact_top_k",
+    "SCANN_MODES", "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "NpyRows",
+    "npy_chunks", "l2_normalize_inplace", "exact_top_k",
 ]
 
 
 SCANN_MODES = ("auto", "brute_force", "ah", "tree_ah")
+
 
 @dataclass(frozen=True)
 class ScannConfig:
@@ -64,6 +58,7 @@ class ScannConfig:
                 raise ConfigError(f"ScaNN {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_recall <= 1.0:
             raise ConfigError(f"min_recall must be in [0, 1], got {self.min_recall}")
+
 
 def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
     """The concrete ScaNN parameters for ``n`` documents (what goes into the manifest).
@@ -106,6 +101,7 @@ def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
         params.update(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves))
     return params
 
+
 def build_scann(matrix: np.ndarray, params: dict[str, Any]) -> Any:
     """Build a ScaNN searcher over ``matrix`` (never with ``docids``: ScaNN would pickle them).
 
@@ -137,6 +133,7 @@ def build_scann(matrix: np.ndarray, params: dict[str, Any]) -> Any:
         ).reorder(params["reorder_k"])
     return builder.build()
 
+
 def build_scann_in_chunks(sample: np.ndarray, rows: Iterable[np.ndarray], params: dict[str, Any]) -> Any:
     """Build a ScaNN searcher from a training sample, then add every row in order, chunk by chunk.
 
@@ -164,6 +161,7 @@ def build_scann_in_chunks(sample: np.ndarray, rows: Iterable[np.ndarray], params
         # 200k rows), ~18% less CPU.
         searcher.searcher.upsert([None] * block.shape[0], block, 256)
     return searcher
+
 
 class NpyRows:
     """Rows of a 2-d ``.npy`` fetched with ``pread``, indexable like the array (``rows[found]``).
@@ -199,6 +197,7 @@ class NpyRows:
 
     __del__ = close
 
+
 def npy_chunks(path: Path, *, chunk: int = 65536) -> Iterator[np.ndarray]:
     """[chunk, dim] blocks of a 2-d float32 ``.npy`` read with plain reads (pages stay in the page
     cache, not in this process's RSS as a memory map's would)."""
@@ -209,6 +208,7 @@ def npy_chunks(path: Path, *, chunk: int = 65536) -> Iterator[np.ndarray]:
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
             yield np.fromfile(handle, dtype=dtype, count=rows * dim).reshape(rows, dim)
+
 
 def l2_normalize_inplace(matrix: np.ndarray, *, chunk: int = 65536) -> int:
     """L2-normalise the rows of ``matrix`` in place, chunk by chunk (no full-size temporary).
@@ -230,6 +230,7 @@ def l2_normalize_inplace(matrix: np.ndarray, *, chunk: int = 65536) -> int:
         norms[zero] = 1.0
         block /= norms
     return zeros
+
 
 def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *,
                 chunk: int = 131072) -> tuple[np.ndarray, np.ndarray]:

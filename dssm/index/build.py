@@ -37,11 +37,7 @@ from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.versions import check_added_file_name, drop_staging, new_version_name, publish_version, staging_dir
 
 __all__ = [
-    "BuildResult",
-    "Finalize",
-    "build_index",
-    "build_index_from_documents",
-    "count_shard_rows",
+    "BuildResult", "Finalize", "build_index", "build_index_from_documents", "count_shard_rows",
     "build_index_from_shards",
 ]
 
@@ -69,6 +65,7 @@ class BuildResult:
         data["version_dir"] = str(self.version_dir)
         return data
 
+
 def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -> None:
     # Chunked: a whole-matrix isfinite() would allocate an [n, dim] bool temporary.
     bad = np.concatenate([start + np.flatnonzero(~np.isfinite(matrix[start:start + chunk]).all(axis=1))
@@ -81,8 +78,10 @@ def _check_finite(matrix: np.ndarray, store_path: Path, *, chunk: int = 65536) -
         doc_id = found[0] if found else f"row {row}"
         raise InputError(f"embedding of document {doc_id!r} (and {bad.size - 1} more) is not finite (NaN/inf)")
 
+
 #: ``stage -> ({file name: JSON data}, {manifest key: value})``: see :func:`build_index_from_shards`.
 Finalize = Callable[[Path], tuple[Mapping[str, Any], Mapping[str, Any]]]
+
 
 def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.ndarray, store: DocStoreWriter,
                     model_dir: str | Path | None, config: ScannConfig, extra: dict[str, Any] | None,
@@ -93,6 +92,9 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     :func:`build_scann_in_chunks`): callers that pass their only reference (``matrix=box.pop()``)
     get it freed before ScaNN builds.
     """
+    # deferred: bm25s and PyStemmer, imported only when this runs
+    from dssm.bm25 import BM25_DIR, write_bm25_state
+
     n, dim = matrix.shape
     matrix_bytes = int(matrix.nbytes)
     store.close()
@@ -100,92 +102,18 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
         raise InputError("the corpus has no documents to index")
     _check_finite(matrix, store.path)
     zero_rows = l2_normalize_inplace(matrix)
-
-    tick = time.perf_counter()
-    np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
-    timings["save_embeddings"] = time.perf_counter() - tick
-    trace.mark("normalise_save")
-
-    # The exact side of the recall gate runs now, while the matrix is the only large array: after
-    # the ScaNN build it would sit beside ScaNN's copy of the data.
-    tick = time.perf_counter()
-    probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
-    timings["exact_search"] = time.perf_counter() - tick
-    params = resolve_scann_params(config, n)
-    chunked = params["mode"] != "brute_force" and n > params["training_sample_size"]
-    if chunked:
-        sample_rows = np.sort(np.random.default_rng(config.seed).choice(n, params["training_sample_size"],
-                                                                        replace=False))
-        sample = matrix[sample_rows]
-        del matrix  # ScaNN reads the rows back from embeddings.npy, a chunk at a time
-    # The gate scores the few rows ScaNN returns, read back from the file.
-    probe.matrix = rows_on_disk = NpyRows(stage / EMBEDDINGS)
-    release_free_memory()
-    trace.mark("exact_search")
-
-    tick = time.perf_counter()
-    if chunked:
-        searcher = build_scann_in_chunks(sample, npy_chunks(stage / EMBEDDINGS), params)
-        del sample
-    else:
-        searcher = build_scann(matrix, params)
-        del matrix
-    timings["scann_build"] = time.perf_counter() - tick
-    release_free_memory()
-    trace.mark("scann_build")
-    (stage / SCANN_DIR).mkdir()
-    searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
-    release_free_memory()
-    trace.mark("scann_serialize")
-
-    tick = time.perf_counter()
-    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
-                                                      num_leaves=params["num_leaves"], min_recall=config.min_recall)
-        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
-    else:
-        recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
-    timings["recall"] = time.perf_counter() - tick
-    rows_on_disk.close()
-    del searcher, probe
-    release_free_memory()
-    trace.mark("recall")
-    if recall < config.min_recall:
-        raise ConfigError(f"ScaNN recall@10 {recall:.4f} against exact search is below --min-recall "
-                          f"{config.min_recall} with {params}; search more leaves or raise reorder_k")
-
-    model_info: dict[str, Any] | None = None
-    if model_dir is not None:
-        model_dir = Path(model_dir)
-        model_manifest = verify_manifest(model_dir, kind="model")
-        # Only the model's own files: `dssm train` keeps its checkpoints/ and logs/ (hundreds of MB,
-        # not in the manifest) in the model directory.
-        listed = {rel.split("/", 1)[0] for rel in model_manifest["files"]} | {MANIFEST}
-        shutil.copytree(model_dir, stage / MODEL_DIR, ignore=lambda d, names: [
-            n for n in names if Path(d) == model_dir and n not in listed])
-        model_info = {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
-                      "files": len(model_manifest.get("files", {}))}
+    box = [matrix]  # _build_ann frees the only reference once ScaNN no longer needs it
+    del matrix
+    params, recall = _build_ann(stage, box, config=config, timings=timings, trace=trace)
+    model_info = _copy_model(model_dir, stage)
     trace.mark("model_copy")
-
     # BM25 state for Searcher mode="hybrid"/"bm25" (dssm/bm25.py owns the format); written before
     # the manifest so the manifest checksums it.
-    from dssm.bm25 import BM25_DIR, write_bm25_state
-
     tick = time.perf_counter()
     write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
     trace.mark("bm25")
-    added: dict[str, Any] = {}
-    if finalize is not None:
-        tick = time.perf_counter()
-        files, added = finalize(stage)
-        for name, data in files.items():
-            check_added_file_name(name)
-            if (stage / name).exists():
-                raise ConfigError(f"cannot add index file {name!r}: the version already has one")
-            write_json_atomic(stage / name, data)
-        timings["finalize"] = time.perf_counter() - tick
-
+    added = _add_finalized_files(stage, finalize, timings) if finalize is not None else {}
     memory = trace.report(matrix_bytes=matrix_bytes, scann_bytes=tree_bytes(stage / SCANN_DIR),
                           bm25_bytes=tree_bytes(stage / BM25_DIR))
     peak = memory["peak_rss_bytes"]
@@ -208,6 +136,96 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     return BuildResult(index_dir=index_dir, version=version, version_dir=final, documents=n, dim=dim, scann=params,
                        recall_at_10=recall, seconds=timings, peak_rss_bytes=peak, matrix_bytes=matrix_bytes,
                        memory=memory)
+
+
+def _build_ann(stage: Path, box: list[np.ndarray], *, config: ScannConfig, timings: dict[str, float],
+               trace: MemoryTrace) -> tuple[dict[str, Any], float]:
+    """Save ``embeddings.npy``, build and serialize ScaNN, pass the recall gate: ``(params, recall@10)``.
+
+    ``box`` holds the only reference to the normalised [n, dim] matrix; it is emptied (the matrix freed)
+    as soon as ScaNN no longer needs it.
+    """
+    matrix = box.pop()
+    n = matrix.shape[0]
+    tick = time.perf_counter()
+    np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
+    timings["save_embeddings"] = time.perf_counter() - tick
+    trace.mark("normalise_save")
+    # The exact side of the recall gate runs now, while the matrix is the only large array: after
+    # the ScaNN build it would sit beside ScaNN's copy of the data.
+    tick = time.perf_counter()
+    probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    timings["exact_search"] = time.perf_counter() - tick
+    params = resolve_scann_params(config, n)
+    chunked = params["mode"] != "brute_force" and n > params["training_sample_size"]
+    if chunked:
+        sample_rows = np.sort(np.random.default_rng(config.seed).choice(n, params["training_sample_size"],
+                                                                        replace=False))
+        sample = matrix[sample_rows]
+        del matrix  # ScaNN reads the rows back from embeddings.npy, a chunk at a time
+    # The gate scores the few rows ScaNN returns, read back from the file.
+    probe.matrix = rows_on_disk = NpyRows(stage / EMBEDDINGS)
+    release_free_memory()
+    trace.mark("exact_search")
+    tick = time.perf_counter()
+    if chunked:
+        searcher = build_scann_in_chunks(sample, npy_chunks(stage / EMBEDDINGS), params)
+        del sample
+    else:
+        searcher = build_scann(matrix, params)
+        del matrix
+    timings["scann_build"] = time.perf_counter() - tick
+    release_free_memory()
+    trace.mark("scann_build")
+    (stage / SCANN_DIR).mkdir()
+    searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+    release_free_memory()
+    trace.mark("scann_serialize")
+    tick = time.perf_counter()
+    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
+                                                      num_leaves=params["num_leaves"], min_recall=config.min_recall)
+        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+    else:
+        recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+    timings["recall"] = time.perf_counter() - tick
+    rows_on_disk.close()
+    del searcher, probe
+    release_free_memory()
+    trace.mark("recall")
+    if recall < config.min_recall:
+        raise ConfigError(f"ScaNN recall@10 {recall:.4f} against exact search is below --min-recall "
+                          f"{config.min_recall} with {params}; search more leaves or raise reorder_k")
+    return params, recall
+
+
+def _copy_model(model_dir: str | Path | None, stage: Path) -> dict[str, Any] | None:
+    """Copy the verified model directory's own files into the version; its manifest summary (``None``: no model)."""
+    if model_dir is None:
+        return None
+    model_dir = Path(model_dir)
+    model_manifest = verify_manifest(model_dir, kind="model")
+    # Only the model's own files: `dssm train` keeps its checkpoints/ and logs/ (hundreds of MB,
+    # not in the manifest) in the model directory.
+    listed = {rel.split("/", 1)[0] for rel in model_manifest["files"]} | {MANIFEST}
+    shutil.copytree(model_dir, stage / MODEL_DIR, ignore=lambda d, names: [
+        n for n in names if Path(d) == model_dir and n not in listed])
+    return {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
+            "files": len(model_manifest.get("files", {}))}
+
+
+def _add_finalized_files(stage: Path, finalize: Finalize, timings: dict[str, float]) -> dict[str, Any]:
+    """Run the build's finalize hook on the staged version: write its JSON files, return its manifest keys."""
+    tick = time.perf_counter()
+    files, added = finalize(stage)
+    for name, data in files.items():
+        check_added_file_name(name)
+        if (stage / name).exists():
+            raise ConfigError(f"cannot add index file {name!r}: the version already has one")
+        write_json_atomic(stage / name, data)
+    timings["finalize"] = time.perf_counter() - tick
+    return dict(added)
+
 
 def build_index(
     index_dir: str | Path,
@@ -274,6 +292,7 @@ def build_index(
     finally:
         drop_staging(index_dir, version)
 
+
 def build_index_from_documents(
     index_dir: str | Path,
     *,
@@ -317,6 +336,7 @@ def build_index_from_documents(
                        extra={"encode": {"encoded": len(documents), "seconds": round(seconds, 3), "in_process": True,
                                          "docs_per_second": round(len(documents) / max(seconds, 1e-9), 1)}})
 
+
 def count_shard_rows(shards: Iterable[str | Path]) -> tuple[int, int | None]:
     """Rows in Parquet embedding shards (from their footers) and the embedding width of the first row.
 
@@ -334,6 +354,48 @@ def count_shard_rows(shards: Iterable[str | Path]) -> tuple[int, int | None]:
             first = next(file.iter_batches(batch_size=1, columns=["embedding"]))
             dim = len(first.column(0)[0])
     return total, dim
+
+
+def _load_shards(shards: Sequence[Path], matrix: np.ndarray, store: DocStoreWriter, *, has_record: bool,
+                 progress: bool) -> None:
+    """Fill ``matrix`` [n, dim] and the doc store from Parquet shards, batch by batch, in row order.
+
+    Raises:
+        InputError: an embedding of the wrong width (naming the id) or null, more or fewer rows than
+            the footers said, a duplicate id.
+    """
+    # deferred: pyarrow, imported only when this runs
+    import pyarrow.parquet as pq
+
+    n, dim = matrix.shape
+    pos = 0
+    wanted = ["id", "title", "text", "embedding"] + (["record"] if has_record else [])
+    with tqdm(total=n, desc="loading shards", unit="doc", disable=not progress) as bar:
+        for path in shards:
+            shard_row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                ids = batch.column(0).to_pylist()
+                column = batch.column(3)
+                lengths = np.diff(np.asarray(column.offsets))
+                wrong = np.flatnonzero(lengths != dim)
+                if wrong.size:
+                    raise InputError(f"{path}: document {ids[int(wrong[0])]!r} has a {int(lengths[wrong[0]])}"
+                                     f"-dim embedding, expected {dim}")
+                if column.null_count:
+                    raise InputError(f"{path}: a document has a null embedding")
+                rows = len(ids)
+                if pos + rows > n:
+                    raise InputError(f"{path} holds more rows than its footer said ({pos + rows} > {n})")
+                matrix[pos:pos + rows] = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, dim)
+                store.add(ids, batch.column(1).to_pylist(), batch.column(2).to_pylist(),
+                          locations=(batch.column(4).to_pylist() if has_record
+                                     else [f"{path.name} row {shard_row + i}" for i in range(rows)]))
+                shard_row += rows
+                pos += rows
+                bar.update(rows)
+    if pos != n:
+        raise InputError(f"embedding shards held {pos} rows, their footers said {n}")
+
 
 def build_index_from_shards(
     index_dir: str | Path,
@@ -393,35 +455,7 @@ def build_index_from_shards(
         tick = time.perf_counter()
         matrix = np.empty((n, dim), dtype=np.float32)
         store = DocStoreWriter(stage / DOCS_DB)
-        pos = 0
-        with tqdm(total=n, desc="loading shards", unit="doc", disable=not progress) as bar:
-            for path in shards:
-                shard_row = 0
-                wanted = ["id", "title", "text", "embedding"] + (["record"] if has_record else [])
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=wanted):
-                    ids = batch.column(0).to_pylist()
-                    column = batch.column(3)
-                    lengths = np.diff(np.asarray(column.offsets))
-                    wrong = np.flatnonzero(lengths != dim)
-                    if wrong.size:
-                        raise InputError(f"{path}: document {ids[int(wrong[0])]!r} has a {int(lengths[wrong[0]])}"
-                                         f"-dim embedding, expected {dim}")
-                    if column.null_count:
-                        raise InputError(f"{path}: a document has a null embedding")
-                    rows = len(ids)
-                    if pos + rows > n:
-                        raise InputError(f"{path} holds more rows than its footer said ({pos + rows} > {n})")
-                    values = column.flatten().to_numpy(zero_copy_only=False)
-                    matrix[pos:pos + rows] = values.reshape(rows, dim)
-                    store.add(ids, batch.column(1).to_pylist(), batch.column(2).to_pylist(),
-                              locations=(batch.column(4).to_pylist() if has_record
-                                         else [f"{path.name} row {shard_row + i}" for i in range(rows)]))
-                    shard_row += rows
-                    pos += rows
-                    bar.update(rows)
-        if pos != n:
-            raise InputError(f"embedding shards held {pos} rows, their footers said {n}")
-        del batch, values, column
+        _load_shards(shards, matrix, store, has_record=has_record, progress=progress)
         pa.default_memory_pool().release_unused()  # Arrow keeps freed batches for reuse
         release_free_memory()
         timings = {"load_shards": time.perf_counter() - tick}

@@ -22,6 +22,7 @@ class Doc(NamedTuple):
     title: str
     text: str
 
+
 _SCHEMA = """
 CREATE TABLE docs (
     row   INTEGER PRIMARY KEY,  -- = ScaNN datapoint index = embeddings.npy row
@@ -31,6 +32,7 @@ CREATE TABLE docs (
 );
 PRAGMA user_version = 1;
 """
+
 
 class DocStoreWriter:
     """Writes ``docs.sqlite`` in row order; duplicate ids are refused with both rows named.
@@ -85,6 +87,7 @@ class DocStoreWriter:
         self._conn.commit()
         self._conn.close()
         fsync_file(self.path)
+
 
 class DocStore:
     """Read-only access to ``docs.sqlite``; safe to share between threads (one connection per thread).

@@ -16,6 +16,7 @@ def fsync_file(path: Path) -> None:
     finally:
         os.close(fd)
 
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -23,11 +24,13 @@ def fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
 def fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
             fsync_file(Path(root) / name)
         fsync_dir(Path(root))
+
 
 def link_tree(source: Path, target: Path) -> None:
     """Hard-link ``source`` into ``target`` (copy if the filesystem refuses links)."""
@@ -41,6 +44,7 @@ def link_tree(source: Path, target: Path) -> None:
         shutil.copytree(source, target, copy_function=link)
     else:
         link(str(source), str(target))
+
 
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -9,17 +9,24 @@ __all__ = ["CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR
 
 CURRENT = "CURRENT"
 
+
 VERSIONS = "versions"
+
 
 STAGING = ".staging"
 
+
 DOCS_DB = "docs.sqlite"
+
 
 EMBEDDINGS = "embeddings.npy"
 
+
 SCANN_DIR = "scann"
 
+
 MODEL_DIR = "model"
+
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

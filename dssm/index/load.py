@@ -71,6 +71,7 @@ class Index:
                                                  leaves_to_search=leaves)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
+
 def load_index(index_dir: str | Path, *, verify: bool = True) -> Index:
     """Load the version ``CURRENT`` points to, after checking every file's sha256.
 

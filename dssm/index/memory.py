@@ -13,6 +13,7 @@ def _peak_rss_bytes() -> int:
     # ru_maxrss is KiB on Linux.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
+
 def _proc_status() -> dict[str, int]:
     """VmRSS / VmHWM of this process in bytes ({} where /proc is missing)."""
     out: dict[str, int] = {}
@@ -26,6 +27,7 @@ def _proc_status() -> dict[str, int]:
         pass
     return out
 
+
 def _reset_peak_rss() -> bool:
     # Linux >= 4.0: writing 5 to clear_refs resets the high-water mark (VmHWM, and ru_maxrss with it).
     try:
@@ -35,6 +37,7 @@ def _reset_peak_rss() -> bool:
         return False
     return True
 
+
 def _load_build_libraries() -> None:
     # Imported before the memory baseline: ScaNN pulls in TensorFlow (~600 MB resident), which is
     # the process's, not the build's (`dssm index` has it loaded already to encode).
@@ -42,6 +45,7 @@ def _load_build_libraries() -> None:
 
     # deferred: bm25s and PyStemmer, imported only when this runs
     import dssm.bm25  # noqa: F401
+
 
 class MemoryTrace:
     """Resident memory of a build, stage by stage, from the kernel's own counters.
@@ -98,6 +102,7 @@ class MemoryTrace:
                             "end": None if s["end_rss_bytes"] is None else
                             round((s["end_rss_bytes"] - self.baseline) / mib, 1)} for s in self.stages],
         }
+
 
 def release_free_memory() -> None:
     # glibc keeps freed heap (ScaNN's and numpy's temporaries) mapped; malloc_trim returns it to the

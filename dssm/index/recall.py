@@ -52,6 +52,7 @@ class RecallProbe:
         hits = np.minimum((true_scores >= self.threshold).sum(axis=1), self.k)
         return float(hits.mean() / self.k)
 
+
 def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
                           min_recall: float) -> tuple[int, float, list[tuple[int, float]]]:
     """Grow the number of tree partitions searched (x1.5 a step) until recall reaches ``min_recall``.

@@ -22,6 +22,7 @@ def shard_of(doc_id: str, num_shards: int) -> int:
     digest = hashlib.sha1(doc_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % num_shards
 
+
 def parse_shard_spec(spec: str) -> tuple[int, int]:
     """``"i/N"`` → ``(i, N)`` with ``0 <= i < N``.
 

@@ -1,4 +1,13 @@
-"""Incremental updates: upserts and deletes into a new version without re-encoding the rest."""
+"""Incremental updates: upserts and deletes into a new version without re-encoding the rest.
+
+Rebalancing (rebuilding the ScaNN partitions, codebooks and leaves tuning from the updated matrix,
+no re-encoding) happens when ``rebalance`` is ``True``; or, when it is ``None``, if the rows changed
+since the last full build exceed ``rebalance_fraction`` of the documents that build held (the
+k-means tree and AH codebooks were trained on the old distribution, and appended points sit in
+partitions whose centres no longer describe them), if the ``auto`` ScaNN mode would now pick
+another structure for the new size, or if recall@10 of the updated searcher falls below
+``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update).
+"""
 
 from __future__ import annotations
 
@@ -63,6 +72,19 @@ class UpdateResult:
 # is hard-linked from the base version, which is never modified in place.
 _REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json"}
 
+
+def _checked_vectors(ids: list[str], titles: list[str], texts: list[str], upsert_vectors: np.ndarray | None,
+                     deletes: list[str], dim: int) -> np.ndarray:
+    """The upserts' vectors as a private [n, dim] float32 copy, L2-normalised, after every input check."""
+    vectors = np.zeros((0, dim), np.float32) if upsert_vectors is None else \
+        np.array(upsert_vectors, dtype=np.float32, copy=True, order="C")
+    _check_update_input(ids, titles, texts, vectors, deletes, dim)
+    if not ids and not deletes:
+        raise InputError("nothing to update: no documents to upsert and no ids to delete")
+    l2_normalize_inplace(vectors)
+    return vectors
+
+
 def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], vectors: np.ndarray,
                         deletes: Sequence[str], dim: int) -> None:
     if vectors.ndim != 2 or vectors.shape[0] != len(ids) or (len(ids) and vectors.shape[1] != dim):
@@ -88,6 +110,7 @@ def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequen
         if bad.size:
             raise InputError(f"embedding of document {ids[int(bad[0])]!r} is not finite (NaN/inf)")
 
+
 def update_index(
     index_dir: str | Path,
     *,
@@ -110,13 +133,7 @@ def update_index(
     with our row numbers (never ``docids``, which it would pickle), and the rows it reports are
     checked against ours.
 
-    Rebalancing (rebuilding the ScaNN partitions, codebooks and leaves tuning from the updated matrix,
-    no re-encoding) happens when ``rebalance`` is ``True``; or, when it is ``None``, if the rows changed
-    since the last full build exceed ``rebalance_fraction`` of the documents that build held (the
-    k-means tree and AH codebooks were trained on the old distribution, and appended points sit in
-    partitions whose centres no longer describe them), if the ``auto`` ScaNN mode would now pick
-    another structure for the new size, or if recall@10 of the updated searcher falls below
-    ``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update).
+    Rebalancing (see the module docstring) follows ``rebalance`` and ``rebalance_fraction``.
 
     Args:
         index_dir: the index directory (its ``CURRENT`` version is the base).
@@ -138,30 +155,18 @@ def update_index(
             or the update would leave no documents.
         ConfigError: recall below ``min_recall``, or ScaNN's row bookkeeping disagrees with ours.
     """
-    # deferred: ScaNN (it loads TensorFlow), imported only when this runs
-    from scann.scann_ops.py import scann_ops_pybind
-
-    # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import write_bm25_state
-
     if not 0.0 < rebalance_fraction <= 1.0:
         raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
     index_dir = Path(index_dir)
     ids, deletes = list(upsert_ids), list(delete_ids)
-    timings: dict[str, float] = {}
     if not index_dir.is_dir():
         raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
         manifest = verify_manifest(base, kind="index")
-        dim, n = int(manifest["dim"]), int(manifest["counts"]["documents"])
-        vectors = np.zeros((0, dim), np.float32) if upsert_vectors is None else \
-            np.array(upsert_vectors, dtype=np.float32, copy=True, order="C")
-        _check_update_input(ids, list(upsert_titles), list(upsert_texts), vectors, deletes, dim)
-        if not ids and not deletes:
-            raise InputError("nothing to update: no documents to upsert and no ids to delete")
-        l2_normalize_inplace(vectors)
+        vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
+                                   int(manifest["dim"]))
         version = version or new_version_name()
         stage = staging_dir(index_dir, version) / "version"
         stage.mkdir(parents=True)
@@ -169,158 +174,234 @@ def update_index(
             for child in base.iterdir():
                 if child.name not in _REGENERATED:
                     link_tree(child, stage / child.name)
-            shutil.copyfile(base / DOCS_DB, stage / DOCS_DB)
-            matrix = np.load(base / EMBEDDINGS, allow_pickle=False)  # a private, writable copy
-            timings["load"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            conn = sqlite3.connect(stage / DOCS_DB)
-            conn.execute("PRAGMA journal_mode = OFF")
-            size = n
-            delete_rows: list[int] = []
-            moved_from: list[int] = []
-            for doc_id in deletes:
-                found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
-                if found is None:
-                    raise InputError(f"document id {doc_id!r} is not in index version {base.name}; nothing was "
-                                     "deleted")
-                row, last = int(found[0]), size - 1
-                conn.execute("DELETE FROM docs WHERE row = ?", (row,))
-                if row != last:
-                    conn.execute("UPDATE docs SET row = ? WHERE row = ?", (row, last))
-                    matrix[row] = matrix[last]
-                delete_rows.append(row)
-                moved_from.append(last)
-                size -= 1
-            upsert_rows: list[int | None] = []
-            new_rows: list[int] = []
-            replaced = 0
-            titles, texts = list(upsert_titles), list(upsert_texts)
-            for j, doc_id in enumerate(ids):
-                found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
-                if found is None:
-                    conn.execute("INSERT INTO docs (row, id, title, text) VALUES (?, ?, ?, ?)",
-                                 (size + len(new_rows), doc_id, titles[j] or "", texts[j] or ""))
-                    upsert_rows.append(None)
-                    new_rows.append(j)
-                else:
-                    row = int(found[0])
-                    conn.execute("UPDATE docs SET title = ?, text = ? WHERE row = ?", (titles[j] or "", texts[j] or "",
-                                                                                       row))
-                    matrix[row] = vectors[j]
-                    upsert_rows.append(row)
-                    replaced += 1
-            final = size + len(new_rows)
-            if final == 0:
-                raise InputError(f"the update would delete every document of index version {base.name}")
-            conn.commit()
-            conn.close()
-            fsync_file(stage / DOCS_DB)
-            matrix = np.concatenate([matrix[:size], vectors[new_rows]]) if new_rows else matrix[:size]
-            np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
-            timings["store"] = time.perf_counter() - tick
-
-            config_dict = dict(manifest.get("scann_config") or {})
-            config = ScannConfig(**{k: v for k, v in config_dict.items()
-                                    if k in {f.name for f in dataclasses.fields(ScannConfig)}})
-            if min_recall is None:
-                min_recall = config.min_recall
-            history = dict(manifest.get("updates") or {})
-            at_build = int(history.get("documents_at_build", n))
-            changed = int(history.get("rows_changed_since_build", 0)) + len(deletes) + len(ids)
-            params = dict(manifest["scann"])
-            reason: str | None = None
-            if rebalance:
-                reason = "requested"
-            elif rebalance is None:
-                if changed > rebalance_fraction * at_build:
-                    reason = (f"{changed} rows changed since the last full build of {at_build} "
-                              f"(> {rebalance_fraction:.0%})")
-                elif config.mode == "auto" and resolve_scann_params(config, final)["mode"] != params["mode"]:
-                    reason = f"auto mode picks {resolve_scann_params(config, final)['mode']} for {final} documents"
-
-            tick = time.perf_counter()
-            probe = RecallProbe(matrix, k=10, sample=config.recall_sample, seed=config.seed)
-            timings["exact"] = time.perf_counter() - tick
-            recall = 0.0
-            if reason is None:
-                tick = time.perf_counter()
-                searcher = scann_ops_pybind.load_searcher(str(base / SCANN_DIR), assets_backcompat_shim=False)
-                if delete_rows:
-                    got = [int(r) for r in searcher.searcher.delete(delete_rows)]
-                    if got != moved_from:
-                        raise ConfigError(f"ScaNN moved rows {got[:5]}... on delete, we expected {moved_from[:5]}...")
-                if upsert_rows:
-                    got = [int(r) for r in searcher.searcher.upsert(upsert_rows, vectors, 1)]
-                    expected, appended = [], size
-                    for row in upsert_rows:
-                        expected.append(appended if row is None else row)
-                        appended += row is None
-                    if got != expected:
-                        raise ConfigError(f"ScaNN placed upserts at rows {got[:5]}..., we expected {expected[:5]}...")
-                if int(searcher.size()) != final:
-                    raise ConfigError(f"ScaNN holds {searcher.size()} points after the update, the store {final}")
-                timings["scann_update"] = time.perf_counter() - tick
-                recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
-                # Keep the recall the last full build reached (within 0.01), not just the gate: points
-                # added to stale partitions cost recall first, and searching more partitions is a
-                # query-time setting, cheaper than re-partitioning.
-                target = max(min_recall, min(1.0, float(history.get("recall_at_build", manifest["recall@10"]))) - 0.01)
-                if recall < target and params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-                    leaves, recall, tried = tune_leaves_to_search(
-                        searcher, probe, start=params["num_leaves_to_search"], num_leaves=params["num_leaves"],
-                        min_recall=target)
-                    params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
-                if recall < min_recall and rebalance is None:
-                    reason = f"recall@10 {recall:.4f} below {min_recall} after the in-place update"
-            if reason is not None:
-                tick = time.perf_counter()
-                params = resolve_scann_params(config, final)
-                searcher = build_scann(matrix, params)
-                timings["scann_rebuild"] = time.perf_counter() - tick
-                if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-                    leaves, recall, tried = tune_leaves_to_search(
-                        searcher, probe, start=params["num_leaves_to_search"], num_leaves=params["num_leaves"],
-                        min_recall=min_recall)
-                    params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
-                else:
-                    recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
-                history = {"documents_at_build": final, "rows_changed_since_build": 0, "last_build": version,
-                           "recall_at_build": recall}
-            else:
-                history = {"documents_at_build": at_build, "rows_changed_since_build": changed,
-                           "last_build": history.get("last_build", base.name),
-                           "recall_at_build": history.get("recall_at_build", manifest["recall@10"])}
-            if recall < min_recall:
-                raise ConfigError(f"ScaNN recall@10 {recall:.4f} after the update is below {min_recall} with {params}"
-                                  + ("" if rebalance is not False else "; rebalancing was forbidden"))
-            (stage / SCANN_DIR).mkdir()
-            searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
-
-            tick = time.perf_counter()
-            write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
-            timings["bm25"] = time.perf_counter() - tick
-
-            new_manifest = {k: v for k, v in manifest.items()
-                            if k not in ("kind", "format_version", "created", "files")}
-            new_manifest.update(
-                version=version,
-                counts={"documents": final, "zero_embeddings": int((~matrix.any(axis=1)).sum())},
-                scann=params,
-                **{"recall@10": recall, "recall_sample": min(config.recall_sample, final)},
-                updates={**history, "base_version": base.name, "deleted": len(deletes),
-                         "inserted": len(new_rows), "replaced": replaced, "rebalanced": reason is not None,
-                         "rebalance_reason": reason, "rebalance_fraction": rebalance_fraction,
-                         "seconds": {k: round(v, 3) for k, v in timings.items()}},
-            )
-            write_manifest(stage, kind="index", extra=new_manifest)
+            timings = {"load": time.perf_counter() - tick}
+            changes = _apply_rows(base, stage, manifest, ids=ids, titles=list(upsert_titles),
+                                  texts=list(upsert_texts), vectors=vectors, deletes=deletes, timings=timings)
+            state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance,
+                                  rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
+                                  timings=timings)
+            _write_rest(stage, state, _updated_manifest(
+                manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
+                rebalance_fraction=rebalance_fraction, timings=timings), timings=timings)
             published = publish_version(index_dir, stage, version)
         finally:
             drop_staging(index_dir, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
-                        documents=final, deleted=len(deletes), inserted=len(new_rows), replaced=replaced,
-                        rebalanced=reason is not None, rebalance_reason=reason, recall_at_10=recall,
-                        rows_changed_since_build=history["rows_changed_since_build"], seconds=timings)
+                        documents=changes.final, deleted=len(deletes), inserted=len(changes.new_rows),
+                        replaced=changes.replaced, rebalanced=state.reason is not None,
+                        rebalance_reason=state.reason, recall_at_10=state.recall,
+                        rows_changed_since_build=state.history["rows_changed_since_build"], seconds=timings)
+
+
+def _write_rest(stage: Path, state: _ScannState, manifest_extra: dict[str, Any], *,
+                timings: dict[str, float]) -> None:
+    """ScaNN's files, the BM25 state (from the updated store) and the manifest, into ``stage``."""
+    # deferred: bm25s and PyStemmer, imported only when this runs
+    from dssm.bm25 import write_bm25_state
+
+    (stage / SCANN_DIR).mkdir()
+    state.searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+    tick = time.perf_counter()
+    write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
+    timings["bm25"] = time.perf_counter() - tick
+    manifest_extra["updates"]["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    write_manifest(stage, kind="index", extra=manifest_extra)
+
+
+@dataclass
+class _RowChanges:
+    """What an update did to the rows (ScaNN must do the same): see :func:`_apply_rows`."""
+
+    matrix: np.ndarray  # [final, dim] float32, the new embeddings.npy
+    size: int  # rows left after the deletes
+    final: int  # rows after the appends
+    delete_rows: list[int]
+    moved_from: list[int]
+    upsert_rows: list[int | None]  # per upsert: its existing row, or None for an append
+    new_rows: list[int]  # indices (into the upserts) of the appended documents
+    replaced: int
+
+
+def _apply_rows(base: Path, stage: Path, manifest: dict[str, Any], *, ids: list[str], titles: list[str],
+                texts: list[str], vectors: np.ndarray, deletes: list[str], timings: dict[str, float]) -> _RowChanges:
+    """Apply deletes, then upserts, to a copy of the doc store and the matrix with ScaNN's row rules.
+
+    A delete moves the last row into the hole, an upsert of a known id overwrites its row, a new id is
+    appended; writes ``docs.sqlite`` and ``embeddings.npy`` into ``stage``.
+    """
+    tick = time.perf_counter()
+    shutil.copyfile(base / DOCS_DB, stage / DOCS_DB)
+    matrix = np.load(base / EMBEDDINGS, allow_pickle=False)  # a private, writable copy
+    timings["load"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    conn = sqlite3.connect(stage / DOCS_DB)
+    conn.execute("PRAGMA journal_mode = OFF")
+    size = int(manifest["counts"]["documents"])
+    delete_rows: list[int] = []
+    moved_from: list[int] = []
+    for doc_id in deletes:
+        found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+        if found is None:
+            raise InputError(f"document id {doc_id!r} is not in index version {base.name}; nothing was deleted")
+        row, last = int(found[0]), size - 1
+        conn.execute("DELETE FROM docs WHERE row = ?", (row,))
+        if row != last:
+            conn.execute("UPDATE docs SET row = ? WHERE row = ?", (row, last))
+            matrix[row] = matrix[last]
+        delete_rows.append(row)
+        moved_from.append(last)
+        size -= 1
+    upsert_rows: list[int | None] = []
+    new_rows: list[int] = []
+    for j, doc_id in enumerate(ids):
+        found = conn.execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()
+        if found is None:
+            conn.execute("INSERT INTO docs (row, id, title, text) VALUES (?, ?, ?, ?)",
+                         (size + len(new_rows), doc_id, titles[j] or "", texts[j] or ""))
+            upsert_rows.append(None)
+            new_rows.append(j)
+        else:
+            row = int(found[0])
+            conn.execute("UPDATE docs SET title = ?, text = ? WHERE row = ?", (titles[j] or "", texts[j] or "", row))
+            matrix[row] = vectors[j]
+            upsert_rows.append(row)
+    final = size + len(new_rows)
+    if final == 0:
+        raise InputError(f"the update would delete every document of index version {base.name}")
+    conn.commit()
+    conn.close()
+    fsync_file(stage / DOCS_DB)
+    matrix = np.concatenate([matrix[:size], vectors[new_rows]]) if new_rows else matrix[:size]
+    np.save(stage / EMBEDDINGS, matrix, allow_pickle=False)
+    timings["store"] = time.perf_counter() - tick
+    return _RowChanges(matrix=matrix, size=size, final=final, delete_rows=delete_rows, moved_from=moved_from,
+                       upsert_rows=upsert_rows, new_rows=new_rows, replaced=len(ids) - len(new_rows))
+
+
+@dataclass
+class _ScannState:
+    """The updated (or rebuilt) ScaNN searcher, its parameters, recall and the update history."""
+
+    searcher: Any
+    params: dict[str, Any]
+    recall: float
+    reason: str | None  # why it was rebalanced, or None
+    history: dict[str, Any]
+
+
+def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, vectors: np.ndarray, *,
+                  rebalance: bool | None, rebalance_fraction: float, min_recall: float | None, version: str,
+                  timings: dict[str, float]) -> _ScannState:
+    """Mutate the base's ScaNN searcher like the rows, or rebalance (rebuild it), and pass the recall gate."""
+    config_dict = dict(manifest.get("scann_config") or {})
+    config = ScannConfig(**{k: v for k, v in config_dict.items()
+                            if k in {f.name for f in dataclasses.fields(ScannConfig)}})
+    if min_recall is None:
+        min_recall = config.min_recall
+    history = dict(manifest.get("updates") or {})
+    at_build = int(history.get("documents_at_build", manifest["counts"]["documents"]))
+    changed = int(history.get("rows_changed_since_build", 0)) + len(changes.delete_rows) + len(changes.upsert_rows)
+    params = dict(manifest["scann"])
+    reason: str | None = None
+    if rebalance:
+        reason = "requested"
+    elif rebalance is None:
+        if changed > rebalance_fraction * at_build:
+            reason = f"{changed} rows changed since the last full build of {at_build} (> {rebalance_fraction:.0%})"
+        elif config.mode == "auto" and resolve_scann_params(config, changes.final)["mode"] != params["mode"]:
+            reason = f"auto mode picks {resolve_scann_params(config, changes.final)['mode']} for {changes.final} " \
+                     "documents"
+    tick = time.perf_counter()
+    probe = RecallProbe(changes.matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    timings["exact"] = time.perf_counter() - tick
+    searcher, recall = None, 0.0
+    if reason is None:
+        searcher, recall = _mutate_scann(base, changes, vectors, probe, params, config, history=history,
+                                         manifest=manifest, min_recall=min_recall, timings=timings)
+        if recall < min_recall and rebalance is None:
+            reason = f"recall@10 {recall:.4f} below {min_recall} after the in-place update"
+    if reason is not None:
+        tick = time.perf_counter()
+        params = resolve_scann_params(config, changes.final)
+        searcher = build_scann(changes.matrix, params)
+        timings["scann_rebuild"] = time.perf_counter() - tick
+        recall = _gate(searcher, probe, params, config, min_recall)
+        history = {"documents_at_build": changes.final, "rows_changed_since_build": 0, "last_build": version,
+                   "recall_at_build": recall}
+    else:
+        history = {"documents_at_build": at_build, "rows_changed_since_build": changed,
+                   "last_build": history.get("last_build", base.name),
+                   "recall_at_build": history.get("recall_at_build", manifest["recall@10"])}
+    if recall < min_recall:
+        raise ConfigError(f"ScaNN recall@10 {recall:.4f} after the update is below {min_recall} with {params}"
+                          + ("" if rebalance is not False else "; rebalancing was forbidden"))
+    return _ScannState(searcher=searcher, params=params, recall=recall, reason=reason, history=history)
+
+
+def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float) -> float:
+    """Recall of a tree searcher tuned up to ``min_recall`` (``params`` updated), else measured as is."""
+    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
+                                                      num_leaves=params["num_leaves"], min_recall=min_recall)
+        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+        return recall
+    return probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+
+
+def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: RecallProbe, params: dict[str, Any],
+                  config: ScannConfig, *, history: dict[str, Any], manifest: dict[str, Any], min_recall: float,
+                  timings: dict[str, float]) -> tuple[Any, float]:
+    """The base searcher with the same deletes and upserts as the rows (checked row for row), and its recall."""
+    # deferred: ScaNN (it loads TensorFlow), imported only when this runs
+    from scann.scann_ops.py import scann_ops_pybind
+
+    tick = time.perf_counter()
+    searcher = scann_ops_pybind.load_searcher(str(base / SCANN_DIR), assets_backcompat_shim=False)
+    if changes.delete_rows:
+        got = [int(r) for r in searcher.searcher.delete(changes.delete_rows)]
+        if got != changes.moved_from:
+            raise ConfigError(f"ScaNN moved rows {got[:5]}... on delete, we expected {changes.moved_from[:5]}...")
+    if changes.upsert_rows:
+        got = [int(r) for r in searcher.searcher.upsert(changes.upsert_rows, vectors, 1)]
+        expected, appended = [], changes.size
+        for row in changes.upsert_rows:
+            expected.append(appended if row is None else row)
+            appended += row is None
+        if got != expected:
+            raise ConfigError(f"ScaNN placed upserts at rows {got[:5]}..., we expected {expected[:5]}...")
+    if int(searcher.size()) != changes.final:
+        raise ConfigError(f"ScaNN holds {searcher.size()} points after the update, the store {changes.final}")
+    timings["scann_update"] = time.perf_counter() - tick
+    recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+    # Keep the recall the last full build reached (within 0.01), not just the gate: points added to
+    # stale partitions cost recall first, and searching more partitions is a query-time setting,
+    # cheaper than re-partitioning.
+    target = max(min_recall, min(1.0, float(history.get("recall_at_build", manifest["recall@10"]))) - 0.01)
+    if recall < target and params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
+        recall = _gate(searcher, probe, params, config, target)
+    return searcher, recall
+
+
+def _updated_manifest(manifest: dict[str, Any], *, base: Path, version: str, changes: _RowChanges,
+                      state: _ScannState, deletes: int, rebalance_fraction: float,
+                      timings: dict[str, float]) -> dict[str, Any]:
+    """The new version's manifest keys: the base's, with counts, ScaNN, recall and the update history."""
+    config_dict = dict(manifest.get("scann_config") or {})
+    recall_sample = int(config_dict.get("recall_sample", ScannConfig().recall_sample))
+    new_manifest = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
+    new_manifest.update(
+        version=version,
+        counts={"documents": changes.final, "zero_embeddings": int((~changes.matrix.any(axis=1)).sum())},
+        scann=state.params,
+        **{"recall@10": state.recall, "recall_sample": min(recall_sample, changes.final)},
+        updates={**state.history, "base_version": base.name, "deleted": deletes,
+                 "inserted": len(changes.new_rows), "replaced": changes.replaced,
+                 "rebalanced": state.reason is not None,
+                 "rebalance_reason": state.reason, "rebalance_fraction": rebalance_fraction,
+                 "seconds": {k: round(v, 3) for k, v in timings.items()}},
+    )
+    return new_manifest
+
 
 def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
     if encoder is not None:
@@ -332,6 +413,7 @@ def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
     if not model.is_dir():
         raise IndexNotFoundError(f"index version {model.parent} has no model/: upsert vectors with update_index")
     return load_encoder(model)
+
 
 def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
                      rebalance: bool | None = None, rebalance_fraction: float = 0.2,
@@ -363,7 +445,6 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
     return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
                         upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
                         rebalance_fraction=rebalance_fraction)
-
 
 
 def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,

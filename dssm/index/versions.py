@@ -25,16 +25,8 @@ from dssm.index.files import fsync_dir, fsync_tree
 from dssm.index.layout import CURRENT, STAGING, VERSION_RE, VERSIONS
 
 __all__ = [
-    "new_version_name",
-    "staging_dir",
-    "drop_staging",
-    "IndexWriteLock",
-    "publish_version",
-    "current_version_dir",
-    "list_versions",
-    "prune_versions",
-    "check_added_file_name",
-    "publish_index_files",
+    "new_version_name", "staging_dir", "drop_staging", "IndexWriteLock", "publish_version", "current_version_dir",
+    "list_versions", "prune_versions", "check_added_file_name", "publish_index_files",
 ]
 
 
@@ -47,9 +39,11 @@ def new_version_name() -> str:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
     return f"{stamp}.{now // 1000 % 10**6:06d}Z-{secrets.token_hex(3)}"
 
+
 def staging_dir(index_dir: str | Path, version: str) -> Path:
     """Where a build of ``version`` writes before publication (same filesystem, so rename is atomic)."""
     return Path(index_dir) / STAGING / version
+
 
 def drop_staging(index_dir: Path, version: str) -> None:
     shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
@@ -58,7 +52,9 @@ def drop_staging(index_dir: Path, version: str) -> None:
     except OSError:
         pass
 
+
 _UPDATE_LOCK = ".update.lock"
+
 
 class IndexWriteLock:
     """The one lock every writer of ``INDEX_DIR/CURRENT`` holds: an exclusive ``flock`` on ``.update.lock``.
@@ -101,6 +97,7 @@ class IndexWriteLock:
             fcntl.flock(entry[0], fcntl.LOCK_UN)
             os.close(entry[0])
 
+
 def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> Path:
     """Move a complete staged version into ``versions/`` and point ``CURRENT`` at it, atomically.
 
@@ -132,6 +129,7 @@ def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> 
         fsync_dir(index_dir)
     return final
 
+
 def current_version_dir(index_dir: str | Path) -> Path:
     """The directory ``CURRENT`` points to.
 
@@ -150,12 +148,14 @@ def current_version_dir(index_dir: str | Path) -> Path:
         raise IndexNotFoundError(f"{pointer} names version {version!r} but {directory} does not exist")
     return directory
 
+
 def list_versions(index_dir: str | Path) -> list[str]:
     """Published version names, oldest first."""
     versions = Path(index_dir) / VERSIONS
     if not versions.is_dir():
         return []
     return sorted(p.name for p in versions.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+
 
 def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
@@ -172,6 +172,7 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
         for name in doomed:
             shutil.rmtree(Path(index_dir) / VERSIONS / name)
     return doomed
+
 
 def check_added_file_name(name: str) -> None:
     """Refuse a name for a JSON file added to a version (a finalize hook's, ``publish_index_files``'):
