@@ -11,8 +11,9 @@ end of each epoch. :data:`MONITOR` is the metric early stopping and keep-best fo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,25 @@ def _ragged_batches(bags: list[tuple[np.ndarray, np.ndarray]], batch_size: int
 
 
 
+class _Rows:
+    """Distinct keys (query or document ids) in first-seen order, each with its bag and decoded key."""
+
+    def __init__(self) -> None:
+        self.row: dict[bytes, int] = {}
+        self.bags: list[tuple[np.ndarray, np.ndarray]] = []
+        self.keys: list[str] = []
+
+    def add(self, key: bytes, make_bag: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[int, bool]:
+        """``(row of key, whether it is new)``; a new key's bag is made and stored."""
+        row = self.row.get(key)
+        if row is not None:
+            return row, False
+        row = self.row[key] = len(self.bags)
+        self.bags.append(make_bag())
+        self.keys.append(key.decode("utf-8", "replace"))
+        return row, True
+
+
 def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: int, seed: int,
                         batch_size: int = 1024) -> ValidationSet | None:
     """The validation split as a retrieval task: its queries against all its documents.
@@ -98,13 +118,8 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
         return None
     ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024)
     ds = ds.map(lambda records: tf.io.parse_example(records, VALIDATION_SPEC))
-    doc_row: dict[bytes, int] = {}
-    doc_bags: list[tuple[np.ndarray, np.ndarray]] = []
-    doc_keys: list[str] = []
+    docs, queries = _Rows(), _Rows()
     doc_text_rows: dict[bytes, list[int]] = {}
-    query_row: dict[bytes, int] = {}
-    query_bags: list[tuple[np.ndarray, np.ndarray]] = []
-    query_keys: list[str] = []
     query_texts: list[bytes] = []
     relevant: list[set[int]] = []
     for batch in ds:
@@ -120,24 +135,16 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
             return ids[splits[i]:splits[i + 1]], counts[splits[i]:splits[i + 1]]
 
         for i in range(len(columns["label"])):
-            doc_key = columns["document_id"][i] or columns["document_text"][i]
-            row = doc_row.get(doc_key)
-            if row is None:
-                row = doc_row[doc_key] = len(doc_bags)
-                doc_bags.append(bag("document", i))
-                doc_keys.append(doc_key.decode("utf-8", "replace"))
+            row, new = docs.add(columns["document_id"][i] or columns["document_text"][i], partial(bag, "document", i))
+            if new:
                 doc_text_rows.setdefault(columns["document_text"][i], []).append(row)
-            query_key = columns["query_id"][i] or columns["query_text"][i]
-            q = query_row.get(query_key)
-            if q is None:
-                q = query_row[query_key] = len(query_bags)
-                query_bags.append(bag("query", i))
-                query_keys.append(query_key.decode("utf-8", "replace"))
+            q, new = queries.add(columns["query_id"][i] or columns["query_text"][i], partial(bag, "query", i))
+            if new:
                 query_texts.append(columns["query_text"][i])
                 relevant.append(set())
             if columns["label"][i] > min_label:
                 relevant[q].add(row)
-    chosen = [q for q in range(len(query_bags)) if relevant[q]]
+    chosen = [q for q in range(len(queries.bags)) if relevant[q]]
     if not chosen:
         return None
     if len(chosen) > max_queries:
@@ -145,9 +152,9 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
     excluded = [(new, row) for new, q in enumerate(chosen) for row in doc_text_rows.get(query_texts[q], [])
                 if row not in relevant[q]]
     return ValidationSet(
-        query_keys=[query_keys[q] for q in chosen], document_keys=doc_keys,
-        queries=_ragged_batches([query_bags[q] for q in chosen], batch_size),
-        documents=_ragged_batches(doc_bags, batch_size),
+        query_keys=[queries.keys[q] for q in chosen], document_keys=docs.keys,
+        queries=_ragged_batches([queries.bags[q] for q in chosen], batch_size),
+        documents=_ragged_batches(docs.bags, batch_size),
         relevant=[np.array(sorted(relevant[q]), np.int64) for q in chosen],
         excluded=np.array(excluded, np.int64).reshape(-1, 2))
 
