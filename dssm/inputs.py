@@ -276,7 +276,7 @@ def loss_data(loss: str, config: DataConfig, files: list[str], *, negatives: boo
               num_classes: int) -> tuple[DataConfig, bool]:
     """What the loss ``loss`` trains on: ``(config for its datasets, read explicit negatives)``.
 
-    cosent and classifier learn from labelled pairs, so label-0 rows (Quora non-duplicates) and
+    cosent, softmax+cosent and classifier learn from labelled pairs, so label-0 rows (Quora non-duplicates) and
     graded scores (STS 0-5) stay in their batches instead of being filtered by ``min_label``; simcse
     only reads the query texts, so every row's text is used. The score-matrix losses train on
     positives (``label > min_label``); contrastive also needs the shards' explicit negatives.
@@ -301,10 +301,10 @@ def loss_data(loss: str, config: DataConfig, files: list[str], *, negatives: boo
     if inputs in ("scores", "scores+negatives"):
         return config, negatives
     data_config = dataclasses.replace(config, min_label=-math.inf)
-    if inputs in ("graded", "classifier"):
+    if inputs in ("graded", "classifier", "scores+graded"):
         labels = read_labels(files)
-        if inputs == "graded" and len(labels) < 2:
-            raise ConfigError(f"loss cosent ranks pairs by label, but every train pair has label {labels.tolist()}: "
+        if inputs in ("graded", "scores+graded") and len(labels) < 2:
+            raise ConfigError(f"loss {loss} ranks pairs by label, but every train pair has label {labels.tolist()}: "
                               "it needs graded or 0/1 labelled pairs")
         classes = np.arange(num_classes)
         if inputs == "classifier" and not np.isin(labels, classes).all():

@@ -37,7 +37,11 @@ from dssm.score_losses import (
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["LossConfig", "LossSpec", "LOSSES", "LOSS_NAMES", "get_loss", "loss_help", "RetrievalLoss"]
+__all__ = ["LossConfig", "LossSpec", "LOSSES", "LOSS_NAMES", "SCORE_MATRIX_INPUTS", "get_loss", "loss_help",
+           "RetrievalLoss"]
+
+#: The ``LossSpec.inputs`` kinds trained through a score matrix (:class:`RetrievalLoss`).
+SCORE_MATRIX_INPUTS = ("scores", "scores+negatives", "scores+graded")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class LossConfig:
         "Circle loss scale gamma; the paper's 256 (face recognition, Sun et al. 2020 sec. 4.1) gave "
         "quora-dev inner validation MRR@10 0.815 vs 0.876 at 32")
     num_classes: int = field(2, "classes of the Sentence-BERT pair classifier (2: duplicate / not)")
+    cosent_weight: float = field(
+        1.0, "softmax+cosent: weight of the CoSENT term beside the in-batch softmax (1: the two terms as they are)")
     logq_correction: bool = field(
         False,
         "subtract log(sampling probability) of each in-batch document from its logit (softmax and "
@@ -79,6 +85,8 @@ class LossConfig:
             raise ConfigError(f"circle_m must be in [0, 1), got {self.circle_m}")
         if not self.circle_gamma > 0:
             raise ConfigError(f"circle_gamma must be > 0, got {self.circle_gamma}")
+        if not self.cosent_weight > 0:
+            raise ConfigError(f"cosent_weight must be > 0, got {self.cosent_weight}")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
 
@@ -100,6 +108,8 @@ class LossSpec:
             ``"scores+negatives"``: ``fn(scores, negative_scores [batch] | [batch, n_neg], *, negative_mask=,
             keys=, negative_keys=, score_mask=, candidate_sampling_probability=, reduction=)``;
             ``"graded"``: ``fn(cosines [batch], labels [batch])``, one scalar per batch;
+            ``"scores+graded"``: the ``"scores"`` form over the rows with ``label > 0`` (positives),
+            plus ``LossConfig.cosent_weight`` times cosent over every labelled pair of the batch;
             ``"views"``: ``fn(first [batch, dim], second [batch, dim], *, keys=, reduction=)``, the same
             texts through the tower twice with dropout on;
             ``"classifier"``: ``fn(logits [batch, num_classes], labels [batch], *, reduction=)`` with
@@ -136,6 +146,9 @@ LOSSES: dict[str, LossSpec] = {
                  "label-free SimCSE: two dropout views of each query text (--dropout, 0.1 if unset)"),
         LossSpec("classifier", classifier_loss, "classifier", (), False,
                  "Sentence-BERT classifier over [u, v, |u-v|] on 0/1 pairs (head not exported)"),
+        LossSpec("softmax+cosent", softmax_loss, "scores+graded", (("temperature", "temperature"),), False,
+                 "in-batch softmax on the duplicates plus --cosent-weight x CoSENT on every labelled pair "
+                 "(non-duplicates kept): retrieval and duplicate detection from one model"),
     )
 }
 
@@ -206,14 +219,15 @@ class RetrievalLoss:
     def __init__(self, name: str, *, config: LossConfig | None = None,
                  temperature: float = DEFAULT_TEMPERATURE) -> None:
         spec = _spec(name)
-        if spec.inputs not in ("scores", "scores+negatives"):
-            usable = [n for n, s in LOSSES.items() if s.inputs in ("scores", "scores+negatives")]
+        if spec.inputs not in SCORE_MATRIX_INPUTS:
+            usable = [n for n, s in LOSSES.items() if s.inputs in SCORE_MATRIX_INPUTS]
             raise ConfigError(f"loss {name!r} needs {spec.inputs!r} inputs, not a score matrix; "
                               f"RetrievalLoss takes {usable}")
         self.name = name
         self.config = config if config is not None else LossConfig()
-        # contrastive on the model's layout (explicit negatives as extra columns) is exactly softmax.
-        self._function = get_loss("softmax" if name == "contrastive" else name, config=self.config,
+        # contrastive on the model's layout (explicit negatives as extra columns) is exactly softmax;
+        # softmax+cosent's score-matrix term is the softmax (the model adds the CoSENT term).
+        self._function = get_loss("softmax" if name in ("contrastive", "softmax+cosent") else name, config=self.config,
                                   temperature=temperature)
         self._logq = spec.logq
 

@@ -46,7 +46,7 @@ from dssm.bags import BAG_PLANS, EmbeddingBag, plan_key
 from dssm.config import config_to_dict, field
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
-from dssm.losses import LOSS_NAMES, LOSSES, LossConfig, RetrievalLoss, get_loss
+from dssm.losses import LOSS_NAMES, LOSSES, SCORE_MATRIX_INPUTS, LossConfig, RetrievalLoss, get_loss
 from dssm.pair_losses import PairClassifier
 from dssm.score_losses import pair_cosines
 
@@ -246,7 +246,7 @@ class DSSMModel(tfrs.Model):
         if config.loss == "simcse" and config.dropout == 0:
             raise ConfigError("loss simcse needs dropout > 0: its two views of a text differ only by dropout "
                               f"(got dropout {config.dropout}; {SIMCSE_DEFAULT_DROPOUT} is SimCSE's)")
-        if loss is not None and spec.inputs not in ("scores", "scores+negatives"):
+        if loss is not None and spec.inputs not in SCORE_MATRIX_INPUTS:
             raise ConfigError(f"loss= replaces a score-matrix loss; ModelConfig.loss is {config.loss!r} "
                               f"({spec.inputs!r} inputs)")
         self.featurizer = Featurizer(feature_config)
@@ -258,9 +258,12 @@ class DSSMModel(tfrs.Model):
             self.document_tower = Tower(config, num_buckets=feature_config.num_buckets,
                                         featurizer=self.featurizer, name="document_tower")
         self.task: PairLoss | None = None
-        if spec.inputs in ("scores", "scores+negatives"):
+        if spec.inputs in SCORE_MATRIX_INPUTS:
             self.task = loss if loss is not None else RetrievalLoss(config.loss, config=self.loss_config,
                                                                     temperature=config.temperature)
+        # softmax+cosent: the CoSENT term beside the score-matrix loss.
+        self._graded_fn = (get_loss("cosent", config=self.loss_config) if spec.inputs == "scores+graded"
+                           else None)
         # get_loss validates the combination (e.g. logq_correction with a loss that has none).
         self._loss_fn = (None if self.task is not None
                          else get_loss(config.loss, config=self.loss_config, temperature=config.temperature))
@@ -371,15 +374,16 @@ class DSSMModel(tfrs.Model):
         the global batch. classifier: cross-entropy of the pair head, likewise per pair. cosent: one
         ranking loss over the replica's pairs, divided by the number of replicas. simcse: the
         softmax of the query texts' first dropout views against their second views (gathered over
-        replicas), repeated texts masked.
+        replicas), repeated texts masked. softmax+cosent: the softmax over the rows with ``label > 0``
+        (a label-0 row weighs 0), plus ``cosent_weight`` times cosent over the replica's pairs.
 
         Raises:
-            ConfigError: cosent / classifier on a batch without ``label``.
+            ConfigError: cosent / softmax+cosent / classifier on a batch without ``label``.
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if self.loss_inputs == "views":
             return self._simcse(features, training=training, replicas=replicas)
-        if self.loss_inputs in ("graded", "classifier") and "label" not in features:
+        if self.loss_inputs in ("graded", "classifier", "scores+graded") and "label" not in features:
             raise ConfigError(f"loss {self.config.loss!r} needs a 'label' per pair in the batch")
         embedded = self._embed_batch(features, training=training,
                                      negatives=self.loss_inputs in ("scores", "scores+negatives"))
@@ -426,9 +430,17 @@ class DSSMModel(tfrs.Model):
             keep = tf.broadcast_to(keep_columns[tf.newaxis, :], [local_batch, num_candidates])
             score_mask = keep if score_mask is None else tf.logical_and(score_mask, keep)
         extra = {} if probability is None else {"candidate_sampling_probability": probability}
+        if self._graded_fn is not None:
+            # A non-duplicate's own document is no positive: its row is weighted 0 (its document
+            # stays a negative for the other rows); CoSENT ranks every labelled pair, like --loss cosent.
+            extra["sample_weight"] = tf.cast(features["label"] > 0.0, tf.float32)
         loss_sum = self.task(query, candidates, candidate_ids=None, score_mask=score_mask, compute_metrics=False,
                              compute_batch_metrics=False, **extra)
-        return loss_sum / tf.cast(global_batch, loss_sum.dtype)
+        loss = loss_sum / tf.cast(global_batch, loss_sum.dtype)
+        if self._graded_fn is not None:
+            loss += self.loss_config.cosent_weight * self._graded_fn(pair_cosines(query, document),
+                                                                     features["label"]) / replicas
+        return loss
 
     def _simcse(self, features: dict[str, tf.Tensor], *, training: bool | None, replicas: int) -> tf.Tensor:
         """SimCSE: the query bags through the query tower twice (one call, so one table gather)."""

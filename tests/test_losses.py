@@ -514,8 +514,8 @@ def test_losses_per_replica_under_mirrored_strategy(tmp_path):
 # -------------------------------------------------------------------------------------- registry/config
 
 def test_registry_names_and_get_loss_binds_config():
-    assert set(LOSS_NAMES) == {"softmax", "triplet", "hard-negative", "cosent", "circle", "contrastive",
-                               "simcse", "classifier"}
+    assert set(LOSS_NAMES) == {"softmax", "triplet", "hard-negative", "cosent", "softmax+cosent", "circle",
+                               "contrastive", "simcse", "classifier"}
     for name, spec in LOSSES.items():
         assert spec.name == name and spec.summary
         for _, attribute in spec.hyperparameters:
@@ -645,15 +645,15 @@ def _split_counts(pairs) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["cosent", "classifier", "contrastive", "softmax"])
+@pytest.mark.parametrize("loss", ["cosent", "classifier", "contrastive", "softmax", "softmax+cosent"])
 def test_trainer_feeds_each_loss_its_rows(quora_negative_pairs, loss):
-    # cosent and classifier learn from the label-0 rows too; softmax and contrastive from positives
+    # cosent, softmax+cosent and classifier learn from the label-0 rows too; softmax and contrastive from positives
     # (contrastive with the non-duplicates as its extra negatives; softmax here with logQ correction).
     kwargs = {"logq_correction": True} if loss == "softmax" else {}
     model, history = _train(quora_negative_pairs, loss, **kwargs)
     rows, positives = _split_counts(quora_negative_pairs)
     assert 0 < positives < rows
-    assert history["train_pairs"] == (rows if loss in ("cosent", "classifier") else positives)
+    assert history["train_pairs"] == (rows if loss in ("cosent", "classifier", "softmax+cosent") else positives)
     assert history["loss"][-1] < 0.9 * history["loss"][0]
     assert np.isfinite(history["val_loss"]).all()
     if loss == "softmax":

@@ -295,6 +295,26 @@ def test_cosent_model_loss_ranks_pair_cosines_by_label() -> None:
         model.compute_loss(_batch(model, QUERIES, DOCUMENTS))
 
 
+def test_softmax_plus_cosent_is_the_positives_softmax_plus_weighted_cosent() -> None:
+    """Hand-computed: softmax rows only for label > 0 (summed, divided by the whole batch), a label-0
+    row's document still a negative of the others, plus cosent_weight x CoSENT over every pair."""
+    model = DSSMModel(dataclasses.replace(SMALL, loss="softmax+cosent", temperature=0.2), feature_config=FEATURES,
+                      loss_config=LossConfig(cosent_scale=7.0, cosent_weight=0.3))
+    labels = [1.0, 0.0, 1.0, 1.0, 0.0]
+    batch = _with_labels(_batch(model, QUERIES, DOCUMENTS, [f"d{i}" for i in range(5)]), labels)
+    q, d = (t.numpy().astype(np.float64) for t in model(batch))
+    scores = q @ d.T / 0.2
+    softmax_sum = sum(-(scores[i, i] - np.log(np.sum(np.exp(scores[i])))) for i in range(5) if labels[i] > 0)
+    cos = np.sum(q * d, axis=1)
+    terms = [7.0 * (cos[i] - cos[j]) for i in range(5) for j in range(5) if labels[i] < labels[j]]
+    expected = softmax_sum / 5 + 0.3 * np.log1p(np.sum(np.exp(terms)))
+    assert float(model.compute_loss(batch)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="'label'"):
+        model.compute_loss(_batch(model, QUERIES, DOCUMENTS))
+    with pytest.raises(ConfigError, match="cosent_weight must be > 0"):
+        LossConfig(cosent_weight=0.0)
+
+
 def test_classifier_head_is_cross_entropy_on_u_v_and_their_difference() -> None:
     model = DSSMModel(dataclasses.replace(SMALL, loss="classifier"), feature_config=FEATURES)
     labels = [1.0, 0.0, 1.0, 0.0, 0.0]
