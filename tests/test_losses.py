@@ -443,6 +443,9 @@ def test_every_loss_compiles_with_xla():
     cases["cosent"] = lambda s, k: cosent_loss(tf.linalg.diag_part(s), tf.constant([5.0, 1.0, 3.0]))
     cases["simcse"] = lambda s, k: simcse_loss(s, tf.transpose(s), keys=k)
     cases["classifier"] = lambda s, k: classifier_loss(s[:, :2], tf.constant([1.0, 0.0, 1.0]))
+    cases["softmax+cosent"] = lambda s, k: (
+        get_loss("softmax+cosent", temperature=0.5)(s, keys=k, reduction="none") * tf.constant([1.0, 0.0, 1.0])
+        + cosent_loss(tf.linalg.diag_part(s), tf.constant([1.0, 0.0, 1.0])))
     assert set(cases) == set(LOSS_NAMES)
     for name, fn in cases.items():
         compiled = tf.function(fn, jit_compile=True, autograph=False)
