@@ -13,9 +13,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.routing import Match
@@ -57,8 +59,26 @@ async def _send_error(send: Send, status: int, reason: str, headers: dict[str, s
     await send({"type": "http.response.body", "body": body})
 
 
-def exception_answer(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
-    """(status, reason, headers) for an exception raised by the backend; one mapping for both paths."""
+def exception_answer(exc: Exception, *, index_dir: Path | None = None) -> tuple[int, str, dict[str, str] | None]:
+    """(status, reason, headers) for an exception raised by the backend; one mapping for both paths.
+
+    Paths inside ``index_dir`` are shown relative to it: an unauthenticated reader learns what failed,
+    not where the server keeps its files.
+    """
+    status, reason, headers = _answer(exc)
+    return status, _relative_paths(reason, index_dir), headers
+
+
+def _relative_paths(reason: str, index_dir: Path | None) -> str:
+    if index_dir is None:
+        return reason
+    for form in {str(index_dir.resolve()), str(index_dir), os.path.abspath(index_dir)}:
+        if form not in (".", "/"):
+            reason = reason.replace(form + os.sep, "").replace(form, "<index>")
+    return reason
+
+
+def _answer(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
     if isinstance(exc, NotReadyError):
         return 503, str(exc), {"Retry-After": "1"}
     if isinstance(exc, DocumentNotFoundError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -120,7 +121,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _READ_ERRORS = {c: _ERRORS[c] for c in (400, 401, 413, 415, 422, 429, 503)}
 _SEARCH_ERRORS = _READ_ERRORS | {409: _ERRORS[409]}
-_GET_ERRORS = {c: _ERRORS[c] for c in (401, 429, 503)} | {404: {"model": ErrorResponse,
+_GET_ERRORS = {c: _ERRORS[c] for c in (400, 401, 429, 503)} | {404: {"model": ErrorResponse,
                                                                 "description": "no document with that id"}}
 _WRITE_ERRORS = dict(_READ_ERRORS) | {
     403: {"model": ErrorResponse, "description": "writes disabled (server has no API key)"},
@@ -138,8 +139,11 @@ def metrics_text(backend: Backend) -> bytes:
     return generate_latest(backend.metrics.registry)
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every failure is a 4xx with a reason, except genuine server faults (one JSON shape for all)."""
+def add_error_handlers(app: FastAPI, *, index_dir: Path | None = None) -> None:
+    """Every failure is a 4xx with a reason, except genuine server faults (one JSON shape for all).
+
+    Paths under ``index_dir`` in a reason are shown relative to it (:func:`serving.guard.exception_answer`).
+    """
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -151,7 +155,7 @@ def add_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     async def _on_backend_error(_: Request, exc: Exception) -> JSONResponse:
-        status, reason, headers = exception_answer(exc)
+        status, reason, headers = exception_answer(exc, index_dir=index_dir)
         return _error(status, reason, headers=headers)
 
     for error_class in (NotReadyError, DocumentNotFoundError, ModeNotAvailableError, WriteNotSupportedError,
@@ -220,7 +224,7 @@ def _search_answers(backend: Backend, run: Run) -> tuple[Callable[[SearchRequest
         try:
             payload = await (answer_search(search_body) if path == "/v1/search" else answer_batch(batch_body))
         except Exception as exc:  # noqa: BLE001 - mapped to its 4xx/5xx like FastAPI's handlers do
-            status, reason, headers = exception_answer(exc)
+            status, reason, headers = exception_answer(exc, index_dir=backend.index_dir)
             return status, error_body(status, reason), headers
         return 200, payload, None
 
@@ -257,6 +261,12 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
         """The stored document with this id."""
         version, doc = await run(backend.get_document, doc_id)
         return DocumentResponse(version=version, document=DocumentOut(id=doc[0], title=doc[1], text=doc[2]))
+
+    @app.head("/v1/documents/{doc_id:path}", responses=_GET_ERRORS, tags=["documents"])
+    async def head_document(doc_id: str) -> Response:
+        """Whether the document exists: GET's status and headers, no body."""
+        body = (await get_document(doc_id)).model_dump_json().encode()
+        return Response(status_code=200, media_type="application/json", headers={"content-length": str(len(body))})
 
     return fast
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+from dssm.index.documents import check_document_id
 
 __all__ = [
     "MAX_K",
@@ -80,9 +82,22 @@ def _text(max_length: int, description: str) -> object:
 
 Query = _text(MAX_QUERY_CHARS, f"search text: 1..{MAX_QUERY_CHARS} characters, not only whitespace")
 DocText = _text(MAX_DOCUMENT_CHARS, f"document text: 1..{MAX_DOCUMENT_CHARS} characters, not only whitespace")
-DocId = _text(MAX_ID_CHARS, f"document id: 1..{MAX_ID_CHARS} characters, not only whitespace")
-K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
-BatchK = Annotated[int, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}")]
+# Control characters (Unicode Cc) and line/paragraph separators are refused in ids: the pattern states
+# it for clients and schema-driven tests, check_document_id enforces it with a reason.
+_ID_CHAR_ECMA = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]"
+_ID_PATTERN_ECMA = rf"^{_ID_CHAR_ECMA}*[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]{_ID_CHAR_ECMA}*$"
+DocId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ID_CHARS,
+          description=f"document id: 1..{MAX_ID_CHARS} printable characters (no control characters or line breaks: "
+                      "every stored id must be addressable in a URL path), not only whitespace",
+          json_schema_extra={"pattern": _ID_PATTERN_ECMA}),
+    AfterValidator(_checked_text),
+    AfterValidator(check_document_id),
+]
+# StrictInt: true, "5" and 5.0 are 422s, not silently k=1 or k=5.
+K = Annotated[StrictInt, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
+BatchK = Annotated[StrictInt, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}")]
 Mode = Literal["dense", "bm25", "hybrid"]
 
 
@@ -129,8 +144,15 @@ class DocumentIn(_Strict):
 class UpsertRequest(_Strict):
     """``PUT /v1/documents``."""
 
-    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST,
-                                        description=f"1..{MAX_DOCUMENTS_PER_REQUEST} documents; ids unique")
+    # Duplicate ids are a 422 here, as in DeleteRequest (one code for the same mistake everywhere).
+    documents: Annotated[list[DocumentIn], AfterValidator(_unique_documents)] = Field(
+        min_length=1, max_length=MAX_DOCUMENTS_PER_REQUEST,
+        description=f"1..{MAX_DOCUMENTS_PER_REQUEST} documents; ids unique")
+
+
+def _unique_documents(documents: list[DocumentIn]) -> list[DocumentIn]:
+    _unique_ids([d.id for d in documents])
+    return documents
 
 
 def _unique_ids(ids: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_confi
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
 
-__all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity",
+__all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
            "text_similarity", "model_fingerprint", "merge_top_k", "format_hits", "hits_json", "main"]
 
 
@@ -98,6 +98,35 @@ def model_fingerprint(model_dir: Path | None) -> str | None:
         return None
 
 
+def searchable(text: str) -> bool:
+    """Whether a query has anything to search: a letter or digit (the featurizer splits on everything else).
+
+    A query without one ("?!", "---") would embed as the bias alone and rank arbitrary documents, so
+    searches answer it with no hits.
+    """
+    return any(ch.isalnum() for ch in text)
+
+
+def _searchable_only(texts: list[str], run: Callable[[list[str]], list[list[Hit]]]) -> list[list[Hit]]:
+    """``run`` over the searchable texts; no hits for the others (each text checked as a query first)."""
+    for text in texts:
+        _check_query(text)
+    keep = [i for i, text in enumerate(texts) if searchable(text)]
+    if len(keep) == len(texts):
+        return run(texts)
+    out: list[list[Hit]] = [[] for _ in texts]
+    for i, hits in zip(keep, run([texts[i] for i in keep]) if keep else [], strict=True):
+        out[i] = hits
+    return out
+
+
+def _check_query(text: Any) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"query must be a string, got {type(text).__name__}: {text!r}")
+    if not text.strip():
+        raise InputError(f"query is empty or only whitespace: {text!r}")
+
+
 class Searcher:
     """Text search over one loaded index version.
 
@@ -161,10 +190,7 @@ class Searcher:
             raise IndexNotFoundError(f"index {self.index.version_dir} has no model/: it can be searched by "
                                      "vector only (search_vectors)")
         for text in texts:
-            if not isinstance(text, str):
-                raise InputError(f"query must be a string, got {type(text).__name__}: {text!r}")
-            if not text.strip():
-                raise InputError(f"query is empty or only whitespace: {text!r}")
+            _check_query(text)
         vectors = np.asarray(self.encoder.embed_queries(list(texts)), dtype=np.float32)
         if vectors.shape != (len(texts), self.index.dim):
             raise InputError(f"the query model returned shape {vectors.shape}, the index expects "
@@ -206,7 +232,7 @@ class Searcher:
         mode = mode or self.default_mode
         if mode != "dense":
             return self.search_batch([text], k, mode=mode)[0]
-        return self.search_vectors(self._embed([text]), k)[0]
+        return _searchable_only([text], lambda kept: self.search_vectors(self._embed(kept), k))[0]
 
     def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> list[list[Hit]]:
         """Top-k documents for each query text (one model call and one ScaNN batch for all)."""
@@ -218,8 +244,8 @@ class Searcher:
         if not texts:
             return []
         if mode == "dense":
-            return self.search_vectors(self._embed(texts), k)
-        return self._search_fused(list(texts), k, mode)
+            return _searchable_only(list(texts), lambda kept: self.search_vectors(self._embed(kept), k))
+        return _searchable_only(list(texts), lambda kept: self._search_fused(kept, k, mode))
 
     # -- incremental updates (each publishes a new version; this searcher keeps serving its own)
 
@@ -435,7 +461,7 @@ class ShardedSearcher:
         if not texts:
             return []
         if mode == "dense":
-            return self.search_vectors(self.shards[0]._embed(list(texts)), k)
+            return _searchable_only(list(texts), lambda kept: self.search_vectors(self.shards[0]._embed(kept), k))
         per_shard = self._fan_out(lambda shard: shard.search_batch(list(texts), k, mode="bm25"))
         return [merge_top_k([hits[i] for hits in per_shard], k) for i in range(len(texts))]
 

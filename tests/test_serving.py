@@ -141,6 +141,27 @@ def test_get_document_including_an_id_that_needs_escaping(served, rows):
     assert caught.value.status == 404 and "no-such-doc" in caught.value.reason
 
 
+def test_head_answers_where_get_does(served, rows):
+    doc_id = rows[0]["id"]
+    response = httpx.head(served.url + f"/v1/documents/{doc_id}")
+    assert response.status_code == 200 and response.content == b""
+    assert int(response.headers["content-length"]) == len(httpx.get(served.url + f"/v1/documents/{doc_id}").content)
+    assert httpx.head(served.url + "/v1/documents/not-there").status_code == 404
+
+
+def test_a_query_with_nothing_to_search_has_no_hits(served, rows):
+    """Punctuation only embeds as the towers' bias: arbitrary neighbours, so no hits (issue 14)."""
+    response = httpx.post(served.url + "/v1/search", json={"query": "?! --", "mode": "dense"})
+    assert response.status_code == 200 and response.json()["hits"] == []
+    response = httpx.post(served.url + "/v1/search:batch", json={"queries": ["?!", rows[0]["text"]], "k": 3})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert results[0] == [] and results[1][0]["id"] == rows[0]["id"]
+    searcher = served.backend.current().searcher
+    for mode in ("dense", "bm25", "hybrid"):
+        assert searcher.search("...", k=3, mode=mode) == [], mode
+
+
 def test_health_ready_and_metrics(served):
     assert httpx.get(served.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(served.url + "/readyz")
@@ -270,6 +291,11 @@ BAD_REQUESTS = [
     ("/v1/search", {"query": "x", "k": MAX_K + 1}, "application/json", 422, f"less than or equal to {MAX_K}"),
     ("/v1/search", {"query": "x", "k": "ten"}, "application/json", 422, "k"),
     ("/v1/search", {"query": "x", "k": 2.5}, "application/json", 422, "k"),
+    # k is a strict integer (issue 14): no bool, numeric string or integral float slips through as a number.
+    ("/v1/search", {"query": "x", "k": True}, "application/json", 422, "k"),
+    ("/v1/search", {"query": "x", "k": "5"}, "application/json", 422, "k"),
+    ("/v1/search", {"query": "x", "k": 5.0}, "application/json", 422, "k"),
+    ("/v1/search:batch", {"queries": ["a"], "k": "5"}, "application/json", 422, "k"),
     ("/v1/search", {"query": LONG}, "application/json", 422, f"at most {MAX_QUERY_CHARS}"),
     ("/v1/search", {"k": 3}, "application/json", 422, "query: Field required"),
     ("/v1/search", {"query": "x", "querry": "y"}, "application/json", 422, "querry"),
@@ -323,7 +349,7 @@ def test_wrong_paths_and_methods(served):
     response = httpx.get(served.url + "/v1/search")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     response = httpx.request("PATCH", served.url + "/v1/documents/1")
-    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET"
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET, HEAD"
 
 
 def test_client_raises_bad_request_with_the_servers_reason_without_retrying(served):
@@ -360,7 +386,17 @@ def test_writes_need_the_key_and_change_nothing_without_it(served, rows):
     assert response.status_code == 404
     dup = {"documents": [{"id": "a", "text": "one"}, {"id": "a", "text": "two"}]}
     response = httpx.put(served.url + "/v1/documents", json=dup, headers={"X-API-Key": API_KEY})
-    assert response.status_code == 400 and "'a' appears twice" in response.json()["error"]
+    # 422 as for documents:delete (issue 14: one code for the same mistake everywhere).
+    assert response.status_code == 422 and "'a' appears twice" in response.json()["error"]
+    response = httpx.post(served.url + "/v1/documents:delete", json={"ids": ["a", "a"]},
+                          headers={"X-API-Key": API_KEY})
+    assert response.status_code == 422 and "'a' appears twice" in response.json()["error"]
+    # An id that could be stored but never addressed by URL path is refused (issue 14).
+    for bad_id in ("line\nbreak", "tab\there", "nul\x00"):
+        response = httpx.put(served.url + "/v1/documents", json={"documents": [{"id": bad_id, "text": "t"}]},
+                             headers={"X-API-Key": API_KEY})
+        assert response.status_code == 422 and "control character" in response.json()["error"], bad_id
+    assert ix.list_versions(served.index_dir) == versions
 
 
 def test_server_without_a_key_refuses_writes_and_can_require_the_key_for_reads(served):
@@ -614,6 +650,8 @@ def test_not_ready_until_a_version_exists(tmp_path, model_dir, rows):
         assert response.status_code == 503 and response.json()["ready"] is False
         response = httpx.post(server.url + "/v1/search", json={"query": "x"})
         assert response.status_code == 503 and "no index version" in response.json()["error"]
+        # Error bodies name the index by a placeholder, not the server's absolute path (issue 14).
+        assert str(index_dir) not in response.text and "<index>" in response.json()["error"]
         assert httpx.get(server.url + "/healthz").status_code == 200
         version = support.build_version(index_dir, model_dir, rows[:25])
         wait_until(lambda: httpx.get(server.url + "/readyz").status_code == 200, timeout=30, what="readiness")

@@ -8,12 +8,13 @@ the HTTP client imports it without TensorFlow or ScaNN.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dssm.errors import InputError
 
-__all__ = ["document_fields", "as_documents"]
+__all__ = ["document_fields", "as_documents", "check_document_id"]
 
 
 def document_fields(doc: Any) -> tuple[Any, Any, Any]:
@@ -35,6 +36,23 @@ def document_fields(doc: Any) -> tuple[Any, Any, Any]:
                      f"got {doc!r:.80}")
 
 
+#: Unicode categories an id may not contain: control characters and line/paragraph separators. An id
+#: with one could be stored but never fetched or deleted by URL path.
+_UNADDRESSABLE = frozenset({"Cc", "Zl", "Zp"})
+
+
+def check_document_id(doc_id: str) -> str:
+    """``doc_id`` if every character is printable (no control character or line break), else ValueError.
+
+    Raises:
+        ValueError: naming the first offending character and its position.
+    """
+    for position, ch in enumerate(doc_id):
+        if unicodedata.category(ch) in _UNADDRESSABLE:
+            raise ValueError(f"contains the control character {ch!r} at position {position}; ids must be printable")
+    return doc_id
+
+
 def as_documents(documents: Sequence[Any]) -> list[tuple[str, str, str]]:
     """``(id, title, text)`` tuples from any accepted forms, titles and texts checked to be strings.
 
@@ -50,6 +68,11 @@ def as_documents(documents: Sequence[Any]) -> list[tuple[str, str, str]]:
             doc_id, title, text = document_fields(doc)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        if isinstance(doc_id, str):
+            try:
+                check_document_id(doc_id)
+            except ValueError as exc:
+                raise InputError(f"document id {doc_id!r} {exc}") from None
         if not isinstance(text, str) or not isinstance(title, str):
             raise InputError(f"document {doc_id!r}: title and text must be strings, got {type(text).__name__}")
         out.append((doc_id, title, text))
