@@ -290,16 +290,15 @@ def _tuning_pairs(hybrid_pairs: str | None) -> list[tuple[str, str]] | None:
     return tuning_pairs
 
 
-def _output_dirs(output: Path, version: str, keep_shards: str | None) -> tuple[Path, Path, Path]:
-    """``(stage, shards_dir, rejected_dir)`` of a new version, the last two created."""
-    stage = index_lib.staging_dir(output, version)
+def _output_dirs(output: Path, stage: Path, version: str, keep_shards: str | None) -> tuple[Path, Path]:
+    """``(shards_dir, rejected_dir)`` of a new version staged in ``stage``, both created."""
     shards_dir = Path(keep_shards) if keep_shards else stage / "shards"
     if keep_shards and any(shards_dir.glob("embeddings-*.parquet")):
         raise InputError(f"--shards {shards_dir} already holds embedding shards; give an empty directory")
     shards_dir.mkdir(parents=True, exist_ok=True)
     rejected_dir = output / "rejected" / version
     rejected_dir.mkdir(parents=True, exist_ok=True)
-    return stage, shards_dir, rejected_dir
+    return shards_dir, rejected_dir
 
 
 def _encode(pipeline: beam.Pipeline, inputs: _Inputs, ranges: list[ReadRange], records: int, *,
@@ -343,14 +342,12 @@ def _encode(pipeline: beam.Pipeline, inputs: _Inputs, ranges: list[ReadRange], r
     return encode, shards
 
 
-def _clean_up(stage: Path, rejected_dir: Path) -> None:
-    """Remove the staging directory, and the dead-letter directory when the job rejected nothing."""
-    shutil.rmtree(stage, ignore_errors=True)
+def _clean_up(rejected_dir: Path) -> None:
+    """Remove the dead-letter directory when the job rejected nothing (the staging goes with its context)."""
     if not any(rejected_dir.glob("rejected-*.jsonl")):
         shutil.rmtree(rejected_dir, ignore_errors=True)
-    for empty in (stage.parent, rejected_dir.parent):
-        with contextlib.suppress(OSError):  # only if empty: other builds may be using it
-            empty.rmdir()
+    with contextlib.suppress(OSError):  # only if empty: other builds may be using it
+        rejected_dir.parent.rmdir()
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
@@ -375,29 +372,32 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     tuning_pairs = _tuning_pairs(args.hybrid_pairs)
     output = Path(args.output)
     version = index_lib.new_version_name()
-    stage, shards_dir, rejected_dir = _output_dirs(output, version, args.shards)
-    # auto was pardo on Dask while RunInference's BatchElements (not skipped through Beam 2.77's
-    # KeyedModelHandler) lost the batches it emits from finish_bundle there; KeyedTowerHandler skips it.
-    use_run_inference = args.inference in ("auto", "runinference")
-    ranges, records = plan_reads(inputs.paths, inputs.table, batch_size=args.batch_size,
-                                 stride=shard[1] if shard else 1)
+    # The staging directory (shards, then the version) is owned while the job runs and removed after it,
+    # whatever happens; a killed job's is removed by the next writer (dssm.index.versions.staging).
+    with index_lib.staging(output, version) as stage:
+        shards_dir, rejected_dir = _output_dirs(output, stage, version, args.shards)
+        # auto was pardo on Dask while RunInference's BatchElements (not skipped through Beam 2.77's
+        # KeyedModelHandler) lost the batches it emits from finish_bundle there; KeyedTowerHandler skips it.
+        use_run_inference = args.inference in ("auto", "runinference")
+        ranges, records = plan_reads(inputs.paths, inputs.table, batch_size=args.batch_size,
+                                     stride=shard[1] if shard else 1)
 
-    try:
-        started = time.perf_counter()
-        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-        encode, shards = _encode(pipeline, inputs, ranges, records, args=args, beam_args=beam_args,
-                                 shards_dir=shards_dir, rejected_dir=rejected_dir,
-                                 use_run_inference=use_run_inference, started=started)
-        extra: dict[str, Any] = {"encode": encode}
-        if shard is not None:
-            extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
-        finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs) \
-            if args.hybrid_weight == "label-free" and shard is None else None
-        result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
-                                                   config=config, version=version, extra=extra, finalize=finalize)
-    finally:
-        # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
-        _clean_up(stage, rejected_dir)
+        try:
+            started = time.perf_counter()
+            pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+            encode, shards = _encode(pipeline, inputs, ranges, records, args=args, beam_args=beam_args,
+                                     shards_dir=shards_dir, rejected_dir=rejected_dir,
+                                     use_run_inference=use_run_inference, started=started)
+            extra: dict[str, Any] = {"encode": encode}
+            if shard is not None:
+                extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
+            finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs) \
+                if args.hybrid_weight == "label-free" and shard is None else None
+            result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
+                                                       config=config, version=version, extra=extra, finalize=finalize)
+        finally:
+            # The shards are scratch unless --shards asked to keep them; a failed job leaves no staging.
+            _clean_up(rejected_dir)
     if not encode["rejected"]:
         encode["rejected_dir"] = None
     pruned = index_lib.prune_versions(output, keep=args.keep_versions) if args.keep_versions else []

@@ -227,3 +227,33 @@ def test_concurrent_threshold_save_and_upsert_lose_neither_write(tmp_path, monke
     assert (live / THRESHOLDS_FILE).is_file()
     index = ix.load_index(tmp_path / "idx")
     assert index.docs.row_of("new") is not None, "the upsert was lost"
+
+
+def test_staging_left_by_a_killed_writer_is_removed_by_the_next_write_and_a_live_one_is_kept(tmp_path):
+    """Issue 14: a kill -9 mid-write left ``.staging/<version>`` (a full copy) forever."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    idx = tmp_path / "idx"
+    _small_index(idx)
+    killed = ("import os, sys; from dssm.index.versions import staging\n"
+              f"with staging({str(idx)!r}, 'killed-1') as root:\n"
+              "    (root / 'version').mkdir(); (root / 'version' / 'part.npy').write_bytes(b'x' * 1000)\n"
+              "    os.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert (idx / ".staging" / "killed-1" / "version" / "part.npy").is_file()
+    ownerless_old, ownerless_new = idx / ".staging" / "old-1", idx / ".staging" / "new-1"
+    for directory in (ownerless_old, ownerless_new):
+        directory.mkdir()
+    os.utime(ownerless_old, (time.time() - 3600, time.time() - 3600))
+    with ix.staging(idx, "live-1") as live:  # a writer still at work (its owner lock is held)
+        ix.publish_index_files(idx, files={"note.json": {"x": 1}}, manifest_updates={})
+        left = sorted(p.name for p in (idx / ".staging").iterdir())
+        assert left == ["live-1", "new-1"], left  # the dead writer's and the old ownerless one are gone
+        assert live.is_dir()
+    assert not live.exists()
+    assert ix.clean_stale_staging(idx) == []  # new-1 is within its grace period
+    assert (ix.current_version_dir(idx) / "note.json").is_file()

@@ -44,12 +44,14 @@ from dssm.index.updates import UpdateResult, delete_documents, update_index, ups
 from dssm.index.versions import (  # noqa: I001
     IndexWriteLock,
     check_added_file_name,
+    clean_stale_staging,
     current_version_dir,
     list_versions,
     new_version_name,
     prune_versions,
     publish_index_files,
     publish_version,
+    staging,
     staging_dir,
 )
 
@@ -58,9 +60,9 @@ __all__ = [
     "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
     "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
     "exact_top_k", "RecallProbe", "tune_leaves_to_search", "Doc", "DocStoreWriter", "DocStore", "document_fields",
-    "as_documents", "new_version_name", "staging_dir", "IndexWriteLock", "publish_version", "current_version_dir",
-    "list_versions", "prune_versions", "check_added_file_name", "publish_index_files", "BuildResult", "Finalize",
-    "build_index", "build_index_from_documents", "count_shard_rows", "build_index_from_shards", "Index",
-    "load_index", "UpdateResult", "update_index", "upsert_documents", "delete_documents", "shard_of",
-    "parse_shard_spec",
+    "as_documents", "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock",
+    "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",
+    "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",
+    "count_shard_rows", "build_index_from_shards", "Index", "load_index", "UpdateResult", "update_index",
+    "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec",
 ]

@@ -34,7 +34,7 @@ from dssm.index.files import tree_bytes
 from dssm.index.layout import BATCH_ROWS, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
 from dssm.index.memory import MemoryTrace, release_free_memory
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
-from dssm.index.versions import check_added_file_name, drop_staging, new_version_name, publish_version, staging_dir
+from dssm.index.versions import check_added_file_name, new_version_name, publish_version, staging
 
 __all__ = [
     "BuildResult", "Finalize", "build_index", "build_index_from_documents", "count_shard_rows",
@@ -275,9 +275,9 @@ def build_index(
             raise InputError(f"{len(values)} {name} for {n} embeddings")
     index_dir = Path(index_dir)
     version = version or new_version_name()
-    stage = staging_dir(index_dir, version) / "version"
-    stage.mkdir(parents=True)
-    try:
+    with staging(index_dir, version) as root:
+        stage = root / "version"
+        stage.mkdir()
         tick = time.perf_counter()
         store = DocStoreWriter(stage / DOCS_DB)
         for start in range(0, n, BATCH_ROWS):
@@ -289,8 +289,6 @@ def build_index(
         del matrix
         return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=box.pop(), store=store,
                                model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace)
-    finally:
-        drop_staging(index_dir, version)
 
 
 def build_index_from_documents(
@@ -448,10 +446,10 @@ def build_index_from_shards(
         raise InputError("the corpus has no documents to index (every embedding shard is empty)")
     index_dir = Path(index_dir)
     version = version or new_version_name()
-    stage = staging_dir(index_dir, version) / "version"
-    stage.mkdir(parents=True)
     trace = MemoryTrace()
-    try:
+    with staging(index_dir, version) as root:
+        stage = root / "version"
+        stage.mkdir()
         tick = time.perf_counter()
         matrix = np.empty((n, dim), dtype=np.float32)
         store = DocStoreWriter(stage / DOCS_DB)
@@ -465,5 +463,3 @@ def build_index_from_shards(
         return _finish_version(index_dir=index_dir, version=version, stage=stage, matrix=box.pop(), store=store,
                                model_dir=model_dir, config=config, extra=extra, timings=timings, trace=trace,
                                finalize=finalize)
-    finally:
-        drop_staging(index_dir, version)

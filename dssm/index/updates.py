@@ -34,10 +34,9 @@ from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.versions import (
     IndexWriteLock,
     current_version_dir,
-    drop_staging,
     new_version_name,
     publish_version,
-    staging_dir,
+    staging,
 )
 
 __all__ = ["UpdateResult", "update_index", "upsert_documents", "delete_documents"]
@@ -168,9 +167,9 @@ def update_index(
         vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
                                    int(manifest["dim"]))
         version = version or new_version_name()
-        stage = staging_dir(index_dir, version) / "version"
-        stage.mkdir(parents=True)
-        try:
+        with staging(index_dir, version) as root:
+            stage = root / "version"
+            stage.mkdir()
             for child in base.iterdir():
                 if child.name not in _REGENERATED:
                     link_tree(child, stage / child.name)
@@ -184,8 +183,6 @@ def update_index(
                 manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
                 rebalance_fraction=rebalance_fraction, timings=timings), timings=timings)
             published = publish_version(index_dir, stage, version)
-        finally:
-            drop_staging(index_dir, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=changes.final, deleted=len(deletes), inserted=len(changes.new_rows),
                         replaced=changes.replaced, rebalanced=state.reason is not None,

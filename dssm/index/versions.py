@@ -7,6 +7,7 @@ from the live one (reading ``CURRENT`` under the lock).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -15,7 +16,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from dssm.index.files import fsync_dir, fsync_tree
 from dssm.index.layout import CURRENT, STAGING, VERSION_RE, VERSIONS
 
 __all__ = [
-    "new_version_name", "staging_dir", "drop_staging", "IndexWriteLock", "publish_version", "current_version_dir",
-    "list_versions", "prune_versions", "check_added_file_name", "publish_index_files",
+    "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock", "publish_version",
+    "current_version_dir", "list_versions", "prune_versions", "check_added_file_name", "publish_index_files",
 ]
 
 
@@ -45,12 +46,88 @@ def staging_dir(index_dir: str | Path, version: str) -> Path:
     return Path(index_dir) / STAGING / version
 
 
-def drop_staging(index_dir: Path, version: str) -> None:
-    shutil.rmtree(staging_dir(index_dir, version), ignore_errors=True)
-    try:  # only if empty: a concurrent build may be staging beside us
-        (index_dir / STAGING).rmdir()
-    except OSError:
-        pass
+#: In every staging directory: the file its writer holds an exclusive ``flock`` on while it writes.
+_OWNER = ".owner"
+#: A staging directory without an owner file may be one a writer is creating right now.
+_OWNERLESS_GRACE_SECONDS = 60.0
+# staging root (resolved) -> [owner fd, depth]: one owner lock per process and version, re-entrant.
+_owned: dict[str, list[int]] = {}
+_owned_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def staging(index_dir: str | Path, version: str) -> Iterator[Path]:
+    """``INDEX_DIR/.staging/<version>``, owned while the block runs and removed after it.
+
+    The writer holds an exclusive ``flock`` on the directory's ``.owner`` file, and the kernel drops
+    it when the process dies, however it dies. The outermost entry first removes the staging
+    directories that no live writer owns (:func:`clean_stale_staging`): what a killed build left.
+    Re-entrant within a process: the encode job stages its shards and then calls the shards build
+    with the same version.
+    """
+    index_dir = Path(index_dir)
+    root = staging_dir(index_dir, version)
+    key = str(root.resolve())
+    with _owned_guard:
+        entry = _owned.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is None:
+        clean_stale_staging(index_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # version names are unique: never contended
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"staging directory {root} is in use by another writer") from None
+        with _owned_guard:
+            entry = _owned[key] = [fd, 1]
+    try:
+        yield root
+    finally:
+        with _owned_guard:
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last:
+                del _owned[key]
+        if last:
+            shutil.rmtree(root, ignore_errors=True)  # still owned: no cleaner removes it under us
+            os.close(entry[0])
+            with contextlib.suppress(OSError):  # only if empty: other writers may be staging beside us
+                (index_dir / STAGING).rmdir()
+
+
+def clean_stale_staging(index_dir: str | Path) -> list[str]:
+    """Remove the staging directories no live writer owns (a build or update killed mid-write).
+
+    Returns:
+        The names of the removed directories.
+    """
+    root = Path(index_dir) / STAGING
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and _stale(child):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return removed
+
+
+def _stale(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / _OWNER, os.O_RDWR)
+    except FileNotFoundError:
+        # No owner file: left by a writer from before owner files, or one that is creating it now.
+        return time.time() - directory.stat().st_mtime > _OWNERLESS_GRACE_SECONDS
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live writer holds it
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return True
 
 
 _UPDATE_LOCK = ".update.lock"
@@ -215,10 +292,8 @@ def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifes
     source = current_version_dir(index_dir)
     manifest = verify_manifest(source, kind="index")
     version = new_version_name()
-    stage_root = staging_dir(index_dir, version)
-    stage = stage_root / "version"
-    stage_root.mkdir(parents=True)
-    try:
+    with staging(index_dir, version) as stage_root:
+        stage = stage_root / "version"
         shutil.copytree(source, stage, copy_function=os.link, ignore=lambda d, names: [
             n for n in names if Path(d) == source and (n == MANIFEST or n in files)])
         new = dict(manifest)
@@ -232,6 +307,4 @@ def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifes
                    created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         write_json_atomic(stage / MANIFEST, new)
         publish_version(index_dir, stage, version)
-    finally:
-        drop_staging(Path(index_dir), version)
     return version
