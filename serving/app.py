@@ -128,7 +128,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
             limiter_box.append(anyio.CapacityLimiter(worker_threads))
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=limiter_box[0])
 
-    add_error_handlers(app, index_dir=getattr(backend, "index_dir", None))
+    add_error_handlers(app, index_dir=backend.index_dir)
     add_health_routes(app, backend)
     fast = add_read_routes(app, backend, run)
     add_write_routes(app, backend, run)

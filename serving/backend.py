@@ -204,7 +204,6 @@ class Backend:
         self.batch_window = batch_window
         self._model = ModelThread(current=self.current, batch_size=self.metrics.batch_size, max_batch=max_batch,
                                   threads=batchers, batch_window=batch_window)
-        self._batch_queue = self._model.queue  # what the model thread has not taken yet
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle

@@ -238,7 +238,7 @@ def test_http_queries_waiting_together_share_one_model_call(served, rows):
         with ThreadPoolExecutor(8) as pool:
             answers = pool.map(lambda t: httpx.post(served.url + "/v1/search", json={"query": t, "k": 3}, timeout=30),
                                texts)
-            wait_until(lambda: backend._batch_queue.qsize() == 8, timeout=30, what="8 queued queries")  # noqa: SLF001
+            wait_until(lambda: backend._model.queue.qsize() == 8, timeout=30, what="8 queued queries")  # noqa: SLF001
             release.set()
             answers = list(answers)
     finally:

@@ -179,9 +179,10 @@ def update_index(
             state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance,
                                   rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
                                   timings=timings)
-            _write_rest(stage, state, _updated_manifest(
+            _write_scann_and_bm25(stage, state, timings=timings)
+            write_manifest(stage, kind="index", extra=_updated_manifest(
                 manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
-                rebalance_fraction=rebalance_fraction, timings=timings), timings=timings)
+                rebalance_fraction=rebalance_fraction, timings=timings))
             published = publish_version(index_dir, stage, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=changes.final, deleted=len(deletes), inserted=len(changes.new_rows),
@@ -190,9 +191,8 @@ def update_index(
                         rows_changed_since_build=state.history["rows_changed_since_build"], seconds=timings)
 
 
-def _write_rest(stage: Path, state: _ScannState, manifest_extra: dict[str, Any], *,
-                timings: dict[str, float]) -> None:
-    """ScaNN's files, the BM25 state (from the updated store) and the manifest, into ``stage``."""
+def _write_scann_and_bm25(stage: Path, state: _ScannState, *, timings: dict[str, float]) -> None:
+    """ScaNN's files and the BM25 state (from the updated store) into ``stage``."""
     # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import write_bm25_state
 
@@ -201,8 +201,6 @@ def _write_rest(stage: Path, state: _ScannState, manifest_extra: dict[str, Any],
     tick = time.perf_counter()
     write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
-    manifest_extra["updates"]["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    write_manifest(stage, kind="index", extra=manifest_extra)
 
 
 @dataclass
@@ -284,6 +282,7 @@ class _ScannState:
     recall: float
     reason: str | None  # why it was rebalanced, or None
     history: dict[str, Any]
+    config: ScannConfig  # the base build's, read from its manifest
 
 
 def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, vectors: np.ndarray, *,
@@ -332,7 +331,8 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
     if recall < min_recall:
         raise ConfigError(f"ScaNN recall@10 {recall:.4f} after the update is below {min_recall} with {params}"
                           + ("" if rebalance is not False else "; rebalancing was forbidden"))
-    return _ScannState(searcher=searcher, params=params, recall=recall, reason=reason, history=history)
+    return _ScannState(searcher=searcher, params=params, recall=recall, reason=reason, history=history,
+                       config=config)
 
 
 def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float) -> float:
@@ -383,14 +383,12 @@ def _updated_manifest(manifest: dict[str, Any], *, base: Path, version: str, cha
                       state: _ScannState, deletes: int, rebalance_fraction: float,
                       timings: dict[str, float]) -> dict[str, Any]:
     """The new version's manifest keys: the base's, with counts, ScaNN, recall and the update history."""
-    config_dict = dict(manifest.get("scann_config") or {})
-    recall_sample = int(config_dict.get("recall_sample", ScannConfig().recall_sample))
     new_manifest = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
     new_manifest.update(
         version=version,
         counts={"documents": changes.final, "zero_embeddings": int((~changes.matrix.any(axis=1)).sum())},
         scann=state.params,
-        **{"recall@10": state.recall, "recall_sample": min(recall_sample, changes.final)},
+        **{"recall@10": state.recall, "recall_sample": min(state.config.recall_sample, changes.final)},
         updates={**state.history, "base_version": base.name, "deleted": deletes,
                  "inserted": len(changes.new_rows), "replaced": changes.replaced,
                  "rebalanced": state.reason is not None,
