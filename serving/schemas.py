@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from dssm.index.documents import check_document_id
 
@@ -95,9 +95,28 @@ DocId = Annotated[
     AfterValidator(_checked_text),
     AfterValidator(check_document_id),
 ]
-# StrictInt: true, "5" and 5.0 are 422s, not silently k=1 or k=5.
-K = Annotated[StrictInt, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}")]
-BatchK = Annotated[StrictInt, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}")]
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer (OpenAPI 3.1): a number with no fractional part, so 5.0 is 5.
+
+    ``true`` and ``"5"`` are refused rather than read as 1 and 5. An integral float must be accepted:
+    the published schema says ``integer`` and 74.0 satisfies it, so refusing it would reject
+    schema-valid requests (schemathesis ST202).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a JSON integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"must be a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
+# The bounds go on the int before the validator wraps it, so the schema shows minimum/maximum.
+K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}"), BeforeValidator(_json_integer)]
+BatchK = Annotated[int, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}"),
+                   BeforeValidator(_json_integer)]
 Mode = Literal["dense", "bm25", "hybrid"]
 
 
