@@ -20,9 +20,12 @@ from typing import Any
 
 from dssm.errors import ChecksumError, IndexNotFoundError
 
-__all__ = ["MANIFEST", "sha256_file", "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic"]
+__all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
+           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic"]
 
 MANIFEST = "manifest.json"
+# The manifest kind of a re-ranker directory (dssm.rerank_export writes it; dssm.index attaches it).
+RERANKER_KIND = "reranker"
 
 
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
@@ -86,12 +89,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ChecksumError(f"{path} is not valid JSON (truncated?): {exc}") from exc
 
 
-def verify_manifest(directory: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check every file listed in the manifest against its size and sha256.
 
     Args:
         directory: the artifact directory.
         kind: if given, the manifest's ``kind`` must equal it.
+        skip: top-level entries not checked (an index loaded without its ``reranker/``).
 
     Returns:
         The manifest.
@@ -104,6 +108,8 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None) -> dict[s
     if kind is not None and manifest.get("kind") != kind:
         raise ChecksumError(f"{directory} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
     for rel, meta in manifest["files"].items():
+        if rel.split("/", 1)[0] in skip:
+            continue
         path = directory / rel
         if not path.is_file():
             raise ChecksumError(f"{path} is listed in {MANIFEST} but missing")

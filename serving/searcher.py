@@ -1,8 +1,9 @@
-"""Search an index by text: query tower → ScaNN → SQLite doc store. ``main(argv)`` is ``dssm search``.
+"""Search an index by text: query tower → ScaNN → SQLite doc store (→ the re-ranker, with ``rerank=N``).
 
-The :class:`Searcher` is transport-free (the HTTP app wraps it). One query costs one query-tower
-embedding (an ASCII query: :class:`dssm.export.QueryTower` in numpy, no TensorFlow call; otherwise
-the exported ``embed_query`` signature), one ScaNN search and one SQLite ``SELECT ... WHERE row IN``.
+The :class:`Searcher` is transport-free (the HTTP app wraps it; ``dssm search`` is :mod:`serving.search_cli`).
+One query costs one query-tower embedding (an ASCII query: :class:`dssm.export.QueryTower` in numpy,
+no TensorFlow call; otherwise the exported ``embed_query`` signature), one ScaNN search and one SQLite
+``SELECT ... WHERE row IN``.
 
 Example::
 
@@ -13,12 +14,8 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
-import json
-import shutil
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,13 +24,15 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm.data import document_text
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_config
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
+from serving.reranking import check_rerank, rerank_results
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
-           "text_similarity", "model_fingerprint", "merge_top_k", "format_hits", "hits_json", "main"]
+           "text_similarity", "model_fingerprint", "merge_top_k"]
 
 
 class DocumentNotFoundError(IndexNotFoundError, KeyError):
@@ -134,13 +133,14 @@ class Searcher:
     connection per thread).
     """
 
-    def __init__(self, *, index: Index, encoder: QueryEncoder | None):
+    def __init__(self, *, index: Index, encoder: QueryEncoder | None, reranker: Any = None):
         self.index = index
         self.encoder = encoder
+        self.reranker = reranker
 
     @classmethod
     def load(cls, index_dir: str | Path, *, encoder: QueryEncoder | None = None, verify: bool = True,
-             fast_queries: bool = True) -> Searcher:
+             fast_queries: bool = True, reranker: bool = True) -> Searcher:
         """Load the version ``CURRENT`` names, verify its checksums, and load its query model.
 
         Args:
@@ -150,18 +150,26 @@ class Searcher:
             verify: check every file's sha256 first (leave on).
             fast_queries: the loaded model embeds a few ASCII queries at a time in numpy
                 (:class:`dssm.export.QueryTower`) rather than with its SavedModel signature.
+            reranker: load the version's re-ranker when it has one (a corrupt one is refused by name);
+                ``False`` serves without it (its files unchecked; searches with ``rerank`` are refused).
 
         Raises:
             IndexNotFoundError: no index there, or the index has no model and no ``encoder`` is given.
             ChecksumError: a file is corrupted or truncated (named in the message).
         """
-        index = load_index(index_dir, verify=verify)
+        index = load_index(index_dir, verify=verify, reranker=reranker)
         if encoder is None and index.model_dir is not None:
             # deferred: TensorFlow, imported only when this runs
             from dssm.export import load_encoder
 
             encoder = load_encoder(index.model_dir, fast_queries=fast_queries)
-        return cls(index=index, encoder=encoder)
+        loaded = None
+        if reranker and index.reranker_dir is not None:
+            # deferred: TensorFlow, imported only when this runs
+            from dssm.rerank_export import load_reranker
+
+            loaded = load_reranker(index.reranker_dir)
+        return cls(index=index, encoder=encoder, reranker=loaded)
 
     @property
     def version(self) -> str:
@@ -215,7 +223,7 @@ class Searcher:
             pos += len(row_scores)
         return hits
 
-    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
+    def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> list[Hit]:
         """Top-k documents for one query text, best first.
 
         Args:
@@ -224,28 +232,42 @@ class Searcher:
             mode: ``dense`` (DSSM + ScaNN), ``bm25``, or ``hybrid`` (DSSM and BM25 scores fused, see
                 :mod:`dssm.hybrid`); the last two need the version's BM25 state. ``None``: the
                 version's :attr:`default_mode`.
+            rerank: ``N > 0`` re-orders the first stage's top ``max(N, k)`` with the version's
+                re-ranker (:mod:`serving.reranking`); 0 returns the first stage as is.
 
         Raises:
-            InputError: ``text`` is empty or not a string, ``k < 1``, or an unknown mode.
-            IndexNotFoundError: ``bm25``/``hybrid`` on a version without BM25 state.
+            InputError: ``text`` is empty or not a string, ``k < 1``, an unknown mode, or a bad ``rerank``.
+            IndexNotFoundError: ``bm25``/``hybrid`` on a version without BM25 state; ``rerank`` on a
+                version without a re-ranker.
         """
         mode = mode or self.default_mode
-        if mode != "dense":
-            return self.search_batch([text], k, mode=mode)[0]
+        if mode != "dense" or rerank:
+            return self.search_batch([text], k, mode=mode, rerank=rerank)[0]
         return _searchable_only([text], lambda kept: self.search_vectors(self._embed(kept), k))[0]
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> list[list[Hit]]:
-        """Top-k documents for each query text (one model call and one ScaNN batch for all)."""
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None,
+                     rerank: int = 0) -> list[list[Hit]]:
+        """Top-k documents for each query text (one model call and one ScaNN batch for all; see :meth:`search`)."""
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
         mode = mode or self.default_mode
         if mode not in SEARCH_MODES:
             raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
+        check_rerank(rerank, reranker=self.reranker, version=self.version)
         if not texts:
             return []
+        depth = max(k, rerank) if rerank else k
         if mode == "dense":
-            return _searchable_only(list(texts), lambda kept: self.search_vectors(self._embed(kept), k))
-        return _searchable_only(list(texts), lambda kept: self._search_fused(kept, k, mode))
+            results = _searchable_only(list(texts), lambda kept: self.search_vectors(self._embed(kept), depth))
+        else:
+            results = _searchable_only(list(texts), lambda kept: self._search_fused(kept, depth, mode))
+        if not rerank:
+            return results
+        return rerank_results(self.reranker, texts, results, k=k, mode=mode, full_texts=self.document_texts, hit=Hit)
+
+    def document_texts(self, doc_ids: Sequence[str]) -> list[str]:
+        """The full texts (title and body, as the towers read them) of these documents, in order."""
+        return [document_text(doc.title, doc.text) for doc in self.index.docs.by_ids(list(doc_ids))]
 
     # -- incremental updates (each publishes a new version; this searcher keeps serving its own)
 
@@ -399,11 +421,15 @@ class ShardedSearcher:
         dirs = [Path(d) for d in index_dirs]
         if len({d.resolve() for d in dirs}) != len(dirs):
             raise InputError(f"the same index directory is given twice: {[str(d) for d in dirs]}")
-        shards = [Searcher.load(d, encoder=encoder or _NoEncoder(), verify=verify) for d in dirs]
+        # One re-ranker serves all shards (re-ranking happens after the merge): only the first loads its copy.
+        shards = [Searcher.load(d, encoder=encoder or _NoEncoder(), verify=verify, reranker=i == 0)
+                  for i, d in enumerate(dirs)]
         fingerprints = {model_fingerprint(shard.index.model_dir) for shard in shards}
         if len(fingerprints) != 1:
             raise InputError(f"shards {[str(d) for d in dirs]} hold different models; one query embedding "
                              "cannot search them all")
+        if len({model_fingerprint(shard.index.reranker_dir) for shard in shards}) != 1:
+            shards[0].reranker = None  # shards with different (or no) re-rankers: rerank is refused
         if encoder is None and shards[0].index.model_dir is not None:
             # deferred: TensorFlow, imported only when this runs
             from dssm.export import load_encoder
@@ -444,12 +470,19 @@ class ShardedSearcher:
     #: no mode are dense.
     default_mode = "dense"
 
-    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
-        """Top-k documents of all shards for one query (see :meth:`Searcher.search`)."""
-        return self.search_batch([text], k, mode=mode)[0]
+    @property
+    def reranker(self) -> Any:
+        """The shards' common re-ranker (loaded once, applied after the merge), or ``None``."""
+        return self.shards[0].reranker
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> list[list[Hit]]:
-        """Top-k documents of all shards for each query (one model call for all shards)."""
+    def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> list[Hit]:
+        """Top-k documents of all shards for one query (see :meth:`Searcher.search`)."""
+        return self.search_batch([text], k, mode=mode, rerank=rerank)[0]
+
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None,
+                     rerank: int = 0) -> list[list[Hit]]:
+        """Top-k documents of all shards for each query (one model call for all shards); ``rerank`` re-orders
+        the merged top ``max(rerank, k)`` once."""
         if isinstance(texts, str):
             raise InputError("search_batch takes a list of query texts, got one string")
         mode = mode or self.default_mode
@@ -458,12 +491,29 @@ class ShardedSearcher:
                              "and cannot be merged; use 'dense' or 'bm25'")
         if mode not in ("dense", "bm25"):
             raise InputError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
+        check_rerank(rerank, reranker=self.reranker, version=self.version)
         if not texts:
             return []
+        depth = max(k, rerank) if rerank else k
         if mode == "dense":
-            return _searchable_only(list(texts), lambda kept: self.search_vectors(self.shards[0]._embed(kept), k))
-        per_shard = self._fan_out(lambda shard: shard.search_batch(list(texts), k, mode="bm25"))
-        return [merge_top_k([hits[i] for hits in per_shard], k) for i in range(len(texts))]
+            results = _searchable_only(
+                list(texts), lambda kept: self.search_vectors(self.shards[0]._embed(kept), depth))
+        else:
+            per_shard = self._fan_out(lambda shard: shard.search_batch(list(texts), depth, mode="bm25"))
+            results = [merge_top_k([hits[i] for hits in per_shard], depth) for i in range(len(texts))]
+        if not rerank:
+            return results
+        return rerank_results(self.reranker, texts, results, k=k, mode=mode, full_texts=self.document_texts, hit=Hit)
+
+    def document_texts(self, doc_ids: Sequence[str]) -> list[str]:
+        """Full texts of these documents, each read from the shard that holds it."""
+        texts: dict[str, str] = {}
+        by_shard: dict[int, list[str]] = {}
+        for doc_id in doc_ids:
+            by_shard.setdefault(self.shard_index(doc_id), []).append(doc_id)
+        for shard, ids in by_shard.items():
+            texts.update(zip(ids, self.shards[shard].document_texts(ids), strict=True))
+        return [texts[doc_id] for doc_id in doc_ids]
 
     def similarity(self, text1: str, text2: str) -> Similarity:
         """See :meth:`Searcher.similarity` (the threshold is the shards' common one)."""
@@ -532,54 +582,3 @@ class _NoEncoder:
 
 def _live_version(index_dir: Path) -> str:
     return current_version_dir(index_dir).name
-
-
-def _one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
-
-
-def format_hits(query: str, hits: Sequence[Hit], *, width: int | None = None) -> str:
-    """A readable table: rank, score, id, text (cut to the terminal width)."""
-    width = width or shutil.get_terminal_size((120, 24)).columns
-    id_width = min(24, max([2] + [len(h.id) for h in hits]))
-    lines = [f"query: {query}", f"{'#':>3}  {'score':>7}  {'id':<{id_width}}  text"]
-    text_width = max(20, width - (3 + 2 + 7 + 2 + id_width + 2))
-    for rank, hit in enumerate(hits, 1):
-        lines.append(f"{rank:>3}  {hit.score:>7.4f}  {_one_line(hit.id, id_width):<{id_width}}  "
-                     f"{_one_line(hit.text, text_width)}")
-    if not hits:
-        lines.append("(no results)")
-    return "\n".join(lines)
-
-
-def hits_json(query: str, hits: Sequence[Hit]) -> dict[str, Any]:
-    """The ``--json`` shape: ``{"query": str, "hits": [{"id", "score", "text"}]}``."""
-    return {"query": query, "hits": [{"id": h.id, "score": h.score, "text": h.text} for h in hits]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``dssm search --index INDEX_DIR [-k 10] [--json] "query text"``."""
-    parser = argparse.ArgumentParser(prog="dssm search", description="Search an index built by `dssm index`.")
-    parser.add_argument("--index", required=True, type=Path, help="index directory (follows its CURRENT)")
-    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    parser.add_argument("--json", action="store_true",
-                        help='print {"query": ..., "hits": [{"id", "score", "text"}]} instead of a table')
-    parser.add_argument("--mode", choices=SEARCH_MODES, default=None,
-                        help="dense: DSSM + ScaNN; bm25: the index's BM25 state; hybrid: both, scores fused "
-                             "(weight from the version's hybrid.json, default 0.5) (default: the index's default "
-                             "mode: hybrid with the weight `dssm index` chose label-free, dense for an index "
-                             "without one)")
-    parser.add_argument("query", nargs="+", help="query text (several words are joined by spaces)")
-    args = parser.parse_args(argv)
-    if args.k < 1:
-        raise InputError(f"-k must be >= 1, got {args.k}")
-    query = " ".join(args.query)
-    searcher = Searcher.load(args.index)
-    hits = searcher.search(query, k=args.k, mode=args.mode)
-    if args.json:
-        json.dump(hits_json(query, hits), sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:
-        print(format_hits(query, hits))
-    return 0

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-__all__ = ["API_KEY", "shared_encoder", "adi_rows", "build_version", "shared_encoder_loader",
+__all__ = ["API_KEY", "shared_encoder", "adi_rows", "build_version", "shared_encoder_loader", "untrained_reranker",
            "ServerThread", "wait_until", "metric_value"]
 
 API_KEY = "test-key-0123"
@@ -63,6 +63,30 @@ def build_version(index_dir: Path, model_dir: Path, rows: Sequence[dict[str, str
                             texts=[r["text"] for r in rows], titles=[r["title"] for r in rows],
                             model_dir=model_dir, extra=extra)
     return result.version
+
+
+def untrained_reranker(model_dir: Path, output: Path, *, fusion: dict[str, float] | None = None) -> Path:
+    """A re-ranker shaped like ``model_dir``'s model (started from its table, not trained), exported to ``output``.
+
+    ``fusion`` defaults to 0 for every mode: the re-ranker alone orders the candidates, so a test sees
+    its effect. Seconds to make, for plumbing tests; tests/test_rerank.py trains a real one.
+    """
+    import tensorflow as tf
+
+    from dssm.export import SAVED_MODEL, read_model_configs
+    from dssm.rerank import Reranker, RerankConfig
+    from dssm.rerank_export import export_reranker
+
+    features, tower, _ = read_model_configs(model_dir)
+    tf.keras.utils.set_random_seed(0)
+    model = Reranker(RerankConfig(dim=8), feature_config=features, embedding_dim=tower.embedding_dim)
+    model((tf.constant(["a"]), tf.constant(["b"])))
+    loaded = tf.saved_model.load(str(model_dir / SAVED_MODEL))
+    model.init_from_tower(loaded.query_tower.bag.table, loaded.query_tower.bag_bias.numpy())
+    # a head that counts exact matches, so the order differs from the first stage's in a predictable way
+    model.head.kernel.assign(np.eye(model.head.kernel.shape[0], 1, dtype=np.float32))
+    return export_reranker(model, output, fusion=fusion or {"dense": 0.0, "bm25": 0.0, "hybrid": 0.0},
+                           train={}, history={})
 
 
 class ServerThread:

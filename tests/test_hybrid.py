@@ -234,7 +234,7 @@ def test_corrupted_bm25_state_is_refused_by_the_manifest(adi_index, tmp_path):
 
 
 def test_search_cli_mode_flag(adi_index, capsys):
-    from serving.searcher import main
+    from serving.search_cli import main
 
     assert main(["--index", str(adi_index), "-k", "3", "--mode", "hybrid", "--json", "computer", "programs"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -10,7 +10,8 @@ import pytest
 from dssm import index as ix
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.index.documents import as_documents
-from serving.searcher import DocumentNotFoundError, Hit, Searcher, format_hits, hits_json
+from serving.search_cli import format_hits, hits_json
+from serving.searcher import DocumentNotFoundError, Hit, Searcher
 
 
 class LookupEncoder:
@@ -157,7 +158,7 @@ def test_real_model_finds_a_document_by_its_own_text(adi_index):
 
 
 def test_cli_json_and_table(adi_index, capsys):
-    from serving.searcher import main
+    from serving.search_cli import main
 
     index_dir, docs = adi_index
     assert main(["--index", str(index_dir), "-k", "4", "--json", "computer", "indexing"]) == 0

@@ -11,7 +11,8 @@ offline tools; it imports only the model core (``dssm.artifacts``, ``dssm.config
 - :mod:`~dssm.index.ann`: :class:`ScannConfig`, ScaNN builds, exact top-k; :mod:`~dssm.index.recall`: the gate.
 - :mod:`~dssm.index.docstore`: ``docs.sqlite``; :mod:`~dssm.index.documents`: accepted document forms.
 - :mod:`~dssm.index.build`: full builds; :mod:`~dssm.index.memory`: their memory accounting.
-- :mod:`~dssm.index.load`: :func:`load_index`; :mod:`~dssm.index.updates`: upserts and deletes;
+- :mod:`~dssm.index.load`: :func:`load_index`; :mod:`~dssm.index.reranker`: ``dssm attach-reranker``;
+  :mod:`~dssm.index.updates`: upserts and deletes;
   :mod:`~dssm.index.shards`: shard routing; :mod:`~dssm.index.commands`: ``dssm upsert`` / ``dssm delete``.
 """
 
@@ -39,6 +40,7 @@ from dssm.index.documents import as_documents, document_fields
 from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
 from dssm.index.load import Index, load_index
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
 from dssm.index.updates import UpdateResult, delete_documents, update_index, upsert_documents
 from dssm.index.versions import (  # noqa: I001
@@ -63,6 +65,7 @@ __all__ = [
     "as_documents", "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock",
     "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",
     "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",
-    "count_shard_rows", "build_index_from_shards", "Index", "load_index", "UpdateResult", "update_index",
+    "count_shard_rows", "build_index_from_shards", "Index", "load_index", "attach_reranker", "UpdateResult",
+    "update_index",
     "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec",
 ]

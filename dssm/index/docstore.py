@@ -137,6 +137,25 @@ class DocStore:
             raise IndexNotFoundError(f"rows {missing[:5]} are not in the document store {self.path}")
         return [found[r] for r in wanted]
 
+    def by_ids(self, doc_ids: Sequence[str]) -> list[Doc]:
+        """Documents with these ids, in that order (one query per 900 ids).
+
+        Raises:
+            IndexNotFoundError: an id is not in the store.
+        """
+        found: dict[str, Doc] = {}
+        unique = sorted(set(doc_ids))
+        for start in range(0, len(unique), 900):
+            part = unique[start:start + 900]
+            marks = ",".join("?" * len(part))
+            for doc_id, title, text in self._conn().execute(
+                    f"SELECT id, title, text FROM docs WHERE id IN ({marks})", part):
+                found[doc_id] = Doc(doc_id, title, text)
+        missing = [i for i in unique if i not in found]
+        if missing:
+            raise IndexNotFoundError(f"documents {missing[:5]} are not in the document store {self.path}")
+        return [found[i] for i in doc_ids]
+
     def row_of(self, doc_id: str) -> int | None:
         """The row of document ``doc_id``, or ``None``."""
         result = self._conn().execute("SELECT row FROM docs WHERE id = ?", (doc_id,)).fetchone()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "BATCH_ROWS"]
+__all__ = ["CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "RERANKER_DIR",
+           "BATCH_ROWS"]
 
 
 CURRENT = "CURRENT"
@@ -26,6 +27,10 @@ SCANN_DIR = "scann"
 
 
 MODEL_DIR = "model"
+
+
+# A version's re-ranker (dssm attach-reranker / dssm index --reranker); updates hard-link it forward.
+RERANKER_DIR = "reranker"
 
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -10,7 +10,7 @@ import numpy as np
 from dssm.artifacts import read_manifest, verify_manifest
 from dssm.errors import ChecksumError, InputError
 from dssm.index.docstore import DocStore
-from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.versions import current_version_dir
 
 __all__ = ["Index", "load_index"]
@@ -37,6 +37,12 @@ class Index:
     def model_dir(self) -> Path | None:
         """The copied model directory, or ``None`` for a vector-only index."""
         path = self.version_dir / MODEL_DIR
+        return path if path.is_dir() else None
+
+    @property
+    def reranker_dir(self) -> Path | None:
+        """The attached re-ranker directory, or ``None``."""
+        path = self.version_dir / RERANKER_DIR
         return path if path.is_dir() else None
 
     def embeddings(self, *, mmap: bool = True) -> np.ndarray:
@@ -72,12 +78,14 @@ class Index:
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 
-def load_index(index_dir: str | Path, *, verify: bool = True) -> Index:
+def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True) -> Index:
     """Load the version ``CURRENT`` points to, after checking every file's sha256.
 
     Args:
         index_dir: the index directory.
         verify: check checksums (leave on; off only for benchmarks that just built the index).
+        reranker: also verify the attached ``reranker/``; ``False`` leaves it unchecked, for a caller
+            that will not use it (a corrupt re-ranker then does not stop the index from serving).
 
     Raises:
         IndexNotFoundError: no index / no ``CURRENT`` / missing version.
@@ -87,7 +95,8 @@ def load_index(index_dir: str | Path, *, verify: bool = True) -> Index:
     from scann.scann_ops.py import scann_ops_pybind
 
     version_dir = current_version_dir(index_dir)
-    manifest = verify_manifest(version_dir, kind="index") if verify else read_manifest(version_dir)
+    skip = () if reranker else (RERANKER_DIR,)
+    manifest = verify_manifest(version_dir, kind="index", skip=skip) if verify else read_manifest(version_dir)
     for name in (SCANN_DIR, DOCS_DB, EMBEDDINGS):
         if not (version_dir / name).exists():
             raise ChecksumError(f"index version {version_dir} lacks {name}")

@@ -263,7 +263,7 @@ def check_added_file_name(name: str) -> None:
 
 
 def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
-                        manifest_updates: Mapping[str, Any]) -> str:
+                        manifest_updates: Mapping[str, Any], directories: Mapping[str, Path] | None = None) -> str:
     """Publish a new index version = the live one + small JSON files + manifest keys.
 
     The live version is verified, copied with hard links (published versions are never modified in
@@ -275,29 +275,39 @@ def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
         index_dir: the index directory.
         files: ``{file name: JSON-serialisable data}``, plain names at the version's top level.
         manifest_updates: keys set in the new manifest (e.g. ``{"duplicate_threshold": 0.8}``).
+        directories: ``{directory name: source directory}`` copied in (replacing one of that name), every
+            file checksummed into the manifest (``dssm attach-reranker``'s ``reranker/``).
 
     Returns:
         The new version's name.
     """
-    for name in files:
+    directories = dict(directories or {})
+    for name in [*files, *directories]:
         check_added_file_name(name)
     # The live version is read under the writers' lock and the new one published before it is
     # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
     # writes would be lost (issue 12).
     with IndexWriteLock(index_dir):
-        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates)
+        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates, directories=directories)
 
 
-def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any]) -> str:
+def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any],
+                     directories: Mapping[str, Path]) -> str:
     source = current_version_dir(index_dir)
     manifest = verify_manifest(source, kind="index")
     version = new_version_name()
     with staging(index_dir, version) as stage_root:
         stage = stage_root / "version"
         shutil.copytree(source, stage, copy_function=os.link, ignore=lambda d, names: [
-            n for n in names if Path(d) == source and (n == MANIFEST or n in files)])
+            n for n in names if Path(d) == source and (n == MANIFEST or n in files or n in directories)])
         new = dict(manifest)
-        new["files"] = {rel: meta for rel, meta in manifest["files"].items() if rel not in files}
+        new["files"] = {rel: meta for rel, meta in manifest["files"].items()
+                        if rel not in files and rel.split("/", 1)[0] not in directories}
+        for name, directory in directories.items():
+            shutil.copytree(directory, stage / name)
+            for path in sorted(p for p in (stage / name).rglob("*") if p.is_file()):
+                new["files"][path.relative_to(stage).as_posix()] = {"sha256": sha256_file(path),
+                                                                      "bytes": path.stat().st_size}
         for name, data in files.items():
             path = stage / name
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

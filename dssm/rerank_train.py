@@ -1,0 +1,334 @@
+"""``dssm train-reranker``: train the interaction re-ranker on the first stage's own candidates.
+
+Steps (each shows progress):
+
+1. **Pairs.** The positive (query, document) pairs of a ``dssm pairs`` directory (label > 0): the
+   ``train`` split trains, the ``validation`` split chooses the fusion weights. Labelled pairs and
+   label-free ones (``dssm pairs --format corpus``: sentence → rest of its document) both work.
+2. **Candidates.** Every training query is searched in the index (``--mode``, the default search's
+   ``hybrid``), so the negatives are the documents the re-ranker will really see at search time.
+   A candidate is an *accidental positive*, never a negative, when it is the pair's document (same
+   id, or same text) or contains the query verbatim (a corpus pair's query was cut from it).
+   ``--negatives`` of the rest are drawn per query (seeded), once.
+3. **Model.** :class:`dssm.rerank.Reranker` starts from the index model's first layer (its
+   embedding table and bias) and takes BM25's idf of every word from the index's documents.
+4. **Training.** ``--epochs`` passes, ``--batch-queries`` queries per step, each with its positive and
+   negatives, listwise softmax loss (:func:`dssm.rerank.listwise_loss`), Adam.
+5. **Fusion weights.** On up to ``--fusion-queries`` validation queries, for each first-stage mode the
+   index supports: the top ``--fusion-depth`` candidates, re-ranked with every first-stage share
+   0, 0.1, ..., 1 (:func:`dssm.rerank_export.fuse_reranked`); the share with the best MRR@10 of the
+   pair's document is stored (ties go to the larger share: the first stage's order wins unless the
+   re-ranker is better). Queries whose document is not among the candidates carry no signal and are
+   skipped. Evaluated queries are never used.
+6. **Export** to ``--output`` (``dssm.rerank_export``), then ``dssm attach-reranker`` (or ``dssm index
+   --reranker``) puts it into an index version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
+from dssm.errors import ConfigError, InputError
+from serving.searcher import Searcher
+
+__all__ = ["RerankTrainConfig", "TrainingExample", "mine_examples", "is_accidental_positive", "choose_fusion",
+           "train_reranker", "main"]
+
+FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class RerankTrainConfig:
+    """How ``dssm train-reranker`` trains. Saved in the re-ranker's ``config.json["train"]``."""
+
+    mode: str = field("hybrid", "first stage the negatives are mined from: dense, bm25 or hybrid")
+    candidates: int = field(30, "first-stage candidates per training query the negatives are drawn from")
+    negatives: int = field(7, "negatives per training query (a softmax over 1 + this many documents)")
+    epochs: int = field(2, "passes over the training queries (fixed: nothing is selected on evaluated queries)")
+    batch_queries: int = field(32, "training queries per step")
+    learning_rate: float = field(3e-3, "Adam learning rate")
+    max_queries: int = field(0, "use at most this many training queries (0 = all)")
+    fusion_queries: int = field(500, "validation queries the fusion weights are chosen on")
+    fusion_depth: int = field(50, "candidates re-ranked per validation query when choosing the fusion weights")
+    seed: int = field(0, "seed of the negative draw, the query order and the model's initialisation")
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "bm25", "hybrid"):
+            raise ConfigError(f"mode must be dense, bm25 or hybrid, got {self.mode!r}")
+        for name in ("candidates", "negatives", "epochs", "batch_queries", "fusion_queries", "fusion_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_queries < 0:
+            raise ConfigError(f"max_queries must be >= 0, got {self.max_queries}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One training query: its positive document text first, then its negatives' texts."""
+
+    query: str
+    documents: tuple[str, ...]
+
+
+def is_accidental_positive(*, query: str, positive_id: str, positive_text: str, candidate_id: str,
+                           candidate_text: str) -> bool:
+    """True when a first-stage candidate must not be used as the query's negative (see the module doc)."""
+    return (candidate_id == positive_id and positive_id != "") or candidate_text == positive_text \
+        or (len(query) >= 20 and query in candidate_text)
+
+
+def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[str]], list[list[Any]]], *,
+                  negatives: int, seed: int, batch: int = 256) -> list[TrainingExample]:
+    """Training examples from ``(query, document_id, document_text)`` pairs and a first stage.
+
+    Args:
+        pairs: the positive pairs.
+        search: ``queries -> per query [(id, score, text), ...]`` best first (``Searcher.search_batch``).
+        negatives: how many negatives to draw per query (fewer when fewer candidates qualify).
+        seed: the draw's seed.
+        batch: queries per ``search`` call.
+
+    Returns:
+        One example per pair that has at least one negative.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for start in tqdm(range(0, len(pairs), batch), desc="mining candidates", unit="batch", leave=False):
+        part = pairs[start:start + batch]
+        for (query, doc_id, doc_text), hits in zip(part, search([q for q, _, _ in part]), strict=True):
+            pool = [hit[2] for hit in hits if not is_accidental_positive(
+                query=query, positive_id=doc_id, positive_text=doc_text, candidate_id=hit[0], candidate_text=hit[2])]
+            if not pool:
+                continue
+            picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False)
+            examples.append(TrainingExample(query, (doc_text, *(pool[i] for i in sorted(picked)))))
+    return examples
+
+
+def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid: Sequence[float] = FUSION_GRID
+                  ) -> tuple[float, dict[str, float]]:
+    """The first-stage share with the best MRR@10 of the known positive.
+
+    Args:
+        ranked: per query ``(first-stage scores [n], re-ranker scores [n], position of the positive)``.
+        grid: the shares tried.
+
+    Returns:
+        ``(best share, {share: MRR@10})``; ties go to the larger share (the first stage's order).
+    """
+    # deferred: TensorFlow (through dssm.rerank_export), imported only when this runs
+    from dssm.rerank_export import fuse_reranked
+
+    curve = {}
+    for weight in grid:
+        total = 0.0
+        for first, scores, positive in ranked:
+            order, _ = fuse_reranked(first, scores, weight=weight)
+            rank = int(np.flatnonzero(order == positive)[0]) + 1
+            total += 1.0 / rank if rank <= 10 else 0.0
+        curve[f"{weight:.1f}"] = total / max(len(ranked), 1)
+    best = max(grid, key=lambda w: (round(curve[f"{w:.1f}"], 12), w))
+    return float(best), curve
+
+
+def _read_pairs(files: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(query_text, document_id, document_text)`` of every positive pair (label > 0) in ``files``."""
+    # deferred: TensorFlow, imported only when this runs
+    import tensorflow as tf
+
+    from dssm.inputs import VALIDATION_SPEC
+
+    if not files:
+        return []
+    spec = {key: VALIDATION_SPEC[key] for key in ("query_text", "document_id", "document_text", "label")}
+    out = []
+    for batch in tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024).map(
+            lambda records: tf.io.parse_example(records, spec)):
+        for query, doc_id, doc, label in zip(batch["query_text"].numpy(), batch["document_id"].numpy(),
+                                             batch["document_text"].numpy(), batch["label"].numpy(), strict=True):
+            if label > 0 and query and doc:
+                out.append((query.decode("utf-8", "replace"), doc_id.decode("utf-8", "replace"),
+                            doc.decode("utf-8", "replace")))
+    return out
+
+
+def _build_model(searcher: Searcher, config: Any) -> Any:
+    """A re-ranker shaped like the index's model, starting from its first layer, with the index's idf."""
+    # deferred: TensorFlow, imported only when this runs
+    import tensorflow as tf
+
+    from dssm.data import document_text
+    from dssm.export import SAVED_MODEL, read_model_configs
+    from dssm.rerank import Reranker
+
+    model_dir = searcher.index.model_dir
+    if model_dir is None:
+        raise InputError(f"index {searcher.index_dir} has no model/: the re-ranker starts from the index model's "
+                         "embedding table")
+    features, tower, _ = read_model_configs(model_dir)
+    model = Reranker(config, feature_config=features, embedding_dim=tower.embedding_dim)
+    model((tf.constant(["a"]), tf.constant(["b"])))  # build
+    loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
+    model.init_from_tower(loaded.query_tower.bag.table, loaded.query_tower.bag_bias.numpy())
+    counts = tf.function(model.document_frequencies, reduce_retracing=True)
+    frequencies = np.zeros(features.num_buckets, np.int64)
+    texts: list[str] = []
+    for _, doc in tqdm(searcher.index.docs.iter_all(), total=len(searcher.index.docs), desc="document frequencies",
+                       unit="doc", leave=False):
+        texts.append(document_text(doc.title, doc.text))
+        if len(texts) == 1024:
+            frequencies += counts(tf.constant(texts)).numpy()
+            texts = []
+    if texts:
+        frequencies += counts(tf.constant(texts)).numpy()
+    model.set_document_frequencies(frequencies, len(searcher.index.docs))
+    return model
+
+
+def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainConfig) -> dict[str, list[float]]:
+    """Listwise training; returns the per-epoch mean loss and seconds."""
+    # deferred: TensorFlow, imported only when this runs
+    import tensorflow as tf
+
+    from dssm.rerank import listwise_loss
+
+    width = 1 + config.negatives
+    documents = np.asarray([list(e.documents) + [""] * (width - len(e.documents)) for e in examples], dtype=object)
+    valid = np.asarray([[i < len(e.documents) for i in range(width)] for e in examples])
+    queries = np.asarray([e.query for e in examples], dtype=object)
+    optimizer = tf.keras.optimizers.Adam(config.learning_rate)
+
+    @tf.function(reduce_retracing=True)
+    def step(q: tf.Tensor, d: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            scores = tf.reshape(model((tf.repeat(q, width), tf.reshape(d, [-1])), training=True), [-1, width])
+            loss = listwise_loss(scores, v)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    rng = np.random.default_rng(config.seed)
+    history: dict[str, list[float]] = {"loss": [], "epoch_seconds": []}
+    steps = -(-len(examples) // config.batch_queries)
+    for epoch in range(config.epochs):
+        print(f"epoch {epoch + 1}/{config.epochs}")
+        bar = tf.keras.utils.Progbar(steps, stateful_metrics=["loss"])
+        order, losses, began = rng.permutation(len(examples)), [], time.perf_counter()
+        for i, start in enumerate(range(0, len(order), config.batch_queries)):
+            rows = order[start:start + config.batch_queries]
+            loss = float(step(tf.constant(queries[rows].tolist()), tf.constant(documents[rows].tolist()),
+                              tf.constant(valid[rows])))
+            losses.append(loss)
+            bar.update(i + 1, values=[("loss", float(np.mean(losses[-50:])))])
+        history["loss"].append(float(np.mean(losses)))
+        history["epoch_seconds"].append(time.perf_counter() - began)
+    return history
+
+
+def _fusion_weights(model: Any, searcher: Searcher, pairs: Sequence[tuple[str, str, str]],
+                    config: RerankTrainConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per first-stage mode the index supports: the chosen share and its MRR@10 curve on validation queries."""
+    # deferred: TensorFlow, imported only when this runs
+    import tensorflow as tf
+
+    score = tf.function(lambda q, d: model((q, d), training=False), reduce_retracing=True)
+    modes = ["dense", "bm25", "hybrid"] if searcher.supports_hybrid else ["dense"]
+    rng = np.random.default_rng(config.seed)
+    chosen = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:config.fusion_queries])]
+    weights, curves = {}, {}
+    for mode in modes:
+        ranked = []
+        results = searcher.search_batch([q for q, _, _ in chosen], config.fusion_depth, mode=mode)
+        for (query, doc_id, doc_text), hits in tqdm(list(zip(chosen, results, strict=True)),
+                                                    desc=f"fusion weight ({mode})", unit="query", leave=False):
+            positive = [i for i, hit in enumerate(hits) if hit.id == doc_id or hit.text == doc_text]
+            if not positive or len(hits) < 2:
+                continue
+            rerank = score(tf.constant([query] * len(hits)), tf.constant([hit.text for hit in hits])).numpy()
+            ranked.append((np.asarray([hit.score for hit in hits], np.float32), rerank, positive[0]))
+        if not ranked:
+            weights[mode], curves[mode] = 1.0, {"queries": 0}
+            continue
+        weights[mode], curve = choose_fusion(ranked)
+        curves[mode] = {"queries": len(ranked), "mrr_at_10": curve}
+    return weights, curves
+
+
+def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str | Path, model_config: Any,
+                   config: RerankTrainConfig, overwrite: bool = False) -> Path:
+    """Mine, train, choose the fusion weights and export (the module doc has the steps)."""
+    # deferred: TensorFlow (through the re-ranker modules), imported only when this runs
+    import tensorflow as tf
+
+    from dssm.inputs import pair_files
+    from dssm.rerank_export import export_reranker
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise InputError(f"re-ranker directory {output} exists and is not empty (--overwrite replaces it)")
+    train_pairs = _read_pairs(pair_files(pairs_dir, "train"))
+    if not train_pairs:
+        raise InputError(f"{pairs_dir} has no positive training pairs (label > 0) in its train split")
+    validation = _read_pairs(pair_files(pairs_dir, "validation"))
+    if config.max_queries:
+        rng = np.random.default_rng(config.seed)
+        train_pairs = [train_pairs[i] for i in sorted(rng.permutation(len(train_pairs))[:config.max_queries])]
+    tf.keras.utils.set_random_seed(config.seed)
+    began = time.perf_counter()
+    searcher = Searcher.load(index_dir)
+    if config.mode != "dense" and not searcher.supports_hybrid:
+        raise InputError(f"index {index_dir} holds no BM25 state: use --mode dense")
+    examples = mine_examples(
+        train_pairs, lambda queries: searcher.search_batch(queries, config.candidates, mode=config.mode),
+        negatives=config.negatives, seed=config.seed)
+    if not examples:
+        raise InputError(f"no training query of {pairs_dir} has a first-stage candidate that is not its own document")
+    model = _build_model(searcher, model_config)
+    history: dict[str, Any] = _fit(model, examples, config)
+    fusion, curves = _fusion_weights(model, searcher, validation, config) if validation else ({}, {})
+    history.update(fusion_curves=curves, training_queries=len(examples), validation_pairs=len(validation),
+                   seconds=time.perf_counter() - began)
+    export_reranker(model, output, fusion=fusion, history=history, overwrite=overwrite,
+                    train={**config_to_dict(config), "pairs": str(pairs_dir), "index": str(index_dir),
+                           "index_version": searcher.version})
+    for mode, weight in fusion.items():
+        best = curves[mode].get("mrr_at_10", {})
+        print(f"fusion {mode}: first-stage share {weight:.1f} (validation MRR@10 {best.get(f'{weight:.1f}', 0):.4f}, "
+              f"first stage alone {best.get('1.0', 0):.4f}, {curves[mode]['queries']} queries)")
+    return output
+
+
+def _parser() -> argparse.ArgumentParser:
+    # deferred: TensorFlow (through dssm.rerank), only for the model config's flags
+    from dssm.rerank import RerankConfig
+
+    parser = argparse.ArgumentParser(prog="dssm train-reranker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", required=True, help="pairs directory written by `dssm pairs`")
+    parser.add_argument("--index", required=True, help="index directory (first stage; its model starts the re-ranker)")
+    parser.add_argument("--output", required=True, help="re-ranker directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_config_arguments(parser, RerankTrainConfig)
+    add_config_arguments(parser, RerankConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm train-reranker``."""
+    from dssm.rerank import RerankConfig
+
+    args = _parser().parse_args(argv)
+    train_reranker(pairs_dir=args.pairs, index_dir=args.index, output=args.output, overwrite=args.overwrite,
+                   model_config=config_from_args(RerankConfig, args), config=config_from_args(RerankTrainConfig, args))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,75 @@
+"""Second stage of a search: re-order a first stage's top candidates with the version's re-ranker.
+
+``rerank=N`` on a search means: take the first stage's top ``max(N, k)`` (dense, bm25 or hybrid), score
+each candidate's full text (title and body, as the towers and BM25 read it) against the query with the
+interaction re-ranker, order them by ``w · minmax(first stage) + (1 - w) · minmax(re-ranker)`` with the
+``w`` the re-ranker stored for that mode (:func:`dssm.rerank_export.fuse_reranked`), and return the top
+``k``. A hit's score is then that fused score, in [0, 1]. All queries of a batch are scored in one
+model call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dssm.errors import IndexNotFoundError, InputError
+
+__all__ = ["MAX_RERANK", "check_rerank", "rerank_results"]
+
+# Candidates a re-ranked search may read per query: the re-ranker reads every word of each, so this
+# bounds one request's cost (docs/rerank.md has the cost per candidate).
+MAX_RERANK = 200
+
+
+def check_rerank(rerank: Any, *, reranker: Any, version: str) -> int:
+    """``rerank`` as an int, refusing bad values and a version without a re-ranker.
+
+    Raises:
+        InputError: not an int in ``0..MAX_RERANK``.
+        IndexNotFoundError: ``rerank > 0`` and the version has no re-ranker.
+    """
+    if not isinstance(rerank, int) or isinstance(rerank, bool) or not 0 <= rerank <= MAX_RERANK:
+        raise InputError(f"rerank must be an integer in 0..{MAX_RERANK}, got {rerank!r}")
+    if rerank and reranker is None:
+        raise IndexNotFoundError(f"index version {version} has no re-ranker: attach one with `dssm attach-reranker` "
+                                 "(or `dssm index --reranker`), or search without rerank")
+    return rerank
+
+
+def rerank_results(reranker: Any, texts: Sequence[str], results: Sequence[Sequence[Any]], *, k: int, mode: str,
+                   full_texts: Callable[[list[str]], list[str]],
+                   hit: Callable[[str, float, str], Any]) -> list[list[Any]]:
+    """Re-order each query's candidates and keep the top ``k``.
+
+    Args:
+        reranker: a :class:`dssm.rerank_export.LoadedReranker`.
+        texts: the queries.
+        results: per query, the first stage's hits ``(id, score, text)`` best first.
+        k: hits kept per query.
+        mode: the first stage's mode (selects the stored fusion weight).
+        full_texts: ids → their documents' full texts (title and body).
+        hit: ``(id, score, text) -> Hit``.
+
+    Returns:
+        Per query, up to ``k`` hits best first, scored by the fused score.
+    """
+    # deferred: TensorFlow (through dssm.rerank_export), imported only when this runs
+    from dssm.rerank_export import fuse_reranked
+
+    if len(texts) != len(results):
+        raise InputError(f"{len(texts)} queries but {len(results)} result lists")
+    ids = [h[0] for hits in results for h in hits]
+    documents = full_texts(ids) if ids else []
+    queries = [text for text, hits in zip(texts, results, strict=True) for _ in hits]
+    scores = reranker.score_pairs(queries, documents) if ids else np.zeros(0, np.float32)
+    weight = reranker.weight(mode)
+    out, start = [], 0
+    for hits in results:
+        part = scores[start:start + len(hits)]
+        start += len(hits)
+        order, fused = fuse_reranked(np.asarray([h[1] for h in hits], np.float32), part, weight=weight)
+        out.append([hit(hits[i][0], float(s), hits[i][2]) for i, s in zip(order[:k], fused[:k], strict=True)])
+    return out

@@ -1,0 +1,282 @@
+"""The interaction re-ranker (issue 13): the model on hand-built inputs, its loss, export/load, the
+trainer on a tiny corpus, attaching it to an index and ``rerank=N`` searches."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import dssm  # noqa: F401
+from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
+from dssm.features import FeatureConfig
+
+tf = pytest.importorskip("tensorflow")
+
+from dssm.rerank import Reranker, RerankConfig, kernel_centres, listwise_loss  # noqa: E402
+from dssm.rerank_export import export_reranker, fuse_reranked, load_reranker  # noqa: E402
+
+FEATURES = FeatureConfig(num_buckets=512)
+
+
+def tiny_model(design: str = "knrm", **overrides) -> Reranker:
+    model = Reranker(RerankConfig(design=design, dim=8, **overrides), feature_config=FEATURES, embedding_dim=12)
+    model((tf.constant(["a"]), tf.constant(["b"])))
+    return model
+
+
+def test_kernel_centres_are_exact_match_then_even_bins():
+    np.testing.assert_allclose(kernel_centres(11), [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, -0.1, -0.3, -0.5, -0.7, -0.9],
+                               atol=1e-6)
+    np.testing.assert_allclose(kernel_centres(3), [1.0, 0.5, -0.5])
+
+
+def test_listwise_loss_by_hand():
+    # -log softmax([2, 1, 0])[0] = log(1 + e^-1 + e^-2); a padded column takes no probability mass.
+    scores = tf.constant([[2.0, 1.0, 0.0], [0.5, 3.0, 9.0]])
+    valid = tf.constant([[True, True, True], [True, True, False]])
+    expected = (math.log(1 + math.exp(-1) + math.exp(-2)) + math.log(1 + math.exp(2.5))) / 2
+    assert float(listwise_loss(scores, valid)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kernel_pooling_counts_exact_matches_by_hand():
+    model = tiny_model()
+    q_features, q_mask, q_vectors = model._side(tf.constant(["apple"]), 32)
+    _, d_mask, d_vectors = model._side(tf.constant(["apple apple pie"]), 200)
+    pooled = model._pool(q_vectors, q_mask, d_vectors, d_mask, tf.ones_like(q_mask)).numpy()[0]
+    # Two exact matches in the exact-match kernel: log(1 + 2); "pie" adds at most a sliver there.
+    assert pooled[0] == pytest.approx(math.log(3.0), abs=1e-3)
+    assert q_features.shape[-1] == 12 + 1  # word features + the idf column
+
+
+def test_a_padded_pair_scores_like_the_pair_alone():
+    model = tiny_model()
+    alone = model((tf.constant(["red apple"]), tf.constant(["an apple that is red"]))).numpy()[0]
+    batch = model((tf.constant(["red apple", "x y z w v"]),
+                   tf.constant(["an apple that is red", " ".join(["word"] * 50)]))).numpy()[0]
+    assert batch == pytest.approx(alone, abs=1e-5)
+
+
+def test_long_candidates_are_truncated_not_refused():
+    model = tiny_model(max_document_words=20)
+    words = [f"w{i}" for i in range(5000)]
+    long_score = model((tf.constant(["w3 w7"]), tf.constant([" ".join(words)]))).numpy()[0]
+    cut_score = model((tf.constant(["w3 w7"]), tf.constant([" ".join(words[:20])]))).numpy()[0]
+    assert long_score == pytest.approx(cut_score, abs=1e-5)
+
+
+def test_document_frequencies_and_idf():
+    model = tiny_model()
+    counts = model.document_frequencies(tf.constant(["apple pie apple", "apple tart", "pear"])).numpy()
+    bucket = int(tf.strings.to_hash_bucket_fast(["\x01uapple"], FEATURES.num_buckets).numpy()[0])
+    assert counts[bucket] == 2 and counts.sum() == 5  # apple, pie | apple, tart | pear (once per document)
+    model.set_document_frequencies(counts, 3)
+    assert float(model.idf[bucket]) == pytest.approx(math.log1p((3 - 2 + 0.5) / (2 + 0.5)), rel=1e-6)
+    with pytest.raises(ConfigError, match="documents=1"):
+        model.set_document_frequencies(counts, 1)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ConfigError, match="design"):
+        RerankConfig(design="bert")
+    with pytest.raises(ConfigError, match="kernels"):
+        RerankConfig(kernels=1)
+    with pytest.raises(ConfigError, match="tower table shape"):
+        tiny_model().init_from_tower(np.zeros((10, 12), np.float32), np.zeros(12, np.float32))
+
+
+@pytest.mark.parametrize("design", ["knrm", "conv-knrm"])
+def test_both_designs_learn_to_prefer_the_matching_document(design):
+    tf.keras.utils.set_random_seed(0)
+    model = tiny_model(design)
+    queries = ["red apple", "fast car", "green tea", "old book"] * 4
+    positives = ["a red apple on a table", "the fast car races", "hot green tea cup", "an old book shelf"] * 4
+    negatives = ["the fast car races", "hot green tea cup", "an old book shelf", "a red apple on a table"] * 4
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    valid = tf.ones([len(queries), 2], tf.bool)
+    losses = []
+    for _ in range(30):
+        with tf.GradientTape() as tape:
+            pos = model((tf.constant(queries), tf.constant(positives)))
+            neg = model((tf.constant(queries), tf.constant(negatives)))
+            loss = listwise_loss(tf.stack([pos, neg], axis=1), valid)
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    pos = model((tf.constant(queries[:4]), tf.constant(positives[:4]))).numpy()
+    neg = model((tf.constant(queries[:4]), tf.constant(negatives[:4]))).numpy()
+    assert (pos > neg).all()
+
+
+def test_fuse_reranked_by_hand():
+    first = np.array([3.0, 2.0, 1.0])
+    rerank = np.array([0.0, 5.0, 10.0])
+    order, fused = fuse_reranked(first, rerank, weight=1.0)
+    assert order.tolist() == [0, 1, 2] and fused.tolist() == [1.0, 0.5, 0.0]
+    order, _ = fuse_reranked(first, rerank, weight=0.0)
+    assert order.tolist() == [2, 1, 0]
+    # 0.6·minmax(first) + 0.4·minmax(rerank): [0.6, 0.5, 0.4]
+    order, fused = fuse_reranked(first, rerank, weight=0.6)
+    assert order.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(fused, [0.6, 0.5, 0.4], atol=1e-6)
+    with pytest.raises(InputError, match="equal 1-d shapes"):
+        fuse_reranked(first, rerank[:2], weight=0.5)
+
+
+def test_export_load_round_trip_and_a_corrupt_file_is_refused_by_name(tmp_path):
+    model = tiny_model()
+    model.set_document_frequencies(np.ones(FEATURES.num_buckets), 4)
+    out = export_reranker(model, tmp_path / "rr", fusion={"dense": 0.3}, train={"epochs": 1}, history={"loss": [1.0]})
+    loaded = load_reranker(out)
+    queries, documents = ["red apple", "car"], ["an apple, red", "a road with a car and a truck"]
+    np.testing.assert_allclose(loaded.score_pairs(queries, documents),
+                               model((tf.constant(queries), tf.constant(documents))).numpy(), atol=1e-5)
+    assert loaded.weight("dense") == pytest.approx(0.3) and loaded.weight("bm25") == 1.0
+    assert loaded.score("q", []).shape == (0,)
+    with pytest.raises(InputError, match="exists"):
+        export_reranker(model, out, fusion={}, train={}, history={})
+    with pytest.raises(ConfigError, match="fusion"):
+        export_reranker(model, tmp_path / "bad", fusion={"dense": 1.5}, train={}, history={})
+    variables = next((out / "saved_model" / "variables").glob("variables.data*"))
+    with open(variables, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\xff\x00\xff")
+    with pytest.raises(ChecksumError, match="variables.data"):
+        load_reranker(out)
+    with pytest.raises(IndexNotFoundError, match="manifest"):
+        load_reranker(tmp_path)
+
+
+# ---- the trainer, attaching, and rerank=N searches on adi -------------------------------------------
+
+@pytest.fixture(scope="module")
+def adi_index(tiny_model_dir, adi_dir, tmp_path_factory):
+    from tests.serving_support import adi_rows, build_version
+
+    index_dir = tmp_path_factory.mktemp("rerank_index") / "index"
+    build_version(index_dir, tiny_model_dir, adi_rows(adi_dir))
+    return index_dir
+
+
+@pytest.fixture(scope="module")
+def trained(adi_index, tiny_model_dir, tmp_path_factory):
+    from dssm.rerank_train import RerankTrainConfig, train_reranker
+
+    out = tmp_path_factory.mktemp("reranker") / "rr"
+    config = RerankTrainConfig(epochs=3, candidates=10, negatives=3, batch_queries=8, fusion_queries=50,
+                               fusion_depth=10, learning_rate=0.01)
+    train_reranker(pairs_dir=tiny_model_dir.parent / "pairs", index_dir=adi_index, output=out,
+                   model_config=RerankConfig(dim=8), config=config)
+    return out
+
+
+def test_trainer_writes_a_reranker_with_its_curves(trained):
+    history = json.loads((trained / "history.json").read_text())
+    config = json.loads((trained / "config.json").read_text())
+    assert len(history["loss"]) == 3 and history["loss"][-1] < history["loss"][0]
+    assert history["training_queries"] > 0
+    assert set(config["fusion"]) == {"dense", "bm25", "hybrid"}
+    assert all(0.0 <= w <= 1.0 for w in config["fusion"].values())
+    for mode, curve in history["fusion_curves"].items():
+        if curve["queries"]:
+            # the stored share is the best of the curve (ties to the larger share)
+            best = max(curve["mrr_at_10"].values())
+            assert curve["mrr_at_10"][f"{config['fusion'][mode]:.1f}"] == pytest.approx(best), mode
+    assert config["train"]["index_version"]
+
+
+def test_accidental_positives_are_never_negatives():
+    from dssm.rerank_train import is_accidental_positive, mine_examples
+
+    pairs = [("what is an inverted index", "d1", "an index maps terms to documents")]
+    hits = [[("d1", 0.9, "an index maps terms to documents"), ("d9", 0.8, "an index maps terms to documents"),
+             ("d2", 0.7, "unrelated text"), ("d3", 0.6, "this contains what is an inverted index verbatim"),
+             ("d4", 0.5, "more unrelated text")]]
+    examples = mine_examples(pairs, lambda queries: hits, negatives=5, seed=0)
+    assert len(examples) == 1
+    assert examples[0].documents == ("an index maps terms to documents", "unrelated text", "more unrelated text")
+    assert is_accidental_positive(query="q", positive_id="", positive_text="a", candidate_id="", candidate_text="b") \
+        is False
+    # a short query inside a candidate is a coincidence, not the candidate the query was cut from
+    assert not is_accidental_positive(query="index", positive_id="d1", positive_text="a", candidate_id="d2",
+                                      candidate_text="an index")
+
+
+def test_attach_then_rerank_reorders_the_first_stage_top_n(adi_index, trained, tmp_path):
+    from dssm.index import attach_reranker
+    from serving.searcher import Searcher
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    plain = Searcher.load(index_dir)
+    with pytest.raises(IndexNotFoundError, match="no re-ranker"):
+        plain.search("information retrieval", k=5, rerank=20)
+    attach_reranker(index_dir, trained)
+    searcher = Searcher.load(index_dir)
+    assert searcher.reranker is not None
+    query = "computer programs for information retrieval of documents"
+    for mode in ("dense", "bm25", "hybrid"):
+        first = searcher.search(query, k=20, mode=mode)
+        hits = searcher.search(query, k=5, mode=mode, rerank=20)
+        assert len(hits) == 5 and {h.id for h in hits} <= {h.id for h in first}
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert all(0.0 <= h.score <= 1.0 for h in hits)
+        assert searcher.search(query, k=5, mode=mode) == first[:5]  # rerank=0: the first stage as is
+    # k above rerank: the re-ranker reads max(rerank, k) candidates
+    assert len(searcher.search(query, k=12, rerank=3)) == 12
+    batch = searcher.search_batch([query, "!!!", "library"], k=4, rerank=10)
+    assert batch[0] == searcher.search(query, k=4, rerank=10) and batch[1] == []
+    for bad in (-1, 10_000, True, 2.5):
+        with pytest.raises(InputError, match="rerank"):
+            searcher.search(query, k=5, rerank=bad)
+
+
+def test_the_reranker_rides_along_upserts_and_a_corrupt_one_is_refused_unless_asked(adi_index, trained, tmp_path):
+    from dssm.index import attach_reranker, current_version_dir
+    from serving.searcher import Searcher
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    attach_reranker(index_dir, trained)
+    searcher = Searcher.load(index_dir)
+    searcher.upsert([("new-1", "", "a brand new document about retrieval of information")])
+    updated = Searcher.load(index_dir)
+    assert updated.version != searcher.version and updated.reranker is not None
+    assert updated.search("retrieval of information", k=3, rerank=10)
+    config = current_version_dir(index_dir) / "reranker" / "config.json"
+    config.write_text(config.read_text().replace('"fusion"', '"fusion" ', 1))
+    with pytest.raises(ChecksumError, match="reranker/config.json"):
+        Searcher.load(index_dir)
+    degraded = Searcher.load(index_dir, reranker=False)
+    assert degraded.reranker is None and degraded.search("retrieval", k=3)
+    with pytest.raises(IndexNotFoundError, match="no re-ranker"):
+        degraded.search("retrieval", k=3, rerank=10)
+
+
+def test_attach_refuses_what_is_not_a_reranker(adi_index, tiny_model_dir, tmp_path):
+    from dssm.index import attach_reranker
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    with pytest.raises(ChecksumError, match="'model' artifact, expected 'reranker'"):
+        attach_reranker(index_dir, tiny_model_dir)
+    with pytest.raises(IndexNotFoundError, match="manifest"):
+        attach_reranker(index_dir, tmp_path)
+
+
+def test_cli_train_attach_and_search(adi_index, tiny_model_dir, trained, tmp_path, capsys):
+    from dssm.cli import main
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    assert main(["attach-reranker", "--index", str(index_dir), "--reranker", str(trained)]) == 0
+    assert "re-ranker attached" in capsys.readouterr().out
+    assert main(["search", "--index", str(index_dir), "--rerank", "20", "--json", "-k", "3", "retrieval systems"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert len(answer["hits"]) == 3
+    assert main(["train-reranker", "--pairs", str(tiny_model_dir.parent / "pairs"), "--index", str(index_dir),
+                 "--output", str(trained), "--epochs", "1"]) == 2
+    assert "exists" in capsys.readouterr().err
