@@ -47,6 +47,7 @@ from dssm.hybrid import SEARCH_MODES
 from dssm.index import current_version_dir
 from dssm.index.documents import as_documents
 from serving.model_thread import ModelThread
+from serving.reranking import check_rerank
 from serving.searcher import (
     DocumentNotFoundError,  # the HTTP layer answers 404
     Searcher,
@@ -59,6 +60,7 @@ __all__ = [
     "NotReadyError",
     "DocumentNotFoundError",
     "ModeNotAvailableError",
+    "RerankerNotAvailableError",
     "WriteNotSupportedError",
     "Snapshot",
     "SimilarityResult",
@@ -82,6 +84,10 @@ class NotReadyError(DSSMError):
 
 class ModeNotAvailableError(DSSMError):
     """The live index version cannot serve the requested search mode (e.g. hybrid without BM25 state)."""
+
+
+class RerankerNotAvailableError(ModeNotAvailableError):
+    """``rerank > 0`` on an index version without a re-ranker (answered like a mode it cannot serve: 409)."""
 
 
 class WriteNotSupportedError(DSSMError):
@@ -327,6 +333,8 @@ class Backend:
         supports_hybrid = bool(getattr(searcher, "supports_hybrid", False))
         if self._warmup_query and getattr(searcher, "encoder", None) is not None and len(searcher) > 0:
             searcher.search(self._warmup_query, k=1)
+            if getattr(searcher, "reranker", None) is not None:
+                searcher.search(self._warmup_query, k=1, rerank=1)  # the re-ranker's first call is slow too
         return Snapshot(searcher=searcher, version=str(searcher.version), documents=int(len(searcher)),
                         duplicate_threshold=threshold, supports_hybrid=supports_hybrid,
                         model_fingerprint=loaded_fingerprint, loaded_at=time.time())
@@ -387,6 +395,13 @@ class Backend:
                                         "state and a query model in the index); use mode='dense'")
 
     @staticmethod
+    def _check_rerank(snap: Snapshot, rerank: int) -> None:
+        try:
+            check_rerank(rerank, reranker=getattr(snap.searcher, "reranker", None), version=snap.version)
+        except IndexNotFoundError as exc:  # the version has no re-ranker: the request is fine, the index is not
+            raise RerankerNotAvailableError(str(exc)) from exc
+
+    @staticmethod
     def _mode(snap: Snapshot, mode: str | None) -> str:
         # A request without a mode gets the version's default (hybrid with its stored weight, else dense).
         return mode or getattr(snap.searcher, "default_mode", "dense")
@@ -395,19 +410,32 @@ class Backend:
         """The mode a search without one runs in on the live version."""
         return self._mode(self.current(), None)
 
-    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> tuple[str, list[Any]]:
+    def search(self, text: str, k: int = 10, *, mode: str | None = None,
+               rerank: int = 0) -> tuple[str, list[Any]]:
         """Top-k hits for one query (``mode=None``: the version's default mode).
+
+        Args:
+            text: the query.
+            k: hits to return.
+            mode: ``dense``, ``bm25``, ``hybrid`` or ``None`` (the version's default).
+            rerank: ``N > 0`` re-orders the first stage's top ``max(N, k)`` with the version's re-ranker.
 
         Returns:
             (version, hits) — hits are the searcher's ``Hit`` tuples ``(id, score, text)``, best first.
+
+        Raises:
+            InputError: a bad ``k``, ``mode`` or ``rerank`` value.
+            ModeNotAvailableError: the version cannot serve ``mode``.
+            RerankerNotAvailableError: ``rerank > 0`` and the version has no re-ranker.
         """
         snap = self.current()
         self._check_k(k)
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
-        if mode != "dense":
-            return snap.version, snap.searcher.search(text, k=k, mode=mode)
-        return snap.version, snap.searcher.search(text, k=k)
+        self._check_rerank(snap, rerank)
+        # Keywords only when set, so a searcher without modes or a re-ranker still serves plain searches.
+        options = {**({"mode": mode} if mode != "dense" else {}), **({"rerank": rerank} if rerank else {})}
+        return snap.version, snap.searcher.search(text, k=k, **options)
 
     def submit_search(self, query: str, k: int) -> Future:
         """Queue one dense query for the model thread; never blocks.
@@ -440,16 +468,16 @@ class Backend:
         self._model.close_mailboxes()
 
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *,
-                     mode: str | None = None) -> tuple[str, list[list[Any]]]:
-        """Top-k hits for each query, all from one version (``mode=None``: the version's default)."""
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None,
+                     rerank: int = 0) -> tuple[str, list[list[Any]]]:
+        """Top-k hits for each query, all from one version (arguments and errors as in :meth:`search`)."""
         snap = self.current()
         self._check_k(k)
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
-        if mode != "dense":
-            return snap.version, snap.searcher.search_batch(list(texts), k=k, mode=mode)
-        return snap.version, snap.searcher.search_batch(list(texts), k=k)
+        self._check_rerank(snap, rerank)
+        options = {**({"mode": mode} if mode != "dense" else {}), **({"rerank": rerank} if rerank else {})}
+        return snap.version, snap.searcher.search_batch(list(texts), k=k, **options)
 
     def similarity(self, text1: str, text2: str) -> SimilarityResult:
         """Cosine between the two texts' embeddings (query tower, as for duplicate questions).

@@ -280,17 +280,30 @@ class SearchClient:
     # ---------------------------------------------------------------------------------------------
     # The Searcher's methods
 
-    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> SearchResults:
-        """Top-k hits for one query, best first (iterates as ``(id, score, text)``)."""
-        body = self._request("POST", "/v1/search", json={"query": text, "k": k, **({"mode": mode} if mode else {})})
+    def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> SearchResults:
+        """Top-k hits for one query, best first (iterates as ``(id, score, text)``).
+
+        Args:
+            text: the query.
+            k: hits to return.
+            mode: ``dense``, ``bm25``, ``hybrid`` or ``None`` (the index's default).
+            rerank: ``N > 0`` has the server re-order its first stage's top ``max(N, k)`` with the
+                index's re-ranker (the server's limit applies); 0 does not re-rank.
+
+        Raises:
+            BadRequestError: a bad argument (``rerank`` not a non-negative int is refused before sending).
+            ClientError: status 409 when the index cannot serve ``mode`` or has no re-ranker.
+        """
+        body = self._request("POST", "/v1/search", json={"query": text, "k": k, **_options(mode, rerank)})
         return SearchResults(version=body["version"], hits=_hits(body["hits"]))
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> BatchSearchResults:
-        """Top-k hits for each query, all from one index version."""
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None,
+                     rerank: int = 0) -> BatchSearchResults:
+        """Top-k hits for each query, all from one index version (arguments and errors as in :meth:`search`)."""
         if isinstance(texts, str):
             raise BadRequestError("search_batch takes a list of query texts, got one string")
         body = self._request("POST", "/v1/search:batch",
-                             json={"queries": list(texts), "k": k, **({"mode": mode} if mode else {})})
+                             json={"queries": list(texts), "k": k, **_options(mode, rerank)})
         version = body["version"]
         return BatchSearchResults(version=version,
                                   results=tuple(SearchResults(version=version, hits=_hits(r)) for r in body["results"]))
@@ -356,6 +369,13 @@ class SearchClient:
         if not response.is_success:
             self._raise("GET", "/metrics", response)
         return response.text
+
+
+def _options(mode: str | None, rerank: int) -> dict[str, Any]:
+    """The optional search fields, sent only when set (the server's limits are checked there)."""
+    if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 0:
+        raise BadRequestError(f"rerank must be a non-negative integer, got {rerank!r}")
+    return {**({"mode": mode} if mode else {}), **({"rerank": rerank} if rerank else {})}
 
 
 def _quote(doc_id: str) -> str:

@@ -21,12 +21,16 @@ __all__ = ["SearchService"]
 class SearchService(Protocol):
     """Search, batch search, similarity, document reads and writes over one index (local or remote)."""
 
-    def search(self, text: str, k: int = 10, *, mode: str | None = None) -> Any:
-        """Top-k hits for one query, best first (``mode=None``: the index's default mode)."""
+    def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> Any:
+        """Top-k hits for one query, best first (``mode=None``: the index's default mode).
+
+        ``rerank=N > 0`` re-orders the first stage's top ``max(N, k)`` with the index's re-ranker
+        (refused when the index has none); 0 returns the first stage as is.
+        """
         ...
 
-    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None) -> Any:
-        """Top-k hits for each query, all from one index version."""
+    def search_batch(self, texts: Sequence[str], k: int = 10, *, mode: str | None = None, rerank: int = 0) -> Any:
+        """Top-k hits for each query, all from one index version (``mode`` and ``rerank`` as in :meth:`search`)."""
         ...
 
     def similarity(self, text1: str, text2: str) -> Any:

@@ -83,7 +83,7 @@ def _answer(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
         return 503, str(exc), {"Retry-After": "1"}
     if isinstance(exc, DocumentNotFoundError):
         return 404, str(exc), None
-    if isinstance(exc, ModeNotAvailableError):
+    if isinstance(exc, ModeNotAvailableError):  # also RerankerNotAvailableError (rerank > 0, no re-ranker)
         return 409, str(exc), None
     if isinstance(exc, WriteNotSupportedError):
         return 501, str(exc), None

@@ -113,7 +113,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (413, f"body over {MAX_BODY_BYTES} bytes"),
         (415, "content type is not application/json"),
-        (409, "the index version cannot serve this request's mode (bm25/hybrid need BM25 state in the index)"),
+        (409, "the index version cannot serve this request: its mode (bm25/hybrid need BM25 state in the index) "
+              "or rerank > 0 (needs a re-ranker in the index: `dssm attach-reranker`)"),
         (422, "a field is missing, of the wrong type or out of range"),
         (429, "too many requests in flight; retry after the Retry-After seconds"),
         (503, "no index version loaded yet"),
@@ -158,6 +159,7 @@ def add_error_handlers(app: FastAPI, *, index_dir: Path | None = None) -> None:
         status, reason, headers = exception_answer(exc, index_dir=index_dir)
         return _error(status, reason, headers=headers)
 
+    # RerankerNotAvailableError is a ModeNotAvailableError: the same handler, the same 409.
     for error_class in (NotReadyError, DocumentNotFoundError, ModeNotAvailableError, WriteNotSupportedError,
                         InputError, DSSMError, Exception):
         app.add_exception_handler(error_class, _on_backend_error)
@@ -193,16 +195,17 @@ def _search_answers(backend: Backend, run: Run) -> tuple[Callable[[SearchRequest
     """The encoded answers to a search and to a batch search, and the guard's hot path built on them."""
 
     def _search_answer(body: SearchRequest) -> bytes:
-        version, hits = backend.search(body.query, body.k, mode=body.mode)
+        version, hits = backend.search(body.query, body.k, mode=body.mode, rerank=body.rerank)
         return _hits_json(version, hits)
 
     def _batch_answer(body: BatchSearchRequest) -> bytes:
         # Encoded in the worker thread too: a 25k-hit batch answer must not stall the event loop.
-        version, results = backend.search_batch(body.queries, body.k, mode=body.mode)
+        version, results = backend.search_batch(body.queries, body.k, mode=body.mode, rerank=body.rerank)
         return _results_json(version, results)
 
     async def answer_search(body: SearchRequest) -> bytes:
-        if (body.mode or backend.default_mode()) != "dense":
+        if body.rerank or (body.mode or backend.default_mode()) != "dense":
+            # Re-ranked and non-dense queries run whole in the worker pool (the coalesced path is dense only).
             return await run(_search_answer, body)
         # Dense single queries are coalesced with concurrent ones into one model call in the model thread.
         version, hits = await backend.search_async(body.query, body.k)
@@ -234,7 +237,7 @@ def _search_answers(backend: Backend, run: Run) -> tuple[Callable[[SearchRequest
 def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
     """Search, batch search, similarity and get document; returns the guard's hot path for valid searches.
 
-    Single dense queries go to the backend's model thread; everything else runs through ``run``.
+    Single dense queries without ``rerank`` go to the backend's model thread; everything else runs through ``run``.
     """
     answer_search, answer_batch, fast = _search_answers(backend, run)
 

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from dssm.index.documents import check_document_id
+from serving.reranking import MAX_RERANK
 
 __all__ = [
     "MAX_K",
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_DOCUMENT_CHARS",
     "MAX_ID_CHARS",
     "MAX_BODY_BYTES",
+    "MAX_RERANK",
     "SearchRequest",
     "BatchSearchRequest",
     "SimilarityRequest",
@@ -117,6 +119,11 @@ def _json_integer(value: object) -> object:
 K = Annotated[int, Field(ge=1, le=MAX_K, description=f"number of hits, 1..{MAX_K}"), BeforeValidator(_json_integer)]
 BatchK = Annotated[int, Field(ge=1, le=MAX_BATCH_K, description=f"number of hits per query, 1..{MAX_BATCH_K}"),
                    BeforeValidator(_json_integer)]
+Rerank = Annotated[int, Field(ge=0, le=MAX_RERANK,
+                              description=f"0..{MAX_RERANK}: re-order the first stage's top max(rerank, k) with the "
+                                          "index's re-ranker (hit scores are then the fused scores, in [0, 1]); "
+                                          "0 = no re-ranking; 409 when the index version has no re-ranker"),
+                   BeforeValidator(_json_integer)]
 Mode = Literal["dense", "bm25", "hybrid"]
 
 
@@ -134,6 +141,7 @@ class SearchRequest(_Strict):
                                                 "fused (bm25/hybrid need BM25 state in the index version); omitted: "
                                                 "the index's default, hybrid with the weight `dssm index` chose "
                                                 "(label-free) when the version stores one, else dense")
+    rerank: Rerank = 0
 
 
 class BatchSearchRequest(_Strict):
@@ -143,6 +151,7 @@ class BatchSearchRequest(_Strict):
         min_length=1, max_length=MAX_BATCH_QUERIES, description=f"1..{MAX_BATCH_QUERIES} queries")
     k: BatchK = DEFAULT_K
     mode: Mode | None = Field(None, description="as in /v1/search")
+    rerank: Rerank = 0
 
 
 class SimilarityRequest(_Strict):

@@ -74,7 +74,7 @@ def untrained_reranker(model_dir: Path, output: Path, *, fusion: dict[str, float
     import tensorflow as tf
 
     from dssm.export import SAVED_MODEL, read_model_configs
-    from dssm.rerank import Reranker, RerankConfig
+    from dssm.rerank import RerankConfig, Reranker
     from dssm.rerank_export import export_reranker
 
     features, tower, _ = read_model_configs(model_dir)

@@ -41,3 +41,11 @@ def test_instances_satisfy_the_contract(tmp_path) -> None:
         assert isinstance(client, SearchService)
     assert isinstance(Backend(tmp_path, watch_interval=0), SearchService)
     assert not isinstance(object(), SearchService)
+
+
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("operation", ["search", "search_batch"])
+def test_every_search_takes_rerank_as_a_keyword_defaulting_to_no_reranking(cls: type, operation: str) -> None:
+    parameter = inspect.signature(getattr(cls, operation)).parameters["rerank"]
+    assert (parameter.kind, parameter.default) == (inspect.Parameter.KEYWORD_ONLY, 0)
+    assert list(inspect.signature(getattr(cls, operation)).parameters)[-2:] == ["mode", "rerank"]

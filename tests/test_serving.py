@@ -32,16 +32,19 @@ from dssm import index as ix
 from dssm.cli import main as cli_main
 from dssm.errors import ConfigError, InputError
 from serving.app import create_app, openapi_document
-from serving.backend import Backend
+from serving.backend import Backend, RerankerNotAvailableError
 from serving.client import (
     AuthenticationError,
     BadRequestError,
+    ClientError,
     ForbiddenError,
     NotFoundError,
     OverloadedError,
     SearchClient,
 )
-from serving.schemas import MAX_BATCH_QUERIES, MAX_BODY_BYTES, MAX_K, MAX_QUERY_CHARS
+from serving.guard import Guard
+from serving.schemas import MAX_BATCH_QUERIES, MAX_BODY_BYTES, MAX_K, MAX_QUERY_CHARS, MAX_RERANK
+from serving.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_ID = "odd/id ü %20?#"
@@ -68,6 +71,28 @@ def served(tmp_path_factory, model_dir, rows):
         wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
         with SearchClient(server.url, api_key=API_KEY, retries=0) as client:
             yield SimpleNamespace(url=server.url, backend=backend, index_dir=index_dir, version=version,
+                                  client=client)
+
+
+@pytest.fixture(scope="module")
+def reranked(tmp_path_factory, model_dir, rows):
+    """A server whose index gains a re-ranker while it serves: ``attach_reranker`` publishes a new
+    version and the backend hot-swaps to it. ``local`` is an in-process Searcher of that version."""
+    work = tmp_path_factory.mktemp("reranked")
+    index_dir = work / "index"
+    plain = support.build_version(index_dir, model_dir, rows)
+    reranker_dir = support.untrained_reranker(model_dir, work / "reranker")
+    backend = Backend(index_dir, max_in_flight=16, watch_interval=0.1, loader=support.shared_encoder_loader(model_dir))
+    with ServerThread(create_app(backend)) as server:
+        wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
+        assert backend.current().version == plain and backend.current().searcher.reranker is None
+        version = ix.attach_reranker(index_dir, reranker_dir)
+        wait_until(lambda: backend.current().version == version, timeout=60, what="the swap to the re-ranker")
+        assert backend.current().searcher.reranker is not None
+        local = Searcher.load(index_dir, encoder=support.shared_encoder(model_dir))
+        assert local.version == version and local.reranker is not None
+        with SearchClient(server.url, retries=0) as client:
+            yield SimpleNamespace(url=server.url, backend=backend, index_dir=index_dir, version=version, local=local,
                                   client=client)
 
 
@@ -117,6 +142,160 @@ def test_bm25_and_hybrid_modes_match_the_in_process_searcher(served, rows):
         assert [h.score for h in remote] == pytest.approx([h.score for h in local], abs=1e-6)
         batch = served.client.search_batch([query, "library catalogues"], k=3, mode=mode)
         assert [h.id for h in batch[0]] == [h.id for h in local[:3]]
+
+
+# ---- re-ranking (issue 13): rerank=N over HTTP and through the client ------------------------------
+
+RERANK_QUERIES = ["library catalogues and computer indexing", "information retrieval systems",
+                  "automatic abstracting of documents"]
+
+
+def _hit_tuples(hits) -> list[tuple[str, float]]:
+    return [(h["id"], h["score"]) if isinstance(h, dict) else (h.id, h.score) for h in hits]
+
+
+def _assert_same_hits(remote, local) -> None:
+    remote, local = _hit_tuples(remote), _hit_tuples(local)
+    assert [i for i, _ in remote] == [i for i, _ in local]
+    assert [s for _, s in remote] == pytest.approx([s for _, s in local], abs=1e-5)
+
+
+def test_rerank_search_matches_the_in_process_searcher(reranked, rows):
+    local, changed = reranked.local, 0
+    for mode in ("dense", "hybrid", "bm25"):
+        for query in RERANK_QUERIES + [rows[12]["text"]]:
+            expected = local.search(query, k=5, mode=mode, rerank=20)
+            response = httpx.post(reranked.url + "/v1/search",
+                                  json={"query": query, "k": 5, "mode": mode, "rerank": 20}, timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == reranked.version
+            _assert_same_hits(response.json()["hits"], expected)
+            remote = reranked.client.search(query, k=5, mode=mode, rerank=20)
+            assert remote.version == reranked.version
+            _assert_same_hits(remote, expected)
+            assert all(0.0 <= h.score <= 1.0 for h in remote)  # fused scores
+            first_stage = local.search(query, k=5, mode=mode)
+            changed += [h.id for h in remote] != [h.id for h in first_stage]
+    assert changed  # the re-ranker was applied, not silently dropped
+    # k above rerank: the re-ranker reads max(rerank, k) candidates and k come back.
+    remote = reranked.client.search(RERANK_QUERIES[0], k=8, rerank=3)
+    assert len(remote) == 8
+    _assert_same_hits(remote, local.search(RERANK_QUERIES[0], k=8, rerank=3))
+    # rerank=0 (sent or not) is the first stage as is.
+    plain = httpx.post(reranked.url + "/v1/search", json={"query": RERANK_QUERIES[1], "k": 5, "rerank": 0})
+    _assert_same_hits(plain.json()["hits"], local.search(RERANK_QUERIES[1], k=5))
+    _assert_same_hits(reranked.client.search(RERANK_QUERIES[1], k=5), local.search(RERANK_QUERIES[1], k=5))
+
+
+def test_rerank_batch_search_matches_the_in_process_searcher(reranked):
+    local = reranked.local
+    queries = RERANK_QUERIES + ["?! --"]  # the last one has nothing to search: no hits
+    for mode in ("dense", "hybrid"):
+        expected = local.search_batch(queries, k=4, mode=mode, rerank=15)
+        assert expected[-1] == []
+        response = httpx.post(reranked.url + "/v1/search:batch",
+                              json={"queries": queries, "k": 4, "mode": mode, "rerank": 15}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == reranked.version
+        results = response.json()["results"]
+        assert len(results) == len(queries)
+        for got, want in zip(results, expected, strict=True):
+            _assert_same_hits(got, want)
+        batch = reranked.client.search_batch(queries, k=4, mode=mode, rerank=15)
+        assert batch.version == reranked.version
+        for got, want in zip(batch, expected, strict=True):
+            _assert_same_hits(got, want)
+        # One query of a batch gets what it gets alone.
+        _assert_same_hits(batch[0], local.search(queries[0], k=4, mode=mode, rerank=15))
+
+
+def test_rerank_requests_skip_the_coalesced_model_thread(reranked):
+    """A re-ranked single query runs whole in the worker pool, like a hybrid one; plain dense ones queue."""
+    def coalesced() -> float:
+        return metric_value(reranked.client.metrics(), "dssm_search_batch_size_count")
+
+    before = coalesced()
+    for query in RERANK_QUERIES:
+        assert len(reranked.client.search(query, k=3, mode="dense", rerank=10)) == 3
+    assert reranked.backend.default_mode() == "dense"
+    assert len(reranked.client.search(RERANK_QUERIES[0], k=3, rerank=10)) == 3  # default mode, re-ranked
+    assert coalesced() == before
+    reranked.client.search(RERANK_QUERIES[0], k=3, mode="dense")
+    assert coalesced() == before + 1
+
+
+def test_rerank_without_a_reranker_is_a_409_naming_it(served):
+    assert served.backend.current().searcher.reranker is None
+    for path, body in (("/v1/search", {"query": "retrieval", "rerank": 5}),
+                       ("/v1/search", {"query": "retrieval", "mode": "hybrid", "rerank": MAX_RERANK}),
+                       ("/v1/search:batch", {"queries": ["retrieval", "library"], "rerank": 1})):
+        response = httpx.post(served.url + path, json=body)
+        assert response.status_code == 409, response.text
+        payload = response.json()
+        assert payload["status"] == 409 and "re-ranker" in payload["error"], payload
+        assert served.version in payload["error"] and str(served.index_dir) not in payload["error"]
+    # rerank=0 is no re-ranking: served as before.
+    assert httpx.post(served.url + "/v1/search", json={"query": "retrieval", "rerank": 0}).status_code == 200
+    with pytest.raises(RerankerNotAvailableError, match="no re-ranker"):
+        served.backend.search("retrieval", 3, rerank=5)
+    with pytest.raises(RerankerNotAvailableError, match="no re-ranker"):
+        served.backend.search_batch(["retrieval"], 3, mode="bm25", rerank=5)
+    with SearchClient(served.url, retries=3) as client:
+        for call in (lambda: client.search("retrieval", k=3, rerank=5),
+                     lambda: client.search_batch(["retrieval"], k=3, rerank=5)):
+            with pytest.raises(ClientError, match="re-ranker") as caught:
+                call()
+            assert caught.value.status == 409 and "re-ranker" in caught.value.reason
+        assert client.attempts == 2  # a 409 is not retried
+        assert len(client.search("retrieval", k=3, rerank=0)) == 3
+
+
+def test_client_checks_rerank_and_the_server_names_it(served):
+    with SearchClient(served.url, retries=3) as client:
+        for bad in (-1, True, "5", 2.5, None):
+            with pytest.raises(BadRequestError, match="rerank"):
+                client.search("retrieval", rerank=bad)
+            with pytest.raises(BadRequestError, match="rerank"):
+                client.search_batch(["retrieval"], rerank=bad)
+        assert client.attempts == 0  # refused before sending
+        with pytest.raises(BadRequestError, match=f"less than or equal to {MAX_RERANK}") as caught:
+            client.search("retrieval", rerank=MAX_RERANK + 1)  # the limit is the server's
+        assert caught.value.status == 422 and caught.value.details[0].startswith("rerank:")
+
+
+def _without_the_fast_path(app) -> None:
+    """Turn off the guard's hot path, so valid searches are answered by the FastAPI routes."""
+    layer = app.middleware_stack  # built by the lifespan call at startup
+    while not isinstance(layer, Guard):
+        layer = layer.app
+    layer._fast = None  # noqa: SLF001
+
+
+def test_the_routes_answer_rerank_as_the_guards_fast_path_does(served, reranked):
+    bodies = [("/v1/search", {"query": RERANK_QUERIES[0], "k": 4, "rerank": 12}),
+              ("/v1/search", {"query": RERANK_QUERIES[1], "k": 4, "mode": "hybrid", "rerank": 12}),
+              ("/v1/search", {"query": RERANK_QUERIES[2], "k": 4}),
+              ("/v1/search:batch", {"queries": RERANK_QUERIES, "k": 3, "mode": "dense", "rerank": 7})]
+    for fast in (served, reranked):
+        app = create_app(fast.backend, manage_backend=False)
+        with ServerThread(app) as routes_only:
+            _without_the_fast_path(app)
+            for path, body in bodies:
+                via_guard = httpx.post(fast.url + path, json=body, timeout=60)
+                via_route = httpx.post(routes_only.url + path, json=body, timeout=60)
+                assert via_route.status_code == via_guard.status_code, via_route.text
+                assert via_guard.status_code == (409 if fast is served and "rerank" in body else 200)
+                assert via_route.json() == via_guard.json()
+
+
+def test_openapi_documents_rerank_and_its_409():
+    document = openapi_document()
+    for name in ("SearchRequest", "BatchSearchRequest"):
+        field = document["components"]["schemas"][name]["properties"]["rerank"]
+        assert (field["type"], field["minimum"], field["maximum"], field["default"]) == ("integer", 0, MAX_RERANK, 0)
+        assert "max(rerank, k)" in field["description"] and "re-ranker" in field["description"]
+    for path in ("/v1/search", "/v1/search:batch"):
+        assert "re-ranker" in document["paths"][path]["post"]["responses"]["409"]["description"]
 
 
 def test_similarity_is_the_cosine_of_the_query_embeddings(served, model_dir):
@@ -313,6 +492,20 @@ BAD_REQUESTS = [
     ("/v1/search:batch", {"queries": ["a", "  "]}, "application/json", 422, "queries.1"),
     ("/v1/search:batch", {"queries": "a single string"}, "application/json", 422, "list"),
     ("/v1/search:batch", {"queries": ["a"], "k": 101}, "application/json", 422, "k"),
+    # rerank is a JSON integer in 0..MAX_RERANK (issue 13), checked before the index is asked.
+    ("/v1/search", {"query": "x", "rerank": -1}, "application/json", 422, "rerank: Input should be greater than or "
+                                                                           "equal to 0"),
+    ("/v1/search", {"query": "x", "rerank": MAX_RERANK + 1}, "application/json", 422,
+     f"rerank: Input should be less than or equal to {MAX_RERANK}"),
+    ("/v1/search", {"query": "x", "rerank": True}, "application/json", 422, "rerank: must be a JSON integer"),
+    ("/v1/search", {"query": "x", "rerank": "5"}, "application/json", 422, "rerank: must be a JSON integer"),
+    ("/v1/search", {"query": "x", "rerank": 2.5}, "application/json", 422, "rerank: must be a whole number"),
+    ("/v1/search", {"query": "x", "rerank": None}, "application/json", 422, "rerank"),
+    ("/v1/search:batch", {"queries": ["a"], "rerank": -1}, "application/json", 422, "rerank"),
+    ("/v1/search:batch", {"queries": ["a"], "rerank": MAX_RERANK + 1}, "application/json", 422, "rerank"),
+    ("/v1/search:batch", {"queries": ["a"], "rerank": True}, "application/json", 422, "rerank"),
+    ("/v1/search:batch", {"queries": ["a"], "rerank": "5"}, "application/json", 422, "rerank"),
+    ("/v1/search:batch", {"queries": ["a"], "rerank": 2.5}, "application/json", 422, "rerank"),
     ("/v1/similarity", {"text1": "a", "text2": ""}, "application/json", 422, "text2"),
     ("/v1/similarity", {"text1": "a"}, "application/json", 422, "text2: Field required"),
 ]
