@@ -103,7 +103,8 @@ def test_both_designs_learn_to_prefer_the_matching_document(design):
             pos = model((tf.constant(queries), tf.constant(positives)))
             neg = model((tf.constant(queries), tf.constant(negatives)))
             loss = listwise_loss(tf.stack([pos, neg], axis=1), valid)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables, strict=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     pos = model((tf.constant(queries[:4]), tf.constant(positives[:4]))).numpy()
