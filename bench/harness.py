@@ -291,11 +291,12 @@ def update_readme(readme: Path, table: str, *, command: str) -> bool:
     return True
 
 
-def export_untrained_model(model_dir: Path) -> Path:
-    """Export a default-shape model (``ModelConfig()``, ``FeatureConfig()``) with its initial weights.
+def export_untrained_model(model_dir: Path, *, model_config: Any = None, feature_config: Any = None) -> Path:
+    """Export a model with its initial weights, default-shape (``ModelConfig()``, ``FeatureConfig()``) unless given.
 
-    Throughput and latency do not depend on what the weights are, so the encode and query parts
-    skip training; quality is measured by the ``quality`` part on trained models.
+    Throughput and latency do not depend on what the weights are, so the encode, query and rerank
+    parts skip training; quality is measured by the ``quality`` part on trained models. (A smaller
+    shape is for quick runs, which are smoke checks.)
     """
     import dssm  # noqa: F401
     from dssm.export import export_model
@@ -307,7 +308,7 @@ def export_untrained_model(model_dir: Path) -> Path:
 
     tf.keras.utils.set_random_seed(0)
     train_config = TrainConfig()
-    model = build_model(ModelConfig(), FeatureConfig(), train_config)
+    model = build_model(model_config or ModelConfig(), feature_config or FeatureConfig(), train_config)
     model.embed_documents(tf.constant(["builds the variables"]))
     return export_model(model, model_dir, train_config=train_config, overwrite=True)
 

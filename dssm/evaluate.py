@@ -15,6 +15,14 @@ Systems compared by ``dssm eval`` (``--systems``), all on the same queries:
   (by sha1 of ``"tune:" + query id``), removed from the evaluated set, so the weight never sees an
   evaluated query. (The train split of ``--holdout`` is not used for tuning: DSSM was trained on
   those queries' pairs, so a weight tuned there would over-trust it.)
+* ``dssm+rerank``, ``bm25+rerank``, ``hybrid+rerank`` (only when named in ``--systems``; the index
+  version needs a re-ranker, ``dssm attach-reranker``): what ``dssm search --rerank N`` returns, i.e.
+  :meth:`serving.searcher.Searcher.search_batch` with ``mode`` ``dense``, ``bm25`` or ``hybrid`` and
+  ``rerank=N`` (``--rerank``) at the metrics' depth, so the re-ranker re-orders the top ``max(N,
+  depth)`` of that first stage (:mod:`serving.reranking`). Their first stages are the searcher's: ScaNN
+  as ``dssm``; the index's own BM25 state (not ``--data``'s corpus with ``--bm25-*``, which ``bm25``
+  reads); the index's stored hybrid weight (or the defaults), not a weight ``hybrid`` tunes on queries.
+  They run on the evaluated queries only.
 
 Significance: :func:`dssm.metrics.paired_randomization_test` between every two systems on every metric.
 """
@@ -34,7 +42,7 @@ from tqdm.auto import tqdm
 from dssm.artifacts import write_json_atomic
 from dssm.config import add_config_arguments, config_from_args, config_to_dict
 from dssm.data import document_text, holdout_filter, read_beir
-from dssm.errors import ConfigError, InputError
+from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, HybridConfig, convex_fusion, tune_weight
 from dssm.index import exact_top_k, publish_index_files
 from dssm.metrics import (
@@ -55,12 +63,17 @@ from dssm.metrics import (
     split_tuning_queries,
 )
 from dssm.report import write_report
+from serving.reranking import MAX_RERANK
 from serving.searcher import Searcher
 
-__all__ = ["ALL_SYSTEMS", "main"]
+__all__ = ["ALL_SYSTEMS", "DEFAULT_SYSTEMS", "RERANKED", "main"]
 
+#: A re-ranked system → the searcher mode of its first stage.
+RERANKED: dict[str, str] = {"dssm+rerank": "dense", "bm25+rerank": "bm25", "hybrid+rerank": "hybrid"}
+#: What ``--systems`` defaults to with ``--index``: every first stage (a re-ranked system only when named).
+DEFAULT_SYSTEMS: tuple[str, ...] = ("dssm", "dssm-exact", "bm25", "hybrid-rrf", "hybrid")
 #: Every system ``dssm eval`` can compare, in report order.
-ALL_SYSTEMS: tuple[str, ...] = ("dssm", "dssm-exact", "bm25", "hybrid-rrf", "hybrid")
+ALL_SYSTEMS: tuple[str, ...] = (*DEFAULT_SYSTEMS, *RERANKED)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -90,9 +103,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated NAME@K, NAME in recall, precision, mrr, ndcg, map "
                              "(default: %(default)s)")
     parser.add_argument("--systems", default=None,
-                        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all with --index, "
-                             "else bm25)")
-    parser.add_argument("--no-bm25", action="store_true", help="skip BM25 and the hybrids")
+                        help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default with --index: "
+                             f"{','.join(DEFAULT_SYSTEMS)}; else bm25); the +rerank systems need an index "
+                             "with a re-ranker (dssm attach-reranker)")
+    parser.add_argument("--rerank", type=int, default=100, metavar="N",
+                        help=f"candidates the +rerank systems re-order, 1..{MAX_RERANK}: the top max(N, depth) "
+                             "of each first stage, depth being the deepest metric cut-off (default: %(default)s)")
+    parser.add_argument("--no-bm25", action="store_true", help="skip BM25 and the hybrids (with and without "
+                                                               "re-ranking)")
     parser.add_argument("--hybrid-weight", choices=("index", "tune"), default="index",
                         help="index: the hybrid uses the weight stored in the index version (the label-free one "
                              "`dssm index` chose, or an earlier --save-weight), so every selected query is "
@@ -134,7 +152,7 @@ def _check_index_covers(searcher: Any, qrels: Qrels, *, corpus_size: int, index:
 
 def _parse_systems(args: argparse.Namespace) -> list[str]:
     if args.systems is None:
-        systems = list(ALL_SYSTEMS) if args.index is not None else ["bm25"]
+        systems = list(DEFAULT_SYSTEMS) if args.index is not None else ["bm25"]
     else:
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         unknown = [s for s in systems if s not in ALL_SYSTEMS]
@@ -142,7 +160,7 @@ def _parse_systems(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"--systems {args.systems!r}: unknown {unknown}; choose from {ALL_SYSTEMS}")
         systems = [s for s in ALL_SYSTEMS if s in systems]  # report order, no repeats
     if args.no_bm25:
-        systems = [s for s in systems if s in ("dssm", "dssm-exact")]
+        systems = [s for s in systems if s in ("dssm", "dssm-exact", "dssm+rerank")]
     if not systems:
         raise InputError("nothing to evaluate: give --index, or drop --no-bm25")
     dense = [s for s in systems if s != "bm25"]
@@ -210,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     systems, metrics, depth, data_dir = _check_args(args)
     # Load the index before the (slower) corpus read, so a bad --index fails fast.
-    searcher = Searcher.load(args.index) if args.index is not None else None
+    reranked = [s for s in systems if s in RERANKED]
+    searcher = None
+    if args.index is not None:
+        searcher = Searcher.load(args.index, reranker=bool(reranked))  # a re-ranker is loaded only to be used
+        if reranked:
+            _check_reranker(searcher, reranked, index=args.index)
     dataset = read_beir(data_dir)
     qids, tune_qids, stored_weight = _select_queries(args, systems, searcher, dataset, data_dir)
     runs, seconds, candidates = _first_stage_runs(args, systems, searcher, dataset, qids + tune_qids, depth)
@@ -220,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         runs["hybrid"], hybrid_info = _hybrid_run(args, candidates, dataset.qrels, qids, tune_qids, depth,
                                                   stored_weight=stored_weight, searcher=searcher)
         seconds["hybrid"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
-    _report(args, systems, runs, seconds, dataset, qids, n_run=len(qids) + len(tune_qids), metrics=metrics,
-            hybrid_info=hybrid_info, data_dir=data_dir)
+    rerank_info = _reranked_runs(args, reranked, searcher, dataset.queries, qids, depth, runs=runs, seconds=seconds)
+    n_run = {name: len(qids) if name in RERANKED else len(qids) + len(tune_qids) for name in systems}
+    _report(args, systems, runs, seconds, dataset, qids, n_run=n_run, metrics=metrics,
+            extra={"hybrid_tuning": hybrid_info, "rerank": rerank_info}, data_dir=data_dir)
     if args.save_weight:
         settings = config_to_dict(HybridConfig(weight=hybrid_info["weight"], normalization=args.normalization))
         version = publish_index_files(args.index, files={HYBRID_FILE: settings}, manifest_updates={"hybrid": settings})
@@ -236,6 +261,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...], i
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    if not 1 <= args.rerank <= MAX_RERANK:
+        raise ConfigError(f"--rerank must be in 1..{MAX_RERANK} (candidates re-ranked per query), got {args.rerank}")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if not metrics:
         raise ConfigError("--metrics is empty")
@@ -363,10 +390,60 @@ def _hybrid_run(args: argparse.Namespace, candidates: Any, qrels: Qrels, qids: l
                  "index_tuning": searcher.index.manifest.get("hybrid_tuning")}
 
 
+def _check_reranker(searcher: Any, reranked: Sequence[str], *, index: str) -> None:
+    """Refuse re-ranked systems the index version cannot serve (no re-ranker; no BM25 state for bm25/hybrid)."""
+    if searcher.reranker is None:
+        raise IndexNotFoundError(f"--index {index} (version {searcher.version}) has no re-ranker, which --systems "
+                                 f"{','.join(reranked)} need: train one with `dssm train-reranker` and attach it "
+                                 "with `dssm attach-reranker`, or drop the +rerank systems")
+    sparse = [s for s in reranked if RERANKED[s] != "dense"]
+    if sparse and searcher.bm25 is None:
+        raise IndexNotFoundError(f"--index {index} (version {searcher.version}) holds no BM25 state, which "
+                                 f"{','.join(sparse)} need (their first stage is the searcher's bm25/hybrid mode): "
+                                 "rebuild the index with `dssm index`, or evaluate dssm+rerank only")
+
+
+def _reranked_runs(args: argparse.Namespace, reranked: Sequence[str], searcher: Any, queries: Mapping[str, str],
+                   qids: list[str], depth: int, *, runs: dict[str, Any],
+                   seconds: dict[str, float]) -> dict[str, Any] | None:
+    """Add each re-ranked system's run (``Searcher.search_batch(..., rerank=N)``) to ``runs``; returns the
+    report's ``rerank`` entry (``None`` without re-ranked systems)."""
+    if not reranked:
+        return None
+    fetch = depth + 1 if args.skip_self else depth  # retrieve_run asks for one more to drop the query's own id
+    if args.rerank < depth:
+        print(f"note: the +rerank systems re-order the top {fetch} of each first stage, not --rerank "
+              f"{args.rerank}: the searcher re-ranks max(rerank, k) and the metrics need depth {depth}",
+              file=sys.stderr)
+    texts = {q: queries[q] for q in qids}
+    for name in reranked:
+        mode = RERANKED[name]
+
+        def search_batch(batch: list[str], k: int, mode: str = mode) -> Any:
+            return searcher.search_batch(batch, k, mode=mode, rerank=args.rerank)
+
+        tick = time.perf_counter()
+        runs[name] = retrieve_run(search_batch, texts, k=depth, skip_self=args.skip_self, batch_size=args.batch_size,
+                                  show_progress=True, desc=name)
+        seconds[name] = time.perf_counter() - tick
+    if "hybrid+rerank" in reranked:
+        config = searcher.hybrid_config
+        print(f"hybrid+rerank: first stage = the searcher's hybrid, weight {config.weight:.2f} on DSSM "
+              f"({'stored in the index' if searcher.stored_hybrid_config is not None else 'the default'})",
+              file=sys.stderr)
+    reranker = searcher.reranker
+    return {"rerank": args.rerank, "reranked_per_query": max(args.rerank, fetch), "index_version": searcher.version,
+            "fusion": {RERANKED[name]: reranker.weight(RERANKED[name]) for name in reranked},
+            "first_stage": {name: f"Searcher.search_batch mode={RERANKED[name]}" for name in reranked}}
+
+
 def _report(args: argparse.Namespace, systems: Sequence[str], runs: dict[str, Any], seconds: dict[str, float],
-            dataset: Any, qids: list[str], *, n_run: int, metrics: Sequence[str], hybrid_info: dict[str, Any] | None,
-            data_dir: Path) -> None:
-    """Score the evaluated queries, print the table and p-values, write ``--json`` and ``--report``."""
+            dataset: Any, qids: list[str], *, n_run: Mapping[str, int], metrics: Sequence[str],
+            extra: Mapping[str, Any], data_dir: Path) -> None:
+    """Score the evaluated queries, print the table and p-values, write ``--json`` and ``--report``.
+
+    ``extra``: more report entries (``hybrid_tuning``, ``rerank``); ``None`` values are left out.
+    """
     eval_set = set(qids)
     sel_qrels = {q: dataset.qrels[q] for q in qids}
     results = []
@@ -374,20 +451,20 @@ def _report(args: argparse.Namespace, systems: Sequence[str], runs: dict[str, An
         run = {q: hits for q, hits in runs[name].items() if q in eval_set}
         runs[name] = run
         results.append(evaluate_run(name, run, sel_qrels, metrics=metrics))
-        print(f"{name}: {seconds[name]:.1f} s for {n_run} queries "
-              f"({n_run / max(seconds[name], 1e-9):.0f} queries/s)", file=sys.stderr)
+        print(f"{name}: {seconds[name]:.1f} s for {n_run[name]} queries "
+              f"({n_run[name] / max(seconds[name], 1e-9):.0f} queries/s)", file=sys.stderr)
     tests = significance(results, trials=args.trials) if len(results) > 1 else {}
     docs = len(dataset.corpus)
     print(format_table(results, queries=len(qids), docs=docs))
     for pair, values in tests.items():
-        if "bm25" in pair.split(" vs ") or pair == "dssm vs dssm-exact":
+        a, _, b = pair.partition(" vs ")
+        if "bm25" in (a, b) or pair == "dssm vs dssm-exact" or f"{a}+rerank" == b:
             print(f"p({pair}, {metrics[0]}) = {values[metrics[0]]:.4g}")
     report = report_dict(results, queries=len(qids), docs=docs)
     if len(results) > 1:
         report["significance"] = tests
         report["significance_trials"] = args.trials
-    if hybrid_info is not None:
-        report["hybrid_tuning"] = hybrid_info
+    report.update({key: value for key, value in extra.items() if value is not None})
     if args.json:
         write_json_atomic(Path(args.json), report)
     if args.report:

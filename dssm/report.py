@@ -7,7 +7,8 @@
     DIR/results.md            the metrics table, p-values, tuning, the plots embedded
     DIR/runs/SYSTEM.trec      one TREC run per system ("qid Q0 docid rank score system")
     DIR/recall_at_k.png       Recall@k against k, one curve per system
-    DIR/ndcg_diff_A_vs_B.png  per-query nDCG@10 of A minus B, sorted (A = dssm and hybrid, B = bm25)
+    DIR/ndcg_diff_A_vs_B.png  per-query nDCG@10 of A minus B, sorted (A = dssm and hybrid, B = bm25;
+                              and each re-ranked system X+rerank against its first stage X)
 
 Plot and table functions take the data and a path; nothing here decides what to evaluate.
 """
@@ -90,7 +91,13 @@ def _default_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
         pairs.append(("dssm", "dssm-exact"))
     if "hybrid" in names and "hybrid-rrf" in names:
         pairs.append(("hybrid", "hybrid-rrf"))
-    return pairs
+    return pairs + _reranked_pairs(names)
+
+
+def _reranked_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(X+rerank, X)`` for every re-ranked system whose first stage X is also in ``names``."""
+    return [(n, n.removesuffix("+rerank")) for n in names
+            if n.endswith("+rerank") and n.removesuffix("+rerank") in names]
 
 
 def markdown_report(results: Sequence[SystemResult], report: Mapping[str, Any], *, title: str,
@@ -218,13 +225,13 @@ def write_report(directory: str | Path, *, results: Sequence[SystemResult], runs
     written.append(plot_recall_curves(directory / "recall_at_k.png", curves, title=f"Recall@k, {title}"))
     images.append(("Recall@k per system", "recall_at_k.png"))
     by_name = {r.name: r for r in results}
-    if "bm25" in by_name and "ndcg@10" in results[0].means:
-        for name in ("dssm", "hybrid"):
-            if name in by_name:
-                file = f"ndcg_diff_{name}_vs_bm25.png"
-                written.append(plot_metric_difference(directory / file, by_name[name], by_name["bm25"],
-                                                      title=f"per-query nDCG@10, {name} - bm25, {title}"))
-                images.append((f"per-query nDCG@10 difference, {name} vs bm25", file))
+    if "ndcg@10" in results[0].means:
+        pairs = [(name, "bm25") for name in ("dssm", "hybrid") if name in by_name and "bm25" in by_name]
+        for a, b in pairs + _reranked_pairs(list(by_name)):
+            file = f"ndcg_diff_{a}_vs_{b}.png"
+            written.append(plot_metric_difference(directory / file, by_name[a], by_name[b],
+                                                  title=f"per-query nDCG@10, {a} - {b}, {title}"))
+            images.append((f"per-query nDCG@10 difference, {a} vs {b}", file))
     (directory / "results.md").write_text(markdown_report(results, report, title=title, images=images,
                                                           heading="#") + "\n")
     written.append(directory / "results.md")

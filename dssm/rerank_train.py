@@ -2,8 +2,10 @@
 
 Steps (each shows progress):
 
-1. **Pairs.** The positive (query, document) pairs of a ``dssm pairs`` directory (label > 0): the
-   ``train`` split trains, the ``validation`` split chooses the fusion weights. Labelled pairs and
+1. **Pairs.** The positive (query, document) pairs of the ``train`` split of a ``dssm pairs`` directory
+   (label > 0). A hash of the query text (:func:`dssm.data.split_of`, salt ``rerank-fusion``) holds out
+   ``--fusion-fraction`` of them to choose the fusion weights; the rest train. The ``validation`` split is
+   never read: it may be the queries a user evaluates on (quora-dev's ``--holdout``). Labelled pairs and
    label-free ones (``dssm pairs --format corpus``: sentence → rest of its document) both work.
 2. **Candidates.** Every training query is searched in the index (``--mode``, the default search's
    ``hybrid``), so the negatives are the documents the re-ranker will really see at search time.
@@ -14,7 +16,7 @@ Steps (each shows progress):
    embedding table and bias) and takes BM25's idf of every word from the index's documents.
 4. **Training.** ``--epochs`` passes, ``--batch-queries`` queries per step, each with its positive and
    negatives, listwise softmax loss (:func:`dssm.rerank.listwise_loss`), Adam.
-5. **Fusion weights.** On up to ``--fusion-queries`` validation queries, for each first-stage mode the
+5. **Fusion weights.** On up to ``--fusion-queries`` held-out training queries, for each first-stage mode the
    index supports: the top ``--fusion-depth`` candidates, re-ranked with every first-stage share
    0, 0.1, ..., 1 (:func:`dssm.rerank_export.fuse_reranked`); the share with the best MRR@10 of the
    pair's document is stored (ties go to the larger share: the first stage's order wins unless the
@@ -37,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
+from dssm.data import split_of
 from dssm.errors import ConfigError, InputError
 from serving.searcher import Searcher
 
@@ -57,7 +60,9 @@ class RerankTrainConfig:
     batch_queries: int = field(32, "training queries per step")
     learning_rate: float = field(3e-3, "Adam learning rate")
     max_queries: int = field(0, "use at most this many training queries (0 = all)")
-    fusion_queries: int = field(500, "validation queries the fusion weights are chosen on")
+    fusion_fraction: float = field(0.1, "share of the training queries held out (by a hash of the text) to choose "
+                                   "the fusion weights on; they are not trained on")
+    fusion_queries: int = field(500, "at most this many of the held-out queries are used")
     fusion_depth: int = field(50, "candidates re-ranked per validation query when choosing the fusion weights")
     seed: int = field(0, "seed of the negative draw, the query order and the model's initialisation")
 
@@ -67,6 +72,8 @@ class RerankTrainConfig:
         for name in ("candidates", "negatives", "epochs", "batch_queries", "fusion_queries", "fusion_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.fusion_fraction < 1.0:
+            raise ConfigError(f"fusion_fraction must be in (0, 1), got {self.fusion_fraction}")
         if self.max_queries < 0:
             raise ConfigError(f"max_queries must be >= 0, got {self.max_queries}")
         if not self.learning_rate > 0:
@@ -238,7 +245,7 @@ def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainCon
 
 def _fusion_weights(model: Any, searcher: Searcher, pairs: Sequence[tuple[str, str, str]],
                     config: RerankTrainConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Per first-stage mode the index supports: the chosen share and its MRR@10 curve on validation queries."""
+    """Per first-stage mode the index supports: the chosen share and its MRR@10 curve on held-out training queries."""
     # deferred: TensorFlow, imported only when this runs
     import tensorflow as tf
 
@@ -277,10 +284,13 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise InputError(f"re-ranker directory {output} exists and is not empty (--overwrite replaces it)")
-    train_pairs = _read_pairs(pair_files(pairs_dir, "train"))
+    pairs = _read_pairs(pair_files(pairs_dir, "train"))
+    held_out = [split_of(query, validation_fraction=config.fusion_fraction, salt="rerank-fusion") == "validation"
+                for query, _, _ in pairs]
+    train_pairs = [pair for pair, out in zip(pairs, held_out, strict=True) if not out]
+    validation = [pair for pair, out in zip(pairs, held_out, strict=True) if out]
     if not train_pairs:
         raise InputError(f"{pairs_dir} has no positive training pairs (label > 0) in its train split")
-    validation = _read_pairs(pair_files(pairs_dir, "validation"))
     if config.max_queries:
         rng = np.random.default_rng(config.seed)
         train_pairs = [train_pairs[i] for i in sorted(rng.permutation(len(train_pairs))[:config.max_queries])]
@@ -297,7 +307,7 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
     model = _build_model(searcher, model_config)
     history: dict[str, Any] = _fit(model, examples, config)
     fusion, curves = _fusion_weights(model, searcher, validation, config) if validation else ({}, {})
-    history.update(fusion_curves=curves, training_queries=len(examples), validation_pairs=len(validation),
+    history.update(fusion_curves=curves, training_queries=len(examples), fusion_pairs=len(validation),
                    seconds=time.perf_counter() - began)
     export_reranker(model, output, fusion=fusion, history=history, overwrite=overwrite,
                     train={**config_to_dict(config), "pairs": str(pairs_dir), "index": str(index_dir),

@@ -13,7 +13,7 @@ import pytest
 from bench.harness import README_END, README_START, SCHEMA, Figure, Stats, update_readme, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("featurize", "train", "encode", "index", "query", "quality")
+ORDER = ("featurize", "train", "encode", "index", "query", "rerank", "quality")
 
 
 def _figure(part: str, ours: list[float], peer: list[float] | None, *, higher: bool = True) -> Figure:
@@ -149,18 +149,26 @@ def test_torch_reference_is_the_same_model_as_dssm_model() -> None:
 
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path: Path) -> None:
-    """``python -m bench --quick`` on two cheap parts writes both files with the schema and every figure."""
-    done = subprocess.run([sys.executable, "-m", "bench", "--part", "query", "quality", "--quick", "--out",
+    """``python -m bench --quick`` on three cheap parts writes both files with the schema and every figure."""
+    done = subprocess.run([sys.executable, "-m", "bench", "--part", "query", "rerank", "quality", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     _check_schema(data, quick=True)
-    assert set(data["parts"]) == {"query", "quality"} and data["errors"] == {}
+    assert set(data["parts"]) == {"query", "rerank", "quality"} and data["errors"] == {}
     names = [f["name"] for f in data["figures"]]
     assert any("over HTTP, 64 clients, p99" in n for n in names)
     assert any(n.startswith("ndcg@10 hybrid, adi") for n in names)
     query = [f for f in data["figures"] if f["part"] == "query"]
     assert {f["unit"] for f in query} == {"ms", "queries/s"}
     assert all(f["peer"] and f["ours"]["runs"] == 2 for f in query)
+    rerank = {f["name"]: f for f in data["figures"] if f["part"] == "rerank"}
+    for p in (50, 95, 99):  # re-ranking 100 candidates, beside the first stage on the same queries
+        figure = rerank[f"re-rank 100 candidates for one query, p{p}"]
+        assert figure["unit"] == "ms" and figure["peer"] and figure["ours"]["runs"] == 2
+        assert 0 < figure["ours"]["median"] and 0 < figure["peer"]["median"]
+    throughput = rerank["batch scoring throughput"]
+    assert throughput["unit"] == "pairs/s" and throughput["ours"]["median"] > 0
     table = (tmp_path / "results.md").read_text()
-    assert sum(line.startswith(("| query |", "| quality |")) for line in table.splitlines()) == len(names) + 2
+    parts = ("| query |", "| rerank |", "| quality |")
+    assert sum(line.startswith(parts) for line in table.splitlines()) == len(names) + 3

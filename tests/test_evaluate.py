@@ -11,7 +11,7 @@ from conftest import dataset
 from dssm.bm25 import BM25Config, BM25Index, tokenize
 from dssm.cli import main as cli_main
 from dssm.data import document_text, read_beir
-from dssm.errors import ConfigError, InputError
+from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.evaluate import main
 from dssm.metrics import (
     DEFAULT_METRICS,
@@ -566,3 +566,80 @@ def test_cli_save_weight_stores_the_tuned_weight_in_the_index(adi_index, adi_dir
         main(["--index", str(index), "--data", str(adi_dir), "--systems", "bm26"])
     with pytest.raises(InputError, match="need --index"):
         main(["--data", str(adi_dir), "--systems", "hybrid"])
+
+
+# ------------------------------------------------------------------------- re-ranked systems (issue 13)
+
+
+@pytest.fixture(scope="module")
+def adi_reranked_index(adi_index, tiny_model_dir, tmp_path_factory):
+    """adi_index plus an untrained re-ranker (its head counts exact word matches), as a new version."""
+    import shutil
+
+    from serving_support import untrained_reranker
+
+    from dssm.index import attach_reranker
+
+    work = tmp_path_factory.mktemp("adi_reranked")
+    shutil.copytree(adi_index, work / "index")
+    attach_reranker(work / "index", untrained_reranker(tiny_model_dir, work / "reranker"))
+    return work / "index"
+
+
+def test_cli_reranked_systems_are_the_searchers_reranked_top_n(adi_reranked_index, adi_dir, adi, tmp_path):
+    from serving.searcher import Searcher
+
+    report_dir, out = tmp_path / "report", tmp_path / "eval.json"
+    systems = ["dssm", "bm25", "hybrid", "dssm+rerank", "bm25+rerank", "hybrid+rerank"]
+    assert main(["--index", str(adi_reranked_index), "--data", str(adi_dir), "--systems", ",".join(reversed(systems)),
+                 "--rerank", "20", "--metrics", "ndcg@10,recall@10,mrr@10", "--report", str(report_dir),
+                 "--json", str(out), "--trials", "200"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {*systems, "queries", "docs", "significance", "significance_trials", "hybrid_tuning",
+                           "rerank"}
+    for name in systems:
+        assert set(report[name]) == {"ndcg@10", "recall@10", "mrr@10"} and 0 < report[name]["recall@10"] <= 1
+    assert report["rerank"]["rerank"] == 20 and report["rerank"]["reranked_per_query"] == 20
+    assert report["rerank"]["fusion"] == {"dense": 0.0, "bm25": 0.0, "hybrid": 0.0}
+    assert len(report["significance"]) == 15 and "dssm vs dssm+rerank" in report["significance"]
+    # The re-ranked systems are scored on the evaluated queries only, the same ones as every other system.
+    _, eval_ids = split_tuning_queries(select_queries(adi.queries, adi.qrels), 0.2)
+    per_query = json.loads((report_dir / "per_query.json").read_text())
+    assert all(set(per_query[name]["ndcg@10"]) == set(eval_ids) for name in systems)
+    searcher = Searcher.load(adi_reranked_index)
+    texts = [adi.queries[q] for q in eval_ids]
+    changed = 0
+    for name, mode in (("dssm+rerank", "dense"), ("bm25+rerank", "bm25"), ("hybrid+rerank", "hybrid")):
+        lines = [line.split() for line in (report_dir / "runs" / f"{name}.trec").read_text().splitlines()]
+        run = {q: [f[2] for f in lines if f[0] == q] for q in eval_ids}
+        first = searcher.search_batch(texts, 20, mode=mode)
+        direct = searcher.search_batch(texts, 10, mode=mode, rerank=20)
+        for qid, top, hits in zip(eval_ids, first, direct, strict=True):
+            # what `dssm search --rerank 20` returns, drawn from that first stage's top 20
+            assert run[qid] == [h.id for h in hits] and len(run[qid]) == 10
+            assert set(run[qid]) <= {h.id for h in top}
+            changed += run[qid] != [h.id for h in top[:10]]
+    assert changed > 0  # the re-ranker did re-order
+    assert (report_dir / "ndcg_diff_dssm+rerank_vs_dssm.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| dssm+rerank vs dssm |" in (report_dir / "results.md").read_text()
+
+
+def test_cli_reranked_skip_self_and_errors(adi_reranked_index, adi_index, adi_dir, adi, tmp_path):
+    # Query id == document id, the query's text that document's: --skip-self must drop it after re-ranking.
+    texts = {i: document_text(d.title, d.text) for i, d in adi.corpus.items()}
+    self_dir = _write_beir(tmp_path / "self", adi.corpus, texts, {i: {i: 1} for i in texts})
+    out = tmp_path / "eval.json"
+    assert main(["--index", str(adi_reranked_index), "--data", str(self_dir), "--systems", "dssm+rerank",
+                 "--metrics", "recall@10", "--rerank", "20", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["dssm+rerank"]["recall@10"] == pytest.approx(1.0)
+    assert main(["--index", str(adi_reranked_index), "--data", str(self_dir), "--systems", "dssm+rerank",
+                 "--metrics", "recall@10", "--rerank", "20", "--skip-self", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["dssm+rerank"]["recall@10"] == 0.0
+    with pytest.raises(IndexNotFoundError, match=rf"--index {adi_index} .*no re-ranker.*dssm attach-reranker"):
+        main(["--index", str(adi_index), "--data", str(adi_dir), "--systems", "dssm,bm25+rerank"])
+    for bad in ("0", "201", "-5"):
+        with pytest.raises(ConfigError, match=rf"--rerank must be in 1\.\.200.*got {bad}"):
+            main(["--index", str(adi_reranked_index), "--data", str(adi_dir), "--systems", "dssm+rerank",
+                  "--rerank", bad])
+    with pytest.raises(InputError, match="need --index"):
+        main(["--data", str(adi_dir), "--systems", "dssm+rerank"])

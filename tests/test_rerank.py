@@ -229,7 +229,10 @@ def test_attach_then_rerank_reorders_the_first_stage_top_n(adi_index, trained, t
     # k above rerank: the re-ranker reads max(rerank, k) candidates
     assert len(searcher.search(query, k=12, rerank=3)) == 12
     batch = searcher.search_batch([query, "!!!", "library"], k=4, rerank=10)
-    assert batch[0] == searcher.search(query, k=4, rerank=10) and batch[1] == []
+    alone = searcher.search(query, k=4, rerank=10)
+    # one model call for the batch: padding to the longest text changes scores only by float rounding
+    assert [h.id for h in batch[0]] == [h.id for h in alone] and batch[1] == []
+    np.testing.assert_allclose([h.score for h in batch[0]], [h.score for h in alone], atol=1e-4)
     for bad in (-1, 10_000, True, 2.5):
         with pytest.raises(InputError, match="rerank"):
             searcher.search(query, k=5, rerank=bad)
