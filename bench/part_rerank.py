@@ -54,12 +54,14 @@ QUERIES = 250
 _PERCENTILES = (50, 95, 99)
 
 
-def export_untrained_reranker(model_dir: Path, output: Path, *, config: Any = None) -> Path:
+def export_untrained_reranker(model_dir: Path, output: Path, *, config: Any = None,
+                              corpus: Sequence[str] = ()) -> Path:
     """A re-ranker shaped by ``config`` (default ``RerankConfig()``) on ``model_dir``'s hashing, exported untrained.
 
     The recipe of ``dssm train-reranker``'s start (the tower's embedding table and bias as the word
     layer) without training or corpus idf; the head counts exact matches so scores are not all equal.
-    Scoring costs the same whatever the weights are.
+    Scoring costs the same whatever the weights are. As the trainer does, the vectors of the
+    ``corpus``'s words are cached in the exported model (its serving path).
     """
     import dssm  # noqa: F401
     from dssm.export import SAVED_MODEL, read_model_configs
@@ -75,6 +77,10 @@ def export_untrained_reranker(model_dir: Path, output: Path, *, config: Any = No
     loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
     model.init_from_tower(loaded.query_tower.bag.table, loaded.query_tower.bag_bias.numpy())
     model.head.kernel.assign(np.eye(model.head.kernel.shape[0], 1, dtype=np.float32))
+    if corpus:
+        words = {w for i in range(0, len(corpus), 1024)
+                 for w in model.distinct_words(tf.constant(list(corpus[i:i + 1024]))).numpy().tolist()}
+        model.cache_vocabulary(np.asarray(sorted(words), dtype=object))
     return export_reranker(model, output, fusion={"dense": 0.5, "bm25": 0.5, "hybrid": 0.5},
                            train={"untrained": "bench.part_rerank"}, history={}, overwrite=True)
 
@@ -163,7 +169,8 @@ def _build(work: Path, *, quick: bool) -> tuple[Any, dict[str, Any]]:
     build_index(work / "index", embeddings=embeddings, ids=ids, texts=texts, model_dir=model_dir,
                 config=ScannConfig(mode="brute_force"))
     tick = time.perf_counter()
-    attach_reranker(work / "index", export_untrained_reranker(model_dir, work / "reranker", config=rerank_config))
+    attach_reranker(work / "index", export_untrained_reranker(model_dir, work / "reranker", config=rerank_config,
+                                                              corpus=texts))
     searcher = Searcher.load(work / "index")
     if searcher.reranker is None:
         raise RuntimeError(f"the index at {work / 'index'} loaded without its re-ranker")

@@ -130,6 +130,9 @@ class Reranker(tf.keras.Model):
         widths = np.full_like(centres, config.sigma)
         widths[0] = config.exact_sigma
         self._mu = tf.constant(centres)
+        # Set by cache_vocabulary after training: the documents' word vectors, looked up instead of computed.
+        self.vocab_table: tf.lookup.StaticHashTable | None = None
+        self.vocab_vectors: tf.Variable | None = None
         self._two_sigma_sq = tf.constant(2.0 * widths**2)
 
     def init_from_tower(self, table: np.ndarray | tf.Variable, bias: np.ndarray) -> None:
@@ -162,6 +165,28 @@ class Reranker(tf.keras.Model):
         return tf.math.bincount(keys % self.feature_config.num_buckets, minlength=self.feature_config.num_buckets,
                                 maxlength=self.feature_config.num_buckets, dtype=tf.int64)
 
+    def cache_vocabulary(self, words: np.ndarray, *, batch: int = 4096) -> None:
+        """Precompute the unit vectors of ``words`` (a corpus's distinct words, :meth:`distinct_words`).
+
+        Call after training (the vectors are those of the current weights). Documents' words found in
+        the cache are looked up instead of hashed and pooled, which is most of a re-ranking call's cost;
+        other words (documents added later) are computed as before, to the same values.
+        """
+        words = np.unique(np.asarray(words, dtype=object))
+        unit = tf.function(self._unit_vectors, reduce_retracing=True)
+        parts = [unit(tf.constant(words[i:i + batch].tolist(), tf.string)).numpy()
+                 for i in range(0, len(words), batch)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.config.dim), np.float32)
+        init = tf.lookup.KeyValueTensorInitializer(tf.constant(words.tolist() or [b""], tf.string),
+                                                   tf.range(max(len(words), 1), dtype=tf.int64))
+        self.vocab_table = tf.lookup.StaticHashTable(init, default_value=-1)
+        self.vocab_vectors = tf.Variable(vectors if len(words) else np.zeros((1, self.config.dim), np.float32),
+                                         trainable=False, name="vocab_vectors")
+
+    def distinct_words(self, texts: tf.Tensor) -> tf.Tensor:
+        """``[batch]`` strings → ``[n]`` their distinct words, as :meth:`call` reads documents."""
+        return tf.unique(self._words(texts, self.config.max_document_words).flat_values)[0]
+
     # ---- text → word vectors ---------------------------------------------------------------------
     def _words(self, texts: tf.Tensor, limit: int) -> tf.RaggedTensor:
         """``[batch]`` strings → ``[batch, (words <= limit)]`` normalised words, as the featurizer splits them."""
@@ -187,18 +212,43 @@ class Reranker(tf.keras.Model):
             x = tf.nn.relu(x)
         return x
 
-    def _side(self, texts: tf.Tensor, limit: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """``[batch]`` strings → (``[batch, L, embedding_dim + 1]`` word features and idf, ``[batch, L]`` mask,
-        ``[batch, L, dim]`` unit vectors)."""
+    def _unit_vectors(self, words: tf.Tensor) -> tf.Tensor:
+        """``[n]`` distinct words → ``[n, dim]`` unit vectors (projected word features)."""
+        return tf.math.l2_normalize(self.project(self._word_vectors(words)), axis=-1)
+
+    def _document_words(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """``[batch]`` documents → ``[batch, (words), dim]`` unit vectors, from the vocabulary cache when set."""
+        words = self._words(texts, self.config.max_document_words)
+        distinct, index = tf.unique(words.flat_values)
+        if self.vocab_table is None:
+            vectors = self._unit_vectors(distinct)
+        else:
+            rows = self.vocab_table.lookup(distinct)
+            unknown = tf.where(rows < 0)[:, 0]
+            vectors = tf.tensor_scatter_nd_update(tf.gather(self.vocab_vectors, tf.maximum(rows, 0)),
+                                                  unknown[:, None], self._unit_vectors(tf.gather(distinct, unknown)))
+        return tf.RaggedTensor.from_row_splits(tf.gather(vectors, index), words.row_splits)
+
+    def _side(self, texts: tf.Tensor, limit: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.RaggedTensor]:
+        """``[batch]`` strings → (``[batch, L]`` mask, ``[batch, L, dim]`` unit word vectors, ``[batch, L]``
+        word-importance logits, the same vectors as a ``[batch, (words), dim]`` ragged tensor).
+
+        Everything per word is computed once per distinct word of the batch and then gathered: a
+        re-ranked query's 100 candidates share most of their words, and the projection on the padded
+        ``[batch, L, embedding_dim]`` tensor instead cost ~80% of a 100-candidate call.
+        """
         words = self._words(texts, limit)
         distinct, index = tf.unique(words.flat_values)
         idf = tf.gather(self.idf, tf.strings.to_hash_bucket_fast(tf.strings.join([_UNIGRAM_PREFIX, distinct]),
                                                                  self.feature_config.num_buckets))
-        features = tf.concat([self._word_vectors(distinct), idf[:, None]], axis=1)
-        ragged = tf.RaggedTensor.from_row_splits(tf.gather(features, index), words.row_splits)
+        features = self._word_vectors(distinct)
+        vectors = tf.math.l2_normalize(self.project(features), axis=-1)  # [distinct, dim], as _unit_vectors
+        logits = tf.squeeze(self.term_weight(tf.concat([features, idf[:, None]], axis=1)), -1)  # [distinct]
+        ragged = tf.RaggedTensor.from_row_splits(tf.gather(vectors, index), words.row_splits)
         dense = ragged.to_tensor()
+        weight_logits = tf.RaggedTensor.from_row_splits(tf.gather(logits, index), words.row_splits).to_tensor()
         mask = tf.sequence_mask(words.row_lengths(), maxlen=tf.shape(dense)[1], dtype=tf.float32)
-        return dense, mask, tf.math.l2_normalize(self.project(dense[..., :-1]), axis=-1)
+        return mask, dense, weight_logits, ragged
 
     # ---- interaction ----------------------------------------------------------------------------
     def _pool(self, query: tf.Tensor, query_mask: tf.Tensor, document: tf.Tensor, document_mask: tf.Tensor,
@@ -208,6 +258,23 @@ class Reranker(tf.keras.Model):
         kernels = tf.exp(-tf.square(cosine[..., None] - self._mu) / self._two_sigma_sq)  # [batch, Lq, Ld, K]
         soft_tf = tf.reduce_sum(kernels * document_mask[:, None, :, None], axis=2)  # [batch, Lq, K]
         return tf.reduce_sum(tf.math.log1p(soft_tf) * (weight * query_mask)[..., None], axis=1)
+
+    def _pool_ragged(self, query: tf.Tensor, query_weight: tf.Tensor, document: tf.RaggedTensor) -> tf.Tensor:
+        """:meth:`_pool` over the documents' real words only (no padding to the longest candidate).
+
+        Args:
+            query: ``[batch, Lq, dim]`` unit vectors of each pair's query.
+            query_weight: ``[batch, Lq]`` importance, 0 on padding.
+            document: ``[batch, (words), dim]`` unit vectors.
+
+        Returns:
+            ``[batch, kernels]``.
+        """
+        rows = document.value_rowids()  # [words]: the pair each document word belongs to
+        cosine = tf.einsum("nd,nqd->nq", document.flat_values, tf.gather(query, rows))  # [words, Lq]
+        kernels = tf.exp(-tf.square(cosine[..., None] - self._mu) / self._two_sigma_sq)  # [words, Lq, K]
+        soft_tf = tf.math.unsorted_segment_sum(kernels, rows, num_segments=document.nrows())  # [batch, Lq, K]
+        return tf.reduce_sum(tf.math.log1p(soft_tf) * query_weight[..., None], axis=1)
 
     def _grams(self, vectors: tf.Tensor, mask: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor]]:
         """Word vectors → per n-gram size (unit ``[batch, L - n + 1, dim]`` vectors, their mask)."""
@@ -231,12 +298,17 @@ class Reranker(tf.keras.Model):
             ``[batch]`` float32 scores, higher is more relevant; comparable across documents of one query.
         """
         queries, documents = inputs
-        q_features, q_mask, q_vectors = self._side(queries, self.config.max_query_words)
-        _, d_mask, d_vectors = self._side(documents, self.config.max_document_words)
-        weight = tf.nn.softplus(tf.squeeze(self.term_weight(q_features), -1))  # [batch, Lq]
+        # A re-ranked query's candidates all share it: its side is computed once and gathered per pair.
+        distinct, of_pair = tf.unique(queries)
+        q_mask, q_vectors, q_logits, _ = self._side(distinct, self.config.max_query_words)
+        q_mask, q_vectors, q_logits = (tf.gather(x, of_pair) for x in (q_mask, q_vectors, q_logits))
+        weight = tf.nn.softplus(q_logits)  # [batch, Lq]
+        d_words = self._document_words(documents)
         if not self.grams:
-            pooled = self._pool(q_vectors, q_mask, d_vectors, d_mask, weight)
+            pooled = self._pool_ragged(q_vectors, weight * q_mask, d_words)
         else:
+            d_vectors = d_words.to_tensor()
+            d_mask = tf.sequence_mask(d_words.row_lengths(), maxlen=tf.shape(d_vectors)[1], dtype=tf.float32)
             q_grams, d_grams = self._grams(q_vectors, q_mask), self._grams(d_vectors, d_mask)
             pooled = tf.concat([self._pool(qv, qm, dv, dm, weight) for qv, qm in q_grams for dv, dm in d_grams],
                                axis=1)

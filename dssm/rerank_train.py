@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,14 @@ class RerankTrainConfig:
     fusion_queries: int = field(500, "at most this many of the held-out queries are used")
     fusion_depth: int = field(50, "candidates re-ranked per validation query when choosing the fusion weights")
     seed: int = field(0, "seed of the negative draw, the query order and the model's initialisation")
+    cache_words: int = field(200_000, "the index's most widespread words whose vectors the exported model "
+                             "precomputes (4 bytes x dim each), so re-ranking looks them up instead of hashing")
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "bm25", "hybrid"):
             raise ConfigError(f"mode must be dense, bm25 or hybrid, got {self.mode!r}")
-        for name in ("candidates", "negatives", "epochs", "batch_queries", "fusion_queries", "fusion_depth"):
+        for name in ("candidates", "negatives", "epochs", "batch_queries", "fusion_queries", "fusion_depth",
+                     "cache_words"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.fusion_fraction < 1.0:
@@ -170,8 +174,9 @@ def _read_pairs(files: Sequence[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _build_model(searcher: Searcher, config: Any) -> Any:
-    """A re-ranker shaped like the index's model, starting from its first layer, with the index's idf."""
+def _build_model(searcher: Searcher, config: Any, *, cache_words: int) -> tuple[Any, np.ndarray]:
+    """A re-ranker shaped like the index's model, starting from its first layer, with the index's idf;
+    and the index's ``cache_words`` most widespread words (for :meth:`Reranker.cache_vocabulary`)."""
     # deferred: TensorFlow, imported only when this runs
     import tensorflow as tf
 
@@ -189,18 +194,19 @@ def _build_model(searcher: Searcher, config: Any) -> Any:
     loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
     model.init_from_tower(loaded.query_tower.bag.table, loaded.query_tower.bag_bias.numpy())
     counts = tf.function(model.document_frequencies, reduce_retracing=True)
+    distinct = tf.function(model.distinct_words, reduce_retracing=True)
     frequencies = np.zeros(features.num_buckets, np.int64)
+    spread: Counter[bytes] = Counter()  # word -> batches of 1024 documents it occurs in
     texts: list[str] = []
-    for _, doc in tqdm(searcher.index.docs.iter_all(), total=len(searcher.index.docs), desc="document frequencies",
-                       unit="doc", leave=False):
+    for i, (_, doc) in enumerate(tqdm(searcher.index.docs.iter_all(), total=len(searcher.index.docs),
+                                      desc="document frequencies", unit="doc", leave=False)):
         texts.append(document_text(doc.title, doc.text))
-        if len(texts) == 1024:
+        if len(texts) == 1024 or i == len(searcher.index.docs) - 1:
             frequencies += counts(tf.constant(texts)).numpy()
+            spread.update(distinct(tf.constant(texts)).numpy().tolist())
             texts = []
-    if texts:
-        frequencies += counts(tf.constant(texts)).numpy()
     model.set_document_frequencies(frequencies, len(searcher.index.docs))
-    return model
+    return model, np.asarray([word for word, _ in spread.most_common(cache_words)], dtype=object)
 
 
 def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainConfig) -> dict[str, list[float]]:
@@ -304,8 +310,9 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
         negatives=config.negatives, seed=config.seed)
     if not examples:
         raise InputError(f"no training query of {pairs_dir} has a first-stage candidate that is not its own document")
-    model = _build_model(searcher, model_config)
+    model, vocabulary = _build_model(searcher, model_config, cache_words=config.cache_words)
     history: dict[str, Any] = _fit(model, examples, config)
+    model.cache_vocabulary(vocabulary)
     fusion, curves = _fusion_weights(model, searcher, validation, config) if validation else ({}, {})
     history.update(fusion_curves=curves, training_queries=len(examples), fusion_pairs=len(validation),
                    seconds=time.perf_counter() - began)

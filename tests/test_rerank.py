@@ -44,12 +44,14 @@ def test_listwise_loss_by_hand():
 
 def test_kernel_pooling_counts_exact_matches_by_hand():
     model = tiny_model()
-    q_features, q_mask, q_vectors = model._side(tf.constant(["apple"]), 32)
-    _, d_mask, d_vectors = model._side(tf.constant(["apple apple pie"]), 200)
+    q_mask, q_vectors, q_logits, _ = model._side(tf.constant(["apple"]), 32)
+    d_mask, d_vectors, _, d_words = model._side(tf.constant(["apple apple pie"]), 200)
     pooled = model._pool(q_vectors, q_mask, d_vectors, d_mask, tf.ones_like(q_mask)).numpy()[0]
+    # the ragged form (knrm's path) pools the same figures without padding
+    np.testing.assert_allclose(model._pool_ragged(q_vectors, q_mask, d_words).numpy()[0], pooled, rtol=1e-5)
     # Two exact matches in the exact-match kernel: log(1 + 2); "pie" adds at most a sliver there.
     assert pooled[0] == pytest.approx(math.log(3.0), abs=1e-3)
-    assert q_features.shape[-1] == 12 + 1  # word features + the idf column
+    assert q_vectors.shape == (1, 1, 8) and q_logits.shape == (1, 1)
 
 
 def test_a_padded_pair_scores_like_the_pair_alone():
@@ -66,6 +68,19 @@ def test_long_candidates_are_truncated_not_refused():
     long_score = model((tf.constant(["w3 w7"]), tf.constant([" ".join(words)]))).numpy()[0]
     cut_score = model((tf.constant(["w3 w7"]), tf.constant([" ".join(words[:20])]))).numpy()[0]
     assert long_score == pytest.approx(cut_score, abs=1e-5)
+
+
+@pytest.mark.parametrize("design", ["knrm", "conv-knrm"])
+def test_the_vocabulary_cache_changes_cost_not_scores(design):
+    model = tiny_model(design)
+    queries = ["red apple pie", "red apple pie", "fast car"]
+    documents = ["an apple pie that is red", "unseen words here zebra", "a fast red car"]
+    before = model((tf.constant(queries), tf.constant(documents))).numpy()
+    cached = model.distinct_words(tf.constant(["an apple pie that is red", "a fast red car"])).numpy()
+    assert set(cached) == {b"an", b"apple", b"pie", b"that", b"is", b"red", b"a", b"fast", b"car"}
+    model.cache_vocabulary(cached)
+    # "unseen words here zebra" is not cached: computed as before, in the same call as cached words
+    np.testing.assert_allclose(model((tf.constant(queries), tf.constant(documents))).numpy(), before, atol=1e-5)
 
 
 def test_document_frequencies_and_idf():
@@ -130,6 +145,7 @@ def test_fuse_reranked_by_hand():
 def test_export_load_round_trip_and_a_corrupt_file_is_refused_by_name(tmp_path):
     model = tiny_model()
     model.set_document_frequencies(np.ones(FEATURES.num_buckets), 4)
+    model.cache_vocabulary(np.asarray([b"apple", b"red", b"road"], dtype=object))
     out = export_reranker(model, tmp_path / "rr", fusion={"dense": 0.3}, train={"epochs": 1}, history={"loss": [1.0]})
     loaded = load_reranker(out)
     queries, documents = ["red apple", "car"], ["an apple, red", "a road with a car and a truck"]

@@ -6,7 +6,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.index.files import fsync_file
@@ -121,40 +121,36 @@ class DocStore:
             IndexNotFoundError: a row is not in the store (index and store disagree).
         """
         wanted = [int(r) for r in rows]
-        if not wanted:
-            return []
-        found: dict[int, Doc] = {}
-        unique = sorted(set(wanted))
-        # SQLite's default limit on bound parameters is 32766; stay well under it.
-        for start in range(0, len(unique), 900):
-            part = unique[start:start + 900]
-            marks = ",".join("?" * len(part))
-            for row, doc_id, title, text in self._conn().execute(
-                    f"SELECT row, id, title, text FROM docs WHERE row IN ({marks})", part):
-                found[row] = Doc(doc_id, title, text)
-        missing = [r for r in unique if r not in found]
+        found = self._select("row", wanted)
+        missing = sorted({r for r in wanted if r not in found})
         if missing:
             raise IndexNotFoundError(f"rows {missing[:5]} are not in the document store {self.path}")
         return [found[r] for r in wanted]
 
     def by_ids(self, doc_ids: Sequence[str]) -> list[Doc]:
-        """Documents with these ids, in that order (one query per 900 ids).
+        """Documents with these ids, in that order.
 
         Raises:
             IndexNotFoundError: an id is not in the store.
         """
-        found: dict[str, Doc] = {}
-        unique = sorted(set(doc_ids))
-        for start in range(0, len(unique), 900):
-            part = unique[start:start + 900]
-            marks = ",".join("?" * len(part))
-            for doc_id, title, text in self._conn().execute(
-                    f"SELECT id, title, text FROM docs WHERE id IN ({marks})", part):
-                found[doc_id] = Doc(doc_id, title, text)
-        missing = [i for i in unique if i not in found]
+        found = self._select("id", list(doc_ids))
+        missing = sorted({i for i in doc_ids if i not in found})
         if missing:
             raise IndexNotFoundError(f"documents {missing[:5]} are not in the document store {self.path}")
         return [found[i] for i in doc_ids]
+
+    def _select(self, column: str, keys: list[Any]) -> dict[Any, Doc]:
+        """``{key: Doc}`` for the distinct ``keys`` of ``column`` (``row`` or ``id``) that exist."""
+        found: dict[Any, Doc] = {}
+        unique = sorted(set(keys))
+        # SQLite's default limit on bound parameters is 32766; stay well under it.
+        for start in range(0, len(unique), 900):
+            part = unique[start:start + 900]
+            marks = ",".join("?" * len(part))
+            for key, doc_id, title, text in self._conn().execute(
+                    f"SELECT {column}, id, title, text FROM docs WHERE {column} IN ({marks})", part):
+                found[key] = Doc(doc_id, title, text)
+        return found
 
     def row_of(self, doc_id: str) -> int | None:
         """The row of document ``doc_id``, or ``None``."""
