@@ -50,7 +50,7 @@ def _step(title: str) -> float:
 
 def _call(module: str, argv: list[str]) -> None:
     print("$ dssm", {"pipelines.make_pairs": "pairs", "dssm.train": "train", "pipelines.encode_corpus": "index",
-                     "dssm.evaluate": "eval", "serving.searcher": "search"}[module], " ".join(argv), flush=True)
+                     "dssm.evaluate": "eval", "serving.search_cli": "search"}[module], " ".join(argv), flush=True)
     code = importlib.import_module(module).main(argv)
     if code:
         raise SystemExit(code)
@@ -164,6 +164,6 @@ def _index_and_eval_steps(args: argparse.Namespace, work: Path, step: Callable[[
 
     start = _step(f"{step()} search: three held-out queries")
     for text in [text for text in read_queries(args.data / "queries.jsonl").values() if held_out(text)][:3]:
-        _call("serving.searcher", ["--index", str(index), "-k", "3", text])
+        _call("serving.search_cli", ["--index", str(index), "-k", "3", text])
     timings["search"] = time.perf_counter() - start
     return minilm
