@@ -145,8 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", default=None,
                         help="keep the embedding shards in this directory (default: a staging "
                              "directory removed after the build)")
-    parser.add_argument("--keep-versions", type=int, default=0,
-                        help="after publishing, delete all but the newest N versions (0: keep all)")
+    parser.add_argument("--keep-versions", type=int, default=index_lib.DEFAULT_KEEP_VERSIONS,
+                        help="after publishing, delete all but the newest N versions, never the live one or one a "
+                             "reader (a Searcher, a server) still holds; 0 keeps all (default: %(default)s)")
     parser.add_argument("--min-recall", dest="scann_min_recall", type=float, default=None,
                         help="same as --scann-min-recall")
     parser.add_argument("--shard", default=None, metavar="i/N",

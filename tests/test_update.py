@@ -9,7 +9,7 @@ import pytest
 
 from dssm import index as ix
 from dssm.cli import main as dssm_main
-from dssm.errors import InputError
+from dssm.errors import ConfigError, InputError
 from serving.searcher import Searcher
 
 
@@ -257,3 +257,28 @@ def test_staging_left_by_a_killed_writer_is_removed_by_the_next_write_and_a_live
     assert not live.exists()
     assert ix.clean_stale_staging(idx) == []  # new-1 is within its grace period
     assert (ix.current_version_dir(idx) / "note.json").is_file()
+
+
+def test_writes_prune_old_versions_except_the_ones_readers_hold(tmp_path):
+    """Issue 14's retention: each write keeps the newest N versions, the live one and any a reader still
+    holds (a loaded Index keeps a shared lock on its version until it is released or collected)."""
+    _small_index(tmp_path / "idx")
+    rng = np.random.default_rng(3)
+    first = ix.load_index(tmp_path / "idx")  # a reader on the first version, held through every write
+    versions = [first.version]
+    for i in range(5):
+        result = ix.update_index(tmp_path / "idx", upsert_ids=[f"new-{i}"], upsert_titles=[""], upsert_texts=["t"],
+                                 upsert_vectors=rng.normal(size=(1, 16)).astype(np.float32), keep_versions=2)
+        versions.append(result.version)
+    # the newest 2 and the one the reader holds; the three in between are gone
+    assert ix.list_versions(tmp_path / "idx") == sorted([versions[0], *versions[-2:]])
+    assert ix.version_in_use(first.version_dir) and first.docs.get([0])  # the reader still reads
+    first.lease.release()
+    assert not ix.version_in_use(first.version_dir)
+    ix.delete_documents(tmp_path / "idx", ["new-0"], keep_versions=2)
+    assert len(ix.list_versions(tmp_path / "idx")) == 2 and versions[0] not in ix.list_versions(tmp_path / "idx")
+    # 0 keeps every version; a negative count is refused
+    ix.delete_documents(tmp_path / "idx", ["new-1"], keep_versions=0)
+    assert len(ix.list_versions(tmp_path / "idx")) == 3
+    with pytest.raises(ConfigError, match="keep_versions"):
+        ix.delete_documents(tmp_path / "idx", ["new-2"], keep_versions=-1)

@@ -44,7 +44,9 @@ from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
 from dssm.index.updates import UpdateResult, delete_documents, update_index, upsert_documents
 from dssm.index.versions import (  # noqa: I001
+    DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
+    VersionLease,
     check_added_file_name,
     clean_stale_staging,
     current_version_dir,
@@ -53,8 +55,10 @@ from dssm.index.versions import (  # noqa: I001
     prune_versions,
     publish_index_files,
     publish_version,
+    retain_versions,
     staging,
     staging_dir,
+    version_in_use,
 )
 
 # The layer's public names (files, memory and row-reading helpers stay inside it).
@@ -67,5 +71,6 @@ __all__ = [
     "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",
     "count_shard_rows", "build_index_from_shards", "Index", "load_index", "attach_reranker", "UpdateResult",
     "update_index",
-    "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec",
+    "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec", "DEFAULT_KEEP_VERSIONS", "VersionLease",
+    "retain_versions", "version_in_use",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from dssm.data import iter_corpus
 from dssm.errors import InputError
 from dssm.index.updates import delete_documents, upsert_documents
+from dssm.index.versions import DEFAULT_KEEP_VERSIONS
 
 __all__ = ["add_update_arguments", "print_update", "read_ids", "upsert_main", "delete_main"]
 
@@ -29,6 +30,9 @@ def add_update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebalance-fraction", type=float, default=0.2,
                         help="rebalance automatically once the rows changed since the last full build exceed this "
                              "fraction of that build's documents (default: 0.2)")
+    parser.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS,
+                        help="then keep this many newest versions (plus the live one and any a reader holds); "
+                             "0 keeps every version (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -61,7 +65,7 @@ def upsert_main(argv: list[str] | None = None) -> int:
     if not documents:
         raise InputError(f"corpus {args.corpus} holds no documents")
     result = upsert_documents(args.index, documents, rebalance=args.rebalance,
-                              rebalance_fraction=args.rebalance_fraction)
+                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions)
     print_update(result, as_json=args.json)
     return 0
 
@@ -89,6 +93,6 @@ def delete_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", required=True, type=Path, help="file with one document id per line")
     args = parser.parse_args(argv)
     result = delete_documents(args.index, read_ids(args.ids), rebalance=args.rebalance,
-                              rebalance_fraction=args.rebalance_fraction)
+                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions)
     print_update(result, as_json=args.json)
     return 0

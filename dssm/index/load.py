@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from dssm.artifacts import read_manifest, verify_manifest
-from dssm.errors import ChecksumError, InputError
+from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 from dssm.index.docstore import DocStore
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
-from dssm.index.versions import current_version_dir
+from dssm.index.versions import VersionLease, current_version_dir
 
 __all__ = ["Index", "load_index"]
 
@@ -19,8 +19,10 @@ __all__ = ["Index", "load_index"]
 class Index:
     """A loaded, verified index version: ScaNN searcher + document store (+ the model directory path)."""
 
-    def __init__(self, *, version_dir: Path, manifest: dict[str, Any], scann: Any, docs: DocStore):
+    def __init__(self, *, version_dir: Path, manifest: dict[str, Any], scann: Any, docs: DocStore,
+                 lease: VersionLease | None = None):
         self.version_dir = version_dir
+        self.lease = lease  # pruning skips this version while the Index lives
         self.manifest = manifest
         self.scann = scann
         self.docs = docs
@@ -95,6 +97,10 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
     from scann.scann_ops.py import scann_ops_pybind
 
     version_dir = current_version_dir(index_dir)
+    try:
+        lease = VersionLease(version_dir)
+    except FileNotFoundError as exc:
+        raise IndexNotFoundError(f"index version {version_dir} was removed while loading; load again") from exc
     skip = () if reranker else (RERANKER_DIR,)
     manifest = verify_manifest(version_dir, kind="index", skip=skip) if verify else read_manifest(version_dir)
     for name in (SCANN_DIR, DOCS_DB, EMBEDDINGS):
@@ -107,4 +113,4 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         raise ChecksumError(f"{version_dir / DOCS_DB} holds {len(docs)} documents, manifest says "
                             f"{manifest['counts']['documents']}")
     scann = scann_ops_pybind.load_searcher(str(version_dir / SCANN_DIR), assets_backcompat_shim=False)
-    return Index(version_dir=version_dir, manifest=manifest, scann=scann, docs=docs)
+    return Index(version_dir=version_dir, manifest=manifest, scann=scann, docs=docs, lease=lease)

@@ -32,10 +32,12 @@ from dssm.index.files import fsync_file, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.versions import (
+    DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
     current_version_dir,
     new_version_name,
     publish_version,
+    retain_versions,
     staging,
 )
 
@@ -122,6 +124,7 @@ def update_index(
     rebalance_fraction: float = 0.2,
     min_recall: float | None = None,
     version: str | None = None,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
 ) -> UpdateResult:
     """Delete and upsert documents into a new version of the live index, without re-encoding the rest.
 
@@ -145,6 +148,8 @@ def update_index(
         rebalance_fraction: drift threshold for the automatic rebalance, in (0, 1].
         min_recall: recall@10 gate; default the base build's ``min_recall``.
         version: new version name; default :func:`new_version_name`.
+        keep_versions: after publishing, keep this many newest versions and any a reader holds
+            (:func:`dssm.index.versions.retain_versions`; 0 keeps every version).
 
     Returns:
         The :class:`UpdateResult`.
@@ -156,6 +161,8 @@ def update_index(
     """
     if not 0.0 < rebalance_fraction <= 1.0:
         raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
+    if keep_versions < 0:
+        raise ConfigError(f"keep_versions must be >= 0 (0 keeps every version), got {keep_versions}")
     index_dir = Path(index_dir)
     ids, deletes = list(upsert_ids), list(delete_ids)
     if not index_dir.is_dir():
@@ -184,6 +191,7 @@ def update_index(
                 manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
                 rebalance_fraction=rebalance_fraction, timings=timings))
             published = publish_version(index_dir, stage, version)
+        retain_versions(index_dir, keep_versions)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=changes.final, deleted=len(deletes), inserted=len(changes.new_rows),
                         replaced=changes.replaced, rebalanced=state.reason is not None,
@@ -412,7 +420,7 @@ def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
 
 def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
                      rebalance: bool | None = None, rebalance_fraction: float = 0.2,
-                     batch_size: int = 4096) -> UpdateResult:
+                     batch_size: int = 4096, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> UpdateResult:
     """Add or replace documents, encoding only them with the live version's document tower.
 
     Args:
@@ -423,6 +431,7 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
         rebalance: see :func:`update_index`.
         rebalance_fraction: see :func:`update_index`.
         batch_size: texts per model call.
+        keep_versions: see :func:`update_index`.
 
     Returns:
         The :class:`UpdateResult` (the new version is live).
@@ -439,12 +448,13 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
                               for s in range(0, len(texts), batch_size)])
     return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
                         upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
-                        rebalance_fraction=rebalance_fraction)
+                        rebalance_fraction=rebalance_fraction, keep_versions=keep_versions)
 
 
 def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
-                     rebalance_fraction: float = 0.2) -> UpdateResult:
+                     rebalance_fraction: float = 0.2, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> UpdateResult:
     """Delete documents by id into a new live version (every id must exist; otherwise nothing changes)."""
     if isinstance(ids, str):
         raise InputError("delete_documents takes a list of ids, got one string")
-    return update_index(index_dir, delete_ids=list(ids), rebalance=rebalance, rebalance_fraction=rebalance_fraction)
+    return update_index(index_dir, delete_ids=list(ids), rebalance=rebalance, rebalance_fraction=rebalance_fraction,
+                        keep_versions=keep_versions)

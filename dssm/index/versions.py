@@ -16,6 +16,7 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,12 @@ from dssm.index.layout import CURRENT, STAGING, VERSION_RE, VERSIONS
 __all__ = [
     "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock", "publish_version",
     "current_version_dir", "list_versions", "prune_versions", "check_added_file_name", "publish_index_files",
+    "VersionLease", "version_in_use", "retain_versions", "DEFAULT_KEEP_VERSIONS",
 ]
+
+# Writes (upserts, deletes, derived versions, full builds) keep this many newest versions, plus the live
+# one and any a reader still holds (issue 14: 400 small writes used to fill 10 GB).
+DEFAULT_KEEP_VERSIONS = 10
 
 
 def new_version_name() -> str:
@@ -234,8 +240,45 @@ def list_versions(index_dir: str | Path) -> list[str]:
     return sorted(p.name for p in versions.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
 
 
+class VersionLease:
+    """A reader's hold on a version directory: a shared ``flock`` on it while the reader lives.
+
+    :func:`load_index` takes one for the version it loads, so pruning never deletes a version a
+    Searcher (or an in-flight request on an old snapshot) still reads. Released by :meth:`release`
+    or when the lease is garbage collected.
+    """
+
+    def __init__(self, version_dir: str | Path) -> None:
+        fd = os.open(version_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._release = weakref.finalize(self, os.close, fd)
+
+    def release(self) -> None:
+        """Give the version up (idempotent)."""
+        self._release()
+
+
+def version_in_use(version_dir: str | Path) -> bool:
+    """True while some process holds a :class:`VersionLease` on ``version_dir``."""
+    try:
+        fd = os.open(version_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock too
+    return False
+
+
 def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names nor one a reader holds.
 
     Returns:
         Names of deleted versions.
@@ -245,10 +288,25 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
     with IndexWriteLock(index_dir):  # CURRENT cannot move to a version we are about to delete
         current = current_version_dir(index_dir).name
         names = list_versions(index_dir)
-        doomed = [v for v in names[:-keep] if v != current]
+        doomed = [v for v in names[:-keep]
+                  if v != current and not version_in_use(Path(index_dir) / VERSIONS / v)]
         for name in doomed:
             shutil.rmtree(Path(index_dir) / VERSIONS / name)
     return doomed
+
+
+def retain_versions(index_dir: str | Path, keep: int) -> list[str]:
+    """A writer's automatic retention after it published: :func:`prune_versions` unless ``keep`` is 0.
+
+    At least 2 are kept whatever ``keep`` says, so the version that was live a moment ago survives a
+    reader that read ``CURRENT`` just before the switch.
+
+    Raises:
+        ConfigError: ``keep`` is negative.
+    """
+    if keep < 0:
+        raise ConfigError(f"keep_versions must be >= 0 (0 keeps every version), got {keep}")
+    return prune_versions(index_dir, keep=max(keep, 2)) if keep else []
 
 
 def check_added_file_name(name: str) -> None:
@@ -263,7 +321,8 @@ def check_added_file_name(name: str) -> None:
 
 
 def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
-                        manifest_updates: Mapping[str, Any], directories: Mapping[str, Path] | None = None) -> str:
+                        manifest_updates: Mapping[str, Any], directories: Mapping[str, Path] | None = None,
+                        keep_versions: int = DEFAULT_KEEP_VERSIONS) -> str:
     """Publish a new index version = the live one + small JSON files + manifest keys.
 
     The live version is verified, copied with hard links (published versions are never modified in
@@ -277,6 +336,7 @@ def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
         manifest_updates: keys set in the new manifest (e.g. ``{"duplicate_threshold": 0.8}``).
         directories: ``{directory name: source directory}`` copied in (replacing one of that name), every
             file checksummed into the manifest (``dssm attach-reranker``'s ``reranker/``).
+        keep_versions: then keep this many newest versions (:func:`retain_versions`; 0 keeps all).
 
     Returns:
         The new version's name.
@@ -288,7 +348,10 @@ def publish_index_files(index_dir: str | Path, *, files: Mapping[str, Any],
     # released: a base read outside it could be replaced by an upsert meanwhile, and one of the two
     # writes would be lost (issue 12).
     with IndexWriteLock(index_dir):
-        return _publish_derived(index_dir, files=files, manifest_updates=manifest_updates, directories=directories)
+        version = _publish_derived(index_dir, files=files, manifest_updates=manifest_updates,
+                                   directories=directories)
+        retain_versions(index_dir, keep_versions)
+        return version
 
 
 def _publish_derived(index_dir: str | Path, *, files: Mapping[str, Any], manifest_updates: Mapping[str, Any],
