@@ -57,7 +57,7 @@ from dssm import __version__
 from dssm.config import config_from_dict, config_to_dict
 from dssm.errors import ConfigError
 from dssm.index import current_version_dir
-from serving.backend import Backend, multiprocess_metrics
+from serving.backend import Backend, WritesBusyError, multiprocess_metrics
 from serving.config import API_KEY_ENV, LOG_LEVELS, WORKER_CONFIG_ENV, ServeConfig
 from serving.guard import API_PREFIX, Guard
 from serving.routes import (
@@ -75,8 +75,33 @@ __all__ = ["API_KEY_ENV", "WORKER_CONFIG_ENV", "ServeConfig", "create_app", "met
 log = logging.getLogger(__name__)
 
 
+class _WriteQueue:
+    """Writes' own executor: one thread, at most ``limit`` writes admitted (running or waiting).
+
+    The count lives on the event loop's thread (admission happens there), so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.pending >= self.limit:
+            raise WritesBusyError(f"{self.pending} writes already admitted (max_pending_writes={self.limit}); "
+                                  "retry after the Retry-After seconds")
+        if self._limiter is None:  # created on the loop that serves
+            self._limiter = anyio.CapacityLimiter(1)
+        self.pending += 1
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
+        finally:
+            self.pending -= 1
+
+
 def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_reads: bool = False,
-               worker_threads: int = 8, manage_backend: bool = True, load_before_serving: bool = False) -> FastAPI:
+               worker_threads: int = 8, manage_backend: bool = True, load_before_serving: bool = False,
+               max_pending_writes: int = 8) -> FastAPI:
     """Build the FastAPI application around ``backend``.
 
     Args:
@@ -90,12 +115,17 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
             version is loaded or failed to load. ``dssm serve --workers N`` sets it: the workers share
             one listening socket, and a worker that accepted connections while loading would answer
             them 503 although another worker is ready.
+        max_pending_writes: writes admitted at once (running or queued); more get 429 with
+            ``Retry-After``. Writes run one at a time on their own thread (they serialise on the index's
+            write lock anyway), so a burst of writes never holds the threads reads run on.
 
     Returns:
         The ASGI app (FastAPI wrapped by the guard layer is installed as middleware).
     """
     if worker_threads < 1:
         raise ConfigError(f"worker_threads must be >= 1, got {worker_threads}")
+    if max_pending_writes < 1:
+        raise ConfigError(f"max_pending_writes must be >= 1, got {max_pending_writes}")
     if require_key_for_reads and not api_key:
         raise ConfigError("require_key_for_reads needs an API key (--api-key or $DSSM_API_KEY)")
     limiter_box: list[anyio.CapacityLimiter] = []
@@ -131,7 +161,8 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
     add_error_handlers(app, index_dir=backend.index_dir)
     add_health_routes(app, backend)
     fast = add_read_routes(app, backend, run)
-    add_write_routes(app, backend, run)
+    writes = _WriteQueue(max_pending_writes)
+    add_write_routes(app, backend, writes.run)
     app.openapi = functools.partial(_openapi, app, require_key_for_reads)  # type: ignore[method-assign]
     app.add_middleware(Guard, backend=backend, api_key=api_key, require_key_for_reads=require_key_for_reads,
                        routes=lambda: app.router.routes, fast=fast)
@@ -181,7 +212,8 @@ def _serving_app(config: ServeConfig) -> FastAPI:
     backend = Backend(config.index, max_in_flight=config.max_in_flight, watch_interval=config.watch_interval,
                       batchers=config.model_threads, batch_window=config.batch_window_ms / 1000.0)
     app = create_app(backend, api_key=config.api_key, require_key_for_reads=config.require_key_for_reads,
-                     worker_threads=config.threads, load_before_serving=config.load_before_serving)
+                     worker_threads=config.threads, load_before_serving=config.load_before_serving,
+                     max_pending_writes=config.max_pending_writes)
     if config.tf_threads:
         _set_tf_threads(config.tf_threads)
     if config.switch_interval_ms > 0:
@@ -260,8 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-in-flight", type=int, default=64,
                         help="requests admitted at once (per worker process); more get 429 immediately (default: 64)")
     parser.add_argument("--threads", type=int, default=8,
-                        help="worker threads for batch searches, similarity, document reads and writes "
+                        help="worker threads for batch searches, similarity and document reads "
                              "(default: 8); single queries are coalesced in the model thread")
+    parser.add_argument("--max-pending-writes", type=int, default=8,
+                        help="writes admitted at once, run one at a time on their own thread; more get 429 with "
+                             "Retry-After, so writes never hold the threads reads use (default: 8)")
     parser.add_argument("--model-threads", type=int, default=1,
                         help="threads that answer single queries, each taking every query waiting at that "
                              "moment as one batch (default: 1)")
@@ -311,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServeConfig(index=str(args.index.resolve()), api_key=args.api_key,
                          require_key_for_reads=args.require_key_for_reads, max_in_flight=args.max_in_flight,
                          threads=args.threads, model_threads=args.model_threads, tf_threads=args.tf_threads,
+                         max_pending_writes=args.max_pending_writes,
                          switch_interval_ms=args.switch_interval_ms, batch_window_ms=args.batch_window_ms,
                          watch_interval=args.watch_interval, log_level=args.log_level)
     try:

@@ -62,6 +62,7 @@ __all__ = [
     "ModeNotAvailableError",
     "RerankerNotAvailableError",
     "WriteNotSupportedError",
+    "WritesBusyError",
     "Snapshot",
     "SimilarityResult",
     "Metrics",
@@ -92,6 +93,10 @@ class RerankerNotAvailableError(ModeNotAvailableError):
 
 class WriteNotSupportedError(DSSMError):
     """The loaded searcher has no incremental update path (``upsert``/``delete``)."""
+
+
+class WritesBusyError(DSSMError):
+    """The write queue is full (``max_pending_writes``): answered 429 with ``Retry-After``, never a hung read."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from serving.backend import (
     ModeNotAvailableError,
     NotReadyError,
     WriteNotSupportedError,
+    WritesBusyError,
 )
 from serving.config import API_KEY_ENV
 from serving.schemas import MAX_BODY_BYTES
@@ -87,6 +88,8 @@ def _answer(exc: Exception) -> tuple[int, str, dict[str, str] | None]:
         return 409, str(exc), None
     if isinstance(exc, WriteNotSupportedError):
         return 501, str(exc), None
+    if isinstance(exc, WritesBusyError):
+        return 429, str(exc), {"Retry-After": "1"}
     if isinstance(exc, InputError):
         return 400, str(exc), None
     if isinstance(exc, DSSMError):

@@ -29,6 +29,7 @@ from serving.backend import (
     ModeNotAvailableError,
     NotReadyError,
     WriteNotSupportedError,
+    WritesBusyError,
     multiprocess_metrics,
 )
 from serving.guard import FastAnswer, error_body, exception_answer
@@ -116,7 +117,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "the index version cannot serve this request: its mode (bm25/hybrid need BM25 state in the index) "
               "or rerank > 0 (needs a re-ranker in the index: `dssm attach-reranker`)"),
         (422, "a field is missing, of the wrong type or out of range"),
-        (429, "too many requests in flight; retry after the Retry-After seconds"),
+        (429, "too many requests in flight (or, for writes, the write queue is full); retry after the Retry-After "
+              "seconds"),
         (503, "no index version loaded yet"),
     )
 }
@@ -161,7 +163,7 @@ def add_error_handlers(app: FastAPI, *, index_dir: Path | None = None) -> None:
 
     # RerankerNotAvailableError is a ModeNotAvailableError: the same handler, the same 409.
     for error_class in (NotReadyError, DocumentNotFoundError, ModeNotAvailableError, WriteNotSupportedError,
-                        InputError, DSSMError, Exception):
+                        WritesBusyError, InputError, DSSMError, Exception):
         app.add_exception_handler(error_class, _on_backend_error)
 
 
@@ -275,7 +277,10 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
 
 
 def add_write_routes(app: FastAPI, backend: Backend, run: Run) -> None:
-    """Upsert and delete (the guard has already checked the API key); each publishes a new index version."""
+    """Upsert and delete (the guard has already checked the API key); each publishes a new index version.
+
+    ``run`` is the writes' own queue (``serving.app``): one at a time, bounded, 429 when full.
+    """
 
     @app.put("/v1/documents", response_model=WriteResponse, responses=_WRITE_ERRORS, tags=["documents"],
              openapi_extra={"security": [{SECURITY_SCHEME: []}]})

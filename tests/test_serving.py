@@ -1035,3 +1035,45 @@ def test_search_without_a_mode_uses_the_index_default_hybrid_weight(tmp_path, mo
         assert [h.id for h in default][:len(bm25)] == [h.id for h in bm25]
         batch = client.search_batch([query], k=5)
         assert [h.id for h in batch[0]] == [h.id for h in hybrid]
+
+
+def test_writes_queue_on_their_own_thread_and_a_full_queue_is_429_while_reads_stay_fast(tmp_path, model_dir, rows,
+                                                                                       monkeypatch):
+    """Issue 14: writers waiting on the index's write lock used to hold the threads reads run on (a GET
+    took 15.7 s during a write burst). Writes now run one at a time on their own thread, at most
+    ``max_pending_writes`` admitted; the rest get 429 with Retry-After at once."""
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows)
+    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(model_dir))
+    release = threading.Event()
+    started = []
+
+    def slow_upsert(documents):  # a write stuck behind the index's write lock
+        started.append(threading.current_thread().name)
+        release.wait(30)
+        return backend.current().version
+
+    with ServerThread(create_app(backend, api_key=API_KEY, worker_threads=2, max_pending_writes=2)) as server:
+        wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
+        monkeypatch.setattr(backend, "upsert", slow_upsert)
+        headers = {"x-api-key": API_KEY}
+        body = {"documents": [{"id": "w1", "text": "a new document"}]}
+        with ThreadPoolExecutor(4) as pool:
+            writes = [pool.submit(httpx.put, server.url + "/v1/documents", json=body, headers=headers, timeout=60)
+                      for _ in range(2)]
+            wait_until(lambda: len(started) == 1, timeout=10, what="the first write to start")
+            time.sleep(0.2)  # the second is admitted and queued behind it
+            refused = httpx.put(server.url + "/v1/documents", json=body, headers=headers, timeout=10)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert "max_pending_writes=2" in refused.json()["error"]
+            # two worker threads, two writes admitted: reads still answer at once
+            tick = time.perf_counter()
+            for _ in range(5):
+                assert httpx.get(server.url + f"/v1/documents/{rows[0]['id']}", timeout=10).status_code == 200
+                assert httpx.post(server.url + "/v1/search:batch", json={"queries": ["library"], "k": 3},
+                                  timeout=10).status_code == 200
+            assert time.perf_counter() - tick < 5.0
+            assert len(started) == 1  # one write at a time
+            release.set()
+            assert [w.result().status_code for w in writes] == [200, 200]
+        assert len(set(started)) == 1  # both ran on the writes' one thread
