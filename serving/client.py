@@ -205,6 +205,10 @@ class SearchClient:
         backoff: first delay in seconds; doubles each retry, with up to 50% jitter.
         max_backoff: cap on one delay (also on a server's ``Retry-After``).
         transport: an httpx transport (tests); default is a normal connection pool.
+
+    Read-your-writes: after a write the client sends ``X-Min-Version: <the version it published>`` on
+    every later request (:attr:`min_version`), so a server process that has not loaded that version
+    yet loads it before answering (or answers 503, which is retried) instead of a stale 404.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0, *, retries: int = 3,
@@ -217,6 +221,7 @@ class SearchClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.attempts = 0  # total HTTP attempts made (retries included), for observability
+        self.min_version: str | None = None  # newest version this client wrote; sent as X-Min-Version
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -245,7 +250,8 @@ class SearchClient:
         for attempt in range(self.retries + 1):
             self.attempts += 1
             try:
-                response = self._http.request(method, path, json=json)
+                headers = {"X-Min-Version": self.min_version} if self.min_version else None
+                response = self._http.request(method, path, json=json, headers=headers)
             except _RETRY_EXCEPTIONS as exc:
                 if attempt == self.retries:
                     raise ConnectionFailedError(f"cannot connect to {self.base_url} after {attempt + 1} attempts: "
@@ -264,6 +270,10 @@ class SearchClient:
         if response.is_success:
             return response.json()
         return self._raise(method, path, response)
+
+    def _wrote(self, version: str) -> None:
+        # Version names start with their UTC publish time, so the newer one sorts last.
+        self.min_version = max(self.min_version or version, version)
 
     @staticmethod
     def _raise(method: str, path: str, response: httpx.Response) -> Any:
@@ -328,6 +338,7 @@ class SearchClient:
         """Add or replace documents; returns the new index version (already live when this returns)."""
         payload = [_as_document(d) for d in documents]
         body = self._request("PUT", "/v1/documents", json={"documents": payload})
+        self._wrote(body["version"])
         return WriteResult(version=body["version"], upserted=body["upserted"], deleted=body["deleted"])
 
     def delete(self, doc_ids: str | Sequence[str]) -> WriteResult:
@@ -347,6 +358,7 @@ class SearchClient:
             for doc_id in ids:
                 _quote(doc_id)  # the same local check as for one id
             body = self._request("POST", "/v1/documents:delete", json={"ids": ids})
+        self._wrote(body["version"])
         return WriteResult(version=body["version"], upserted=0, deleted=body["deleted"])
 
     # ---------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 from starlette.routing import Match
 
 from dssm.errors import DSSMError, InputError
+from dssm.index.layout import VERSION_RE
 from serving.backend import (
     Backend,
     DocumentNotFoundError,
@@ -228,6 +230,12 @@ class Guard:
                               {"Retry-After": "1"})
             return
         try:
+            wanted = headers.get(b"x-min-version")
+            if wanted is not None:
+                refusal = await self._catch_up(wanted.decode("latin-1").strip())
+                if refusal is not None:
+                    await _send_error(send, *refusal)
+                    return
             if method in _BODY_METHODS:
                 body = await self._read_body(receive)
                 if body is None:
@@ -242,6 +250,27 @@ class Guard:
             await self.app(scope, receive, send)
         finally:
             self.backend.release()
+
+    async def _catch_up(self, wanted: str) -> tuple[int, str, dict[str, str] | None] | None:
+        """Read-your-writes: load ``CURRENT`` if this process serves a version older than ``wanted``.
+
+        Version names begin with their UTC publish time, so "older" is "sorts before". Returns the
+        error to answer instead (400 for a malformed name, 503 + Retry-After if still behind), or None.
+        """
+        if not VERSION_RE.match(wanted):
+            return 400, f"X-Min-Version {wanted!r} is not an index version name", None
+        snap = self.backend.snapshot
+        if snap is not None and snap.version >= wanted:
+            return None
+        try:
+            await anyio.to_thread.run_sync(self.backend.reload)
+        except DSSMError as exc:
+            log.warning("X-Min-Version %s: reload failed: %s", wanted, exc)
+        snap = self.backend.snapshot
+        if snap is None or snap.version < wanted:
+            return 503, (f"this server process serves index version {snap.version if snap else None}, older than "
+                         f"X-Min-Version {wanted}; retry after the Retry-After seconds"), {"Retry-After": "1"}
+        return None
 
     @staticmethod
     async def _read_body(receive: Receive) -> bytes | None:

@@ -37,6 +37,7 @@ from serving.client import (
     AuthenticationError,
     BadRequestError,
     ClientError,
+    Document,
     ForbiddenError,
     NotFoundError,
     OverloadedError,
@@ -1077,3 +1078,38 @@ def test_writes_queue_on_their_own_thread_and_a_full_queue_is_429_while_reads_st
             release.set()
             assert [w.result().status_code for w in writes] == [200, 200]
         assert len(set(started)) == 1  # both ran on the writes' one thread
+
+
+def test_read_your_writes_across_server_processes_with_min_version(tmp_path, model_dir, rows):
+    """Issue 14: with --workers 2 a DELETE right after a PUT of the same id hit the other worker, which
+    had not swapped yet: 404. A write's version now travels back as X-Min-Version (the client sends it
+    itself), and a process that is behind loads that version before answering."""
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows)
+    loader = support.shared_encoder_loader(model_dir)
+    # Two "workers" on one index that never poll CURRENT on their own during the test.
+    first = Backend(index_dir, watch_interval=3600, loader=loader)
+    second = Backend(index_dir, watch_interval=3600, loader=loader)
+    with ServerThread(create_app(first, api_key=API_KEY)) as one, ServerThread(create_app(second,
+                                                                                      api_key=API_KEY)) as two:
+        wait_until(lambda: first.snapshot is not None and second.snapshot is not None, timeout=60,
+                   what="both processes to load")
+        with SearchClient(one.url, api_key=API_KEY, retries=0) as writer:
+            written = writer.upsert([Document(id="fresh", text="a document written through the first process")])
+            assert writer.min_version == written.version
+        behind = second.current().version
+        assert behind < written.version
+        # Without the header the second process answers from its old version: the stale 404 of the issue.
+        assert httpx.get(two.url + "/v1/documents/fresh", timeout=10).status_code == 404
+        with SearchClient(two.url, api_key=API_KEY, retries=0) as other:
+            other.min_version = written.version  # what a client behind a --workers 2 port carries over
+            assert other.get_document("fresh").version == written.version
+            deleted = other.delete("fresh")
+            assert other.min_version == deleted.version > written.version
+        assert second.current().version == deleted.version
+        # Malformed and unreachable versions: 400, and 503 with Retry-After (retried by clients).
+        answer = httpx.get(two.url + "/v1/documents/1", headers={"X-Min-Version": "../x"}, timeout=10)
+        assert answer.status_code == 400 and "X-Min-Version" in answer.json()["error"]
+        answer = httpx.get(two.url + "/v1/documents/1", headers={"X-Min-Version": "99991231T000000Z-ffffff"},
+                           timeout=10)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
