@@ -112,6 +112,18 @@ def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequen
             raise InputError(f"embedding of document {ids[int(bad[0])]!r} is not finite (NaN/inf)")
 
 
+def _checked_update_settings(index_dir: str | Path, *, rebalance_fraction: float, keep_versions: int) -> Path:
+    """``index_dir`` as a Path once the settings are valid and an index directory exists there."""
+    if not 0.0 < rebalance_fraction <= 1.0:
+        raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
+    if keep_versions < 0:
+        raise ConfigError(f"keep_versions must be >= 0 (0 keeps every version), got {keep_versions}")
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
+    return index_dir
+
+
 def update_index(
     index_dir: str | Path,
     *,
@@ -159,14 +171,9 @@ def update_index(
             or the update would leave no documents.
         ConfigError: recall below ``min_recall``, or ScaNN's row bookkeeping disagrees with ours.
     """
-    if not 0.0 < rebalance_fraction <= 1.0:
-        raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
-    if keep_versions < 0:
-        raise ConfigError(f"keep_versions must be >= 0 (0 keeps every version), got {keep_versions}")
-    index_dir = Path(index_dir)
+    index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
+                                         keep_versions=keep_versions)
     ids, deletes = list(upsert_ids), list(delete_ids)
-    if not index_dir.is_dir():
-        raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
