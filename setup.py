@@ -27,6 +27,8 @@ setup(
         "matplotlib>=3.8",
         # FarmHash64, the hash of tf.strings.to_hash_bucket_fast: one query hashed without TF (ascii_buckets).
         "pyfarmhash==0.5.1",
+        # One BLAS thread around the numpy re-ranker's small matrix products (dssm/rerank_fast.py).
+        "threadpoolctl==3.8.0",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100",

@@ -5,22 +5,26 @@ the packages' long descriptions (``corpus.jsonl``, paragraphs of about 60 words,
 re-ranker's 200-word cut). Every candidate the re-ranker reads is a real document: the first stage's
 top 100 for that query.
 
-Model, index and re-ranker: the default-shape model exported with its initial weights
+Model, index and re-rankers: the default-shape model exported with its initial weights
 (:func:`bench.harness.export_untrained_model`), the whole corpus (34,090 documents) encoded and indexed
 brute force (:func:`dssm.index.build_index`, ``ScannConfig(mode="brute_force")``: an untrained model's
 near-tied embeddings would fail the ANN recall gate, and exact search is the first stage's upper
-bound on cost at this size), and a default-shape re-ranker (``RerankConfig()``) started from the
-model's embedding table as ``dssm train-reranker`` starts one but not trained
-(:func:`export_untrained_reranker`: the cost does not depend on the weights), attached to the index
-with :func:`dssm.index.attach_reranker` and loaded by ``Searcher.load`` as serving loads it.
-TensorFlow runs on one thread, as ``dssm serve`` runs each worker (``--tf-threads 1``).
+bound on cost at this size), and, for each design (``knrm``, ``conv-knrm``), a default-shape
+re-ranker (``RerankConfig(design=...)``) started from the model's embedding table as ``dssm
+train-reranker`` starts one but not trained (:func:`export_untrained_reranker`: the cost does not depend
+on the weights), attached to the index with :func:`dssm.index.attach_reranker` and loaded by
+``Searcher.load`` as serving loads it. TensorFlow runs on one thread, as ``dssm serve`` runs each
+worker (``--tf-threads 1``); the numpy path limits BLAS to one thread itself.
 
-Figures, over ``QUERIES`` queries per run (after a warm-up), median of ``repeats`` runs with min and max:
+Figures per design, over ``QUERIES`` queries per run (after a warm-up), median of ``repeats`` runs with min
+and max:
 
 * re-rank 100 candidates for one query, p50 / p95 / p99: ``LoadedReranker.score(query, texts)`` on the
-  texts of the query's first-stage top 100; beside it the first stage on the same queries,
+  texts of the query's first-stage top 100 (all but ~2% of debian-dev's documents are ASCII, which the
+  numpy path, ``dssm.rerank_fast``, scores); beside it the first stage on the same queries,
   ``Searcher.search(text, k=100, mode="dense")`` (query tower + exact search + doc store). Target
   (issue 13): p50 ≤ 5 ms;
+* the same through the SavedModel (the path of text with non-ASCII characters), p50 of one run;
 * text → top 10 with ``rerank=100``, end to end (first stage + reading the candidates' texts +
   re-ranker + fusion), p50, beside the same search without ``rerank``;
 * batch scoring throughput: ``LoadedReranker.score_pairs`` over every (query, candidate) pair of the
@@ -146,71 +150,95 @@ def latency_runs(searcher: Any, queries: Sequence[str], *, repeats: int,
     return runs, pairs
 
 
-def _build(work: Path, *, quick: bool) -> tuple[Any, dict[str, Any]]:
-    """Model, index of the corpus and attached re-ranker under ``work``; the loaded ``Searcher`` and set-up facts."""
+def _build(work: Path, *, quick: bool) -> tuple[Path, list[str], dict[str, Any]]:
+    """Model and index of the corpus under ``work``; the model directory, the corpus texts and set-up facts."""
     from dssm.export import load_encoder
     from dssm.features import FeatureConfig
-    from dssm.index import ScannConfig, attach_reranker, build_index
+    from dssm.index import ScannConfig, build_index
     from dssm.model import ModelConfig
-    from dssm.rerank import RerankConfig
-    from serving.searcher import Searcher
 
     if quick:
         model_dir = export_untrained_model(work / "model", feature_config=FeatureConfig(num_buckets=2**12),
                                            model_config=ModelConfig(embedding_dim=32, hidden_dims=(32,)))
-        rerank_config = RerankConfig(dim=16)
     else:
         model_dir = export_untrained_model(work / "model")
-        rerank_config = RerankConfig()
     ids, texts = corpus_texts(DATASET, limit=2_000 if quick else None)
     tick = time.perf_counter()
     embeddings = load_encoder(model_dir).embed_documents(texts)
     encode_s = time.perf_counter() - tick
     build_index(work / "index", embeddings=embeddings, ids=ids, texts=texts, model_dir=model_dir,
                 config=ScannConfig(mode="brute_force"))
+    words = [len(t.split()) for t in texts]
+    return model_dir, texts, {"documents": len(ids), "encode_seconds": round(encode_s, 1),
+                              "mean_document_words": round(float(np.mean(words)), 1)}
+
+
+def _attach(work: Path, model_dir: Path, texts: list[str], *, design: str, quick: bool) -> tuple[Any, dict[str, Any]]:
+    """Attach an untrained ``design`` re-ranker to ``work/index``; the loaded ``Searcher`` and its shape."""
+    from dssm.index import attach_reranker
+    from dssm.rerank import RerankConfig
+    from serving.searcher import Searcher
+
+    config = RerankConfig(design=design, dim=16) if quick else RerankConfig(design=design)
     tick = time.perf_counter()
-    attach_reranker(work / "index", export_untrained_reranker(model_dir, work / "reranker", config=rerank_config,
+    attach_reranker(work / "index", export_untrained_reranker(model_dir, work / f"reranker-{design}", config=config,
                                                               corpus=texts))
     searcher = Searcher.load(work / "index")
-    if searcher.reranker is None:
-        raise RuntimeError(f"the index at {work / 'index'} loaded without its re-ranker")
-    words = [len(t.split()) for t in texts]
-    return searcher, {"documents": len(ids), "encode_seconds": round(encode_s, 1),
-                      "reranker_seconds": round(time.perf_counter() - tick, 1),
-                      "mean_document_words": round(float(np.mean(words)), 1),
-                      "rerank": {"design": rerank_config.design, "dim": rerank_config.dim,
-                                 "kernels": rerank_config.kernels,
-                                 "max_document_words": rerank_config.max_document_words}}
+    if searcher.reranker is None or searcher.reranker.fast is None:
+        raise RuntimeError(f"the index at {work / 'index'} loaded without its re-ranker's numpy path")
+    return searcher, {"design": design, "dim": config.dim, "kernels": config.kernels,
+                      "max_document_words": config.max_document_words,
+                      "reranker_seconds": round(time.perf_counter() - tick, 1)}
 
 
-def _figures(runs: dict[str, list[dict[int, float]]], throughput: Stats, *, setup: dict[str, Any],
-             queries: int, pairs: int) -> list[Figure]:
+def _graph_p50(searcher: Any, pairs: list[tuple[str, str]]) -> Stats:
+    """p50 (ms) of re-ranking each query's candidates through the SavedModel (the path of non-ASCII text)."""
+    from dssm.rerank_export import load_reranker
+
+    graph = load_reranker(searcher.reranker.directory, fast=False)
+    by_query: dict[str, list[str]] = {}
+    for query, document in pairs:
+        by_query.setdefault(query, []).append(document)
+    times = []
+    for query, documents in by_query.items():
+        tick = time.perf_counter()
+        graph.score(query, documents)
+        times.append(_ms_since(tick))
+    return Stats.one(float(np.percentile(times[min(5, len(times) - 1):], 50)))
+
+
+def _figures(runs: dict[str, list[dict[int, float]]], throughput: Stats, graph: Stats, *, setup: dict[str, Any],
+             shape: dict[str, Any], queries: int, pairs: int) -> list[Figure]:
     def stats(kind: str, p: int) -> Stats:
         return Stats.of([run[p] for run in runs[kind]])
 
-    shape = setup["rerank"]
+    design = shape["design"]
     label = (f"{queries} {DATASET} queries, {CANDIDATES} of {setup['documents']:,} docs "
              f"(~{setup['mean_document_words']:.0f} words) each")
     first = f"first stage: dense top-{CANDIDATES} (exact), p"
     figures = [
-        Figure("rerank", f"re-rank {CANDIDATES} candidates for one query, p{p}", "ms", stats("rerank", p),
+        Figure("rerank", f"re-rank {CANDIDATES} candidates for one query ({design}), p{p}", "ms", stats("rerank", p),
                f"{first}{p}", stats("first", p), higher_is_better=False,
-               note=(f"LoadedReranker.score, {shape['design']} dim {shape['dim']}, {shape['kernels']} kernels, "
-                     f"1 TF thread; {label}; target p50 ≤ 5 ms") if p == 50 else "")
+               note=(f"LoadedReranker.score (numpy path, ASCII text), dim {shape['dim']}, {shape['kernels']} "
+                     f"kernels, 1 thread; {label}; target p50 ≤ 5 ms") if p == 50 else "")
         for p in _PERCENTILES
     ]
-    figures.append(Figure("rerank", f"text → top-10 with rerank={CANDIDATES}, end to end, p50", "ms",
+    figures.append(Figure("rerank", f"re-rank {CANDIDATES} candidates ({design}), SavedModel path, p50", "ms", graph,
+                          "numpy path, p50", stats("rerank", 50), higher_is_better=False,
+                          note="the graph scores text with non-ASCII characters (one run over the same candidates)"))
+    figures.append(Figure("rerank", f"text → top-10 with rerank={CANDIDATES} ({design}), end to end, p50", "ms",
                           stats("end_to_end", 50), "without rerank, p50", stats("plain", 50), higher_is_better=False,
                           note="Searcher.search: first stage + candidates' texts + re-ranker + fusion"))
-    figures.append(Figure("rerank", "batch scoring throughput", "pairs/s", throughput,
+    figures.append(Figure("rerank", f"batch scoring throughput ({design})", "pairs/s", throughput,
                           note=f"LoadedReranker.score_pairs over {pairs:,} (query, candidate) pairs, batches of "
                                "512; target ≥ 20,000 pairs/s"))
     return figures
 
 
 def run(*, quick: bool) -> list[Figure]:
-    """Latency of re-ranking 100 real candidates beside the first stage's, and batch scoring throughput."""
+    """Per design: latency of re-ranking 100 real candidates beside the first stage's, and batch throughput."""
     import dssm  # noqa: F401
+    from dssm.rerank import DESIGNS
 
     import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -220,15 +248,21 @@ def run(*, quick: bool) -> list[Figure]:
     repeats = 2 if quick else 3
     queries = read_queries(DATASET, 10 if quick else QUERIES)
     work = Path(tempfile.mkdtemp(prefix="bench-rerank-"))
+    figures: list[Figure] = []
     try:
-        searcher, setup = _build(work, quick=quick)
+        model_dir, texts, setup = _build(work, quick=quick)
         print(f"  set-up: {json.dumps(setup)}", flush=True)
-        runs, pairs = latency_runs(searcher, queries, repeats=repeats, warmup=3 if quick else 20)
-        print(f"  latency (ms): {json.dumps(runs)}", flush=True)
-        pair_queries, pair_documents = [q for q, _ in pairs], [d for _, d in pairs]
-        throughput = measure(lambda: searcher.reranker.score_pairs(pair_queries, pair_documents), repeats=repeats,
-                             warmup=1, rate_of=len(pairs))
-        print(f"  score_pairs: {throughput.median:,.0f} pairs/s over {len(pairs):,} pairs", flush=True)
+        for design in DESIGNS:
+            searcher, shape = _attach(work, model_dir, texts, design=design, quick=quick)
+            runs, pairs = latency_runs(searcher, queries, repeats=repeats, warmup=3 if quick else 20)
+            print(f"  {design} latency (ms): {json.dumps(runs)}", flush=True)
+            pair_queries, pair_documents = [q for q, _ in pairs], [d for _, d in pairs]
+            throughput = measure(lambda: searcher.reranker.score_pairs(pair_queries, pair_documents),  # noqa: B023
+                                 repeats=repeats, warmup=1, rate_of=len(pairs))
+            print(f"  {design} score_pairs: {throughput.median:,.0f} pairs/s over {len(pairs):,} pairs", flush=True)
+            graph = _graph_p50(searcher, pairs)
+            figures += _figures(runs, throughput, graph, setup=setup, shape=shape, queries=len(queries),
+                                pairs=len(pairs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _figures(runs, throughput, setup=setup, queries=len(queries), pairs=len(pairs))
+    return figures

@@ -33,7 +33,7 @@ from dssm.errors import ConfigError
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_text as tf_text  # noqa: E402  isort: skip
 
-__all__ = ["FeatureConfig", "Featurizer", "ascii_buckets"]
+__all__ = ["FeatureConfig", "Featurizer", "ascii_buckets", "ascii_words"]
 
 # \x01 never survives step 3 (it is not a letter or digit), so no trigram or word can equal these.
 _UNIGRAM_PREFIX = "\x01u"
@@ -167,6 +167,17 @@ class Featurizer:
         ]
 
 
+def ascii_words(text: str, config: FeatureConfig) -> list[str] | None:
+    """The words ``Featurizer.tokens`` splits one ASCII text into, without TensorFlow (``None`` if not ASCII).
+
+    On ASCII, NFKC is the identity, case folding is ``str.lower`` and the non-word runs the graph
+    splits on are everything but ``[a-z0-9]``; the cut to ``max_chars`` counts bytes = characters.
+    """
+    if not isinstance(text, str) or not text.isascii():
+        return None
+    return _ASCII_WORD.findall(text[:config.max_chars].lower())
+
+
 def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
     """The bucket of every token ``Featurizer.tokens`` gives one ASCII text, without TensorFlow.
 
@@ -183,9 +194,9 @@ def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
         ``[tokens]`` int64 bucket ids in the graph's token order, repeats kept (the query tower sums
         rows, so it needs no counting); ``None`` when the caller must use the graph.
     """
-    if not isinstance(text, str) or not text.isascii():
+    words = ascii_words(text, config)
+    if words is None:
         return None
-    words = _ASCII_WORD.findall(text[:config.max_chars].lower())
     tokens = [wrapped[i:i + 3] for wrapped in ["#" + w + "#" for w in words] for i in range(len(wrapped) - 2)]
     if config.word_unigrams:
         tokens += [_UNIGRAM_PREFIX + w for w in words]

@@ -32,6 +32,7 @@ from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.features import FeatureConfig
 from dssm.hybrid import fuse_scores
 from dssm.rerank import RerankConfig, Reranker
+from dssm.rerank_fast import NumpyReranker
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -142,7 +143,8 @@ class LoadedReranker:
         directory: where it was loaded from (named in errors).
     """
 
-    def __init__(self, loaded: Any, *, config: Mapping[str, Any], directory: Path, batch_size: int = 512) -> None:
+    def __init__(self, loaded: Any, *, config: Mapping[str, Any], directory: Path, batch_size: int = 512,
+                 fast: bool = True) -> None:
         self._loaded = loaded
         self._score = loaded.signatures["score"]
         self.config: RerankConfig = config["rerank"]
@@ -150,6 +152,8 @@ class LoadedReranker:
         self.fusion: dict[str, float] = {m: float(w) for m, w in config.get("fusion", {}).items()}
         self.directory = directory
         self.batch_size = batch_size
+        # The numpy forward pass for ASCII texts (dssm.rerank_fast); None: every pair goes through the graph.
+        self.fast = NumpyReranker.from_loaded(loaded, config=self.config, features=self.features) if fast else None
 
     def weight(self, mode: str) -> float:
         """The first stage's share in the fused order for ``mode`` (1.0 = first-stage order, for a mode never tuned)."""
@@ -161,9 +165,12 @@ class LoadedReranker:
             raise InputError(f"{len(queries)} queries but {len(documents)} documents: pairs need one of each")
         out = []
         for start in range(0, len(queries), self.batch_size):
-            q = tf.constant(_utf8(queries[start:start + self.batch_size]), tf.string)
-            d = tf.constant(_utf8(documents[start:start + self.batch_size]), tf.string)
-            out.append(self._score(queries=q, documents=d)["score"].numpy())
+            q, d = queries[start:start + self.batch_size], documents[start:start + self.batch_size]
+            scores = self.fast.score_pairs(q, d) if self.fast is not None else None
+            if scores is None:  # no numpy path, or a text that needs the graph's Unicode handling
+                scores = self._score(queries=tf.constant(_utf8(q), tf.string),
+                                     documents=tf.constant(_utf8(d), tf.string))["score"].numpy()
+            out.append(scores)
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
@@ -175,8 +182,14 @@ def _utf8(texts: Sequence[str | bytes]) -> list[bytes]:
     return [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t) for t in texts]
 
 
-def load_reranker(directory: str | Path, *, batch_size: int = 512) -> LoadedReranker:
+def load_reranker(directory: str | Path, *, batch_size: int = 512, fast: bool = True) -> LoadedReranker:
     """Verify ``directory``'s manifest (kind ``reranker``), then load its SavedModel.
+
+    Args:
+        directory: a directory written by :func:`export_reranker`.
+        batch_size: pairs per scoring call.
+        fast: score ASCII pairs with :class:`dssm.rerank_fast.NumpyReranker` (the same scores to float32
+            rounding, at a fraction of the graph's cost); ``False`` sends every pair through the SavedModel.
 
     Raises:
         IndexNotFoundError: no ``manifest.json`` there.
@@ -187,4 +200,4 @@ def load_reranker(directory: str | Path, *, batch_size: int = 512) -> LoadedRera
     verify_manifest(directory, kind=RERANKER_KIND)
     config = read_reranker_config(directory)
     loaded = tf.saved_model.load(str(directory / _SAVED_MODEL))
-    return LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size)
+    return LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size, fast=fast)

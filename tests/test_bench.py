@@ -163,12 +163,15 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     assert {f["unit"] for f in query} == {"ms", "queries/s"}
     assert all(f["peer"] and f["ours"]["runs"] == 2 for f in query)
     rerank = {f["name"]: f for f in data["figures"] if f["part"] == "rerank"}
-    for p in (50, 95, 99):  # re-ranking 100 candidates, beside the first stage on the same queries
-        figure = rerank[f"re-rank 100 candidates for one query, p{p}"]
-        assert figure["unit"] == "ms" and figure["peer"] and figure["ours"]["runs"] == 2
-        assert 0 < figure["ours"]["median"] and 0 < figure["peer"]["median"]
-    throughput = rerank["batch scoring throughput"]
-    assert throughput["unit"] == "pairs/s" and throughput["ours"]["median"] > 0
+    for design in ("knrm", "conv-knrm"):
+        for p in (50, 95, 99):  # re-ranking 100 candidates, beside the first stage on the same queries
+            figure = rerank[f"re-rank 100 candidates for one query ({design}), p{p}"]
+            assert figure["unit"] == "ms" and figure["peer"] and figure["ours"]["runs"] == 2
+            assert 0 < figure["ours"]["median"] and 0 < figure["peer"]["median"]
+        graph = rerank[f"re-rank 100 candidates ({design}), SavedModel path, p50"]
+        assert graph["ours"]["median"] > 0 and graph["peer"]["median"] > 0
+        throughput = rerank[f"batch scoring throughput ({design})"]
+        assert throughput["unit"] == "pairs/s" and throughput["ours"]["median"] > 0
     table = (tmp_path / "results.md").read_text()
     parts = ("| query |", "| rerank |", "| quality |")
     assert sum(line.startswith(parts) for line in table.splitlines()) == len(names) + 3

@@ -167,6 +167,64 @@ def test_export_load_round_trip_and_a_corrupt_file_is_refused_by_name(tmp_path):
         load_reranker(tmp_path)
 
 
+# ---- the numpy forward pass (dssm.rerank_fast) -----------------------------------------------------
+
+_WORDS = ["apple", "red", "road", "car", "pie", "a", "the", "x1", "zebra", "q", "of", "debian", "lib", "2", "pies"]
+
+
+def _random_text(rng: np.random.Generator, words: int) -> str:
+    """ASCII text of ``words`` words, some upper-cased, with punctuation the split must drop."""
+    marks = ["", ",", ".", " -", "!", "'s", " (", ")"]
+    out = []
+    for _ in range(words):
+        word = str(rng.choice(_WORDS))
+        out.append((word.upper() if rng.random() < 0.1 else word) + str(rng.choice(marks)))
+    return " ".join(out)
+
+
+def _exported(tmp_path, design: str, *, unigrams: bool = True, activation: str = "tanh", cache: bool = True):
+    features = FeatureConfig(num_buckets=512, word_unigrams=unigrams)
+    model = Reranker(RerankConfig(design=design, dim=8, max_query_words=5, max_document_words=12,
+                                  activation=activation), feature_config=features, embedding_dim=12)
+    model((tf.constant(["a"]), tf.constant(["b"])))
+    rng = np.random.default_rng(7)
+    for weight in model.trainable_weights:  # random heads and layers: a zero-initialised head scores all ties
+        weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
+    model.set_document_frequencies(rng.integers(0, 5, features.num_buckets), 4)
+    if cache:
+        model.cache_vocabulary(np.asarray([b"apple", b"red", b"road", b"the", b"pie"], dtype=object))
+    return export_reranker(model, tmp_path / f"rr-{design}", fusion={"dense": 0.5}, train={}, history={},
+                           overwrite=True)
+
+
+@pytest.mark.parametrize(("design", "unigrams", "activation", "cache"), [
+    ("knrm", True, "tanh", True), ("knrm", False, "relu", False), ("conv-knrm", True, "tanh", True),
+    ("conv-knrm", False, "linear", True), ("conv-knrm", True, "relu", False)])
+def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, activation, cache):
+    rng = np.random.default_rng(len(design) + unigrams)
+    out = _exported(tmp_path, design, unigrams=unigrams, activation=activation, cache=cache)
+    fast, graph = load_reranker(out), load_reranker(out, fast=False)
+    assert fast.fast is not None and graph.fast is None
+    queries = [_random_text(rng, int(rng.integers(0, 8))) for _ in range(6)] + ["", "apple"]
+    pairs_q = [queries[int(i)] for i in rng.integers(0, len(queries), 90)]
+    # empty, punctuation-only, one word, longer than the 12-word cut, and ordinary candidates
+    pairs_d = ["", "!!", "apple", " ".join(["red apple pie"] * 9)] + [_random_text(rng, int(rng.integers(0, 20)))
+                                                                      for _ in range(86)]
+    expected = graph.score_pairs(pairs_q, pairs_d)
+    assert np.ptp(expected) > 0.1  # the weights make scores differ, so equality is a real check
+    np.testing.assert_allclose(fast.fast.score_pairs(pairs_q, pairs_d), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.score_pairs(pairs_q, pairs_d), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_non_ascii_texts_take_the_graph(tmp_path):
+    out = _exported(tmp_path, "knrm")
+    loaded = load_reranker(out)
+    queries, documents = ["café red", "red apple"], ["un café rouge", "a red apple"]
+    assert loaded.fast.score_pairs(queries, documents) is None  # declines: NFKC/case folding is the graph's
+    np.testing.assert_allclose(loaded.score_pairs(queries, documents),
+                               load_reranker(out, fast=False).score_pairs(queries, documents), atol=1e-6)
+
+
 # ---- the trainer, attaching, and rerank=N searches on adi -------------------------------------------
 
 @pytest.fixture(scope="module")

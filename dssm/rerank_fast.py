@@ -1,0 +1,297 @@
+"""The exported re-ranker's forward pass in numpy, for ASCII texts (no graph call per pair).
+
+:class:`NumpyReranker` computes exactly what ``dssm.rerank.Reranker.call`` computes at inference, from
+the weights of a loaded re-ranker SavedModel, but organised around what re-ranking looks like: one
+query against ~100 candidates that share most of their words. Everything on the document side is
+done once per *distinct* word (and, for ``conv-knrm``, once per distinct word pair) of a query's
+candidates, and summed into documents with a count matrix, instead of once per word position of a
+padded ``[candidates, longest, dim]`` tensor as the graph does. The graph's string ops (Unicode
+normalisation, regex split, ragged gathers) are ~half of a graph call; on ASCII they reduce to
+``str.lower`` and one regex (:func:`dssm.features.ascii_words`), so a text with any non-ASCII
+character makes :meth:`NumpyReranker.score_pairs` decline (``None``) and the caller uses the graph.
+
+Words in the exported vocabulary cache (``Reranker.cache_vocabulary``: the indexed corpus's words)
+take their vector from it; other words are computed from the tower table as the graph computes them.
+Scores equal the SavedModel's ``score`` signature to float32 rounding (``tests/test_rerank.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
+from typing import Any
+
+import farmhash
+import numpy as np
+import threadpoolctl
+
+from dssm.errors import ConfigError
+from dssm.features import _UNIGRAM_PREFIX, FeatureConfig, ascii_words
+from dssm.rerank import RerankConfig, kernel_centres
+
+import tensorflow as tf  # noqa: E402  isort: skip
+
+__all__ = ["NumpyReranker"]
+
+Rows = Callable[[np.ndarray], np.ndarray]
+
+
+def _rows(array: Any) -> Rows:
+    """``ids [n] int64 -> rows [n, ...]`` of a numpy array, or of a loaded ``tf.Variable`` without copying it.
+
+    A numpy copy of a loaded variable would be a second copy in memory (the tower table is ~157 MB);
+    one eager ``ResourceGather`` per call reads just the rows.
+    """
+    if isinstance(array, np.ndarray):
+        return array.__getitem__
+    handle, dtype = array.handle, array.dtype
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=dtype).numpy()
+
+    return rows
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    # tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12)), so an all-zero row stays zero.
+    return x / np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None]
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0))
+
+
+class NumpyReranker:
+    """Scores (query, document) pairs as the exported re-ranker does, in numpy.
+
+    Args:
+        config, features: the re-ranker's shape and hashing (its ``config.json``).
+        table: ``[num_buckets, embedding_dim]`` float32 tower table (array or ``tf.Variable``).
+        table_bias: ``[embedding_dim]``.
+        idf: ``[num_buckets]`` BM25 idf per unigram bucket (array or ``tf.Variable``).
+        project: ``[embedding_dim, dim]``, the word projection (no bias).
+        term_weight: ``(kernel [embedding_dim + 1, 1], bias [1])``, the query-word importance.
+        grams: ``conv-knrm`` only: ``(kernel [window, dim, dim], bias [dim])`` for windows 1 and 2.
+        head: ``(kernel [features, 1], bias [1])``; features = kernels (knrm) or 4 × kernels.
+        vocabulary: cached word → row of ``vocab_vectors`` (empty when the model has no cache).
+        vocab_vectors: ``[words, dim]`` unit vectors (array or ``tf.Variable``), or ``None``.
+
+    Raises:
+        ConfigError: a weight's shape does not match the configs.
+    """
+
+    def __init__(self, *, config: RerankConfig, features: FeatureConfig, table: Any, table_bias: np.ndarray,
+                 idf: Any, project: np.ndarray, term_weight: tuple[np.ndarray, np.ndarray],
+                 grams: Sequence[tuple[np.ndarray, np.ndarray]], head: tuple[np.ndarray, np.ndarray],
+                 vocabulary: Mapping[str, int], vocab_vectors: Any) -> None:
+        buckets, width, dim = features.num_buckets, int(table.shape[1]), config.dim
+        pooled = config.kernels * (4 if config.design == "conv-knrm" else 1)
+        expected = {"table": (buckets, width), "table_bias": (width,), "idf": (buckets,), "project": (width, dim),
+                    "term_weight": (width + 1, 1), "head": (pooled, 1)}
+        got = {"table": tuple(table.shape), "table_bias": table_bias.shape, "idf": tuple(idf.shape),
+               "project": project.shape, "term_weight": term_weight[0].shape, "head": head[0].shape}
+        windows = [kernel.shape for kernel, _ in grams]
+        if config.design == "conv-knrm":
+            expected["grams"], got["grams"] = [(1, dim, dim), (2, dim, dim)], windows
+        elif grams:
+            expected["grams"], got["grams"] = [], windows
+        if vocab_vectors is not None and tuple(vocab_vectors.shape)[1:] != (dim,):
+            expected["vocab_vectors"], got["vocab_vectors"] = ("words", dim), tuple(vocab_vectors.shape)
+        if got != expected:
+            raise ConfigError(f"re-ranker weights {got} do not match its config (expected {expected})")
+        self.config, self.features = config, features
+        self._table, self._idf = _rows(table), _rows(idf)
+        self._vectors = _rows(vocab_vectors) if vocab_vectors is not None else None
+        self._bias, self._project = table_bias, project
+        self._term_kernel, self._term_bias = term_weight[0][:, 0], term_weight[1]
+        self._grams = [(kernel, bias) for kernel, bias in grams]
+        self._head_kernel, self._head_bias = head[0][:, 0], head[1]
+        self._vocabulary = vocabulary
+        self._activation = {"tanh": np.tanh, "relu": _relu, "linear": lambda x: x}[config.activation]
+        widths = np.full(config.kernels, config.sigma, np.float32)
+        widths[0] = config.exact_sigma
+        self._mu = kernel_centres(config.kernels)
+        self._inv_two_sigma_sq = (1.0 / (2.0 * widths.astype(np.float32) ** 2)).astype(np.float32)
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, *, config: RerankConfig, features: FeatureConfig) -> NumpyReranker | None:
+        """The re-ranker of a loaded SavedModel (``loaded.reranker``), or ``None`` if its layout is unknown.
+
+        Reads the attribute names ``dssm.rerank_export`` saves (``table``, ``table_bias``, ``idf``,
+        ``project``, ``term_weight``, ``grams``, ``head``, ``vocab_table``, ``vocab_vectors``); the
+        vocabulary's words are read once from the lookup table.
+        """
+        try:
+            model = loaded.reranker
+            vocabulary: dict[str, int] = {}
+            vectors = getattr(model, "vocab_vectors", None)
+            table = getattr(model, "vocab_table", None)
+            if table is not None and vectors is not None:
+                keys, values = tf.raw_ops.LookupTableExportV2(table_handle=table.resource_handle, Tkeys=tf.string,
+                                                              Tvalues=tf.int64)
+                vocabulary = dict(zip((k.decode("utf-8", "surrogatepass") for k in keys.numpy().tolist()),
+                                      values.numpy().tolist(), strict=True))
+            return cls(config=config, features=features, table=model.table, table_bias=model.table_bias.numpy(),
+                       idf=model.idf, project=model.project.kernel.numpy(),
+                       term_weight=(model.term_weight.kernel.numpy(), model.term_weight.bias.numpy()),
+                       grams=[(g.kernel.numpy(), g.bias.numpy()) for g in list(model.grams)],
+                       head=(model.head.kernel.numpy(), model.head.bias.numpy()),
+                       vocabulary=vocabulary, vocab_vectors=vectors if vocabulary else None)
+        except (AttributeError, TypeError, KeyError, ConfigError, tf.errors.OpError):
+            return None
+
+    # ---- words → vectors ------------------------------------------------------------------------
+    def _features(self, words: Sequence[str]) -> np.ndarray:
+        """``n`` words → ``[n, embedding_dim]``: the tower's first layer on each word's own bag."""
+        tokens: list[str] = []
+        lengths = np.empty(len(words), np.int64)
+        for i, word in enumerate(words):
+            wrapped = f"#{word}#"
+            tokens += [wrapped[j:j + 3] for j in range(len(wrapped) - 2)]
+            if self.features.word_unigrams:
+                tokens.append(_UNIGRAM_PREFIX + word)
+            lengths[i] = len(wrapped) - 2 + int(self.features.word_unigrams)
+        ids = np.fromiter(map(farmhash.fingerprint64, tokens), np.uint64, len(tokens))
+        rows = self._table((ids % np.uint64(self.features.num_buckets)).astype(np.int64))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        pooled = np.add.reduceat(rows, starts, axis=0) / np.sqrt(lengths.astype(np.float32))[:, None]
+        return self._activation(pooled + self._bias).astype(np.float32, copy=False)
+
+    def _unit(self, features: np.ndarray) -> np.ndarray:
+        return _l2_normalize(features @ self._project)
+
+    def _query(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """A query's words → (``[Lq, dim]`` unit vectors, ``[Lq]`` importance = softplus of the logits)."""
+        if not words:
+            return np.zeros((0, self.config.dim), np.float32), np.zeros(0, np.float32)
+        features = self._features(words)
+        buckets = np.fromiter((farmhash.fingerprint64(_UNIGRAM_PREFIX + w) for w in words), np.uint64, len(words))
+        idf = self._idf((buckets % np.uint64(self.features.num_buckets)).astype(np.int64))
+        logits = features @ self._term_kernel[:-1] + idf * self._term_kernel[-1] + self._term_bias
+        return self._unit(features), np.logaddexp(np.float32(0), logits).astype(np.float32)
+
+    def _distinct_vectors(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Flat document words → (``[U, dim]`` unit vectors of the distinct words, ``[words]`` index into them)."""
+        rows = np.fromiter(map(self._vocabulary.get, words, repeat(-1)), np.int64, len(words))
+        unknown = np.flatnonzero(rows < 0)
+        if len(unknown):
+            # unknown words get ids after the vocabulary's, one per distinct word
+            names = {}
+            for i in unknown.tolist():
+                rows[i] = len(self._vocabulary) + names.setdefault(words[i], len(names))
+        distinct, index = np.unique(rows, return_inverse=True)
+        known = distinct[distinct < len(self._vocabulary)]
+        parts = [self._vectors(known)] if len(known) else []
+        if len(unknown):
+            parts.append(self._unit(self._features(list(names))))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.config.dim), np.float32)
+        return vectors.astype(np.float32, copy=False), index
+
+    # ---- interaction ----------------------------------------------------------------------------
+    def _kernels(self, cosine: np.ndarray) -> np.ndarray:
+        """``[n, q]`` cosines → ``[n, q, K]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))`` (in place)."""
+        x = cosine[..., None] - self._mu
+        np.square(x, out=x)
+        x *= -self._inv_two_sigma_sq
+        return np.exp(x, out=x)
+
+    def _soft_counts(self, cosine: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``[U, q]`` cosines of distinct items, ``[docs, U]`` their counts per document → ``[docs, q, K]``."""
+        kernels = self._kernels(cosine)
+        width = cosine.shape[1] * self.config.kernels
+        return (counts @ kernels.reshape(len(cosine), width)).reshape(len(counts), cosine.shape[1], self.config.kernels)
+
+    def _counts(self, items: np.ndarray, owner: np.ndarray, documents: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids per position and the position's document → (distinct ids, ``[documents, distinct]`` counts)."""
+        distinct, index = np.unique(items, return_inverse=True)
+        counts = np.bincount(owner * len(distinct) + index, minlength=documents * len(distinct))
+        return distinct, counts.reshape(documents, len(distinct)).astype(np.float32)
+
+    def _group(self, query: list[str], documents: list[list[str]]) -> np.ndarray:
+        """One query's words against its candidates' words → ``[candidates]`` scores."""
+        q_vectors, weight = self._query(query)
+        lengths = np.fromiter(map(len, documents), np.int64, len(documents))
+        flat = [w for words in documents for w in words]
+        vectors, index = self._distinct_vectors(flat)
+        owner = np.repeat(np.arange(len(documents)), lengths)
+        _, counts = self._counts(index, owner, len(documents))  # index is already 0..U-1, all present
+        if not self._grams:
+            pooled = np.log1p(self._soft_counts(vectors @ q_vectors.T, counts))  # [docs, Lq, K]
+            pooled = np.einsum("dqk,q->dk", pooled, weight)
+        else:
+            pooled = self._conv_pool(q_vectors, weight, vectors, index, owner, counts, lengths)
+        return (pooled @ self._head_kernel + self._head_bias).astype(np.float32)
+
+    def _conv_pool(self, q_vectors: np.ndarray, weight: np.ndarray, vectors: np.ndarray, index: np.ndarray,
+                   owner: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Conv-KNRM's four n-gram pairings → ``[docs, 4 * K]`` in the graph's order (q1d1, q1d2, q2d1, q2d2)."""
+        (k1, b1), (k2, b2) = self._grams
+        dim, docs = self.config.dim, len(lengths)
+        # query n-grams: a bigram is real only if its second word is (the last one is padding)
+        q_next = np.vstack([q_vectors[1:], np.zeros((1, dim), np.float32)])
+        q_grams = [_l2_normalize(_relu(q_vectors @ k1[0] + b1)),
+                   _l2_normalize(_relu(q_vectors @ k2[0] + q_next @ k2[1] + b2))]
+        q_all = np.vstack(q_grams)  # [2 Lq, dim]
+        q_weight = [weight, np.concatenate([weight[:-1], np.zeros(min(len(weight), 1), np.float32)])]
+        # document unigrams, once per distinct word
+        d1 = _l2_normalize(_relu(vectors @ k1[0] + b1))
+        soft = [self._soft_counts(d1 @ q_all.T, counts)]  # [docs, 2 Lq, K]
+        # document bigrams (a word and the next word of its document), once per distinct pair
+        last = np.cumsum(lengths) - 1
+        has_next = np.ones(len(index), bool)
+        has_next[last[lengths > 0]] = False
+        starts = np.flatnonzero(has_next)
+        pairs, of_position = np.unique(index[starts] * len(vectors) + index[starts + 1], return_inverse=True)
+        first, second = np.divmod(pairs, len(vectors))
+        d2 = _l2_normalize(_relu(np.take(vectors @ k2[0], first, axis=0) + np.take(vectors @ k2[1], second, axis=0)
+                                 + b2))
+        kernels = self._kernels(d2 @ q_all.T)[of_position]  # [positions, 2 Lq, K]
+        bigrams = np.zeros((docs, len(q_all), self.config.kernels), np.float32)
+        owners = owner[starts]
+        if len(starts):
+            present = np.unique(owners)
+            bigrams[present] = np.add.reduceat(kernels, np.searchsorted(owners, present), axis=0)
+        soft.append(bigrams)
+        lq = len(weight)
+        out = []
+        for qi in range(2):
+            for di in range(2):
+                part = np.log1p(soft[di][:, qi * lq:(qi + 1) * lq])  # [docs, Lq, K]
+                out.append(np.einsum("dqk,q->dk", part, q_weight[qi]))
+        return np.concatenate(out, axis=1) if out else np.zeros((docs, 0), np.float32)
+
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray | None:
+        """``n`` (query, document) pairs → ``[n]`` float32 scores, or ``None`` if any text is not ASCII.
+
+        Pairs are grouped by query text; each group is scored in one pass over its documents' words.
+        """
+        limit_q, limit_d = self.config.max_query_words, self.config.max_document_words
+        q_words = {}
+        for text in queries:
+            if text not in q_words:
+                words = ascii_words(text, self.features)
+                if words is None:
+                    return None
+                q_words[text] = words[:limit_q]
+        d_words = []
+        for text in documents:
+            words = ascii_words(text, self.features)
+            if words is None:
+                return None
+            d_words.append(words[:limit_d])
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(queries):
+            groups.setdefault(text, []).append(i)
+        scores = np.empty(len(documents), np.float32)
+        # One BLAS thread, as each serving worker runs TensorFlow on one: these are small matrices, and
+        # OpenBLAS's second thread spin-waiting against a busy core made them ~10x slower (measured).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            for text, members in groups.items():
+                scores[members] = self._group(q_words[text], [d_words[i] for i in members])
+        return scores
+
+
+@functools.cache
+def _blas_controller() -> threadpoolctl.ThreadpoolController:
+    return threadpoolctl.ThreadpoolController()
