@@ -33,7 +33,7 @@ from dssm.features import _NON_WORD, _UNIGRAM_PREFIX, FeatureConfig, Featurizer
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["RerankConfig", "Reranker", "DESIGNS", "kernel_centres", "listwise_loss"]
+__all__ = ["RerankConfig", "Reranker", "DESIGNS", "kernel_centres", "listwise_loss", "split_words"]
 
 DESIGNS = ("knrm", "conv-knrm")
 _ACTIVATIONS = ("tanh", "relu", "linear")
@@ -78,6 +78,13 @@ def kernel_centres(count: int) -> np.ndarray:
     soft = count - 1
     step = 2.0 / soft
     return np.asarray([1.0] + [1.0 - step / 2 - i * step for i in range(soft)], np.float32)
+
+
+def split_words(featurizer: Featurizer, texts: tf.Tensor, limit: int) -> tf.RaggedTensor:
+    """``[batch]`` strings → ``[batch, (words <= limit)]``: normalised (NFKC + case fold) and split on
+    non-word runs exactly as ``Featurizer.tokens`` splits them, then cut to ``limit`` words."""
+    spaced = tf.strings.regex_replace(featurizer.normalize(texts), _NON_WORD, " ")
+    return tf.strings.split(tf.strings.strip(spaced))[:, :limit]
 
 
 def listwise_loss(scores: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
@@ -190,8 +197,7 @@ class Reranker(tf.keras.Model):
     # ---- text → word vectors ---------------------------------------------------------------------
     def _words(self, texts: tf.Tensor, limit: int) -> tf.RaggedTensor:
         """``[batch]`` strings → ``[batch, (words <= limit)]`` normalised words, as the featurizer splits them."""
-        spaced = tf.strings.regex_replace(self.featurizer.normalize(texts), _NON_WORD, " ")
-        return tf.strings.split(tf.strings.strip(spaced))[:, :limit]
+        return split_words(self.featurizer, texts, limit)
 
     def _word_vectors(self, words: tf.Tensor) -> tf.Tensor:
         """``[n]`` distinct words → ``[n, embedding_dim]``: the tower's first layer on each word's own bag."""

@@ -152,7 +152,7 @@ class LoadedReranker:
         self.fusion: dict[str, float] = {m: float(w) for m, w in config.get("fusion", {}).items()}
         self.directory = directory
         self.batch_size = batch_size
-        # The numpy forward pass for ASCII texts (dssm.rerank_fast); None: every pair goes through the graph.
+        # The numpy forward pass (dssm.rerank_fast); None: every pair goes through the SavedModel.
         self.fast = NumpyReranker.from_loaded(loaded, config=self.config, features=self.features) if fast else None
 
     def weight(self, mode: str) -> float:
@@ -166,11 +166,11 @@ class LoadedReranker:
         out = []
         for start in range(0, len(queries), self.batch_size):
             q, d = queries[start:start + self.batch_size], documents[start:start + self.batch_size]
-            scores = self.fast.score_pairs(q, d) if self.fast is not None else None
-            if scores is None:  # no numpy path, or a text that needs the graph's Unicode handling
-                scores = self._score(queries=tf.constant(_utf8(q), tf.string),
-                                     documents=tf.constant(_utf8(d), tf.string))["score"].numpy()
-            out.append(scores)
+            if self.fast is not None:
+                out.append(self.fast.score_pairs(q, d))
+            else:
+                out.append(self._score(queries=tf.constant(_utf8(q), tf.string),
+                                       documents=tf.constant(_utf8(d), tf.string))["score"].numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
@@ -188,8 +188,9 @@ def load_reranker(directory: str | Path, *, batch_size: int = 512, fast: bool = 
     Args:
         directory: a directory written by :func:`export_reranker`.
         batch_size: pairs per scoring call.
-        fast: score ASCII pairs with :class:`dssm.rerank_fast.NumpyReranker` (the same scores to float32
+        fast: score pairs with :class:`dssm.rerank_fast.NumpyReranker` (the same scores to float32
             rounding, at a fraction of the graph's cost); ``False`` sends every pair through the SavedModel.
+            A SavedModel whose object graph lacks the re-ranker's weights is served by the signature.
 
     Raises:
         IndexNotFoundError: no ``manifest.json`` there.

@@ -1,14 +1,15 @@
-"""The exported re-ranker's forward pass in numpy, for ASCII texts (no graph call per pair).
+"""The exported re-ranker's forward pass in numpy (no graph call per pair).
 
 :class:`NumpyReranker` computes exactly what ``dssm.rerank.Reranker.call`` computes at inference, from
 the weights of a loaded re-ranker SavedModel, but organised around what re-ranking looks like: one
 query against ~100 candidates that share most of their words. Everything on the document side is
 done once per *distinct* word (and, for ``conv-knrm``, once per distinct word pair) of a query's
-candidates, and summed into documents with a count matrix, instead of once per word position of a
-padded ``[candidates, longest, dim]`` tensor as the graph does. The graph's string ops (Unicode
-normalisation, regex split, ragged gathers) are ~half of a graph call; on ASCII they reduce to
-``str.lower`` and one regex (:func:`dssm.features.ascii_words`), so a text with any non-ASCII
-character makes :meth:`NumpyReranker.score_pairs` decline (``None``) and the caller uses the graph.
+candidates, and summed into documents with a count matrix or per-document sums, instead of once per
+word position of a padded ``[candidates, longest, dim]`` tensor as the graph does. The graph's string
+ops (Unicode normalisation, regex split, ragged gathers) are ~half of a graph call; on ASCII they
+reduce to ``str.lower`` and one regex (:func:`dssm.features.ascii_words`). Texts with other characters
+are split by the graph's own ops (:func:`dssm.rerank.split_words`, one eager call for all of them),
+since NFKC and full case folding are exact only there; everything after the split is numpy.
 
 Words in the exported vocabulary cache (``Reranker.cache_vocabulary``: the indexed corpus's words)
 take their vector from it; other words are computed from the tower table as the graph computes them.
@@ -27,8 +28,8 @@ import numpy as np
 import threadpoolctl
 
 from dssm.errors import ConfigError
-from dssm.features import _UNIGRAM_PREFIX, FeatureConfig, ascii_words
-from dssm.rerank import RerankConfig, kernel_centres
+from dssm.features import _UNIGRAM_PREFIX, FeatureConfig, Featurizer, ascii_words
+from dssm.rerank import RerankConfig, kernel_centres, split_words
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -108,11 +109,12 @@ class NumpyReranker:
         self._grams = [(kernel, bias) for kernel, bias in grams]
         self._head_kernel, self._head_bias = head[0][:, 0], head[1]
         self._vocabulary = vocabulary
+        self._graph_split: Any = None  # traced on the first text that needs TensorFlow's normalisation
         self._activation = {"tanh": np.tanh, "relu": _relu, "linear": lambda x: x}[config.activation]
         widths = np.full(config.kernels, config.sigma, np.float32)
         widths[0] = config.exact_sigma
         self._mu = kernel_centres(config.kernels)
-        self._inv_two_sigma_sq = (1.0 / (2.0 * widths.astype(np.float32) ** 2)).astype(np.float32)
+        self._neg_inv_two_sigma_sq = (-1.0 / (2.0 * widths.astype(np.float32) ** 2)).astype(np.float32)
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, config: RerankConfig, features: FeatureConfig) -> NumpyReranker | None:
@@ -190,17 +192,24 @@ class NumpyReranker:
 
     # ---- interaction ----------------------------------------------------------------------------
     def _kernels(self, cosine: np.ndarray) -> np.ndarray:
-        """``[n, q]`` cosines → ``[n, q, K]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))`` (in place)."""
-        x = cosine[..., None] - self._mu
+        """``[n, q]`` cosines → ``[K, n, q]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))``.
+
+        Kernels lead so each in-place pass runs over long contiguous rows (a trailing axis of 11
+        kernels made the broadcasts ~2x slower, measured).
+        """
+        x = np.subtract(cosine[None], self._mu[:, None, None])
         np.square(x, out=x)
-        x *= -self._inv_two_sigma_sq
+        np.multiply(x, self._neg_inv_two_sigma_sq[:, None, None], out=x)
         return np.exp(x, out=x)
 
     def _soft_counts(self, cosine: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """``[U, q]`` cosines of distinct items, ``[docs, U]`` their counts per document → ``[docs, q, K]``."""
-        kernels = self._kernels(cosine)
-        width = cosine.shape[1] * self.config.kernels
-        return (counts @ kernels.reshape(len(cosine), width)).reshape(len(counts), cosine.shape[1], self.config.kernels)
+        """``[U, q]`` cosines of distinct items, ``[docs, U]`` their counts per document → ``[K, docs, q]``."""
+        return np.matmul(counts, self._kernels(cosine))
+
+    @staticmethod
+    def _pool(soft: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """``[K, docs, q]`` soft match counts, ``[q]`` query-word importance → ``[docs, K]``."""
+        return (np.log1p(soft) @ weight).T
 
     def _counts(self, items: np.ndarray, owner: np.ndarray, documents: int) -> tuple[np.ndarray, np.ndarray]:
         """Item ids per position and the position's document → (distinct ids, ``[documents, distinct]`` counts)."""
@@ -217,8 +226,7 @@ class NumpyReranker:
         owner = np.repeat(np.arange(len(documents)), lengths)
         _, counts = self._counts(index, owner, len(documents))  # index is already 0..U-1, all present
         if not self._grams:
-            pooled = np.log1p(self._soft_counts(vectors @ q_vectors.T, counts))  # [docs, Lq, K]
-            pooled = np.einsum("dqk,q->dk", pooled, weight)
+            pooled = self._pool(self._soft_counts(vectors @ q_vectors.T, counts), weight)
         else:
             pooled = self._conv_pool(q_vectors, weight, vectors, index, owner, counts, lengths)
         return (pooled @ self._head_kernel + self._head_bias).astype(np.float32)
@@ -236,7 +244,7 @@ class NumpyReranker:
         q_weight = [weight, np.concatenate([weight[:-1], np.zeros(min(len(weight), 1), np.float32)])]
         # document unigrams, once per distinct word
         d1 = _l2_normalize(_relu(vectors @ k1[0] + b1))
-        soft = [self._soft_counts(d1 @ q_all.T, counts)]  # [docs, 2 Lq, K]
+        soft = [self._soft_counts(d1 @ q_all.T, counts)]  # [K, docs, 2 Lq]
         # document bigrams (a word and the next word of its document), once per distinct pair
         last = np.cumsum(lengths) - 1
         has_next = np.ones(len(index), bool)
@@ -246,40 +254,67 @@ class NumpyReranker:
         first, second = np.divmod(pairs, len(vectors))
         d2 = _l2_normalize(_relu(np.take(vectors @ k2[0], first, axis=0) + np.take(vectors @ k2[1], second, axis=0)
                                  + b2))
-        kernels = self._kernels(d2 @ q_all.T)[of_position]  # [positions, 2 Lq, K]
-        bigrams = np.zeros((docs, len(q_all), self.config.kernels), np.float32)
+        kernels = self._kernels(d2 @ q_all.T)[:, of_position]  # [K, positions, 2 Lq]
+        bigrams = np.zeros((self.config.kernels, docs, len(q_all)), np.float32)
         owners = owner[starts]
         if len(starts):
             present = np.unique(owners)
-            bigrams[present] = np.add.reduceat(kernels, np.searchsorted(owners, present), axis=0)
+            bigrams[:, present] = np.add.reduceat(kernels, np.searchsorted(owners, present), axis=1)
         soft.append(bigrams)
         lq = len(weight)
-        out = []
-        for qi in range(2):
-            for di in range(2):
-                part = np.log1p(soft[di][:, qi * lq:(qi + 1) * lq])  # [docs, Lq, K]
-                out.append(np.einsum("dqk,q->dk", part, q_weight[qi]))
-        return np.concatenate(out, axis=1) if out else np.zeros((docs, 0), np.float32)
+        return np.concatenate([self._pool(soft[di][:, :, qi * lq:(qi + 1) * lq], q_weight[qi])
+                               for qi in range(2) for di in range(2)], axis=1)
 
-    def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray | None:
-        """``n`` (query, document) pairs → ``[n]`` float32 scores, or ``None`` if any text is not ASCII.
+    def _split_function(self) -> Any:
+        """``(texts [n] string, limit int32) → (words [m] string, words per text [n])``, one graph call.
+
+        A concrete function: ~20 eager ops, or a ``tf.function``'s Python dispatch, cost more than the
+        split itself for the few texts that take this path.
+        """
+        if self._graph_split is None:
+            featurizer = Featurizer(self.features)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32)])
+            def graph_split(texts: tf.Tensor, limit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                words = split_words(featurizer, texts, limit)
+                return words.flat_values, words.row_lengths()
+
+            self._graph_split = graph_split.get_concrete_function()
+        return self._graph_split
+
+    def _split(self, texts: Sequence[str], limit: int) -> list[list[str]]:
+        """Each text's words, cut to ``limit``: in Python for ASCII text, through the graph's ops for the rest.
+
+        NFKC and full case folding are exact only in TensorFlow's ops; a text needing them is split by
+        :func:`dssm.rerank.split_words` (one eager call for all such texts), and its words, valid UTF-8
+        from then on, are hashed in Python like any other (FarmHash64 of their UTF-8 bytes, trigrams of
+        code points, as ``tf.strings.unicode_split`` gives).
+        """
+        out: list[list[str] | None] = [None] * len(texts)
+        other = []
+        for i, text in enumerate(texts):
+            words = ascii_words(text, self.features)
+            if words is None:
+                other.append(i)
+            else:
+                out[i] = words[:limit]
+        if other:
+            raw = [texts[i].encode("utf-8", "surrogatepass") if isinstance(texts[i], str) else bytes(texts[i])
+                   for i in other]
+            words, lengths = self._split_function()(tf.constant(raw, tf.string), tf.constant(limit, tf.int32))
+            split = np.split(words.numpy(), np.cumsum(lengths.numpy())[:-1])
+            for i, words in zip(other, split, strict=True):
+                out[i] = [w.decode("utf-8") for w in words]
+        return out  # type: ignore[return-value]
+
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
+        """``n`` (query, document) pairs → ``[n]`` float32 scores.
 
         Pairs are grouped by query text; each group is scored in one pass over its documents' words.
         """
-        limit_q, limit_d = self.config.max_query_words, self.config.max_document_words
-        q_words = {}
-        for text in queries:
-            if text not in q_words:
-                words = ascii_words(text, self.features)
-                if words is None:
-                    return None
-                q_words[text] = words[:limit_q]
-        d_words = []
-        for text in documents:
-            words = ascii_words(text, self.features)
-            if words is None:
-                return None
-            d_words.append(words[:limit_d])
+        distinct_queries = list(dict.fromkeys(queries))
+        q_words = dict(zip(distinct_queries, self._split(distinct_queries, self.config.max_query_words), strict=True))
+        d_words = self._split(documents, self.config.max_document_words)
         groups: dict[str, list[int]] = {}
         for i, text in enumerate(queries):
             groups.setdefault(text, []).append(i)

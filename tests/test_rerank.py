@@ -216,13 +216,18 @@ def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, ac
     np.testing.assert_allclose(fast.score_pairs(pairs_q, pairs_d), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_non_ascii_texts_take_the_graph(tmp_path):
-    out = _exported(tmp_path, "knrm")
-    loaded = load_reranker(out)
-    queries, documents = ["café red", "red apple"], ["un café rouge", "a red apple"]
-    assert loaded.fast.score_pairs(queries, documents) is None  # declines: NFKC/case folding is the graph's
-    np.testing.assert_allclose(loaded.score_pairs(queries, documents),
-                               load_reranker(out, fast=False).score_pairs(queries, documents), atol=1e-6)
+@pytest.mark.parametrize("design", ["knrm", "conv-knrm"])
+def test_non_ascii_texts_are_split_by_the_graph_and_scored_the_same(tmp_path, design):
+    out = _exported(tmp_path, design)
+    fast, graph = load_reranker(out), load_reranker(out, fast=False)
+    # NFKC (the ligature, full-width letters), full case folding (ß, Σ), accents, CJK, an emoji, a combining
+    # mark and a lone surrogate (replaced by U+FFFD, a non-word character) beside plain ASCII
+    queries = ["Café RED", "ﬁle ＡＰＰＬＥ", "straße", "red apple", "ΣΊΣΥΦΟΣ", "e\u0301te \ud800 pie"]
+    documents = ["un café rouge, red", "the file: apple pie", "STRASSE road", "a red apple 🍎", "σίσυφος road",
+                 "été pie", "日本語 the apple", ""]
+    q = [queries[i % len(queries)] for i in range(24)]
+    d = [documents[(i * 5) % len(documents)] for i in range(24)]
+    np.testing.assert_allclose(fast.score_pairs(q, d), graph.score_pairs(q, d), rtol=1e-4, atol=1e-4)
 
 
 # ---- the trainer, attaching, and rerank=N searches on adi -------------------------------------------
