@@ -36,6 +36,11 @@ import tensorflow as tf  # noqa: E402  isort: skip
 __all__ = ["NumpyReranker"]
 
 Rows = Callable[[np.ndarray], np.ndarray]
+# dssm.features' ASCII split as a byte table: A-Z to a-z, a-z and 0-9 kept, every other byte a space.
+_ASCII_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if (97 <= c <= 122 or 48 <= c <= 57) else 32 for c in range(256))
+# Joins translated ASCII documents: a NUL byte is never left by the table, so the marker is its own word.
+_MARKER = b" \x00 "
+_MARKER_ROW = -2
 
 
 def _rows(array: Any) -> Rows:
@@ -75,7 +80,7 @@ class NumpyReranker:
         term_weight: ``(kernel [embedding_dim + 1, 1], bias [1])``, the query-word importance.
         grams: ``conv-knrm`` only: ``(kernel [window, dim, dim], bias [dim])`` for windows 1 and 2.
         head: ``(kernel [features, 1], bias [1])``; features = kernels (knrm) or 4 × kernels.
-        vocabulary: cached word → row of ``vocab_vectors`` (empty when the model has no cache).
+        vocabulary: cached word (UTF-8 bytes) → row of ``vocab_vectors`` (empty when the model has no cache).
         vocab_vectors: ``[words, dim]`` unit vectors (array or ``tf.Variable``), or ``None``.
 
     Raises:
@@ -85,7 +90,7 @@ class NumpyReranker:
     def __init__(self, *, config: RerankConfig, features: FeatureConfig, table: Any, table_bias: np.ndarray,
                  idf: Any, project: np.ndarray, term_weight: tuple[np.ndarray, np.ndarray],
                  grams: Sequence[tuple[np.ndarray, np.ndarray]], head: tuple[np.ndarray, np.ndarray],
-                 vocabulary: Mapping[str, int], vocab_vectors: Any) -> None:
+                 vocabulary: Mapping[bytes, int], vocab_vectors: Any) -> None:
         buckets, width, dim = features.num_buckets, int(table.shape[1]), config.dim
         pooled = config.kernels * (4 if config.design == "conv-knrm" else 1)
         expected = {"table": (buckets, width), "table_bias": (width,), "idf": (buckets,), "project": (width, dim),
@@ -108,7 +113,9 @@ class NumpyReranker:
         self._term_kernel, self._term_bias = term_weight[0][:, 0], term_weight[1]
         self._grams = [(kernel, bias) for kernel, bias in grams]
         self._head_kernel, self._head_bias = head[0][:, 0], head[1]
-        self._vocabulary = vocabulary
+        self._vocabulary_size = len(vocabulary)
+        # word (UTF-8 bytes) -> row, plus the marker that joins ASCII documents for one split
+        self._rows_of = {**vocabulary, _MARKER.strip(): _MARKER_ROW}
         self._graph_split: Any = None  # traced on the first text that needs TensorFlow's normalisation
         self._activation = {"tanh": np.tanh, "relu": _relu, "linear": lambda x: x}[config.activation]
         widths = np.full(config.kernels, config.sigma, np.float32)
@@ -126,14 +133,13 @@ class NumpyReranker:
         """
         try:
             model = loaded.reranker
-            vocabulary: dict[str, int] = {}
+            vocabulary: dict[bytes, int] = {}
             vectors = getattr(model, "vocab_vectors", None)
             table = getattr(model, "vocab_table", None)
             if table is not None and vectors is not None:
                 keys, values = tf.raw_ops.LookupTableExportV2(table_handle=table.resource_handle, Tkeys=tf.string,
                                                               Tvalues=tf.int64)
-                vocabulary = dict(zip((k.decode("utf-8", "surrogatepass") for k in keys.numpy().tolist()),
-                                      values.numpy().tolist(), strict=True))
+                vocabulary = dict(zip(keys.numpy().tolist(), values.numpy().tolist(), strict=True))
             return cls(config=config, features=features, table=model.table, table_bias=model.table_bias.numpy(),
                        idf=model.idf, project=model.project.kernel.numpy(),
                        term_weight=(model.term_weight.kernel.numpy(), model.term_weight.bias.numpy()),
@@ -173,22 +179,54 @@ class NumpyReranker:
         logits = features @ self._term_kernel[:-1] + idf * self._term_kernel[-1] + self._term_bias
         return self._unit(features), np.logaddexp(np.float32(0), logits).astype(np.float32)
 
-    def _distinct_vectors(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Flat document words → (``[U, dim]`` unit vectors of the distinct words, ``[words]`` index into them)."""
-        rows = np.fromiter(map(self._vocabulary.get, words, repeat(-1)), np.int64, len(words))
-        unknown = np.flatnonzero(rows < 0)
-        if len(unknown):
-            # unknown words get ids after the vocabulary's, one per distinct word
-            names = {}
-            for i in unknown.tolist():
-                rows[i] = len(self._vocabulary) + names.setdefault(words[i], len(names))
+    def _distinct_vectors(self, rows: np.ndarray, unknown: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Document word ids → (``[U, dim]`` unit vectors of the distinct ones, ``[words]`` index into them).
+
+        Args:
+            rows: ``[words]`` vocabulary rows; a word not in the vocabulary is ``len(vocabulary) + j``.
+            unknown: word ``j`` of those ids.
+        """
         distinct, index = np.unique(rows, return_inverse=True)
-        known = distinct[distinct < len(self._vocabulary)]
-        parts = [self._vectors(known)] if len(known) else []
-        if len(unknown):
-            parts.append(self._unit(self._features(list(names))))
+        cached = int(np.searchsorted(distinct, self._vocabulary_size))
+        parts = [self._vectors(distinct[:cached])] if cached else []
+        if cached < len(distinct):
+            parts.append(self._unit(self._features([unknown[j] for j in (distinct[cached:] - self._vocabulary_size)])))
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.config.dim), np.float32)
         return vectors.astype(np.float32, copy=False), index
+
+    def _document_rows(self, documents: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+        """Each document's word ids, cut to ``max_document_words``, and the words outside the vocabulary.
+
+        An ASCII document is split with bytes operations, in C: ``translate`` lower-cases A–Z and turns
+        every other non-alphanumeric byte into a space (``dssm.features``' ASCII split, exactly), then all
+        of them are joined by a marker no translated text holds and split and looked up at once. Other
+        documents are split by the graph's ops (:meth:`_split_bytes`). A word outside the vocabulary
+        gets id ``len(vocabulary) + j``, ``j`` its place in the returned list.
+        """
+        limit, cut = self.config.max_document_words, self.features.max_chars
+        plain = [i for i, text in enumerate(documents) if isinstance(text, str) and text.isascii()]
+        unknown: dict[bytes, int] = {}
+        out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(documents)
+
+        def rows_of(words: list[bytes]) -> np.ndarray:
+            rows = np.fromiter(map(self._rows_of.get, words, repeat(-1)), np.int64, len(words))
+            for i in np.flatnonzero(rows == -1).tolist():
+                rows[i] = self._vocabulary_size + unknown.setdefault(words[i], len(unknown))
+            return rows
+
+        if plain:
+            rows = rows_of(_MARKER.join(documents[i][:cut].encode("ascii").translate(_ASCII_TABLE)
+                                        for i in plain).split())
+            ends = np.append(np.flatnonzero(rows == _MARKER_ROW), len(rows)).tolist()
+            start = 0
+            for i, end in zip(plain, ends, strict=True):
+                out[i] = rows[start:min(end, start + limit)]
+                start = end + 1
+        if len(plain) < len(documents):
+            other = [i for i, text in enumerate(documents) if not (isinstance(text, str) and text.isascii())]
+            for i, words in zip(other, self._split_bytes([documents[i] for i in other], limit), strict=True):
+                out[i] = rows_of(words)
+        return out, [word.decode("utf-8") for word in unknown]
 
     # ---- interaction ----------------------------------------------------------------------------
     def _kernels(self, cosine: np.ndarray) -> np.ndarray:
@@ -202,37 +240,47 @@ class NumpyReranker:
         np.multiply(x, self._neg_inv_two_sigma_sq[:, None, None], out=x)
         return np.exp(x, out=x)
 
-    def _soft_counts(self, cosine: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """``[U, q]`` cosines of distinct items, ``[docs, U]`` their counts per document → ``[K, docs, q]``."""
-        return np.matmul(counts, self._kernels(cosine))
+    def _soft_counts(self, cosine: np.ndarray, of_position: np.ndarray, starts: np.ndarray,
+                     documents: int) -> np.ndarray:
+        """Kernel values of distinct items summed over each document's positions → ``[docs, K, q]``.
+
+        Args:
+            cosine: ``[U, q]`` cosines of the distinct items with the query's words (or n-grams).
+            of_position: ``[positions]`` the distinct item at each position, positions grouped by document.
+            starts: ``[docs]`` first position of each document (a document without positions starts
+                where the next one does).
+            documents: the number of documents.
+        """
+        items, queries = cosine.shape
+        # [K, U, q] -> [U, K q]: one contiguous row per item, gathered per position and summed per document
+        rows = self._kernels(cosine).transpose(1, 0, 2).reshape(items, self.config.kernels * queries)
+        soft = np.zeros((documents, self.config.kernels * queries), np.float32)
+        ends = np.append(starts[1:], len(of_position))
+        filled = ends > starts
+        if filled.any():
+            soft[filled] = np.add.reduceat(rows[of_position], starts[filled], axis=0)
+        return soft.reshape(documents, self.config.kernels, queries)
 
     @staticmethod
     def _pool(soft: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """``[K, docs, q]`` soft match counts, ``[q]`` query-word importance → ``[docs, K]``."""
-        return (np.log1p(soft) @ weight).T
+        """``[docs, K, q]`` soft match counts, ``[q]`` query-word importance → ``[docs, K]``."""
+        return np.log1p(soft) @ weight
 
-    def _counts(self, items: np.ndarray, owner: np.ndarray, documents: int) -> tuple[np.ndarray, np.ndarray]:
-        """Item ids per position and the position's document → (distinct ids, ``[documents, distinct]`` counts)."""
-        distinct, index = np.unique(items, return_inverse=True)
-        counts = np.bincount(owner * len(distinct) + index, minlength=documents * len(distinct))
-        return distinct, counts.reshape(documents, len(distinct)).astype(np.float32)
-
-    def _group(self, query: list[str], documents: list[list[str]]) -> np.ndarray:
-        """One query's words against its candidates' words → ``[candidates]`` scores."""
+    def _group(self, query: list[str], documents: list[np.ndarray], unknown: Sequence[str]) -> np.ndarray:
+        """One query's words against its candidates' word ids (:meth:`_document_rows`) → ``[candidates]`` scores."""
         q_vectors, weight = self._query(query)
         lengths = np.fromiter(map(len, documents), np.int64, len(documents))
-        flat = [w for words in documents for w in words]
-        vectors, index = self._distinct_vectors(flat)
-        owner = np.repeat(np.arange(len(documents)), lengths)
-        _, counts = self._counts(index, owner, len(documents))  # index is already 0..U-1, all present
+        flat = np.concatenate(documents) if documents else np.zeros(0, np.int64)
+        vectors, index = self._distinct_vectors(flat, unknown)
+        starts = np.cumsum(lengths) - lengths
         if not self._grams:
-            pooled = self._pool(self._soft_counts(vectors @ q_vectors.T, counts), weight)
+            pooled = self._pool(self._soft_counts(vectors @ q_vectors.T, index, starts, len(documents)), weight)
         else:
-            pooled = self._conv_pool(q_vectors, weight, vectors, index, owner, counts, lengths)
+            pooled = self._conv_pool(q_vectors, weight, vectors, index, starts, lengths)
         return (pooled @ self._head_kernel + self._head_bias).astype(np.float32)
 
     def _conv_pool(self, q_vectors: np.ndarray, weight: np.ndarray, vectors: np.ndarray, index: np.ndarray,
-                   owner: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+                   starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Conv-KNRM's four n-gram pairings → ``[docs, 4 * K]`` in the graph's order (q1d1, q1d2, q2d1, q2d2)."""
         (k1, b1), (k2, b2) = self._grams
         dim, docs = self.config.dim, len(lengths)
@@ -244,23 +292,18 @@ class NumpyReranker:
         q_weight = [weight, np.concatenate([weight[:-1], np.zeros(min(len(weight), 1), np.float32)])]
         # document unigrams, once per distinct word
         d1 = _l2_normalize(_relu(vectors @ k1[0] + b1))
-        soft = [self._soft_counts(d1 @ q_all.T, counts)]  # [K, docs, 2 Lq]
-        # document bigrams (a word and the next word of its document), once per distinct pair
-        last = np.cumsum(lengths) - 1
+        soft = [self._soft_counts(d1 @ q_all.T, index, starts, docs)]  # [docs, K, 2 Lq]
+        # document bigrams (a word and the next word of its document), once per distinct pair; a
+        # document of n words has n - 1, so its bigram positions start n - 1 per earlier document on
         has_next = np.ones(len(index), bool)
-        has_next[last[lengths > 0]] = False
-        starts = np.flatnonzero(has_next)
-        pairs, of_position = np.unique(index[starts] * len(vectors) + index[starts + 1], return_inverse=True)
+        has_next[(starts + lengths - 1)[lengths > 0]] = False
+        positions = np.flatnonzero(has_next)
+        pairs, of_position = np.unique(index[positions] * len(vectors) + index[positions + 1], return_inverse=True)
         first, second = np.divmod(pairs, len(vectors))
         d2 = _l2_normalize(_relu(np.take(vectors @ k2[0], first, axis=0) + np.take(vectors @ k2[1], second, axis=0)
                                  + b2))
-        kernels = self._kernels(d2 @ q_all.T)[:, of_position]  # [K, positions, 2 Lq]
-        bigrams = np.zeros((self.config.kernels, docs, len(q_all)), np.float32)
-        owners = owner[starts]
-        if len(starts):
-            present = np.unique(owners)
-            bigrams[:, present] = np.add.reduceat(kernels, np.searchsorted(owners, present), axis=1)
-        soft.append(bigrams)
+        bigram_lengths = np.maximum(lengths - 1, 0)
+        soft.append(self._soft_counts(d2 @ q_all.T, of_position, np.cumsum(bigram_lengths) - bigram_lengths, docs))
         lq = len(weight)
         return np.concatenate([self._pool(soft[di][:, :, qi * lq:(qi + 1) * lq], q_weight[qi])
                                for qi in range(2) for di in range(2)], axis=1)
@@ -282,30 +325,23 @@ class NumpyReranker:
             self._graph_split = graph_split.get_concrete_function()
         return self._graph_split
 
-    def _split(self, texts: Sequence[str], limit: int) -> list[list[str]]:
-        """Each text's words, cut to ``limit``: in Python for ASCII text, through the graph's ops for the rest.
+    def _split_bytes(self, texts: Sequence[str | bytes], limit: int) -> list[list[bytes]]:
+        """Words (UTF-8 bytes) of texts that need TensorFlow's normalisation: NFKC and full case folding are
+        exact only in its ops (:func:`dssm.rerank.split_words`, one call for all of them). The words are
+        valid UTF-8 from then on and hashed in Python like any other (FarmHash64 of their UTF-8 bytes,
+        trigrams of code points, as ``tf.strings.unicode_split`` gives)."""
+        raw = [text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text) for text in texts]
+        words, lengths = self._split_function()(tf.constant(raw, tf.string), tf.constant(limit, tf.int32))
+        return [part.tolist() for part in np.split(words.numpy(), np.cumsum(lengths.numpy())[:-1])]
 
-        NFKC and full case folding are exact only in TensorFlow's ops; a text needing them is split by
-        :func:`dssm.rerank.split_words` (one eager call for all such texts), and its words, valid UTF-8
-        from then on, are hashed in Python like any other (FarmHash64 of their UTF-8 bytes, trigrams of
-        code points, as ``tf.strings.unicode_split`` gives).
-        """
-        out: list[list[str] | None] = [None] * len(texts)
-        other = []
-        for i, text in enumerate(texts):
-            words = ascii_words(text, self.features)
-            if words is None:
-                other.append(i)
-            else:
-                out[i] = words[:limit]
+    def _split(self, texts: Sequence[str], limit: int) -> list[list[str]]:
+        """Each text's words, cut to ``limit``: in Python for ASCII text, through the graph's ops for the rest."""
+        out: list[list[str]] = [ascii_words(text, self.features) or [] for text in texts]
+        other = [i for i, text in enumerate(texts) if not (isinstance(text, str) and text.isascii())]
         if other:
-            raw = [texts[i].encode("utf-8", "surrogatepass") if isinstance(texts[i], str) else bytes(texts[i])
-                   for i in other]
-            words, lengths = self._split_function()(tf.constant(raw, tf.string), tf.constant(limit, tf.int32))
-            split = np.split(words.numpy(), np.cumsum(lengths.numpy())[:-1])
-            for i, words in zip(other, split, strict=True):
+            for i, words in zip(other, self._split_bytes([texts[i] for i in other], limit), strict=True):
                 out[i] = [w.decode("utf-8") for w in words]
-        return out  # type: ignore[return-value]
+        return [words[:limit] for words in out]
 
     def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
         """``n`` (query, document) pairs → ``[n]`` float32 scores.
@@ -314,7 +350,7 @@ class NumpyReranker:
         """
         distinct_queries = list(dict.fromkeys(queries))
         q_words = dict(zip(distinct_queries, self._split(distinct_queries, self.config.max_query_words), strict=True))
-        d_words = self._split(documents, self.config.max_document_words)
+        d_rows, unknown = self._document_rows(documents)
         groups: dict[str, list[int]] = {}
         for i, text in enumerate(queries):
             groups.setdefault(text, []).append(i)
@@ -323,7 +359,7 @@ class NumpyReranker:
         # OpenBLAS's second thread spin-waiting against a busy core made them ~10x slower (measured).
         with _blas_controller().limit(limits=1, user_api="blas"):
             for text, members in groups.items():
-                scores[members] = self._group(q_words[text], [d_words[i] for i in members])
+                scores[members] = self._group(q_words[text], [d_rows[i] for i in members], unknown)
         return scores
 
 
