@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from bench.harness import README_END, README_START, SCHEMA, Figure, Stats, update_readme, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("featurize", "train", "encode", "index", "query", "rerank", "quality")
+ORDER = ("featurize", "train", "encode", "index", "query", "rerank", "write", "quality")
 
 
 def _figure(part: str, ours: list[float], peer: list[float] | None, *, higher: bool = True) -> Figure:
@@ -175,3 +176,18 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text()
     parts = ("| query |", "| rerank |", "| quality |")
     assert sum(line.startswith(parts) for line in table.splitlines()) == len(names) + 3
+
+
+def test_write_part_counts_only_the_bytes_a_version_wrote(tmp_path: Path) -> None:
+    """``bench.part_write.new_bytes``: a file hard-linked from an earlier version costs a write nothing."""
+    from bench.part_write import new_bytes
+
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    (old / "sub").mkdir(parents=True)
+    (old / "sub" / "matrix.npy").write_bytes(b"x" * 100)
+    (new / "sub").mkdir(parents=True)
+    os.link(old / "sub" / "matrix.npy", new / "sub" / "matrix.npy")
+    (new / "sub" / "docs.sqlite").write_bytes(b"y" * 50)
+    (new / "manifest.json").write_bytes(b"z" * 7)
+    assert new_bytes(new) == 57
+    assert new_bytes(old) == 0  # its only file is shared with v2

@@ -1,0 +1,119 @@
+"""write: what a live write costs (issue 14) — one-document and 1,000-document upserts into a 100k index.
+
+Index: ``bench.load_test``'s synthetic corpus (100,000 texts of 8–40 words drawn from adi's vocabulary;
+quick: 5,000), encoded by the default-shape model with its initial weights and indexed by
+:func:`bench.load_test.build_synthetic_index` (ScaNN ``auto`` at the recall gate 0.95), as the query
+part builds it. Writes go through ``Searcher.upsert`` — what ``PUT /v1/documents`` runs in the
+service: the new documents encoded by the document tower, then :func:`dssm.index.update_index`
+publishing a new version under the writers' lock (and the default retention of 10 versions).
+Written documents are new synthetic texts (another seed) with new ids.
+
+Figures, median of ``repeats`` runs with min and max:
+
+* one-document upsert, p50 and p99 over ``WRITES`` writes per run (after one warm-up write).
+  Targets (issue 14): p50 ≤ 50 ms, p99 ≤ 200 ms;
+* disk per one-document write: the bytes of the new version's files that are not hard links to an
+  earlier version's (``st_nlink == 1``), median over the run's writes. Target: ≤ 1 MB;
+* 1,000-document upsert, documents/s (one call, encoding included).
+
+Quick mode (a smoke check, not figures): 5,000 documents, 3 writes per run, a 100-document batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import Figure, Stats, export_untrained_model
+
+__all__ = ["run", "new_bytes", "WRITES", "BATCH"]
+
+#: One-document writes per run (full mode).
+WRITES = 20
+#: Documents in the batch write (full mode).
+BATCH = 1_000
+
+
+def new_bytes(version_dir: Path) -> int:
+    """Bytes of the files under ``version_dir`` that no other directory links to (written by this version)."""
+    total = 0
+    for root, _, files in os.walk(version_dir):
+        for name in files:
+            stat = os.lstat(os.path.join(root, name))
+            if stat.st_nlink == 1:
+                total += stat.st_size
+    return total
+
+
+def _one_document_writes(index_dir: Path, texts: list[str], *, start: int) -> tuple[list[float], list[int]]:
+    """Upsert each text as a new document, one call each; (ms per write, new bytes per write)."""
+    from dssm.index import current_version_dir
+    from serving.searcher import Searcher
+
+    searcher = Searcher.load(index_dir)
+    times, sizes = [], []
+    for offset, text in enumerate(texts):
+        tick = time.perf_counter()
+        searcher.upsert([(f"w{start + offset}", "", text)])
+        times.append((time.perf_counter() - tick) * 1e3)
+        sizes.append(new_bytes(current_version_dir(index_dir)))
+    return times, sizes
+
+
+def run(*, quick: bool) -> list[Figure]:
+    """One-document upsert latency and disk, and a batch upsert's rate, on a synthetic 100k index."""
+    import dssm  # noqa: F401
+    from bench import load_test
+    from serving.searcher import Searcher
+
+    import tensorflow as tf  # noqa: E402  isort: skip
+
+    # As `dssm serve` runs it (--tf-threads 1): one worker's write.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    docs, writes, batch, repeats = (5_000, 3, 100, 2) if quick else (100_000, WRITES, BATCH, 3)
+    new_texts = load_test.synthetic_texts(repeats * (writes + 1) + repeats * batch, seed=2)
+    work = Path(tempfile.mkdtemp(prefix="bench-write-"))
+    runs: dict[str, list[float]] = {"p50": [], "p99": [], "bytes": [], "batch_rate": []}
+    try:
+        model_dir = export_untrained_model(work / "model")
+        _, setup = load_test.build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto",
+                                                   reorder_k=1500, min_recall=0.95)
+        print(f"  index: {json.dumps(setup)}", flush=True)
+        used = 0
+        for _ in range(repeats):
+            times, sizes = _one_document_writes(work / "index", new_texts[used:used + writes + 1], start=used)
+            used += writes + 1
+            times, sizes = times[1:], sizes[1:]  # the first write of a run loads the encoder's graph
+            runs["p50"].append(float(np.percentile(times, 50)))
+            runs["p99"].append(float(np.percentile(times, 99)))
+            runs["bytes"].append(float(statistics.median(sizes)))
+            chunk = new_texts[used:used + batch]
+            searcher = Searcher.load(work / "index")
+            tick = time.perf_counter()
+            searcher.upsert([(f"w{used + i}", "", text) for i, text in enumerate(chunk)])
+            runs["batch_rate"].append(len(chunk) / (time.perf_counter() - tick))
+            used += batch
+            print(f"  run: {json.dumps({k: v[-1] for k, v in runs.items()})}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    corpus = f"{docs:,} synthetic docs, {setup['scann']['mode']}"
+    note = "Searcher.upsert (= PUT /v1/documents): encode + update_index + publish, 1 TF thread"
+    return [
+        Figure("write", f"one-document upsert, p50, {corpus}", "ms", Stats.of(runs["p50"]), higher_is_better=False,
+               note=f"{note}; {writes} writes per run; target ≤ 50 ms"),
+        Figure("write", f"one-document upsert, p99, {corpus}", "ms", Stats.of(runs["p99"]), higher_is_better=False,
+               note="target ≤ 200 ms"),
+        Figure("write", "disk per one-document write", "MB", Stats.of([b / 1e6 for b in runs["bytes"]]),
+               higher_is_better=False,
+               note="bytes of the new version's files not hard-linked to an earlier version's; target ≤ 1 MB"),
+        Figure("write", f"{batch:,}-document upsert", "docs/s", Stats.of(runs["batch_rate"]),
+               note="one Searcher.upsert call, encoding included"),
+    ]
