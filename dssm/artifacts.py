@@ -49,19 +49,36 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | None = None,
+                   linked_from: str | Path | None = None) -> dict[str, Any]:
     """Checksum every file under ``directory`` (except the manifest) and write ``manifest.json``.
+
+    Args:
+        directory: the artifact directory.
+        kind: the manifest's ``kind``.
+        extra: more top-level keys.
+        linked_from: an artifact directory this one hard-links files from (a derived index version's
+            base). A file that is the *same inode* as the file at the same path there takes that
+            manifest's sha256 instead of being read again: the same inode is the same bytes, and a
+            write of an unchanged 157 MB model copy no longer hashes it (if those bytes were corrupted
+            since, the copied checksum fails when the new directory is verified, as it should).
 
     Returns:
         The manifest as written.
     """
     directory = Path(directory)
+    known = _linked_checksums(Path(linked_from)) if linked_from is not None else {}
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         if rel == MANIFEST or path.name.startswith(".") and ".tmp-" in path.name:
             continue
-        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        stat = path.stat()
+        reused = known.get(rel)
+        if reused is not None and reused[0] == (stat.st_dev, stat.st_ino) and reused[1]["bytes"] == stat.st_size:
+            files[rel] = dict(reused[1])
+        else:
+            files[rel] = {"sha256": sha256_file(path), "bytes": stat.st_size}
     manifest = {
         "kind": kind,
         "format_version": 1,
@@ -71,6 +88,18 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
     }
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
+
+
+def _linked_checksums(source: Path) -> dict[str, tuple[tuple[int, int], dict[str, Any]]]:
+    """``source``'s manifest entries with the (device, inode) of each file there now (missing files left out)."""
+    out = {}
+    for rel, meta in read_manifest(source)["files"].items():
+        try:
+            stat = (source / rel).stat()
+        except OSError:
+            continue
+        out[rel] = ((stat.st_dev, stat.st_ino), meta)
+    return out
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -282,3 +282,50 @@ def test_writes_prune_old_versions_except_the_ones_readers_hold(tmp_path):
     assert len(ix.list_versions(tmp_path / "idx")) == 3
     with pytest.raises(ConfigError, match="keep_versions"):
         ix.delete_documents(tmp_path / "idx", ["new-2"], keep_versions=-1)
+
+
+def test_a_derived_manifest_reuses_checksums_of_hard_linked_files_only(tmp_path):
+    """``write_manifest(linked_from=base)``: a file that is the base's inode takes the base's sha256 (not read
+    again); a copied or rewritten file at the same path is hashed."""
+    import os
+    import shutil
+
+    from dssm.artifacts import read_manifest, sha256_file, write_manifest
+
+    base, new = tmp_path / "base", tmp_path / "new"
+    (base / "model").mkdir(parents=True)
+    (base / "model" / "table.bin").write_bytes(b"t" * 1000)
+    (base / "docs.bin").write_bytes(b"d" * 10)
+    (base / "copied.bin").write_bytes(b"c" * 10)
+    manifest = write_manifest(base, kind="index")
+    # A sentinel checksum: only a reuse (not a read) can carry it into the new manifest.
+    manifest["files"]["model/table.bin"]["sha256"] = "0" * 64
+    manifest["files"]["copied.bin"]["sha256"] = "1" * 64
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    (new / "model").mkdir(parents=True)
+    os.link(base / "model" / "table.bin", new / "model" / "table.bin")
+    shutil.copyfile(base / "copied.bin", new / "copied.bin")  # same bytes, another inode
+    (new / "docs.bin").write_bytes(b"e" * 10)  # rewritten
+    written = write_manifest(new, kind="index", linked_from=base)["files"]
+    assert written["model/table.bin"] == {"sha256": "0" * 64, "bytes": 1000}
+    assert written["copied.bin"]["sha256"] == sha256_file(new / "copied.bin")
+    assert written["docs.bin"]["sha256"] == sha256_file(new / "docs.bin")
+    assert read_manifest(new)["files"] == written
+
+
+def test_an_update_does_not_launder_a_corrupt_linked_model(tiny_model_dir, adi_dir, tmp_path):
+    """An upsert reads no model/ file, so it does not hash it; the checksum it carries forward still catches
+    a model corrupted in place when the new version is loaded."""
+    from dssm.errors import ChecksumError
+    from tests.serving_support import adi_rows, build_version
+
+    index_dir = tmp_path / "index"
+    build_version(index_dir, tiny_model_dir, adi_rows(adi_dir))
+    searcher = Searcher.load(index_dir)
+    variables = next((ix.current_version_dir(index_dir) / "model").rglob("variables.data*"))
+    with open(variables, "r+b") as handle:  # in place: every version linking it sees the change
+        handle.seek(10)
+        handle.write(b"\x00\xff\x00\xff")
+    searcher.upsert([("new-doc", "", "a new document about something")])
+    with pytest.raises(ChecksumError, match="variables.data"):
+        Searcher.load(index_dir)

@@ -29,7 +29,7 @@ from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resol
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.documents import as_documents
 from dssm.index.files import fsync_file, link_tree
-from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
@@ -177,7 +177,9 @@ def update_index(
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
-        manifest = verify_manifest(base, kind="index")
+        # What an update reads is checked; model/ and reranker/ are only hard-linked forward (their
+        # checksums carried over by inode) and verified by whoever loads them.
+        manifest = verify_manifest(base, kind="index", skip=(MODEL_DIR, RERANKER_DIR))
         vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
                                    int(manifest["dim"]))
         version = version or new_version_name()
@@ -194,7 +196,7 @@ def update_index(
                                   rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
                                   timings=timings)
             _write_scann_and_bm25(stage, state, timings=timings)
-            write_manifest(stage, kind="index", extra=_updated_manifest(
+            write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
                 manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
                 rebalance_fraction=rebalance_fraction, timings=timings))
             published = publish_version(index_dir, stage, version)
