@@ -157,7 +157,9 @@ class Searcher:
             IndexNotFoundError: no index there, or the index has no model and no ``encoder`` is given.
             ChecksumError: a file is corrupted or truncated (named in the message).
         """
-        index = load_index(index_dir, verify=verify, reranker=reranker)
+        # model/ is verified where it is read: load_encoder checks it against its own manifest, and a
+        # given encoder (a hot swap reusing the live model) never reads it.
+        index = load_index(index_dir, verify=verify, reranker=reranker, model=False)
         if encoder is None and index.model_dir is not None:
             # deferred: TensorFlow, imported only when this runs
             from dssm.export import load_encoder

@@ -211,3 +211,25 @@ def test_in_process_writes_and_reads_match_the_clients_methods(adi_index, tmp_pa
         final.delete([])
     with pytest.raises(InputError, match="non-blank"):
         final.delete(["ok", " "])
+
+
+def test_model_files_are_hashed_once_where_they_are_read(adi_index, monkeypatch):
+    """The index manifest's model/ entries are not hashed by load_index: load_encoder checks model/ against its
+    own manifest, and a searcher given an encoder (a hot swap reusing the live model) never reads model/."""
+    import dssm.artifacts as artifacts
+
+    hashed: list[str] = []
+    original = artifacts.sha256_file
+
+    def recording(path, **kwargs):
+        hashed.append(str(path))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(artifacts, "sha256_file", recording)
+    index_dir, _ = adi_index
+    searcher = Searcher.load(index_dir)
+    model_files = [p for p in hashed if "/model/" in p]
+    assert model_files and len(model_files) == len(set(model_files))  # each once, by load_encoder
+    hashed.clear()
+    Searcher.load(index_dir, encoder=searcher.encoder)
+    assert hashed and not [p for p in hashed if "/model/" in p]

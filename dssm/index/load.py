@@ -80,7 +80,7 @@ class Index:
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
 
-def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True) -> Index:
+def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True, model: bool = True) -> Index:
     """Load the version ``CURRENT`` points to, after checking every file's sha256.
 
     Args:
@@ -88,6 +88,9 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         verify: check checksums (leave on; off only for benchmarks that just built the index).
         reranker: also verify the attached ``reranker/``; ``False`` leaves it unchecked, for a caller
             that will not use it (a corrupt re-ranker then does not stop the index from serving).
+        model: also verify ``model/``; ``False`` for a caller that verifies it when it loads it
+            (:func:`dssm.export.load_encoder` checks it against its own manifest) or never reads it
+            (it brings its own query model), so a write's reload does not hash an unchanged model.
 
     Raises:
         IndexNotFoundError: no index / no ``CURRENT`` / missing version.
@@ -101,7 +104,7 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         lease = VersionLease(version_dir)
     except FileNotFoundError as exc:
         raise IndexNotFoundError(f"index version {version_dir} was removed while loading; load again") from exc
-    skip = () if reranker else (RERANKER_DIR,)
+    skip = (() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
     manifest = verify_manifest(version_dir, kind="index", skip=skip) if verify else read_manifest(version_dir)
     for name in (SCANN_DIR, DOCS_DB, EMBEDDINGS):
         if not (version_dir / name).exists():
