@@ -4,10 +4,10 @@
 the weights of a loaded re-ranker SavedModel, but organised around what re-ranking looks like: one
 query against ~100 candidates that share most of their words. Everything on the document side is
 done once per *distinct* word (and, for ``conv-knrm``, once per distinct word pair) of a query's
-candidates, and summed into documents with a count matrix or per-document sums, instead of once per
+candidates, gathered per word position and summed per document, instead of once per
 word position of a padded ``[candidates, longest, dim]`` tensor as the graph does. The graph's string
 ops (Unicode normalisation, regex split, ragged gathers) are ~half of a graph call; on ASCII they
-reduce to ``str.lower`` and one regex (:func:`dssm.features.ascii_words`). Texts with other characters
+reduce to bytes operations in C (``translate`` to the featurizer's ASCII split). Texts with other characters
 are split by the graph's own ops (:func:`dssm.rerank.split_words`, one eager call for all of them),
 since NFKC and full case folding are exact only there; everything after the split is numpy.
 
