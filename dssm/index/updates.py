@@ -72,6 +72,9 @@ class UpdateResult:
 # Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
 # is hard-linked from the base version, which is never modified in place.
 _REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json"}
+# What an update never reads, only links forward (their checksums carried over by inode): verified by
+# whoever loads them, not hashed by every write.
+_LINKED_ONLY = (MODEL_DIR, RERANKER_DIR)
 
 
 def _checked_vectors(ids: list[str], titles: list[str], texts: list[str], upsert_vectors: np.ndarray | None,
@@ -177,9 +180,7 @@ def update_index(
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
-        # What an update reads is checked; model/ and reranker/ are only hard-linked forward (their
-        # checksums carried over by inode) and verified by whoever loads them.
-        manifest = verify_manifest(base, kind="index", skip=(MODEL_DIR, RERANKER_DIR))
+        manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)
         vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
                                    int(manifest["dim"]))
         version = version or new_version_name()
