@@ -44,7 +44,8 @@ from dssm.model import DSSMModel, ModelConfig
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["SAVED_MODEL", "export_model", "load_encoder", "Encoder", "QueryTower", "read_model_configs"]
+__all__ = ["SAVED_MODEL", "export_model", "load_encoder", "Encoder", "QueryTower", "read_model_configs",
+           "row_reader", "l2_normalize_rows", "numpy_activation"]
 
 SAVED_MODEL = "saved_model"
 # Up to this many texts per embed_queries call take the numpy path: beyond a few rows one graph call
@@ -283,18 +284,10 @@ class QueryTower:
         if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
             raise ConfigError(f"query tower weights {[(shape, str(dtype)) for shape, dtype in got]} do not match "
                               f"the model config (expected float32 {expected})")
-        if isinstance(table, np.ndarray):
-            self._rows = table.__getitem__
-        else:
-            handle = table.handle
-
-            def rows(ids: np.ndarray) -> np.ndarray:
-                return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=tf.float32).numpy()
-
-            self._rows = rows
+        self._rows = row_reader(table)
         self.table, self.bias, self.layers = table, bias, list(layers)
         self.features, self.model = features, model
-        self._activation = _numpy_activation(model.activation)
+        self._activation = numpy_activation(model.activation)
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig,
@@ -345,12 +338,33 @@ class QueryTower:
         x = self._activation(pooled + self.bias)
         for kernel, bias in self.layers:
             x = self._activation(x @ kernel + bias)
-        # tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12)).
-        norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))
-        return (x / norms[:, None]).astype(np.float32, copy=False)
+        return l2_normalize_rows(x).astype(np.float32, copy=False)
 
 
-def _numpy_activation(name: str) -> Any:
+def row_reader(array: Any) -> Any:
+    """``ids [n] int64 -> rows [n, ...]`` of a numpy array, or of a loaded ``tf.Variable`` without copying it.
+
+    A numpy copy of a loaded variable is a second copy in memory (the tower table is ~157 MB): TensorFlow's
+    gather switches a variable to copy-on-read, so ``.numpy()`` never shares its buffer. One eager
+    ``ResourceGather`` per call reads just the rows.
+    """
+    if isinstance(array, np.ndarray):
+        return array.__getitem__
+    handle, dtype = array.handle, array.dtype
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=dtype).numpy()
+
+    return rows
+
+
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """``[n, d]`` → rows divided by their norm as ``tf.math.l2_normalize`` does: ``x / sqrt(max(sum(x^2), 1e-12))``
+    (an all-zero row stays zero)."""
+    return x / np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None]
+
+
+def numpy_activation(name: str) -> Any:
     """Keras's activation ``name`` on float32 arrays (``gelu`` is Keras's exact, erf form)."""
     if name == "tanh":
         return np.tanh

@@ -19,7 +19,7 @@ Scores equal the SavedModel's ``score`` signature to float32 rounding (``tests/t
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import threadpoolctl
 
 from dssm.errors import ConfigError
+from dssm.export import l2_normalize_rows, numpy_activation, row_reader
 from dssm.features import _UNIGRAM_PREFIX, FeatureConfig, Featurizer, ascii_words
 from dssm.rerank import RerankConfig, kernel_centres, split_words
 
@@ -35,37 +36,11 @@ import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["NumpyReranker"]
 
-Rows = Callable[[np.ndarray], np.ndarray]
 # dssm.features' ASCII split as a byte table: A-Z to a-z, a-z and 0-9 kept, every other byte a space.
 _ASCII_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if (97 <= c <= 122 or 48 <= c <= 57) else 32 for c in range(256))
 # Joins translated ASCII documents: a NUL byte is never left by the table, so the marker is its own word.
 _MARKER = b" \x00 "
 _MARKER_ROW = -2
-
-
-def _rows(array: Any) -> Rows:
-    """``ids [n] int64 -> rows [n, ...]`` of a numpy array, or of a loaded ``tf.Variable`` without copying it.
-
-    A numpy copy of a loaded variable would be a second copy in memory (the tower table is ~157 MB);
-    one eager ``ResourceGather`` per call reads just the rows.
-    """
-    if isinstance(array, np.ndarray):
-        return array.__getitem__
-    handle, dtype = array.handle, array.dtype
-
-    def rows(ids: np.ndarray) -> np.ndarray:
-        return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=dtype).numpy()
-
-    return rows
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    # tf.math.l2_normalize: x / sqrt(max(sum(x^2), 1e-12)), so an all-zero row stays zero.
-    return x / np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None]
-
-
-def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, np.float32(0))
 
 
 class NumpyReranker:
@@ -107,8 +82,8 @@ class NumpyReranker:
         if got != expected:
             raise ConfigError(f"re-ranker weights {got} do not match its config (expected {expected})")
         self.config, self.features = config, features
-        self._table, self._idf = _rows(table), _rows(idf)
-        self._vectors = _rows(vocab_vectors) if vocab_vectors is not None else None
+        self._table, self._idf = row_reader(table), row_reader(idf)
+        self._vectors = row_reader(vocab_vectors) if vocab_vectors is not None else None
         self._bias, self._project = table_bias, project
         self._term_kernel, self._term_bias = term_weight[0][:, 0], term_weight[1]
         self._grams = [(kernel, bias) for kernel, bias in grams]
@@ -117,7 +92,8 @@ class NumpyReranker:
         # word (UTF-8 bytes) -> row, plus the marker that joins ASCII documents for one split
         self._rows_of = {**vocabulary, _MARKER.strip(): _MARKER_ROW}
         self._graph_split: Any = None  # traced on the first text that needs TensorFlow's normalisation
-        self._activation = {"tanh": np.tanh, "relu": _relu, "linear": lambda x: x}[config.activation]
+        self._activation = numpy_activation(config.activation)
+        self._relu = numpy_activation("relu")  # the conv-knrm n-gram layers' activation
         widths = np.full(config.kernels, config.sigma, np.float32)
         widths[0] = config.exact_sigma
         self._mu = kernel_centres(config.kernels)
@@ -167,7 +143,7 @@ class NumpyReranker:
         return self._activation(pooled + self._bias).astype(np.float32, copy=False)
 
     def _unit(self, features: np.ndarray) -> np.ndarray:
-        return _l2_normalize(features @ self._project)
+        return l2_normalize_rows(features @ self._project)
 
     def _query(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """A query's words → (``[Lq, dim]`` unit vectors, ``[Lq]`` importance = softplus of the logits)."""
@@ -286,12 +262,12 @@ class NumpyReranker:
         dim, docs = self.config.dim, len(lengths)
         # query n-grams: a bigram is real only if its second word is (the last one is padding)
         q_next = np.vstack([q_vectors[1:], np.zeros((1, dim), np.float32)])
-        q_grams = [_l2_normalize(_relu(q_vectors @ k1[0] + b1)),
-                   _l2_normalize(_relu(q_vectors @ k2[0] + q_next @ k2[1] + b2))]
+        q_grams = [l2_normalize_rows(self._relu(q_vectors @ k1[0] + b1)),
+                   l2_normalize_rows(self._relu(q_vectors @ k2[0] + q_next @ k2[1] + b2))]
         q_all = np.vstack(q_grams)  # [2 Lq, dim]
         q_weight = [weight, np.concatenate([weight[:-1], np.zeros(min(len(weight), 1), np.float32)])]
         # document unigrams, once per distinct word
-        d1 = _l2_normalize(_relu(vectors @ k1[0] + b1))
+        d1 = l2_normalize_rows(self._relu(vectors @ k1[0] + b1))
         soft = [self._soft_counts(d1 @ q_all.T, index, starts, docs)]  # [docs, K, 2 Lq]
         # document bigrams (a word and the next word of its document), once per distinct pair; a
         # document of n words has n - 1, so its bigram positions start n - 1 per earlier document on
@@ -300,8 +276,8 @@ class NumpyReranker:
         positions = np.flatnonzero(has_next)
         pairs, of_position = np.unique(index[positions] * len(vectors) + index[positions + 1], return_inverse=True)
         first, second = np.divmod(pairs, len(vectors))
-        d2 = _l2_normalize(_relu(np.take(vectors @ k2[0], first, axis=0) + np.take(vectors @ k2[1], second, axis=0)
-                                 + b2))
+        pre = np.take(vectors @ k2[0], first, axis=0) + np.take(vectors @ k2[1], second, axis=0) + b2
+        d2 = l2_normalize_rows(self._relu(pre))
         bigram_lengths = np.maximum(lengths - 1, 0)
         soft.append(self._soft_counts(d2 @ q_all.T, of_position, np.cumsum(bigram_lengths) - bigram_lengths, docs))
         lq = len(weight)
