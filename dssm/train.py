@@ -258,13 +258,14 @@ def _run_config(feature_config: FeatureConfig, model_config: ModelConfig, train_
 _TOWER_FIELDS = ("embedding_dim", "hidden_dims", "activation", "bag_combiner", "shared_towers")
 
 
-def load_towers(model: DSSMModel, model_dir: str | Path, *, batch: dict[str, tf.Tensor]) -> None:
+def load_towers(model: DSSMModel, model_dir: str | Path, *, batch: dict[str, tf.Tensor] | None) -> None:
     """Set ``model``'s towers to the weights of the exported model in ``model_dir`` (a warm start).
 
     Args:
         model: a compiled model, not yet trained.
         model_dir: a :func:`~dssm.export.export_model` directory; its manifest is verified first.
-        batch: a training batch, to build the towers' variables (one forward pass, no update).
+        batch: a training batch, to build the towers' variables (one forward pass, no update); None
+            builds them on one text.
 
     Raises:
         ConfigError: ``model_dir``'s features or tower shape differ from ``model``'s (both are named).
@@ -280,7 +281,11 @@ def load_towers(model: DSSMModel, model_dir: str | Path, *, batch: dict[str, tf.
     if differ:
         raise ConfigError(f"init_from {model_dir}: its towers differ from this run's: "
                           + ", ".join(f"{name} {old!r} there vs {new!r} here" for name, (old, new) in differ.items()))
-    model.compute_loss(batch, training=False)
+    if batch is None:  # a trainer without pair batches (dssm.tag_train): build the towers on one text
+        model.query_tower.embed_texts(tf.constant(["x"]))
+        model.document_tower.embed_texts(tf.constant(["x"]))
+    else:
+        model.compute_loss(batch, training=False)
     # The SavedModel's variables are an object-based checkpoint rooted at the serving module, whose
     # query_tower/document_tower attributes are the towers; they are matched by that path. read(), not
     # restore(): restore would also expect the checkpoint's own save_counter, which a SavedModel lacks.
