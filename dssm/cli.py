@@ -33,7 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.app", "HTTP search service (FastAPI) over an index; hot-swaps new versions."),
     "eval": ("dssm.evaluate", "Recall/MRR/nDCG of an index on a BEIR directory, with BM25 beside it."),
     "thresholds": ("dssm.thresholds", "Duplicate-detection threshold from labelled pairs (accuracy, F1, AP); --save."),
-    "tag": ("dssm.tagging", "Zero-shot tagging: rank labels (short descriptions in a tags index) for a text."),
+    "tag": ("dssm.tagging", "Tag a text: rank the labels of a tags index (zero-shot, few-shot or trained)."),
+    "train-tags": ("dssm.tagging:train_main",
+                   "Train the towers to tag (multi-label loss) and publish a tags index with its threshold."),
+    "eval-tags": ("dssm.tag_eval", "Micro/macro F1, precision/recall@k, mAP of tags indexes on labelled texts."),
     "demo": ("dssm.demo", "The default recipe on quora-dev: neighbour pairs → pre-train → pairs → fine-tune → "
                           "index → eval → searches."),
 }

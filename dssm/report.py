@@ -26,6 +26,7 @@ from dssm.errors import InputError
 from dssm.metrics import Qrels, Run, SystemResult, mean_metrics, per_query_metrics, trec_run_lines
 
 __all__ = [
+    "pyplot",
     "RECALL_CUTS",
     "recall_curve",
     "markdown_table",
@@ -131,7 +132,8 @@ def markdown_report(results: Sequence[SystemResult], report: Mapping[str, Any], 
     return "\n".join(out)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     # deferred: matplotlib, imported only when this runs
     import matplotlib
 
@@ -144,7 +146,7 @@ def _pyplot() -> Any:
 
 def plot_recall_curves(path: str | Path, curves: Mapping[str, Mapping[int, float]], *, title: str) -> Path:
     """Recall@k against k (log axis), one line per system; writes a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     markers = "osD^vP*X"
     for i, (name, curve) in enumerate(curves.items()):
@@ -178,7 +180,7 @@ def plot_metric_difference(path: str | Path, a: SystemResult, b: SystemResult, *
     qids = sorted(a.per_query[metric])
     diff = np.sort(np.array([a.per_query[metric][q] - b.per_query[metric].get(q, 0.0) for q in qids]))[::-1]
     wins, losses = int((diff > 1e-12).sum()), int((diff < -1e-12).sum())
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     x = np.arange(diff.size)
     colors = np.where(diff > 0, "tab:blue", np.where(diff < 0, "tab:red", "tab:gray"))

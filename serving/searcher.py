@@ -195,6 +195,10 @@ class Searcher:
             raise DocumentNotFoundError(f"document {doc_id!r} is not in index version {self.version}")
         return docs.get([row])[0]
 
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``[len(texts), dim]`` float32 query-tower embeddings of ``texts`` (checked like search queries)."""
+        return self._embed(texts)
+
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.encoder is None:
             raise IndexNotFoundError(f"index {self.index.version_dir} has no model/: it can be searched by "

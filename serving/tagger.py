@@ -1,0 +1,89 @@
+"""Tagging over a *tags index*: an index whose documents are labels (id = label, text = description).
+
+A text is tagged by scoring it against every label vector of the index (an exact ``[texts, dim] ×
+[dim, labels]`` product: label sets are small, so no ANN is involved and every label gets a score).
+The vectors are the document tower's embeddings of the descriptions (zero-shot, ``dssm tag --labels``),
+their prototypes with a few examples (few-shot), or the vectors ``dssm train-tags`` learned.
+
+A tags index built by ``dssm train-tags`` stores its decision threshold (a cosine, chosen on held-out
+training texts) in the version's manifest under ``tagging``; :meth:`Tagger.tag` then also says which
+labels are *predicted* (score ≥ threshold). A zero-shot index has no threshold unless one is given.
+Used by ``dssm tag``, ``dssm eval-tags`` and ``POST /v1/tag``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dssm.errors import InputError
+
+__all__ = ["TagHit", "Tagger"]
+
+
+class TagHit(NamedTuple):
+    """One label for a text: its name, cosine score, description and whether it passes the threshold."""
+
+    label: str
+    score: float
+    description: str
+    predicted: bool | None
+
+
+class Tagger:
+    """Scores texts against every label of a loaded tags index (a :class:`serving.searcher.Searcher`).
+
+    Args:
+        searcher: the tags index, loaded with its model.
+    """
+
+    def __init__(self, searcher: Any) -> None:
+        self.searcher = searcher
+        index = searcher.index
+        self.vectors = np.asarray(index.embeddings(mmap=False), dtype=np.float32)  # [labels, dim]
+        docs = index.docs.get(list(range(index.size)))
+        self.labels = [d.id for d in docs]
+        self.descriptions = [d.text for d in docs]
+        tagging = index.manifest.get("tagging") or {}
+        self.threshold: float | None = None if tagging.get("threshold") is None else float(tagging["threshold"])
+
+    def scores(self, texts: Sequence[str], *, batch_size: int = 4096) -> np.ndarray:
+        """``[len(texts), num_labels]`` float32 cosines of each text with each label."""
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            out[start:start + len(chunk)] = self.searcher.embed(chunk) @ self.vectors.T
+        return out
+
+    def tag(self, text: str, *, k: int | None = None, threshold: float | None = None,
+            predicted_only: bool = False) -> list[TagHit]:
+        """Labels for ``text``, best first.
+
+        Args:
+            text: the text to tag.
+            k: at most this many labels (None: all).
+            threshold: decision threshold (cosine); default the index's stored one.
+            predicted_only: only the labels at or above the threshold.
+
+        Raises:
+            InputError: ``k < 1``, or ``predicted_only`` without a threshold (given or stored).
+        """
+        if k is not None and k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        threshold = self.threshold if threshold is None else float(threshold)
+        if predicted_only and threshold is None:
+            raise InputError("this tags index stores no threshold (it was not built by `dssm train-tags`); "
+                             "give one to return only the predicted labels")
+        row = self.scores([text])[0]
+        order = np.argsort(-row, kind="stable")
+        hits = []
+        for j in order:
+            passed = None if threshold is None else bool(row[j] >= threshold)
+            if predicted_only and not passed:
+                break
+            hits.append(TagHit(self.labels[j], float(row[j]), self.descriptions[j], passed))
+            if k is not None and len(hits) == k:
+                break
+        return hits
