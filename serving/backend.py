@@ -65,6 +65,7 @@ __all__ = [
     "WritesBusyError",
     "Snapshot",
     "SimilarityResult",
+    "MAX_TAG_LABELS",
     "Metrics",
     "Backend",
     "multiprocess_metrics",
@@ -120,6 +121,10 @@ class SimilarityResult:
     cosine: float
     is_duplicate: bool | None
     threshold: float | None
+
+
+# /v1/tag scores every document of the index as a label (an exact product): a tags index, not a corpus.
+MAX_TAG_LABELS = 10_000
 
 
 def multiprocess_metrics() -> bool:
@@ -206,6 +211,8 @@ class Backend:
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
         self._write_lock = threading.Lock()    # one incremental update at a time
         self._slots_lock = threading.Lock()
+        self._tagger_lock = threading.Lock()
+        self._tagger_cache: tuple[Snapshot, Any] | None = None  # (live version, its Tagger), built on demand
         self._in_flight = 0
         self._failed_versions: dict[str, str] = {}
         self._stop = threading.Event()
@@ -494,6 +501,30 @@ class Backend:
         result = snap.searcher.similarity(text1, text2)
         return SimilarityResult(version=snap.version, cosine=float(result.cosine), is_duplicate=result.is_duplicate,
                                 threshold=result.threshold)
+
+    def tag(self, text: str, *, k: int | None = None, threshold: float | None = None,
+            predicted_only: bool = False) -> tuple[str, float | None, list[Any]]:
+        """Labels of the live *tags index* for ``text``: ``(version, threshold used, [TagHit])``.
+
+        A version's :class:`~serving.tagger.Tagger` is built on its first tag request. Raises
+        InputError: over :data:`MAX_TAG_LABELS` documents, ``k < 1``, or ``predicted_only`` without a threshold.
+        """
+        snap = self.current()
+        tagger = self._tagger(snap)
+        used = tagger.threshold if threshold is None else float(threshold)
+        return snap.version, used, tagger.tag(text, k=k, threshold=used, predicted_only=predicted_only)
+
+    def _tagger(self, snap: Snapshot) -> Any:
+        if snap.documents > MAX_TAG_LABELS:
+            raise InputError(f"index version {snap.version} has {snap.documents} documents; /v1/tag serves a tags "
+                             f"index (labels as documents) of at most {MAX_TAG_LABELS}")
+        with self._tagger_lock:
+            cached = self._tagger_cache
+            if cached is None or cached[0] is not snap:
+                from serving.tagger import Tagger  # deferred: only tags services build one
+
+                cached = self._tagger_cache = (snap, Tagger(snap.searcher))
+            return cached[1]
 
     def get_document(self, doc_id: str) -> tuple[str, Any]:
         """The stored document ``doc_id`` as ``(version, Doc(id, title, text))``.

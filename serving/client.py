@@ -36,6 +36,8 @@ __all__ = [
     "SearchResults",
     "BatchSearchResults",
     "Similarity",
+    "Tag",
+    "Tags",
     "Document",
     "WriteResult",
     "ServiceError",
@@ -96,6 +98,24 @@ class BatchSearchResults(Sequence[SearchResults]):
 
     def __iter__(self) -> Iterator[SearchResults]:
         return iter(self.results)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """One label for a text: ``predicted`` is ``None`` when the tags index has no threshold."""
+
+    label: str
+    score: float
+    predicted: bool | None
+
+
+@dataclass(frozen=True)
+class Tags:
+    """A text's labels, best first, from one tags index version."""
+
+    version: str
+    threshold: float | None
+    labels: tuple[Tag, ...]
 
 
 @dataclass(frozen=True)
@@ -323,6 +343,21 @@ class SearchClient:
         body = self._request("POST", "/v1/similarity", json={"text1": text1, "text2": text2})
         return Similarity(version=body["version"], cosine=float(body["cosine"]), is_duplicate=body["is_duplicate"],
                           threshold=body["threshold"])
+
+    def tag(self, text: str, k: int = 10, *, threshold: float | None = None, predicted_only: bool = False) -> Tags:
+        """Labels of the served *tags index* for ``text`` (``POST /v1/tag``), best first.
+
+        Args:
+            text: the text to tag.
+            k: at most this many labels.
+            threshold: decision threshold (cosine); default the index's stored one.
+            predicted_only: only the labels at or above the threshold.
+        """
+        body = self._request("POST", "/v1/tag", json={"text": text, "k": k, "predicted_only": predicted_only,
+                                                      **({"threshold": threshold} if threshold is not None else {})})
+        return Tags(version=body["version"], threshold=body["threshold"],
+                    labels=tuple(Tag(label=x["label"], score=float(x["score"]), predicted=x["predicted"])
+                                 for x in body["labels"]))
 
     def get_document(self, doc_id: str) -> Document:
         """The stored document ``doc_id``.

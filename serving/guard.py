@@ -62,6 +62,10 @@ async def _send_error(send: Send, status: int, reason: str, headers: dict[str, s
     await send({"type": "http.response.body", "body": body})
 
 
+# POST routes that only read (no API key needed unless reads require one).
+_READ_POSTS = ("/v1/search", "/v1/similarity", "/v1/tag")
+
+
 def exception_answer(exc: Exception, *, index_dir: Path | None = None) -> tuple[int, str, dict[str, str] | None]:
     """(status, reason, headers) for an exception raised by the backend; one mapping for both paths.
 
@@ -199,7 +203,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        is_write = method not in _READ_METHODS and not scope["path"].startswith(("/v1/search", "/v1/similarity"))
+        is_write = method not in _READ_METHODS and not scope["path"].startswith(_READ_POSTS)
         if is_write or self.require_key_for_reads:
             if not self._key_ok(headers):
                 if is_write and self.api_key is None:

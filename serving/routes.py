@@ -48,6 +48,9 @@ from serving.schemas import (
     SearchResponse,
     SimilarityRequest,
     SimilarityResponse,
+    TagOut,
+    TagRequest,
+    TagResponse,
     UpsertRequest,
     WriteResponse,
 )
@@ -252,6 +255,14 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
     async def search_batch(body: BatchSearchRequest) -> Any:
         """Top-k documents for each query (one model call), all from the same index version."""
         return Response(await answer_batch(body), media_type="application/json")
+
+    @app.post("/v1/tag", response_model=TagResponse, responses=_READ_ERRORS, tags=["search"])
+    async def tag(body: TagRequest) -> TagResponse:
+        """Labels of a tags index for a text, best first; ``predicted`` against the threshold (``dssm tag``)."""
+        version, threshold, hits = await run(backend.tag, body.text, k=body.k, threshold=body.threshold,
+                                             predicted_only=body.predicted_only)
+        return TagResponse(version=version, threshold=threshold, labels=[
+            TagOut(label=h.label, score=h.score, predicted=h.predicted) for h in hits])
 
     @app.post("/v1/similarity", response_model=SimilarityResponse, responses=_READ_ERRORS, tags=["search"])
     async def similarity(body: SimilarityRequest) -> SimilarityResponse:

@@ -30,6 +30,9 @@ __all__ = [
     "SearchRequest",
     "BatchSearchRequest",
     "SimilarityRequest",
+    "TagRequest",
+    "TagOut",
+    "TagResponse",
     "DocumentIn",
     "UpsertRequest",
     "DeleteRequest",
@@ -161,6 +164,16 @@ class SimilarityRequest(_Strict):
     text2: Query  # type: ignore[valid-type]
 
 
+class TagRequest(_Strict):
+    """``POST /v1/tag``: rank the labels of a tags index for a text."""
+
+    text: Query  # type: ignore[valid-type]
+    k: K = DEFAULT_K
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False,
+                                    description="decision threshold (cosine); default the index's stored one")
+    predicted_only: bool = Field(False, description="only the labels at or above the threshold")
+
+
 class DocumentIn(_Strict):
     """One document to add or replace."""
 
@@ -229,6 +242,22 @@ class SimilarityResponse(BaseModel):
     cosine: float
     is_duplicate: bool | None = Field(description="cosine >= threshold; null when the index has no threshold")
     threshold: float | None = Field(description="the index's duplicate_threshold, or null")
+
+
+class TagOut(BaseModel):
+    """One label for the text."""
+
+    label: str
+    score: float = Field(description="cosine of the text and the label's vector")
+    predicted: bool | None = Field(description="score >= threshold; null when there is no threshold")
+
+
+class TagResponse(BaseModel):
+    """Labels best first, from one tags index version."""
+
+    version: str
+    threshold: float | None = Field(description="the threshold used (given, or the index's stored one), or null")
+    labels: list[TagOut]
 
 
 class DocumentOut(BaseModel):
