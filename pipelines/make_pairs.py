@@ -2,7 +2,7 @@
 
 Usage::
 
-    dssm pairs --input PATH [--format quora|pairs|beir|corpus|neighbours] --output DIR [options] [beam flags]
+    dssm pairs --input PATH [--format quora|pairs|beir|corpus|neighbours|tags] --output DIR [options] [beam flags]
 
 Input formats (``--format``; guessed from the input when omitted):
 
@@ -23,11 +23,8 @@ Input formats (``--format``; guessed from the input when omitted):
   ``--min-query-chars`` characters. ``query_id`` is ``<doc id>#title`` or ``<doc id>#s<i>`` (sentence
   ``i``), ``document_id`` the doc id. The split hashes the *document id* (not the query text), so all
   pairs of a document share a split. ``stats.json`` counts documents: ``read`` = ``paired_documents``
-  + ``rejected``; ``written`` counts pairs. Default ``--pairs-per-document 3``: on cranfield
-  (pairs → ``dssm train`` with its defaults → ``dssm index`` → ``dssm eval --metrics
-  ndcg@10,recall@10,recall@100``, 197 queries, one run each) 3 pairs per document gave DSSM
-  nDCG@10 0.271 / Recall@10 0.308 / Recall@100 0.686 against 0.236 / 0.266 / 0.663 with 1 (BM25:
-  0.380 / 0.410 / 0.747), so sentence pairs add signal beyond the title.
+  + ``rejected``; ``written`` counts pairs. Default ``--pairs-per-document 3``: on cranfield (197
+  queries, one run each) it gave DSSM nDCG@10 0.271 vs 0.236 with 1 (BM25 0.380).
 * ``neighbours``: the same corpus inputs and columns as ``corpus``, no queries or labels; BM25 is the
   teacher. Every document (title + " " + text, as BM25 and the index see it) is a query paired with
   its BM25 top ``--neighbours`` (default 1) *other* documents, after passing over the best
@@ -35,16 +32,13 @@ Input formats (``--format``; guessed from the input when omitted):
   excluded. Label 1.0; ``query_id``/``document_id`` are the two document ids. The split hashes the
   query text, as format pairs does (all pairs of a document share a split). This is the default
   recipe's pre-training data (README, "Training"; docs/losses.md, issue 3): pre-train on the pairs
-  of the corpus you will index, then fine-tune on labelled pairs with ``dssm train --init-from``.
-  On quora-dev (942 held-out queries, 3 seeds) that lifts the default tower from nDCG@10 0.697 to
-  0.752 (BM25 0.7455) when the query texts are in the corpus pre-trained on (duplicate search); for
-  query texts it never saw, 0.712. ``corpus`` stays the format for corpora with titles and bodies
+  of the corpus you will index, then fine-tune on labelled pairs with ``dssm train --init-from``
+  (docs/losses.md has the figures). ``corpus`` stays the format for corpora with titles and bodies
   and no labelled pairs at all. ``stats.json`` counts documents as format corpus does (``read`` =
   ``paired_documents`` + ``rejected``); besides the corpus reasons, a document can be rejected as
   ``duplicate_id`` (its id was read before; the first record in file order is kept) or
-  ``no_neighbour`` (no other document of a different text shares a term with it). A document is
-  checked against ``--max-document-chars`` only (it is the query too; the featurizer cuts every
-  text to ``--max-chars`` anyway).
+  ``no_neighbour`` (no other document of a different text shares a term with it). Only
+  ``--max-document-chars`` applies (a document is the query too).
 
   How it scales: the BM25 index is global (a document's neighbours come from the whole corpus), so
   the valid documents are gathered into one element (``beam.combiners.ToList``) and one worker
@@ -55,8 +49,9 @@ Input formats (``--format``; guessed from the input when omitted):
   documents (``dssm demo``'s first step, DirectRunner, quiet 2-core machine): about 3 s of BM25
   search (some 6,800 documents/s) in a 10.6 s job. Not measured at larger sizes; at the quadratic
   limit 1M documents would take about (1M / 19k)² × 3 s ≈ 2 hours on that one core. Beyond a few
-  hundred thousand documents, split the corpus and pair within each part, or sample the documents
-  used as queries (neither implemented).
+  hundred thousand documents, split the corpus and pair within each part (not implemented).
+* ``tags``: labelled texts (a text and a list of labels) with ``--label-file`` (``label<TAB>description``):
+  one pair per (text, label), the document being the label's description (:mod:`pipelines.tags`).
 
 Guessing (``neighbours`` is never guessed: ask for it): a directory is ``beir``; a table whose header
 has ``question1`` or ``text1`` is ``quora``; a table without the ``--query-column``/``--document-column``
@@ -116,11 +111,12 @@ from pipelines.beir import JoinBeir
 from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
 from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
 from pipelines.records import REJECTED, read_table, read_table_chunks, rejected_json, sum_counts
+from pipelines.tags import TagPairs, TagSpec, resolve_tags
 from pipelines.validate import PairColumns, PairLimits, SplitSpec, ValidatePairs
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
 
-FORMATS = ("quora", "pairs", "beir", "corpus", "neighbours")
+FORMATS = ("quora", "pairs", "beir", "corpus", "neighbours", "tags")
 SPLITS = ("train", "validation")
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _COUNTS = ".counts.json"  # the counting branch's output, folded into stats.json and removed
@@ -161,6 +157,9 @@ class PairsConfig:
     neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
                                "as pre-training on quora-dev, docs/losses.md)")
     skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
+    labels_column: str = field("labels", "format tags: each text's labels (a list, a JSON array, or joined)")
+    label_file: str = field("", "format tags: label<TAB>description file; a text's pairs are its labels' descriptions")
+    label_separator: str = field(",", "format tags: between labels in a CSV/TSV cell")
     negatives_as_third_input: bool = field(False, "formats quora/pairs: attach label<=0 rows to the positives "
                                                   "of the same query as negative_* features")
 
@@ -175,6 +174,7 @@ class PairsInput:
     columns: PairColumns
     qrels: Path | None = None
     corpus: CorpusSpec | None = None  # formats corpus and neighbours
+    tags: TagSpec | None = None  # format tags
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,6 +241,12 @@ def resolve_input(path: str | Path, *, format: str | None, config: PairsConfig, 
         return _resolve_corpus(path, config, explicit, format=format)
     if format == "beir":
         return _resolve_beir(path, config)
+    if format == "tags":
+        spec, kind = resolve_tags(path, label_file=config.label_file, text_column=config.text_column,
+                                  labels_column=config.labels_column, id_column=config.id_column,
+                                  separator=config.label_separator)
+        columns = PairColumns(spec.text_column, spec.labels_column, None, spec.id_column, None)
+        return PairsInput(path, format, kind, columns, tags=spec), replace(config, id_column=spec.id_column or "")
     return _resolve_table(path, config, explicit, format=format)
 
 
@@ -367,8 +373,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
     """Add the job's transforms to ``pipeline`` (read → check + featurize → write, plus counts).
 
     Records travel in chunks of ``batch_size`` (:class:`~pipelines.featurize.MakePairs`): per-element
-    Beam steps cost more than the hashing on the DirectRunner, so only the writers see single examples.
-    """
+    Beam steps cost more than hashing, so only the writers see single examples."""
     rejected_parts, count_parts = [], []
     if source.format == "neighbours":
         _build_neighbours(pipeline, source, config=config, features=features, output=output)
@@ -400,6 +405,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
     limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
     split = SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt)
     check = (CorpusPairs(spec=source.corpus, limits=limits, split=split) if source.corpus is not None
+             else TagPairs(spec=source.tags, limits=limits, split=split) if source.tags is not None
              else ValidatePairs(columns=source.columns, limits=limits, split=split))
     regroup = config.negatives_as_third_input
     made = chunks | "MakePairs" >> beam.ParDo(MakePairs(
@@ -493,7 +499,7 @@ def _stats(counts: dict[str, int], *, source: PairsInput, config: PairsConfig) -
         "label_0": counts.get("label_0", 0),
     }
     stats["written"] = stats["train"] + stats["validation"]
-    if source.corpus is not None:
+    if source.corpus is not None or source.tags is not None:
         stats["paired_documents"] = counts.get("paired_documents", 0)
     if config.negatives_as_third_input:
         stats["with_negative"] = counts.get("with_negative", 0)
@@ -567,7 +573,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     counts = json.loads(counts_path.read_text())
     counts_path.unlink()
     stats = _stats(counts, source=source, config=config)
-    kept, kept_name = ((stats["paired_documents"], "paired documents") if source.corpus
+    kept, kept_name = ((stats["paired_documents"], "paired documents") if source.corpus or source.tags
                        else (stats["written"], "written"))
     if stats["read"] != kept + stats["rejected"]:
         raise DSSMError(f"pairs job lost records: read {stats['read']} != {kept_name} {kept} + "
@@ -578,7 +584,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     save_config(features, output / "features.json")
     write_json_atomic(output / "pairs_config.json",
                       {"input": str(source.path.resolve()), "format": source.format,
-                       "split_key": "document_id" if source.format == "corpus" else "query_text",
+                       "split_key": {"corpus": "document_id", "tags": "query_id"}.get(source.format, "query_text"),
                        **config_to_dict(config)})
     if stats["written"] == 0:
         raise InputError(f"no pairs written from {source.path}: {stats['read']} records read, all rejected "

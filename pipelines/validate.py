@@ -39,6 +39,9 @@ REASONS = {
     "empty_document_id": "a corpus record has no id (format corpus)",
     "no_pair": "a corpus document has no usable title and no sentence of --min-query-chars with text left "
                "beside it (format corpus)",
+    "bad_labels": "the labels cell is not a list, a JSON array or a separator-joined string of labels (format tags)",
+    "unknown_label": "a label is not in --label-file (format tags)",
+    "no_label": "the text has no label, so no pair (format tags)",
     "no_neighbour": "a corpus document shares no BM25 term with any other document of a different text, or has "
                     "fewer than --skip-neighbours + 1 such neighbours (format neighbours)",
 }

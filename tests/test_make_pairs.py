@@ -775,3 +775,76 @@ def test_neighbours_end_to_end(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"neighbours format\) lacks column\(s\) \['body'\]"):
         run(["--input", str(path), "--format", "neighbours", "--output", str(tmp_path / "x"), "--text-column",
              "body"])
+
+
+# ---- format tags (issue 16): labelled texts → (text, label description) pairs ---------------------------
+
+
+def test_tag_pairs_dofn_pairs_each_label_and_dead_letters_the_rest() -> None:
+    from pipelines.tags import TagPairs, TagSpec
+
+    spec = TagSpec(text_column="text", labels_column="labels", id_column="_id", separator=",",
+                   descriptions=(("game::board", "game: board"), ("ui::gtk", "user interface: gtk")))
+    raws = [
+        _raw(1, _id="p1", text="a chess game", labels=["game::board", "ui::gtk", "game::board"]),
+        _raw(2, _id="", text="an editor", labels="ui::gtk"),  # no id: the text's hash
+        _raw(3, _id="p3", text="x", labels=["nope"]),
+        _raw(4, _id="p4", text="y", labels=[]),
+        _raw(5, _id="p5", text="  ", labels=["ui::gtk"]),
+        _raw(6, _id="p6", text="z", labels=7),
+        _raw(7, _id="p7", text="w"),
+    ]
+    split = SplitSpec(validation_fraction=0.5)
+    limits = PairLimits(max_query_chars=100, max_document_chars=100)
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create(raws)
+               | beam.ParDo(TagPairs(spec=spec, limits=limits, split=split)).with_outputs(
+                   REJECTED, TagPairs.PAIRED, main="pairs"))
+        assert_that(out.pairs | "P" >> beam.Map(lambda x: (x["record"], x["query_id"], x["document_id"],
+                                                           x["document_text"], x["split"])),
+                    equal_to([("in.tsv:1", "p1", "game::board", "game: board", split_of("p1", validation_fraction=0.5)),
+                              ("in.tsv:1", "p1", "ui::gtk", "user interface: gtk",
+                               split_of("p1", validation_fraction=0.5)),
+                              ("in.tsv:2", text_id("an editor"), "ui::gtk", "user interface: gtk",
+                               split_of(text_id("an editor"), validation_fraction=0.5))]), label="pairs")
+        assert_that(out[REJECTED] | "R" >> beam.Map(lambda x: (x["record"], x["reason"])),
+                    equal_to([("in.tsv:3", "unknown_label"), ("in.tsv:4", "no_label"), ("in.tsv:5", "empty_query"),
+                              ("in.tsv:6", "bad_labels"), ("in.tsv:7", "missing_column")]), label="rejected")
+        assert_that(out[TagPairs.PAIRED], equal_to(["p1", text_id("an editor")]), label="paired")
+
+
+def test_pairs_job_format_tags_writes_shards_dead_letters_and_counts(tmp_path) -> None:
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("label\tdescription\ngame::board\tgame: board\nui::gtk\tuser interface: gtk\n")
+    rows = [{"_id": "p1", "text": "a chess game", "labels": ["game::board", "ui::gtk"]},
+            {"_id": "p2", "text": "a text editor", "labels": ["ui::gtk"]},
+            {"_id": "p3", "text": "unknown tag here", "labels": ["nope"]},
+            {"_id": "p4", "text": "no tags at all", "labels": []}]
+    data = tmp_path / "tagged.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "pairs"
+    stats = run(["--input", str(data), "--format", "tags", "--label-file", str(labels), "--output", str(out),
+                 "--validation-fraction", "0", *SMALL_FLAGS])
+    assert (stats["read"], stats["paired_documents"], stats["written"], stats["rejected"]) == (4, 2, 3, 2)
+    assert stats["rejected_by_reason"] == {"no_label": 1, "unknown_label": 1}
+    verify_manifest(out, kind="pairs")
+    train = _shards_train_only(out)
+    assert sorted((e["query_id"], e["document_id"], e["document_text"]) for e in train) == [
+        ("p1", "game::board", "game: board"), ("p1", "ui::gtk", "user interface: gtk"),
+        ("p2", "ui::gtk", "user interface: gtk")]
+    assert sorted(r["reason"] for r in _rejected(out)) == ["no_label", "unknown_label"]
+    assert json.loads((out / "pairs_config.json").read_text())["split_key"] == "query_id"
+    with pytest.raises(InputError, match="needs --label-file"):
+        run(["--input", str(data), "--format", "tags", "--output", str(tmp_path / "x")])
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['tags'\]"):
+        run(["--input", str(data), "--format", "tags", "--label-file", str(labels), "--labels-column", "tags",
+             "--output", str(tmp_path / "y")])
+
+
+def _shards_train_only(out: Path) -> list[dict[str, str]]:
+    files = sorted(str(p) for p in out.glob("train-*-of-*.tfrecord.gz"))
+    rows = []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        f = tf.train.Example.FromString(record.numpy()).features.feature
+        rows.append({k: f[k].bytes_list.value[0].decode() for k in ("query_id", "document_id", "document_text")})
+    return rows
