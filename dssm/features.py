@@ -11,59 +11,32 @@ so a text gets the same bucket ids everywhere. The steps (all TF ops, so they li
 6. hash every token with ``tf.strings.to_hash_bucket_fast`` (FarmHash64) into ``num_buckets``;
 7. count: one unique id per bucket per text, with its count.
 
-:func:`ascii_buckets` is the same computation in plain Python for one ASCII
-text (FarmHash64 from the ``pyfarmhash`` package is the hash ``to_hash_bucket_fast`` computes): one
-query through the TF graph costs ~0.6 ms, mostly per-call and per-op overhead; these ~50 us. They
-decline (``None``) any non-ASCII text, whose Unicode normalisation only the graph does.
+:func:`ascii_buckets` (in :mod:`dssm.hashing`, re-exported here) is the same computation in plain
+Python for one ASCII text (FarmHash64 from the ``pyfarmhash`` package is the hash
+``to_hash_bucket_fast`` computes): one query through the TF graph costs ~0.6 ms, mostly per-call and
+per-op overhead; these ~50 us. It declines (``None``) any non-ASCII text, whose Unicode
+normalisation only the graph does.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import farmhash
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.config import field
-from dssm.errors import ConfigError
+from dssm.hashing import BIGRAM_PREFIX, NON_WORD, UNIGRAM_PREFIX, FeatureConfig, ascii_buckets, ascii_words
 
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_text as tf_text  # noqa: E402  isort: skip
 
 __all__ = ["FeatureConfig", "Featurizer", "ascii_buckets", "ascii_words"]
 
-# \x01 never survives step 3 (it is not a letter or digit), so no trigram or word can equal these.
-_UNIGRAM_PREFIX = "\x01u"
-_BIGRAM_PREFIX = "\x01b"
-_NON_WORD = r"[^\p{L}\p{N}\p{M}]+"
-# _NON_WORD's complement on case-folded ASCII: the only ASCII letters left are a-z, the digits are 0-9,
-# and no ASCII character is a combining mark.
-_ASCII_WORD = re.compile(r"[a-z0-9]+")
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """How texts are hashed. Saved as ``features.json`` beside every artifact that depends on it."""
-
-    num_buckets: int = field(
-        2**17,
-        "hash buckets shared by trigrams and word n-grams. 2^17 leaves about 3% of token occurrences "
-        "(0.6% of trigram occurrences) sharing a bucket with a more frequent token on quora-dev, cisi and "
-        "cranfield, for a 157 MB table at width 300; 2^16 doubles that share, 2^18 doubles the table "
-        "(python bench/num_buckets.py)",
-    )
-    word_unigrams: bool = field(True, "also hash whole words into the same space")
-    word_bigrams: bool = field(True, "also hash adjacent word pairs into the same space")
-    max_chars: int = field(20000, "texts are cut to this many characters before hashing")
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.num_buckets <= 2**31:
-            raise ConfigError(f"num_buckets must be in [2, 2^31], got {self.num_buckets}")
-        if self.max_chars < 1:
-            raise ConfigError(f"max_chars must be positive, got {self.max_chars}")
+# The TensorFlow-free pieces live in dssm.hashing (the query path imports them without TensorFlow);
+# these names keep the graph code below and its importers (dssm.rerank, dssm.rerank_fast) as they were.
+_UNIGRAM_PREFIX = UNIGRAM_PREFIX
+_BIGRAM_PREFIX = BIGRAM_PREFIX
+_NON_WORD = NON_WORD
 
 
 class Featurizer:
@@ -165,43 +138,3 @@ class Featurizer:
             (id_values[start:end], count_values[start:end])
             for start, end in zip(splits[:-1], splits[1:], strict=True)
         ]
-
-
-def ascii_words(text: str, config: FeatureConfig) -> list[str] | None:
-    """The words ``Featurizer.tokens`` splits one ASCII text into, without TensorFlow (``None`` if not ASCII).
-
-    On ASCII, NFKC is the identity, case folding is ``str.lower`` and the non-word runs the graph
-    splits on are everything but ``[a-z0-9]``; the cut to ``max_chars`` counts bytes = characters.
-    """
-    if not isinstance(text, str) or not text.isascii():
-        return None
-    return _ASCII_WORD.findall(text[:config.max_chars].lower())
-
-
-def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
-    """The bucket of every token ``Featurizer.tokens`` gives one ASCII text, without TensorFlow.
-
-    On ASCII the graph's steps reduce to Python string operations: invalid UTF-8 cannot occur and
-    control characters are kept by the transcode (then split on like any non-word character);
-    NFKC is the identity and case folding is ``str.lower``; cutting counts characters, which are
-    bytes. ``tests/test_features_ascii.py`` checks the equality on random ASCII texts.
-
-    Args:
-        text: the text; a non-``str`` or a text with any non-ASCII character gives ``None``.
-        config: the hashing (the model's ``features``).
-
-    Returns:
-        ``[tokens]`` int64 bucket ids in the graph's token order, repeats kept (the query tower sums
-        rows, so it needs no counting); ``None`` when the caller must use the graph.
-    """
-    words = ascii_words(text, config)
-    if words is None:
-        return None
-    tokens = [wrapped[i:i + 3] for wrapped in ["#" + w + "#" for w in words] for i in range(len(wrapped) - 2)]
-    if config.word_unigrams:
-        tokens += [_UNIGRAM_PREFIX + w for w in words]
-    if config.word_bigrams:
-        tokens += [f"{_BIGRAM_PREFIX}{a} {b}" for a, b in zip(words[:-1], words[1:], strict=True)]
-    hashes = np.fromiter(map(farmhash.fingerprint64, tokens), np.uint64, len(tokens))
-    return (hashes % np.uint64(config.num_buckets)).astype(np.int64)
-
