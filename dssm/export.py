@@ -9,6 +9,8 @@ Layout (docs/design.md)::
     MODEL_DIR/config.json    {"features": FeatureConfig, "model": ModelConfig, "train": TrainConfig,
                               "loss": LossConfig}
     MODEL_DIR/history.json   per-epoch training metrics, best_epoch, pairs/s, wall time (dssm.train)
+    MODEL_DIR/query_tower/   the query tower's weights as .npy files (dssm.query_numpy): queries without
+                             TensorFlow; not written for a mixed-precision model
     MODEL_DIR/manifest.json  kind "model", sha256 of every file
 
 Featurization runs inside the SavedModel (the same :class:`~dssm.features.Featurizer` graph the
@@ -39,18 +41,23 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import config_from_dict, config_to_dict
 from dssm.errors import ConfigError, InputError
-from dssm.features import FeatureConfig, ascii_buckets
+from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, ModelConfig
+from dssm.query_numpy import (
+    FAST_QUERY_MAX_TEXTS,
+    QUERY_TOWER_DIR,
+    l2_normalize_rows,
+    numpy_activation,
+    write_query_tower,
+)
+from dssm.query_numpy import QueryTower as _NumpyQueryTower
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["SAVED_MODEL", "export_model", "load_encoder", "Encoder", "QueryTower", "read_model_configs",
-           "row_reader", "l2_normalize_rows", "numpy_activation"]
+__all__ = ["SAVED_MODEL", "FAST_QUERY_MAX_TEXTS", "export_model", "load_encoder", "Encoder", "QueryTower",
+           "read_model_configs", "row_reader", "l2_normalize_rows", "numpy_activation"]
 
 SAVED_MODEL = "saved_model"
-# Up to this many texts per embed_queries call take the numpy path: beyond a few rows one graph call
-# (whose overhead is per call, not per text) is cheaper than Python hashing per text.
-FAST_QUERY_MAX_TEXTS = 4
 _TEXTS = tf.TensorSpec([None], tf.string, name="texts")
 
 
@@ -138,6 +145,10 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
     finally:
         for tower, value in jit.items():
             tower.jit_dense = value
+    if not getattr(train_config, "mixed_precision", False):  # numpy in float32 cannot match a bfloat16 graph
+        tower = model.query_tower
+        write_query_tower(staging / QUERY_TOWER_DIR, table=tower.bag.table.numpy(), bias=tower.bag_bias.numpy(),
+                          layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in tower.hidden])
     write_json_atomic(staging / "config.json", {
         "features": config_to_dict(model.feature_config),
         "model": config_to_dict(model.config),
@@ -251,43 +262,18 @@ class Encoder:
         return out
 
 
-class QueryTower:
-    """The exported query tower's forward pass in numpy, for a few ASCII texts (no graph call).
+class QueryTower(_NumpyQueryTower):
+    """:class:`dssm.query_numpy.QueryTower` whose table may also be a loaded ``tf.Variable``.
 
-    The same computation as ``Tower.call`` at inference (dropout is off): count-weighted sum of the
-    bag's table rows (divided by the total count or its root for ``mean``/``sqrtn``), + bias,
-    activation, the dense layers, L2 normalisation; all in float32.
-
-    The table may stay a TensorFlow variable: its rows are then read with one eager
-    ``ResourceGather`` per text. A numpy copy of a loaded table is a second copy of it (157 MB at the
-    default size): TensorFlow's gather switches a variable to copy-on-read, so ``.numpy()`` never
-    shares its buffer. The small dense weights are numpy arrays.
-
-    Args:
-        table: ``[num_buckets, embedding_dim]`` float32, a numpy array or a ``tf.Variable``.
-        bias: ``[embedding_dim]`` float32.
-        layers: ``(kernel [in, out], bias [out])`` float32 per dense layer.
-        features, model: the configs the weights belong to.
-
-    Raises:
-        ConfigError: a weight's shape or dtype does not match the configs.
+    A numpy copy of a loaded table is a second copy of it (157 MB at the default size): TensorFlow's
+    gather switches a variable to copy-on-read, so ``.numpy()`` never shares its buffer. Its rows are
+    read with one eager ``ResourceGather`` per call instead (:func:`row_reader`).
     """
 
     def __init__(self, *, table: np.ndarray | tf.Variable, bias: np.ndarray,
                  layers: Sequence[tuple[np.ndarray, np.ndarray]], features: FeatureConfig, model: ModelConfig) -> None:
-        expected = [(features.num_buckets, model.embedding_dim), (model.embedding_dim,)]
-        widths = (model.embedding_dim, *model.hidden_dims)
-        expected += [shape for i, d in enumerate(model.hidden_dims) for shape in ((widths[i], d), (d,))]
-        arrays = [bias, *(a for layer in layers for a in layer)]
-        got = [(tuple(table.shape), np.dtype(getattr(table.dtype, "as_numpy_dtype", table.dtype)))]
-        got += [(a.shape, a.dtype) for a in arrays]
-        if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
-            raise ConfigError(f"query tower weights {[(shape, str(dtype)) for shape, dtype in got]} do not match "
-                              f"the model config (expected float32 {expected})")
-        self._rows = row_reader(table)
-        self.table, self.bias, self.layers = table, bias, list(layers)
-        self.features, self.model = features, model
-        self._activation = numpy_activation(model.activation)
+        super().__init__(table=table, bias=bias, layers=layers, features=features, model=model,
+                         rows=row_reader(table))
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig,
@@ -313,33 +299,6 @@ class QueryTower:
         except (AttributeError, TypeError, ConfigError):
             return None
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray | None:
-        """``n`` texts → ``[n, dim]`` float32 L2-normalised, or ``None`` if any text is not ASCII.
-
-        Args:
-            texts: ``n >= 1`` strings.
-
-        Returns:
-            ``[n, output_dim]`` float32, equal to the ``embed_query`` signature's rows to float32
-            rounding; ``None`` when a text needs the graph's Unicode handling.
-        """
-        bags = [ascii_buckets(text, self.features) for text in texts]
-        if any(buckets is None for buckets in bags):
-            return None
-        # One gather for all texts. Every token's row once, repeats included: the count-weighted sum
-        # of the bag's rows without counting (the bag's total count is the number of tokens).
-        lengths = [len(buckets) for buckets in bags]
-        rows = self._rows(np.concatenate(bags))
-        pooled = np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
-        if self.model.bag_combiner != "sum":
-            totals = np.asarray(lengths, np.float32)
-            scale = totals if self.model.bag_combiner == "mean" else np.sqrt(totals)
-            pooled /= np.maximum(scale, np.float32(1))[:, None]
-        x = self._activation(pooled + self.bias)
-        for kernel, bias in self.layers:
-            x = self._activation(x @ kernel + bias)
-        return l2_normalize_rows(x).astype(np.float32, copy=False)
-
 
 def row_reader(array: Any) -> Any:
     """``ids [n] int64 -> rows [n, ...]`` of a numpy array, or of a loaded ``tf.Variable`` without copying it.
@@ -356,28 +315,6 @@ def row_reader(array: Any) -> Any:
         return tf.raw_ops.ResourceGather(resource=handle, indices=ids, dtype=dtype).numpy()
 
     return rows
-
-
-def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """``[n, d]`` → rows divided by their norm as ``tf.math.l2_normalize`` does: ``x / sqrt(max(sum(x^2), 1e-12))``
-    (an all-zero row stays zero)."""
-    return x / np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None]
-
-
-def numpy_activation(name: str) -> Any:
-    """Keras's activation ``name`` on float32 arrays (``gelu`` is Keras's exact, erf form)."""
-    if name == "tanh":
-        return np.tanh
-    if name == "relu":
-        return lambda x: np.maximum(x, np.float32(0))
-    if name == "linear":
-        return lambda x: x
-    if name == "gelu":
-        # deferred: scipy, imported only when this runs
-        from scipy.special import erf  # noqa: PLC0415  (only gelu models pay for the import)
-
-        return lambda x: (np.float32(0.5) * x * (np.float32(1) + erf(x / np.float32(np.sqrt(2))))).astype(np.float32)
-    raise ConfigError(f"no numpy form of activation {name!r}")
 
 
 def _flat_call(signature: Any) -> Any:

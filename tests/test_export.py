@@ -94,7 +94,8 @@ def test_encoder_batches_internally_and_handles_empty_input(exported: tuple) -> 
 
 def test_model_directory_layout_and_configs(exported: tuple) -> None:
     model, model_dir, _ = exported
-    assert {p.name for p in model_dir.iterdir()} == {SAVED_MODEL, "config.json", "history.json", "manifest.json"}
+    assert {p.name for p in model_dir.iterdir()} == {SAVED_MODEL, "config.json", "history.json", "manifest.json",
+                                                     "query_tower"}
     features, model_config, train_config = read_model_configs(model_dir)
     assert features == FEATURES and model_config == model.config
     assert train_config["batch_size"] == TRAIN.batch_size

@@ -41,6 +41,7 @@ def test_fast_and_signature_searchers_give_the_same_hits(index_dir: Path) -> Non
     fast = Searcher.load(index_dir)
     slow = Searcher.load(index_dir, fast_queries=False)
     assert fast.encoder.query_tower is not None and slow.encoder.query_tower is None
+    assert type(fast.encoder).__name__ == "NumpyQueryEncoder" and not fast.encoder.graph_loaded
     for query in QUERIES:
         got, expected = fast.search(query, k=5), slow.search(query, k=5)
         np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=1e-5)
