@@ -70,6 +70,7 @@ from serving.routes import (
     add_write_routes,
     metrics_text,
 )
+from serving.searcher import Searcher
 
 __all__ = ["API_KEY_ENV", "WORKER_CONFIG_ENV", "ServeConfig", "create_app", "metrics_text", "openapi_document",
            "write_openapi", "worker_app", "main"]
@@ -197,8 +198,12 @@ def write_openapi(path: str | Path) -> None:
 
 
 def _set_tf_threads(threads: int) -> None:
-    # deferred: TensorFlow, imported only when this runs
-    import tensorflow as tf  # noqa: PLC0415  (only the serving process pays for the import here)
+    if "tensorflow" not in sys.modules:
+        # Queries need no TensorFlow (dssm.query_numpy); it may never be imported. If it is (a write,
+        # a non-ASCII query), it reads its thread counts from these at start.
+        os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+        return
+    import tensorflow as tf  # noqa: PLC0415  (already imported: this costs nothing)
 
     try:
         # Only possible before TensorFlow runs its first op; the index loads after this.
@@ -209,10 +214,16 @@ def _set_tf_threads(threads: int) -> None:
 
 
 
+def _graph_loader(index_dir: Path, encoder: Any) -> Searcher:
+    """``--no-fast-queries``: every query through the SavedModel's signature (TensorFlow loaded at start)."""
+    return Searcher.load(index_dir, encoder=encoder, fast_queries=False)
+
+
 def _serving_app(config: ServeConfig) -> FastAPI:
     """One serving process's app from ``config`` (the parsed ``dssm serve`` flags), process settings applied."""
+    loader = None if config.fast_queries else _graph_loader
     backend = Backend(config.index, max_in_flight=config.max_in_flight, watch_interval=config.watch_interval,
-                      batchers=config.model_threads, batch_window=config.batch_window_ms / 1000.0)
+                      batchers=config.model_threads, batch_window=config.batch_window_ms / 1000.0, loader=loader)
     app = create_app(backend, api_key=config.api_key, require_key_for_reads=config.require_key_for_reads,
                      worker_threads=config.threads, load_before_serving=config.load_before_serving,
                      max_pending_writes=config.max_pending_writes)
@@ -305,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf-threads", type=int, default=1,
                         help="TensorFlow intra- and inter-op threads (default: 1: a single query's ops are too small "
                              "to gain from a pool, and the event loop needs the other core)")
+    parser.add_argument("--fast-queries", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer ASCII queries from the model's numpy weights, loading TensorFlow only when "
+                             "something needs it (default); --no-fast-queries loads the SavedModel at start")
     parser.add_argument("--switch-interval-ms", type=float, default=5.0,
                         help="Python's GIL switch interval (sys.setswitchinterval) in ms (default: 5.0)")
     parser.add_argument("--batch-window-ms", type=float, default=0.0,
@@ -350,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                          threads=args.threads, model_threads=args.model_threads, tf_threads=args.tf_threads,
                          max_pending_writes=args.max_pending_writes,
                          switch_interval_ms=args.switch_interval_ms, batch_window_ms=args.batch_window_ms,
-                         watch_interval=args.watch_interval, log_level=args.log_level)
+                         watch_interval=args.watch_interval, log_level=args.log_level,
+                         fast_queries=args.fast_queries)
     try:
         if args.workers > 1:
             _run_workers(args, config)

@@ -35,6 +35,8 @@ class ServeConfig:
     max_pending_writes: int = field(8, "writes admitted at once (one runs at a time on its own thread); more get 429")
     model_threads: int = field(1, "threads that answer single queries, coalesced into batches")
     tf_threads: int = field(1, "TensorFlow intra- and inter-op threads (0 = TensorFlow's default)")
+    fast_queries: bool = field(True, "answer ASCII queries from the model's numpy weights, loading TensorFlow "
+                               "only when something needs it (--no-fast-queries loads the SavedModel at start)")
     switch_interval_ms: float = field(5.0, "Python's GIL switch interval in ms (<= 0 leaves it unchanged)")
     batch_window_ms: float = field(0.0, "how long the model thread waits for more concurrent queries to join a batch")
     watch_interval: float = field(1.0, "seconds between checks of CURRENT for a new version")

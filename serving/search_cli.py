@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank", type=int, default=0, metavar="N",
                         help=f"re-order the first stage's top N (at least -k) with the index's re-ranker "
                              f"(dssm attach-reranker), 0..{MAX_RERANK} (default: 0, no re-ranking)")
+    parser.add_argument("--fast-queries", action=argparse.BooleanOptionalAction, default=True,
+                        help="embed ASCII queries from the model's numpy weights without loading TensorFlow "
+                             "(default); --no-fast-queries loads the SavedModel")
     parser.add_argument("query", nargs="+", help="query text (several words are joined by spaces)")
     args = parser.parse_args(argv)
     if args.k < 1:
         raise InputError(f"-k must be >= 1, got {args.k}")
     query = " ".join(args.query)
-    searcher = Searcher.load(args.index)
+    searcher = Searcher.load(args.index, fast_queries=args.fast_queries)
     hits = searcher.search(query, k=args.k, mode=args.mode, rerank=args.rerank)
     if args.json:
         json.dump(hits_json(query, hits), sys.stdout, ensure_ascii=False)

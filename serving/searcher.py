@@ -1,9 +1,9 @@
 """Search an index by text: query tower → ScaNN → SQLite doc store (→ the re-ranker, with ``rerank=N``).
 
 The :class:`Searcher` is transport-free (the HTTP app wraps it; ``dssm search`` is :mod:`serving.search_cli`).
-One query costs one query-tower embedding (an ASCII query: :class:`dssm.export.QueryTower` in numpy,
-no TensorFlow call; otherwise the exported ``embed_query`` signature), one ScaNN search and one SQLite
-``SELECT ... WHERE row IN``.
+One query costs one query-tower embedding (an ASCII query: :class:`dssm.query_numpy.QueryTower` in numpy
+from the model's ``query_tower/`` weights, without TensorFlow; otherwise the exported ``embed_query``
+signature), one ScaNN search and one SQLite ``SELECT ... WHERE row IN``.
 
 Example::
 
@@ -29,6 +29,7 @@ from dssm.errors import IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_config
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
+from dssm.query_numpy import load_query_encoder
 from serving.reranking import check_rerank, rerank_results
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
@@ -148,8 +149,12 @@ class Searcher:
             encoder: use this instead of the index's own ``model/`` (tests, or a model shared between
                 several indexes); default loads ``model/`` with :func:`dssm.export.load_encoder`.
             verify: check every file's sha256 first (leave on).
-            fast_queries: the loaded model embeds a few ASCII queries at a time in numpy
-                (:class:`dssm.export.QueryTower`) rather than with its SavedModel signature.
+            fast_queries: ASCII queries are embedded in numpy. With the model's ``query_tower/``
+                weights (every model ``dssm train`` exports now) that needs no TensorFlow at all
+                (:func:`dssm.query_numpy.load_query_encoder`: TensorFlow is loaded later, only for a
+                non-ASCII query or documents); an older model loads its SavedModel and embeds a few
+                ASCII queries at a time from its variables. ``False`` loads the SavedModel and always
+                uses its signature.
             reranker: load the version's re-ranker when it has one (a corrupt one is refused by name);
                 ``False`` serves without it (its files unchecked; searches with ``rerank`` are refused).
 
@@ -161,10 +166,7 @@ class Searcher:
         # given encoder (a hot swap reusing the live model) never reads it.
         index = load_index(index_dir, verify=verify, reranker=reranker, model=False)
         if encoder is None and index.model_dir is not None:
-            # deferred: TensorFlow, imported only when this runs
-            from dssm.export import load_encoder
-
-            encoder = load_encoder(index.model_dir, fast_queries=fast_queries)
+            encoder = _load_query_encoder(index.model_dir, fast_queries=fast_queries)
         loaded = None
         if reranker and index.reranker_dir is not None:
             # deferred: TensorFlow, imported only when this runs
@@ -373,6 +375,18 @@ class Searcher:
         with shared (Siamese) towers the two towers are one anyway.
         """
         return text_similarity(self._embed, text1, text2, self.duplicate_threshold)
+
+
+def _load_query_encoder(model_dir: Path, *, fast_queries: bool) -> QueryEncoder:
+    """The model's TensorFlow-free encoder when it has numpy weights (and fast queries are on), else its SavedModel."""
+    if fast_queries:
+        encoder = load_query_encoder(model_dir)
+        if encoder is not None:
+            return encoder
+    # deferred: TensorFlow, imported only when this runs
+    from dssm.export import load_encoder
+
+    return load_encoder(model_dir, fast_queries=fast_queries)
 
 
 def merge_top_k(results: Sequence[Sequence[Hit]], k: int) -> list[Hit]:

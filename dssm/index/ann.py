@@ -5,8 +5,10 @@ Every ScaNN searcher is built without ``docids`` (ScaNN would pickle them); row 
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,33 @@ from dssm.config import field
 from dssm.errors import ConfigError
 
 __all__ = [
-    "SCANN_MODES", "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "NpyRows",
-    "npy_chunks", "l2_normalize_inplace", "exact_top_k",
+    "scann_pybind", "SCANN_MODES", "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks",
+    "NpyRows", "npy_chunks", "l2_normalize_inplace", "exact_top_k",
 ]
 
 
 SCANN_MODES = ("auto", "brute_force", "ah", "tree_ah")
+
+
+def scann_pybind() -> Any:
+    """ScaNN's numpy API (``scann.scann_ops.py.scann_ops_pybind``), imported without TensorFlow.
+
+    ``scann/__init__.py`` also imports ScaNN's TensorFlow ops (``import tensorflow``, ~8 s and
+    hundreds of MB), which the numpy API never uses: its extension links no TensorFlow library. So
+    while ``scann`` is first imported, ``tensorflow`` is marked absent in ``sys.modules`` (the
+    package's own ``try: import tensorflow ... except ModuleNotFoundError`` then skips the TF ops), and
+    the mark is removed at once, so a later ``import tensorflow`` (documents to encode, non-ASCII
+    queries) works as usual. A process that has TensorFlow loaded imports ScaNN normally.
+    """
+    name = "scann.scann_ops.py.scann_ops_pybind"
+    if name in sys.modules or "tensorflow" in sys.modules:
+        return importlib.import_module(name)
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # import tensorflow -> ModuleNotFoundError
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +136,7 @@ def build_scann(matrix: np.ndarray, params: dict[str, Any]) -> Any:
         A ``scann_ops_pybind.ScannSearcher``.
     """
     # deferred: ScaNN (it loads TensorFlow), imported only when this runs
-    from scann.scann_ops.py import scann_ops_pybind
-
+    scann_ops_pybind = scann_pybind()
     builder = scann_ops_pybind.builder(matrix, params["num_neighbors"], params["distance"])
     mode = params["mode"]
     if mode == "brute_force":
@@ -250,7 +272,7 @@ def exact_top_k(matrix: np.ndarray, queries: np.ndarray, k: int, *,
         (rows [q, k] int64, scores [q, k] float32), best first.
     """
     # deferred: ScaNN (it loads TensorFlow), imported only when this runs
-    from scann.scann_ops.py import scann_ops_pybind
+    scann_ops_pybind = scann_pybind()
 
     n = matrix.shape[0]
     k = min(k, n)

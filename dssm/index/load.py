@@ -9,6 +9,7 @@ import numpy as np
 
 from dssm.artifacts import read_manifest, verify_manifest
 from dssm.errors import ChecksumError, IndexNotFoundError, InputError
+from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.versions import VersionLease, current_version_dir
@@ -96,8 +97,7 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         IndexNotFoundError: no index / no ``CURRENT`` / missing version.
         ChecksumError: a file is missing, truncated or corrupted (the message names it).
     """
-    # deferred: ScaNN (it loads TensorFlow), imported only when this runs
-    from scann.scann_ops.py import scann_ops_pybind
+    scann_ops_pybind = scann_pybind()  # deferred: ScaNN, imported on first use (without TensorFlow)
 
     version_dir = current_version_dir(index_dir)
     try:

@@ -25,7 +25,7 @@ import numpy as np
 from dssm.artifacts import verify_manifest, write_manifest
 from dssm.data import document_text
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
-from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params
+from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.documents import as_documents
 from dssm.index.files import fsync_file, link_tree
@@ -367,8 +367,7 @@ def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: 
                   config: ScannConfig, *, history: dict[str, Any], manifest: dict[str, Any], min_recall: float,
                   timings: dict[str, float]) -> tuple[Any, float]:
     """The base searcher with the same deletes and upserts as the rows (checked row for row), and its recall."""
-    # deferred: ScaNN (it loads TensorFlow), imported only when this runs
-    from scann.scann_ops.py import scann_ops_pybind
+    scann_ops_pybind = scann_pybind()  # deferred: ScaNN, imported on first use (without TensorFlow)
 
     tick = time.perf_counter()
     searcher = scann_ops_pybind.load_searcher(str(base / SCANN_DIR), assets_backcompat_shim=False)
