@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.harness import ROOT, Figure, git_commit, results_markdown, run_part, update_readme, write_results
 
-PARTS = ("featurize", "train", "encode", "index", "query", "rerank", "write", "quality")
+PARTS = ("featurize", "train", "encode", "index", "query", "rerank", "write", "cold", "quality")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import pytest
 from bench.harness import README_END, README_START, SCHEMA, Figure, Stats, update_readme, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("featurize", "train", "encode", "index", "query", "rerank", "write", "quality")
+ORDER = ("featurize", "train", "encode", "index", "query", "rerank", "write", "cold", "quality")
 
 
 def _figure(part: str, ours: list[float], peer: list[float] | None, *, higher: bool = True) -> Figure:
