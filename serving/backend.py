@@ -504,20 +504,20 @@ class Backend:
 
     def tag(self, text: str, *, k: int | None = None, threshold: float | None = None,
             predicted_only: bool = False) -> tuple[str, float | None, list[Any]]:
-        """Labels of the live *tags index* for ``text``: ``(version, threshold used, [TagHit])``.
-
-        A version's :class:`~serving.tagger.Tagger` is built on its first tag request. Raises
-        InputError: over :data:`MAX_TAG_LABELS` documents, ``k < 1``, or ``predicted_only`` without a threshold.
-        """
+        """Labels of the live *tags index* for ``text``: ``(version, threshold used, [TagHit])`` (its Tagger
+        built on the first request). ModeNotAvailableError (409): over :data:`MAX_TAG_LABELS` documents, or
+        ``predicted_only`` without a threshold."""
         snap = self.current()
         tagger = self._tagger(snap)
         used = tagger.threshold if threshold is None else float(threshold)
+        if predicted_only and used is None:
+            raise ModeNotAvailableError(f"index version {snap.version} stores no tagging threshold; give one")
         return snap.version, used, tagger.tag(text, k=k, threshold=used, predicted_only=predicted_only)
 
     def _tagger(self, snap: Snapshot) -> Any:
         if snap.documents > MAX_TAG_LABELS:
-            raise InputError(f"index version {snap.version} has {snap.documents} documents; /v1/tag serves a tags "
-                             f"index (labels as documents) of at most {MAX_TAG_LABELS}")
+            raise ModeNotAvailableError(f"index version {snap.version} has {snap.documents} documents; /v1/tag "
+                                        f"serves a tags index (labels as documents) of at most {MAX_TAG_LABELS}")
         with self._tagger_lock:
             cached = self._tagger_cache
             if cached is None or cached[0] is not snap:

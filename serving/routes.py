@@ -256,7 +256,7 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
         """Top-k documents for each query (one model call), all from the same index version."""
         return Response(await answer_batch(body), media_type="application/json")
 
-    @app.post("/v1/tag", response_model=TagResponse, responses=_READ_ERRORS, tags=["search"])
+    @app.post("/v1/tag", response_model=TagResponse, responses=_SEARCH_ERRORS, tags=["search"])
     async def tag(body: TagRequest) -> TagResponse:
         """Labels of a tags index for a text, best first; ``predicted`` against the threshold (``dssm tag``)."""
         version, threshold, hits = await run(backend.tag, body.text, k=body.k, threshold=body.threshold,

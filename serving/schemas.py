@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from dssm.index.documents import check_document_id
 from serving.reranking import MAX_RERANK
@@ -102,6 +102,13 @@ DocId = Annotated[
 ]
 
 
+def _json_number(value: object) -> object:
+    """JSON Schema's number: ``true`` and ``"0.5"`` are refused rather than read as 1.0 and 0.5 (null passes)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"must be a JSON number, got {value!r}")
+    return value
+
+
 def _json_integer(value: object) -> object:
     """JSON Schema's integer (OpenAPI 3.1): a number with no fractional part, so 5.0 is 5.
 
@@ -169,9 +176,11 @@ class TagRequest(_Strict):
 
     text: Query  # type: ignore[valid-type]
     k: K = DEFAULT_K
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False,
-                                    description="decision threshold (cosine); default the index's stored one")
-    predicted_only: bool = Field(False, description="only the labels at or above the threshold")
+    threshold: Annotated[float | None, BeforeValidator(_json_number)] = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="decision threshold (cosine); default the index's stored one")
+    # Strict: JSON Schema's boolean is true/false only (0 and "yes" are 422, as schemathesis checks).
+    predicted_only: StrictBool = Field(False, description="only the labels at or above the threshold")
 
 
 class DocumentIn(_Strict):

@@ -147,14 +147,11 @@ class Searcher:
         Args:
             index_dir: the index directory written by ``dssm index``.
             encoder: use this instead of the index's own ``model/`` (tests, or a model shared between
-                several indexes); default loads ``model/`` with :func:`dssm.export.load_encoder`.
+                several indexes); default loads ``model/`` (see ``fast_queries``).
             verify: check every file's sha256 first (leave on).
-            fast_queries: ASCII queries are embedded in numpy. With the model's ``query_tower/``
-                weights (every model ``dssm train`` exports now) that needs no TensorFlow at all
-                (:func:`dssm.query_numpy.load_query_encoder`: TensorFlow is loaded later, only for a
-                non-ASCII query or documents); an older model loads its SavedModel and embeds a few
-                ASCII queries at a time from its variables. ``False`` loads the SavedModel and always
-                uses its signature.
+            fast_queries: embed ASCII queries in numpy: from the model's ``query_tower/`` without
+                TensorFlow (:func:`dssm.query_numpy.load_query_encoder`), or for an older model from its
+                loaded SavedModel's variables. ``False`` loads the SavedModel and uses its signature.
             reranker: load the version's re-ranker when it has one (a corrupt one is refused by name);
                 ``False`` serves without it (its files unchecked; searches with ``rerank`` are refused).
 
@@ -451,10 +448,7 @@ class ShardedSearcher:
         if len({model_fingerprint(shard.index.reranker_dir) for shard in shards}) != 1:
             shards[0].reranker = None  # shards with different (or no) re-rankers: rerank is refused
         if encoder is None and shards[0].index.model_dir is not None:
-            # deferred: TensorFlow, imported only when this runs
-            from dssm.export import load_encoder
-
-            encoder = load_encoder(shards[0].index.model_dir)
+            encoder = _load_query_encoder(shards[0].index.model_dir, fast_queries=True)
         for shard in shards:
             shard.encoder = encoder
         return cls(shards, encoder=encoder)

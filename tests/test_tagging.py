@@ -186,7 +186,7 @@ def test_tag_over_http_against_a_real_server(trained_tags):
 
     from serving.app import create_app
     from serving.backend import Backend
-    from serving.client import BadRequestError, SearchClient
+    from serving.client import ClientError, SearchClient
     from serving.searcher import Searcher
     from serving.tagger import Tagger
 
@@ -210,5 +210,8 @@ def test_tag_over_http_against_a_real_server(trained_tags):
     with ServerThread(create_app(zero)) as server, SearchClient(server.url, retries=0) as client:
         wait_until(lambda: zero.snapshot is not None, timeout=60, what="the zero-shot index to load")
         assert all(t.predicted is None for t in client.tag(text).labels)
-        with pytest.raises(BadRequestError, match="stores no threshold"):
+        with pytest.raises(ClientError, match="409: .*stores no tagging threshold") as refused:
             client.tag(text, predicted_only=True)
+        assert refused.value.status == 409
+        assert httpx.post(server.url + "/v1/tag", json={"text": text, "predicted_only": 0}).status_code == 422
+        assert httpx.post(server.url + "/v1/tag", json={"text": text, "threshold": False}).status_code == 422

@@ -316,18 +316,23 @@ def test_a_derived_manifest_reuses_checksums_of_hard_linked_files_only(tmp_path)
 
 
 def test_an_update_does_not_launder_a_corrupt_linked_model(tiny_model_dir, adi_dir, tmp_path):
-    """An upsert reads no model/ file, so it does not hash it; the checksum it carries forward still catches
-    a model corrupted in place when the new version is loaded."""
+    """An upsert by a searcher whose SavedModel is loaded reads no model/ file, so it does not hash it; the
+    checksum it carries forward still catches a model corrupted in place when the new version is loaded.
+    A searcher on the numpy query path loads (and verifies) the SavedModel to encode, so it refuses."""
     from dssm.errors import ChecksumError
     from tests.serving_support import adi_rows, build_version
 
     index_dir = tmp_path / "index"
     build_version(index_dir, tiny_model_dir, adi_rows(adi_dir))
-    searcher = Searcher.load(index_dir)
+    searcher = Searcher.load(index_dir, fast_queries=False)
+    fast = Searcher.load(index_dir)
+    assert not fast.encoder.graph_loaded
     variables = next((ix.current_version_dir(index_dir) / "model").rglob("variables.data*"))
     with open(variables, "r+b") as handle:  # in place: every version linking it sees the change
         handle.seek(10)
         handle.write(b"\x00\xff\x00\xff")
     searcher.upsert([("new-doc", "", "a new document about something")])
     with pytest.raises(ChecksumError, match="variables.data"):
-        Searcher.load(index_dir)
+        Searcher.load(index_dir, fast_queries=False)
+    with pytest.raises(ChecksumError, match="variables.data"):
+        fast.upsert([("other-doc", "", "another new document")])
