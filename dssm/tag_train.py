@@ -26,7 +26,9 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.config import field
+from dssm.data import split_of
 from dssm.errors import ConfigError, InputError
+from dssm.export import export_model, read_model_configs
 from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, ModelConfig
 from dssm.optim import OPTIMIZERS, make_optimizer
@@ -77,8 +79,6 @@ class TagTrainConfig:
 
 def split_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
     """``[len(ids)]`` bool, True for the held-out texts (a stable hash of each id, as ``dssm pairs``' split)."""
-    from dssm.data import split_of
-
     return np.array([split_of(i, validation_fraction=fraction, salt="tags") == "validation" for i in ids])
 
 
@@ -204,8 +204,6 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
     if config.init_from:
         if model_config is not None or feature_config is not None:
             raise ConfigError("init_from reads the tower shape and features from the model; do not pass them")
-        from dssm.export import read_model_configs
-
         feature_config, model_config, _ = read_model_configs(config.init_from)
     model_config = model_config or ModelConfig()
     feature_config = feature_config or FeatureConfig()
@@ -268,6 +266,4 @@ def _variables(trainer: TagTrainer) -> list[tf.Variable]:
 def export_tagger(trainer: TagTrainer, model_dir: str | Path, *, history: dict[str, Any],
                   overwrite: bool = False) -> Path:
     """Export the trained towers like ``dssm train`` does (``history.json["tagging"]`` holds the threshold)."""
-    from dssm.export import export_model
-
     return export_model(trainer.model, model_dir, train_config=trainer.config, history=history, overwrite=overwrite)

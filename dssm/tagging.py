@@ -74,7 +74,7 @@ def build_tag_index(index_dir: str | Path, *, labels: Sequence[Document], model_
         vectors: ``[num_labels, dim]`` label vectors to store as they are (``dssm train-tags``).
         tagging: stored in the manifest under ``tagging`` (the threshold, how it was chosen).
     """
-    # deferred: TensorFlow, imported only when this runs
+    # deferred: TensorFlow, imported only when this runs (tagging with a built index needs none)
     from dssm.export import load_encoder
 
     if vectors is None:
@@ -99,7 +99,7 @@ def train_tags(*, train_path: str | Path, labels_path: str | Path, output: str |
     Returns:
         The run's history (``tagging`` holds the threshold).
     """
-    # deferred: TensorFlow, imported only when this runs
+    # deferred: TensorFlow, imported only when this runs (tagging with a built index needs none)
     from dssm.tag_train import export_tagger, train_tagger
 
     labels = read_labels(labels_path)
