@@ -193,6 +193,13 @@ class NumpyQueryEncoder:
                 self._graph = load_encoder(self.model_dir, batch_size=self.batch_size)
             return self._graph
 
+    def follow(self, model_dir: str | Path) -> None:
+        """Load the SavedModel, when it is first needed, from ``model_dir``: the same model (same
+        manifest) in a newer index version. A server reuses its encoder across hot swaps, and the
+        version it came from may be pruned before anything needs the graph."""
+        with self._lock:
+            self.model_dir = Path(model_dir)
+
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """``n`` texts → ``[n, dim]`` float32 with the query tower (numpy for ASCII, else the graph)."""
         if isinstance(texts, (str, bytes)):

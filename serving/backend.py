@@ -334,6 +334,8 @@ class Backend:
             searcher = self._loader(self.index_dir, None)
             version_dir = Path(searcher.index.version_dir)
             loaded_fingerprint = model_fingerprint(version_dir / "model")
+        elif reuse is not None and hasattr(reuse, "follow"):  # a lazy SavedModel loads from a live version
+            reuse.follow(version_dir / "model")
         manifest = getattr(searcher.index, "manifest", {}) or {}
         threshold = getattr(searcher, "duplicate_threshold", None)
         if threshold is None:
@@ -504,9 +506,8 @@ class Backend:
 
     def tag(self, text: str, *, k: int | None = None, threshold: float | None = None,
             predicted_only: bool = False) -> tuple[str, float | None, list[Any]]:
-        """Labels of the live *tags index* for ``text``: ``(version, threshold used, [TagHit])`` (its Tagger
-        built on the first request). ModeNotAvailableError (409): over :data:`MAX_TAG_LABELS` documents, or
-        ``predicted_only`` without a threshold."""
+        """Labels of the live tags index for ``text``: ``(version, threshold used, [TagHit])``. 409 (ModeNotAvailable):
+        over :data:`MAX_TAG_LABELS` documents, or ``predicted_only`` without a threshold."""
         snap = self.current()
         tagger = self._tagger(snap)
         used = tagger.threshold if threshold is None else float(threshold)

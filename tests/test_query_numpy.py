@@ -91,3 +91,16 @@ def test_search_answers_ascii_queries_without_importing_tensorflow(tiny_model_di
     out = json.loads(done.stdout)
     assert out == {"tf": False, "hits": out["hits"]} and len(out["hits"]) == 3
     assert "cuda" not in done.stderr.lower() and "tensorflow" not in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_follow_loads_the_graph_from_a_newer_copy_of_the_model(exported: Path, tmp_path: Path) -> None:
+    """A server's encoder outlives the index version it came from (hot swaps reuse it; old versions are pruned)."""
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    shutil.copytree(exported, first)
+    shutil.copytree(exported, second)
+    encoder = load_query_encoder(first)
+    encoder.follow(second)
+    shutil.rmtree(first)
+    np.testing.assert_allclose(encoder.embed_documents(ASCII[:4]),
+                               load_encoder(exported).embed_documents(ASCII[:4]), atol=2e-6)
+    assert encoder.graph_loaded and encoder.model_dir == second

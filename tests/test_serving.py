@@ -803,6 +803,9 @@ def test_hot_swap_under_load_never_fails_or_mixes_versions(tmp_path, model_dir, 
         assert not errors, errors[:5]
         seen = {version for _, version, _, _ in observations}
         assert seen == {v1, v2}
+        # The reused encoder would load its SavedModel (if ever needed) from the live version, not v1's.
+        live = backend.current().searcher
+        assert live.encoder.model_dir == live.index.version_dir / "model"
         for _, version, kind, ids in observations:
             lists = [ids] if kind == "single" else ids
             flat = {i for hits in lists for i in hits}
