@@ -25,7 +25,7 @@ import numpy as np
 
 from dssm.errors import InputError
 
-__all__ = ["RANK_CUTS", "TagResult", "tag_metrics", "best_threshold", "per_label_table"]
+__all__ = ["RANK_CUTS", "TagResult", "tag_metrics", "micro_f1", "best_threshold", "per_label_table"]
 
 RANK_CUTS = (1, 3, 5)
 
@@ -126,6 +126,12 @@ def tag_metrics(name: str, scores: np.ndarray, targets: np.ndarray, *, text_ids:
     return TagResult(name, threshold, means, per_text, per_label)
 
 
+def micro_f1(scores: np.ndarray, targets: np.ndarray, threshold: float) -> float:
+    """Micro-F1 of predicting every label whose score is ≥ ``threshold``: ``2·TP / (predicted + actual)``."""
+    predicted = scores >= threshold
+    return float(2 * (predicted & targets).sum() / max(float(predicted.sum()) + float(targets.sum()), 1.0))
+
+
 def best_threshold(scores: np.ndarray, targets: np.ndarray, *, candidates: Sequence[float] | None = None) -> float:
     """The threshold with the best micro-F1 on ``(scores, targets)`` (ties → the lower threshold).
 
@@ -141,9 +147,7 @@ def best_threshold(scores: np.ndarray, targets: np.ndarray, *, candidates: Seque
         candidates = np.unique(np.quantile(scores, np.linspace(0.5, 0.9999, 200)))
     best, best_f1 = float(candidates[0]), -1.0
     for t in candidates:
-        predicted = scores >= t
-        tp = float((predicted & targets).sum())
-        f1 = 2 * tp / max(float(predicted.sum()) + float(targets.sum()), 1.0)
+        f1 = micro_f1(scores, targets, t)
         if f1 > best_f1 + 1e-12:
             best, best_f1 = float(t), f1
     return best

@@ -33,7 +33,7 @@ from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, ModelConfig
 from dssm.optim import OPTIMIZERS, make_optimizer
 from dssm.tag_losses import TAG_LOSSES, tag_loss
-from dssm.tag_metrics import best_threshold
+from dssm.tag_metrics import best_threshold, micro_f1
 from dssm.train import load_towers
 
 import tensorflow as tf  # noqa: E402  isort: skip
@@ -149,11 +149,6 @@ class TagTrainer:
         return float((logit_threshold - float(self.bias.numpy())) / self.config.scale)
 
 
-def _micro_f1(logits: np.ndarray, targets: np.ndarray, threshold: float) -> float:
-    predicted = logits >= threshold
-    return float(2 * (predicted & targets).sum() / max(predicted.sum() + targets.sum(), 1))
-
-
 def _epoch(trainer: TagTrainer, texts: list[str], targets: np.ndarray, rng: np.random.Generator,
            epoch: int) -> float:
     config = trainer.config
@@ -233,7 +228,7 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         history["loss"].append(loss)
         if len(val_rows):
             logits = trainer.predict(val_texts)
-            f1 = _micro_f1(logits, val_targets, best_threshold(logits, val_targets))
+            f1 = micro_f1(logits, val_targets, best_threshold(logits, val_targets))
             history["val_micro_f1"].append(f1)
             if config.verbose:
                 print(f"epoch {epoch}: loss {loss:.4f}, held-out micro-F1 {f1:.4f}")
@@ -250,8 +245,8 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         logits = trainer.predict(val_texts)
         tuned = best_threshold(logits, val_targets)
         tagging.update(threshold=trainer.threshold_cosines(tuned), threshold_source="held-out training texts",
-                       val_micro_f1=_micro_f1(logits, val_targets, tuned),
-                       val_micro_f1_natural=_micro_f1(logits, val_targets, 0.0))
+                       val_micro_f1=micro_f1(logits, val_targets, tuned),
+                       val_micro_f1_natural=micro_f1(logits, val_targets, 0.0))
     history.update(best_epoch=best[1] if config.keep_best and best[2] is not None else config.epochs,
                    train_texts=int(len(train_rows)), wall_seconds=time.perf_counter() - tick, tagging=tagging)
     return trainer, history
