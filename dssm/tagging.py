@@ -81,10 +81,13 @@ def build_tag_index(index_dir: str | Path, *, labels: Sequence[Document], model_
         encoder = load_encoder(model_dir)
         vectors = encoder.embed_documents([label.text for label in labels])
         if examples:
+            # Every example text once, in one call: a text carrying several labels serves each of them.
+            position = {text: i for i, text in enumerate(dict.fromkeys(t for ts in examples.values() for t in ts))}
+            embedded = encoder.embed_documents(list(position)) if position else None
             for j, label in enumerate(labels):
-                texts = examples.get(label.id, [])
-                if texts:
-                    vectors[j] = vectors[j] + encoder.embed_documents(texts).sum(axis=0)
+                rows = [position[text] for text in examples.get(label.id, [])]
+                if rows:
+                    vectors[j] = vectors[j] + embedded[rows].sum(axis=0)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     extra = {"tagging": tagging} if tagging else None
     return build_index(index_dir, embeddings=vectors, ids=[label.id for label in labels],
