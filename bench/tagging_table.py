@@ -150,7 +150,6 @@ def _few_shot(work: Path, model: Path, shots: int, seed: int, log: Path, data: t
     """k examples per label: prototypes (description + examples), and the towers fine-tuned on them."""
     from dssm.tag_data import label_matrix
     from dssm.tag_metrics import best_threshold
-    from dssm.tagging import few_shot_examples
     from serving.searcher import Searcher
     from serving.tagger import Tagger
 
@@ -163,30 +162,31 @@ def _few_shot(work: Path, model: Path, shots: int, seed: int, log: Path, data: t
     threshold = best_threshold(tagger.scores([train[i].text for i in val]), label_matrix(train, names)[val])
     out = {"threshold": threshold, "means": _eval(shot_index, log, "--threshold", str(threshold))}
     # The same k examples per label (with all their labels) as a training file for `dssm train-tags`.
-    wanted = {text for texts in few_shot_examples(train, names, shots=shots).values() for text in texts}
+    rows = few_shot_rows(train, names, shots)
     few_file = work / f"few{shots}.jsonl"
-    few_file.write_text("".join(json.dumps({"_id": t.id, "text": t.text, "labels": list(t.labels)}) + "\n"
-                                for t in train if t.text in wanted))
+    few_file.write_text("".join(json.dumps({"_id": train[i].id, "text": train[i].text,
+                                            "labels": list(train[i].labels)}) + "\n" for i in rows))
     tuned = work / f"few{shots}-tuned-seed{seed}"
     _dssm(["train-tags", "--train", str(few_file), "--labels", str(DATA / "labels.tsv"), "--output",
            str(tuned / "model"), "--index", str(tuned / "index"), "--init-from", str(model), "--seed", str(seed),
            "--verbose", "2", "--overwrite"], log)
-    out["fine_tuned"] = {"texts": len(wanted), "means": _eval(tuned / "index", log)}
+    out["fine_tuned"] = {"texts": len(rows), "means": _eval(tuned / "index", log)}
     return out
+
+
+def few_shot_rows(train: list[Any], names: list[str], shots: int) -> np.ndarray:
+    """Rows of the training texts that ``dssm tag --examples train.jsonl --shots k`` takes as examples."""
+    from dssm.tagging import few_shot_examples
+
+    wanted = {text for texts in few_shot_examples(train, names, shots=shots).values() for text in texts}
+    return np.array([i for i, t in enumerate(train) if t.text in wanted])
 
 
 def few_shot_lr(data: tuple) -> dict[int, dict[str, float]]:
     """Logistic regression on the same k examples per label that ``dssm tag --shots k`` takes."""
-    from dssm.tagging import few_shot_examples
-
     labels, train, dev, names, held = data
-    out = {}
-    for shots in SHOTS:
-        chosen = few_shot_examples(train, names, shots=shots)
-        wanted = {text for texts in chosen.values() for text in texts}
-        rows = np.array([i for i, t in enumerate(train) if t.text in wanted])
-        out[shots] = logistic_regression(train, dev, names, held, rows=rows)
-    return out
+    return {shots: logistic_regression(train, dev, names, held, rows=few_shot_rows(train, names, shots))
+            for shots in SHOTS}
 
 
 def minilm_zero_shot(data: tuple) -> dict[str, Any]:
