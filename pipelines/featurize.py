@@ -16,12 +16,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.features import FeatureConfig, Featurizer
+from dssm.hashing import FeatureConfig, TokenBagger
+from pipelines.example_proto import new_example
 from pipelines.records import REJECTED
-
-import tensorflow as tf  # noqa: E402  isort: skip  (after dssm: legacy Keras)
 
 __all__ = [
     "pair_example",
@@ -29,11 +29,18 @@ __all__ = [
     "FeaturizePairs",
     "FeaturizeChunks",
     "MakePairs",
+    "example_lists",
     "normalise_text",
     "negative_entries",
     "attach_negatives",
     "set_negative",
 ]
+
+
+def _as_list(values: Any) -> list[Any]:
+    # Python lists as they are; numpy arrays (from the graph) through tolist(): protobuf converts
+    # Python ints/floats three times faster than numpy scalars.
+    return values.tolist() if isinstance(values, np.ndarray) else values
 
 
 def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag: tuple[Any, Any], *,
@@ -42,22 +49,21 @@ def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag:
 
     Args:
         pair: a validated pair (with ``negative_id``/``negative_text`` when it carries a negative).
-        query_bag: ``(ids int64 [m], counts float32 [m])`` numpy arrays of the query.
+        query_bag: ``(ids int64 [m], counts float32 [m])`` of the query: numpy arrays or Python lists.
         document_bag: the same for the document.
         negative_bag: the same for the pair's negative, or ``None``.
         with_negative: also write the ``negative_*`` features (empty when the pair has no negative),
             so every example of a run has the same features.
     """
-    example = tf.train.Example()
+    example = new_example()
     feature = example.features.feature
     for key in ("query_id", "document_id", "query_text", "document_text"):
         feature[key].bytes_list.value.append(pair[key].encode("utf-8"))
     feature["label"].float_list.value.append(pair["label"])
-    # tolist(): protobuf converts Python ints/floats three times faster than numpy scalars.
-    feature["query_ids"].int64_list.value.extend(query_bag[0].tolist())
-    feature["query_counts"].float_list.value.extend(query_bag[1].tolist())
-    feature["document_ids"].int64_list.value.extend(document_bag[0].tolist())
-    feature["document_counts"].float_list.value.extend(document_bag[1].tolist())
+    feature["query_ids"].int64_list.value.extend(_as_list(query_bag[0]))
+    feature["query_counts"].float_list.value.extend(_as_list(query_bag[1]))
+    feature["document_ids"].int64_list.value.extend(_as_list(document_bag[0]))
+    feature["document_counts"].float_list.value.extend(_as_list(document_bag[1]))
     if with_negative:
         set_negative(example, pair.get("negative_id", ""), pair.get("negative_text", ""), negative_bag)
     return example.SerializeToString()
@@ -67,26 +73,45 @@ def featurize_pairs(featurizer: Any, batch: list[dict[str, Any]], *, negatives: 
     """``(split, serialized Example)`` for each pair of ``batch``, from one featurizer call.
 
     Args:
-        featurizer: a :class:`~dssm.features.Featurizer`.
+        featurizer: a :class:`~dssm.hashing.TokenBagger` (or a :class:`~dssm.features.Featurizer`).
         batch: validated pairs.
         negatives: write the ``negative_*`` features (see :func:`pair_example`).
     """
     n = len(batch)
     with_negative = [i for i, p in enumerate(batch) if negatives and p.get("negative_text")]
-    bags = featurizer.bags_numpy([p["query_text"] for p in batch] + [p["document_text"] for p in batch]
-                                 + [batch[i]["negative_text"] for i in with_negative])
+    texts = ([p["query_text"] for p in batch] + [p["document_text"] for p in batch]
+             + [batch[i]["negative_text"] for i in with_negative])
+    bags = featurizer.bags(texts) if isinstance(featurizer, TokenBagger) else featurizer.bags_numpy(texts)
     negative_bags = dict(zip(with_negative, bags[2 * n:], strict=True))
     return [(pair["split"], pair_example(pair, bags[i], bags[n + i], negative_bag=negative_bags.get(i),
                                          with_negative=negatives))
             for i, pair in enumerate(batch)]
 
 
+def example_lists(featurizer: Any, pairs: list[dict[str, Any]], *, batch_size: int,
+                  counts: dict[str, int]) -> Iterator[Any]:
+    """A chunk's serialized Examples as one list per split: main output ``train``, tagged ``validation``.
+
+    One output element per chunk and split, not per example: Beam's per-element cost (receivers,
+    windowing, the sink's call) was about a fifth of the pairs job's CPU. The writers
+    (:class:`~pipelines.tfrecords.WriteTFRecords`) take lists. ``counts`` gets each split's count.
+    """
+    by_split: dict[str, list[bytes]] = {"train": [], "validation": []}
+    for start in range(0, len(pairs), batch_size):
+        for split, example in featurize_pairs(featurizer, pairs[start:start + batch_size], negatives=False):
+            by_split[split].append(example)
+    for split, examples in by_split.items():
+        if examples:
+            counts[split] = counts.get(split, 0) + len(examples)
+            yield examples if split == "train" else beam.pvalue.TaggedOutput(split, examples)
+
+
 class FeaturizePairs(beam.DoFn):
     """Batch of pairs → ``(split, serialized tf.train.Example)`` per pair.
 
-    Feed it lists of pairs (``beam.BatchElements``): one :meth:`~dssm.features.Featurizer.bags_numpy`
-    call per batch hashes all queries, documents (and negatives) together, which is what makes it fast.
-    The Featurizer (and TensorFlow's graph) is built once per worker in :meth:`setup`, not pickled.
+    Feed it lists of pairs (``beam.BatchElements``). The texts are hashed by a
+    :class:`~dssm.hashing.TokenBagger`, built once per worker in :meth:`setup`, not pickled: plain
+    Python, with TensorFlow imported only if some text needs the graph.
 
     Args:
         feature_config: the featurizer's settings.
@@ -100,14 +125,14 @@ class FeaturizePairs(beam.DoFn):
         self._featurizer: Any = None
 
     def setup(self) -> None:
-        self._featurizer = Featurizer(self._config)
+        self._featurizer = TokenBagger(self._config)
 
     def process(self, batch: Iterable[dict[str, Any]]) -> Iterator[tuple[str, bytes]]:
         yield from featurize_pairs(self._featurizer, list(batch), negatives=self._negatives)
 
 
 class FeaturizeChunks(beam.DoFn):
-    """A chunk of validated pairs → serialized Examples: ``train`` (main), ``validation``, and a counts dict.
+    """A chunk of validated pairs → lists of serialized Examples: ``train`` (main), ``validation``, and a counts dict.
 
     :class:`MakePairs` without the checking step, for pairs made elsewhere (format neighbours).
     """
@@ -121,16 +146,11 @@ class FeaturizeChunks(beam.DoFn):
         self._featurizer: Any = None
 
     def setup(self) -> None:
-        self._featurizer = Featurizer(self._config)
+        self._featurizer = TokenBagger(self._config)
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
-        pairs = list(chunk)
         counts: dict[str, int] = {}
-        for start in range(0, len(pairs), self._batch_size):
-            for split, example in featurize_pairs(self._featurizer, pairs[start:start + self._batch_size],
-                                                  negatives=False):
-                counts[split] = counts.get(split, 0) + 1
-                yield example if split == "train" else beam.pvalue.TaggedOutput(self.VALIDATION, example)
+        yield from example_lists(self._featurizer, list(chunk), batch_size=self._batch_size, counts=counts)
         yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
 
 
@@ -145,7 +165,7 @@ class MakePairs(beam.DoFn):
     than hashing a pair, so one step per chunk replaces the validate → batch → featurize →
     partition → count chain of per-element steps.
 
-    Outputs: main ``train`` (serialized Examples), ``validation`` (serialized Examples), ``rejected``
+    Outputs: main ``train`` (lists of serialized Examples, one per chunk), ``validation`` (the same), ``rejected``
     (dead letters), ``counts`` (one dict per chunk: ``read``, ``rejected:<reason>``, the splits,
     ``label_0``, ``paired_documents``). With ``featurize=False`` the main output carries the validated
     pair dicts instead and no examples are made (for jobs that regroup pairs before featurizing).
@@ -165,7 +185,7 @@ class MakePairs(beam.DoFn):
     def setup(self) -> None:
         self._check.setup()
         if self._featurize:
-            self._featurizer = Featurizer(self._config)
+            self._featurizer = TokenBagger(self._config)
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
         counts: dict[str, int] = {}
@@ -184,11 +204,7 @@ class MakePairs(beam.DoFn):
             yield from pairs
             yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
             return
-        for start in range(0, len(pairs), self._batch_size):
-            for split, example in featurize_pairs(self._featurizer, pairs[start:start + self._batch_size],
-                                                  negatives=False):
-                counts[split] = counts.get(split, 0) + 1
-                yield example if split == "train" else beam.pvalue.TaggedOutput(self.VALIDATION, example)
+        yield from example_lists(self._featurizer, pairs, batch_size=self._batch_size, counts=counts)
         label_0 = sum(1 for p in pairs if p["label"] <= 0)
         if label_0:
             counts["label_0"] = label_0
@@ -246,11 +262,14 @@ def attach_negatives(group: tuple[str, Iterable[tuple[str, Any]]]) -> Iterator[d
     yield from (r for r in rows if r["label"] <= 0)
 
 
-def set_negative(example: tf.train.Example, negative_id: str, negative_text: str,
+def set_negative(example: Any, negative_id: str, negative_text: str,
                  bag: tuple[Any, Any] | None) -> None:
-    """Set the ``negative_*`` features of ``example`` (empty id/text/bag = "no negative", as model.py reads it)."""
+    """Set the ``negative_*`` features of ``example`` (empty id/text/bag = "no negative", as model.py reads it).
+
+    ``example``: a ``tf.train.Example`` or an :class:`~pipelines.example_proto.Example` (same fields).
+    """
     feature = example.features.feature
     feature["negative_id"].bytes_list.value[:] = [negative_id.encode("utf-8")]
     feature["negative_text"].bytes_list.value[:] = [negative_text.encode("utf-8")]
-    feature["negative_ids"].int64_list.value[:] = bag[0].tolist() if bag is not None else []
-    feature["negative_counts"].float_list.value[:] = bag[1].tolist() if bag is not None else []
+    feature["negative_ids"].int64_list.value[:] = _as_list(bag[0]) if bag is not None else []
+    feature["negative_counts"].float_list.value[:] = _as_list(bag[1]) if bag is not None else []

@@ -640,8 +640,11 @@ def test_make_pairs_checks_and_featurizes_a_chunk_with_counts() -> None:
         made = (p | beam.Create([raws[:7], raws[7:]])
                 | beam.ParDo(MakePairs(check=check, feature_config=SMALL, batch_size=3)).with_outputs(
                     REJECTED, MakePairs.VALIDATION, MakePairs.COUNTS, main="train"))
-        assert_that(made.train | "T" >> beam.Map(parse), equal_to(expected["train"]), label="train")
-        assert_that(made[MakePairs.VALIDATION] | "V" >> beam.Map(parse), equal_to(expected["validation"]),
+        # One list of examples per chunk and split.
+        assert_that(made.train | "T" >> beam.FlatMap(lambda batch: map(parse, batch)), equal_to(expected["train"]),
+                    label="train")
+        assert_that(made[MakePairs.VALIDATION] | "V" >> beam.FlatMap(lambda batch: map(parse, batch)),
+                    equal_to(expected["validation"]),
                     label="validation")
         assert_that(made[REJECTED] | "R" >> beam.Map(lambda r: r["reason"]), equal_to(["empty_query", "bad_label"]),
                     label="rejected")
