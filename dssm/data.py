@@ -30,6 +30,8 @@ __all__ = [
     "table_format",
     "read_columns",
     "iter_rows",
+    "csv_reader",
+    "csv_rows",
     "iter_corpus",
     "read_queries",
     "read_qrels",
@@ -125,13 +127,14 @@ def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # n
                         raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(first).__name__}")
                     return list(first)
             raise InputError(f"input file is empty: {path}")
-        header = next(_csv_reader(handle, kind), None)
+        header = next(csv_reader(handle, kind), None)
         if not header:
             raise InputError(f"input file is empty: {path}")
         return header
 
 
-def _csv_reader(handle: Any, kind: str) -> Any:
+def csv_reader(handle: Any, kind: str) -> Any:
+    """A ``csv.reader`` over ``handle`` for ``kind`` (``csv`` or ``tsv``)."""
     if kind == "tsv":
         # TSV as Quora and BEIR write it: no quoting, quotes are ordinary characters.
         return csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -169,19 +172,33 @@ def iter_rows(path: str | Path, format: str | None = None) -> Iterator[Row]:  # 
                     continue
                 yield Row(location, record)
             return
-        reader = _csv_reader(handle, kind)
+        reader = csv_reader(handle, kind)
         header = next(reader, None)
         if header is None:
             return
-        for values in reader:
-            location = f"{path}:{reader.line_num}"
-            if not any(v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                yield Row(location, dict(zip(header, values, strict=False)),
-                          f"has {len(values)} fields, header has {len(header)}")
-                continue
-            yield Row(location, dict(zip(header, values, strict=True)))
+        yield from csv_rows(reader, header, where=str(path))
+
+
+def csv_rows(reader: Any, header: list[str], *, where: str, first_line: int = 1) -> Iterator[Row]:
+    """The rows of a ``csv.reader`` positioned after the header, as :func:`iter_rows` gives them.
+
+    Args:
+        reader: the reader (its ``line_num`` counts lines from ``first_line``).
+        header: the column names.
+        where: the file's name in locations (``where:line``).
+        first_line: the number of the reader's first line in the file (a byte range's readers start
+            mid-file).
+    """
+    offset = first_line - 1
+    for values in reader:
+        location = f"{where}:{reader.line_num + offset}"
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield Row(location, dict(zip(header, values, strict=False)),
+                      f"has {len(values)} fields, header has {len(header)}")
+            continue
+        yield Row(location, dict(zip(header, values, strict=True)))
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:

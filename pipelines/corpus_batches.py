@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 
 from dssm import index as index_lib
 from dssm.data import document_text, table_format
 from dssm.errors import InputError
 from pipelines.records import REJECTED, as_text, json_safe, read_jsonl_range, read_table_chunks
+from pipelines.table_reads import line_cuts
 
 __all__ = [
     "REASONS",
@@ -108,39 +108,6 @@ class ReadRange:
     batches: int
 
 
-# Bytes per read while planning JSONL ranges (numpy finds the newlines of each block).
-_PLAN_BLOCK = 1 << 24
-
-
-def _jsonl_cuts(path: str, lines_per_range: int) -> tuple[list[tuple[int, int, int]], int]:
-    """``([(start, end, first_line)], lines)``: byte ranges of ``lines_per_range`` lines (the last may be short)."""
-    starts, first_lines = [0], [1]
-    lines = offset = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(_PLAN_BLOCK):
-            newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
-            # The newline ending line number (lines + k + 1) closes a range when that number is a multiple.
-            first = (-lines - 1) % lines_per_range
-            for k in range(first, len(newlines), lines_per_range):
-                starts.append(offset + int(newlines[k]) + 1)
-                first_lines.append(lines + k + 2)
-            lines += len(newlines)
-            offset += len(block)
-    if offset and _ends_without_newline(path, offset):
-        lines += 1
-    if starts[-1] < offset:
-        starts.append(offset)
-        first_lines.append(0)
-    return [(starts[i], starts[i + 1], first_lines[i]) for i in range(len(starts) - 1)], lines
-
-
-def _ends_without_newline(path: str, size: int) -> bool:
-    """Whether the file's last byte is not a newline (its last line then has no ``\\n``)."""
-    with open(path, "rb") as handle:
-        handle.seek(size - 1)
-        return handle.read(1) != b"\n"
-
-
 def plan_reads(paths: Sequence[str], table: str | None, *, batch_size: int,
                stride: int = 1) -> tuple[list[ReadRange], int]:
     """Cut the corpus into read tasks and number their batches.
@@ -160,7 +127,7 @@ def plan_reads(paths: Sequence[str], table: str | None, *, batch_size: int,
     for path in paths:
         kind = table_format(path, table)
         if kind == "jsonl":
-            cuts, lines = _jsonl_cuts(path, per_batch)
+            cuts, lines, _ = line_cuts(path, per_batch)
             records += lines
             for start, end, first_line in cuts:
                 ranges.append(ReadRange(path, table, start, end, first_line, next_batch, 1))

@@ -66,8 +66,7 @@ their own label-0 pairs, so ``read = written + rejected`` holds and the classifi
 losses still see them; ``stats.json`` adds ``with_negative`` (positives carrying one). Off by
 default because it adds a grouping shuffle and attaches little when queries rarely repeat (in
 quora-dev only 19 of the 4,973 queries with a label-0 row also have a positive pair); turn it on
-for the full Quora train set, where questions recur. Every run's ``stats.json`` has
-``label_0`` (written pairs with label <= 0).
+for the full Quora train set, where questions recur. ``stats.json`` has ``label_0`` (pairs with label <= 0).
 
 Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFRecord shards,
 ``rejected-*.jsonl`` dead letters, ``stats.json``, ``features.json``, ``pairs_config.json`` and a
@@ -106,12 +105,14 @@ from dssm.artifacts import MANIFEST, write_json_atomic, write_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, save_config
 from dssm.data import read_columns, table_format
 from dssm.errors import DSSMError, InputError
-from dssm.features import FeatureConfig
+from dssm.hashing import FeatureConfig
 from pipelines.beir import JoinBeir
 from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
 from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
-from pipelines.records import REJECTED, read_table, read_table_chunks, rejected_json, sum_counts
+from pipelines.records import REJECTED, read_table, rejected_json, sum_counts
+from pipelines.table_reads import ReadTableChunks
 from pipelines.tags import TagPairs, TagSpec, resolve_tags
+from pipelines.tfrecords import WriteTFRecords
 from pipelines.validate import PairColumns, PairLimits, SplitSpec, ValidatePairs
 
 __all__ = ["FORMATS", "PairsConfig", "PairsInput", "resolve_input", "build_pipeline", "run", "main"]
@@ -120,6 +121,8 @@ FORMATS = ("quora", "pairs", "beir", "corpus", "neighbours", "tags")
 SPLITS = ("train", "validation")
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 _COUNTS = ".counts.json"  # the counting branch's output, folded into stats.json and removed
+# Lines per read task of a JSONL/TSV input (pipelines.table_reads): a few tasks per worker, each many chunks.
+_LINES_PER_TASK = 16_384
 
 # Quora's published header, then the BiMPM/sentence-pair style used by quora-dev and stsb.
 _QUORA_QUERY = ("question1", "text1")
@@ -394,13 +397,8 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
         count_parts.append(joined[REJECTED] | "CountBadTexts" >> beam.Map(
             lambda r: {"read": 1, f"{REJECTED}:{r['reason']}": 1}))
     else:
-        chunks = (
-            pipeline
-            | "Path" >> beam.Create([str(source.path)])
-            | "Read" >> beam.FlatMap(read_table_chunks, source.table_format, config.batch_size)
-            # Reading is one element's work; shuffling the chunks lets checking and hashing spread out.
-            | "Spread" >> beam.Reshuffle()
-        )
+        chunks = pipeline | "Read" >> ReadTableChunks(str(source.path), source.table_format,
+                                                      chunk_rows=config.batch_size, lines_per_task=_LINES_PER_TASK)
 
     limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
     split = SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt)
@@ -439,9 +437,8 @@ def _build_neighbours(pipeline: beam.Pipeline, source: PairsInput, *, config: Pa
     limits = PairLimits(max_query_chars=config.max_query_chars, max_document_chars=config.max_document_chars)
     checked = (
         pipeline
-        | "Path" >> beam.Create([str(source.path)])
-        | "Read" >> beam.FlatMap(read_table_chunks, source.table_format, config.batch_size)
-        | "Spread" >> beam.Reshuffle()
+        | "Read" >> ReadTableChunks(str(source.path), source.table_format, chunk_rows=config.batch_size,
+                                    lines_per_task=_LINES_PER_TASK)
         | "CheckDocuments" >> beam.ParDo(CheckDocuments(spec=source.corpus, limits=limits)).with_outputs(
             REJECTED, CheckDocuments.COUNTS, main="documents")
     )
@@ -471,7 +468,7 @@ def _write_outputs(written: dict[str, beam.PCollection], rejected_parts: list[be
                    count_parts: list[beam.PCollection], *, config: PairsConfig, output: Path) -> None:
     """The writers every format shares: TFRecord shards per split, the dead letter, the counts."""
     for name, part in written.items():
-        part | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
+        part | f"Write{name.title()}" >> WriteTFRecords(
             str(output / name), file_name_suffix=".tfrecord.gz", num_shards=config.num_shards,
             shard_name_template=SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP)
     (tuple(rejected_parts)

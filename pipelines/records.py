@@ -38,7 +38,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from dssm.data import is_valid_utf8, iter_rows
+from dssm.data import Row, is_valid_utf8, iter_rows
 
 __all__ = [
     "REJECTED",
@@ -47,6 +47,7 @@ __all__ = [
     "as_text",
     "label_of",
     "read_table",
+    "raw_record",
     "read_jsonl_range",
     "read_table_chunks",
     "reject",
@@ -139,12 +140,17 @@ def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str,
     """
     location_ok = is_valid_utf8(str(path))
     for row in iter_rows(path, table_format):
-        yield {
-            "record": row.location if location_ok else _printable(row.location),
-            "fields": row.fields if _plain_utf8(row.fields) else carry_bytes(row.fields),
-            "reason": "unparsable" if row.error else None,
-            "error": row.error,
-        }
+        yield raw_record(row, location_ok=location_ok)
+
+
+def raw_record(row: Row, *, location_ok: bool) -> dict[str, Any]:
+    """A :class:`~dssm.data.Row` as a raw record (``location_ok``: the path is valid UTF-8)."""
+    return {
+        "record": row.location if location_ok else _printable(row.location),
+        "fields": row.fields if _plain_utf8(row.fields) else carry_bytes(row.fields),
+        "reason": "unparsable" if row.error else None,
+        "error": row.error,
+    }
 
 
 def read_jsonl_range(path: str, start: int, end: int, first_line: int) -> Iterator[dict[str, Any]]:
