@@ -14,8 +14,9 @@ so a text gets the same bucket ids everywhere. The steps (all TF ops, so they li
 :func:`ascii_buckets` (in :mod:`dssm.hashing`, re-exported here) is the same computation in plain
 Python for one ASCII text (FarmHash64 from the ``pyfarmhash`` package is the hash
 ``to_hash_bucket_fast`` computes): one query through the TF graph costs ~0.6 ms, mostly per-call and
-per-op overhead; these ~50 us. It declines (``None``) any non-ASCII text, whose Unicode
-normalisation only the graph does.
+per-op overhead; these ~50 us. It declines (``None``) any non-ASCII text; :func:`dssm.hashing.token_bag`
+and :func:`dssm.hashing.text_buckets` handle those too, declining only code points newer than
+Python's Unicode tables.
 """
 
 from __future__ import annotations

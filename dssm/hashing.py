@@ -28,7 +28,7 @@ from dssm.errors import ConfigError
 
 __all__ = [
     "FeatureConfig", "UNIGRAM_PREFIX", "BIGRAM_PREFIX", "NON_WORD", "ascii_buckets", "ascii_words", "unicode_words",
-    "token_bag", "TokenBagger",
+    "text_buckets", "token_bag", "TokenBagger",
 ]
 
 # \x01 never survives the split on non-word runs (it is not a letter or digit), so no trigram or word
@@ -162,6 +162,12 @@ def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
     return None if words is None else _buckets(words, config)
 
 
+def text_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
+    """:func:`ascii_buckets` for any text :func:`unicode_words` accepts (``None`` where the graph must run)."""
+    words = unicode_words(text, config)
+    return None if words is None else _buckets(words, config)
+
+
 def token_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """``Featurizer.bags``'s row for one text without TensorFlow, or ``None`` (see :func:`unicode_words`).
 
@@ -169,10 +175,10 @@ def token_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]
         ``(ids int64 [m], counts float32 [m])``: distinct buckets in order of first appearance (as
         ``tf.unique_with_counts`` gives them) and how often each occurs.
     """
-    words = unicode_words(text, config)
-    if words is None:
+    buckets = text_buckets(text, config)
+    if buckets is None:
         return None
-    counts = Counter(_buckets(words, config).tolist())  # insertion-ordered: first appearance
+    counts = Counter(buckets.tolist())  # insertion-ordered: first appearance
     return (np.fromiter(counts.keys(), np.int64, len(counts)),
             np.fromiter(counts.values(), np.float32, len(counts)))
 

@@ -9,12 +9,12 @@ files (no pickle) into ``MODEL_DIR/query_tower/``, checksummed by the model's ma
 
 :class:`QueryTower` is the tower's forward pass in numpy (the same computation as
 ``dssm.model.Tower.call`` at inference). :func:`load_query_encoder` serves queries with it and the
-pure-Python hasher (:func:`dssm.hashing.ascii_buckets`), so ``dssm search``, the ``Searcher`` and each
-server worker answer ASCII queries with numpy + ScaNN alone: no TensorFlow import (~8 s here), no
-CUDA probing on stderr, and only the table rows queries touch resident (the table is memory-mapped).
-TensorFlow is loaded, once and lazily, only for what needs the graph: a non-ASCII query (Unicode
-normalisation) or documents (writes). Results equal the SavedModel's to float32 rounding
-(``tests/test_query_numpy.py``).
+pure-Python hasher (:func:`dssm.hashing.text_buckets`), so ``dssm search``, the ``Searcher`` and each
+server worker answer queries with numpy + ScaNN alone: no TensorFlow import (~8 s here), no CUDA
+probing on stderr, and only the table rows queries touch resident (the table is memory-mapped).
+TensorFlow is loaded, once and lazily, only for what needs the graph: the rare query the Python
+hasher declines (a code point newer than Python's Unicode tables) or documents (writes). Results
+equal the SavedModel's to float32 rounding (``tests/test_query_numpy.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from dssm.artifacts import verify_manifest
 from dssm.config import config_from_dict
 from dssm.errors import ConfigError, InputError
-from dssm.hashing import FeatureConfig, ascii_buckets
+from dssm.hashing import FeatureConfig, text_buckets
 
 __all__ = ["QUERY_TOWER_DIR", "TowerShape", "QueryTower", "NumpyQueryEncoder", "write_query_tower",
            "load_query_encoder", "l2_normalize_rows", "numpy_activation", "FAST_QUERY_MAX_TEXTS"]
@@ -122,16 +122,17 @@ class QueryTower:
         self._activation = numpy_activation(model.activation)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray | None:
-        """``n`` texts → ``[n, dim]`` float32 L2-normalised, or ``None`` if any text is not ASCII.
+        """``n`` texts → ``[n, dim]`` float32 L2-normalised, or ``None`` if the graph must featurize a text.
 
         Args:
             texts: ``n >= 1`` strings.
 
         Returns:
             ``[n, output_dim]`` float32, equal to the ``embed_query`` signature's rows to float32
-            rounding; ``None`` when a text needs the graph's Unicode handling.
+            rounding; ``None`` when a text needs the graph (:func:`dssm.hashing.unicode_words` declines
+            it: a lone surrogate or a code point newer than Python's Unicode tables).
         """
-        bags = [ascii_buckets(text, self.features) for text in texts]
+        bags = [text_buckets(text, self.features) for text in texts]
         if any(buckets is None for buckets in bags):
             return None
         # One gather for all texts. Every token's row once, repeats included: the count-weighted sum
@@ -162,7 +163,7 @@ def write_query_tower(directory: str | Path, *, table: np.ndarray, bias: np.ndar
 
 
 class NumpyQueryEncoder:
-    """A model directory's query encoder that needs TensorFlow only for non-ASCII text and documents.
+    """A model directory's query encoder that needs TensorFlow only for documents and texts Python declines.
 
     Same interface as :class:`dssm.export.Encoder` (``embed_queries``, ``embed_documents``, ``dim``,
     ``features``). The SavedModel (``dssm.export.load_encoder``, which verifies it first) is loaded on
@@ -201,15 +202,15 @@ class NumpyQueryEncoder:
             self.model_dir = Path(model_dir)
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """``n`` texts → ``[n, dim]`` float32 with the query tower (numpy for ASCII, else the graph)."""
+        """``n`` texts → ``[n, dim]`` float32 with the query tower (numpy; the graph for a text Python declines)."""
         if isinstance(texts, (str, bytes)):
             raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        # Checked first, so a batch with one non-ASCII text goes to the graph without hashing the rest.
-        ascii_only = all(isinstance(t, str) and t.isascii() for t in texts)
-        if ascii_only and (self._graph is None or len(texts) <= FAST_QUERY_MAX_TEXTS):
+        # Checked first, so a batch with a non-string goes to the graph without hashing the rest.
+        strings = all(isinstance(t, str) for t in texts)
+        if strings and (self._graph is None or len(texts) <= FAST_QUERY_MAX_TEXTS):
             parts = [self.query_tower.embed(texts[i:i + _CHUNK]) for i in range(0, len(texts), _CHUNK)]
             if all(part is not None for part in parts):
                 return parts[0] if len(parts) == 1 else np.concatenate(parts)

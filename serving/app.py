@@ -200,7 +200,7 @@ def write_openapi(path: str | Path) -> None:
 def _set_tf_threads(threads: int) -> None:
     if "tensorflow" not in sys.modules:
         # Queries need no TensorFlow (dssm.query_numpy); it may never be imported. If it is (a write,
-        # a non-ASCII query), it reads its thread counts from these at start.
+        # a query the Python hasher declines), it reads its thread counts from these at start.
         os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
         return
     import tensorflow as tf  # noqa: PLC0415  (already imported: this costs nothing)

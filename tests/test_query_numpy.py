@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_query_tower import ASCII, CONFIGS, NON_ASCII, TRAIN, _trained
+from test_query_tower import ASCII, CONFIGS, DECLINED, NON_ASCII, TRAIN, _trained
 
 from dssm.artifacts import write_manifest
 from dssm.errors import ChecksumError
@@ -42,9 +42,12 @@ def test_numpy_encoder_equals_the_saved_model(exported: Path) -> None:
     np.testing.assert_allclose(encoder.embed_queries(many), graph.embed_queries(many), atol=2e-6)
     np.testing.assert_allclose(encoder.embed_queries(ASCII[:1]), graph.embed_queries(ASCII[:1]), atol=2e-6)
     assert not encoder.graph_loaded  # ASCII never needed the graph
-    # Non-ASCII text needs the graph's Unicode handling: loaded then, same result as the SavedModel.
+    # Non-ASCII text is hashed in Python as well; only a text Python declines loads the graph.
     mixed = ASCII[:3] + NON_ASCII
     np.testing.assert_allclose(encoder.embed_queries(mixed), graph.embed_queries(mixed), atol=2e-6)
+    assert not encoder.graph_loaded
+    declined = [ASCII[0], DECLINED]
+    np.testing.assert_allclose(encoder.embed_queries(declined), graph.embed_queries(declined), atol=2e-6)
     assert encoder.graph_loaded
     np.testing.assert_allclose(encoder.embed_documents(ASCII), graph.embed_documents(ASCII), atol=2e-6)
     assert encoder.embed_queries([]).shape == (0, graph.dim)

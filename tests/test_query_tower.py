@@ -28,6 +28,7 @@ DOCUMENTS = ["learning python from books", "diet and exercise", "rayleigh scatte
              "benchmarks of compiled languages", "the letter a", "counting numbers", "case folding", "long"]
 ASCII = QUERIES + DOCUMENTS + ["", "!!!", "\x00\x07 control\x7f", "  spaced   out  ", "tab\tnew\nline"]
 NON_ASCII = ["café au lait", "ＨＥＬＬＯ", "emoji 🙂"]
+DECLINED = "a letter newer than Python's Unicode tables: \u0cf3"
 
 # Every combiner and activation, shared and separate towers, and a tower with no dense layers.
 CONFIGS = {
@@ -95,9 +96,13 @@ def test_embed_queries_takes_the_numpy_path_for_few_ascii_texts(small_model: Pat
     np.testing.assert_allclose(encoder.embed_queries(QUERIES[:1]), expected[:1], atol=1e-5)
     np.testing.assert_allclose(encoder.embed_queries(QUERIES[:3]), expected[:3], atol=1e-5)
     assert calls == []
-    # Any non-ASCII text sends the whole call to the signature, and so does a batch above the limit.
+    # Non-ASCII text is hashed in Python too; a text Python declines (a code point newer than its
+    # Unicode tables) sends the whole call to the signature, and so does a batch above the limit.
     np.testing.assert_allclose(encoder.embed_queries([QUERIES[0], NON_ASCII[0]]), expected[[0, 3]], atol=1e-5)
-    assert encoder.query_tower.embed(NON_ASCII[1:2]) is None
+    np.testing.assert_allclose(encoder.query_tower.embed(NON_ASCII), expected[3:], atol=1e-5)
+    assert calls == []
+    assert encoder.query_tower.embed([DECLINED]) is None
+    encoder.embed_queries([QUERIES[0], DECLINED])
     encoder.embed_queries(ASCII[:FAST_QUERY_MAX_TEXTS + 1])
     assert calls == [2, FAST_QUERY_MAX_TEXTS + 1]
 
