@@ -191,3 +191,25 @@ def test_write_part_counts_only_the_bytes_a_version_wrote(tmp_path: Path) -> Non
     (new / "manifest.json").write_bytes(b"z" * 7)
     assert new_bytes(new) == 57
     assert new_bytes(old) == 0  # its only file is shared with v2
+
+
+def test_real_vectors_are_distinct_document_windows_and_unseen_queries() -> None:
+    from bench.real_vectors import windows
+
+    texts, queries = windows(3000, seed=1)
+    assert len(texts) == len(set(texts)) == 3000 and len(queries) == 1000
+    assert not set(queries) & set(texts)
+    assert all(4 <= len(t.split()) <= 24 or len(t.split()) < 4 for t in texts)  # short documents give short windows
+    assert windows(3000, seed=1) == (texts, queries)
+
+
+def test_ann_sweep_finds_the_exact_neighbours_when_every_leaf_is_searched() -> None:
+    from bench.ann_sweep import build, sweep
+    from bench.part_index import make_vectors
+    from dssm.index.ann import exact_top_k
+
+    docs, queries = make_vectors(4000, queries=60, seed=3)
+    truth = exact_top_k(docs, queries, 10)[0]
+    searcher = build(docs, {"leaves": 20, "train": 4000, "spherical": True, "soar_lambda": 1.0, "reorder": 200})
+    everything = sweep(searcher, queries, truth, leaves=20, pre=200)
+    assert everything["recall"] >= 0.99 and everything["qps"] > 0 and everything["p50_ms"] > 0

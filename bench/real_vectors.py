@@ -1,0 +1,69 @@
+"""1M real-text embeddings for ANN measurements: distinct word windows of the shared datasets, one tower.
+
+Texts: every corpus document (title + text) of ``../shared/datasets/*/corpus.jsonl`` and debtags'
+training texts, split on white space; each text is a window of 4-24 consecutive words at a random
+place of a document drawn in proportion to its length (seed 0), kept if not seen before, until
+``n`` distinct windows (about 87 characters on average at 1M). Neighbouring windows of one document
+overlap, as passages of a chunked corpus do. Queries: 1,000 of the datasets' ``queries.jsonl``
+texts (distinct, not among the windows). Vectors: ``embed_documents`` / ``embed_queries`` of an
+exported model (e.g. ``work/demo/model`` after ``make demo``). Writes ``OUT.npy`` [n, dim] and
+``OUT.queries.npy`` [1000, dim] float32::
+
+    python -m bench.real_vectors work/demo/model work/real1m.npy
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import DATASETS
+
+__all__ = ["main", "windows"]
+
+
+def windows(n: int, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(``n`` distinct document windows, 1,000 queries not among them); see the module doc."""
+    docs = [((r.get("title") or "") + " " + r.get("text", "")).split()
+            for path in sorted(DATASETS.glob("*/corpus.jsonl")) for r in map(json.loads, open(path))]
+    docs += [json.loads(line)["text"].split() for line in open(DATASETS / "debtags" / "train.jsonl")]
+    queries = [json.loads(line)["text"] for path in sorted(DATASETS.glob("*/queries.jsonl")) for line in open(path)]
+    rng = random.Random(seed)
+    weights = np.array([len(d) for d in docs], float)
+    seen: dict[str, None] = {}
+    draws = np.random.default_rng(seed)
+    while len(seen) < n:
+        for i in draws.choice(len(docs), size=n, p=weights / weights.sum()).tolist():
+            words, size = docs[i], rng.randint(4, 24)
+            start = rng.randint(0, max(0, len(words) - size))
+            if text := " ".join(words[start:start + size]):
+                seen.setdefault(text)
+            if len(seen) == n:
+                break
+    picked = [q for q in dict.fromkeys(queries) if q not in seen]
+    rng.shuffle(picked)
+    return list(seen), picked[:1000]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3):
+        print(__doc__)
+        return 2
+    import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+    from dssm.export import load_encoder
+
+    texts, queries = windows(int(args[2]) if len(args) == 3 else 1_000_000)
+    encoder = load_encoder(args[0])
+    out = Path(args[1])
+    np.save(out, encoder.embed_documents(texts).astype(np.float32), allow_pickle=False)
+    np.save(out.with_suffix(".queries.npy"), encoder.embed_queries(queries).astype(np.float32), allow_pickle=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
