@@ -50,6 +50,7 @@ __all__ = [
     "raw_record",
     "read_jsonl_range",
     "read_table_chunks",
+    "chunked",
     "reject",
     "rejected_json",
     "sum_counts",
@@ -218,8 +219,13 @@ def _plain_utf8(fields: dict[str, Any]) -> bool:
 
 def read_table_chunks(path: str, table_format: str | None, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
     """:func:`read_table`'s records in lists of ``chunk_rows`` (the body of a ``FlatMap`` over paths)."""
+    return chunked(read_table(path, table_format), chunk_rows)
+
+
+def chunked(records: Iterable[dict[str, Any]], chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """``records`` in lists of ``chunk_rows`` (the last may be shorter), in order."""
     chunk = []
-    for record in read_table(path, table_format):
+    for record in records:
         chunk.append(record)
         if len(chunk) >= chunk_rows:
             yield chunk

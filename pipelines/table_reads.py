@@ -21,7 +21,7 @@ import apache_beam as beam
 import numpy as np
 
 from dssm.data import csv_reader, csv_rows, is_valid_utf8, table_format
-from pipelines.records import raw_record, read_jsonl_range, read_table_chunks
+from pipelines.records import chunked, raw_record, read_jsonl_range, read_table_chunks
 
 __all__ = ["ReadTask", "line_cuts", "plan_table_reads", "read_task_chunks", "ReadTableChunks"]
 
@@ -125,16 +125,8 @@ def read_task_chunks(task: ReadTask, chunk_rows: int) -> Iterator[list[dict[str,
     if task.end is None:
         yield from read_table_chunks(task.path, task.table, chunk_rows)
         return
-    records = (read_jsonl_range(task.path, task.start, task.end, task.first_line) if task.kind == "jsonl"
-               else _read_tsv_range(task))
-    chunk = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) >= chunk_rows:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    yield from chunked(read_jsonl_range(task.path, task.start, task.end, task.first_line) if task.kind == "jsonl"
+                       else _read_tsv_range(task), chunk_rows)
 
 
 class ReadTableChunks(beam.PTransform):
