@@ -215,3 +215,21 @@ def test_tag_over_http_against_a_real_server(trained_tags):
         assert refused.value.status == 409
         assert httpx.post(server.url + "/v1/tag", json={"text": text, "predicted_only": 0}).status_code == 422
         assert httpx.post(server.url + "/v1/tag", json={"text": text, "threshold": False}).status_code == 422
+
+
+def test_bulk_scoring_loads_the_graph_and_gives_the_numpy_paths_scores(trained_tags, tiny_tags):
+    """From BULK_TEXTS texts on, the SavedModel embeds them (faster in bulk); a few texts never load it."""
+    from dssm.tag_data import read_tagged
+    from serving.searcher import Searcher
+    from serving.tagger import BULK_TEXTS, Tagger
+
+    tagger = Tagger(Searcher.load(trained_tags.index))
+    encoder = tagger.searcher.encoder
+    assert type(encoder).__name__ == "NumpyQueryEncoder" and not encoder.graph_loaded
+    texts = [t.text for t in read_tagged(tiny_tags.train)]
+    texts = (texts * (BULK_TEXTS // len(texts) + 1))[:BULK_TEXTS]
+    few = tagger.scores(texts[:3])
+    assert not encoder.graph_loaded
+    bulk = tagger.scores(texts)
+    assert encoder.graph_loaded
+    np.testing.assert_allclose(bulk[:3], few, atol=2e-5)
