@@ -995,7 +995,9 @@ def test_dssm_serve_workers_share_the_port_and_every_worker_follows_a_write(tmp_
         assert metric_value(text, "dssm_requests_total", {"route": "/v1/search", "status": "200"}) == searches
 
         # A write lands in one worker, which answers after swapping; the other follows through CURRENT.
-        put = httpx.put(url + "/v1/documents", headers={"X-API-Key": API_KEY},
+        # The worker's first write loads TensorFlow and the SavedModel (queries never needed them):
+        # seconds on a busy 2-core machine, past httpx's 5 s default.
+        put = httpx.put(url + "/v1/documents", headers={"X-API-Key": API_KEY}, timeout=60,
                         json={"documents": [{"id": "fresh-doc", "text": "a brand new document about jet engines"}]})
         assert put.status_code == 200, put.text
         v2 = put.json()["version"]
