@@ -178,9 +178,15 @@ def token_bag(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]
     buckets = text_buckets(text, config)
     if buckets is None:
         return None
-    counts = Counter(buckets.tolist())  # insertion-ordered: first appearance
-    return (np.fromiter(counts.keys(), np.int64, len(counts)),
-            np.fromiter(counts.values(), np.float32, len(counts)))
+    ids, counts = _count(buckets.tolist())
+    return np.asarray(ids, np.int64), np.asarray(counts, np.float32)
+
+
+def _count(tokens: list[int]) -> tuple[list[int], list[float]]:
+    """Distinct buckets in order of first appearance (as ``tf.unique_with_counts``) and their counts."""
+    counts = Counter(tokens)  # insertion-ordered: first appearance
+    # floats: protobuf's float list takes Python floats five times faster than ints
+    return list(counts), list(map(float, counts.values()))
 
 
 class TokenBagger:
@@ -214,7 +220,11 @@ class TokenBagger:
         return entry
 
     def bag_lists(self, text: str) -> tuple[list[int], list[float]] | None:
-        """:func:`token_bag` as Python lists ``(ids, counts)``, or ``None`` (the graph must featurize it)."""
+        """:func:`token_bag` as Python lists ``(ids, counts)``, or ``None`` (the graph must featurize it).
+
+        The token order is :func:`_buckets`'s, built from cached per-word buckets. One builder for
+        both made the query path's hashing (no cache, numpy modulo) 24 -> 31 µs per Quora question.
+        """
         words = unicode_words(text, self.config)
         if words is None:
             return None
@@ -228,9 +238,7 @@ class TokenBagger:
             fingerprint = farmhash.fingerprint64
             tokens += [fingerprint(f"{BIGRAM_PREFIX}{a} {b}") % buckets
                        for a, b in zip(words[:-1], words[1:], strict=True)]
-        counts = Counter(tokens)  # insertion-ordered: first appearance, like tf.unique_with_counts
-        # floats: protobuf's float list takes Python floats five times faster than ints
-        return list(counts), list(map(float, counts.values()))
+        return _count(tokens)
 
     def bags(self, texts: Sequence[str]) -> list[tuple[Any, Any]]:
         """``n`` pairs ``(ids, counts)``: Python lists where Python featurized, numpy arrays from the graph."""
