@@ -19,11 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dssm.errors import InputError
+from dssm.query_numpy import BULK_TEXTS
 
 __all__ = ["TagHit", "Tagger", "BULK_TEXTS"]
-
-# Texts per scores() call from which the TensorFlow graph embeds them (see Tagger.scores).
-BULK_TEXTS = 256
 
 
 class TagHit(NamedTuple):
@@ -55,16 +53,9 @@ class Tagger:
     def scores(self, texts: Sequence[str], *, batch_size: int = 4096) -> np.ndarray:
         """``[len(texts), num_labels]`` float32 cosines of each text with each label.
 
-        From ``BULK_TEXTS`` texts on, the encoder's TensorFlow graph is loaded (once) and embeds them:
-        in bulk it is faster than the numpy query path (debtags dev texts, 451 characters: 3,900 vs
-        2,800 texts/s at 256 texts, 3,900 vs 2,550 at 4,096), whose strength is single queries without
-        TensorFlow. A few texts (``dssm tag TEXT``, ``POST /v1/tag``) stay on the numpy path.
+        ``BULK_TEXTS`` texts or more are embedded by the SavedModel (the encoder's rule: faster in bulk);
+        a few texts (``dssm tag TEXT``, ``POST /v1/tag``) by the numpy query path, without TensorFlow.
         """
-        if len(texts) >= BULK_TEXTS:
-            # a NumpyQueryEncoder's lazy SavedModel (other encoders have none, or have it loaded)
-            graph = getattr(getattr(self.searcher, "encoder", None), "graph", None)
-            if callable(graph):
-                graph()
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start:start + batch_size])
