@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-__all__ = ["Example", "new_example"]
+__all__ = ["Example"]
 
 _PACKAGE = "dssm_example"
 _F = descriptor_pb2.FieldDescriptorProto
@@ -55,9 +55,5 @@ def _schema() -> descriptor_pb2.FileDescriptorProto:
 
 _POOL = descriptor_pool.DescriptorPool()
 _POOL.Add(_schema())
+# Example() is an empty message with tf.train.Example's fields (example.features.feature[key]...).
 Example: Any = message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.Example"))
-
-
-def new_example() -> Any:
-    """An empty ``Example`` with ``tf.train.Example``'s fields (``example.features.feature[key]...``)."""
-    return Example()

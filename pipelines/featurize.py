@@ -20,7 +20,7 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.hashing import FeatureConfig, TokenBagger
-from pipelines.example_proto import new_example
+from pipelines.example_proto import Example
 from pipelines.records import REJECTED
 
 __all__ = [
@@ -55,7 +55,7 @@ def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag:
         with_negative: also write the ``negative_*`` features (empty when the pair has no negative),
             so every example of a run has the same features.
     """
-    example = new_example()
+    example = Example()
     feature = example.features.feature
     for key in ("query_id", "document_id", "query_text", "document_text"):
         feature[key].bytes_list.value.append(pair[key].encode("utf-8"))
@@ -73,7 +73,7 @@ def featurize_pairs(featurizer: Any, batch: list[dict[str, Any]], *, negatives: 
     """``(split, serialized Example)`` for each pair of ``batch``, from one featurizer call.
 
     Args:
-        featurizer: a :class:`~dssm.hashing.TokenBagger` (or a :class:`~dssm.features.Featurizer`).
+        featurizer: a :class:`~dssm.hashing.TokenBagger`.
         batch: validated pairs.
         negatives: write the ``negative_*`` features (see :func:`pair_example`).
     """
@@ -81,7 +81,7 @@ def featurize_pairs(featurizer: Any, batch: list[dict[str, Any]], *, negatives: 
     with_negative = [i for i, p in enumerate(batch) if negatives and p.get("negative_text")]
     texts = ([p["query_text"] for p in batch] + [p["document_text"] for p in batch]
              + [batch[i]["negative_text"] for i in with_negative])
-    bags = featurizer.bags(texts) if isinstance(featurizer, TokenBagger) else featurizer.bags_numpy(texts)
+    bags = featurizer.bags(texts)
     negative_bags = dict(zip(with_negative, bags[2 * n:], strict=True))
     return [(pair["split"], pair_example(pair, bags[i], bags[n + i], negative_bag=negative_bags.get(i),
                                          with_negative=negatives))

@@ -141,12 +141,14 @@ class ReadTableChunks(beam.PTransform):
 
     def __init__(self, path: str, table: str | None, *, chunk_rows: int, lines_per_task: int) -> None:
         super().__init__()
-        self._tasks = plan_table_reads(path, table, lines_per_task=lines_per_task)
-        self._chunk_rows = chunk_rows
+        self._path, self._table = path, table
+        self._chunk_rows, self._lines_per_task = chunk_rows, lines_per_task
 
     def expand(self, pipeline: Any) -> Any:
-        tasks = pipeline | "Tasks" >> beam.Create(self._tasks)
-        if len(self._tasks) > 1:
+        # Planned when the pipeline is built (the scan reads the file), not when the transform is made.
+        plan = plan_table_reads(self._path, self._table, lines_per_task=self._lines_per_task)
+        tasks = pipeline | "Tasks" >> beam.Create(plan)
+        if len(plan) > 1:
             # Spread the (small) tasks, not the records: each worker reads what it featurizes.
             return (tasks | "SpreadTasks" >> beam.Reshuffle()
                     | "Read" >> beam.FlatMap(read_task_chunks, self._chunk_rows))

@@ -14,7 +14,7 @@ import numpy as np
 from apache_beam.testing import test_pipeline
 
 from dssm.features import FeatureConfig, Featurizer
-from pipelines.example_proto import Example, new_example
+from pipelines.example_proto import Example
 from pipelines.featurize import featurize_pairs
 from pipelines.make_pairs import run
 from pipelines.tfrecords import WriteTFRecords, frame_record
@@ -42,7 +42,7 @@ def _fill(message: object, seed: int) -> None:
 
 def test_examples_serialize_to_tensorflows_bytes_and_parse_back() -> None:
     for seed in range(300):
-        ours, theirs = new_example(), tf.train.Example()
+        ours, theirs = Example(), tf.train.Example()
         _fill(ours, seed)
         _fill(theirs, seed)
         data = ours.SerializeToString()
