@@ -124,7 +124,8 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tup
     Args:
         directory: the artifact directory.
         kind: if given, the manifest's ``kind`` must equal it.
-        skip: top-level entries not checked (an index loaded without its ``reranker/``).
+        skip: entries not checked: a top-level name (an index loaded without its ``reranker/``) or a
+            directory path (``delta/<segment>``) skips every file under it.
 
     Returns:
         The manifest.
@@ -137,7 +138,7 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tup
     if kind is not None and manifest.get("kind") != kind:
         raise ChecksumError(f"{directory} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
     for rel, meta in manifest["files"].items():
-        if rel.split("/", 1)[0] in skip:
+        if any(rel == entry or rel.startswith(entry + "/") for entry in skip):
             continue
         path = directory / rel
         if not path.is_file():

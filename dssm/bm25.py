@@ -19,7 +19,8 @@ and counting them as retrieved would credit BM25 with random recall.
 Stored state (``BM25_DIR`` = ``bm25/`` inside an index version, written by :func:`write_bm25_state`
 while the version is staged, so the version's manifest checksums it like every other file)::
 
-    bm25/params.json   {"format": 1, "config": BM25Config, "documents": n, "vocabulary": v}
+    bm25/params.json   {"format": 1, "config": BM25Config, "documents": n, "vocabulary": v,
+                        "avgdl": mean tokens per document (states written since delta segments)}
     bm25/vocab.json    the terms, term id = position in the list
     bm25/data.npy      float32 [nnz]  precomputed BM25 term weights (bm25s' CSC matrix, term-major)
     bm25/indices.npy   int32   [nnz]  document row of each weight
@@ -51,7 +52,7 @@ from dssm.config import config_from_dict, config_to_dict, field
 from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
-__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "tokenize", "top_rows",
+__all__ = ["BM25_DIR", "BM25Config", "BM25Index", "BM25Reference", "idf_function", "tokenize", "top_rows",
            "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
@@ -113,11 +114,19 @@ class BM25Index:
     version, the caller passes the version's ids or leaves them ``None`` and works with rows).
     """
 
-    def __init__(self, retriever: bm25s.BM25, ids: list[str] | None, config: BM25Config, *, size: int):
+    def __init__(self, retriever: bm25s.BM25, ids: list[str] | None, config: BM25Config, *, size: int,
+                 avgdl: float | None = None):
         self._retriever = retriever
         self._ids = ids
         self.config = config
         self.size = size
+        self.avgdl = avgdl  # mean tokens per document, when the stored state recorded it
+
+    def reference(self) -> BM25Reference:
+        """This state's corpus statistics, for weighting a delta segment's documents comparably."""
+        indptr = np.asarray(self._retriever.scores["indptr"])
+        return BM25Reference(documents=self.size, avgdl=self.avgdl, vocab=self._retriever.vocab_dict,
+                             df=np.diff(indptr))
 
     @classmethod
     def build(cls, ids: Sequence[str], texts: Sequence[str], *, config: BM25Config | None = None,
@@ -223,7 +232,9 @@ class BM25Index:
             raise ChecksumError(f"BM25 state {directory} holds {n} documents, {len(ids)} ids given")
         retriever = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
         _set_state(retriever, **arrays, num_docs=n, terms=terms)
-        return cls(retriever, None if ids is None else [str(i) for i in ids], config, size=n)
+        avgdl = params.get("avgdl")
+        return cls(retriever, None if ids is None else [str(i) for i in ids], config, size=n,
+                   avgdl=None if avgdl is None else float(avgdl))
 
     # ------------------------------------------------------------------------------------ search
 
@@ -286,7 +297,7 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[str],
-                config: BM25Config, n: int) -> None:
+                config: BM25Config, n: int, avgdl: float | None = None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=False)
     np.save(directory / "data.npy", np.asarray(data, dtype=np.float32), allow_pickle=False)
@@ -294,6 +305,8 @@ def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray,
     np.save(directory / "indptr.npy", np.asarray(indptr, dtype=np.int64), allow_pickle=False)
     (directory / "vocab.json").write_text(json.dumps(terms, ensure_ascii=False))
     params = {"format": _STATE_FORMAT, "config": config_to_dict(config), "documents": n, "vocabulary": len(terms)}
+    if avgdl is not None:
+        params["avgdl"] = float(avgdl)
     (directory / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
 
 
@@ -306,7 +319,19 @@ def _set_state(retriever: bm25s.BM25, *, data: np.ndarray, indices: np.ndarray, 
     retriever.nonoccurrence_array = None
 
 
-def _idf_lookup(method: str) -> Any:
+@dataclass(frozen=True)
+class BM25Reference:
+    """A stored state's corpus statistics: delta segments (``dssm.index.segments.SegmentedBM25``)
+    weight their documents with them, so that their scores compare with the stored ones."""
+
+    documents: int
+    avgdl: float | None
+    vocab: Any  # Mapping[str, int]: the base's term -> column
+    df: np.ndarray  # [v] int64 document frequency of each base column
+
+
+def idf_function(method: str) -> Any:
+    """bm25s' ``idf(df, N)`` for a scoring method (delta segments weight their documents with it)."""
     # deferred: bm25s, imported only when this runs
     from bm25s.scoring import _select_idf_scorer
 
@@ -330,8 +355,8 @@ def _chunk_triples(texts: list[str], vocab: dict[str, int], config: BM25Config
 
 
 def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int]:
-    """The BM25 matrix of a document stream, built chunk by chunk: (data, indices, indptr, terms, n).
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int, float]:
+    """The BM25 matrix of a document stream, built chunk by chunk: (data, indices, indptr, terms, n, avgdl).
 
     ``bm25s.BM25.index`` wants every document's token list at once (about 0.5 KB of Python objects
     per document), then a COO triple and its CSC copy. Here each chunk of documents is tokenised,
@@ -369,14 +394,15 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
     del lengths
     terms = list(vocab)
     del vocab
+    own_avg = float(np.asarray(doc_len).mean()) if n else 0.0
     if not terms:
-        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64), terms, n
+        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64), terms, n, own_avg
 
     # bm25s: avgdl is the mean token count (duplicates included) as float64; idf is math.log in
     # float64 stored as float32; tfc is float64 (the numpy float64 avgdl promotes it).
     avg = np.asarray(doc_len).mean()
     df = np.bincount(term_idx, minlength=len(terms))
-    idf_fn = _idf_lookup(config.method)
+    idf_fn = idf_function(config.method)
     values, inverse = np.unique(df, return_inverse=True)
     idf = np.asarray([idf_fn(int(v), N=n) if v else 0.0 for v in values], dtype=np.float32)[inverse]
     # Term-major (CSC) order; a stable sort keeps documents ascending within a term, as scipy does.
@@ -396,7 +422,7 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
         data[start:start + part.size] = idf[term_idx[part]].astype(np.float64) * tfc
     indptr = np.zeros(len(terms) + 1, np.int64)
     np.cumsum(df, out=indptr[1:])
-    return data, indices, indptr, terms, n
+    return data, indices, indptr, terms, n, own_avg
 
 
 def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM25Config | None = None,
@@ -423,9 +449,9 @@ def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM
     config = config or BM25Config()
     if config.method not in _STORABLE:
         raise ConfigError(f"BM25 method {config.method!r} cannot be stored; use one of {_STORABLE}")
-    data, indices, indptr, terms, n = _stream_state(docs, config, chunk=chunk)
+    data, indices, indptr, terms, n, avgdl = _stream_state(docs, config, chunk=chunk)
     _save_state(Path(version_dir) / BM25_DIR, data=data, indices=indices, indptr=indptr, terms=terms, config=config,
-                n=n)
+                n=n, avgdl=avgdl)
     return n
 
 

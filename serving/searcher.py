@@ -309,11 +309,8 @@ class Searcher:
 
     @functools.cached_property
     def bm25(self) -> Any:
-        """The version's :class:`dssm.bm25.BM25Index` (rows only), or ``None`` if it has no BM25 state."""
-        # deferred: bm25s and PyStemmer, imported only when this runs
-        from dssm.bm25 import has_bm25_state, load_bm25_state
-
-        return load_bm25_state(self.index.version_dir) if has_bm25_state(self.index.version_dir) else None
+        """The version's BM25 state over its rows (delta segments included), or ``None`` without one."""
+        return self.index.bm25()
 
     @property
     def supports_hybrid(self) -> bool:

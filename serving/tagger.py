@@ -43,8 +43,9 @@ class Tagger:
     def __init__(self, searcher: Any) -> None:
         self.searcher = searcher
         index = searcher.index
-        self.vectors = np.asarray(index.embeddings(mmap=False), dtype=np.float32)  # [labels, dim]
-        docs = index.docs.get(list(range(index.size)))
+        rows = index.live_rows()  # a labels index written to since its build has delta rows and tombstones
+        self.vectors = np.asarray(index.embeddings(mmap=False)[rows], dtype=np.float32)  # [labels, dim]
+        docs = index.docs.get(rows.tolist())
         self.labels = [d.id for d in docs]
         self.descriptions = [d.text for d in docs]
         tagging = index.manifest.get("tagging") or {}

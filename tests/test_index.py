@@ -435,6 +435,9 @@ def test_streamed_bm25_state_equals_bm25s(tmp_path, method):
                 for i, t in enumerate(terms)}, json.loads((directory / "params.json").read_text())
 
     streamed, bm25s_made = columns(tmp_path / "streamed" / bm25.BM25_DIR), columns(tmp_path / "bm25s")
+    # The streamed state also records the mean document length (delta segments weight with it).
+    lengths = [len(t) for t in bm25.tokenize([bm25.document_text(d.title, d.text) for d in docs])]
+    assert streamed[1].pop("avgdl") == pytest.approx(np.mean(lengths))
     assert streamed == bm25s_made  # same weights bit for bit, term by term (term ids may differ)
     assert len(streamed[0]) == 12
     with pytest.raises(ConfigError, match="bm25l"):

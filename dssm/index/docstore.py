@@ -96,12 +96,13 @@ class DocStore:
     (no locking, no journal checks).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, size: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise IndexNotFoundError(f"document store not found: {self.path}")
         self._local = threading.local()
-        self._size = int(self._conn().execute("SELECT COUNT(*) FROM docs").fetchone()[0])
+        # ``size``: a caller that already counted this very file (the same inode) skips the scan.
+        self._size = int(self._conn().execute("SELECT COUNT(*) FROM docs").fetchone()[0]) if size is None else size
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

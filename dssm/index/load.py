@@ -1,7 +1,19 @@
-"""Loading the live version: checksums verified, ScaNN searcher + document store behind :class:`Index`."""
+"""Loading the live version: checksums verified, ScaNN searcher + document store (+ delta segments)
+behind :class:`Index`.
+
+A version's base segment (ScaNN, ``docs.sqlite``, ``embeddings.npy``, ``bm25/``) is usually shared by
+the next versions, which only add delta segments and tombstones (:mod:`dssm.index.segments`). A
+loaded base is kept while any :class:`Index` uses it, keyed by its files' identity (device, inode,
+size, mtime): loading a later version that hard-links the very same files reuses the ScaNN searcher
+and skips re-hashing them (those inodes were verified when first loaded), so a reload after a small
+write costs what the write added.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +24,89 @@ from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
+from dssm.index.segments import (
+    DELTA_DIR,
+    DeltaSegment,
+    RowMatrix,
+    SegmentedBM25,
+    SegmentedDocs,
+    SegmentLayout,
+    merge_hits,
+    read_tombstones,
+)
 from dssm.index.versions import VersionLease, current_version_dir
 
 __all__ = ["Index", "load_index"]
 
+_BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
+_BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR)
+# Queries scored against the delta at once: bounds the [queries, delta rows] score block.
+_DELTA_QUERY_BLOCK = 256
+
+
+class _Base:
+    """A loaded base segment: its ScaNN searcher, and its BM25 state once asked for."""
+
+    def __init__(self, scann: Any):
+        self.scann = scann
+        self._bm25: Any = None
+        self._lock = threading.Lock()
+
+    def bm25(self, version_dir: Path) -> Any:
+        with self._lock:
+            if self._bm25 is None:
+                # deferred: bm25s and PyStemmer, imported only when this runs
+                from dssm.bm25 import load_bm25_state
+
+                self._bm25 = load_bm25_state(version_dir)
+            return self._bm25
+
+
+# Loaded parts by file identity; an entry lives as long as some Index holds the part.
+_LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+
+
+def _identity(directory: Path, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """(path, device, inode, size, mtime) of every file under ``names`` of ``directory``, sorted."""
+    out = []
+    for name in names:
+        root = directory / name
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            st = os.stat(path)
+            out.append((path.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
 
 class Index:
-    """A loaded, verified index version: ScaNN searcher + document store (+ the model directory path)."""
+    """A loaded, verified index version: ScaNN searcher + document store (+ the model directory path).
+
+    With delta segments or tombstones (:mod:`dssm.index.segments`) ``docs`` is a
+    :class:`~dssm.index.segments.SegmentedDocs` and rows are logical rows (base, then delta).
+    """
 
     def __init__(self, *, version_dir: Path, manifest: dict[str, Any], scann: Any, docs: DocStore,
-                 lease: VersionLease | None = None):
+                 lease: VersionLease | None = None, deltas: tuple[DeltaSegment, ...] = (),
+                 dead: np.ndarray | None = None, base: _Base | None = None):
         self.version_dir = version_dir
         self.lease = lease  # pruning skips this version while the Index lives
         self.manifest = manifest
         self.scann = scann
-        self.docs = docs
+        self.layout = SegmentLayout.of(manifest, version_dir.name)
+        self.deltas = deltas
+        self.dead = np.zeros(self.layout.rows, bool) if dead is None else dead  # [rows]
+        self.docs: Any = docs if self.layout.plain else SegmentedDocs(docs, deltas, self.dead)
         self.dim = int(manifest["dim"])
         self.size = int(manifest["counts"]["documents"])
         self.params = dict(manifest["scann"])
+        self._base = base or _Base(scann)  # shared with later versions that link the same base files
+        base_rows = self.layout.base_documents
+        self._base_dead = int(self.dead[:base_rows].sum())
+        live = np.flatnonzero(~self.dead[base_rows:])
+        self._delta_rows = live + base_rows  # [live delta] logical rows
+        self._delta_matrix = np.concatenate([d.matrix for d in deltas])[live] if deltas else np.zeros((0, self.dim),
+                                                                                                     np.float32)
 
     @property
     def version(self) -> str:
@@ -48,16 +125,33 @@ class Index:
         path = self.version_dir / RERANKER_DIR
         return path if path.is_dir() else None
 
-    def embeddings(self, *, mmap: bool = True) -> np.ndarray:
-        """The [n, dim] float32 matrix (memory-mapped read-only by default)."""
-        return np.load(self.version_dir / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+    def embeddings(self, *, mmap: bool = True) -> Any:
+        """The [rows, dim] float32 matrix by logical row (memory-mapped read-only by default).
+
+        With delta segments this is a :class:`~dssm.index.segments.RowMatrix` (indexable by rows);
+        tombstoned rows are still in it: :meth:`live_rows` lists the live ones.
+        """
+        base = np.load(self.version_dir / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return base if not self.deltas else RowMatrix(base, np.concatenate([d.matrix for d in self.deltas]))
+
+    def live_rows(self) -> np.ndarray:
+        """[size] int64 logical rows of the live documents, ascending."""
+        return np.flatnonzero(~self.dead)
+
+    def bm25(self) -> Any:
+        """The BM25 state over every live row (:class:`dssm.bm25.BM25Index`, or a
+        :class:`~dssm.index.segments.SegmentedBM25` with delta segments), or ``None`` without one."""
+        if not (self.version_dir / _BM25_DIR / "params.json").is_file():
+            return None
+        base = self._base.bm25(self.version_dir)
+        return base if self.layout.plain else SegmentedBM25(base, self.deltas, self.dead)
 
     def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate top-k by dot product.
+        """Approximate top-k by dot product over the live documents.
 
         Args:
             queries: [q, dim] float32 (L2-normalised query embeddings).
-            k: neighbours per query (clipped to the index size).
+            k: neighbours per query (clipped to the live documents).
 
         Returns:
             (rows [q, k'] int64, scores [q, k'] float32), best first, k' = min(k, size).
@@ -68,6 +162,38 @@ class Index:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InputError(f"query vectors must be [q, {self.dim}], got shape {queries.shape}")
         k = min(k, self.size)
+        if self.layout.plain:
+            return self._search_base(queries, k)
+        parts = [self._search_segments(queries[s:s + _DELTA_QUERY_BLOCK], k)
+                 for s in range(0, queries.shape[0], _DELTA_QUERY_BLOCK)]
+        return np.concatenate([r for r, _ in parts]), np.concatenate([c for _, c in parts])
+
+    def _search_segments(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Base top-k past its tombstones, merged with the exactly scored live delta rows."""
+        base_rows = self.layout.base_documents
+        full = min(base_rows, k + self._base_dead)  # enough to keep k live rows whatever was deleted
+        # Most tombstones are far from most queries: ask for k + up to k more first, all of them if needed.
+        depth = min(full, k + min(self._base_dead, k))
+        rows, scores = self._search_base(queries, depth)
+        delta_scores = queries @ self._delta_matrix.T  # [q, live delta]
+        out_rows, out_scores = [], []
+        for i in range(queries.shape[0]):
+            r, c = rows[i], scores[i]
+            keep = ~self.dead[r]
+            if keep.sum() < k and depth < full:
+                r, c = (a[0] for a in self._search_base(queries[i:i + 1], full))
+                keep = ~self.dead[r]
+            merged = merge_hits(r[keep], c[keep], self._delta_rows, delta_scores[i], k)
+            out_rows.append(merged[0])
+            out_scores.append(merged[1])
+        width = min(len(r) for r in out_rows)
+        return (np.stack([r[:width] for r in out_rows]).astype(np.int64),
+                np.stack([c[:width] for c in out_scores]).astype(np.float32))
+
+    def _search_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ScaNN's top-k of the base segment: (rows [q, k], scores [q, k])."""
+        if k < 1:
+            return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
         pre = max(k, self.params["reorder_k"]) if "reorder_k" in self.params else None
         # The build may have tuned this past what the serialized ScaNN config holds.
         leaves = self.params.get("num_leaves_to_search")
@@ -84,6 +210,9 @@ class Index:
 def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True, model: bool = True) -> Index:
     """Load the version ``CURRENT`` points to, after checking every file's sha256.
 
+    Files that are the same inodes as an already loaded base or delta segment are not hashed again
+    (see the module docstring).
+
     Args:
         index_dir: the index directory.
         verify: check checksums (leave on; off only for benchmarks that just built the index).
@@ -97,23 +226,53 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         IndexNotFoundError: no index / no ``CURRENT`` / missing version.
         ChecksumError: a file is missing, truncated or corrupted (the message names it).
     """
-    scann_ops_pybind = scann_pybind()  # deferred: ScaNN, imported on first use (without TensorFlow)
-
     version_dir = current_version_dir(index_dir)
     try:
         lease = VersionLease(version_dir)
     except FileNotFoundError as exc:
         raise IndexNotFoundError(f"index version {version_dir} was removed while loading; load again") from exc
-    skip = (() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
-    manifest = verify_manifest(version_dir, kind="index", skip=skip) if verify else read_manifest(version_dir)
     for name in (SCANN_DIR, DOCS_DB, EMBEDDINGS):
         if not (version_dir / name).exists():
             raise ChecksumError(f"index version {version_dir} lacks {name}")
+    manifest = read_manifest(version_dir)
+    layout = SegmentLayout.of(manifest, version_dir.name)
+    base_key = ("base",) + _identity(version_dir, _BASE_FILES)
+    delta_keys = {name: ("delta",) + _identity(version_dir, (f"{DELTA_DIR}/{name}",)) for name, _ in layout.delta}
+    with _LOADED_LOCK:
+        base = _LOADED.get(base_key)
+        known = {name: _LOADED.get(key) for name, key in delta_keys.items()}
+    if verify:
+        skip = ((() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
+                + (_BASE_FILES if base is not None else ())
+                + tuple(f"{DELTA_DIR}/{name}" for name, part in known.items() if part is not None))
+        manifest = verify_manifest(version_dir, kind="index", skip=skip)
+    reused = base is not None  # the same docs.sqlite inode was counted when it was first loaded
+    base = base or _load_base(version_dir, base_key)
+    deltas = tuple(known[name] or _load_delta(version_dir / DELTA_DIR / name, delta_keys[name], rows)
+                   for name, rows in layout.delta)
+    docs = DocStore(version_dir / DOCS_DB, size=layout.base_documents if reused else None)
+    if len(docs) != layout.base_documents:
+        raise ChecksumError(f"{version_dir / DOCS_DB} holds {len(docs)} documents, manifest says "
+                            f"{layout.base_documents}")
+    return Index(version_dir=version_dir, manifest=manifest, scann=base.scann, docs=docs, lease=lease, deltas=deltas,
+                 dead=read_tombstones(version_dir, layout), base=base)
+
+
+def _load_base(version_dir: Path, key: tuple[Any, ...]) -> _Base:
+    scann_ops_pybind = scann_pybind()  # deferred: ScaNN, imported on first use (without TensorFlow)
+
     if (version_dir / SCANN_DIR / "scann_docids.pkl").exists():
         raise ChecksumError(f"{version_dir / SCANN_DIR} holds a pickled docids file; refusing to load it")
-    docs = DocStore(version_dir / DOCS_DB)
-    if len(docs) != manifest["counts"]["documents"]:
-        raise ChecksumError(f"{version_dir / DOCS_DB} holds {len(docs)} documents, manifest says "
-                            f"{manifest['counts']['documents']}")
-    scann = scann_ops_pybind.load_searcher(str(version_dir / SCANN_DIR), assets_backcompat_shim=False)
-    return Index(version_dir=version_dir, manifest=manifest, scann=scann, docs=docs, lease=lease)
+    base = _Base(scann_ops_pybind.load_searcher(str(version_dir / SCANN_DIR), assets_backcompat_shim=False))
+    with _LOADED_LOCK:
+        _LOADED[key] = base
+    return base
+
+
+def _load_delta(directory: Path, key: tuple[Any, ...], rows: int) -> DeltaSegment:
+    segment = DeltaSegment.load(directory)
+    if len(segment) != rows:
+        raise ChecksumError(f"delta segment {directory} holds {len(segment)} documents, the manifest says {rows}")
+    with _LOADED_LOCK:
+        _LOADED[key] = segment
+    return segment

@@ -22,15 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import verify_manifest, write_manifest
+from dssm.artifacts import read_manifest, verify_manifest, write_manifest
 from dssm.data import document_text
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
+from dssm.index.delta import LiveView, compaction_ops, default_max_delta, write_delta
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.documents import as_documents
 from dssm.index.files import fsync_file, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
@@ -61,6 +63,9 @@ class UpdateResult:
     recall_at_10: float
     rows_changed_since_build: int
     seconds: dict[str, float]
+    compacted: bool = True  # False: written as a delta segment (the base untouched)
+    delta_documents: int = 0  # live documents in delta segments after the write
+    tombstones: int = 0
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -71,7 +76,7 @@ class UpdateResult:
 
 # Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
 # is hard-linked from the base version, which is never modified in place.
-_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json"}
+_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES}
 # What an update never reads, only links forward (their checksums carried over by inode): verified by
 # whoever loads them, not hashed by every write.
 _LINKED_ONLY = (MODEL_DIR, RERANKER_DIR)
@@ -140,11 +145,15 @@ def update_index(
     min_recall: float | None = None,
     version: str | None = None,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
+    max_delta: int | None = None,
 ) -> UpdateResult:
     """Delete and upsert documents into a new version of the live index, without re-encoding the rest.
 
-    The base version is never modified. Row bookkeeping follows ScaNN's own mutation semantics so
-    that ``embeddings.npy`` row ``i``, ScaNN datapoint ``i`` and ``docs.sqlite`` row ``i`` stay one
+    The base version is never modified. A write that keeps the delta within ``max_delta`` rows is
+    staged as a delta segment plus tombstones (:mod:`dssm.index.delta`; O(changed documents)). A
+    write past it, or with ``rebalance=True``, **compacts**: base + delta + the write are applied to
+    the base segment. There row bookkeeping follows ScaNN's own mutation semantics so that
+    ``embeddings.npy`` row ``i``, ScaNN datapoint ``i`` and ``docs.sqlite`` row ``i`` stay one
     document: a delete moves the last row into the hole (in the order given), an upsert of a known id
     overwrites its row in place, a new id is appended. ScaNN is mutated through its pybind searcher
     with our row numbers (never ``docids``, which it would pickle), and the rows it reports are
@@ -165,6 +174,9 @@ def update_index(
         version: new version name; default :func:`new_version_name`.
         keep_versions: after publishing, keep this many newest versions and any a reader holds
             (:func:`dssm.index.versions.retain_versions`; 0 keeps every version).
+        max_delta: live delta documents + tombstoned base rows a version may hold before a write
+            compacts; default :func:`dssm.index.delta.default_max_delta` of the base's size; 0 compacts
+            every write.
 
     Returns:
         The :class:`UpdateResult`.
@@ -180,31 +192,81 @@ def update_index(
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
-        manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)
+        manifest = read_manifest(base)
         vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
                                    int(manifest["dim"]))
+        docs = [Doc(i, t or "", x or "") for i, t, x in zip(ids, upsert_titles, upsert_texts, strict=True)]
         version = version or new_version_name()
-        with staging(index_dir, version) as root:
-            stage = root / "version"
-            stage.mkdir()
-            for child in base.iterdir():
-                if child.name not in _REGENERATED:
-                    link_tree(child, stage / child.name)
-            timings = {"load": time.perf_counter() - tick}
-            changes = _apply_rows(base, stage, manifest, ids=ids, titles=list(upsert_titles),
-                                  texts=list(upsert_texts), vectors=vectors, deletes=deletes, timings=timings)
-            state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance,
-                                  rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
-                                  timings=timings)
-            _write_scann_and_bm25(stage, state, timings=timings)
-            write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
-                manifest, base=base, version=version, changes=changes, state=state, deletes=len(deletes),
-                rebalance_fraction=rebalance_fraction, timings=timings))
-            published = publish_version(index_dir, stage, version)
+        view, replaced = _killed(base, manifest, ids=ids, deletes=deletes)
+        timings = {"load": time.perf_counter() - tick}
+        limit = default_max_delta(view.layout.base_documents) if max_delta is None else max_delta
+        base_dead = int(view.dead[:view.layout.base_documents].sum())
+        pending = len(view.live_delta()[0]) + len(docs) + base_dead
+        counts = {"deleted": len(deletes), "inserted": len(ids) - replaced, "replaced": replaced}
+        if rebalance is not True and pending <= limit:
+            result = _delta_update(index_dir, base, manifest, view, docs=docs, vectors=vectors, version=version,
+                                   counts=counts, timings=timings)
+        else:
+            result = _compact(index_dir, base, view, docs=docs, vectors=vectors, version=version, counts=counts,
+                              rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
+                              timings=timings)
         retain_versions(index_dir, keep_versions)
+    return result
+
+
+def _killed(base: Path, manifest: dict[str, Any], *, ids: list[str], deletes: list[str]) -> tuple[LiveView, int]:
+    """The live view of ``base`` with the deleted and the upserted ids' rows tombstoned, and how many
+    upserts replace a live document."""
+    view = LiveView.open(base, manifest)
+    for doc_id in deletes:
+        if not view.kill(doc_id):
+            raise InputError(f"document id {doc_id!r} is not in index version {base.name}; nothing was deleted")
+    return view, sum(view.kill(doc_id) for doc_id in ids)
+
+
+def _delta_update(index_dir: Path, base: Path, manifest: dict[str, Any], view: LiveView, *, docs: list[Doc],
+                  vectors: np.ndarray, version: str, counts: dict[str, int],
+                  timings: dict[str, float]) -> UpdateResult:
+    """Publish the write as a delta segment + tombstones over ``base`` (the caller holds the lock)."""
+    with staging(index_dir, version) as root:
+        (stage := root / "version").mkdir()
+        written = write_delta(base, stage, manifest, view, docs=docs, vectors=vectors, version=version,
+                              updates=counts, timings=timings)
+        published = publish_version(index_dir, stage, version)
+    history = manifest.get("updates") or {}
+    base_live = written.layout.base_documents - int(view.dead[:written.layout.base_documents].sum())
+    return UpdateResult(
+        index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
+        documents=written.layout.live, **counts, rebalanced=False, rebalance_reason=None,
+        recall_at_10=float(manifest["recall@10"]),
+        rows_changed_since_build=int(history.get("rows_changed_since_build", 0)), seconds=timings,
+        compacted=False, delta_documents=written.layout.live - base_live, tombstones=written.layout.tombstones)
+
+
+def _compact(index_dir: Path, base: Path, view: LiveView, *, docs: list[Doc], vectors: np.ndarray, version: str,
+             counts: dict[str, int], rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
+             timings: dict[str, float]) -> UpdateResult:
+    """Fold base + delta + the write into a new base segment (the caller holds the lock)."""
+    folded, vectors, base_deletes = compaction_ops(view, docs, vectors)
+    manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)  # a compaction reads all of the base
+    with staging(index_dir, version) as root:
+        stage = root / "version"
+        stage.mkdir()
+        for child in base.iterdir():
+            if child.name not in _REGENERATED:
+                link_tree(child, stage / child.name)
+        changes = _apply_rows(base, stage, manifest, ids=[d.id for d in folded], titles=[d.title for d in folded],
+                              texts=[d.text for d in folded], vectors=vectors, deletes=base_deletes, timings=timings)
+        state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance,
+                              rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
+                              timings=timings)
+        _write_scann_and_bm25(stage, state, timings=timings)
+        write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
+            manifest, base=base, version=version, changes=changes, state=state, deletes=len(base_deletes),
+            rebalance_fraction=rebalance_fraction, timings=timings))
+        published = publish_version(index_dir, stage, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
-                        documents=changes.final, deleted=len(deletes), inserted=len(changes.new_rows),
-                        replaced=changes.replaced, rebalanced=state.reason is not None,
+                        documents=changes.final, **counts, rebalanced=state.reason is not None,
                         rebalance_reason=state.reason, recall_at_10=state.recall,
                         rows_changed_since_build=state.history["rows_changed_since_build"], seconds=timings)
 
@@ -249,7 +311,7 @@ def _apply_rows(base: Path, stage: Path, manifest: dict[str, Any], *, ids: list[
     tick = time.perf_counter()
     conn = sqlite3.connect(stage / DOCS_DB)
     conn.execute("PRAGMA journal_mode = OFF")
-    size = int(manifest["counts"]["documents"])
+    size = SegmentLayout.of(manifest, base.name).base_documents
     delete_rows: list[int] = []
     moved_from: list[int] = []
     for doc_id in deletes:
@@ -313,7 +375,7 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
     if min_recall is None:
         min_recall = config.min_recall
     history = dict(manifest.get("updates") or {})
-    at_build = int(history.get("documents_at_build", manifest["counts"]["documents"]))
+    at_build = int(history.get("documents_at_build", SegmentLayout.of(manifest, base.name).base_documents))
     changed = int(history.get("rows_changed_since_build", 0)) + len(changes.delete_rows) + len(changes.upsert_rows)
     params = dict(manifest["scann"])
     reason: str | None = None
@@ -400,7 +462,8 @@ def _updated_manifest(manifest: dict[str, Any], *, base: Path, version: str, cha
                       state: _ScannState, deletes: int, rebalance_fraction: float,
                       timings: dict[str, float]) -> dict[str, Any]:
     """The new version's manifest keys: the base's, with counts, ScaNN, recall and the update history."""
-    new_manifest = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
+    new_manifest = {k: v for k, v in manifest.items()
+                    if k not in ("kind", "format_version", "created", "files", SEGMENTS_KEY)}
     new_manifest.update(
         version=version,
         counts={"documents": changes.final, "zero_embeddings": int((~changes.matrix.any(axis=1)).sum())},

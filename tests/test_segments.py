@@ -1,0 +1,245 @@
+"""Delta segments, tombstones and compaction (issue 14): writes that cost what they change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dssm import artifacts
+from dssm import index as ix
+from dssm.errors import InputError
+from dssm.index.delta import MAX_SEGMENTS
+from dssm.index.segments import DELTA_DIR, TOMBSTONES, SegmentLayout
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build(path, n: int = 600, dim: int = 16, seed: int = 0, mode: str = "brute_force") -> dict[str, tuple]:
+    """A small index; returns the truth ``{id: (vector, text)}``."""
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, dim)))
+    ids = [f"d{i}" for i in range(n)]
+    texts = [f"base document number {i} about topic {i % 7}" for i in range(n)]
+    ix.build_index(path, embeddings=vectors, ids=ids, texts=texts, config=ix.ScannConfig(mode=mode))
+    return {i: (v, t) for i, v, t in zip(ids, vectors, texts, strict=True)}
+
+
+def upsert(path, truth, items, **kwargs) -> ix.UpdateResult:
+    ids = [i for i, _, _ in items]
+    result = ix.update_index(path, upsert_ids=ids, upsert_titles=[""] * len(ids),
+                             upsert_texts=[t for _, _, t in items],
+                             upsert_vectors=np.stack([v for _, v, _ in items]), **kwargs)
+    truth.update({i: (v, t) for i, v, t in items})
+    return result
+
+
+def delete(path, truth, ids, **kwargs) -> ix.UpdateResult:
+    result = ix.update_index(path, delete_ids=ids, **kwargs)
+    for doc_id in ids:
+        del truth[doc_id]
+    return result
+
+
+def assert_serves_exactly(index: ix.Index, truth: dict[str, tuple], queries: np.ndarray, k: int = 10) -> None:
+    """The version answers like exact search over ``truth``: ids, order and scores; lookups agree."""
+    ids = list(truth)
+    matrix = np.stack([truth[i][0] for i in ids])
+    assert index.size == len(truth) == len(index.docs)
+    rows, scores = index.search_vectors(queries, k)
+    docs = index.docs.get(rows.ravel().tolist())
+    got = [[d.id for d in docs[q * k:(q + 1) * k]] for q in range(len(queries))]
+    exact = queries @ matrix.T
+    for q in range(len(queries)):
+        order = np.lexsort((np.arange(len(ids)), -exact[q]))[:k]
+        want_scores = exact[q][order]
+        assert np.allclose(scores[q], want_scores, atol=1e-5)
+        # Ties aside, the same documents in the same order.
+        assert [truth[i][0] @ queries[q] for i in got[q]] == pytest.approx(list(want_scores), abs=1e-5)
+    live = {doc.id: doc.text for _, doc in index.docs.iter_all()}
+    assert live == {i: t for i, (_, t) in truth.items()}
+    sample = ids[:: max(1, len(ids) // 50)]
+    assert [d.text for d in index.docs.by_ids(sample)] == [truth[i][1] for i in sample]
+
+
+def test_small_writes_are_delta_segments_that_search_like_exact_search(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path)
+    rng = np.random.default_rng(1)
+    queries = unit(rng.standard_normal((40, 16)))
+    old = ix.load_index(path)
+    base_version = old.version
+    for step in range(MAX_SEGMENTS + 4):  # past MAX_SEGMENTS: the segments are merged on the way
+        live = sorted(truth)
+        replaced = [live[j] for j in rng.choice(len(live), 3, replace=False)]
+        new = [(f"n{step}-{j}", unit(rng.standard_normal((1, 16)))[0], f"new {step} {j}") for j in range(5)]
+        result = upsert(path, truth, new + [(i, unit(rng.standard_normal((1, 16)))[0], f"re {i}") for i in replaced])
+        assert not result.compacted and (result.inserted, result.replaced) == (5, 3)
+        gone = [i for i in sorted(truth) if i not in replaced][step * 2:step * 2 + 2] + [f"n{step}-0"]
+        result = delete(path, truth, gone)
+        assert not result.compacted and result.documents == len(truth)
+        index = ix.load_index(path)
+        layout = index.layout
+        assert layout.base_version == base_version and 1 <= len(layout.delta) <= MAX_SEGMENTS
+        assert_serves_exactly(index, truth, queries)
+        for doc_id in gone:
+            assert index.docs.row_of(doc_id) is None
+    # A version never changes: the reader of the first one still sees its 600 documents.
+    assert old.size == 600 and old.docs.row_of("d0") == 0
+    # Each write wrote only its segment, tombstones and manifest (the base files are links).
+    version = ix.load_index(path).version_dir
+    assert (version / "embeddings.npy").stat().st_nlink > 1 and (version / "scann").is_dir()
+
+
+def test_a_write_past_max_delta_compacts_into_the_base(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=400)
+    rng = np.random.default_rng(2)
+    first = upsert(path, truth, [(f"n{j}", unit(rng.standard_normal((1, 16)))[0], f"new {j}") for j in range(20)],
+                   max_delta=30)
+    delete(path, truth, ["d1", "n3"], max_delta=30)
+    assert not first.compacted
+    result = upsert(path, truth, [(f"m{j}", unit(rng.standard_normal((1, 16)))[0], f"more {j}") for j in range(10)]
+                    + [("d2", unit(rng.standard_normal((1, 16)))[0], "replaced d2")], max_delta=30)
+    assert result.compacted and result.delta_documents == 0 and (result.inserted, result.replaced) == (10, 1)
+    index = ix.load_index(path)
+    assert index.layout.plain and not (index.version_dir / DELTA_DIR).exists()
+    assert not (index.version_dir / TOMBSTONES).exists()
+    assert index.layout.base_documents == len(truth) == 400 + 20 - 2 + 10
+    assert_serves_exactly(index, truth, unit(rng.standard_normal((30, 16))))
+    # rebalance=True compacts whatever the delta's size.
+    upsert(path, truth, [("z", unit(rng.standard_normal((1, 16)))[0], "zed")])
+    assert not ix.load_index(path).layout.plain
+    assert upsert(path, truth, [("y", unit(rng.standard_normal((1, 16)))[0], "why")], rebalance=True).compacted
+    assert_serves_exactly(ix.load_index(path), truth, unit(rng.standard_normal((10, 16))))
+
+
+def test_tree_ah_recall_over_base_and_delta_holds_the_gate_up_to_the_threshold(tmp_path):
+    """Search over base + delta keeps recall@10 >= the gate at every delta size up to max_delta."""
+    path, dim, n = tmp_path / "idx", 32, 3000
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((30, dim))
+    vectors = unit(centres[rng.integers(0, 30, n)] + 0.35 * rng.standard_normal((n, dim)))
+    config = ix.ScannConfig(mode="tree_ah", num_leaves=30, training_sample_size=n, min_recall=0.95)
+    ix.build_index(path, embeddings=vectors, ids=[f"d{i}" for i in range(n)], texts=["t"] * n, config=config)
+    truth = {f"d{i}": (v, "t") for i, v in enumerate(vectors)}
+    limit, step = 300, 100
+    for size in range(step, limit + 1, step):
+        fresh = unit(centres[rng.integers(0, 30, step)] + 0.35 * rng.standard_normal((step, dim)))
+        upsert(path, truth, [(f"n{size}-{j}", v, "t") for j, v in enumerate(fresh)], max_delta=limit)
+        delete(path, truth, [f"d{i}" for i in range(size - step, size - step + 40)], max_delta=limit * 2)
+        index = ix.load_index(path)
+        assert not index.layout.plain
+        ids = list(truth)
+        matrix = np.stack([truth[i][0] for i in ids])
+        sample = matrix[rng.choice(len(ids), 300, replace=False)]
+        queries = unit(sample + 0.05 * rng.standard_normal(sample.shape))
+        want = np.argsort(-(queries @ matrix.T), axis=1)[:, :10]
+        rows, _ = index.search_vectors(queries, 10)
+        got = index.docs.get(rows.ravel().tolist())
+        found = [{d.id for d in got[q * 10:(q + 1) * 10]} for q in range(len(queries))]
+        recall = np.mean([len(found[q] & {ids[j] for j in want[q]}) / 10 for q in range(len(queries))])
+        assert recall >= 0.95, (size, recall)
+
+
+def test_reloading_after_a_delta_write_reuses_the_base_and_hashes_only_what_was_added(tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    truth = build(path)
+    first = ix.load_index(path)
+    upsert(path, truth, [("new", unit(np.ones((1, 16)))[0], "new one")])
+    hashed: list[str] = []
+    original = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: hashed.append(str(p)) or original(p))
+    second = ix.load_index(path)
+    assert second.scann is first.scann  # the ScaNN searcher of the shared base, not loaded again
+    rel = sorted(os.path.relpath(p, second.version_dir) for p in hashed)
+    assert rel and all(r.startswith(DELTA_DIR + "/") or r in ("tombstones.npy", "model") for r in rel), rel
+    assert second.docs.by_ids(["new"])[0].text == "new one"
+
+
+def test_corrupt_delta_files_are_refused_by_name(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path)
+    upsert(path, truth, [("new", unit(np.ones((1, 16)))[0], "new one")])
+    delete(path, truth, ["d5"])
+    version = ix.current_version_dir(path)
+    segment = next((version / DELTA_DIR).iterdir())
+    # A fresh process has no loaded base to trust: every file is hashed.
+    for victim in (segment / "docs.jsonl", version / TOMBSTONES):
+        backup = victim.read_bytes()
+        victim.unlink()  # a hard link: write a new file, not through the shared inode
+        victim.write_bytes(backup[:-3] + b"xyz")
+        code = ("from dssm import index as ix\n"
+                f"ix.load_index({str(path)!r})\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and victim.name in done.stderr and "ChecksumError" in done.stderr
+        victim.unlink()
+        victim.write_bytes(backup)
+    ix.load_index(path)
+
+
+def test_bad_delta_writes_change_nothing(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=50)
+    upsert(path, truth, [("new", unit(np.ones((1, 16)))[0], "new one")])
+    delete(path, truth, ["d3"])
+    before = ix.current_version_dir(path).name
+    with pytest.raises(InputError, match="'d3' is not in index"):
+        ix.delete_documents(path, ["d4", "d3"])  # deleted already: nothing of this write happens
+    with pytest.raises(InputError, match="every document"):
+        ix.delete_documents(path, list(truth))
+    assert ix.current_version_dir(path).name == before and ix.load_index(path).docs.row_of("d4") is not None
+
+
+def test_bm25_finds_delta_documents_and_forgets_tombstoned_ones(tmp_path):
+    from dssm.bm25 import BM25Index
+
+    path = tmp_path / "idx"
+    truth = build(path, n=300)
+    upsert(path, truth, [("zeb", unit(np.ones((1, 16)))[0], "zebra migration across the serengeti"),
+                         ("d7", unit(np.ones((1, 16)))[0], "giraffe necks and zebra stripes")])
+    index = ix.load_index(path)
+    bm25 = index.bm25()
+    rows, scores = bm25.search_rows_batch(["zebra serengeti"], 5)[0]
+    assert [d.id for d in index.docs.get(rows.tolist())] == ["zeb", "d7"]
+    # The same documents in a fresh BM25 build score the same up to the mean length (the base's here).
+    live = [(doc.id, doc.text) for _, doc in index.docs.iter_all()]
+    fresh = BM25Index.build([i for i, _ in live], [t for _, t in live])
+    want = dict(fresh.search("zebra serengeti", 5))
+    assert scores == pytest.approx([want["zeb"], want["d7"]], rel=0.05)
+    # d7's old text is gone from BM25 too: its base row is a tombstone.
+    old_rows, _ = bm25.search_rows_batch(["base document number 7"], 300)[0]
+    assert "d7" not in {d.id for d in index.docs.get(old_rows.tolist())}
+    delete(path, truth, ["zeb"])
+    rows, _ = ix.load_index(path).bm25().search_rows_batch(["serengeti"], 5)[0]
+    assert rows.size == 0
+
+
+def test_a_kill_during_compaction_leaves_the_previous_version_serving(tmp_path):
+    """kill -9 in the middle of a compaction: the delta version still serves, no write is lost."""
+    path = tmp_path / "idx"
+    truth = build(path, n=300)
+    upsert(path, truth, [(f"n{j}", unit(np.ones((1, 16)) + j)[0], f"new {j}") for j in range(5)])
+    before = ix.current_version_dir(path).name
+    code = ("import os, numpy as np\n"
+            "from dssm import index as ix\n"
+            "import dssm.index.updates as up\n"
+            "real = up._write_scann_and_bm25\n"
+            "def dying(*a, **k):\n"
+            "    real(*a, **k); os.kill(os.getpid(), 9)\n"
+            "up._write_scann_and_bm25 = dying\n"
+            f"ix.update_index({str(path)!r}, upsert_ids=['late'], upsert_titles=[''], upsert_texts=['late'],\n"
+            "                upsert_vectors=np.ones((1, 16), np.float32), rebalance=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert ix.current_version_dir(path).name == before
+    index = ix.load_index(path)
+    assert SegmentLayout.of(index.manifest, index.version).delta and index.docs.row_of("late") is None
+    assert_serves_exactly(index, truth, unit(np.random.default_rng(4).standard_normal((10, 16))))
+    upsert(path, truth, [("late", unit(np.ones((1, 16)))[0], "late")], rebalance=True)  # the next one compacts
+    assert_serves_exactly(ix.load_index(path), truth, unit(np.random.default_rng(5).standard_normal((10, 16))))
