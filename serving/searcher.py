@@ -295,8 +295,12 @@ class Searcher:
         """
 
         # Our encoder is the model of the version we loaded; if a rebuild has since replaced the live
-        # version (maybe with another model), encode with the live version's model instead.
-        same = current_version_dir(self.index_dir).name == self.version
+        # version with another model, encode with the live version's model instead. Writes since our
+        # load (delta segments) keep the model: its manifest, hence its fingerprint, is the same.
+        live = current_version_dir(self.index_dir)
+        same = live.name == self.version or (
+            self.index.model_dir is not None
+            and model_fingerprint(live / "model") == model_fingerprint(self.index.model_dir))
         encoder = self.encoder if same and hasattr(self.encoder, "embed_documents") else None
         return upsert_documents(self.index_dir, as_documents(documents), encoder=encoder).version
 
