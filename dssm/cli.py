@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Add or replace documents of an index without a rebuild (a new version)."),
     "delete": ("dssm.index.commands:delete_main",
                "Delete documents of an index by id without a rebuild (a new version)."),
+    "compact": ("dssm.index.commands:compact_main",
+                "Fold an index's recent writes (delta segments, deleted rows) into its base (a new version)."),
     "train-reranker": ("dssm.rerank_train", "Train the interaction re-ranker on an index's own candidates for pairs."),
     "attach-reranker": ("dssm.index.reranker:attach_main",
                         "Put a trained re-ranker into an index (a new version; searches may then re-rank)."),

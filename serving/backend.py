@@ -8,8 +8,9 @@ its last request lets go of it. Swapping is one reference assignment under a loc
 A watcher thread polls ``INDEX_DIR/CURRENT``; when it names a new version the backend loads it in that
 thread (checksums verified, one warm-up query) and only then swaps. A version that fails to load is
 logged, counted and skipped; the old one keeps serving. When the new version carries the same model
-files as the live one, the loaded query encoder is reused, so swaps after incremental updates take
-the time of the ScaNN/SQLite load only.
+files as the live one, the loaded query encoder is reused, and a version that links the live base
+reuses its ScaNN searcher: a swap after a delta write loads only what the write added. Compaction
+runs in the background (:mod:`serving.compaction`).
 
 Micro-batching and the model thread (:mod:`serving.model_thread`): single dense queries
 (:meth:`Backend.search_async`, :meth:`Backend.submit_search`) queue for one dedicated model thread,
@@ -46,13 +47,10 @@ from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
 from dssm.hybrid import SEARCH_MODES
 from dssm.index import current_version_dir
 from dssm.index.documents import as_documents
+from serving.compaction import BackgroundCompactor
 from serving.model_thread import ModelThread
 from serving.reranking import check_rerank
-from serving.searcher import (
-    DocumentNotFoundError,  # the HTTP layer answers 404
-    Searcher,
-    model_fingerprint,
-)
+from serving.searcher import DocumentNotFoundError, Searcher, model_fingerprint  # 404 in the HTTP layer
 
 __all__ = [
     "DUPLICATE_THRESHOLD_KEY",
@@ -166,7 +164,6 @@ class Metrics:
                                       buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
 
 
-
 def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
     return Searcher.load(index_dir, encoder=encoder)
 
@@ -210,6 +207,7 @@ class Backend:
         self._swap_lock = threading.Lock()     # guards the swap and the metrics that describe it
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
         self._write_lock = threading.Lock()    # one incremental update at a time
+        self.compactor = BackgroundCompactor(self.index_dir, write_lock=self._write_lock, reload=self.reload)
         self._slots_lock = threading.Lock()
         self._tagger_lock = threading.Lock()
         self._tagger_cache: tuple[Snapshot, Any] | None = None  # (live version, its Tagger), built on demand
@@ -553,9 +551,10 @@ class Backend:
                     f"the loaded searcher ({type(snap.searcher).__name__}) has no {method}(); "
                     "incremental updates are not available for this index")
             fn(*args)
-            # Read-your-writes: the new version is live before the caller hears back.
-            self.reload(force=True)
-            return self.current().version
+            self.reload(force=True)  # read-your-writes: the new version is live before the caller hears back
+            live = self.current()
+            self.compactor.after_write(getattr(live.searcher, "index", None))  # waits for our lock to be released
+            return live.version
 
     def upsert(self, documents: Sequence[Any]) -> str:
         """Add or replace documents; returns the new live version.

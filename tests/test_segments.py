@@ -243,3 +243,45 @@ def test_a_kill_during_compaction_leaves_the_previous_version_serving(tmp_path):
     assert_serves_exactly(index, truth, unit(np.random.default_rng(4).standard_normal((10, 16))))
     upsert(path, truth, [("late", unit(np.ones((1, 16)))[0], "late")], rebalance=True)  # the next one compacts
     assert_serves_exactly(ix.load_index(path), truth, unit(np.random.default_rng(5).standard_normal((10, 16))))
+
+
+def test_compact_index_and_the_cli_fold_the_delta(tmp_path, capsys):
+    from dssm.cli import main as dssm_main
+
+    path = tmp_path / "idx"
+    truth = build(path, n=200)
+    assert ix.compact_index(path) is None  # a plain version: nothing to fold, no new version
+    upsert(path, truth, [("a", unit(np.ones((1, 16)))[0], "aa")])
+    delete(path, truth, ["d9"])
+    assert dssm_main(["compact", "--index", str(path)]) == 0
+    assert "compacted                True" in capsys.readouterr().out
+    index = ix.load_index(path)
+    assert index.layout.plain and index.layout.base_documents == 200
+    assert_serves_exactly(index, truth, unit(np.random.default_rng(6).standard_normal((10, 16))))
+    assert dssm_main(["compact", "--index", str(path)]) == 0
+    assert "nothing to compact" in capsys.readouterr().out
+
+
+def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_limit(tmp_path):
+    import threading
+
+    from serving.compaction import BackgroundCompactor
+
+    path = tmp_path / "idx"
+    truth = build(path, n=300)  # max_delta 1,000: compaction is due at 500
+    rng = np.random.default_rng(7)
+    upsert(path, truth, [(f"n{j}", v, "t") for j, v in enumerate(unit(rng.standard_normal((450, 16))))])
+    reloads: list[bool] = []
+    compactor = BackgroundCompactor(path, write_lock=threading.Lock(), reload=lambda force: reloads.append(force))
+    index = ix.load_index(path)
+    assert index.pending_delta == 450 and compactor.after_write(index) is None
+    delete(path, truth, [f"d{i}" for i in range(50)])
+    index = ix.load_index(path)
+    assert index.pending_delta == 500
+    thread = compactor.after_write(index)
+    assert thread is not None
+    thread.join(timeout=120)
+    assert reloads == [True] and compactor.compactions == 1 and compactor.last_error is None
+    compacted = ix.load_index(path)
+    assert compacted.layout.plain and compacted.pending_delta == 0 and not compactor.due(compacted)
+    assert_serves_exactly(compacted, truth, unit(rng.standard_normal((10, 16))))

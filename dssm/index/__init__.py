@@ -42,7 +42,7 @@ from dssm.index.load import Index, load_index
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
-from dssm.index.updates import UpdateResult, delete_documents, update_index, upsert_documents
+from dssm.index.updates import UpdateResult, compact_index, delete_documents, update_index, upsert_documents
 from dssm.index.versions import (  # noqa: I001
     DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
@@ -70,7 +70,7 @@ __all__ = [
     "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",
     "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",
     "count_shard_rows", "build_index_from_shards", "Index", "load_index", "attach_reranker", "UpdateResult",
-    "update_index",
+    "update_index", "compact_index",
     "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec", "DEFAULT_KEEP_VERSIONS", "VersionLease",
     "retain_versions", "version_in_use",
 ]

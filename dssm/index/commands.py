@@ -1,4 +1,5 @@
-"""``dssm upsert`` and ``dssm delete``: change documents of a live index without a rebuild (a new version).
+"""``dssm upsert``, ``dssm delete`` and ``dssm compact``: change documents of a live index without a rebuild
+(a new version).
 
 Only the given documents are encoded, with the document tower stored in the live version; see
 :func:`dssm.index.updates.update_index` for the row bookkeeping and when the ScaNN partitions are rebalanced.
@@ -13,10 +14,10 @@ from pathlib import Path
 
 from dssm.data import iter_corpus
 from dssm.errors import InputError
-from dssm.index.updates import delete_documents, upsert_documents
+from dssm.index.updates import compact_index, delete_documents, upsert_documents
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS
 
-__all__ = ["add_update_arguments", "print_update", "read_ids", "upsert_main", "delete_main"]
+__all__ = ["add_update_arguments", "print_update", "read_ids", "upsert_main", "delete_main", "compact_main"]
 
 
 def add_update_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,13 @@ def add_update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _add_write_arguments(parser: argparse.ArgumentParser) -> None:
+    add_update_arguments(parser)
+    parser.add_argument("--max-delta", type=int, default=None,
+                        help="live delta documents + deleted base rows the index may hold before this write compacts "
+                             "them into the base (default: 1%% of the base, at least 1,000; 0 compacts every write)")
+
+
 def print_update(result: object, *, as_json: bool) -> None:
     """The result as JSON or as a short table."""
     summary = result.summary()  # type: ignore[attr-defined]
@@ -44,7 +52,8 @@ def print_update(result: object, *, as_json: bool) -> None:
         sys.stdout.write("\n")
         return
     for key in ("base_version", "version", "documents", "deleted", "inserted", "replaced", "rebalanced",
-                "rebalance_reason", "recall_at_10", "rows_changed_since_build"):
+                "rebalance_reason", "recall_at_10", "rows_changed_since_build", "compacted", "delta_documents",
+                "tombstones"):
         print(f"{key:<24} {summary[key]}")
 
 
@@ -53,7 +62,7 @@ def upsert_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dssm upsert",
                                      description="Add or replace documents of a live index without a rebuild "
                                                  "(a new version).")
-    add_update_arguments(parser)
+    _add_write_arguments(parser)
     parser.add_argument("--corpus", required=True, type=Path,
                         help="documents to add or replace (BEIR corpus.jsonl, CSV/TSV/JSONL/Parquet)")
     parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
@@ -65,7 +74,8 @@ def upsert_main(argv: list[str] | None = None) -> int:
     if not documents:
         raise InputError(f"corpus {args.corpus} holds no documents")
     result = upsert_documents(args.index, documents, rebalance=args.rebalance,
-                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions)
+                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions,
+                              max_delta=args.max_delta)
     print_update(result, as_json=args.json)
     return 0
 
@@ -89,10 +99,27 @@ def delete_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dssm delete",
                                      description="Delete documents from a live index by id without a rebuild "
                                                  "(a new version).")
-    add_update_arguments(parser)
+    _add_write_arguments(parser)
     parser.add_argument("--ids", required=True, type=Path, help="file with one document id per line")
     args = parser.parse_args(argv)
     result = delete_documents(args.index, read_ids(args.ids), rebalance=args.rebalance,
-                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions)
+                              rebalance_fraction=args.rebalance_fraction, keep_versions=args.keep_versions,
+                              max_delta=args.max_delta)
+    print_update(result, as_json=args.json)
+    return 0
+
+
+def compact_main(argv: list[str] | None = None) -> int:
+    """``dssm compact --index INDEX_DIR``: fold the delta segments and tombstones into a new base."""
+    parser = argparse.ArgumentParser(prog="dssm compact",
+                                     description="Fold recent writes (delta segments, deleted rows) into the "
+                                                 "index's base (ScaNN, doc store, BM25); a new version.")
+    add_update_arguments(parser)
+    args = parser.parse_args(argv)
+    result = compact_index(args.index, rebalance=args.rebalance, rebalance_fraction=args.rebalance_fraction,
+                           keep_versions=args.keep_versions)
+    if result is None:
+        print(f"nothing to compact: the live version of {args.index} has no delta segments or deleted rows")
+        return 0
     print_update(result, as_json=args.json)
     return 0

@@ -109,6 +109,11 @@ class Index:
                                                                                                      np.float32)
 
     @property
+    def pending_delta(self) -> int:
+        """Live delta documents + tombstoned base rows: what compaction would fold (see ``max_delta``)."""
+        return int(self._delta_rows.size) + self._base_dead
+
+    @property
     def version(self) -> str:
         """The version name."""
         return self.version_dir.name

@@ -43,7 +43,7 @@ from dssm.index.versions import (
     staging,
 )
 
-__all__ = ["UpdateResult", "update_index", "upsert_documents", "delete_documents"]
+__all__ = ["UpdateResult", "update_index", "compact_index", "upsert_documents", "delete_documents"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,33 @@ def update_index(
             result = _compact(index_dir, base, view, docs=docs, vectors=vectors, version=version, counts=counts,
                               rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
                               timings=timings)
+        retain_versions(index_dir, keep_versions)
+    return result
+
+
+def compact_index(index_dir: str | Path, *, rebalance: bool | None = None, rebalance_fraction: float = 0.2,
+                  min_recall: float | None = None, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> UpdateResult | None:
+    """Fold the live version's delta segments and tombstones into a new base (a new version).
+
+    What a write past ``max_delta`` does on its own (:func:`update_index`); the HTTP service runs it
+    in the background once the delta passes half of that.
+
+    Returns:
+        The :class:`UpdateResult`, or ``None`` if the live version has no delta and no tombstones.
+    """
+    index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
+                                         keep_versions=keep_versions)
+    with IndexWriteLock(index_dir):
+        tick = time.perf_counter()
+        base = current_version_dir(index_dir)
+        manifest = read_manifest(base)
+        view = LiveView.open(base, manifest)
+        if view.layout.plain:
+            return None
+        result = _compact(index_dir, base, view, docs=[], vectors=np.zeros((0, int(manifest["dim"])), np.float32),
+                          version=new_version_name(), counts={"deleted": 0, "inserted": 0, "replaced": 0},
+                          rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
+                          timings={"load": time.perf_counter() - tick})
         retain_versions(index_dir, keep_versions)
     return result
 
@@ -492,7 +519,8 @@ def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
 
 def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
                      rebalance: bool | None = None, rebalance_fraction: float = 0.2,
-                     batch_size: int = 4096, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> UpdateResult:
+                     batch_size: int = 4096, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                     max_delta: int | None = None) -> UpdateResult:
     """Add or replace documents, encoding only them with the live version's document tower.
 
     Args:
@@ -504,6 +532,7 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
         rebalance_fraction: see :func:`update_index`.
         batch_size: texts per model call.
         keep_versions: see :func:`update_index`.
+        max_delta: see :func:`update_index`.
 
     Returns:
         The :class:`UpdateResult` (the new version is live).
@@ -520,13 +549,14 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
                               for s in range(0, len(texts), batch_size)])
     return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
                         upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
-                        rebalance_fraction=rebalance_fraction, keep_versions=keep_versions)
+                        rebalance_fraction=rebalance_fraction, keep_versions=keep_versions, max_delta=max_delta)
 
 
 def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
-                     rebalance_fraction: float = 0.2, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> UpdateResult:
+                     rebalance_fraction: float = 0.2, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                     max_delta: int | None = None) -> UpdateResult:
     """Delete documents by id into a new live version (every id must exist; otherwise nothing changes)."""
     if isinstance(ids, str):
         raise InputError("delete_documents takes a list of ids, got one string")
     return update_index(index_dir, delete_ids=list(ids), rebalance=rebalance, rebalance_fraction=rebalance_fraction,
-                        keep_versions=keep_versions)
+                        keep_versions=keep_versions, max_delta=max_delta)
