@@ -268,11 +268,12 @@ def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_
     from serving.compaction import BackgroundCompactor
 
     path = tmp_path / "idx"
-    truth = build(path, n=300)  # max_delta 1,000: compaction is due at 500
+    truth = build(path, n=300)
     rng = np.random.default_rng(7)
     upsert(path, truth, [(f"n{j}", v, "t") for j, v in enumerate(unit(rng.standard_normal((450, 16))))])
     reloads: list[bool] = []
-    compactor = BackgroundCompactor(path, write_lock=threading.Lock(), reload=lambda force: reloads.append(force))
+    compactor = BackgroundCompactor(path, write_lock=threading.Lock(), reload=lambda force: reloads.append(force),
+                                    max_delta=1000)  # due at 500
     index = ix.load_index(path)
     assert index.pending_delta == 450 and compactor.after_write(index) is None
     delete(path, truth, [f"d{i}" for i in range(50)])
@@ -285,3 +286,50 @@ def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_
     compacted = ix.load_index(path)
     assert compacted.layout.plain and compacted.pending_delta == 0 and not compactor.due(compacted)
     assert_serves_exactly(compacted, truth, unit(rng.standard_normal((10, 16))))
+
+
+def test_writes_published_while_a_compaction_builds_are_carried_onto_its_base(tmp_path, monkeypatch):
+    import dssm.index.updates as updates
+
+    path = tmp_path / "idx"
+    truth = build(path, n=300)
+    rng = np.random.default_rng(8)
+    upsert(path, truth, [(f"n{j}", unit(rng.standard_normal((1, 16)))[0], f"new {j}") for j in range(6)])
+    delete(path, truth, ["d0", "n0"])
+    real = updates._write_scann_and_bm25
+
+    def with_writes_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        # Published between the compaction's read of the live version and its publish.
+        upsert(path, truth, [("late", unit(rng.standard_normal((1, 16)))[0], "late"),  # a new id
+                             ("n1", unit(rng.standard_normal((1, 16)))[0], "n1 again"),  # a delta doc replaced
+                             ("d1", unit(rng.standard_normal((1, 16)))[0], "d1 again"),  # a base doc replaced
+                             ("n2", truth["n2"][0], truth["n2"][1])])  # rewritten as it was: nothing to carry
+        delete(path, truth, ["d2", "n3"])  # a base doc and a delta doc deleted
+
+    monkeypatch.setattr(updates, "_write_scann_and_bm25", with_writes_meanwhile)
+    result = ix.compact_index(path)
+    assert result is not None and result.documents == len(truth)
+    index = ix.load_index(path)
+    # The new base holds what the compaction read; the late writes are a delta over it.
+    assert index.layout.base_version == result.version and index.layout.base_documents == 300 - 1 + 5
+    assert {d.id for d in index.deltas[0].docs} == {"late", "n1", "d1"} and index.layout.tombstones == 4
+    assert_serves_exactly(index, truth, unit(rng.standard_normal((20, 16))))
+
+
+def test_a_compaction_whose_base_was_replaced_meanwhile_publishes_nothing(tmp_path, monkeypatch):
+    import dssm.index.updates as updates
+
+    path = tmp_path / "idx"
+    truth = build(path, n=100)
+    upsert(path, truth, [("a", unit(np.ones((1, 16)))[0], "aa")])
+    real = updates._write_scann_and_bm25
+
+    def rebuilt_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        build(path, n=120, seed=9)  # a full build publishes a new base
+
+    monkeypatch.setattr(updates, "_write_scann_and_bm25", rebuilt_meanwhile)
+    assert ix.compact_index(path) is None
+    index = ix.load_index(path)
+    assert index.layout.plain and index.size == 120

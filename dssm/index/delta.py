@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import verify_manifest, write_manifest
+from dssm.artifacts import read_manifest, verify_manifest, write_manifest
 from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import link_tree
 from dssm.index.layout import DOCS_DB
+from dssm.index.load import delta_segments, loaded_delta_segments
 from dssm.index.segments import (
     DELTA_DIR,
     SEGMENTS_KEY,
@@ -44,7 +45,8 @@ from dssm.index.segments import (
     read_tombstones,
 )
 
-__all__ = ["MAX_SEGMENTS", "DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "write_delta"]
+__all__ = ["MAX_SEGMENTS", "DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "write_delta",
+           "rebase_writes"]
 
 #: Delta segments a version keeps before a write merges them into one.
 MAX_SEGMENTS = 8
@@ -53,10 +55,12 @@ MAX_SEGMENTS = 8
 def default_max_delta(base_documents: int) -> int:
     """Delta rows (live delta documents + tombstoned base rows) a version may hold before compaction.
 
-    1% of the base, at least 1,000: exact search over 10k rows of 128 floats adds ~0.2 ms to a query,
-    and a base that lost 1% of its rows to tombstones asks ScaNN for a few more neighbours.
+    1% of the base, at least 10,000: exact search over 10k rows of 128 floats adds ~0.2 ms to a query,
+    and a base that lost 1% of its rows to tombstones asks ScaNN for a few more neighbours. The floor
+    gives a background compaction (started at half of it) room for the writes that arrive while it
+    runs: at 1,000 documents/s and seconds per compaction of a 100k base.
     """
-    return max(1_000, base_documents // 100)
+    return max(10_000, base_documents // 100)
 
 
 @dataclass
@@ -72,10 +76,11 @@ class LiveView:
     def open(cls, version_dir: Path, manifest: dict[str, Any]) -> LiveView:
         """Read a version's delta segments and tombstones (checked against its manifest)."""
         layout = SegmentLayout.of(manifest, version_dir.name)
+        known = loaded_delta_segments(version_dir, layout)  # by this process's reader or last write
         small = {DELTA_DIR, TOMBSTONES}
         verify_manifest(version_dir, kind="index",
-                        skip=tuple({rel.split("/", 1)[0] for rel in manifest["files"]} - small))
-        deltas = [DeltaSegment.load(version_dir / DELTA_DIR / name) for name, _ in layout.delta]
+                        skip=tuple({rel.split("/", 1)[0] for rel in manifest["files"]} - small) + tuple(known))
+        deltas = list(delta_segments(version_dir, layout, known))
         dead = read_tombstones(version_dir, layout)
         docs = SegmentedDocs(DocStore(version_dir / DOCS_DB, size=layout.base_documents), deltas, dead)
         return cls(layout=layout, deltas=deltas, dead=dead, docs=docs)
@@ -169,3 +174,51 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
                         "merged_segments": merged, "seconds": {k: round(v, 4) for k, v in timings.items()}}
     write_manifest(stage, kind="index", linked_from=base, extra=extra)
     return DeltaWrite(layout=new_layout, merged=merged)
+
+
+def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, version: str) -> SegmentLayout | None:
+    """Stage in ``out`` the compacted base (staged in ``compacted`` from ``view``) plus the writes that
+    were published since ``view``'s version (the live version is now ``live``).
+
+    A compaction builds its base from the version it read, without the writers' lock; writes that
+    came meanwhile added delta segments and tombstones over the *old* base. Each id they touched
+    (a base or delta row tombstoned since, or a live delta document that ``view`` did not hold in the
+    same form) gets its row in the compacted base tombstoned and, if it is live, its document in one
+    new delta segment. The caller holds the writers' lock and publishes ``out``.
+
+    Returns:
+        The staged version's layout, or ``None`` if ``live`` no longer shares ``view``'s base (a full
+        build or another compaction replaced it: the compaction is moot).
+    """
+    now = LiveView.open(live, read_manifest(live))
+    if (now.layout.base_version, now.layout.base_documents) != (view.layout.base_version, view.layout.base_documents):
+        return None
+    rows = view.layout.base_documents
+    touched = {d.id for d in view.docs.base.get(np.flatnonzero(now.dead[:rows] & ~view.dead[:rows]).tolist())}
+    old_docs, old_vectors = view.live_delta()
+    before = {d.id: (d, old_vectors[i]) for i, d in enumerate(old_docs)}
+    touched.update(doc_id for doc_id in before if now.docs.row_of(doc_id) is None)
+    new_docs, new_vectors = now.live_delta()
+    carried = [i for i, d in enumerate(new_docs)
+               if d.id not in before or before[d.id][0] != d or not np.array_equal(before[d.id][1], new_vectors[i])]
+    touched.update(new_docs[i].id for i in carried)
+    store = DocStore(compacted / DOCS_DB)
+    tombstones = np.asarray(sorted(r for r in map(store.row_of, touched) if r is not None), dtype=np.int64)
+    for child in compacted.iterdir():
+        if child.name != "manifest.json":
+            link_tree(child, out / child.name)
+    segments = []
+    if carried:
+        name = f"d-{version}"
+        DeltaSegment(name, [new_docs[i] for i in carried], new_vectors[carried]).write(out / DELTA_DIR / name)
+        segments.append((name, len(carried)))
+    if tombstones.size:
+        np.save(out / TOMBSTONES, tombstones, allow_pickle=False)
+    layout = SegmentLayout(base_version=version, base_documents=len(store), delta=tuple(segments),
+                           tombstones=int(tombstones.size))
+    manifest = read_manifest(compacted)
+    extra = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
+    extra.update(counts={**manifest["counts"], "documents": layout.live}, **{SEGMENTS_KEY: layout.to_dict()})
+    extra["updates"] = {**manifest["updates"], "rebased_onto": live.name, "writes_carried": len(touched)}
+    write_manifest(out, kind="index", linked_from=compacted, extra=extra)
+    return layout

@@ -36,7 +36,7 @@ from dssm.index.segments import (
 )
 from dssm.index.versions import VersionLease, current_version_dir
 
-__all__ = ["Index", "load_index"]
+__all__ = ["Index", "load_index", "loaded_delta_segments", "delta_segments"]
 
 _BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
 _BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR)
@@ -242,19 +242,16 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
     manifest = read_manifest(version_dir)
     layout = SegmentLayout.of(manifest, version_dir.name)
     base_key = ("base",) + _identity(version_dir, _BASE_FILES)
-    delta_keys = {name: ("delta",) + _identity(version_dir, (f"{DELTA_DIR}/{name}",)) for name, _ in layout.delta}
     with _LOADED_LOCK:
         base = _LOADED.get(base_key)
-        known = {name: _LOADED.get(key) for name, key in delta_keys.items()}
+    known = loaded_delta_segments(version_dir, layout)
     if verify:
         skip = ((() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
-                + (_BASE_FILES if base is not None else ())
-                + tuple(f"{DELTA_DIR}/{name}" for name, part in known.items() if part is not None))
+                + (_BASE_FILES if base is not None else ()) + tuple(known))
         manifest = verify_manifest(version_dir, kind="index", skip=skip)
     reused = base is not None  # the same docs.sqlite inode was counted when it was first loaded
     base = base or _load_base(version_dir, base_key)
-    deltas = tuple(known[name] or _load_delta(version_dir / DELTA_DIR / name, delta_keys[name], rows)
-                   for name, rows in layout.delta)
+    deltas = delta_segments(version_dir, layout, known)
     docs = DocStore(version_dir / DOCS_DB, size=layout.base_documents if reused else None)
     if len(docs) != layout.base_documents:
         raise ChecksumError(f"{version_dir / DOCS_DB} holds {len(docs)} documents, manifest says "
@@ -274,10 +271,37 @@ def _load_base(version_dir: Path, key: tuple[Any, ...]) -> _Base:
     return base
 
 
-def _load_delta(directory: Path, key: tuple[Any, ...], rows: int) -> DeltaSegment:
-    segment = DeltaSegment.load(directory)
-    if len(segment) != rows:
-        raise ChecksumError(f"delta segment {directory} holds {len(segment)} documents, the manifest says {rows}")
+def loaded_delta_segments(version_dir: Path, layout: SegmentLayout) -> dict[str, DeltaSegment]:
+    """``{"delta/<name>": segment}`` for this version's delta segments already loaded in this process
+    from the very same files (device, inode, size, mtime): verified then, not to be hashed again."""
+    found = {}
     with _LOADED_LOCK:
-        _LOADED[key] = segment
-    return segment
+        for name, _ in layout.delta:
+            rel = f"{DELTA_DIR}/{name}"
+            segment = _LOADED.get(("delta",) + _identity(version_dir, (rel,)))
+            if segment is not None:
+                found[rel] = segment
+    return found
+
+
+def delta_segments(version_dir: Path, layout: SegmentLayout,
+                   known: dict[str, DeltaSegment]) -> tuple[DeltaSegment, ...]:
+    """This version's delta segments in order: ``known`` ones as they are, the others read (and
+    remembered for the next version that links them). The caller has verified the files it reads.
+
+    Raises:
+        ChecksumError: a segment is unreadable or holds another number of rows than ``layout`` says.
+    """
+    out = []
+    for name, rows in layout.delta:
+        rel = f"{DELTA_DIR}/{name}"
+        segment = known.get(rel)
+        if segment is None:
+            segment = DeltaSegment.load(version_dir / rel)
+            if len(segment) != rows:
+                raise ChecksumError(f"delta segment {version_dir / rel} holds {len(segment)} documents, the manifest "
+                                    f"says {rows}")
+            with _LOADED_LOCK:
+                _LOADED[("delta",) + _identity(version_dir, (rel,))] = segment
+        out.append(segment)
+    return tuple(out)

@@ -26,7 +26,7 @@ from dssm.artifacts import read_manifest, verify_manifest, write_manifest
 from dssm.data import document_text
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
-from dssm.index.delta import LiveView, compaction_ops, default_max_delta, write_delta
+from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.documents import as_documents
 from dssm.index.files import fsync_file, link_tree
@@ -219,26 +219,45 @@ def compact_index(index_dir: str | Path, *, rebalance: bool | None = None, rebal
     """Fold the live version's delta segments and tombstones into a new base (a new version).
 
     What a write past ``max_delta`` does on its own (:func:`update_index`); the HTTP service runs it
-    in the background once the delta passes half of that.
+    in the background once the delta passes half of that. Unlike that write, it holds the writers'
+    lock only to read the live version and to publish: writes made while it builds the new base are
+    carried onto it (:func:`dssm.index.delta.rebase_writes`) as a delta of their own.
 
     Returns:
-        The :class:`UpdateResult`, or ``None`` if the live version has no delta and no tombstones.
+        The :class:`UpdateResult`, or ``None`` if the live version has no delta and no tombstones, or if
+        a full build or another compaction replaced its base meanwhile (this one is then moot).
     """
     index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
                                          keep_versions=keep_versions)
+    tick = time.perf_counter()
     with IndexWriteLock(index_dir):
-        tick = time.perf_counter()
         base = current_version_dir(index_dir)
-        manifest = read_manifest(base)
-        view = LiveView.open(base, manifest)
-        if view.layout.plain:
-            return None
-        result = _compact(index_dir, base, view, docs=[], vectors=np.zeros((0, int(manifest["dim"])), np.float32),
-                          version=new_version_name(), counts={"deleted": 0, "inserted": 0, "replaced": 0},
-                          rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
-                          timings={"load": time.perf_counter() - tick})
+        view = LiveView.open(base, read_manifest(base))
+    if view.layout.plain:
+        return None
+    version, timings = new_version_name(), {"load": time.perf_counter() - tick}
+    manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)
+    dim = int(manifest["dim"])
+    with staging(index_dir, version) as root:
+        (stage := root / "version").mkdir()
+        changes, state = _fold(base, stage, manifest, view, docs=[], vectors=np.zeros((0, dim), np.float32),
+                               version=version, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
+                               min_recall=min_recall, timings=timings)
+        with IndexWriteLock(index_dir):
+            live = current_version_dir(index_dir)
+            if live.name != base.name:
+                (rebased := root / "rebased").mkdir()
+                if rebase_writes(stage, rebased, view, live, version=version) is None:
+                    return None
+                stage = rebased
+            published = publish_version(index_dir, stage, version)
         retain_versions(index_dir, keep_versions)
-    return result
+    layout = SegmentLayout.of(read_manifest(published), version)
+    return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
+                        documents=layout.live, deleted=0, inserted=0, replaced=0, rebalanced=state.reason is not None,
+                        rebalance_reason=state.reason, recall_at_10=state.recall,
+                        rows_changed_since_build=state.history["rows_changed_since_build"], seconds=timings,
+                        delta_documents=layout.delta_rows, tombstones=layout.tombstones)
 
 
 def _killed(base: Path, manifest: dict[str, Any], *, ids: list[str], deletes: list[str]) -> tuple[LiveView, int]:
@@ -273,29 +292,37 @@ def _delta_update(index_dir: Path, base: Path, manifest: dict[str, Any], view: L
 def _compact(index_dir: Path, base: Path, view: LiveView, *, docs: list[Doc], vectors: np.ndarray, version: str,
              counts: dict[str, int], rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
              timings: dict[str, float]) -> UpdateResult:
-    """Fold base + delta + the write into a new base segment (the caller holds the lock)."""
-    folded, vectors, base_deletes = compaction_ops(view, docs, vectors)
+    """Fold base + delta + the write into a new base segment and publish it (the caller holds the lock)."""
     manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)  # a compaction reads all of the base
     with staging(index_dir, version) as root:
-        stage = root / "version"
-        stage.mkdir()
-        for child in base.iterdir():
-            if child.name not in _REGENERATED:
-                link_tree(child, stage / child.name)
-        changes = _apply_rows(base, stage, manifest, ids=[d.id for d in folded], titles=[d.title for d in folded],
-                              texts=[d.text for d in folded], vectors=vectors, deletes=base_deletes, timings=timings)
-        state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance,
-                              rebalance_fraction=rebalance_fraction, min_recall=min_recall, version=version,
-                              timings=timings)
-        _write_scann_and_bm25(stage, state, timings=timings)
-        write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
-            manifest, base=base, version=version, changes=changes, state=state, deletes=len(base_deletes),
-            rebalance_fraction=rebalance_fraction, timings=timings))
+        (stage := root / "version").mkdir()
+        changes, state = _fold(base, stage, manifest, view, docs=docs, vectors=vectors, version=version,
+                               rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
+                               timings=timings)
         published = publish_version(index_dir, stage, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=changes.final, **counts, rebalanced=state.reason is not None,
                         rebalance_reason=state.reason, recall_at_10=state.recall,
                         rows_changed_since_build=state.history["rows_changed_since_build"], seconds=timings)
+
+
+def _fold(base: Path, stage: Path, manifest: dict[str, Any], view: LiveView, *, docs: list[Doc], vectors: np.ndarray,
+          version: str, rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
+          timings: dict[str, float]) -> tuple[_RowChanges, _ScannState]:
+    """Stage base + delta + a write as a new base segment in ``stage`` (with its manifest; not published)."""
+    folded, vectors, base_deletes = compaction_ops(view, docs, vectors)
+    for child in base.iterdir():
+        if child.name not in _REGENERATED:
+            link_tree(child, stage / child.name)
+    changes = _apply_rows(base, stage, manifest, ids=[d.id for d in folded], titles=[d.title for d in folded],
+                          texts=[d.text for d in folded], vectors=vectors, deletes=base_deletes, timings=timings)
+    state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
+                          min_recall=min_recall, version=version, timings=timings)
+    _write_scann_and_bm25(stage, state, timings=timings)
+    write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
+        manifest, base=base, version=version, changes=changes, state=state, deletes=len(base_deletes),
+        rebalance_fraction=rebalance_fraction, timings=timings))
+    return changes, state
 
 
 def _write_scann_and_bm25(stage: Path, state: _ScannState, *, timings: dict[str, float]) -> None:
