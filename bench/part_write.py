@@ -14,7 +14,10 @@ Figures, median of ``repeats`` runs with min and max:
   Targets (issue 14): p50 ≤ 50 ms, p99 ≤ 200 ms;
 * disk per one-document write: the bytes of the new version's files that are not hard links to an
   earlier version's (``st_nlink == 1``), median over the run's writes. Target: ≤ 1 MB;
-* 1,000-document upsert, documents/s (one call, encoding included).
+* 1,000-document upsert, documents/s (one call, encoding included);
+* through HTTP (:mod:`bench.write_http`, once, after the runs above): the writer's documents/s in
+  batches of 100 while 8 clients search, search p99 then and idle, document GET p99 then and idle.
+  Targets: ≥ 1,000 documents/s, search p99 ≤ 2× idle, GET p99 ≤ 20 ms.
 
 Quick mode (a smoke check, not figures): 5,000 documents, 3 writes per run, a 100-document batch.
 """
@@ -70,7 +73,7 @@ def _one_document_writes(index_dir: Path, texts: list[str], *, start: int) -> tu
 def run(*, quick: bool) -> list[Figure]:
     """One-document upsert latency and disk, and a batch upsert's rate, on a synthetic 100k index."""
     import dssm  # noqa: F401
-    from bench import load_test
+    from bench import load_test, write_http
     from serving.searcher import Searcher
 
     import tensorflow as tf  # noqa: E402  isort: skip
@@ -102,6 +105,9 @@ def run(*, quick: bool) -> list[Figure]:
             runs["batch_rate"].append(len(chunk) / (time.perf_counter() - tick))
             used += batch
             print(f"  run: {json.dumps({k: v[-1] for k, v in runs.items()})}", flush=True)
+        http = write_http.measure(work / "index", queries=load_test.synthetic_texts(500, seed=1),
+                                  ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(200_000, seed=3),
+                                  seconds=5.0 if quick else 20.0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     corpus = f"{docs:,} synthetic docs, {setup['scann']['mode']}"
@@ -116,4 +122,20 @@ def run(*, quick: bool) -> list[Figure]:
                note="bytes of the new version's files not hard-linked to an earlier version's; target ≤ 1 MB"),
         Figure("write", f"{batch:,}-document upsert", "docs/s", Stats.of(runs["batch_rate"]),
                note="one Searcher.upsert call, encoding included"),
+        *_http_figures(http, corpus),
+    ]
+
+
+def _http_figures(http: dict, corpus: str) -> list[Figure]:
+    """The HTTP phase's figures (one measurement each: no spread)."""
+    http_note = "dssm serve, 1 worker; 8 clients searching back to back, 1 fetching documents"
+    return [
+        Figure("write", f"HTTP writes in batches of 100 while 8 clients search, {corpus}", "docs/s",
+               Stats.one(http["write_docs_per_s"]), note=f"{http_note}; target ≥ 1,000 docs/s"),
+        Figure("write", "search p99 during those writes", "ms", Stats.one(http["busy_search_p99_ms"]),
+               peer_name="the same clients, no writes", peer=Stats.one(http["idle_search_p99_ms"]),
+               higher_is_better=False, note="target ≤ 2× idle"),
+        Figure("write", "document GET p99 during those writes", "ms", Stats.one(http["busy_get_p99_ms"]),
+               peer_name="no writes", peer=Stats.one(http["idle_get_p99_ms"]), higher_is_better=False,
+               note="target ≤ 20 ms"),
     ]

@@ -48,7 +48,8 @@ def test_delete_half_upsert_new_equals_a_fresh_build(tmp_path, rebalance):
     old = ix.load_index(tmp_path / "idx")
     rng = np.random.default_rng(1)
     deleted = [f"d{i}" for i in rng.choice(n, n // 2, replace=False)]
-    ix.update_index(tmp_path / "idx", delete_ids=deleted, rebalance=rebalance)
+    # max_delta=0: every write folds into the base, the path this test checks (delta segments: test_segments.py).
+    ix.update_index(tmp_path / "idx", delete_ids=deleted, rebalance=rebalance, max_delta=0)
     fresh_vectors = clustered(1000, dim, 40, seed=2)
     kept = [f"d{i}" for i in range(n) if f"d{i}" not in set(deleted)]
     replaced = kept[:300]
@@ -56,7 +57,8 @@ def test_delete_half_upsert_new_equals_a_fresh_build(tmp_path, rebalance):
     new_ids = [f"new{i}" for i in range(1000)] + replaced
     result = ix.update_index(tmp_path / "idx", upsert_ids=new_ids, upsert_titles=[""] * len(new_ids),
                              upsert_texts=[f"new text {i}" for i in new_ids],
-                             upsert_vectors=np.concatenate([fresh_vectors, replacement]), rebalance=rebalance)
+                             upsert_vectors=np.concatenate([fresh_vectors, replacement]), rebalance=rebalance,
+                             max_delta=0)
     assert (result.deleted, result.inserted, result.replaced) == (0, 1000, 300)
     assert result.documents == n - n // 2 + 1000
     # The automatic policy rebalances once more than 20% of the build's rows changed; False never does.

@@ -1,0 +1,124 @@
+"""Writes through HTTP while clients search (issue 14): a ``dssm serve`` on 127.0.0.1, one writer, 8 searchers.
+
+Two phases of ``seconds`` each against the same server:
+
+* **idle**: 8 clients send single searches (``POST /v1/search``, k=10) back to back, and one client
+  fetches documents (``GET /v1/documents/{id}``) back to back;
+* **writes**: the same, while one writer ``PUT``s batches of ``batch`` new documents as fast as the
+  service answers (each answer means the new version is live).
+
+Reported: search p99 in each phase, document GET p99 in each phase, and the writer's documents/s.
+Targets (issue 14): ≥ 1,000 documents/s; search p99 during writes ≤ 2× idle; GET p99 during writes
+≤ 20 ms. The searchers and the GET client share one asyncio loop on raw HTTP/1.1 connections
+(``bench.load_test._Connection``), so the client costs little CPU; the writer is an httpx
+:class:`serving.client.SearchClient` in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["measure"]
+
+_KEY = "bench-write-key"
+
+
+async def _clients(port: int, queries: list[str], ids: list[str], *, seconds: float, searchers: int
+                   ) -> tuple[list[float], list[float], int]:
+    """(search latencies, GET latencies, errors) of ``searchers`` search clients and one GET client."""
+    from bench.load_test import _Connection, _request
+
+    host = f"127.0.0.1:{port}"
+    search_ms: list[float] = []
+    get_ms: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def search(worker: int) -> None:
+        nonlocal errors
+        conn, i = _Connection("127.0.0.1", port), worker
+        while time.perf_counter() < deadline:
+            request = _request("/v1/search", {"query": queries[i % len(queries)], "k": 10}, host)
+            tick = time.perf_counter()
+            status = await conn.post(request)
+            search_ms.append((time.perf_counter() - tick) * 1e3)
+            errors += status != 200
+            i += searchers
+        conn.close()
+
+    async def fetch() -> None:
+        nonlocal errors
+        conn, rng = _Connection("127.0.0.1", port), np.random.default_rng(0)
+        while time.perf_counter() < deadline:
+            doc_id = ids[int(rng.integers(len(ids)))]
+            request = f"GET /v1/documents/{doc_id} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            tick = time.perf_counter()
+            status = await conn.post(request)
+            get_ms.append((time.perf_counter() - tick) * 1e3)
+            errors += status != 200
+        conn.close()
+
+    await asyncio.gather(*(search(w) for w in range(searchers)), fetch())
+    return search_ms, get_ms, errors
+
+
+def _writer(url: str, texts: list[str], *, batch: int, stop: threading.Event, out: dict[str, Any]) -> None:
+    from serving.client import SearchClient
+
+    client = SearchClient(url, api_key=_KEY, timeout=120.0)
+    written, i, start = 0, 0, time.perf_counter()
+    latencies = []
+    while not stop.is_set() and i + batch <= len(texts):
+        tick = time.perf_counter()
+        client.upsert([(f"h{i + j}", "", texts[i + j]) for j in range(batch)])
+        latencies.append((time.perf_counter() - tick) * 1e3)
+        written += batch
+        i += batch
+    out.update(docs=written, seconds=time.perf_counter() - start, batch_ms=latencies)
+
+
+def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[str], seconds: float,
+            batch: int = 100, searchers: int = 8) -> dict[str, Any]:
+    """Run both phases against a fresh ``dssm serve`` of ``index_dir``; the figures as a dict."""
+    from bench.load_test import _free_port, _run_async, start_server
+
+    port = _free_port()
+    server = start_server(index_dir, port, server_args=("--api-key", _KEY))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _run_async(_clients(port, queries, ids, seconds=2.0, searchers=searchers))  # warm-up
+        idle_search, idle_get, idle_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
+                                                                 searchers=searchers))
+        stop, wrote = threading.Event(), {}
+        writer = threading.Thread(target=_writer, args=(url, texts), kwargs=dict(batch=batch, stop=stop, out=wrote))
+        writer.start()
+        busy_search, busy_get, busy_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
+                                                                 searchers=searchers))
+        stop.set()
+        writer.join()
+        import httpx
+
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    swaps = [line for line in metrics.splitlines() if line.startswith("dssm_index_swaps_total")]
+    p = np.percentile
+    result = {
+        "idle_search_p50_ms": float(p(idle_search, 50)), "busy_search_p50_ms": float(p(busy_search, 50)),
+        "idle_search_p99_ms": float(p(idle_search, 99)), "busy_search_p99_ms": float(p(busy_search, 99)),
+        "idle_get_p99_ms": float(p(idle_get, 99)), "busy_get_p99_ms": float(p(busy_get, 99)),
+        "write_docs_per_s": wrote["docs"] / wrote["seconds"], "docs_written": wrote["docs"],
+        "write_batch_p50_ms": float(p(wrote["batch_ms"], 50)) if wrote["batch_ms"] else None,
+        "write_batch_p99_ms": float(p(wrote["batch_ms"], 99)) if wrote["batch_ms"] else None,
+        "searches": [len(idle_search), len(busy_search)], "errors": idle_errors + busy_errors, "swaps": swaps,
+    }
+    print(f"  http: {json.dumps(result)}", flush=True)
+    return result
