@@ -94,6 +94,10 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
     url = f"http://127.0.0.1:{port}"
     try:
         _run_async(_clients(port, queries, ids, seconds=2.0, searchers=searchers))  # warm-up
+        from serving.client import SearchClient
+
+        # A worker's first write loads the document tower's graph (seconds): not part of the steady state.
+        SearchClient(url, api_key=_KEY, timeout=120.0).upsert([("warm-up", "", texts[-1])])
         idle_search, idle_get, idle_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
                                                                  searchers=searchers))
         stop, wrote = threading.Event(), {}

@@ -32,7 +32,7 @@ import numpy as np
 from dssm.artifacts import read_manifest, verify_manifest, write_manifest
 from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
-from dssm.index.files import link_tree
+from dssm.index.files import fsync_tree, link_tree
 from dssm.index.layout import DOCS_DB
 from dssm.index.load import delta_segments, loaded_delta_segments
 from dssm.index.segments import (
@@ -202,6 +202,7 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     carried = [i for i, d in enumerate(new_docs)
                if d.id not in before or before[d.id][0] != d or not np.array_equal(before[d.id][1], new_vectors[i])]
     touched.update(new_docs[i].id for i in carried)
+    fsync_tree(compacted)  # its files get a second link below: publishing will skip them as already durable
     store = DocStore(compacted / DOCS_DB)
     tombstones = np.asarray(sorted(r for r in map(store.row_of, touched) if r is not None), dtype=np.int64)
     for child in compacted.iterdir():

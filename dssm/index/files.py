@@ -25,10 +25,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path, *, skip_linked: bool = False) -> None:
+    """fsync every file and directory under ``path``.
+
+    ``skip_linked`` leaves out files with more than one hard link: in an index directory those are
+    links to a published version's files, made durable when that version was published (a writer
+    that links from an unpublished stage fsyncs it first). A delta write then syncs its few new files,
+    not the whole base again.
+    """
     for root, _, files in os.walk(path):
         for name in files:
-            fsync_file(Path(root) / name)
+            if not (skip_linked and os.lstat(os.path.join(root, name)).st_nlink > 1):
+                fsync_file(Path(root) / name)
         fsync_dir(Path(root))
 
 

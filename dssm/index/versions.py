@@ -199,7 +199,7 @@ def publish_version(index_dir: str | Path, staged: str | Path, version: str) -> 
     versions = index_dir / VERSIONS
     versions.mkdir(parents=True, exist_ok=True)
     final = versions / version
-    fsync_tree(Path(staged))
+    fsync_tree(Path(staged), skip_linked=True)
     with IndexWriteLock(index_dir):
         os.rename(staged, final)
         fsync_dir(versions)
