@@ -319,7 +319,7 @@ class Searcher:
     @property
     def supports_hybrid(self) -> bool:
         """Whether ``mode="bm25"``/``"hybrid"`` can be served (the version holds BM25 state and a model)."""
-        return self.encoder is not None and self.bm25 is not None
+        return self.encoder is not None and self.index.has_bm25()  # without building it (delta postings)
 
     @functools.cached_property
     def default_mode(self) -> str:

@@ -150,16 +150,28 @@ def test_tree_ah_recall_over_base_and_delta_holds_the_gate_up_to_the_threshold(t
 def test_reloading_after_a_delta_write_reuses_the_base_and_hashes_only_what_was_added(tmp_path, monkeypatch):
     path = tmp_path / "idx"
     truth = build(path)
+    from dssm.index import load
+
     first = ix.load_index(path)
     upsert(path, truth, [("new", unit(np.ones((1, 16)))[0], "new one")])
+    delete(path, truth, ["d3"])
     hashed: list[str] = []
     original = artifacts.sha256_file
     monkeypatch.setattr(artifacts, "sha256_file", lambda p: hashed.append(str(p)) or original(p))
     second = ix.load_index(path)
     assert second.scann is first.scann  # the ScaNN searcher of the shared base, not loaded again
-    rel = sorted(os.path.relpath(p, second.version_dir) for p in hashed)
-    assert rel and all(r.startswith(DELTA_DIR + "/") or r in ("tombstones.npy", "model") for r in rel), rel
-    assert second.docs.by_ids(["new"])[0].text == "new one"
+    # The segment this process wrote is not read back or hashed; the small tombstones file is.
+    assert [os.path.relpath(p, second.version_dir) for p in hashed] == [TOMBSTONES]
+    assert second.docs.by_ids(["new"])[0].text == "new one" and second.docs.row_of("d3") is None
+    # A segment some other process wrote (this one never held it) is hashed before it is read.
+    hashed.clear()
+    monkeypatch.setattr(load, "_LOADED", type(load._LOADED)({k: v for k, v in load._LOADED.items()
+                                                                 if k[0] == "base"}))
+    monkeypatch.setattr(load, "_RECENT", type(load._RECENT)(maxlen=4))
+    third = ix.load_index(path)
+    rel = sorted(os.path.relpath(p, third.version_dir) for p in hashed)
+    assert rel == sorted([f"{DELTA_DIR}/{third.deltas[0].name}/docs.jsonl",
+                          f"{DELTA_DIR}/{third.deltas[0].name}/embeddings.npy", TOMBSTONES]), rel
 
 
 def test_corrupt_delta_files_are_refused_by_name(tmp_path):

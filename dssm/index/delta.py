@@ -34,7 +34,7 @@ from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_tree, link_tree
 from dssm.index.layout import DOCS_DB
-from dssm.index.load import delta_segments, loaded_delta_segments
+from dssm.index.load import delta_segments, loaded_delta_segments, remember_delta_segment
 from dssm.index.segments import (
     DELTA_DIR,
     SEGMENTS_KEY,
@@ -156,7 +156,9 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
             link_tree(child, stage / child.name)
     if docs:
         name = f"d-{version}"
-        DeltaSegment(name, docs, np.ascontiguousarray(vectors, dtype=np.float32)).write(stage / DELTA_DIR / name)
+        segment = DeltaSegment(name, docs, np.ascontiguousarray(vectors, dtype=np.float32))
+        segment.write(stage / DELTA_DIR / name)
+        remember_delta_segment(stage, segment)
         segments.append((name, len(docs)))
         dead = np.concatenate([dead, np.zeros(len(docs), bool)])
     tombstones = np.flatnonzero(dead).astype(np.int64)

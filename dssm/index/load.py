@@ -11,6 +11,7 @@ write costs what the write added.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import weakref
@@ -36,7 +37,7 @@ from dssm.index.segments import (
 )
 from dssm.index.versions import VersionLease, current_version_dir
 
-__all__ = ["Index", "load_index", "loaded_delta_segments", "delta_segments"]
+__all__ = ["Index", "load_index", "loaded_delta_segments", "delta_segments", "remember_delta_segment"]
 
 _BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
 _BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR)
@@ -62,8 +63,10 @@ class _Base:
             return self._bm25
 
 
-# Loaded parts by file identity; an entry lives as long as some Index holds the part.
+# Loaded parts by file identity; an entry lives as long as some Index holds the part, and the
+# delta segments a writer used last stay (bounded) for its next write, which links them again.
 _LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+_RECENT: collections.deque[Any] = collections.deque(maxlen=2 * 8 + 2)
 _LOADED_LOCK = threading.Lock()
 
 
@@ -143,10 +146,14 @@ class Index:
         """[size] int64 logical rows of the live documents, ascending."""
         return np.flatnonzero(~self.dead)
 
+    def has_bm25(self) -> bool:
+        """Whether the version carries BM25 state."""
+        return (self.version_dir / _BM25_DIR / "params.json").is_file()
+
     def bm25(self) -> Any:
         """The BM25 state over every live row (:class:`dssm.bm25.BM25Index`, or a
         :class:`~dssm.index.segments.SegmentedBM25` with delta segments), or ``None`` without one."""
-        if not (self.version_dir / _BM25_DIR / "params.json").is_file():
+        if not self.has_bm25():
             return None
         base = self._base.bm25(self.version_dir)
         return base if self.layout.plain else SegmentedBM25(base, self.deltas, self.dead)
@@ -301,7 +308,18 @@ def delta_segments(version_dir: Path, layout: SegmentLayout,
             if len(segment) != rows:
                 raise ChecksumError(f"delta segment {version_dir / rel} holds {len(segment)} documents, the manifest "
                                     f"says {rows}")
-            with _LOADED_LOCK:
-                _LOADED[("delta",) + _identity(version_dir, (rel,))] = segment
+            remember_delta_segment(version_dir, segment)
         out.append(segment)
     return tuple(out)
+
+
+def remember_delta_segment(version_dir: Path, segment: DeltaSegment) -> None:
+    """Register ``segment``, read from or just written to ``version_dir / delta / <name>``, as loaded.
+
+    A writer registers the segment it stages: renaming the stage into ``versions/`` keeps the files'
+    identity, so neither its own reload nor its next write reads (or re-hashes) its own bytes.
+    """
+    key = ("delta",) + _identity(version_dir, (f"{DELTA_DIR}/{segment.name}",))
+    with _LOADED_LOCK:
+        _LOADED[key] = segment
+        _RECENT.append(segment)

@@ -109,6 +109,7 @@ class DeltaSegment:
         self.name = name
         self.docs = list(docs)
         self.matrix = matrix
+        self.rows_by_id = {doc.id: i for i, doc in enumerate(self.docs)}  # an id is once in a segment
         self._postings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self._lengths: np.ndarray | None = None
 
@@ -174,11 +175,6 @@ class SegmentedDocs:
         self.base_rows = len(base)
         self.offsets = np.cumsum([self.base_rows] + [len(d) for d in self.deltas]).tolist()
         self.dead = dead  # [rows] bool
-        self._ids: dict[str, int] = {}
-        for offset, segment in zip(self.offsets, self.deltas, strict=False):
-            for i, doc in enumerate(segment.docs):
-                if not dead[offset + i]:
-                    self._ids[doc.id] = offset + i
         self._size = int(dead.size - dead.sum())
 
     def __len__(self) -> int:
@@ -200,9 +196,10 @@ class SegmentedDocs:
 
     def row_of(self, doc_id: str) -> int | None:
         """The live logical row of ``doc_id``, or ``None``."""
-        row = self._ids.get(doc_id)
-        if row is not None:
-            return row
+        for offset, segment in zip(reversed(self.offsets[:-1]), reversed(self.deltas), strict=True):
+            local = segment.rows_by_id.get(doc_id)
+            if local is not None and not self.dead[offset + local]:
+                return offset + local
         row = self.base.row_of(doc_id)
         return None if row is None or self.dead[row] else row
 
@@ -272,8 +269,10 @@ class SegmentedBM25:
         self.size = int(dead.size)
         self._reference = base.reference()
         self._starts = np.cumsum([0] + [len(s) for s in self.deltas])[:-1].tolist()  # first delta row of each
-        lengths = np.concatenate([s.postings(self.config)[1] for s in self.deltas]) if self.deltas else np.zeros(0)
-        self._avg = float(self._reference.avgdl or (lengths.mean() if lengths.size else 1.0)) or 1.0
+        self._avg = float(self._reference.avgdl or 0.0)
+        if not self._avg:  # a base state from before avgdl was stored: the delta's own mean length
+            lengths = np.concatenate([s.postings(self.config)[1] for s in self.deltas]) if self.deltas else []
+            self._avg = float(np.mean(lengths)) if len(lengths) else 1.0
 
     def __len__(self) -> int:
         return self.size

@@ -201,7 +201,7 @@ def update_index(
         timings = {"load": time.perf_counter() - tick}
         limit = default_max_delta(view.layout.base_documents) if max_delta is None else max_delta
         base_dead = int(view.dead[:view.layout.base_documents].sum())
-        pending = len(view.live_delta()[0]) + len(docs) + base_dead
+        pending = int((~view.dead[view.layout.base_documents:]).sum()) + len(docs) + base_dead
         counts = {"deleted": len(deletes), "inserted": len(ids) - replaced, "replaced": replaced}
         if rebalance is not True and pending <= limit:
             result = _delta_update(index_dir, base, manifest, view, docs=docs, vectors=vectors, version=version,
