@@ -25,6 +25,8 @@ while the version is staged, so the version's manifest checksums it like every o
     bm25/data.npy      float32 [nnz]  precomputed BM25 term weights (bm25s' CSC matrix, term-major)
     bm25/indices.npy   int32   [nnz]  document row of each weight
     bm25/indptr.npy    int64   [v+1]  term id → slice of data/indices
+    bm25/tf.npy        int32   [nnz]  term count of each weight, and bm25/lengths.npy int32 [n]
+                                      tokens per document (states written since incremental updates)
 
 No pickle: JSON and ``.npy`` written and read with ``allow_pickle=False``. Document ``i`` of the state
 is row ``i`` of the index version (``docs.sqlite``, ``embeddings.npy``); ids are not duplicated here.
@@ -53,7 +55,7 @@ from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
 __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "BM25Reference", "idf_function", "tokenize", "top_rows",
-           "write_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
+           "write_bm25_state", "update_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
 BM25_DIR = "bm25"
@@ -297,9 +299,13 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[str],
-                config: BM25Config, n: int, avgdl: float | None = None) -> None:
+                config: BM25Config, n: int, avgdl: float | None = None, tf: np.ndarray | None = None,
+                lengths: np.ndarray | None = None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=False)
+    if tf is not None and lengths is not None:  # what update_bm25_state recomputes weights from
+        np.save(directory / "tf.npy", np.asarray(tf, dtype=np.int32), allow_pickle=False)
+        np.save(directory / "lengths.npy", np.asarray(lengths, dtype=np.int32), allow_pickle=False)
     np.save(directory / "data.npy", np.asarray(data, dtype=np.float32), allow_pickle=False)
     np.save(directory / "indices.npy", np.asarray(indices, dtype=np.int32), allow_pickle=False)
     np.save(directory / "indptr.npy", np.asarray(indptr, dtype=np.int64), allow_pickle=False)
@@ -354,9 +360,10 @@ def _chunk_triples(texts: list[str], vocab: dict[str, int], config: BM25Config
     return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32), counts.astype(np.int32), sizes
 
 
-def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int, float]:
-    """The BM25 matrix of a document stream, built chunk by chunk: (data, indices, indptr, terms, n, avgdl).
+def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192) -> tuple[Any, ...]:
+    """The BM25 matrix of a document stream, built chunk by chunk.
+
+    Returns (data, indices, indptr, terms, n, avgdl, term counts in data's order, [n] lengths).
 
     ``bm25s.BM25.index`` wants every document's token list at once (about 0.5 KB of Python objects
     per document), then a COO triple and its CSC copy. Here each chunk of documents is tokenised,
@@ -394,21 +401,25 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
     del lengths
     terms = list(vocab)
     del vocab
-    own_avg = float(np.asarray(doc_len).mean()) if n else 0.0
-    if not terms:
-        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64), terms, n, own_avg
+    data, indices, indptr, tf_sorted = _csc_state(doc_idx, term_idx, tf, doc_len, terms=len(terms), n=n, config=config)
+    return data, indices, indptr, terms, n, float(np.asarray(doc_len).mean()) if n else 0.0, tf_sorted, doc_len
 
+
+def _csc_state(doc_idx: np.ndarray, term_idx: np.ndarray, tf: np.ndarray, doc_len: np.ndarray, *, terms: int, n: int,
+               config: BM25Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr, tf) in CSC order from (document, term, count) triples and [n] lengths."""
+    if not terms or not tf.size:
+        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(terms + 1, np.int64), np.zeros(0, np.int32)
     # bm25s: avgdl is the mean token count (duplicates included) as float64; idf is math.log in
     # float64 stored as float32; tfc is float64 (the numpy float64 avgdl promotes it).
     avg = np.asarray(doc_len).mean()
-    df = np.bincount(term_idx, minlength=len(terms))
+    df = np.bincount(term_idx, minlength=terms)
     idf_fn = idf_function(config.method)
     values, inverse = np.unique(df, return_inverse=True)
     idf = np.asarray([idf_fn(int(v), N=n) if v else 0.0 for v in values], dtype=np.float32)[inverse]
     # Term-major (CSC) order; a stable sort keeps documents ascending within a term, as scipy does.
-    order = np.argsort(term_idx, kind="stable")
-    indices = doc_idx[order]
-    del doc_idx
+    order = np.argsort(np.asarray(term_idx, np.int64) << 32 | np.asarray(doc_idx, np.int64))
+    indices = np.asarray(doc_idx[order], dtype=np.int32)
     data = np.empty(order.size, np.float32)
     k1, b, step = config.k1, config.b, 1 << 20
     for start in range(0, order.size, step):  # bounded float64 temporaries
@@ -420,9 +431,55 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192
         else:  # lucene, robertson
             tfc = tfa / (k1 * ((1 - b) + b * lens / avg) + tfa)
         data[start:start + part.size] = idf[term_idx[part]].astype(np.float64) * tfc
-    indptr = np.zeros(len(terms) + 1, np.int64)
+    indptr = np.zeros(terms + 1, np.int64)
     np.cumsum(df, out=indptr[1:])
-    return data, indices, indptr, terms, n, own_avg
+    return data, indices, indptr, np.asarray(tf[order], dtype=np.int32)
+
+
+def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: np.ndarray,
+                      new_docs: dict[int, Any]) -> bool:
+    """Write ``version_dir / BM25_DIR`` from a version's state without tokenising its unchanged documents.
+
+    Row ``r`` of the new version holds the old version's row ``source[r]`` when ``source[r] >= 0``,
+    else the document ``new_docs[r]`` (``id``, ``title``, ``text``). Only those are tokenised; the old
+    rows keep their stored term counts and lengths, and every weight is recomputed from the new
+    corpus statistics, so the state equals :func:`write_bm25_state` over the new rows (up to the
+    numbering of terms).
+
+    Returns:
+        ``False`` (nothing written) if the old state predates stored term counts: rebuild it then.
+    """
+    old = Path(old_dir) / BM25_DIR
+    if not (old / "tf.npy").is_file():
+        return False
+    params = json.loads((old / "params.json").read_text())
+    config = config_from_dict(BM25Config, params["config"])
+    terms = json.loads((old / "vocab.json").read_text())
+    indptr = np.load(old / "indptr.npy", allow_pickle=False)
+    old_rows = np.load(old / "indices.npy", allow_pickle=False)
+    old_tf = np.load(old / "tf.npy", allow_pickle=False)
+    old_len = np.load(old / "lengths.npy", allow_pickle=False)
+    inverse = np.full(old_len.size, -1, np.int64)
+    kept = np.flatnonzero(source >= 0)
+    inverse[source[kept]] = kept
+    moved = inverse[old_rows]
+    keep = moved >= 0
+    old_terms = np.repeat(np.arange(len(terms), dtype=np.int64), np.diff(indptr))
+    vocab = {term: i for i, term in enumerate(terms)}
+    rows = sorted(new_docs)
+    local, term_ids, counts, sizes = _chunk_triples(
+        [document_text(new_docs[r].title, new_docs[r].text) for r in rows], vocab, config)
+    doc_len = np.zeros(source.size, np.int64)
+    doc_len[kept] = old_len[source[kept]]
+    doc_len[rows] = sizes
+    doc_idx = np.concatenate([moved[keep], np.asarray(rows, np.int64)[local]]) if rows else moved[keep]
+    data, indices, new_indptr, tf = _csc_state(doc_idx, np.concatenate([old_terms[keep], term_ids]),
+                                               np.concatenate([old_tf[keep], counts]), doc_len, terms=len(vocab),
+                                               n=int(source.size), config=config)
+    _save_state(Path(version_dir) / BM25_DIR, data=data, indices=indices, indptr=new_indptr, terms=list(vocab),
+                config=config, n=int(source.size), avgdl=float(doc_len.mean()) if source.size else 0.0,
+                tf=tf, lengths=doc_len)
+    return True
 
 
 def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM25Config | None = None,
@@ -449,9 +506,9 @@ def write_bm25_state(version_dir: str | Path, docs: Iterable[Any], *, config: BM
     config = config or BM25Config()
     if config.method not in _STORABLE:
         raise ConfigError(f"BM25 method {config.method!r} cannot be stored; use one of {_STORABLE}")
-    data, indices, indptr, terms, n, avgdl = _stream_state(docs, config, chunk=chunk)
+    data, indices, indptr, terms, n, avgdl, tf, lengths = _stream_state(docs, config, chunk=chunk)
     _save_state(Path(version_dir) / BM25_DIR, data=data, indices=indices, indptr=indptr, terms=terms, config=config,
-                n=n, avgdl=avgdl)
+                n=n, avgdl=avgdl, tf=tf, lengths=lengths)
     return n
 
 

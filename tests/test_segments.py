@@ -345,3 +345,35 @@ def test_a_compaction_whose_base_was_replaced_meanwhile_publishes_nothing(tmp_pa
     assert ix.compact_index(path) is None
     index = ix.load_index(path)
     assert index.layout.plain and index.size == 120
+
+
+def test_compaction_carries_the_bm25_state_over_equal_to_a_rebuild(tmp_path):
+    """Only the folded documents are tokenised; the state equals one built from every document."""
+    import json
+
+    from dssm import bm25
+
+    path = tmp_path / "idx"
+    truth = build(path, n=200)
+    base_terms = json.loads((ix.current_version_dir(path) / bm25.BM25_DIR / "vocab.json").read_text())
+    rng = np.random.default_rng(10)
+    upsert(path, truth, [(f"n{j}", unit(rng.standard_normal((1, 16)))[0], f"zebra {j} crossing the river")
+                         for j in range(6)] + [("d4", unit(np.ones((1, 16)))[0], "topic zebra replaced")])
+    delete(path, truth, ["d0", "d100", "n2"])
+    version = ix.compact_index(path).version_dir
+    ix.load_index(path)  # the compacted version passes its checksums
+    bm25.write_bm25_state(tmp_path / "rebuilt", (doc for _, doc in ix.DocStore(version / "docs.sqlite").iter_all()))
+
+    def columns(directory):
+        arrays = {k: np.load(directory / f"{k}.npy") for k in ("data", "indices", "indptr", "tf", "lengths")}
+        terms, ptr = json.loads((directory / "vocab.json").read_text()), arrays["indptr"]
+        cols = {t: (arrays["indices"][ptr[i]:ptr[i + 1]].tolist(), arrays["data"][ptr[i]:ptr[i + 1]].tolist(),
+                    arrays["tf"][ptr[i]:ptr[i + 1]].tolist()) for i, t in enumerate(terms) if ptr[i + 1] > ptr[i]}
+        return cols, arrays["lengths"].tolist(), json.loads((directory / "params.json").read_text())["documents"]
+
+    carried, rebuilt = columns(version / bm25.BM25_DIR), columns(tmp_path / "rebuilt" / bm25.BM25_DIR)
+    assert carried == rebuilt and "zebra" in carried[0]
+    # Carried over, not rebuilt: the base's term numbering stays (a rebuild numbers terms in row order).
+    terms = json.loads((version / bm25.BM25_DIR / "vocab.json").read_text())
+    assert terms[:len(base_terms)] == base_terms and terms != json.loads(
+        (tmp_path / "rebuilt" / bm25.BM25_DIR / "vocab.json").read_text())

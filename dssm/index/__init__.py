@@ -12,7 +12,8 @@ offline tools; it imports only the model core (``dssm.artifacts``, ``dssm.config
 - :mod:`~dssm.index.docstore`: ``docs.sqlite``; :mod:`~dssm.index.documents`: accepted document forms.
 - :mod:`~dssm.index.build`: full builds; :mod:`~dssm.index.memory`: their memory accounting.
 - :mod:`~dssm.index.load`: :func:`load_index`; :mod:`~dssm.index.reranker`: ``dssm attach-reranker``;
-  :mod:`~dssm.index.updates`: upserts and deletes;
+  :mod:`~dssm.index.updates`: upserts and deletes (delta segments, compaction); :mod:`~dssm.index.writes`:
+  the same by document (encoding them) and by id;
   :mod:`~dssm.index.shards`: shard routing; :mod:`~dssm.index.commands`: ``dssm upsert`` / ``dssm delete``.
 """
 
@@ -42,7 +43,7 @@ from dssm.index.load import Index, load_index
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
-from dssm.index.updates import UpdateResult, compact_index, delete_documents, update_index, upsert_documents
+from dssm.index.updates import UpdateResult, compact_index, update_index
 from dssm.index.versions import (  # noqa: I001
     DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
@@ -60,6 +61,7 @@ from dssm.index.versions import (  # noqa: I001
     staging_dir,
     version_in_use,
 )
+from dssm.index.writes import delete_documents, upsert_documents
 
 # The layer's public names (files, memory and row-reading helpers stay inside it).
 __all__ = [

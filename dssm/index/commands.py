@@ -14,8 +14,9 @@ from pathlib import Path
 
 from dssm.data import iter_corpus
 from dssm.errors import InputError
-from dssm.index.updates import compact_index, delete_documents, upsert_documents
+from dssm.index.updates import compact_index
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS
+from dssm.index.writes import delete_documents, upsert_documents
 
 __all__ = ["add_update_arguments", "print_update", "read_ids", "upsert_main", "delete_main", "compact_main"]
 

@@ -23,12 +23,10 @@ from typing import Any
 import numpy as np
 
 from dssm.artifacts import read_manifest, verify_manifest, write_manifest
-from dssm.data import document_text
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
 from dssm.index.docstore import Doc, DocStore
-from dssm.index.documents import as_documents
 from dssm.index.files import fsync_file, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
@@ -43,7 +41,7 @@ from dssm.index.versions import (
     staging,
 )
 
-__all__ = ["UpdateResult", "update_index", "compact_index", "upsert_documents", "delete_documents"]
+__all__ = ["UpdateResult", "update_index", "compact_index"]
 
 
 @dataclass(frozen=True)
@@ -318,22 +316,26 @@ def _fold(base: Path, stage: Path, manifest: dict[str, Any], view: LiveView, *, 
                           texts=[d.text for d in folded], vectors=vectors, deletes=base_deletes, timings=timings)
     state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
                           min_recall=min_recall, version=version, timings=timings)
-    _write_scann_and_bm25(stage, state, timings=timings)
+    _write_scann_and_bm25(stage, state, base=base, changes=changes, docs=folded, timings=timings)
     write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
         manifest, base=base, version=version, changes=changes, state=state, deletes=len(base_deletes),
         rebalance_fraction=rebalance_fraction, timings=timings))
     return changes, state
 
 
-def _write_scann_and_bm25(stage: Path, state: _ScannState, *, timings: dict[str, float]) -> None:
-    """ScaNN's files and the BM25 state (from the updated store) into ``stage``."""
+def _write_scann_and_bm25(stage: Path, state: _ScannState, *, base: Path, changes: _RowChanges,
+                          docs: list[Doc], timings: dict[str, float]) -> None:
+    """ScaNN's files and the BM25 state into ``stage``: the base's state carried over with only
+    ``docs`` (the folded upserts) tokenised, or rebuilt from the updated store for an older base."""
     # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import write_bm25_state
+    from dssm.bm25 import update_bm25_state, write_bm25_state
 
     (stage / SCANN_DIR).mkdir()
     state.searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
     tick = time.perf_counter()
-    write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
+    source, new_rows = changes.sources()
+    if not update_bm25_state(base, stage, source=source, new_docs={row: docs[j] for row, j in new_rows.items()}):
+        write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
 
 
@@ -349,6 +351,19 @@ class _RowChanges:
     upsert_rows: list[int | None]  # per upsert: its existing row, or None for an append
     new_rows: list[int]  # indices (into the upserts) of the appended documents
     replaced: int
+
+    def sources(self) -> tuple[np.ndarray, dict[int, int]]:
+        """Per new row, the base row whose document it still holds (or -1), and ``{new row: upsert index}``."""
+        source = np.arange(self.size + len(self.delete_rows), dtype=np.int64)
+        for row, last in zip(self.delete_rows, self.moved_from, strict=True):
+            source[row] = source[last]
+        upserted, appended = {}, self.size
+        for j, row in enumerate(self.upsert_rows):
+            upserted[appended if row is None else row] = j
+            appended += row is None
+        source = np.concatenate([source[:self.size], np.full(self.final - self.size, -1, np.int64)])
+        source[list(upserted)] = -1
+        return source, upserted
 
 
 def _apply_rows(base: Path, stage: Path, manifest: dict[str, Any], *, ids: list[str], titles: list[str],
@@ -530,60 +545,3 @@ def _updated_manifest(manifest: dict[str, Any], *, base: Path, version: str, cha
                  "seconds": {k: round(v, 3) for k, v in timings.items()}},
     )
     return new_manifest
-
-
-def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
-    if encoder is not None:
-        return encoder
-    # deferred: TensorFlow, imported only when this runs
-    from dssm.export import load_encoder
-
-    model = current_version_dir(index_dir) / MODEL_DIR
-    if not model.is_dir():
-        raise IndexNotFoundError(f"index version {model.parent} has no model/: upsert vectors with update_index")
-    return load_encoder(model)
-
-
-def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
-                     rebalance: bool | None = None, rebalance_fraction: float = 0.2,
-                     batch_size: int = 4096, keep_versions: int = DEFAULT_KEEP_VERSIONS,
-                     max_delta: int | None = None) -> UpdateResult:
-    """Add or replace documents, encoding only them with the live version's document tower.
-
-    Args:
-        index_dir: the index directory.
-        documents: in any form :func:`dssm.index.documents.as_documents` accepts.
-        encoder: an object with ``embed_documents(texts) -> [n, dim]``; default the live version's
-            ``model/`` (the model its other rows were encoded with).
-        rebalance: see :func:`update_index`.
-        rebalance_fraction: see :func:`update_index`.
-        batch_size: texts per model call.
-        keep_versions: see :func:`update_index`.
-        max_delta: see :func:`update_index`.
-
-    Returns:
-        The :class:`UpdateResult` (the new version is live).
-    """
-
-    index_dir = Path(index_dir)
-    docs = [Doc(*fields) for fields in as_documents(documents)]
-    if not docs:
-        raise InputError("no documents to upsert")
-    current_version_dir(index_dir)  # a clear error before loading a model
-    encoder = _document_encoder(index_dir, encoder)
-    texts = [document_text(d.title or "", d.text) for d in docs]
-    vectors = np.concatenate([np.asarray(encoder.embed_documents(texts[s:s + batch_size]), dtype=np.float32)
-                              for s in range(0, len(texts), batch_size)])
-    return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
-                        upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
-                        rebalance_fraction=rebalance_fraction, keep_versions=keep_versions, max_delta=max_delta)
-
-
-def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
-                     rebalance_fraction: float = 0.2, keep_versions: int = DEFAULT_KEEP_VERSIONS,
-                     max_delta: int | None = None) -> UpdateResult:
-    """Delete documents by id into a new live version (every id must exist; otherwise nothing changes)."""
-    if isinstance(ids, str):
-        raise InputError("delete_documents takes a list of ids, got one string")
-    return update_index(index_dir, delete_ids=list(ids), rebalance=rebalance, rebalance_fraction=rebalance_fraction,
-                        keep_versions=keep_versions, max_delta=max_delta)
