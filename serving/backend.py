@@ -207,7 +207,7 @@ class Backend:
         self._swap_lock = threading.Lock()     # guards the swap and the metrics that describe it
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
         self._write_lock = threading.Lock()    # one incremental update at a time
-        self.compactor = BackgroundCompactor(self.index_dir, write_lock=self._write_lock, reload=self.reload)
+        self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload)
         self._slots_lock = threading.Lock()
         self._tagger_lock = threading.Lock()
         self._tagger_cache: tuple[Snapshot, Any] | None = None  # (live version, its Tagger), built on demand

@@ -275,8 +275,6 @@ def test_compact_index_and_the_cli_fold_the_delta(tmp_path, capsys):
 
 
 def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_limit(tmp_path):
-    import threading
-
     from serving.compaction import BackgroundCompactor
 
     path = tmp_path / "idx"
@@ -284,8 +282,7 @@ def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_
     rng = np.random.default_rng(7)
     upsert(path, truth, [(f"n{j}", v, "t") for j, v in enumerate(unit(rng.standard_normal((450, 16))))])
     reloads: list[bool] = []
-    compactor = BackgroundCompactor(path, write_lock=threading.Lock(), reload=lambda force: reloads.append(force),
-                                    max_delta=1000)  # due at 500
+    compactor = BackgroundCompactor(path, reload=lambda force: reloads.append(force), max_delta=1000)  # due at 500
     index = ix.load_index(path)
     assert index.pending_delta == 450 and compactor.after_write(index) is None
     delete(path, truth, [f"d{i}" for i in range(50)])
@@ -293,8 +290,8 @@ def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_
     assert index.pending_delta == 500
     thread = compactor.after_write(index)
     assert thread is not None
-    thread.join(timeout=120)
-    assert reloads == [True] and compactor.compactions == 1 and compactor.last_error is None
+    thread.join(timeout=120)  # `dssm compact` in a child process at nice 10
+    assert compactor.last_error is None and reloads == [True] and compactor.compactions == 1
     compacted = ix.load_index(path)
     assert compacted.layout.plain and compacted.pending_delta == 0 and not compactor.due(compacted)
     assert_serves_exactly(compacted, truth, unit(rng.standard_normal((10, 16))))
@@ -377,3 +374,22 @@ def test_compaction_carries_the_bm25_state_over_equal_to_a_rebuild(tmp_path):
     terms = json.loads((version / bm25.BM25_DIR / "vocab.json").read_text())
     assert terms[:len(base_terms)] == base_terms and terms != json.loads(
         (tmp_path / "rebuilt" / bm25.BM25_DIR / "vocab.json").read_text())
+
+
+def test_a_failed_background_compaction_is_logged_and_leaves_the_index_serving(tmp_path):
+    from serving.compaction import BackgroundCompactor
+
+    path = tmp_path / "idx"
+    truth = build(path, n=50)
+    upsert(path, truth, [("a", unit(np.ones((1, 16)))[0], "aa")])
+    before = ix.current_version_dir(path).name
+    matrix = ix.current_version_dir(path) / "embeddings.npy"
+    data = bytearray(matrix.read_bytes())
+    data[-4:] = b"\x00\x00\xc0\x7f"  # one float becomes NaN in place: the compaction's checksum check fails
+    matrix.write_bytes(bytes(data))
+    reloads: list[bool] = []
+    compactor = BackgroundCompactor(path, reload=lambda force: reloads.append(force))
+    compactor.run()
+    error = compactor.last_error or ""
+    assert "exited with 2" in error and "embeddings.npy does not match its sha256" in error, error
+    assert reloads == [] and compactor.compactions == 0 and ix.current_version_dir(path).name == before
