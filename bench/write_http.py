@@ -4,28 +4,30 @@ Two phases of ``seconds`` each against the same server:
 
 * **idle**: 8 clients send single searches (``POST /v1/search``, k=10) back to back, and one client
   fetches documents (``GET /v1/documents/{id}``) back to back;
-* **writes**: the same, while one writer ``PUT``s batches of ``batch`` new documents as fast as the
-  service answers (each answer means the new version is live).
+* **writes**: the same, while one writer (its own process) ``PUT``s batches of ``batch`` new documents
+  as fast as the service answers (each answer means the new version is live).
 
 Reported: search p99 in each phase, document GET p99 in each phase, and the writer's documents/s.
 Targets (issue 14): ≥ 1,000 documents/s; search p99 during writes ≤ 2× idle; GET p99 during writes
 ≤ 20 ms. The searchers and the GET client share one asyncio loop on raw HTTP/1.1 connections
 (``bench.load_test._Connection``), so the client costs little CPU; the writer is an httpx
-:class:`serving.client.SearchClient` in its own thread.
+:class:`serving.client.SearchClient` in a child process (in a thread it shared their interpreter
+lock, and the figure measured the client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["measure"]
+__all__ = ["measure", "writer_main"]
 
 _KEY = "bench-write-key"
 
@@ -69,19 +71,28 @@ async def _clients(port: int, queries: list[str], ids: list[str], *, seconds: fl
     return search_ms, get_ms, errors
 
 
-def _writer(url: str, texts: list[str], *, batch: int, stop: threading.Event, out: dict[str, Any]) -> None:
+def _writer(url: str, texts: list[str], *, batch: int, seconds: float) -> dict[str, Any]:
+    """Upsert batches of new documents back to back for ``seconds``: {docs, seconds, batch_ms}."""
     from serving.client import SearchClient
 
     client = SearchClient(url, api_key=_KEY, timeout=120.0)
     written, i, start = 0, 0, time.perf_counter()
     latencies = []
-    while not stop.is_set() and i + batch <= len(texts):
+    while time.perf_counter() - start < seconds and i + batch <= len(texts):
         tick = time.perf_counter()
         client.upsert([(f"h{i + j}", "", texts[i + j]) for j in range(batch)])
         latencies.append((time.perf_counter() - tick) * 1e3)
         written += batch
         i += batch
-    out.update(docs=written, seconds=time.perf_counter() - start, batch_ms=latencies)
+    return {"docs": written, "seconds": time.perf_counter() - start, "batch_ms": latencies}
+
+
+def writer_main(argv: list[str]) -> None:
+    """The writer in its own process (so the searching clients' event loop does not slow it):
+    ``URL SECONDS BATCH TEXTS_JSON_FILE``; prints its result as JSON."""
+    url, seconds, batch, path = argv
+    texts = json.loads(Path(path).read_text())
+    print(json.dumps(_writer(url, texts, batch=int(batch), seconds=float(seconds))))
 
 
 def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[str], seconds: float,
@@ -100,13 +111,15 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         SearchClient(url, api_key=_KEY, timeout=120.0).upsert([("warm-up", "", texts[-1])])
         idle_search, idle_get, idle_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
                                                                  searchers=searchers))
-        stop, wrote = threading.Event(), {}
-        writer = threading.Thread(target=_writer, args=(url, texts), kwargs=dict(batch=batch, stop=stop, out=wrote))
-        writer.start()
+        texts_file = index_dir.parent / "write-texts.json"
+        texts_file.write_text(json.dumps(texts))
+        writer = subprocess.Popen([sys.executable, "-c", "import sys; from bench.write_http import writer_main; "
+                                   "writer_main(sys.argv[1:])", url, str(seconds), str(batch), str(texts_file)],
+                                  stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
         busy_search, busy_get, busy_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
                                                                  searchers=searchers))
-        stop.set()
-        writer.join()
+        out, _ = writer.communicate(timeout=seconds + 300)
+        wrote = json.loads(out.strip().splitlines()[-1])
         import httpx
 
         metrics = httpx.get(url + "/metrics").text
