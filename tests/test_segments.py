@@ -393,3 +393,82 @@ def test_a_failed_background_compaction_is_logged_and_leaves_the_index_serving(t
     error = compactor.last_error or ""
     assert "exited with 2" in error and "embeddings.npy does not match its sha256" in error, error
     assert reloads == [] and compactor.compactions == 0 and ix.current_version_dir(path).name == before
+
+
+@pytest.mark.slow
+def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_path, tiny_model_dir, adi_dir):
+    """Bounded soak on 127.0.0.1: 3 writers, 3 readers and the background compactor for a few seconds; at the
+    end every acknowledged write is there, every acknowledged delete is gone, and the count adds up."""
+    import threading
+    import time
+
+    import serving_support as support
+
+    from serving.app import create_app
+    from serving.backend import Backend
+    from serving.client import NotFoundError, SearchClient
+
+    rows = support.adi_rows(adi_dir)
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, tiny_model_dir, rows)
+    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(tiny_model_dir))
+    backend.reload()
+    backend.compactor.max_delta = 40  # compact in the background every ~20 rows changed
+    live: dict[str, str] = {r["id"]: r["text"] for r in rows}
+    lock, failures = threading.Lock(), []
+    stop = threading.Event()
+    with support.ServerThread(create_app(backend, api_key=support.API_KEY)) as server:
+        def writer(w: int) -> None:
+            client, rng = SearchClient(server.url, api_key=support.API_KEY, timeout=120), np.random.default_rng(w)
+            i = 0
+            while not stop.is_set():
+                docs = [(f"w{w}-{i}-{j}", "", f"soak document {w} {i} {j} about retrieval") for j in range(3)]
+                client.upsert(docs)
+                with lock:
+                    live.update({d[0]: d[2] for d in docs})
+                    victim = sorted(live)[int(rng.integers(len(live)))]
+                try:
+                    client.delete(victim)
+                    with lock:
+                        live.pop(victim, None)
+                except NotFoundError:  # another writer deleted it first
+                    pass
+                i += 1
+
+        def reader(r: int) -> None:
+            client = SearchClient(server.url, timeout=60)
+            while not stop.is_set():
+                try:
+                    hits = client.search("retrieval of documents", k=5)
+                    assert len(hits.hits) == 5
+                    client.search("soak document", k=5, mode="bm25")
+                except Exception as exc:  # noqa: BLE001 - collected, the test fails on any
+                    failures.append(f"reader {r}: {type(exc).__name__}: {exc}")
+                    return
+
+        def guarded(fn, n):
+            try:
+                fn(n)
+            except Exception as exc:  # noqa: BLE001 - collected, the test fails on any
+                failures.append(f"{fn.__name__} {n}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=guarded, args=(writer, w)) for w in range(3)]
+        threads += [threading.Thread(target=reader, args=(r,)) for r in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(8)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        support.wait_until(lambda: not backend.compactor._running.locked(), timeout=120, what="compaction")
+        backend.reload()
+        assert not failures, failures[:3]
+        assert backend.compactor.compactions >= 1 and backend.compactor.last_error is None
+        client = SearchClient(server.url)
+        searcher = backend.current().searcher
+        assert len(searcher) == len(live)
+        stored = {doc.id: doc.text for _, doc in searcher.index.docs.iter_all()}
+        assert stored == live
+        for doc_id in sorted(live)[:: max(1, len(live) // 20)]:
+            assert client.get_document(doc_id).text == live[doc_id]
+    backend.stop()
