@@ -1,4 +1,5 @@
-"""write: what a live write costs (issue 14) — one-document and 1,000-document upserts into a 100k index.
+"""write: what a live write costs (issue 14) — one-document and 1,000-document upserts into a 100k index,
+writes through HTTP under search load, and one-document upserts into a 1M index.
 
 Index: ``bench.load_test``'s synthetic corpus (100,000 texts of 8–40 words drawn from adi's vocabulary;
 quick: 5,000), encoded by the default-shape model with its initial weights and indexed by
@@ -18,6 +19,9 @@ Figures, median of ``repeats`` runs with min and max:
 * through HTTP (:mod:`bench.write_http`, once, after the runs above): the writer's documents/s in
   batches of 100 while 8 clients search, search p99 then and idle, document GET p99 then and idle.
   Targets: ≥ 1,000 documents/s, search p99 ≤ 2× idle, GET p99 ≤ 20 ms.
+
+* the one-document upsert p50/p99 and disk per write again on a 1,000,000-document index (full mode
+  only; one run, the build takes minutes).
 
 Quick mode (a smoke check, not figures): 5,000 documents, 3 writes per run, a 100-document batch.
 """
@@ -109,6 +113,8 @@ def run(*, quick: bool) -> list[Figure]:
         http = write_http.measure(work / "index", queries=load_test.synthetic_texts(500, seed=1),
                                   ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(200_000, seed=3),
                                   seconds=5.0 if quick else 20.0)
+        shutil.rmtree(work / "index")
+        million = [] if quick else _million(work, model_dir, load_test.synthetic_texts(writes + 1, seed=4))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     corpus = f"{docs:,} synthetic docs, {setup['scann']['mode']}"
@@ -124,6 +130,28 @@ def run(*, quick: bool) -> list[Figure]:
         Figure("write", f"{batch:,}-document upsert", "docs/s", Stats.of(runs["batch_rate"]),
                note="one Searcher.upsert call, encoding included"),
         *_http_figures(http, corpus),
+        *million,
+    ]
+
+
+def _million(work: Path, model_dir: Path, texts: list[str]) -> list[Figure]:
+    """One run of one-document upserts into a 1M-document index (built once: minutes)."""
+    from bench import load_test
+
+    docs = 1_000_000
+    _, setup = load_test.build_synthetic_index(work / "index-1m", model_dir, docs, scann_mode="auto", reorder_k=1500,
+                                               min_recall=0.95)
+    print(f"  index: {json.dumps(setup)}", flush=True)
+    times, sizes = _one_document_writes(work / "index-1m", texts, start=0)
+    times, sizes = times[1:], sizes[1:]  # the first write loads the encoder's graph
+    corpus = f"{docs:,} synthetic docs, {setup['scann']['mode']}"
+    return [
+        Figure("write", f"one-document upsert, p50, {corpus}", "ms", Stats.one(float(np.percentile(times, 50))),
+               higher_is_better=False, note=f"one run of {len(times)} writes; target ≤ 50 ms"),
+        Figure("write", f"one-document upsert, p99, {corpus}", "ms", Stats.one(float(np.percentile(times, 99))),
+               higher_is_better=False, note="target ≤ 200 ms"),
+        Figure("write", f"disk per one-document write, {corpus}", "MB",
+               Stats.one(statistics.median(sizes) / 1e6), higher_is_better=False, note="target ≤ 1 MB"),
     ]
 
 

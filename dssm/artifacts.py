@@ -15,13 +15,16 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dssm.errors import ChecksumError, IndexNotFoundError
 
 __all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
-           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic"]
+           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic", "load_npy"]
 
 MANIFEST = "manifest.json"
 # The manifest kind of a re-ranker directory (dssm.rerank_export writes it; dssm.index attaches it).
@@ -149,3 +152,15 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tup
         if sha256_file(path) != meta["sha256"]:
             raise ChecksumError(f"{path} does not match its sha256 in {MANIFEST} (corrupted or changed)")
     return manifest
+
+
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# thread-safe: two parses at once can fail with "SystemError: AST constructor recursion depth
+# mismatch" (the soak test met it when a request loaded an array while the service reloaded).
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load(path, allow_pickle=False)`` (``mmap_mode`` as numpy's), one load at a time per process."""
+    with _NPY_LOCK:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)

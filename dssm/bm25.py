@@ -50,6 +50,7 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 from tqdm import tqdm
 
+from dssm.artifacts import load_npy
 from dssm.config import config_from_dict, config_to_dict, field
 from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
@@ -224,7 +225,7 @@ class BM25Index:
                                 f"this version reads {_STATE_FORMAT}")
         config = config_from_dict(BM25Config, params["config"])
         mode = "r" if mmap else None
-        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+        arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode=mode)
                   for name in ("data", "indices", "indptr")}
         n = int(params["documents"])
         if len(terms) != params["vocabulary"] or arrays["indptr"].shape != (len(terms) + 1,) \
@@ -455,10 +456,10 @@ def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: n
     params = json.loads((old / "params.json").read_text())
     config = config_from_dict(BM25Config, params["config"])
     terms = json.loads((old / "vocab.json").read_text())
-    indptr = np.load(old / "indptr.npy", allow_pickle=False)
-    old_rows = np.load(old / "indices.npy", allow_pickle=False)
-    old_tf = np.load(old / "tf.npy", allow_pickle=False)
-    old_len = np.load(old / "lengths.npy", allow_pickle=False)
+    indptr = load_npy(old / "indptr.npy")
+    old_rows = load_npy(old / "indices.npy")
+    old_tf = load_npy(old / "tf.npy")
+    old_len = load_npy(old / "lengths.npy")
     inverse = np.full(old_len.size, -1, np.int64)
     kept = np.flatnonzero(source >= 0)
     inverse[source[kept]] = kept

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import verify_manifest
+from dssm.artifacts import load_npy, verify_manifest
 from dssm.config import config_from_dict
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, text_buckets
@@ -252,9 +252,9 @@ def load_query_encoder(model_dir: str | Path, *, verify: bool = True,
     features = config_from_dict(FeatureConfig, config["features"])
     shape = TowerShape.from_dict(config["model"])
     weights = model_dir / QUERY_TOWER_DIR
-    table = np.load(weights / "table.npy", mmap_mode="r", allow_pickle=False)
-    layers = [(np.load(weights / f"dense_{i}_kernel.npy", allow_pickle=False),
-               np.load(weights / f"dense_{i}_bias.npy", allow_pickle=False)) for i in range(len(shape.hidden_dims))]
-    tower = QueryTower(table=table, bias=np.load(weights / "bias.npy", allow_pickle=False), layers=layers,
+    table = load_npy(weights / "table.npy", mmap_mode="r")
+    layers = [(load_npy(weights / f"dense_{i}_kernel.npy"),
+               load_npy(weights / f"dense_{i}_bias.npy")) for i in range(len(shape.hidden_dims))]
+    tower = QueryTower(table=table, bias=load_npy(weights / "bias.npy"), layers=layers,
                        features=features, model=shape)
     return NumpyQueryEncoder(model_dir, tower=tower, features=features, batch_size=batch_size)

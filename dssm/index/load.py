@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import read_manifest, verify_manifest
+from dssm.artifacts import load_npy, read_manifest, verify_manifest
 from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
@@ -108,8 +108,9 @@ class Index:
         self._base_dead = int(self.dead[:base_rows].sum())
         live = np.flatnonzero(~self.dead[base_rows:])
         self._delta_rows = live + base_rows  # [live delta] logical rows
-        self._delta_matrix = np.concatenate([d.matrix for d in deltas])[live] if deltas else np.zeros((0, self.dim),
-                                                                                                     np.float32)
+        self._delta_all = np.concatenate([d.matrix for d in deltas]) if deltas else np.zeros((0, self.dim), np.float32)
+        self._delta_matrix = self._delta_all[live]  # [live delta, dim]
+        self._matrix: Any = None  # the memory-mapped base matrix, opened on first use
 
     @property
     def pending_delta(self) -> int:
@@ -139,8 +140,13 @@ class Index:
         With delta segments this is a :class:`~dssm.index.segments.RowMatrix` (indexable by rows);
         tombstoned rows are still in it: :meth:`live_rows` lists the live ones.
         """
-        base = np.load(self.version_dir / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
-        return base if not self.deltas else RowMatrix(base, np.concatenate([d.matrix for d in self.deltas]))
+        if not mmap:
+            base = load_npy(self.version_dir / EMBEDDINGS)
+        else:  # once per Index: hybrid search asks on every query
+            if self._matrix is None:
+                self._matrix = load_npy(self.version_dir / EMBEDDINGS, mmap_mode="r")
+            base = self._matrix
+        return base if not self.deltas else RowMatrix(base, self._delta_all)
 
     def live_rows(self) -> np.ndarray:
         """[size] int64 logical rows of the live documents, ascending."""

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from dssm.artifacts import load_npy
 from dssm.errors import ChecksumError, IndexNotFoundError
 from dssm.index.docstore import Doc, DocStore
 
@@ -126,7 +127,7 @@ class DeltaSegment:
         try:
             docs = [Doc(*(str(record[key]) for key in ("id", "title", "text")))
                     for record in map(json.loads, (directory / _DOCS).read_text(encoding="utf-8").splitlines())]
-            matrix = np.load(directory / _VECTORS, allow_pickle=False)
+            matrix = load_npy(directory / _VECTORS)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ChecksumError(f"delta segment {directory} is unreadable: {exc}") from exc
         if matrix.dtype != np.float32:
@@ -347,7 +348,7 @@ def read_tombstones(version_dir: Path, layout: SegmentLayout) -> np.ndarray:
     if not layout.tombstones:
         return dead
     try:
-        rows = np.load(version_dir / TOMBSTONES, allow_pickle=False)
+        rows = load_npy(version_dir / TOMBSTONES)
     except (OSError, ValueError) as exc:
         raise ChecksumError(f"{version_dir / TOMBSTONES} is unreadable: {exc}") from exc
     if rows.ndim != 1 or rows.size != layout.tombstones or (rows.size and not 0 <= rows.min() <= rows.max()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import read_manifest, verify_manifest, write_manifest
+from dssm.artifacts import load_npy, read_manifest, verify_manifest, write_manifest
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
@@ -375,7 +375,7 @@ def _apply_rows(base: Path, stage: Path, manifest: dict[str, Any], *, ids: list[
     """
     tick = time.perf_counter()
     shutil.copyfile(base / DOCS_DB, stage / DOCS_DB)
-    matrix = np.load(base / EMBEDDINGS, allow_pickle=False)  # a private, writable copy
+    matrix = load_npy(base / EMBEDDINGS)  # a private, writable copy
     timings["load"] += time.perf_counter() - tick
     tick = time.perf_counter()
     conn = sqlite3.connect(stage / DOCS_DB)
