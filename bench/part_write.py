@@ -159,6 +159,11 @@ def _http_figures(http: dict, corpus: str) -> list[Figure]:
     """The HTTP phase's figures (one measurement each: no spread)."""
     http_note = "dssm serve, 1 worker; 8 clients searching back to back, 1 fetching documents"
     return [
+        Figure("write", f"one-document PUT /v1/documents through HTTP, p50, {corpus}", "ms",
+               Stats.one(http["put_p50_ms"]), higher_is_better=False,
+               note="20 PUTs one after the other, nothing else running; target ≤ 50 ms"),
+        Figure("write", "one-document PUT through HTTP, p99", "ms", Stats.one(http["put_p99_ms"]),
+               higher_is_better=False, note="target ≤ 200 ms"),
         Figure("write", f"HTTP writes in batches of 100 while 8 clients search, {corpus}", "docs/s",
                Stats.one(http["write_docs_per_s"]), note=f"{http_note}; target ≥ 1,000 docs/s"),
         Figure("write", "search p99 during those writes", "ms", Stats.one(http["busy_search_p99_ms"]),

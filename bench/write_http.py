@@ -1,6 +1,7 @@
 """Writes through HTTP while clients search (issue 14): a ``dssm serve`` on 127.0.0.1, one writer, 8 searchers.
 
-Two phases of ``seconds`` each against the same server:
+First 20 one-document ``PUT /v1/documents`` one after the other, nothing else running (p50, p99); then
+two phases of ``seconds`` each against the same server:
 
 * **idle**: 8 clients send single searches (``POST /v1/search``, k=10) back to back, and one client
   fetches documents (``GET /v1/documents/{id}``) back to back;
@@ -108,7 +109,13 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         from serving.client import SearchClient
 
         # A worker's first write loads the document tower's graph (seconds): not part of the steady state.
-        SearchClient(url, api_key=_KEY, timeout=120.0).upsert([("warm-up", "", texts[-1])])
+        single = SearchClient(url, api_key=_KEY, timeout=120.0)
+        single.upsert([("warm-up", "", texts[-1])])
+        put_ms = []
+        for i in range(20):  # one-document PUTs, nothing else running
+            tick = time.perf_counter()
+            single.upsert([(f"one{i}", "", texts[-2 - i])])
+            put_ms.append((time.perf_counter() - tick) * 1e3)
         idle_search, idle_get, idle_errors = _run_async(_clients(port, queries, ids, seconds=seconds,
                                                                  searchers=searchers))
         texts_file = index_dir.parent / "write-texts.json"
@@ -132,6 +139,7 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         "idle_search_p50_ms": float(p(idle_search, 50)), "busy_search_p50_ms": float(p(busy_search, 50)),
         "idle_search_p99_ms": float(p(idle_search, 99)), "busy_search_p99_ms": float(p(busy_search, 99)),
         "idle_get_p99_ms": float(p(idle_get, 99)), "busy_get_p99_ms": float(p(busy_get, 99)),
+        "put_p50_ms": float(p(put_ms, 50)), "put_p99_ms": float(p(put_ms, 99)),
         "write_docs_per_s": wrote["docs"] / wrote["seconds"], "docs_written": wrote["docs"],
         "write_batch_p50_ms": float(p(wrote["batch_ms"], 50)) if wrote["batch_ms"] else None,
         "write_batch_p99_ms": float(p(wrote["batch_ms"], 99)) if wrote["batch_ms"] else None,

@@ -39,7 +39,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,7 +56,8 @@ from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
 __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "BM25Reference", "idf_function", "tokenize", "top_rows",
-           "write_bm25_state", "update_bm25_state", "load_bm25_state", "has_bm25_state", "neighbour_pairs"]
+           "rows_by_score", "write_bm25_state", "update_bm25_state", "load_bm25_state", "has_bm25_state",
+           "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
 BM25_DIR = "bm25"
@@ -258,14 +259,7 @@ class BM25Index:
         Raises:
             ConfigError: ``k < 1``.
         """
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
-        out = []
-        for text in texts:
-            scores = self.scores(text)
-            rows = top_rows(scores, k)
-            out.append((rows, scores[rows]))
-        return out
+        return rows_by_score(self.scores, texts, k)
 
     def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-``k`` documents for each query text.
@@ -289,6 +283,23 @@ class BM25Index:
     def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """Top-``k`` ``(doc_id, score)`` for one query text."""
         return self.search_batch([text], k)[0]
+
+
+def rows_by_score(scores: Callable[[str], np.ndarray], texts: Sequence[str], k: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query text, the top-``k`` rows with a score > 0 and their scores, ``scores(text) -> [n]``.
+
+    Raises:
+        ConfigError: ``k < 1``.
+    """
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    out = []
+    for text in texts:
+        row_scores = scores(text)
+        rows = top_rows(row_scores, k)
+        out.append((rows, row_scores[rows]))
+    return out
 
 
 def top_rows(scores: np.ndarray, k: int) -> np.ndarray:

@@ -316,14 +316,9 @@ class SegmentedBM25:
     def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-``k`` logical rows per query with a score > 0 (see :meth:`dssm.bm25.BM25Index.search_rows_batch`)."""
         # deferred: bm25s and PyStemmer, imported only when this runs
-        from dssm.bm25 import top_rows
+        from dssm.bm25 import rows_by_score
 
-        out = []
-        for text in texts:
-            scores = self.scores(text)
-            rows = top_rows(scores, k)
-            out.append((rows, scores[rows]))
-        return out
+        return rows_by_score(self.scores, texts, k)
 
 
 def merge_hits(base_rows: np.ndarray, base_scores: np.ndarray, delta_rows: np.ndarray, delta_scores: np.ndarray,
