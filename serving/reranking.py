@@ -10,14 +10,17 @@ model call.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dssm.errors import IndexNotFoundError, InputError
 
-__all__ = ["MAX_RERANK", "check_rerank", "rerank_results"]
+__all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_reranker_once"]
 
 # Candidates a re-ranked search may read per query: the re-ranker reads every word of each, so this
 # bounds one request's cost (docs/rerank.md has the cost per candidate).
@@ -73,3 +76,29 @@ def rerank_results(reranker: Any, texts: Sequence[str], results: Sequence[Sequen
         order, fused = fuse_reranked(np.asarray([h[1] for h in hits], np.float32), part, weight=weight)
         out.append([hit(hits[i][0], float(s), hits[i][2]) for i, s in zip(order[:k], fused[:k], strict=True)])
     return out
+
+
+# Loaded re-rankers by the identity of their files, while a searcher holds one: every write
+# publishes a version that hard-links the same reranker/, and reloading its SavedModel per write cost
+# seconds.
+_LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+
+
+def load_reranker_once(directory: Path) -> Any:
+    """The re-ranker in ``directory``: :func:`dssm.rerank_export.load_reranker` (checksums verified), or
+    the one this process already loaded from the very same files (each the same inode, size and
+    mtime: hard links from an earlier version; a file changed in place since is a miss, and verified)."""
+    key = tuple((p.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                for p in sorted(directory.rglob("*")) if p.is_file() for st in [p.stat()])
+    with _LOADED_LOCK:
+        found = _LOADED.get(key)
+    if found is not None:
+        return found
+    # deferred: TensorFlow, imported only when this runs
+    from dssm.rerank_export import load_reranker
+
+    loaded = load_reranker(directory)
+    with _LOADED_LOCK:
+        _LOADED[key] = loaded
+    return loaded

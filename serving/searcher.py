@@ -30,7 +30,7 @@ from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_confi
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
 from dssm.query_numpy import load_query_encoder
-from serving.reranking import check_rerank, rerank_results
+from serving.reranking import check_rerank, load_reranker_once, rerank_results
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
            "text_similarity", "model_fingerprint", "merge_top_k"]
@@ -161,16 +161,13 @@ class Searcher:
         """
         # model/ is verified where it is read: load_encoder checks it against its own manifest, and a
         # given encoder (a hot swap reusing the live model) never reads it.
-        index = load_index(index_dir, verify=verify, reranker=reranker, model=False)
+        # Likewise reranker/: load_reranker verifies it against its own manifest, or it is the one
+        # already loaded from the same (hard-linked) files, which a write's reload does not load again.
+        index = load_index(index_dir, verify=verify, reranker=False, model=False)
         if encoder is None and index.model_dir is not None:
             encoder = _load_query_encoder(index.model_dir, fast_queries=fast_queries)
-        loaded = None
-        if reranker and index.reranker_dir is not None:
-            # deferred: TensorFlow, imported only when this runs
-            from dssm.rerank_export import load_reranker
-
-            loaded = load_reranker(index.reranker_dir)
-        return cls(index=index, encoder=encoder, reranker=loaded)
+        use = reranker and index.reranker_dir is not None
+        return cls(index=index, encoder=encoder, reranker=load_reranker_once(index.reranker_dir) if use else None)
 
     @property
     def version(self) -> str:

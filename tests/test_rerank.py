@@ -328,6 +328,7 @@ def test_the_reranker_rides_along_upserts_and_a_corrupt_one_is_refused_unless_as
     searcher.upsert([("new-1", "", "a brand new document about retrieval of information")])
     updated = Searcher.load(index_dir)
     assert updated.version != searcher.version and updated.reranker is not None
+    assert updated.reranker is searcher.reranker  # the same hard-linked files: not loaded again per write
     assert updated.search("retrieval of information", k=3, rerank=10)
     config = current_version_dir(index_dir) / "reranker" / "config.json"
     config.write_text(config.read_text().replace('"fusion"', '"fusion" ', 1))
