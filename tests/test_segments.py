@@ -472,3 +472,18 @@ def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_pat
         for doc_id in sorted(live)[:: max(1, len(live) // 20)]:
             assert client.get_document(doc_id).text == live[doc_id]
     backend.stop()
+
+
+def test_one_compaction_per_index_at_a_time(tmp_path):
+    """With several server workers, the ones that find a compaction running skip theirs."""
+    import fcntl
+
+    path = tmp_path / "idx"
+    truth = build(path, n=50)
+    upsert(path, truth, [("a", unit(np.ones((1, 16)))[0], "aa")])
+    with open(path / ".compact.lock", "a") as held:  # as another process's running compaction holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert ix.compact_index(path) is None
+        assert not ix.load_index(path).layout.plain
+    result = ix.compact_index(path)
+    assert result is not None and ix.load_index(path).layout.plain

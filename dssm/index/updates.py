@@ -12,6 +12,8 @@ another structure for the new size, or if recall@10 of the updated searcher fall
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import shutil
 import sqlite3
 import time
@@ -222,11 +224,44 @@ def compact_index(index_dir: str | Path, *, rebalance: bool | None = None, rebal
     carried onto it (:func:`dssm.index.delta.rebase_writes`) as a delta of their own.
 
     Returns:
-        The :class:`UpdateResult`, or ``None`` if the live version has no delta and no tombstones, or if
-        a full build or another compaction replaced its base meanwhile (this one is then moot).
+        The :class:`UpdateResult`, or ``None`` if the live version has no delta and no tombstones, if
+        another process is compacting this index, or if a full build or another compaction replaced
+        its base meanwhile (this one is then moot).
     """
     index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
                                          keep_versions=keep_versions)
+    with _CompactionSlot(index_dir) as slot:
+        return _compact_now(index_dir, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
+                            min_recall=min_recall, keep_versions=keep_versions) if slot.acquired else None
+
+
+class _CompactionSlot:
+    """A non-blocking ``flock`` on ``INDEX_DIR/.compact.lock``: one compaction per index at a time.
+
+    With ``dssm serve --workers N`` every worker may find the delta due; the others skip (the one
+    that runs would make theirs moot anyway) instead of spending the CPU.
+    """
+
+    def __init__(self, index_dir: Path) -> None:
+        self.path = index_dir / ".compact.lock"
+        self.acquired = False
+
+    def __enter__(self) -> _CompactionSlot:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.acquired = True
+        except BlockingIOError:
+            self.acquired = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # releases the lock
+
+
+def _compact_now(index_dir: Path, *, rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
+                 keep_versions: int) -> UpdateResult | None:
+    """:func:`compact_index`'s work, in the compaction slot."""
     tick = time.perf_counter()
     with IndexWriteLock(index_dir):
         base = current_version_dir(index_dir)
