@@ -41,12 +41,13 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import bm25s
 import numpy as np
+from bm25s.scoring import _select_idf_scorer
 from bm25s.stopwords import STOPWORDS_EN
 from tqdm import tqdm
 
@@ -56,8 +57,8 @@ from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
 __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "BM25Reference", "idf_function", "tokenize", "top_rows",
-           "rows_by_score", "write_bm25_state", "update_bm25_state", "load_bm25_state", "has_bm25_state",
-           "neighbour_pairs"]
+           "rows_by_score", "term_counts", "write_bm25_state", "update_bm25_state", "load_bm25_state",
+           "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
 BM25_DIR = "bm25"
@@ -126,6 +127,7 @@ class BM25Index:
         self.size = size
         self.avgdl = avgdl  # mean tokens per document, when the stored state recorded it
 
+    @cached_property
     def reference(self) -> BM25Reference:
         """This state's corpus statistics, for weighting a delta segment's documents comparably."""
         indptr = np.asarray(self._retriever.scores["indptr"])
@@ -247,7 +249,10 @@ class BM25Index:
 
     def scores(self, text: str) -> np.ndarray:
         """BM25 score of every document for one query: [n] float32 (0 where no query term occurs)."""
-        tokens = self._tokens([text])[0]
+        return self.token_scores(self._tokens([text])[0])
+
+    def token_scores(self, tokens: list[str]) -> np.ndarray:
+        """:meth:`scores` of a query already split by :func:`tokenize` with this state's settings."""
         term_ids = self._retriever.get_tokens_ids(tokens)
         if not term_ids:
             return np.zeros(self.size, dtype=np.float32)
@@ -350,14 +355,11 @@ class BM25Reference:
 
 def idf_function(method: str) -> Any:
     """bm25s' ``idf(df, N)`` for a scoring method (delta segments weight their documents with it)."""
-    # deferred: bm25s, imported only when this runs
-    from bm25s.scoring import _select_idf_scorer
-
     return _select_idf_scorer(method)
 
 
-def _chunk_triples(texts: list[str], vocab: dict[str, int], config: BM25Config
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def term_counts(texts: list[str], vocab: dict[str, int], config: BM25Config
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(row in chunk, term id, count) per distinct (document, term) of ``texts``, plus token counts.
 
     New terms are added to ``vocab`` in order of first appearance.
@@ -397,7 +399,7 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192)
         pending = [document_text(doc.title, doc.text) for doc in itertools.islice(docs, chunk)]
         if not pending:
             break
-        rows, term_ids, counts, sizes = _chunk_triples(pending, vocab, config)
+        rows, term_ids, counts, sizes = term_counts(pending, vocab, config)
         doc_parts.append(rows + np.int32(n))
         term_parts.append(term_ids)
         tf_parts.append(counts)
@@ -479,7 +481,7 @@ def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: n
     old_terms = np.repeat(np.arange(len(terms), dtype=np.int64), np.diff(indptr))
     vocab = {term: i for i, term in enumerate(terms)}
     rows = sorted(new_docs)
-    local, term_ids, counts, sizes = _chunk_triples(
+    local, term_ids, counts, sizes = term_counts(
         [document_text(new_docs[r].title, new_docs[r].text) for r in rows], vocab, config)
     doc_len = np.zeros(source.size, np.int64)
     doc_len[kept] = old_len[source[kept]]

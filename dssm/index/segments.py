@@ -21,7 +21,6 @@ of its build until a compaction rebuilds them.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,20 +144,18 @@ class DeltaSegment:
         """``{term: (rows int64, term counts float64)}`` and the [n] token counts, built once."""
         if self._postings is None:
             # deferred: bm25s and PyStemmer, imported only when this runs
-            from dssm.bm25 import tokenize
+            from dssm.bm25 import term_counts
             from dssm.data import document_text
 
-            tokens = tokenize([document_text(d.title, d.text) for d in self.docs], stopwords=config.stopwords,
-                              stem=config.stem)
-            by_term: dict[str, tuple[list[int], list[int]]] = {}
-            for row, words in enumerate(tokens):
-                for term, count in Counter(words).items():
-                    rows, counts = by_term.setdefault(term, ([], []))
-                    rows.append(row)
-                    counts.append(count)
-            self._lengths = np.asarray([len(words) for words in tokens], dtype=np.float64)
-            self._postings = {term: (np.asarray(rows, np.int64), np.asarray(counts, np.float64))
-                              for term, (rows, counts) in by_term.items()}
+            vocab: dict[str, int] = {}
+            rows, terms, counts, sizes = term_counts([document_text(d.title, d.text) for d in self.docs], vocab,
+                                                     config)
+            order = np.argsort(terms, kind="stable")  # term-major, rows ascending within a term
+            rows, counts = rows[order].astype(np.int64), counts[order].astype(np.float64)
+            starts = np.concatenate([[0], np.cumsum(np.bincount(terms, minlength=len(vocab)))])
+            self._lengths = sizes.astype(np.float64)
+            self._postings = {term: (rows[starts[i]:starts[i + 1]], counts[starts[i]:starts[i + 1]])
+                              for i, term in enumerate(vocab)}
         assert self._lengths is not None
         return self._postings, self._lengths
 
@@ -268,7 +265,7 @@ class SegmentedBM25:
         self.deltas = list(deltas)
         self.dead = dead
         self.size = int(dead.size)
-        self._reference = base.reference()
+        self._reference = base.reference
         self._starts = np.cumsum([0] + [len(s) for s in self.deltas])[:-1].tolist()  # first delta row of each
         self._avg = float(self._reference.avgdl or 0.0)
         if not self._avg:  # a base state from before avgdl was stored: the delta's own mean length
@@ -308,8 +305,8 @@ class SegmentedBM25:
         # deferred: bm25s and PyStemmer, imported only when this runs
         from dssm.bm25 import tokenize
 
-        tokens = tokenize([text], stopwords=self.config.stopwords, stem=self.config.stem)[0]
-        scores = np.concatenate([self.base.scores(text), self._delta_scores(tokens).astype(np.float32)])
+        tokens = tokenize([text], stopwords=self.config.stopwords, stem=self.config.stem)[0]  # once for both parts
+        scores = np.concatenate([self.base.token_scores(tokens), self._delta_scores(tokens).astype(np.float32)])
         scores[self.dead] = 0.0
         return scores
 
