@@ -12,8 +12,7 @@ import pytest
 from dssm import artifacts
 from dssm import index as ix
 from dssm.errors import InputError
-from dssm.index.delta import MAX_SEGMENTS
-from dssm.index.segments import DELTA_DIR, TOMBSTONES, SegmentLayout
+from dssm.index.segments import DELTA_DIR, MAX_SEGMENTS, TOMBSTONES, SegmentLayout
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from dssm.index.layout import DOCS_DB
 from dssm.index.load import delta_segments, loaded_delta_segments, remember_delta_segment
 from dssm.index.segments import (
     DELTA_DIR,
+    MAX_SEGMENTS,
     SEGMENTS_KEY,
     TOMBSTONES,
     DeltaSegment,
@@ -45,11 +46,8 @@ from dssm.index.segments import (
     read_tombstones,
 )
 
-__all__ = ["MAX_SEGMENTS", "DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "write_delta",
+__all__ = ["DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "write_delta",
            "rebase_writes"]
-
-#: Delta segments a version keeps before a write merges them into one.
-MAX_SEGMENTS = 8
 
 
 def default_max_delta(base_documents: int) -> int:

@@ -27,6 +27,7 @@ from dssm.index.docstore import DocStore
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.segments import (
     DELTA_DIR,
+    MAX_SEGMENTS,
     DeltaSegment,
     RowMatrix,
     SegmentedBM25,
@@ -66,7 +67,7 @@ class _Base:
 # Loaded parts by file identity; an entry lives as long as some Index holds the part, and the
 # delta segments a writer used last stay (bounded) for its next write, which links them again.
 _LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
-_RECENT: collections.deque[Any] = collections.deque(maxlen=2 * 8 + 2)
+_RECENT: collections.deque[Any] = collections.deque(maxlen=MAX_SEGMENTS + 2)
 _LOADED_LOCK = threading.Lock()
 
 
@@ -108,9 +109,10 @@ class Index:
         self._base_dead = int(self.dead[:base_rows].sum())
         live = np.flatnonzero(~self.dead[base_rows:])
         self._delta_rows = live + base_rows  # [live delta] logical rows
-        self._delta_all = np.concatenate([d.matrix for d in deltas]) if deltas else np.zeros((0, self.dim), np.float32)
-        self._delta_matrix = self._delta_all[live]  # [live delta, dim]
+        self._delta_matrix = np.concatenate([d.matrix for d in deltas])[live] if deltas else \
+            np.zeros((0, self.dim), np.float32)  # [live delta, dim]
         self._matrix: Any = None  # the memory-mapped base matrix, opened on first use
+        self._delta_all: np.ndarray | None = None  # [delta rows, dim], stacked on first use (hybrid, tagging)
 
     @property
     def pending_delta(self) -> int:
@@ -146,7 +148,11 @@ class Index:
             if self._matrix is None:
                 self._matrix = load_npy(self.version_dir / EMBEDDINGS, mmap_mode="r")
             base = self._matrix
-        return base if not self.deltas else RowMatrix(base, self._delta_all)
+        if not self.deltas:
+            return base
+        if self._delta_all is None:
+            self._delta_all = np.concatenate([d.matrix for d in self.deltas])
+        return RowMatrix(base, self._delta_all)
 
     def live_rows(self) -> np.ndarray:
         """[size] int64 logical rows of the live documents, ascending."""

@@ -32,11 +32,13 @@ from dssm.artifacts import load_npy
 from dssm.errors import ChecksumError, IndexNotFoundError
 from dssm.index.docstore import Doc, DocStore
 
-__all__ = ["DELTA_DIR", "TOMBSTONES", "SEGMENTS_KEY", "SegmentLayout", "DeltaSegment", "SegmentedDocs",
+__all__ = ["DELTA_DIR", "TOMBSTONES", "MAX_SEGMENTS", "SEGMENTS_KEY", "SegmentLayout", "DeltaSegment", "SegmentedDocs",
            "RowMatrix", "SegmentedBM25", "merge_hits", "read_tombstones"]
 
 DELTA_DIR = "delta"
 TOMBSTONES = "tombstones.npy"
+#: Delta segments a version keeps before a write merges them into one (:mod:`dssm.index.delta`).
+MAX_SEGMENTS = 8
 SEGMENTS_KEY = "segments"
 _DOCS = "docs.jsonl"
 _VECTORS = "embeddings.npy"

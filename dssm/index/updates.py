@@ -276,16 +276,17 @@ def _compact_now(index_dir: Path, *, rebalance: bool | None, rebalance_fraction:
         changes, state = _fold(base, stage, manifest, view, docs=[], vectors=np.zeros((0, dim), np.float32),
                                version=version, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
                                min_recall=min_recall, timings=timings)
+        layout: SegmentLayout | None = SegmentLayout(base_version=version, base_documents=changes.final)
         with IndexWriteLock(index_dir):
             live = current_version_dir(index_dir)
             if live.name != base.name:
                 (rebased := root / "rebased").mkdir()
-                if rebase_writes(stage, rebased, view, live, version=version) is None:
+                layout = rebase_writes(stage, rebased, view, live, version=version)
+                if layout is None:
                     return None
                 stage = rebased
             published = publish_version(index_dir, stage, version)
         retain_versions(index_dir, keep_versions)
-    layout = SegmentLayout.of(read_manifest(published), version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=layout.live, deleted=0, inserted=0, replaced=0, rebalanced=state.reason is not None,
                         rebalance_reason=state.reason, recall_at_10=state.recall,
