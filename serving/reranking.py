@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dssm.errors import IndexNotFoundError, InputError
+from dssm.index import file_identity
 
 __all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_reranker_once"]
 
@@ -89,8 +90,7 @@ def load_reranker_once(directory: Path) -> Any:
     """The re-ranker in ``directory``: :func:`dssm.rerank_export.load_reranker` (checksums verified), or
     the one this process already loaded from the very same files (each the same inode, size and
     mtime: hard links from an earlier version; a file changed in place since is a miss, and verified)."""
-    key = tuple((p.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                for p in sorted(directory.rglob("*")) if p.is_file() for st in [p.stat()])
+    key = file_identity(directory.parent, (directory.name,))
     with _LOADED_LOCK:
         found = _LOADED.get(key)
     if found is not None:

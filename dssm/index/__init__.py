@@ -38,6 +38,7 @@ from dssm.index.build import (  # noqa: I001
 )
 from dssm.index.docstore import Doc, DocStore, DocStoreWriter
 from dssm.index.documents import as_documents, document_fields
+from dssm.index.files import file_identity
 from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
 from dssm.index.load import Index, load_index
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
@@ -63,7 +64,7 @@ from dssm.index.versions import (  # noqa: I001
 )
 from dssm.index.writes import delete_documents, upsert_documents
 
-# The layer's public names (files, memory and row-reading helpers stay inside it).
+# The layer's public names (fsync and link helpers, memory and row-reading helpers stay inside it).
 __all__ = [
     "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
     "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
@@ -74,5 +75,5 @@ __all__ = [
     "count_shard_rows", "build_index_from_shards", "Index", "load_index", "attach_reranker", "UpdateResult",
     "update_index", "compact_index",
     "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec", "DEFAULT_KEEP_VERSIONS", "VersionLease",
-    "retain_versions", "version_in_use",
+    "retain_versions", "version_in_use", "file_identity",
 ]

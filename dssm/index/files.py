@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-__all__ = ["fsync_file", "fsync_dir", "fsync_tree", "link_tree", "tree_bytes"]
+__all__ = ["fsync_file", "fsync_dir", "fsync_tree", "link_tree", "tree_bytes", "file_identity"]
 
 
 def fsync_file(path: Path) -> None:
@@ -56,3 +57,19 @@ def link_tree(source: Path, target: Path) -> None:
 
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def file_identity(directory: Path, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """(path, device, inode, size, mtime) of every file under ``names`` of ``directory``, sorted.
+
+    Equal identities are the same bytes unless written in place without a new mtime: a cache of
+    what was loaded (and verified) from files keys on it, and a hard link keeps it.
+    """
+    out = []
+    for name in names:
+        root = directory / name
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            st = os.stat(path)
+            out.append((path.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)

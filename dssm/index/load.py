@@ -12,7 +12,6 @@ write costs what the write added.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import weakref
 from pathlib import Path
@@ -24,6 +23,7 @@ from dssm.artifacts import load_npy, read_manifest, verify_manifest
 from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
+from dssm.index.files import file_identity
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.segments import (
     DELTA_DIR,
@@ -69,18 +69,6 @@ class _Base:
 _LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
 _RECENT: collections.deque[Any] = collections.deque(maxlen=MAX_SEGMENTS + 2)
 _LOADED_LOCK = threading.Lock()
-
-
-def _identity(directory: Path, names: tuple[str, ...]) -> tuple[Any, ...]:
-    """(path, device, inode, size, mtime) of every file under ``names`` of ``directory``, sorted."""
-    out = []
-    for name in names:
-        root = directory / name
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in paths:
-            st = os.stat(path)
-            out.append((path.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 class Index:
@@ -260,7 +248,7 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
             raise ChecksumError(f"index version {version_dir} lacks {name}")
     manifest = read_manifest(version_dir)
     layout = SegmentLayout.of(manifest, version_dir.name)
-    base_key = ("base",) + _identity(version_dir, _BASE_FILES)
+    base_key = ("base",) + file_identity(version_dir, _BASE_FILES)
     with _LOADED_LOCK:
         base = _LOADED.get(base_key)
     known = loaded_delta_segments(version_dir, layout)
@@ -297,7 +285,7 @@ def loaded_delta_segments(version_dir: Path, layout: SegmentLayout) -> dict[str,
     with _LOADED_LOCK:
         for name, _ in layout.delta:
             rel = f"{DELTA_DIR}/{name}"
-            segment = _LOADED.get(("delta",) + _identity(version_dir, (rel,)))
+            segment = _LOADED.get(("delta",) + file_identity(version_dir, (rel,)))
             if segment is not None:
                 found[rel] = segment
     return found
@@ -331,7 +319,7 @@ def remember_delta_segment(version_dir: Path, segment: DeltaSegment) -> None:
     A writer registers the segment it stages: renaming the stage into ``versions/`` keeps the files'
     identity, so neither its own reload nor its next write reads (or re-hashes) its own bytes.
     """
-    key = ("delta",) + _identity(version_dir, (f"{DELTA_DIR}/{segment.name}",))
+    key = ("delta",) + file_identity(version_dir, (f"{DELTA_DIR}/{segment.name}",))
     with _LOADED_LOCK:
         _LOADED[key] = segment
         _RECENT.append(segment)
