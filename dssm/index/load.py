@@ -34,6 +34,7 @@ from dssm.index.segments import (
     SegmentedDocs,
     SegmentLayout,
     merge_hits,
+    pending_rows,
     read_tombstones,
 )
 from dssm.index.versions import VersionLease, current_version_dir
@@ -105,7 +106,7 @@ class Index:
     @property
     def pending_delta(self) -> int:
         """Live delta documents + tombstoned base rows: what compaction would fold (see ``max_delta``)."""
-        return int(self._delta_rows.size) + self._base_dead
+        return pending_rows(self.dead, self.layout.base_documents)
 
     @property
     def version(self) -> str:

@@ -33,7 +33,7 @@ from dssm.errors import ChecksumError, IndexNotFoundError
 from dssm.index.docstore import Doc, DocStore
 
 __all__ = ["DELTA_DIR", "TOMBSTONES", "MAX_SEGMENTS", "SEGMENTS_KEY", "SegmentLayout", "DeltaSegment", "SegmentedDocs",
-           "RowMatrix", "SegmentedBM25", "merge_hits", "read_tombstones"]
+           "RowMatrix", "SegmentedBM25", "merge_hits", "pending_rows", "read_tombstones"]
 
 DELTA_DIR = "delta"
 TOMBSTONES = "tombstones.npy"
@@ -318,6 +318,12 @@ class SegmentedBM25:
         from dssm.bm25 import rows_by_score
 
         return rows_by_score(self.scores, texts, k)
+
+
+def pending_rows(dead: np.ndarray, base_rows: int) -> int:
+    """Live delta rows + tombstoned base rows of ``dead`` ([rows] bool): what a compaction folds, and
+    what ``max_delta`` bounds."""
+    return int(dead[:base_rows].sum() + (~dead[base_rows:]).sum())
 
 
 def merge_hits(base_rows: np.ndarray, base_scores: np.ndarray, delta_rows: np.ndarray, delta_scores: np.ndarray,

@@ -32,7 +32,7 @@ from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
-from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout
+from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
@@ -200,8 +200,7 @@ def update_index(
         view, replaced = _killed(base, manifest, ids=ids, deletes=deletes)
         timings = {"load": time.perf_counter() - tick}
         limit = default_max_delta(view.layout.base_documents) if max_delta is None else max_delta
-        base_dead = int(view.dead[:view.layout.base_documents].sum())
-        pending = int((~view.dead[view.layout.base_documents:]).sum()) + len(docs) + base_dead
+        pending = pending_rows(view.dead, view.layout.base_documents) + len(docs)
         counts = {"deleted": len(deletes), "inserted": len(ids) - replaced, "replaced": replaced}
         if rebalance is not True and pending <= limit:
             result = _delta_update(index_dir, base, manifest, view, docs=docs, vectors=vectors, version=version,
