@@ -553,7 +553,7 @@ class Backend:
             fn(*args)
             self.reload(force=True)  # read-your-writes: the new version is live before the caller hears back
             live = self.current()
-            self.compactor.after_write(getattr(live.searcher, "index", None))  # waits for our lock to be released
+            self.compactor.after_write(getattr(live.searcher, "index", None))  # in the background, if due
             return live.version
 
     def upsert(self, documents: Sequence[Any]) -> str:

@@ -75,9 +75,11 @@ class BackgroundCompactor:
 
     def due(self, index: Any) -> bool:
         """Whether ``index`` (a loaded :class:`dssm.index.Index`) should be compacted now."""
-        pending = getattr(index, "pending_delta", 0)
+        pending = getattr(index, "pending_delta", 0)  # 0 for a searcher without one index (shards)
+        if not pending:
+            return False
         limit = default_max_delta(index.layout.base_documents) if self.max_delta is None else self.max_delta
-        return bool(pending) and 2 * pending >= limit
+        return 2 * pending >= limit
 
     def after_write(self, index: Any) -> threading.Thread | None:
         """Start a compaction if ``index`` is due and none runs; the thread started, or ``None``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -486,3 +487,10 @@ def test_one_compaction_per_index_at_a_time(tmp_path):
         assert not ix.load_index(path).layout.plain
     result = ix.compact_index(path)
     assert result is not None and ix.load_index(path).layout.plain
+
+
+def test_the_compactor_ignores_a_searcher_without_one_index():
+    from serving.compaction import BackgroundCompactor
+
+    compactor = BackgroundCompactor(Path("unused"), reload=lambda force: None)
+    assert not compactor.due(None) and compactor.after_write(None) is None
