@@ -24,7 +24,8 @@ import numpy as np
 from dssm.errors import ChecksumError, IndexNotFoundError
 
 __all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
-           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic", "load_npy"]
+           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic", "load_npy",
+           "manifest_extra"]
 
 MANIFEST = "manifest.json"
 # The manifest kind of a re-ranker directory (dssm.rerank_export writes it; dssm.index attaches it).
@@ -91,6 +92,15 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
     }
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
+
+
+_OWN_KEYS = ("kind", "format_version", "created", "files")
+
+
+def manifest_extra(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's keys beyond the ones :func:`write_manifest` writes itself: what a derived artifact
+    (an index version written from another) carries over as its ``extra``."""
+    return {k: v for k, v in manifest.items() if k not in _OWN_KEYS}
 
 
 def _linked_checksums(source: Path) -> dict[str, tuple[tuple[int, int], dict[str, Any]]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import read_manifest, verify_manifest, write_manifest
+from dssm.artifacts import manifest_extra, read_manifest, verify_manifest, write_manifest
 from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_tree, link_tree
@@ -167,7 +167,7 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
     if new_layout.live == 0:
         raise InputError(f"the update would delete every document of index version {base.name}")
     timings["delta"] = time.perf_counter() - tick
-    extra = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
+    extra = manifest_extra(manifest)
     extra.update(version=version, counts={**manifest["counts"], "documents": new_layout.live},
                  **{SEGMENTS_KEY: new_layout.to_dict()})
     extra["updates"] = {**(manifest.get("updates") or {}), **updates, "base_version": base.name, "delta_write": True,
@@ -218,7 +218,7 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     layout = SegmentLayout(base_version=version, base_documents=len(store), delta=tuple(segments),
                            tombstones=int(tombstones.size))
     manifest = read_manifest(compacted)
-    extra = {k: v for k, v in manifest.items() if k not in ("kind", "format_version", "created", "files")}
+    extra = manifest_extra(manifest)
     extra.update(counts={**manifest["counts"], "documents": layout.live}, **{SEGMENTS_KEY: layout.to_dict()})
     extra["updates"] = {**manifest["updates"], "rebased_onto": live.name, "writes_carried": len(touched)}
     write_manifest(out, kind="index", linked_from=compacted, extra=extra)

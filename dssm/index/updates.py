@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.artifacts import load_npy, read_manifest, verify_manifest, write_manifest
+from dssm.artifacts import load_npy, manifest_extra, read_manifest, verify_manifest, write_manifest
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
@@ -566,8 +566,7 @@ def _updated_manifest(manifest: dict[str, Any], *, base: Path, version: str, cha
                       state: _ScannState, deletes: int, rebalance_fraction: float,
                       timings: dict[str, float]) -> dict[str, Any]:
     """The new version's manifest keys: the base's, with counts, ScaNN, recall and the update history."""
-    new_manifest = {k: v for k, v in manifest.items()
-                    if k not in ("kind", "format_version", "created", "files", SEGMENTS_KEY)}
+    new_manifest = {k: v for k, v in manifest_extra(manifest).items() if k != SEGMENTS_KEY}
     new_manifest.update(
         version=version,
         counts={"documents": changes.final, "zero_embeddings": int((~changes.matrix.any(axis=1)).sum())},
