@@ -19,9 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dssm.errors import InputError
-from dssm.query_numpy import BULK_TEXTS
 
-__all__ = ["TagHit", "Tagger", "BULK_TEXTS"]
+__all__ = ["TagHit", "Tagger"]
 
 
 class TagHit(NamedTuple):
@@ -54,8 +53,9 @@ class Tagger:
     def scores(self, texts: Sequence[str], *, batch_size: int = 4096) -> np.ndarray:
         """``[len(texts), num_labels]`` float32 cosines of each text with each label.
 
-        ``BULK_TEXTS`` texts or more are embedded by the SavedModel (the encoder's rule: faster in bulk);
-        a few texts (``dssm tag TEXT``, ``POST /v1/tag``) by the numpy query path, without TensorFlow.
+        :data:`dssm.query_numpy.BULK_TEXTS` texts or more are embedded by the SavedModel (the encoder's
+        rule: faster in bulk); a few texts (``dssm tag TEXT``, ``POST /v1/tag``) by the numpy query path,
+        without TensorFlow.
         """
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         for start in range(0, len(texts), batch_size):

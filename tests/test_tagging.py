@@ -219,9 +219,10 @@ def test_tag_over_http_against_a_real_server(trained_tags):
 
 def test_bulk_scoring_loads_the_graph_and_gives_the_numpy_paths_scores(trained_tags, tiny_tags):
     """From BULK_TEXTS texts on, the SavedModel embeds them (faster in bulk); a few texts never load it."""
+    from dssm.query_numpy import BULK_TEXTS
     from dssm.tag_data import read_tagged
     from serving.searcher import Searcher
-    from serving.tagger import BULK_TEXTS, Tagger
+    from serving.tagger import Tagger
 
     tagger = Tagger(Searcher.load(trained_tags.index))
     encoder = tagger.searcher.encoder
