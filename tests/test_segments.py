@@ -326,6 +326,29 @@ def test_writes_published_while_a_compaction_builds_are_carried_onto_its_base(tm
     assert_serves_exactly(index, truth, unit(rng.standard_normal((20, 16))))
 
 
+def test_a_compaction_holds_its_version_while_fast_writes_prune_old_ones(tmp_path, monkeypatch):
+    # Found by the HTTP write bench: at 8 writes/s a version outlives retention (keep 10) by about a
+    # second, less than a compaction takes, so the compaction lost its files mid-read and failed.
+    import dssm.index.updates as updates
+
+    path = tmp_path / "idx"
+    truth = build(path, n=200)
+    rng = np.random.default_rng(3)
+    upsert(path, truth, [("a", unit(rng.standard_normal((1, 16)))[0], "aa")])
+    real = updates._fold
+
+    def pruned_meanwhile(base, *args, **kwargs):
+        for j in range(4):  # each write prunes all but the 2 newest versions
+            upsert(path, truth, [(f"late{j}", unit(rng.standard_normal((1, 16)))[0], f"late {j}")], keep_versions=2)
+        assert base.is_dir()
+        return real(base, *args, **kwargs)
+
+    monkeypatch.setattr(updates, "_fold", pruned_meanwhile)
+    result = ix.compact_index(path)
+    assert result is not None and result.documents == len(truth)
+    assert_serves_exactly(ix.load_index(path), truth, unit(rng.standard_normal((10, 16))))
+
+
 def test_a_compaction_whose_base_was_replaced_meanwhile_publishes_nothing(tmp_path, monkeypatch):
     import dssm.index.updates as updates
 

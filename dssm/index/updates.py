@@ -36,6 +36,7 @@ from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayo
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
     IndexWriteLock,
+    VersionLease,
     current_version_dir,
     new_version_name,
     publish_version,
@@ -264,7 +265,20 @@ def _compact_now(index_dir: Path, *, rebalance: bool | None, rebalance_fraction:
     tick = time.perf_counter()
     with IndexWriteLock(index_dir):
         base = current_version_dir(index_dir)
+        # Writes go on meanwhile and each prunes old versions: the lease keeps this one's files
+        # until the compaction has read them (at 8 writes/s it outlives retention by about a second).
+        lease = VersionLease(base)
         view = LiveView.open(base, read_manifest(base))
+    try:
+        return _compact_from(index_dir, base, view, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
+                             min_recall=min_recall, keep_versions=keep_versions, tick=tick)
+    finally:
+        lease.release()
+
+
+def _compact_from(index_dir: Path, base: Path, view: LiveView, *, rebalance: bool | None, rebalance_fraction: float,
+                  min_recall: float | None, keep_versions: int, tick: float) -> UpdateResult | None:
+    """Fold ``base``'s delta into a new base and publish it (rebased over writes published meanwhile)."""
     if view.layout.plain:
         return None
     version, timings = new_version_name(), {"load": time.perf_counter() - tick}
