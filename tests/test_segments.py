@@ -96,6 +96,17 @@ def test_small_writes_are_delta_segments_that_search_like_exact_search(tmp_path)
     assert (version / "embeddings.npy").stat().st_nlink > 1 and (version / "scann").is_dir()
 
 
+def test_delta_rows_tied_at_the_kth_score_are_ranked_by_row_like_exact_search(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=100)
+    same = unit(np.ones((1, 16)))[0]
+    upsert(path, truth, [(f"t{j}", same, f"tie {j}") for j in range(30)])  # 30 delta rows, one score
+    index = ix.load_index(path)
+    rows, scores = index.search_vectors(same[None, :], 10)
+    assert [d.id for d in index.docs.get(rows[0].tolist())] == [f"t{j}" for j in range(10)]
+    assert np.allclose(scores[0], 1.0, atol=1e-5)
+
+
 def test_a_write_past_max_delta_compacts_into_the_base(tmp_path):
     path = tmp_path / "idx"
     truth = build(path, n=400)
