@@ -51,6 +51,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import threadpoolctl
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import multiprocess
@@ -214,6 +215,13 @@ def _set_tf_threads(threads: int) -> None:
 
 
 
+def _limit_blas_threads(threads: int) -> None:
+    """numpy's BLAS gets the same thread count as TensorFlow: requests already run side by side, and
+    OpenBLAS's extra threads spin-waiting for a busy core slowed each search's delta scoring and each
+    query encoding under load (``bench/write_http.py``)."""
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+
+
 def _graph_loader(index_dir: Path, encoder: Any) -> Searcher:
     """``--no-fast-queries``: every query through the SavedModel's signature (TensorFlow loaded at start)."""
     return Searcher.load(index_dir, encoder=encoder, fast_queries=False)
@@ -229,6 +237,7 @@ def _serving_app(config: ServeConfig) -> FastAPI:
                      max_pending_writes=config.max_pending_writes)
     if config.tf_threads:
         _set_tf_threads(config.tf_threads)
+        _limit_blas_threads(config.tf_threads)
     if config.switch_interval_ms > 0:
         sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     return app
@@ -314,8 +323,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="threads that answer single queries, each taking every query waiting at that "
                              "moment as one batch (default: 1)")
     parser.add_argument("--tf-threads", type=int, default=1,
-                        help="TensorFlow intra- and inter-op threads (default: 1: a single query's ops are too small "
-                             "to gain from a pool, and the event loop needs the other core)")
+                        help="TensorFlow intra- and inter-op threads, and numpy BLAS threads (default: 1: a single "
+                             "query's ops are too small to gain from a pool, and the event loop needs the other core)")
     parser.add_argument("--fast-queries", action=argparse.BooleanOptionalAction, default=True,
                         help="answer ASCII queries from the model's numpy weights, loading TensorFlow only when "
                              "something needs it (default); --no-fast-queries loads the SavedModel at start")

@@ -34,7 +34,8 @@ class ServeConfig:
     threads: int = field(8, "worker threads for batch searches, similarity and document reads")
     max_pending_writes: int = field(8, "writes admitted at once (one runs at a time on its own thread); more get 429")
     model_threads: int = field(1, "threads that answer single queries, coalesced into batches")
-    tf_threads: int = field(1, "TensorFlow intra- and inter-op threads (0 = TensorFlow's default)")
+    tf_threads: int = field(1, "TensorFlow intra- and inter-op threads and numpy BLAS threads "
+                                   "(0 = the libraries' defaults)")
     fast_queries: bool = field(True, "answer ASCII queries from the model's numpy weights, loading TensorFlow "
                                "only when something needs it (--no-fast-queries loads the SavedModel at start)")
     switch_interval_ms: float = field(5.0, "Python's GIL switch interval in ms (<= 0 leaves it unchanged)")
