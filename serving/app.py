@@ -72,6 +72,7 @@ from serving.routes import (
     metrics_text,
 )
 from serving.searcher import Searcher
+from serving.writer import WriterProcess
 
 __all__ = ["API_KEY_ENV", "WORKER_CONFIG_ENV", "ServeConfig", "create_app", "metrics_text", "openapi_document",
            "write_openapi", "worker_app", "main"]
@@ -230,8 +231,12 @@ def _graph_loader(index_dir: Path, encoder: Any) -> Searcher:
 def _serving_app(config: ServeConfig) -> FastAPI:
     """One serving process's app from ``config`` (the parsed ``dssm serve`` flags), process settings applied."""
     loader = None if config.fast_queries else _graph_loader
+    # Without an API key writes are refused (403), so there is nothing for a writer process to do.
+    writer = (WriterProcess(config.index, tf_threads=config.tf_threads)
+              if config.write_process and config.api_key else None)
     backend = Backend(config.index, max_in_flight=config.max_in_flight, watch_interval=config.watch_interval,
-                      batchers=config.model_threads, batch_window=config.batch_window_ms / 1000.0, loader=loader)
+                      batchers=config.model_threads, batch_window=config.batch_window_ms / 1000.0, loader=loader,
+                      writer=writer)
     app = create_app(backend, api_key=config.api_key, require_key_for_reads=config.require_key_for_reads,
                      worker_threads=config.threads, load_before_serving=config.load_before_serving,
                      max_pending_writes=config.max_pending_writes)
@@ -325,6 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tf-threads", type=int, default=1,
                         help="TensorFlow intra- and inter-op threads, and numpy BLAS threads (default: 1: a single "
                              "query's ops are too small to gain from a pool, and the event loop needs the other core)")
+    parser.add_argument("--write-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="encode and publish writes in one child process (default), so that their work does "
+                             "not hold this process's interpreter lock against searches; --no-write-process "
+                             "writes in the server's process")
     parser.add_argument("--fast-queries", action=argparse.BooleanOptionalAction, default=True,
                         help="answer ASCII queries from the model's numpy weights, loading TensorFlow only when "
                              "something needs it (default); --no-fast-queries loads the SavedModel at start")
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_pending_writes=args.max_pending_writes,
                          switch_interval_ms=args.switch_interval_ms, batch_window_ms=args.batch_window_ms,
                          watch_interval=args.watch_interval, log_level=args.log_level,
-                         fast_queries=args.fast_queries)
+                         fast_queries=args.fast_queries, write_process=args.write_process)
     try:
         if args.workers > 1:
             _run_workers(args, config)

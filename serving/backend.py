@@ -31,7 +31,6 @@ backends can live in one process, as in tests).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,16 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dssm.errors import ConfigError, DSSMError, IndexNotFoundError, InputError
 from dssm.hybrid import SEARCH_MODES
 from dssm.index import current_version_dir
 from dssm.index.documents import as_documents
 from serving.compaction import BackgroundCompactor
+from serving.metrics import Metrics, multiprocess_metrics
 from serving.model_thread import ModelThread
 from serving.reranking import check_rerank
 from serving.searcher import DocumentNotFoundError, Searcher, model_fingerprint  # 404 in the HTTP layer
+from serving.writer import WriterProcess
 
 __all__ = [
     "DUPLICATE_THRESHOLD_KEY",
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 # duplicate detection, written by `dssm thresholds --save`.
 DUPLICATE_THRESHOLD_KEY = "duplicate_threshold"
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class NotReadyError(DSSMError):
@@ -125,45 +124,6 @@ class SimilarityResult:
 MAX_TAG_LABELS = 10_000
 
 
-def multiprocess_metrics() -> bool:
-    """Whether prometheus_client records into ``$PROMETHEUS_MULTIPROC_DIR`` (``dssm serve --workers N``)."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
-
-
-class Metrics:
-    """The service's Prometheus collectors, in their own registry.
-
-    Under ``dssm serve --workers N`` every worker process records into prometheus_client's
-    multiprocess directory and ``/metrics`` sums them (see :func:`serving.routes.metrics_text`): counters
-    and histograms add up over the workers, the in-flight gauge is the live workers' sum, and the
-    gauges that describe a worker's loaded version carry a ``pid`` label, one series per live worker.
-    """
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("dssm_requests", "HTTP requests by route and status", ["method", "route", "status"],
-                                registry=r)
-        self.latency = Histogram("dssm_request_duration_seconds", "HTTP request latency (until the response is sent)",
-                                 ["method", "route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("dssm_in_flight_operations", "index operations admitted and not yet finished",
-                               registry=r, multiprocess_mode="livesum")
-        self.rejected = Counter("dssm_overload_rejections", "operations refused because the in-flight limit was full",
-                                registry=r)
-        self.index_info = Gauge("dssm_index_version_info", "1 for the live index version", ["version"], registry=r,
-                                multiprocess_mode="liveall")
-        self.index_documents = Gauge("dssm_index_documents", "documents in the live index version", registry=r,
-                                     multiprocess_mode="liveall")
-        self.index_loaded = Gauge("dssm_index_loaded_timestamp_seconds", "when the live version was swapped in",
-                                  registry=r, multiprocess_mode="liveall")
-        self.swaps = Counter("dssm_index_swaps", "index versions swapped in (the first load included)", registry=r)
-        self.load_failures = Counter("dssm_index_load_failures", "index versions that failed to load", registry=r)
-        self.batch_size = Histogram("dssm_search_batch_size", "single queries answered per coalesced model call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.load_seconds = Histogram("dssm_index_load_seconds", "time to load and warm up an index version",
-                                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
-
-
 def _default_loader(index_dir: Path, encoder: Any | None) -> Any:
     return Searcher.load(index_dir, encoder=encoder)
 
@@ -183,12 +143,15 @@ class Backend:
         batchers: model threads (one by default: every model call runs in it, see the module docstring).
         batch_window: seconds the model thread waits for more queries after the first of a batch
             (0: take only what is already waiting).
+        writer: runs the writes of a :class:`Searcher` index (``dssm serve`` passes a
+            :class:`serving.writer.WriterProcess`: the work of a write off this process's interpreter
+            lock); ``None`` writes in this process.
     """
 
     def __init__(self, index_dir: str | Path, *, max_in_flight: int = 64, watch_interval: float = 1.0,
                  loader: Callable[[Path, Any | None], Any] | None = None,
                  warmup_query: str = "warm up", max_batch: int = 64, batchers: int = 1,
-                 batch_window: float = 0.0) -> None:
+                 batch_window: float = 0.0, writer: WriterProcess | None = None) -> None:
         if max_batch < 1 or batchers < 1:
             raise ConfigError(f"max_batch and batchers must be >= 1, got {max_batch} and {batchers}")
         if max_in_flight < 1:
@@ -207,6 +170,7 @@ class Backend:
         self._swap_lock = threading.Lock()     # guards the swap and the metrics that describe it
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
         self._write_lock = threading.Lock()    # one incremental update at a time
+        self._writer = writer
         self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload)
         self._slots_lock = threading.Lock()
         self._tagger_lock = threading.Lock()
@@ -236,6 +200,8 @@ class Backend:
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="dssm-index-watcher", daemon=True)
         self._watcher.start()
+        if self._writer is not None:
+            self._writer.start()
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._snapshot is None and not self._stop.is_set():
@@ -251,6 +217,8 @@ class Backend:
             self._watcher.join(timeout=30)
             self._watcher = None
         self._model.stop()
+        if self._writer is not None:
+            self._writer.close()
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -545,7 +513,9 @@ class Backend:
             snap = self.current()
             if check is not None:
                 check(snap)
-            fn = getattr(snap.searcher, method, None)
+            # The child writes to the one index of a Searcher (not the shards of a ShardedSearcher).
+            child = self._writer if self._writer is not None and type(snap.searcher) is Searcher else None
+            fn = getattr(child or snap.searcher, method, None)
             if fn is None:
                 raise WriteNotSupportedError(
                     f"the loaded searcher ({type(snap.searcher).__name__}) has no {method}(); "

@@ -38,6 +38,8 @@ class ServeConfig:
                                    "(0 = the libraries' defaults)")
     fast_queries: bool = field(True, "answer ASCII queries from the model's numpy weights, loading TensorFlow "
                                "only when something needs it (--no-fast-queries loads the SavedModel at start)")
+    write_process: bool = field(True, "encode and publish writes in a child process (serving.writer), off the "
+                                "interpreter lock that answers searches; False writes in the server's process")
     switch_interval_ms: float = field(5.0, "Python's GIL switch interval in ms (<= 0 leaves it unchanged)")
     batch_window_ms: float = field(0.0, "how long the model thread waits for more concurrent queries to join a batch")
     watch_interval: float = field(1.0, "seconds between checks of CURRENT for a new version")

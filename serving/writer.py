@@ -1,0 +1,180 @@
+"""Writes in a child process (issue 14): ``dssm serve`` encodes and publishes upserts and deletes there.
+
+A 100-document upsert is ~40 ms of Python and TensorFlow work (the document tower, the delta segment,
+its manifest and checksums, fsyncs). In the server's process that work holds the interpreter lock
+against the thread that answers searches, so every write stalled the searches queued behind it; in a
+child it only competes for a core. The child is one long-lived process, so the document tower is
+loaded once (again only when the live version's model changes), not per write.
+
+The protocol is one JSON object per line on the child's stdin and on a private copy of its stdout (the
+child points its own fd 1 at stderr, so a library that prints cannot corrupt an answer); no pickle.
+Errors come back by class name and are raised in the parent as the same :mod:`dssm.errors` type, so an
+HTTP client gets the 400/404 it would get from an in-process write. A child that dies is restarted by
+the next write; the write it was running fails with :class:`WriterCrashedError` (it may or may not have
+published; the backend's watcher serves whatever ``CURRENT`` names).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dssm.errors import ChecksumError, ConfigError, DSSMError, IndexNotFoundError, InputError
+
+__all__ = ["WriterCrashedError", "WriterProcess", "child_main"]
+
+log = logging.getLogger(__name__)
+
+_CHILD = "from serving.writer import child_main; child_main()"
+
+
+class WriterCrashedError(DSSMError):
+    """The writer child exited mid-write, or failed with an error that is not one of :mod:`dssm.errors`."""
+
+
+def _error_types() -> dict[str, type[DSSMError]]:
+    from serving.searcher import DocumentNotFoundError  # deferred: the child imports this module first
+
+    return {cls.__name__: cls for cls in (DocumentNotFoundError, InputError, ConfigError, ChecksumError,
+                                          IndexNotFoundError, DSSMError)}
+
+
+class WriterProcess:
+    """One child process that runs :func:`dssm.index.writes.upsert_documents` / ``delete_documents``.
+
+    Args:
+        index_dir: the index directory the child writes to.
+        tf_threads: TensorFlow intra- and inter-op threads in the child (0: TensorFlow's default).
+    """
+
+    def __init__(self, index_dir: str | Path, *, tf_threads: int = 1) -> None:
+        self.index_dir = Path(index_dir)
+        self.tf_threads = tf_threads
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start the child (if it is not running) so that the first write does not pay for TensorFlow's import."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> subprocess.Popen[str]:
+        if self._child is None or self._child.poll() is not None:
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(self.index_dir), str(self.tf_threads)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
+        return self._child
+
+    def upsert(self, documents: Sequence[tuple[str, str, str]]) -> str:
+        """Add or replace ``(id, title, text)`` documents; returns the new live version."""
+        return self._call({"op": "upsert", "documents": [list(d) for d in documents]})
+
+    def delete(self, doc_ids: Sequence[str]) -> str:
+        """Delete documents by id (all must exist); returns the new live version."""
+        return self._call({"op": "delete", "ids": list(doc_ids)})
+
+    def _call(self, request: dict[str, Any]) -> str:
+        with self._lock:
+            child = self._ensure()
+            try:
+                child.stdin.write(json.dumps(request) + "\n")  # type: ignore[union-attr]
+                child.stdin.flush()  # type: ignore[union-attr]
+                line = child.stdout.readline()  # type: ignore[union-attr]
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                code = child.wait()
+                self._child = None
+                raise WriterCrashedError(f"the writer process exited with {code} during a {request['op']}; "
+                                         "it may or may not have published (it restarts on the next write)")
+        answer = json.loads(line)
+        if "version" in answer:
+            return str(answer["version"])
+        known = _error_types()
+        cls = next((known[name] for name in answer["types"] if name in known), WriterCrashedError)
+        message = answer["message"] if cls is not WriterCrashedError else f"{answer['types'][0]}: {answer['message']}"
+        raise cls(message)
+
+    def close(self) -> None:
+        """End the child (it exits at the end of its input) and wait for it."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is None:
+            return
+        try:
+            child.stdin.close()  # type: ignore[union-attr]
+            child.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            child.kill()
+            child.wait()
+
+
+class _ChildState:
+    """The child's side: the live version's document tower, reloaded when its model changes."""
+
+    def __init__(self, index_dir: Path) -> None:
+        self.index_dir = index_dir
+        self._fingerprint: str | None = None
+        self._encoder: Any = None
+
+    def encoder(self) -> Any:
+        from dssm.export import load_encoder
+        from dssm.index.layout import MODEL_DIR
+        from dssm.index.versions import current_version_dir
+        from serving.searcher import model_fingerprint
+
+        model = current_version_dir(self.index_dir) / MODEL_DIR
+        fingerprint = model_fingerprint(model)
+        if fingerprint is None:  # no model/: upsert_documents says so
+            return None
+        if fingerprint != self._fingerprint:
+            self._encoder, self._fingerprint = load_encoder(model), fingerprint
+        return self._encoder
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        from dssm.index.writes import delete_documents, upsert_documents
+
+        try:
+            if request["op"] == "upsert":
+                docs = [tuple(d) for d in request["documents"]]
+                result = upsert_documents(self.index_dir, docs, encoder=self.encoder())
+            elif request["op"] == "delete":
+                result = delete_documents(self.index_dir, request["ids"])
+            else:
+                raise InputError(f"unknown writer operation {request['op']!r}")
+            return {"version": result.version}
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent, by class name
+            return {"types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
+
+
+def child_main() -> None:
+    """The child's loop (``sys.argv``: index directory, TensorFlow threads): one JSON line in, one out."""
+    index_dir, tf_threads = Path(sys.argv[1]), int(sys.argv[2])
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    import threadpoolctl
+
+    import dssm  # noqa: F401 - sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+    if tf_threads:
+        import tensorflow as tf
+
+        threadpoolctl.threadpool_limits(limits=tf_threads, user_api="blas")
+        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
+    state = _ChildState(index_dir)
+    try:
+        state.encoder()  # load the tower now, not on the first write
+    except Exception as exc:  # noqa: BLE001 - a write will report it
+        log.warning("writer: could not load the document tower yet: %s", exc)
+    for line in sys.stdin:
+        if line.strip():
+            answers.write(json.dumps(state.handle(json.loads(line))) + "\n")
