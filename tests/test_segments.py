@@ -13,7 +13,7 @@ import pytest
 from dssm import artifacts
 from dssm import index as ix
 from dssm.errors import InputError
-from dssm.index.segments import DELTA_DIR, MAX_SEGMENTS, TOMBSTONES, SegmentLayout
+from dssm.index.segments import DELTA_DIR, MAX_SEGMENTS, MERGE_FACTOR, TOMBSTONES, SegmentLayout, merge_start
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -94,6 +94,47 @@ def test_small_writes_are_delta_segments_that_search_like_exact_search(tmp_path)
     # Each write wrote only its segment, tombstones and manifest (the base files are links).
     version = ix.load_index(path).version_dir
     assert (version / "embeddings.npy").stat().st_nlink > 1 and (version / "scann").is_dir()
+
+
+def test_merge_policy_merges_the_newest_segments_of_one_size_tier_and_cascades():
+    assert MERGE_FACTOR == 4  # tiers of 4: rows 1-3, 4-15, 16-63, 64-255, 256-1023, ...
+    assert merge_start([100]) == 0 and merge_start([100, 100, 100]) == 2  # fewer than 4 of a tier: no merge
+    assert merge_start([100, 100, 100, 100]) == 0
+    assert merge_start([1600, 100, 100, 100, 100]) == 1  # 4 x 100 -> 400, and 400 is a tier below 1600
+    assert merge_start([400, 400, 400, 100, 100, 100, 100]) == 0  # 400 joins the three 400s: one 1600
+    assert merge_start([5, 5, 5, 100]) == 0  # a bigger write takes the smaller tiers with it
+    assert merge_start([100, 100, 100, 5]) == 3
+    # 1-document writes: segments stay few, and a document is rewritten about log4(writes) times.
+    sizes, rewritten = [], 0
+    for _ in range(4_000):
+        first = merge_start(sizes + [1])
+        rewritten += sum(sizes[first:])
+        sizes = sizes[:first] + [sum(sizes[first:]) + 1]
+        assert len(sizes) <= MAX_SEGMENTS
+    assert sum(sizes) == 4_000 and len(sizes) <= 3 * 6 and rewritten <= 4_000 * 6
+
+
+def test_a_write_rewrites_only_the_segments_it_merges(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=200)
+    rng = np.random.default_rng(3)
+
+    def write(step: int, n: int) -> SegmentLayout:
+        items = [(f"w{step}-{j}", unit(rng.standard_normal((1, 16)))[0], f"write {step} {j}") for j in range(n)]
+        upsert(path, truth, items)
+        return ix.load_index(path).layout
+
+    big = write(0, 64)  # one segment of tier 3 (64-255 rows)
+    for step in range(1, 4):
+        layout = write(step, 4)  # tier 1: three of them stay apart
+    assert [rows for _, rows in layout.delta] == [64, 4, 4, 4]
+    first = ix.load_index(path).version_dir / DELTA_DIR / big.delta[0][0] / "embeddings.npy"
+    layout = write(4, 4)  # the fourth of tier 1: the four merge into 16 rows, the 64 stays as it was
+    assert [rows for _, rows in layout.delta] == [64, 16] and layout.delta[0] == big.delta[0]
+    version = ix.load_index(path).version_dir
+    assert (version / DELTA_DIR / big.delta[0][0] / "embeddings.npy").stat().st_ino == first.stat().st_ino
+    assert sorted(p.name for p in (version / DELTA_DIR).iterdir()) == sorted(name for name, _ in layout.delta)
+    assert_serves_exactly(ix.load_index(path), truth, unit(rng.standard_normal((20, 16))))
 
 
 def test_delta_rows_tied_at_the_kth_score_are_ranked_by_row_like_exact_search(tmp_path):

@@ -6,9 +6,11 @@ the rows it deletes or replaces, and adds its upserts as one new delta segment. 
 hard-links the base and the earlier segments, and writes only the new segment, ``tombstones.npy``
 and its manifest (whose checksums of linked files are carried over by inode).
 
-**Merge policy** (Lucene's tiered merging, reduced to one tier): when a write would leave more than
-:data:`MAX_SEGMENTS` delta segments, the live rows of all of them and the write's upserts become one
-segment, so a search scans a handful of small matrices, not one per write.
+**Merge policy** (size-tiered, as Lucene's and LSM trees'; :func:`dssm.index.segments.merge_start`):
+when the newest delta segments hold :data:`~dssm.index.segments.MERGE_FACTOR` of one size tier, their
+live rows and the write's upserts become one segment of the next tier. Segments stay few (a handful
+per tier) and a document is rewritten a few times over its life, not with the whole delta every few
+writes.
 
 **Compaction**: when the delta would pass ``max_delta`` rows (live delta documents plus tombstoned
 base rows; default :func:`default_max_delta`), the write is folded into the base instead:
@@ -43,6 +45,7 @@ from dssm.index.segments import (
     DeltaSegment,
     SegmentedDocs,
     SegmentLayout,
+    merge_start,
     read_tombstones,
 )
 
@@ -91,10 +94,11 @@ class LiveView:
         self.dead[row] = True
         return True
 
-    def live_delta(self) -> tuple[list[Doc], np.ndarray]:
-        """The live delta documents and their [n, dim] embeddings, oldest first."""
-        docs, parts, offset = [], [], self.layout.base_documents
-        for segment in self.deltas:
+    def live_delta(self, first: int = 0) -> tuple[list[Doc], np.ndarray]:
+        """The live documents of the delta segments from ``first`` on and their [n, dim] embeddings, oldest first."""
+        docs, parts = [], []
+        offset = self.layout.base_documents + sum(len(segment) for segment in self.deltas[:first])
+        for segment in self.deltas[first:]:
             keep = np.flatnonzero(~self.dead[offset:offset + len(segment)])
             docs.extend(segment.docs[i] for i in keep)
             parts.append(segment.matrix[keep])
@@ -128,6 +132,20 @@ def compaction_ops(view: LiveView, docs: list[Doc], vectors: np.ndarray) -> tupl
     return upserts, matrix, deletes
 
 
+def _first_merged(view: LiveView, new_rows: int) -> int:
+    """The first delta segment a write of ``new_rows`` upserts merges (``len(segments)``: none)."""
+    count = len(view.layout.delta)
+    if not new_rows:
+        return count  # a delete adds no segment, so it merges none
+    offset, live = view.layout.base_documents, []
+    for _, rows in view.layout.delta:
+        live.append(int((~view.dead[offset:offset + rows]).sum()))
+        offset += rows
+    first = merge_start(live + [new_rows])
+    # The tiers bound the count for any sane mix of write sizes; past the cap, merge them all.
+    return 0 if first + 1 > MAX_SEGMENTS else first
+
+
 def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveView, *, docs: list[Doc],
                 vectors: np.ndarray, version: str, updates: dict[str, Any], timings: dict[str, float]) -> DeltaWrite:
     """Stage the next version of ``base``: its segments linked, ``docs`` as a new segment, the tombstones.
@@ -141,16 +159,19 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
     """
     tick = time.perf_counter()
     layout = view.layout
-    merged = len(layout.delta) + bool(docs) > MAX_SEGMENTS
-    base_dead = view.dead[:layout.base_documents]
+    first = _first_merged(view, len(docs))
+    merged = first < len(layout.delta)
+    offset = layout.base_documents + sum(rows for _, rows in layout.delta[:first])
     if merged:
-        old_docs, old_vectors = view.live_delta()
+        old_docs, old_vectors = view.live_delta(first)
         docs, vectors = old_docs + docs, np.concatenate([old_vectors, vectors])
-        segments, dead = [], base_dead
-    else:
-        segments, dead = list(layout.delta), view.dead
+    segments, dead = list(layout.delta[:first]), view.dead[:offset]
+    kept = {name for name, _ in segments}
     for child in base.iterdir():
-        if child.name not in ("manifest.json", TOMBSTONES) and not (merged and child.name == DELTA_DIR):
+        if child.name == DELTA_DIR:
+            for name in kept:
+                link_tree(child / name, stage / DELTA_DIR / name)
+        elif child.name not in ("manifest.json", TOMBSTONES):
             link_tree(child, stage / child.name)
     if docs:
         name = f"d-{version}"

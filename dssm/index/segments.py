@@ -21,6 +21,7 @@ of its build until a compaction rebuilds them.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,15 @@ from dssm.artifacts import load_npy
 from dssm.errors import ChecksumError, IndexNotFoundError
 from dssm.index.docstore import Doc, DocStore
 
-__all__ = ["DELTA_DIR", "TOMBSTONES", "MAX_SEGMENTS", "SEGMENTS_KEY", "SegmentLayout", "DeltaSegment", "SegmentedDocs",
-           "RowMatrix", "SegmentedBM25", "merge_hits", "pending_rows", "read_tombstones"]
+__all__ = ["DELTA_DIR", "TOMBSTONES", "MERGE_FACTOR", "MAX_SEGMENTS", "SEGMENTS_KEY", "merge_start",
+           "SegmentLayout", "DeltaSegment", "SegmentedDocs", "RowMatrix", "SegmentedBM25", "merge_hits", "pending_rows", "read_tombstones"]
 
 DELTA_DIR = "delta"
 TOMBSTONES = "tombstones.npy"
-#: Delta segments a version keeps before a write merges them into one (:mod:`dssm.index.delta`).
-MAX_SEGMENTS = 8
+#: Segments of one size tier (rows in [F^t, F^(t+1))) that a write merges into one (:func:`merge_start`).
+MERGE_FACTOR = 4
+#: The most delta segments a version holds: MERGE_FACTOR - 1 per tier, for tiers up to 4^12 rows.
+MAX_SEGMENTS = (MERGE_FACTOR - 1) * 13
 SEGMENTS_KEY = "segments"
 _DOCS = "docs.jsonl"
 _VECTORS = "embeddings.npy"
@@ -318,6 +321,35 @@ class SegmentedBM25:
         from dssm.bm25 import rows_by_score
 
         return rows_by_score(self.scores, texts, k)
+
+
+def _tier(rows: int) -> int:
+    return int(math.log(max(rows, 1), MERGE_FACTOR))
+
+
+def merge_start(sizes: Sequence[int]) -> int:
+    """Size-tiered merging (Lucene's tiered policy, LSM trees): which delta segments a write merges.
+
+    ``sizes`` are the live rows of the delta segments, oldest first, the write's new segment last.
+    When the newest segments hold :data:`MERGE_FACTOR` of one size tier (or smaller), they become one
+    segment of the next tier, and so on up. A document is rewritten about log_F(delta / batch) times
+    over its life, instead of on every merge-everything (which rewrote the whole delta every few
+    writes: 0.2-0.3 s spikes at 10k delta documents); a search still scans one stacked matrix.
+
+    Returns:
+        The index of the first segment to merge with the ones after it (``len(sizes) - 1``: none).
+    """
+    start = len(sizes) - 1
+    rows = sizes[start] if sizes else 0
+    while start > 0:
+        run = start
+        while run > 0 and _tier(sizes[run - 1]) <= _tier(rows):
+            run -= 1
+        if start - run + 1 < MERGE_FACTOR:
+            break
+        rows += sum(sizes[run:start])
+        start = run
+    return max(start, 0)
 
 
 def pending_rows(dead: np.ndarray, base_rows: int) -> int:
