@@ -2,11 +2,13 @@
 
 After a write, if the live version's delta (live delta documents + tombstoned base rows) has reached
 half of ``max_delta`` (:func:`dssm.index.delta.default_max_delta`), one background thread runs
-``dssm compact`` in a child process at a lower CPU priority (``nice 10``) and, once it has published,
-swaps the compacted version in. A child process, because a compaction is seconds of CPU (ScaNN
-mutation, the recall probe, the BM25 state, checksums) that would otherwise hold this process's
-interpreter lock against the requests; lower priority, so that on a busy machine searches win the
-cores. The compaction holds the index's writers' lock only to read the live version and to publish,
+``dssm compact`` in a child process and, once it has published, swaps the compacted version in. A
+child process, because a compaction is seconds of CPU (ScaNN mutation, the recall probe, the BM25
+state, checksums) that would otherwise hold this process's interpreter lock against the requests.
+At the normal CPU priority: at ``nice 10`` a machine busy with searches starved it (a 100k
+compaction took longer than the writes that filled the other half of ``max_delta``), so the write
+that reached ``max_delta`` compacted inline and waited 4 s (``bench/write_http.py``).
+The compaction holds the index's writers' lock only to read the live version and to publish,
 so writes go on while it builds (it carries them onto the new base), and reads never wait: they
 keep the version they started on. The compacting write that a client would otherwise meet at
 ``max_delta`` happens here instead, off any request.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ _CHILD = "import sys; from dssm.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def compact_in_child(index_dir: Path, *, timeout: float = 3600.0) -> dict[str, Any] | None:
-    """``dssm compact --index index_dir --json`` in a child process at ``nice 10``.
+    """``dssm compact --index index_dir --json`` in a child process.
 
     Returns:
         The compaction's summary, or ``None`` if there was nothing to compact.
@@ -42,9 +43,7 @@ def compact_in_child(index_dir: Path, *, timeout: float = 3600.0) -> dict[str, A
     Raises:
         RuntimeError: the child failed (its stderr's last lines in the message).
     """
-    nice = shutil.which("nice")
-    command = ([nice, "-n", "10"] if nice else []) + [sys.executable, "-c", _CHILD, "compact", "--index",
-                                                       str(index_dir), "--json"]
+    command = [sys.executable, "-c", _CHILD, "compact", "--index", str(index_dir), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"dssm compact --index {index_dir} exited with {done.returncode}: "

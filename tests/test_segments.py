@@ -342,7 +342,7 @@ def test_the_service_compacts_in_the_background_once_the_delta_reaches_half_its_
     assert index.pending_delta == 500
     thread = compactor.after_write(index)
     assert thread is not None
-    thread.join(timeout=120)  # `dssm compact` in a child process at nice 10
+    thread.join(timeout=120)  # `dssm compact` in a child process
     assert compactor.last_error is None and reloads == [True] and compactor.compactions == 1
     compacted = ix.load_index(path)
     assert compacted.layout.plain and compacted.pending_delta == 0 and not compactor.due(compacted)
