@@ -56,12 +56,15 @@ __all__ = ["DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "wri
 def default_max_delta(base_documents: int) -> int:
     """Delta rows (live delta documents + tombstoned base rows) a version may hold before compaction.
 
-    1% of the base, at least 10,000: exact search over 10k rows of 128 floats adds ~0.2 ms to a query,
-    and a base that lost 1% of its rows to tombstones asks ScaNN for a few more neighbours. The floor
-    gives a background compaction (started at half of it) room for the writes that arrive while it
-    runs: at 1,000 documents/s and seconds per compaction of a 100k base.
+    1% of the base, at least 20,000: exact search over 20k rows of 128 floats adds ~0.4 ms to a query
+    (2 ms to a batch of 8, one thread), and a base that lost 1% of its rows to tombstones asks ScaNN
+    for a few more neighbours. The floor sets how often a small index compacts, and gives the
+    background compaction (started at half of it) room for the writes that arrive while it runs: a
+    100k compaction is ~3.5 s of CPU and 4-6 s of wall time beside 8 searching clients on 2 cores, so
+    with a 10,000 floor, at 1,000 documents/s, the write that reached the limit sometimes came first
+    and compacted inline, and compactions took a third of the machine (``bench/write_http.py``).
     """
-    return max(10_000, base_documents // 100)
+    return max(20_000, base_documents // 100)
 
 
 @dataclass
