@@ -311,7 +311,12 @@ class Backend:
             if not np.isfinite(threshold):
                 raise ConfigError(f"{version_dir}: {DUPLICATE_THRESHOLD_KEY} is not finite: {threshold!r}")
         supports_hybrid = bool(getattr(searcher, "supports_hybrid", False))
-        if self._warmup_query and getattr(searcher, "encoder", None) is not None and len(searcher) > 0:
+        # A version that shares the live base and encoder (a delta write) has nothing cold to warm up.
+        index = getattr(searcher, "index", None)
+        warm = (live is not None and reuse is not None and hasattr(index, "shares_base")
+                and index.shares_base(getattr(live.searcher, "index", None))
+                and getattr(searcher, "reranker", None) is getattr(live.searcher, "reranker", None))
+        if self._warmup_query and not warm and getattr(searcher, "encoder", None) is not None and len(searcher) > 0:
             searcher.search(self._warmup_query, k=1)
             if getattr(searcher, "reranker", None) is not None:
                 searcher.search(self._warmup_query, k=1, rerank=1)  # the re-ranker's first call is slow too

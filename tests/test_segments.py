@@ -135,6 +135,13 @@ def test_a_write_rewrites_only_the_segments_it_merges(tmp_path):
     assert (version / DELTA_DIR / big.delta[0][0] / "embeddings.npy").stat().st_ino == first.stat().st_ino
     assert sorted(p.name for p in (version / DELTA_DIR).iterdir()) == sorted(name for name, _ in layout.delta)
     assert_serves_exactly(ix.load_index(path), truth, unit(rng.standard_normal((20, 16))))
+    # A reload after a delta write shares the loaded base; a compaction's version has its own.
+    before = ix.load_index(path)
+    write(5, 1)
+    after = ix.load_index(path)
+    assert after.shares_base(before) and before.shares_base(after) and not after.shares_base(None)
+    ix.compact_index(path)
+    assert not ix.load_index(path).shares_base(after)
 
 
 def test_delta_rows_tied_at_the_kth_score_are_ranked_by_row_like_exact_search(tmp_path):

@@ -94,11 +94,15 @@ def test_a_child_that_dies_mid_write_is_an_error_and_the_next_write_restarts_it(
 
 
 def test_http_writes_through_the_child_are_live_when_answered_and_keep_their_status_codes(tmp_path, tiny_model_dir,
-                                                                                          rows):
+                                                                                          rows, monkeypatch):
     index_dir = tmp_path / "index"
     support.build_version(index_dir, tiny_model_dir, rows[:20])
+    warmed = []
+    search = Searcher.search
+    monkeypatch.setattr(Searcher, "search", lambda self, text, *a, **kw: (
+        warmed.append(self.version) if text == "warm-up probe" else None, search(self, text, *a, **kw))[1])
     backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(tiny_model_dir),
-                      writer=WriterProcess(index_dir))
+                      writer=WriterProcess(index_dir), warmup_query="warm-up probe")
     with ServerThread(create_app(backend, api_key=API_KEY)) as server:
         wait_until(lambda: backend.snapshot is not None, timeout=30, what="the index to load")
         with SearchClient(server.url, api_key=API_KEY, retries=0) as client:
@@ -112,4 +116,6 @@ def test_http_writes_through_the_child_are_live_when_answered_and_keep_their_sta
                 client.upsert([("x", "one"), ("x", "two")])
             gone = client.delete(["new-1"])
             assert backend.current().version == gone.version and len(backend.current().searcher) == 20
+            # Only the first version was warmed up: the writes' versions share its base and encoder.
+            assert len(warmed) == 1 and warmed[0] != gone.version
     assert backend._writer._child is None  # the server's shutdown ended the child

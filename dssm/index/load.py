@@ -103,6 +103,10 @@ class Index:
         self._matrix: Any = None  # the memory-mapped base matrix, opened on first use
         self._delta_all: np.ndarray | None = None  # [delta rows, dim], stacked on first use (hybrid, tagging)
 
+    def shares_base(self, other: Any) -> bool:
+        """Whether ``other`` (an :class:`Index`) uses this one's loaded base: same ScaNN searcher, same files."""
+        return isinstance(other, Index) and other._base is self._base
+
     @property
     def pending_delta(self) -> int:
         """Live delta documents + tombstoned base rows: what compaction would fold (see ``max_delta``)."""

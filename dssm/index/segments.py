@@ -34,7 +34,8 @@ from dssm.errors import ChecksumError, IndexNotFoundError
 from dssm.index.docstore import Doc, DocStore
 
 __all__ = ["DELTA_DIR", "TOMBSTONES", "MERGE_FACTOR", "MAX_SEGMENTS", "SEGMENTS_KEY", "merge_start",
-           "SegmentLayout", "DeltaSegment", "SegmentedDocs", "RowMatrix", "SegmentedBM25", "merge_hits", "pending_rows", "read_tombstones"]
+           "SegmentLayout", "DeltaSegment", "SegmentedDocs", "RowMatrix", "SegmentedBM25", "merge_hits",
+           "pending_rows", "read_tombstones"]
 
 DELTA_DIR = "delta"
 TOMBSTONES = "tombstones.npy"
