@@ -171,7 +171,7 @@ class Backend:
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
         self._write_lock = threading.Lock()    # one incremental update at a time
         self._writer = writer
-        self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload)
+        self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload, published=self.metrics.compactions.inc)
         self._slots_lock = threading.Lock()
         self._tagger_lock = threading.Lock()
         self._tagger_cache: tuple[Snapshot, Any] | None = None  # (live version, its Tagger), built on demand

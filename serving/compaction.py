@@ -60,14 +60,17 @@ class BackgroundCompactor:
         reload: the backend's ``reload(force=True)``, to swap the compacted version in.
         max_delta: the writes' ``max_delta`` (default: :func:`dssm.index.delta.default_max_delta`).
         compact: runs one compaction, returns its summary or ``None`` (default :func:`compact_in_child`).
+        published: called after each compaction that published a version (the backend counts them).
     """
 
     def __init__(self, index_dir: Path, *, reload: Callable[..., Any], max_delta: int | None = None,
-                 compact: Callable[[Path], dict[str, Any] | None] = compact_in_child) -> None:
+                 compact: Callable[[Path], dict[str, Any] | None] = compact_in_child,
+                 published: Callable[[], Any] | None = None) -> None:
         self.index_dir = index_dir
         self.max_delta = max_delta
         self._reload = reload
         self._compact = compact
+        self._published = published
         self._running = threading.Lock()
         self.compactions = 0
         self.last_error: str | None = None
@@ -96,6 +99,8 @@ class BackgroundCompactor:
             summary = self._compact(self.index_dir)
             if summary is not None:
                 self.compactions += 1
+                if self._published is not None:
+                    self._published()
                 self._reload(force=True)
                 log.info("compacted %s into version %s (%d documents)", self.index_dir, summary["version"],
                          summary["documents"])

@@ -479,8 +479,9 @@ def test_a_failed_background_compaction_is_logged_and_leaves_the_index_serving(t
 
 @pytest.mark.slow
 def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_path, tiny_model_dir, adi_dir):
-    """Bounded soak on 127.0.0.1: 3 writers, 3 readers and the background compactor for a few seconds; at the
-    end every acknowledged write is there, every acknowledged delete is gone, and the count adds up."""
+    """Bounded soak on 127.0.0.1: 3 writers (through the writer child), 3 readers and the background compactor
+    for a few seconds; at the end every acknowledged write is there, every acknowledged delete is gone, and the
+    count adds up."""
     import threading
     import time
 
@@ -489,11 +490,14 @@ def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_pat
     from serving.app import create_app
     from serving.backend import Backend
     from serving.client import NotFoundError, SearchClient
+    from serving.writer import WriterProcess
 
     rows = support.adi_rows(adi_dir)
     index_dir = tmp_path / "index"
     support.build_version(index_dir, tiny_model_dir, rows)
-    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(tiny_model_dir))
+    # Writes go through the writer child, as in `dssm serve`.
+    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(tiny_model_dir),
+                      writer=WriterProcess(index_dir))
     backend.reload()
     backend.compactor.max_delta = 40  # compact in the background every ~20 rows changed
     live: dict[str, str] = {r["id"]: r["text"] for r in rows}
@@ -546,6 +550,10 @@ def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_pat
         backend.reload()
         assert not failures, failures[:3]
         assert backend.compactor.compactions >= 1 and backend.compactor.last_error is None
+        import httpx
+
+        metrics = httpx.get(server.url + "/metrics").text
+        assert support.metric_value(metrics, "dssm_index_compactions_total") == backend.compactor.compactions
         client = SearchClient(server.url)
         searcher = backend.current().searcher
         assert len(searcher) == len(live)
