@@ -21,6 +21,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,21 @@ class BackgroundCompactor:
         if not self._running.acquire(blocking=False):
             return
         try:
+            tick = time.perf_counter()
+            log.info("compacting %s in the background", self.index_dir)
             summary = self._compact(self.index_dir)
-            if summary is not None:
+            if summary is None:
+                log.info("the compaction of %s published nothing after %.1f s: nothing to compact, another "
+                         "process compacting, or a write or build replaced its base meanwhile", self.index_dir,
+                         time.perf_counter() - tick)
+            else:
                 self.compactions += 1
                 if self._published is not None:
                     self._published()
                 self._reload(force=True)
-                log.info("compacted %s into version %s (%d documents)", self.index_dir, summary["version"],
-                         summary["documents"])
+                log.info("compacted %s into version %s (%d documents, %d delta documents carried over) in %.1f s: %s",
+                         self.index_dir, summary["version"], summary["documents"], summary.get("delta_documents", 0),
+                         time.perf_counter() - tick, summary.get("seconds"))
             self.last_error = None
         except Exception as exc:  # the next write that finds the delta due tries again
             self.last_error = f"{type(exc).__name__}: {exc}"

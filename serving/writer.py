@@ -28,11 +28,18 @@ from typing import Any
 
 from dssm.errors import ChecksumError, ConfigError, DSSMError, IndexNotFoundError, InputError
 
-__all__ = ["WriterCrashedError", "WriterProcess", "child_main"]
+__all__ = ["HARD_LIMIT_FACTOR", "WriterCrashedError", "WriterProcess", "child_main"]
 
 log = logging.getLogger(__name__)
 
 _CHILD = "from serving.writer import child_main; child_main()"
+
+
+#: A service write compacts inline only past this many times the library's ``max_delta``: below it the
+#: background compactor (:mod:`serving.compaction`) folds the delta. At ``max_delta`` itself a write that
+#: found a compaction running compacted the same rows again, inline, and made the running one moot: a
+#: 16 s write and 31 s of wasted CPU in the write bench when the compaction was a rebalance.
+HARD_LIMIT_FACTOR = 4
 
 
 class WriterCrashedError(DSSMError):
@@ -52,11 +59,16 @@ class WriterProcess:
     Args:
         index_dir: the index directory the child writes to.
         tf_threads: TensorFlow intra- and inter-op threads in the child (0: TensorFlow's default).
+        max_delta: the delta rows past which a write compacts inline (default :data:`HARD_LIMIT_FACTOR` x
+            :func:`dssm.index.delta.default_max_delta` of the live base).
     """
 
-    def __init__(self, index_dir: str | Path, *, tf_threads: int = 1) -> None:
+    def __init__(self, index_dir: str | Path, *, tf_threads: int = 1, max_delta: int | None = None) -> None:
+        if max_delta is not None and max_delta < 0:
+            raise ConfigError(f"max_delta must be >= 0, got {max_delta}")
         self.index_dir = Path(index_dir)
         self.tf_threads = tf_threads
+        self.max_delta = max_delta
         self._lock = threading.Lock()
         self._child: subprocess.Popen[str] | None = None
 
@@ -68,7 +80,8 @@ class WriterProcess:
     def _ensure(self) -> subprocess.Popen[str]:
         if self._child is None or self._child.poll() is not None:
             self._child = subprocess.Popen(
-                [sys.executable, "-c", _CHILD, str(self.index_dir), str(self.tf_threads)],
+                [sys.executable, "-c", _CHILD, str(self.index_dir), str(self.tf_threads),
+                 "" if self.max_delta is None else str(self.max_delta)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
         return self._child
 
@@ -119,8 +132,9 @@ class WriterProcess:
 class _ChildState:
     """The child's side: the live version's document tower, reloaded when its model changes."""
 
-    def __init__(self, index_dir: Path) -> None:
+    def __init__(self, index_dir: Path, max_delta: int | None) -> None:
         self.index_dir = index_dir
+        self.max_delta = max_delta
         self._fingerprint: str | None = None
         self._encoder: Any = None
 
@@ -138,28 +152,45 @@ class _ChildState:
             self._encoder, self._fingerprint = load_encoder(model), fingerprint
         return self._encoder
 
+    def limit(self) -> int:
+        from dssm.artifacts import read_manifest
+        from dssm.index.delta import default_max_delta
+        from dssm.index.segments import SegmentLayout
+        from dssm.index.versions import current_version_dir
+
+        if self.max_delta is not None:
+            return self.max_delta
+        live = current_version_dir(self.index_dir)
+        return HARD_LIMIT_FACTOR * default_max_delta(SegmentLayout.of(read_manifest(live), live.name).base_documents)
+
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         from dssm.index.writes import delete_documents, upsert_documents
 
         try:
             if request["op"] == "upsert":
                 docs = [tuple(d) for d in request["documents"]]
-                result = upsert_documents(self.index_dir, docs, encoder=self.encoder())
+                result = upsert_documents(self.index_dir, docs, encoder=self.encoder(), max_delta=self.limit())
             elif request["op"] == "delete":
-                result = delete_documents(self.index_dir, request["ids"])
+                result = delete_documents(self.index_dir, request["ids"], max_delta=self.limit())
             else:
                 raise InputError(f"unknown writer operation {request['op']!r}")
+            if getattr(result, "compacted", False):
+                log.warning("writer: the delta outgrew the background compactions; this write compacted %s "
+                            "itself (version %s, %s s)", self.index_dir, result.version, result.seconds)
             return {"version": result.version}
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent, by class name
             return {"types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
 
 
 def child_main() -> None:
-    """The child's loop (``sys.argv``: index directory, TensorFlow threads): one JSON line in, one out."""
+    """The child's loop (``sys.argv``: index directory, TensorFlow threads, max_delta or ""): one JSON line in,
+    one out."""
     index_dir, tf_threads = Path(sys.argv[1]), int(sys.argv[2])
+    max_delta = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     os.dup2(2, 1)  # stray prints from libraries go to stderr, not into the protocol
     sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     import threadpoolctl
 
     import dssm  # noqa: F401 - sets TF_USE_LEGACY_KERAS before TensorFlow loads
@@ -170,7 +201,7 @@ def child_main() -> None:
         threadpoolctl.threadpool_limits(limits=tf_threads, user_api="blas")
         tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
         tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
-    state = _ChildState(index_dir)
+    state = _ChildState(index_dir, max_delta)
     try:
         state.encoder()  # load the tower now, not on the first write
     except Exception as exc:  # noqa: BLE001 - a write will report it

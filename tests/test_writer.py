@@ -9,7 +9,7 @@ from serving_support import API_KEY, ServerThread, wait_until
 
 from dssm import index as ix
 from dssm.data import document_text
-from dssm.errors import IndexNotFoundError, InputError
+from dssm.errors import ConfigError, IndexNotFoundError, InputError
 from serving.app import create_app
 from serving.backend import Backend
 from serving.client import BadRequestError, NotFoundError, SearchClient
@@ -60,6 +60,22 @@ def test_the_child_publishes_upserts_and_deletes_encoded_like_the_in_process_tow
             nowhere.upsert([("x", "", "text")])
     finally:
         nowhere.close()
+
+
+def test_the_child_compacts_inline_only_past_its_hard_limit(tmp_path, tiny_model_dir, rows):
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, tiny_model_dir, rows[:20])
+    writer = WriterProcess(index_dir, max_delta=5)
+    try:
+        writer.upsert([(f"a{i}", "", f"first batch {i}") for i in range(3)])
+        assert ix.load_index(index_dir).layout.delta_rows == 3  # a delta segment
+        writer.upsert([(f"b{i}", "", f"second batch {i}") for i in range(3)])  # 6 > 5: folded into the base
+        layout = ix.load_index(index_dir).layout
+        assert layout.plain and layout.base_documents == 26
+    finally:
+        writer.close()
+    with pytest.raises(ConfigError, match="-1"):
+        WriterProcess(index_dir, max_delta=-1)
 
 
 class _DiesOnFirstWrite(WriterProcess):
