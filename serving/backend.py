@@ -200,8 +200,6 @@ class Backend:
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="dssm-index-watcher", daemon=True)
         self._watcher.start()
-        if self._writer is not None:
-            self._writer.start()
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._snapshot is None and not self._stop.is_set():

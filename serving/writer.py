@@ -11,7 +11,9 @@ child points its own fd 1 at stderr, so a library that prints cannot corrupt an 
 Errors come back by class name and are raised in the parent as the same :mod:`dssm.errors` type, so an
 HTTP client gets the 400/404 it would get from an in-process write. A child that dies is restarted by
 the next write; the write it was running fails with :class:`WriterCrashedError` (it may or may not have
-published; the backend's watcher serves whatever ``CURRENT`` names).
+published; the backend's watcher serves whatever ``CURRENT`` names). The child starts with the first
+write (which pays for importing TensorFlow and loading the tower, as an in-process first write did), so
+a service that is never written to never runs one.
 """
 
 from __future__ import annotations
@@ -71,11 +73,6 @@ class WriterProcess:
         self.max_delta = max_delta
         self._lock = threading.Lock()
         self._child: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        """Start the child (if it is not running) so that the first write does not pay for TensorFlow's import."""
-        with self._lock:
-            self._ensure()
 
     def _ensure(self) -> subprocess.Popen[str]:
         if self._child is None or self._child.poll() is not None:
