@@ -176,6 +176,8 @@ class _ChildState:
                             "itself (version %s, %s s)", self.index_dir, result.version, result.seconds)
             return {"version": result.version}
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent, by class name
+            if not isinstance(exc, DSSMError):  # a bug, not bad input: the traceback goes to the server's log
+                log.exception("writer: %s failed", request.get("op"))
             return {"types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
 
 

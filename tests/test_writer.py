@@ -26,7 +26,8 @@ def rows(adi_dir):
     return support.adi_rows(adi_dir)
 
 
-def test_the_child_publishes_upserts_and_deletes_encoded_like_the_in_process_tower(tmp_path, tiny_model_dir, rows):
+def test_the_child_publishes_upserts_and_deletes_encoded_like_the_in_process_tower(tmp_path, tiny_model_dir, rows,
+                                                                                    capfd):
     index_dir = tmp_path / "index"
     v1 = support.build_version(index_dir, tiny_model_dir, rows[:30])
     writer = WriterProcess(index_dir)
@@ -48,6 +49,10 @@ def test_the_child_publishes_upserts_and_deletes_encoded_like_the_in_process_tow
         with pytest.raises(InputError, match="no documents"):
             writer.upsert([])
         assert ix.current_version_dir(index_dir).name == v2
+        # A failure that is not bad input is a 500 (WriterCrashedError names it), its traceback in the log.
+        with pytest.raises(WriterCrashedError, match="KeyError: 'documents'"):
+            writer._call({"op": "upsert"})
+        assert "writer: upsert failed" in capfd.readouterr().err
         v3 = writer.delete(["new-1"])
         assert v3 != v2 and len(_searcher(index_dir, tiny_model_dir)) == 30
     finally:
