@@ -18,6 +18,7 @@ a service that is never written to never runs one.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -146,7 +147,14 @@ class _ChildState:
         if fingerprint is None:  # no model/: upsert_documents says so
             return None
         if fingerprint != self._fingerprint:
+            self._encoder = None
+            gc.unfreeze()  # the previous tower's objects become collectable again
             self._encoder, self._fingerprint = load_encoder(model), fingerprint
+            self._encoder.embed_documents(["warm up"])  # traces the graph: its objects are frozen below too
+            # With TensorFlow and a SavedModel loaded a full collection walks ~400k objects, ~200 ms,
+            # inside whichever write triggered it; frozen, they are skipped (the process keeps them anyway).
+            gc.collect()
+            gc.freeze()
         return self._encoder
 
     def limit(self) -> int:

@@ -140,3 +140,21 @@ def test_http_writes_through_the_child_are_live_when_answered_and_keep_their_sta
             # Only the first version was warmed up: the writes' versions share its base and encoder.
             assert len(warmed) == 1 and warmed[0] != gone.version
     assert backend._writer._child is None  # the server's shutdown ended the child
+
+
+def test_the_child_state_loads_the_tower_once_and_freezes_it_out_of_the_collector(tmp_path, tiny_model_dir, rows):
+    import gc
+
+    from serving.writer import _ChildState
+
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, tiny_model_dir, rows[:5])
+    state = _ChildState(index_dir, None)
+    try:
+        encoder = state.encoder()
+        # A full collection would walk TensorFlow's objects inside a write; frozen, it skips them.
+        assert gc.get_freeze_count() > 0
+        assert state.encoder() is encoder  # same model: not loaded again
+        assert state.limit() == 4 * 20_000  # HARD_LIMIT_FACTOR x default_max_delta of a small base
+    finally:
+        gc.unfreeze()
