@@ -70,6 +70,31 @@ def test_exact_top_k_matches_full_sort():
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), rtol=1e-6)
 
 
+def test_leaves_tuning_grows_until_the_target_and_reuses_a_recall_just_measured():
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((64, 16)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    probe = ix.RecallProbe(matrix, k=10, sample=10)
+    order = np.argsort(-(probe.queries @ matrix.T), axis=1)
+
+    class Searcher:  # finds the true top-10 from 30 partitions on, the 10 worst rows below; counts searches
+        calls: list[int] = []
+
+        def search_batched(self, queries, final_num_neighbors, pre_reorder_num_neighbors, leaves_to_search):
+            self.calls.append(leaves_to_search)
+            rows = order[:, :10] if leaves_to_search >= 30 else order[:, -10:]
+            return rows, np.zeros(rows.shape, np.float32)
+
+    searcher = Searcher()
+    leaves, recall, tried = ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=100, min_recall=0.95)
+    assert (leaves, recall) == (33, 1.0) and [lv for lv, _ in tried] == [10, 15, 22, 33]
+    assert searcher.calls == [10, 15, 22, 33] and tried[0][1] == 0.0
+    searcher.calls.clear()
+    leaves, _, tried = ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=100, min_recall=0.95,
+                                                start_recall=0.0)
+    assert leaves == 33 and tried[0] == (10, 0.0) and searcher.calls == [15, 22, 33]  # 10 not searched again
+
+
 def test_ah_recall_against_brute_force(tmp_path):
     matrix = unit_vectors(3000, 32)
     result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(3000), texts=["t"] * 3000,

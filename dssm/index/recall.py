@@ -54,17 +54,22 @@ class RecallProbe:
 
 
 def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
-                          min_recall: float) -> tuple[int, float, list[tuple[int, float]]]:
+                          min_recall: float, start_recall: float | None = None
+                          ) -> tuple[int, float, list[tuple[int, float]]]:
     """Grow the number of tree partitions searched (x1.5 a step) until recall reaches ``min_recall``.
 
     Searching more partitions is a query-time setting, so no rebuild is needed; the chosen value is
     stored in the manifest and used by every search.
 
+    Args:
+        start_recall: the probe's recall at ``start`` when the caller has just measured it (a
+            compaction does): not searched again (a probe search over 1M rows is ~0.6 s).
+
     Returns:
         (leaves_to_search, its recall, [(leaves, recall), ...] tried).
     """
     leaves = max(1, min(start, num_leaves))
-    recall = probe.recall(searcher, leaves_to_search=leaves)
+    recall = probe.recall(searcher, leaves_to_search=leaves) if start_recall is None else start_recall
     tried = [(leaves, recall)]
     while recall < min_recall and leaves < num_leaves:
         leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.5)))

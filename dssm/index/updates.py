@@ -533,11 +533,14 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
                        config=config)
 
 
-def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float) -> float:
-    """Recall of a tree searcher tuned up to ``min_recall`` (``params`` updated), else measured as is."""
+def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float,
+          measured: float | None = None) -> float:
+    """Recall of a tree searcher tuned up to ``min_recall`` (``params`` updated), else measured as is;
+    ``measured``: its recall at the current ``num_leaves_to_search``, if known."""
     if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
         leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
-                                                      num_leaves=params["num_leaves"], min_recall=min_recall)
+                                                      num_leaves=params["num_leaves"], min_recall=min_recall,
+                                                      start_recall=measured)
         params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
         return recall
     return probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
@@ -572,7 +575,7 @@ def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: 
     # cheaper than re-partitioning.
     target = max(min_recall, min(1.0, float(history.get("recall_at_build", manifest["recall@10"]))) - 0.01)
     if recall < target and params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-        recall = _gate(searcher, probe, params, config, target)
+        recall = _gate(searcher, probe, params, config, target, measured=recall)
     return searcher, recall
 
 
