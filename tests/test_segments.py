@@ -542,10 +542,16 @@ def test_soak_mixed_writes_reads_and_background_compactions_lose_nothing(tmp_pat
         threads += [threading.Thread(target=reader, args=(r,)) for r in range(3)]
         for thread in threads:
             thread.start()
-        time.sleep(8)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=120)
+        try:
+            time.sleep(8)
+            # The writer child starts with the first write (TensorFlow's import: seconds on a busy machine),
+            # so a fixed window could end before any compaction: go on until two have run under the load.
+            support.wait_until(lambda: backend.compactor.compactions >= 2 or failures or backend.compactor.last_error,
+                               timeout=180, what="two background compactions under load")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
         support.wait_until(lambda: not backend.compactor._running.locked(), timeout=120, what="compaction")
         backend.reload()
         assert not failures, failures[:3]
