@@ -51,7 +51,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import threadpoolctl
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import multiprocess
@@ -72,6 +71,7 @@ from serving.routes import (
     metrics_text,
 )
 from serving.searcher import Searcher
+from serving.threads import limit_threads
 from serving.writer import WriterProcess
 
 __all__ = ["API_KEY_ENV", "WORKER_CONFIG_ENV", "ServeConfig", "create_app", "metrics_text", "openapi_document",
@@ -199,30 +199,6 @@ def write_openapi(path: str | Path) -> None:
     Path(path).write_text(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
 
 
-def _set_tf_threads(threads: int) -> None:
-    if "tensorflow" not in sys.modules:
-        # Queries need no TensorFlow (dssm.query_numpy); it may never be imported. If it is (a write,
-        # a query the Python hasher declines), it reads its thread counts from these at start.
-        os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
-        return
-    import tensorflow as tf  # noqa: PLC0415  (already imported: this costs nothing)
-
-    try:
-        # Only possible before TensorFlow runs its first op; the index loads after this.
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError as exc:  # `dssm serve` called inside a process that already ran TensorFlow
-        log.warning("--tf-threads %d not applied: %s", threads, exc)
-
-
-
-def _limit_blas_threads(threads: int) -> None:
-    """numpy's BLAS gets the same thread count as TensorFlow: requests already run side by side, and
-    OpenBLAS's extra threads spin-waiting for a busy core slowed each search's delta scoring and each
-    query encoding under load (``bench/write_http.py``)."""
-    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
-
-
 def _graph_loader(index_dir: Path, encoder: Any) -> Searcher:
     """``--no-fast-queries``: every query through the SavedModel's signature (TensorFlow loaded at start)."""
     return Searcher.load(index_dir, encoder=encoder, fast_queries=False)
@@ -241,8 +217,7 @@ def _serving_app(config: ServeConfig) -> FastAPI:
                      worker_threads=config.threads, load_before_serving=config.load_before_serving,
                      max_pending_writes=config.max_pending_writes)
     if config.tf_threads:
-        _set_tf_threads(config.tf_threads)
-        _limit_blas_threads(config.tf_threads)
+        limit_threads(config.tf_threads)
     if config.switch_interval_ms > 0:
         sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     return app

@@ -198,16 +198,11 @@ def child_main() -> None:
     os.dup2(2, 1)  # stray prints from libraries go to stderr, not into the protocol
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    import threadpoolctl
-
     import dssm  # noqa: F401 - sets TF_USE_LEGACY_KERAS before TensorFlow loads
+    from serving.threads import limit_threads
 
     if tf_threads:
-        import tensorflow as tf
-
-        threadpoolctl.threadpool_limits(limits=tf_threads, user_api="blas")
-        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
+        limit_threads(tf_threads)
     state = _ChildState(index_dir, max_delta)
     try:
         state.encoder()  # load the tower now, not on the first write
