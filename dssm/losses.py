@@ -76,7 +76,17 @@ class LossConfig:
         "subtract log(sampling probability) of each in-batch document from its logit (softmax and "
         "contrastive); the trainer passes the probabilities, estimated from document frequency")
 
+    distill_weight: float = field(
+        0.0, "weight of the teacher-distillation term (KL from the teacher's in-batch score distribution to "
+        "the towers', beside the loss); needs pairs made with `dssm pairs --teacher minilm`. 0: off")
+    teacher_temperature: float = field(
+        0.05, "temperature on the teacher's cosines in the distillation term (lower: sharper teacher)")
+
     def __post_init__(self) -> None:
+        if not self.distill_weight >= 0:
+            raise ConfigError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not self.margin >= 0:
             raise ConfigError(f"margin must be >= 0, got {self.margin}")
         if not self.cosent_scale > 0:

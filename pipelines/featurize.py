@@ -6,13 +6,14 @@ it: :class:`MakePairs` (check + featurize a chunk of raw records, the pairs job'
 :class:`FeaturizePairs` (batches of pairs) and :class:`FeaturizeChunks` (chunks of pairs made
 elsewhere). It also owns the explicit negatives: grouping pairs by normalised query text
 (:func:`negative_entries`, :func:`attach_negatives`) and setting the ``negative_*`` features
-(:func:`set_negative`, also used by ``dssm mine``).
+(:func:`set_negative`, also used by ``dssm mine``), and the teacher's vectors of ``dssm pairs
+--teacher`` (:func:`attach_teacher`).
 """
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -20,12 +21,14 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.hashing import FeatureConfig, TokenBagger
+from dssm.teacher import teacher_encoder
 from pipelines.example_proto import Example
 from pipelines.records import REJECTED
 
 __all__ = [
     "pair_example",
     "featurize_pairs",
+    "attach_teacher",
     "FeaturizePairs",
     "FeaturizeChunks",
     "MakePairs",
@@ -64,9 +67,28 @@ def pair_example(pair: dict[str, Any], query_bag: tuple[Any, Any], document_bag:
     feature["query_counts"].float_list.value.extend(_as_list(query_bag[1]))
     feature["document_ids"].int64_list.value.extend(_as_list(document_bag[0]))
     feature["document_counts"].float_list.value.extend(_as_list(document_bag[1]))
+    if "query_teacher" in pair:  # dssm pairs --teacher: the teacher's vectors of both texts
+        feature["query_teacher"].float_list.value.extend(_as_list(pair["query_teacher"]))
+        feature["document_teacher"].float_list.value.extend(_as_list(pair["document_teacher"]))
     if with_negative:
         set_negative(example, pair.get("negative_id", ""), pair.get("negative_text", ""), negative_bag)
     return example.SerializeToString()
+
+
+def attach_teacher(encode: Callable[[Sequence[str]], np.ndarray], pairs: list[dict[str, Any]]) -> None:
+    """Set ``query_teacher``/``document_teacher`` (lists of floats) on every pair, each distinct text encoded once.
+
+    Args:
+        encode: a teacher (:func:`dssm.teacher.teacher_encoder`): ``texts -> [n, dim]`` float32.
+        pairs: validated pairs, changed in place.
+    """
+    texts = list(dict.fromkeys(t for p in pairs for t in (p["query_text"], p["document_text"])))
+    if not texts:
+        return
+    rows = dict(zip(texts, np.asarray(encode(texts), dtype=np.float32).tolist(), strict=True))
+    for pair in pairs:
+        pair["query_teacher"] = rows[pair["query_text"]]
+        pair["document_teacher"] = rows[pair["document_text"]]
 
 
 def featurize_pairs(featurizer: Any, batch: list[dict[str, Any]], *, negatives: bool) -> list[tuple[str, bytes]]:
@@ -175,17 +197,21 @@ class MakePairs(beam.DoFn):
     COUNTS = "counts"
 
     def __init__(self, *, check: beam.DoFn, feature_config: FeatureConfig, batch_size: int,
-                 featurize: bool = True) -> None:
+                 featurize: bool = True, teacher: str = "") -> None:
         self._check = check
         self._config = feature_config
         self._batch_size = batch_size
         self._featurize = featurize
+        self._teacher_name = teacher
         self._featurizer: Any = None
+        self._teacher: Any = None
 
     def setup(self) -> None:
         self._check.setup()
         if self._featurize:
             self._featurizer = TokenBagger(self._config)
+        if self._teacher_name:  # loaded once per worker, never pickled
+            self._teacher = teacher_encoder(self._teacher_name)
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
         counts: dict[str, int] = {}
@@ -200,6 +226,8 @@ class MakePairs(beam.DoFn):
                         yield out
                 else:
                     pairs.append(out)
+        if self._teacher is not None:
+            attach_teacher(self._teacher, pairs)
         if not self._featurize:
             yield from pairs
             yield beam.pvalue.TaggedOutput(self.COUNTS, counts)

