@@ -89,7 +89,10 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
     # The hybrid weight: tuned on the labelled pairs' validation split where those pairs are not the
     # evaluated queries (debian-dev: its dev queries are outside pairs.tsv); label-free elsewhere
     # (quora-dev's validation split *is* its evaluated set).
-    tune = ["--hybrid-pairs", str(shared / "pairs")] if name in HYBRID_ON_PAIRS else []
+    # With a teacher, a one-sentence corpus's weight is chosen on the teacher's neighbour pairs held out
+    # from pre-training (label-free), since spans cut out of its documents are poor pseudo-queries.
+    tune = (["--hybrid-pairs", str(shared / "pairs")] if name in HYBRID_ON_PAIRS
+            else ["--hybrid-pairs", str(first)] if teacher and name in PRETRAIN_ON_NEIGHBOURS else [])
     steps += [(index, ["index", "--model", str(model), "--corpus", str(data / "corpus.jsonl"), "--output", str(index),
                        *tune, *BEAM]),
               (run / "eval.json", evaluate)]

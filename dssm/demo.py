@@ -153,8 +153,11 @@ def _index_and_eval_steps(args: argparse.Namespace, work: Path, step: Callable[[
     """Index → eval (→ MiniLM on the same queries, when installed) → three searches; MiniLM's nDCG@10 or None."""
     pairs, model, index = work / "pairs", work / "model", work / "index"
     start = _step(f"{step()} index: encode the corpus with the document tower, build ScaNN")
+    # With a teacher, its neighbour pairs held out from pre-training choose the hybrid weight: spans cut
+    # out of one-sentence questions are poor pseudo-queries (docs/quality-teacher.md).
     _call("pipelines.encode_corpus", ["--model", str(model), "--corpus", str(args.data / "corpus.jsonl"),
-                                      "--output", str(index)])
+                                      "--output", str(index)]
+          + (["--hybrid-pairs", str(work / "neighbour_pairs")] if args.teacher else []))
     timings["index"] = time.perf_counter() - start
 
     start = _step(f"{step()} eval: held-out queries, DSSM and hybrid vs BM25")
