@@ -136,14 +136,16 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
     data = DATA / name
     log = work / name / "commands.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    per_seed, commands = [], []
+    per_seed, commands, made = [], [], set()
     for seed in seeds:
         seconds = {}
         for marker, argv in recipe(name, data, work, seed, teacher=teacher):
             commands.append("dssm " + " ".join(argv))
-            if reuse and marker.exists():
+            # The seeds share the pairs steps: made once per run (with a teacher, debian-dev's take ~19 min).
+            if marker in made or (reuse and marker.exists()):
                 continue
             seconds[argv[0]] = round(seconds.get(argv[0], 0.0) + _dssm(argv, log), 1)
+            made.add(marker)
         run = work / name / f"seed{seed}"
         report = json.loads((run / "eval.json").read_text())
         manifest = json.loads(next((run / "index" / "versions").glob("*/manifest.json")).read_text())
