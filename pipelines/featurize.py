@@ -18,6 +18,7 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from tqdm import tqdm
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.hashing import FeatureConfig, TokenBagger
@@ -205,6 +206,7 @@ class MakePairs(beam.DoFn):
         self._teacher_name = teacher
         self._featurizer: Any = None
         self._teacher: Any = None
+        self._bar: Any = None
 
     def setup(self) -> None:
         self._check.setup()
@@ -212,6 +214,12 @@ class MakePairs(beam.DoFn):
             self._featurizer = TokenBagger(self._config)
         if self._teacher_name:  # loaded once per worker, never pickled
             self._teacher = teacher_encoder(self._teacher_name)
+            # The teacher is the slow step (~120-340 texts/s a core): show this worker's count.
+            self._bar = tqdm(desc=f"teacher {self._teacher_name}", unit=" pairs", mininterval=2.0)
+
+    def teardown(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
     def process(self, chunk: Iterable[dict[str, Any]]) -> Iterator[Any]:
         counts: dict[str, int] = {}
@@ -228,6 +236,7 @@ class MakePairs(beam.DoFn):
                     pairs.append(out)
         if self._teacher is not None:
             attach_teacher(self._teacher, pairs)
+            self._bar.update(len(pairs))
         if not self._featurize:
             yield from pairs
             yield beam.pvalue.TaggedOutput(self.COUNTS, counts)

@@ -170,7 +170,7 @@ def _examples(out: Path) -> list[dict]:
     return rows
 
 
-def test_pairs_carry_the_teachers_vectors(tmp_path: Path, fake_teacher: str) -> None:
+def test_pairs_carry_the_teachers_vectors(tmp_path: Path, fake_teacher: str, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "pairs.tsv"
     path.write_text("query\tdocument\nred apple pie\tapple crumble\nquantum physics\tparticle physics\n"
                     "cinnamon rolls\tan unknown text\n\tempty query\n")
@@ -184,6 +184,7 @@ def test_pairs_carry_the_teachers_vectors(tmp_path: Path, fake_teacher: str) -> 
         for side in ("query", "document"):
             np.testing.assert_allclose(row[f"{side}_teacher"], _fake_encode([row[f"{side}_text"]])[0], atol=1e-7)
     assert json.loads((out / "pairs_config.json").read_text())["teacher"] == fake_teacher
+    assert "teacher fake" in capsys.readouterr().err  # the slow step shows its progress
 
 
 def test_neighbours_by_the_teacher(tmp_path: Path, fake_teacher: str) -> None:
