@@ -104,12 +104,16 @@ def read_feature_config(pairs_dir: str | Path) -> FeatureConfig:
     return load_config(FeatureConfig, path)
 
 
+def _first_features(files: list[str]) -> Any:
+    """The first record's feature map (empty without records): what every shard of a run carries."""
+    for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
+        return tf.train.Example.FromString(record.numpy()).features.feature
+    return {}
+
+
 def has_negatives(files: list[str]) -> bool:
     """Whether the shards carry explicit negatives (looks at the first record)."""
-    for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
-        example = tf.train.Example.FromString(record.numpy())
-        return "negative_ids" in example.features.feature
-    return False
+    return "negative_ids" in _first_features(files)
 
 
 def teacher_dim(files: list[str], *, required: bool) -> int:
@@ -123,10 +127,9 @@ def teacher_dim(files: list[str], *, required: bool) -> int:
     """
     if not required:
         return 0
-    for record in tf.data.TFRecordDataset(files[:1], compression_type="GZIP").take(1):
-        feature = tf.train.Example.FromString(record.numpy()).features.feature.get("query_teacher")
-        if feature is not None and feature.float_list.value:
-            return len(feature.float_list.value)
+    feature = _first_features(files).get("query_teacher")
+    if feature is not None and feature.float_list.value:
+        return len(feature.float_list.value)
     raise ConfigError(f"distillation (--distill-weight > 0) needs teacher vectors in the pairs, and {files[:1]} has "
                       "none: make the pairs with `dssm pairs --teacher minilm`")
 
