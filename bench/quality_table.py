@@ -47,6 +47,14 @@ SETS = ("quora-dev", "debian-dev", "cranfield", "cisi", "adi")
 PRETRAIN_ON_NEIGHBOURS = ("quora-dev",)
 HYBRID_ON_PAIRS = ("debian-dev",)
 FINE_TUNE = ["--epochs", "10", "--early-stopping-patience", "0", "--no-keep-best"]
+# Sets whose pairs carry non-duplicates (label 0): each seed also fine-tunes the duplicates recipe of
+# docs/losses.md (softmax + CoSENT, weight chosen on an inner split of the training pairs), scored by
+# `dssm eval` and `dssm thresholds` beside the default recipe.
+DUPLICATES = ("quora-dev",)
+DUPLICATES_LOSS = ["--loss", "softmax+cosent", "--cosent-weight", "0.2"]
+# With a teacher, the pre-training's two teacher terms (docs/quality-teacher.md; the pair weight chosen
+# on an inner split of quora-dev's training pairs).
+TEACHER_PRETRAIN = ["--distill-weight", "1", "--distill-pairs-weight", "3"]
 BEAM = ["--direct_running_mode=in_memory"]
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
@@ -57,11 +65,11 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
 
     ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
-    pairs by its cosine) and the pre-training distils it (``--distill-weight 1``); the labelled
-    fine-tuning is unchanged.
+    pairs by its cosine) and the pre-training distils it (``TEACHER_PRETRAIN``: the KL term and the pair
+    term); the labelled fine-tuning is unchanged.
     """
     shared, run = work / name, work / name / f"seed{seed}"
-    distil = (["--teacher", teacher], ["--distill-weight", "1"]) if teacher else ([], [])
+    distil = (["--teacher", teacher], TEACHER_PRETRAIN) if teacher else ([], [])
     pretrained, model, index = run / "pretrained", run / "model", run / "index"
     if name in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
         first = shared / "neighbours"
@@ -73,17 +81,20 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
     steps = [(first, make),
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
                            "--seed", str(seed), *distil[1], "--overwrite"])]
-    evaluate = ["eval", "--index", str(index), "--data", str(data), "--systems", "dssm,bm25,hybrid",
-                "--json", str(run / "eval.json")]
+    eval_flags: list[str] = []
     if name in LABELLED:
-        pairs_flags, eval_flags = LABELLED[name]
+        pairs_flags, holdout_flags = LABELLED[name]
         pairs = shared / "pairs"
+        eval_flags = [flag for flag in holdout_flags if flag != "--holdout"]
+        if "--holdout" in holdout_flags:
+            eval_flags += ["--holdout", str(pairs)]
+
+        def fine_tune(out: Path, extra: list[str]) -> tuple[Path, list[str]]:
+            return (out, ["train", "--pairs", str(pairs), "--output", str(out), "--verbose", "2", "--seed", str(seed),
+                          "--init-from", str(pretrained), *FINE_TUNE, *extra, "--overwrite"])
+
         steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM]),
-                  (model, ["train", "--pairs", str(pairs), "--output", str(model), "--verbose", "2", "--seed",
-                           str(seed), "--init-from", str(pretrained), *FINE_TUNE, "--overwrite"])]
-        evaluate += [flag for flag in eval_flags if flag != "--holdout"]
-        if "--holdout" in eval_flags:
-            evaluate += ["--holdout", str(pairs)]
+                  fine_tune(model, [])]
     else:
         model = pretrained
     # The hybrid weight: tuned on the labelled pairs' validation split where those pairs are not the
@@ -93,9 +104,17 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
     # from pre-training (label-free), since spans cut out of its documents are poor pseudo-queries.
     tune = (["--hybrid-pairs", str(shared / "pairs")] if name in HYBRID_ON_PAIRS
             else ["--hybrid-pairs", str(first)] if teacher and name in PRETRAIN_ON_NEIGHBOURS else [])
-    steps += [(index, ["index", "--model", str(model), "--corpus", str(data / "corpus.jsonl"), "--output", str(index),
+
+    def index_and_eval(trained: Path, out: Path, report: Path) -> list[tuple[Path, list[str]]]:
+        return [(out, ["index", "--model", str(trained), "--corpus", str(data / "corpus.jsonl"), "--output", str(out),
                        *tune, *BEAM]),
-              (run / "eval.json", evaluate)]
+                (report, ["eval", "--index", str(out), "--data", str(data), "--systems", "dssm,bm25,hybrid",
+                          "--json", str(report), *eval_flags])]
+
+    steps += index_and_eval(model, index, run / "eval.json")
+    if name in DUPLICATES:
+        steps += [fine_tune(run / "model-duplicates", DUPLICATES_LOSS),
+                  *index_and_eval(run / "model-duplicates", run / "index-duplicates", run / "eval-duplicates.json")]
     return steps
 
 
@@ -156,6 +175,9 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
                          "label_free": manifest.get("hybrid_tuning"),
                          "encode_docs_per_second": manifest.get("encode", {}).get("docs_per_second"),
                          "seconds": seconds})
+        if name in DUPLICATES:
+            dup = json.loads((run / "eval-duplicates.json").read_text())
+            per_seed[-1]["duplicates_recipe"] = {s: dup[s]["ndcg@10"] for s in ("dssm", "hybrid")}
     return {"set": name, "seeds": per_seed, "commands": commands}
 
 
@@ -191,13 +213,15 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
     from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep, tuning_mask
 
     pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
-    out: dict[str, Any] = {"dssm": []}
+    out: dict[str, Any] = {"dssm": [], "dssm_duplicates_recipe": []}
     for seed in seeds:
-        result = work / "quora-dev" / f"seed{seed}" / "thresholds.json"
-        if not result.exists():
-            _dssm(["thresholds", "--index", str(work / "quora-dev" / f"seed{seed}" / "index"), "--pairs",
-                   str(pairs_file), "--holdout", str(holdout), "--json", str(result)], log)
-        out["dssm"].append(json.loads(result.read_text())["test"]["at_best_accuracy_threshold"]["accuracy"])
+        for key, suffix in (("dssm", ""), ("dssm_duplicates_recipe", "-duplicates")):
+            run = work / "quora-dev" / f"seed{seed}"
+            result = run / f"thresholds{suffix}.json"
+            if not result.exists():
+                _dssm(["thresholds", "--index", str(run / f"index{suffix}"), "--pairs", str(pairs_file), "--holdout",
+                       str(holdout), "--json", str(result)], log)
+            out[key].append(json.loads(result.read_text())["test"]["at_best_accuracy_threshold"]["accuracy"])
     keep = holdout_filter(holdout)
     pairs = [p for p in read_labelled_pairs(pairs_file) if keep(p[0])]
     tune = tuning_mask(pairs, 0.5)  # the split `dssm thresholds` makes (its default --tune-fraction)
@@ -252,6 +276,13 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                           "chosen for accuracy on the other half): DSSM (`dssm thresholds --holdout`) "
                           f"{_mean_std(dup['dssm'])}, MiniLM cosine {dup.get('minilm', 'n/a')}, token Jaccard "
                           f"{dup['jaccard']}."]
+            recipe_runs = [s["duplicates_recipe"] for s in result["seeds"] if "duplicates_recipe" in s]
+            if dup.get("dssm_duplicates_recipe") and recipe_runs:
+                costs += ["", f"The duplicates recipe ({result['set']}: the same pre-trained towers fine-tuned with "
+                              f"`{' '.join(DUPLICATES_LOSS)}`, docs/losses.md): duplicate accuracy "
+                              f"{_mean_std(dup['dssm_duplicates_recipe'])}; nDCG@10 DSSM "
+                              f"{_mean_std([r['dssm'] for r in recipe_runs])}, hybrid (default search) "
+                              f"{_mean_std([r['hybrid'] for r in recipe_runs])}."]
     runs = []
     for result in results:
         run = result.get("meta", meta)

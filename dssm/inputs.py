@@ -130,7 +130,8 @@ def teacher_dim(files: list[str], *, required: bool) -> int:
     feature = _first_features(files).get("query_teacher")
     if feature is not None and feature.float_list.value:
         return len(feature.float_list.value)
-    raise ConfigError(f"distillation (--distill-weight > 0) needs teacher vectors in the pairs, and {files[:1]} has "
+    raise ConfigError(f"distillation (--distill-weight or --distill-pairs-weight > 0) needs teacher vectors in the "
+                      f"pairs, and {files[:1]} has "
                       "none: make the pairs with `dssm pairs --teacher minilm`")
 
 

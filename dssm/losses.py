@@ -81,10 +81,16 @@ class LossConfig:
         "the towers', beside the loss); needs pairs made with `dssm pairs --teacher minilm`. 0: off")
     teacher_temperature: float = field(
         0.05, "temperature on the teacher's cosines in the distillation term (lower: sharper teacher)")
+    distill_pairs_weight: float = field(
+        0.0, "weight of the pair-distillation term: CoSENT over the batch's (query, document) pairs with the "
+        "teacher's cosine of each pair as its graded label, so the towers order pairs across queries as the "
+        "teacher does (what one duplicate threshold reads); needs teacher vectors like --distill-weight. 0: off")
 
     def __post_init__(self) -> None:
         if not self.distill_weight >= 0:
             raise ConfigError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if not self.distill_pairs_weight >= 0:
+            raise ConfigError(f"distill_pairs_weight must be >= 0, got {self.distill_pairs_weight}")
         if not self.teacher_temperature > 0:
             raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not self.margin >= 0:

@@ -47,7 +47,7 @@ from dssm.config import config_to_dict, field
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
 from dssm.losses import LOSS_NAMES, LOSSES, SCORE_MATRIX_INPUTS, LossConfig, RetrievalLoss, get_loss
-from dssm.pair_losses import PairClassifier
+from dssm.pair_losses import PairClassifier, cosent_loss
 from dssm.score_losses import distillation_loss, pair_cosines
 
 import tensorflow as tf  # noqa: E402  isort: skip
@@ -267,8 +267,9 @@ class DSSMModel(tfrs.Model):
         # get_loss validates the combination (e.g. logq_correction with a loss that has none).
         self._loss_fn = (None if self.task is not None
                          else get_loss(config.loss, config=self.loss_config, temperature=config.temperature))
-        if self.loss_config.distill_weight > 0 and spec.inputs not in SCORE_MATRIX_INPUTS:
-            raise ConfigError(f"distill_weight needs an in-batch score-matrix loss; {config.loss!r} has "
+        distilled = self.loss_config.distill_weight > 0 or self.loss_config.distill_pairs_weight > 0
+        if distilled and spec.inputs not in SCORE_MATRIX_INPUTS:
+            raise ConfigError(f"distillation needs an in-batch score-matrix loss; {config.loss!r} has "
                               f"{spec.inputs!r} inputs")
         if self.loss_config.logq_correction and not spec.logq:
             raise ConfigError(f"logq_correction is not available for loss {config.loss!r}; only for "
@@ -447,21 +448,37 @@ class DSSMModel(tfrs.Model):
 
     def _distill(self, features: dict[str, tf.Tensor], query: tf.Tensor, document: tf.Tensor,
                  score_mask: tf.Tensor | None, *, global_batch: tf.Tensor) -> tf.Tensor | float:
-        """``distill_weight`` × the teacher term over this replica's ``[batch, batch]`` pairs (rows summed,
-        divided by the global batch); 0 without distillation."""
-        if self.loss_config.distill_weight == 0:
+        """The teacher terms; 0 without distillation.
+
+        ``distill_weight`` × the KL term over this replica's ``[batch, batch]`` scores (rows summed,
+        divided by the global batch), plus ``distill_pairs_weight`` × CoSENT over the replica's
+        ``[batch]`` pair cosines graded by the teacher's cosine of the same pairs (one ranking per
+        replica, divided by the replicas, as ``--loss cosent``).
+        """
+        weight, pairs_weight = self.loss_config.distill_weight, self.loss_config.distill_pairs_weight
+        if weight == 0 and pairs_weight == 0:
             return 0.0
         if "query_teacher" not in features:
-            raise ConfigError("distill_weight > 0 needs teacher vectors in the batch (query_teacher, "
-                              "document_teacher): make the pairs with `dssm pairs --teacher minilm`")
-        teacher = tf.matmul(features["query_teacher"], features["document_teacher"], transpose_b=True)
-        local = tf.shape(query)[0]
-        mask = None if score_mask is None else score_mask[:, :local]
-        per_row = distillation_loss(tf.matmul(query, document, transpose_b=True), teacher,
-                                    temperature=self.config.temperature,
-                                    teacher_temperature=self.loss_config.teacher_temperature,
-                                    score_mask=mask, reduction="sum")
-        return self.loss_config.distill_weight * per_row / tf.cast(global_batch, per_row.dtype)
+            raise ConfigError("distillation (--distill-weight / --distill-pairs-weight > 0) needs teacher vectors "
+                              "in the batch (query_teacher, document_teacher): make the pairs with "
+                              "`dssm pairs --teacher minilm`")
+        query_teacher, document_teacher = features["query_teacher"], features["document_teacher"]
+        total = 0.0
+        if weight > 0:
+            teacher = tf.matmul(query_teacher, document_teacher, transpose_b=True)
+            local = tf.shape(query)[0]
+            mask = None if score_mask is None else score_mask[:, :local]
+            per_row = distillation_loss(tf.matmul(query, document, transpose_b=True), teacher,
+                                        temperature=self.config.temperature,
+                                        teacher_temperature=self.loss_config.teacher_temperature,
+                                        score_mask=mask, reduction="sum")
+            total += weight * per_row / tf.cast(global_batch, per_row.dtype)
+        if pairs_weight > 0:
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            graded = cosent_loss(pair_cosines(query, document), tf.reduce_sum(query_teacher * document_teacher, axis=1),
+                                 scale=self.loss_config.cosent_scale)
+            total += pairs_weight * graded / replicas
+        return total
 
     def _simcse(self, features: dict[str, tf.Tensor], *, training: bool | None, replicas: int) -> tf.Tensor:
         """SimCSE: the query bags through the query tower twice (one call, so one table gather)."""

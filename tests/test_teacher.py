@@ -18,6 +18,7 @@ from dssm.errors import ConfigError
 from dssm.features import FeatureConfig
 from dssm.losses import LossConfig
 from dssm.model import DSSMModel, ModelConfig
+from dssm.pair_losses import cosent_loss
 from dssm.score_losses import distillation_loss
 from dssm.teacher import TEACHERS, check_teacher, teacher_encoder, teacher_neighbours
 from dssm.train import TrainConfig, train
@@ -120,6 +121,41 @@ def test_the_model_adds_the_weighted_teacher_term() -> None:
         DSSMModel(ModelConfig(loss="cosent"), feature_config=features, loss_config=LossConfig(distill_weight=1.0))
     with pytest.raises(ConfigError, match="distill_weight must be >= 0"):
         LossConfig(distill_weight=-1.0)
+
+
+def test_the_pair_term_ranks_the_batchs_pairs_by_the_teachers_cosine() -> None:
+    features = FeatureConfig(num_buckets=512)
+    config = ModelConfig(embedding_dim=8, hidden_dims=(8,), temperature=0.1)
+    # Two pairs: the teacher finds pair 0 (cosine .6) less alike than pair 1 (cosine 1).
+    batch = {"query_ids": tf.ragged.constant([[1, 2], [3]], dtype=tf.int64),
+             "query_counts": tf.ragged.constant([[1.0, 1.0], [1.0]]),
+             "document_ids": tf.ragged.constant([[7], [8, 9]], dtype=tf.int64),
+             "document_counts": tf.ragged.constant([[1.0], [1.0, 1.0]]),
+             "document_id": tf.constant(["d1", "d2"]), "label": tf.ones([2]),
+             "query_teacher": tf.constant([[1.0, 0.0], [0.0, 1.0]]),
+             "document_teacher": tf.constant([[0.6, 0.8], [0.0, 1.0]])}
+    plain = DSSMModel(config, feature_config=features)
+    query, document = (x.numpy() for x in plain(batch))
+    weighted = DSSMModel(config, feature_config=features, loss_config=LossConfig(distill_pairs_weight=3.0,
+                                                                                 cosent_scale=5.0))
+    weighted(batch)
+    weighted.set_weights(plain.get_weights())
+    cosines = (query * document).sum(axis=1) / np.linalg.norm(query, axis=1) / np.linalg.norm(document, axis=1)
+    # CoSENT with one ordered pair (teacher 0.6 < 1.0): log(1 + exp(5 (cos_0 - cos_1))).
+    expected = 3.0 * math.log1p(math.exp(5.0 * (cosines[0] - cosines[1])))
+    difference = float(weighted.compute_loss(batch)) - float(plain.compute_loss(batch))
+    assert difference == pytest.approx(expected, rel=1e-4)
+    # Swapping the teacher's order swaps the sign inside the exp.
+    swapped = dict(batch, document_teacher=tf.constant([[1.0, 0.0], [0.6, 0.8]]))
+    difference = float(weighted.compute_loss(swapped)) - float(plain.compute_loss(swapped))
+    assert difference == pytest.approx(3.0 * math.log1p(math.exp(5.0 * (cosines[1] - cosines[0]))), rel=1e-4)
+    without = {k: v for k, v in batch.items() if not k.endswith("_teacher")}
+    with pytest.raises(ConfigError, match="dssm pairs --teacher"):
+        weighted.compute_loss(without)
+    with pytest.raises(ConfigError, match="score-matrix loss"):
+        DSSMModel(ModelConfig(loss="cosent"), feature_config=features, loss_config=LossConfig(distill_pairs_weight=1.0))
+    with pytest.raises(ConfigError, match="distill_pairs_weight must be >= 0"):
+        LossConfig(distill_pairs_weight=-0.5)
 
 
 # ---- teacher neighbours -------------------------------------------------------------------------------
@@ -233,6 +269,28 @@ def test_training_distils_the_teacher(tmp_path: Path, fake_teacher: str) -> None
     # The teacher's similarities among the corpus texts are what distillation teaches beyond the pairs.
     # Measured: 0.058 with distillation, 0.173 without.
     assert kl_after(5.0) < 0.6 * kl_after(0.0)
+
+
+def test_training_orders_pairs_like_the_teacher(tmp_path: Path, fake_teacher: str) -> None:
+    taught = _pairs(tmp_path, teacher=fake_teacher)
+    config = ModelConfig(embedding_dim=16, hidden_dims=(16,))
+    train_config = TrainConfig(epochs=8, batch_size=16, learning_rate=0.1, verbose=0, validation=False)
+    # The trained pairs by the teacher's cosine: "red apple pie"-"apple crumble" .8 is less alike than
+    # "apple crumble"-"cinnamon rolls" and "quantum physics"-"particle physics" (.96 each).
+    pairs = [("red apple pie", "apple crumble"), ("apple crumble", "cinnamon rolls"),
+             ("quantum physics", "particle physics")]
+
+    def order_loss(weight: float) -> float:
+        model, _ = train(taught, model_config=config, train_config=train_config,
+                         loss_config=LossConfig(distill_pairs_weight=weight))
+        first = tf.math.l2_normalize(model.embed_queries(tf.constant([a for a, _ in pairs])), axis=1)
+        second = tf.math.l2_normalize(model.embed_queries(tf.constant([b for _, b in pairs])), axis=1)
+        cosines = tf.reduce_sum(first * second, axis=1)
+        return float(cosent_loss(cosines, tf.constant([0.8, 0.96, 0.96]), scale=5.0))
+
+    # Without the term every trained pair is a positive pushed to the same high cosine; with it the
+    # 0.8 pair is ranked below the two 0.96 pairs.
+    assert order_loss(5.0) < order_loss(0.0) - 0.1
 
 
 def test_minilm_teacher_when_installed() -> None:
