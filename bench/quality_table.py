@@ -215,10 +215,17 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
 
     from dssm.data import holdout_filter
     from dssm.teacher import minilm_available, minilm_encoder
-    from dssm.thresholds import best_point, classification_at, read_labelled_pairs, threshold_sweep, tuning_mask
+    from dssm.thresholds import (
+        average_precision,
+        best_point,
+        classification_at,
+        read_labelled_pairs,
+        threshold_sweep,
+        tuning_mask,
+    )
 
     pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
-    out: dict[str, Any] = {"dssm": [], "dssm_duplicates_recipe": []}
+    out: dict[str, Any] = {"dssm": [], "dssm_duplicates_recipe": [], "ap": {"dssm": [], "dssm_duplicates_recipe": []}}
     for seed in seeds:
         for key, suffix in (("dssm", ""), ("dssm_duplicates_recipe", "-duplicates")):
             run = work / "quora-dev" / f"seed{seed}"
@@ -226,7 +233,9 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
             if not result.exists():
                 _dssm(["thresholds", "--index", str(run / f"index{suffix}"), "--pairs", str(pairs_file), "--holdout",
                        str(holdout), "--json", str(result)], log)
-            out[key].append(json.loads(result.read_text())["test"]["at_best_accuracy_threshold"]["accuracy"])
+            test = json.loads(result.read_text())["test"]
+            out[key].append(test["at_best_accuracy_threshold"]["accuracy"])
+            out["ap"][key].append(test["average_precision"])
     keep = holdout_filter(holdout)
     pairs = [p for p in read_labelled_pairs(pairs_file) if keep(p[0])]
     tune = tuning_mask(pairs, 0.5)  # the split `dssm thresholds` makes (its default --tune-fraction)
@@ -243,7 +252,9 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
     out["jaccard"] = accuracy(np.array([jaccard(p[0], p[1]) for p in pairs]))
     if minilm_available():
         encode = minilm_encoder()
-        out["minilm"] = accuracy(np.einsum("nd,nd->n", encode([p[0] for p in pairs]), encode([p[1] for p in pairs])))
+        cosines = np.einsum("nd,nd->n", encode([p[0] for p in pairs]), encode([p[1] for p in pairs]))
+        out["minilm"] = accuracy(cosines)
+        out["ap"]["minilm"] = round(average_precision(cosines[~tune], labels[~tune]), 4)
     out["test_pairs"] = int((~tune).sum())
     return out
 
@@ -281,11 +292,18 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                           "chosen for accuracy on the other half): DSSM (`dssm thresholds --holdout`) "
                           f"{_mean_std(dup['dssm'])}, MiniLM cosine {dup.get('minilm', 'n/a')}, token Jaccard "
                           f"{dup['jaccard']}."]
+            ap = dup.get("ap", {})
+            if ap.get("dssm"):
+                costs[-1] += (" Average precision on the same test pairs (no threshold): DSSM "
+                              f"{_mean_std(ap['dssm'])}, MiniLM {ap.get('minilm', 'n/a')}.")
             recipe_runs = [s["duplicates_recipe"] for s in result["seeds"] if "duplicates_recipe" in s]
             if dup.get("dssm_duplicates_recipe") and recipe_runs:
                 costs += ["", f"The duplicates recipe ({result['set']}: the same pre-trained towers fine-tuned with "
                               f"`{' '.join(DUPLICATES_LOSS)}`, docs/losses.md): duplicate accuracy "
-                              f"{_mean_std(dup['dssm_duplicates_recipe'])}; nDCG@10 DSSM "
+                              f"{_mean_std(dup['dssm_duplicates_recipe'])}"
+                              + (f", average precision {_mean_std(ap['dssm_duplicates_recipe'])}"
+                                 if ap.get("dssm_duplicates_recipe") else "")
+                              + "; nDCG@10 DSSM "
                               f"{_mean_std([r['dssm'] for r in recipe_runs])}, hybrid (default search) "
                               f"{_mean_std([r['hybrid'] for r in recipe_runs])}."]
     runs = []
