@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,8 @@ class TrainConfig:
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
     verbose: int = field(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
     init_from: str = field("", "start from the tower weights of this model directory (a `dssm train` output with the "
-                           "same features and tower shape, e.g. one pre-trained label-free on the corpus to index); "
-                           "'' = random init")
+                           "same features, e.g. one pre-trained label-free on the corpus to index; `dssm train` takes "
+                           "its tower shape unless set by flags); '' = random init")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -117,9 +117,7 @@ class TrainConfig:
 def select_strategy() -> tf.distribute.Strategy:
     """``MirroredStrategy`` over all GPUs when there are any, else the default (single-device) strategy."""
     gpus = tf.config.list_logical_devices("GPU")
-    if gpus:
-        return tf.distribute.MirroredStrategy([g.name for g in gpus])
-    return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy([g.name for g in gpus]) if gpus else tf.distribute.get_strategy()
 
 
 @contextlib.contextmanager
@@ -563,7 +561,9 @@ def _run_dir(value: str | None, default: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     """``dssm train``: train on ``--pairs`` and export to ``--output``; prints the exported epoch's metrics."""
     args = _parser().parse_args(argv)
-    model_config, notes = apply_loss_defaults(config_from_args(ModelConfig, args))
+    start = replace(ModelConfig(), **{n: getattr(read_model_configs(args.init_from)[1], n) for n in _TOWER_FIELDS}) \
+        if args.init_from else None  # a warm start keeps its towers' shape unless a flag sets it here
+    model_config, notes = apply_loss_defaults(config_from_args(ModelConfig, args, base=start))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     train_config = config_from_args(TrainConfig, args)

@@ -18,6 +18,7 @@ import dssm.validation as validation_module
 from dssm.artifacts import read_manifest, write_manifest
 from dssm.config import save_config
 from dssm.errors import ChecksumError, ConfigError, InputError
+from dssm.export import read_model_configs
 from dssm.features import FeatureConfig, Featurizer
 from dssm.inputs import count_pairs, has_negatives, make_dataset, pair_files
 from dssm.metrics import mrr_at_k, recall_at_k
@@ -535,6 +536,14 @@ def test_init_from_a_model_of_another_shape_or_features_names_both(quora_shards:
               "--embedding-dim", "32", "--hidden-dims", "32", "8", "--no-shared-towers",
               "--init-from", str(two_tower_model)])
     assert not (tmp_path / "out" / "manifest.json").exists()
+    # Without shape flags a warm start takes its source's towers: their width, and two towers, not one.
+    main(["--pairs", str(quora_shards), "--output", str(tmp_path / "warm"), "--verbose", "0", "--epochs", "1",
+          "--no-validation", "--init-from", str(two_tower_model)])
+    _, warm, _ = read_model_configs(tmp_path / "warm")
+    _, source, _ = read_model_configs(two_tower_model)
+    default = ModelConfig()
+    assert (warm.embedding_dim, warm.hidden_dims, warm.shared_towers) == \
+        (source.embedding_dim, source.hidden_dims, False) != (default.embedding_dim, default.hidden_dims, True)
 
 
 @pytest.mark.slow
