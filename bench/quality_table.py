@@ -64,12 +64,14 @@ _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 
 
-def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -> list[tuple[str, list[str]]]:
+def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
+           tower: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
 
     ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
     pairs by its cosine) and the pre-training distils it (``TEACHER_PRETRAIN``, plus ``TEACHER_PAIRS`` on
-    neighbour pairs); the labelled fine-tuning is unchanged.
+    neighbour pairs); the labelled fine-tuning is unchanged. ``tower``: ``dssm train`` flags of the
+    towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
     """
     shared, run = work / name, work / name / f"seed{seed}"
     distil = (["--teacher", teacher], TEACHER_PRETRAIN) if teacher else ([], [])
@@ -85,7 +87,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
         make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *distil[0], *BEAM]
     steps = [(first, make),
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
-                           "--seed", str(seed), *distil[1], "--overwrite"])]
+                           "--seed", str(seed), *distil[1], *tower, "--overwrite"])]
     eval_flags: list[str] = []
     if name in LABELLED:
         pairs_flags, holdout_flags = LABELLED[name]
@@ -96,7 +98,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "") -
 
         def fine_tune(out: Path, extra: list[str]) -> tuple[Path, list[str]]:
             return (out, ["train", "--pairs", str(pairs), "--output", str(out), "--verbose", "2", "--seed", str(seed),
-                          "--init-from", str(pretrained), *FINE_TUNE, *extra, "--overwrite"])
+                          "--init-from", str(pretrained), *FINE_TUNE, *extra, *tower, "--overwrite"])
 
         steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM]),
                   fine_tune(model, [])]
@@ -155,7 +157,8 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
     return out
 
 
-def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "") -> dict[str, Any]:
+def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
+            tower: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every seed of one set: nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
     data = DATA / name
     log = work / name / "commands.log"
@@ -163,7 +166,7 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
     per_seed, commands, made = [], [], set()
     for seed in seeds:
         seconds = {}
-        for marker, argv in recipe(name, data, work, seed, teacher=teacher):
+        for marker, argv in recipe(name, data, work, seed, teacher=teacher, tower=tower):
             commands.append("dssm " + " ".join(argv))
             # The seeds share the pairs steps: made once per run (with a teacher, debian-dev's take ~19 min).
             if marker in made or (reuse and marker.exists()):
@@ -333,13 +336,16 @@ def main(argv: list[str] | None = None) -> int:
                              "on 2 cores at ~17 docs/s)")
     parser.add_argument("--teacher", default="", help="distil this teacher in the label-free pre-training (see "
                         "recipe()); write to another --out and --work to keep the default recipe's table")
+    parser.add_argument("--tower", default="", help="dssm train flags of the towers' shape for every training "
+                        "step, e.g. '--embedding-dim 512 --hidden-dims 512 256'; write to another --out and --work")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, load_before = time.perf_counter(), os.getloadavg()
     results = []
     for name in args.sets.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
-        result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher)
+        result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher,
+                         tower=tuple(args.tower.split()))
         queries, _, _ = _selected_queries(name, args.work)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
                                            list(queries.values())[:200])
