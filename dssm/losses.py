@@ -86,6 +86,11 @@ class LossConfig:
         "teacher's cosine of each pair as its graded label, so the towers order pairs across queries as the "
         "teacher does (what one duplicate threshold reads); needs teacher vectors like --distill-weight. 0: off")
 
+    @property
+    def distils(self) -> bool:
+        """Whether a teacher term is on (either weight > 0): the batches then need teacher vectors."""
+        return self.distill_weight > 0 or self.distill_pairs_weight > 0
+
     def __post_init__(self) -> None:
         if not self.distill_weight >= 0:
             raise ConfigError(f"distill_weight must be >= 0, got {self.distill_weight}")

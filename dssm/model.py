@@ -267,8 +267,7 @@ class DSSMModel(tfrs.Model):
         # get_loss validates the combination (e.g. logq_correction with a loss that has none).
         self._loss_fn = (None if self.task is not None
                          else get_loss(config.loss, config=self.loss_config, temperature=config.temperature))
-        distilled = self.loss_config.distill_weight > 0 or self.loss_config.distill_pairs_weight > 0
-        if distilled and spec.inputs not in SCORE_MATRIX_INPUTS:
+        if self.loss_config.distils and spec.inputs not in SCORE_MATRIX_INPUTS:
             raise ConfigError(f"distillation needs an in-batch score-matrix loss; {config.loss!r} has "
                               f"{spec.inputs!r} inputs")
         if self.loss_config.logq_correction and not spec.logq:
@@ -444,10 +443,11 @@ class DSSMModel(tfrs.Model):
         if self._graded_fn is not None:
             loss += self.loss_config.cosent_weight * self._graded_fn(pair_cosines(query, document),
                                                                      features["label"]) / replicas
-        return loss + self._distill(features, query, document, score_mask, global_batch=global_batch)
+        return loss + self._distill(features, query, document, score_mask, global_batch=global_batch,
+                                    replicas=replicas)
 
     def _distill(self, features: dict[str, tf.Tensor], query: tf.Tensor, document: tf.Tensor,
-                 score_mask: tf.Tensor | None, *, global_batch: tf.Tensor) -> tf.Tensor | float:
+                 score_mask: tf.Tensor | None, *, global_batch: tf.Tensor, replicas: int) -> tf.Tensor | float:
         """The teacher terms; 0 without distillation.
 
         ``distill_weight`` × the KL term over this replica's ``[batch, batch]`` scores (rows summed,
@@ -455,9 +455,9 @@ class DSSMModel(tfrs.Model):
         ``[batch]`` pair cosines graded by the teacher's cosine of the same pairs (one ranking per
         replica, divided by the replicas, as ``--loss cosent``).
         """
-        weight, pairs_weight = self.loss_config.distill_weight, self.loss_config.distill_pairs_weight
-        if weight == 0 and pairs_weight == 0:
+        if not self.loss_config.distils:
             return 0.0
+        weight, pairs_weight = self.loss_config.distill_weight, self.loss_config.distill_pairs_weight
         if "query_teacher" not in features:
             raise ConfigError("distillation (--distill-weight / --distill-pairs-weight > 0) needs teacher vectors "
                               "in the batch (query_teacher, document_teacher): make the pairs with "
@@ -474,7 +474,6 @@ class DSSMModel(tfrs.Model):
                                         score_mask=mask, reduction="sum")
             total += weight * per_row / tf.cast(global_batch, per_row.dtype)
         if pairs_weight > 0:
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
             graded = cosent_loss(pair_cosines(query, document), tf.reduce_sum(query_teacher * document_teacher, axis=1),
                                  scale=self.loss_config.cosent_scale)
             total += pairs_weight * graded / replicas

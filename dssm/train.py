@@ -364,7 +364,7 @@ def _make_data(pairs_dir: str | Path, sources: _Sources, *, model_config: ModelC
     data_config, negatives = loss_data(model_config.loss, train_config, train_files,
                                        negatives=train_config.negatives and has_negatives(train_files),
                                        num_classes=loss_config.num_classes)
-    teacher = teacher_dim(train_files, required=loss_config.distill_weight > 0 or loss_config.distill_pairs_weight > 0)
+    teacher = teacher_dim(train_files, required=loss_config.distils)
     n_train = count_pairs(train_files, min_label=data_config.min_label)
     steps = n_train // batch if drop else -(-n_train // batch)
     if steps == 0:
