@@ -88,6 +88,17 @@ def test_distillation_loss_by_hand() -> None:
         pytest.approx(0.0, abs=1e-7)
 
 
+def _plain_and_weighted(batch: dict, config: ModelConfig, loss_config: LossConfig) -> tuple[DSSMModel, DSSMModel]:
+    """A model without a teacher term and one with ``loss_config``, holding the same weights."""
+    features = FeatureConfig(num_buckets=512)
+    plain = DSSMModel(config, feature_config=features)
+    plain(batch)
+    weighted = DSSMModel(config, feature_config=features, loss_config=loss_config)
+    weighted(batch)
+    weighted.set_weights(plain.get_weights())
+    return plain, weighted
+
+
 def test_the_model_adds_the_weighted_teacher_term() -> None:
     features = FeatureConfig(num_buckets=512)
     config = ModelConfig(embedding_dim=8, hidden_dims=(8,), temperature=0.1)
@@ -103,12 +114,8 @@ def test_the_model_adds_the_weighted_teacher_term() -> None:
     batch = {"query_ids": q_ids, "query_counts": q_counts, "document_ids": d_ids, "document_counts": d_counts,
              "document_id": tf.constant(["d1", "d2", "d3", "d4"]), "label": tf.ones([4]),
              "query_teacher": tf.constant(teacher), "document_teacher": tf.constant(doc_teacher)}
-    plain = DSSMModel(config, feature_config=features)
+    plain, weighted = _plain_and_weighted(batch, config, LossConfig(distill_weight=2.0, teacher_temperature=0.05))
     query, document = plain(batch)
-    weighted = DSSMModel(config, feature_config=features, loss_config=LossConfig(distill_weight=2.0,
-                                                                                 teacher_temperature=0.05))
-    weighted(batch)
-    weighted.set_weights(plain.get_weights())
     kl = distillation_loss(tf.matmul(query, document, transpose_b=True), teacher @ doc_teacher.T, temperature=0.1,
                            teacher_temperature=0.05, reduction="mean")
     difference = float(weighted.compute_loss(batch)) - float(plain.compute_loss(batch))
@@ -134,12 +141,8 @@ def test_the_pair_term_ranks_the_batchs_pairs_by_the_teachers_cosine() -> None:
              "document_id": tf.constant(["d1", "d2"]), "label": tf.ones([2]),
              "query_teacher": tf.constant([[1.0, 0.0], [0.0, 1.0]]),
              "document_teacher": tf.constant([[0.6, 0.8], [0.0, 1.0]])}
-    plain = DSSMModel(config, feature_config=features)
+    plain, weighted = _plain_and_weighted(batch, config, LossConfig(distill_pairs_weight=3.0, cosent_scale=5.0))
     query, document = (x.numpy() for x in plain(batch))
-    weighted = DSSMModel(config, feature_config=features, loss_config=LossConfig(distill_pairs_weight=3.0,
-                                                                                 cosent_scale=5.0))
-    weighted(batch)
-    weighted.set_weights(plain.get_weights())
     cosines = (query * document).sum(axis=1) / np.linalg.norm(query, axis=1) / np.linalg.norm(document, axis=1)
     # CoSENT with one ordered pair (teacher 0.6 < 1.0): log(1 + exp(5 (cos_0 - cos_1))).
     expected = 3.0 * math.log1p(math.exp(5.0 * (cosines[0] - cosines[1])))
