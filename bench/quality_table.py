@@ -74,9 +74,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
     """
     shared, run = work / name, work / name / f"seed{seed}"
-    distil = (["--teacher", teacher], TEACHER_PRETRAIN) if teacher else ([], [])
-    if teacher and name in PRETRAIN_ON_NEIGHBOURS:
-        distil = (distil[0], [*TEACHER_PRETRAIN, *TEACHER_PAIRS])
+    teacher_terms = [*TEACHER_PRETRAIN, *(TEACHER_PAIRS if name in PRETRAIN_ON_NEIGHBOURS else [])]
+    distil = (["--teacher", teacher], teacher_terms) if teacher else ([], [])
     pretrained, model, index = run / "pretrained", run / "model", run / "index"
     if name in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
         first = shared / "neighbours"
