@@ -89,7 +89,8 @@ def test_distillation_loss_by_hand() -> None:
 
 
 def _plain_and_weighted(batch: dict, config: ModelConfig, loss_config: LossConfig) -> tuple[DSSMModel, DSSMModel]:
-    """A model without a teacher term and one with ``loss_config``, holding the same weights."""
+    """A model without a teacher term and one with ``loss_config``, holding the same (seeded) weights."""
+    tf.keras.utils.set_random_seed(0)  # the hand-computed terms then see the same towers every run
     features = FeatureConfig(num_buckets=512)
     plain = DSSMModel(config, feature_config=features)
     plain(batch)
@@ -99,8 +100,19 @@ def _plain_and_weighted(batch: dict, config: ModelConfig, loss_config: LossConfi
     return plain, weighted
 
 
+def _assert_refusals(weighted: DSSMModel, batch: dict, weight: str) -> None:
+    """A teacher term refuses batches without teacher vectors, non-matrix losses and a negative ``weight``."""
+    without = {k: v for k, v in batch.items() if not k.endswith("_teacher")}
+    with pytest.raises(ConfigError, match="dssm pairs --teacher"):
+        weighted.compute_loss(without)
+    with pytest.raises(ConfigError, match="score-matrix loss"):
+        DSSMModel(ModelConfig(loss="cosent"), feature_config=FeatureConfig(num_buckets=512),
+                  loss_config=LossConfig(**{weight: 1.0}))
+    with pytest.raises(ConfigError, match=f"{weight} must be >= 0"):
+        LossConfig(**{weight: -1.0})
+
+
 def test_the_model_adds_the_weighted_teacher_term() -> None:
-    features = FeatureConfig(num_buckets=512)
     config = ModelConfig(embedding_dim=8, hidden_dims=(8,), temperature=0.1)
     rng = np.random.default_rng(0)
     teacher = rng.normal(size=(4, 3)).astype(np.float32)
@@ -121,17 +133,10 @@ def test_the_model_adds_the_weighted_teacher_term() -> None:
     difference = float(weighted.compute_loss(batch)) - float(plain.compute_loss(batch))
     assert float(kl) > 0.01
     assert difference == pytest.approx(2.0 * float(kl), rel=1e-4)
-    without = {k: v for k, v in batch.items() if not k.endswith("_teacher")}
-    with pytest.raises(ConfigError, match="dssm pairs --teacher"):
-        weighted.compute_loss(without)
-    with pytest.raises(ConfigError, match="score-matrix loss"):
-        DSSMModel(ModelConfig(loss="cosent"), feature_config=features, loss_config=LossConfig(distill_weight=1.0))
-    with pytest.raises(ConfigError, match="distill_weight must be >= 0"):
-        LossConfig(distill_weight=-1.0)
+    _assert_refusals(weighted, batch, "distill_weight")
 
 
 def test_the_pair_term_ranks_the_batchs_pairs_by_the_teachers_cosine() -> None:
-    features = FeatureConfig(num_buckets=512)
     config = ModelConfig(embedding_dim=8, hidden_dims=(8,), temperature=0.1)
     # Two pairs: the teacher finds pair 0 (cosine .6) less alike than pair 1 (cosine 1).
     batch = {"query_ids": tf.ragged.constant([[1, 2], [3]], dtype=tf.int64),
@@ -152,13 +157,7 @@ def test_the_pair_term_ranks_the_batchs_pairs_by_the_teachers_cosine() -> None:
     swapped = dict(batch, document_teacher=tf.constant([[1.0, 0.0], [0.6, 0.8]]))
     difference = float(weighted.compute_loss(swapped)) - float(plain.compute_loss(swapped))
     assert difference == pytest.approx(3.0 * math.log1p(math.exp(5.0 * (cosines[1] - cosines[0]))), rel=1e-4)
-    without = {k: v for k, v in batch.items() if not k.endswith("_teacher")}
-    with pytest.raises(ConfigError, match="dssm pairs --teacher"):
-        weighted.compute_loss(without)
-    with pytest.raises(ConfigError, match="score-matrix loss"):
-        DSSMModel(ModelConfig(loss="cosent"), feature_config=features, loss_config=LossConfig(distill_pairs_weight=1.0))
-    with pytest.raises(ConfigError, match="distill_pairs_weight must be >= 0"):
-        LossConfig(distill_pairs_weight=-0.5)
+    _assert_refusals(weighted, batch, "distill_pairs_weight")
 
 
 # ---- teacher neighbours -------------------------------------------------------------------------------
