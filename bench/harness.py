@@ -233,11 +233,14 @@ def write_results(figures: list[Figure], *, out_dir: Path, quick: bool, errors: 
     previous = _load(out_dir, quick)
     machine = machine_facts()
     ran = set(parts)
-    all_parts = {k: v for k, v in previous.get("parts", {}).items() if k not in ran}
+    # A kept part ran on the machine its run recorded (files from before parts recorded their own
+    # CPU: the machine of the run that wrote the file), not necessarily this one.
+    earlier_cpu = previous.get("machine", {}).get("cpu")
+    all_parts = {k: {"cpu": earlier_cpu, **v} for k, v in previous.get("parts", {}).items() if k not in ran}
     for name, meta in parts.items():
         commit = str(meta.get("commit", machine["commit"] + ("+" if machine["dirty_tree"] else "")))
         all_parts[name] = {**meta, "commit": commit.rstrip("+"), "dirty_tree": commit.endswith("+"),
-                           "error": errors.get(name)}
+                           "error": errors.get(name), "cpu": machine["cpu"]}
     kept = [f for f in previous.get("figures", []) if f["part"] not in ran]
     rank = {name: i for i, name in enumerate(order)}
     all_figures = sorted(kept + [f.to_dict() for f in figures], key=lambda f: rank.get(f["part"], len(rank)))
@@ -256,10 +259,13 @@ def results_markdown(data: dict[str, Any]) -> str:
     """The table of ``results.json`` data: one row per figure, then when and where each part ran."""
     m = data["machine"]
     command = "make bench" + (" QUICK=1" if data["quick"] else "")
+    cpus = sorted({str(meta.get("cpu") or m["cpu"]) for meta in data["parts"].values()} or {m["cpu"]})
+    where = cpus[0] if len(cpus) == 1 else f"{len(cpus)} machines ({', '.join(cpus)}; each part's below)"
     lines = [
-        f"Measured by `{command}` on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB, shared with other "
+        f"Measured by `{command}` on {where} ({m['cores']} cores, {m['memory_gb']} GB, shared with other "
         "jobs), Python " + str(m["python"]) + ". Each figure: median of repeated runs after a warm-up "
-        "(min–max, runs); one value = measured once. ratio = ours / peer.",
+        "(min–max, runs); one value = measured once. ratio = ours / peer. Figures of parts measured on "
+        "different machines are not comparable with each other.",
         "",
         "| part | figure | ours | peer | peer's | ratio |",
         "|---|---|---|---|---|---|",
@@ -271,12 +277,13 @@ def results_markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {f['part']} | {name} | {ours} | {f.get('peer_name') or ''} | {peer} | {_ratio_text(f)} |")
     for part, message in data["errors"].items():
         lines.append(f"| {part} | **failed**: {message} | | | | |")
-    lines += ["", "| part | measured (UTC) | commit | seconds | load average (1/5/15 min) at the start |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| part | measured (UTC) | commit | seconds | load average (1/5/15 min) at the start | CPU |",
+              "|---|---|---|---|---|---|"]
     for part, meta in data["parts"].items():
         commit = (meta.get("commit") or "?") + (" (+ uncommitted changes)" if meta.get("dirty_tree") else "")
         load = " / ".join(f"{x:.1f}" for x in meta.get("load_average") or [])
-        lines.append(f"| {part} | {meta.get('time', '?')} | {commit} | {meta.get('seconds', 0):.0f} | {load} |")
+        lines.append(f"| {part} | {meta.get('time', '?')} | {commit} | {meta.get('seconds', 0):.0f} | {load} | "
+                     f"{meta.get('cpu') or m['cpu']} |")
     return "\n".join(lines) + "\n"
 
 

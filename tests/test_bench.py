@@ -80,6 +80,23 @@ def test_write_results_keeps_other_parts_and_reports_ratios(tmp_path: Path) -> N
     assert [f["part"] for f in third["figures"]] == ["train"]
 
 
+def test_a_partial_run_on_another_machine_keeps_each_parts_cpu(tmp_path: Path, monkeypatch) -> None:
+    import bench.harness as harness
+
+    facts = harness.machine_facts()
+    monkeypatch.setattr(harness, "machine_facts", lambda: {**facts, "cpu": "Old CPU"})
+    write_results([_figure("train", [1], [1]), _figure("query", [2.0], [4.0])], out_dir=tmp_path, quick=False,
+                  errors={}, parts={"train": {"time": "t1", "seconds": 1.0, "load_average": [1, 1, 1]},
+                                    "query": {"time": "t1", "seconds": 1.0, "load_average": [1, 1, 1]}}, order=ORDER)
+    monkeypatch.setattr(harness, "machine_facts", lambda: {**facts, "cpu": "New CPU"})
+    data = write_results([_figure("query", [3.0], [4.0])], out_dir=tmp_path, quick=False, errors={},
+                         parts={"query": {"time": "t2", "seconds": 1.0, "load_average": [1, 1, 1]}}, order=ORDER)
+    assert (data["parts"]["train"]["cpu"], data["parts"]["query"]["cpu"]) == ("Old CPU", "New CPU")
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("Measured by `make bench` on 2 machines (New CPU, Old CPU; each part's below)")
+    assert "| train | t1 |" in table and table.split("| train | t1 |")[1].splitlines()[0].endswith("| Old CPU |")
+
+
 def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
