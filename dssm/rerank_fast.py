@@ -225,7 +225,7 @@ class NumpyReranker:
         An ASCII document is split with bytes operations, in C: ``translate`` lower-cases A–Z and turns
         every other non-alphanumeric byte into a space (``dssm.features``' ASCII split, exactly), then all
         of them are joined by a marker no translated text holds and split and looked up at once. Other
-        documents are split by the graph's ops (:meth:`_split_bytes`). A word outside the vocabulary
+        documents are split by :meth:`_unicode_split`. A word outside the vocabulary
         gets id ``len(vocabulary) + j``, ``j`` its place in the returned list.
         """
         limit, cut = self.config.max_document_words, self.features.max_chars
@@ -362,16 +362,17 @@ class NumpyReranker:
         return self._graph_split
 
     def _split_bytes(self, texts: Sequence[str | bytes], limit: int) -> list[list[bytes]]:
-        """Words (UTF-8 bytes) of texts that need TensorFlow's normalisation: NFKC and full case folding are
-        exact only in its ops (:func:`dssm.rerank.split_words`, one call for all of them). The words are
-        valid UTF-8 from then on and hashed in Python like any other (FarmHash64 of their UTF-8 bytes,
-        trigrams of code points, as ``tf.strings.unicode_split`` gives)."""
+        """Words (UTF-8 bytes) of texts :func:`dssm.hashing.unicode_words` declines (a lone surrogate, a
+        code point newer than Python's Unicode tables), by the graph's ops (:func:`dssm.rerank.split_words`,
+        one call for all of them). The words are valid UTF-8 from then on and hashed in Python like any
+        other (FarmHash64 of their UTF-8 bytes, trigrams of code points, as ``tf.strings.unicode_split``
+        gives)."""
         raw = [text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text) for text in texts]
         words, lengths = self._split_function()(tf.constant(raw, tf.string), tf.constant(limit, tf.int32))
         return [part.tolist() for part in np.split(words.numpy(), np.cumsum(lengths.numpy())[:-1])]
 
     def _split(self, texts: Sequence[str], limit: int) -> list[list[str]]:
-        """Each text's words, cut to ``limit``: in Python for ASCII text, through the graph's ops for the rest."""
+        """Each text's words, cut to ``limit`` (ASCII split, else :meth:`_unicode_split`)."""
         out: list[list[str]] = [ascii_words(text, self.features) or [] for text in texts]
         other = [i for i, text in enumerate(texts) if not (isinstance(text, str) and text.isascii())]
         if other:
