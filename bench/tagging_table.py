@@ -18,6 +18,8 @@ Baselines, in process: TF-IDF (word 1-2-grams, sublinear tf) + one-vs-rest logis
 Writes ``docs/tagging.json`` and ``docs/tagging.table.md``::
 
     python -m bench.tagging_table [--seeds 0,1,2] [--reuse]
+    python -m bench.tagging_table --zero-shot-only --teacher minilm --work work/tags-teacher \\
+        --out docs/tagging-teacher.json      # the zero-shot towers distilling MiniLM
 """
 
 from __future__ import annotations
@@ -124,22 +126,29 @@ def logistic_regression(train: list[Any], dev: list[Any], names: list[str], held
     return {**result.means, "threshold": threshold}
 
 
-def zero_and_few_shot(work: Path, seeds: list[int], log: Path, reuse: bool, data: tuple) -> dict[str, Any]:
-    """Towers trained label-free on the training texts; labels from descriptions (+ k examples)."""
+def zero_and_few_shot(work: Path, seeds: list[int], log: Path, reuse: bool, data: tuple, *, teacher: str = "",
+                      few_shot: bool = True) -> dict[str, Any]:
+    """Towers trained label-free on the training texts; labels from descriptions (+ k examples).
+
+    ``teacher``: the label-free pairs carry its vectors and the training distils it, as the quality
+    recipe does on passage corpora (``bench.quality_table.TEACHER_PRETRAIN``).
+    """
+    from bench.quality_table import TEACHER_PRETRAIN
+
     pairs = work / "corpus_pairs"
     if not (reuse and (pairs / "manifest.json").exists()):
         _dssm(["pairs", "--input", str(DATA / "train.jsonl"), "--format", "corpus", "--output", str(pairs),
-               "--direct_running_mode=in_memory"], log)
+               *(["--teacher", teacher] if teacher else []), "--direct_running_mode=in_memory"], log)
     zero, few = [], {}
     for seed in seeds:
         model = work / f"zero-seed{seed}" / "model"
         if not (reuse and (model / "manifest.json").exists()):
             _dssm(["train", "--pairs", str(pairs), "--output", str(model), "--seed", str(seed), "--verbose", "2",
-                   "--overwrite"], log)
+                   *(TEACHER_PRETRAIN if teacher else []), "--overwrite"], log)
         index = work / f"zero-seed{seed}" / "index"
         _dssm(["tag", "--index", str(index), "--labels", str(DATA / "labels.tsv"), "--model", str(model)], log)
         zero.append({"seed": seed, "means": _eval(index, log)})
-        if seed != seeds[0]:
+        if seed != seeds[0] or not few_shot:
             continue
         for shots in SHOTS:
             few[shots] = _few_shot(work, model, shots, seed, log, data)
@@ -232,7 +241,19 @@ def _cell(values: list[float]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The tables of docs/tagging.md."""
+    """The tables of docs/tagging.md (the zero-shot table alone after ``--zero-shot-only``)."""
+    teacher = f", distilling {result['teacher']}" if result.get("teacher") else ""
+    zero = ["Zero-shot (descriptions only, no debtags label used in training):", "",
+            "| system | p@1 | p@3 | r@5 | map |", "|---|---:|---:|---:|---:|",
+            f"| towers trained label-free on the texts{teacher} ({len(result['zero_shot'])} seeds) | "
+            + " | ".join(_cell([r["means"][m] for r in result["zero_shot"]]) for m in ("p@1", "p@3", "r@5", "map"))
+            + " |"]
+    minilm = result["minilm"]
+    if "means" in minilm:
+        zero.append("| all-MiniLM-L6-v2 | " + " | ".join(f"{minilm['means'][m]:.4f}"
+                                                         for m in ("p@1", "p@3", "r@5", "map")) + " |")
+    if "trained" not in result:
+        return "\n".join(zero)
     head = "| system | " + " | ".join(FIGURES) + " |\n|---|" + "---:|" * len(FIGURES)
     rows = [head]
     for loss, runs in result["trained"].items():
@@ -240,15 +261,6 @@ def markdown(result: dict[str, Any]) -> str:
                     + " | ".join(_cell([r["means"][m] for r in runs]) for m in FIGURES) + " |")
     rows.append("| TF-IDF + one-vs-rest logistic regression | "
                 + " | ".join(f"{result['lr'][m]:.4f}" for m in FIGURES) + " |")
-    zero = ["", "Zero-shot (descriptions only, no debtags label used in training):", "",
-            "| system | p@1 | p@3 | r@5 | map |", "|---|---:|---:|---:|---:|",
-            f"| towers trained label-free on the texts ({len(result['zero_shot'])} seeds) | "
-            + " | ".join(_cell([r["means"][m] for r in result["zero_shot"]]) for m in ("p@1", "p@3", "r@5", "map"))
-            + " |"]
-    minilm = result["minilm"]
-    if "means" in minilm:
-        zero.append("| all-MiniLM-L6-v2 | " + " | ".join(f"{minilm['means'][m]:.4f}"
-                                                         for m in ("p@1", "p@3", "r@5", "map")) + " |")
     few = ["", "Few-shot (k examples per label; thresholds on the held-out training texts):", "",
            "| k | texts | prototypes micro-F1 / p@1 | towers fine-tuned (`train-tags`) micro-F1 / p@1 "
            "| logistic regression micro-F1 / p@1 |", "|---:|---:|---:|---:|---:|"]
@@ -260,7 +272,7 @@ def markdown(result: dict[str, Any]) -> str:
     speed = result["speed"]
     tail = ["", f"Speed: {speed['texts_per_second']:,.0f} texts/s tagging {speed['texts']:,} texts in process "
             f"(trained tags index, seed {result['seeds'][0]}, best of 3)."]
-    return "\n".join(rows + zero + few + tail)
+    return "\n".join(rows + [""] + zero + few + tail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,25 +280,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "tags-bench")
     parser.add_argument("--reuse", action="store_true", help="reuse trained models and indexes in --work")
+    parser.add_argument("--teacher", default="", help="distil this teacher (minilm) into the zero-shot towers' "
+                        "label-free training, as the quality recipe does on passage corpora")
+    parser.add_argument("--zero-shot-only", action="store_true",
+                        help="only the zero-shot table (towers and MiniLM): no trained, few-shot or speed runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "tagging.json",
+                        help="the JSON written (the table goes beside it as .table.md)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "commands.log"
     data = _split()
     began = time.perf_counter()
-    result: dict[str, Any] = {"seeds": seeds, "load_before": os.getloadavg()}
-    result["trained"] = trained(args.work, seeds, log, args.reuse)
-    result["lr"] = logistic_regression(data[1], data[2], data[3], data[4])
-    result.update(zero_and_few_shot(args.work, seeds, log, args.reuse, data))
-    result["few_shot_lr"] = few_shot_lr(data)
+    result: dict[str, Any] = {"seeds": seeds, "load_before": os.getloadavg(), "teacher": args.teacher}
+    if not args.zero_shot_only:
+        result["trained"] = trained(args.work, seeds, log, args.reuse)
+        result["lr"] = logistic_regression(data[1], data[2], data[3], data[4])
+    result.update(zero_and_few_shot(args.work, seeds, log, args.reuse, data, teacher=args.teacher,
+                                    few_shot=not args.zero_shot_only))
     result["minilm"] = minilm_zero_shot(data)
-    result["speed"] = tagging_speed(args.work / f"multilabel-seed{seeds[0]}" / "index", data[2])
+    if not args.zero_shot_only:
+        result["few_shot_lr"] = few_shot_lr(data)
+        result["speed"] = tagging_speed(args.work / f"multilabel-seed{seeds[0]}" / "index", data[2])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result.update(commit=commit.strip(), seconds=time.perf_counter() - began, load_after=os.getloadavg())
     result = json.loads(json.dumps(result, default=float))  # int keys → strings, numpy → float
-    (ROOT / "docs" / "tagging.json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (ROOT / "docs" / "tagging.table.md").write_text(table + "\n")
+    args.out.with_suffix(".table.md").write_text(table + "\n")
     print(table)
     return 0
 
