@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ADI = ROOT.parent / "shared" / "datasets" / "adi"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "dssm-load-test"
 
-__all__ = ["synthetic_texts", "train_small_model", "build_synthetic_index", "http_scenario", "start_server", "main"]
+__all__ = ["synthetic_texts", "train_small_model", "build_synthetic_index", "untrained_synthetic_index",
+           "http_scenario", "start_server", "main"]
 
 
 def _vocabulary() -> list[str]:
@@ -123,6 +124,19 @@ def build_synthetic_index(index_dir: Path, model_dir: Path, docs: int, *, scann_
     return texts, {"documents": docs, "encode_seconds": round(encode_s, 2), "scann": result.scann,
                    "recall@10": result.recall_at_10, "query_recall@10": round(query_recall, 4),
                    "build_seconds": build_seconds}
+
+
+def untrained_synthetic_index(work: Path, docs: int) -> tuple[Path, list[str], dict[str, Any]]:
+    """The speed parts' set-up: the default-shape model with its initial weights in ``work/model`` and a
+    ``docs``-document synthetic index of it in ``work/index`` (ScaNN ``auto``, 1,500 re-scored, recall
+    gate 0.95); returns ``(index_dir, texts, setup)`` and prints the setup."""
+    from bench.harness import export_untrained_model
+
+    model_dir = export_untrained_model(work / "model")
+    texts, setup = build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto", reorder_k=1500,
+                                         min_recall=0.95)
+    print(f"  {docs:,}-document index: {json.dumps(setup)}", flush=True)
+    return work / "index", texts, setup
 
 
 def _reusable(path: Path, kind: str, check: Any = None) -> bool:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, Figure, Stats, export_untrained_model
+from bench.harness import ROOT, Figure, Stats
 
 __all__ = ["run", "REPEATS"]
 
@@ -101,11 +101,7 @@ def run(*, quick: bool) -> list[Figure]:
     docs, repeats, queries = (5_000, 2, 20) if quick else (100_000, REPEATS, 200)
     work = Path(tempfile.mkdtemp(prefix="bench-cold-"))
     try:
-        model_dir = export_untrained_model(work / "model")
-        _, setup = load_test.build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto",
-                                                   reorder_k=1500, min_recall=0.95)
-        print(f"  index: {json.dumps(setup)}", flush=True)
-        index = work / "index"
+        index, _, setup = load_test.untrained_synthetic_index(work, docs)
         runs: dict[str, list[float]] = {}
         for fast in (True, False):
             key = "fast" if fast else "graph"

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import Figure, Stats, export_untrained_model
+from bench.harness import Figure, Stats
 
 __all__ = ["run", "bm25s_latencies", "start_server", "CLIENTS", "BATCH", "WORKERS"]
 
@@ -116,12 +116,8 @@ def _large_in_process(queries: list[str], *, docs: int, requests: int, seconds: 
 
     work = Path(tempfile.mkdtemp(prefix="bench-query-large-"))
     try:
-        model_dir = export_untrained_model(work / "model")
-        _, setup = load_test.build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto",
-                                                   reorder_k=1500, min_recall=0.95)
-        print(f"  {docs:,}-document index: {json.dumps(setup)}", flush=True)
-        rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=BATCH,
-                                    repeats=repeats)
+        index, _, setup = load_test.untrained_synthetic_index(work, docs)
+        rows = load_test.in_process(index, queries, requests=requests, seconds=seconds, batch=BATCH, repeats=repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"  in process, {docs:,} documents: {json.dumps(rows)}", flush=True)
@@ -146,10 +142,7 @@ def run(*, quick: bool) -> list[Figure]:
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     server = None
     try:
-        model_dir = export_untrained_model(work / "model")
-        texts, setup = load_test.build_synthetic_index(work / "index", model_dir, docs, scann_mode="auto",
-                                                       reorder_k=1500, min_recall=0.95)
-        print(f"  index: {json.dumps(setup)}", flush=True)
+        _, texts, setup = load_test.untrained_synthetic_index(work, docs)
         rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=BATCH,
                                     repeats=repeats)
         single = [r for r in rows if r["scenario"] == "in-process single"]
