@@ -230,3 +230,17 @@ def test_ann_sweep_finds_the_exact_neighbours_when_every_leaf_is_searched() -> N
     searcher = build(docs, {"leaves": 20, "train": 4000, "spherical": True, "soar_lambda": 1.0, "reorder": 200})
     everything = sweep(searcher, queries, truth, leaves=20, pre=200)
     assert everything["recall"] >= 0.99 and everything["qps"] > 0 and everything["p50_ms"] > 0
+
+
+def test_tagging_table_zero_shot_only_names_the_teacher_and_leaves_out_the_trained_rows() -> None:
+    from bench.tagging_table import markdown
+
+    run = {"means": {"p@1": 0.5, "p@3": 0.25, "r@5": 0.75, "map": 0.125}}
+    result = {"seeds": [0, 1], "teacher": "minilm", "zero_shot": [run, {"means": {**run["means"], "p@1": 0.25}}],
+              "minilm": {"means": {"p@1": 0.625, "p@3": 0.5, "r@5": 0.875, "map": 0.375}}}
+    table = markdown(result)
+    lines = table.splitlines()
+    assert lines[0].startswith("Zero-shot") and "micro_f1" not in table and "Few-shot" not in table
+    # mean ± sample std of the two seeds' p@1 (0.5, 0.25): 0.375 ± 0.1768
+    assert "| towers trained label-free on the texts, distilling minilm (2 seeds) | 0.3750 ± 0.1768 |" in table
+    assert lines[-1] == "| all-MiniLM-L6-v2 | 0.6250 | 0.5000 | 0.8750 | 0.3750 |"
