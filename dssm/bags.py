@@ -93,6 +93,31 @@ class EmbeddingBag(tf.keras.layers.Layer):
         return pooled / tf.maximum(scale, 1)[:, tf.newaxis]
 
 
+    def pool_tokens(self, ids: tf.RaggedTensor) -> tf.Tensor:
+        """Pool bags given as every token's id (count 1 each, repeats allowed), for inference.
+
+        The same sums as :meth:`call` on the de-duplicated bags (to float rounding: the order of the
+        terms differs), without the de-duplication within texts, the ``unique`` over the batch or the
+        gathered block: the fused segment sum reads the table rows itself. There is no sparse
+        gradient this way, so training keeps :meth:`call`. On 10k debtags texts (451 characters) the
+        featurize-and-embed signature went from 2.08 to 0.80 s.
+
+        Args:
+            ids: ``[batch, None]`` int64 bucket ids, one per token occurrence.
+
+        Returns:
+            ``[batch, dim]`` in the layer's compute dtype.
+        """
+        nrows = tf.cast(ids.nrows(), tf.int32)
+        pooled = _segment_sum(tf.convert_to_tensor(self.table), tf.cast(ids.flat_values, tf.int32),
+                              tf.cast(ids.value_rowids(), tf.int32), nrows)
+        if self.combiner != "sum":
+            total = tf.cast(ids.row_lengths(), pooled.dtype)
+            scale = total if self.combiner == "mean" else tf.sqrt(total)
+            pooled = pooled / tf.maximum(scale, 1)[:, tf.newaxis]
+        return tf.cast(pooled, self.compute_dtype)
+
+
 # Attribute of the gathered ids tensor holding the rows the forward pass read.
 _ROWS_ATTRIBUTE = "_dssm_table_rows"
 

@@ -214,8 +214,12 @@ class Tower(tf.keras.Model):
         """
         if self.featurizer is None:
             raise ConfigError(f"tower {self.name!r} was built without a featurizer; pass featurizer=")
-        ids, counts = self.featurizer.bags(texts)
-        return self((ids, counts), training=False)
+        if not self.built:  # build the weights the Keras way (one empty bag)
+            self((tf.ragged.constant([[]], tf.int64), tf.ragged.constant([[]], tf.float32)), training=False)
+        # Token ids straight into the fused pooling: self(featurizer.bags(texts)) without the
+        # de-duplication the pooling re-expands anyway (EmbeddingBag.pool_tokens).
+        pooled = self.bag.pool_tokens(self.featurizer.token_ids(texts))
+        return (self._dense_xla if self.jit_dense else self._dense)(pooled, training=False)
 
 
 class DSSMModel(tfrs.Model):

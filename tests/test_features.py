@@ -106,3 +106,24 @@ def test_arbitrary_unicode_never_crashes_and_is_deterministic(featurizer: Featur
         assert ids_a.dtype == np.int64 and counts_a.dtype == np.float32
         assert ((ids_a >= 0) & (ids_a < SMALL.num_buckets)).all()
         assert (counts_a >= 1).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_TEXTS, min_size=1, max_size=4))
+def test_token_ids_hash_the_tokens_in_order(featurizer: Featurizer, texts: list[str]) -> None:
+    # token_ids makes the strings once per distinct word of the batch: repeated words across and
+    # within texts must still give every occurrence its own ids, in the order tokens() lists them.
+    batch = tf.constant([t.encode("utf-8", "surrogatepass") for t in texts + texts[:1] * 2])
+    expected = tf.strings.to_hash_bucket_fast(featurizer.tokens(batch), SMALL.num_buckets)
+    got = featurizer.token_ids(batch)
+    np.testing.assert_array_equal(got.row_splits.numpy(), expected.row_splits.numpy())
+    np.testing.assert_array_equal(got.flat_values.numpy(), expected.flat_values.numpy())
+
+
+@pytest.mark.parametrize("unigrams,bigrams", [(False, False), (True, False), (False, True)])
+def test_token_ids_follow_the_config(unigrams: bool, bigrams: bool) -> None:
+    config = FeatureConfig(num_buckets=1 << 12, word_unigrams=unigrams, word_bigrams=bigrams)
+    featurizer = Featurizer(config)
+    batch = tf.constant(["the cat saw the cat", "", "cat"])
+    expected = tf.strings.to_hash_bucket_fast(featurizer.tokens(batch), config.num_buckets)
+    assert featurizer.token_ids(batch).to_list() == expected.to_list()

@@ -68,6 +68,22 @@ def test_embedding_bag_is_count_weighted_row_sum() -> None:
                                    atol=1e-7)
 
 
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_pool_tokens_equals_the_bags_of_the_same_tokens(combiner: str) -> None:
+    # Every occurrence listed (repeats apart, empty rows, a trailing empty row) pools like the
+    # de-duplicated bag with counts: the inference path embed_texts takes.
+    bag = EmbeddingBag(10, 3, combiner=combiner, init_stddev=0.1)
+    tokens = tf.ragged.constant([[1, 4, 1], [4, 4, 4], [], [9, 2, 0, 2], []], dtype=tf.int64)
+    ids = tf.ragged.constant([[1, 4], [4], [], [9, 2, 0], []], dtype=tf.int64)
+    counts = tf.ragged.constant([[2.0, 1.0], [3.0], [], [1.0, 2.0, 1.0], []])
+    expected = bag(ids, counts).numpy()
+    np.testing.assert_allclose(bag.pool_tokens(tokens).numpy(), expected, rtol=1e-6, atol=1e-7)
+    table = bag.table.numpy()
+    raw = np.stack([2 * table[1] + table[4], 3 * table[4], np.zeros(3), table[9] + 2 * table[2] + table[0], np.zeros(3)])
+    scale = {"sum": np.ones(5), "mean": np.array([3, 3, 1, 4, 1]), "sqrtn": np.sqrt([3, 3, 1, 4, 1])}[combiner]
+    np.testing.assert_allclose(expected, raw / scale[:, None], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("entries", [0, 1, 3, 7, 500])
 def test_chunked_segment_sum_equals_one_kernel_call(entries: int) -> None:
     from dssm.bags import _segment_sum
