@@ -79,7 +79,8 @@ def test_pool_tokens_equals_the_bags_of_the_same_tokens(combiner: str) -> None:
     expected = bag(ids, counts).numpy()
     np.testing.assert_allclose(bag.pool_tokens(tokens).numpy(), expected, rtol=1e-6, atol=1e-7)
     table = bag.table.numpy()
-    raw = np.stack([2 * table[1] + table[4], 3 * table[4], np.zeros(3), table[9] + 2 * table[2] + table[0], np.zeros(3)])
+    raw = np.stack([2 * table[1] + table[4], 3 * table[4], np.zeros(3), table[9] + 2 * table[2] + table[0],
+                    np.zeros(3)])
     scale = {"sum": np.ones(5), "mean": np.array([3, 3, 1, 4, 1]), "sqrtn": np.sqrt([3, 3, 1, 4, 1])}[combiner]
     np.testing.assert_allclose(expected, raw / scale[:, None], rtol=1e-6, atol=1e-7)
 
