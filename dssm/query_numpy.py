@@ -42,7 +42,8 @@ QUERY_TOWER_DIR = "query_tower"
 FAST_QUERY_MAX_TEXTS = 4
 # From this many texts per call the SavedModel embeds them, loaded first if need be: in bulk the
 # graph is faster than the numpy path (debtags texts, 451 characters: 3,879 vs 2,550 texts/s at
-# 4,096 per call; Quora questions: 33,316 vs 22,173), so the load pays off. Above the 256 queries an
+# 4,096 per call; Quora questions: 33,316 vs 22,173; the graph ~2.5x faster again since
+# Featurizer.token_ids, docs/tagging.md), so the load pays off. Above the 256 queries an
 # HTTP request may carry, so a server's requests never load it.
 BULK_TEXTS = 1024
 # Texts per numpy pass when the graph is not loaded: bounds the gathered rows ([tokens, embedding_dim]).
