@@ -93,26 +93,37 @@ class EmbeddingBag(tf.keras.layers.Layer):
         return pooled / tf.maximum(scale, 1)[:, tf.newaxis]
 
 
-    def pool_tokens(self, ids: tf.RaggedTensor) -> tf.Tensor:
-        """Pool bags given as every token's id (count 1 each, repeats allowed), for inference.
+    def pool_words(self, word_ids: tf.RaggedTensor, text_words: tf.RaggedTensor, text_bigrams: tf.RaggedTensor
+                   ) -> tf.Tensor:
+        """Pool texts given as :meth:`dssm.features.Featurizer.word_tokens`, for inference.
 
-        The same sums as :meth:`call` on the de-duplicated bags (to float rounding: the order of the
-        terms differs), without the de-duplication within texts, the ``unique`` over the batch or the
-        gathered block: the fused segment sum reads the table rows itself. There is no sparse
-        gradient this way, so training keeps :meth:`call`. On 10k debtags texts (451 characters) the
-        featurize-and-embed signature went from 2.08 to 0.80 s.
+        The same sums as :meth:`call` on the texts' bags (to float rounding: the terms are grouped
+        differently), reading far fewer table rows: each distinct word's rows are summed once, then
+        every text sums its words' vectors and its bigrams' rows. No de-duplication within texts,
+        ``unique`` over the batch or gathered block, and no sparse gradient, so training keeps
+        :meth:`call`. On 10k debtags texts (451 characters; 5.0M token rows, 2.2M read this way)
+        featurize-and-embed went from 2.08 s (bags) to 0.45 s.
 
         Args:
-            ids: ``[batch, None]`` int64 bucket ids, one per token occurrence.
+            word_ids: ``[distinct, None]`` int64 table rows of each distinct word.
+            text_words: ``[batch, None]`` int32 rows of ``word_ids`` per text, one per occurrence.
+            text_bigrams: ``[batch, None]`` int64 table rows per text, one per occurrence.
 
         Returns:
             ``[batch, dim]`` in the layer's compute dtype.
         """
-        nrows = tf.cast(ids.nrows(), tf.int32)
-        pooled = _segment_sum(tf.convert_to_tensor(self.table), tf.cast(ids.flat_values, tf.int32),
-                              tf.cast(ids.value_rowids(), tf.int32), nrows)
+        table = tf.convert_to_tensor(self.table)
+        nrows = tf.cast(text_words.nrows(), tf.int32)
+        distinct = tf.cast(word_ids.nrows(), tf.int32)
+        words = _segment_sum(table, tf.cast(word_ids.flat_values, tf.int32),
+                             tf.cast(word_ids.value_rowids(), tf.int32), distinct)  # [distinct, dim]
+        word_rows = tf.cast(text_words.value_rowids(), tf.int32)
+        pooled = _segment_sum(words, text_words.flat_values, word_rows, nrows) + _segment_sum(
+            table, tf.cast(text_bigrams.flat_values, tf.int32), tf.cast(text_bigrams.value_rowids(), tf.int32), nrows)
         if self.combiner != "sum":
-            total = tf.cast(ids.row_lengths(), pooled.dtype)
+            tokens = tf.cast(word_ids.row_lengths(), pooled.dtype)
+            total = (tf.math.unsorted_segment_sum(tf.gather(tokens, text_words.flat_values), word_rows, nrows)
+                     + tf.cast(text_bigrams.row_lengths(), pooled.dtype))
             scale = total if self.combiner == "mean" else tf.sqrt(total)
             pooled = pooled / tf.maximum(scale, 1)[:, tf.newaxis]
         return tf.cast(pooled, self.compute_dtype)

@@ -107,22 +107,59 @@ class Featurizer:
         Returns:
             ``[batch, None]`` int64 bucket ids, ``to_hash_bucket_fast(tokens(texts))`` exactly.
         """
-        buckets = self.config.num_buckets
+        words, distinct, which = self._distinct_words(texts)
+        parts = [words.with_flat_values(tf.gather(self._trigram_ids(distinct), which)).merge_dims(1, 2)]
+        if self.config.word_unigrams:
+            parts.append(words.with_flat_values(tf.gather(self._unigram_ids(distinct), which)))
+        if self.config.word_bigrams:
+            parts.append(self._bigram_ids(words))
+        return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def word_tokens(self, texts: tf.Tensor) -> tuple[tf.RaggedTensor, tf.RaggedTensor, tf.RaggedTensor]:
+        """:meth:`token_ids` grouped by distinct word, for pooling each word's rows once.
+
+        Args:
+            texts: ``[batch]`` tf.string.
+
+        Returns:
+            ``(word_ids, text_words, text_bigrams)``: ``[distinct, None]`` int64, each distinct
+            word's trigram ids then its unigram id (if ``word_unigrams``); ``[batch, None]`` int32,
+            each text's words as rows of ``word_ids``; ``[batch, None]`` int64, each text's bigram
+            ids (empty rows without ``word_bigrams``). A text's tokens are its words' rows plus
+            its bigrams: :meth:`token_ids` up to order.
+        """
+        words, distinct, which = self._distinct_words(texts)
+        word_ids = self._trigram_ids(distinct)
+        if self.config.word_unigrams:
+            word_ids = tf.concat([word_ids, self._unigram_ids(distinct)[:, tf.newaxis]], axis=1)
+        if self.config.word_bigrams:
+            bigrams = self._bigram_ids(words)
+        else:
+            bigrams = tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int64), tf.zeros_like(words.row_splits))
+        return word_ids, words.with_flat_values(tf.cast(which, tf.int32)), bigrams
+
+    def _distinct_words(self, texts: tf.Tensor) -> tuple[tf.RaggedTensor, tf.Tensor, tf.Tensor]:
+        """``words [batch, (words)]`` tf.string, ``distinct [distinct]`` and ``which [words]`` int64."""
         spaced = tf.strings.regex_replace(self.normalize(texts), _NON_WORD, " ")
         words = tf.strings.split(tf.strings.strip(spaced))  # [batch, (words)]
-        distinct, which = tf.unique(words.flat_values, out_idx=tf.int64)  # [distinct], [words]
+        distinct, which = tf.unique(words.flat_values, out_idx=tf.int64)
+        return words, distinct, which
+
+    def _trigram_ids(self, distinct: tf.Tensor) -> tf.RaggedTensor:
+        """``[distinct, (trigrams)]`` int64: the hashed letter trigrams of ``#word#``."""
         chars = tf.strings.unicode_split(tf.strings.join(["#", distinct, "#"]), "UTF-8")  # [distinct, (chars)]
-        trigrams = tf.strings.ngrams(chars, 3, separator="")  # [distinct, (trigrams)]
-        trigrams = trigrams.with_flat_values(tf.strings.to_hash_bucket_fast(trigrams.flat_values, buckets))
-        parts = [words.with_flat_values(tf.gather(trigrams, which)).merge_dims(1, 2)]
-        if self.config.word_unigrams:
-            unigrams = tf.strings.to_hash_bucket_fast(tf.strings.join([_UNIGRAM_PREFIX, distinct]), buckets)
-            parts.append(words.with_flat_values(tf.gather(unigrams, which)))
-        if self.config.word_bigrams:
-            bigrams = tf.strings.ngrams(words, 2, separator=" ")
-            parts.append(bigrams.with_flat_values(tf.strings.to_hash_bucket_fast(
-                tf.strings.join([_BIGRAM_PREFIX, bigrams.flat_values]), buckets)))
-        return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        trigrams = tf.strings.ngrams(chars, 3, separator="")
+        return trigrams.with_flat_values(tf.strings.to_hash_bucket_fast(trigrams.flat_values, self.config.num_buckets))
+
+    def _unigram_ids(self, distinct: tf.Tensor) -> tf.Tensor:
+        """``[distinct]`` int64: each word's hashed unigram token."""
+        return tf.strings.to_hash_bucket_fast(tf.strings.join([_UNIGRAM_PREFIX, distinct]), self.config.num_buckets)
+
+    def _bigram_ids(self, words: tf.RaggedTensor) -> tf.RaggedTensor:
+        """``[batch, (words - 1)]`` int64: hashed adjacent word pairs, one per occurrence."""
+        bigrams = tf.strings.ngrams(words, 2, separator=" ")
+        return bigrams.with_flat_values(tf.strings.to_hash_bucket_fast(
+            tf.strings.join([_BIGRAM_PREFIX, bigrams.flat_values]), self.config.num_buckets))
 
     def _bags(self, texts: tf.Tensor) -> tuple[tf.RaggedTensor, tf.RaggedTensor]:
         """Bags of hashed tokens.

@@ -216,9 +216,9 @@ class Tower(tf.keras.Model):
             raise ConfigError(f"tower {self.name!r} was built without a featurizer; pass featurizer=")
         if not self.built:  # build the weights the Keras way (one empty bag)
             self((tf.ragged.constant([[]], tf.int64), tf.ragged.constant([[]], tf.float32)), training=False)
-        # Token ids straight into the fused pooling: self(featurizer.bags(texts)) without the
-        # de-duplication the pooling re-expands anyway (EmbeddingBag.pool_tokens).
-        pooled = self.bag.pool_tokens(self.featurizer.token_ids(texts))
+        # self(featurizer.bags(texts)) without de-duplicating what the pooling re-expands anyway, each
+        # distinct word's rows pooled once (EmbeddingBag.pool_words).
+        pooled = self.bag.pool_words(*self.featurizer.word_tokens(texts))
         return (self._dense_xla if self.jit_dense else self._dense)(pooled, training=False)
 
 

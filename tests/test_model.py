@@ -69,20 +69,35 @@ def test_embedding_bag_is_count_weighted_row_sum() -> None:
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
-def test_pool_tokens_equals_the_bags_of_the_same_tokens(combiner: str) -> None:
-    # Every occurrence listed (repeats apart, empty rows, a trailing empty row) pools like the
-    # de-duplicated bag with counts: the inference path embed_texts takes.
+def test_pool_words_sums_each_texts_words_and_bigrams(combiner: str) -> None:
+    # Distinct words' rows (a repeated id inside a word, an empty word), texts listing words by
+    # occurrence (repeats, an empty text, a text of bigrams only, a trailing empty text).
     bag = EmbeddingBag(10, 3, combiner=combiner, init_stddev=0.1)
-    tokens = tf.ragged.constant([[1, 4, 1], [4, 4, 4], [], [9, 2, 0, 2], []], dtype=tf.int64)
-    ids = tf.ragged.constant([[1, 4], [4], [], [9, 2, 0], []], dtype=tf.int64)
-    counts = tf.ragged.constant([[2.0, 1.0], [3.0], [], [1.0, 2.0, 1.0], []])
-    expected = bag(ids, counts).numpy()
-    np.testing.assert_allclose(bag.pool_tokens(tokens).numpy(), expected, rtol=1e-6, atol=1e-7)
+    word_ids = tf.ragged.constant([[1, 4, 1], [2], []], dtype=tf.int64)
+    text_words = tf.ragged.constant([[0, 1, 0], [], [2, 1], [], []], dtype=tf.int32)
+    text_bigrams = tf.ragged.constant([[7, 7], [], [9], [5], []], dtype=tf.int64)
+    bag(tf.ragged.constant([[0]], tf.int64), tf.ragged.constant([[1.0]]))  # builds the table
     table = bag.table.numpy()
-    raw = np.stack([2 * table[1] + table[4], 3 * table[4], np.zeros(3), table[9] + 2 * table[2] + table[0],
+    word = [2 * table[1] + table[4], table[2], np.zeros(3)]
+    raw = np.stack([2 * word[0] + word[1] + 2 * table[7], np.zeros(3), word[2] + word[1] + table[9], table[5],
                     np.zeros(3)])
-    scale = {"sum": np.ones(5), "mean": np.array([3, 3, 1, 4, 1]), "sqrtn": np.sqrt([3, 3, 1, 4, 1])}[combiner]
-    np.testing.assert_allclose(expected, raw / scale[:, None], rtol=1e-6, atol=1e-7)
+    tokens = np.array([3 + 1 + 3 + 2, 1, 0 + 1 + 1, 1, 1])  # empty rows scale by 1
+    scale = {"sum": np.ones(5), "mean": tokens, "sqrtn": np.sqrt(tokens)}[combiner]
+    np.testing.assert_allclose(bag.pool_words(word_ids, text_words, text_bigrams).numpy(), raw / scale[:, None],
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("combiner,unigrams,bigrams", [("sum", True, True), ("mean", False, True),
+                                                       ("sqrtn", True, False), ("sqrtn", False, False)])
+def test_embed_texts_equals_the_tower_on_bags(combiner: str, unigrams: bool, bigrams: bool) -> None:
+    # embed_texts (every SavedModel signature) pools word by word; training pools the featurizer's
+    # de-duplicated bags. Repeated words within and across texts, empty and non-ASCII texts.
+    features = FeatureConfig(num_buckets=1 << 12, word_unigrams=unigrams, word_bigrams=bigrams)
+    model = DSSMModel(dataclasses.replace(SMALL, bag_combiner=combiner), feature_config=features)
+    texts = QUERIES + ["", "the the the cat", "🙂 ¿qué? qué", "a b a b a"]
+    emb = model.embed_queries(tf.constant(texts)).numpy()
+    ids, counts = model.featurizer.bags(tf.constant(texts))
+    np.testing.assert_allclose(model.query_tower((ids, counts)).numpy(), emb, atol=2e-6)
 
 
 @pytest.mark.parametrize("entries", [0, 1, 3, 7, 500])
