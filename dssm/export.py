@@ -257,9 +257,9 @@ class Encoder:
         if 0 < len(texts) <= self.batch_size:  # the query path: one call, no copy
             return fn(tf.constant(_utf8(texts), tf.string)).numpy()
         out = np.empty((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            chunk = _utf8(texts[start:start + self.batch_size])
-            out[start:start + len(chunk)] = fn(tf.constant(chunk, tf.string)).numpy()
+        for start, end in _chunks([len(t) for t in texts], max_texts=self.batch_size * _MAX_BATCHES_PER_CALL,
+                                  max_chars=self.batch_size * _CHARS_PER_TEXT):
+            out[start:end] = fn(tf.constant(_utf8(texts[start:end]), tf.string)).numpy()
         return out
 
 
@@ -342,6 +342,29 @@ def _flat_call(signature: Any) -> Any:
     return flat
 
 
+# Bulk calls are cut by characters, not only texts: a call's memory follows its characters, and the
+# graph makes each distinct word's strings once per call, so more texts per call share more. Up to
+# 8 x batch_size texts or batch_size x 2,000 characters (2M by default, a tenth of 1,024 texts at
+# max_chars): 10k debtags texts (451 characters) embed ~10% faster in ~2,000-text calls than in
+# 1,024-text ones, short questions in 8,192-text calls.
+_MAX_BATCHES_PER_CALL = 8
+_CHARS_PER_TEXT = 2_000
+
+
+def _chunks(lengths: Sequence[int], *, max_texts: int, max_chars: int) -> list[tuple[int, int]]:
+    """``(start, end)`` ranges covering ``lengths`` in order: each at most ``max_texts`` texts and, unless
+    it is one text, at most ``max_chars`` characters."""
+    ranges, start, chars = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start == max_texts or chars + n > max_chars):
+            ranges.append((start, i))
+            start, chars = i, 0
+        chars += n
+    if start < len(lengths):
+        ranges.append((start, len(lengths)))
+    return ranges
+
+
 def _utf8(texts: Sequence[str | bytes]) -> list[bytes]:
     # surrogatepass: a lone surrogate from a bad JSON escape reaches the featurizer, which replaces it.
     return [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t) for t in texts]
@@ -352,7 +375,8 @@ def load_encoder(model_dir: str | Path, *, batch_size: int = 1024, fast_queries:
 
     Args:
         model_dir: a directory written by :func:`export_model` (``dssm train``).
-        batch_size: texts per call into the SavedModel.
+        batch_size: texts per call into the SavedModel; bulk calls take up to 8x as many while they stay
+            under batch_size x 2,000 characters.
         fast_queries: embed up to :data:`FAST_QUERY_MAX_TEXTS` ASCII queries with :class:`QueryTower`
             (numpy) instead of the signature.
 

@@ -12,7 +12,7 @@ import pytest
 
 import dssm  # noqa: F401
 from dssm.errors import ChecksumError, IndexNotFoundError, InputError
-from dssm.export import SAVED_MODEL, export_model, load_encoder, read_model_configs
+from dssm.export import SAVED_MODEL, _chunks, export_model, load_encoder, read_model_configs
 from dssm.features import FeatureConfig
 from dssm.model import DSSMModel, ModelConfig
 from dssm.train import TrainConfig, build_model
@@ -84,12 +84,22 @@ def test_signatures_take_raw_strings(exported: tuple) -> None:
 def test_encoder_batches_internally_and_handles_empty_input(exported: tuple) -> None:
     _, model_dir, texts = exported
     whole = load_encoder(model_dir).embed_queries(texts)
-    chunked = load_encoder(model_dir, batch_size=3).embed_queries(texts)
+    # batch_size 1: calls of at most 8 texts or 2,000 characters, so these texts take several
+    assert len(texts) > 8
+    chunked = load_encoder(model_dir, batch_size=1).embed_queries(texts)
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
     empty = load_encoder(model_dir).embed_documents([])
     assert empty.shape == (0, SMALL.output_dim)
     with pytest.raises(InputError, match="single str"):
         load_encoder(model_dir).embed_queries("one string, not a list")
+
+
+def test_bulk_calls_are_cut_by_texts_and_by_characters() -> None:
+    assert _chunks([], max_texts=3, max_chars=10) == []
+    assert _chunks([1] * 7, max_texts=3, max_chars=100) == [(0, 3), (3, 6), (6, 7)]
+    # 4 + 5 fits 10, 4 + 5 + 2 does not; a text longer than the budget is a call of its own
+    assert _chunks([4, 5, 2, 30, 1, 9], max_texts=5, max_chars=10) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert _chunks([30], max_texts=5, max_chars=10) == [(0, 1)]
 
 
 def test_model_directory_layout_and_configs(exported: tuple) -> None:
