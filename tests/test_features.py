@@ -11,6 +11,7 @@ from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
 
 import tensorflow as tf  # noqa: E402  isort: skip
+import tensorflow_text as tf_text  # noqa: E402  isort: skip
 
 SMALL = FeatureConfig(num_buckets=1 << 12)
 
@@ -127,3 +128,14 @@ def test_token_ids_follow_the_config(unigrams: bool, bigrams: bool) -> None:
     batch = tf.constant(["the cat saw the cat", "", "cat"])
     expected = tf.strings.to_hash_bucket_fast(featurizer.tokens(batch), config.num_buckets)
     assert featurizer.token_ids(batch).to_list() == expected.to_list()
+
+
+def test_normalize_transcodes_only_what_needs_it(featurizer: Featurizer) -> None:
+    # ASCII skips the transcode; invalid bytes, non-ASCII and control characters must come out as
+    # transcoding the whole batch would give them.
+    batch = tf.constant([b"ab\xffc", b"Plain ASCII", "Éé ﬀ".encode(), b"\x00x\x1b", b"", b"\xc3", b"caf\xc3\xa9"])
+    every = tf.strings.unicode_transcode(batch, input_encoding="UTF-8", output_encoding="UTF-8", errors="replace",
+                                         replace_control_characters=False)
+    expected = tf_text.case_fold_utf8(every)
+    assert featurizer.normalize(batch).numpy().tolist() == expected.numpy().tolist()
+    assert featurizer.normalize(batch).numpy()[0] == "ab\ufffdc".encode()
