@@ -87,11 +87,13 @@ class EmbeddingBag(tf.keras.layers.Layer):
             pooled = _pool(block, plan["position"], plan["rows"], nrows, transposed)
         if self.combiner == "sum":
             return pooled
-        total = tf.math.unsorted_segment_sum(tf.round(tf.cast(counts.flat_values, pooled.dtype)),
-                                             tf.cast(counts.value_rowids(), tf.int32), nrows)
+        return self._scaled(pooled, tf.math.unsorted_segment_sum(tf.round(tf.cast(counts.flat_values, pooled.dtype)),
+                                                                 tf.cast(counts.value_rowids(), tf.int32), nrows))
+
+    def _scaled(self, pooled: tf.Tensor, total: tf.Tensor) -> tf.Tensor:
+        """``[batch, dim]`` sums → the combiner's pooling, given each bag's ``[batch]`` token count (not for sum)."""
         scale = total if self.combiner == "mean" else tf.sqrt(total)
         return pooled / tf.maximum(scale, 1)[:, tf.newaxis]
-
 
     def pool_words(self, word_ids: tf.RaggedTensor, text_words: tf.RaggedTensor, text_bigrams: tf.RaggedTensor
                    ) -> tf.Tensor:
@@ -122,10 +124,9 @@ class EmbeddingBag(tf.keras.layers.Layer):
             table, tf.cast(text_bigrams.flat_values, tf.int32), tf.cast(text_bigrams.value_rowids(), tf.int32), nrows)
         if self.combiner != "sum":
             tokens = tf.cast(word_ids.row_lengths(), pooled.dtype)
-            total = (tf.math.unsorted_segment_sum(tf.gather(tokens, text_words.flat_values), word_rows, nrows)
-                     + tf.cast(text_bigrams.row_lengths(), pooled.dtype))
-            scale = total if self.combiner == "mean" else tf.sqrt(total)
-            pooled = pooled / tf.maximum(scale, 1)[:, tf.newaxis]
+            pooled = self._scaled(pooled, tf.math.unsorted_segment_sum(tf.gather(tokens, text_words.flat_values),
+                                                                       word_rows, nrows)
+                                  + tf.cast(text_bigrams.row_lengths(), pooled.dtype))
         return tf.cast(pooled, self.compute_dtype)
 
 

@@ -254,11 +254,12 @@ class Encoder:
     def _embed(self, fn: Any, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, (str, bytes)):
             raise InputError(f"expected a sequence of texts, got a single {type(texts).__name__}: {texts[:80]!r}")
-        if 0 < len(texts) <= self.batch_size:  # the query path: one call, no copy
+        chunks = _chunks([len(t) for t in texts], max_texts=self.batch_size * _MAX_BATCHES_PER_CALL,
+                         max_chars=self.batch_size * _CHARS_PER_TEXT)
+        if len(chunks) == 1:  # the query path: one call, no copy
             return fn(tf.constant(_utf8(texts), tf.string)).numpy()
         out = np.empty((len(texts), self.dim), np.float32)
-        for start, end in _chunks([len(t) for t in texts], max_texts=self.batch_size * _MAX_BATCHES_PER_CALL,
-                                  max_chars=self.batch_size * _CHARS_PER_TEXT):
+        for start, end in chunks:
             out[start:end] = fn(tf.constant(_utf8(texts[start:end]), tf.string)).numpy()
         return out
 

@@ -85,8 +85,7 @@ class Featurizer:
         Returns:
             ``[batch, None]`` tf.string ragged.
         """
-        spaced = tf.strings.regex_replace(self.normalize(texts), _NON_WORD, " ")
-        words = tf.strings.split(tf.strings.strip(spaced))  # [batch, (words)]
+        words = self._words(texts)
         wrapped = tf.strings.join(["#", words, "#"])
         chars = tf.strings.unicode_split(wrapped, "UTF-8")  # [batch, (words), (chars)]
         trigrams = tf.strings.ngrams(chars, 3, separator="")  # [batch, (words), (trigrams)]
@@ -142,10 +141,14 @@ class Featurizer:
             bigrams = tf.RaggedTensor.from_row_splits(tf.zeros([0], tf.int64), tf.zeros_like(words.row_splits))
         return word_ids, words.with_flat_values(tf.cast(which, tf.int32)), bigrams
 
+    def _words(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """``[batch, (words)]`` tf.string: the normalised texts split on runs of non-word characters."""
+        spaced = tf.strings.regex_replace(self.normalize(texts), _NON_WORD, " ")
+        return tf.strings.split(tf.strings.strip(spaced))
+
     def _distinct_words(self, texts: tf.Tensor) -> tuple[tf.RaggedTensor, tf.Tensor, tf.Tensor]:
         """``words [batch, (words)]`` tf.string, ``distinct [distinct]`` and ``which [words]`` int64."""
-        spaced = tf.strings.regex_replace(self.normalize(texts), _NON_WORD, " ")
-        words = tf.strings.split(tf.strings.strip(spaced))  # [batch, (words)]
+        words = self._words(texts)
         distinct, which = tf.unique(words.flat_values, out_idx=tf.int64)
         return words, distinct, which
 

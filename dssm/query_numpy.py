@@ -70,10 +70,10 @@ class TowerShape:
         return self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim
 
 
-def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+def l2_normalize_rows(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``[n, d]`` → rows divided by their norm as ``tf.math.l2_normalize`` does: ``x / sqrt(max(sum(x^2), 1e-12))``
-    (an all-zero row stays zero)."""
-    return x / np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None]
+    (an all-zero row stays zero); into ``out`` if given (``x`` itself normalises in place)."""
+    return np.divide(x, np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), np.float32(1e-12)))[:, None], out=out)
 
 
 def numpy_activation(name: str) -> Callable[[np.ndarray], np.ndarray]:

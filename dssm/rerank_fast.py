@@ -337,7 +337,7 @@ class NumpyReranker:
                        out=self._scratch.get("second", (len(positions), dim)))
         pre += b2
         np.maximum(pre, np.float32(0), out=pre)  # the n-gram layers' relu
-        pre /= np.sqrt(np.maximum(np.einsum("ij,ij->i", pre, pre), np.float32(1e-12)))[:, None]  # l2_normalize_rows
+        l2_normalize_rows(pre, out=pre)
         bigram_lengths = np.maximum(lengths - 1, 0)
         soft.append(self._soft_counts(pre @ q_all, np.cumsum(bigram_lengths) - bigram_lengths, docs))
         lq = len(weight)
