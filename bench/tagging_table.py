@@ -75,24 +75,33 @@ def _split() -> tuple[list[Any], list[Any], list[Any], list[str], np.ndarray]:
     return labels, train, dev, names, split_mask([t.id for t in train], 0.1)
 
 
+# The trained systems: name → (work directory stem, extra `dssm train-tags` flags). Both losses run at
+# train-tags' default tower shape and at the retrieval towers' shape, so neither loss is compared only
+# on the shape chosen for the other.
+RETRIEVAL_SHAPE = ["--hidden-dims", "300", "128", "--activation", "tanh"]
+TRAINED = {"multilabel": ("multilabel", []), "sigmoid": ("sigmoid", ["--loss", "sigmoid"]),
+           "multilabel, (300, 128) tanh": ("multilabel-128", RETRIEVAL_SHAPE),
+           "sigmoid, (300, 128) tanh": ("sigmoid-128", ["--loss", "sigmoid", *RETRIEVAL_SHAPE])}
+
+
 def trained(work: Path, seeds: list[int], log: Path, reuse: bool) -> dict[str, Any]:
-    """``dssm train-tags`` with each loss and seed, then ``dssm eval-tags`` on dev."""
+    """``dssm train-tags`` for each system of :data:`TRAINED` and seed, then ``dssm eval-tags`` on dev."""
     out: dict[str, Any] = {}
-    for loss in ("multilabel", "sigmoid"):
+    for name, (stem, flags) in TRAINED.items():
         runs = []
         for seed in seeds:
-            model, index = work / f"{loss}-seed{seed}" / "model", work / f"{loss}-seed{seed}" / "index"
+            model, index = work / f"{stem}-seed{seed}" / "model", work / f"{stem}-seed{seed}" / "index"
             seconds = None
             if not (reuse and (index / "CURRENT").exists()):
                 seconds = _dssm(["train-tags", "--train", str(DATA / "train.jsonl"), "--labels",
-                                 str(DATA / "labels.tsv"), "--output", str(model), "--index", str(index), "--loss",
-                                 loss, "--seed", str(seed), "--verbose", "2", "--overwrite"], log)
+                                 str(DATA / "labels.tsv"), "--output", str(model), "--index", str(index), *flags,
+                                 "--seed", str(seed), "--verbose", "2", "--overwrite"], log)
             means = _eval(index, log)
             history = json.loads((model / "history.json").read_text())
             runs.append({"seed": seed, "means": means, "train_seconds": seconds,
                          "threshold": history["tagging"]["threshold"], "best_epoch": history["best_epoch"],
                          "val_micro_f1": history["tagging"].get("val_micro_f1")})
-        out[loss] = runs
+        out[name] = runs
     return out
 
 
@@ -242,6 +251,8 @@ def _cell(values: list[float]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/tagging.md (the zero-shot table alone after ``--zero-shot-only``)."""
+    if "zero_shot" not in result:  # --trained-only
+        return _trained_rows(result)
     teacher = f", distilling {result['teacher']}" if result.get("teacher") else ""
     zero = ["Zero-shot (descriptions only, no debtags label used in training):", "",
             "| system | p@1 | p@3 | r@5 | map |", "|---|---:|---:|---:|---:|",
@@ -254,13 +265,6 @@ def markdown(result: dict[str, Any]) -> str:
                                                          for m in ("p@1", "p@3", "r@5", "map")) + " |")
     if "trained" not in result:
         return "\n".join(zero)
-    head = "| system | " + " | ".join(FIGURES) + " |\n|---|" + "---:|" * len(FIGURES)
-    rows = [head]
-    for loss, runs in result["trained"].items():
-        rows.append(f"| towers, `--loss {loss}` ({len(runs)} seeds) | "
-                    + " | ".join(_cell([r["means"][m] for r in runs]) for m in FIGURES) + " |")
-    rows.append("| TF-IDF + one-vs-rest logistic regression | "
-                + " | ".join(f"{result['lr'][m]:.4f}" for m in FIGURES) + " |")
     few = ["", "Few-shot (k examples per label; thresholds on the held-out training texts):", "",
            "| k | texts | prototypes micro-F1 / p@1 | towers fine-tuned (`train-tags`) micro-F1 / p@1 "
            "| logistic regression micro-F1 / p@1 |", "|---:|---:|---:|---:|---:|"]
@@ -269,10 +273,21 @@ def markdown(result: dict[str, Any]) -> str:
         t, tuned, lr = entry["means"], entry["fine_tuned"]["means"], result["few_shot_lr"][str(shots)]
         few.append(f"| {shots} | {entry['fine_tuned']['texts']} | {t['micro_f1']:.4f} / {t['p@1']:.4f} | "
                    f"{tuned['micro_f1']:.4f} / {tuned['p@1']:.4f} | {lr['micro_f1']:.4f} / {lr['p@1']:.4f} |")
+    trained_rows, speed = _trained_rows(result).rsplit("\n\n", 1)
+    return "\n".join([trained_rows, ""] + zero + few + ["", speed])
+
+
+def _trained_rows(result: dict[str, Any]) -> str:
+    """The trained table and the speed line."""
+    rows = ["| system | " + " | ".join(FIGURES) + " |\n|---|" + "---:|" * len(FIGURES)]
+    for name, runs in result["trained"].items():
+        rows.append(f"| towers, {name} ({len(runs)} seeds) | "
+                    + " | ".join(_cell([r["means"][m] for r in runs]) for m in FIGURES) + " |")
+    rows.append("| TF-IDF + one-vs-rest logistic regression | "
+                + " | ".join(f"{result['lr'][m]:.4f}" for m in FIGURES) + " |")
     speed = result["speed"]
-    tail = ["", f"Speed: {speed['texts_per_second']:,.0f} texts/s tagging {speed['texts']:,} texts in process "
-            f"(trained tags index, seed {result['seeds'][0]}, best of 3)."]
-    return "\n".join(rows + [""] + zero + few + tail)
+    return "\n".join(rows) + (f"\n\nSpeed: {speed['texts_per_second']:,.0f} texts/s tagging {speed['texts']:,} texts "
+                              f"in process (trained tags index, seed {result['seeds'][0]}, best of 3).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         "label-free training, as the quality recipe does on passage corpora")
     parser.add_argument("--zero-shot-only", action="store_true",
                         help="only the zero-shot table (towers and MiniLM): no trained, few-shot or speed runs")
+    parser.add_argument("--trained-only", action="store_true",
+                        help="only the trained table (towers, logistic regression) and the speed run")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "tagging.json",
                         help="the JSON written (the table goes beside it as .table.md)")
     args = parser.parse_args(argv)
@@ -296,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.zero_shot_only:
         result["trained"] = trained(args.work, seeds, log, args.reuse)
         result["lr"] = logistic_regression(data[1], data[2], data[3], data[4])
-    result.update(zero_and_few_shot(args.work, seeds, log, args.reuse, data, teacher=args.teacher,
-                                    few_shot=not args.zero_shot_only))
-    result["minilm"] = minilm_zero_shot(data)
-    if not args.zero_shot_only:
+    if not args.trained_only:
+        result.update(zero_and_few_shot(args.work, seeds, log, args.reuse, data, teacher=args.teacher,
+                                        few_shot=not args.zero_shot_only))
+        result["minilm"] = minilm_zero_shot(data)
+    if not (args.zero_shot_only or args.trained_only):
         result["few_shot_lr"] = few_shot_lr(data)
+    if not args.zero_shot_only:
         result["speed"] = tagging_speed(args.work / f"multilabel-seed{seeds[0]}" / "index", data[2])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result.update(commit=commit.strip(), seconds=time.perf_counter() - began, load_after=os.getloadavg())

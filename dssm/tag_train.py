@@ -61,8 +61,14 @@ class TagTrainConfig:
     label_vectors: bool = field(
         True, "learn a vector per label, added to its description's embedding (like a linear classifier's "
         "weights, but starting from the description); a label without one (added later) uses its description alone")
-    init_from: str = field("", "start from this model directory's towers (e.g. `dssm train` on the texts); "
-                           "'' = random init with the default features and tower shape")
+    hidden_dims: tuple[int, ...] = field(
+        (300, 512), "the towers' dense layers (the last is the output dim) when starting from random init. "
+        "(300, 512) with relu is the default: on debtags' held-out training texts, micro-F1 0.673 (mean of 3 "
+        "seeds) vs 0.657 for the retrieval towers' (300, 128) with tanh (2 seeds); ignored with init_from")
+    activation: str = field("relu", "activation after every dense layer when starting from random init; "
+                            "ignored with init_from")
+    init_from: str = field("", "start from this model directory's towers (e.g. `dssm train` on the texts), "
+                           "their shape included; '' = random init with the default features and hidden_dims")
     verbose: int = field(1, "0 silent, 1 a progress bar per epoch, 2 one line per epoch")
 
     def __post_init__(self) -> None:
@@ -75,6 +81,7 @@ class TagTrainConfig:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        ModelConfig(hidden_dims=self.hidden_dims, activation=self.activation)  # a bad shape fails here, not mid-run
 
 
 def split_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
@@ -179,7 +186,8 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         label_texts: ``num_labels`` descriptions, in ``targets``' column order.
         config: the run's settings.
         model_config, feature_config: tower shape and hashing; with ``config.init_from`` they are read
-            from that model (giving them too is an error), else the defaults.
+            from that model (giving them too is an error), else the defaults (the tower's dense layers
+            from ``config.hidden_dims`` and ``config.activation``).
 
     Returns:
         ``(trainer, history)``; ``history`` has per-epoch ``loss`` and ``val_micro_f1`` lists,
@@ -200,7 +208,7 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         if model_config is not None or feature_config is not None:
             raise ConfigError("init_from reads the tower shape and features from the model; do not pass them")
         feature_config, model_config, _ = read_model_configs(config.init_from)
-    model_config = model_config or ModelConfig()
+    model_config = model_config or ModelConfig(hidden_dims=config.hidden_dims, activation=config.activation)
     feature_config = feature_config or FeatureConfig()
     held = split_mask(ids, config.validation_fraction) if config.validation_fraction else np.zeros(len(ids), bool)
     train_rows, val_rows = np.flatnonzero(~held), np.flatnonzero(held)

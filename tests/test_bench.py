@@ -244,3 +244,21 @@ def test_tagging_table_zero_shot_only_names_the_teacher_and_leaves_out_the_train
     # mean ± sample std of the two seeds' p@1 (0.5, 0.25): 0.375 ± 0.1768
     assert "| towers trained label-free on the texts, distilling minilm (2 seeds) | 0.3750 ± 0.1768 |" in table
     assert lines[-1] == "| all-MiniLM-L6-v2 | 0.6250 | 0.5000 | 0.8750 | 0.3750 |"
+
+
+def test_tagging_table_trained_only_has_every_trained_system_the_baseline_and_the_speed() -> None:
+    from bench.tagging_table import FIGURES, TRAINED, markdown
+
+    def run(micro: float) -> dict:
+        return {"means": {m: (micro if m == "micro_f1" else 0.5) for m in FIGURES}}
+
+    result = {"seeds": [0, 1], "trained": {name: [run(0.5), run(0.25)] for name in TRAINED},
+              "lr": {m: 0.625 for m in FIGURES}, "speed": {"texts_per_second": 21000.4, "texts": 10000}}
+    lines = markdown(result).splitlines()
+    assert "Zero-shot" not in "\n".join(lines) and "Few-shot" not in "\n".join(lines)
+    # header, rule, one row per trained system, logistic regression, blank, speed
+    assert len(lines) == 2 + len(TRAINED) + 1 + 2
+    others = " | ".join(["0.5000 ± 0.0000"] * 5)
+    assert lines[2] == f"| towers, multilabel (2 seeds) | 0.3750 ± 0.1768 | {others} |"
+    assert lines[2 + len(TRAINED)].startswith("| TF-IDF + one-vs-rest logistic regression | 0.6250 |")
+    assert lines[-1] == "Speed: 21,000 texts/s tagging 10,000 texts in process (trained tags index, seed 0, best of 3)."

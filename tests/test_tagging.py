@@ -124,6 +124,29 @@ def test_trained_model_scores_like_the_trainer(tiny_tags, tiny_model_dir, tmp_pa
     assert history["tagging"]["natural_threshold"] == pytest.approx(-history["tagging"]["bias"] / config.scale)
 
 
+def test_random_init_takes_the_tower_shape_from_the_config(tiny_tags):
+    """Without init_from the towers get ``hidden_dims``/``activation``; a bad shape fails at config time."""
+    from dssm.errors import ConfigError
+    from dssm.hashing import FeatureConfig
+    from dssm.tag_data import label_matrix, read_labels, read_tagged
+    from dssm.tag_train import TagTrainConfig, train_tagger
+
+    labels = read_labels(tiny_tags.labels)
+    names = [label.id for label in labels]
+    texts = read_tagged(tiny_tags.train, known_labels=names)[:40]
+    config = TagTrainConfig(epochs=1, batch_size=16, verbose=0, hidden_dims=(24, 12), activation="gelu")
+    trainer, _ = train_tagger([t.text for t in texts], label_matrix(texts, names), ids=[t.id for t in texts],
+                              label_texts=[label.text for label in labels], config=config,
+                              feature_config=FeatureConfig(num_buckets=997))
+    assert trainer.model.config.hidden_dims == (24, 12) and trainer.model.config.activation == "gelu"
+    assert trainer.label_matrix().shape == (len(names), 12)
+    assert trainer.predict([texts[0].text]).shape == (1, len(names))
+    with pytest.raises(ConfigError, match="hidden_dims"):
+        TagTrainConfig(hidden_dims=(0,))
+    with pytest.raises(ConfigError, match="swish"):
+        TagTrainConfig(activation="swish")
+
+
 def test_tag_predicted_only_and_json(trained_tags, capsys):
     assert main(["--index", str(trained_tags.index), "--predicted", "--json", "a", "chess", "game", "for", "gtk"]) == 0
     out = json.loads(capsys.readouterr().out)
