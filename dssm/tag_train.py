@@ -64,7 +64,7 @@ class TagTrainConfig:
     hidden_dims: tuple[int, ...] = field(
         (300, 512), "the towers' dense layers (the last is the output dim) when starting from random init. "
         "(300, 512) with relu is the default: on debtags' held-out training texts, micro-F1 0.673 (mean of 3 "
-        "seeds) vs 0.657 for the retrieval towers' (300, 128) with tanh (2 seeds); ignored with init_from")
+        "seeds) vs 0.654 for the retrieval towers' (300, 128) with tanh (3 seeds); ignored with init_from")
     activation: str = field("relu", "activation after every dense layer when starting from random init; "
                             "ignored with init_from")
     init_from: str = field("", "start from this model directory's towers (e.g. `dssm train` on the texts), "
