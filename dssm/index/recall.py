@@ -56,7 +56,7 @@ class RecallProbe:
 def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
                           min_recall: float, start_recall: float | None = None
                           ) -> tuple[int, float, list[tuple[int, float]]]:
-    """Grow the number of tree partitions searched (x1.5 a step) until recall reaches ``min_recall``.
+    """Grow the number of tree partitions searched (x1.25 a step) until recall reaches ``min_recall``.
 
     Searching more partitions is a query-time setting, so no rebuild is needed; the chosen value is
     stored in the manifest and used by every search.
@@ -72,7 +72,7 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
     recall = probe.recall(searcher, leaves_to_search=leaves) if start_recall is None else start_recall
     tried = [(leaves, recall)]
     while recall < min_recall and leaves < num_leaves:
-        leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.5)))
+        leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.25)))
         recall = probe.recall(searcher, leaves_to_search=leaves)
         tried.append((leaves, recall))
     return leaves, recall, tried
