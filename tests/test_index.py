@@ -51,13 +51,13 @@ def test_auto_mode_follows_corpus_size():
     assert ix.resolve_scann_params(config, 20_000)["mode"] == "ah"
     tree = ix.resolve_scann_params(config, 1_000_000)
     assert tree["mode"] == "tree_ah"
-    # 4·sqrt(n) spherical partitions from 1M, each trained on 100 vectors; the search starts at 1/40 of them
-    assert (tree["num_leaves"], tree["num_leaves_to_search"], tree["training_sample_size"]) == (4000, 100, 400_000)
+    # sqrt(n) spherical partitions, trained on 100k vectors (100 per partition when more); search starts at 1/40
+    assert (tree["num_leaves"], tree["num_leaves_to_search"], tree["training_sample_size"]) == (1000, 25, 100_000)
     assert tree["spherical"] is True
-    small = ix.resolve_scann_params(config, 100_000)  # sqrt(n) up to 250k, the 100k sample floor
+    small = ix.resolve_scann_params(config, 100_000)
     assert (small["num_leaves"], small["num_leaves_to_search"], small["training_sample_size"]) == (316, 8, 100_000)
-    middle = ix.resolve_scann_params(config, 500_000)  # in between: sqrt(n) · n / 250k
-    assert (middle["num_leaves"], middle["training_sample_size"]) == (1414, 141_400)
+    many = ix.resolve_scann_params(ix.ScannConfig(num_leaves=4000), 1_000_000)
+    assert (many["num_leaves"], many["num_leaves_to_search"], many["training_sample_size"]) == (4000, 100, 400_000)
     assert ix.resolve_scann_params(config, 50_000)["training_sample_size"] == 50_000  # AH: at most n
     explicit = ix.resolve_scann_params(ix.ScannConfig(training_sample_size=5000, spherical=False), 1_000_000)
     assert explicit["training_sample_size"] == 5000 and explicit["spherical"] is False

@@ -61,8 +61,8 @@ class ScannConfig:
                               "AH + reorder < tree_above, tree + AH + reorder above")
     brute_force_below: int = field(20_000, "auto mode: exact (brute-force) search below this many documents")
     tree_above: int = field(100_000, "auto mode: partition into a k-means tree at or above this many documents")
-    num_leaves: int = field(0, "tree partitions; 0 = round(sqrt(n)) up to 250k documents, then more per "
-                               "document up to 4 x sqrt(n) from 1M (see resolve_scann_params)")
+    num_leaves: int = field(0, "tree partitions; 0 = round(sqrt(n)). 4 x sqrt(n) searches ~3x faster at 1M "
+                               "at the same recall but its build needs ~1 GB more memory (docs/scaling.md)")
     num_leaves_to_search: int = field(0, "partitions searched per query; 0 = start at max(8, num_leaves // 40) "
                                          "and grow it at build time until recall@10 reaches min_recall")
     spherical: bool = field(True, "tree: spherical k-means (centroids on the unit sphere, as the vectors are)")
@@ -123,10 +123,11 @@ def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
     )
     sample = config.training_sample_size or DEFAULT_TRAINING_SAMPLE
     if mode == "tree_ah":
-        # More, smaller partitions at large n: at 1M unit vectors (bench.ann_sweep, clustered synthetic
-        # vectors, one thread) 4,000 spherical leaves trained on 400k vectors reach recall@10 0.956 at
-        # 5,000 queries/s, where 1,000 leaves on 100k reach 0.944 at 1,700.
-        leaves = config.num_leaves or max(2, round(math.sqrt(n) * min(4.0, max(1.0, n / 250_000))))
+        # sqrt(n) partitions. More are faster at 1M (4 x sqrt(n) = 4,000 spherical leaves: 5,621 vs
+        # ~1,870 queries/s at recall@10 0.95, docs/scaling.md) but ScaNN's serialize then allocates
+        # ~1 GB more (+92 MB at 1,000 leaves, +347 MB at 2,000), past the build-memory budget; a user
+        # with the memory asks for them (`dssm index --scann-num-leaves 4000`).
+        leaves = config.num_leaves or max(2, round(math.sqrt(n)))
         if leaves > n:
             raise ConfigError(f"num_leaves={leaves} exceeds the number of documents {n}")
         to_search = config.num_leaves_to_search or max(8, leaves // 40)
