@@ -262,3 +262,19 @@ def test_tagging_table_trained_only_has_every_trained_system_the_baseline_and_th
     assert lines[2] == f"| towers, multilabel (2 seeds) | 0.3750 ± 0.1768 | {others} |"
     assert lines[2 + len(TRAINED)].startswith("| TF-IDF + one-vs-rest logistic regression | 0.6250 |")
     assert lines[-1] == "Speed: 21,000 texts/s tagging 10,000 texts in process (trained tags index, seed 0, best of 3)."
+
+
+def test_tagging_table_full_run_orders_trained_zero_shot_few_shot_then_speed() -> None:
+    from bench.tagging_table import FIGURES, SHOTS, TRAINED, markdown
+
+    means = {m: 0.5 for m in (*FIGURES, "p@3", "r@5")}
+    few = {str(k): {"means": means, "fine_tuned": {"texts": k * 10, "means": means}} for k in SHOTS}
+    result = {"seeds": [0], "teacher": "", "trained": {name: [{"means": means}] for name in TRAINED},
+              "lr": means, "speed": {"texts_per_second": 20000.0, "texts": 10000},
+              "zero_shot": [{"means": means}], "minilm": {"means": means}, "few_shot": few,
+              "few_shot_lr": {str(k): means for k in SHOTS}}
+    table = markdown(result)
+    order = [table.index(marker) for marker in ("| towers, multilabel (1 seeds)", "| TF-IDF", "Zero-shot",
+                                                "| all-MiniLM-L6-v2", "Few-shot", "| 20 | 200 |", "Speed: 20,000")]
+    assert order == sorted(order), table
+    assert table.count("Speed:") == 1
