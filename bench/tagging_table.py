@@ -156,7 +156,8 @@ def zero_and_few_shot(work: Path, seeds: list[int], log: Path, reuse: bool, data
                    *(TEACHER_PRETRAIN if teacher else []), "--overwrite"], log)
         index = work / f"zero-seed{seed}" / "index"
         _dssm(["tag", "--index", str(index), "--labels", str(DATA / "labels.tsv"), "--model", str(model)], log)
-        zero.append({"seed": seed, "means": _eval(index, log)})
+        zero.append({"seed": seed, "means": _eval(index, log),
+                     **{mode: _eval(index, log, "--mode", mode) for mode in ("bm25", "hybrid")}})
         if seed != seeds[0] or not few_shot:
             continue
         for shots in SHOTS:
@@ -259,6 +260,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"| towers trained label-free on the texts{teacher} ({len(result['zero_shot'])} seeds) | "
             + " | ".join(_cell([r["means"][m] for r in result["zero_shot"]]) for m in ("p@1", "p@3", "r@5", "map"))
             + " |"]
+    for mode, name in (("hybrid", "the same, `--mode hybrid` (towers + BM25 over the descriptions)"),
+                       ("bm25", "BM25 over the descriptions alone (`--mode bm25`)")):
+        runs = [r[mode] for r in result["zero_shot"] if mode in r]
+        if runs:
+            zero.append(f"| {name} | " + " | ".join(_cell([r[m] for r in runs]) for m in ("p@1", "p@3", "r@5", "map"))
+                        + " |")
     minilm = result["minilm"]
     if "means" in minilm:
         zero.append("| all-MiniLM-L6-v2 | " + " | ".join(f"{minilm['means'][m]:.4f}"

@@ -84,14 +84,14 @@ class HybridConfig:
 
 
 def normalize_scores(scores: np.ndarray, method: str = "minmax") -> np.ndarray:
-    """Normalise one query's candidate scores.
+    """Normalise one query's candidate scores (or each row of a matrix, one query per row).
 
     Args:
-        scores: [n] scores of one system over the query's candidates.
+        scores: [n] scores of one system over the query's candidates, or [q, n] (per row).
         method: ``minmax`` → [0, 1]; ``zscore`` → mean 0, std 1 (population std).
 
     Returns:
-        [n] float64; zeros when the scores are constant (or n == 0).
+        float64 of the same shape; zeros where a row's scores are constant (or n == 0).
     """
     if method not in NORMALIZATIONS:
         raise ConfigError(f"normalization {method!r} is not one of {NORMALIZATIONS}")
@@ -99,23 +99,24 @@ def normalize_scores(scores: np.ndarray, method: str = "minmax") -> np.ndarray:
     if scores.size == 0:
         return scores
     if method == "minmax":
-        low, span = scores.min(), scores.max() - scores.min()
-        return (scores - low) / span if span > 0 else np.zeros_like(scores)
-    std = scores.std()
-    return (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores)
+        centre = scores.min(axis=-1, keepdims=True)
+        spread = scores.max(axis=-1, keepdims=True) - centre
+    else:
+        centre, spread = scores.mean(axis=-1, keepdims=True), scores.std(axis=-1, keepdims=True)
+    return np.where(spread > 0, (scores - centre) / np.where(spread > 0, spread, 1.0), 0.0)
 
 
 def fuse_scores(dense: np.ndarray, sparse: np.ndarray, *, weight: float, normalization: str = "minmax") -> np.ndarray:
     """``weight * norm(dense) + (1 - weight) * norm(sparse)`` over aligned candidates.
 
     Args:
-        dense: [n] DSSM cosines of the candidates.
-        sparse: [n] BM25 scores of the same candidates.
+        dense: [n] DSSM cosines of the candidates, or [q, n] (normalised per row).
+        sparse: BM25 scores of the same candidates, same shape.
         weight: in [0, 1], the DSSM share.
         normalization: ``minmax`` or ``zscore``.
 
     Returns:
-        [n] fused scores.
+        Fused scores, the inputs' shape.
     """
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"hybrid weight must be in [0, 1], got {weight}")

@@ -24,7 +24,7 @@ from dssm.report import pyplot
 from dssm.tag_data import label_matrix, read_tagged
 from dssm.tag_metrics import RANK_CUTS, TagResult, per_label_table, tag_metrics
 from serving.searcher import Searcher
-from serving.tagger import Tagger
+from serving.tagger import TAG_MODES, Tagger
 
 __all__ = ["evaluate_taggers", "tag_significance", "format_tag_table", "write_tag_report", "main"]
 
@@ -147,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-column", default="labels")
     parser.add_argument("--separator", default=",", help="between labels in a CSV/TSV cell")
     parser.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+    parser.add_argument("--mode", choices=TAG_MODES, default="dense",
+                        help="tagging mode of every system (see `dssm tag --mode`)")
     args = parser.parse_args(argv)
-    taggers = {name: Tagger(Searcher.load(path)) for name, path in _systems(args.index).items()}
+    taggers = {name: Tagger(Searcher.load(path), mode=args.mode) for name, path in _systems(args.index).items()}
     results, count = evaluate_taggers(taggers, args.data, threshold=args.threshold, text_column=args.text_column,
                                       labels_column=args.labels_column, separator=args.separator)
     report = {"data": str(args.data), "texts": count, "labels": len(next(iter(taggers.values())).labels),

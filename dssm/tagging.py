@@ -39,7 +39,7 @@ from dssm.errors import InputError
 from dssm.index import build_index
 from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
 from serving.searcher import Searcher
-from serving.tagger import Tagger, TagHit
+from serving.tagger import TAG_MODES, Tagger, TagHit
 
 __all__ = ["read_labels", "build_tag_index", "few_shot_examples", "train_tags", "rank_labels", "main",
            "train_main"]
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold (cosine); default the one `dssm train-tags` stored")
     parser.add_argument("--predicted", action="store_true", help="only the labels at or above the threshold")
+    parser.add_argument("--mode", choices=TAG_MODES, default="dense",
+                        help="dense (the towers' cosines), bm25 (the text against the label descriptions) or "
+                             "hybrid (both, fused per text); the stored threshold applies to dense only")
     parser.add_argument("--json", action="store_true",
                         help='print {"text", "threshold", "labels": [{"label", "score", "predicted"}]}')
     parser.add_argument("text", nargs="*", help="text to tag (several words are joined by spaces)")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("give a text to tag (or --labels and --model to build the tags index)")
         return 0
     text = " ".join(args.text)
-    tagger = Tagger(Searcher.load(args.index))
+    tagger = Tagger(Searcher.load(args.index), mode=args.mode)
     threshold = tagger.threshold if args.threshold is None else args.threshold
     hits = tagger.tag(text, k=args.k, threshold=threshold, predicted_only=args.predicted)
     _print_hits(text, hits, as_json=args.json, threshold=threshold)

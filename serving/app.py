@@ -6,7 +6,7 @@ Endpoints (all JSON; the OpenAPI document is served at ``/openapi.json`` and che
 - ``POST /v1/search`` ``{"query", "k", "mode"}`` → ``{"version", "hits": [{"id", "score", "text"}]}``
 - ``POST /v1/search:batch`` ``{"queries", "k", "mode"}`` → ``{"version", "results": [[hit, ...], ...]}``
 - ``POST /v1/similarity`` ``{"text1", "text2"}`` → ``{"version", "cosine", "is_duplicate", "threshold"}``
-- ``POST /v1/tag`` ``{"text", "k", "threshold"?, "predicted_only"?}`` → ``{"version", "threshold", "labels":
+- ``POST /v1/tag`` ``{"text", "k", "threshold"?, "predicted_only"?, "mode"?}`` → ``{"version", "threshold", "labels":
   [{"label", "score", "predicted"}]}`` (a *tags index*: labels as documents, :mod:`serving.tagger`)
 - ``GET /v1/documents/{id}`` → ``{"version", "document": {"id", "title", "text"}}``
 - ``PUT /v1/documents`` ``{"documents": [{"id", "text", "title"?}]}``, ``DELETE /v1/documents/{id}`` and

@@ -174,7 +174,7 @@ class Backend:
         self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload, published=self.metrics.compactions.inc)
         self._slots_lock = threading.Lock()
         self._tagger_lock = threading.Lock()
-        self._tagger_cache: tuple[Snapshot, Any] | None = None  # (live version, its Tagger), built on demand
+        self._tagger_cache: dict[str, tuple[Snapshot, Any]] = {}  # mode -> (live version, its Tagger), on demand
         self._in_flight = 0
         self._failed_versions: dict[str, str] = {}
         self._stop = threading.Event()
@@ -474,26 +474,26 @@ class Backend:
                                 threshold=result.threshold)
 
     def tag(self, text: str, *, k: int | None = None, threshold: float | None = None,
-            predicted_only: bool = False) -> tuple[str, float | None, list[Any]]:
+            predicted_only: bool = False, mode: str = "dense") -> tuple[str, float | None, list[Any]]:
         """Labels of the live tags index for ``text``: ``(version, threshold used, [TagHit])``. 409 (ModeNotAvailable):
         over :data:`MAX_TAG_LABELS` documents, or ``predicted_only`` without a threshold."""
         snap = self.current()
-        tagger = self._tagger(snap)
+        tagger = self._tagger(snap, mode)
         used = tagger.threshold if threshold is None else float(threshold)
         if predicted_only and used is None:
             raise ModeNotAvailableError(f"index version {snap.version} stores no tagging threshold; give one")
         return snap.version, used, tagger.tag(text, k=k, threshold=used, predicted_only=predicted_only)
 
-    def _tagger(self, snap: Snapshot) -> Any:
+    def _tagger(self, snap: Snapshot, mode: str) -> Any:
         if snap.documents > MAX_TAG_LABELS:
             raise ModeNotAvailableError(f"index version {snap.version} has {snap.documents} documents; /v1/tag "
                                         f"serves a tags index (labels as documents) of at most {MAX_TAG_LABELS}")
         with self._tagger_lock:
-            cached = self._tagger_cache
+            cached = self._tagger_cache.get(mode)
             if cached is None or cached[0] is not snap:
                 from serving.tagger import Tagger  # deferred: only tags services build one
 
-                cached = self._tagger_cache = (snap, Tagger(snap.searcher))
+                cached = self._tagger_cache[mode] = (snap, Tagger(snap.searcher, mode=mode))
             return cached[1]
 
     def get_document(self, doc_id: str) -> tuple[str, Any]:

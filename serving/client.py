@@ -344,17 +344,20 @@ class SearchClient:
         return Similarity(version=body["version"], cosine=float(body["cosine"]), is_duplicate=body["is_duplicate"],
                           threshold=body["threshold"])
 
-    def tag(self, text: str, k: int = 10, *, threshold: float | None = None, predicted_only: bool = False) -> Tags:
+    def tag(self, text: str, k: int = 10, *, threshold: float | None = None, predicted_only: bool = False,
+            mode: str = "dense") -> Tags:
         """Labels of the served *tags index* for ``text`` (``POST /v1/tag``), best first.
 
         Args:
             text: the text to tag.
             k: at most this many labels.
-            threshold: decision threshold (cosine); default the index's stored one.
+            threshold: decision threshold (a cosine for ``dense``); default the index's stored one (dense only).
             predicted_only: only the labels at or above the threshold.
+            mode: ``dense``, ``bm25`` or ``hybrid`` (:mod:`serving.tagger`).
         """
         body = self._request("POST", "/v1/tag", json={"text": text, "k": k, "predicted_only": predicted_only,
-                                                      **({"threshold": threshold} if threshold is not None else {})})
+                                                      **({"threshold": threshold} if threshold is not None else {}),
+                                                      **({"mode": mode} if mode != "dense" else {})})
         return Tags(version=body["version"], threshold=body["threshold"],
                     labels=tuple(Tag(label=x["label"], score=float(x["score"]), predicted=x["predicted"])
                                  for x in body["labels"]))

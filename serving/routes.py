@@ -260,7 +260,7 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
     async def tag(body: TagRequest) -> TagResponse:
         """Labels of a tags index for a text, best first; ``predicted`` against the threshold (``dssm tag``)."""
         version, threshold, hits = await run(backend.tag, body.text, k=body.k, threshold=body.threshold,
-                                             predicted_only=body.predicted_only)
+                                             predicted_only=body.predicted_only, mode=body.mode)
         return TagResponse(version=version, threshold=threshold, labels=[
             TagOut(label=h.label, score=h.score, predicted=h.predicted) for h in hits])
 

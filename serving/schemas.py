@@ -181,6 +181,9 @@ class TagRequest(_Strict):
         description="decision threshold (cosine); default the index's stored one")
     # Strict: JSON Schema's boolean is true/false only (0 and "yes" are 422, as schemathesis checks).
     predicted_only: StrictBool = Field(False, description="only the labels at or above the threshold")
+    mode: Mode = Field("dense", description="dense: the towers' cosines; bm25: the text against the label "
+                       "descriptions; hybrid: both, min-max fused per text (0.5 each). The index's stored "
+                       "threshold is a cosine and applies to dense only")
 
 
 class DocumentIn(_Strict):

@@ -43,6 +43,10 @@ def test_normalize_scores_hand_values():
     assert normalize_scores(np.array([2.0, 2.0]), "minmax").tolist() == [0.0, 0.0]  # constant: no information
     assert normalize_scores(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
     assert normalize_scores(np.array([])).size == 0
+    # a matrix is normalised per row, each row as the 1-d call would
+    rows = np.array([[0.9, 0.5, 0.1], [2.0, 2.0, 2.0], [3.0, 1.0, 2.0]])
+    assert normalize_scores(rows).tolist() == [[1.0, 0.5, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.5]]
+    np.testing.assert_allclose(normalize_scores(rows, "zscore")[0], [z, 0.0, -z])
     with pytest.raises(ConfigError, match="'l2'"):
         normalize_scores(np.array([1.0]), "l2")
 

@@ -147,6 +147,41 @@ def test_random_init_takes_the_tower_shape_from_the_config(tiny_tags):
         TagTrainConfig(activation="swish")
 
 
+def test_lexical_and_hybrid_tagging_modes(trained_tags, capsys):
+    """bm25 = BM25 of the text over the descriptions; hybrid = 0.5·minmax(cosine) + 0.5·minmax(BM25) per text;
+    the stored threshold (a cosine) is not applied to either."""
+    from dssm.bm25 import BM25Index
+    from dssm.cli import main as cli_main
+    from dssm.errors import InputError
+    from serving.searcher import Searcher
+    from serving.tagger import Tagger
+
+    searcher = Searcher.load(trained_tags.index)
+    texts = ["a chess engine with a graphical interface", "library for parsing xml files", "zzzz qqqq"]
+    dense = Tagger(searcher).scores(texts).astype(np.float64)
+    lexical = Tagger(searcher, mode="bm25")
+    state = BM25Index.build(lexical.labels, lexical.descriptions)
+    sparse = np.stack([state.scores(t) for t in texts])
+    np.testing.assert_allclose(lexical.scores(texts), sparse, rtol=1e-6)
+    assert sparse[2].max() == 0.0  # no description word: all zero
+    hybrid = Tagger(searcher, mode="hybrid")
+    assert hybrid.threshold is None and lexical.threshold is None and Tagger(searcher).threshold is not None
+
+    def minmax(row):
+        return (row - row.min()) / (row.max() - row.min()) if row.max() > row.min() else np.zeros_like(row)
+
+    expected = np.stack([0.5 * minmax(d) + 0.5 * minmax(b) for d, b in zip(dense, sparse, strict=True)])
+    np.testing.assert_allclose(hybrid.scores(texts), expected, atol=1e-6)
+    assert all(h.predicted is None for h in hybrid.tag(texts[0], k=3))
+    with pytest.raises(InputError, match="'sparse'"):
+        Tagger(searcher, mode="sparse")
+    assert cli_main(["tag", "--index", str(trained_tags.index), "--mode", "hybrid", "-k", "2", "--json",
+                     texts[0]]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [x["label"] for x in shown["labels"]] == [h.label for h in hybrid.tag(texts[0], k=2)]
+    assert shown["threshold"] is None
+
+
 def test_tag_predicted_only_and_json(trained_tags, capsys):
     assert main(["--index", str(trained_tags.index), "--predicted", "--json", "a", "chess", "game", "for", "gtk"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -201,6 +236,11 @@ def test_eval_tags_compares_systems_and_writes_the_report(trained_tags, tiny_tag
     with pytest.raises(InputError, match="given twice"):
         eval_main(["--data", str(tiny_tags.train), "--index", f"a={trained_tags.index}", "--index",
                    f"a={trained_tags.zero}"])
+    # --mode applies to every system; the trained index's stored (cosine) threshold is not used then
+    assert eval_main(["--data", str(tiny_tags.train), "--index", f"zero={trained_tags.zero}", "--mode", "bm25",
+                      "--json"]) == 0
+    lexical = json.loads(capsys.readouterr().out)["systems"][0]["means"]
+    assert "micro_f1" not in lexical and lexical["p@1"] != zero["p@1"]
 
 
 def test_tag_over_http_against_a_real_server(trained_tags):
@@ -238,6 +278,11 @@ def test_tag_over_http_against_a_real_server(trained_tags):
         assert refused.value.status == 409
         assert httpx.post(server.url + "/v1/tag", json={"text": text, "predicted_only": 0}).status_code == 422
         assert httpx.post(server.url + "/v1/tag", json={"text": text, "threshold": False}).status_code == 422
+        hybrid = client.tag(text, k=5, mode="hybrid")
+        expected = Tagger(Searcher.load(trained_tags.zero), mode="hybrid").tag(text, k=5)
+        assert [t.label for t in hybrid.labels] == [h.label for h in expected]
+        np.testing.assert_allclose([t.score for t in hybrid.labels], [h.score for h in expected], atol=1e-5)
+        assert httpx.post(server.url + "/v1/tag", json={"text": text, "mode": "sparse"}).status_code == 422
 
 
 def test_bulk_scoring_loads_the_graph_and_gives_the_numpy_paths_scores(trained_tags, tiny_tags):
