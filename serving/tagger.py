@@ -11,11 +11,12 @@ labels are *predicted* (score ≥ threshold). A zero-shot index has no threshold
 Used by ``dssm tag``, ``dssm eval-tags`` and ``POST /v1/tag``.
 
 Modes, as for search: ``dense`` (the towers' cosines, the default), ``bm25`` (BM25 of the text as a
-query over the label descriptions; built when the tagger is, from the descriptions alone) and
-``hybrid`` (per text, ``w · minmax(cosines) + (1 − w) · minmax(BM25)``, :func:`dssm.hybrid.fuse_scores`,
-``w`` = :data:`DEFAULT_TAG_WEIGHT`). On debtags, zero-shot (towers trained on the texts without
-labels), the lexical side helps: precision@1 0.307 dense, 0.390 BM25, 0.403 hybrid (docs/tagging.md).
-The stored threshold is a cosine of the towers, so it applies to ``dense`` only.
+query over the label descriptions: the tags index's own BM25 state, as every index version carries)
+and ``hybrid`` (per text, ``w · minmax(cosines) + (1 − w) · minmax(BM25)``,
+:func:`dssm.hybrid.fuse_scores`, ``w`` = :data:`DEFAULT_TAG_WEIGHT`). On debtags, zero-shot (towers
+trained on the texts without labels, 3 seeds), the lexical side helps: precision@1 0.300 dense, 0.344
+BM25, 0.369 hybrid (``python -m bench.tagging_table --zero-shot-only``, docs/tagging.md). The stored
+threshold is a cosine of the towers, so it applies to ``dense`` only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dssm.errors import InputError
+from dssm.errors import IndexNotFoundError, InputError
 from dssm.hybrid import fuse_scores
 
 __all__ = ["TagHit", "Tagger", "TAG_MODES", "DEFAULT_TAG_WEIGHT"]
@@ -53,6 +54,7 @@ class Tagger:
 
     Raises:
         InputError: an unknown mode.
+        IndexNotFoundError: ``bm25``/``hybrid`` on a version without BM25 state.
     """
 
     def __init__(self, searcher: Any, *, mode: str = "dense") -> None:
@@ -68,11 +70,10 @@ class Tagger:
         tagging = index.manifest.get("tagging") or {}
         stored = tagging.get("threshold") if mode == "dense" else None  # a cosine: dense scores only
         self.threshold: float | None = None if stored is None else float(stored)
-        self._bm25 = None
-        if mode != "dense":
-            from dssm.bm25 import BM25Index  # deferred: bm25s, only lexical tagging needs it
-
-            self._bm25 = BM25Index.build(self.labels, self.descriptions)
+        self._rows = rows
+        self._bm25 = None if mode == "dense" else searcher.bm25  # [logical rows] scores; live ones taken
+        if mode != "dense" and self._bm25 is None:
+            raise IndexNotFoundError(f"tags index version {searcher.version} has no BM25 state for mode {mode!r}")
 
     def scores(self, texts: Sequence[str], *, batch_size: int = 4096) -> np.ndarray:
         """``[len(texts), num_labels]`` float32 scores of each text with each label: cosines (``dense``),
@@ -88,7 +89,7 @@ class Tagger:
             if self.mode != "bm25":
                 out[start:start + len(chunk)] = self.searcher.embed(chunk) @ self.vectors.T
             if self._bm25 is not None:
-                sparse = np.stack([self._bm25.scores(text) for text in chunk])  # [chunk, labels]
+                sparse = np.stack([self._bm25.scores(text)[self._rows] for text in chunk])  # [chunk, labels]
                 out[start:start + len(chunk)] = sparse if self.mode == "bm25" else fuse_scores(
                     out[start:start + len(chunk)], sparse, weight=DEFAULT_TAG_WEIGHT)
         return out
