@@ -121,7 +121,6 @@ def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
         anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
         reorder_k=config.reorder_k,
     )
-    sample = config.training_sample_size or DEFAULT_TRAINING_SAMPLE
     if mode == "tree_ah":
         # sqrt(n) partitions. More are faster at 1M (4 x sqrt(n) = 4,000 spherical leaves: 5,621 vs
         # ~1,870 queries/s at recall@10 0.95, docs/scaling.md) but ScaNN's serialize then allocates
@@ -131,8 +130,8 @@ def resolve_scann_params(config: ScannConfig, n: int) -> dict[str, Any]:
         if leaves > n:
             raise ConfigError(f"num_leaves={leaves} exceeds the number of documents {n}")
         to_search = config.num_leaves_to_search or max(8, leaves // 40)
-        sample = config.training_sample_size or max(DEFAULT_TRAINING_SAMPLE, 100 * leaves)
         params.update(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves), spherical=config.spherical)
+    sample = config.training_sample_size or max(DEFAULT_TRAINING_SAMPLE, 100 * params.get("num_leaves", 0))
     params["training_sample_size"] = min(sample, n)
     return params
 
