@@ -253,8 +253,9 @@ def _cell(values: list[float]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/tagging.md (the zero-shot table alone after ``--zero-shot-only``)."""
+    trained_rows, speed = _trained_table(result) if "trained" in result else ("", "")
     if "zero_shot" not in result:  # --trained-only
-        return _trained_rows(result)
+        return f"{trained_rows}\n\n{speed}"
     teacher = f", distilling {result['teacher']}" if result.get("teacher") else ""
     zero = ["Zero-shot (descriptions only, no debtags label used in training):", "",
             "| system | p@1 | p@3 | r@5 | map |", "|---|---:|---:|---:|---:|",
@@ -281,12 +282,11 @@ def markdown(result: dict[str, Any]) -> str:
         t, tuned, lr = entry["means"], entry["fine_tuned"]["means"], result["few_shot_lr"][str(shots)]
         few.append(f"| {shots} | {entry['fine_tuned']['texts']} | {t['micro_f1']:.4f} / {t['p@1']:.4f} | "
                    f"{tuned['micro_f1']:.4f} / {tuned['p@1']:.4f} | {lr['micro_f1']:.4f} / {lr['p@1']:.4f} |")
-    trained_rows, speed = _trained_rows(result).rsplit("\n\n", 1)
     return "\n".join([trained_rows, ""] + zero + few + ["", speed])
 
 
-def _trained_rows(result: dict[str, Any]) -> str:
-    """The trained table and the speed line."""
+def _trained_table(result: dict[str, Any]) -> tuple[str, str]:
+    """``(the trained table, the speed line)``."""
     rows = ["| system | " + " | ".join(FIGURES) + " |\n|---|" + "---:|" * len(FIGURES)]
     for name, runs in result["trained"].items():
         rows.append(f"| towers, {name} ({len(runs)} seeds) | "
@@ -294,8 +294,8 @@ def _trained_rows(result: dict[str, Any]) -> str:
     rows.append("| TF-IDF + one-vs-rest logistic regression | "
                 + " | ".join(f"{result['lr'][m]:.4f}" for m in FIGURES) + " |")
     speed = result["speed"]
-    return "\n".join(rows) + (f"\n\nSpeed: {speed['texts_per_second']:,.0f} texts/s tagging {speed['texts']:,} texts "
-                              f"in process (trained tags index, seed {result['seeds'][0]}, best of 3).")
+    return "\n".join(rows), (f"Speed: {speed['texts_per_second']:,.0f} texts/s tagging {speed['texts']:,} texts "
+                             f"in process (trained tags index, seed {result['seeds'][0]}, best of 3).")
 
 
 def main(argv: list[str] | None = None) -> int:
