@@ -302,3 +302,49 @@ def test_bulk_scoring_loads_the_graph_and_gives_the_numpy_paths_scores(trained_t
     bulk = tagger.scores(texts)
     assert encoder.graph_loaded
     np.testing.assert_allclose(bulk[:3], few, atol=2e-5)
+
+
+def test_self_training_learns_the_zero_shot_indexs_pseudo_labels(trained_tags, tiny_tags, tiny_model_dir, tmp_path,
+                                                                 capsys):
+    """``train-tags --pseudo-labels``: the texts' own labels are never read; the labels are the zero-shot
+    index's surest predictions, and the trained towers rank them first far more often than they did."""
+    from dssm.cli import main as cli_main
+    from dssm.errors import ConfigError
+    from dssm.tag_data import pseudo_label_matrix, read_tagged
+    from dssm.tagging import PseudoLabels
+    from serving.searcher import Searcher
+    from serving.tagger import Tagger
+
+    unlabelled = tmp_path / "texts.jsonl"  # no labels column at all
+    rows = [json.loads(line) for line in tiny_tags.train.read_text().splitlines()]
+    unlabelled.write_text("".join(json.dumps({"_id": r["_id"], "text": r["text"]}) + "\n" for r in rows))
+    model, index = tmp_path / "model", tmp_path / "tags"
+    assert cli_main(["train-tags", "--train", str(unlabelled), "--labels", str(tiny_tags.labels), "--output",
+                     str(model), "--index", str(index), "--init-from", str(tiny_model_dir),
+                     "--pseudo-labels", str(trained_tags.zero), "--pseudo-fraction", "0.05", "--pseudo-mode",
+                     "hybrid", "--epochs", "8", "--batch-size", "16", "--learning-rate", "0.02", "--verbose", "0",
+                     "--validation-fraction", "0.2"]) == 0
+    assert "texts kept" in capsys.readouterr().err
+    made = json.loads((model / "history.json").read_text())["tagging"]["pseudo"]
+    texts = read_tagged(unlabelled, labels_column=None)
+    zero = Tagger(Searcher.load(trained_tags.zero), mode="hybrid")
+    expected = pseudo_label_matrix(zero.scores([t.text for t in texts]), fraction=0.05)
+    kept = expected.any(axis=1)
+    assert made["mode"] == "hybrid" and made["unlabelled_texts"] == len(texts) == 200
+    assert made["kept_texts"] == int(kept.sum()) and made["labels_with_texts"] == int(expected.any(axis=0).sum())
+    sample = [t.text for t, k in zip(texts, kept, strict=True) if k]
+    target = expected[kept].argmax(axis=1)
+
+    def agreement(tagger: Tagger) -> float:
+        return float((tagger.scores(sample).argmax(axis=1) == target).mean())
+
+    before, after = agreement(Tagger(Searcher.load(trained_tags.zero))), agreement(Tagger(Searcher.load(index)))
+    assert after > before + 0.2, (before, after)
+    assert cli_main(["train-tags", "--train", str(unlabelled), "--labels", str(tiny_tags.labels), "--output",
+                     str(tmp_path / "m2"), "--index", str(tmp_path / "t2"), "--pseudo-mode", "dense"]) == 2
+    assert "--pseudo-mode and --pseudo-fraction need --pseudo-labels" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+    with pytest.raises(ConfigError, match="fraction must be in"):
+        PseudoLabels(labels=str(trained_tags.zero), fraction=0.0)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        PseudoLabels(labels=str(trained_tags.zero), mode="sparse")
