@@ -158,24 +158,12 @@ def zero_and_few_shot(work: Path, seeds: list[int], log: Path, reuse: bool, data
         _dssm(["tag", "--index", str(index), "--labels", str(DATA / "labels.tsv"), "--model", str(model)], log)
         # BM25 over the descriptions has no seed: measured with the first one only.
         zero.append({"seed": seed, "means": _eval(index, log), "hybrid": _eval(index, log, "--mode", "hybrid"),
-                     **({"bm25": _eval(index, log, "--mode", "bm25")} if seed == seeds[0] else {}),
-                     **self_trained(work / f"zero-seed{seed}", model, index, seed, log)})
+                     **({"bm25": _eval(index, log, "--mode", "bm25")} if seed == seeds[0] else {})})
         if seed != seeds[0] or not few_shot:
             continue
         for shots in SHOTS:
             few[shots] = _few_shot(work, model, shots, seed, log, data)
     return {"zero_shot": zero, "few_shot": few}
-
-
-def self_trained(work: Path, model: Path, index: Path, seed: int, log: Path) -> dict[str, Any]:
-    """Zero-shot self-training: the zero-shot index's own hybrid predictions on the (unlabelled) training
-    texts become the labels of ``dssm train-tags``, from the same towers; debtags' labels are never read."""
-    tuned = work / "self"
-    _dssm(["train-tags", "--train", str(DATA / "train.jsonl"), "--labels", str(DATA / "labels.tsv"),
-           "--pseudo-labels", str(index), "--output", str(tuned / "model"), "--index", str(tuned / "index"),
-           "--init-from", str(model), "--seed", str(seed), "--verbose", "2", "--overwrite"], log)
-    return {"self_trained": _eval(tuned / "index", log),
-            "self_trained_hybrid": _eval(tuned / "index", log, "--mode", "hybrid")}
 
 
 def _few_shot(work: Path, model: Path, shots: int, seed: int, log: Path, data: tuple) -> dict[str, Any]:
@@ -275,9 +263,7 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(_cell([r["means"][m] for r in result["zero_shot"]]) for m in ("p@1", "p@3", "r@5", "map"))
             + " |"]
     for mode, name in (("hybrid", "the same, `--mode hybrid` (towers + BM25 over the descriptions)"),
-                       ("bm25", "BM25 over the descriptions alone (`--mode bm25`)"),
-                       ("self_trained", "the towers self-trained on their hybrid pseudo-labels (`--pseudo-labels`)"),
-                       ("self_trained_hybrid", "the same, `--mode hybrid`")):
+                       ("bm25", "BM25 over the descriptions alone (`--mode bm25`)")):
         runs = [r[mode] for r in result["zero_shot"] if mode in r]
         if runs:
             zero.append(f"| {name} | " + " | ".join(_cell([r[m] for r in runs]) for m in ("p@1", "p@3", "r@5", "map"))

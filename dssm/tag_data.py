@@ -17,7 +17,6 @@ Nothing is skipped silently.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +26,7 @@ import numpy as np
 from dssm.data import Document, is_valid_utf8, iter_corpus, iter_rows, read_columns
 from dssm.errors import InputError
 
-__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix", "pseudo_label_matrix"]
+__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix"]
 
 
 class TaggedText(NamedTuple):
@@ -97,15 +96,14 @@ def parse_labels(value: Any, *, separator: str, location: str) -> list[str]:
 
 
 def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, text_column: str = "text",
-                labels_column: str | None = "labels", id_column: str | None = None, title_column: str | None = "title",
+                labels_column: str = "labels", id_column: str | None = None, title_column: str | None = "title",
                 separator: str = ",", format: str | None = None) -> list[TaggedText]:  # noqa: A002
     """Read labelled texts.
 
     Args:
         path: CSV/TSV/JSONL/Parquet file.
         known_labels: the label file's labels; a text naming another label is an error (None: any label).
-        text_column, labels_column: column names; ``labels_column=None`` reads unlabelled texts (every
-            ``labels`` empty; the file needs no labels column).
+        text_column, labels_column: column names.
         id_column: default ``_id`` if present, else ``id`` if present, else the record's line number.
         title_column: optional title, joined before the text as documents are (missing → none).
         separator: between labels in a CSV/TSV string cell.
@@ -119,7 +117,7 @@ def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, 
             a repeated id (each naming the record).
     """
     columns = read_columns(path, format)
-    missing = [c for c in (text_column, labels_column) if c is not None and c not in columns]
+    missing = [c for c in (text_column, labels_column) if c not in columns]
     if missing:
         raise InputError(f"tagged texts {path} lack column(s) {missing}; they have {columns}")
     if id_column is None:
@@ -135,8 +133,7 @@ def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, 
         text = f"{title} {text}".strip() if title else text
         if not text.strip() or not is_valid_utf8(text):
             raise InputError(f"{row.location}: text is empty or not valid UTF-8")
-        labels = [] if labels_column is None else parse_labels(row.fields.get(labels_column), separator=separator,
-                                                               location=row.location)
+        labels = parse_labels(row.fields.get(labels_column), separator=separator, location=row.location)
         unknown = [label for label in labels if known is not None and label not in known]
         if unknown:
             raise InputError(f"{row.location}: label(s) {unknown} are not in the label file")
@@ -163,46 +160,4 @@ def label_matrix(texts: Sequence[TaggedText], labels: Sequence[str]) -> np.ndarr
             if label not in column:
                 raise InputError(f"text {item.id!r}: label {label!r} is not among the {len(labels)} labels")
             out[i, column[label]] = True
-    return out
-
-
-def pseudo_label_matrix(scores: np.ndarray, *, fraction: float) -> np.ndarray:
-    """Pseudo-labels for unlabelled texts from a tagger's own scores (zero-shot self-training).
-
-    Each text is a candidate for its best label only; a label keeps its ``ceil(fraction · n)`` candidates
-    (at least one) whose best score leads their second best by the widest margin, the texts the tagger is
-    surest of (Gera et al. 2022, "Zero-Shot Text Classification with Self-Training", keep 1% per class).
-    The margin, not the score, ranks them because hybrid scores are min-max normalised per text (every
-    text's best label scores 1).
-
-    Args:
-        scores: ``[n, num_labels]`` a tagger's scores of the texts (any mode); ``num_labels >= 2``.
-        fraction: share of the texts each label may keep, in (0, 1].
-
-    Returns:
-        ``[n, num_labels]`` bool, at most one True per row; rows of texts nobody kept are all False.
-
-    Raises:
-        InputError: ``scores`` is not 2-D with at least two labels, holds a non-finite value, or
-            ``fraction`` is outside (0, 1].
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise InputError(f"scores must be [texts, labels] with at least 2 labels, got shape {scores.shape}")
-    if not np.isfinite(scores).all():
-        raise InputError(f"scores hold {int((~np.isfinite(scores)).sum())} non-finite value(s)")
-    if not 0.0 < fraction <= 1.0:
-        raise InputError(f"fraction must be in (0, 1], got {fraction}")
-    n = scores.shape[0]
-    out = np.zeros(scores.shape, dtype=bool)
-    if n == 0:
-        return out
-    top2 = np.sort(scores, axis=1)[:, -2:]
-    best, margin = scores.argmax(axis=1), top2[:, 1] - top2[:, 0]
-    keep = max(1, math.ceil(fraction * n))
-    for label in np.unique(best):
-        rows = np.flatnonzero(best == label)
-        # stable sort: equal margins keep file order, so the choice does not depend on the platform
-        chosen = rows[np.argsort(-margin[rows], kind="stable")[:keep]]
-        out[chosen, label] = True
     return out

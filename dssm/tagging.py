@@ -28,22 +28,21 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dssm.config import add_config_arguments, config_from_args, field
+from dssm.config import add_config_arguments, config_from_args
 from dssm.data import Document
-from dssm.errors import ConfigError, InputError
+from dssm.errors import InputError
 from dssm.index import build_index
-from dssm.tag_data import TaggedText, label_matrix, pseudo_label_matrix, read_labels, read_tagged
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
 from serving.searcher import Searcher
 from serving.tagger import TAG_MODES, Tagger, TagHit
 
-__all__ = ["read_labels", "build_tag_index", "few_shot_examples", "PseudoLabels", "pseudo_labels", "train_tags",
-           "rank_labels", "main", "train_main"]
+__all__ = ["read_labels", "build_tag_index", "few_shot_examples", "train_tags", "rank_labels", "main",
+           "train_main"]
 
 
 def few_shot_examples(texts: Sequence[TaggedText], labels: Sequence[str], *, shots: int,
@@ -95,72 +94,24 @@ def build_tag_index(index_dir: str | Path, *, labels: Sequence[Document], model_
                        texts=[label.text for label in labels], model_dir=model_dir, extra=extra)
 
 
-@dataclass(frozen=True)
-class PseudoLabels:
-    """Where self-training's labels come from (``dssm train-tags --pseudo-labels``)."""
-
-    labels: str = field("", "self-training: ignore --train's labels (the file needs none) and learn the ones this "
-                        "tags index predicts for its texts, e.g. a zero-shot index of `dssm tag --labels --model`")
-    mode: str = field("hybrid", f"how that index scores the texts, one of {TAG_MODES}")
-    fraction: float = field(0.01, "each label keeps at most this share of the texts: those whose best label it is, "
-                            "by the widest lead over their second best (Gera et al. 2022 keep 1%)")
-
-    def __post_init__(self) -> None:
-        if not self.labels:
-            raise ConfigError("pseudo-labels need the tags index that predicts them (labels='')")
-        if self.mode not in TAG_MODES:
-            raise ConfigError(f"pseudo-label mode must be one of {TAG_MODES}, got {self.mode!r}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"pseudo-label fraction must be in (0, 1], got {self.fraction}")
-
-
-def pseudo_labels(texts: Sequence[TaggedText], names: Sequence[str],
-                  pseudo: PseudoLabels) -> tuple[np.ndarray, dict[str, Any]]:
-    """The labels a tags index gives unlabelled texts: ``[len(texts), len(names)]`` bool and a summary.
-
-    Raises:
-        InputError: the index's labels are not the label file's (the missing ones named).
-    """
-    tagger = Tagger(Searcher.load(pseudo.labels), mode=pseudo.mode)
-    column = {label: j for j, label in enumerate(tagger.labels)}
-    missing = [name for name in names if name not in column]
-    if missing:
-        raise InputError(f"tags index {pseudo.labels} lacks {len(missing)} label(s) of the label file: {missing[:5]}")
-    scores = tagger.scores([t.text for t in texts])[:, [column[name] for name in names]]
-    targets = pseudo_label_matrix(scores, fraction=pseudo.fraction)
-    per_label = targets.sum(axis=0)
-    return targets, {"index": str(pseudo.labels), "version": tagger.searcher.version, "mode": pseudo.mode,
-                     "fraction": pseudo.fraction, "unlabelled_texts": len(texts),
-                     "kept_texts": int(targets.any(axis=1).sum()), "labels_with_texts": int((per_label > 0).sum())}
-
-
 def train_tags(*, train_path: str | Path, labels_path: str | Path, output: str | Path, index_dir: str | Path,
                config: Any, text_column: str = "text", labels_column: str = "labels", separator: str = ",",
-               overwrite: bool = False, pseudo: PseudoLabels | None = None) -> dict[str, Any]:
+               overwrite: bool = False) -> dict[str, Any]:
     """Train the towers to tag (:func:`dssm.tag_train.train_tagger`), export them, publish the tags index.
 
-    Args:
-        pseudo: self-training: ignore the file's labels and learn the ones an existing tags index gives
-            the texts (:func:`pseudo_labels`); None trains on the file's labels.
-
     Returns:
-        The run's history (``tagging`` holds the threshold; ``tagging.pseudo`` how the labels were made).
+        The run's history (``tagging`` holds the threshold).
     """
     # deferred: TensorFlow, imported only when this runs (tagging with a built index needs none)
     from dssm.tag_train import export_tagger, train_tagger
 
     labels = read_labels(labels_path)
     names = [label.id for label in labels]
-    texts = read_tagged(train_path, known_labels=names, text_column=text_column,
-                        labels_column=None if pseudo else labels_column, separator=separator)
-    targets, made = (label_matrix(texts, names), None) if pseudo is None else pseudo_labels(texts, names, pseudo)
-    if made is not None:
-        kept = targets.any(axis=1)
-        texts, targets = [t for t, k in zip(texts, kept, strict=True) if k], targets[kept]
-    trainer, history = train_tagger([t.text for t in texts], targets, ids=[t.id for t in texts],
+    texts = read_tagged(train_path, known_labels=names, text_column=text_column, labels_column=labels_column,
+                        separator=separator)
+    trainer, history = train_tagger([t.text for t in texts], label_matrix(texts, names), ids=[t.id for t in texts],
                                     label_texts=[label.text for label in labels], config=config)
-    history["tagging"].update(train=str(train_path), labels=str(labels_path), texts=len(texts),
-                              **({"pseudo": made} if made is not None else {}))
+    history["tagging"].update(train=str(train_path), labels=str(labels_path), texts=len(texts))
     export_tagger(trainer, output, history=history, overwrite=overwrite)
     result = build_tag_index(index_dir, labels=labels, model_dir=output, vectors=trainer.label_matrix(),
                              tagging=history["tagging"])
@@ -249,22 +200,11 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separator", default=",", help="between labels in a CSV/TSV cell (default: ,)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_config_arguments(parser, TagTrainConfig)
-    add_config_arguments(parser, PseudoLabels, prefix="pseudo-")
     args = parser.parse_args(argv)
-    pseudo = None
-    if args.pseudo_labels is not None:
-        pseudo = config_from_args(PseudoLabels, args, prefix="pseudo-", base=PseudoLabels(labels=args.pseudo_labels))
-    elif args.pseudo_mode is not None or args.pseudo_fraction is not None:
-        raise InputError("--pseudo-mode and --pseudo-fraction need --pseudo-labels TAGS_INDEX")
     history = train_tags(train_path=args.train, labels_path=args.labels, output=args.output, index_dir=args.index,
                          config=config_from_args(TagTrainConfig, args), text_column=args.text_column,
-                         labels_column=args.labels_column, separator=args.separator, overwrite=args.overwrite,
-                         pseudo=pseudo)
+                         labels_column=args.labels_column, separator=args.separator, overwrite=args.overwrite)
     tagging = history["tagging"]
-    if "pseudo" in tagging:
-        made = tagging["pseudo"]
-        print(f"pseudo-labels from {made['index']} ({made['mode']}): {made['kept_texts']} of "
-              f"{made['unlabelled_texts']} texts kept, {made['labels_with_texts']} labels with a text", file=sys.stderr)
     print(f"wrote {args.output} and tags index {args.index} (version {history['index_version']}): best epoch "
           f"{history['best_epoch']}, threshold {tagging['threshold']:.4f} ({tagging['threshold_source']})"
           + (f", held-out micro-F1 {tagging['val_micro_f1']:.4f}" if "val_micro_f1" in tagging else ""))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dssm.errors import InputError
-from dssm.tag_data import TaggedText, label_matrix, pseudo_label_matrix, read_labels, read_tagged
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
 
 
 def test_jsonl_csv_tsv_and_parquet_read_alike(tmp_path):
@@ -65,41 +65,3 @@ def test_repeated_id_missing_column_and_empty_file(tmp_path):
 def test_debtags_label_file_reads():
     labels = read_labels("../shared/datasets/debtags/labels.tsv")
     assert len(labels) == 148 and labels[0].id == "accessibility::input" and labels[0].text == "accessibility: input"
-
-
-def test_unlabelled_texts_read_without_a_labels_column(tmp_path):
-    (tmp_path / "u.jsonl").write_text('{"_id": "a", "text": "one"}\n{"_id": "b", "text": "two", "labels": ["z"]}\n')
-    texts = read_tagged(tmp_path / "u.jsonl", known_labels=["x"], labels_column=None)
-    # labels_column=None ignores a labels cell too (even an unknown label): self-training replaces them
-    assert texts == [TaggedText("a", "one", ()), TaggedText("b", "two", ())]
-
-
-def test_pseudo_labels_keep_each_labels_surest_texts_by_hand():
-    scores = np.array([
-        [0.9, 0.1, 0.0],   # best 0, margin 0.8
-        [0.6, 0.5, 0.0],   # best 0, margin 0.1
-        [0.7, 0.0, 0.2],   # best 0, margin 0.5
-        [0.1, 0.3, 0.25],  # best 1, margin 0.05
-        [0.0, 0.4, 0.1],   # best 1, margin 0.3
-    ])
-    # fraction 0.4 of 5 texts = 2 per label: label 0 keeps rows 0 and 2, label 1 rows 4 and 3, label 2 none
-    expected = np.zeros((5, 3), dtype=bool)
-    expected[[0, 2], 0] = expected[[4, 3], 1] = True
-    np.testing.assert_array_equal(pseudo_label_matrix(scores, fraction=0.4), expected)
-    # ceil(0.1 * 5) = 1: each label its single surest text
-    one = pseudo_label_matrix(scores, fraction=0.1)
-    assert one.sum() == 2 and one[0, 0] and one[4, 1]
-    assert pseudo_label_matrix(scores, fraction=1.0).sum() == 5  # every text its best label, once
-    assert pseudo_label_matrix(np.zeros((0, 3)), fraction=0.5).shape == (0, 3)
-
-
-@pytest.mark.parametrize("scores, fraction, reason", [
-    (np.zeros((3, 1)), 0.5, "at least 2 labels"),
-    (np.zeros(3), 0.5, "at least 2 labels"),
-    (np.array([[0.0, np.nan]]), 0.5, "1 non-finite"),
-    (np.zeros((2, 2)), 0.0, r"fraction must be in \(0, 1\], got 0.0"),
-    (np.zeros((2, 2)), 1.5, "got 1.5"),
-])
-def test_pseudo_label_input_errors(scores, fraction, reason):
-    with pytest.raises(InputError, match=reason):
-        pseudo_label_matrix(scores, fraction=fraction)
