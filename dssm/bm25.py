@@ -431,8 +431,11 @@ def _csc_state(doc_idx: np.ndarray, term_idx: np.ndarray, tf: np.ndarray, doc_le
     idf_fn = idf_function(config.method)
     values, inverse = np.unique(df, return_inverse=True)
     idf = np.asarray([idf_fn(int(v), N=n) if v else 0.0 for v in values], dtype=np.float32)[inverse]
-    # Term-major (CSC) order; a stable sort keeps documents ascending within a term, as scipy does.
-    order = np.argsort(np.asarray(term_idx, np.int64) << 32 | np.asarray(doc_idx, np.int64))
+    # Term-major (CSC) order: documents ascend within a term, as scipy's. The keys are distinct, so any
+    # sort gives this order; numpy's stable sort (timsort) finds the runs already there: an update's
+    # carried-over postings arrive term-sorted, and sorting them with the new documents' took 0.48 s
+    # instead of quicksort's 2.27 s for 24M postings (0.8× on a full build's document-major keys too).
+    order = np.argsort(np.asarray(term_idx, np.int64) << 32 | np.asarray(doc_idx, np.int64), kind="stable")
     indices = np.asarray(doc_idx[order], dtype=np.int32)
     data = np.empty(order.size, np.float32)
     k1, b, step = config.k1, config.b, 1 << 20
@@ -473,12 +476,14 @@ def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: n
     old_rows = load_npy(old / "indices.npy")
     old_tf = load_npy(old / "tf.npy")
     old_len = load_npy(old / "lengths.npy")
-    inverse = np.full(old_len.size, -1, np.int64)
+    # int32 row and term numbers (as stored): these arrays have one entry per posting (23M at 1M
+    # documents), and half the bytes is most of their cost.
+    inverse = np.full(old_len.size, -1, np.int32)
     kept = np.flatnonzero(source >= 0)
     inverse[source[kept]] = kept
     moved = inverse[old_rows]
     keep = moved >= 0
-    old_terms = np.repeat(np.arange(len(terms), dtype=np.int64), np.diff(indptr))
+    old_terms = np.repeat(np.arange(len(terms), dtype=np.int32), np.diff(indptr))
     vocab = {term: i for i, term in enumerate(terms)}
     rows = sorted(new_docs)
     local, term_ids, counts, sizes = term_counts(
@@ -486,7 +491,7 @@ def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: n
     doc_len = np.zeros(source.size, np.int64)
     doc_len[kept] = old_len[source[kept]]
     doc_len[rows] = sizes
-    doc_idx = np.concatenate([moved[keep], np.asarray(rows, np.int64)[local]]) if rows else moved[keep]
+    doc_idx = np.concatenate([moved[keep], np.asarray(rows, np.int32)[local]]) if rows else moved[keep]
     data, indices, new_indptr, tf = _csc_state(doc_idx, np.concatenate([old_terms[keep], term_ids]),
                                                np.concatenate([old_tf[keep], counts]), doc_len, terms=len(vocab),
                                                n=int(source.size), config=config)
