@@ -26,7 +26,7 @@ import numpy as np
 from dssm.data import Document, is_valid_utf8, iter_corpus, iter_rows, read_columns
 from dssm.errors import InputError
 
-__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix"]
+__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix", "teacher_targets"]
 
 
 class TaggedText(NamedTuple):
@@ -96,14 +96,15 @@ def parse_labels(value: Any, *, separator: str, location: str) -> list[str]:
 
 
 def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, text_column: str = "text",
-                labels_column: str = "labels", id_column: str | None = None, title_column: str | None = "title",
+                labels_column: str | None = "labels", id_column: str | None = None, title_column: str | None = "title",
                 separator: str = ",", format: str | None = None) -> list[TaggedText]:  # noqa: A002
     """Read labelled texts.
 
     Args:
         path: CSV/TSV/JSONL/Parquet file.
         known_labels: the label file's labels; a text naming another label is an error (None: any label).
-        text_column, labels_column: column names.
+        text_column, labels_column: column names; ``labels_column=None`` reads unlabelled texts (every
+            ``labels`` empty; the file needs no labels column).
         id_column: default ``_id`` if present, else ``id`` if present, else the record's line number.
         title_column: optional title, joined before the text as documents are (missing → none).
         separator: between labels in a CSV/TSV string cell.
@@ -117,7 +118,7 @@ def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, 
             a repeated id (each naming the record).
     """
     columns = read_columns(path, format)
-    missing = [c for c in (text_column, labels_column) if c not in columns]
+    missing = [c for c in (text_column, labels_column) if c is not None and c not in columns]
     if missing:
         raise InputError(f"tagged texts {path} lack column(s) {missing}; they have {columns}")
     if id_column is None:
@@ -133,7 +134,8 @@ def read_tagged(path: str | Path, *, known_labels: Sequence[str] | None = None, 
         text = f"{title} {text}".strip() if title else text
         if not text.strip() or not is_valid_utf8(text):
             raise InputError(f"{row.location}: text is empty or not valid UTF-8")
-        labels = parse_labels(row.fields.get(labels_column), separator=separator, location=row.location)
+        labels = [] if labels_column is None else parse_labels(row.fields.get(labels_column), separator=separator,
+                                                               location=row.location)
         unknown = [label for label in labels if known is not None and label not in known]
         if unknown:
             raise InputError(f"{row.location}: label(s) {unknown} are not in the label file")
@@ -161,3 +163,30 @@ def label_matrix(texts: Sequence[TaggedText], labels: Sequence[str]) -> np.ndarr
                 raise InputError(f"text {item.id!r}: label {label!r} is not among the {len(labels)} labels")
             out[i, column[label]] = True
     return out
+
+
+def teacher_targets(texts: np.ndarray, labels: np.ndarray, *, temperature: float) -> np.ndarray:
+    """A teacher's zero-shot label distribution per text: ``softmax(texts · labelsᵀ / temperature)``.
+
+    Args:
+        texts: ``[n, d]`` the teacher's unit vectors of the texts.
+        labels: ``[num_labels, d]`` its unit vectors of the label descriptions.
+        temperature: > 0; smaller is sharper (the towers' own scale 20 is a temperature of 0.05).
+
+    Returns:
+        ``[n, num_labels]`` float32, rows summing to 1.
+
+    Raises:
+        InputError: the widths differ, a vector is not finite, or ``temperature <= 0``.
+    """
+    texts, labels = np.asarray(texts, np.float64), np.asarray(labels, np.float64)
+    if texts.ndim != 2 or labels.ndim != 2 or texts.shape[1] != labels.shape[1]:
+        raise InputError(f"teacher vectors {texts.shape} and label vectors {labels.shape} do not match")
+    if not (np.isfinite(texts).all() and np.isfinite(labels).all()):
+        raise InputError("teacher vectors hold a non-finite value")
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    logits = texts @ labels.T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)

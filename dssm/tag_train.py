@@ -46,7 +46,10 @@ class TagTrainConfig:
     """How the towers are trained to tag. Saved as ``config.json["train"]`` beside the model."""
 
     loss: str = field("multilabel", f"tagging loss, one of {TAG_LOSSES}: multilabel = the multi-label softmax "
-                      "cross-entropy log(1+Σ_neg e^s) + log(1+Σ_pos e^-s); sigmoid = per-label binary cross-entropy")
+                      "cross-entropy log(1+Σ_neg e^s) + log(1+Σ_pos e^-s); sigmoid = per-label binary cross-entropy; "
+                      "distill = no labels, KL from a teacher's zero-shot label distribution (train-tags --teacher)")
+    teacher_temperature: float = field(0.05, "distill: the teacher's distribution is softmax(cosine / this); 0.05 "
+                                       "matches the towers' scale 20 (and dssm train's --teacher-temperature)")
     scale: float = field(20.0, "logit = scale · cosine + bias (bias is trained)")
     epochs: int = field(10, "passes over the training texts")
     batch_size: int = field(64, "texts per step (each is scored against every label)")
@@ -74,6 +77,8 @@ class TagTrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in TAG_LOSSES:
             raise ConfigError(f"loss must be one of {TAG_LOSSES}, got {self.loss!r}")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         if not self.scale > 0 or self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ConfigError(f"scale, epochs, batch_size and learning_rate must be positive, got {self.scale}, "
                               f"{self.epochs}, {self.batch_size}, {self.learning_rate}")
@@ -181,7 +186,8 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
 
     Args:
         texts: ``n`` training texts.
-        targets: ``[n, num_labels]`` bool (:func:`dssm.tag_data.label_matrix`).
+        targets: ``[n, num_labels]`` bool (:func:`dssm.tag_data.label_matrix`); with ``loss="distill"``
+            float distributions (:func:`dssm.tag_data.teacher_targets`).
         ids: ``n`` text ids (the held-out split hashes them).
         label_texts: ``num_labels`` descriptions, in ``targets``' column order.
         config: the run's settings.
@@ -199,7 +205,11 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         ConfigError: ``init_from`` with explicit configs.
     """
     # size: the run's whole sequence (configs, split, epochs, keep-best, threshold) in one readable place
-    targets = np.asarray(targets, dtype=bool)
+    # distill: a teacher's distribution per text, trained as it is; its best label stands in for the
+    # labels where a decision is needed (the held-out micro-F1 that picks the epoch, the threshold).
+    soft = config.loss == "distill"
+    targets = np.asarray(targets, dtype=np.float32 if soft else bool)
+    decisions = _one_hot_best(targets) if soft else targets
     if not (len(texts) == len(ids) == targets.shape[0]) or targets.shape[1] != len(label_texts):
         raise InputError(f"{len(texts)} texts, {len(ids)} ids and targets {targets.shape} for "
                          f"{len(label_texts)} labels do not match")
@@ -226,7 +236,7 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         rate = float(np.clip(targets[train_rows].mean(), 1e-4, 0.5))
         trainer.bias.assign(float(np.log(rate / (1 - rate))))
     train_texts = [texts[i] for i in train_rows]
-    val_texts, val_targets = [texts[i] for i in val_rows], targets[val_rows]
+    val_texts, val_targets = [texts[i] for i in val_rows], decisions[val_rows]
     history: dict[str, Any] = {"epoch": [], "loss": [], "val_micro_f1": []}
     rng = np.random.default_rng(config.seed)
     best: tuple[float, int, list[np.ndarray] | None] = (-1.0, 0, None)
@@ -258,6 +268,14 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
     history.update(best_epoch=best[1] if config.keep_best and best[2] is not None else config.epochs,
                    train_texts=int(len(train_rows)), wall_seconds=time.perf_counter() - tick, tagging=tagging)
     return trainer, history
+
+
+def _one_hot_best(distributions: np.ndarray) -> np.ndarray:
+    """``[n, labels]`` → bool, True at each row's most probable label."""
+    out = np.zeros(distributions.shape, bool)
+    if distributions.size:
+        out[np.arange(len(distributions)), distributions.argmax(axis=1)] = True
+    return out
 
 
 def _variables(trainer: TagTrainer) -> list[tf.Variable]:

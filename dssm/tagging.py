@@ -37,7 +37,8 @@ from dssm.config import add_config_arguments, config_from_args
 from dssm.data import Document
 from dssm.errors import InputError
 from dssm.index import build_index
-from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged, teacher_targets
+from dssm.teacher import TEACHERS, teacher_encoder
 from serving.searcher import Searcher
 from serving.tagger import TAG_MODES, Tagger, TagHit
 
@@ -96,22 +97,41 @@ def build_tag_index(index_dir: str | Path, *, labels: Sequence[Document], model_
 
 def train_tags(*, train_path: str | Path, labels_path: str | Path, output: str | Path, index_dir: str | Path,
                config: Any, text_column: str = "text", labels_column: str = "labels", separator: str = ",",
-               overwrite: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, teacher: str = "") -> dict[str, Any]:
     """Train the towers to tag (:func:`dssm.tag_train.train_tagger`), export them, publish the tags index.
+
+    Args:
+        teacher: with ``config.loss == "distill"`` (and only then), the teacher (``minilm``) whose
+            zero-shot label distribution each text learns (:func:`dssm.tag_data.teacher_targets`); the
+            file's labels are not read, so unlabelled texts train.
 
     Returns:
         The run's history (``tagging`` holds the threshold).
+
+    Raises:
+        InputError: ``distill`` without a teacher, or a teacher with another loss.
     """
     # deferred: TensorFlow, imported only when this runs (tagging with a built index needs none)
     from dssm.tag_train import export_tagger, train_tagger
 
+    distill = config.loss == "distill"
+    if distill != bool(teacher):
+        raise InputError("--loss distill needs --teacher (the model whose zero-shot scores are learned), and "
+                         f"--teacher needs --loss distill; got loss {config.loss!r}, teacher {teacher!r}")
     labels = read_labels(labels_path)
     names = [label.id for label in labels]
-    texts = read_tagged(train_path, known_labels=names, text_column=text_column, labels_column=labels_column,
-                        separator=separator)
-    trainer, history = train_tagger([t.text for t in texts], label_matrix(texts, names), ids=[t.id for t in texts],
+    texts = read_tagged(train_path, known_labels=names, text_column=text_column,
+                        labels_column=None if distill else labels_column, separator=separator)
+    if distill:
+        encode = teacher_encoder(teacher)
+        targets = teacher_targets(encode([t.text for t in texts]), encode([label.text for label in labels]),
+                                  temperature=config.teacher_temperature)
+    else:
+        targets = label_matrix(texts, names)
+    trainer, history = train_tagger([t.text for t in texts], targets, ids=[t.id for t in texts],
                                     label_texts=[label.text for label in labels], config=config)
-    history["tagging"].update(train=str(train_path), labels=str(labels_path), texts=len(texts))
+    history["tagging"].update(train=str(train_path), labels=str(labels_path), texts=len(texts),
+                              **({"teacher": teacher} if distill else {}))
     export_tagger(trainer, output, history=history, overwrite=overwrite)
     result = build_tag_index(index_dir, labels=labels, model_dir=output, vectors=trainer.label_matrix(),
                              tagging=history["tagging"])
@@ -199,11 +219,15 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-column", default="labels", help="labels column (default: labels)")
     parser.add_argument("--separator", default=",", help="between labels in a CSV/TSV cell (default: ,)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--teacher", default="", choices=["", *TEACHERS],
+                        help="with --loss distill: learn this model's zero-shot label ranking of --train's texts "
+                             "(their labels are not read; the [teacher] extra)")
     add_config_arguments(parser, TagTrainConfig)
     args = parser.parse_args(argv)
     history = train_tags(train_path=args.train, labels_path=args.labels, output=args.output, index_dir=args.index,
                          config=config_from_args(TagTrainConfig, args), text_column=args.text_column,
-                         labels_column=args.labels_column, separator=args.separator, overwrite=args.overwrite)
+                         labels_column=args.labels_column, separator=args.separator, overwrite=args.overwrite,
+                         teacher=args.teacher)
     tagging = history["tagging"]
     print(f"wrote {args.output} and tags index {args.index} (version {history['index_version']}): best epoch "
           f"{history['best_epoch']}, threshold {tagging['threshold']:.4f} ({tagging['threshold_source']})"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from dssm.errors import InputError
-from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged, teacher_targets
 
 
 def test_jsonl_csv_tsv_and_parquet_read_alike(tmp_path):
@@ -65,3 +66,29 @@ def test_repeated_id_missing_column_and_empty_file(tmp_path):
 def test_debtags_label_file_reads():
     labels = read_labels("../shared/datasets/debtags/labels.tsv")
     assert len(labels) == 148 and labels[0].id == "accessibility::input" and labels[0].text == "accessibility: input"
+
+
+def test_unlabelled_texts_read_without_a_labels_column(tmp_path):
+    (tmp_path / "u.jsonl").write_text('{"_id": "a", "text": "one"}\n{"_id": "b", "text": "two", "labels": ["z"]}\n')
+    texts = read_tagged(tmp_path / "u.jsonl", known_labels=["x"], labels_column=None)
+    # labels_column=None ignores a labels cell too (even an unknown label): a teacher gives the targets
+    assert texts == [TaggedText("a", "one", ()), TaggedText("b", "two", ())]
+
+
+def test_teacher_targets_by_hand():
+    texts = np.array([[1.0, 0.0], [0.6, 0.8]])
+    labels = np.array([[1.0, 0.0], [0.0, 1.0]])
+    got = teacher_targets(texts, labels, temperature=0.5)
+    e = math.e
+    np.testing.assert_allclose(got[0], [e ** 2 / (e ** 2 + 1), 1 / (e ** 2 + 1)], rtol=1e-6)
+    # cosines 0.6 and 0.8 over 0.5: softmax([1.2, 1.6])
+    np.testing.assert_allclose(got[1], [1 / (1 + math.exp(0.4)), 1 / (1 + math.exp(-0.4))], rtol=1e-6)
+    assert got.dtype == np.float32 and np.allclose(got.sum(axis=1), 1.0)
+    # sharper at a lower temperature, never overflowing (the row maximum is subtracted first)
+    assert teacher_targets(texts, labels, temperature=1e-4)[0, 0] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="do not match"):
+        teacher_targets(texts, np.ones((2, 3)), temperature=1.0)
+    with pytest.raises(InputError, match="non-finite"):
+        teacher_targets(np.array([[np.nan, 0.0]]), labels, temperature=1.0)
+    with pytest.raises(InputError, match="temperature must be > 0"):
+        teacher_targets(texts, labels, temperature=0.0)

@@ -302,3 +302,62 @@ def test_bulk_scoring_loads_the_graph_and_gives_the_numpy_paths_scores(trained_t
     bulk = tagger.scores(texts)
     assert encoder.graph_loaded
     np.testing.assert_allclose(bulk[:3], few, atol=2e-5)
+
+
+def test_train_tags_distills_a_teachers_zero_shot_ranking(tiny_tags, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """``train-tags --loss distill --teacher``: no label is read; the towers learn the teacher's ranking.
+
+    The teacher is a stand-in (the real one is the optional MiniLM extra) that knows the texts' debtags:
+    its vector of a text is the text's labels (multi-hot, normalised), of a description its label.
+    Distilling it must teach the towers those labels as training on them does.
+    """
+    import dssm.teacher
+    from dssm.cli import main as cli_main
+    from dssm.tag_data import label_matrix, read_labels, read_tagged
+    from dssm.tag_metrics import tag_metrics
+    from serving.searcher import Searcher
+    from serving.tagger import Tagger
+
+    labels = read_labels(tiny_tags.labels)
+    names = [label.id for label in labels]
+    descriptions = {label.text: j for j, label in enumerate(labels)}
+    tagged = read_tagged(tiny_tags.train, known_labels=names)
+    known = {t.text: row for t, row in zip(tagged, label_matrix(tagged, names), strict=True)}
+
+    def encode(texts):
+        out = np.zeros((len(texts), len(labels)), np.float32)
+        for i, text in enumerate(texts):
+            if text in descriptions:
+                out[i, descriptions[text]] = 1.0
+            else:
+                out[i] = known[text] / np.sqrt(max(known[text].sum(), 1))
+        return out
+
+    monkeypatch.setitem(dssm.teacher.TEACHERS, "minilm", (lambda: encode, lambda: True))
+    unlabelled = tmp_path / "texts.jsonl"  # no labels column at all
+    rows = [json.loads(line) for line in tiny_tags.train.read_text().splitlines()]
+    unlabelled.write_text("".join(json.dumps({"_id": r["_id"], "text": r["text"]}) + "\n" for r in rows))
+    common = ["train-tags", "--train", str(unlabelled), "--labels", str(tiny_tags.labels),
+              "--init-from", str(tiny_model_dir), "--epochs", "8", "--batch-size", "16", "--learning-rate", "0.02",
+              "--verbose", "0", "--validation-fraction", "0.2"]
+    model, index = tmp_path / "model", tmp_path / "tags"
+    assert cli_main([*common, "--output", str(model), "--index", str(index), "--loss", "distill",
+                     "--teacher", "minilm"]) == 0
+    history = json.loads((model / "history.json").read_text())
+    assert history["tagging"]["teacher"] == "minilm" and history["tagging"]["loss"] == "distill"
+    assert history["loss"][-1] < history["loss"][0]
+    texts = [t.text for t in tagged]
+    assert cli_main(["tag", "--index", str(tmp_path / "zero"), "--labels", str(tiny_tags.labels), "--model",
+                     str(tiny_model_dir)]) == 0  # before: the same towers with the descriptions alone
+    figures = {name: tag_metrics(name, Tagger(Searcher.load(path)).scores(texts), label_matrix(tagged, names),
+                                 text_ids=[t.id for t in tagged], labels=names, threshold=None).means["p@1"]
+               for name, path in (("zero", tmp_path / "zero"), ("distilled", index))}
+    assert figures["distilled"] > figures["zero"] + 0.2, figures
+    capsys.readouterr()
+    # the loss and the teacher come together, or not at all; nothing is written otherwise
+    assert cli_main([*common, "--output", str(tmp_path / "m2"), "--index", str(tmp_path / "t2"),
+                     "--loss", "distill"]) == 2
+    assert cli_main([*common, "--output", str(tmp_path / "m3"), "--index", str(tmp_path / "t3"),
+                     "--teacher", "minilm"]) == 2
+    assert capsys.readouterr().err.count("--loss distill needs --teacher") == 2
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
