@@ -100,13 +100,15 @@ def pair_cosines(query: tf.Tensor, document: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(query, tf.float32) * tf.cast(document, tf.float32), axis=-1)
 
 
-def _as_scores(scores: tf.Tensor, name: str = "scores") -> tf.Tensor:
+def _as_scores(scores: tf.Tensor, name: str = "scores", *, diagonal: bool = True) -> tf.Tensor:
+    """float32 ``[batch, num_candidates]``; with ``diagonal`` (row i's positive is column i) at least as many
+    columns as rows."""
     scores = tf.cast(tf.convert_to_tensor(scores), tf.float32)
     rank = scores.shape.rank
     if rank is not None and rank != 2:
         raise InputError(f"{name} must be a [batch, num_candidates] matrix, got shape {scores.shape}")
     rows, cols = scores.shape[0], scores.shape[1]
-    if rows is not None and cols is not None and cols < rows:
+    if diagonal and rows is not None and cols is not None and cols < rows:
         raise InputError(f"{name} has fewer candidates than rows (shape {scores.shape}): the positive of "
                          f"row i must be column i")
     return scores
@@ -396,7 +398,9 @@ def distillation_loss(scores: tf.Tensor, teacher_scores: tf.Tensor, *, temperatu
     of Hofstätter et al.'s cross-architecture distillation).
 
     Args:
-        scores: ``[batch, num_candidates]`` the student's cosines, positives on the diagonal.
+        scores: ``[batch, num_candidates]`` the student's cosines, positives on the diagonal; without
+            ``score_mask`` no column is special, so any candidate set works (a text against every
+            label: ``dssm.tag_losses``, with more texts than labels allowed).
         teacher_scores: ``[batch, num_candidates]`` the teacher's cosines of the same pairs.
         temperature: the student's ``t``.
         teacher_temperature: the teacher's ``t``: lower sharpens its distribution.
@@ -408,8 +412,9 @@ def distillation_loss(scores: tf.Tensor, teacher_scores: tf.Tensor, *, temperatu
         Scalar float32 (or ``[batch]``); 0 when the two distributions agree.
     """
     check_reduction(reduction)
-    scores = _as_scores(scores)
-    teacher_scores = _as_scores(teacher_scores, "teacher_scores")
+    diagonal = score_mask is not None  # only the mask reads the positives on the diagonal
+    scores = _as_scores(scores, diagonal=diagonal)
+    teacher_scores = _as_scores(teacher_scores, "teacher_scores", diagonal=diagonal)
     kept = tf.ones_like(scores, dtype=tf.bool)
     if score_mask is not None:
         kept = tf.logical_or(_positive_mask(scores), tf.cast(score_mask, tf.bool))

@@ -26,7 +26,7 @@ import numpy as np
 from dssm.data import Document, is_valid_utf8, iter_corpus, iter_rows, read_columns
 from dssm.errors import InputError
 
-__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix", "teacher_targets"]
+__all__ = ["TaggedText", "read_labels", "parse_labels", "read_tagged", "label_matrix"]
 
 
 class TaggedText(NamedTuple):
@@ -164,29 +164,3 @@ def label_matrix(texts: Sequence[TaggedText], labels: Sequence[str]) -> np.ndarr
             out[i, column[label]] = True
     return out
 
-
-def teacher_targets(texts: np.ndarray, labels: np.ndarray, *, temperature: float) -> np.ndarray:
-    """A teacher's zero-shot label distribution per text: ``softmax(texts · labelsᵀ / temperature)``.
-
-    Args:
-        texts: ``[n, d]`` the teacher's unit vectors of the texts.
-        labels: ``[num_labels, d]`` its unit vectors of the label descriptions.
-        temperature: > 0; smaller is sharper (the towers' own scale 20 is a temperature of 0.05).
-
-    Returns:
-        ``[n, num_labels]`` float32, rows summing to 1.
-
-    Raises:
-        InputError: the widths differ, a vector is not finite, or ``temperature <= 0``.
-    """
-    texts, labels = np.asarray(texts, np.float64), np.asarray(labels, np.float64)
-    if texts.ndim != 2 or labels.ndim != 2 or texts.shape[1] != labels.shape[1]:
-        raise InputError(f"teacher vectors {texts.shape} and label vectors {labels.shape} do not match")
-    if not (np.isfinite(texts).all() and np.isfinite(labels).all()):
-        raise InputError("teacher vectors hold a non-finite value")
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
-    logits = texts @ labels.T / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)

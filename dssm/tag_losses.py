@@ -12,26 +12,26 @@ times a scale plus a bias (:class:`dssm.tag_train.TagTrainConfig`).
   each get their own term, and 0 is the natural decision threshold.
 * :func:`sigmoid_multilabel_loss` — per-label sigmoid cross-entropy, the usual baseline (one binary
   decision per label, averaged over labels).
-* :func:`distillation_tag_loss` — no labels: ``targets`` is a teacher's probability distribution over
-  the labels per text (e.g. softmax of all-MiniLM-L6-v2's cosines of the text and each description
-  over a temperature), and the loss the KL divergence from it to ``softmax(logits)``; the towers learn
-  to rank labels as the teacher does zero-shot.
+* ``distill`` (:func:`tag_loss` with a ``teacher_temperature``) — no labels: ``targets`` are a teacher's
+  cosines of each text with every label description, and the loss is retrieval distillation's KL
+  (:func:`dssm.score_losses.distillation_loss`) from ``softmax(targets / teacher_temperature)`` to
+  ``softmax(logits)`` over the labels; the towers learn to rank labels as the teacher does zero-shot.
 
 Both are graph-safe and compute in float32.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.errors import ConfigError
-from dssm.score_losses import MASKED, check_reduction, reduce_rows
+from dssm.score_losses import DEFAULT_TEMPERATURE, MASKED, check_reduction, distillation_loss, reduce_rows
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["TAG_LOSSES", "multilabel_softmax_loss", "sigmoid_multilabel_loss", "distillation_tag_loss",
-           "tag_loss"]
+__all__ = ["TAG_LOSSES", "multilabel_softmax_loss", "sigmoid_multilabel_loss", "tag_loss"]
 
 TAG_LOSSES = ("multilabel", "sigmoid", "distill")
 
@@ -83,33 +83,16 @@ def sigmoid_multilabel_loss(logits: tf.Tensor, targets: tf.Tensor, *, reduction:
     return reduce_rows(tf.reduce_mean(per_entry, axis=1), reduction)
 
 
-def distillation_tag_loss(logits: tf.Tensor, targets: tf.Tensor, *, reduction: str = "mean") -> tf.Tensor:
-    """``KL(t ‖ softmax(s)) = Σ_j t_j (log t_j − log softmax(s)_j)`` per row: 0 when the towers' label
-    distribution is the teacher's. A bias added to every logit of a row cancels.
+def tag_loss(name: str, *, teacher_temperature: float = DEFAULT_TEMPERATURE) -> Callable[..., tf.Tensor]:
+    """The loss function ``(logits, targets) -> loss`` named ``name`` (one of :data:`TAG_LOSSES`).
 
-    Args:
-        logits: ``[batch, num_labels]`` scores ``s``.
-        targets: ``[batch, num_labels]`` float, each row a distribution ``t`` (non-negative, sums to 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[batch]``).
-
-    Returns:
-        Scalar float32 (or ``[batch]``).
+    ``distill`` reads ``targets`` as the teacher's cosines, sharpened by ``teacher_temperature``; the
+    logits (``scale · cos + bias``) are the student's scores as they are (temperature 1).
     """
-    check_reduction(reduction)
-    logits = tf.cast(tf.convert_to_tensor(logits), tf.float32)
-    targets = tf.cast(tf.convert_to_tensor(targets), tf.float32)
-    # 0 · log 0 = 0: labels the teacher gives no mass add nothing
-    own = tf.where(targets > 0, targets * tf.math.log(tf.maximum(targets, 1e-30)), 0.0)
-    per_row = tf.reduce_sum(own - targets * tf.nn.log_softmax(logits, axis=1), axis=1)
-    return reduce_rows(per_row, reduction)
-
-
-def tag_loss(name: str) -> Callable[..., tf.Tensor]:
-    """The loss function named ``name`` (one of :data:`TAG_LOSSES`)."""
     if name == "multilabel":
         return multilabel_softmax_loss
     if name == "sigmoid":
         return sigmoid_multilabel_loss
     if name == "distill":
-        return distillation_tag_loss
+        return functools.partial(distillation_loss, temperature=1.0, teacher_temperature=teacher_temperature)
     raise ConfigError(f"unknown tagging loss {name!r}; known: {', '.join(TAG_LOSSES)}")

@@ -107,7 +107,7 @@ class TagTrainer:
         self.model = model
         self.config = config
         self.labels = tf.constant(list(label_texts))
-        self.loss_fn = tag_loss(config.loss)
+        self.loss_fn = tag_loss(config.loss, teacher_temperature=config.teacher_temperature)
         self.bias = tf.Variable(0.0, dtype=tf.float32, name="tag_bias")
         self.residual = (tf.Variable(tf.zeros([len(label_texts), model.config.output_dim]), name="label_vectors")
                          if config.label_vectors else None)
@@ -187,7 +187,7 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
     Args:
         texts: ``n`` training texts.
         targets: ``[n, num_labels]`` bool (:func:`dssm.tag_data.label_matrix`); with ``loss="distill"``
-            float distributions (:func:`dssm.tag_data.teacher_targets`).
+            float: the teacher's cosines of each text with each description (:func:`dssm.tagging.train_tags`).
         ids: ``n`` text ids (the held-out split hashes them).
         label_texts: ``num_labels`` descriptions, in ``targets``' column order.
         config: the run's settings.
@@ -205,8 +205,8 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
         ConfigError: ``init_from`` with explicit configs.
     """
     # size: the run's whole sequence (configs, split, epochs, keep-best, threshold) in one readable place
-    # distill: a teacher's distribution per text, trained as it is; its best label stands in for the
-    # labels where a decision is needed (the held-out micro-F1 that picks the epoch, the threshold).
+    # distill: the teacher's cosines, which the loss turns into its distribution; its best label stands in
+    # for the labels where a decision is needed (the held-out micro-F1 that picks the epoch, the threshold).
     soft = config.loss == "distill"
     targets = np.asarray(targets, dtype=np.float32 if soft else bool)
     decisions = _one_hot_best(targets) if soft else targets
@@ -270,11 +270,11 @@ def train_tagger(texts: Sequence[str], targets: np.ndarray, *, ids: Sequence[str
     return trainer, history
 
 
-def _one_hot_best(distributions: np.ndarray) -> np.ndarray:
-    """``[n, labels]`` → bool, True at each row's most probable label."""
-    out = np.zeros(distributions.shape, bool)
-    if distributions.size:
-        out[np.arange(len(distributions)), distributions.argmax(axis=1)] = True
+def _one_hot_best(scores: np.ndarray) -> np.ndarray:
+    """``[n, labels]`` → bool, True at each row's best-scored label."""
+    out = np.zeros(scores.shape, bool)
+    if scores.size:
+        out[np.arange(len(scores)), scores.argmax(axis=1)] = True
     return out
 
 

@@ -37,7 +37,7 @@ from dssm.config import add_config_arguments, config_from_args
 from dssm.data import Document
 from dssm.errors import InputError
 from dssm.index import build_index
-from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged, teacher_targets
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
 from dssm.teacher import TEACHERS, teacher_encoder
 from serving.searcher import Searcher
 from serving.tagger import TAG_MODES, Tagger, TagHit
@@ -102,8 +102,9 @@ def train_tags(*, train_path: str | Path, labels_path: str | Path, output: str |
 
     Args:
         teacher: with ``config.loss == "distill"`` (and only then), the teacher (``minilm``) whose
-            zero-shot label distribution each text learns (:func:`dssm.tag_data.teacher_targets`); the
-            file's labels are not read, so unlabelled texts train.
+            cosines of each text with every description are learned (``softmax(cos / teacher_temperature)``,
+            the ``distill`` loss of :mod:`dssm.tag_losses`); the file's labels are not read, so unlabelled
+            texts train.
 
     Returns:
         The run's history (``tagging`` holds the threshold).
@@ -124,8 +125,7 @@ def train_tags(*, train_path: str | Path, labels_path: str | Path, output: str |
                         labels_column=None if distill else labels_column, separator=separator)
     if distill:
         encode = teacher_encoder(teacher)
-        targets = teacher_targets(encode([t.text for t in texts]), encode([label.text for label in labels]),
-                                  temperature=config.teacher_temperature)
+        targets = encode([t.text for t in texts]) @ encode([label.text for label in labels]).T  # [texts, labels]
     else:
         targets = label_matrix(texts, names)
     trainer, history = train_tagger([t.text for t in texts], targets, ids=[t.id for t in texts],

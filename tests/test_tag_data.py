@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from dssm.errors import InputError
-from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged, teacher_targets
+from dssm.tag_data import TaggedText, label_matrix, read_labels, read_tagged
 
 
 def test_jsonl_csv_tsv_and_parquet_read_alike(tmp_path):
@@ -74,21 +73,3 @@ def test_unlabelled_texts_read_without_a_labels_column(tmp_path):
     # labels_column=None ignores a labels cell too (even an unknown label): a teacher gives the targets
     assert texts == [TaggedText("a", "one", ()), TaggedText("b", "two", ())]
 
-
-def test_teacher_targets_by_hand():
-    texts = np.array([[1.0, 0.0], [0.6, 0.8]])
-    labels = np.array([[1.0, 0.0], [0.0, 1.0]])
-    got = teacher_targets(texts, labels, temperature=0.5)
-    e = math.e
-    np.testing.assert_allclose(got[0], [e ** 2 / (e ** 2 + 1), 1 / (e ** 2 + 1)], rtol=1e-6)
-    # cosines 0.6 and 0.8 over 0.5: softmax([1.2, 1.6])
-    np.testing.assert_allclose(got[1], [1 / (1 + math.exp(0.4)), 1 / (1 + math.exp(-0.4))], rtol=1e-6)
-    assert got.dtype == np.float32 and np.allclose(got.sum(axis=1), 1.0)
-    # sharper at a lower temperature, never overflowing (the row maximum is subtracted first)
-    assert teacher_targets(texts, labels, temperature=1e-4)[0, 0] == pytest.approx(1.0)
-    with pytest.raises(InputError, match="do not match"):
-        teacher_targets(texts, np.ones((2, 3)), temperature=1.0)
-    with pytest.raises(InputError, match="non-finite"):
-        teacher_targets(np.array([[np.nan, 0.0]]), labels, temperature=1.0)
-    with pytest.raises(InputError, match="temperature must be > 0"):
-        teacher_targets(texts, labels, temperature=0.0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dssm.errors import ConfigError
-from dssm.tag_losses import distillation_tag_loss, multilabel_softmax_loss, sigmoid_multilabel_loss, tag_loss
+from dssm.tag_losses import multilabel_softmax_loss, sigmoid_multilabel_loss, tag_loss
 
 
 def test_multilabel_softmax_loss_by_hand():
@@ -59,17 +59,16 @@ def test_tag_loss_registry():
 
 
 def test_distillation_tag_loss_by_hand():
-    # softmax([0, ln 2]) = [1/3, 2/3]
-    logits = np.array([[0.0, math.log(2.0)], [0.0, math.log(2.0)]], dtype=np.float32)
-    targets = np.array([[0.5, 0.5], [1.0, 0.0]], dtype=np.float32)
+    # The teacher's cosines over temperature 0.5: row 0 [0.3, 0.3] -> [1/2, 1/2]; rows 1-2
+    # [0.5 ln 3, 0] -> [3/4, 1/4]. The student: softmax([0, ln 2]) = [1/3, 2/3]. Three texts, two
+    # labels: a batch may hold more texts than there are labels.
+    loss = tag_loss("distill", teacher_temperature=0.5)
+    logits = np.array([[0.0, math.log(2.0)]] * 3, dtype=np.float32)
+    teacher = np.array([[0.3, 0.3], [0.5 * math.log(3.0), 0.0], [0.5 * math.log(3.0), 0.0]], dtype=np.float32)
     row0 = 0.5 * math.log(0.5 / (1 / 3)) + 0.5 * math.log(0.5 / (2 / 3))
-    row1 = math.log(1.0 / (1 / 3))  # the teacher's zero-mass label adds nothing (0 log 0 = 0)
-    np.testing.assert_allclose(distillation_tag_loss(logits, targets, reduction="none").numpy(), [row0, row1],
-                               rtol=1e-5)
-    assert float(distillation_tag_loss(logits, targets)) == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    row1 = 0.75 * math.log(0.75 / (1 / 3)) + 0.25 * math.log(0.25 / (2 / 3))
+    np.testing.assert_allclose(loss(logits, teacher, reduction="none").numpy(), [row0, row1, row1], rtol=1e-5)
+    assert float(loss(logits, teacher)) == pytest.approx((row0 + 2 * row1) / 3, rel=1e-5)
     # a bias on every logit of a row cancels; the teacher's own distribution as logits gives 0
-    assert float(distillation_tag_loss(logits + 5.0, targets, reduction="sum")) == pytest.approx(row0 + row1,
-                                                                                                rel=1e-5)
-    teacher = np.array([[0.2, 0.3, 0.5]], dtype=np.float32)
-    assert abs(float(distillation_tag_loss(np.log(teacher), teacher))) < 1e-6
-    assert tag_loss("distill") is distillation_tag_loss
+    assert float(loss(logits + 5.0, teacher, reduction="sum")) == pytest.approx(row0 + 2 * row1, rel=1e-5)
+    assert abs(float(loss(teacher / 0.5, teacher))) < 1e-6
