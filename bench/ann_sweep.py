@@ -11,7 +11,9 @@ configuration is a JSON object::
      "sweep": [20, 40, 80], "pres": [100, 200]}
 
 and prints its build seconds, then recall@10, QPS and p50 for every ``sweep`` × ``pres`` pair (single
-queries, one thread, after 50 warm-up queries). Run alone on a quiet machine::
+queries, one thread, after 50 warm-up queries). ``{"hnsw": 16, "efc": 64, "efs": [16, 32, 64]}`` builds
+hnswlib's HNSW instead (M, ef_construction; 2 build threads, as the index part) and sweeps ``ef``, so
+the peer is measured on the same vectors in the same run. Run alone on a quiet machine::
 
     python -m bench.ann_sweep synthetic '{"leaves": 4000, "train": 400000, "spherical": true, ...}'
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "build", "sweep"]
+__all__ = ["main", "build", "build_hnsw", "sweep"]
 
 
 def build(docs: np.ndarray, spec: dict[str, Any]) -> Any:
@@ -51,11 +53,27 @@ def build(docs: np.ndarray, spec: dict[str, Any]) -> Any:
             .reorder(spec.get("reorder", 100), quantize=quantize).build())
 
 
+def build_hnsw(docs: np.ndarray, spec: dict[str, Any]) -> Any:
+    """hnswlib's inner-product HNSW over ``docs`` (``spec["hnsw"]`` = M, ``spec["efc"]``), searched on one thread."""
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=docs.shape[1])
+    index.init_index(max_elements=len(docs), M=spec["hnsw"], ef_construction=spec.get("efc", 64), random_seed=0)
+    index.add_items(docs, np.arange(len(docs)), num_threads=2)
+    index.set_num_threads(1)
+    return index
+
+
 def sweep(searcher: Any, queries: np.ndarray, truth: np.ndarray, *, leaves: int, pre: int) -> dict[str, float]:
-    """Recall@10, QPS and p50 ms of single queries at one ``leaves_to_search`` / reorder depth."""
+    """Recall@10, QPS and p50 ms of single queries at one ``leaves_to_search`` / reorder depth (HNSW: ``ef`` =
+    ``leaves``)."""
     def one(q: np.ndarray) -> np.ndarray:
+        if not hasattr(searcher, "search"):  # hnswlib
+            return searcher.knn_query(q, k=10)[0][0]
         return searcher.search(q, final_num_neighbors=10, pre_reorder_num_neighbors=pre, leaves_to_search=leaves)[0]
 
+    if not hasattr(searcher, "search"):
+        searcher.set_ef(leaves)
     for q in queries[:50]:
         one(q)
     found, times = [], []
@@ -96,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     for text in args[1:]:
         spec = json.loads(text)
         start = time.perf_counter()
-        searcher = build(docs, spec)
+        searcher = build_hnsw(docs, spec) if "hnsw" in spec else build(docs, spec)
         print(json.dumps({"config": spec, "build_s": round(time.perf_counter() - start, 1)}), flush=True)
-        for leaves in spec.get("sweep", [spec.get("search", 10)]):
+        for leaves in spec.get("efs", spec.get("sweep", [spec.get("search", 10)])):
             for pre in spec.get("pres", [spec.get("reorder", 100)]):
                 row = sweep(searcher, queries, truth, leaves=leaves, pre=pre)
-                print(f"  leaves={leaves:5d} pre={pre:4d} recall={row['recall']:.4f} qps={row['qps']:8.0f} "
+                knob = "ef" if "hnsw" in spec else "leaves"
+                print(f"  {knob}={leaves:5d} pre={pre:4d} recall={row['recall']:.4f} qps={row['qps']:8.0f} "
                       f"p50={row['p50_ms']:.3f}ms", flush=True)
         del searcher
     return 0

@@ -27,6 +27,12 @@ single-query latency, one thread, one query at a time (for ScaNN the ``scann_ops
 QPS at matched recall: each system's search knob (ScaNN ``leaves_to_search``, HNSW ``ef``) is swept
 and the fastest setting reaching recall 0.90 / 0.95 is reported. Sizes: 1M and 100k; quick: 30k (ScaNN AH without the
 tree: `make bench QUICK=1` has 5 minutes for every part).
+
+**Real text** (issue 15: partition quality depends on the distribution): a second 1M set, ScaNN and
+hnswlib only, whose vectors are a trained tower's embeddings of text — :func:`bench.real_vectors.trained_tower`
+(default shape, 3 epochs on debian-dev's pairs) embedding 1M distinct word windows of the shared
+datasets' documents, queried by 1,000 of their real queries (:func:`bench.real_vectors.windows`). Not in
+quick mode.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ __all__ = ["run", "make_vectors", "child_main"]
 DIM = 128
 QUERIES = 1000
 TARGETS = (0.90, 0.95)
+# HNSW's ef sweep: a trained tower's embeddings of real text need ef ~200-250 for recall 0.95 at 1M.
+EFS = [10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384]
 
 
 def make_vectors(n: int, *, queries: int = QUERIES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +155,7 @@ def _child_hnswlib(work: Path, n: int) -> dict[str, Any]:
         index.set_ef(ef)
         return lambda q: index.knn_query(q, k=10)[0][0]
 
-    return {"build_s": build, "sweep": _sweep(with_ef, [10, 16, 24, 32, 48, 64, 96, 128], queries, truth)}
+    return {"build_s": build, "sweep": _sweep(with_ef, EFS, queries, truth)}
 
 
 def _child_faiss(work: Path, n: int) -> dict[str, Any]:
@@ -167,7 +175,21 @@ def _child_faiss(work: Path, n: int) -> dict[str, Any]:
         index.hnsw.efSearch = ef
         return lambda q: index.search(q[None, :], 10)[1][0]
 
-    return {"build_s": build, "sweep": _sweep(with_ef, [10, 16, 24, 32, 48, 64, 96, 128], queries, truth)}
+    return {"build_s": build, "sweep": _sweep(with_ef, EFS, queries, truth)}
+
+
+def _child_real(work: Path, n: int) -> dict[str, Any]:
+    """``docs.npy`` / ``queries.npy``: a trained tower's embeddings of ``n`` real-text windows and 1,000 queries."""
+    import dssm  # noqa: F401
+    from bench.real_vectors import trained_tower, windows
+    from dssm.export import load_encoder
+
+    texts, queries = windows(n)
+    encoder = load_encoder(trained_tower(work / "tower"))
+    np.save(work / "docs.npy", encoder.embed_documents(texts).astype(np.float32))
+    np.save(work / "queries.npy", encoder.embed_queries(queries).astype(np.float32))
+    shutil.rmtree(work / "tower")
+    return {}
 
 
 def _child_truth(work: Path, n: int) -> dict[str, Any]:
@@ -182,7 +204,7 @@ def _child_truth(work: Path, n: int) -> dict[str, Any]:
 def child_main(system: str, work: str, n: int) -> None:
     """Entry point of a child process: run one system, write ``<system>.json`` with its peak RSS."""
     result = {"_child_scann": _child_scann, "_child_hnswlib": _child_hnswlib, "_child_faiss": _child_faiss,
-              "_child_truth": _child_truth}[f"_child_{system}"](Path(work), n)
+              "_child_truth": _child_truth, "_child_real": _child_real}[f"_child_{system}"](Path(work), n)
     # Our build resets the kernel's high-water mark at its stages (its manifest has the exact peak).
     memory = result.get("memory")
     result["peak_rss_mb"] = memory["peak_rss_bytes"] / 2**20 if memory else \
@@ -211,20 +233,25 @@ def _one(value: float) -> Stats:
     return Stats(value, value, value, 1)
 
 
-def _size_figures(n: int, work: Path, *, peers: bool) -> list[Figure]:
+def _size_figures(n: int, work: Path, *, peers: tuple[str, ...], real: bool = False) -> list[Figure]:
+    """One set's figures: ``n`` synthetic vectors, or (``real``) a trained tower's embeddings of real text."""
     from bench.index_memory import write_shards
 
-    docs, queries = make_vectors(n)
-    np.save(work / "docs.npy", docs)
-    np.save(work / "queries.npy", queries)
+    if real:
+        _run_child("real", work, n)
+        docs = np.load(work / "docs.npy")
+    else:
+        docs, queries = make_vectors(n)
+        np.save(work / "docs.npy", docs)
+        np.save(work / "queries.npy", queries)
     (work / "shards").mkdir()
     write_shards(docs, work / "shards")
     del docs
     _run_child("truth", work, n)
     ours = _run_child("scann", work, n)
-    others = {name: _run_child(name, work, n) for name in ("hnswlib", "faiss")} if peers else {}
-    print(json.dumps({"n": n, "scann": ours, **others}, indent=1), flush=True)
-    label = f"{n // 1000:,}k" if n < 1_000_000 else f"{n // 1_000_000}M"
+    others = {name: _run_child(name, work, n) for name in peers}
+    print(json.dumps({"n": n, "real": real, "scann": ours, **others}, indent=1), flush=True)
+    label = (f"{n // 1000:,}k" if n < 1_000_000 else f"{n // 1_000_000}M") + (" real-text" if real else "")
     hnsw = others.get("hnswlib")
     mem = ours["memory"]
     top = max(mem["stages_mib"], key=lambda stage: stage["peak"])
@@ -269,12 +296,14 @@ def _size_figures(n: int, work: Path, *, peers: bool) -> list[Figure]:
 
 def run(*, quick: bool) -> list[Figure]:
     """Build and search ScaNN, hnswlib and FAISS HNSW at 1M and 100k documents (quick: 30k only)."""
-    sizes = [(30_000, True)] if quick else [(1_000_000, True), (100_000, True)]
+    both = ("hnswlib", "faiss")
+    sizes = [(30_000, both, False)] if quick else [(1_000_000, both, False), (100_000, both, False),
+                                                   (1_000_000, ("hnswlib",), True)]
     figures: list[Figure] = []
-    for n, peers in sizes:
+    for n, peers, real in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"bench-index-{n}-"))
         try:
-            figures.extend(_size_figures(n, work, peers=peers))
+            figures.extend(_size_figures(n, work, peers=peers, real=real))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return figures

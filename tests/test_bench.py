@@ -232,6 +232,19 @@ def test_ann_sweep_finds_the_exact_neighbours_when_every_leaf_is_searched() -> N
     assert everything["recall"] >= 0.99 and everything["qps"] > 0 and everything["p50_ms"] > 0
 
 
+def test_ann_sweep_measures_hnswlib_on_the_same_vectors_by_its_ef() -> None:
+    pytest.importorskip("hnswlib")  # the bench extra
+    from bench.ann_sweep import build_hnsw, sweep
+    from bench.part_index import make_vectors
+    from dssm.index.ann import exact_top_k
+
+    docs, queries = make_vectors(3000, queries=60, seed=4)
+    truth = exact_top_k(docs, queries, 10)[0]
+    index = build_hnsw(docs, {"hnsw": 8, "efc": 32})
+    low, high = (sweep(index, queries, truth, leaves=ef, pre=0)["recall"] for ef in (10, 400))
+    assert high >= 0.99 and low < high  # ef is the knob that is swept
+
+
 def test_tagging_table_zero_shot_only_names_the_teacher_and_leaves_out_the_trained_rows() -> None:
     from bench.tagging_table import markdown
 
