@@ -40,7 +40,7 @@ from dssm.index.docstore import Doc, DocStore, DocStoreWriter
 from dssm.index.documents import as_documents, document_fields
 from dssm.index.files import file_identity
 from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
-from dssm.index.load import Index, load_index
+from dssm.index.load import Index, load_index, preload_base
 from dssm.index.recall import RecallProbe, tune_leaves_to_search
 from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
@@ -72,8 +72,8 @@ __all__ = [
     "as_documents", "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock",
     "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",
     "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",
-    "count_shard_rows", "build_index_from_shards", "Index", "load_index", "attach_reranker", "UpdateResult",
-    "update_index", "compact_index",
+    "count_shard_rows", "build_index_from_shards", "Index", "load_index", "preload_base", "attach_reranker",
+    "UpdateResult", "update_index", "compact_index",
     "upsert_documents", "delete_documents", "shard_of", "parse_shard_spec", "DEFAULT_KEEP_VERSIONS", "VersionLease",
     "retain_versions", "version_in_use", "file_identity",
 ]

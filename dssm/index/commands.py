@@ -110,15 +110,25 @@ def delete_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _handshake(stage: Path) -> None:
+    """``--handshake``: announce the staged version on stdout, then wait for the caller's line (or EOF)."""
+    print(f"staged {stage}", flush=True)
+    sys.stdin.readline()
+
+
 def compact_main(argv: list[str] | None = None) -> int:
     """``dssm compact --index INDEX_DIR``: fold the delta segments and tombstones into a new base."""
     parser = argparse.ArgumentParser(prog="dssm compact",
                                      description="Fold recent writes (delta segments, deleted rows) into the "
                                                  "index's base (ScaNN, doc store, BM25); a new version.")
     add_update_arguments(parser)
+    parser.add_argument("--handshake", action="store_true",
+                        help="before publishing, print 'staged PATH' (the new version, complete and durable) and "
+                             "wait for a line on stdin: the service loads the new base meanwhile, so its swap "
+                             "does not wait for it")
     args = parser.parse_args(argv)
     result = compact_index(args.index, rebalance=args.rebalance, rebalance_fraction=args.rebalance_fraction,
-                           keep_versions=args.keep_versions)
+                           keep_versions=args.keep_versions, staged=_handshake if args.handshake else None)
     if result is None:
         print(f"nothing to compact: the live version of {args.index} has no delta segments or deleted rows")
         return 0

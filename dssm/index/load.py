@@ -39,7 +39,7 @@ from dssm.index.segments import (
 )
 from dssm.index.versions import VersionLease, current_version_dir
 
-__all__ = ["Index", "load_index", "loaded_delta_segments", "delta_segments", "remember_delta_segment"]
+__all__ = ["Index", "load_index", "preload_base", "loaded_delta_segments", "delta_segments", "remember_delta_segment"]
 
 _BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
 _BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR)
@@ -276,6 +276,30 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
                             f"{layout.base_documents}")
     return Index(version_dir=version_dir, manifest=manifest, scann=base.scann, docs=docs, lease=lease, deltas=deltas,
                  dead=read_tombstones(version_dir, layout), base=base)
+
+
+def preload_base(version_dir: str | Path) -> Any:
+    """Verify and load the base (ScaNN, doc store, matrix, BM25 files) of a complete version directory,
+    staged or published, so that loading any version linking the same files reuses it.
+
+    A compaction calls this through its ``staged`` hook before it publishes (``dssm compact
+    --handshake``): the service's reload of the new version then skips the ScaNN load and the hashing
+    of its base. The base stays reusable while the returned handle (or an :class:`Index` using it)
+    is referenced.
+
+    Raises:
+        ChecksumError: a base file is missing or does not match the directory's manifest.
+    """
+    version_dir = Path(version_dir)
+    key = ("base",) + file_identity(version_dir, _BASE_FILES)
+    with _LOADED_LOCK:
+        base = _LOADED.get(key)
+    if base is not None:
+        return base
+    manifest = read_manifest(version_dir)
+    others = tuple({rel.split("/")[0] for rel in manifest["files"]} - set(_BASE_FILES))
+    verify_manifest(version_dir, kind="index", skip=others)
+    return _load_base(version_dir, key)
 
 
 def _load_base(version_dir: Path, key: tuple[Any, ...]) -> _Base:

@@ -27,7 +27,8 @@ from dssm.index.files import fsync_dir, fsync_tree
 from dssm.index.layout import CURRENT, STAGING, VERSION_RE, VERSIONS
 
 __all__ = [
-    "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock", "publish_version",
+    "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock", "CompactionSlot",
+    "publish_version",
     "current_version_dir", "list_versions", "prune_versions", "check_added_file_name", "publish_index_files",
     "VersionLease", "version_in_use", "retain_versions", "DEFAULT_KEEP_VERSIONS",
 ]
@@ -137,6 +138,30 @@ def _stale(directory: Path) -> bool:
 
 
 _UPDATE_LOCK = ".update.lock"
+
+
+class CompactionSlot:
+    """A non-blocking ``flock`` on ``INDEX_DIR/.compact.lock``: one compaction per index at a time.
+
+    With ``dssm serve --workers N`` every worker may find the delta due; the others skip (the one
+    that runs would make theirs moot anyway) instead of spending the CPU.
+    """
+
+    def __init__(self, index_dir: Path) -> None:
+        self.path = index_dir / ".compact.lock"
+        self.acquired = False
+
+    def __enter__(self) -> CompactionSlot:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.acquired = True
+        except BlockingIOError:
+            self.acquired = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # releases the lock
 
 
 class IndexWriteLock:
