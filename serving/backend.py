@@ -215,6 +215,7 @@ class Backend:
             self._watcher.join(timeout=30)
             self._watcher = None
         self._model.stop()
+        self.compactor.close()
         if self._writer is not None:
             self._writer.close()
 

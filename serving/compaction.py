@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 _CHILD = "import sys; from dssm.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def compact_in_child(index_dir: Path, *, timeout: float = 3600.0,
-                     staged: Callable[[Path], Any] | None = None) -> dict[str, Any] | None:
+def compact_in_child(index_dir: Path, *, timeout: float = 3600.0, staged: Callable[[Path], Any] | None = None,
+                     started: Callable[[subprocess.Popen[str]], Any] | None = None) -> dict[str, Any] | None:
     """``dssm compact --index index_dir --json`` in a child process.
 
     Args:
@@ -54,6 +54,7 @@ def compact_in_child(index_dir: Path, *, timeout: float = 3600.0,
         timeout: seconds before the child is killed.
         staged: with it, the child runs with ``--handshake`` and this is called with the staged version
             directory before the child publishes (an error in it is logged; the child publishes anyway).
+        started: called with the child process once it runs (so that its owner can end it).
 
     Returns:
         The compaction's summary, or ``None`` if there was nothing to compact.
@@ -66,6 +67,8 @@ def compact_in_child(index_dir: Path, *, timeout: float = 3600.0,
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: nothing to drain while we read stdout
         child = subprocess.Popen(command, stdin=subprocess.PIPE if staged is not None else subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=errors, text=True)
+        if started is not None:
+            started(child)
         watchdog = threading.Timer(timeout, child.kill)
         watchdog.start()
         lines = []
@@ -114,13 +117,30 @@ class BackgroundCompactor:
         self._reload = reload
         self._compact = compact or self._compact_preloading
         self._preloaded: list[Any] = []  # the staged base, held until the swap has taken it
+        self._child: subprocess.Popen[str] | None = None  # the running `dssm compact`, ended by close()
+        self._closed = False
         self._published = published
         self._running = threading.Lock()
         self.compactions = 0
         self.last_error: str | None = None
 
     def _compact_preloading(self, index_dir: Path) -> dict[str, Any] | None:
-        return compact_in_child(index_dir, staged=lambda stage: self._preloaded.append(preload_base(stage)))
+        return compact_in_child(index_dir, staged=lambda stage: self._preloaded.append(preload_base(stage)),
+                                started=self._started)
+
+    def _started(self, child: subprocess.Popen[str]) -> None:
+        self._child = child
+        if self._closed:  # close() came first: the child must not outlive the service
+            child.kill()
+
+    def close(self) -> None:
+        """End a running compaction child (the service is stopping): it must not write into the index
+        after the service, and whatever it staged is cleaned by the next writer."""
+        self._closed = True
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
 
     def due(self, index: Any) -> bool:
         """Whether ``index`` (a loaded :class:`dssm.index.Index`) should be compacted now."""
@@ -160,6 +180,9 @@ class BackgroundCompactor:
                          time.perf_counter() - tick, summary.get("seconds"))
             self.last_error = None
         except Exception as exc:  # the next write that finds the delta due tries again
+            if self._closed:
+                log.info("background compaction of %s ended with the service", self.index_dir)
+                return
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("background compaction of %s failed: %s", self.index_dir, exc)
         finally:

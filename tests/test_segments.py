@@ -382,6 +382,33 @@ def test_a_compaction_child_names_its_staged_version_before_it_publishes(tmp_pat
     assert_serves_exactly(ix.load_index(path), truth, unit(rng.standard_normal((10, 16))))
 
 
+def test_a_handshake_compaction_whose_caller_is_gone_publishes_nothing(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=200)
+    rng = np.random.default_rng(11)
+    upsert(path, truth, [(f"n{j}", unit(rng.standard_normal((1, 16)))[0], f"new {j}") for j in range(3)])
+    before = ix.current_version_dir(path).name
+    cli = "import sys; from dssm.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", cli, "compact", "--index", str(path), "--handshake"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and done.stdout.startswith("staged ")
+    assert "the caller is gone; nothing was published" in done.stderr
+    assert ix.current_version_dir(path).name == before and not any((path / ".staging").glob("*/*"))
+
+
+def test_stopping_the_compactor_ends_its_child(tmp_path):
+    from serving.compaction import BackgroundCompactor
+
+    compactor = BackgroundCompactor(tmp_path, reload=lambda force: None)
+    child = subprocess.Popen(["sleep", "60"])
+    compactor._started(child)
+    compactor.close()
+    assert child.poll() is not None  # killed and reaped
+    late = subprocess.Popen(["sleep", "60"])
+    compactor._started(late)  # a child that starts after close() is ended at once
+    assert late.wait(timeout=10) != 0
+
+
 def test_preload_base_verifies_the_base_files_against_the_manifest(tmp_path):
     path = tmp_path / "idx"
     build(path, n=200)

@@ -111,9 +111,14 @@ def delete_main(argv: list[str] | None = None) -> int:
 
 
 def _handshake(stage: Path) -> None:
-    """``--handshake``: announce the staged version on stdout, then wait for the caller's line (or EOF)."""
+    """``--handshake``: announce the staged version on stdout, then wait for the caller's line.
+
+    Raises:
+        InputError: stdin ended first: the caller (the service) is gone, so nothing is published.
+    """
     print(f"staged {stage}", flush=True)
-    sys.stdin.readline()
+    if not sys.stdin.readline():
+        raise InputError(f"stdin closed before the go-ahead for {stage}: the caller is gone; nothing was published")
 
 
 def compact_main(argv: list[str] | None = None) -> int:
@@ -124,8 +129,8 @@ def compact_main(argv: list[str] | None = None) -> int:
     add_update_arguments(parser)
     parser.add_argument("--handshake", action="store_true",
                         help="before publishing, print 'staged PATH' (the new version, complete and durable) and "
-                             "wait for a line on stdin: the service loads the new base meanwhile, so its swap "
-                             "does not wait for it")
+                             "wait for a line on stdin (publish nothing if stdin ends): the service loads the new "
+                             "base meanwhile, so its swap does not wait for it")
     args = parser.parse_args(argv)
     result = compact_index(args.index, rebalance=args.rebalance, rebalance_fraction=args.rebalance_fraction,
                            keep_versions=args.keep_versions, staged=_handshake if args.handshake else None)
