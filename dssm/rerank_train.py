@@ -19,9 +19,10 @@ Steps (each shows progress):
 5. **Fusion weights.** On up to ``--fusion-queries`` held-out training queries, for each first-stage mode the
    index supports: the top ``--fusion-depth`` candidates, re-ranked with every first-stage share
    0, 0.1, ..., 1 (:func:`dssm.rerank_export.fuse_reranked`); the share with the best MRR@10 of the
-   pair's document is stored (ties go to the larger share: the first stage's order wins unless the
-   re-ranker is better). Queries whose document is not among the candidates carry no signal and are
-   skipped. Evaluated queries are never used.
+   pair's document is stored if it beats the first stage's own order (share 1) by a paired
+   randomisation test at p < 0.05 (:data:`FUSION_ALPHA`), else 1; ties go to the larger share. Queries
+   whose document is not among the candidates carry no signal and are skipped. Evaluated queries are
+   never used.
 6. **Export** to ``--output`` (``dssm.rerank_export``), then ``dssm attach-reranker`` (or ``dssm index
    --reranker``) puts it into an index version.
 """
@@ -42,12 +43,15 @@ from tqdm.auto import tqdm
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
 from dssm.data import split_of
 from dssm.errors import ConfigError, InputError
+from dssm.metrics import paired_randomization_test
 from serving.searcher import Searcher
 
 __all__ = ["RerankTrainConfig", "TrainingExample", "mine_examples", "is_accidental_positive", "choose_fusion",
            "train_reranker", "main"]
 
 FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+#: A share below 1 must beat the first stage's order on the held-out queries at this level (paired randomisation).
+FUSION_ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -127,30 +131,42 @@ def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[
     return examples
 
 
-def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid: Sequence[float] = FUSION_GRID
-                  ) -> tuple[float, dict[str, float]]:
-    """The first-stage share with the best MRR@10 of the known positive.
+def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid: Sequence[float] = FUSION_GRID,
+                  alpha: float = FUSION_ALPHA) -> tuple[float, dict[str, float]]:
+    """The first-stage share with the best MRR@10 of the known positive, if it beats the first stage.
+
+    A share below 1 is kept only if its per-query reciprocal ranks beat the first stage's own order
+    (share 1) by a paired randomisation test at ``alpha``, the rule ``dssm index`` applies to the
+    hybrid weight: held-out training queries are few, and on corpora whose pseudo-queries the first
+    stage already ranks almost perfectly a small, noisy gain there is no evidence for real queries.
 
     Args:
         ranked: per query ``(first-stage scores [n], re-ranker scores [n], position of the positive)``.
-        grid: the shares tried.
+        grid: the shares tried (must include 1.0).
+        alpha: the test's level.
 
     Returns:
-        ``(best share, {share: MRR@10})``; ties go to the larger share (the first stage's order).
+        ``(chosen share, {share: MRR@10, ..., "p_value": p of the best share against 1.0})``; ties go
+        to the larger share (the first stage's order).
     """
     # deferred: TensorFlow (through dssm.rerank_export), imported only when this runs
     from dssm.rerank_export import fuse_reranked
 
-    curve = {}
+    if 1.0 not in grid:
+        raise ConfigError(f"the fusion grid must include 1.0 (the first stage's order), got {list(grid)}")
+    curve, reciprocal = {}, {}
     for weight in grid:
-        total = 0.0
+        ranks = []
         for first, scores, positive in ranked:
             order, _ = fuse_reranked(first, scores, weight=weight)
             rank = int(np.flatnonzero(order == positive)[0]) + 1
-            total += 1.0 / rank if rank <= 10 else 0.0
-        curve[f"{weight:.1f}"] = total / max(len(ranked), 1)
+            ranks.append(1.0 / rank if rank <= 10 else 0.0)
+        reciprocal[weight] = dict(enumerate(ranks))
+        curve[f"{weight:.1f}"] = float(np.mean(ranks)) if ranks else 0.0
     best = max(grid, key=lambda w: (round(curve[f"{w:.1f}"], 12), w))
-    return float(best), curve
+    p = 1.0 if best == 1.0 or not ranked else paired_randomization_test(reciprocal[best], reciprocal[1.0])
+    curve["p_value"] = p
+    return (float(best) if p < alpha else 1.0), curve
 
 
 def _read_pairs(files: Sequence[str]) -> list[tuple[str, str, str]]:

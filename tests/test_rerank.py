@@ -291,10 +291,33 @@ def test_trainer_writes_a_reranker_with_its_curves(trained):
     assert all(0.0 <= w <= 1.0 for w in config["fusion"].values())
     for mode, curve in history["fusion_curves"].items():
         if curve["queries"]:
-            # the stored share is the best of the curve (ties to the larger share)
-            best = max(curve["mrr_at_10"].values())
-            assert curve["mrr_at_10"][f"{config['fusion'][mode]:.1f}"] == pytest.approx(best), mode
+            # the stored share is the best of the curve (ties to the larger share) if it beat the
+            # first stage's order significantly, else the first stage's order
+            mrr = {share: value for share, value in curve["mrr_at_10"].items() if share != "p_value"}
+            best = max(mrr.values())
+            chosen = config["fusion"][mode]
+            if curve["mrr_at_10"]["p_value"] < 0.05:
+                assert mrr[f"{chosen:.1f}"] == pytest.approx(best) and chosen < 1.0, mode
+            else:
+                assert chosen == 1.0, mode
     assert config["train"]["index_version"]
+
+
+def test_choose_fusion_keeps_the_first_stage_unless_the_reranker_wins_significantly():
+    from dssm.rerank_train import choose_fusion
+
+    first = np.array([5.0, 4.0, 3.0, 2.0, 1.0], np.float32)  # the positive (position 2) ranks third
+    helps = np.array([0.0, 0.0, 10.0, 0.0, 0.0], np.float32)  # the re-ranker puts it first
+    agrees = first.copy()  # the re-ranker keeps the first stage's order
+    share, curve = choose_fusion([(first, helps, 2)] * 30)
+    assert share < 1.0 and curve["p_value"] < 0.05
+    assert curve[f"{share:.1f}"] == pytest.approx(1.0) and curve["1.0"] == pytest.approx(1 / 3)
+    # one query of 30 helped: the best share gains 0.022 MRR@10, no evidence: the first stage's order
+    share, curve = choose_fusion([(first, helps, 2)] + [(first, agrees, 2)] * 29)
+    assert share == 1.0 and curve["p_value"] >= 0.05
+    assert max(v for k, v in curve.items() if k != "p_value") > curve["1.0"]
+    with pytest.raises(ConfigError, match="1.0"):
+        choose_fusion([(first, helps, 2)], grid=(0.0, 0.5))
 
 
 def test_accidental_positives_are_never_negatives():
