@@ -24,6 +24,7 @@ those seconds too (the 1M HTTP write bench's 4-5 s batches).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -79,15 +80,19 @@ def compact_in_child(index_dir: Path, *, timeout: float = 3600.0, staged: Callab
                         staged(Path(line[len("staged "):].strip()))
                     except Exception as exc:  # noqa: BLE001 - an optimisation: the swap loads it instead
                         log.warning("could not load the staged compaction %s ahead: %s", line.strip(), exc)
-                    child.stdin.write("go\n")
-                    child.stdin.close()
+                    try:
+                        child.stdin.write("go\n")
+                        child.stdin.close()
+                    except OSError:  # the child is gone (killed by close()): its exit code tells
+                        pass
                 else:
                     lines.append(line)
             code = child.wait()
         finally:
             watchdog.cancel()
             if child.stdin is not None and not child.stdin.closed:
-                child.stdin.close()
+                with contextlib.suppress(OSError):  # a broken pipe: the child is gone
+                    child.stdin.close()
         errors.seek(0)
         stderr = errors.read()
     if code != 0:
