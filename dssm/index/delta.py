@@ -34,7 +34,7 @@ import numpy as np
 from dssm.artifacts import manifest_extra, read_manifest, verify_manifest, write_manifest
 from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
-from dssm.index.files import fsync_tree, link_tree
+from dssm.index.files import link_tree
 from dssm.index.layout import DOCS_DB
 from dssm.index.load import delta_segments, loaded_delta_segments, remember_delta_segment
 from dssm.index.segments import (
@@ -208,7 +208,9 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     came meanwhile added delta segments and tombstones over the *old* base. Each id they touched
     (a base or delta row tombstoned since, or a live delta document that ``view`` did not hold in the
     same form) gets its row in the compacted base tombstoned and, if it is live, its document in one
-    new delta segment. The caller holds the writers' lock and publishes ``out``.
+    new delta segment. The caller has made ``compacted`` durable (before taking the lock: its files get
+    a second link here, and publishing skips linked files as already durable), holds the writers' lock
+    and publishes ``out``.
 
     Returns:
         The staged version's layout, or ``None`` if ``live`` no longer shares ``view``'s base (a full
@@ -226,7 +228,6 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     carried = [i for i, d in enumerate(new_docs)
                if d.id not in before or before[d.id][0] != d or not np.array_equal(before[d.id][1], new_vectors[i])]
     touched.update(new_docs[i].id for i in carried)
-    fsync_tree(compacted)  # its files get a second link below: publishing will skip them as already durable
     store = DocStore(compacted / DOCS_DB)
     tombstones = np.asarray(sorted(r for r in map(store.row_of, touched) if r is not None), dtype=np.int64)
     for child in compacted.iterdir():

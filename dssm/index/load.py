@@ -259,9 +259,7 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
             raise ChecksumError(f"index version {version_dir} lacks {name}")
     manifest = read_manifest(version_dir)
     layout = SegmentLayout.of(manifest, version_dir.name)
-    base_key = ("base",) + file_identity(version_dir, _BASE_FILES)
-    with _LOADED_LOCK:
-        base = _LOADED.get(base_key)
+    base_key, base = _loaded_base(version_dir)
     known = loaded_delta_segments(version_dir, layout)
     if verify:
         skip = ((() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
@@ -291,15 +289,20 @@ def preload_base(version_dir: str | Path) -> Any:
         ChecksumError: a base file is missing or does not match the directory's manifest.
     """
     version_dir = Path(version_dir)
-    key = ("base",) + file_identity(version_dir, _BASE_FILES)
-    with _LOADED_LOCK:
-        base = _LOADED.get(key)
+    key, base = _loaded_base(version_dir)
     if base is not None:
         return base
     manifest = read_manifest(version_dir)
     others = tuple({rel.split("/")[0] for rel in manifest["files"]} - set(_BASE_FILES))
     verify_manifest(version_dir, kind="index", skip=others)
     return _load_base(version_dir, key)
+
+
+def _loaded_base(version_dir: Path) -> tuple[tuple[Any, ...], _Base | None]:
+    """``(key, base)``: the base files' identity key, and the base already loaded from those very files."""
+    key = ("base",) + file_identity(version_dir, _BASE_FILES)
+    with _LOADED_LOCK:
+        return key, _LOADED.get(key)
 
 
 def _load_base(version_dir: Path, key: tuple[Any, ...]) -> _Base:
