@@ -98,7 +98,8 @@ def compact_in_child(index_dir: Path, *, timeout: float = 3600.0, staged: Callab
     if code != 0:
         raise RuntimeError(f"dssm compact --index {index_dir} exited with {code}: "
                            + " | ".join(stderr.strip().splitlines()[-3:]))
-    last = "".join(lines).strip().splitlines()[-1] if "".join(lines).strip() else ""
+    out = "".join(lines).strip()
+    last = out.splitlines()[-1] if out else ""
     return json.loads(last) if last.startswith("{") else None
 
 
