@@ -54,14 +54,10 @@ def build(docs: np.ndarray, spec: dict[str, Any]) -> Any:
 
 
 def build_hnsw(docs: np.ndarray, spec: dict[str, Any]) -> Any:
-    """hnswlib's inner-product HNSW over ``docs`` (``spec["hnsw"]`` = M, ``spec["efc"]``), searched on one thread."""
-    import hnswlib
+    """hnswlib's HNSW over ``docs`` as the index part builds it (``spec["hnsw"]`` = M, ``spec["efc"]``)."""
+    from bench.part_index import hnswlib_index
 
-    index = hnswlib.Index(space="ip", dim=docs.shape[1])
-    index.init_index(max_elements=len(docs), M=spec["hnsw"], ef_construction=spec.get("efc", 64), random_seed=0)
-    index.add_items(docs, np.arange(len(docs)), num_threads=2)
-    index.set_num_threads(1)
-    return index
+    return hnswlib_index(docs, m=spec["hnsw"], ef_construction=spec.get("efc", 64))
 
 
 def sweep(searcher: Any, queries: np.ndarray, truth: np.ndarray, *, leaves: int, pre: int) -> dict[str, float]:

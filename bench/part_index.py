@@ -53,7 +53,7 @@ import numpy as np
 
 from bench.harness import ROOT, Figure, Stats
 
-__all__ = ["run", "make_vectors", "child_main"]
+__all__ = ["run", "make_vectors", "hnswlib_index", "child_main"]
 
 DIM = 128
 QUERIES = 1000
@@ -139,17 +139,23 @@ def _child_scann(work: Path, n: int) -> dict[str, Any]:
             "sweep": _sweep(with_leaves, knobs, queries, truth)}
 
 
-def _child_hnswlib(work: Path, n: int) -> dict[str, Any]:
+def hnswlib_index(vectors: np.ndarray, *, m: int = 16, ef_construction: int = 64) -> Any:
+    """hnswlib's inner-product HNSW over ``vectors`` [n, dim], built on 2 threads, searched on one."""
     import hnswlib
 
+    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+    index.init_index(max_elements=len(vectors), M=m, ef_construction=ef_construction, random_seed=0)
+    index.add_items(vectors, np.arange(len(vectors)), num_threads=2)
+    index.set_num_threads(1)
+    return index
+
+
+def _child_hnswlib(work: Path, n: int) -> dict[str, Any]:
     vectors = np.load(work / "docs.npy")
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     start = time.perf_counter()
-    index = hnswlib.Index(space="ip", dim=DIM)
-    index.init_index(max_elements=n, M=16, ef_construction=64, random_seed=0)
-    index.add_items(vectors, np.arange(n), num_threads=2)
+    index = hnswlib_index(vectors)
     build = time.perf_counter() - start
-    index.set_num_threads(1)
 
     def with_ef(ef: int) -> Any:
         index.set_ef(ef)
@@ -180,14 +186,11 @@ def _child_faiss(work: Path, n: int) -> dict[str, Any]:
 
 def _child_real(work: Path, n: int) -> dict[str, Any]:
     """``docs.npy`` / ``queries.npy``: a trained tower's embeddings of ``n`` real-text windows and 1,000 queries."""
-    import dssm  # noqa: F401
-    from bench.real_vectors import trained_tower, windows
-    from dssm.export import load_encoder
+    from bench.real_vectors import embedded_windows, trained_tower
 
-    texts, queries = windows(n)
-    encoder = load_encoder(trained_tower(work / "tower"))
-    np.save(work / "docs.npy", encoder.embed_documents(texts).astype(np.float32))
-    np.save(work / "queries.npy", encoder.embed_queries(queries).astype(np.float32))
+    _, _, docs, queries = embedded_windows(trained_tower(work / "tower"), n)
+    np.save(work / "docs.npy", docs)
+    np.save(work / "queries.npy", queries)
     shutil.rmtree(work / "tower")
     return {}
 

@@ -134,15 +134,13 @@ def _real_in_process(*, docs: int, requests: int, seconds: float,
                      repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Single-query in-process rows on a ``docs``-document index of real-text windows (see the module doc)."""
     from bench import load_test
-    from bench.real_vectors import trained_tower, windows
-    from dssm.export import load_encoder
+    from bench.real_vectors import embedded_windows, trained_tower
     from dssm.index import ScannConfig, build_index
 
     work = Path(tempfile.mkdtemp(prefix="bench-query-real-"))
     try:
-        texts, queries = windows(docs)
         model_dir = trained_tower(work / "tower")
-        embeddings = load_encoder(model_dir).embed_documents(texts)
+        texts, queries, embeddings, _ = embedded_windows(model_dir, docs)
         result = build_index(work / "index", embeddings=embeddings, ids=[f"w{i}" for i in range(docs)], texts=texts,
                              model_dir=model_dir, config=ScannConfig())
         del embeddings, texts

@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.harness import DATASETS
 
-__all__ = ["main", "windows", "trained_tower"]
+__all__ = ["main", "windows", "embedded_windows", "trained_tower"]
 
 #: Epochs of :func:`trained_tower` (fixed: nothing is selected, the tower only shapes the vectors).
 EPOCHS = 3
@@ -49,6 +49,18 @@ def trained_tower(workdir: Path, *, epochs: int = EPOCHS) -> Path:
     config = TrainConfig(epochs=epochs, seed=0, verbose=0)
     model, history = train(workdir / "pairs", model_config=ModelConfig(), train_config=config)
     return export_model(model, workdir / "model", train_config=config, history=history, overwrite=True)
+
+
+def embedded_windows(model_dir: Path, n: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """``(texts, queries, [n, dim] document vectors, [1000, dim] query vectors)``: :func:`windows` encoded by
+    the exported model's document and query towers (float32)."""
+    import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+    from dssm.export import load_encoder
+
+    texts, queries = windows(n)
+    encoder = load_encoder(model_dir)
+    return (texts, queries, encoder.embed_documents(texts).astype(np.float32),
+            encoder.embed_queries(queries).astype(np.float32))
 
 
 def windows(n: int, *, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -79,14 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) not in (2, 3):
         print(__doc__)
         return 2
-    import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-    from dssm.export import load_encoder
-
-    texts, queries = windows(int(args[2]) if len(args) == 3 else 1_000_000)
-    encoder = load_encoder(args[0])
+    _, _, docs, queries = embedded_windows(Path(args[0]), int(args[2]) if len(args) == 3 else 1_000_000)
     out = Path(args[1])
-    np.save(out, encoder.embed_documents(texts).astype(np.float32), allow_pickle=False)
-    np.save(out.with_suffix(".queries.npy"), encoder.embed_queries(queries).astype(np.float32), allow_pickle=False)
+    np.save(out, docs, allow_pickle=False)
+    np.save(out.with_suffix(".queries.npy"), queries, allow_pickle=False)
     return 0
 
 
