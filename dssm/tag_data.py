@@ -163,4 +163,3 @@ def label_matrix(texts: Sequence[TaggedText], labels: Sequence[str]) -> np.ndarr
                 raise InputError(f"text {item.id!r}: label {label!r} is not among the {len(labels)} labels")
             out[i, column[label]] = True
     return out
-
