@@ -397,6 +397,27 @@ def test_tree_leaves_to_search_is_tuned_to_min_recall_and_used_after_load(tmp_pa
     np.testing.assert_array_equal(one[0], rows[0])
 
 
+def test_ah_reorder_k_grows_to_min_recall_and_is_used_after_load(tmp_path):
+    matrix = unit_vectors(3000, 32, seed=5)
+    # 12 candidates re-scored for a top-10 of structureless vectors misses many true neighbours.
+    config = ix.ScannConfig(mode="ah", reorder_k=12, min_recall=0.97)
+    result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(3000), texts=["t"] * 3000, config=config)
+    tuning = result.scann["reorder_tuning"]
+    assert tuning[0][0] == 12 and tuning[0][1] < 0.97
+    assert [r for r, _ in tuning] == [12 * 2**i for i in range(len(tuning))]
+    assert result.scann["reorder_k"] == tuning[-1][0] > 12 and result.recall_at_10 >= 0.97
+    index = ix.load_index(tmp_path / "idx")
+    assert index.params["reorder_k"] == tuning[-1][0]
+    probe = ix.RecallProbe(matrix, sample=500, seed=9)
+    rows, _ = index.search_vectors(probe.queries, 10)
+    scores = np.einsum("qd,qkd->qk", probe.queries, matrix[rows])
+    assert (scores >= probe.threshold).sum(axis=1).mean() / 10 >= 0.95
+    # Past the growth limit the gate still fails the build.
+    hopeless = ix.ScannConfig(mode="ah", reorder_k=1, min_recall=1.0, dims_per_block=4)
+    with pytest.raises(ConfigError, match="recall@10"):
+        ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(3000), texts=["t"] * 3000, config=hopeless)
+
+
 def test_chunked_scann_build_keeps_row_order_and_recall(tmp_path):
     matrix = clustered_vectors(4000, 32, clusters=40)
     # A training sample smaller than the corpus: ScaNN is trained on it, then every row is upserted.

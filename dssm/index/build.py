@@ -33,7 +33,7 @@ from dssm.index.docstore import DocStore, DocStoreWriter
 from dssm.index.files import tree_bytes
 from dssm.index.layout import BATCH_ROWS, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
 from dssm.index.memory import MemoryTrace, release_free_memory
-from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.recall import RecallProbe, tune_search
 from dssm.index.versions import check_added_file_name, new_version_name, publish_version, staging
 
 __all__ = [
@@ -182,12 +182,8 @@ def _build_ann(stage: Path, box: list[np.ndarray], *, config: ScannConfig, timin
     release_free_memory()
     trace.mark("scann_serialize")
     tick = time.perf_counter()
-    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
-                                                      num_leaves=params["num_leaves"], min_recall=config.min_recall)
-        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
-    else:
-        recall = probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+    recall = tune_search(searcher, probe, params, tune_leaves=config.num_leaves_to_search == 0,
+                         min_recall=config.min_recall)
     timings["recall"] = time.perf_counter() - tick
     rows_on_disk.close()
     del searcher, probe

@@ -8,7 +8,10 @@ import numpy as np
 
 from dssm.index.ann import exact_top_k
 
-__all__ = ["RecallProbe", "tune_leaves_to_search"]
+__all__ = ["RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search", "REORDER_GROWTH_LIMIT"]
+
+# How far the gate may grow reorder_k past the configured value (x2 a step) before the build fails.
+REORDER_GROWTH_LIMIT = 16
 
 
 class RecallProbe:
@@ -76,3 +79,46 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
         recall = probe.recall(searcher, leaves_to_search=leaves)
         tried.append((leaves, recall))
     return leaves, recall, tried
+
+
+def tune_reorder_k(searcher: Any, probe: RecallProbe, *, start: int, min_recall: float, start_recall: float,
+                   leaves_to_search: int | None = None) -> tuple[int, float, list[tuple[int, float]]]:
+    """Double the candidates re-scored exactly (AH's ``reorder_k``) until recall reaches ``min_recall``.
+
+    Embeddings whose scores crowd together (many near-ties, as a linear LSA tower gives on a corpus
+    of tens of thousands) need more than the default 100 candidates for recall@10 0.95. Like the
+    partitions searched, this is a query-time setting: no rebuild; serving reads the stored value.
+    At most :data:`REORDER_GROWTH_LIMIT` x ``start``.
+
+    Returns:
+        (reorder_k, its recall, [(reorder_k, recall), ...] tried, ``start`` first).
+    """
+    reorder, recall = start, start_recall
+    tried = [(reorder, recall)]
+    while recall < min_recall and reorder < start * REORDER_GROWTH_LIMIT:
+        reorder *= 2
+        recall = probe.recall(searcher, leaves_to_search=leaves_to_search, pre_reorder=reorder)
+        tried.append((reorder, recall))
+    return reorder, recall, tried
+
+
+def tune_search(searcher: Any, probe: RecallProbe, params: dict[str, Any], *, tune_leaves: bool, min_recall: float,
+                measured: float | None = None) -> float:
+    """The recall gate's search settings: the searcher's recall once tuned up to ``min_recall``.
+
+    A tree grows its partitions searched first (when ``tune_leaves``: the user left it automatic),
+    then AH grows ``reorder_k``; ``params`` gets the chosen values and the ``leaves_tuning`` /
+    ``reorder_tuning`` trail. ``measured``: the recall at the current settings, if known.
+    """
+    leaves = params.get("num_leaves_to_search")
+    if params["mode"] == "tree_ah" and tune_leaves:
+        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=leaves, num_leaves=params["num_leaves"],
+                                                      min_recall=min_recall, start_recall=measured)
+        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
+    else:
+        recall = probe.recall(searcher, leaves_to_search=leaves) if measured is None else measured
+    if recall < min_recall and "reorder_k" in params:
+        reorder, recall, tried = tune_reorder_k(searcher, probe, start=params["reorder_k"], min_recall=min_recall,
+                                                start_recall=recall, leaves_to_search=leaves)
+        params.update(reorder_k=reorder, reorder_tuning=[[r, round(v, 4)] for r, v in tried])
+    return recall

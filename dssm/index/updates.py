@@ -29,7 +29,7 @@ from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
-from dssm.index.recall import RecallProbe, tune_leaves_to_search
+from dssm.index.recall import RecallProbe, tune_search
 from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
@@ -526,15 +526,9 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
 
 def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float,
           measured: float | None = None) -> float:
-    """Recall of a tree searcher tuned up to ``min_recall`` (``params`` updated), else measured as is;
-    ``measured``: its recall at the current ``num_leaves_to_search``, if known."""
-    if params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-        leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=params["num_leaves_to_search"],
-                                                      num_leaves=params["num_leaves"], min_recall=min_recall,
-                                                      start_recall=measured)
-        params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
-        return recall
-    return probe.recall(searcher, leaves_to_search=params.get("num_leaves_to_search"))
+    """Recall of the searcher tuned up to ``min_recall`` (``params`` updated; :func:`tune_search`)."""
+    return tune_search(searcher, probe, params, tune_leaves=config.num_leaves_to_search == 0, min_recall=min_recall,
+                       measured=measured)
 
 
 def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: RecallProbe, params: dict[str, Any],
