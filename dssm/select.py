@@ -1,0 +1,112 @@
+"""Pick the model that retrieves a pairs directory's validation split best (``dssm select``).
+
+The label-free recipe has two candidate towers for a corpus: the default towers trained on its
+corpus pairs (``dssm train``) and the towers fitted to it without training (``dssm lsa``), which
+win on small corpora and lose on large ones (docs/quality.md). Which one a corpus gets is decided
+here, unattended and on training data only: every candidate searches the validation split of the
+pairs the trained towers were trained on (exact search, the trainer's own ``val_recall_at_10``,
+ties broken by ``val_mrr_at_10``, then by the order given), and the best is copied to ``--output``.
+
+The LSA fit has seen the validation documents' text (it is fitted to the whole corpus, as it is at
+index time), so the split flatters it a little; the fit never sees which sentence was cut out of
+which document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dssm.artifacts import verify_manifest
+from dssm.errors import InputError
+from dssm.export import read_model_configs
+from dssm.inputs import pair_files
+from dssm.train import TrainConfig, build_model, load_towers
+from dssm.validation import evaluate_retrieval, read_validation_set
+
+__all__ = ["score_models", "main"]
+
+
+def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max_queries: int = 2000,
+                 seed: int = 0, min_label: float = 0.0) -> list[dict[str, Any]]:
+    """Recall@10 and MRR@10 of each model on ``pairs_dir``'s validation split, best first.
+
+    Args:
+        pairs_dir: a ``dssm pairs`` directory with a validation split.
+        model_dirs: exported model directories (``dssm train`` / ``dssm lsa``), hashed like the pairs.
+        max_queries: validation queries searched (a seeded sample above it, as the trainer draws).
+        seed: the sample's seed.
+        min_label: pairs at or below it are not relevant.
+
+    Returns:
+        ``[{"model", "recall_at_10", "mrr_at_10", "order"}, ...]`` sorted best first.
+
+    Raises:
+        InputError: no model, or the pairs have no validation split with a relevant pair.
+        ConfigError: a model hashes texts differently from the pairs.
+        IndexNotFoundError / ChecksumError: a model directory is unfinished or altered.
+    """
+    if not model_dirs:
+        raise InputError("dssm select needs at least one model directory")
+    validation = read_validation_set(pair_files(pairs_dir, "validation"), min_label=min_label,
+                                     max_queries=max_queries, seed=seed)
+    if validation is None:
+        raise InputError(f"pairs {pairs_dir} have no validation split to select on (make them with "
+                         "--validation-fraction > 0)")
+    scored = []
+    for order, model_dir in enumerate(model_dirs):
+        verify_manifest(model_dir, kind="model")
+        features, model_config, _ = read_model_configs(model_dir)
+        model = build_model(model_config, features, TrainConfig())
+        load_towers(model, model_dir, batch=None)
+        metrics = evaluate_retrieval(model, validation)
+        scored.append({"model": str(model_dir), "recall_at_10": metrics["recall_at_10"],
+                       "mrr_at_10": metrics["mrr_at_10"], "order": order})
+    return sorted(scored, key=lambda row: (-row["recall_at_10"], -row["mrr_at_10"], row["order"]))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dssm select", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", required=True, help="pairs directory whose validation split decides")
+    parser.add_argument("--models", required=True, nargs="+", help="candidate model directories (the first wins "
+                        "ties)")
+    parser.add_argument("--output", required=True, help="where the chosen model directory is copied")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--validation-queries", type=int, default=2000, help="validation queries searched "
+                        "(default 2000, as `dssm train`)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation sample (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dssm select``: score ``--models`` on ``--pairs``' validation split; copy the best to ``--output``."""
+    args = _parser().parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    if any(output.resolve() == Path(m).resolve() for m in args.models):
+        raise InputError(f"--output {output} is one of the candidate models")
+    scored = score_models(args.pairs, args.models, max_queries=args.validation_queries, seed=args.seed)
+    best = Path(scored[0]["model"])
+    staging = output.with_name(f".{output.name}.tmp-select")
+    shutil.rmtree(staging, ignore_errors=True)
+    listed = {rel.split("/", 1)[0] for rel in verify_manifest(best, kind="model")["files"]} | {"manifest.json"}
+    # Only the model's own files: a trained model directory also holds checkpoints/ and logs/.
+    shutil.copytree(best, staging, ignore=lambda d, names: [n for n in names if Path(d) == best and n not in listed])
+    (staging / "selection.json").write_text(json.dumps({"pairs": str(Path(args.pairs).resolve()),
+                                                         "chosen": str(best.resolve()), "scores": scored}, indent=2))
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    if args.json:
+        print(json.dumps(scored, indent=2))
+    print(f"{'model':<50} {'val R@10':>9} {'val MRR@10':>10}")
+    for row in scored:
+        print(f"{row['model']:<50} {row['recall_at_10']:>9.4f} {row['mrr_at_10']:>10.4f}")
+    print(f"chose {best} → {output}")
+    return 0
