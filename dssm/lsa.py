@@ -42,8 +42,10 @@ class LsaConfig:
 
     dim: int = field(128, "width of the towers' output (the index's vectors); the fitted rank is at most the "
                      "corpus's documents - 1, and a smaller rank leaves the last dimensions zero")
-    idf_power: float = field(2.0, "each bucket's count is weighted by idf^p before the SVD (and in the table): 0 "
-                             "raw counts, 1 tf-idf, 2 (default) favours rarer trigrams and words more")
+    idf_power: float = field(3.0, "each bucket's count is weighted by idf^p before the SVD (and in the table): 0 "
+                             "raw counts, 1 tf-idf; 3 (default) was best of 1-5 on debian-dev's dev queries "
+                             "(nDCG@10 0.219/0.270/0.295/0.221/0.161) and of 0-3 on cranfield's and cisi's corpus-"
+                             "pair validation splits (docs/quality.md)")
     max_documents: int = field(100_000, "fit on at most this many documents (a seeded sample of a larger corpus)")
     seed: int = field(0, "seed of the sample and of the SVD's start vector")
 
