@@ -389,12 +389,18 @@ def test_tree_leaves_to_search_is_tuned_to_min_recall_and_used_after_load(tmp_pa
     index = ix.load_index(tmp_path / "idx")
     assert index.params["num_leaves_to_search"] == tuning[-1][0]
     # Searches after load use the tuned value, not the smaller one in ScaNN's serialized config.
+    recall, probe, rows = _loaded_recall(index, matrix)
+    assert recall >= 0.88
+    one, _ = index.search_vectors(probe.queries[:1], 10)
+    np.testing.assert_array_equal(one[0], rows[0])
+
+
+def _loaded_recall(index, matrix: np.ndarray) -> tuple[float, ix.RecallProbe, np.ndarray]:
+    """Recall@10 of a loaded index's searches on 500 document-derived queries (the gate's own measure)."""
     probe = ix.RecallProbe(matrix, sample=500, seed=9)
     rows, _ = index.search_vectors(probe.queries, 10)
     scores = np.einsum("qd,qkd->qk", probe.queries, matrix[rows])
-    assert (scores >= probe.threshold).sum(axis=1).mean() / 10 >= 0.88
-    one, _ = index.search_vectors(probe.queries[:1], 10)
-    np.testing.assert_array_equal(one[0], rows[0])
+    return float((scores >= probe.threshold).sum(axis=1).mean() / 10), probe, rows
 
 
 def test_ah_reorder_k_grows_to_min_recall_and_is_used_after_load(tmp_path):
@@ -408,10 +414,7 @@ def test_ah_reorder_k_grows_to_min_recall_and_is_used_after_load(tmp_path):
     assert result.scann["reorder_k"] == tuning[-1][0] > 12 and result.recall_at_10 >= 0.97
     index = ix.load_index(tmp_path / "idx")
     assert index.params["reorder_k"] == tuning[-1][0]
-    probe = ix.RecallProbe(matrix, sample=500, seed=9)
-    rows, _ = index.search_vectors(probe.queries, 10)
-    scores = np.einsum("qd,qkd->qk", probe.queries, matrix[rows])
-    assert (scores >= probe.threshold).sum(axis=1).mean() / 10 >= 0.95
+    assert _loaded_recall(index, matrix)[0] >= 0.95
     # Past the growth limit the gate still fails the build.
     hopeless = ix.ScannConfig(mode="ah", reorder_k=1, min_recall=1.0, dims_per_block=4)
     with pytest.raises(ConfigError, match="recall@10"):
