@@ -19,8 +19,9 @@ when no epoch beats it on the pairs' validation split.
 from __future__ import annotations
 
 import argparse
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict, 
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
 
-__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "lsa_model_config", "main"]
+__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fitted_encoder", "refit_for", "lsa_model_config", "main"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,45 @@ def fit_lsa(counts: sp.csr_matrix, *, config: LsaConfig) -> LsaFit:
     table[:, :rank] = (vt.T * weight[:, None]).astype(np.float32)
     energy = float(np.sum(values**2) / n)  # each weighted row has unit norm: ||X||_F^2 = n
     return LsaFit(table=table, singular_values=values.astype(np.float32), documents=n, rank=rank, energy=energy)
+
+
+def fitted_encoder(fit: LsaFit, features: FeatureConfig) -> Callable[[Sequence[str]], np.ndarray]:
+    """``texts -> [len, dim]`` unit rows: the fit's tower in numpy (what the exported model computes)."""
+    bagger = TokenBagger(features)
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        projected = bag_matrix(bagger.bags_numpy(list(texts)), num_buckets=features.num_buckets) @ fit.table
+        norms = np.linalg.norm(projected, axis=1, keepdims=True)
+        return (projected / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+    return encode
+
+
+def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
+    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
+
+    ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
+    documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or
+    a fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
+    """
+    from dssm.config import config_from_dict
+
+    model_dir = Path(model_dir)
+    history = json.loads((model_dir / "history.json").read_text()) if (model_dir / "history.json").is_file() else {}
+    if "lsa" not in history:
+        return None
+    config = json.loads((model_dir / "config.json").read_text())
+    lsa_config = config_from_dict(LsaConfig, config["train"])
+    features = config_from_dict(FeatureConfig, config["features"])
+
+    def refit(texts: list[str]) -> tuple[Any, Any]:
+        sample = _sample(list(texts), lsa_config)
+        bags = TokenBagger(features).bags_numpy(sample)
+        encode = fitted_encoder(fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=lsa_config),
+                                features)
+        return encode, encode
+
+    return refit
 
 
 def lsa_model_config(dim: int) -> Any:

@@ -52,6 +52,7 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict
 from dssm.data import document_text, read_columns, table_format
 from dssm.errors import ConfigError, InputError
 from dssm.hybrid import HYBRID_FILE, label_free_weight
+from dssm.lsa import refit_for
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
 from pipelines.embedding_shards import write_batch
 from pipelines.inference import EncodeBatches
@@ -197,7 +198,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         hybrid, report = label_free_weight(texts=texts, embeddings=np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries,
                                            embed_documents=encoder.embed_documents, queries=queries, seed=seed,
-                                           pairs=pairs)
+                                           pairs=pairs, refit=refit_for(stage / index_lib.MODEL_DIR))
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
             f"label-free, {report['pseudo_queries']} pseudo-queries"

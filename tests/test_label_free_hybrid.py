@@ -97,6 +97,36 @@ def test_a_tower_that_finds_every_document_gets_weight_above_zero(adi_texts):
     assert config.weight > 0.0 and report["p"] < 0.05
 
 
+def test_a_refit_ranks_the_tuning_corpus_instead_of_the_towers_given(adi_texts):
+    pseudo = crop_pseudo_queries(adi_texts, count=500, seed=0)
+    owner = {q.query: q.row for q in pseudo} | {q.rest: q.row for q in pseudo}
+    dim = len(adi_texts)
+
+    def one_hot(texts: list[str]) -> np.ndarray:  # an oracle, as a fit that saw every span beside its document
+        out = np.full((len(texts), dim), 0.01, np.float32)
+        for i, text in enumerate(texts):
+            out[i, owner.get(text, adi_texts.index(text) if text in adi_texts else 0)] = 1.0
+        return out
+
+    rng = np.random.default_rng(1)
+    seen: list[list[str]] = []
+
+    def refit(texts: list[str]):  # the same "fit" made on the tuning corpus: it knows nothing
+        seen.append(list(texts))
+
+        def noise(batch: list[str]) -> np.ndarray:
+            return rng.standard_normal((len(batch), 16)).astype(np.float32)
+
+        return noise, noise
+
+    config, report = label_free_weight(texts=adi_texts, embeddings=one_hot(adi_texts), embed_queries=one_hot,
+                                       embed_documents=one_hot, seed=0, refit=refit)
+    assert report["refit"] is True and config.weight == 0.0
+    # It was fitted once, on the tuning corpus: each pseudo-query's document without its span.
+    rest = {q.row: q.rest for q in pseudo}
+    assert seen == [[rest.get(row, text) for row, text in enumerate(adi_texts)]]
+
+
 def test_index_stores_the_label_free_weight_and_search_defaults_to_hybrid(tiny_model_dir, adi_dir, tmp_path):
     from pipelines.encode_corpus import main as index_main
     from serving.searcher import Searcher

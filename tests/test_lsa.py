@@ -101,6 +101,14 @@ def test_cli_exports_a_model_that_ranks_adi_above_chance(adi_lsa, adi_dir):
     assert docs.shape == (82, 64) and queries.shape == (len(qids), 64)
     # The numpy query path (one text) and the SavedModel (a batch) compute the same linear tower.
     np.testing.assert_allclose(encoder.embed_queries([data.queries[qids[0]]])[0], queries[0], atol=1e-5)
+    # The numpy form of the fit (what the hybrid weight's refit encodes with) computes the same tower.
+    from dssm.hashing import FeatureConfig, TokenBagger
+    from dssm.lsa import fitted_encoder
+
+    texts = [document_text(data.corpus[i].title, data.corpus[i].text) for i in ids]
+    fit = fit_lsa(bag_matrix(TokenBagger(FeatureConfig()).bags_numpy(texts), num_buckets=FeatureConfig().num_buckets),
+                  config=LsaConfig(dim=64))
+    np.testing.assert_allclose(fitted_encoder(fit, FeatureConfig())(texts), docs, atol=2e-5)
     ranked = np.argsort(-(queries @ docs.T), axis=1)[:, :10]
     ndcg = np.mean([ndcg_at_k([ids[j] for j in row], data.qrels[q], 10) for q, row in zip(qids, ranked, strict=True)])
     # Measured 0.50 at dim 64 (BM25 0.488); random rankings of adi score ~0.1.
@@ -165,3 +173,15 @@ def test_select_copies_the_model_that_retrieves_the_validation_split_best(tmp_pa
     assert [row["order"] for row in tie] == [0, 1]  # equal scores: the first listed wins
     with pytest.raises(InputError, match="exists and is not empty"):
         select_main(["--pairs", str(pairs), "--models", str(fit), "--output", str(tmp_path / "chosen")])
+
+
+def test_index_of_a_fit_tunes_the_hybrid_weight_on_a_refit(adi_lsa, adi_dir, tmp_path):
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    assert index_main(["--model", str(adi_lsa), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                       str(tmp_path / "index"), "--direct_running_mode=in_memory"]) == 0
+    searcher = Searcher.load(tmp_path / "index")
+    tuning = searcher.index.manifest["hybrid_tuning"]
+    assert tuning["refit"] is True and tuning["pseudo_queries"] >= 30
+    assert searcher.search("computer information retrieval systems", k=3)
