@@ -34,7 +34,8 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict, 
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
 
-__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fitted_encoder", "refit_for", "lsa_model_config", "main"]
+__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fitted_encoder", "Refitter", "refitter_for", "refit_for",
+           "lsa_model_config", "main"]
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,49 @@ def fitted_encoder(fit: LsaFit, features: FeatureConfig) -> Callable[[Sequence[s
     return encode
 
 
-def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
-    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
+@dataclass(frozen=True)
+class Refitter:
+    """A ``dssm lsa`` model's settings, to make the same fit again on other texts.
 
-    ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
-    documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or
-    a fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
+    Attributes:
+        config: the fit's :class:`LsaConfig`.
+        features: its hashing.
+        corpus: the corpus it was fitted to and how it was read (``history.json["lsa"]``), if recorded.
     """
+
+    config: LsaConfig
+    features: FeatureConfig
+    corpus: dict[str, Any]
+
+    def fit(self, texts: Sequence[str]) -> LsaFit:
+        """The fit ``dssm lsa`` would make of a corpus of ``texts``."""
+        bags = TokenBagger(self.features).bags_numpy(_sample(list(texts), self.config))
+        return fit_lsa(bag_matrix(bags, num_buckets=self.features.num_buckets), config=self.config)
+
+    def refit(self, texts: list[str]) -> tuple[Any, Any]:
+        """:data:`dssm.hybrid.Refit`: ``(embed_queries, embed_documents)`` of the fit of ``texts``."""
+        encode = fitted_encoder(self.fit(texts), self.features)
+        return encode, encode
+
+    def corpus_documents(self) -> list[tuple[str, str]]:
+        """``(id, text)`` of the corpus fitted to, read as it was.
+
+        Raises:
+            InputError: the model does not record its corpus, or the file is gone.
+        """
+        from dssm.data import document_text, iter_corpus
+
+        if not self.corpus.get("corpus") or not Path(self.corpus["corpus"]).is_file():
+            raise InputError(f"the fit's corpus {self.corpus.get('corpus')!r} is not recorded or no longer exists")
+        return [(doc.id, document_text(doc.title, doc.text)) for doc in iter_corpus(
+            self.corpus["corpus"], id_column=self.corpus.get("id_column"),
+            text_column=self.corpus.get("text_column", "text"), title_column=self.corpus.get("title_column", "title"),
+            format=self.corpus.get("format"))]
+
+
+def refitter_for(model_dir: str | Path) -> Refitter | None:
+    """The :class:`Refitter` of a ``dssm lsa`` model; ``None`` for any other model (trained towers, or a
+    fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``."""
     from dssm.config import config_from_dict
 
     model_dir = Path(model_dir)
@@ -154,17 +191,18 @@ def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] |
     if "lsa" not in history:
         return None
     config = json.loads((model_dir / "config.json").read_text())
-    lsa_config = config_from_dict(LsaConfig, config["train"])
-    features = config_from_dict(FeatureConfig, config["features"])
+    return Refitter(config=config_from_dict(LsaConfig, config["train"]),
+                    features=config_from_dict(FeatureConfig, config["features"]), corpus=dict(history["lsa"]))
 
-    def refit(texts: list[str]) -> tuple[Any, Any]:
-        sample = _sample(list(texts), lsa_config)
-        bags = TokenBagger(features).bags_numpy(sample)
-        encode = fitted_encoder(fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=lsa_config),
-                                features)
-        return encode, encode
 
-    return refit
+def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
+    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
+
+    ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
+    documents are unseen by the fit that ranks them. ``None`` for any other model.
+    """
+    refitter = refitter_for(model_dir)
+    return None if refitter is None else refitter.refit
 
 
 def lsa_model_config(dim: int) -> Any:
@@ -221,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     bags = TokenBagger(features).bags_numpy(sample)
     fit = fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=config)
     model = _lsa_model(fit, features)
-    history = {"lsa": fit.summary() | {"corpus": str(Path(args.corpus).resolve()), "corpus_documents": len(texts),
-                                       "seconds": round(time.perf_counter() - start, 3)}}
+    history = {"lsa": fit.summary() | {
+        "corpus": str(Path(args.corpus).resolve()), "format": args.format, "id_column": args.id_column,
+        "text_column": args.text_column, "title_column": args.title_column or None, "corpus_documents": len(texts),
+        "seconds": round(time.perf_counter() - start, 3)}}
     export_model(model, output, train_config=config, history=history, overwrite=args.overwrite)
     print(f"wrote {output}: LSA of {fit.documents:,} documents, rank {fit.rank} of dim {config.dim}, "
           f"energy kept {fit.energy:.3f}, idf^{config.idf_power:g} ({history['lsa']['seconds']:.1f} s); "

@@ -7,9 +7,12 @@ here, unattended and on training data only: every candidate searches the validat
 pairs the trained towers were trained on (exact search, the trainer's own ``val_recall_at_10``,
 ties broken by ``val_mrr_at_10``, then by the order given), and the best is copied to ``--output``.
 
-The LSA fit has seen the validation documents' text (it is fitted to the whole corpus, as it is at
-index time), so the split flatters it a little; the fit never sees which sentence was cut out of
-which document.
+A ``dssm lsa`` fit is fitted to the whole corpus, so it has seen the validation documents' text
+beside the sentences cut out of them, and the split would flatter it (on a 5,000-document sample of
+debian-dev: val R@10 0.97 against the trained towers' 0.79, for nDCG@10 0.600 against 0.578 on real
+queries). It is therefore scored by the same fit made again without the split's documents
+(:class:`dssm.lsa.Refitter`, matched by document id), as the trained towers never saw them; the
+copy that wins is the fit of the whole corpus.
 """
 
 from __future__ import annotations
@@ -17,16 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dssm.artifacts import verify_manifest
 from dssm.errors import InputError
 from dssm.export import read_model_configs
 from dssm.inputs import pair_files
+from dssm.lsa import Refitter, bag_matrix, refitter_for
 from dssm.train import TrainConfig, build_model, load_towers
-from dssm.validation import evaluate_retrieval, read_validation_set
+from dssm.validation import (
+    ValidationSet,
+    evaluate_retrieval,
+    read_validation_set,
+    retrieval_metrics,
+    validation_bags,
+)
 
 __all__ = ["score_models", "main"]
 
@@ -61,12 +74,40 @@ def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max
     for order, model_dir in enumerate(model_dirs):
         verify_manifest(model_dir, kind="model")
         features, model_config, _ = read_model_configs(model_dir)
-        model = build_model(model_config, features, TrainConfig())
-        load_towers(model, model_dir, batch=None)
-        metrics = evaluate_retrieval(model, validation)
-        scored.append({"model": str(model_dir), "recall_at_10": metrics["recall_at_10"],
-                       "mrr_at_10": metrics["mrr_at_10"], "order": order})
+        refitter = refitter_for(model_dir)
+        metrics = _score_refit(refitter, validation) if refitter is not None else None
+        if metrics is None:
+            model = build_model(model_config, features, TrainConfig())
+            load_towers(model, model_dir, batch=None)
+            metrics = evaluate_retrieval(model, validation) | ({"refit": False} if refitter is not None else {})
+        scored.append({"model": str(model_dir), "order": order, **metrics})
     return sorted(scored, key=lambda row: (-row["recall_at_10"], -row["mrr_at_10"], row["order"]))
+
+
+def _score_refit(refitter: Refitter, validation: ValidationSet) -> dict[str, Any] | None:
+    """A ``dssm lsa`` model's figures, from the same fit made without the validation split's documents.
+
+    The fit was made on the whole corpus, so it has seen every validation query's text beside the
+    rest of its document; trained towers never saw the split. Refitted without those documents
+    (matched by id), the fit meets the split as the trained towers do. ``None`` when the fit's
+    corpus file is gone: the caller then scores the fit as it is, and says so.
+    """
+    try:
+        documents = refitter.corpus_documents()
+    except InputError as exc:
+        print(f"warning: {exc}; the fit is scored as fitted (it saw the split's documents)", file=sys.stderr)
+        return None
+    held = set(validation.document_keys)
+    kept = [text for doc_id, text in documents if doc_id not in held]
+    fit = refitter.fit(kept)
+    num_buckets = refitter.features.num_buckets
+
+    def embed(batches: list[Any]) -> np.ndarray:
+        projected = bag_matrix(validation_bags(batches), num_buckets=num_buckets) @ fit.table
+        return projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
+
+    return {"refit": True, "fit_documents": len(kept), "held_out_documents": len(documents) - len(kept),
+            **retrieval_metrics(embed(validation.queries), embed(validation.documents), validation)}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -25,8 +25,8 @@ from dssm.model import DSSMModel
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["MONITOR", "ValidationSet", "read_validation_set", "evaluate_retrieval", "monitored_value",
-           "RetrievalValidation"]
+__all__ = ["MONITOR", "ValidationSet", "read_validation_set", "evaluate_retrieval", "retrieval_metrics",
+           "validation_bags", "monitored_value", "RetrievalValidation"]
 
 # The metric early stopping and the best checkpoint follow (higher is better).
 MONITOR = "val_recall_at_10"
@@ -184,6 +184,31 @@ def evaluate_retrieval(model: DSSMModel, validation: ValidationSet, *, k: int = 
     """
     documents = _embed_batches(model.document_tower, validation.documents)
     queries = _embed_batches(model.query_tower, validation.queries)
+    return retrieval_metrics(queries, documents, validation, k=k, batch_size=batch_size)
+
+
+def validation_bags(batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``(ids, counts)`` numpy bags of a :class:`ValidationSet`'s ``queries`` or ``documents``, in row order."""
+    bags = []
+    for ids, counts in batches:
+        values, splits, weights = ids.values.numpy(), ids.row_splits.numpy(), counts.values.numpy()
+        bags += [(values[a:b], weights[a:b]) for a, b in zip(splits[:-1], splits[1:], strict=True)]
+    return bags
+
+
+def retrieval_metrics(queries: Any, documents: Any, validation: ValidationSet, *, k: int = _K,
+                      batch_size: int = 1024) -> dict[str, float]:
+    """:func:`evaluate_retrieval`'s figures from embeddings made by any encoder.
+
+    Args:
+        queries: ``[num_queries, dim]`` float32 unit rows, the validation queries in row order.
+        documents: ``[num_documents, dim]`` likewise.
+        validation: the set they embed.
+        k: the cut-off.
+        batch_size: queries scored per matrix product.
+    """
+    queries = tf.convert_to_tensor(queries, tf.float32)
+    documents = tf.convert_to_tensor(documents, tf.float32)
     k = min(k, validation.num_documents)
     top = np.empty((validation.num_queries, k), np.int64)
     excluded = validation.excluded
