@@ -10,9 +10,9 @@ ties broken by ``val_mrr_at_10``, then by the order given), and the best is copi
 A ``dssm lsa`` fit is fitted to the whole corpus, so it has seen the validation documents' text
 beside the sentences cut out of them, and the split would flatter it (on a 5,000-document sample of
 debian-dev: val R@10 0.97 against the trained towers' 0.79, for nDCG@10 0.600 against 0.578 on real
-queries). It is therefore scored by the same fit made again without the split's documents
-(:class:`dssm.lsa.Refitter`, matched by document id), as the trained towers never saw them; the
-copy that wins is the fit of the whole corpus.
+queries). It is therefore scored by the same fit made again on the corpus with the split's queries
+cut out of their documents (:class:`dssm.lsa.Refitter`): at index time the fit sees every document
+and no query, and so it does here. The copy that wins is the fit of the whole corpus.
 """
 
 from __future__ import annotations
@@ -85,28 +85,38 @@ def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max
 
 
 def _score_refit(refitter: Refitter, validation: ValidationSet) -> dict[str, Any] | None:
-    """A ``dssm lsa`` model's figures, from the same fit made without the validation split's documents.
+    """A ``dssm lsa`` model's figures, from the same fit made on the corpus without the split's queries.
 
-    The fit was made on the whole corpus, so it has seen every validation query's text beside the
-    rest of its document; trained towers never saw the split. Refitted without those documents
-    (matched by id), the fit meets the split as the trained towers do. ``None`` when the fit's
-    corpus file is gone: the caller then scores the fit as it is, and says so.
+    At index time the fit has seen every document but no query. Fitted to the whole corpus, it has
+    also seen each validation query (a sentence cut out of a document) beside the rest of its
+    document, which trained towers never saw. So the fit is made again on the corpus with every
+    validation query's text taken out of its relevant documents (matched by document id), and that
+    fit is scored. ``None`` when the fit's corpus file is gone: the caller then scores the fit as it
+    is, and says so.
     """
     try:
         documents = refitter.corpus_documents()
     except InputError as exc:
-        print(f"warning: {exc}; the fit is scored as fitted (it saw the split's documents)", file=sys.stderr)
+        print(f"warning: {exc}; the fit is scored as fitted (it saw the split's queries)", file=sys.stderr)
         return None
-    held = set(validation.document_keys)
-    kept = [text for doc_id, text in documents if doc_id not in held]
-    fit = refitter.fit(kept)
+    cut: dict[str, list[str]] = {}
+    for text, rows in zip(validation.query_texts, validation.relevant, strict=True):
+        for row in rows.tolist():
+            cut.setdefault(validation.document_keys[row], []).append(text)
+    texts, changed = [], 0
+    for doc_id, text in documents:
+        for query in cut.get(doc_id, ()):
+            text = text.replace(query, " ")
+        changed += doc_id in cut
+        texts.append(text)
+    fit = refitter.fit(texts)
     num_buckets = refitter.features.num_buckets
 
     def embed(batches: list[Any]) -> np.ndarray:
         projected = bag_matrix(validation_bags(batches), num_buckets=num_buckets) @ fit.table
         return projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
 
-    return {"refit": True, "fit_documents": len(kept), "held_out_documents": len(documents) - len(kept),
+    return {"refit": True, "queries_cut_from_documents": changed,
             **retrieval_metrics(embed(validation.queries), embed(validation.documents), validation)}
 
 

@@ -10,6 +10,7 @@ end of each epoch. :data:`MONITOR` is the metric early stopping and keep-best fo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ValidationSet:
         relevant: per query, the sorted rows of its relevant documents (``label > min_label``).
         excluded: ``[m, 2]`` int64 ``(query row, document row)`` pairs left out of the ranking: a
             document whose text is the query's own (a question asked again is not a result).
+        query_texts: each query's text, in row order.
     """
 
     query_keys: list[str]
@@ -53,6 +55,7 @@ class ValidationSet:
     documents: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
     relevant: list[np.ndarray]
     excluded: np.ndarray
+    query_texts: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_queries(self) -> int:
@@ -156,7 +159,8 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
         queries=_ragged_batches([queries.bags[q] for q in chosen], batch_size),
         documents=_ragged_batches(docs.bags, batch_size),
         relevant=[np.array(sorted(relevant[q]), np.int64) for q in chosen],
-        excluded=np.array(excluded, np.int64).reshape(-1, 2))
+        excluded=np.array(excluded, np.int64).reshape(-1, 2),
+        query_texts=[query_texts[q].decode("utf-8", "replace") for q in chosen])
 
 
 def _embed_batches(tower: tf.keras.Model, batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> tf.Tensor:
