@@ -148,7 +148,7 @@ class Refitter:
     Attributes:
         config: the fit's :class:`LsaConfig`.
         features: its hashing.
-        corpus: the corpus it was fitted to and how it was read (``history.json["lsa"]``), if recorded.
+        corpus: what ``history.json["lsa"]`` records of the fit (the corpus's path and columns, the rank).
     """
 
     config: LsaConfig
@@ -164,21 +164,6 @@ class Refitter:
         """:data:`dssm.hybrid.Refit`: ``(embed_queries, embed_documents)`` of the fit of ``texts``."""
         encode = fitted_encoder(self.fit(texts), self.features)
         return encode, encode
-
-    def corpus_documents(self) -> list[tuple[str, str]]:
-        """``(id, text)`` of the corpus fitted to, read as it was.
-
-        Raises:
-            InputError: the model does not record its corpus, or the file is gone.
-        """
-        from dssm.data import document_text, iter_corpus
-
-        if not self.corpus.get("corpus") or not Path(self.corpus["corpus"]).is_file():
-            raise InputError(f"the fit's corpus {self.corpus.get('corpus')!r} is not recorded or no longer exists")
-        return [(doc.id, document_text(doc.title, doc.text)) for doc in iter_corpus(
-            self.corpus["corpus"], id_column=self.corpus.get("id_column"),
-            text_column=self.corpus.get("text_column", "text"), title_column=self.corpus.get("title_column", "title"),
-            format=self.corpus.get("format"))]
 
 
 def refitter_for(model_dir: str | Path) -> Refitter | None:

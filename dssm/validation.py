@@ -10,7 +10,6 @@ end of each epoch. :data:`MONITOR` is the metric early stopping and keep-best fo
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from dssm.model import DSSMModel
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["MONITOR", "ValidationSet", "read_validation_set", "evaluate_retrieval", "retrieval_metrics",
-           "validation_bags", "monitored_value", "RetrievalValidation"]
+__all__ = ["MONITOR", "ValidationSet", "read_validation_set", "evaluate_retrieval", "monitored_value",
+           "RetrievalValidation"]
 
 # The metric early stopping and the best checkpoint follow (higher is better).
 MONITOR = "val_recall_at_10"
@@ -46,7 +45,6 @@ class ValidationSet:
         relevant: per query, the sorted rows of its relevant documents (``label > min_label``).
         excluded: ``[m, 2]`` int64 ``(query row, document row)`` pairs left out of the ranking: a
             document whose text is the query's own (a question asked again is not a result).
-        query_texts: each query's text, in row order.
     """
 
     query_keys: list[str]
@@ -55,7 +53,6 @@ class ValidationSet:
     documents: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]
     relevant: list[np.ndarray]
     excluded: np.ndarray
-    query_texts: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_queries(self) -> int:
@@ -159,8 +156,7 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
         queries=_ragged_batches([queries.bags[q] for q in chosen], batch_size),
         documents=_ragged_batches(docs.bags, batch_size),
         relevant=[np.array(sorted(relevant[q]), np.int64) for q in chosen],
-        excluded=np.array(excluded, np.int64).reshape(-1, 2),
-        query_texts=[query_texts[q].decode("utf-8", "replace") for q in chosen])
+        excluded=np.array(excluded, np.int64).reshape(-1, 2))
 
 
 def _embed_batches(tower: tf.keras.Model, batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> tf.Tensor:
@@ -188,31 +184,6 @@ def evaluate_retrieval(model: DSSMModel, validation: ValidationSet, *, k: int = 
     """
     documents = _embed_batches(model.document_tower, validation.documents)
     queries = _embed_batches(model.query_tower, validation.queries)
-    return retrieval_metrics(queries, documents, validation, k=k, batch_size=batch_size)
-
-
-def validation_bags(batches: list[tuple[tf.RaggedTensor, tf.RaggedTensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The ``(ids, counts)`` numpy bags of a :class:`ValidationSet`'s ``queries`` or ``documents``, in row order."""
-    bags = []
-    for ids, counts in batches:
-        values, splits, weights = ids.values.numpy(), ids.row_splits.numpy(), counts.values.numpy()
-        bags += [(values[a:b], weights[a:b]) for a, b in zip(splits[:-1], splits[1:], strict=True)]
-    return bags
-
-
-def retrieval_metrics(queries: Any, documents: Any, validation: ValidationSet, *, k: int = _K,
-                      batch_size: int = 1024) -> dict[str, float]:
-    """:func:`evaluate_retrieval`'s figures from embeddings made by any encoder.
-
-    Args:
-        queries: ``[num_queries, dim]`` float32 unit rows, the validation queries in row order.
-        documents: ``[num_documents, dim]`` likewise.
-        validation: the set they embed.
-        k: the cut-off.
-        batch_size: queries scored per matrix product.
-    """
-    queries = tf.convert_to_tensor(queries, tf.float32)
-    documents = tf.convert_to_tensor(documents, tf.float32)
     k = min(k, validation.num_documents)
     top = np.empty((validation.num_queries, k), np.int64)
     excluded = validation.excluded
