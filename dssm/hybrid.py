@@ -341,15 +341,17 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
                     "curve": {f"{w:.2f}": round(m, 6) for w, m in sorted(means.items())}}
 
 
-# ``texts -> (embed_queries, embed_documents)``: towers fitted to ``texts`` (see label_free_weight's ``refit``).
+# ``texts -> (embed_queries, embed_documents)``: towers fitted to ``texts`` (label_free_weight's ``refit``).
+# A fit to the whole corpus has seen each pseudo-query span beside the rest of its document and finds
+# that document far better than a real query's: on a 5,000-document sample of debian-dev the weight
+# came out 1.0 and the default search scored 0.60 against BM25's 0.83 (0.825 with the refit).
 Refit = Callable[[list[str]], tuple[Callable[[list[str]], np.ndarray], Callable[[list[str]], np.ndarray]]]
 
 
 def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_queries: Callable[[list[str]], np.ndarray],
                       embed_documents: Callable[[list[str]], np.ndarray], bm25_config: Any = None,
                       queries: int = 500, max_docs: int = 50_000, candidates: int = 100, normalization: str = "minmax",
-                      alpha: float = 0.05, seed: int = 0,
-                      pairs: Sequence[tuple[str, str]] | None = None,
+                      alpha: float = 0.05, seed: int = 0, pairs: Sequence[tuple[str, str]] | None = None,
                       refit: Refit | None = None) -> tuple[HybridConfig, dict[str, Any]]:
     """Choose the hybrid weight of a corpus without any evaluated query (what ``dssm index`` stores).
 
@@ -377,12 +379,8 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
         alpha: significance level of :func:`choose_safe_weight`.
         seed: RNG seed (pseudo-queries, tuning sample, test).
         pairs: labelled tuning pairs; ``None`` cuts pseudo-queries.
-        refit: for towers fitted to the corpus rather than trained (``dssm lsa``): ``texts ->
-            (embed_queries, embed_documents)`` of the same fit made on ``texts``. It is given the tuning
-            corpus (spans removed), and every tuning document and query is encoded by it. A fit to
-            the whole corpus has seen each span beside the rest of its document. It then finds the
-            span's document far better than it finds a real query's: on a 5,000-document sample of
-            debian-dev the weight was 1.0 and the default search scored 0.60 against BM25's 0.83.
+        refit: towers fitted to the corpus (``dssm lsa``) are fitted again to the tuning corpus (spans
+            removed) by :data:`Refit`, which then encodes every tuning document and query.
 
     Returns:
         ``(HybridConfig, report)``; the report holds the curve, the p-value and the counts.
@@ -424,17 +422,24 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
         matrix = _unit(embed_documents(sub_texts))
         report["refit"] = True
     else:
-        matrix = np.array(embeddings[keep], dtype=np.float32)
-        if replaced:
-            rows = np.fromiter(replaced, dtype=np.int64)
-            matrix[np.searchsorted(keep, rows)] = _unit(embed_documents([replaced[int(r)] for r in rows]))
-        if extra:
-            matrix = np.concatenate([matrix, _unit(embed_documents(extra))])
+        matrix = _tuning_matrix(embeddings, keep, replaced, extra, embed_documents)
     curve = _fusion_curve(sub_texts, matrix, query_texts, local, _unit(embed_queries(query_texts)),
                           bm25_config=bm25_config, candidates=candidates, normalization=normalization)
     weight, chosen_weight = choose_safe_weight(curve, alpha=alpha, seed=seed)
     report.update(weight=weight, tuning_documents=len(sub_texts), metric="mrr@10", **chosen_weight)
     return HybridConfig(weight=weight, normalization=normalization, candidates=candidates), report
+
+
+def _tuning_matrix(embeddings: np.ndarray, keep: np.ndarray, replaced: dict[int, str], extra: list[str],
+                   embed_documents: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """``[len(keep) + len(extra), dim]``: the index's rows kept, re-encoded where a span was cut out, then ``extra``."""
+    matrix = np.array(embeddings[keep], dtype=np.float32)
+    if replaced:
+        rows = np.fromiter(replaced, dtype=np.int64)
+        matrix[np.searchsorted(keep, rows)] = _unit(embed_documents([replaced[int(r)] for r in rows]))
+    if extra:
+        matrix = np.concatenate([matrix, _unit(embed_documents(extra))])
+    return matrix
 
 
 def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targets: np.ndarray,
