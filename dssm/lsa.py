@@ -33,8 +33,9 @@ from scipy.sparse.linalg import svds
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
+from dssm.query_numpy import l2_normalize_rows
 
-__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fitted_encoder", "Refitter", "refitter_for", "refit_for",
+__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fit_texts", "fitted_encoder", "refit_for",
            "lsa_model_config", "main"]
 
 
@@ -129,46 +130,35 @@ def fit_lsa(counts: sp.csr_matrix, *, config: LsaConfig) -> LsaFit:
     return LsaFit(table=table, singular_values=values.astype(np.float32), documents=n, rank=rank, energy=energy)
 
 
+def fit_texts(texts: Sequence[str], *, config: LsaConfig, features: FeatureConfig) -> LsaFit:
+    """The fit of a corpus of ``texts`` (a seeded sample of ``config.max_documents`` if larger), hashed by
+    ``features``: what ``dssm lsa`` exports and what a refit makes of a tuning corpus."""
+    bags = TokenBagger(features).bags_numpy(_sample(list(texts), config))
+    return fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=config)
+
+
 def fitted_encoder(fit: LsaFit, features: FeatureConfig) -> Callable[[Sequence[str]], np.ndarray]:
-    """``texts -> [len, dim]`` unit rows: the fit's tower in numpy (what the exported model computes)."""
+    """``texts -> [len, dim]`` unit rows: the fit's tower in numpy (what the exported model computes).
+
+    A sparse product per batch, not :class:`dssm.query_numpy.QueryTower`'s gather of one table row per
+    token, which is sized for queries: a tuning corpus of long documents would gather gigabytes.
+    """
     bagger = TokenBagger(features)
 
     def encode(texts: Sequence[str]) -> np.ndarray:
         projected = bag_matrix(bagger.bags_numpy(list(texts)), num_buckets=features.num_buckets) @ fit.table
-        norms = np.linalg.norm(projected, axis=1, keepdims=True)
-        return (projected / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        return l2_normalize_rows(np.asarray(projected, dtype=np.float32))
 
     return encode
 
 
-@dataclass(frozen=True)
-class Refitter:
-    """A ``dssm lsa`` model's settings, to make the same fit again on other texts.
+def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
+    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
 
-    Attributes:
-        config: the fit's :class:`LsaConfig`.
-        features: its hashing.
-        corpus: what ``history.json["lsa"]`` records of the fit (the corpus's path and columns, the rank).
+    ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
+    documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or a
+    fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
     """
-
-    config: LsaConfig
-    features: FeatureConfig
-    corpus: dict[str, Any]
-
-    def fit(self, texts: Sequence[str]) -> LsaFit:
-        """The fit ``dssm lsa`` would make of a corpus of ``texts``."""
-        bags = TokenBagger(self.features).bags_numpy(_sample(list(texts), self.config))
-        return fit_lsa(bag_matrix(bags, num_buckets=self.features.num_buckets), config=self.config)
-
-    def refit(self, texts: list[str]) -> tuple[Any, Any]:
-        """:data:`dssm.hybrid.Refit`: ``(embed_queries, embed_documents)`` of the fit of ``texts``."""
-        encode = fitted_encoder(self.fit(texts), self.features)
-        return encode, encode
-
-
-def refitter_for(model_dir: str | Path) -> Refitter | None:
-    """The :class:`Refitter` of a ``dssm lsa`` model; ``None`` for any other model (trained towers, or a
-    fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``."""
     from dssm.config import config_from_dict
 
     model_dir = Path(model_dir)
@@ -176,18 +166,14 @@ def refitter_for(model_dir: str | Path) -> Refitter | None:
     if "lsa" not in history:
         return None
     config = json.loads((model_dir / "config.json").read_text())
-    return Refitter(config=config_from_dict(LsaConfig, config["train"]),
-                    features=config_from_dict(FeatureConfig, config["features"]), corpus=dict(history["lsa"]))
+    lsa_config = config_from_dict(LsaConfig, config["train"])
+    features = config_from_dict(FeatureConfig, config["features"])
 
+    def refit(texts: list[str]) -> tuple[Any, Any]:
+        encode = fitted_encoder(fit_texts(texts, config=lsa_config, features=features), features)
+        return encode, encode
 
-def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
-    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
-
-    ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
-    documents are unseen by the fit that ranks them. ``None`` for any other model.
-    """
-    refitter = refitter_for(model_dir)
-    return None if refitter is None else refitter.refit
+    return refit
 
 
 def lsa_model_config(dim: int) -> Any:
@@ -240,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         title_column=args.title_column or None, format=args.format)]
     if not texts:
         raise InputError(f"corpus {args.corpus} is empty")
-    sample = _sample(texts, config)
-    bags = TokenBagger(features).bags_numpy(sample)
-    fit = fit_lsa(bag_matrix(bags, num_buckets=features.num_buckets), config=config)
+    fit = fit_texts(texts, config=config, features=features)
     model = _lsa_model(fit, features)
     history = {"lsa": fit.summary() | {
         "corpus": str(Path(args.corpus).resolve()), "format": args.format, "id_column": args.id_column,
