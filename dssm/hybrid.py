@@ -348,8 +348,9 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
 Refit = Callable[[list[str]], tuple[Callable[[list[str]], np.ndarray], Callable[[list[str]], np.ndarray]]]
 
 
-def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_queries: Callable[[list[str]], np.ndarray],
-                      embed_documents: Callable[[list[str]], np.ndarray], bm25_config: Any = None,
+def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray | None,
+                      embed_queries: Callable[[list[str]], np.ndarray] | None,
+                      embed_documents: Callable[[list[str]], np.ndarray] | None, bm25_config: Any = None,
                       queries: int = 500, max_docs: int = 50_000, candidates: int = 100, normalization: str = "minmax",
                       alpha: float = 0.05, seed: int = 0, pairs: Sequence[tuple[str, str]] | None = None,
                       refit: Refit | None = None) -> tuple[HybridConfig, dict[str, Any]]:
@@ -368,9 +369,9 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
 
     Args:
         texts: [n] document texts in row order (title and body joined, as BM25 indexes them).
-        embeddings: [n, dim] the index's L2-normalised document embeddings, same rows.
-        embed_queries: texts -> [len, dim] query-tower embeddings.
-        embed_documents: texts -> [len, dim] document-tower embeddings.
+        embeddings: [n, dim] the index's L2-normalised document embeddings, same rows (``None`` with ``refit``).
+        embed_queries: texts -> [len, dim] query-tower embeddings (``None`` with ``refit``).
+        embed_documents: texts -> [len, dim] document-tower embeddings (``None`` with ``refit``).
         bm25_config: the index's :class:`dssm.bm25.BM25Config` (default settings when ``None``).
         queries: pseudo-queries to cut (or labelled pairs to use, at most).
         max_docs: largest tuning corpus (bounds the BM25 re-index on large corpora).
@@ -385,9 +386,7 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
     Returns:
         ``(HybridConfig, report)``; the report holds the curve, the p-value and the counts.
     """
-    n = len(texts)
-    if embeddings.shape[0] != n:
-        raise ConfigError(f"{n} texts but {embeddings.shape[0]} embeddings")
+    n = _checked_towers(texts, embeddings, embed_queries, embed_documents, refit=refit)
     rng = np.random.default_rng(seed + 1)
     if pairs is not None:
         chosen = [pairs[i] for i in sorted(rng.permutation(len(pairs))[:queries].tolist())]
@@ -428,6 +427,20 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray, embed_que
     weight, chosen_weight = choose_safe_weight(curve, alpha=alpha, seed=seed)
     report.update(weight=weight, tuning_documents=len(sub_texts), metric="mrr@10", **chosen_weight)
     return HybridConfig(weight=weight, normalization=normalization, candidates=candidates), report
+
+
+def _checked_towers(texts: Sequence[str], embeddings: np.ndarray | None, *encoders: Any, refit: Refit | None) -> int:
+    """``len(texts)``, once :func:`label_free_weight` has what it ranks with: a refit, or the index's rows and towers.
+
+    Raises:
+        ConfigError: neither, or rows that do not match ``texts``.
+    """
+    n = len(texts)
+    if refit is None and (embeddings is None or any(encoder is None for encoder in encoders)):
+        raise ConfigError("label_free_weight needs the index's embeddings and both towers, or a refit")
+    if embeddings is not None and embeddings.shape[0] != n:
+        raise ConfigError(f"{n} texts but {embeddings.shape[0]} embeddings")
+    return n
 
 
 def _tuning_matrix(embeddings: np.ndarray, keep: np.ndarray, replaced: dict[int, str], extra: list[str],

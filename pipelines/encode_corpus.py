@@ -193,12 +193,15 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         if rows.size > max_docs:
             rows = np.sort(np.random.default_rng(seed).choice(rows.size, max_docs, replace=False))
         texts = [document_text(d.title, d.text) for d in store.get(rows.tolist())]
-        encoder = load_encoder(stage / index_lib.MODEL_DIR)
+        # A fitted tower is fitted again to the tuning corpus, which encodes everything: neither the
+        # SavedModel nor the stored rows are read then.
+        refit = refit_for(stage / index_lib.MODEL_DIR)
+        encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
         tick = time.perf_counter()
-        hybrid, report = label_free_weight(texts=texts, embeddings=np.asarray(embeddings[rows]),
-                                           embed_queries=encoder.embed_queries,
-                                           embed_documents=encoder.embed_documents, queries=queries, seed=seed,
-                                           pairs=pairs, refit=refit_for(stage / index_lib.MODEL_DIR))
+        hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
+                                           embed_queries=encoder.embed_queries if encoder else None,
+                                           embed_documents=encoder.embed_documents if encoder else None,
+                                           queries=queries, seed=seed, pairs=pairs, refit=refit)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
             f"label-free, {report['pseudo_queries']} pseudo-queries"
