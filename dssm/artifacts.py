@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from dssm.errors import ChecksumError, IndexNotFoundError
 
 __all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
            "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic", "load_npy",
-           "manifest_extra"]
+           "manifest_extra", "copy_listed"]
 
 MANIFEST = "manifest.json"
 # The manifest kind of a re-ranker directory (dssm.rerank_export writes it; dssm.index attaches it).
@@ -174,3 +175,15 @@ def load_npy(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
     """``np.load(path, allow_pickle=False)`` (``mmap_mode`` as numpy's), one load at a time per process."""
     with _NPY_LOCK:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
+
+def copy_listed(source: str | Path, destination: str | Path, manifest: dict[str, Any]) -> None:
+    """Copy ``source``'s manifest and the top-level entries its ``manifest`` lists to ``destination`` (created).
+
+    Only an artifact's own files: a trained model directory also keeps ``checkpoints/`` and ``logs/``
+    (hundreds of MB, not in its manifest).
+    """
+    source = Path(source)
+    listed = {rel.split("/", 1)[0] for rel in manifest["files"]} | {MANIFEST}
+    shutil.copytree(source, destination, ignore=lambda d, names: [
+        n for n in names if Path(d) == source and n not in listed])

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dssm.artifacts import verify_manifest
+from dssm.artifacts import copy_listed, read_manifest
 from dssm.errors import InputError
 from dssm.export import read_model_configs
 from dssm.inputs import pair_files
@@ -68,10 +68,9 @@ def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max
                          "--validation-fraction > 0)")
     scored = []
     for order, model_dir in enumerate(model_dirs):
-        verify_manifest(model_dir, kind="model")
         features, model_config, _ = read_model_configs(model_dir)
         model = build_model(model_config, features, TrainConfig())
-        load_towers(model, model_dir, batch=None)
+        load_towers(model, model_dir, batch=None)  # verifies the directory's manifest before reading weights
         metrics = evaluate_retrieval(model, validation)
         scored.append({"model": str(model_dir), "recall_at_10": metrics["recall_at_10"],
                        "mrr_at_10": metrics["mrr_at_10"], "order": order})
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     best = Path(scored[0]["model"])
     staging = output.with_name(f".{output.name}.tmp-select")
     shutil.rmtree(staging, ignore_errors=True)
-    listed = {rel.split("/", 1)[0] for rel in verify_manifest(best, kind="model")["files"]} | {"manifest.json"}
-    # Only the model's own files: a trained model directory also holds checkpoints/ and logs/.
-    shutil.copytree(best, staging, ignore=lambda d, names: [n for n in names if Path(d) == best and n not in listed])
+    copy_listed(best, staging, read_manifest(best))  # verified by score_models
     (staging / "selection.json").write_text(json.dumps({"pairs": str(Path(args.pairs).resolve()),
                                                          "chosen": str(best.resolve()), "scores": scored}, indent=2))
     if output.exists():

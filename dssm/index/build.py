@@ -5,7 +5,6 @@ the manifest, and publishes."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dssm.artifacts import MANIFEST, verify_manifest, write_json_atomic, write_manifest
+from dssm.artifacts import copy_listed, verify_manifest, write_json_atomic, write_manifest
 from dssm.config import config_to_dict
 from dssm.data import document_text
 from dssm.errors import ConfigError, InputError
@@ -201,11 +200,7 @@ def _copy_model(model_dir: str | Path | None, stage: Path) -> dict[str, Any] | N
         return None
     model_dir = Path(model_dir)
     model_manifest = verify_manifest(model_dir, kind="model")
-    # Only the model's own files: `dssm train` keeps its checkpoints/ and logs/ (hundreds of MB,
-    # not in the manifest) in the model directory.
-    listed = {rel.split("/", 1)[0] for rel in model_manifest["files"]} | {MANIFEST}
-    shutil.copytree(model_dir, stage / MODEL_DIR, ignore=lambda d, names: [
-        n for n in names if Path(d) == model_dir and n not in listed])
+    copy_listed(model_dir, stage / MODEL_DIR, model_manifest)
     return {"source": str(model_dir.resolve()), "created": model_manifest.get("created"),
             "files": len(model_manifest.get("files", {}))}
 
