@@ -52,7 +52,6 @@ from dssm.config import add_config_arguments, config_from_args, config_to_dict
 from dssm.data import document_text, read_columns, table_format
 from dssm.errors import ConfigError, InputError
 from dssm.hybrid import HYBRID_FILE, label_free_weight
-from dssm.lsa import refit_for
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
 from pipelines.embedding_shards import write_batch
 from pipelines.inference import EncodeBatches
@@ -184,8 +183,9 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     from training) when given; its report goes to the manifest as ``hybrid_tuning``.
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        # deferred: TensorFlow, imported only when this runs
+        # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
         from dssm.export import load_encoder
+        from dssm.lsa import refit_for
 
         store = index_lib.DocStore(stage / index_lib.DOCS_DB)
         embeddings = np.load(stage / index_lib.EMBEDDINGS, mmap_mode="r")
