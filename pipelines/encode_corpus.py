@@ -204,7 +204,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
                                            queries=queries, seed=seed, pairs=pairs, refit=refit)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
-            f"label-free, {report['pseudo_queries']} pseudo-queries"
+            f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds"
         print(f"hybrid weight {hybrid.weight:.2f} on DSSM ({tuned_on}; "
               f"best {report.get('best', 0.0):.2f}, gain {report.get('gain', 0.0):+.4f} MRR@10, "
               f"p {report.get('p', 1.0):.3g})",

@@ -80,9 +80,17 @@ def test_a_useless_tower_gets_weight_zero(adi_texts):
     assert report["curve"]["0.00"] > report["curve"]["1.00"]  # BM25 alone finds the documents, noise does not
 
 
+def _owners(texts: list[str], rounds: int) -> dict[str, int]:
+    """Each pseudo-query and cut document of rounds 0..rounds-1 (seed 0) -> the row it came from."""
+    owner: dict[str, int] = {}
+    for r in range(rounds):
+        pseudo = crop_pseudo_queries(texts, count=500, seed=r)
+        owner |= {q.query: q.row for q in pseudo} | {q.rest: q.row for q in pseudo}
+    return owner
+
+
 def test_a_tower_that_finds_every_document_gets_weight_above_zero(adi_texts):
-    pseudo = crop_pseudo_queries(adi_texts, count=500, seed=0)
-    owner = {q.query: q.row for q in pseudo} | {q.rest: q.row for q in pseudo}
+    owner = _owners(adi_texts, 8)
     dim = len(adi_texts)
 
     def one_hot(texts: list[str]) -> np.ndarray:  # an oracle: each text points at its own document
@@ -93,6 +101,7 @@ def test_a_tower_that_finds_every_document_gets_weight_above_zero(adi_texts):
 
     config, report = label_free_weight(texts=adi_texts, embeddings=one_hot(adi_texts), embed_queries=one_hot,
                                        embed_documents=one_hot, seed=0)
+    assert report["rounds"] == 7  # 82 documents, 500 pseudo-queries wanted
     assert report["curve"]["1.00"] == pytest.approx(1.0)
     assert config.weight > 0.0 and report["p"] < 0.05
 
@@ -120,11 +129,35 @@ def test_a_refit_ranks_the_tuning_corpus_instead_of_the_towers_given(adi_texts):
         return noise, noise
 
     config, report = label_free_weight(texts=adi_texts, embeddings=one_hot(adi_texts), embed_queries=one_hot,
-                                       embed_documents=one_hot, seed=0, refit=refit)
-    assert report["refit"] is True and config.weight == 0.0
+                                       embed_documents=one_hot, seed=0, refit=refit, max_rounds=1)
+    assert report["refit"] is True and config.weight == 0.0 and report["rounds"] == 1
     # It was fitted once, on the tuning corpus: each pseudo-query's document without its span.
     rest = {q.row: q.rest for q in pseudo}
     assert seen == [[rest.get(row, text) for row, text in enumerate(adi_texts)]]
+
+
+def test_a_small_corpus_gets_a_round_of_fresh_spans_per_refit(adi_texts):
+    seen: list[list[str]] = []
+
+    def refit(texts: list[str]):
+        seen.append(list(texts))
+        return (lambda batch: np.ones((len(batch), 4), np.float32)), (lambda batch: np.ones((len(batch), 4), np.float32))
+
+    _, report = label_free_weight(texts=adi_texts, embeddings=None, embed_queries=None, embed_documents=None,
+                                  seed=0, refit=refit, max_rounds=3)
+    assert report["rounds"] == 3 and len(seen) == 3
+    for r, corpus in enumerate(seen):  # round r cuts the spans of seed r, every eligible document once
+        rest = {q.row: q.rest for q in crop_pseudo_queries(adi_texts, count=500, seed=r)}
+        assert len(rest) == report["pseudo_queries"]
+        assert corpus == [rest.get(row, text) for row, text in enumerate(adi_texts)]
+    assert len({tuple(corpus) for corpus in seen}) == 3
+    # Enough long documents for every query wanted: one round, as on a large corpus.
+    _, report = label_free_weight(texts=adi_texts, embeddings=None, embed_queries=None, embed_documents=None,
+                                  queries=40, seed=0, refit=refit)
+    assert report["rounds"] == 1 and report["pseudo_queries"] == 40
+    with pytest.raises(ConfigError, match="max_rounds"):
+        label_free_weight(texts=adi_texts, embeddings=None, embed_queries=None, embed_documents=None,
+                          refit=refit, max_rounds=0)
 
 
 def test_index_stores_the_label_free_weight_and_search_defaults_to_hybrid(tiny_model_dir, adi_dir, tmp_path):
