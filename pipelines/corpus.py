@@ -28,6 +28,8 @@ from pipelines.validate import REASONS, PairLimits, SplitSpec
 __all__ = [
     "CorpusSpec",
     "sentence_spans",
+    "span_pairs",
+    "SPAN_WORDS",
     "strip_title",
     "corpus_pairs",
     "corpus_document",
@@ -58,6 +60,7 @@ class CorpusSpec:
     pairs_per_document: int
     min_query_chars: int
     seed: int
+    span_queries: int = 0  # word spans cut out per document beside the sentence pairs (span_pairs)
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -137,6 +140,40 @@ def corpus_pairs(doc_id: str, title: str, text: str, *, pairs_per_document: int,
     return pairs
 
 
+# A span query is 4-12 words (at most half of the body), as label_free_weight's pseudo-queries.
+SPAN_WORDS = (4, 12)
+
+
+def span_pairs(doc_id: str, title: str, text: str, *, count: int, seed: int) -> list[tuple[str, str, str]]:
+    """``count`` ``(suffix, query, document)`` pairs whose query is a span of words cut out of the body.
+
+    Contriever's cropping, one side: the span (4-12 words, at most half of the body) is *removed*
+    from its document, so the pair teaches what a short query shares with the rest of its document,
+    not a copied phrase. Short queries are what users type and what sentence pairs are not. Each
+    span's length and place come from a hash of ``seed``, ``doc_id`` and its number, so every run
+    cuts the same ones; a repeated span is kept once.
+
+    Returns:
+        Up to ``count`` triples with suffix ``"w<k>"``; none when the body has fewer than 8 words.
+    """
+    title = title.strip()
+    words = (strip_title(title, text) if title else text).split()
+    shortest, longest = SPAN_WORDS
+    if len(words) < 2 * shortest:
+        return []
+    pairs, seen = [], set()
+    for k in range(count):
+        draw = int.from_bytes(_rank_key(seed, doc_id, -1 - k)[:8], "big")
+        length = shortest + draw % (min(longest, len(words) // 2) - shortest + 1)
+        start = (draw >> 16) % (len(words) - length + 1)
+        if (start, length) in seen:
+            continue
+        seen.add((start, length))
+        rest = " ".join(words[:start] + words[start + length:])
+        pairs.append((f"w{k}", " ".join(words[start:start + length]), f"{title} {rest}" if title else rest))
+    return pairs
+
+
 def corpus_document(raw: dict[str, Any], *, spec: CorpusSpec,
                     limits: PairLimits) -> tuple[str, str, str] | beam.pvalue.TaggedOutput:
     """A raw corpus record → ``(doc_id, title, text)``, or its dead letter (a ``rejected`` TaggedOutput).
@@ -200,6 +237,8 @@ class CorpusPairs(beam.DoFn):
         pairs = corpus_pairs(doc_id, title, text, pairs_per_document=spec.pairs_per_document,
                              min_query_chars=spec.min_query_chars, max_query_chars=self._limits.max_query_chars,
                              seed=spec.seed)
+        if spec.span_queries:
+            pairs += span_pairs(doc_id, title, text, count=spec.span_queries, seed=spec.seed)
         if not pairs:
             yield reject(raw, "no_pair", f"document {doc_id!r} ({len(text)} characters, title {title[:60]!r}) has no "
                           f"usable title and no sentence of {spec.min_query_chars}+ characters with text beside it")

@@ -155,6 +155,8 @@ class PairsConfig:
                                        "sentence -> rest); 3 beat 1 on cranfield (see the module docstring)")
     min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
+    span_queries: int = field(0, "format corpus: also cut this many spans of 4-12 words out of each document as "
+                                 "short queries (the span removed from the document), beside the sentence pairs")
     neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
                                "as pre-training on quora-dev, docs/losses.md)")
     skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
@@ -353,6 +355,8 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
     title_column = config.title_column if config.title_column in found else None
     if config.title_column and title_column is None and "title_column" in explicit:
         raise InputError(f"{path} ({format} format) lacks the title column {config.title_column!r}: it has {found}")
+    if config.span_queries < 0:
+        raise InputError(f"--span-queries must be >= 0, got {config.span_queries}")
     if config.pairs_per_document < 1 or config.min_query_chars < 1:
         raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1, got "
                          f"{config.pairs_per_document} and {config.min_query_chars}")
@@ -364,7 +368,7 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
                          f"and {config.skip_neighbours}")
     spec = CorpusSpec(id_column=id_column, text_column=config.text_column, title_column=title_column,
                       pairs_per_document=config.pairs_per_document, min_query_chars=config.min_query_chars,
-                      seed=config.seed)
+                      seed=config.seed, span_queries=config.span_queries)
     columns = PairColumns(config.text_column, config.text_column, None, id_column, id_column)
     resolved = replace(config, query_column="", document_column="", label_column="", query_id_column="",
                        document_id_column="", beir_qrels="", id_column=id_column, title_column=title_column or "")

@@ -21,7 +21,7 @@ from dssm.data import split_of
 from dssm.errors import InputError
 from dssm.features import FeatureConfig, Featurizer
 from pipelines.beir import JoinBeir
-from pipelines.corpus import CorpusPairs, CorpusSpec, corpus_pairs, sentence_spans, strip_title
+from pipelines.corpus import CorpusPairs, CorpusSpec, corpus_pairs, sentence_spans, span_pairs, strip_title
 from pipelines.featurize import FeaturizePairs, MakePairs
 from pipelines.make_pairs import run
 from pipelines.records import REJECTED, sum_counts
@@ -419,6 +419,30 @@ def test_corpus_pairs_title_first_then_hashed_sentences() -> None:
     assert corpus_pairs("d", "the whole text .", "the whole text .", pairs_per_document=1, **kwargs, seed=0) == []
 
 
+def test_span_pairs_cut_short_queries_out_of_the_body() -> None:
+    body = " ".join(f"w{i}" for i in range(30))
+    pairs = span_pairs("d1", "A Title", body, count=5, seed=0)
+    assert pairs and len(pairs) <= 5
+    words = body.split()
+    for suffix, query, document in pairs:
+        assert suffix.startswith("w") and 4 <= len(query.split()) <= 12
+        start = words.index(query.split()[0])
+        assert query == " ".join(words[start:start + len(query.split())])  # contiguous, in order
+        # the document is the title and the body without the span: no query word is left in it
+        assert document == "A Title " + " ".join(words[:start] + words[start + len(query.split()):])
+        assert not set(query.split()) & set(document.split())
+    assert len({(q, d) for _, q, d in pairs}) == len(pairs)  # a repeated span is kept once
+    assert span_pairs("d1", "A Title", body, count=5, seed=0) == pairs  # repeatable
+    assert span_pairs("d1", "A Title", body, count=5, seed=1) != pairs
+    # at most half of a short body; none from a body under 8 words; the title is not cut from
+    eight = "one two three four five six seven eight"
+    assert all(len(q.split()) == 4 for _, q, _ in span_pairs("d", "", eight, count=3, seed=0))
+    assert span_pairs("d", "a long title of many many words here", "too short body", count=3, seed=0) == []
+    # a body that opens with its title: spans come from the text after it
+    (only,) = span_pairs("d", "Title Words", "Title Words . " + eight, count=1, seed=0)
+    assert "Title" not in only[1] and only[2].startswith("Title Words ")
+
+
 def test_corpus_pairs_dofn_emits_pairs_and_dead_letters() -> None:
     spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=2,
                       min_query_chars=10, seed=0)
@@ -513,6 +537,12 @@ def test_corpus_end_to_end_on_adi(adi_dir: Path, tmp_path: Path) -> None:
 
     assert pairs_of("again") == {(e["query_id"], e["query_text"]) for e in examples}
     assert pairs_of("seeded", "--seed", "7") != pairs_of("again")
+    # --span-queries 2: two more pairs per document (82 documents of 8+ words), short spans cut out
+    spans = pairs_of("spans", "--span-queries", "2") - pairs_of("again")
+    assert len(spans) == 2 * 82 and all(q.split("#")[1] in ("w0", "w1") for q, _ in spans)
+    assert all(4 <= len(text.split()) <= 12 for _, text in spans)
+    with pytest.raises(InputError, match="--span-queries"):
+        pairs_of("bad", "--span-queries", "-1")
 
 
 def test_corpus_with_renamed_columns_title_prefix_and_dead_letters(tmp_path: Path) -> None:
