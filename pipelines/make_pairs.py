@@ -24,7 +24,8 @@ Input formats (``--format``; guessed from the input when omitted):
   ``i``), ``document_id`` the doc id. The split hashes the *document id* (not the query text), so all
   pairs of a document share a split. ``stats.json`` counts documents: ``read`` = ``paired_documents``
   + ``rejected``; ``written`` counts pairs. Default ``--pairs-per-document 3``: on cranfield (197
-  queries, one run each) it gave DSSM nDCG@10 0.271 vs 0.236 with 1 (BM25 0.380).
+  queries, one run each) it gave DSSM nDCG@10 0.271 vs 0.236 with 1 (BM25 0.380). Also
+  ``--span-queries`` spans per document, cut out of it (``<doc id>#w<k>``, :func:`pipelines.corpus.span_pairs`).
 * ``neighbours``: the same corpus inputs and columns as ``corpus``, no queries or labels; BM25 is the
   teacher. Every document (title + " " + text, as BM25 and the index see it) is a query paired with
   its BM25 top ``--neighbours`` (default 1) *other* documents, after passing over the best
@@ -61,9 +62,8 @@ query text and each positive pair of that query carries one of them as ``negativ
 makes B a negative for A's positives and A one for B's). The label-0 rows are still written as
 their own label-0 pairs, so ``read = written + rejected`` holds and the classifier/contrastive
 losses still see them; ``stats.json`` adds ``with_negative`` (positives carrying one). Off by
-default because it adds a grouping shuffle and attaches little when queries rarely repeat (in
-quora-dev only 19 of the 4,973 queries with a label-0 row also have a positive pair); turn it on
-for the full Quora train set, where questions recur. ``stats.json`` has ``label_0`` (pairs with label <= 0).
+default: a grouping shuffle that attaches little when queries rarely repeat (quora-dev: 19 of 4,973
+queries); for the full Quora train set, where questions recur. ``label_0`` counts label <= 0 pairs.
 
 Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFRecord shards,
 ``rejected-*.jsonl`` dead letters, ``stats.json``, ``features.json``, ``pairs_config.json`` and a
@@ -72,15 +72,13 @@ Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFReco
 
 Rejected rows: unparsable, missing a column, not UTF-8, empty, longer than ``--max-query-chars`` /
 ``--max-document-chars``, or with a label that is not a finite number (reason codes in
-:data:`pipelines.validate.REASONS`). The length limits exist to catch broken input (a CSV quote
-that swallows the rest of the file), not to trim: the featurizer already cuts every text to
-``--max-chars``. The defaults are 10,000 characters for a query (the longest in our datasets, a CISI
-query, has 2,024) and 1,000,000 for a document.
+:data:`pipelines.validate.REASONS`). The length limits catch broken input (a CSV quote that swallows
+the rest of the file), not trim: the featurizer already cuts every text to ``--max-chars``. Defaults:
+10,000 characters for a query (the longest in our datasets, a CISI query, has 2,024), 1,000,000 for a document.
 
-The job runs on Beam's DirectRunner unless Beam flags say otherwise (``--runner``,
-``--direct_num_workers``, ``--direct_running_mode``, ...); any flag this module does not know is
-passed to Beam. The output directory must be on the local file system (the JSON files and manifest
-are written directly).
+The job runs on Beam's DirectRunner unless Beam flags say otherwise (``--runner``, ...); any flag this
+module does not know is passed to Beam. The output directory must be local (JSON and manifest are
+written directly).
 """
 
 from __future__ import annotations
@@ -155,8 +153,8 @@ class PairsConfig:
                                        "sentence -> rest); 3 beat 1 on cranfield (see the module docstring)")
     min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
-    span_queries: int = field(0, "format corpus: also cut this many spans of 4-12 words out of each document as "
-                                 "short queries (the span removed from the document), beside the sentence pairs")
+    span_queries: int = field(2, "format corpus: spans of 4-12 words cut out of each document as short queries, "
+                                 "beside the sentence pairs (0/2/4: docs/quality.md)")
     neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
                                "as pre-training on quora-dev, docs/losses.md)")
     skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
@@ -355,11 +353,9 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
     title_column = config.title_column if config.title_column in found else None
     if config.title_column and title_column is None and "title_column" in explicit:
         raise InputError(f"{path} ({format} format) lacks the title column {config.title_column!r}: it has {found}")
-    if config.span_queries < 0:
-        raise InputError(f"--span-queries must be >= 0, got {config.span_queries}")
-    if config.pairs_per_document < 1 or config.min_query_chars < 1:
-        raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1, got "
-                         f"{config.pairs_per_document} and {config.min_query_chars}")
+    if config.pairs_per_document < 1 or config.min_query_chars < 1 or config.span_queries < 0:
+        raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1 and --span-queries >= 0, got "
+                         f"{config.pairs_per_document}, {config.min_query_chars} and {config.span_queries}")
     if config.negatives_as_third_input:
         raise InputError("--negatives-as-third-input needs labelled pairs (formats quora, pairs); "
                          "a corpus has no explicit negatives (mine some with `dssm mine`)")

@@ -141,7 +141,10 @@ def test_a_small_corpus_gets_a_round_of_fresh_spans_per_refit(adi_texts):
 
     def refit(texts: list[str]):
         seen.append(list(texts))
-        return (lambda batch: np.ones((len(batch), 4), np.float32)), (lambda batch: np.ones((len(batch), 4), np.float32))
+        def ones(batch: list[str]) -> np.ndarray:
+            return np.ones((len(batch), 4), np.float32)
+
+        return ones, ones
 
     _, report = label_free_weight(texts=adi_texts, embeddings=None, embed_queries=None, embed_documents=None,
                                   seed=0, refit=refit, max_rounds=3)

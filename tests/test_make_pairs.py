@@ -490,8 +490,10 @@ def test_corpus_end_to_end_on_adi(adi_dir: Path, tmp_path: Path) -> None:
     corpus = {d["_id"]: d for d in map(json.loads, (adi_dir / "corpus.jsonl").open())}
     out = tmp_path / "out"
     # No --format: a table with _id and text and no query/document columns is a corpus.
+    # --span-queries 0: the sentence pairs alone (span pairs are checked at the end)
     stats = run(["--input", str(adi_dir / "corpus.jsonl"), "--output", str(out), "--pairs-per-document", "3",
-                 "--validation-fraction", "0.3", *SMALL_FLAGS], test_pipeline=test_pipeline.TestPipeline())
+                 "--validation-fraction", "0.3", "--span-queries", "0", *SMALL_FLAGS],
+                test_pipeline=test_pipeline.TestPipeline())
     assert stats == _stats(out)
     assert (stats["read"], stats["paired_documents"], stats["rejected"]) == (82, 82, 0)
     shards = _shards(out)
@@ -532,12 +534,12 @@ def test_corpus_end_to_end_on_adi(adi_dir: Path, tmp_path: Path) -> None:
     # Repeatable: the same seed gives the same pairs; another seed picks other sentences.
     def pairs_of(name: str, *flags: str) -> set[tuple[str, str]]:
         run(["--input", str(adi_dir), "--format", "corpus", "--output", str(tmp_path / name),
-             "--pairs-per-document", "3", "--validation-fraction", "0.3", *flags, *SMALL_FLAGS])
+             "--pairs-per-document", "3", "--validation-fraction", "0.3", "--span-queries", "0", *flags, *SMALL_FLAGS])
         return {(e["query_id"], e["query_text"]) for rows in _shards(tmp_path / name).values() for e in rows}
 
     assert pairs_of("again") == {(e["query_id"], e["query_text"]) for e in examples}
     assert pairs_of("seeded", "--seed", "7") != pairs_of("again")
-    # --span-queries 2: two more pairs per document (82 documents of 8+ words), short spans cut out
+    # the default --span-queries 2: two more pairs per document (82 documents of 8+ words), short spans
     spans = pairs_of("spans", "--span-queries", "2") - pairs_of("again")
     assert len(spans) == 2 * 82 and all(q.split("#")[1] in ("w0", "w1") for q, _ in spans)
     assert all(4 <= len(text.split()) <= 12 for _, text in spans)
@@ -557,7 +559,7 @@ def test_corpus_with_renamed_columns_title_prefix_and_dead_letters(tmp_path: Pat
     out = tmp_path / "out"
     stats = run(["--input", str(path), "--format", "corpus", "--output", str(out), "--id-column", "doc_no",
                  "--title-column", "heading", "--text-column", "body", "--pairs-per-document", "1",
-                 "--validation-fraction", "0", *SMALL_FLAGS])
+                 "--span-queries", "0", "--validation-fraction", "0", *SMALL_FLAGS])
     assert (stats["read"], stats["paired_documents"], stats["written"]) == (4, 2, 2)
     assert stats["rejected_by_reason"] == {"empty_document_id": 1, "no_pair": 1}
     examples = {e["query_id"]: e for e in _shards_or_empty(out)["train"]}
