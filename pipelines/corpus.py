@@ -240,8 +240,10 @@ class CorpusPairs(beam.DoFn):
         if spec.span_queries:
             pairs += span_pairs(doc_id, title, text, count=spec.span_queries, seed=spec.seed)
         if not pairs:
+            spans = f", nor the {2 * SPAN_WORDS[0]}+ words a span query needs" if spec.span_queries else ""
             yield reject(raw, "no_pair", f"document {doc_id!r} ({len(text)} characters, title {title[:60]!r}) has no "
-                          f"usable title and no sentence of {spec.min_query_chars}+ characters with text beside it")
+                          f"usable title and no sentence of {spec.min_query_chars}+ characters with text beside it"
+                          f"{spans}")
             return
         split = split_of(doc_id, validation_fraction=self._split.validation_fraction, salt=self._split.salt)
         for suffix, query, document in pairs:

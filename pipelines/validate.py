@@ -37,8 +37,8 @@ REASONS = {
     "bad_query_record": "a line of the BEIR queries.jsonl could not be used",
     "bad_document_record": "a line of the BEIR corpus.jsonl could not be used",
     "empty_document_id": "a corpus record has no id (format corpus)",
-    "no_pair": "a corpus document has no usable title and no sentence of --min-query-chars with text left "
-               "beside it (format corpus)",
+    "no_pair": "a corpus document has no usable title, no sentence of --min-query-chars with text left "
+               "beside it and (with --span-queries) fewer than 8 words (format corpus)",
     "bad_labels": "the labels cell is not a list, a JSON array or a separator-joined string of labels (format tags)",
     "unknown_label": "a label is not in --label-file (format tags)",
     "no_label": "the text has no label, so no pair (format tags)",

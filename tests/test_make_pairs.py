@@ -443,6 +443,22 @@ def test_span_pairs_cut_short_queries_out_of_the_body() -> None:
     assert "Title" not in only[1] and only[2].startswith("Title Words ")
 
 
+def test_span_queries_pair_a_one_sentence_document_and_reject_a_short_one_by_name() -> None:
+    spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=2,
+                      min_query_chars=10, seed=0, span_queries=2)
+    raws = [_raw(1, _id="long", title="", text="one single sentence that runs on for ten whole words"),
+            _raw(2, _id="short", title="", text="one sentence, nothing else")]
+    with test_pipeline.TestPipeline() as p:
+        out = (p | beam.Create(raws)
+               | beam.ParDo(CorpusPairs(spec=spec, limits=PairLimits(max_query_chars=100, max_document_chars=1000),
+                                        split=SplitSpec(validation_fraction=0.0, salt=""))
+                            ).with_outputs(REJECTED, CorpusPairs.PAIRED, main="pairs"))
+        assert_that(out.pairs | "P" >> beam.Map(lambda x: x["query_id"]), equal_to(["long#w0", "long#w1"]),
+                    label="pairs")
+        assert_that(out[REJECTED] | "R" >> beam.Map(lambda x: (x["record"], x["reason"], "8+ words" in x["detail"])),
+                    equal_to([("in.tsv:2", "no_pair", True)]), label="rejected")
+
+
 def test_corpus_pairs_dofn_emits_pairs_and_dead_letters() -> None:
     spec = CorpusSpec(id_column="_id", text_column="text", title_column="title", pairs_per_document=2,
                       min_query_chars=10, seed=0)
