@@ -51,6 +51,8 @@ __all__ = [
     "rank_candidates",
     "WEIGHT_GRID",
     "PseudoQuery",
+    "QUERY_WORDS",
+    "cut_span",
     "crop_pseudo_queries",
     "reciprocal_ranks",
     "choose_safe_weight",
@@ -65,6 +67,8 @@ DEFAULT_WEIGHT = 0.5
 WEIGHT_GRID = tuple(round(i * 0.05, 2) for i in range(21))
 #: File in an index version holding the tuned :class:`HybridConfig` (written by ``dssm eval --save-weight``).
 HYBRID_FILE = "hybrid.json"
+#: (shortest, longest) words of a span cut out of a document as a short query (:func:`cut_span`).
+QUERY_WORDS = (4, 12)
 
 
 @dataclass(frozen=True)
@@ -263,8 +267,23 @@ class PseudoQuery:
     rest: str
 
 
+def cut_span(words: Sequence[str], draw: Callable[[int, int], int], *,
+             query_words: tuple[int, int] = QUERY_WORDS) -> tuple[str, str]:
+    """``(span, rest)``: a span of ``query_words`` words (at most half of ``words``) cut out of them.
+
+    ``draw(low, high)`` gives an integer in ``[low, high]``, called for the length, then for the
+    start. The caller makes sure ``len(words) >= 2 * query_words[0]``. The tuner's pseudo-queries
+    (:func:`crop_pseudo_queries`) and the pairs job's span queries (``dssm pairs --span-queries``)
+    are both cut by it.
+    """
+    shortest, longest = query_words
+    length = draw(shortest, min(longest, len(words) // 2))
+    start = draw(0, len(words) - length)
+    return " ".join(words[start:start + length]), " ".join([*words[:start], *words[start + length:]])
+
+
 def crop_pseudo_queries(texts: Sequence[str], *, count: int, seed: int = 0, min_words: int = 8,
-                        query_words: tuple[int, int] = (4, 12)) -> list[PseudoQuery]:
+                        query_words: tuple[int, int] = QUERY_WORDS) -> list[PseudoQuery]:
     """Pseudo-queries for tuning without labels: a contiguous span of words cut out of a document.
 
     The span is *removed* from its document (Contriever's independent cropping, one side kept), so
@@ -290,11 +309,9 @@ def crop_pseudo_queries(texts: Sequence[str], *, count: int, seed: int = 0, min_
     rows = sorted(rng.choice(eligible, size=min(count, len(eligible)), replace=False).tolist()) if eligible else []
     out = []
     for row in rows:
-        words = texts[row].split()
-        length = int(rng.integers(shortest, min(longest, len(words) // 2) + 1))
-        start = int(rng.integers(0, len(words) - length + 1))
-        out.append(PseudoQuery(row=row, query=" ".join(words[start:start + length]),
-                               rest=" ".join(words[:start] + words[start + length:])))
+        query, rest = cut_span(texts[row].split(), lambda low, high: int(rng.integers(low, high + 1)),
+                               query_words=query_words)
+        out.append(PseudoQuery(row=row, query=query, rest=rest))
     return out
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
+from dssm.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict, field
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
 from dssm.query_numpy import l2_normalize_rows
@@ -159,8 +159,6 @@ def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] |
     documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or a
     fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
     """
-    from dssm.config import config_from_dict
-
     model_dir = Path(model_dir)
     history = json.loads((model_dir / "history.json").read_text()) if (model_dir / "history.json").is_file() else {}
     if "lsa" not in history:

@@ -21,6 +21,7 @@ import apache_beam as beam
 import numpy as np
 
 from dssm.data import document_text, split_of
+from dssm.hybrid import QUERY_WORDS, cut_span
 from dssm.teacher import teacher_encoder, teacher_neighbours
 from pipelines.records import REJECTED, as_text, reject
 from pipelines.validate import REASONS, PairLimits, SplitSpec
@@ -29,7 +30,6 @@ __all__ = [
     "CorpusSpec",
     "sentence_spans",
     "span_pairs",
-    "SPAN_WORDS",
     "strip_title",
     "corpus_pairs",
     "corpus_document",
@@ -140,37 +140,31 @@ def corpus_pairs(doc_id: str, title: str, text: str, *, pairs_per_document: int,
     return pairs
 
 
-# A span query is 4-12 words (at most half of the body), as label_free_weight's pseudo-queries.
-SPAN_WORDS = (4, 12)
-
-
 def span_pairs(doc_id: str, title: str, text: str, *, count: int, seed: int) -> list[tuple[str, str, str]]:
     """``count`` ``(suffix, query, document)`` pairs whose query is a span of words cut out of the body.
 
-    Contriever's cropping, one side: the span (4-12 words, at most half of the body) is *removed*
-    from its document, so the pair teaches what a short query shares with the rest of its document,
-    not a copied phrase. Short queries are what users type and what sentence pairs are not. Each
-    span's length and place come from a hash of ``seed``, ``doc_id`` and its number, so every run
-    cuts the same ones; a repeated span is kept once.
+    Contriever's cropping, one side (:func:`dssm.hybrid.cut_span`, as the hybrid tuner's pseudo-queries):
+    the span (4-12 words, at most half of the body) is *removed* from its document, so the pair teaches
+    what a short query shares with the rest of its document, not a copied phrase. Short queries are
+    what users type and what sentence pairs are not. Each span's length and place come from a hash of
+    ``seed``, ``doc_id`` and its number, so every run cuts the same ones; a repeated span is kept once.
 
     Returns:
         Up to ``count`` triples with suffix ``"w<k>"``; none when the body has fewer than 8 words.
     """
     title = title.strip()
     words = (strip_title(title, text) if title else text).split()
-    shortest, longest = SPAN_WORDS
-    if len(words) < 2 * shortest:
+    if len(words) < 2 * QUERY_WORDS[0]:
         return []
     pairs, seen = [], set()
     for k in range(count):
-        draw = int.from_bytes(_rank_key(seed, doc_id, -1 - k)[:8], "big")
-        length = shortest + draw % (min(longest, len(words) // 2) - shortest + 1)
-        start = (draw >> 16) % (len(words) - length + 1)
-        if (start, length) in seen:
+        value = int.from_bytes(_rank_key(seed, doc_id, -1 - k)[:8], "big")
+        draws = iter((value, value >> 16))  # the length from the hash's low bits, the start from bits 16 up
+        query, rest = cut_span(words, lambda low, high, d=draws: low + next(d) % (high - low + 1))
+        if (query, rest) in seen:
             continue
-        seen.add((start, length))
-        rest = " ".join(words[:start] + words[start + length:])
-        pairs.append((f"w{k}", " ".join(words[start:start + length]), f"{title} {rest}" if title else rest))
+        seen.add((query, rest))
+        pairs.append((f"w{k}", query, f"{title} {rest}" if title else rest))
     return pairs
 
 
@@ -240,7 +234,7 @@ class CorpusPairs(beam.DoFn):
         if spec.span_queries:
             pairs += span_pairs(doc_id, title, text, count=spec.span_queries, seed=spec.seed)
         if not pairs:
-            spans = f", nor the {2 * SPAN_WORDS[0]}+ words a span query needs" if spec.span_queries else ""
+            spans = f", nor the {2 * QUERY_WORDS[0]}+ words a span query needs" if spec.span_queries else ""
             yield reject(raw, "no_pair", f"document {doc_id!r} ({len(text)} characters, title {title[:60]!r}) has no "
                           f"usable title and no sentence of {spec.min_query_chars}+ characters with text beside it"
                           f"{spans}")
