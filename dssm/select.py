@@ -6,6 +6,9 @@ win on small corpora and lose on large ones (docs/quality.md). Which one a corpu
 here, unattended and on training data only: every candidate searches the validation split of the
 pairs the trained towers were trained on (exact search, the trainer's own ``val_recall_at_10``,
 ties broken by ``val_mrr_at_10``, then by the order given), and the best is copied to ``--output``.
+With ``--corpus`` the queries are searched among that corpus's documents too (up to
+``--distractors``; :func:`dssm.validation.corpus_distractors`), a haystack like the one the chosen
+model will search.
 
 Each candidate is scored as it is, the LSA fit included. The fit was made on the whole corpus, as at
 index time, so it has seen each validation sentence beside the rest of its document, and the split
@@ -33,15 +36,15 @@ from typing import Any
 from dssm.artifacts import copy_listed, read_manifest
 from dssm.errors import InputError
 from dssm.export import read_model_configs
-from dssm.inputs import pair_files
+from dssm.inputs import pair_files, read_feature_config
 from dssm.train import TrainConfig, build_model, load_towers
-from dssm.validation import evaluate_retrieval, read_validation_set
+from dssm.validation import Distractor, corpus_distractors, evaluate_retrieval, read_validation_set
 
 __all__ = ["score_models", "main"]
 
 
 def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max_queries: int = 2000,
-                 seed: int = 0, min_label: float = 0.0) -> list[dict[str, Any]]:
+                 seed: int = 0, min_label: float = 0.0, distractors: Sequence[Distractor] = ()) -> list[dict[str, Any]]:
     """Recall@10 and MRR@10 of each model on ``pairs_dir``'s validation split, best first.
 
     Args:
@@ -50,6 +53,7 @@ def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max
         max_queries: validation queries searched (a seeded sample above it, as the trainer draws).
         seed: the sample's seed.
         min_label: pairs at or below it are not relevant.
+        distractors: more documents to search among (:func:`dssm.validation.corpus_distractors`).
 
     Returns:
         ``[{"model", "recall_at_10", "mrr_at_10", "order"}, ...]`` sorted best first.
@@ -62,7 +66,7 @@ def score_models(pairs_dir: str | Path, model_dirs: Sequence[str | Path], *, max
     if not model_dirs:
         raise InputError("dssm select needs at least one model directory")
     validation = read_validation_set(pair_files(pairs_dir, "validation"), min_label=min_label,
-                                     max_queries=max_queries, seed=seed)
+                                     max_queries=max_queries, seed=seed, distractors=distractors)
     if validation is None:
         raise InputError(f"pairs {pairs_dir} have no validation split to select on (make them with "
                          "--validation-fraction > 0)")
@@ -87,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-queries", type=int, default=2000, help="validation queries searched "
                         "(default 2000, as `dssm train`)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation sample (default 0)")
+    parser.add_argument("--corpus", default="", help="also search among this corpus file's documents (the corpus to "
+                        "index: BEIR corpus.jsonl or a table)")
+    parser.add_argument("--distractors", type=int, default=50_000, help="at most this many --corpus documents, a "
+                        "seeded sample (default 50000)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
     return parser
 
@@ -99,12 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
     if any(output.resolve() == Path(m).resolve() for m in args.models):
         raise InputError(f"--output {output} is one of the candidate models")
-    scored = score_models(args.pairs, args.models, max_queries=args.validation_queries, seed=args.seed)
+    if args.distractors < 1:
+        raise InputError(f"--distractors must be >= 1, got {args.distractors}")
+    distractors = corpus_distractors(args.corpus, features=read_feature_config(args.pairs), limit=args.distractors,
+                                     seed=args.seed)
+    scored = score_models(args.pairs, args.models, max_queries=args.validation_queries, seed=args.seed,
+                          distractors=distractors)
     best = Path(scored[0]["model"])
     staging = output.with_name(f".{output.name}.tmp-select")
     shutil.rmtree(staging, ignore_errors=True)
     copy_listed(best, staging, read_manifest(best))  # verified by score_models
-    (staging / "selection.json").write_text(json.dumps({"pairs": str(Path(args.pairs).resolve()),
+    corpus = str(Path(args.corpus).resolve()) if args.corpus else ""
+    (staging / "selection.json").write_text(json.dumps({"pairs": str(Path(args.pairs).resolve()), "corpus": corpus,
+                                                         "distractors": len(distractors),
                                                          "chosen": str(best.resolve()), "scores": scored}, indent=2))
     if output.exists():
         shutil.rmtree(output)

@@ -13,11 +13,9 @@ Each epoch ends with an exact-search validation (:mod:`dssm.validation`): up to
 ``validation_queries`` validation queries are scored against every document of the validation split
 with the current towers, logged as ``val_recall_at_10`` / ``val_mrr_at_10``. Training stops early when
 ``val_recall_at_10`` has not improved for ``early_stopping_patience`` epochs, and the model returned
-(and exported) is the best epoch's. With a checkpoint directory (:mod:`dssm.checkpoints`), the model,
-optimizer, epoch counter and run state are saved after every epoch (``last/``) and at every new best
-(``best/``), and ``resume=True`` continues an interrupted run from ``last/``: epoch ``e`` shuffles its
-pairs with a seed derived from ``(seed, e)``, so a resumed run sees the same batches as an
-uninterrupted one.
+(and exported) is the best epoch's. With a checkpoint directory (:mod:`dssm.checkpoints`; ``last/``
+after every epoch, ``best/`` at every new best), ``resume=True`` continues an interrupted run with
+the same batches (epoch ``e`` shuffles with a seed derived from ``(seed, e)``).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from dssm import validation
 from dssm.artifacts import verify_manifest, write_json_atomic
 from dssm.checkpoints import RUN_CONFIG, Checkpoints, build_for_restore, check_resumable, pairs_digest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
@@ -78,6 +77,9 @@ class TrainConfig:
                              "validation-* shards")
     validation_queries: int = field(2000, "validation queries searched each epoch (a seeded sample; exact search "
                                     "against all validation documents); 0 = no retrieval validation")
+    validation_corpus: str = field("", "also search the validation queries among this corpus file's documents (the "
+                                   "corpus to index: BEIR corpus.jsonl or a table), a haystack like the real one")
+    validation_distractors: int = field(50_000, "at most this many --validation-corpus documents (a seeded sample)")
     early_stopping_patience: int = field(3, "stop after this many epochs without a better val_recall_at_10 "
                                          "(0 = train all epochs)")
     keep_best: bool = field(True, "return/export the weights of the epoch with the best val_recall_at_10, not the "
@@ -109,9 +111,10 @@ class TrainConfig:
         if self.shuffle_buffer < 1 or self.steps_per_execution < 1:
             raise ConfigError("shuffle_buffer and steps_per_execution must be >= 1, got "
                               f"{self.shuffle_buffer} and {self.steps_per_execution}")
-        if self.validation_queries < 0 or self.early_stopping_patience < 0:
-            raise ConfigError("validation_queries and early_stopping_patience must be >= 0, got "
-                              f"{self.validation_queries} and {self.early_stopping_patience}")
+        if min(self.validation_queries, self.early_stopping_patience, self.validation_distractors) < 0:
+            raise ConfigError(f"validation_queries, early_stopping_patience, validation_distractors must be >= 0, "
+                              f"got {self.validation_queries}, {self.early_stopping_patience}, "
+                              f"{self.validation_distractors}")
 
 
 def select_strategy() -> tf.distribute.Strategy:
@@ -148,19 +151,15 @@ def build_model(model_config: ModelConfig, feature_config: FeatureConfig, train_
 
 
 class _Throughput(tf.keras.callbacks.Callback):
-    """``pairs_per_sec`` in the logs: running during the epoch (the progress bar), final at its end.
-
-    During the epoch it is the pairs trained so far over the seconds since the epoch began; at the
-    end, the epoch's pairs over the seconds from its start to its last train batch (validation excluded).
-    """
+    """``pairs_per_sec`` in the logs: the pairs trained so far over the seconds since the epoch began
+    (the progress bar), and at its end the epoch's pairs over the seconds to its last train batch."""
 
     def __init__(self, pairs_per_epoch: int, batch_size: int) -> None:
         super().__init__()
         self._supports_tf_logs = True  # it only writes a float: no reason to copy the logs to numpy per batch
         self.pairs_per_epoch = pairs_per_epoch
         self.batch_size = batch_size
-        self._start = 0.0
-        self._last = 0.0
+        self._start = self._last = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._start = self._last = time.perf_counter()
@@ -466,20 +465,19 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
     """Train a model on the pair shards in ``pairs_dir``.
 
     After each epoch the validation split gives ``val_loss`` and, by exact search of up to
-    ``train_config.validation_queries`` queries among its documents, ``val_recall_at_10`` and
-    ``val_mrr_at_10``. Training stops after ``early_stopping_patience`` epochs without a better
-    ``val_recall_at_10``; with ``keep_best`` the returned model has the best epoch's weights.
+    ``train_config.validation_queries`` queries among its documents (and ``validation_corpus``'s),
+    ``val_recall_at_10`` and ``val_mrr_at_10``. Training stops after ``early_stopping_patience``
+    epochs without a better ``val_recall_at_10``; ``keep_best`` returns the best epoch's weights.
 
     Args:
         pairs_dir: a ``dssm pairs`` output directory.
         model_config: tower shape and loss settings.
         train_config: optimisation settings.
         feature_config: override for ``pairs_dir/features.json`` (must match the shards' hashing).
-        checkpoint_dir: save ``last/`` (every epoch) and ``best/`` checkpoints and ``run.json`` here;
-            None = no checkpoints.
+        checkpoint_dir: save ``last/``, ``best/`` and ``run.json`` here; None = no checkpoints.
         tensorboard_dir: write TensorBoard scalars (per epoch) here; None = none.
-        resume: continue the run checkpointed in ``checkpoint_dir`` from its last checkpoint (same
-            configuration; only ``epochs``, ``verbose`` and ``early_stopping_patience`` may change).
+        resume: continue the run checkpointed in ``checkpoint_dir`` (same configuration but ``epochs``,
+            ``verbose`` and ``early_stopping_patience``).
         loss_config: the losses' hyperparameters (``model_config.loss`` picks the loss); defaults if None.
 
     Returns:
@@ -510,8 +508,10 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         load_towers(model, train_config.init_from, batch=_small_batch(sources, data))
     if loss_config.logq_correction:
         model.set_sampling_probabilities(read_document_ids(sources.train_files, min_label=data.config.min_label))
-    retrieval = read_validation_set(sources.validation_files, min_label=train_config.min_label,
-                                    max_queries=train_config.validation_queries, seed=train_config.seed)
+    distractors = validation.corpus_distractors(train_config.validation_corpus, features=sources.feature_config,
+                                                limit=train_config.validation_distractors, seed=train_config.seed)
+    retrieval = read_validation_set(sources.validation_files, min_label=train_config.min_label, seed=train_config.seed,
+                                    max_queries=train_config.validation_queries, distractors=distractors)
     first_epoch, state = _resume_or_start(model, sources, data, resume=resume, strategy=strategy)
     tracker, callbacks = _callbacks(model, retrieval, state, sources, data, train_config=train_config,
                                     tensorboard_dir=tensorboard_dir, session_start=session_start)

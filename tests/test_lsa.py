@@ -175,6 +175,36 @@ def test_select_copies_the_model_that_retrieves_the_validation_split_best(tmp_pa
         select_main(["--pairs", str(pairs), "--models", str(fit), "--output", str(tmp_path / "chosen")])
 
 
+def test_train_and_select_search_among_the_corpus_too(tmp_path, adi_pairs_and_fit, adi_dir):
+    from dssm.inputs import read_feature_config
+    from dssm.select import main as select_main
+    from dssm.select import score_models
+    from dssm.train import main as train_main
+    from dssm.validation import corpus_distractors
+
+    pairs, fit = adi_pairs_and_fit
+    corpus = adi_dir / "corpus.jsonl"
+    distractors = corpus_distractors(corpus, features=read_feature_config(pairs), limit=1000, seed=0)
+    assert len(distractors) == 82
+    alone, among = score_models(pairs, [fit]), score_models(pairs, [fit], distractors=distractors)
+    # A bigger haystack can only push relevant documents down (the split's documents are adi's own, by id).
+    assert among[0]["recall_at_10"] <= alone[0]["recall_at_10"] and among[0]["mrr_at_10"] < alone[0]["mrr_at_10"]
+    assert train_main(["--pairs", str(pairs), "--output", str(tmp_path / "m"), "--init-from", str(fit), "--epochs",
+                       "1", "--batch-size", "16", "--learning-rate", "1e-12", "--verbose", "0",
+                       "--validation-corpus", str(corpus)]) == 0
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    config = json.loads((tmp_path / "m" / "config.json").read_text())["train"]
+    assert config["validation_corpus"] == str(corpus) and history["validation_documents"] == 82
+    assert history["start_value"] == pytest.approx(among[0]["recall_at_10"], abs=1e-6)  # the same measurement
+    assert select_main(["--pairs", str(pairs), "--models", str(fit), "--output", str(tmp_path / "chosen"),
+                        "--corpus", str(corpus), "--distractors", "50"]) == 0
+    selection = json.loads((tmp_path / "chosen" / "selection.json").read_text())
+    assert selection["corpus"] == str(corpus.resolve()) and selection["distractors"] == 50
+    with pytest.raises(InputError, match="--distractors"):
+        select_main(["--pairs", str(pairs), "--models", str(fit), "--output", str(tmp_path / "c2"), "--corpus",
+                     str(corpus), "--distractors", "0"])
+
+
 def test_index_of_a_fit_tunes_the_hybrid_weight_on_a_refit(adi_lsa, adi_dir, tmp_path):
     from pipelines.encode_corpus import main as index_main
     from serving.searcher import Searcher

@@ -327,6 +327,49 @@ def test_validation_set_groups_queries_dedups_documents_and_leaves_out_the_query
     assert sample is not None and sample.num_queries == 1 and sample.query_keys[0] in {"qa", "qb"}
 
 
+def test_distractors_join_the_haystack_unless_they_copy_a_split_document(tmp_path: Path) -> None:
+    from dssm.hashing import TokenBagger
+
+    rows = [("how to cook rice", "rice cooking steps", 1.0), ("best car to buy", "a guide for car buyers", 1.0)]
+    shards = write_pair_shards(tmp_path / "pairs", rows, validation_every=1, query_ids=["qa", "qb"])
+    texts = ["rice cooking steps", "other text", "how to cook rice", "cheap cars", "cheap cars again"]
+    ids = ["d1", "rice cooking steps", "d2", "d3", "d3"]  # write_pair_shards' document_id is the text's head
+    distractors = list(zip(ids, texts, TokenBagger(FEATURES).bags_numpy(texts), strict=True))
+    validation = read_validation_set(pair_files(shards, "validation"), min_label=0.0, max_queries=10, seed=0,
+                                     distractors=distractors)
+    assert validation is not None
+    # d1 copies a split document's text and the next one its id: both left out; d3's second copy too.
+    assert validation.document_keys[2:] == ["d2", "d3"] and validation.num_documents == 4
+    doc = {key: row for row, key in enumerate(validation.document_keys)}
+    assert [r.tolist() for r in validation.relevant] == [[doc["rice cooking steps"]], [doc["a guide for car buyers"]]]
+    # d2 is qa's own text: out of qa's ranking, as a split document would be.
+    assert validation.excluded.tolist() == [[0, doc["d2"]]]
+    model = build_model(SMALL, FEATURES, TrainConfig())
+    plain = read_validation_set(pair_files(shards, "validation"), min_label=0.0, max_queries=10, seed=0)
+    assert plain is not None and plain.num_documents == 2
+    assert evaluate_retrieval(model, plain)["recall_at_10"] == 1.0  # two documents: each query finds its own
+
+
+def test_corpus_distractors_read_any_corpus_file_and_sample_it(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"c{i}", "title": "T" if i == 0 else "", "text": f"text {i}"}) + "\n"
+                              for i in range(6)))
+    every = validation_module.corpus_distractors(corpus, features=FEATURES, limit=10, seed=0)
+    assert [(doc_id, text) for doc_id, text, _ in every] == [("c0", "T text 0")] + [(f"c{i}", f"text {i}")
+                                                                                  for i in range(1, 6)]
+    ids, counts = every[1][2]
+    assert [ids.tolist(), counts.tolist()] == [b.tolist() for b in Featurizer(FEATURES).bags_numpy(["text 1"])[0]]
+    sample = validation_module.corpus_distractors(corpus, features=FEATURES, limit=3, seed=1)
+    again = validation_module.corpus_distractors(corpus, features=FEATURES, limit=3, seed=1)
+    assert len(sample) == 3 and [d[0] for d in sample] == [d[0] for d in again]
+    assert [d[0] for d in sample] == sorted(d[0] for d in sample)  # corpus order kept
+    assert validation_module.corpus_distractors("", features=FEATURES, limit=3, seed=0) == []
+    with pytest.raises(InputError, match="nope"):
+        validation_module.corpus_distractors(tmp_path / "nope.jsonl", features=FEATURES, limit=3, seed=0)
+    with pytest.raises(ConfigError, match="validation_distractors"):
+        TrainConfig(validation_distractors=-1)
+
+
 def test_retrieval_metrics_equal_a_brute_force_search(quora_dir: Path, tmp_path: Path) -> None:
     pairs = quora_pairs(quora_dir, 300)
     shards = write_pair_shards(tmp_path / "pairs", pairs, validation_every=1)
