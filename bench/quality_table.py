@@ -49,6 +49,12 @@ SETS = ("quora-dev", "debian-dev", "cranfield", "cisi", "adi")
 # has no sentence -> rest pairs to cut, so its documents are paired with their BM25 neighbours.
 PRETRAIN_ON_NEIGHBOURS = ("quora-dev",)
 HYBRID_ON_PAIRS = ("debian-dev",)
+# Where the labelled pairs' validation split is not the evaluated queries, the fine-tuning runs a second
+# round on one negative per pair mined by the first round's index (`dssm mine --skip-top 3`, the
+# contrastive loss), and `dssm select --corpus` keeps whichever round retrieves that split better among
+# the corpus's documents (docs/quality.md, "Mined negatives").
+SECOND_ROUND = HYBRID_ON_PAIRS
+MINE = ["--skip-top", "3"]
 FINE_TUNE = ["--epochs", "10", "--early-stopping-patience", "0", "--no-keep-best"]
 # Sets whose pairs carry non-duplicates (label 0): each seed also fine-tunes the duplicates recipe of
 # docs/losses.md (softmax + CoSENT, weight chosen on an inner split of the training pairs), scored by
@@ -98,12 +104,24 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
         if "--holdout" in holdout_flags:
             eval_flags += ["--holdout", str(pairs)]
 
-        def fine_tune(out: Path, extra: list[str]) -> tuple[Path, list[str]]:
-            return (out, ["train", "--pairs", str(pairs), "--output", str(out), "--verbose", "2", "--seed", str(seed),
+        def fine_tune(out: Path, extra: list[str], source: Path = pairs) -> tuple[Path, list[str]]:
+            return (out, ["train", "--pairs", str(source), "--output", str(out), "--verbose", "2", "--seed", str(seed),
                           "--init-from", str(pretrained), *FINE_TUNE, *extra, *tower, "--overwrite"])
 
-        steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM]),
-                  fine_tune(model, [])]
+        steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM])]
+        if name in SECOND_ROUND:
+            first_round, mined, second_round = run / "model-round1", run / "mined", run / "model-round2"
+            steps += [fine_tune(first_round, []),
+                      (run / "index-round1", ["index", "--model", str(first_round), "--corpus",
+                                              str(data / "corpus.jsonl"), "--output", str(run / "index-round1"),
+                                              *BEAM]),
+                      (mined, ["mine", "--index", str(run / "index-round1"), "--pairs", str(pairs), "--output",
+                               str(mined), *MINE, *BEAM]),
+                      fine_tune(second_round, ["--loss", "contrastive"], mined),
+                      (model, ["select", "--pairs", str(pairs), "--corpus", str(data / "corpus.jsonl"), "--models",
+                               str(first_round), str(second_round), "--output", str(model), "--overwrite"])]
+        else:
+            steps.append(fine_tune(model, []))
     else:  # the towers fitted without training compete: the trained ones must beat them on the split
         lsa, model = shared / "lsa", run / "model"
         steps += [(lsa, ["lsa", "--corpus", str(data / "corpus.jsonl"), "--output", str(lsa), "--pairs", str(first),
@@ -301,9 +319,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{latency.get('dense_p50_ms', 'n/a')} | {mini.get('encode_docs_per_second', 'n/a')} |")
     chosen = [(r["set"], [s["selected"] for s in r["seeds"] if "selected" in s]) for r in results]
     if any(picks for _, picks in chosen):
-        costs += ["", "Towers `dssm select` chose per seed (val R@10 on the corpus pairs' split, LSA fit / trained): "
-                  + "; ".join(f"{name}: " + ", ".join(f"{p['chosen']} ({p['scores'].get('lsa', 0):.3f} / "
-                                                      f"{p['scores'].get('pretrained', 0):.3f})" for p in picks)
+        # label-free sets choose between the fit and the trained towers on the corpus pairs' split;
+        # SECOND_ROUND sets between the two fine-tuning rounds on the labelled pairs' split among the corpus
+        costs += ["", "Towers `dssm select` chose per seed (val R@10 of each candidate on the split it decides on): "
+                  + "; ".join(f"{name}: " + ", ".join(f"{p['chosen']} (" + ", ".join(
+                      f"{model} {value:.3f}" for model, value in sorted(p["scores"].items())) + ")" for p in picks)
                               for name, picks in chosen if picks) + "."]
     for result in results:
         dup = result.get("duplicates")
