@@ -110,13 +110,13 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
 
         steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM])]
         if name in SECOND_ROUND:
-            first_round, mined, second_round = run / "model-round1", run / "mined", run / "model-round2"
+            first_round, second_round = run / "model-round1", run / "model-round2"
+            index_round1, mined = run / "index-round1", run / "mined"
             steps += [fine_tune(first_round, []),
-                      (run / "index-round1", ["index", "--model", str(first_round), "--corpus",
-                                              str(data / "corpus.jsonl"), "--output", str(run / "index-round1"),
-                                              *BEAM]),
-                      (mined, ["mine", "--index", str(run / "index-round1"), "--pairs", str(pairs), "--output",
-                               str(mined), *MINE, *BEAM]),
+                      (index_round1, ["index", "--model", str(first_round), "--corpus", str(data / "corpus.jsonl"),
+                                      "--output", str(index_round1), *BEAM]),
+                      (mined, ["mine", "--index", str(index_round1), "--pairs", str(pairs), "--output", str(mined),
+                               *MINE, *BEAM]),
                       fine_tune(second_round, ["--loss", "contrastive"], mined),
                       (model, ["select", "--pairs", str(pairs), "--corpus", str(data / "corpus.jsonl"), "--models",
                                str(first_round), str(second_round), "--output", str(model), "--overwrite"])]

@@ -112,9 +112,8 @@ class TrainConfig:
             raise ConfigError("shuffle_buffer and steps_per_execution must be >= 1, got "
                               f"{self.shuffle_buffer} and {self.steps_per_execution}")
         if min(self.validation_queries, self.early_stopping_patience, self.validation_distractors) < 0:
-            raise ConfigError(f"validation_queries, early_stopping_patience, validation_distractors must be >= 0, "
-                              f"got {self.validation_queries}, {self.early_stopping_patience}, "
-                              f"{self.validation_distractors}")
+            raise ConfigError("validation_queries, early_stopping_patience, validation_distractors must be >= 0, got "
+                              f"{self.validation_queries}/{self.early_stopping_patience}/{self.validation_distractors}")
 
 
 def select_strategy() -> tf.distribute.Strategy:
@@ -508,8 +507,9 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         load_towers(model, train_config.init_from, batch=_small_batch(sources, data))
     if loss_config.logq_correction:
         model.set_sampling_probabilities(read_document_ids(sources.train_files, min_label=data.config.min_label))
+    wanted = train_config.validation_distractors if sources.validation_files and train_config.validation_queries else 0
     distractors = validation.corpus_distractors(train_config.validation_corpus, features=sources.feature_config,
-                                                limit=train_config.validation_distractors, seed=train_config.seed)
+                                                limit=wanted, seed=train_config.seed)
     retrieval = read_validation_set(sources.validation_files, min_label=train_config.min_label, seed=train_config.seed,
                                     max_queries=train_config.validation_queries, distractors=distractors)
     first_epoch, state = _resume_or_start(model, sources, data, resume=resume, strategy=strategy)

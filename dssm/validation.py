@@ -113,7 +113,8 @@ class _Rows:
 def corpus_distractors(path: str | Path, *, features: FeatureConfig, limit: int, seed: int) -> list[Distractor]:
     """The documents of a corpus file (BEIR ``corpus.jsonl`` or any table :func:`dssm.data.iter_corpus`
     reads) as validation distractors, hashed by ``features``; a seeded sample of ``limit`` if larger;
-    none for ``path`` ``""``.
+    none, and nothing read, for ``path`` ``""`` or ``limit`` 0 (the trainer passes 0 when it has no
+    validation split to search).
 
     Raises:
         InputError: the corpus is missing or a record is bad (named by :func:`dssm.data.iter_corpus`).
@@ -188,9 +189,10 @@ def read_validation_set(files: Sequence[str], *, min_label: float, max_queries: 
         chosen = sorted(np.random.default_rng(seed).choice(chosen, size=max_queries, replace=False).tolist())
     for doc_id, text, bag in distractors:
         key, raw = doc_id.encode("utf-8"), text.encode("utf-8")
-        if key not in docs.row and raw not in doc_text_rows:
-            row, _ = docs.add(key, lambda bag=bag: bag)
-            doc_text_rows[raw] = [row]
+        if raw not in doc_text_rows:
+            row, new = docs.add(key, lambda bag=bag: bag)  # an id already taken adds nothing
+            if new:
+                doc_text_rows[raw] = [row]
     excluded = [(new, row) for new, q in enumerate(chosen) for row in doc_text_rows.get(query_texts[q], [])
                 if row not in relevant[q]]
     return ValidationSet(
