@@ -12,13 +12,14 @@ are split by :func:`dssm.hashing.unicode_words` (the graph's NFKC_Casefold in Py
 it on every code point), and the rare text it declines by the graph's own ops
 (:func:`dssm.rerank.split_words`, one eager call for all of them); everything after the split is numpy.
 
-Document-side work is laid out per word *position* of the candidates, grouped by document: each
-position's cosines go through the kernels in one ``[K, positions, q]`` array that is summed per
-document along its axis, and the few MB of work arrays a query needs are kept per thread and
-reused (:class:`_Scratch`): fresh ones cost more in page faults than the arithmetic. For
-``conv-knrm`` a cached word's n-gram-layer output and its halves of a bigram's pre-activation are
-kept once computed (``[words, 3 dim]`` float32, at most 3× the vocabulary cache), so candidates'
-words cost a lookup instead of three ``[dim, dim]`` products.
+Document-side work goes through the RBF kernels once per distinct word (unigrams) or once per
+position (bigrams, rarely repeated), as one ``[K, rows, q]`` array whose soft kernels are a chain of
+products (two exponentials per cosine instead of one per kernel, :class:`KernelChain`); the rows are
+then summed per document by a sparse ``[documents, rows]`` count matrix. The few MB of work arrays
+a query needs are kept per thread and reused (:class:`_Scratch`): fresh ones cost more in page faults
+than the arithmetic. For ``conv-knrm`` a cached word's n-gram-layer output and its halves of a
+bigram's pre-activation are kept once computed (``[3, words, dim]`` float32, at most 3× the
+vocabulary cache), so candidates' words cost a lookup instead of three ``[dim, dim]`` products.
 
 Words in the exported vocabulary cache (``Reranker.cache_vocabulary``: the indexed corpus's words)
 take their vector from it; other words are computed from the tower table as the graph computes them.
@@ -27,6 +28,7 @@ Scores equal the SavedModel's ``score`` signature to float32 rounding (``tests/t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -36,6 +38,7 @@ from typing import Any
 
 import farmhash
 import numpy as np
+import scipy.sparse as sp
 import threadpoolctl
 
 from dssm.errors import ConfigError
@@ -46,7 +49,7 @@ from dssm.rerank import RerankConfig, kernel_centres, split_words
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["NumpyReranker"]
+__all__ = ["NumpyReranker", "KernelChain", "rbf_kernels"]
 
 # dssm.features' ASCII split as a byte table: A-Z to a-z, a-z and 0-9 kept, every other byte a space.
 _ASCII_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if (97 <= c <= 122 or 48 <= c <= 57) else 32 for c in range(256))
@@ -96,7 +99,8 @@ class NumpyReranker:
         if got != expected:
             raise ConfigError(f"re-ranker weights {got} do not match its config (expected {expected})")
         self.config, self.features = config, features
-        self._table, self._idf = row_reader(table), row_reader(idf)
+        # idf is one float per bucket (0.5 MB at 2^17): a numpy copy saves an eager TensorFlow read per query
+        self._table, self._idf = row_reader(table), np.asarray(idf, np.float32).__getitem__
         self._vectors = row_reader(vocab_vectors) if vocab_vectors is not None else None
         self._bias, self._project = table_bias, project
         self._term_kernel, self._term_bias = term_weight[0][:, 0], term_weight[1]
@@ -104,11 +108,12 @@ class NumpyReranker:
         if self._grams:
             # conv-knrm: a word's unigram n-gram vector and its two halves of a bigram's pre-activation
             # come from one product with [k1 | k2's first | k2's second]; for cached words they are kept
-            # ([words, 3 dim], filled on first use: memory only for the words candidates contain).
+            # (filled on first use: memory only for the words candidates contain).
             (k1, _), (k2, _) = self._grams
             self._conv_kernel = np.concatenate([k1[0], k2[0], k2[1]], axis=1)
             words = 0 if vocab_vectors is None else int(vocab_vectors.shape[0])
-            self._conv_table = np.empty((words, 3 * dim), np.float32)
+            # [part, words, dim]: each part's rows contiguous, so a query's gathers of them are too
+            self._conv_table = np.empty((3, words, dim), np.float32)
             self._conv_filled = np.zeros(words, bool)
         self._head_kernel, self._head_bias = head[0][:, 0], head[1]
         self._vocabulary_size = len(vocabulary)
@@ -122,6 +127,7 @@ class NumpyReranker:
         widths[0] = config.exact_sigma
         self._mu = kernel_centres(config.kernels)
         self._neg_inv_two_sigma_sq = (-1.0 / (2.0 * widths.astype(np.float32) ** 2)).astype(np.float32)
+        self._chain = KernelChain.of(self._mu, config.sigma)
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, config: RerankConfig, features: FeatureConfig) -> NumpyReranker | None:
@@ -180,43 +186,52 @@ class NumpyReranker:
         return self._unit(features), np.logaddexp(np.float32(0), logits).astype(np.float32)
 
     def _distinct_words(self, rows: np.ndarray, unknown: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Document word ids → (``[U, width]`` rows of the distinct ones (scratch), ``[words]`` index into them).
+        """Document word ids → (the distinct ones' vectors (scratch), ``[words]`` index into them).
 
-        A row is the word's unit vector (``knrm``: width ``dim``) or :meth:`_conv_words` of it
-        (``conv-knrm``: width ``3 dim``).
+        The vectors are the words' unit vectors (``knrm``: ``[U, dim]``) or :meth:`_conv_words` of them
+        (``conv-knrm``: ``[3, U, dim]``).
 
         Args:
             rows: ``[words]`` vocabulary rows; a word not in the vocabulary is ``len(vocabulary) + j``.
             unknown: word ``j`` of those ids.
         """
-        distinct, index = np.unique(rows, return_inverse=True)
+        distinct, index = _distinct(rows)
         cached = int(np.searchsorted(distinct, self._vocabulary_size))
-        words = self._scratch.get("words", (len(distinct), self.config.dim * (3 if self._grams else 1)))
+        if self._grams:
+            words = self._scratch.get("words", (3, len(distinct), self.config.dim))
+            part = (slice(None), slice(None, cached))
+            rest = (slice(None), slice(cached, None))
+        else:
+            words = self._scratch.get("words", (len(distinct), self.config.dim))
+            part, rest = slice(None, cached), slice(cached, None)
         if cached:
-            self._cached_words(distinct[:cached], out=words[:cached])
+            self._cached_words(distinct[:cached], out=words[part])
         if cached < len(distinct):
             vectors = self._unit(self._features([unknown[j] for j in (distinct[cached:] - self._vocabulary_size)]))
-            words[cached:] = self._conv_words(vectors) if self._grams else vectors
+            words[rest] = self._conv_words(vectors) if self._grams else vectors
         return words, index
 
     def _cached_words(self, rows: np.ndarray, *, out: np.ndarray) -> None:
-        """Rows of cached words → ``out``: their unit vectors, or (conv-knrm) their kept :meth:`_conv_words` rows."""
+        """Rows of cached words → ``out``: their unit vectors, or (conv-knrm) their kept :meth:`_conv_words`."""
         if not self._grams:
             out[:] = self._vectors(rows)
             return
         missing = rows[~self._conv_filled[rows]]
         if missing.size:
             # Concurrent callers may compute the same rows: they write equal values, then mark them.
-            self._conv_table[missing] = self._conv_words(self._vectors(missing))
+            self._conv_table[:, missing] = self._conv_words(self._vectors(missing))
             self._conv_filled[missing] = True
-        np.take(self._conv_table, rows, axis=0, out=out)
+        # mode='clip' (the rows are valid): with out= and the default 'raise', numpy buffers the copy (2x slower)
+        np.take(self._conv_table, rows, axis=1, out=out, mode="clip")
 
     def _conv_words(self, vectors: np.ndarray) -> np.ndarray:
-        """``[n, dim]`` word unit vectors → ``[n, 3 dim]``: the unigram n-gram layer's unit output, then
-        the word's contribution as a bigram's first and as its second word (before bias and activation)."""
-        dim, (_, b1) = self.config.dim, self._grams[0]
-        out = vectors @ self._conv_kernel
-        out[:, :dim] = l2_normalize_rows(self._relu(out[:, :dim] + b1))
+        """``[n, dim]`` word unit vectors → ``[3, n, dim]``: the unigram n-gram layer's unit output, then
+        the word's contribution as a bigram's first word (with the layer's bias) and as its second
+        (before the activation)."""
+        dim, (_, b1), (_, b2) = self.config.dim, *self._grams
+        out = (vectors @ self._conv_kernel).reshape(len(vectors), 3, dim).transpose(1, 0, 2).copy()
+        out[0] = l2_normalize_rows(self._relu(out[0] + b1))
+        out[1] += b2  # the bigram layer's bias, added once here instead of once per bigram
         return out
 
     def _document_rows(self, documents: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
@@ -254,45 +269,41 @@ class NumpyReranker:
         return out, [word.decode("utf-8") for word in unknown]
 
     # ---- interaction ----------------------------------------------------------------------------
-    def _kernels(self, cosine: np.ndarray) -> np.ndarray:
-        """``[n, q]`` cosines → ``[K, n, q]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))`` (scratch).
+    def _soft_counts(self, cosine: np.ndarray, members: sp.csr_matrix) -> np.ndarray:
+        """Kernel values of ``[n, q]`` cosines summed per document → ``[docs, K, q]``.
 
-        Kernels lead so each in-place pass runs over long contiguous rows (a trailing axis of 11
-        kernels made the broadcasts ~2x slower, measured).
+        ``members`` (``[docs, n]``, CSR) says how often each row occurs in each document: the
+        positions of a document (rows of distinct words) or its n-grams (one row each). Summing is a
+        sparse product per kernel, whose inner loop runs along the ``q`` contiguous columns.
         """
-        x = self._scratch.get("kernels", (self.config.kernels, *cosine.shape))
-        np.subtract(cosine[None], self._mu[:, None, None], out=x)
-        np.square(x, out=x)
-        np.multiply(x, self._neg_inv_two_sigma_sq[:, None, None], out=x)
-        return np.exp(x, out=x)
+        values, scale = self._kernels(cosine)
+        soft = np.empty((members.shape[0], self.config.kernels, cosine.shape[1]), np.float32)
+        for k in range(self.config.kernels):
+            soft[:, k] = members @ values[k]
+        if scale is not None:
+            soft *= scale[:, None]
+        return soft
 
-    def _soft_counts(self, cosine: np.ndarray, starts: np.ndarray, documents: int) -> np.ndarray:
-        """Kernel values summed over each document's positions → ``[docs, K, q]``.
-
-        Args:
-            cosine: ``[positions, q]`` each position's cosine with the query's words (or n-grams),
-                positions grouped by document.
-            starts: ``[docs]`` first position of each document (a document without positions starts
-                where the next one does).
-            documents: the number of documents.
-        """
-        positions, queries = cosine.shape
-        soft = np.zeros((self.config.kernels, documents, queries), np.float32)
-        ends = np.append(starts[1:], positions)
-        filled = ends > starts
-        if filled.any():
-            # summed along the positions axis in place: no [positions, K q] copy to gather or reduce
-            soft[:, filled] = np.add.reduceat(self._kernels(cosine), starts[filled], axis=1)
-        return soft.transpose(1, 0, 2)
+    def _kernels(self, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``[n, q]`` cosines → :func:`rbf_kernels` of them, in this thread's scratch."""
+        out = self._scratch.get("kernels", (self.config.kernels, *cosine.shape))
+        step = self._scratch.get("kernel_step", cosine.shape)
+        return rbf_kernels(cosine, mu=self._mu, neg_inv_two_sigma_sq=self._neg_inv_two_sigma_sq, chain=self._chain,
+                           out=out, step=step)
 
     @staticmethod
     def _pool(soft: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """``[docs, K, q]`` soft match counts, ``[q]`` query-word importance → ``[docs, K]``."""
         return np.log1p(soft) @ weight
 
-    def _per_position(self, cosine: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """``[U, q]`` cosines of the distinct words → ``[positions, q]`` (scratch) by ``index``."""
-        return np.take(cosine, index, axis=0, out=self._scratch.get("cosine", (len(index), cosine.shape[1])))
+    @staticmethod
+    def _members(columns: np.ndarray, lengths: np.ndarray) -> sp.csr_matrix:
+        """``[docs, n]`` CSR: document ``i`` holds ``columns`` ``[sum(lengths[:i]), sum(lengths[:i + 1]))``,
+        a column once per occurrence (repeated columns add up in products)."""
+        indptr = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return sp.csr_matrix((np.ones(len(columns), np.float32), columns, indptr),
+                             shape=(len(lengths), int(columns.max(initial=-1)) + 1))
 
     def _group(self, query: list[str], documents: list[np.ndarray], unknown: Sequence[str]) -> np.ndarray:
         """One query's words against its candidates' word ids (:meth:`_document_rows`) → ``[candidates]`` scores."""
@@ -300,46 +311,50 @@ class NumpyReranker:
         lengths = np.fromiter(map(len, documents), np.int64, len(documents))
         flat = np.concatenate(documents) if documents else np.zeros(0, np.int64)
         words, index = self._distinct_words(flat, unknown)
-        starts = np.cumsum(lengths) - lengths
         if not self._grams:
-            cosine = self._per_position(words @ q_vectors.T, index)
-            pooled = self._pool(self._soft_counts(cosine, starts, len(documents)), weight)
+            soft = self._soft_counts(words @ q_vectors.T, self._members(index, lengths))
+            pooled = self._pool(soft, weight)
         else:
-            pooled = self._conv_pool(q_vectors, weight, words, index, starts, lengths)
+            pooled = self._conv_pool(q_vectors, weight, words, index, lengths)
         return (pooled @ self._head_kernel + self._head_bias).astype(np.float32)
 
     def _conv_pool(self, q_vectors: np.ndarray, weight: np.ndarray, words: np.ndarray, index: np.ndarray,
-                   starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+                   lengths: np.ndarray) -> np.ndarray:
         """Conv-KNRM's four n-gram pairings → ``[docs, 4 * K]`` in the graph's order (q1d1, q1d2, q2d1, q2d2).
 
         Args:
-            words: ``[U, 3 dim]`` :meth:`_conv_words` of the candidates' distinct words.
-            index: ``[positions]`` the distinct word at each position.
+            words: ``[3, U, dim]`` :meth:`_conv_words` of the candidates' distinct words.
+            index: ``[positions]`` the distinct word at each position, grouped by document.
+            lengths: ``[docs]`` positions per document.
         """
         (k1, b1), (k2, b2) = self._grams
-        dim, docs = self.config.dim, len(lengths)
+        dim = self.config.dim
         # query n-grams: a bigram is real only if its second word is (the last one is padding)
         q_next = np.vstack([q_vectors[1:], np.zeros((1, dim), np.float32)])
         q_grams = [l2_normalize_rows(self._relu(q_vectors @ k1[0] + b1)),
                    l2_normalize_rows(self._relu(q_vectors @ k2[0] + q_next @ k2[1] + b2))]
         q_all = np.vstack(q_grams).T  # [dim, 2 Lq]
         q_weight = [weight, np.concatenate([weight[:-1], np.zeros(min(len(weight), 1), np.float32)])]
-        soft = [self._soft_counts(self._per_position(words[:, :dim] @ q_all, index), starts, docs)]  # [docs, K, 2 Lq]
+        # document unigrams: kernels once per distinct word, counted per document
+        soft = [self._soft_counts(words[0] @ q_all, self._members(index, lengths))]  # [docs, K, 2 Lq]
         # document bigrams (a word and the next word of its document), one per position that has a
         # next word (most pairs occur once among a query's candidates, so no de-duplication); a
-        # document of n words has n - 1, so its bigram positions start n - 1 per earlier document on
+        # document of n words has n - 1
+        starts = np.cumsum(lengths) - lengths
         has_next = np.ones(len(index), bool)
         has_next[(starts + lengths - 1)[lengths > 0]] = False
         positions = np.flatnonzero(has_next)
-        pre = np.take(words[:, dim:2 * dim], index[positions], axis=0,
-                      out=self._scratch.get("bigrams", (len(positions), dim)))
-        pre += np.take(words[:, 2 * dim:], index[positions + 1], axis=0,
-                       out=self._scratch.get("second", (len(positions), dim)))
-        pre += b2
-        np.maximum(pre, np.float32(0), out=pre)  # the n-gram layers' relu
-        l2_normalize_rows(pre, out=pre)
-        bigram_lengths = np.maximum(lengths - 1, 0)
-        soft.append(self._soft_counts(pre @ q_all, np.cumsum(bigram_lengths) - bigram_lengths, docs))
+        pre = np.take(words[1], index[positions], axis=0, out=self._scratch.get("bigrams", (len(positions), dim)),
+                      mode="clip")
+        pre += np.take(words[2], index[positions + 1], axis=0,
+                       out=self._scratch.get("second", (len(positions), dim)), mode="clip")
+        # the n-gram layers' relu; against a zero array, as a scalar 0 takes numpy's ~4x slower path (measured)
+        np.maximum(pre, self._scratch.zeros(pre.shape), out=pre)
+        # cosines of the unit bigram vectors: the norms divide the [n, 2 Lq] products, not the [n, dim] vectors
+        cosine = pre @ q_all
+        cosine /= np.sqrt(np.maximum(np.einsum("ij,ij->i", pre, pre), np.float32(1e-12)))[:, None]
+        bigrams = np.arange(len(positions))
+        soft.append(self._soft_counts(cosine, self._members(bigrams, np.maximum(lengths - 1, 0))))
         lq = len(weight)
         return np.concatenate([self._pool(soft[di][:, :, qi * lq:(qi + 1) * lq], q_weight[qi])
                                for qi in range(2) for di in range(2)], axis=1)
@@ -416,6 +431,79 @@ class NumpyReranker:
         return scores
 
 
+def rbf_kernels(cosine: np.ndarray, *, mu: np.ndarray, neg_inv_two_sigma_sq: np.ndarray, chain: KernelChain | None,
+                out: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[n, q]`` cosines → ``[K, n, q]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))`` in ``out``, each
+    kernel possibly divided by a constant: ``(out, [K] constants to multiply back, or None)``.
+
+    With a ``chain`` (the soft kernels share ``sigma`` and evenly spaced centres) neighbouring kernels
+    differ by a factor ``exp(∓ rate · cos)`` and a constant (:class:`KernelChain`): two exponentials per
+    cosine instead of one per kernel. Kernels lead so each in-place pass runs over a contiguous block.
+
+    Args:
+        cosine: ``[n, q]`` float32 in [-1, 1].
+        mu, neg_inv_two_sigma_sq: ``[K]`` float32 centres and ``-1 / (2 sigma_k^2)``.
+        chain: :meth:`KernelChain.of` of them, or None to compute every kernel directly.
+        out: ``[K, n, q]`` float32 work array; step: ``[n, q]`` float32 work array.
+    """
+    if chain is None:
+        np.subtract(cosine[None], mu[:, None, None], out=out)
+        np.square(out, out=out)
+        np.multiply(out, neg_inv_two_sigma_sq[:, None, None], out=out)
+        return np.exp(out, out=out), None
+    for k in (0, chain.middle):
+        np.subtract(cosine, mu[k], out=out[k])
+        np.square(out[k], out=out[k])
+        np.multiply(out[k], neg_inv_two_sigma_sq[k], out=out[k])
+        np.exp(out[k], out=out[k])
+    np.multiply(cosine, np.float32(chain.rate), out=step)
+    np.exp(step, out=step)
+    for k in range(chain.middle, 1, -1):
+        np.multiply(out[k], step, out=out[k - 1])
+    np.reciprocal(step, out=step)
+    for k in range(chain.middle, len(out) - 1):
+        np.multiply(out[k], step, out=out[k + 1])
+    return out, chain.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChain:
+    """How :meth:`NumpyReranker._kernels` steps from one soft kernel to the next.
+
+    With ``a = 1 / (2 sigma^2)`` and centres ``mu_{k+1} = mu_k - Δ``, ``K_{k+1}(x) = K_k(x) · exp(-2aΔx) ·
+    exp(2aΔ mu_k - aΔ²)``. The chain starts at the soft kernel nearest 0 (``middle``, computed
+    directly) and multiplies by ``exp(±rate · x)`` outwards, leaving the constants out:
+    ``K_k = scale[k] · value_k``. It is used only where every value and step stays inside float32's
+    range for cosines in [-1, 1]; other shapes compute every kernel directly.
+
+    Attributes:
+        middle: index of the starting kernel (≥ 1; kernel 0, the exact match, is always direct).
+        rate: ``2 a Δ``.
+        scale: ``[K]`` float32, what each kernel's values are multiplied by after summing (1 for 0 and ``middle``).
+    """
+
+    middle: int
+    rate: float
+    scale: np.ndarray
+
+    @classmethod
+    def of(cls, mu: np.ndarray, sigma: float) -> KernelChain | None:
+        """The chain for kernel centres ``mu`` (``kernel_centres``) of width ``sigma``, or None if unsafe."""
+        soft = mu[1:].astype(np.float64)
+        if len(soft) < 3:
+            return None
+        a, step = 1.0 / (2.0 * sigma * sigma), float(soft[0] - soft[1])
+        middle = 1 + int(np.argmin(np.abs(soft)))
+        log_scale = np.zeros(len(mu))
+        for k in range(middle, len(mu) - 1):  # down: K_{k+1} = K_k · exp(-rate x) · exp(rate mu_k - a step²)
+            log_scale[k + 1] = log_scale[k] + 2 * a * step * mu[k] - a * step * step
+        for k in range(middle, 1, -1):  # up: K_{k-1} = K_k · exp(rate x) · exp(-rate mu_k - a step²)
+            log_scale[k - 1] = log_scale[k] - 2 * a * step * mu[k] - a * step * step
+        # value_k = K_k / scale_k ≤ 1 / scale_k, and the middle kernel must not underflow anywhere in [-1, 1]
+        safe = -log_scale.min() < 80 and a * (1 + abs(float(mu[middle]))) ** 2 < 80 and 2 * a * step < 80
+        return cls(middle, 2 * a * step, np.exp(log_scale).astype(np.float32)) if safe else None
+
+
 class _Scratch(threading.local):
     """Work arrays kept per thread and reused by later calls (views of them never leave a call).
 
@@ -438,6 +526,32 @@ class _Scratch(threading.local):
             if array.size <= _SCRATCH_CAP:
                 self.arrays[name] = array
         return array[:size].reshape(shape)
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only float32 array of zeros of ``shape``, kept like :meth:`get`'s (never written)."""
+        size = math.prod(shape)
+        array = self.arrays.get("zeros")
+        if array is None or array.size < size:
+            array = np.zeros(size + size // 4, np.float32)
+            array.flags.writeable = False
+            if array.size <= _SCRATCH_CAP:
+                self.arrays["zeros"] = array
+        return array[:size].reshape(shape)
+
+
+def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(rows, return_inverse=True)`` for small non-negative ids, by counting instead of sorting.
+
+    A query's ~6,000 candidate words are ids below ~the vocabulary size: marking them in an array of
+    that size is linear and ~3x faster than the sort ``np.unique`` runs.
+    """
+    if not rows.size:
+        return rows.copy(), np.zeros(0, np.int64)
+    seen = np.bincount(rows)
+    distinct = np.flatnonzero(seen)
+    where = np.empty(len(seen), np.int64)
+    where[distinct] = np.arange(len(distinct))
+    return distinct, where[rows]
 
 
 @functools.cache

@@ -183,10 +183,11 @@ def _random_text(rng: np.random.Generator, words: int) -> str:
     return " ".join(out)
 
 
-def _exported(tmp_path, design: str, *, unigrams: bool = True, activation: str = "tanh", cache: bool = True):
+def _exported(tmp_path, design: str, *, unigrams: bool = True, activation: str = "tanh", cache: bool = True,
+              sigma: float = 0.1):
     features = FeatureConfig(num_buckets=512, word_unigrams=unigrams)
     model = Reranker(RerankConfig(design=design, dim=8, max_query_words=5, max_document_words=12,
-                                  activation=activation), feature_config=features, embedding_dim=12)
+                                  activation=activation, sigma=sigma), feature_config=features, embedding_dim=12)
     model((tf.constant(["a"]), tf.constant(["b"])))
     rng = np.random.default_rng(7)
     for weight in model.trainable_weights:  # random heads and layers: a zero-initialised head scores all ties
@@ -198,14 +199,18 @@ def _exported(tmp_path, design: str, *, unigrams: bool = True, activation: str =
                            overwrite=True)
 
 
-@pytest.mark.parametrize(("design", "unigrams", "activation", "cache"), [
-    ("knrm", True, "tanh", True), ("knrm", False, "relu", False), ("conv-knrm", True, "tanh", True),
-    ("conv-knrm", False, "linear", True), ("conv-knrm", True, "relu", False)])
-def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, activation, cache):
+@pytest.mark.parametrize(("design", "unigrams", "activation", "cache", "sigma"), [
+    ("knrm", True, "tanh", True, 0.1), ("knrm", False, "relu", False, 0.1), ("conv-knrm", True, "tanh", True, 0.1),
+    ("conv-knrm", False, "linear", True, 0.1), ("conv-knrm", True, "relu", False, 0.1),
+    ("knrm", True, "tanh", True, 0.03), ("conv-knrm", True, "tanh", True, 0.03)])
+def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, activation, cache, sigma):
+    # sigma 0.1 (the default) steps through the soft kernels as a chain of products, 0.03 computes
+    # each one (the chain would leave float32's range)
     rng = np.random.default_rng(len(design) + unigrams)
-    out = _exported(tmp_path, design, unigrams=unigrams, activation=activation, cache=cache)
+    out = _exported(tmp_path, design, unigrams=unigrams, activation=activation, cache=cache, sigma=sigma)
     fast, graph = load_reranker(out), load_reranker(out, fast=False)
     assert fast.fast is not None and graph.fast is None
+    assert (fast.fast._chain is None) == (sigma == 0.03)
     queries = [_random_text(rng, int(rng.integers(0, 8))) for _ in range(6)] + ["", "apple"]
     pairs_q = [queries[int(i)] for i in rng.integers(0, len(queries), 90)]
     # empty, punctuation-only, one word, longer than the 12-word cut, and ordinary candidates
@@ -215,6 +220,29 @@ def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, ac
     assert np.ptp(expected) > 0.1  # the weights make scores differ, so equality is a real check
     np.testing.assert_allclose(fast.fast.score_pairs(pairs_q, pairs_d), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.score_pairs(pairs_q, pairs_d), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("kernels", "sigma", "chained"), [(11, 0.1, True), (11, 0.2, True), (5, 0.1, True),
+                                                       (21, 0.1, True), (3, 0.1, False), (21, 0.05, False)])
+def test_the_kernel_chain_gives_the_kernels_exp_gives(kernels, sigma, chained):
+    from dssm.rerank_fast import KernelChain, rbf_kernels
+
+    mu = kernel_centres(kernels)
+    widths = np.full(kernels, sigma, np.float32)
+    widths[0] = 0.001
+    neg = (-1.0 / (2.0 * widths**2)).astype(np.float32)
+    chain = KernelChain.of(mu, sigma)
+    assert (chain is not None) == chained
+    rng = np.random.default_rng(kernels)
+    special = [-1.0, 0.0, 1.0, 0.9995, *mu]
+    cosine = np.concatenate([rng.uniform(-1, 1, 300 - len(special)), special]).astype(np.float32).reshape(-1, 3)
+    exponent = np.square(cosine[None].astype(np.float64) - mu[:, None, None]) / (2.0 * widths[:, None, None] ** 2)
+    expected = np.exp(-exponent)
+    values, scale = rbf_kernels(cosine, mu=mu, neg_inv_two_sigma_sq=neg, chain=chain,
+                                out=np.empty((kernels, *cosine.shape), np.float32), step=np.empty_like(cosine))
+    got = values * (scale[:, None, None] if scale is not None else 1.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(values).all()
 
 
 @pytest.mark.parametrize("design", ["knrm", "conv-knrm"])
