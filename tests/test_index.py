@@ -79,7 +79,7 @@ def test_exact_top_k_matches_full_sort():
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), rtol=1e-6)
 
 
-def test_leaves_tuning_grows_until_the_target_and_reuses_a_recall_just_measured():
+def test_leaves_tuning_grows_to_the_target_then_bisects_back_and_reuses_a_recall_just_measured():
     rng = np.random.default_rng(0)
     matrix = rng.standard_normal((64, 16)).astype(np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
@@ -96,12 +96,19 @@ def test_leaves_tuning_grows_until_the_target_and_reuses_a_recall_just_measured(
 
     searcher = Searcher()
     leaves, recall, tried = ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=100, min_recall=0.95)
-    assert (leaves, recall) == (33, 1.0) and [lv for lv, _ in tried] == [10, 12, 15, 18, 22, 27, 33]
-    assert searcher.calls == [10, 12, 15, 18, 22, 27, 33] and tried[0][1] == 0.0
+    # x1.25 up to 33 (27 missed), then halving the gap: 30 reaches it, 28 and 29 miss
+    assert (leaves, recall) == (30, 1.0) and [lv for lv, _ in tried] == [10, 12, 15, 18, 22, 27, 33, 30, 28, 29]
+    assert searcher.calls == [10, 12, 15, 18, 22, 27, 33, 30, 28, 29] and tried[0][1] == 0.0
+    assert [r for lv, r in tried if lv < 30] == [0.0] * 8
     searcher.calls.clear()
     leaves, _, tried = ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=100, min_recall=0.95,
                                                 start_recall=0.0)
-    assert leaves == 33 and tried[0] == (10, 0.0) and searcher.calls == [12, 15, 18, 22, 27, 33]  # 10 not again
+    assert leaves == 30 and tried[0] == (10, 0.0) and searcher.calls == [12, 15, 18, 22, 27, 33, 30, 28, 29]
+    # a start that already reaches the target is kept (no search below it); one never reached stops at all leaves
+    searcher.calls.clear()
+    assert ix.tune_leaves_to_search(searcher, probe, start=40, num_leaves=100, min_recall=0.95)[0] == 40
+    assert searcher.calls == [40]
+    assert ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=25, min_recall=0.95)[:2] == (25, 0.0)
 
 
 def test_ah_recall_against_brute_force(tmp_path):
@@ -383,11 +390,11 @@ def test_tree_leaves_to_search_is_tuned_to_min_recall_and_used_after_load(tmp_pa
     result = ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(5000), texts=["t"] * 5000, config=config)
     tuning = result.scann["leaves_tuning"]
     assert tuning[0][0] == 8 and tuning[0][1] < 0.9  # the start was not enough ...
-    assert [lv for lv, _ in tuning] == sorted({lv for lv, _ in tuning})  # ... so it grew, never shrank
-    assert tuning[-1] == [result.scann["num_leaves_to_search"], round(result.recall_at_10, 4)]
-    assert result.recall_at_10 >= 0.9
+    chosen = result.scann["num_leaves_to_search"]
+    assert [chosen, round(result.recall_at_10, 4)] in tuning  # ... so it grew to the smallest count that was
+    assert result.recall_at_10 >= 0.9 and all(r < 0.9 for lv, r in tuning if lv < chosen)
     index = ix.load_index(tmp_path / "idx")
-    assert index.params["num_leaves_to_search"] == tuning[-1][0]
+    assert index.params["num_leaves_to_search"] == chosen
     # Searches after load use the tuned value, not the smaller one in ScaNN's serialized config.
     recall, probe, rows = _loaded_recall(index, matrix)
     assert recall >= 0.88

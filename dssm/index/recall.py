@@ -59,7 +59,13 @@ class RecallProbe:
 def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
                           min_recall: float, start_recall: float | None = None
                           ) -> tuple[int, float, list[tuple[int, float]]]:
-    """Grow the number of tree partitions searched (x1.25 a step) until recall reaches ``min_recall``.
+    """The fewest tree partitions searched (from ``start`` up) whose recall reaches ``min_recall``.
+
+    Grows ``start`` x1.25 a step until the recall is reached, then bisects between the last count
+    that missed and the first that reached it (to within 2%): the growth alone overshot by up to a
+    quarter (at 1M synthetic documents, 175 leaves at recall 0.970 where ~150 reach 0.95), and query
+    time grows with the leaves searched. Recall grows with the leaves searched, so the bisection
+    keeps the smallest count that reached the target among those it tried.
 
     Searching more partitions is a query-time setting, so no rebuild is needed; the chosen value is
     stored in the manifest and used by every search.
@@ -69,15 +75,27 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
             compaction does): not searched again (a probe search over 1M rows is ~0.6 s).
 
     Returns:
-        (leaves_to_search, its recall, [(leaves, recall), ...] tried).
+        (leaves_to_search, its recall, [(leaves, recall), ...] in the order tried).
     """
     leaves = max(1, min(start, num_leaves))
     recall = probe.recall(searcher, leaves_to_search=leaves) if start_recall is None else start_recall
     tried = [(leaves, recall)]
+    missed = 0  # the largest count known to miss the target
     while recall < min_recall and leaves < num_leaves:
+        missed = leaves
         leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.25)))
         recall = probe.recall(searcher, leaves_to_search=leaves)
         tried.append((leaves, recall))
+    if recall < min_recall:
+        return leaves, recall, tried
+    while leaves - missed > max(1, leaves // 50) and missed:
+        middle = (missed + leaves) // 2
+        measured = probe.recall(searcher, leaves_to_search=middle)
+        tried.append((middle, measured))
+        if measured >= min_recall:
+            leaves, recall = middle, measured
+        else:
+            missed = middle
     return leaves, recall, tried
 
 
