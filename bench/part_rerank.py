@@ -12,8 +12,9 @@ near-tied embeddings would fail the ANN recall gate, and exact search is the fir
 bound on cost at this size), and, for each design (``knrm``, ``conv-knrm``), a default-shape
 re-ranker (``RerankConfig(design=...)``) started from the model's embedding table as ``dssm
 train-reranker`` starts one but not trained (:func:`export_untrained_reranker`: the cost does not depend
-on the weights), attached to the index with :func:`dssm.index.attach_reranker` and loaded by
-``Searcher.load`` as serving loads it. TensorFlow runs on one thread, as ``dssm serve`` runs each
+on the weights), attached to the index with :func:`dssm.index.attach_reranker` (which also stores
+every document's word ids for it, ``reranker/documents/``, as ``dssm attach-reranker`` does by
+default) and loaded by ``Searcher.load`` as serving loads it. TensorFlow runs on one thread, as ``dssm serve`` runs each
 worker (``--tf-threads 1``); the numpy path limits BLAS to one thread itself.
 
 Figures per design, over ``QUERIES`` queries per run (after a warm-up), median of ``repeats`` runs with min

@@ -32,6 +32,7 @@ from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.features import FeatureConfig
 from dssm.hybrid import fuse_scores
 from dssm.rerank import RerankConfig, Reranker
+from dssm.rerank_docs import DOCUMENTS_DIR, DocumentRows
 from dssm.rerank_fast import NumpyReranker
 
 import tensorflow as tf  # noqa: E402  isort: skip
@@ -194,11 +195,16 @@ def load_reranker(directory: str | Path, *, batch_size: int = 512, fast: bool = 
 
     Raises:
         IndexNotFoundError: no ``manifest.json`` there.
-        ChecksumError: a file is missing, truncated or changed (named), or it is not a re-ranker.
+        ChecksumError: a file is missing, truncated or changed (named), or it is not a re-ranker; or
+            (with ``fast``) its ``documents/`` word ids are, or belong to another re-ranker.
     """
     directory = Path(directory)
     read_manifest(directory)
     verify_manifest(directory, kind=RERANKER_KIND)
     config = read_reranker_config(directory)
     loaded = tf.saved_model.load(str(directory / _SAVED_MODEL))
-    return LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size, fast=fast)
+    out = LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size, fast=fast)
+    documents = directory / DOCUMENTS_DIR
+    if out.fast is not None and documents.is_dir():  # an index version's: its documents' word ids
+        out.fast.use_documents(DocumentRows.load(documents, reranker=DocumentRows.owner(directory)))
+    return out

@@ -28,7 +28,6 @@ Scores equal the SavedModel's ``score`` signature to float32 rounding (``tests/t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import threading
@@ -46,10 +45,11 @@ from dssm.export import l2_normalize_rows, numpy_activation, row_reader
 from dssm.features import _UNIGRAM_PREFIX, FeatureConfig, Featurizer, ascii_words
 from dssm.hashing import unicode_words
 from dssm.rerank import RerankConfig, kernel_centres, split_words
+from dssm.rerank_math import KernelChain, distinct_ids, rbf_kernels
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-__all__ = ["NumpyReranker", "KernelChain", "rbf_kernels"]
+__all__ = ["NumpyReranker"]
 
 # dssm.features' ASCII split as a byte table: A-Z to a-z, a-z and 0-9 kept, every other byte a space.
 _ASCII_TABLE = bytes(c + 32 if 65 <= c <= 90 else c if (97 <= c <= 122 or 48 <= c <= 57) else 32 for c in range(256))
@@ -116,12 +116,16 @@ class NumpyReranker:
             self._conv_table = np.empty((3, words, dim), np.float32)
             self._conv_filled = np.zeros(words, bool)
         self._head_kernel, self._head_bias = head[0][:, 0], head[1]
+        # a cached word's query-side [unit vector | importance logit] (_query), filled on first use
+        self._query_table = np.empty((len(vocabulary), dim + 1), np.float32)
+        self._query_filled = np.zeros(len(vocabulary), bool)
         self._vocabulary_size = len(vocabulary)
         # word (UTF-8 bytes) -> row, plus the marker that joins ASCII documents for one split
         self._rows_of = {**vocabulary, _MARKER.strip(): _MARKER_ROW}
         self._graph_split: Any = None  # traced on the first text that needs TensorFlow's normalisation
         self._activation = numpy_activation(config.activation)
         self._scratch = _Scratch()
+        self._store: Any = None  # use_documents
         self._relu = numpy_activation("relu")  # the conv-knrm n-gram layers' activation
         widths = np.full(config.kernels, config.sigma, np.float32)
         widths[0] = config.exact_sigma
@@ -176,14 +180,33 @@ class NumpyReranker:
         return l2_normalize_rows(features @ self._project)
 
     def _query(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """A query's words → (``[Lq, dim]`` unit vectors, ``[Lq]`` importance = softplus of the logits)."""
+        """A query's words → (``[Lq, dim]`` unit vectors, ``[Lq]`` importance = softplus of the logits).
+
+        A cached word's pair is kept once computed (``[words, dim + 1]``, filled on first use like the
+        conv-knrm rows): computing it reads the tower table through TensorFlow, ~0.3 ms a query.
+        """
+        dim = self.config.dim
         if not words:
-            return np.zeros((0, self.config.dim), np.float32), np.zeros(0, np.float32)
-        features = self._features(words)
-        buckets = np.fromiter((farmhash.fingerprint64(_UNIGRAM_PREFIX + w) for w in words), np.uint64, len(words))
-        idf = self._idf((buckets % np.uint64(self.features.num_buckets)).astype(np.int64))
-        logits = features @ self._term_kernel[:-1] + idf * self._term_kernel[-1] + self._term_bias
-        return self._unit(features), np.logaddexp(np.float32(0), logits).astype(np.float32)
+            return np.zeros((0, dim), np.float32), np.zeros(0, np.float32)
+        rows = np.fromiter((self._rows_of.get(w.encode("utf-8", "surrogatepass"), -1) for w in words), np.int64,
+                           len(words))
+        kept = rows >= 0
+        kept[kept] = self._query_filled[rows[kept]]
+        out = np.empty((len(words), dim + 1), np.float32)
+        out[kept] = self._query_table[rows[kept]]
+        todo = np.flatnonzero(~kept)
+        if todo.size:
+            fresh = [words[i] for i in todo.tolist()]
+            features = self._features(fresh)
+            buckets = np.fromiter((farmhash.fingerprint64(_UNIGRAM_PREFIX + w) for w in fresh), np.uint64, len(fresh))
+            idf = self._idf((buckets % np.uint64(self.features.num_buckets)).astype(np.int64))
+            out[todo, :dim] = self._unit(features)
+            out[todo, dim] = features @ self._term_kernel[:-1] + idf * self._term_kernel[-1] + self._term_bias
+            cached = todo[rows[todo] >= 0]
+            # Concurrent callers may compute the same rows: they write equal values, then mark them.
+            self._query_table[rows[cached]] = out[cached]
+            self._query_filled[rows[cached]] = True
+        return out[:, :dim], np.logaddexp(np.float32(0), out[:, dim]).astype(np.float32)
 
     def _distinct_words(self, rows: np.ndarray, unknown: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Document word ids → (the distinct ones' vectors (scratch), ``[words]`` index into them).
@@ -195,7 +218,7 @@ class NumpyReranker:
             rows: ``[words]`` vocabulary rows; a word not in the vocabulary is ``len(vocabulary) + j``.
             unknown: word ``j`` of those ids.
         """
-        distinct, index = _distinct(rows)
+        distinct, index = distinct_ids(rows)
         cached = int(np.searchsorted(distinct, self._vocabulary_size))
         if self._grams:
             words = self._scratch.get("words", (3, len(distinct), self.config.dim))
@@ -234,7 +257,29 @@ class NumpyReranker:
         out[1] += b2  # the bigram layer's bias, added once here instead of once per bigram
         return out
 
+    def use_documents(self, store: Any) -> None:
+        """Take stored documents' word ids from ``store`` (a :class:`dssm.rerank_docs.DocumentRows` built
+        by :meth:`word_rows` of this model) instead of splitting their texts; ``None`` stops."""
+        self._store = store
+
+    def word_rows(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's vocabulary rows as scoring reads it (cut to ``max_document_words``), or ``None``
+        if it holds a word outside the vocabulary: what :class:`dssm.rerank_docs.DocumentRows` stores."""
+        rows, _ = self._split_rows(texts)
+        return [r if not r.size or int(r.max()) < self._vocabulary_size else None for r in rows]
+
     def _document_rows(self, documents: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+        """Each document's word ids: stored ones (:meth:`use_documents`), the others by :meth:`_split_rows`."""
+        stored = self._store.lookup(documents) if self._store is not None else [None] * len(documents)
+        missing = [i for i, rows in enumerate(stored) if rows is None]
+        if not missing:
+            return stored, []  # type: ignore[return-value]
+        split, unknown = self._split_rows([documents[i] for i in missing])
+        for i, rows in zip(missing, split, strict=True):
+            stored[i] = rows
+        return stored, unknown  # type: ignore[return-value]
+
+    def _split_rows(self, documents: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
         """Each document's word ids, cut to ``max_document_words``, and the words outside the vocabulary.
 
         An ASCII document is split with bytes operations, in C: ``translate`` lower-cases A–Z and turns
@@ -276,15 +321,15 @@ class NumpyReranker:
         positions of a document (rows of distinct words) or its n-grams (one row each). Summing is a
         sparse product per kernel, whose inner loop runs along the ``q`` contiguous columns.
         """
-        values, scale = self._kernels(cosine)
-        soft = np.empty((members.shape[0], self.config.kernels, cosine.shape[1]), np.float32)
-        for k in range(self.config.kernels):
+        values, scale, used = self._kernels(cosine)
+        soft = np.zeros((members.shape[0], self.config.kernels, cosine.shape[1]), np.float32)
+        for k in range(used):
             soft[:, k] = members @ values[k]
         if scale is not None:
             soft *= scale[:, None]
         return soft
 
-    def _kernels(self, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _kernels(self, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
         """``[n, q]`` cosines → :func:`rbf_kernels` of them, in this thread's scratch."""
         out = self._scratch.get("kernels", (self.config.kernels, *cosine.shape))
         step = self._scratch.get("kernel_step", cosine.shape)
@@ -431,79 +476,6 @@ class NumpyReranker:
         return scores
 
 
-def rbf_kernels(cosine: np.ndarray, *, mu: np.ndarray, neg_inv_two_sigma_sq: np.ndarray, chain: KernelChain | None,
-                out: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """``[n, q]`` cosines → ``[K, n, q]`` RBF kernel values ``exp(-(cos - mu)^2 / (2 sigma^2))`` in ``out``, each
-    kernel possibly divided by a constant: ``(out, [K] constants to multiply back, or None)``.
-
-    With a ``chain`` (the soft kernels share ``sigma`` and evenly spaced centres) neighbouring kernels
-    differ by a factor ``exp(∓ rate · cos)`` and a constant (:class:`KernelChain`): two exponentials per
-    cosine instead of one per kernel. Kernels lead so each in-place pass runs over a contiguous block.
-
-    Args:
-        cosine: ``[n, q]`` float32 in [-1, 1].
-        mu, neg_inv_two_sigma_sq: ``[K]`` float32 centres and ``-1 / (2 sigma_k^2)``.
-        chain: :meth:`KernelChain.of` of them, or None to compute every kernel directly.
-        out: ``[K, n, q]`` float32 work array; step: ``[n, q]`` float32 work array.
-    """
-    if chain is None:
-        np.subtract(cosine[None], mu[:, None, None], out=out)
-        np.square(out, out=out)
-        np.multiply(out, neg_inv_two_sigma_sq[:, None, None], out=out)
-        return np.exp(out, out=out), None
-    for k in (0, chain.middle):
-        np.subtract(cosine, mu[k], out=out[k])
-        np.square(out[k], out=out[k])
-        np.multiply(out[k], neg_inv_two_sigma_sq[k], out=out[k])
-        np.exp(out[k], out=out[k])
-    np.multiply(cosine, np.float32(chain.rate), out=step)
-    np.exp(step, out=step)
-    for k in range(chain.middle, 1, -1):
-        np.multiply(out[k], step, out=out[k - 1])
-    np.reciprocal(step, out=step)
-    for k in range(chain.middle, len(out) - 1):
-        np.multiply(out[k], step, out=out[k + 1])
-    return out, chain.scale
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelChain:
-    """How :meth:`NumpyReranker._kernels` steps from one soft kernel to the next.
-
-    With ``a = 1 / (2 sigma^2)`` and centres ``mu_{k+1} = mu_k - Δ``, ``K_{k+1}(x) = K_k(x) · exp(-2aΔx) ·
-    exp(2aΔ mu_k - aΔ²)``. The chain starts at the soft kernel nearest 0 (``middle``, computed
-    directly) and multiplies by ``exp(±rate · x)`` outwards, leaving the constants out:
-    ``K_k = scale[k] · value_k``. It is used only where every value and step stays inside float32's
-    range for cosines in [-1, 1]; other shapes compute every kernel directly.
-
-    Attributes:
-        middle: index of the starting kernel (≥ 1; kernel 0, the exact match, is always direct).
-        rate: ``2 a Δ``.
-        scale: ``[K]`` float32, what each kernel's values are multiplied by after summing (1 for 0 and ``middle``).
-    """
-
-    middle: int
-    rate: float
-    scale: np.ndarray
-
-    @classmethod
-    def of(cls, mu: np.ndarray, sigma: float) -> KernelChain | None:
-        """The chain for kernel centres ``mu`` (``kernel_centres``) of width ``sigma``, or None if unsafe."""
-        soft = mu[1:].astype(np.float64)
-        if len(soft) < 3:
-            return None
-        a, step = 1.0 / (2.0 * sigma * sigma), float(soft[0] - soft[1])
-        middle = 1 + int(np.argmin(np.abs(soft)))
-        log_scale = np.zeros(len(mu))
-        for k in range(middle, len(mu) - 1):  # down: K_{k+1} = K_k · exp(-rate x) · exp(rate mu_k - a step²)
-            log_scale[k + 1] = log_scale[k] + 2 * a * step * mu[k] - a * step * step
-        for k in range(middle, 1, -1):  # up: K_{k-1} = K_k · exp(rate x) · exp(-rate mu_k - a step²)
-            log_scale[k - 1] = log_scale[k] - 2 * a * step * mu[k] - a * step * step
-        # value_k = K_k / scale_k ≤ 1 / scale_k, and the middle kernel must not underflow anywhere in [-1, 1]
-        safe = -log_scale.min() < 80 and a * (1 + abs(float(mu[middle]))) ** 2 < 80 and 2 * a * step < 80
-        return cls(middle, 2 * a * step, np.exp(log_scale).astype(np.float32)) if safe else None
-
-
 class _Scratch(threading.local):
     """Work arrays kept per thread and reused by later calls (views of them never leave a call).
 
@@ -537,21 +509,6 @@ class _Scratch(threading.local):
             if array.size <= _SCRATCH_CAP:
                 self.arrays["zeros"] = array
         return array[:size].reshape(shape)
-
-
-def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(rows, return_inverse=True)`` for small non-negative ids, by counting instead of sorting.
-
-    A query's ~6,000 candidate words are ids below ~the vocabulary size: marking them in an array of
-    that size is linear and ~3x faster than the sort ``np.unique`` runs.
-    """
-    if not rows.size:
-        return rows.copy(), np.zeros(0, np.int64)
-    seen = np.bincount(rows)
-    distinct = np.flatnonzero(seen)
-    where = np.empty(len(seen), np.int64)
-    where[distinct] = np.arange(len(distinct))
-    return distinct, where[rows]
 
 
 @functools.cache

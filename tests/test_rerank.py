@@ -225,7 +225,7 @@ def test_the_numpy_path_scores_as_the_saved_model(tmp_path, design, unigrams, ac
 @pytest.mark.parametrize(("kernels", "sigma", "chained"), [(11, 0.1, True), (11, 0.2, True), (5, 0.1, True),
                                                        (21, 0.1, True), (3, 0.1, False), (21, 0.05, False)])
 def test_the_kernel_chain_gives_the_kernels_exp_gives(kernels, sigma, chained):
-    from dssm.rerank_fast import KernelChain, rbf_kernels
+    from dssm.rerank_math import NEGLIGIBLE, KernelChain, rbf_kernels
 
     mu = kernel_centres(kernels)
     widths = np.full(kernels, sigma, np.float32)
@@ -238,11 +238,22 @@ def test_the_kernel_chain_gives_the_kernels_exp_gives(kernels, sigma, chained):
     cosine = np.concatenate([rng.uniform(-1, 1, 300 - len(special)), special]).astype(np.float32).reshape(-1, 3)
     exponent = np.square(cosine[None].astype(np.float64) - mu[:, None, None]) / (2.0 * widths[:, None, None] ** 2)
     expected = np.exp(-exponent)
-    values, scale = rbf_kernels(cosine, mu=mu, neg_inv_two_sigma_sq=neg, chain=chain,
-                                out=np.empty((kernels, *cosine.shape), np.float32), step=np.empty_like(cosine))
+    values, scale, used = rbf_kernels(cosine, mu=mu, neg_inv_two_sigma_sq=neg, chain=chain,
+                                      out=np.empty((kernels, *cosine.shape), np.float32), step=np.empty_like(cosine))
+    assert used == kernels  # cosines down to -1: every kernel counts
     got = values * (scale[:, None, None] if scale is not None else 1.0)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert np.isfinite(values).all()
+    # cosines of relu'd vectors (>= 0): the kernels centred far below them are left out, and were negligible
+    positive = np.abs(cosine)
+    values, scale, used = rbf_kernels(positive, mu=mu, neg_inv_two_sigma_sq=neg, chain=chain,
+                                      out=np.empty((kernels, *cosine.shape), np.float32), step=np.empty_like(cosine))
+    expected = np.exp(-np.square(positive[None].astype(np.float64) - mu[:, None, None])
+                      / (2.0 * widths[:, None, None] ** 2))
+    assert expected[used:].max(initial=0.0) < NEGLIGIBLE
+    assert used < kernels if (chained and sigma <= 0.1 and kernels >= 11) else used <= kernels
+    got = values[:used] * (scale[:used, None, None] if scale is not None else 1.0)
+    np.testing.assert_allclose(got, expected[:used], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("design", ["knrm", "conv-knrm"])
@@ -418,6 +429,72 @@ def test_the_reranker_rides_along_upserts_and_a_corrupt_one_is_refused_unless_as
     assert degraded.reranker is None and degraded.search("retrieval", k=3)
     with pytest.raises(IndexNotFoundError, match="no re-ranker"):
         degraded.search("retrieval", k=3, rerank=10)
+
+
+def test_document_rows_store_lookup_and_round_trip(tmp_path):
+    from dssm.rerank_docs import DocumentRows, text_key
+
+    texts = ["alpha beta", "gamma", "alpha beta", "has an unknown word", "", "café"]
+
+    def word_rows(batch):
+        return [None if "unknown" in t else np.arange(len(t.split()), dtype=np.int64) + len(t) for t in batch]
+
+    done: list[int] = []
+    store = DocumentRows.build(texts, word_rows, batch=4, progress=done.append)
+    assert done == [4, 2] and len(store) == 4  # the duplicate once, the unknown-word text left out
+    assert list(store.keys) == sorted(store.keys)
+    found = store.lookup(["gamma", "alpha beta", "has an unknown word", "not stored", "", "café"])
+    assert [None if f is None else f.tolist() for f in found] == [[5], [10, 11], None, None, [], [4]]
+    store.save(tmp_path / "documents", reranker="abc")
+    loaded = DocumentRows.load(tmp_path / "documents", reranker="abc")
+    assert [f.tolist() for f in loaded.lookup(["alpha beta"])] == [[10, 11]]
+    with pytest.raises(ChecksumError, match="another re-ranker|not this one's"):
+        DocumentRows.load(tmp_path / "documents", reranker="other")
+    # the same fingerprint with another length is not the stored text
+    odd = DocumentRows(keys=np.asarray([text_key("gamma")], np.uint64), lengths=np.asarray([99]),
+                       offsets=np.asarray([0, 1]), rows=np.asarray([5], np.int32))
+    assert odd.lookup(["gamma"]) == [None]
+    (tmp_path / "documents" / "rows.npy").write_bytes(b"\x93NUMPY broken")
+    with pytest.raises(ChecksumError, match="rows.npy"):
+        DocumentRows.load(tmp_path / "documents", reranker="abc")
+
+
+def test_stored_word_ids_change_cost_not_scores_and_ride_along_writes(adi_index, trained, tmp_path):
+    from dssm.index import attach_reranker, current_version_dir
+    from serving.searcher import Searcher
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    attach_reranker(index_dir, trained)
+    searcher = Searcher.load(index_dir)
+    fast = searcher.reranker.fast
+    assert fast._store is not None and len(fast._store) == len(searcher)  # every adi document is stored
+    texts = searcher.document_texts([h.id for h in searcher.search("information retrieval systems", k=30)])
+    texts += ["a text written after the attach, about indexing", "Ünïcödé retrieval of documents", ""]
+    assert [r is not None for r in fast._store.lookup(texts)] == [True] * 30 + [False] * 3
+    query = "retrieval of information"
+    store, stored = fast._store, fast.score_pairs([query] * len(texts), texts)
+    fast.use_documents(None)
+    try:
+        np.testing.assert_allclose(stored, fast.score_pairs([query] * len(texts), texts), rtol=1e-6, atol=1e-6)
+    finally:
+        fast.use_documents(store)
+    # upserts link reranker/ (documents/ with it); a new text is split as before
+    searcher = Searcher.load(index_dir)
+    searcher.upsert([("new-1", "", "a brand new document about retrieval of information")])
+    updated = Searcher.load(index_dir)
+    assert (current_version_dir(index_dir) / "reranker" / "documents" / "manifest.json").is_file()
+    assert updated.reranker is searcher.reranker and updated.search(query, k=3, rerank=10)
+    rows = current_version_dir(index_dir) / "reranker" / "documents" / "rows.npy"
+    rows.write_bytes(rows.read_bytes()[:-4] + b"\x00\x00\x00\x01")
+    with pytest.raises(ChecksumError, match="documents/rows.npy"):
+        Searcher.load(index_dir)
+    # without the stored ids (--no-documents), the re-ranker splits every candidate
+    plain = tmp_path / "plain"
+    shutil.copytree(adi_index, plain)
+    attach_reranker(plain, trained, documents=False)
+    assert not (current_version_dir(plain) / "reranker" / "documents").exists()
+    assert Searcher.load(plain).reranker.fast._store is None
 
 
 def test_attach_refuses_what_is_not_a_reranker(adi_index, tiny_model_dir, tmp_path):

@@ -2,25 +2,39 @@
 
 The re-ranker lives inside the version, so hot swaps, upserts (which hard-link everything they do not
 regenerate) and shards carry it; its files are checksummed in the version's manifest like every other
-file, and its own ``manifest.json`` (kind ``reranker``) is verified before it is copied in.
+file, and its own ``manifest.json`` (kind ``reranker``) is verified before it is copied in. Beside
+the model, ``reranker/documents/`` holds every document's word ids as the re-ranker reads them
+(:mod:`dssm.rerank_docs`), computed here once instead of per candidate at search time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from dssm.artifacts import RERANKER_KIND, verify_manifest
+from dssm.data import document_text
 from dssm.errors import ChecksumError
-from dssm.index.layout import RERANKER_DIR
-from dssm.index.versions import publish_index_files
+from dssm.index.docstore import DocStore
+from dssm.index.files import link_tree
+from dssm.index.layout import DOCS_DB, RERANKER_DIR
+from dssm.index.versions import current_version_dir, new_version_name, publish_index_files, staging
+from dssm.rerank_docs import DOCUMENTS_DIR, DocumentRows
 
 __all__ = ["attach_reranker", "attach_main"]
 
 
-def attach_reranker(index_dir: str | Path, reranker_dir: str | Path) -> str:
+def attach_reranker(index_dir: str | Path, reranker_dir: str | Path, *, documents: bool = True) -> str:
     """Publish the live version plus ``reranker_dir`` as its ``reranker/``; returns the new version's name.
+
+    Args:
+        documents: also store every document's word ids for the re-ranker (``reranker/documents/``,
+            :mod:`dssm.rerank_docs`): re-ranking then reads a stored candidate without splitting
+            its text. Costs one pass of the re-ranker's split over the corpus here (~20 µs a document).
 
     Raises:
         IndexNotFoundError: ``reranker_dir`` has no manifest (not a re-ranker, or its write did not finish).
@@ -33,9 +47,32 @@ def attach_reranker(index_dir: str | Path, reranker_dir: str | Path) -> str:
         fusion = json.loads((reranker_dir / "config.json").read_text())["fusion"]
     except (OSError, ValueError, KeyError) as exc:
         raise ChecksumError(f"{reranker_dir / 'config.json'} is not a re-ranker config: {exc}") from exc
-    return publish_index_files(index_dir, files={}, directories={RERANKER_DIR: reranker_dir},
-                               manifest_updates={"reranker": {"source": str(reranker_dir.resolve()),
-                                                              "fusion": fusion}})
+    updates = {"reranker": {"source": str(reranker_dir.resolve()), "fusion": fusion}}
+    if not documents:
+        return publish_index_files(index_dir, files={}, directories={RERANKER_DIR: reranker_dir},
+                                   manifest_updates=updates)
+    with staging(index_dir, new_version_name()) as stage:
+        staged = stage / RERANKER_DIR
+        link_tree(reranker_dir, staged)
+        shutil.rmtree(staged / DOCUMENTS_DIR, ignore_errors=True)  # a version's re-ranker brings its own
+        store = _document_rows(current_version_dir(index_dir), staged)
+        store.save(staged / DOCUMENTS_DIR, reranker=DocumentRows.owner(staged))
+        updates["reranker"]["documents"] = len(store)
+        return publish_index_files(index_dir, files={}, directories={RERANKER_DIR: staged}, manifest_updates=updates)
+
+
+def _document_rows(version_dir: Path, reranker_dir: Path) -> DocumentRows:
+    """The word ids of every document of ``version_dir``'s doc store, as ``reranker_dir``'s re-ranker reads them."""
+    # deferred: TensorFlow (the re-ranker's SavedModel), imported only when a re-ranker is attached
+    from dssm.rerank_export import load_reranker  # noqa: PLC0415
+
+    fast = load_reranker(reranker_dir).fast
+    if fast is None:
+        raise ChecksumError(f"{reranker_dir} is a re-ranker without the numpy scoring path's weights")
+    docs = DocStore(version_dir / DOCS_DB)
+    with tqdm(total=len(docs), desc="re-ranker word ids", unit="doc") as bar:
+        return DocumentRows.build((document_text(doc.title, doc.text) for _, doc in docs.iter_all()),
+                                  fast.word_rows, progress=bar.update)
 
 
 def attach_main(argv: list[str] | None = None) -> int:
@@ -47,7 +84,10 @@ def attach_main(argv: list[str] | None = None) -> int:
                         help="index directory (its CURRENT version is extended)")
     parser.add_argument("--reranker", required=True, type=Path,
                         help="re-ranker directory written by dssm train-reranker")
+    parser.add_argument("--documents", action=argparse.BooleanOptionalAction, default=True,
+                        help="store every document's word ids for the re-ranker (faster re-ranking; one pass "
+                             "over the corpus now)")
     args = parser.parse_args(argv)
-    version = attach_reranker(args.index, args.reranker)
+    version = attach_reranker(args.index, args.reranker, documents=args.documents)
     print(f"version    {version} (re-ranker attached)")
     return 0

@@ -1,0 +1,144 @@
+"""A re-ranker's view of an index's documents, computed once: each document's word ids (issue 13).
+
+Re-ranking reads the full text of ~100 candidates per query. Splitting them and looking their ~6,000
+words up in the re-ranker's vocabulary was the largest single step of a numpy re-ranking call (~2 ms
+of ~7.5 on debian-dev). The words of an indexed document do not change, so ``dssm attach-reranker``
+computes them once for every document of the version (:meth:`DocumentRows.build`, the numpy
+re-ranker's own split, :meth:`dssm.rerank_fast.NumpyReranker.word_rows`) and stores them in
+``reranker/documents/``; a candidate found there costs a fingerprint and a slice.
+
+Documents are keyed by their text (FarmHash64 fingerprint of its UTF-8 bytes, and its length in
+characters), not by id or row: the store stays right through upserts (a replaced document's new text
+is simply not found), deletes and compactions, which carry ``reranker/`` along unchanged. A text that
+is not found — written after the attach, or holding a word outside the vocabulary — is split as
+before. Files: ``keys.npy`` (``[n]`` uint64, sorted), ``lengths.npy`` (``[n]`` int64), ``offsets.npy``
+(``[n + 1]`` int64) and ``rows.npy`` (``[total]`` int32, vocabulary rows), memory-mapped, with a
+``manifest.json`` (kind ``reranker-documents``) that checksums them and names the re-ranker (the
+sha256 of its ``manifest.json``) they were computed for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import farmhash
+import numpy as np
+
+from dssm.artifacts import MANIFEST, load_npy, sha256_file, verify_manifest, write_manifest
+from dssm.errors import ChecksumError
+
+__all__ = ["DocumentRows", "DOCUMENTS_DIR", "DOCUMENTS_KIND", "text_key"]
+
+#: Inside a re-ranker directory of an index version.
+DOCUMENTS_DIR = "documents"
+DOCUMENTS_KIND = "reranker-documents"
+_ARRAYS = ("keys", "lengths", "offsets", "rows")
+
+
+def text_key(text: str) -> int:
+    """FarmHash64 fingerprint of ``text``'s UTF-8 bytes (lone surrogates kept, as the re-ranker reads them)."""
+    return farmhash.fingerprint64(text.encode("utf-8", "surrogatepass"))
+
+
+class DocumentRows:
+    """Word ids of documents, looked up by their text.
+
+    Args:
+        keys: ``[n]`` uint64 :func:`text_key` of each document, sorted, distinct.
+        lengths: ``[n]`` int64 each text's length in characters (a second check beside the fingerprint).
+        offsets: ``[n + 1]`` int64, document ``i``'s ids are ``rows[offsets[i]:offsets[i + 1]]``.
+        rows: ``[total]`` int32 vocabulary rows, each document's already cut as the re-ranker cuts it.
+    """
+
+    def __init__(self, *, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> None:
+        n = len(keys)
+        if lengths.shape != (n,) or offsets.shape != (n + 1,) or (n and int(offsets[-1]) != len(rows)):
+            raise ChecksumError(f"document rows do not fit together: {n} keys, lengths {lengths.shape}, "
+                                f"offsets {offsets.shape}, {len(rows)} rows")
+        # plain ndarray views of memory maps: slicing a np.memmap goes through its Python __getitem__
+        self.keys, self.lengths = np.asarray(keys), np.asarray(lengths)
+        self.offsets, self.rows = np.asarray(offsets), np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def build(cls, texts: Iterable[str], word_rows: Callable[[Sequence[str]], list[np.ndarray | None]], *,
+              batch: int = 1024, progress: Callable[[int], None] | None = None) -> DocumentRows:
+        """Every text's word ids by ``word_rows`` (``None``: a word outside the vocabulary, left out).
+
+        Args:
+            texts: the documents' full texts (title and body, as search hands them to the re-ranker).
+            word_rows: texts → each one's vocabulary rows, or ``None``
+                (:meth:`dssm.rerank_fast.NumpyReranker.word_rows`).
+            batch: texts split per call.
+            progress: called with the number of texts done after each batch.
+        """
+        keys: dict[int, tuple[int, np.ndarray]] = {}
+        chunk: list[str] = []
+
+        def flush() -> None:
+            for text, rows in zip(chunk, word_rows(chunk), strict=True):
+                if rows is not None:
+                    keys.setdefault(text_key(text), (len(text), rows.astype(np.int32)))
+            if progress is not None:
+                progress(len(chunk))
+            chunk.clear()
+
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) >= batch:
+                flush()
+        if chunk:
+            flush()
+        order = sorted(keys)
+        parts = [keys[k][1] for k in order]
+        offsets = np.zeros(len(order) + 1, np.int64)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        return cls(keys=np.asarray(order, np.uint64), lengths=np.asarray([keys[k][0] for k in order], np.int64),
+                   offsets=offsets, rows=np.concatenate(parts) if parts else np.zeros(0, np.int32))
+
+    def save(self, directory: str | Path, *, reranker: str) -> None:
+        """Write the arrays and a manifest into ``directory`` (created); ``reranker``: the sha256 of the
+        re-ranker's ``manifest.json`` these rows belong to."""
+        directory = Path(directory)
+        directory.mkdir(parents=True)
+        for name in _ARRAYS:
+            np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
+        write_manifest(directory, kind=DOCUMENTS_KIND,
+                       extra={"reranker": reranker, "documents": len(self), "rows": len(self.rows)})
+
+    @classmethod
+    def load(cls, directory: str | Path, *, reranker: str) -> DocumentRows:
+        """Verify ``directory``'s manifest and memory-map its arrays.
+
+        Raises:
+            ChecksumError: a file is missing or changed (named), or the rows were computed for another
+                re-ranker than the one whose manifest has sha256 ``reranker``.
+        """
+        directory = Path(directory)
+        manifest = verify_manifest(directory, kind=DOCUMENTS_KIND)
+        if manifest.get("reranker") != reranker:
+            raise ChecksumError(f"{directory} holds word ids for the re-ranker whose manifest has sha256 "
+                                f"{manifest.get('reranker')!r}, not this one's ({reranker!r})")
+        arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        return cls(**arrays)
+
+    @staticmethod
+    def owner(reranker_dir: str | Path) -> str:
+        """What a store inside ``reranker_dir`` must name: the sha256 of its ``manifest.json``."""
+        return sha256_file(Path(reranker_dir) / MANIFEST)
+
+    def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's stored word ids (an int32 view), or ``None`` where it is not stored."""
+        out: list[np.ndarray | None] = [None] * len(texts)
+        if not len(self.keys):
+            return out
+        keys = np.fromiter((text_key(t) if isinstance(t, str) else 0 for t in texts), np.uint64, len(texts))
+        where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        found = np.flatnonzero(self.keys[where] == keys)
+        for i, w in zip(found.tolist(), where[found].tolist(), strict=True):
+            if int(self.lengths[w]) == len(texts[i]):
+                out[i] = self.rows[self.offsets[w]:self.offsets[w + 1]]
+        return out
