@@ -28,7 +28,7 @@ import numpy as np
 from dssm.artifacts import MANIFEST, load_npy, sha256_file, verify_manifest, write_manifest
 from dssm.errors import ChecksumError
 
-__all__ = ["DocumentRows", "DOCUMENTS_DIR", "DOCUMENTS_KIND", "text_key"]
+__all__ = ["DocumentRows", "CombinedRows", "DOCUMENTS_DIR", "DOCUMENTS_KIND", "text_key"]
 
 #: Inside a re-ranker directory of an index version.
 DOCUMENTS_DIR = "documents"
@@ -141,4 +141,26 @@ class DocumentRows:
         for i, w in zip(found.tolist(), where[found].tolist(), strict=True):
             if int(self.lengths[w]) == len(texts[i]):
                 out[i] = self.rows[self.offsets[w]:self.offsets[w + 1]]
+        return out
+
+
+class CombinedRows:
+    """Several stores of the same re-ranker read as one (the shards of a sharded index): a text is looked
+    up in each until one holds it."""
+
+    def __init__(self, stores: Sequence[DocumentRows]) -> None:
+        self.stores = list(stores)
+
+    def __len__(self) -> int:
+        return sum(len(store) for store in self.stores)
+
+    def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's word ids from the first store that holds it, or ``None``."""
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for store in self.stores:
+            missing = [i for i, rows in enumerate(out) if rows is None]
+            if not missing:
+                break
+            for i, rows in zip(missing, store.lookup([texts[i] for i in missing]), strict=True):
+                out[i] = rows
         return out

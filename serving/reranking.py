@@ -21,7 +21,7 @@ import numpy as np
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.index import file_identity
 
-__all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_reranker_once"]
+__all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_reranker_once", "read_every_shards_words"]
 
 # Candidates a re-ranked search may read per query: the re-ranker reads every word of each, so this
 # bounds one request's cost (docs/rerank.md has the cost per candidate).
@@ -102,3 +102,30 @@ def load_reranker_once(directory: Path) -> Any:
     with _LOADED_LOCK:
         _LOADED[key] = loaded
     return loaded
+
+
+def read_every_shards_words(reranker: Any, directories: Sequence[Path | None]) -> None:
+    """Give ``reranker`` (loaded from the first shard) every shard's stored word ids, each verified.
+
+    Only the first shard of a :class:`serving.searcher.ShardedSearcher` loads the re-ranker, so its
+    store (``reranker/documents/``, :mod:`dssm.rerank_docs`) holds that shard's documents only; the
+    others' candidates would be split at search time. The shards carry the same re-ranker (the caller
+    checks their manifests), so any shard's stored ids are right for its texts, and a re-ranker object
+    another searcher of this process shares only gains texts it can look up.
+
+    Args:
+        reranker: a :class:`dssm.rerank_export.LoadedReranker`.
+        directories: each shard's ``reranker/`` (``None`` for one without).
+
+    Raises:
+        ChecksumError: a shard's stored ids are corrupt or belong to another re-ranker.
+    """
+    fast = getattr(reranker, "fast", None)
+    if fast is None:
+        return
+    # deferred: only a sharded index with a re-ranker needs it
+    from dssm.rerank_docs import DOCUMENTS_DIR, CombinedRows, DocumentRows
+
+    stores = [DocumentRows.load(d / DOCUMENTS_DIR, reranker=DocumentRows.owner(d))
+              for d in directories if d is not None and (d / DOCUMENTS_DIR).is_dir()]
+    fast.use_documents(CombinedRows(stores) if stores else None)

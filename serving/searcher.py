@@ -30,7 +30,7 @@ from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_confi
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
 from dssm.query_numpy import load_query_encoder
-from serving.reranking import check_rerank, load_reranker_once, rerank_results
+from serving.reranking import check_rerank, load_reranker_once, read_every_shards_words, rerank_results
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
            "text_similarity", "model_fingerprint", "merge_top_k"]
@@ -445,6 +445,8 @@ class ShardedSearcher:
                              "cannot search them all")
         if len({model_fingerprint(shard.index.reranker_dir) for shard in shards}) != 1:
             shards[0].reranker = None  # shards with different (or no) re-rankers: rerank is refused
+        elif shards[0].reranker is not None:
+            read_every_shards_words(shards[0].reranker, [shard.index.reranker_dir for shard in shards])
         if encoder is None and shards[0].index.model_dir is not None:
             encoder = _load_query_encoder(shards[0].index.model_dir, fast_queries=True)
         for shard in shards:

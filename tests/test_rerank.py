@@ -497,6 +497,26 @@ def test_stored_word_ids_change_cost_not_scores_and_ride_along_writes(adi_index,
     assert Searcher.load(plain).reranker.fast._store is None
 
 
+def test_a_sharded_searcher_reads_every_shards_stored_word_ids(tiny_model_dir, adi_dir, trained, tmp_path):
+    from dssm import index as ix
+    from serving.searcher import ShardedSearcher
+    from tests.serving_support import adi_rows, build_version
+
+    rows = adi_rows(adi_dir)
+    dirs = [tmp_path / f"s{shard}" for shard in range(2)]
+    for shard, directory in enumerate(dirs):
+        build_version(directory, tiny_model_dir, [r for r in rows if ix.shard_of(r["id"], 2) == shard])
+        ix.attach_reranker(directory, trained)
+    sharded = ShardedSearcher.load(dirs)
+    store = sharded.reranker.fast._store
+    # the first shard loads the re-ranker; every shard's documents are read from the stores
+    assert len(store) == len(rows) == len(sharded) and min(len(s) for s in store.stores) > 0
+    texts = sharded.document_texts([r["id"] for r in rows])
+    assert all(found is not None for found in store.lookup(texts))
+    hits = sharded.search("computer programs for information retrieval", k=5, mode="dense", rerank=20)
+    assert len(hits) == 5 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
 def test_attach_refuses_what_is_not_a_reranker(adi_index, tiny_model_dir, tmp_path):
     from dssm.index import attach_reranker
 
