@@ -155,6 +155,8 @@ class LoadedReranker:
         self.batch_size = batch_size
         # The numpy forward pass (dssm.rerank_fast); None: every pair goes through the SavedModel.
         self.fast = NumpyReranker.from_loaded(loaded, config=self.config, features=self.features) if fast else None
+        # directory/documents/ when it has one (an index version's re-ranker): its documents' word ids
+        self.documents: DocumentRows | None = None
 
     def weight(self, mode: str) -> float:
         """The first stage's share in the fused order for ``mode`` (1.0 = first-stage order, for a mode never tuned)."""
@@ -206,5 +208,6 @@ def load_reranker(directory: str | Path, *, batch_size: int = 512, fast: bool = 
     out = LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size, fast=fast)
     documents = directory / DOCUMENTS_DIR
     if out.fast is not None and documents.is_dir():  # an index version's: its documents' word ids
-        out.fast.use_documents(DocumentRows.load(documents, reranker=DocumentRows.owner(directory)))
+        out.documents = DocumentRows.load(documents, reranker=DocumentRows.owner(directory))
+        out.fast.use_documents(out.documents)
     return out

@@ -114,8 +114,9 @@ def read_every_shards_words(reranker: Any, directories: Sequence[Path | None]) -
     another searcher of this process shares only gains texts it can look up.
 
     Args:
-        reranker: a :class:`dssm.rerank_export.LoadedReranker`.
-        directories: each shard's ``reranker/`` (``None`` for one without).
+        reranker: a :class:`dssm.rerank_export.LoadedReranker` of the first shard's ``reranker/`` (its
+            own store, loaded and verified with it, is used as is).
+        directories: each shard's ``reranker/`` (``None`` for one without), the first shard's first.
 
     Raises:
         ChecksumError: a shard's stored ids are corrupt or belong to another re-ranker.
@@ -126,6 +127,7 @@ def read_every_shards_words(reranker: Any, directories: Sequence[Path | None]) -
     # deferred: only a sharded index with a re-ranker needs it
     from dssm.rerank_docs import DOCUMENTS_DIR, CombinedRows, DocumentRows
 
-    stores = [DocumentRows.load(d / DOCUMENTS_DIR, reranker=DocumentRows.owner(d))
-              for d in directories if d is not None and (d / DOCUMENTS_DIR).is_dir()]
+    stores = [reranker.documents] if reranker.documents is not None else []
+    stores += [DocumentRows.load(d / DOCUMENTS_DIR, reranker=DocumentRows.owner(d))
+               for d in directories[1:] if d is not None and (d / DOCUMENTS_DIR).is_dir()]
     fast.use_documents(CombinedRows(stores) if stores else None)

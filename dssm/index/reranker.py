@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -42,7 +43,11 @@ def attach_reranker(index_dir: str | Path, reranker_dir: str | Path, *, document
             ``config.json`` is unreadable.
     """
     reranker_dir = Path(reranker_dir)
-    verify_manifest(reranker_dir, kind=RERANKER_KIND)
+    fast = None
+    if documents:  # loaded to split the corpus below; loading verifies it
+        fast = _numpy_path(reranker_dir)
+    else:
+        verify_manifest(reranker_dir, kind=RERANKER_KIND)
     try:
         fusion = json.loads((reranker_dir / "config.json").read_text())["fusion"]
     except (OSError, ValueError, KeyError) as exc:
@@ -55,20 +60,25 @@ def attach_reranker(index_dir: str | Path, reranker_dir: str | Path, *, document
         staged = stage / RERANKER_DIR
         link_tree(reranker_dir, staged)
         shutil.rmtree(staged / DOCUMENTS_DIR, ignore_errors=True)  # a version's re-ranker brings its own
-        store = _document_rows(current_version_dir(index_dir), staged)
+        store = _document_rows(current_version_dir(index_dir), fast)
         store.save(staged / DOCUMENTS_DIR, reranker=DocumentRows.owner(staged))
         updates["reranker"]["documents"] = len(store)
         return publish_index_files(index_dir, files={}, directories={RERANKER_DIR: staged}, manifest_updates=updates)
 
 
-def _document_rows(version_dir: Path, reranker_dir: Path) -> DocumentRows:
-    """The word ids of every document of ``version_dir``'s doc store, as ``reranker_dir``'s re-ranker reads them."""
+def _numpy_path(reranker_dir: Path) -> Any:
+    """The re-ranker's :class:`dssm.rerank_fast.NumpyReranker` (the directory verified as it loads)."""
     # deferred: TensorFlow (the re-ranker's SavedModel), imported only when a re-ranker is attached
     from dssm.rerank_export import load_reranker  # noqa: PLC0415
 
     fast = load_reranker(reranker_dir).fast
     if fast is None:
         raise ChecksumError(f"{reranker_dir} is a re-ranker without the numpy scoring path's weights")
+    return fast
+
+
+def _document_rows(version_dir: Path, fast: Any) -> DocumentRows:
+    """The word ids of every document of ``version_dir``'s doc store, as the re-ranker ``fast`` reads them."""
     docs = DocStore(version_dir / DOCS_DB)
     with tqdm(total=len(docs), desc="re-ranker word ids", unit="doc") as bar:
         return DocumentRows.build((document_text(doc.title, doc.text) for _, doc in docs.iter_all()),
