@@ -144,6 +144,31 @@ def test_a_write_rewrites_only_the_segments_it_merges(tmp_path):
     assert not ix.load_index(path).shares_base(after)
 
 
+def test_delta_scores_are_the_matrix_product_across_row_blocks():
+    """``dssm.index.load.delta_scores`` (blocked products, a fast path for one query) is ``queries @ matrix.T``."""
+    from dssm.index.load import delta_scores
+
+    rng = np.random.default_rng(5)
+    for rows in (0, 1, 511, 512, 513, 1300):
+        matrix = rng.standard_normal((rows, 16)).astype(np.float32)
+        for q in (1, 2, 5):
+            queries = rng.standard_normal((q, 16)).astype(np.float32)
+            got = delta_scores(queries, matrix)
+            assert got.shape == (q, rows) and got.dtype == np.float32
+            assert np.allclose(got, queries @ matrix.T, atol=1e-5)
+
+
+def test_a_delta_of_several_row_blocks_serves_like_exact_search(tmp_path):
+    path = tmp_path / "idx"
+    truth = build(path, n=300)
+    rng = np.random.default_rng(9)
+    upsert(path, truth, [(f"n{j}", v, f"new {j}") for j, v in enumerate(unit(rng.standard_normal((1300, 16))))])
+    index = ix.load_index(path)
+    assert index.pending_delta == 1300
+    assert_serves_exactly(index, truth, unit(rng.standard_normal((7, 16))))
+    assert_serves_exactly(index, truth, unit(rng.standard_normal((1, 16))))
+
+
 def test_delta_rows_tied_at_the_kth_score_are_ranked_by_row_like_exact_search(tmp_path):
     path = tmp_path / "idx"
     truth = build(path, n=100)
