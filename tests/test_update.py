@@ -338,3 +338,25 @@ def test_an_update_does_not_launder_a_corrupt_linked_model(tiny_model_dir, adi_d
         Searcher.load(index_dir, fast_queries=False)
     with pytest.raises(ChecksumError, match="variables.data"):
         fast.upsert([("other-doc", "", "another new document")])
+
+
+def test_the_automatic_rebalance_waits_until_half_the_build_has_changed(tmp_path):
+    """Mutation keeps recall; a rebuild costs ~5 compactions: the default rebuilds past 50% changed rows."""
+    from dssm.index.updates import DEFAULT_REBALANCE_FRACTION
+
+    n, dim = 400, 16
+    ix.build_index(tmp_path / "idx", embeddings=clustered(n, dim, 8, seed=0), ids=[f"d{i}" for i in range(n)],
+                   texts=[f"text {i}" for i in range(n)], config=ix.ScannConfig(mode="brute_force"))
+    fresh = clustered(240, dim, 8, seed=1)
+
+    def add(lo: int, hi: int, **kwargs) -> ix.UpdateResult:
+        ids = [f"n{i}" for i in range(lo, hi)]
+        return ix.update_index(tmp_path / "idx", upsert_ids=ids, upsert_titles=[""] * len(ids), upsert_texts=ids,
+                               upsert_vectors=fresh[lo:hi], max_delta=0, **kwargs)
+
+    assert DEFAULT_REBALANCE_FRACTION == 0.5
+    first = add(0, 120)  # 30% of the build
+    assert not first.rebalanced and first.rows_changed_since_build == 120
+    second = add(120, 220)  # 55%
+    assert second.rebalanced and second.rows_changed_since_build == 0
+    assert add(220, 240, rebalance_fraction=0.03).rebalanced  # 20 rows: 3.2% of the 620-row rebuild

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dssm.data import iter_corpus
 from dssm.errors import InputError
-from dssm.index.updates import compact_index
+from dssm.index.updates import DEFAULT_REBALANCE_FRACTION, compact_index
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS
 from dssm.index.writes import delete_documents, upsert_documents
 
@@ -29,9 +29,9 @@ def add_update_arguments(parser: argparse.ArgumentParser) -> None:
                        help="rebuild the ScaNN partitions and codebooks from the updated matrix (no re-encoding)")
     group.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                        help="never rebalance (the update fails if recall drops below the build's --min-recall)")
-    parser.add_argument("--rebalance-fraction", type=float, default=0.2,
+    parser.add_argument("--rebalance-fraction", type=float, default=DEFAULT_REBALANCE_FRACTION,
                         help="rebalance automatically once the rows changed since the last full build exceed this "
-                             "fraction of that build's documents (default: 0.2)")
+                             f"fraction of that build's documents (default: {DEFAULT_REBALANCE_FRACTION})")
     parser.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS,
                         help="then keep this many newest versions (plus the live one and any a reader holds); "
                              "0 keeps every version (default: %(default)s)")

@@ -15,7 +15,7 @@ from dssm.errors import IndexNotFoundError, InputError
 from dssm.index.docstore import Doc
 from dssm.index.documents import as_documents
 from dssm.index.layout import MODEL_DIR
-from dssm.index.updates import UpdateResult, update_index
+from dssm.index.updates import DEFAULT_REBALANCE_FRACTION, UpdateResult, update_index
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS, current_version_dir
 
 __all__ = ["upsert_documents", "delete_documents"]
@@ -34,7 +34,7 @@ def _document_encoder(index_dir: Path, encoder: Any | None) -> Any:
 
 
 def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder: Any | None = None,
-                     rebalance: bool | None = None, rebalance_fraction: float = 0.2,
+                     rebalance: bool | None = None, rebalance_fraction: float = DEFAULT_REBALANCE_FRACTION,
                      batch_size: int = 4096, keep_versions: int = DEFAULT_KEEP_VERSIONS,
                      max_delta: int | None = None) -> UpdateResult:
     """Add or replace documents, encoding only them with the live version's document tower.
@@ -69,7 +69,7 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
 
 
 def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
-                     rebalance_fraction: float = 0.2, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                     rebalance_fraction: float = DEFAULT_REBALANCE_FRACTION, keep_versions: int = DEFAULT_KEEP_VERSIONS,
                      max_delta: int | None = None) -> UpdateResult:
     """Delete documents by id into a new live version (every id must exist; otherwise nothing changes)."""
     if isinstance(ids, str):
