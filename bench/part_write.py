@@ -196,7 +196,8 @@ def _http_figures(http: dict, corpus: str, *, size: str = "") -> list[Figure]:
                higher_is_better=False, note="target ≤ 200 ms"),
         Figure("write", f"HTTP writes in batches of 100, back to back, while 8 clients search, {corpus}", "docs/s",
                Stats.one(free["docs_per_s"]),
-               note=f"the writer sends its next batch when the last is live; {phase_note(free)}; target ≥ 1,000 docs/s"),
+               note=f"the writer sends its next batch when the last is live; {phase_note(free)}; "
+                    "target ≥ 1,000 docs/s"),
         Figure("write", f"search p99 during those writes{size}", "ms", Stats.one(free["search_p99_ms"]),
                peer_name="the same clients, no writes", peer=idle, higher_is_better=False,
                note="what writing as fast as the service allows costs the searchers (no target)"),
