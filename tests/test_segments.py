@@ -144,6 +144,71 @@ def test_a_write_rewrites_only_the_segments_it_merges(tmp_path):
     assert not ix.load_index(path).shares_base(after)
 
 
+def _fresh_top(matrix: np.ndarray, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ matrix.T
+    order = np.lexsort((np.broadcast_to(np.arange(matrix.shape[0]), scores.shape), -scores), axis=1)[:, :depth]
+    return order, np.take_along_axis(scores, order, 1)
+
+
+def test_a_carried_recall_probe_equals_exact_search_over_the_updated_matrix():
+    """RecallProbe.carried scores only changed rows; its k-th scores (the gate's threshold) and the rows it
+    proves must be exact search's, through deletes (last row moved into the hole), rewrites and appends,
+    including a round that deletes most of some queries' neighbours (those are searched again)."""
+    from dssm.index.recall import PROBE_DEPTH, RecallProbe
+
+    rng = np.random.default_rng(3)
+    matrix = unit(rng.standard_normal((400, 8)))
+    probe = RecallProbe(matrix, k=10, sample=60, seed=1)
+    for step in range(4):
+        n = matrix.shape[0]
+        source = np.arange(n)
+        doomed = probe.rows[:5, :15].ravel() if step == 2 else rng.choice(n, 30, replace=False)
+        for row in sorted(set(doomed.tolist()), reverse=True):  # ScaNN's delete: the last row fills the hole
+            source[row] = source[len(source) - 1]
+            source = source[:-1]
+        rewritten = rng.choice(len(source), 20, replace=False)
+        source[rewritten] = -1
+        source = np.concatenate([source, np.full(25, -1)])
+        updated = np.where((source >= 0)[:, None], matrix[np.maximum(source, 0)], 0)
+        updated[source < 0] = unit(rng.standard_normal((int((source < 0).sum()), 8)))
+        probe = RecallProbe.carried(updated.astype(np.float32), queries=probe.queries, rows=probe.rows,
+                                    scores=probe.scores, bound=probe.bound, source=source)
+        matrix = updated.astype(np.float32)
+        want_rows, want_scores = _fresh_top(matrix, probe.queries, PROBE_DEPTH)
+        np.testing.assert_allclose(probe.threshold[:, 0], want_scores[:, 9] - 1e-5, atol=1e-5)
+        proven = probe.scores >= probe.bound[:, None]
+        assert proven.sum(axis=1).min() >= 10
+        np.testing.assert_allclose(np.where(proven, probe.scores, 0), np.where(proven, want_scores, 0), atol=1e-5)
+        assert (np.where(proven, probe.rows, -1) == np.where(proven, want_rows, -1)).all()
+
+
+def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
+    from dssm.index.recall import PROBE_DEPTH, PROBE_DIR
+
+    path, rng = tmp_path / "idx", np.random.default_rng(4)
+    vectors = unit(rng.standard_normal((500, 16)))
+    ix.build_index(path, embeddings=vectors, ids=[f"d{i}" for i in range(500)], texts=["t"] * 500,
+                   config=ix.ScannConfig(mode="tree_ah", recall_sample=200))
+    truth = {f"d{i}": (v, "t") for i, v in enumerate(vectors)}
+    carried = None
+    for step in range(3):
+        upsert(path, truth, [(f"n{step}_{j}", v, f"new {j}") for j, v in enumerate(unit(rng.standard_normal((60, 16))))])
+        delete(path, truth, [f"d{j}" for j in range(step * 40, step * 40 + 40)])
+        ix.compact_index(path)
+        version = ix.current_version_dir(path)
+        assert (version / PROBE_DIR / "queries.npy").is_file()
+        artifacts.verify_manifest(version, kind="index")  # the probe's files are checksummed with the version
+        queries = np.load(version / PROBE_DIR / "queries.npy")
+        scores = np.load(version / PROBE_DIR / "scores.npy")
+        matrix = np.load(version / "embeddings.npy")
+        _, want = _fresh_top(matrix, queries, PROBE_DEPTH)
+        np.testing.assert_allclose(scores[:, 9], want[:, 9], atol=1e-5)
+        if carried is not None:  # the first compaction drew the queries; the next ones carry them
+            np.testing.assert_array_equal(queries, carried)
+        carried = queries
+    assert ix.load_index(path).size == len(truth)
+
+
 def test_delta_scores_are_the_matrix_product_across_row_blocks():
     """``dssm.index.load.delta_scores`` (blocked products, a fast path for one query) is ``queries @ matrix.T``."""
     from dssm.index.load import delta_scores

@@ -37,7 +37,7 @@ from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
-from dssm.index.recall import RecallProbe, tune_search
+from dssm.index.recall import PROBE_DIR, RecallProbe, carried_probe, tune_search
 from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
@@ -88,7 +88,7 @@ class UpdateResult:
 
 # Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
 # is hard-linked from the base version, which is never modified in place.
-_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES}
+_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES, PROBE_DIR}
 # What an update never reads, only links forward (their checksums carried over by inode): verified by
 # whoever loads them, not hashed by every write.
 _LINKED_ONLY = (MODEL_DIR, RERANKER_DIR)
@@ -385,6 +385,7 @@ def _write_scann_and_bm25(stage: Path, state: _ScannState, *, base: Path, change
 
     (stage / SCANN_DIR).mkdir()
     state.searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+    state.probe.save(stage / PROBE_DIR)
     tick = time.perf_counter()
     source, new_rows = changes.sources()
     if not update_bm25_state(base, stage, source=source, new_docs={row: docs[j] for row, j in new_rows.items()}):
@@ -485,6 +486,7 @@ class _ScannState:
     reason: str | None  # why it was rebalanced, or None
     history: dict[str, Any]
     config: ScannConfig  # the base build's, read from its manifest
+    probe: RecallProbe  # saved beside the new base, for the next compaction to carry
 
 
 def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, vectors: np.ndarray, *,
@@ -510,7 +512,7 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
             reason = f"auto mode picks {resolve_scann_params(config, changes.final)['mode']} for {changes.final} " \
                      "documents"
     tick = time.perf_counter()
-    probe = RecallProbe(changes.matrix, k=10, sample=config.recall_sample, seed=config.seed)
+    probe = carried_probe(base, changes.matrix, changes.sources()[0], sample=config.recall_sample, seed=config.seed)
     timings["exact"] = time.perf_counter() - tick
     searcher, recall = None, 0.0
     if reason is None:
@@ -534,7 +536,7 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
         raise ConfigError(f"ScaNN recall@10 {recall:.4f} after the update is below {min_recall} with {params}"
                           + ("" if rebalance is not False else "; rebalancing was forbidden"))
     return _ScannState(searcher=searcher, params=params, recall=recall, reason=reason, history=history,
-                       config=config)
+                       config=config, probe=probe)
 
 
 def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float,
