@@ -192,7 +192,8 @@ def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
     truth = {f"d{i}": (v, "t") for i, v in enumerate(vectors)}
     carried = None
     for step in range(3):
-        upsert(path, truth, [(f"n{step}_{j}", v, f"new {j}") for j, v in enumerate(unit(rng.standard_normal((60, 16))))])
+        fresh = unit(rng.standard_normal((60, 16)))
+        upsert(path, truth, [(f"n{step}_{j}", v, f"new {j}") for j, v in enumerate(fresh)])
         delete(path, truth, [f"d{j}" for j in range(step * 40, step * 40 + 40)])
         ix.compact_index(path)
         version = ix.current_version_dir(path)
