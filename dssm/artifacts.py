@@ -73,7 +73,8 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
     """
     directory = Path(directory)
     known = _linked_checksums(Path(linked_from)) if linked_from is not None else {}
-    files = {}
+    files: dict[str, dict[str, Any]] = {}
+    hashed: dict[tuple[int, int, int], str] = {}  # two paths of one inode (hard links) are read once
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         if rel == MANIFEST or path.name.startswith(".") and ".tmp-" in path.name:
@@ -83,7 +84,10 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
         if reused is not None and reused[0] == (stat.st_dev, stat.st_ino) and reused[1]["bytes"] == stat.st_size:
             files[rel] = dict(reused[1])
         else:
-            files[rel] = {"sha256": sha256_file(path), "bytes": stat.st_size}
+            inode = (stat.st_dev, stat.st_ino, stat.st_size)
+            if inode not in hashed:
+                hashed[inode] = sha256_file(path)
+            files[rel] = {"sha256": hashed[inode], "bytes": stat.st_size}
     manifest = {
         "kind": kind,
         "format_version": 1,
@@ -151,18 +155,32 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tup
     manifest = read_manifest(directory)
     if kind is not None and manifest.get("kind") != kind:
         raise ChecksumError(f"{directory} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    hashed: dict[tuple[int, int, int], str] = {}  # two paths of one inode (hard links) are read once
     for rel, meta in manifest["files"].items():
         if any(rel == entry or rel.startswith(entry + "/") for entry in skip):
             continue
         path = directory / rel
         if not path.is_file():
             raise ChecksumError(f"{path} is listed in {MANIFEST} but missing")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise ChecksumError(f"{path} has {size} bytes, manifest says {meta['bytes']} (truncated or changed)")
-        if sha256_file(path) != meta["sha256"]:
-            raise ChecksumError(f"{path} does not match its sha256 in {MANIFEST} (corrupted or changed)")
+        stat = path.stat()
+        if stat.st_size != meta["bytes"]:
+            raise ChecksumError(f"{path} has {stat.st_size} bytes, manifest says {meta['bytes']} (truncated or "
+                                f"changed){_same_file_as(directory, manifest, rel)}")
+        inode = (stat.st_dev, stat.st_ino, stat.st_size)
+        if inode not in hashed:
+            hashed[inode] = sha256_file(path)
+        if hashed[inode] != meta["sha256"]:
+            raise ChecksumError(f"{path} does not match its sha256 in {MANIFEST} (corrupted or changed)"
+                                f"{_same_file_as(directory, manifest, rel)}")
     return manifest
+
+
+def _same_file_as(directory: Path, manifest: dict[str, Any], rel: str) -> str:
+    """``"; it is the same file as a, b"`` for the manifest's other paths that are hard links of ``rel``."""
+    path = directory / rel
+    links = [other for other in manifest["files"]
+             if other != rel and (directory / other).is_file() and (directory / other).samefile(path)]
+    return f"; it is the same file as {', '.join(links)}" if links else ""
 
 
 # numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not

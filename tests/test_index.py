@@ -509,3 +509,31 @@ def test_streamed_bm25_state_equals_bm25s(tmp_path, method):
     assert len(streamed[0]) == 12
     with pytest.raises(ConfigError, match="bm25l"):
         bm25.write_bm25_state(tmp_path / "l", docs, config=bm25.BM25Config(method="bm25l"))
+
+
+def test_embeddings_npy_is_scanns_float_dataset_linked_once_hashed_once(tmp_path, monkeypatch):
+    """A tree-AH build keeps one copy of the float rows: embeddings.npy is a hard link to ScaNN's
+    dataset.npy (same rows, compared first), hashed once for the manifest; a different array is not linked."""
+    from dssm import artifacts
+    from dssm.index.ann import share_scann_dataset
+
+    matrix = unit_vectors(2000, 16, seed=2)
+    hashed = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path, **kw: hashed.append(Path(path).name) or real(path, **kw))
+    ix.build_index(tmp_path / "idx", embeddings=matrix, ids=ids_for(2000), texts=["t"] * 2000,
+                   config=ix.ScannConfig(mode="tree_ah", num_leaves=20))
+    version = ix.current_version_dir(tmp_path / "idx")
+    assert (version / "embeddings.npy").samefile(version / "scann" / "dataset.npy")
+    assert hashed.count("embeddings.npy") + hashed.count("dataset.npy") == 1
+    artifacts.verify_manifest(version, kind="index")
+    index = ix.load_index(tmp_path / "idx")
+    np.testing.assert_allclose(np.asarray(index.embeddings()), matrix, atol=1e-6)
+    rows, _ = index.search_vectors(matrix[:3], 1)
+    assert rows[:, 0].tolist() == [0, 1, 2]
+    other = tmp_path / "other"
+    (other / "scann").mkdir(parents=True)
+    np.save(other / "embeddings.npy", matrix)
+    np.save(other / "scann" / "dataset.npy", matrix[::-1].copy())
+    assert not share_scann_dataset(other)
+    assert not (other / "embeddings.npy").samefile(other / "scann" / "dataset.npy")

@@ -198,6 +198,7 @@ def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
         ix.compact_index(path)
         version = ix.current_version_dir(path)
         assert (version / PROBE_DIR / "queries.npy").is_file()
+        assert (version / "embeddings.npy").samefile(version / "scann" / "dataset.npy")  # one copy of the rows
         artifacts.verify_manifest(version, kind="index")  # the probe's files are checksummed with the version
         queries = np.load(version / PROBE_DIR / "queries.npy")
         scores = np.load(version / PROBE_DIR / "scores.npy")

@@ -27,6 +27,7 @@ from dssm.index.ann import (
     l2_normalize_inplace,
     npy_chunks,
     resolve_scann_params,
+    share_scann_dataset,
 )
 from dssm.index.docstore import DocStore, DocStoreWriter
 from dssm.index.files import tree_bytes
@@ -178,6 +179,7 @@ def _build_ann(stage: Path, box: list[np.ndarray], *, config: ScannConfig, timin
     trace.mark("scann_build")
     (stage / SCANN_DIR).mkdir()
     searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
+    share_scann_dataset(stage)
     release_free_memory()
     trace.mark("scann_serialize")
     tick = time.perf_counter()

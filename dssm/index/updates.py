@@ -8,13 +8,8 @@ partitions whose centres no longer describe them), if the ``auto`` ScaNN mode wo
 another structure for the new size, or if recall@10 of the updated searcher falls below
 ``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update).
 
-The default drift threshold is :data:`DEFAULT_REBALANCE_FRACTION` (half the build's documents; 20%
-until 2026-12-06). Measured on the write bench's 100k synthetic index (``Searcher.search`` p50, one
-thread), appending 20k documents at a time by mutation kept recall@10 at 0.951-0.952 with the same
-leaves searched, and query time grew with the index (0.559 ms at 100k, 0.608 / 0.649 / 0.711 ms at
-+20 / +40 / +60%); a rebuild at +60% gave 0.673 ms. A rebuild there cost 12.9 s of CPU against 2.7 s
-for a mutating compaction of 20k documents, and under 1,000 documents/s of writes the 20% rule
-rebuilt every 20 s: most of the CPU the service's writes took from its searches.
+The default drift threshold, :data:`DEFAULT_REBALANCE_FRACTION`, is half the build's documents (20%
+until 2026-12-06; docs/scaling.md has the measurements behind it).
 """
 
 from __future__ import annotations
@@ -32,7 +27,14 @@ import numpy as np
 
 from dssm.artifacts import load_npy, manifest_extra, read_manifest, verify_manifest, write_manifest
 from dssm.errors import ConfigError, IndexNotFoundError, InputError
-from dssm.index.ann import ScannConfig, build_scann, l2_normalize_inplace, resolve_scann_params, scann_pybind
+from dssm.index.ann import (
+    ScannConfig,
+    build_scann,
+    l2_normalize_inplace,
+    resolve_scann_params,
+    scann_pybind,
+    share_scann_dataset,
+)
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
@@ -53,8 +55,7 @@ from dssm.index.versions import (
 
 __all__ = ["DEFAULT_REBALANCE_FRACTION", "UpdateResult", "update_index", "compact_index"]
 
-#: Rows changed since the last full build, as a fraction of that build's documents, past which an
-#: update or compaction rebuilds ScaNN (see the module docstring for why half).
+#: Rows changed since the last full build, per document it held, past which ScaNN is rebuilt.
 DEFAULT_REBALANCE_FRACTION = 0.5
 
 
@@ -386,6 +387,7 @@ def _write_scann_and_bm25(stage: Path, state: _ScannState, *, base: Path, change
     (stage / SCANN_DIR).mkdir()
     state.searcher.serialize(str(stage / SCANN_DIR), relative_path=True)
     state.probe.save(stage / PROBE_DIR)
+    share_scann_dataset(stage, atol=1e-6)
     tick = time.perf_counter()
     source, new_rows = changes.sources()
     if not update_bm25_state(base, stage, source=source, new_docs={row: docs[j] for row, j in new_rows.items()}):
