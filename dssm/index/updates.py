@@ -6,15 +6,14 @@ since the last full build exceed ``rebalance_fraction`` of the documents that bu
 k-means tree and AH codebooks were trained on the old distribution, and appended points sit in
 partitions whose centres no longer describe them), if the ``auto`` ScaNN mode would now pick
 another structure for the new size, or if recall@10 of the updated searcher falls below
-``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update).
-
-The default drift threshold, :data:`DEFAULT_REBALANCE_FRACTION`, is half the build's documents (20%
-until 2026-12-06; docs/scaling.md has the measurements behind it).
+``min_recall``. ``rebalance=False`` never rebalances (the recall gate then fails the update). The
+default threshold is :data:`DEFAULT_REBALANCE_FRACTION` (20% until 2026-12-06; docs/scaling.md says why).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import sqlite3
 import time
@@ -389,7 +388,7 @@ def _write_scann_and_bm25(stage: Path, state: _ScannState, *, base: Path, change
     state.probe.save(stage / PROBE_DIR)
     share_scann_dataset(stage, atol=1e-6)
     tick = time.perf_counter()
-    source, new_rows = changes.sources()
+    source, new_rows = changes.sources
     if not update_bm25_state(base, stage, source=source, new_docs={row: docs[j] for row, j in new_rows.items()}):
         write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
     timings["bm25"] = time.perf_counter() - tick
@@ -408,6 +407,7 @@ class _RowChanges:
     new_rows: list[int]  # indices (into the upserts) of the appended documents
     replaced: int
 
+    @functools.cached_property  # the probe and the BM25 state both need it
     def sources(self) -> tuple[np.ndarray, dict[int, int]]:
         """Per new row, the base row whose document it still holds (or -1), and ``{new row: upsert index}``."""
         source = np.arange(self.size + len(self.delete_rows), dtype=np.int64)
@@ -514,7 +514,7 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
             reason = f"auto mode picks {resolve_scann_params(config, changes.final)['mode']} for {changes.final} " \
                      "documents"
     tick = time.perf_counter()
-    probe = carried_probe(base, changes.matrix, changes.sources()[0], sample=config.recall_sample, seed=config.seed)
+    probe = carried_probe(base, changes.matrix, changes.sources[0], sample=config.recall_sample, seed=config.seed)
     timings["exact"] = time.perf_counter() - tick
     searcher, recall = None, 0.0
     if reason is None:
