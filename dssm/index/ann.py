@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from dssm.artifacts import load_npy
 from dssm.config import field
 from dssm.errors import ConfigError
+from dssm.index.files import fsync_file
+from dssm.index.layout import EMBEDDINGS, SCANN_DIR
 
 __all__ = [
-    "share_scann_dataset",
     "scann_pybind", "SCANN_MODES", "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks",
-    "NpyRows", "npy_chunks", "l2_normalize_inplace", "exact_top_k",
+    "NpyRows", "npy_chunks", "l2_normalize_inplace", "exact_top_k", "share_scann_dataset",
 ]
 
 
@@ -330,10 +332,6 @@ def share_scann_dataset(version_dir: Path, *, atol: float = 0.0, chunk: int = 65
     Returns:
         Whether the two are now one file.
     """
-    from dssm.artifacts import load_npy
-    from dssm.index.files import fsync_file
-    from dssm.index.layout import EMBEDDINGS, SCANN_DIR
-
     ours, theirs = Path(version_dir) / EMBEDDINGS, Path(version_dir) / SCANN_DIR / "dataset.npy"
     if not (ours.is_file() and theirs.is_file()):
         return False

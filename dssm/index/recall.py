@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dssm.artifacts import load_npy
 from dssm.index.ann import exact_top_k
 
 __all__ = ["PROBE_DEPTH", "PROBE_DIR", "RecallProbe", "carried_probe", "tune_leaves_to_search", "tune_reorder_k",
@@ -24,6 +25,8 @@ __all__ = ["PROBE_DEPTH", "PROBE_DIR", "RecallProbe", "carried_probe", "tune_lea
 PROBE_DIR = "recall_probe"
 #: Exact neighbours kept per probe query (twice the gate's k), so that deleted rows rarely force a rescan.
 PROBE_DEPTH = 20
+# The arrays a saved probe holds, one .npy file each.
+_SAVED = ("queries", "rows", "scores", "bound")
 
 # How far the gate may grow reorder_k past the configured value (x2 a step) before the build fails.
 REORDER_GROWTH_LIMIT = 16
@@ -110,7 +113,7 @@ class RecallProbe:
         """Write ``queries.npy``, ``rows.npy``, ``scores.npy`` and ``bound.npy`` into ``directory`` (new)."""
         directory.mkdir()
         if self.size:
-            for name in ("queries", "rows", "scores", "bound"):
+            for name in _SAVED:
                 np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
 
     def recall(self, searcher: Any, *, leaves_to_search: int | None = None, pre_reorder: int | None = None) -> float:
@@ -136,9 +139,8 @@ def carried_probe(base: Path, matrix: np.ndarray, source: np.ndarray, *, sample:
     one when the base has none, or one of another width or sample size (the caller verified the base's
     checksums)."""
     directory = Path(base) / PROBE_DIR
-    names = ("queries", "rows", "scores", "bound")
-    if all((directory / f"{name}.npy").is_file() for name in names):
-        saved = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in names}
+    if all((directory / f"{name}.npy").is_file() for name in _SAVED):
+        saved = {name: load_npy(directory / f"{name}.npy") for name in _SAVED}
         depth = min(PROBE_DEPTH, matrix.shape[0])
         if saved["queries"].shape == (min(sample, matrix.shape[0]), matrix.shape[1]) and \
                 saved["rows"].ndim == 2 and saved["rows"].shape[1] == depth and saved["rows"].size:
