@@ -109,6 +109,15 @@ def test_leaves_tuning_grows_to_the_target_then_bisects_back_and_reuses_a_recall
     assert ix.tune_leaves_to_search(searcher, probe, start=40, num_leaves=100, min_recall=0.95)[0] == 40
     assert searcher.calls == [40]
     assert ix.tune_leaves_to_search(searcher, probe, start=10, num_leaves=25, min_recall=0.95)[:2] == (25, 0.0)
+    # a compaction's start was just short: small steps that double (+1, then x1.06) find 30 in two searches,
+    # where x1.25 then bisecting back takes four
+    searcher.calls.clear()
+    assert ix.tune_leaves_to_search(searcher, probe, start=28, num_leaves=100, min_recall=0.95, start_recall=0.0,
+                                    first_growth=ix.MUTATED_FIRST_GROWTH)[0] == 30
+    assert searcher.calls == [29, 30]
+    searcher.calls.clear()
+    leaves = ix.tune_leaves_to_search(searcher, probe, start=28, num_leaves=100, min_recall=0.95, start_recall=0.0)[0]
+    assert leaves == 30 and searcher.calls == [35, 31, 29, 30]
 
 
 def test_ah_recall_against_brute_force(tmp_path):
@@ -207,7 +216,7 @@ def test_current_points_to_a_complete_version(tmp_path):
     assert ix.list_versions(tmp_path / "idx") == sorted([first.version, second.version])
     current = ix.current_version_dir(tmp_path / "idx")
     assert sorted(p.name for p in current.iterdir()) == ["bm25", "docs.sqlite", "embeddings.npy", "manifest.json",
-                                                         "scann"]
+                                                         "recall_probe", "scann"]
     manifest = read_manifest(current)
     assert manifest["kind"] == "index" and manifest["counts"]["documents"] == 50 and manifest["dim"] == 8
     # Every file in the version is covered by the manifest.

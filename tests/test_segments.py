@@ -190,7 +190,10 @@ def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
     ix.build_index(path, embeddings=vectors, ids=[f"d{i}" for i in range(500)], texts=["t"] * 500,
                    config=ix.ScannConfig(mode="tree_ah", recall_sample=200))
     truth = {f"d{i}": (v, "t") for i, v in enumerate(vectors)}
-    carried = None
+    built = ix.current_version_dir(path) / PROBE_DIR
+    artifacts.verify_manifest(built.parent, kind="index")  # the build saves its probe, checksummed
+    carried = np.load(built / "queries.npy")
+    assert carried.shape == (200, 16)
     for step in range(3):
         fresh = unit(rng.standard_normal((60, 16)))
         upsert(path, truth, [(f"n{step}_{j}", v, f"new {j}") for j, v in enumerate(fresh)])
@@ -205,8 +208,7 @@ def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
         matrix = np.load(version / "embeddings.npy")
         _, want = _fresh_top(matrix, queries, PROBE_DEPTH)
         np.testing.assert_allclose(scores[:, 9], want[:, 9], atol=1e-5)
-        if carried is not None:  # the first compaction drew the queries; the next ones carry them
-            np.testing.assert_array_equal(queries, carried)
+        np.testing.assert_array_equal(queries, carried)  # the build drew the queries; compactions carry them
         carried = queries
     assert ix.load_index(path).size == len(truth)
 

@@ -41,7 +41,7 @@ from dssm.index.documents import as_documents, document_fields
 from dssm.index.files import file_identity
 from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
 from dssm.index.load import Index, load_index, preload_base
-from dssm.index.recall import RecallProbe, tune_leaves_to_search, tune_reorder_k, tune_search
+from dssm.index.recall import MUTATED_FIRST_GROWTH, RecallProbe, tune_leaves_to_search, tune_reorder_k, tune_search
 from dssm.index.reranker import attach_reranker
 from dssm.index.shards import parse_shard_spec, shard_of
 from dssm.index.updates import UpdateResult, compact_index, update_index
@@ -68,7 +68,7 @@ from dssm.index.writes import delete_documents, upsert_documents
 __all__ = [
     "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
     "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
-    "exact_top_k", "RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search",
+    "exact_top_k", "MUTATED_FIRST_GROWTH", "RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search",
     "Doc", "DocStoreWriter", "DocStore", "document_fields",
     "as_documents", "new_version_name", "staging_dir", "staging", "clean_stale_staging", "IndexWriteLock",
     "publish_version", "current_version_dir", "list_versions", "prune_versions", "check_added_file_name",

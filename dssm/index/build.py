@@ -33,7 +33,7 @@ from dssm.index.docstore import DocStore, DocStoreWriter
 from dssm.index.files import tree_bytes
 from dssm.index.layout import BATCH_ROWS, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR
 from dssm.index.memory import MemoryTrace, release_free_memory
-from dssm.index.recall import RecallProbe, tune_search
+from dssm.index.recall import PROBE_DIR, RecallProbe, tune_search
 from dssm.index.versions import check_added_file_name, new_version_name, publish_version, staging
 
 __all__ = [
@@ -186,6 +186,7 @@ def _build_ann(stage: Path, box: list[np.ndarray], *, config: ScannConfig, timin
     recall = tune_search(searcher, probe, params, tune_leaves=config.num_leaves_to_search == 0,
                          min_recall=config.min_recall)
     timings["recall"] = time.perf_counter() - tick
+    probe.save(stage / PROBE_DIR)  # the first compaction carries it (an exact search is 3.4 s at 1M)
     rows_on_disk.close()
     del searcher, probe
     release_free_memory()

@@ -18,13 +18,16 @@ import numpy as np
 from dssm.artifacts import load_npy
 from dssm.index.ann import exact_top_k
 
-__all__ = ["PROBE_DEPTH", "PROBE_DIR", "RecallProbe", "carried_probe", "tune_leaves_to_search", "tune_reorder_k",
-           "tune_search", "REORDER_GROWTH_LIMIT"]
+__all__ = ["MUTATED_FIRST_GROWTH", "PROBE_DEPTH", "PROBE_DIR", "RecallProbe", "carried_probe", "tune_leaves_to_search",
+           "tune_reorder_k", "tune_search", "REORDER_GROWTH_LIMIT"]
 
 #: The probe's directory in a version.
 PROBE_DIR = "recall_probe"
 #: Exact neighbours kept per probe query (twice the gate's k), so that deleted rows rarely force a rescan.
 PROBE_DEPTH = 20
+#: The first growth of the partitions searched when a compaction's update left recall just below the
+#: target (see :func:`tune_leaves_to_search`'s ``first_growth``).
+MUTATED_FIRST_GROWTH = 1.03
 # The arrays a saved probe holds, one .npy file each.
 _SAVED = ("queries", "rows", "scores", "bound")
 
@@ -149,7 +152,7 @@ def carried_probe(base: Path, matrix: np.ndarray, source: np.ndarray, *, sample:
 
 
 def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_leaves: int,
-                          min_recall: float, start_recall: float | None = None
+                          min_recall: float, start_recall: float | None = None, first_growth: float = 1.25
                           ) -> tuple[int, float, list[tuple[int, float]]]:
     """The fewest tree partitions searched (from ``start`` up) whose recall reaches ``min_recall``.
 
@@ -165,6 +168,11 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
     Args:
         start_recall: the probe's recall at ``start`` when the caller has just measured it (a
             compaction does): not searched again (a probe search over 1M rows is ~0.6 s).
+        first_growth: the first step's factor (at least one partition more; the step's growth then
+            doubles, up to x1.25). A compaction, whose
+            ``start`` met the target before the update, passes a small one: its recall is typically a
+            hair below (0.9485 for 0.95 at 100k after a 10k-row delta), and x1.25 then bisecting back
+            took 5 probe searches to add 2 partitions (0.9 s of a 2.7 s compaction at 100k).
 
     Returns:
         (leaves_to_search, its recall, [(leaves, recall), ...] in the order tried).
@@ -173,9 +181,11 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
     recall = probe.recall(searcher, leaves_to_search=leaves) if start_recall is None else start_recall
     tried = [(leaves, recall)]
     missed = 0  # the largest count known to miss the target
+    growth = first_growth
     while recall < min_recall and leaves < num_leaves:
         missed = leaves
-        leaves = min(num_leaves, max(leaves + 1, int(leaves * 1.25)))
+        leaves = min(num_leaves, max(leaves + 1, int(leaves * growth)))
+        growth = min(1.25, 2 * growth - 1)  # a small first step doubles its growth until x1.25
         recall = probe.recall(searcher, leaves_to_search=leaves)
         tried.append((leaves, recall))
     if recall < min_recall:
@@ -213,17 +223,19 @@ def tune_reorder_k(searcher: Any, probe: RecallProbe, *, start: int, min_recall:
 
 
 def tune_search(searcher: Any, probe: RecallProbe, params: dict[str, Any], *, tune_leaves: bool, min_recall: float,
-                measured: float | None = None) -> float:
+                measured: float | None = None, first_growth: float = 1.25) -> float:
     """The recall gate's search settings: the searcher's recall once tuned up to ``min_recall``.
 
     A tree grows its partitions searched first (when ``tune_leaves``: the user left it automatic),
     then AH grows ``reorder_k``; ``params`` gets the chosen values and the ``leaves_tuning`` /
-    ``reorder_tuning`` trail. ``measured``: the recall at the current settings, if known.
+    ``reorder_tuning`` trail. ``measured``: the recall at the current settings, if known;
+    ``first_growth``: see :func:`tune_leaves_to_search`.
     """
     leaves = params.get("num_leaves_to_search")
     if params["mode"] == "tree_ah" and tune_leaves:
         leaves, recall, tried = tune_leaves_to_search(searcher, probe, start=leaves, num_leaves=params["num_leaves"],
-                                                      min_recall=min_recall, start_recall=measured)
+                                                      min_recall=min_recall, start_recall=measured,
+                                                      first_growth=first_growth)
         params.update(num_leaves_to_search=leaves, leaves_tuning=[[lv, round(r, 4)] for lv, r in tried])
     else:
         recall = probe.recall(searcher, leaves_to_search=leaves) if measured is None else measured

@@ -38,7 +38,7 @@ from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
-from dssm.index.recall import PROBE_DIR, RecallProbe, carried_probe, tune_search
+from dssm.index.recall import MUTATED_FIRST_GROWTH, PROBE_DIR, RecallProbe, carried_probe, tune_search
 from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
@@ -542,10 +542,10 @@ def _update_scann(base: Path, manifest: dict[str, Any], changes: _RowChanges, ve
 
 
 def _gate(searcher: Any, probe: RecallProbe, params: dict[str, Any], config: ScannConfig, min_recall: float,
-          measured: float | None = None) -> float:
+          measured: float | None = None, first_growth: float = 1.25) -> float:
     """Recall of the searcher tuned up to ``min_recall`` (``params`` updated; :func:`tune_search`)."""
     return tune_search(searcher, probe, params, tune_leaves=config.num_leaves_to_search == 0, min_recall=min_recall,
-                       measured=measured)
+                       measured=measured, first_growth=first_growth)
 
 
 def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: RecallProbe, params: dict[str, Any],
@@ -577,7 +577,7 @@ def _mutate_scann(base: Path, changes: _RowChanges, vectors: np.ndarray, probe: 
     # cheaper than re-partitioning.
     target = max(min_recall, min(1.0, float(history.get("recall_at_build", manifest["recall@10"]))) - 0.01)
     if recall < target and params["mode"] == "tree_ah" and config.num_leaves_to_search == 0:
-        recall = _gate(searcher, probe, params, config, target, measured=recall)
+        recall = _gate(searcher, probe, params, config, target, measured=recall, first_growth=MUTATED_FIRST_GROWTH)
     return searcher, recall
 
 
