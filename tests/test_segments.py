@@ -13,7 +13,16 @@ import pytest
 from dssm import artifacts
 from dssm import index as ix
 from dssm.errors import ChecksumError, InputError
-from dssm.index.segments import DELTA_DIR, MAX_SEGMENTS, MERGE_FACTOR, TOMBSTONES, SegmentLayout, merge_start
+from dssm.index.docstore import Doc
+from dssm.index.segments import (
+    DELTA_DIR,
+    MAX_SEGMENTS,
+    MERGE_FACTOR,
+    TOMBSTONES,
+    DeltaSegment,
+    SegmentLayout,
+    merge_start,
+)
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -211,6 +220,35 @@ def test_compactions_save_the_recall_probe_and_carry_it(tmp_path):
         np.testing.assert_array_equal(queries, carried)  # the build drew the queries; compactions carry them
         carried = queries
     assert ix.load_index(path).size == len(truth)
+
+
+def test_a_delta_segment_reads_back_texts_with_any_line_separator(tmp_path):
+    docs = [Doc("a", "ti\x85tle", "line\u2028sep\u2029par\nnew\r\x1c\x0b\x0c end"),
+            Doc("b", "", "plain \u00e9\U0001f600")]
+    matrix = np.arange(6, dtype=np.float32).reshape(2, 3)
+    DeltaSegment("s", docs, matrix).write(tmp_path / "s")
+    loaded = DeltaSegment.load(tmp_path / "s")
+    assert loaded.docs == docs and loaded.rows_by_id == {"a": 0, "b": 1}
+    np.testing.assert_array_equal(loaded.matrix, matrix)
+    (tmp_path / "s" / "docs.jsonl").write_text('{"id": "a", "title": "", "text": "x"}\n{"id": "b"\n', encoding="utf-8")
+    with pytest.raises(ChecksumError, match="unreadable"):
+        DeltaSegment.load(tmp_path / "s")
+
+
+def test_the_live_delta_rows_are_stacked_as_concatenating_then_selecting_would():
+    """``dssm.index.load._stack_live`` copies each segment's live rows once into one matrix."""
+    from dssm.index.load import _stack_live
+
+    rng = np.random.default_rng(6)
+    for sizes in ([], [5], [3, 0, 7, 2], [1, 1]):
+        segments = tuple(DeltaSegment(f"s{i}", [Doc(f"d{i}-{j}", "", "") for j in range(n)],
+                                      rng.standard_normal((n, 4)).astype(np.float32)) for i, n in enumerate(sizes))
+        for _ in range(10):
+            live = np.flatnonzero(rng.random(sum(sizes)) < rng.random())
+            want = np.concatenate([s.matrix for s in segments])[live] if segments else np.zeros((0, 4), np.float32)
+            got = _stack_live(segments, live, 4)
+            assert got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want)
 
 
 def test_delta_scores_are_the_matrix_product_across_row_blocks():

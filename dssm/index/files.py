@@ -63,13 +63,33 @@ def file_identity(directory: Path, names: tuple[str, ...]) -> tuple[Any, ...]:
     """(path, device, inode, size, mtime) of every file under ``names`` of ``directory``, sorted.
 
     Equal identities are the same bytes unless written in place without a new mtime: a cache of
-    what was loaded (and verified) from files keys on it, and a hard link keeps it.
+    what was loaded (and verified) from files keys on it, and a hard link keeps it. A served write's
+    reload asks for it several times, so it walks with ``os.scandir`` (pathlib's ``rglob`` was ~1.4 ms
+    of a ~3.6 ms reload at 100k documents).
     """
-    out = []
+    out: list[tuple[Any, ...]] = []
     for name in names:
-        root = directory / name
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in paths:
-            st = os.stat(path)
-            out.append((path.relative_to(directory).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        root = os.path.join(directory, name)
+        if os.path.isfile(root):
+            st = os.stat(root)
+            out.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        else:
+            found: list[tuple[Any, ...]] = []
+            _scan_files(root, name, found)
+            out.extend(sorted(found))
     return tuple(out)
+
+
+def _scan_files(path: str, rel: str, out: list[tuple[Any, ...]]) -> None:
+    """Append (rel path, device, inode, size, mtime) of each file under ``path`` (symlinks not followed)."""
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        child = f"{rel}/{entry.name}"
+        if entry.is_dir(follow_symlinks=False):
+            _scan_files(entry.path, child, out)
+        elif entry.is_file():
+            st = os.stat(entry.path)
+            out.append((child, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))

@@ -43,7 +43,8 @@ __all__ = ["Index", "delta_scores", "load_index", "preload_base", "loaded_delta_
            "remember_delta_segment"]
 
 _BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
-_BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR)
+_PROBE_DIR = "recall_probe"  # dssm.index.recall.PROBE_DIR: a base's, linked by every delta write over it
+_BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR, _PROBE_DIR)
 # Queries scored against the delta at once: bounds the [queries, delta rows] score block.
 _DELTA_QUERY_BLOCK = 256
 # Delta rows per matrix product in :func:`delta_scores` (256 KB of a 128-wide matrix: stays in L2).
@@ -101,8 +102,7 @@ class Index:
         self._base_dead = int(self.dead[:base_rows].sum())
         live = np.flatnonzero(~self.dead[base_rows:])
         self._delta_rows = live + base_rows  # [live delta] logical rows
-        self._delta_matrix = np.concatenate([d.matrix for d in deltas])[live] if deltas else \
-            np.zeros((0, self.dim), np.float32)  # [live delta, dim]
+        self._delta_matrix = _stack_live(deltas, live, self.dim)  # [live delta, dim]
         self._matrix: Any = None  # the memory-mapped base matrix, opened on first use
         self._delta_all: np.ndarray | None = None  # [delta rows, dim], stacked on first use (hybrid, tagging)
 
@@ -231,6 +231,26 @@ class Index:
         rows, scores = self.scann.search_batched(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre,
                                                  leaves_to_search=leaves)
         return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+
+def _stack_live(deltas: tuple[DeltaSegment, ...], live: np.ndarray, dim: int) -> np.ndarray:
+    """The [live, dim] rows ``live`` (offsets into the segments' stacked rows) as one C-contiguous
+    matrix, copied once."""
+    if not deltas:
+        return np.zeros((0, dim), np.float32)
+    if len(deltas) == 1:
+        matrix = deltas[0].matrix
+        return np.ascontiguousarray(matrix if live.size == matrix.shape[0] else matrix[live])
+    if live.size == sum(d.matrix.shape[0] for d in deltas):
+        return np.concatenate([d.matrix for d in deltas])
+    out = np.empty((live.size, dim), np.float32)
+    start = 0
+    for segment in deltas:  # each segment's live rows (a slice of the sorted ``live``), straight into ``out``
+        rows = segment.matrix.shape[0]
+        lo, hi = np.searchsorted(live, [start, start + rows])
+        np.take(segment.matrix, live[lo:hi] - start, axis=0, out=out[lo:hi])
+        start += rows
+    return out
 
 
 def delta_scores(queries: np.ndarray, matrix: np.ndarray) -> np.ndarray:
