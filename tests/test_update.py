@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +287,38 @@ def test_writes_prune_old_versions_except_the_ones_readers_hold(tmp_path):
     assert len(ix.list_versions(tmp_path / "idx")) == 3
     with pytest.raises(ConfigError, match="keep_versions"):
         ix.delete_documents(tmp_path / "idx", ["new-2"], keep_versions=-1)
+
+
+def test_pruning_deletes_old_versions_past_the_writers_lock(tmp_path, monkeypatch):
+    """A pruned version leaves versions/ under the lock and is deleted after it (unlinking a replaced
+    1M base held every writer 0.2-0.3 s); nothing is left in .staging."""
+    import fcntl
+    import os
+
+    from dssm.index import versions as versions_module
+
+    _small_index(tmp_path / "idx")
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        ix.update_index(tmp_path / "idx", upsert_ids=[f"n{i}"], upsert_titles=[""], upsert_texts=["t"],
+                        upsert_vectors=rng.normal(size=(1, 16)).astype(np.float32), keep_versions=0)
+    before = ix.list_versions(tmp_path / "idx")
+    deleted, real_rmtree = [], versions_module.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # another process could take the writers' lock now
+        fd = os.open(tmp_path / "idx" / ".update.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the lock were held
+        finally:
+            os.close(fd)
+        deleted.append(Path(path).name)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(versions_module.shutil, "rmtree", rmtree)
+    assert ix.prune_versions(tmp_path / "idx", keep=2) == before[:2]
+    assert [name.split(".pruned-")[0] for name in deleted] == before[:2]
+    assert ix.list_versions(tmp_path / "idx") == before[2:]
+    assert not (tmp_path / "idx" / ".staging").exists() or not list((tmp_path / "idx" / ".staging").iterdir())
 
 
 def test_a_derived_manifest_reuses_checksums_of_hard_linked_files_only(tmp_path):
