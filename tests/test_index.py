@@ -546,3 +546,15 @@ def test_embeddings_npy_is_scanns_float_dataset_linked_once_hashed_once(tmp_path
     np.save(other / "scann" / "dataset.npy", matrix[::-1].copy())
     assert not share_scann_dataset(other)
     assert not (other / "embeddings.npy").samefile(other / "scann" / "dataset.npy")
+    # A compaction's tolerance: rows that differ by at most atol are the same, by more are not.
+    near = matrix.copy()
+    near[[5, 1500]] += np.float32(4e-7)
+    np.save(other / "scann" / "dataset.npy", near)
+    assert not share_scann_dataset(other)  # exact by default
+    near[7] += np.float32(1e-3)
+    np.save(other / "scann" / "dataset.npy", near)
+    assert not share_scann_dataset(other, atol=1e-6, chunk=512)
+    near[7] = matrix[7]
+    np.save(other / "scann" / "dataset.npy", near)
+    assert share_scann_dataset(other, atol=1e-6, chunk=512)
+    assert (other / "embeddings.npy").samefile(other / "scann" / "dataset.npy")
