@@ -287,13 +287,6 @@ def test_delta_rows_tied_at_the_kth_score_are_ranked_by_row_like_exact_search(tm
     assert np.allclose(scores[0], 1.0, atol=1e-5)
 
 
-def test_the_default_delta_limit_grows_with_the_base_between_a_floor_and_a_cap():
-    from dssm.index.delta import default_max_delta
-
-    assert [default_max_delta(n) for n in (0, 100_000, 500_000, 1_000_000, 1_250_000, 10_000_000)] == \
-        [20_000, 20_000, 20_000, 40_000, 50_000, 50_000]
-
-
 def test_a_write_past_max_delta_compacts_into_the_base(tmp_path):
     path = tmp_path / "idx"
     truth = build(path, n=400)

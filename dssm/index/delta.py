@@ -56,20 +56,15 @@ __all__ = ["DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "wri
 def default_max_delta(base_documents: int) -> int:
     """Delta rows (live delta documents + tombstoned base rows) a version may hold before compaction.
 
-    4% of the base, at least 20,000 and at most 50,000. The delta is searched exactly: 20k rows of 128
-    floats add ~0.4-0.7 ms to a model-thread round of 2-16 queries (:func:`dssm.index.load.delta_scores`),
-    50k about 2.5 times that, whatever the base. A compaction costs what the *base* holds (hashing,
-    ScaNN's load, mutation and serialisation, the BM25 state: ~7 s of CPU at 1M documents, ~1.5 s at
-    100k), and the HTTP service starts one at half of this limit; so the limit grows with the base, and
-    the cap bounds the exact scan.
-
-    Measured with ``bench/write_http.py``'s paced phase (1,000 documents/s beside 8 searching
-    clients): at 1M and a 20k limit, compactions ran back to back (10-12 s each), and with none the
-    search p99 was 1.48x idle against 2.13x. At 100k a compaction is ~3.5 s of wall time beside the
-    searches; with a 10,000 floor the write that reached the limit sometimes came first and compacted
-    inline.
+    1% of the base, at least 20,000: exact search over 20k rows of 128 floats adds ~0.4 ms to a query
+    (2 ms to a batch of 8, one thread), and a base that lost 1% of its rows to tombstones asks ScaNN
+    for a few more neighbours. The floor sets how often a small index compacts, and gives the
+    background compaction (started at half of it) room for the writes that arrive while it runs: a
+    100k compaction is ~3.5 s of CPU and 4-6 s of wall time beside 8 searching clients on 2 cores, so
+    with a 10,000 floor, at 1,000 documents/s, the write that reached the limit sometimes came first
+    and compacted inline, and compactions took a third of the machine (``bench/write_http.py``).
     """
-    return min(50_000, max(20_000, base_documents // 25))
+    return max(20_000, base_documents // 100)
 
 
 @dataclass
