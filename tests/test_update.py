@@ -311,6 +311,10 @@ def test_pruning_deletes_old_versions_past_the_writers_lock(tmp_path, monkeypatc
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the lock were held
         finally:
             os.close(fd)
+        # and a write's staging would not delete it in its own time, even once past the grace an
+        # ownerless staging directory gets: the pruner owns it
+        os.utime(path, (1e9, 1e9))
+        assert ix.clean_stale_staging(tmp_path / "idx") == []
         deleted.append(Path(path).name)
         real_rmtree(path, *args, **kwargs)
 

@@ -318,17 +318,23 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
         doomed = [v for v in names[:-keep] if v != current and not version_in_use(index_dir / VERSIONS / v)]
         for name in doomed:
             # Out of versions/ under the lock, deleted after it: unlinking the last links to a 1M
-            # base (~1.5 GB) took 0.2-0.3 s, and every writer waited for it. A crash in between leaves
-            # an ownerless staging directory, which clean_stale_staging removes.
+            # base (~1.5 GB) took 0.2-0.3 s, and every writer waited for it. Owned like a staging
+            # directory while we delete it (another writer's clean_stale_staging leaves it alone); a
+            # crash in between leaves an ownerless one, which clean_stale_staging removes.
+            source = index_dir / VERSIONS / name
+            fd = os.open(source / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             trash = index_dir / STAGING / f"{name}.pruned-{os.getpid()}"
             try:
                 trash.parent.mkdir(exist_ok=True)
-                os.rename(index_dir / VERSIONS / name, trash)
-                moved.append(trash)
+                os.rename(source, trash)
+                moved.append((trash, fd))
             except OSError:  # .staging removed meanwhile by a writer that finished: delete in place
-                shutil.rmtree(index_dir / VERSIONS / name)
-    for trash in moved:
+                shutil.rmtree(source)
+                os.close(fd)
+    for trash, fd in moved:
         shutil.rmtree(trash, ignore_errors=True)
+        os.close(fd)
     return doomed
 
 
