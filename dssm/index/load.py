@@ -25,6 +25,7 @@ from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
 from dssm.index.files import file_identity
 from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
+from dssm.index.recall import PROBE_DIR
 from dssm.index.segments import (
     DELTA_DIR,
     MAX_SEGMENTS,
@@ -43,8 +44,8 @@ __all__ = ["Index", "delta_scores", "load_index", "preload_base", "loaded_delta_
            "remember_delta_segment"]
 
 _BM25_DIR = "bm25"  # dssm.bm25.BM25_DIR, named here so that loading does not import bm25s
-_PROBE_DIR = "recall_probe"  # dssm.index.recall.PROBE_DIR: a base's, linked by every delta write over it
-_BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR, _PROBE_DIR)
+# recall_probe/ is a base's too: linked forward by every delta write over it
+_BASE_FILES = (SCANN_DIR, DOCS_DB, EMBEDDINGS, _BM25_DIR, PROBE_DIR)
 # Queries scored against the delta at once: bounds the [queries, delta rows] score block.
 _DELTA_QUERY_BLOCK = 256
 # Delta rows per matrix product in :func:`delta_scores` (256 KB of a 128-wide matrix: stays in L2).
