@@ -82,11 +82,9 @@ def staging(index_dir: str | Path, version: str) -> Iterator[Path]:
     if entry is None:
         clean_stale_staging(index_dir)
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # version names are unique: never contended
+            fd = _own(root, wait=False)  # version names are unique: never contended
         except BlockingIOError:
-            os.close(fd)
             raise ConfigError(f"staging directory {root} is in use by another writer") from None
         with _owned_guard:
             entry = _owned[key] = [fd, 1]
@@ -103,6 +101,22 @@ def staging(index_dir: str | Path, version: str) -> Iterator[Path]:
             os.close(entry[0])
             with contextlib.suppress(OSError):  # only if empty: other writers may be staging beside us
                 (index_dir / STAGING).rmdir()
+
+
+def _own(directory: Path, *, wait: bool) -> int:
+    """An exclusive ``flock`` on ``directory/.owner`` (created): the open descriptor, which holds it until
+    closed (or the process dies). :func:`clean_stale_staging` skips an owned directory.
+
+    Raises:
+        BlockingIOError: ``wait`` is false and another owner holds it.
+    """
+    fd = os.open(directory / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def clean_stale_staging(index_dir: str | Path) -> list[str]:
@@ -322,8 +336,7 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
             # directory while we delete it (another writer's clean_stale_staging leaves it alone); a
             # crash in between leaves an ownerless one, which clean_stale_staging removes.
             source = index_dir / VERSIONS / name
-            fd = os.open(source / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = _own(source, wait=True)
             trash = index_dir / STAGING / f"{name}.pruned-{os.getpid()}"
             try:
                 trash.parent.mkdir(exist_ok=True)
