@@ -42,6 +42,14 @@ def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _sha256_once(path: Path, stat: os.stat_result, hashed: dict[tuple[int, int, int], str]) -> str:
+    """``sha256_file(path)``, read once per inode in ``hashed`` (two hard links of one file are one read)."""
+    inode = (stat.st_dev, stat.st_ino, stat.st_size)
+    if inode not in hashed:
+        hashed[inode] = sha256_file(path)
+    return hashed[inode]
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON via a temp file + fsync + rename, so readers never see half a file."""
     path = Path(path)
@@ -84,10 +92,7 @@ def write_manifest(directory: str | Path, *, kind: str, extra: dict[str, Any] | 
         if reused is not None and reused[0] == (stat.st_dev, stat.st_ino) and reused[1]["bytes"] == stat.st_size:
             files[rel] = dict(reused[1])
         else:
-            inode = (stat.st_dev, stat.st_ino, stat.st_size)
-            if inode not in hashed:
-                hashed[inode] = sha256_file(path)
-            files[rel] = {"sha256": hashed[inode], "bytes": stat.st_size}
+            files[rel] = {"sha256": _sha256_once(path, stat, hashed), "bytes": stat.st_size}
     manifest = {
         "kind": kind,
         "format_version": 1,
@@ -166,10 +171,7 @@ def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tup
         if stat.st_size != meta["bytes"]:
             raise ChecksumError(f"{path} has {stat.st_size} bytes, manifest says {meta['bytes']} (truncated or "
                                 f"changed){_same_file_as(directory, manifest, rel)}")
-        inode = (stat.st_dev, stat.st_ino, stat.st_size)
-        if inode not in hashed:
-            hashed[inode] = sha256_file(path)
-        if hashed[inode] != meta["sha256"]:
+        if _sha256_once(path, stat, hashed) != meta["sha256"]:
             raise ChecksumError(f"{path} does not match its sha256 in {MANIFEST} (corrupted or changed)"
                                 f"{_same_file_as(directory, manifest, rel)}")
     return manifest
