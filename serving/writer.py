@@ -158,6 +158,11 @@ class _ChildState:
         self._pruning.start()
         return self._pruning
 
+    def finish_pruning(self, timeout: float = 30.0) -> None:
+        """Wait for a running prune to finish its deletes (the service is stopping)."""
+        if self._pruning is not None:
+            self._pruning.join(timeout=timeout)
+
     def encoder(self) -> Any:
         from dssm.export import load_encoder
         from dssm.index.layout import MODEL_DIR
@@ -235,5 +240,4 @@ def child_main() -> None:
         if line.strip():
             answers.write(json.dumps(state.handle(json.loads(line))) + "\n")
             state.prune_later()
-    if state._pruning is not None:  # the service is stopping: let a running prune finish its deletes
-        state._pruning.join(timeout=30)
+    state.finish_pruning()

@@ -4,8 +4,9 @@ A compaction carries the probe of the version it folds (``recall_probe/`` in the
 each one's exact top :data:`PROBE_DEPTH` rows and scores, and an upper bound on every row outside
 them) instead of scoring its queries against the whole matrix again: only the rows the compaction
 rewrote or appended are scored (:meth:`RecallProbe.carried`). At 1M x 128 that exact search was
-3.4 s of a ~11 s compaction. The queries stay the ones drawn when the probe was last computed in
-full (by the first compaction of a build, or when a query's carried list runs short).
+3.4 s of a ~11 s compaction. A build saves the probe it gated with, so the queries stay the ones the
+build drew (a version without a probe, from before builds saved one, gets a new one at its next
+compaction); a query whose carried list runs short is searched in full again.
 """
 
 from __future__ import annotations
@@ -169,10 +170,10 @@ def tune_leaves_to_search(searcher: Any, probe: RecallProbe, *, start: int, num_
         start_recall: the probe's recall at ``start`` when the caller has just measured it (a
             compaction does): not searched again (a probe search over 1M rows is ~0.6 s).
         first_growth: the first step's factor (at least one partition more; the step's growth then
-            doubles, up to x1.25). A compaction, whose
-            ``start`` met the target before the update, passes a small one: its recall is typically a
-            hair below (0.9485 for 0.95 at 100k after a 10k-row delta), and x1.25 then bisecting back
-            took 5 probe searches to add 2 partitions (0.9 s of a 2.7 s compaction at 100k).
+            doubles, up to x1.25). A compaction, whose ``start`` met the target before the update,
+            passes a small one: its recall is typically a hair below (0.9485 for 0.95 at 100k after a
+            10k-row delta), and x1.25 then bisecting back took 5 probe searches to add 2 partitions
+            (0.9 s of a 2.7 s compaction at 100k).
 
     Returns:
         (leaves_to_search, its recall, [(leaves, recall), ...] in the order tried).
