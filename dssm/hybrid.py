@@ -524,20 +524,30 @@ def _tuning_matrix(embeddings: np.ndarray, keep: np.ndarray, replaced: dict[int,
 def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targets: np.ndarray,
                   query_vectors: np.ndarray, *, bm25_config: Any, candidates: int,
                   normalization: str) -> dict[float, np.ndarray]:
-    """``{weight: [q] reciprocal rank@10 of each query's target row}`` over the weight grid."""
+    """``{weight: [q] reciprocal rank@10 of each query's target row}`` over the weight grid.
+
+    A document whose text is the query's own (a duplicate-question corpus holds its questions; ``dssm
+    eval --skip-self`` skips them the same way) is left out of that query's ranking: every system and
+    weight puts it first, so it only pushes every target down one place and blunts the comparison.
+    """
     # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import BM25Index, top_rows
 
     bm25 = BM25Index.build([str(i) for i in range(len(texts))], texts, config=bm25_config)
+    rows_of: dict[str, list[int]] = {}
+    for row, text in enumerate(texts):
+        rows_of.setdefault(text, []).append(row)
     ranked: dict[float, list[np.ndarray]] = {w: [] for w in WEIGHT_GRID}
     depth = min(candidates, len(texts))
     for i, query in enumerate(queries):
+        own = np.array([r for r in rows_of.get(query, ()) if r != targets[i]], dtype=np.int64)
         cosines = matrix @ query_vectors[i]
         sparse = bm25.scores(query)
         rows = np.union1d(np.argpartition(-cosines, depth - 1)[:depth], top_rows(sparse, depth))
         for w in WEIGHT_GRID:
-            ranked[w].append(rank_candidates(rows, cosines[rows], sparse[rows], weight=w,
-                                             normalization=normalization, k=10)[0])
+            top = rank_candidates(rows, cosines[rows], sparse[rows], weight=w, normalization=normalization,
+                                  k=10 + own.size)[0]
+            ranked[w].append(top[~np.isin(top, own)][:10] if own.size else top)
     return {w: reciprocal_ranks(ranked[w], targets.tolist()) for w in WEIGHT_GRID}
 
 

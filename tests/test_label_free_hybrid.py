@@ -274,3 +274,23 @@ def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
     with pytest.raises(InputError, match="validation split holds no positive pair"):
         index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
                     str(tmp_path / "other"), "--hybrid-pairs", str(tmp_path / "empty")])
+
+
+def test_a_query_found_as_its_own_document_is_not_counted_against_its_target():
+    # A duplicate-question corpus holds each question: BM25 and dense both put it first, which would
+    # cap every target's reciprocal rank at 1/2 at every weight.
+    nouns = ["apple", "boat", "cabin", "guitar", "garden", "panel", "kettle", "ladder"]
+    colours = ["red", "green", "amber", "violet", "silver"]
+    topics = [f"{colour} {noun}" for colour in colours for noun in nouns]  # 40: enough tuning queries
+    queries = [f"how to choose a {topic}" for topic in topics]
+    duplicates = [f"which {topic} should I choose and how" for topic in topics]
+    fillers = [f"unrelated filler text number {i} about nothing in particular" for i in range(20)]
+    texts = queries + duplicates + fillers
+    rng = np.random.default_rng(0)
+
+    def noise(batch: list[str]) -> np.ndarray:
+        return rng.standard_normal((len(batch), 16)).astype(np.float32)
+
+    _, report = label_free_weight(texts=texts, embeddings=noise(texts), embed_queries=noise, embed_documents=noise,
+                                  pairs=list(zip(queries, duplicates, strict=True)), seed=0)
+    assert report["curve"]["0.00"] == pytest.approx(1.0)  # BM25 finds each duplicate first once the query is out
