@@ -46,8 +46,8 @@ from dssm.errors import ConfigError, InputError
 from dssm.metrics import paired_randomization_test
 from serving.searcher import Searcher
 
-__all__ = ["RerankTrainConfig", "TrainingExample", "mine_examples", "is_accidental_positive", "choose_fusion",
-           "train_reranker", "main"]
+__all__ = ["RerankTrainConfig", "TrainingExample", "mine_examples", "is_accidental_positive", "held_out_candidates",
+           "choose_fusion", "train_reranker", "main"]
 
 FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 #: A share below 1 must beat the first stage's order on the held-out queries at this level (paired randomisation).
@@ -129,6 +129,21 @@ def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[
             picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False)
             examples.append(TrainingExample(query, (doc_text, *(pool[i] for i in sorted(picked)))))
     return examples
+
+
+def held_out_candidates(query: str, doc_id: str, doc_text: str, hits: Sequence[Any]) -> tuple[list[Any], int | None]:
+    """A held-out query's first-stage hits without the query's own text, and where its positive is in them.
+
+    A duplicate-question corpus holds the query itself: the first stage and the re-ranker both put it
+    first, which caps the positive's reciprocal rank at 1/2 for every share (``dssm eval --skip-self``
+    and the hybrid weight's tuning leave it out the same way).
+
+    Returns:
+        ``(hits kept, index of the first hit with the pair's id or text, or None)``.
+    """
+    kept = [hit for hit in hits if hit.text != query or hit.id == doc_id or hit.text == doc_text]
+    positive = next((i for i, hit in enumerate(kept) if hit.id == doc_id or hit.text == doc_text), None)
+    return kept, positive
 
 
 def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid: Sequence[float] = FUSION_GRID,
@@ -281,11 +296,11 @@ def _fusion_weights(model: Any, searcher: Searcher, pairs: Sequence[tuple[str, s
         results = searcher.search_batch([q for q, _, _ in chosen], config.fusion_depth, mode=mode)
         for (query, doc_id, doc_text), hits in tqdm(list(zip(chosen, results, strict=True)),
                                                     desc=f"fusion weight ({mode})", unit="query", leave=False):
-            positive = [i for i, hit in enumerate(hits) if hit.id == doc_id or hit.text == doc_text]
-            if not positive or len(hits) < 2:
+            hits, positive = held_out_candidates(query, doc_id, doc_text, hits)
+            if positive is None or len(hits) < 2:
                 continue
             rerank = score(tf.constant([query] * len(hits)), tf.constant([hit.text for hit in hits])).numpy()
-            ranked.append((np.asarray([hit.score for hit in hits], np.float32), rerank, positive[0]))
+            ranked.append((np.asarray([hit.score for hit in hits], np.float32), rerank, positive))
         if not ranked:
             weights[mode], curves[mode] = 1.0, {"queries": 0}
             continue

@@ -359,6 +359,22 @@ def test_choose_fusion_keeps_the_first_stage_unless_the_reranker_wins_significan
         choose_fusion([(first, helps, 2)], grid=(0.0, 0.5))
 
 
+def test_a_held_out_querys_own_text_is_left_out_of_its_candidates():
+    from collections import namedtuple
+
+    from dssm.rerank_train import held_out_candidates
+
+    Hit = namedtuple("Hit", "id text")
+    query = "how do I learn to sail"
+    hits = [Hit("q7", query), Hit("d2", "sailing lessons for beginners"), Hit("d1", "how can I learn sailing")]
+    kept, positive = held_out_candidates(query, "d1", "how can I learn sailing", hits)
+    assert [hit.id for hit in kept] == ["d2", "d1"] and positive == 1
+    # the pair's own document is kept even when its text is the query's (an exact duplicate)
+    kept, positive = held_out_candidates(query, "q7", query, hits)
+    assert [hit.id for hit in kept] == ["q7", "d2", "d1"] and positive == 0
+    assert held_out_candidates(query, "d5", "absent", hits[1:])[1] is None
+
+
 def test_accidental_positives_are_never_negatives():
     from dssm.rerank_train import is_accidental_positive, mine_examples
 
