@@ -178,18 +178,11 @@ def _dssm(argv: list[str], log: Path) -> float:
 def _write_user_pairs(source: Path, evaluated: Path, out: Path, log: Path) -> None:
     """The rows of ``source`` whose query is outside ``evaluated``'s validation split (what `dssm eval
     --holdout` scores), line for line: the pairs a user of the recipe would hold."""
-    from dssm.data import holdout_filter
-    from dssm.thresholds import read_labelled_pairs
+    from dssm.data import write_rows_outside_holdout
 
-    held_out = holdout_filter(evaluated)
-    header, *lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    rows = read_labelled_pairs(source)
-    if len(rows) != len(lines):  # a quoted field spanning lines would misalign the two readings
-        raise RuntimeError(f"{source}: {len(rows)} pairs but {len(lines)} lines")
-    kept = [line for line, row in zip(lines, rows, strict=True) if not held_out(row[0])]
-    out.write_text(header + "".join(kept), encoding="utf-8")
+    kept, read = write_rows_outside_holdout(source, evaluated, out)
     with open(log, "a") as handle:
-        handle.write(f"# {out.name}: the {len(kept)} of {len(rows)} rows of {source} whose query is outside "
+        handle.write(f"# {out.name}: the {kept} of {read} rows of {source} whose query is outside "
                      f"{evaluated}'s validation split\n")
 
 

@@ -24,6 +24,7 @@ from dssm.errors import InputError
 
 __all__ = [
     "TABLE_FORMATS",
+    "write_rows_outside_holdout",
     "Row",
     "Document",
     "BeirDataset",
@@ -328,6 +329,49 @@ def split_of(text: str, *, validation_fraction: float, salt: str = "") -> str:
     digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8", "surrogatepass")).digest()
     point = int.from_bytes(digest[:8], "big") / 2**64
     return "validation" if point < validation_fraction else "train"
+
+
+def write_rows_outside_holdout(source: str | Path, pairs_dir: str | Path, out: str | Path, *,
+                               query_column: str | None = None) -> tuple[int, int]:
+    """Copy, line for line, the rows of a pairs table whose query is outside ``pairs_dir``'s validation split.
+
+    What a recipe that is evaluated with ``dssm eval --holdout PAIRS_DIR`` may still train and tune on:
+    ``dssm pairs`` on the copy, with another ``--split-salt``, splits off its own validation share (for
+    ``dssm index --hybrid-pairs``) from rows that never reach the evaluated queries.
+
+    Args:
+        source: a CSV/TSV/JSONL table, one record per line after the header.
+        pairs_dir: the ``dssm pairs`` output whose validation split is held out.
+        out: the copy (header kept).
+        query_column: the query's column; default the first of ``question1``, ``text1``, ``query``.
+
+    Returns:
+        ``(rows kept, rows read)``.
+
+    Raises:
+        InputError: a Parquet table, no query column, an unparsable or multi-line record (named).
+    """
+    source = Path(source)
+    if table_format(source) == "parquet":
+        raise InputError(f"{source}: copying rows line for line needs a CSV/TSV/JSONL table, not Parquet")
+    columns = read_columns(source)
+    column = query_column or next((c for c in ("question1", "text1", "query") if c in columns), None)
+    if column not in columns:
+        raise InputError(f"{source}: no query column {query_column or 'question1/text1/query'} in {columns}")
+    held_out = holdout_filter(pairs_dir)
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    header, body = (lines[:1], lines[1:]) if table_format(source) in ("csv", "tsv") else ([], lines)
+    body = [line for line in body if line.strip()]
+    keep = []
+    for row in iter_rows(source):
+        if row.error:
+            raise InputError(f"{row.location}: {row.error}")
+        keep.append(not held_out(str(row.fields.get(column) or "")))
+    if len(keep) != len(body):
+        raise InputError(f"{source}: {len(keep)} records on {len(body)} lines; a quoted field spans lines")
+    kept = [line for line, wanted in zip(body, keep, strict=True) if wanted]
+    Path(out).write_text("".join(header + kept), encoding="utf-8")
+    return len(kept), len(keep)
 
 
 def document_text(title: str, text: str) -> str:

@@ -62,3 +62,30 @@ def test_split_is_deterministic_and_near_its_fraction() -> None:
     # Case and spacing do not move a query to the other split; the salt does move some.
     assert split_of("How  do I ?", validation_fraction=0.5) == split_of("how do i ?", validation_fraction=0.5)
     assert splits != [split_of(t, validation_fraction=0.2, salt="other") for t in texts]
+
+
+def test_rows_outside_a_holdout_are_copied_line_for_line(tmp_path: Path) -> None:
+    from dssm.data import write_rows_outside_holdout
+
+    held = tmp_path / "pairs"
+    held.mkdir()
+    (held / "pairs_config.json").write_text(json.dumps({"validation_fraction": 0.5, "split_salt": "s"}))
+    questions = [f"question number {i} ?" for i in range(40)]
+    lines = [f"p{i}\t{q}\tanswer {i}\t{i % 2}\n" for i, q in enumerate(questions)]
+    source = tmp_path / "pairs.tsv"
+    source.write_text("id\ttext1\ttext2\tis_duplicate\n" + "".join(lines))
+    out = tmp_path / "user.tsv"
+    kept, read = write_rows_outside_holdout(source, held, out)
+    train = [line for q, line in zip(questions, lines, strict=True)
+             if split_of(q, validation_fraction=0.5, salt="s") == "train"]
+    assert (kept, read) == (len(train), 40) and 0 < kept < 40
+    assert out.read_text() == "id\ttext1\ttext2\tis_duplicate\n" + "".join(train)
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({"query": q, "document": "d"}) + "\n" for q in questions))
+    assert write_rows_outside_holdout(jsonl, held, tmp_path / "user.jsonl") == (len(train), 40)
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('text1,text2,is_duplicate\n"a question\nover two lines",b,1\n')
+    with pytest.raises(InputError, match="1 records on 2 lines"):
+        write_rows_outside_holdout(quoted, held, tmp_path / "q.csv")
+    with pytest.raises(InputError, match="no query column"):
+        write_rows_outside_holdout(source, held, out, query_column="missing")
