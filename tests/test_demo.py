@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from dssm.data import holdout_filter
 from dssm.demo import main
 from dssm.errors import ConfigError, InputError
 
@@ -59,17 +60,26 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     # The user's commands, in the recipe's order.
     commands = [line.split()[2] + (" neighbours" if "--format neighbours" in line else "")
                 for line in shown.splitlines() if line.startswith("$ dssm ")]
-    assert commands[:6] == ["pairs neighbours", "train", "pairs", "train", "index", "eval"]
+    assert commands[:7] == ["pairs neighbours", "train", "pairs", "pairs", "train", "index", "eval"]
+    # Fine-tuning and the hybrid weight get only the rows whose query is outside the evaluated split.
+    held_out = holdout_filter(work / "pairs")
+    user_rows = (work / "train_pairs.tsv").read_text().splitlines()[1:]
+    assert user_rows and not any(held_out(row.split("\t")[1]) for row in user_rows)
+    assert len(user_rows) == json.loads((work / "pairs" / "stats.json").read_text())["train"]
     neighbour_stats = json.loads((work / "neighbour_pairs" / "stats.json").read_text())
     assert neighbour_stats["paired_documents"] == neighbour_stats["read"] == 3 * len(_SUBJECTS)
     fine_tuned = json.loads((work / "model" / "config.json").read_text())["train"]
     assert fine_tuned["init_from"] == str(work / "pretrained")
+    assert f"$ dssm train --pairs {work / 'train_pairs'} --output {work / 'model'}" in shown
     assert (fine_tuned["epochs"], fine_tuned["early_stopping_patience"], fine_tuned["keep_best"]) == (1, 0, False)
     results = json.loads((work / "eval.json").read_text())
     summary = next(line for line in shown.splitlines() if line.startswith("nDCG@10 on "))
     assert f"DSSM {results['dssm']['ndcg@10']:.4f}" in summary and f"BM25 {results['bm25']['ndcg@10']:.4f}" in summary
-    # The default search (hybrid with the weight the index job chose label-free) on every held-out query.
+    # The default search (hybrid with the weight the index job tuned on the tenth) on every held-out query.
     weight = results["hybrid_tuning"]["weight"]
-    assert f"hybrid {results['hybrid']['ndcg@10']:.4f}" in summary and f"label-free weight {weight:.2f}" in summary
+    assert f"hybrid {results['hybrid']['ndcg@10']:.4f}" in summary
+    assert f"weight {weight:.2f} on DSSM, tuned on a tenth of the training pairs" in summary
+    tuning = json.loads(next((work / "index" / "versions").glob("*/manifest.json")).read_text())["hybrid_tuning"]
+    assert tuning["method"] == "labelled pairs held out from training" and tuning["pairs"] > 0
     assert results["queries"] > 0 and results["hybrid_tuning"]["tuning_queries"] == 0
     assert "MiniLM" not in summary
