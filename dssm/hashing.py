@@ -28,7 +28,7 @@ from dssm.errors import ConfigError
 
 __all__ = [
     "FeatureConfig", "UNIGRAM_PREFIX", "BIGRAM_PREFIX", "NON_WORD", "ascii_buckets", "ascii_words", "unicode_words",
-    "text_buckets", "token_bag", "TokenBagger",
+    "text_buckets", "bag_buckets", "token_bag", "TokenBagger",
 ]
 
 # \x01 never survives the split on non-word runs (it is not a letter or digit), so no trigram or word
@@ -142,6 +142,45 @@ def _buckets(words: list[str], config: FeatureConfig) -> np.ndarray:
     return (hashes % np.uint64(config.num_buckets)).astype(np.int64)
 
 
+def _hash_word(word: str, num_buckets: int) -> tuple[list[int], int]:
+    """``(buckets of the trigrams of #word#, bucket of the word as a unigram)``: what of :func:`_buckets`
+    depends on one word alone, for the caches that hash each word once."""
+    wrapped = "#" + word + "#"
+    return ([farmhash.fingerprint64(wrapped[i:i + 3]) % num_buckets for i in range(len(wrapped) - 2)],
+            farmhash.fingerprint64(UNIGRAM_PREFIX + word) % num_buckets)
+
+
+def _bigram_buckets(words: list[str], num_buckets: int) -> list[int]:
+    fingerprint = farmhash.fingerprint64
+    return [fingerprint(f"{BIGRAM_PREFIX}{a} {b}") % num_buckets for a, b in zip(words[:-1], words[1:], strict=True)]
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _word_buckets(word: str, num_buckets: int, unigram: bool) -> tuple[int, ...]:
+    """One word's trigram buckets, then its unigram's. Bounded (32k words, a few MB): query words
+    repeat (Zipf), so most are hashed once."""
+    trigrams, unigram_bucket = _hash_word(word, num_buckets)
+    return (*trigrams, unigram_bucket) if unigram else tuple(trigrams)
+
+
+def bag_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
+    """:func:`text_buckets`'s buckets as a bag: the same ids with the same repeats, grouped by word.
+
+    For a consumer that sums rows (the numpy query tower), where the order is irrelevant: each
+    word's buckets come from a bounded cache, so a query costs a dictionary lookup per word plus its
+    bigrams' hashes (about a third of :func:`text_buckets`'s time on 8–40-word queries).
+    """
+    words = unicode_words(text, config)
+    if words is None:
+        return None
+    ids: list[int] = []
+    for word in words:
+        ids.extend(_word_buckets(word, config.num_buckets, config.word_unigrams))
+    if config.word_bigrams:
+        ids += _bigram_buckets(words, config.num_buckets)
+    return np.array(ids, dtype=np.int64)
+
+
 def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
     """The bucket of every token ``Featurizer.tokens`` gives one ASCII text, without TensorFlow.
 
@@ -210,10 +249,7 @@ class TokenBagger:
         self._graph: Any = None
 
     def _word(self, word: str) -> tuple[list[int], int]:
-        buckets = self.config.num_buckets
-        wrapped = "#" + word + "#"
-        entry = ([farmhash.fingerprint64(wrapped[i:i + 3]) % buckets for i in range(len(wrapped) - 2)],
-                 farmhash.fingerprint64(UNIGRAM_PREFIX + word) % buckets)
+        entry = _hash_word(word, self.config.num_buckets)
         if len(self._words) >= self._cache_words:
             self._words.clear()
         self._words[word] = entry
@@ -234,10 +270,7 @@ class TokenBagger:
         if self.config.word_unigrams:
             tokens += [unigram for _, unigram in entries]
         if self.config.word_bigrams:
-            buckets = self.config.num_buckets
-            fingerprint = farmhash.fingerprint64
-            tokens += [fingerprint(f"{BIGRAM_PREFIX}{a} {b}") % buckets
-                       for a, b in zip(words[:-1], words[1:], strict=True)]
+            tokens += _bigram_buckets(words, self.config.num_buckets)
         return _count(tokens)
 
     def bags(self, texts: Sequence[str]) -> list[tuple[Any, Any]]:

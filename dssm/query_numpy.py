@@ -9,7 +9,7 @@ files (no pickle) into ``MODEL_DIR/query_tower/``, checksummed by the model's ma
 
 :class:`QueryTower` is the tower's forward pass in numpy (the same computation as
 ``dssm.model.Tower.call`` at inference). :func:`load_query_encoder` serves queries with it and the
-pure-Python hasher (:func:`dssm.hashing.text_buckets`), so ``dssm search``, the ``Searcher`` and each
+pure-Python hasher (:func:`dssm.hashing.bag_buckets`), so ``dssm search``, the ``Searcher`` and each
 server worker answer queries with numpy + ScaNN alone: no TensorFlow import (~8 s here), no CUDA
 probing on stderr, and only the table rows queries touch resident (the table is memory-mapped).
 TensorFlow is loaded, once and lazily, only for what needs the graph: the rare query the Python
@@ -19,6 +19,7 @@ equal the SavedModel's to float32 rounding (``tests/test_query_numpy.py``).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from dssm.artifacts import load_npy, verify_manifest
 from dssm.config import config_from_dict
 from dssm.errors import ConfigError, InputError
-from dssm.hashing import FeatureConfig, text_buckets
+from dssm.hashing import FeatureConfig, bag_buckets
 
 __all__ = ["QUERY_TOWER_DIR", "TowerShape", "QueryTower", "NumpyQueryEncoder", "write_query_tower",
            "load_query_encoder", "l2_normalize_rows", "numpy_activation", "relu", "FAST_QUERY_MAX_TEXTS", "BULK_TEXTS"]
@@ -129,7 +130,9 @@ class QueryTower:
         if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
             raise ConfigError(f"query tower weights {[(shape, str(dtype)) for shape, dtype in got]} do not match "
                               f"the model config (expected float32 {expected})")
-        self._rows = rows if rows is not None else table.__getitem__
+        # A memory map indexed through its subclass costs a view object per gather; the plain array over
+        # the same pages does not.
+        self._rows = rows if rows is not None else functools.partial(np.asarray(table).take, axis=0)
         self.table, self.bias, self.layers = table, bias, list(layers)
         self.features, self.model = features, model
         self._activation = numpy_activation(model.activation)
@@ -145,14 +148,17 @@ class QueryTower:
             rounding; ``None`` when a text needs the graph (:func:`dssm.hashing.unicode_words` declines
             it: a lone surrogate or a code point newer than Python's Unicode tables).
         """
-        bags = [text_buckets(text, self.features) for text in texts]
+        bags = [bag_buckets(text, self.features) for text in texts]
         if any(buckets is None for buckets in bags):
             return None
         # One gather for all texts. Every token's row once, repeats included: the count-weighted sum
         # of the bag's rows without counting (the bag's total count is the number of tokens).
         lengths = [len(buckets) for buckets in bags]
         rows = self._rows(np.concatenate(bags))
-        pooled = np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
+        if len(bags) == 1:  # the common single query: no split and stack
+            pooled = rows.sum(axis=0, keepdims=True)
+        else:
+            pooled = np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
         if self.model.bag_combiner != "sum":
             totals = np.asarray(lengths, np.float32)
             scale = totals if self.model.bag_combiner == "mean" else np.sqrt(totals)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dssm.features import FeatureConfig, Featurizer, ascii_buckets
+from dssm.hashing import bag_buckets
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -59,6 +60,8 @@ def _assert_same_bags(config: FeatureConfig, texts: list[str]) -> None:
     for text, buckets in zip(texts, hashed, strict=True):  # every token, in the graph's order
         got = ascii_buckets(text, config)
         assert got is not None and got.dtype == np.int64 and got.tolist() == buckets, text
+        bag = bag_buckets(text, config)  # the query tower's cached form: the same multiset, grouped by word
+        assert bag is not None and bag.dtype == np.int64 and sorted(bag.tolist()) == sorted(buckets), text
     expected = featurizer.bags_numpy(texts)
     for text, (ids, counts) in zip(texts, expected, strict=True):
         got = ascii_bag(text, config)
