@@ -19,13 +19,13 @@ bags, so the ids a model computes can be checked against the ids in the shards i
 (``Encoder.featurize``). The signatures hold only the towers' variables, not optimizer slots.
 :func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
 
-A few queries at a time (the search hot path: one query) skip the graph: :func:`dssm.hashing.text_buckets`
-hashes the text in Python and :class:`QueryTower` runs the query tower's forward pass in numpy on
-the loaded variables: 0.21 ms per 8-40-word query instead of the signature's 0.63 ms, mostly
-TensorFlow's per-call and per-op overhead (quiet machine; 0.05 ms hashing, ~0.1 ms the one eager
-gather of table rows, which avoids a second copy of the table). The result equals the signature's to
-float32 rounding; anything else (a text the Python hasher declines, batches, a mixed-precision
-model) uses the signature.
+A few queries at a time (the search hot path: one query) skip the graph:
+:func:`dssm.hashing.bag_buckets` hashes the text in Python (each word once, from a bounded cache)
+and :class:`QueryTower` runs the query tower's forward pass in numpy on the loaded variables: 0.21
+ms per 8-40-word query instead of the signature's 0.63 ms, mostly TensorFlow's per-call and per-op
+overhead (quiet machine; 0.05 ms hashing, ~0.1 ms the one eager gather of table rows, which avoids a
+second copy of the table). The result equals the signature's to float32 rounding; anything else (a
+text the Python hasher declines, batches, a mixed-precision model) uses the signature.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 :class:`FeatureConfig` says how texts are hashed (saved beside every artifact). The TensorFlow
 featurizer (:class:`dssm.features.Featurizer`, the one implementation training and the SavedModel
-run) lives in :mod:`dssm.features`; :func:`ascii_buckets` (ASCII, the query hot path) and
-:func:`token_bag` (any text) are the same computation in plain Python (FarmHash64 from the
-``pyfarmhash`` package is the hash ``tf.strings.to_hash_bucket_fast`` computes). They decline
-(``None``) the rare text they cannot featurize exactly (see :func:`unicode_words`), and
-:class:`TokenBagger` sends only those to the graph. This module imports no TensorFlow, so the query
-path (:mod:`dssm.query_numpy`) and the pairs job's workers can run without it.
+run) lives in :mod:`dssm.features`; :func:`ascii_buckets` (ASCII), :func:`bag_buckets` (the query
+hot path: a word-cached bag) and :func:`token_bag` (any text) are the same computation in plain
+Python (FarmHash64 from the ``pyfarmhash`` package is the hash ``tf.strings.to_hash_bucket_fast``
+computes). They decline (``None``) the rare text they cannot featurize exactly (see
+:func:`unicode_words`), and :class:`TokenBagger` sends only those to the graph. This module imports
+no TensorFlow, so the query path (:mod:`dssm.query_numpy`) and the pairs job's workers can run
+without it.
 """
 
 from __future__ import annotations
