@@ -20,7 +20,7 @@ bags, so the ids a model computes can be checked against the ids in the shards i
 :func:`load_encoder` verifies every checksum before TensorFlow reads a byte.
 
 A few queries at a time (the search hot path: one query) skip the graph:
-:func:`dssm.hashing.bag_buckets` hashes the text in Python (each word once, from a bounded cache)
+:meth:`dssm.hashing.TokenBagger.bag_ids` hashes the text in Python (each word once, from a bounded cache)
 and :class:`QueryTower` runs the query tower's forward pass in numpy on the loaded variables: 0.21
 ms per 8-40-word query instead of the signature's 0.63 ms, mostly TensorFlow's per-call and per-op
 overhead (quiet machine; 0.05 ms hashing, ~0.1 ms the one eager gather of table rows, which avoids a

@@ -2,8 +2,8 @@
 
 :class:`FeatureConfig` says how texts are hashed (saved beside every artifact). The TensorFlow
 featurizer (:class:`dssm.features.Featurizer`, the one implementation training and the SavedModel
-run) lives in :mod:`dssm.features`; :func:`ascii_buckets` (ASCII), :func:`bag_buckets` (the query
-hot path: a word-cached bag) and :func:`token_bag` (any text) are the same computation in plain
+run) lives in :mod:`dssm.features`; :func:`ascii_buckets` (ASCII), :meth:`TokenBagger.bag_ids` (the
+query hot path: a word-cached bag) and :func:`token_bag` (any text) are the same computation in plain
 Python (FarmHash64 from the ``pyfarmhash`` package is the hash ``tf.strings.to_hash_bucket_fast``
 computes). They decline (``None``) the rare text they cannot featurize exactly (see
 :func:`unicode_words`), and :class:`TokenBagger` sends only those to the graph. This module imports
@@ -29,7 +29,7 @@ from dssm.errors import ConfigError
 
 __all__ = [
     "FeatureConfig", "UNIGRAM_PREFIX", "BIGRAM_PREFIX", "NON_WORD", "ascii_buckets", "ascii_words", "unicode_words",
-    "text_buckets", "bag_buckets", "token_bag", "TokenBagger",
+    "text_buckets", "token_bag", "TokenBagger",
 ]
 
 # \x01 never survives the split on non-word runs (it is not a letter or digit), so no trigram or word
@@ -145,7 +145,7 @@ def _buckets(words: list[str], config: FeatureConfig) -> np.ndarray:
 
 def _hash_word(word: str, num_buckets: int) -> tuple[list[int], int]:
     """``(buckets of the trigrams of #word#, bucket of the word as a unigram)``: what of :func:`_buckets`
-    depends on one word alone, for the caches that hash each word once."""
+    depends on one word alone, for :class:`TokenBagger`'s word cache."""
     wrapped = "#" + word + "#"
     return ([farmhash.fingerprint64(wrapped[i:i + 3]) % num_buckets for i in range(len(wrapped) - 2)],
             farmhash.fingerprint64(UNIGRAM_PREFIX + word) % num_buckets)
@@ -154,32 +154,6 @@ def _hash_word(word: str, num_buckets: int) -> tuple[list[int], int]:
 def _bigram_buckets(words: list[str], num_buckets: int) -> list[int]:
     fingerprint = farmhash.fingerprint64
     return [fingerprint(f"{BIGRAM_PREFIX}{a} {b}") % num_buckets for a, b in zip(words[:-1], words[1:], strict=True)]
-
-
-@functools.lru_cache(maxsize=1 << 15)
-def _word_buckets(word: str, num_buckets: int, unigram: bool) -> tuple[int, ...]:
-    """One word's trigram buckets, then its unigram's. Bounded (32k words, a few MB): query words
-    repeat (Zipf), so most are hashed once."""
-    trigrams, unigram_bucket = _hash_word(word, num_buckets)
-    return (*trigrams, unigram_bucket) if unigram else tuple(trigrams)
-
-
-def bag_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
-    """:func:`text_buckets`'s buckets as a bag: the same ids with the same repeats, grouped by word.
-
-    For a consumer that sums rows (the numpy query tower), where the order is irrelevant: each
-    word's buckets come from a bounded cache, so a query costs a dictionary lookup per word plus its
-    bigrams' hashes (about a third of :func:`text_buckets`'s time on 8–40-word queries).
-    """
-    words = unicode_words(text, config)
-    if words is None:
-        return None
-    ids: list[int] = []
-    for word in words:
-        ids.extend(_word_buckets(word, config.num_buckets, config.word_unigrams))
-    if config.word_bigrams:
-        ids += _bigram_buckets(words, config.num_buckets)
-    return np.array(ids, dtype=np.int64)
 
 
 def ascii_buckets(text: str, config: FeatureConfig) -> np.ndarray | None:
@@ -273,6 +247,28 @@ class TokenBagger:
         if self.config.word_bigrams:
             tokens += _bigram_buckets(words, self.config.num_buckets)
         return _count(tokens)
+
+    def bag_ids(self, text: str) -> np.ndarray | None:
+        """:func:`text_buckets`'s ids as a bag, or ``None`` (the graph must featurize the text): the same
+        ids with the same repeats, grouped by word, from the word cache.
+
+        For a consumer that sums rows, where the order is irrelevant (the numpy query tower): a query
+        costs a dictionary lookup per word plus its bigrams' hashes, about a third of
+        :func:`text_buckets`'s time on 8–40-word queries.
+        """
+        words = unicode_words(text, self.config)
+        if words is None:
+            return None
+        cache, unigrams = self._words, self.config.word_unigrams
+        ids: list[int] = []
+        for word in words:
+            trigrams, unigram = cache.get(word) or self._word(word)
+            ids += trigrams
+            if unigrams:
+                ids.append(unigram)
+        if self.config.word_bigrams:
+            ids += _bigram_buckets(words, self.config.num_buckets)
+        return np.array(ids, dtype=np.int64)
 
     def bags(self, texts: Sequence[str]) -> list[tuple[Any, Any]]:
         """``n`` pairs ``(ids, counts)``: Python lists where Python featurized, numpy arrays from the graph."""

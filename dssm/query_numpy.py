@@ -9,7 +9,7 @@ files (no pickle) into ``MODEL_DIR/query_tower/``, checksummed by the model's ma
 
 :class:`QueryTower` is the tower's forward pass in numpy (the same computation as
 ``dssm.model.Tower.call`` at inference). :func:`load_query_encoder` serves queries with it and the
-pure-Python hasher (:func:`dssm.hashing.bag_buckets`), so ``dssm search``, the ``Searcher`` and each
+pure-Python hasher (:meth:`dssm.hashing.TokenBagger.bag_ids`), so ``dssm search``, the ``Searcher`` and each
 server worker answer queries with numpy + ScaNN alone: no TensorFlow import (~8 s here), no CUDA
 probing on stderr, and only the table rows queries touch resident (the table is memory-mapped).
 TensorFlow is loaded, once and lazily, only for what needs the graph: the rare query the Python
@@ -32,7 +32,7 @@ import numpy as np
 from dssm.artifacts import load_npy, verify_manifest
 from dssm.config import config_from_dict
 from dssm.errors import ConfigError, InputError
-from dssm.hashing import FeatureConfig, bag_buckets
+from dssm.hashing import FeatureConfig, TokenBagger
 
 __all__ = ["QUERY_TOWER_DIR", "TowerShape", "QueryTower", "NumpyQueryEncoder", "write_query_tower",
            "load_query_encoder", "l2_normalize_rows", "numpy_activation", "relu", "FAST_QUERY_MAX_TEXTS", "BULK_TEXTS"]
@@ -135,6 +135,8 @@ class QueryTower:
         self._rows = rows if rows is not None else functools.partial(np.asarray(table).take, axis=0)
         self.table, self.bias, self.layers = table, bias, list(layers)
         self.features, self.model = features, model
+        # The query path's word cache (a few MB at 32k words): a query's words are hashed once.
+        self._bagger = TokenBagger(features, cache_words=1 << 15)
         self._activation = numpy_activation(model.activation)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray | None:
@@ -148,7 +150,7 @@ class QueryTower:
             rounding; ``None`` when a text needs the graph (:func:`dssm.hashing.unicode_words` declines
             it: a lone surrogate or a code point newer than Python's Unicode tables).
         """
-        bags = [bag_buckets(text, self.features) for text in texts]
+        bags = [self._bagger.bag_ids(text) for text in texts]
         if any(buckets is None for buckets in bags):
             return None
         # One gather for all texts. Every token's row once, repeats included: the count-weighted sum

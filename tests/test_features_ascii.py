@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dssm.features import FeatureConfig, Featurizer, ascii_buckets
-from dssm.hashing import bag_buckets
+from dssm.hashing import TokenBagger
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -49,6 +49,11 @@ def _random_texts(n: int, seed: int) -> list[str]:
 
 
 @functools.cache
+def _bagger(config: FeatureConfig) -> TokenBagger:
+    return TokenBagger(config)  # one per config: its word cache is reused across texts
+
+
+@functools.cache
 def _featurizer(config: FeatureConfig) -> Featurizer:
     return Featurizer(config)  # one per config: a new Featurizer retraces its tf.function
 
@@ -60,7 +65,7 @@ def _assert_same_bags(config: FeatureConfig, texts: list[str]) -> None:
     for text, buckets in zip(texts, hashed, strict=True):  # every token, in the graph's order
         got = ascii_buckets(text, config)
         assert got is not None and got.dtype == np.int64 and got.tolist() == buckets, text
-        bag = bag_buckets(text, config)  # the query tower's cached form: the same multiset, grouped by word
+        bag = _bagger(config).bag_ids(text)  # the query tower's cached form: the same multiset, grouped by word
         assert bag is not None and bag.dtype == np.int64 and sorted(bag.tolist()) == sorted(buckets), text
     expected = featurizer.bags_numpy(texts)
     for text, (ids, counts) in zip(texts, expected, strict=True):

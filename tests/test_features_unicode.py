@@ -15,7 +15,7 @@ import pytest
 
 from dssm.features import _NON_WORD as NON_WORD_PATTERN
 from dssm.features import FeatureConfig, Featurizer
-from dssm.hashing import TokenBagger, bag_buckets, token_bag, unicode_words
+from dssm.hashing import TokenBagger, token_bag, unicode_words
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -90,7 +90,7 @@ def test_mixed_unicode_texts_get_the_graphs_bags(config: FeatureConfig) -> None:
     assert_same_bags(bagger.bags_numpy(texts[::-1]), featurizer.bags_numpy(texts[::-1]), texts[::-1])
     # The query tower's cached bag: the same ids with the same counts.
     for text, (ids, counts) in zip(texts, featurizer.bags_numpy(texts), strict=True):
-        assert Counter(bag_buckets(text, config).tolist()) == dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        assert Counter(bagger.bag_ids(text).tolist()) == dict(zip(ids.tolist(), counts.tolist(), strict=True))
 
 
 def test_quora_texts_including_every_non_ascii_one_get_the_graphs_bags() -> None:
