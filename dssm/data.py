@@ -351,8 +351,8 @@ def write_rows_outside_holdout(source: str | Path, pairs_dir: str | Path, out: s
     Raises:
         InputError: a Parquet table, no query column, an unparsable or multi-line record (named).
     """
-    source = Path(source)
-    if table_format(source) == "parquet":
+    source, fmt = Path(source), table_format(source)
+    if fmt == "parquet":
         raise InputError(f"{source}: copying rows line for line needs a CSV/TSV/JSONL table, not Parquet")
     columns = read_columns(source)
     column = query_column or next((c for c in ("question1", "text1", "query") if c in columns), None)
@@ -360,7 +360,7 @@ def write_rows_outside_holdout(source: str | Path, pairs_dir: str | Path, out: s
         raise InputError(f"{source}: no query column {query_column or 'question1/text1/query'} in {columns}")
     held_out = holdout_filter(pairs_dir)
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    header, body = (lines[:1], lines[1:]) if table_format(source) in ("csv", "tsv") else ([], lines)
+    header, body = (lines[:1], lines[1:]) if fmt in ("csv", "tsv") else ([], lines)
     body = [line for line in body if line.strip()]
     keep = []
     for row in iter_rows(source):
