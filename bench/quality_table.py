@@ -146,9 +146,13 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     # (quora-dev's validation split *is* its evaluated set).
     # With a teacher, a one-sentence corpus's weight is chosen on the teacher's neighbour pairs held out
     # from pre-training (label-free), since spans cut out of its documents are poor pseudo-queries.
+    # Label-free passage corpora pass their corpus pairs: trained towers' pseudo-queries are then cut
+    # only from documents held out from their pre-training (a fit is refitted and ignores them).
     tune = (["--hybrid-pairs", str(shared / "pairs")] if name in HYBRID_ON_PAIRS
             else ["--hybrid-pairs", str(shared / "user-pairs")] if name in USER_SPLIT
-            else ["--hybrid-pairs", str(first)] if teacher and name in PRETRAIN_ON_NEIGHBOURS else [])
+            else ["--hybrid-pairs", str(first)] if teacher and name in PRETRAIN_ON_NEIGHBOURS
+            else ["--hybrid-pairs", str(first)] if name not in LABELLED and name not in PRETRAIN_ON_NEIGHBOURS
+            else [])
 
     def index_and_eval(trained: Path, out: Path, report: Path) -> list[tuple[Path, list[str]]]:
         return [(out, ["index", "--model", str(trained), "--corpus", str(data / "corpus.jsonl"), "--output", str(out),

@@ -167,20 +167,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hybrid-pairs", default=None, metavar="PAIRS_DIR",
                         help="choose the hybrid weight on the validation split of this `dssm pairs` output "
                              "(labelled query -> document pairs the model was not trained on) instead of "
-                             "pseudo-queries cut from the corpus; the same significance rule keeps it or 0")
+                             "pseudo-queries cut from the corpus; the same significance rule keeps it or 0. "
+                             "Pairs made with --format corpus (the towers' label-free pre-training) are not "
+                             "queries: the pseudo-queries are then cut only from the documents of their "
+                             "validation split, which the towers never trained on (a `dssm lsa` fit is "
+                             "refitted instead and cuts from every document)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
 
 
 def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
-                        pairs: list[tuple[str, str]] | None = None) -> index_lib.Finalize:
+                        pairs: list[tuple[str, str]] | None = None,
+                        held_out: frozenset[str] | None = None) -> index_lib.Finalize:
     """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
     Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
     larger corpus: the tuning corpus, so memory stays bounded at any size) and runs
     :func:`dssm.hybrid.label_free_weight` on pseudo-queries, or on ``pairs`` (labelled pairs held out
-    from training) when given; its report goes to the manifest as ``hybrid_tuning``.
+    from training) when given; its report goes to the manifest as ``hybrid_tuning``. With
+    ``held_out`` (document ids the towers never trained on), trained towers' pseudo-queries are cut
+    from those documents only; a fit is refitted to the tuning corpus and needs no such set.
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
@@ -192,19 +199,24 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         rows = np.arange(len(store))
         if rows.size > max_docs:
             rows = np.sort(np.random.default_rng(seed).choice(rows.size, max_docs, replace=False))
-        texts = [document_text(d.title, d.text) for d in store.get(rows.tolist())]
+        docs = store.get(rows.tolist())
+        texts = [document_text(d.title, d.text) for d in docs]
         # A fitted tower is fitted again to the tuning corpus, which encodes everything: neither the
         # SavedModel nor the stored rows are read then.
         refit = refit_for(stage / index_lib.MODEL_DIR)
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
+        query_rows = [i for i, d in enumerate(docs) if d.id in held_out] \
+            if held_out is not None and refit is None else None
         tick = time.perf_counter()
         hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries if encoder else None,
                                            embed_documents=encoder.embed_documents if encoder else None,
-                                           queries=queries, seed=seed, pairs=pairs, refit=refit)
+                                           queries=queries, seed=seed, pairs=pairs, refit=refit,
+                                           query_rows=query_rows)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
-            f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds"
+            f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds" + (
+                f" from {report['query_documents']} documents held out from training" if query_rows is not None else "")
         print(f"hybrid weight {hybrid.weight:.2f} on DSSM ({tuned_on}; "
               f"best {report.get('best', 0.0):.2f}, gain {report.get('gain', 0.0):+.4f} MRR@10, "
               f"p {report.get('p', 1.0):.3g})",
@@ -281,18 +293,35 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     return _Inputs(paths=paths, table=table, columns=columns, model_dir=model_dir, shard=shard)
 
 
-def _tuning_pairs(hybrid_pairs: str | None) -> list[tuple[str, str]] | None:
-    """The labelled validation pairs of ``--hybrid-pairs`` (``None`` without the flag)."""
+def _tuning_source(hybrid_pairs: str | None) -> tuple[list[tuple[str, str]] | None, frozenset[str] | None]:
+    """What ``--hybrid-pairs`` tunes on: ``(labelled validation pairs, None)``, or ``(None, held-out
+    document ids)`` for pairs cut from the corpus itself (``--format corpus``), or ``(None, None)``."""
     if not hybrid_pairs:
-        return None
+        return None, None
     # deferred: TensorFlow, imported only when this runs
-    from dssm.inputs import pair_files, read_text_pairs
+    from dssm.inputs import pair_files, read_document_ids, read_text_pairs
 
-    tuning_pairs = read_text_pairs(pair_files(hybrid_pairs, "validation"))
+    files = pair_files(hybrid_pairs, "validation")
+    if _pairs_format(hybrid_pairs) == "corpus":
+        held_out = frozenset(i.decode("utf-8", "replace") for i in read_document_ids(files, min_label=0.0).tolist())
+        if not held_out:
+            raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no document "
+                             "(make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`)")
+        return None, held_out
+    tuning_pairs = read_text_pairs(files)
     if not tuning_pairs:
         raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no positive pair "
                          "(make it with `dssm pairs --validation-fraction F`)")
-    return tuning_pairs
+    return tuning_pairs, None
+
+
+def _pairs_format(pairs_dir: str) -> str | None:
+    """The ``format`` a `dssm pairs` output directory was made with (``None`` if it does not say)."""
+    manifest = Path(pairs_dir) / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("format") if manifest.is_file() else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"--hybrid-pairs {pairs_dir}: {manifest} is unreadable: {exc}") from exc
 
 
 def _output_dirs(output: Path, stage: Path, version: str, keep_shards: str | None) -> tuple[Path, Path]:
@@ -374,7 +403,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
     inputs = _check_inputs(args)
     shard = inputs.shard
-    tuning_pairs = _tuning_pairs(args.hybrid_pairs)
+    tuning_pairs, held_out = _tuning_source(args.hybrid_pairs)
     output = Path(args.output)
     version = index_lib.new_version_name()
     # The staging directory (shards, then the version) is owned while the job runs and removed after it,
@@ -396,7 +425,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             extra: dict[str, Any] = {"encode": encode}
             if shard is not None:
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
-            finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs) \
+            finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, held_out=held_out) \
                 if args.hybrid_weight == "label-free" and shard is None else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)

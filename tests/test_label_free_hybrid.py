@@ -35,6 +35,13 @@ def test_crop_pseudo_queries_cuts_a_span_out_of_its_document():
         crop_pseudo_queries(texts, count=1, query_words=(5, 2))
 
 
+def test_crop_pseudo_queries_cuts_only_from_the_rows_given():
+    texts = [f"w{i} " * 3 + "alpha beta gamma delta epsilon zeta eta theta" for i in range(10)]
+    pseudo = crop_pseudo_queries(texts, count=10, seed=0, rows=[7, 2, 2, 5])
+    assert [q.row for q in pseudo] == [2, 5, 7]
+    assert crop_pseudo_queries(texts, count=10, seed=0, rows=[]) == []
+
+
 def test_reciprocal_ranks_by_hand():
     ranked = [np.array([4, 2, 9]), np.array([1, 3]), np.array([7] + list(range(20, 40)))]
     # target 2 at rank 2 -> 0.5; 5 absent -> 0; 7 at rank 1 -> 1
@@ -104,6 +111,33 @@ def test_a_tower_that_finds_every_document_gets_weight_above_zero(adi_texts):
     assert report["rounds"] == 7  # 82 documents, 500 pseudo-queries wanted
     assert report["curve"]["1.00"] == pytest.approx(1.0)
     assert config.weight > 0.0 and report["p"] < 0.05
+
+
+def test_towers_that_learnt_their_training_documents_are_tuned_on_held_out_ones(adi_texts):
+    # Towers that memorised the first 40 documents: any text made of one of their words points at it
+    # (pseudo-queries and cut documents alike); every other text gets noise. Spans of the memorised
+    # documents make them look far better than BM25; spans of the other 42 show what they are worth.
+    learnt = [set(text.split()) for text in adi_texts[:40]]
+    rng = np.random.default_rng(0)
+
+    def memorising(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 40 + 16), np.float32)
+        for i, text in enumerate(texts):
+            words = set(text.split())
+            overlap = [len(words & doc) / len(words) for doc in learnt]
+            if max(overlap) == 1.0 and text not in adi_texts[40:]:
+                out[i, int(np.argmax(overlap))] = 1.0
+            else:
+                out[i, 40:] = rng.standard_normal(16)
+        return out
+
+    towers = dict(embeddings=memorising(adi_texts), embed_queries=memorising, embed_documents=memorising, seed=0)
+    config, report = label_free_weight(texts=adi_texts, **towers)
+    assert config.weight > 0.0 and report["p"] < 0.05 and "query_documents" not in report
+    held_out = list(range(40, len(adi_texts)))
+    config, report = label_free_weight(texts=adi_texts, query_rows=held_out, **towers)
+    assert report["query_documents"] == 42 and report["pseudo_queries"] == 42
+    assert config.weight == 0.0
 
 
 def test_a_refit_ranks_the_tuning_corpus_instead_of_the_towers_given(adi_texts):
@@ -274,6 +308,26 @@ def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
     with pytest.raises(InputError, match="validation split holds no positive pair"):
         index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
                     str(tmp_path / "other"), "--hybrid-pairs", str(tmp_path / "empty")])
+
+
+def test_index_cuts_pseudo_queries_from_the_corpus_pairs_held_out_documents(tiny_model_dir, adi_dir, tmp_path):
+    from dssm.inputs import pair_files, read_document_ids
+    from pipelines import make_pairs
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    pairs = tmp_path / "corpus_pairs"
+    assert make_pairs.main(["--input", str(adi_dir), "--format", "corpus", "--output", str(pairs), "--num-buckets",
+                            "4096", "--validation-fraction", "0.5", "--direct_running_mode=in_memory"]) == 0
+    held_out = {i.decode() for i in read_document_ids(pair_files(pairs, "validation"), min_label=0.0).tolist()}
+    trained_on = {i.decode() for i in read_document_ids(pair_files(pairs, "train"), min_label=0.0).tolist()}
+    assert held_out and trained_on and not held_out & trained_on  # the job splits by document
+    index = tmp_path / "index"
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                       str(index), "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"]) == 0
+    tuning = Searcher.load(index).index.manifest["hybrid_tuning"]
+    assert tuning["method"].startswith("label-free") and tuning["query_documents"] == len(held_out)
+    assert tuning["pseudo_queries"] <= len(held_out)
 
 
 def test_a_query_found_as_its_own_document_is_not_counted_against_its_target():
