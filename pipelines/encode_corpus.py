@@ -207,6 +207,10 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
         query_rows = [i for i, d in enumerate(docs) if d.id in held_out] \
             if held_out is not None and refit is None else None
+        if refit is None and pairs is None and held_out is None:
+            print("note: the hybrid weight is tuned on spans cut from any document; towers pre-trained on this "
+                  "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "
+                  "with --hybrid-pairs to cut only from the documents they did not train on", file=sys.stderr)
         tick = time.perf_counter()
         hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries if encoder else None,
