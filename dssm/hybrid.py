@@ -425,18 +425,8 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray | None,
     if max_rounds < 1:
         raise ConfigError(f"max_rounds must be at least 1, got {max_rounds}")
     rng = np.random.default_rng(seed + 1)
-    if pairs is not None:
-        rounds = [_pairs_round(texts, pairs, count=queries, rng=rng)]
-        report: dict[str, Any] = {"method": "labelled pairs held out from training", "pairs": len(rounds[0].queries),
-                                  "pairs_documents_added": len(rounds[0].extra)}
-    else:
-        rounds = [_pseudo_round(texts, count=queries, seed=seed, rows=query_rows)]
-        wanted = min(max_rounds, -(-queries // len(rounds[0].queries))) if rounds[0].queries else 1
-        rounds += [_pseudo_round(texts, count=queries, seed=seed + r, rows=query_rows) for r in range(1, wanted)]
-        report = {"method": "label-free: spans cut out of documents", "pseudo_queries": len(rounds[0].queries),
-                  "rounds": len(rounds)}
-        if query_rows is not None:
-            report["query_documents"] = len(set(map(int, query_rows)))
+    rounds, report = _tuning_rounds(texts, pairs, count=queries, seed=seed, rng=rng, max_rounds=max_rounds,
+                                    query_rows=query_rows)
     report.update(documents=n, alpha=alpha, seed=seed)
     if len(rounds[0].queries) < 30:  # too few to tell a gain from noise
         report.update(weight=0.0, reason=f"only {len(rounds[0].queries)} tuning queries (documents with enough "
@@ -466,6 +456,24 @@ class _TuningRound(NamedTuple):
     targets: np.ndarray
     replaced: dict[int, str]
     extra: list[str]
+
+
+def _tuning_rounds(texts: Sequence[str], pairs: Sequence[tuple[str, str]] | None, *, count: int, seed: int,
+                   rng: np.random.Generator, max_rounds: int,
+                   query_rows: Sequence[int] | None) -> tuple[list[_TuningRound], dict[str, Any]]:
+    """:func:`label_free_weight`'s rounds of tuning queries, and the report's first entries."""
+    if pairs is not None:
+        rounds = [_pairs_round(texts, pairs, count=count, rng=rng)]
+        return rounds, {"method": "labelled pairs held out from training", "pairs": len(rounds[0].queries),
+                        "pairs_documents_added": len(rounds[0].extra)}
+    rounds = [_pseudo_round(texts, count=count, seed=seed, rows=query_rows)]
+    wanted = min(max_rounds, -(-count // len(rounds[0].queries))) if rounds[0].queries else 1
+    rounds += [_pseudo_round(texts, count=count, seed=seed + r, rows=query_rows) for r in range(1, wanted)]
+    report: dict[str, Any] = {"method": "label-free: spans cut out of documents",
+                              "pseudo_queries": len(rounds[0].queries), "rounds": len(rounds)}
+    if query_rows is not None:
+        report["query_documents"] = len(set(map(int, query_rows)))
+    return rounds, report
 
 
 def _pairs_round(texts: Sequence[str], pairs: Sequence[tuple[str, str]], *, count: int,

@@ -64,7 +64,9 @@ def test_projection_is_numpy_svd_of_the_idf_weighted_rows():
 def test_small_corpus_caps_the_rank_and_bad_input_is_refused():
     counts = sp.csr_matrix(np.eye(4, 10, dtype=np.float32) + np.eye(4, 10, k=1, dtype=np.float32))
     fit = fit_lsa(counts, config=LsaConfig(dim=16))
-    assert fit.rank == 3 and fit.table.shape == (10, 16) and not fit.table[:, 3:].any()
+    # The towers are as wide as the rank, rounded up to a multiple of 8, not the 16 asked for.
+    assert fit.rank == 3 and fit.table.shape == (10, 8) and not fit.table[:, 3:].any()
+    assert fit_lsa(counts, config=LsaConfig(dim=2)).table.shape == (10, 2)  # narrower than the rank: as asked
     with pytest.raises(InputError, match="at least 2 non-empty documents"):
         fit_lsa(sp.csr_matrix(np.array([[1, 2, 0]], np.float32)), config=LsaConfig())
     with pytest.raises(ConfigError, match="idf_power"):
@@ -216,3 +218,21 @@ def test_index_of_a_fit_tunes_the_hybrid_weight_on_a_refit(adi_lsa, adi_dir, tmp
     assert tuning["refit"] is True and tuning["pseudo_queries"] >= 30
     assert searcher.search("computer information retrieval systems", k=3)
 
+
+
+def test_select_scores_a_wide_fit_on_its_first_dimensions(tmp_path, adi_dir, adi_pairs_and_fit, monkeypatch):
+    import dssm.select as select
+    from dssm.lsa import main
+
+    pairs, fit16 = adi_pairs_and_fit
+    assert main(["--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(tmp_path / "fit8"), "--dim", "8",
+                 "--pairs", str(pairs)]) == 0
+    whole = select.score_models(pairs, [fit16])[0]
+    assert "dims_scored" not in whole  # 16 dimensions: not wider than the 128 a fit competes on
+    monkeypatch.setattr(select, "FIT_SELECTION_DIM", 8)
+    cut, narrow = select.score_models(pairs, [fit16])[0], select.score_models(pairs, [tmp_path / "fit8"])[0]
+    # A fit's first 8 directions are the 8-dimension fit: the same choice, whatever width was exported.
+    assert cut["dims_scored"] == 8 and "dims_scored" not in narrow
+    assert cut["recall_at_10"] == pytest.approx(narrow["recall_at_10"], abs=1e-6)
+    assert cut["mrr_at_10"] == pytest.approx(narrow["mrr_at_10"], abs=1e-4)
+    assert (cut["recall_at_10"], cut["mrr_at_10"]) != (whole["recall_at_10"], whole["mrr_at_10"])
