@@ -43,12 +43,11 @@ __all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fit_texts", "fitted_
 class LsaConfig:
     """How ``dssm lsa`` fits towers to a corpus. Saved as ``config.json["train"]`` beside the model."""
 
-    dim: int = field(512, "width of the towers' output (the index's vectors); the fitted rank is at most the "
+    dim: int = field(128, "width of the towers' output (the index's vectors); the fitted rank is at most the "
                      "corpus's documents - 1, and the towers are then only as wide as the rank (rounded up to a "
-                     "multiple of 8, the rest zero). 512 (default) kept the most of the corpus's geometry on "
-                     "debian-dev development samples: nDCG@10 128 / 256 / 512 = 0.768 / 0.818 / 0.829 on 1,500 "
-                     "documents, 0.599 / 0.670 / 0.718 on 5,000 (docs/quality.md); `dssm select` scores a fit "
-                     "on its first 128 dimensions")
+                     "multiple of 8, the rest zero). Wider fits retrieve better on debian-dev's samples and worse "
+                     "on cranfield and cisi (512: nDCG@10 0.401 -> 0.356 and 0.404 -> 0.348; docs/quality.md); "
+                     "`dssm select` scores a wider fit on its first 128 dimensions")
     idf_power: float = field(3.0, "each bucket's count is weighted by idf^p before the SVD (and in the table): 0 "
                              "raw counts, 1 tf-idf; 3 (default) was best of 1-5 on debian-dev's dev queries "
                              "(nDCG@10 0.219/0.270/0.295/0.221/0.161) and of 0-3 on cranfield's and cisi's corpus-"
