@@ -329,7 +329,7 @@ def reciprocal_ranks(fused_rows_per_query: Sequence[np.ndarray], targets: Sequen
 
 
 def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05, trials: int = 10_000,
-                       seed: int = 0) -> tuple[float, dict[str, Any]]:
+                       seed: int = 0, one_se: bool = False) -> tuple[float, dict[str, Any]]:
     """The weight with the best mean per-query value, kept only if it beats BM25 alone significantly.
 
     Args:
@@ -339,16 +339,23 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
             search worse than BM25.
         trials: randomisation trials.
         seed: RNG seed of the test.
+        one_se: take the smallest weight whose mean is within one standard error of the best's (the
+            paired per-query difference), not the best itself: Breiman's one-standard-error rule,
+            leaning to BM25's side when the curve is flat. :func:`label_free_weight` sets it for
+            pseudo-queries, whose best weight was above real queries' on every development corpus.
 
     Returns:
-        ``(weight, {"best": w*, "gain": mean gain of w* over 0, "p": p-value, "curve": {w: mean}})``.
+        ``(weight, {"best": w*, "gain": mean gain of w* over 0, "p": p-value, "curve": {w: mean}})``;
+        with ``one_se``, ``w*`` is the weight that rule took and ``"top"`` the best mean's weight.
     """
     if 0.0 not in curve:
         raise ConfigError("choose_safe_weight needs the weight 0 (BM25 alone) in the curve")
     means = {float(w): float(np.mean(v)) if len(v) else 0.0 for w, v in curve.items()}
     best = max(means.values())
     # Among equal means the smaller weight: the one closer to BM25, the safe side.
-    best_w = min(w for w, m in means.items() if m >= best - 1e-12)
+    best_w = top_w = min(w for w, m in means.items() if m >= best - 1e-12)
+    if one_se:
+        best_w = _within_one_standard_error(curve, top_w)
     base, top = np.asarray(curve[0.0], np.float64), np.asarray(curve[best_w], np.float64)
     gain = float(top.mean() - base.mean()) if top.size else 0.0
     p = 1.0
@@ -358,7 +365,19 @@ def choose_safe_weight(curve: Mapping[float, np.ndarray], *, alpha: float = 0.05
                                       trials=trials, seed=seed)
     weight = best_w if (gain > 0 and p < alpha) else 0.0
     return weight, {"best": best_w, "gain": round(gain, 6), "p": round(p, 6),
-                    "curve": {f"{w:.2f}": round(m, 6) for w, m in sorted(means.items())}}
+                    "curve": {f"{w:.2f}": round(m, 6) for w, m in sorted(means.items())}} | (
+                        {"top": top_w, "rule": "one standard error"} if one_se else {})
+
+
+def _within_one_standard_error(curve: Mapping[float, np.ndarray], top_w: float) -> float:
+    """The smallest weight whose per-query values trail ``top_w``'s by at most one standard error of the mean."""
+    top = np.asarray(curve[top_w], np.float64)
+    for w in sorted(float(w) for w in curve if w < top_w):
+        behind = top - np.asarray(curve[w], np.float64)
+        se = float(behind.std(ddof=1) / np.sqrt(behind.size)) if behind.size > 1 else 0.0
+        if behind.mean() <= se:
+            return w
+    return top_w
 
 
 # ``texts -> (embed_queries, embed_documents)``: towers fitted to ``texts`` (label_free_weight's ``refit``).
@@ -442,7 +461,7 @@ def label_free_weight(*, texts: Sequence[str], embeddings: np.ndarray | None,
         curves.append(_fusion_curve(sub_texts, matrix, tuning.queries, local, query_vectors, bm25_config=bm25_config,
                                     candidates=candidates, normalization=normalization))
     curve = {w: np.mean([c[w] for c in curves], axis=0) for w in WEIGHT_GRID}
-    weight, chosen_weight = choose_safe_weight(curve, alpha=alpha, seed=seed)
+    weight, chosen_weight = choose_safe_weight(curve, alpha=alpha, seed=seed, one_se=pairs is None)
     report.update(weight=weight, tuning_documents=len(sub_texts), metric="mrr@10", **chosen_weight)
     if refit is not None:
         report["refit"] = True

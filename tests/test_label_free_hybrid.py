@@ -74,6 +74,25 @@ def adi_texts(adi_dir) -> list[str]:
     return [document_text(d.title, d.text) for d in read_beir(adi_dir).corpus.values()]
 
 
+def test_one_standard_error_rule_takes_the_smallest_weight_close_to_the_best():
+    # Four queries; 0.4 has the best mean (0.875). 0.2 trails it by [0.5, -0.5, 0.5, 0]: mean 0.125, sd
+    # 0.479, standard error 0.479 / 2 = 0.239 >= 0.125, so it is within one standard error. 0.1 trails
+    # by [1, 0, 0.5, 0.5]: mean 0.5, standard error 0.204 < 0.5, so it is not.
+    curve = {0.0: np.array([0.0, 0.0, 0.0, 0.0]), 0.1: np.array([0.0, 0.5, 0.5, 0.5]),
+             0.2: np.array([0.5, 1.0, 0.5, 1.0]), 0.4: np.array([1.0, 0.5, 1.0, 1.0])}
+    # alpha 0.2: with 4 queries the randomisation test cannot go below 2/16.
+    weight, info = choose_safe_weight(curve, one_se=True, alpha=0.2)
+    assert (info["top"], info["best"], info["rule"]) == (0.4, 0.2, "one standard error")
+    assert info["gain"] == pytest.approx(0.75) and weight == 0.2
+    weight, info = choose_safe_weight(curve, alpha=0.2)
+    assert weight == info["best"] == 0.4 and "top" not in info
+    # A best weight within one standard error of BM25 alone: weight 0. 0.0 trails 0.5 by
+    # [0.5, -0.25, 0, 0]: mean 0.0625, standard error 0.157.
+    flat = {0.0: np.array([0.5, 0.5, 1.0, 0.0]), 0.5: np.array([1.0, 0.25, 1.0, 0.0])}
+    weight, info = choose_safe_weight(flat, one_se=True)
+    assert (info["top"], info["best"], weight, info["p"]) == (0.5, 0.0, 0.0, 1.0)
+
+
 def test_a_useless_tower_gets_weight_zero(adi_texts):
     rng = np.random.default_rng(0)
 
