@@ -207,6 +207,9 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
         query_rows = [i for i, d in enumerate(docs) if d.id in held_out] \
             if held_out is not None and refit is None else None
+        if query_rows == []:  # corpus pairs of another corpus, most likely
+            raise InputError(f"--hybrid-pairs: none of the {len(held_out or ())} documents of its validation "
+                             f"split is a document of this corpus (e.g. {sorted(held_out or ())[:3]})")
         if refit is None and pairs is None and held_out is None:
             print("note: the hybrid weight is tuned on spans cut from any document; towers pre-trained on this "
                   "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "

@@ -330,6 +330,7 @@ def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
 
 
 def test_index_cuts_pseudo_queries_from_the_corpus_pairs_held_out_documents(tiny_model_dir, adi_dir, tmp_path):
+    from dssm.errors import InputError
     from dssm.inputs import pair_files, read_document_ids
     from pipelines import make_pairs
     from pipelines.encode_corpus import main as index_main
@@ -347,6 +348,14 @@ def test_index_cuts_pseudo_queries_from_the_corpus_pairs_held_out_documents(tiny
     tuning = Searcher.load(index).index.manifest["hybrid_tuning"]
     assert tuning["method"].startswith("label-free") and tuning["query_documents"] == len(held_out)
     assert tuning["pseudo_queries"] <= len(held_out)
+    # Corpus pairs of another corpus: refused by name, nothing published.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"_id": f"x{i}", "text": f"an unrelated document number {i} about {w}"}) + "\n"
+                             for i, w in enumerate(["ships", "trains", "planes", "bikes"] * 10)))
+    with pytest.raises(InputError, match="none of the .* documents of its validation split"):
+        index_main(["--model", str(tiny_model_dir), "--corpus", str(other), "--output", str(tmp_path / "other-index"),
+                    "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"])
+    assert not (tmp_path / "other-index" / "CURRENT").exists()
 
 
 def test_a_query_found_as_its_own_document_is_not_counted_against_its_target():
