@@ -588,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     model, history = train(args.pairs, model_config=model_config, train_config=train_config,
                            feature_config=feature_config, checkpoint_dir=checkpoint_dir,
                            tensorboard_dir=tensorboard_dir, resume=args.resume, loss_config=loss_config)
-    export_model(model, output, train_config=train_config, history=history,
-                 overwrite=args.overwrite or args.resume, keep=keep)
+    export_model(model, output, train_config=train_config, history=history | {"pairs": str(Path(args.pairs).resolve())},
+                 overwrite=args.overwrite or args.resume, keep=keep)  # the pairs: `dssm index` reads their split
     epoch = history["weights_epoch"]
     row = history["epoch"].index(epoch) if epoch in history.get("epoch", []) else -1
     metrics = {key: values[row] for key, values in history.items()

@@ -169,25 +169,27 @@ def _parser() -> argparse.ArgumentParser:
                              "(labelled query -> document pairs the model was not trained on) instead of "
                              "pseudo-queries cut from the corpus; the same significance rule keeps it or 0. "
                              "Pairs made with --format corpus (the towers' label-free pre-training) are not "
-                             "queries: the pseudo-queries are then cut only from the documents of their "
-                             "validation split, which the towers never trained on (a `dssm lsa` fit is "
-                             "refitted instead and cuts from every document)")
+                             "queries: the pseudo-queries are then cut only from documents outside their "
+                             "train split, which the towers never trained on (a `dssm lsa` fit is refitted "
+                             "instead and cuts from every document). Without the flag, the model's own "
+                             "training pairs are read the same way when they are --format corpus pairs")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
 
 
 def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
-                        pairs: list[tuple[str, str]] | None = None,
-                        held_out: frozenset[str] | None = None) -> index_lib.Finalize:
+                        pairs: list[tuple[str, str]] | None = None, trained_on: frozenset[str] | None = None,
+                        required: bool = True) -> index_lib.Finalize:
     """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
     Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
     larger corpus: the tuning corpus, so memory stays bounded at any size) and runs
     :func:`dssm.hybrid.label_free_weight` on pseudo-queries, or on ``pairs`` (labelled pairs held out
     from training) when given; its report goes to the manifest as ``hybrid_tuning``. With
-    ``held_out`` (document ids the towers never trained on), trained towers' pseudo-queries are cut
-    from those documents only; a fit is refitted to the tuning corpus and needs no such set.
+    ``trained_on`` (ids of the documents the towers' corpus pairs trained on), trained towers'
+    pseudo-queries are cut from the other documents only (when none is left: an error if
+    ``required``, else weight 0); a fit is refitted to the tuning corpus and needs no such set.
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
@@ -205,12 +207,12 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         # SavedModel nor the stored rows are read then.
         refit = refit_for(stage / index_lib.MODEL_DIR)
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
-        query_rows = [i for i, d in enumerate(docs) if d.id in held_out] \
-            if held_out is not None and refit is None else None
-        if query_rows == []:  # corpus pairs of another corpus, most likely
-            raise InputError(f"--hybrid-pairs: none of the {len(held_out or ())} documents of its validation "
-                             f"split is a document of this corpus (e.g. {sorted(held_out or ())[:3]})")
-        if refit is None and pairs is None and held_out is None:
+        query_rows = [i for i, d in enumerate(docs) if d.id not in trained_on] \
+            if trained_on is not None and refit is None else None
+        if query_rows == [] and required:
+            raise InputError(f"--hybrid-pairs: the towers trained on every document of this corpus ({len(docs):,}); "
+                             "make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`")
+        if refit is None and pairs is None and trained_on is None:
             print("note: the hybrid weight is tuned on spans cut from any document; towers pre-trained on this "
                   "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "
                   "with --hybrid-pairs to cut only from the documents they did not train on", file=sys.stderr)
@@ -223,7 +225,8 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
             f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds" + (
-                f" from {report['query_documents']} documents held out from training" if query_rows is not None else "")
+                f" from {report['query_documents']} documents the towers did not train on" if query_rows is not None
+                else "")
         print(f"hybrid weight {hybrid.weight:.2f} on DSSM ({tuned_on}; "
               f"best {report.get('best', 0.0):.2f}, gain {report.get('gain', 0.0):+.4f} MRR@10, "
               f"p {report.get('p', 1.0):.3g})",
@@ -300,26 +303,52 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     return _Inputs(paths=paths, table=table, columns=columns, model_dir=model_dir, shard=shard)
 
 
-def _tuning_source(hybrid_pairs: str | None) -> tuple[list[tuple[str, str]] | None, frozenset[str] | None]:
-    """What ``--hybrid-pairs`` tunes on: ``(labelled validation pairs, None)``, or ``(None, held-out
-    document ids)`` for pairs cut from the corpus itself (``--format corpus``), or ``(None, None)``."""
-    if not hybrid_pairs:
-        return None, None
+def _tuning_source(hybrid_pairs: str | None, model_dir: Path) -> tuple[
+        list[tuple[str, str]] | None, frozenset[str] | None, bool]:
+    """What the hybrid weight is tuned on: ``(labelled validation pairs, None, True)`` for ``--hybrid-pairs``;
+    ``(None, ids of the documents trained on, required)`` for pairs cut from a corpus (``--format
+    corpus``), given or, without the flag, the model's own training pairs (``history.json["pairs"]``,
+    written by ``dssm train``); ``(None, None, False)`` for plain label-free tuning."""
     # deferred: TensorFlow, imported only when this runs
     from dssm.inputs import pair_files, read_document_ids, read_text_pairs
 
+    if not hybrid_pairs:
+        own = _model_training_pairs(model_dir)
+        if own is None:
+            return None, None, False
+        print(f"hybrid weight: pseudo-queries only from documents outside the train split of {own}, the "
+              "corpus pairs the towers trained on", file=sys.stderr)
+        return None, _trained_on(read_document_ids(pair_files(own, "train"), min_label=0.0)), False
     files = pair_files(hybrid_pairs, "validation")
     if _pairs_format(hybrid_pairs) == "corpus":
-        held_out = frozenset(i.decode("utf-8", "replace") for i in read_document_ids(files, min_label=0.0).tolist())
-        if not held_out:
+        if not read_document_ids(files, min_label=0.0).size:
             raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no document "
                              "(make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`)")
-        return None, held_out
+        return None, _trained_on(read_document_ids(pair_files(hybrid_pairs, "train"), min_label=0.0)), True
     tuning_pairs = read_text_pairs(files)
     if not tuning_pairs:
         raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no positive pair "
                          "(make it with `dssm pairs --validation-fraction F`)")
-    return tuning_pairs, None
+    return tuning_pairs, None, True
+
+
+def _trained_on(ids: np.ndarray) -> frozenset[str]:
+    return frozenset(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in ids.tolist())
+
+
+def _model_training_pairs(model_dir: Path) -> str | None:
+    """The corpus pairs (``--format corpus``) ``dssm train`` made this model from, if it says so and they are here."""
+    history = model_dir / "history.json"
+    try:
+        pairs = json.loads(history.read_text()).get("pairs") if history.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(pairs, str) or not Path(pairs).is_dir():
+        return None
+    try:
+        return pairs if _pairs_format(pairs) == "corpus" else None
+    except InputError:  # an unreadable manifest: not pairs to rely on
+        return None
 
 
 def _pairs_format(pairs_dir: str) -> str | None:
@@ -410,7 +439,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
     inputs = _check_inputs(args)
     shard = inputs.shard
-    tuning_pairs, held_out = _tuning_source(args.hybrid_pairs)
+    tuning_pairs, trained_on, required = _tuning_source(args.hybrid_pairs, Path(inputs.model_dir)) \
+        if args.hybrid_weight == "label-free" and shard is None else (None, None, False)
     output = Path(args.output)
     version = index_lib.new_version_name()
     # The staging directory (shards, then the version) is owned while the job runs and removed after it,
@@ -432,7 +462,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             extra: dict[str, Any] = {"encode": encode}
             if shard is not None:
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
-            finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, held_out=held_out) \
+            finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, trained_on=trained_on,
+                                           required=required) \
                 if args.hybrid_weight == "label-free" and shard is None else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)

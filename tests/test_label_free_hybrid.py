@@ -4,6 +4,7 @@ weight ``dssm index`` stores, and the default search mode that uses it."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -329,9 +330,10 @@ def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
                     str(tmp_path / "other"), "--hybrid-pairs", str(tmp_path / "empty")])
 
 
-def test_index_cuts_pseudo_queries_from_the_corpus_pairs_held_out_documents(tiny_model_dir, adi_dir, tmp_path):
+def test_index_cuts_pseudo_queries_from_documents_the_towers_did_not_train_on(tiny_model_dir, adi_dir, tmp_path):
     from dssm.errors import InputError
     from dssm.inputs import pair_files, read_document_ids
+    from dssm.train import main as train_main
     from pipelines import make_pairs
     from pipelines.encode_corpus import main as index_main
     from serving.searcher import Searcher
@@ -342,20 +344,39 @@ def test_index_cuts_pseudo_queries_from_the_corpus_pairs_held_out_documents(tiny
     held_out = {i.decode() for i in read_document_ids(pair_files(pairs, "validation"), min_label=0.0).tolist()}
     trained_on = {i.decode() for i in read_document_ids(pair_files(pairs, "train"), min_label=0.0).tolist()}
     assert held_out and trained_on and not held_out & trained_on  # the job splits by document
-    index = tmp_path / "index"
-    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
-                       str(index), "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"]) == 0
-    tuning = Searcher.load(index).index.manifest["hybrid_tuning"]
-    assert tuning["method"].startswith("label-free") and tuning["query_documents"] == len(held_out)
-    assert tuning["pseudo_queries"] <= len(held_out)
-    # Corpus pairs of another corpus: refused by name, nothing published.
+    adi_ids = [json.loads(line)["_id"] for line in (adi_dir / "corpus.jsonl").read_text().splitlines()]
+    untrained = [i for i in adi_ids if i not in trained_on]
+    assert set(untrained) >= held_out
+
+    def tuning_of(model, corpus, out, *flags):
+        assert index_main(["--model", str(model), "--corpus", str(corpus), "--output", str(tmp_path / out), *flags,
+                           "--direct_running_mode=in_memory"]) == 0
+        return Searcher.load(tmp_path / out).index.manifest["hybrid_tuning"]
+
+    tuning = tuning_of(tiny_model_dir, adi_dir / "corpus.jsonl", "index", "--hybrid-pairs", str(pairs))
+    assert tuning["method"].startswith("label-free") and tuning["query_documents"] == len(untrained)
+    assert tuning["pseudo_queries"] <= len(untrained)
+    # Another corpus: the towers trained on none of its documents, so every one may give a span.
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps({"_id": f"x{i}", "text": f"an unrelated document number {i} about {w}"}) + "\n"
+    other.write_text("".join(json.dumps({"_id": f"x{i}", "text": f"an unrelated document number {i} about {w} "
+                                                                   "and nothing else of note here"}) + "\n"
                              for i, w in enumerate(["ships", "trains", "planes", "bikes"] * 10)))
-    with pytest.raises(InputError, match="none of the .* documents of its validation split"):
-        index_main(["--model", str(tiny_model_dir), "--corpus", str(other), "--output", str(tmp_path / "other-index"),
-                    "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"])
-    assert not (tmp_path / "other-index" / "CURRENT").exists()
+    assert tuning_of(tiny_model_dir, other, "other-index", "--hybrid-pairs", str(pairs))["query_documents"] == 40
+    # A corpus of trained-on documents only: nothing to cut a fair span from, refused by name.
+    seen = tmp_path / "seen.jsonl"
+    seen.write_text("".join(line + "\n" for line in (adi_dir / "corpus.jsonl").read_text().splitlines()
+                            if json.loads(line)["_id"] in trained_on))
+    with pytest.raises(InputError, match="trained on every document"):
+        tuning_of(tiny_model_dir, seen, "seen-index", "--hybrid-pairs", str(pairs))
+    assert not (tmp_path / "seen-index" / "CURRENT").exists()
+    # Towers trained by `dssm train` on these corpus pairs: `dssm index` finds them without the flag.
+    assert train_main(["--pairs", str(pairs), "--output", str(tmp_path / "pretrained"), "--epochs", "1",
+                       "--batch-size", "16", "--embedding-dim", "16", "--hidden-dims", "16", "--verbose", "0"]) == 0
+    assert json.loads((tmp_path / "pretrained" / "history.json").read_text())["pairs"] == str(pairs.resolve())
+    assert tuning_of(tmp_path / "pretrained", adi_dir / "corpus.jsonl", "own")["query_documents"] == len(untrained)
+    # A model whose training pairs are gone tunes on every document, as before.
+    shutil.move(pairs, tmp_path / "moved")
+    assert "query_documents" not in tuning_of(tmp_path / "pretrained", adi_dir / "corpus.jsonl", "gone")
 
 
 def test_a_query_found_as_its_own_document_is_not_counted_against_its_target():
