@@ -25,7 +25,7 @@ import numpy as np
 from dssm.errors import ChecksumError, IndexNotFoundError
 
 __all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
-           "write_manifest", "read_manifest", "verify_manifest", "write_json_atomic", "load_npy",
+           "write_manifest", "read_manifest", "read_history", "verify_manifest", "write_json_atomic", "load_npy",
            "manifest_extra", "copy_listed"]
 
 MANIFEST = "manifest.json"
@@ -139,6 +139,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ChecksumError(f"{path} is not valid JSON (truncated?): {exc}") from exc
+
+
+def read_history(model_dir: str | Path) -> dict[str, Any]:
+    """A model directory's ``history.json`` (what trained or fitted it), ``{}`` if it has none; not verified.
+
+    Raises:
+        ChecksumError: the file is not a JSON object.
+    """
+    path = Path(model_dir) / "history.json"
+    if not path.is_file():
+        return {}
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ChecksumError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(history, dict):
+        raise ChecksumError(f"{path} is not a JSON object")
+    return history
 
 
 def verify_manifest(directory: str | Path, *, kind: str | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:

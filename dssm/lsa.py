@@ -30,12 +30,13 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
+from dssm.artifacts import read_history
 from dssm.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict, field
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
 from dssm.query_numpy import l2_normalize_rows
 
-__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fit_texts", "fitted_encoder", "refit_for",
+__all__ = ["LsaConfig", "LsaFit", "bag_matrix", "fit_lsa", "fit_texts", "fitted_encoder", "is_fit", "refit_for",
            "lsa_model_config", "main"]
 
 
@@ -157,6 +158,11 @@ def fitted_encoder(fit: LsaFit, features: FeatureConfig) -> Callable[[Sequence[s
     return encode
 
 
+def is_fit(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` is a ``dssm lsa`` fit as exported (one fine-tuned by ``dssm train`` is trained towers)."""
+    return "lsa" in read_history(model_dir)
+
+
 def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
     """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
 
@@ -165,8 +171,7 @@ def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] |
     fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
     """
     model_dir = Path(model_dir)
-    history = json.loads((model_dir / "history.json").read_text()) if (model_dir / "history.json").is_file() else {}
-    if "lsa" not in history:
+    if not is_fit(model_dir):
         return None
     config = json.loads((model_dir / "config.json").read_text())
     lsa_config = config_from_dict(LsaConfig, config["train"])

@@ -44,6 +44,7 @@ from dssm.artifacts import copy_listed, read_manifest
 from dssm.errors import InputError
 from dssm.export import read_model_configs
 from dssm.inputs import pair_files, read_feature_config
+from dssm.lsa import is_fit, lsa_model_config
 from dssm.train import TrainConfig, build_model, load_towers
 from dssm.validation import Distractor, corpus_distractors, evaluate_retrieval, read_validation_set
 
@@ -95,14 +96,10 @@ def _candidate(model_dir: str | Path) -> tuple[Any, int | None]:
     features, model_config, _ = read_model_configs(model_dir)
     model = build_model(model_config, features, TrainConfig())
     load_towers(model, model_dir, batch=None)  # verifies the directory's manifest before reading weights
-    history = Path(model_dir) / "history.json"
-    is_fit = history.is_file() and "lsa" in json.loads(history.read_text())  # a fine-tuned fit is trained towers
-    if not is_fit or model_config.embedding_dim <= FIT_SELECTION_DIM:
+    if not is_fit(model_dir) or model_config.embedding_dim <= FIT_SELECTION_DIM:
         return model, None
-    # deferred: TensorFlow (loaded by dssm.train already) and dssm.lsa, needed only for a wide fit
+    # deferred: TensorFlow, loaded by dssm.train already, and needed only for a wide fit
     import tensorflow as tf
-
-    from dssm.lsa import lsa_model_config
 
     narrow = build_model(lsa_model_config(FIT_SELECTION_DIM), features, TrainConfig())
     narrow.query_tower.embed_texts(tf.constant(["x"]))  # builds the variables

@@ -47,10 +47,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm import index as index_lib
-from dssm.artifacts import verify_manifest
+from dssm.artifacts import read_history, read_manifest, verify_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict
 from dssm.data import document_text, read_columns, table_format
-from dssm.errors import ConfigError, InputError
+from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, label_free_weight
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
 from pipelines.embedding_shards import write_batch
@@ -338,26 +338,21 @@ def _trained_on(ids: np.ndarray) -> frozenset[str]:
 
 def _model_training_pairs(model_dir: Path) -> str | None:
     """The corpus pairs (``--format corpus``) ``dssm train`` made this model from, if it says so and they are here."""
-    history = model_dir / "history.json"
     try:
-        pairs = json.loads(history.read_text()).get("pairs") if history.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(pairs, str) or not Path(pairs).is_dir():
-        return None
-    try:
-        return pairs if _pairs_format(pairs) == "corpus" else None
-    except InputError:  # an unreadable manifest: not pairs to rely on
+        pairs = read_history(model_dir).get("pairs")
+        return pairs if isinstance(pairs, str) and Path(pairs).is_dir() and _pairs_format(pairs) == "corpus" else None
+    except (ChecksumError, InputError):  # an unreadable history or manifest: nothing to rely on
         return None
 
 
 def _pairs_format(pairs_dir: str) -> str | None:
     """The ``format`` a `dssm pairs` output directory was made with (``None`` if it does not say)."""
-    manifest = Path(pairs_dir) / "manifest.json"
     try:
-        return json.loads(manifest.read_text()).get("format") if manifest.is_file() else None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"--hybrid-pairs {pairs_dir}: {manifest} is unreadable: {exc}") from exc
+        return read_manifest(pairs_dir).get("format")
+    except IndexNotFoundError:
+        return None
+    except ChecksumError as exc:
+        raise InputError(f"--hybrid-pairs {pairs_dir}: {exc}") from exc
 
 
 def _output_dirs(output: Path, stage: Path, version: str, keep_shards: str | None) -> tuple[Path, Path]:
