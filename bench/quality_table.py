@@ -141,18 +141,15 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
                          "--overwrite"]),
                   (model, ["select", "--pairs", str(first), "--models", str(lsa), str(pretrained), "--output",
                            str(model), "--overwrite"])]
-    # The hybrid weight: tuned on the labelled pairs' validation split where those pairs are not the
-    # evaluated queries (debian-dev: its dev queries are outside pairs.tsv); label-free elsewhere
-    # (quora-dev's validation split *is* its evaluated set).
-    # With a teacher, a one-sentence corpus's weight is chosen on the teacher's neighbour pairs held out
-    # from pre-training (label-free), since spans cut out of its documents are poor pseudo-queries.
-    # Label-free passage corpora pass their corpus pairs: trained towers' pseudo-queries are then cut
-    # only from documents held out from their pre-training (a fit is refitted and ignores them).
-    tune = (["--hybrid-pairs", str(shared / "pairs")] if name in HYBRID_ON_PAIRS
-            else ["--hybrid-pairs", str(shared / "user-pairs")] if name in USER_SPLIT
-            else ["--hybrid-pairs", str(first)] if teacher and name in PRETRAIN_ON_NEIGHBOURS
-            else ["--hybrid-pairs", str(first)] if name not in LABELLED and name not in PRETRAIN_ON_NEIGHBOURS
-            else [])
+    # The hybrid weight: tuned on labelled pairs nothing trained on where there are some (debian-dev:
+    # its pairs' validation split, its dev queries being outside pairs.tsv; quora-dev: the tenth of the
+    # user's pairs, its own validation split being the evaluated set). Label-free passage corpora pass
+    # their corpus pairs: trained towers' pseudo-queries are then cut only from documents they did not
+    # train on (a fit is refitted and ignores them). (Before USER_SPLIT, quora-dev with a teacher tuned
+    # on the teacher's neighbour pairs, docs/quality-teacher.md.)
+    tune_on = (shared / "pairs" if name in HYBRID_ON_PAIRS else shared / "user-pairs" if name in USER_SPLIT
+               else first if name not in LABELLED and name not in PRETRAIN_ON_NEIGHBOURS else None)
+    tune = ["--hybrid-pairs", str(tune_on)] if tune_on else []
 
     def index_and_eval(trained: Path, out: Path, report: Path) -> list[tuple[Path, list[str]]]:
         return [(out, ["index", "--model", str(trained), "--corpus", str(data / "corpus.jsonl"), "--output", str(out),
