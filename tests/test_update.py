@@ -264,6 +264,38 @@ def test_staging_left_by_a_killed_writer_is_removed_by_the_next_write_and_a_live
     assert (ix.current_version_dir(idx) / "note.json").is_file()
 
 
+def test_a_cleaner_between_a_writers_owner_file_and_its_lock_does_not_take_its_staging(tmp_path, monkeypatch):
+    """CI lost a background compaction so: another writer's clean_stale_staging opened the compaction's
+    fresh ``.owner`` before the compaction locked it, found it unlocked and deleted the directory. The
+    writer now starts over on a fresh directory, and the cleaner leaves that one alone."""
+    import fcntl
+
+    from dssm.index import versions as versions_module
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    removed, real_flock = [], fcntl.flock
+
+    class Racing:  # the versions module's fcntl, with another writer's cleaner run at the worst moment
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+        armed = True
+
+        @classmethod
+        def flock(cls, fd, operation):
+            if cls.armed:  # the writer's first lock: its .owner exists, unlocked
+                cls.armed = False
+                removed.extend(ix.clean_stale_staging(idx))
+            return real_flock(fd, operation)
+
+    monkeypatch.setattr(versions_module, "fcntl", Racing)
+    with ix.staging(idx, "writer-1") as root:
+        assert removed == ["writer-1"]  # the race happened: the first directory was deleted
+        (root / "version").mkdir()  # the compaction's failing step
+        assert ix.clean_stale_staging(idx) == []  # owned now
+        assert (root / "version").is_dir()
+    assert not root.exists()
+
+
 def test_writes_prune_old_versions_except_the_ones_readers_hold(tmp_path):
     """Issue 14's retention: each write keeps the newest N versions, the live one and any a reader still
     holds (a loaded Index keeps a shared lock on its version until it is released or collected)."""

@@ -81,11 +81,7 @@ def staging(index_dir: str | Path, version: str) -> Iterator[Path]:
             entry[1] += 1
     if entry is None:
         clean_stale_staging(index_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = _own(root, wait=False)  # version names are unique: never contended
-        except BlockingIOError:
-            raise ConfigError(f"staging directory {root} is in use by another writer") from None
+        fd = _create_owned(root)
         with _owned_guard:
             entry = _owned[key] = [fd, 1]
     try:
@@ -103,16 +99,37 @@ def staging(index_dir: str | Path, version: str) -> Iterator[Path]:
                 (index_dir / STAGING).rmdir()
 
 
-def _own(directory: Path, *, wait: bool) -> int:
-    """An exclusive ``flock`` on ``directory/.owner`` (created): the open descriptor, which holds it until
-    closed (or the process dies). :func:`clean_stale_staging` skips an owned directory.
+def _create_owned(root: Path) -> int:
+    """Create the staging directory ``root`` and own it: the descriptor holding its owner lock.
 
-    Raises:
-        BlockingIOError: ``wait`` is false and another owner holds it.
+    Another writer's :func:`clean_stale_staging` may find our ``.owner`` between its creation and our
+    ``flock`` and delete the directory (CI saw a compaction lose its staging so); a writer that just
+    finished may remove an empty ``.staging`` between our two ``mkdir`` calls. Either way we retry on a
+    fresh directory, and the lock only counts once the ``.owner`` it holds is still the one in ``root``.
+    The cleaner deletes while holding the lock, so it cannot delete after we checked.
+    """
+    for _ in range(100):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = _own(root)  # only a cleaner deleting it can hold it, and briefly
+        except FileNotFoundError:
+            continue
+        try:
+            if os.stat(root / _OWNER).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise ConfigError(f"could not create staging directory {root}: it kept being removed under us")
+
+
+def _own(directory: Path) -> int:
+    """An exclusive ``flock`` on ``directory/.owner`` (created), waited for: the open descriptor, which holds
+    it until closed (or the process dies). :func:`clean_stale_staging` skips an owned directory.
     """
     fd = os.open(directory / _OWNER, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(fd)
         raise
@@ -129,26 +146,38 @@ def clean_stale_staging(index_dir: str | Path) -> list[str]:
     if not root.is_dir():
         return []
     removed = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and _stale(child):
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child.name)
+    with contextlib.suppress(FileNotFoundError):  # a finishing writer removed an empty .staging
+        children = sorted(root.iterdir())
+        for child in children:
+            if child.is_dir() and _remove_if_stale(child):
+                removed.append(child.name)
     return removed
 
 
-def _stale(directory: Path) -> bool:
+def _remove_if_stale(directory: Path) -> bool:
+    """Delete ``directory`` unless a live writer owns it (or may be creating it): whether it was deleted."""
     try:
         fd = os.open(directory / _OWNER, os.O_RDWR)
     except FileNotFoundError:
         # No owner file: left by a writer from before owner files, or one that is creating it now.
-        return time.time() - directory.stat().st_mtime > _OWNERLESS_GRACE_SECONDS
+        try:
+            if time.time() - directory.stat().st_mtime <= _OWNERLESS_GRACE_SECONDS:
+                return False
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False  # a live writer holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer holds it
+        # Deleted while we hold the lock: a writer that opened this .owner just now waits for it,
+        # then sees its .owner gone and starts over (_create_owned).
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
     finally:
         os.close(fd)  # closing releases a lock taken here
-    return True
 
 
 _UPDATE_LOCK = ".update.lock"
@@ -336,7 +365,7 @@ def prune_versions(index_dir: str | Path, *, keep: int) -> list[str]:
             # directory while we delete it (another writer's clean_stale_staging leaves it alone); a
             # crash in between leaves an ownerless one, which clean_stale_staging removes.
             source = index_dir / VERSIONS / name
-            fd = _own(source, wait=True)
+            fd = _own(source)
             trash = index_dir / STAGING / f"{name}.pruned-{os.getpid()}"
             try:
                 trash.parent.mkdir(exist_ok=True)
