@@ -207,14 +207,17 @@ def _summary(name: str, latencies: list[float], *, seconds: float, errors: int, 
 
 
 def in_process(index_dir: Path, queries: list[str], *, requests: int, seconds: float, batch: int,
-               repeats: int) -> list[dict]:
-    """The Searcher called directly: one query at a time, then batches of ``batch``, ``repeats`` times."""
+               repeats: int, mode: str | None = None) -> list[dict]:
+    """The Searcher called directly: one query at a time, then batches of ``batch``, ``repeats`` times.
+
+    ``mode``: the search mode (``None``: the index's default search, what a client gets without one).
+    """
     from serving.searcher import Searcher
 
     searcher = Searcher.load(index_dir)
     for q in queries[:50]:
-        searcher.search(q, k=10)
-    searcher.search_batch(queries[:batch], k=10)
+        searcher.search(q, k=10, mode=mode)
+    searcher.search_batch(queries[:batch], k=10, mode=mode)
     out = []
     for name, size in [("in-process single", 1), (f"in-process batch of {batch}", batch)] * repeats:
         latencies, i = [], 0
@@ -223,9 +226,9 @@ def in_process(index_dir: Path, queries: list[str], *, requests: int, seconds: f
             chunk = [queries[(i + j) % len(queries)] for j in range(size)]
             tick = time.perf_counter()
             if size == 1:
-                searcher.search(chunk[0], k=10)
+                searcher.search(chunk[0], k=10, mode=mode)
             else:
-                searcher.search_batch(chunk, k=10)
+                searcher.search_batch(chunk, k=10, mode=mode)
             latencies.append(time.perf_counter() - tick)
             i += size
         wall = time.perf_counter() - start

@@ -20,8 +20,9 @@ depend on the weights). Queries: 2,000 more synthetic texts (another seed), the 
   1,000 of their real queries (:func:`bench.real_vectors.windows`), encoded by a trained tower
   (:func:`bench.real_vectors.trained_tower`: default shape, 3 epochs on debian-dev's pairs) and indexed
   with ``dssm index``'s defaults (100 re-scored candidates, leaves tuned to the 0.95 gate); single
-  queries only. The synthetic row above stays: its near-tied embeddings are the hard case. Not in
-  quick mode;
+  queries only, in dense mode and in hybrid mode (the default search of an index ``dssm index`` built:
+  the dense top 100 fused with BM25's top 100). The synthetic row above stays: its near-tied
+  embeddings are the hard case. Not in quick mode;
 * bm25s: the same corpus indexed by ``bm25s`` as its README does it (``bm25s.tokenize`` with English
   stop words and the Snowball stemmer, ``BM25().index``), tokenize + ``retrieve(k=10)`` on one thread,
   one query at a time and 32 at a time.
@@ -131,8 +132,9 @@ def _large_in_process(queries: list[str], *, docs: int, requests: int, seconds: 
 
 
 def _real_in_process(*, docs: int, requests: int, seconds: float,
-                     repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Single-query in-process rows on a ``docs``-document index of real-text windows (see the module doc)."""
+                     repeats: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Single-query in-process rows on a ``docs``-document index of real-text windows (see the module doc):
+    ``(dense rows, hybrid rows, setup)``."""
     from bench import load_test
     from bench.real_vectors import embedded_windows, trained_tower
     from dssm.index import ScannConfig, build_index
@@ -147,11 +149,14 @@ def _real_in_process(*, docs: int, requests: int, seconds: float,
         setup = {"documents": docs, "scann": result.scann, "recall@10": result.recall_at_10}
         print(f"  {docs:,}-document real-text index: {json.dumps(setup)}", flush=True)
         rows = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=BATCH,
-                                    repeats=repeats)
+                                    repeats=repeats, mode="dense")
+        hybrid = load_test.in_process(work / "index", queries, requests=requests, seconds=seconds, batch=BATCH,
+                                      repeats=repeats, mode="hybrid")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"  in process, {docs:,} real-text documents: {json.dumps(rows)}", flush=True)
-    return [r for r in rows if r["scenario"] == "in-process single"], setup
+    print(f"  in process, {docs:,} real-text documents: {json.dumps(rows)}; hybrid: {json.dumps(hybrid)}", flush=True)
+    single = "in-process single"
+    return [r for r in rows if r["scenario"] == single], [r for r in hybrid if r["scenario"] == single], setup
 
 
 def run(*, quick: bool) -> list[Figure]:
@@ -235,7 +240,8 @@ def run(*, quick: bool) -> list[Figure]:
                note="target ≤ 2 ms at 1M"),
     ]
     if not quick:
-        real, real_setup = _real_in_process(docs=LARGE, requests=requests, seconds=seconds, repeats=repeats)
+        real, real_hybrid, real_setup = _real_in_process(docs=LARGE, requests=requests, seconds=seconds,
+                                                         repeats=repeats)
         real_corpus = f"{LARGE:,} real-text windows, trained tower, {real_setup['scann']['mode']}"
         figures += [
             Figure("query", f"text → top-10 in process, p50, {real_corpus}", "ms", _stats(real, "p50_ms"),
@@ -246,5 +252,12 @@ def run(*, quick: bool) -> list[Figure]:
             Figure("query", f"text → top-10 in process, p99, {real_corpus}", "ms", _stats(real, "p99_ms"),
                    f"synthetic texts at {large_docs:,} docs", _stats(large, "p99_ms"), higher_is_better=False,
                    note="target ≤ 2 ms at 1M"),
+            Figure("query", f"text → top-10 in process, hybrid (the default search of a `dssm index` build), p50, "
+                   f"{real_corpus}", "ms", _stats(real_hybrid, "p50_ms"), "dense, the same index",
+                   _stats(real, "p50_ms"), higher_is_better=False,
+                   note="Searcher.search(mode='hybrid'): the dense top 100 and BM25's top 100 fused"),
+            Figure("query", f"text → top-10 in process, hybrid, p99, {real_corpus}", "ms",
+                   _stats(real_hybrid, "p99_ms"), "dense, the same index", _stats(real, "p99_ms"),
+                   higher_is_better=False),
         ]
     return figures

@@ -39,7 +39,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -52,6 +52,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from tqdm import tqdm
 
 from dssm.artifacts import load_npy
+from dssm.bm25_postings import BM25Query, posting_rows, rows_by_score, top_rows
 from dssm.config import config_from_dict, config_to_dict, field
 from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
@@ -258,13 +259,26 @@ class BM25Index:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self._retriever.get_scores_from_ids(term_ids), dtype=np.float32)
 
+    def query(self, text: str) -> BM25Query:
+        """One query's scores and the rows that can score (:mod:`dssm.bm25_postings`)."""
+        return self.token_query(self._tokens([text])[0])
+
+    def token_query(self, tokens: list[str]) -> BM25Query:
+        """:meth:`query` of a query already split by :func:`tokenize` with this state's settings."""
+        scores = self.token_scores(tokens)
+        if getattr(self._retriever, "nonoccurrence_array", None) is not None:  # bm25l, bm25+: every row scores
+            return BM25Query(scores, np.arange(self.size, dtype=np.int64), 1)
+        arrays = self._retriever.scores
+        rows, repeats = posting_rows(arrays["indices"], arrays["indptr"], self._retriever.get_tokens_ids(tokens))
+        return BM25Query(scores, rows, repeats)
+
     def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-``k`` rows for each query: ``(rows int64 [<=k], scores float32 [<=k])`` best first, score > 0.
 
         Raises:
             ConfigError: ``k < 1``.
         """
-        return rows_by_score(self.scores, texts, k)
+        return rows_by_score(self.query, texts, k)
 
     def search_batch(self, texts: Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
         """Top-``k`` documents for each query text.
@@ -288,31 +302,6 @@ class BM25Index:
     def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
         """Top-``k`` ``(doc_id, score)`` for one query text."""
         return self.search_batch([text], k)[0]
-
-
-def rows_by_score(scores: Callable[[str], np.ndarray], texts: Sequence[str], k: int
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per query text, the top-``k`` rows with a score > 0 and their scores, ``scores(text) -> [n]``.
-
-    Raises:
-        ConfigError: ``k < 1``.
-    """
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    out = []
-    for text in texts:
-        row_scores = scores(text)
-        rows = top_rows(row_scores, k)
-        out.append((rows, row_scores[rows]))
-    return out
-
-
-def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` best rows of one query's [n] BM25 scores with a score > 0: int64, by score, ties by row."""
-    rows = np.flatnonzero(scores > 0)
-    if rows.size > k:
-        rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
-    return rows[np.lexsort((rows, -scores[rows]))].astype(np.int64)  # deterministic order
 
 
 def _save_state(directory: str | Path, *, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[str],

@@ -228,17 +228,14 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         return [(rows[:k], scores[:k].astype(np.float64)) for rows, scores in bm25.search_rows_batch(texts, k)]
     if mode != "hybrid":
         raise ConfigError(f"mode {mode!r} is not one of {SEARCH_MODES}")
-    # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import top_rows
-
     depth = max(k, config.candidates)
     dense_rows, _ = ann(query_vectors, depth)
     out = []
     for i, text in enumerate(texts):
-        sparse = bm25.scores(text)  # once per query: its top rows and the candidates' scores both come from it
-        rows = np.union1d(np.asarray(dense_rows[i], dtype=np.int64), top_rows(sparse, depth))
+        sparse = bm25.query(text)  # once per query: its top rows and the candidates' scores both come from it
+        rows = np.union1d(np.asarray(dense_rows[i], dtype=np.int64), sparse.top(depth))
         cosines = np.asarray(embeddings[rows], dtype=np.float32) @ query_vectors[i]
-        out.append(rank_candidates(rows, cosines, sparse[rows], weight=config.weight,
+        out.append(rank_candidates(rows, cosines, sparse.scores[rows], weight=config.weight,
                                    normalization=config.normalization, k=k))
     return out
 

@@ -423,6 +423,25 @@ def test_bm25_finds_delta_documents_and_forgets_tombstoned_ones(tmp_path):
     assert rows.size == 0
 
 
+def test_bm25_top_from_postings_over_base_delta_and_tombstones_is_the_top_of_every_score(tmp_path):
+    """The rows a query's terms' postings name (base rows, delta rows) hold every live row that scores:
+    delta documents found, tombstoned base and delta rows out, the top the same as a scan of every score."""
+    path = tmp_path / "idx"
+    truth = build(path, n=300)
+    upsert(path, truth, [("zeb", unit(np.ones((1, 16)))[0], "zebra migration across the serengeti"),
+                         ("d7", unit(np.ones((1, 16)))[0], "giraffe necks and zebra stripes"),
+                         ("gone", unit(np.ones((1, 16)))[0], "zebra document 12 to delete")])
+    delete(path, truth, ["gone", "d12"])
+    bm25 = ix.load_index(path).bm25()
+    assert bm25.dead.sum() == 3  # d7's and d12's base rows, and the deleted delta row
+    for text in ("zebra serengeti", "base document number 7", "document 12", "zebra", "nothing-matches-this"):
+        query = bm25.query(text)
+        scored = np.flatnonzero(query.scores > 0)
+        assert not bm25.dead[scored].any() and set(scored.tolist()) <= set(query.candidates.tolist())
+        for k in (1, 5, 400):
+            assert query.top(k).tolist() == scored[np.lexsort((scored, -query.scores[scored]))][:k].tolist()
+
+
 def test_a_kill_during_compaction_leaves_the_previous_version_serving(tmp_path):
     """kill -9 in the middle of a compaction: the delta version still serves, no write is lost."""
     path = tmp_path / "idx"

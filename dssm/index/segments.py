@@ -311,22 +311,31 @@ class SegmentedBM25:
                 out[rows] += idf * tfc
         return out
 
-    def scores(self, text: str) -> np.ndarray:
-        """BM25 score of every logical row for one query: [rows] float32 (0 for tombstones)."""
+    def query(self, text: str) -> Any:
+        """One query's scores over the logical rows and the rows that can score (a
+        :class:`dssm.bm25_postings.BM25Query`)."""
         # deferred: bm25s and PyStemmer, imported only when this runs
         from dssm.bm25 import tokenize
+        from dssm.bm25_postings import BM25Query
 
         tokens = tokenize([text], stopwords=self.config.stopwords, stem=self.config.stem)[0]  # once for both parts
-        scores = np.concatenate([self.base.token_scores(tokens), self._delta_scores(tokens).astype(np.float32)])
+        base = self.base.token_query(tokens)
+        delta = self._delta_scores(tokens).astype(np.float32)
+        scores = np.concatenate([base.scores, delta])
         scores[self.dead] = 0.0
-        return scores
+        candidates = np.concatenate([base.candidates, np.flatnonzero(delta) + self.base.size])
+        return BM25Query(scores, candidates, max(base.repeats, 1))
+
+    def scores(self, text: str) -> np.ndarray:
+        """BM25 score of every logical row for one query: [rows] float32 (0 for tombstones)."""
+        return self.query(text).scores
 
     def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-``k`` logical rows per query with a score > 0 (see :meth:`dssm.bm25.BM25Index.search_rows_batch`)."""
         # deferred: bm25s and PyStemmer, imported only when this runs
         from dssm.bm25 import rows_by_score
 
-        return rows_by_score(self.scores, texts, k)
+        return rows_by_score(self.query, texts, k)
 
 
 def _tier(rows: int) -> int:
