@@ -256,7 +256,9 @@ class BM25Index:
 
     def token_scores(self, tokens: list[str]) -> np.ndarray:
         """:meth:`scores` of a query already split by :func:`tokenize` with this state's settings."""
-        term_ids = self._retriever.get_tokens_ids(tokens)
+        return self._id_scores(self._retriever.get_tokens_ids(tokens))
+
+    def _id_scores(self, term_ids: list[int]) -> np.ndarray:
         if not term_ids:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self._retriever.get_scores_from_ids(term_ids), dtype=np.float32)
@@ -267,11 +269,12 @@ class BM25Index:
 
     def token_query(self, tokens: list[str]) -> BM25Query:
         """:meth:`query` of a query already split by :func:`tokenize` with this state's settings."""
-        scores = self.token_scores(tokens)
+        term_ids = self._retriever.get_tokens_ids(tokens)
+        scores = self._id_scores(term_ids)
         if getattr(self._retriever, "nonoccurrence_array", None) is not None:  # bm25l, bm25+: every row scores
             return BM25Query(scores, np.arange(self.size, dtype=np.int64), 1)
         arrays = self._retriever.scores
-        rows, repeats = posting_rows(arrays["indices"], arrays["indptr"], self._retriever.get_tokens_ids(tokens))
+        rows, repeats = posting_rows(arrays["indices"], arrays["indptr"], term_ids)
         return BM25Query(scores, rows, repeats)
 
     def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
