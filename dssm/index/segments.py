@@ -275,6 +275,7 @@ class SegmentedBM25:
         self.config = base.config
         self.deltas = list(deltas)
         self.dead = dead
+        self._dead_rows = np.flatnonzero(dead)  # once: each query zeroes these, not a pass over the [rows] mask
         self.size = int(dead.size)
         self._reference = base.reference
         self._starts = np.cumsum([0] + [len(s) for s in self.deltas])[:-1].tolist()  # first delta row of each
@@ -322,7 +323,7 @@ class SegmentedBM25:
         base = self.base.token_query(tokens)
         delta = self._delta_scores(tokens).astype(np.float32)
         scores = np.concatenate([base.scores, delta])
-        scores[self.dead] = 0.0
+        scores[self._dead_rows] = 0.0
         candidates = np.concatenate([base.candidates, np.flatnonzero(delta) + self.base.size])
         return BM25Query(scores, candidates, max(base.repeats, 1))
 
