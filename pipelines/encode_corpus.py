@@ -434,8 +434,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     config = config_from_args(index_lib.ScannConfig, args, prefix="scann-")
     inputs = _check_inputs(args)
     shard = inputs.shard
+    tune = args.hybrid_weight == "label-free" and shard is None  # a shard stores no weight
     tuning_pairs, trained_on, required = _tuning_source(args.hybrid_pairs, Path(inputs.model_dir)) \
-        if args.hybrid_weight == "label-free" and shard is None else (None, None, False)
+        if tune else (None, None, False)
     output = Path(args.output)
     version = index_lib.new_version_name()
     # The staging directory (shards, then the version) is owned while the job runs and removed after it,
@@ -458,8 +459,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             if shard is not None:
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
             finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, trained_on=trained_on,
-                                           required=required) \
-                if args.hybrid_weight == "label-free" and shard is None else None
+                                           required=required) if tune else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)
         finally:
