@@ -567,7 +567,7 @@ def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targ
     weight puts it first, so it only pushes every target down one place and blunts the comparison.
     """
     # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import BM25Index, top_rows
+    from dssm.bm25 import BM25Index
 
     bm25 = BM25Index.build([str(i) for i in range(len(texts))], texts, config=bm25_config)
     rows_of: dict[str, list[int]] = {}
@@ -578,10 +578,10 @@ def _fusion_curve(texts: list[str], matrix: np.ndarray, queries: list[str], targ
     for i, query in enumerate(queries):
         own = np.array([r for r in rows_of.get(query, ()) if r != targets[i]], dtype=np.int64)
         cosines = matrix @ query_vectors[i]
-        sparse = bm25.scores(query)
-        rows = np.union1d(np.argpartition(-cosines, depth - 1)[:depth], top_rows(sparse, depth))
+        sparse = bm25.query(query)  # BM25's half as fused_rows takes it
+        rows = np.union1d(np.argpartition(-cosines, depth - 1)[:depth], sparse.top(depth))
         for w in WEIGHT_GRID:
-            top = rank_candidates(rows, cosines[rows], sparse[rows], weight=w, normalization=normalization,
+            top = rank_candidates(rows, cosines[rows], sparse.scores[rows], weight=w, normalization=normalization,
                                   k=10 + own.size)[0]
             ranked[w].append(top[~np.isin(top, own)][:10] if own.size else top)
     return {w: reciprocal_ranks(ranked[w], targets.tolist()) for w in WEIGHT_GRID}
