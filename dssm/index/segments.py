@@ -312,24 +312,34 @@ class SegmentedBM25:
                 out[rows] += idf * tfc
         return out
 
+    def _tokens(self, text: str) -> list[str]:
+        # deferred: bm25s and PyStemmer, imported only when this runs
+        from dssm.bm25 import tokenize
+
+        return tokenize([text], stopwords=self.config.stopwords, stem=self.config.stem)[0]  # once for both parts
+
+    def _logical(self, base_scores: np.ndarray, tokens: list[str]) -> np.ndarray:
+        """[rows] float32: the base's scores, then the delta's, tombstones 0."""
+        scores = np.concatenate([base_scores, self._delta_scores(tokens).astype(np.float32)])
+        scores[self._dead_rows] = 0.0
+        return scores
+
     def query(self, text: str) -> Any:
         """One query's scores over the logical rows and the rows that can score (a
         :class:`dssm.bm25_postings.BM25Query`)."""
-        # deferred: bm25s and PyStemmer, imported only when this runs
-        from dssm.bm25 import tokenize
+        # deferred: bm25s, imported only when this runs
         from dssm.bm25_postings import BM25Query
 
-        tokens = tokenize([text], stopwords=self.config.stopwords, stem=self.config.stem)[0]  # once for both parts
+        tokens = self._tokens(text)
         base = self.base.token_query(tokens)
-        delta = self._delta_scores(tokens).astype(np.float32)
-        scores = np.concatenate([base.scores, delta])
-        scores[self._dead_rows] = 0.0
-        candidates = np.concatenate([base.candidates, np.flatnonzero(delta) + self.base.size])
-        return BM25Query(scores, candidates, max(base.repeats, 1))
+        scores = self._logical(base.scores, tokens)
+        in_delta = np.flatnonzero(scores[self.base.size:]) + self.base.size  # live delta rows with a query term
+        return BM25Query(scores, np.concatenate([base.candidates, in_delta]), max(base.repeats, 1))
 
     def scores(self, text: str) -> np.ndarray:
         """BM25 score of every logical row for one query: [rows] float32 (0 for tombstones)."""
-        return self.query(text).scores
+        tokens = self._tokens(text)
+        return self._logical(self.base.token_scores(tokens), tokens)
 
     def search_rows_batch(self, texts: Sequence[str], k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-``k`` logical rows per query with a score > 0 (see :meth:`dssm.bm25.BM25Index.search_rows_batch`)."""
