@@ -60,20 +60,21 @@ def _held_out_mrr(reranker: Path) -> dict[str, Any]:
     curve = hybrid.get("mrr_at_10", {})
     share = config["fusion"].get("hybrid", 1.0)
     return {"queries": hybrid.get("queries", 0), "reranker_alone": curve.get("0.0"), "first_stage": curve.get("1.0"),
-            "chosen_share": share, "chosen": curve.get(f"{share:.1f}"), "training_seconds": history.get("seconds")}
+            "chosen_share": share, "chosen": curve.get(f"{share:.1f}"), "p_value": curve.get("p_value"),
+            "first_stage_weight": config.get("first_stage_weight", 0.0), "training_seconds": history.get("seconds")}
 
 
 def run_one(name: str, seed: int, design: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train, attach and evaluate one set/seed; returns nDCG@10 per system and the held-out curve."""
     seed_dir = WORK / name / f"seed{seed}"
-    index, reranker = seed_dir / "index", seed_dir / f"reranker-{design}"
+    index, reranker = seed_dir / "index", seed_dir / f"reranker-{design}{args.tag}"
     pairs = WORK / name / LABELLED.get(name, "corpus_pairs")
     log = WORK / name / "rerank_commands.log"
     _run([DSSM, "train-reranker", "--pairs", str(pairs), "--index", str(index), "--output", str(reranker),
           "--design", design, "--seed", str(seed), "--max-queries", str(args.max_queries), "--epochs", str(args.epochs),
-          "--overwrite"], log)
+          "--overwrite", *args.train_flags.split()], log)
     _run([DSSM, "attach-reranker", "--index", str(index), "--reranker", str(reranker)], log)
-    out = seed_dir / f"eval-rerank-{design}.json"
+    out = seed_dir / f"eval-rerank-{design}{args.tag}.json"
     _run([DSSM, "eval", "--index", str(index), "--data", str(DATA / name), "--systems", ",".join(SYSTEMS),
           "--metrics", METRICS,
           "--rerank", str(args.rerank), "--json", str(out), *EVAL_FLAGS.get(name, [])], log)
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rerank", type=int, default=50)
     parser.add_argument("--output", default=str(ROOT / "docs" / "rerank"))
+    parser.add_argument("--train-flags", default="", help="more `dssm train-reranker` flags, e.g. '--first-stage-term'")
+    parser.add_argument("--tag", default="", help="suffix of the re-ranker directories and eval files, so runs with "
+                        "other --train-flags keep theirs")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

@@ -5,15 +5,17 @@ Layout::
     RERANKER_DIR/saved_model/   signature score: queries [None] tf.string, documents [None] tf.string
                                 -> {"score": [None] float32} (pair i is (queries[i], documents[i]))
     RERANKER_DIR/config.json    {"features": FeatureConfig, "rerank": RerankConfig, "embedding_dim": int,
-                                 "fusion": {mode: weight}, "train": {...}}
+                                 "fusion": {mode: weight}, "first_stage_weight": λ, "train": {...}}
     RERANKER_DIR/history.json   per-epoch loss, the fusion curves, wall time
     RERANKER_DIR/manifest.json  kind "reranker", sha256 of every file
 
 A re-ranked list is ordered by ``w · minmax(first-stage score) + (1 - w) · minmax(re-ranker score)``
 over the candidates (:func:`fuse_reranked`), ``w`` per first-stage mode from ``fusion`` (chosen by
-``dssm train-reranker`` on its pairs' validation split, never on evaluated queries). A weight of 1
-keeps the first stage's order: a re-ranker that does not help on held-out training queries changes
-nothing.
+``dssm train-reranker`` on held-out training queries, never on evaluated queries). A weight of 1 keeps
+the first stage's order: a re-ranker that does not help on held-out training queries changes nothing.
+A re-ranker trained with the first stage's score as an input (``dssm train-reranker
+--first-stage-term``; ``first_stage_weight`` λ in ``config.json``) contributes ``score + λ ·
+minmax(first-stage score)``, the sum it was trained on, in place of its score.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dssm.artifacts import RERANKER_KIND, read_manifest, verify_manifest, write_
 from dssm.config import config_from_dict, config_to_dict
 from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.features import FeatureConfig
-from dssm.hybrid import fuse_scores
+from dssm.hybrid import fuse_scores, normalize_scores
 from dssm.rerank import RerankConfig, Reranker
 from dssm.rerank_docs import DOCUMENTS_DIR, DocumentRows
 from dssm.rerank_fast import NumpyReranker
@@ -58,7 +60,7 @@ class _Serving(tf.Module):
 
 
 def export_reranker(model: Reranker, output: str | Path, *, fusion: Mapping[str, float], train: Mapping[str, Any],
-                    history: Mapping[str, Any], overwrite: bool = False) -> Path:
+                    history: Mapping[str, Any], first_stage_weight: float = 0.0, overwrite: bool = False) -> Path:
     """Write ``output`` (SavedModel, configs, history, manifest), assembled beside it and renamed into place.
 
     Args:
@@ -67,11 +69,13 @@ def export_reranker(model: Reranker, output: str | Path, *, fusion: Mapping[str,
         fusion: first-stage mode → weight of the first stage's score in the fused order, each in [0, 1].
         train: the training settings (saved in ``config.json``).
         history: per-epoch figures and the fusion curves.
+        first_stage_weight: λ, the weight of the first stage's min-max score the model was trained beside
+            (0: trained alone).
         overwrite: replace an existing ``output``.
 
     Raises:
         InputError: ``output`` exists and ``overwrite`` is False.
-        ConfigError: a fusion weight outside [0, 1].
+        ConfigError: a fusion weight outside [0, 1], or a λ that is not finite.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
@@ -79,6 +83,8 @@ def export_reranker(model: Reranker, output: str | Path, *, fusion: Mapping[str,
     bad = {mode: w for mode, w in fusion.items() if not 0.0 <= float(w) <= 1.0}
     if bad:
         raise ConfigError(f"fusion weights must be in [0, 1], got {bad}")
+    if not np.isfinite(first_stage_weight):
+        raise ConfigError(f"first_stage_weight must be finite, got {first_stage_weight}")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.tmp-export")
     shutil.rmtree(staging, ignore_errors=True)
@@ -88,7 +94,7 @@ def export_reranker(model: Reranker, output: str | Path, *, fusion: Mapping[str,
     write_json_atomic(staging / "config.json", {
         "features": config_to_dict(model.feature_config), "rerank": config_to_dict(model.config),
         "embedding_dim": int(model.table.shape[1]), "fusion": {m: float(w) for m, w in fusion.items()},
-        "train": dict(train),
+        "first_stage_weight": float(first_stage_weight), "train": dict(train),
     })
     write_json_atomic(staging / "history.json", dict(history))
     write_manifest(staging, kind=RERANKER_KIND)
@@ -111,13 +117,16 @@ def read_reranker_config(directory: str | Path) -> dict[str, Any]:
         raise ChecksumError(f"{path} is not a re-ranker config: {exc}") from exc
 
 
-def fuse_reranked(first: np.ndarray, reranked: np.ndarray, *, weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Order candidates by ``weight · minmax(first) + (1 - weight) · minmax(reranked)``.
+def fuse_reranked(first: np.ndarray, reranked: np.ndarray, *, weight: float,
+                  first_stage_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Order candidates by ``weight · minmax(first) + (1 - weight) · minmax(reranked + λ · minmax(first))``.
 
     Args:
         first: ``[n]`` first-stage scores of the candidates.
         reranked: ``[n]`` re-ranker scores of the same candidates.
         weight: the first stage's share, in [0, 1].
+        first_stage_weight: λ, for a re-ranker trained with the first stage's min-max score added to its
+            own (``LoadedReranker.first_stage_weight``); 0 for one trained alone.
 
     Returns:
         ``(order [n] int64, fused [n] float32)``: candidate positions best first (ties keep the
@@ -130,6 +139,8 @@ def fuse_reranked(first: np.ndarray, reranked: np.ndarray, *, weight: float) -> 
                          "equal 1-d shapes")
     if first.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if first_stage_weight:
+        reranked = reranked + np.float32(first_stage_weight) * normalize_scores(first).astype(np.float32)
     fused = fuse_scores(first, reranked, weight=weight)
     order = np.argsort(-fused, kind="stable")
     return order, fused[order]
@@ -151,6 +162,8 @@ class LoadedReranker:
         self.config: RerankConfig = config["rerank"]
         self.features: FeatureConfig = config["features"]
         self.fusion: dict[str, float] = {m: float(w) for m, w in config.get("fusion", {}).items()}
+        # λ of a re-ranker trained beside the first stage's score (0 for one trained alone, and for old ones)
+        self.first_stage_weight = float(config.get("first_stage_weight", 0.0))
         self.directory = directory
         self.batch_size = batch_size
         # The numpy forward pass (dssm.rerank_fast); None: every pair goes through the SavedModel.

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
 from dssm.data import split_of
 from dssm.errors import ConfigError, InputError
+from dssm.hybrid import normalize_scores
 from dssm.metrics import paired_randomization_test
 from serving.searcher import Searcher
 
@@ -70,6 +71,9 @@ class RerankTrainConfig:
     fusion_queries: int = field(5000, "at most this many of the held-out queries are used (500 until 2026-12-06: "
                                 "on debian-dev's 459 a +0.018 MRR@10 gain had p 0.14, and its 2,583 went unused)")
     fusion_depth: int = field(50, "candidates re-ranked per validation query when choosing the fusion weights")
+    first_stage_term: bool = field(False, "train the re-ranker's score as the sum of its own and a learned weight "
+                                   "(λ) times the first stage's min-max score over the candidates, so it learns "
+                                   "what the first stage misses; search adds the same term (docs/rerank.md)")
     seed: int = field(0, "seed of the negative draw, the query order and the model's initialisation")
     cache_words: int = field(200_000, "the index's most widespread words whose vectors the exported model "
                              "precomputes (4 bytes x dim each), so re-ranking looks them up instead of hashing")
@@ -91,10 +95,15 @@ class RerankTrainConfig:
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """One training query: its positive document text first, then its negatives' texts."""
+    """One training query: its positive document text first, then its negatives' texts.
+
+    ``first_stage`` holds each document's first-stage score, min-max normalised over the query's
+    candidates (the positive 0 when the first stage did not return it: below every candidate).
+    """
 
     query: str
     documents: tuple[str, ...]
+    first_stage: tuple[float, ...] = ()
 
 
 def is_accidental_positive(*, query: str, positive_id: str, positive_text: str, candidate_id: str,
@@ -105,7 +114,7 @@ def is_accidental_positive(*, query: str, positive_id: str, positive_text: str, 
 
 
 def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[str]], list[list[Any]]], *,
-                  negatives: int, seed: int, batch: int = 256) -> list[TrainingExample]:
+                  negatives: int, seed: int, batch: int = 256, draw_from: int | None = None) -> list[TrainingExample]:
     """Training examples from ``(query, document_id, document_text)`` pairs and a first stage.
 
     Args:
@@ -114,6 +123,8 @@ def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[
         negatives: how many negatives to draw per query (fewer when fewer candidates qualify).
         seed: the draw's seed.
         batch: queries per ``search`` call.
+        draw_from: negatives come from the first this many hits (all when None); the first-stage scores
+            are normalised over every hit, as search normalises over every re-ranked candidate.
 
     Returns:
         One example per pair that has at least one negative.
@@ -123,12 +134,17 @@ def mine_examples(pairs: Sequence[tuple[str, str, str]], search: Callable[[list[
     for start in tqdm(range(0, len(pairs), batch), desc="mining candidates", unit="batch", leave=False):
         part = pairs[start:start + batch]
         for (query, doc_id, doc_text), hits in zip(part, search([q for q, _, _ in part]), strict=True):
-            pool = [hit[2] for hit in hits if not is_accidental_positive(
-                query=query, positive_id=doc_id, positive_text=doc_text, candidate_id=hit[0], candidate_text=hit[2])]
+            normalised = normalize_scores(np.asarray([hit[1] for hit in hits], np.float64))
+            pool = [(hit[2], float(norm)) for hit, norm in zip(hits[:draw_from], normalised, strict=False)
+                    if not is_accidental_positive(query=query, positive_id=doc_id, positive_text=doc_text,
+                                                  candidate_id=hit[0], candidate_text=hit[2])]
             if not pool:
                 continue
-            picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False)
-            examples.append(TrainingExample(query, (doc_text, *(pool[i] for i in sorted(picked)))))
+            own = next((float(norm) for hit, norm in zip(hits, normalised, strict=True)
+                        if (hit[0] == doc_id and doc_id != "") or hit[2] == doc_text), 0.0)
+            picked = [pool[i] for i in sorted(rng.choice(len(pool), size=min(negatives, len(pool)), replace=False))]
+            examples.append(TrainingExample(query, (doc_text, *(text for text, _ in picked)),
+                                            (own, *(norm for _, norm in picked))))
     return examples
 
 
@@ -148,7 +164,7 @@ def held_out_candidates(query: str, doc_id: str, doc_text: str, hits: Sequence[A
 
 
 def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid: Sequence[float] = FUSION_GRID,
-                  alpha: float = FUSION_ALPHA) -> tuple[float, dict[str, float]]:
+                  alpha: float = FUSION_ALPHA, first_stage_weight: float = 0.0) -> tuple[float, dict[str, float]]:
     """The first-stage share with the best MRR@10 of the known positive, if it beats the first stage.
 
     A share below 1 is kept only if its per-query reciprocal ranks beat the first stage's own order
@@ -160,6 +176,7 @@ def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid:
         ranked: per query ``(first-stage scores [n], re-ranker scores [n], position of the positive)``.
         grid: the shares tried (must include 1.0).
         alpha: the test's level.
+        first_stage_weight: the re-ranker's λ (:func:`dssm.rerank_export.fuse_reranked`).
 
     Returns:
         ``(chosen share, {share: MRR@10, ..., "p_value": p of the best share against 1.0})``; ties go
@@ -174,7 +191,7 @@ def choose_fusion(ranked: Sequence[tuple[np.ndarray, np.ndarray, int]], *, grid:
     for weight in grid:
         ranks = []
         for first, scores, positive in ranked:
-            order, _ = fuse_reranked(first, scores, weight=weight)
+            order, _ = fuse_reranked(first, scores, weight=weight, first_stage_weight=first_stage_weight)
             rank = int(np.flatnonzero(order == positive)[0]) + 1
             ranks.append(1.0 / rank if rank <= 10 else 0.0)
         reciprocal[weight] = dict(enumerate(ranks))
@@ -241,8 +258,13 @@ def _build_model(searcher: Searcher, config: Any, *, cache_words: int) -> tuple[
     return model, np.asarray([word for word, _ in spread.most_common(cache_words)], dtype=object)
 
 
-def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainConfig) -> dict[str, list[float]]:
-    """Listwise training; returns the per-epoch mean loss and seconds."""
+def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainConfig) -> tuple[dict[str, Any], float]:
+    """Listwise training; returns the per-epoch mean loss and seconds, and λ (0 without the first-stage term).
+
+    With ``config.first_stage_term`` a pair scores ``model(query, document) + λ · first_stage``, λ a
+    trainable scalar started at 0: the loss is then lowest when the model adds what the first stage's
+    order lacks, instead of relearning what it already gets right.
+    """
     # deferred: TensorFlow, imported only when this runs
     import tensorflow as tf
 
@@ -251,16 +273,20 @@ def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainCon
     width = 1 + config.negatives
     documents = np.asarray([list(e.documents) + [""] * (width - len(e.documents)) for e in examples], dtype=object)
     valid = np.asarray([[i < len(e.documents) for i in range(width)] for e in examples])
+    first = np.asarray([list(e.first_stage or (0.0,) * len(e.documents)) + [0.0] * (width - len(e.documents))
+                        for e in examples], np.float32)
     queries = np.asarray([e.query for e in examples], dtype=object)
     optimizer = tf.keras.optimizers.Adam(config.learning_rate)
+    lam = tf.Variable(0.0, trainable=config.first_stage_term, name="first_stage_weight")
+    variables = [*model.trainable_variables, lam] if config.first_stage_term else model.trainable_variables
 
     @tf.function(reduce_retracing=True)
-    def step(q: tf.Tensor, d: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+    def step(q: tf.Tensor, d: tf.Tensor, v: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             scores = tf.reshape(model((tf.repeat(q, width), tf.reshape(d, [-1])), training=True), [-1, width])
-            loss = listwise_loss(scores, v)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            loss = listwise_loss(scores + lam * f, v)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
         return loss
 
     rng = np.random.default_rng(config.seed)
@@ -273,16 +299,16 @@ def _fit(model: Any, examples: Sequence[TrainingExample], config: RerankTrainCon
         for i, start in enumerate(range(0, len(order), config.batch_queries)):
             rows = order[start:start + config.batch_queries]
             loss = float(step(tf.constant(queries[rows].tolist()), tf.constant(documents[rows].tolist()),
-                              tf.constant(valid[rows])))
+                              tf.constant(valid[rows]), tf.constant(first[rows])))
             losses.append(loss)
             bar.update(i + 1, values=[("loss", float(np.mean(losses[-50:])))])
         history["loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(time.perf_counter() - began)
-    return history
+    return history, float(lam.numpy())
 
 
 def _fusion_weights(model: Any, searcher: Searcher, pairs: Sequence[tuple[str, str, str]],
-                    config: RerankTrainConfig) -> tuple[dict[str, float], dict[str, Any]]:
+                    config: RerankTrainConfig, *, first_stage_weight: float) -> tuple[dict[str, float], dict[str, Any]]:
     """Per first-stage mode the index supports: the chosen share and its MRR@10 curve on held-out training queries."""
     # deferred: TensorFlow, imported only when this runs
     import tensorflow as tf
@@ -305,7 +331,7 @@ def _fusion_weights(model: Any, searcher: Searcher, pairs: Sequence[tuple[str, s
         if not ranked:
             weights[mode], curves[mode] = 1.0, {"queries": 0}
             continue
-        weights[mode], curve = choose_fusion(ranked)
+        weights[mode], curve = choose_fusion(ranked, first_stage_weight=first_stage_weight)
         curves[mode] = {"queries": len(ranked), "mrr_at_10": curve}
     return weights, curves
 
@@ -337,18 +363,22 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
     searcher = Searcher.load(index_dir)
     if config.mode != "dense" and not searcher.supports_hybrid:
         raise InputError(f"index {index_dir} holds no BM25 state: use --mode dense")
+    # searched as deep as a re-ranked list (--fusion-depth), so the first-stage term is normalised over as
+    # many candidates in training as at search time; negatives still come from the top --candidates
+    depth = max(config.candidates, config.fusion_depth) if config.first_stage_term else config.candidates
     examples = mine_examples(
-        train_pairs, lambda queries: searcher.search_batch(queries, config.candidates, mode=config.mode),
-        negatives=config.negatives, seed=config.seed)
+        train_pairs, lambda queries: searcher.search_batch(queries, depth, mode=config.mode),
+        negatives=config.negatives, seed=config.seed, draw_from=config.candidates)
     if not examples:
         raise InputError(f"no training query of {pairs_dir} has a first-stage candidate that is not its own document")
     model, vocabulary = _build_model(searcher, model_config, cache_words=config.cache_words)
-    history: dict[str, Any] = _fit(model, examples, config)
+    history, lam = _fit(model, examples, config)
     model.cache_vocabulary(vocabulary)
-    fusion, curves = _fusion_weights(model, searcher, validation, config) if validation else ({}, {})
+    fusion, curves = (_fusion_weights(model, searcher, validation, config, first_stage_weight=lam)
+                      if validation else ({}, {}))
     history.update(fusion_curves=curves, training_queries=len(examples), fusion_pairs=len(validation),
-                   seconds=time.perf_counter() - began)
-    export_reranker(model, output, fusion=fusion, history=history, overwrite=overwrite,
+                   seconds=time.perf_counter() - began, first_stage_weight=lam)
+    export_reranker(model, output, fusion=fusion, history=history, overwrite=overwrite, first_stage_weight=lam,
                     train={**config_to_dict(config), "pairs": str(pairs_dir), "index": str(index_dir),
                            "index_version": searcher.version})
     for mode, weight in fusion.items():

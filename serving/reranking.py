@@ -74,7 +74,8 @@ def rerank_results(reranker: Any, texts: Sequence[str], results: Sequence[Sequen
     for hits in results:
         part = scores[start:start + len(hits)]
         start += len(hits)
-        order, fused = fuse_reranked(np.asarray([h[1] for h in hits], np.float32), part, weight=weight)
+        order, fused = fuse_reranked(np.asarray([h[1] for h in hits], np.float32), part, weight=weight,
+                                     first_stage_weight=reranker.first_stage_weight)
         out.append([hit(hits[i][0], float(s), hits[i][2]) for i, s in zip(order[:k], fused[:k], strict=True)])
     return out
 

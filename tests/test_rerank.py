@@ -143,6 +143,35 @@ def test_fuse_reranked_by_hand():
         fuse_reranked(first, rerank[:2], weight=0.5)
 
 
+def test_a_reranker_trained_beside_the_first_stage_adds_its_term_by_hand():
+    first = np.array([3.0, 2.0, 1.0])  # min-max: [1, 0.5, 0]
+    rerank = np.array([0.0, 1.0, 1.5])
+    # λ = 2: rerank + 2 · [1, 0.5, 0] = [2, 2, 1.5] -> the tie keeps the first stage's order
+    order, fused = fuse_reranked(first, rerank, weight=0.0, first_stage_weight=2.0)
+    assert order.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(fused, [1.0, 1.0, 0.0], atol=1e-6)
+    # λ = 1: [1, 1.5, 1.5] -> min-max [0, 1, 1]; the first stage's share 0.5 breaks the tie: [0.5, 0.75, 0.5]
+    order, fused = fuse_reranked(first, rerank, weight=0.5, first_stage_weight=1.0)
+    assert order.tolist() == [1, 0, 2]
+    np.testing.assert_allclose(fused, [0.75, 0.5, 0.5], atol=1e-6)
+    # λ = 0 is the re-ranker alone
+    assert fuse_reranked(first, rerank, weight=0.0, first_stage_weight=0.0)[0].tolist() == [2, 1, 0]
+
+
+def test_the_joint_term_learns_a_weight_when_only_the_first_stage_knows():
+    from dssm.rerank_train import RerankTrainConfig, TrainingExample, _fit
+
+    tf.keras.utils.set_random_seed(0)
+    # the texts carry no signal (the positive and the negatives are the same text); the first stage does
+    examples = [TrainingExample(f"query {i}", ("same text",) * 4, (1.0, 0.6, 0.3, 0.0)) for i in range(32)]
+    config = RerankTrainConfig(epochs=5, negatives=3, batch_queries=8, learning_rate=0.05, first_stage_term=True)
+    history, lam = _fit(tiny_model(), examples, config)
+    assert lam > 0.5 and history["loss"][-1] < history["loss"][0]
+    # without the term λ stays 0 and the loss cannot fall below a uniform softmax's log(4)
+    history, lam = _fit(tiny_model(), examples, RerankTrainConfig(epochs=1, negatives=3, batch_queries=8))
+    assert lam == 0.0 and history["loss"][0] == pytest.approx(math.log(4), abs=1e-3)
+
+
 def test_export_load_round_trip_and_a_corrupt_file_is_refused_by_name(tmp_path):
     model = tiny_model()
     model.set_document_frequencies(np.ones(FEATURES.num_buckets), 4)
@@ -342,6 +371,39 @@ def test_trainer_writes_a_reranker_with_its_curves(trained):
     assert config["train"]["index_version"]
 
 
+def test_a_reranker_trained_beside_the_first_stage_serves_with_its_term(adi_index, tiny_model_dir, tmp_path):
+    from dssm.index import attach_reranker
+    from dssm.rerank_train import RerankTrainConfig, train_reranker
+    from serving.searcher import Searcher
+
+    out = tmp_path / "rr"
+    config = RerankTrainConfig(epochs=2, candidates=10, negatives=3, batch_queries=8, fusion_queries=50,
+                               fusion_depth=10, learning_rate=0.01, first_stage_term=True)
+    train_reranker(pairs_dir=tiny_model_dir.parent / "pairs", index_dir=adi_index, output=out,
+                   model_config=RerankConfig(dim=8), config=config)
+    lam = json.loads((out / "config.json").read_text())["first_stage_weight"]
+    assert lam != 0.0 and lam == json.loads((out / "history.json").read_text())["first_stage_weight"]
+    assert load_reranker(out).first_stage_weight == pytest.approx(lam)
+    index_dir = tmp_path / "index"
+    shutil.copytree(adi_index, index_dir)
+    attach_reranker(index_dir, out)
+    searcher = Searcher.load(index_dir)
+    query = "computer programs for information retrieval of documents"
+    first = searcher.search(query, k=10, mode="bm25")
+    scores = searcher.reranker.score(query, searcher.document_texts([h.id for h in first]))
+    order, fused = fuse_reranked(np.asarray([h.score for h in first]), scores, weight=searcher.reranker.weight("bm25"),
+                                 first_stage_weight=lam)
+    hits = searcher.search(query, k=10, mode="bm25", rerank=10)
+    assert [h.id for h in hits] == [first[i].id for i in order]
+    np.testing.assert_allclose([h.score for h in hits], fused, atol=1e-5)
+    # the term is what search adds: a λ that dwarfs the re-ranker's own scores gives back the first stage's order
+    searcher.reranker.fusion["bm25"] = 0.0
+    alone = [h.id for h in searcher.search(query, k=10, mode="bm25", rerank=10)]
+    searcher.reranker.first_stage_weight = 1e4
+    assert alone != [h.id for h in first]
+    assert [h.id for h in searcher.search(query, k=10, mode="bm25", rerank=10)] == [h.id for h in first]
+
+
 def test_choose_fusion_keeps_the_first_stage_unless_the_reranker_wins_significantly():
     from dssm.rerank_train import choose_fusion
 
@@ -385,6 +447,13 @@ def test_accidental_positives_are_never_negatives():
     examples = mine_examples(pairs, lambda queries: hits, negatives=5, seed=0)
     assert len(examples) == 1
     assert examples[0].documents == ("an index maps terms to documents", "unrelated text", "more unrelated text")
+    # first-stage scores min-max over every hit ([0.9 .. 0.5] -> [1 .. 0]), the positive's its own hit's
+    assert examples[0].first_stage == pytest.approx((1.0, 0.5, 0.0))
+    # negatives drawn from the first 3 hits only; a positive the first stage did not return gets 0 (below all)
+    examples = mine_examples([("what is an inverted index", "d7", "absent")], lambda queries: hits, negatives=5,
+                             seed=0, draw_from=3)
+    assert examples[0].documents == ("absent", *(hit[2] for hit in hits[0][:3]))
+    assert examples[0].first_stage == pytest.approx((0.0, 1.0, 0.75, 0.5))
     assert is_accidental_positive(query="q", positive_id="", positive_text="a", candidate_id="", candidate_text="b") \
         is False
     # a short query inside a candidate is a coincidence, not the candidate the query was cut from
