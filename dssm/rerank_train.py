@@ -5,8 +5,11 @@ Steps (each shows progress):
 1. **Pairs.** The positive (query, document) pairs of the ``train`` split of a ``dssm pairs`` directory
    (label > 0). A hash of the query text (:func:`dssm.data.split_of`, salt ``rerank-fusion``) holds out
    ``--fusion-fraction`` of them to choose the fusion weights; the rest train. The ``validation`` split is
-   never read: it may be the queries a user evaluates on (quora-dev's ``--holdout``). Labelled pairs and
-   label-free ones (``dssm pairs --format corpus``: sentence → rest of its document) both work.
+   read only with ``--fusion-split validation``, which chooses the weights on it instead (the towers did
+   not train on those queries, so the first stage is not flattered there) and trains on every train-split
+   query; by default it is never read, as it may be the queries a user evaluates on (quora-dev's
+   ``--holdout``). Labelled pairs and label-free ones (``dssm pairs --format corpus``: sentence → rest of
+   its document) both work.
 2. **Candidates.** Every training query is searched in the index (``--mode``, the default search's
    ``hybrid``), so the negatives are the documents the re-ranker will really see at search time.
    A candidate is an *accidental positive*, never a negative, when it is the pair's document (same
@@ -16,7 +19,7 @@ Steps (each shows progress):
    embedding table and bias) and takes BM25's idf of every word from the index's documents.
 4. **Training.** ``--epochs`` passes, ``--batch-queries`` queries per step, each with its positive and
    negatives, listwise softmax loss (:func:`dssm.rerank.listwise_loss`), Adam.
-5. **Fusion weights.** On up to ``--fusion-queries`` held-out training queries, for each first-stage mode the
+5. **Fusion weights.** On up to ``--fusion-queries`` held-out queries (step 1), for each first-stage mode the
    index supports: the top ``--fusion-depth`` candidates, re-ranked with every first-stage share
    0, 0.1, ..., 1 (:func:`dssm.rerank_export.fuse_reranked`); the share with the best MRR@10 of the
    pair's document is stored if it beats the first stage's own order (share 1) by a paired
@@ -51,6 +54,7 @@ __all__ = ["RerankTrainConfig", "TrainingExample", "mine_examples", "is_accident
            "choose_fusion", "train_reranker", "main"]
 
 FUSION_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+FUSION_SPLITS = ("train", "validation")
 #: A share below 1 must beat the first stage's order on the held-out queries at this level (paired randomisation).
 FUSION_ALPHA = 0.05
 
@@ -68,6 +72,10 @@ class RerankTrainConfig:
     max_queries: int = field(0, "use at most this many training queries (0 = all)")
     fusion_fraction: float = field(0.1, "share of the training queries held out (by a hash of the text) to choose "
                                    "the fusion weights on; they are not trained on")
+    fusion_split: str = field("train", "where the fusion weights are chosen: 'train' = the held-out --fusion-fraction "
+                              "of the train split; 'validation' = the pairs' validation split (queries the towers "
+                              "did not train on, as `dssm index --hybrid-pairs` uses; then every train-split query "
+                              "trains). Never name a split you evaluate on")
     fusion_queries: int = field(5000, "at most this many of the held-out queries are used (500 until 2026-12-06: "
                                 "on debian-dev's 459 a +0.018 MRR@10 gain had p 0.14, and its 2,583 went unused)")
     fusion_depth: int = field(50, "candidates re-ranked per validation query when choosing the fusion weights")
@@ -85,6 +93,8 @@ class RerankTrainConfig:
                      "cache_words"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fusion_split not in FUSION_SPLITS:
+            raise ConfigError(f"fusion_split must be one of {FUSION_SPLITS}, got {self.fusion_split!r}")
         if not 0.0 < self.fusion_fraction < 1.0:
             raise ConfigError(f"fusion_fraction must be in (0, 1), got {self.fusion_fraction}")
         if self.max_queries < 0:
@@ -223,6 +233,20 @@ def _read_pairs(files: Sequence[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _split_pairs(pairs_dir: str | Path, config: RerankTrainConfig) -> tuple[list[tuple[str, str, str]],
+                                                                           list[tuple[str, str, str]]]:
+    """``(training pairs, fusion pairs)`` of a pairs directory, as ``config.fusion_split`` says."""
+    from dssm.inputs import pair_files
+
+    pairs = _read_pairs(pair_files(pairs_dir, "train"))
+    if config.fusion_split == "validation":
+        return pairs, _read_pairs(pair_files(pairs_dir, "validation"))
+    held_out = [split_of(query, validation_fraction=config.fusion_fraction, salt="rerank-fusion") == "validation"
+                for query, _, _ in pairs]
+    return ([pair for pair, out in zip(pairs, held_out, strict=True) if not out],
+            [pair for pair, out in zip(pairs, held_out, strict=True) if out])
+
+
 def _build_model(searcher: Searcher, config: Any, *, cache_words: int) -> tuple[Any, np.ndarray]:
     """A re-ranker shaped like the index's model, starting from its first layer, with the index's idf;
     and the index's ``cache_words`` most widespread words (for :meth:`Reranker.cache_vocabulary`)."""
@@ -342,17 +366,12 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
     # deferred: TensorFlow (through the re-ranker modules), imported only when this runs
     import tensorflow as tf
 
-    from dssm.inputs import pair_files
     from dssm.rerank_export import export_reranker
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise InputError(f"re-ranker directory {output} exists and is not empty (--overwrite replaces it)")
-    pairs = _read_pairs(pair_files(pairs_dir, "train"))
-    held_out = [split_of(query, validation_fraction=config.fusion_fraction, salt="rerank-fusion") == "validation"
-                for query, _, _ in pairs]
-    train_pairs = [pair for pair, out in zip(pairs, held_out, strict=True) if not out]
-    validation = [pair for pair, out in zip(pairs, held_out, strict=True) if out]
+    train_pairs, validation = _split_pairs(pairs_dir, config)
     if not train_pairs:
         raise InputError(f"{pairs_dir} has no positive training pairs (label > 0) in its train split")
     if config.max_queries:

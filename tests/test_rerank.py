@@ -404,6 +404,21 @@ def test_a_reranker_trained_beside_the_first_stage_serves_with_its_term(adi_inde
     assert [h.id for h in searcher.search(query, k=10, mode="bm25", rerank=10)] == [h.id for h in first]
 
 
+def test_the_fusion_split_is_held_out_training_queries_or_the_validation_split(tiny_model_dir):
+    from dssm.inputs import pair_files
+    from dssm.rerank_train import RerankTrainConfig, _read_pairs, _split_pairs
+
+    pairs_dir = tiny_model_dir.parent / "pairs"
+    train, validation = (_read_pairs(pair_files(pairs_dir, split)) for split in ("train", "validation"))
+    assert train and validation
+    trains, held_out = _split_pairs(pairs_dir, RerankTrainConfig())
+    assert held_out and sorted(trains + held_out) == sorted(train) and not set(trains) & set(held_out)
+    trains, fusion = _split_pairs(pairs_dir, RerankTrainConfig(fusion_split="validation"))
+    assert trains == train and fusion == validation
+    with pytest.raises(ConfigError, match="fusion_split"):
+        RerankTrainConfig(fusion_split="test")
+
+
 def test_choose_fusion_keeps_the_first_stage_unless_the_reranker_wins_significantly():
     from dssm.rerank_train import choose_fusion
 
