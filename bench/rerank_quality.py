@@ -16,6 +16,9 @@ on seed 0 of the sets named there by that same held-out MRR@10 (printed, and sav
 Writes ``docs/rerank.json`` (every figure and command) and ``docs/rerank.table.md``.
 
     python -m bench.rerank_quality [--sets quora-dev,debian-dev,cranfield,cisi,adi] [--design conv-knrm]
+
+``--train-flags="--first-stage-term"`` passes more flags to ``dssm train-reranker``; ``--tag=-joint`` then
+keeps that run's re-ranker directories and eval files apart from the default run's.
 """
 
 from __future__ import annotations
