@@ -240,7 +240,11 @@ def _split_pairs(pairs_dir: str | Path, config: RerankTrainConfig) -> tuple[list
 
     pairs = _read_pairs(pair_files(pairs_dir, "train"))
     if config.fusion_split == "validation":
-        return pairs, _read_pairs(pair_files(pairs_dir, "validation"))
+        validation = _read_pairs(pair_files(pairs_dir, "validation"))
+        if not validation:  # else no share is chosen and every re-ranked list keeps the first stage's order
+            raise InputError(f"{pairs_dir} has no positive pairs in its validation split, which "
+                             "--fusion-split validation chooses the fusion weights on")
+        return pairs, validation
     held_out = [split_of(query, validation_fraction=config.fusion_fraction, salt="rerank-fusion") == "validation"
                 for query, _, _ in pairs]
     return ([pair for pair, out in zip(pairs, held_out, strict=True) if not out],

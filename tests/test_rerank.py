@@ -419,6 +419,18 @@ def test_the_fusion_split_is_held_out_training_queries_or_the_validation_split(t
         RerankTrainConfig(fusion_split="test")
 
 
+def test_validation_split_fusion_without_a_validation_split_is_refused_by_name(tiny_model_dir, tmp_path):
+    from dssm.rerank_train import RerankTrainConfig, _split_pairs
+
+    pairs_dir = tmp_path / "pairs"
+    shutil.copytree(tiny_model_dir.parent / "pairs", pairs_dir)
+    for path in pairs_dir.glob("validation-*"):
+        path.unlink()
+    assert _split_pairs(pairs_dir, RerankTrainConfig())[1]  # the default holds out training queries instead
+    with pytest.raises(InputError, match=f"{pairs_dir}.*validation split"):
+        _split_pairs(pairs_dir, RerankTrainConfig(fusion_split="validation"))
+
+
 def test_choose_fusion_keeps_the_first_stage_unless_the_reranker_wins_significantly():
     from dssm.rerank_train import choose_fusion
 
