@@ -175,6 +175,10 @@ class LoadedReranker:
         """The first stage's share in the fused order for ``mode`` (1.0 = first-stage order, for a mode never tuned)."""
         return self.fusion.get(mode, 1.0)
 
+    def fuse(self, first: np.ndarray, scores: np.ndarray, *, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`fuse_reranked` with this re-ranker's share for ``mode`` and its λ: ``(order [n], fused [n])``."""
+        return fuse_reranked(first, scores, weight=self.weight(mode), first_stage_weight=self.first_stage_weight)
+
     def score_pairs(self, queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
         """``n`` (query, document) pairs → ``[n]`` float32 scores, in batches of ``batch_size``."""
         if len(queries) != len(documents):

@@ -3,9 +3,9 @@
 ``rerank=N`` on a search means: take the first stage's top ``max(N, k)`` (dense, bm25 or hybrid), score
 each candidate's full text (title and body, as the towers and BM25 read it) against the query with the
 interaction re-ranker, order them by ``w · minmax(first stage) + (1 - w) · minmax(re-ranker)`` with the
-``w`` the re-ranker stored for that mode (:func:`dssm.rerank_export.fuse_reranked`), and return the top
-``k``. A hit's score is then that fused score, in [0, 1]. All queries of a batch are scored in one
-model call.
+``w`` the re-ranker stored for that mode (``LoadedReranker.fuse``, which also adds the first-stage
+term of a re-ranker trained with one), and return the top ``k``. A hit's score is then that fused
+score, in [0, 1]. All queries of a batch are scored in one model call.
 """
 
 from __future__ import annotations
@@ -60,22 +60,17 @@ def rerank_results(reranker: Any, texts: Sequence[str], results: Sequence[Sequen
     Returns:
         Per query, up to ``k`` hits best first, scored by the fused score.
     """
-    # deferred: TensorFlow (through dssm.rerank_export), imported only when this runs
-    from dssm.rerank_export import fuse_reranked
-
     if len(texts) != len(results):
         raise InputError(f"{len(texts)} queries but {len(results)} result lists")
     ids = [h[0] for hits in results for h in hits]
     documents = full_texts(ids) if ids else []
     queries = [text for text, hits in zip(texts, results, strict=True) for _ in hits]
     scores = reranker.score_pairs(queries, documents) if ids else np.zeros(0, np.float32)
-    weight = reranker.weight(mode)
     out, start = [], 0
     for hits in results:
         part = scores[start:start + len(hits)]
         start += len(hits)
-        order, fused = fuse_reranked(np.asarray([h[1] for h in hits], np.float32), part, weight=weight,
-                                     first_stage_weight=reranker.first_stage_weight)
+        order, fused = reranker.fuse(np.asarray([h[1] for h in hits], np.float32), part, mode=mode)
         out.append([hit(hits[i][0], float(s), hits[i][2]) for i, s in zip(order[:k], fused[:k], strict=True)])
     return out
 
