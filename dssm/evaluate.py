@@ -350,8 +350,27 @@ def _first_stage_runs(args: argparse.Namespace, systems: Sequence[str], searcher
         seconds["hybrid-rrf"] = time.perf_counter() - tick + seconds["dssm"] + seconds["bm25"]
     candidates = None
     if "hybrid" in systems:
-        candidates = _hybrid_candidates(searcher, bm25, vectors, all_qids, queries, runs["dssm"], runs["bm25"])
+        # hybrid is what search serves: BM25 with the index's own settings (which `dssm index --hybrid-pairs`
+        # may have tuned, dssm.bm25_tuning), while the bm25 system keeps --bm25-*'s (Lucene's by default).
+        served, sparse_run = _served_bm25(searcher, bm25, corpus), runs["bm25"]
+        if served is not bm25:
+            sparse_run = retrieve_run(served.search_batch, {q: queries[q] for q in all_qids}, k=depth,
+                                      skip_self=args.skip_self, batch_size=args.batch_size, show_progress=False)
+        candidates = _hybrid_candidates(searcher, served, vectors, all_qids, queries, runs["dssm"], sparse_run)
     return runs, seconds, candidates
+
+
+def _served_bm25(searcher: Any, bm25: Any, corpus: Mapping[str, Any]) -> Any:
+    """``bm25``, or the same corpus indexed with the index version's BM25 settings where they differ."""
+    # deferred: bm25s and PyStemmer, imported only when this runs
+    from dssm.bm25 import BM25Index
+
+    stored = getattr(searcher.bm25, "config", None) if searcher is not None else None
+    if stored is None or stored == bm25.config:
+        return bm25
+    print(f"hybrid: BM25 with the index's settings (k1 {stored.k1:g}, b {stored.b:g}, {stored.method}); the bm25 "
+          f"system keeps k1 {bm25.config.k1:g}, b {bm25.config.b:g}", file=sys.stderr)
+    return BM25Index.build(bm25.ids, [document_text(corpus[i].title, corpus[i].text) for i in bm25.ids], config=stored)
 
 
 def _hybrid_run(args: argparse.Namespace, candidates: Any, qrels: Qrels, qids: list[str], tune_qids: list[str],
@@ -387,7 +406,8 @@ def _hybrid_run(args: argparse.Namespace, candidates: Any, qrels: Qrels, qids: l
     print(f"hybrid: weight {weight:.2f} on DSSM ({normalization}), stored in the index", file=sys.stderr)
     return run, {"weight": weight, "normalization": normalization, "tuning_queries": 0,
                  "source": f"stored in index version {searcher.version} (no query tuned it)",
-                 "index_tuning": searcher.index.manifest.get("hybrid_tuning")}
+                 "index_tuning": searcher.index.manifest.get("hybrid_tuning"),
+                 "bm25_tuning": searcher.index.manifest.get("bm25_tuning")}
 
 
 def _check_reranker(searcher: Any, reranked: Sequence[str], *, index: str) -> None:

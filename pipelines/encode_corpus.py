@@ -173,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
                              "train split, which the towers never trained on (a `dssm lsa` fit is refitted "
                              "instead and cuts from every document). Without the flag, the model's own "
                              "training pairs are read the same way when they are --format corpus pairs")
+    parser.add_argument("--bm25-tuning", choices=("pairs", "none"), default="pairs",
+                        help="pairs: with labelled --hybrid-pairs, choose BM25's k1 and b on them too (a small grid, "
+                             "kept only if it beats k1 1.5, b 0.75 significantly; dssm.bm25_tuning) and build "
+                             "the index's BM25 with them; none: always k1 1.5, b 0.75. Label-free tuning never "
+                             "changes them (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
@@ -180,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
                         pairs: list[tuple[str, str]] | None = None, trained_on: frozenset[str] | None = None,
-                        required: bool = True) -> index_lib.Finalize:
+                        required: bool = True, tune_bm25: bool = True) -> index_lib.Finalize:
     """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
     Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
@@ -190,6 +195,9 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     ``trained_on`` (ids of the documents the towers' corpus pairs trained on), trained towers'
     pseudo-queries are cut from the other documents only (when none is left: an error if
     ``required``, else weight 0); a fit is refitted to the tuning corpus and needs no such set.
+    With ``pairs`` and ``tune_bm25``, BM25's ``k1`` and ``b`` are chosen on the same pairs first
+    (:func:`dssm.bm25_tuning.tune_bm25`; kept only on a significant gain), the staged BM25 state is
+    rebuilt with them, and the weight is tuned with that BM25 (``bm25_tuning`` in the manifest).
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
@@ -217,11 +225,13 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
                   "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "
                   "with --hybrid-pairs to cut only from the documents they did not train on", file=sys.stderr)
         tick = time.perf_counter()
+        bm25_config, bm25_report = _tuned_bm25(stage, store, texts, pairs, seed=seed) if pairs and tune_bm25 \
+            else (None, None)
         hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries if encoder else None,
                                            embed_documents=encoder.embed_documents if encoder else None,
                                            queries=queries, seed=seed, pairs=pairs, refit=refit,
-                                           query_rows=query_rows)
+                                           query_rows=query_rows, bm25_config=bm25_config)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
         tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
             f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds" + (
@@ -232,9 +242,31 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
               f"p {report.get('p', 1.0):.3g})",
               file=sys.stderr, flush=True)
         settings = config_to_dict(hybrid)
-        return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report}
+        return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report} | (
+            {"bm25_tuning": bm25_report} if bm25_report else {})
 
     return finalize
+
+
+def _tuned_bm25(stage: Path, store: Any, texts: list[str], pairs: list[tuple[str, str]], *,
+                seed: int) -> tuple[Any, dict[str, Any]]:
+    """BM25's settings chosen on the held-out ``pairs`` (:func:`dssm.bm25_tuning.tune_bm25`), and its report;
+    the staged BM25 state is rebuilt with them when they differ from the defaults it was written with."""
+    # deferred: bm25s, PyStemmer and scipy, imported only when this runs
+    from dssm.bm25 import BM25_DIR, BM25Config, write_bm25_state
+    from dssm.bm25_tuning import tune_bm25
+
+    tick = time.perf_counter()
+    config, report = tune_bm25(texts, pairs, base=BM25Config(), seed=seed)
+    if config != BM25Config():
+        shutil.rmtree(stage / BM25_DIR)
+        write_bm25_state(stage, (doc for _, doc in store.iter_all()), config=config)
+    report["seconds"] = round(time.perf_counter() - tick, 2)
+    best = report.get("best", {"k1": config.k1, "b": config.b})
+    print(f"BM25 k1 {config.k1:g}, b {config.b:g} ({report['pairs']} held-out labelled pairs; best k1 "
+          f"{best['k1']:g}, b {best['b']:g}, gain {report.get('gain', 0.0):+.4f} MRR@10 over k1 1.5, b 0.75, "
+          f"p {report.get('p', 1.0):.3g})", file=sys.stderr, flush=True)
+    return config, report
 
 
 def _steady_rate(job: Any) -> dict[str, Any]:
@@ -459,7 +491,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             if shard is not None:
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
             finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, trained_on=trained_on,
-                                           required=required) if tune else None
+                                           required=required, tune_bm25=args.bm25_tuning == "pairs") if tune else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)
         finally:
