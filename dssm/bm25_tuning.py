@@ -3,11 +3,11 @@
 Lucene's defaults (``k1=1.5, b=0.75``) were set for news and web text. On a corpus of short queries
 for medium-length descriptions the saturation point sits lower: on debian-dev's labelled validation
 split (1,368 synopses among all 34,090 descriptions; its dev queries not looked at) MRR@10 went
-0.6745 at the defaults → 0.6994 at ``k1=0.45, b=0.6``, while on quora-dev's tenth (401 questions)
+0.6745 at the defaults → 0.6995 at ``k1=0.6, b=0.5``, while on quora-dev's tenth (401 questions)
 the whole grid stayed within 0.006 of the defaults. So ``dssm index`` searches a small grid on the
 same held-out pairs the hybrid weight is tuned on, and keeps the best setting **only if it beats the
-configured one with a paired randomisation p < alpha** (the hybrid weight's rule,
-:func:`dssm.hybrid.choose_safe_weight`): without that evidence BM25 keeps Lucene's settings.
+configured one with a paired randomisation p < alpha, corrected for having been picked from the grid**
+(:func:`grid_max_p_value`): without that evidence BM25 keeps Lucene's settings.
 
 The documents are tokenised once; every grid point reweights the same (document, term, count)
 triples with bm25s' own formulas (:func:`dssm.bm25.idf_function`, the Lucene/Robertson term
@@ -26,9 +26,8 @@ import numpy as np
 
 from dssm.bm25 import BM25Config, idf_function, term_counts
 from dssm.errors import ConfigError
-from dssm.metrics import paired_randomization_test
 
-__all__ = ["K1_GRID", "B_GRID", "tune_bm25", "reciprocal_ranks_at"]
+__all__ = ["K1_GRID", "B_GRID", "tune_bm25", "grid_max_p_value", "reciprocal_ranks_at"]
 
 K1_GRID: tuple[float, ...] = (0.3, 0.6, 0.9, 1.2, 1.5, 2.0)
 B_GRID: tuple[float, ...] = (0.3, 0.5, 0.75, 0.9)
@@ -47,7 +46,7 @@ def tune_bm25(texts: Sequence[str], pairs: Sequence[tuple[str, str]], *, base: B
             of that query's ranking (duplicate-question corpora hold their questions).
         base: the setting to beat (default :class:`BM25Config`); its method, stopwords and stemming are kept.
         k1_grid, b_grid: the settings searched (``base``'s own is always scored).
-        alpha: the best setting replaces ``base`` only with a paired-randomisation p below this.
+        alpha: the best setting replaces ``base`` only with a p-value (:func:`grid_max_p_value`) below this.
         seed: RNG seed of the test.
         min_queries: fewer pairs than this keep ``base`` (too few to tell a gain from noise).
 
@@ -87,12 +86,43 @@ def tune_bm25(texts: Sequence[str], pairs: Sequence[tuple[str, str]], *, base: B
     gain = means[best] - means[(base.k1, base.b)]
     p = 1.0
     if best != (base.k1, base.b) and gain > 0:
-        p = paired_randomization_test(dict(enumerate(curve[best].tolist())),
-                                      dict(enumerate(curve[(base.k1, base.b)].tolist())), seed=seed)
+        others = [key for key in grid if key != (base.k1, base.b)]
+        p = grid_max_p_value(np.stack([curve[key] - curve[(base.k1, base.b)] for key in others]), seed=seed)
     chosen = best if gain > 0 and p < alpha else (base.k1, base.b)
     report.update(k1=chosen[0], b=chosen[1], best={"k1": best[0], "b": best[1]}, gain=round(gain, 6), p=round(p, 6),
                   documents=len(corpus), curve={f"k1={k1:g},b={b:g}": round(m, 6) for (k1, b), m in means.items()})
     return dataclasses.replace(base, k1=chosen[0], b=chosen[1]), report
+
+
+def grid_max_p_value(differences: np.ndarray, *, trials: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of the grid's largest mean difference from the base, corrected for the grid.
+
+    A setting picked as the best of many, then tested alone against the base, looks significant by
+    chance far more often than ``alpha`` (on quora-dev's 401 held-out pairs the best of 23 settings
+    gained +0.0057 MRR@10 at a single-test p of 0.044). Here every randomisation trial flips the sign
+    of each query's differences in all settings at once (the paired test of
+    :func:`dssm.metrics.paired_randomization_test`) and takes the largest |mean| over the grid; p is the
+    share of trials reaching the observed largest |mean| (Westfall & Young's max-statistic correction:
+    exact for the selection, and, unlike Bonferroni, not penalised by settings that rank alike).
+
+    Args:
+        differences: ``[settings, queries]`` per-query metric of each setting minus the base's.
+        trials: random sign flips.
+        seed: RNG seed (results repeat).
+
+    Raises:
+        ConfigError: no setting or no query.
+    """
+    differences = np.asarray(differences, dtype=np.float64)
+    if differences.ndim != 2 or 0 in differences.shape:
+        raise ConfigError(f"grid_max_p_value needs [settings, queries] differences, got shape {differences.shape}")
+    observed = np.abs(differences.mean(axis=1)).max()
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, trials, 1000):  # blocks bound memory at 1000 x queries
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(1000, trials - start), differences.shape[1]))
+        hits += int((np.abs(signs @ differences.T / differences.shape[1]).max(axis=1) >= observed - 1e-12).sum())
+    return (hits + 1) / (trials + 1)  # the observed assignment counts, so p is never 0 (Phipson & Smyth 2010)
 
 
 def _query_matrix(queries: Sequence[str], vocab: dict[str, int], config: BM25Config) -> Any:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from dssm.bm25 import BM25Config, BM25Index
-from dssm.bm25_tuning import tune_bm25
+from dssm.bm25_tuning import grid_max_p_value, tune_bm25
 from dssm.data import document_text, read_beir
 from dssm.errors import ConfigError
+from dssm.metrics import paired_randomization_test
 
 _NAMES = ["".join(p) for p in itertools.product("bcdfgklmnprstvz", repeat=3)]
 
@@ -87,6 +88,21 @@ def test_a_query_found_as_its_own_document_and_a_document_outside_the_corpus():
     # A pair's document missing from the corpus is added to it, and still found.
     _, added = tune_bm25([t for t in texts if t != pairs[0][1]], pairs)
     assert added["documents"] == len(texts) and added["curve"] == plain["curve"]
+
+
+def test_the_grid_p_value_is_the_paired_test_corrected_for_picking_the_best():
+    rng = np.random.default_rng(3)
+    draw = rng.choice([-0.5, 0.0, 0.5], size=80)
+    gain = draw - draw.mean() + 0.1  # one setting whose mean gain is 0.1 (a single test's p ~0.03)
+    single = paired_randomization_test(dict(enumerate(gain)), dict(enumerate(np.zeros(80))), seed=0)
+    assert grid_max_p_value(gain[None, :], seed=0) == pytest.approx(single, abs=0.02)
+    # Settings that rank alike cost nothing (Bonferroni would multiply p by 5) ...
+    assert grid_max_p_value(np.stack([gain] * 5), seed=0) == grid_max_p_value(gain[None, :], seed=0)
+    # ... while other chances to look good by luck raise it.
+    noise = rng.choice([-0.5, 0.0, 0.5], size=(20, 80))
+    assert single < 0.05 < grid_max_p_value(np.vstack([gain, noise]), seed=0)
+    with pytest.raises(ConfigError, match="settings, queries"):
+        grid_max_p_value(np.zeros((0, 5)))
 
 
 def test_a_grid_outside_bm25s_range_is_refused():
