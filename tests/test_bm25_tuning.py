@@ -160,6 +160,18 @@ def test_index_builds_its_bm25_with_the_settings_the_held_out_pairs_chose(tiny_m
     # The towers (trained on adi) know nothing of these words: weight 0, and hybrid ranks as the index's BM25.
     assert report["hybrid_tuning"]["weight"] == 0.0 and report["hybrid"]["mrr@10"] == pytest.approx(1.0)
 
+    # Writes keep the settings: the delta segment's documents are weighted with them, and a compaction
+    # folds them into a base state written with them.
+    from dssm import index as ix
+
+    w, v = "w" + _NAMES[500], "v" + _NAMES[500]
+    tuned.upsert([("new-doc", "", f"{w} {v} " + " ".join(["alpha"] * 15)),
+                  ("new-spam", "", " ".join([w] * 15) + " alpha beta")])
+    for searcher in (Searcher.load(tmp_path / "index"), (ix.compact_index(tmp_path / "index"),
+                                                         Searcher.load(tmp_path / "index"))[1]):
+        assert (searcher.bm25.config.k1, searcher.bm25.config.b) == (tuning["k1"], tuning["b"])
+        assert searcher.search(f"{w} {v}", k=1, mode="bm25")[0].id == "new-doc"
+
     lucene = build("lucene-index", "--bm25-tuning", "none")
     assert "bm25_tuning" not in lucene.index.manifest and lucene.bm25.config == BM25Config()
     assert all(h[0].text != d for h, (_, d) in zip(lucene.search_batch(queries, k=1, mode="bm25"), pairs, strict=True))
