@@ -224,9 +224,9 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
             print("note: the hybrid weight is tuned on spans cut from any document; towers pre-trained on this "
                   "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "
                   "with --hybrid-pairs to cut only from the documents they did not train on", file=sys.stderr)
-        tick = time.perf_counter()
         bm25_config, bm25_report = _tuned_bm25(stage, store, texts, pairs, seed=seed) if pairs and tune_bm25 \
             else (None, None)
+        tick = time.perf_counter()
         hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
                                            embed_queries=encoder.embed_queries if encoder else None,
                                            embed_documents=encoder.embed_documents if encoder else None,
