@@ -58,7 +58,7 @@ from dssm.data import document_text
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 
 __all__ = ["BM25_DIR", "BM25Config", "BM25Index", "BM25Reference", "idf_function", "tokenize", "top_rows",
-           "rows_by_score", "term_counts", "write_bm25_state", "update_bm25_state", "load_bm25_state",
+           "rows_by_score", "term_counts", "csc_state", "write_bm25_state", "update_bm25_state", "load_bm25_state",
            "has_bm25_state", "neighbour_pairs"]
 
 #: Directory of the BM25 state inside an index version.
@@ -409,11 +409,11 @@ def _stream_state(docs: Iterable[Any], config: BM25Config, *, chunk: int = 8192)
     del lengths
     terms = list(vocab)
     del vocab
-    data, indices, indptr, tf_sorted = _csc_state(doc_idx, term_idx, tf, doc_len, terms=len(terms), n=n, config=config)
+    data, indices, indptr, tf_sorted = csc_state(doc_idx, term_idx, tf, doc_len, terms=len(terms), n=n, config=config)
     return data, indices, indptr, terms, n, float(np.asarray(doc_len).mean()) if n else 0.0, tf_sorted, doc_len
 
 
-def _csc_state(doc_idx: np.ndarray, term_idx: np.ndarray, tf: np.ndarray, doc_len: np.ndarray, *, terms: int, n: int,
+def csc_state(doc_idx: np.ndarray, term_idx: np.ndarray, tf: np.ndarray, doc_len: np.ndarray, *, terms: int, n: int,
                config: BM25Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(data, indices, indptr, tf) in CSC order from (document, term, count) triples and [n] lengths."""
     if not terms or not tf.size:
@@ -481,7 +481,7 @@ def update_bm25_state(old_dir: str | Path, version_dir: str | Path, *, source: n
     doc_len[kept] = old_len[source[kept]]
     doc_len[rows] = sizes
     doc_idx = np.concatenate([moved[keep], np.asarray(rows, np.int32)[local]]) if rows else moved[keep]
-    data, indices, new_indptr, tf = _csc_state(doc_idx, np.concatenate([old_terms[keep], term_ids]),
+    data, indices, new_indptr, tf = csc_state(doc_idx, np.concatenate([old_terms[keep], term_ids]),
                                                np.concatenate([old_tf[keep], counts]), doc_len, terms=len(vocab),
                                                n=int(source.size), config=config)
     _save_state(Path(version_dir) / BM25_DIR, data=data, indices=indices, indptr=new_indptr, terms=list(vocab),

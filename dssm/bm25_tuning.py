@@ -10,8 +10,8 @@ configured one with a paired randomisation p < alpha, corrected for having been 
 (:func:`grid_max_p_value`): without that evidence BM25 keeps Lucene's settings.
 
 The documents are tokenised once; every grid point reweights the same (document, term, count)
-triples with bm25s' own formulas (:func:`dssm.bm25.idf_function`, the Lucene/Robertson term
-component), so the ranking equals what a :class:`dssm.bm25.BM25Index` built with that setting returns.
+triples into the matrix a stored state holds (:func:`dssm.bm25.csc_state`, bm25s' own arithmetic), so
+the ranking equals what a :class:`dssm.bm25.BM25Index` built with that setting returns.
 Label-free corpora keep the configured setting: pseudo-queries cut from documents are not a user's
 queries, and the tuner would learn their length, not the users'.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dssm.bm25 import BM25Config, idf_function, term_counts
+from dssm.bm25 import BM25Config, csc_state, term_counts
 from dssm.errors import ConfigError
 
 __all__ = ["K1_GRID", "B_GRID", "tune_bm25", "grid_max_p_value", "reciprocal_ranks_at"]
@@ -73,10 +73,13 @@ def tune_bm25(texts: Sequence[str], pairs: Sequence[tuple[str, str]], *, base: B
     targets = np.array([row_of[d] for _, d in pairs], dtype=np.int64)
     vocab: dict[str, int] = {}
     docs, terms, counts, lengths = term_counts(corpus, vocab, base)
+    order = np.lexsort((docs, terms))  # term-major once: csc_state's stable sort then finds it sorted
+    docs, terms, counts = docs[order], terms[order], counts[order]
     query_terms = _query_matrix([q for q, _ in pairs], vocab, base)
     own = _own_rows([q for q, _ in pairs], corpus, targets)
-    curve = {(k1, b): reciprocal_ranks_at(_weights(docs, terms, counts, lengths, vocab_size=len(vocab), k1=k1, b=b,
-                                                   method=base.method), query_terms, targets, own)
+    curve = {(k1, b): reciprocal_ranks_at(_weights(docs, terms, counts, lengths, vocab_size=len(vocab),
+                                                   config=dataclasses.replace(base, k1=k1, b=b)),
+                                          query_terms, targets, own)
              for k1, b in grid}
     means = {key: float(v.mean()) for key, v in curve.items()}
     top = max(means.values())
@@ -137,20 +140,14 @@ def _query_matrix(queries: Sequence[str], vocab: dict[str, int], config: BM25Con
 
 
 def _weights(docs: np.ndarray, terms: np.ndarray, counts: np.ndarray, lengths: np.ndarray, *, vocab_size: int,
-             k1: float, b: float, method: str) -> Any:
-    """``[v, n]`` sparse BM25 weight of every (term, document), bm25s' formulas for ``method``."""
+             config: BM25Config) -> Any:
+    """``[v, n]`` sparse BM25 weight of every (term, document): the stored state's own matrix
+    (:func:`dssm.bm25.csc_state`, document-major CSC = term-major CSR)."""
     # deferred: scipy, imported only when this runs
     from scipy import sparse
 
-    n = lengths.size
-    df = np.bincount(terms, minlength=vocab_size)
-    idf_fn = idf_function(method)
-    values, inverse = np.unique(df, return_inverse=True)
-    idf = np.asarray([idf_fn(int(v), N=n) if v else 0.0 for v in values], dtype=np.float32)[inverse]
-    tf = counts.astype(np.float64)
-    norm = k1 * ((1 - b) + b * lengths[docs] / lengths.mean())
-    tfc = (tf * (k1 + 1)) / (tf + norm) if method == "atire" else tf / (norm + tf)
-    return sparse.csr_matrix(((idf[terms] * tfc).astype(np.float32), (terms, docs)), shape=(vocab_size, n))
+    data, indices, indptr, _ = csc_state(docs, terms, counts, lengths, terms=vocab_size, n=lengths.size, config=config)
+    return sparse.csr_matrix((data, indices, indptr), shape=(vocab_size, lengths.size))
 
 
 def _own_rows(queries: Sequence[str], corpus: Sequence[str], targets: np.ndarray) -> list[np.ndarray]:
