@@ -197,7 +197,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     ``required``, else weight 0); a fit is refitted to the tuning corpus and needs no such set.
     With ``pairs`` and ``tune_bm25``, BM25's ``k1`` and ``b`` are chosen on the same pairs first
     (:func:`dssm.bm25_tuning.tune_bm25`; kept only on a significant gain), the staged BM25 state is
-    rebuilt with them, and the weight is tuned with that BM25 (``bm25_tuning`` in the manifest).
+    written with them, and the weight is tuned with that BM25 (``bm25_tuning`` in the manifest).
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
@@ -251,16 +251,14 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
 def _tuned_bm25(stage: Path, store: Any, texts: list[str], pairs: list[tuple[str, str]], *,
                 seed: int) -> tuple[Any, dict[str, Any]]:
     """BM25's settings chosen on the held-out ``pairs`` (:func:`dssm.bm25_tuning.tune_bm25`), and its report;
-    the staged BM25 state is rebuilt with them when they differ from the defaults it was written with."""
+    the staged version's BM25 state is written with them (the build then writes none of its own)."""
     # deferred: bm25s, PyStemmer and scipy, imported only when this runs
-    from dssm.bm25 import BM25_DIR, BM25Config, write_bm25_state
+    from dssm.bm25 import BM25Config, write_bm25_state
     from dssm.bm25_tuning import tune_bm25
 
     tick = time.perf_counter()
     config, report = tune_bm25(texts, pairs, base=BM25Config(), seed=seed)
-    if config != BM25Config():
-        shutil.rmtree(stage / BM25_DIR)
-        write_bm25_state(stage, (doc for _, doc in store.iter_all()), config=config)
+    write_bm25_state(stage, (doc for _, doc in store.iter_all()), config=config)
     report["seconds"] = round(time.perf_counter() - tick, 2)
     best = report.get("best", {"k1": config.k1, "b": config.b})
     print(f"BM25 k1 {config.k1:g}, b {config.b:g} ({report['pairs']} held-out labelled pairs; best k1 "

@@ -93,7 +93,7 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     get it freed before ScaNN builds.
     """
     # deferred: bm25s and PyStemmer, imported only when this runs
-    from dssm.bm25 import BM25_DIR, write_bm25_state
+    from dssm.bm25 import BM25_DIR, has_bm25_state, write_bm25_state
 
     n, dim = matrix.shape
     matrix_bytes = int(matrix.nbytes)
@@ -107,13 +107,15 @@ def _finish_version(*, index_dir: Path, version: str, stage: Path, matrix: np.nd
     params, recall = _build_ann(stage, box, config=config, timings=timings, trace=trace)
     model_info = _copy_model(model_dir, stage)
     trace.mark("model_copy")
-    # BM25 state for Searcher mode="hybrid"/"bm25" (dssm/bm25.py owns the format); written before
-    # the manifest so the manifest checksums it.
-    tick = time.perf_counter()
-    write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
-    timings["bm25"] = time.perf_counter() - tick
-    trace.mark("bm25")
     added = _add_finalized_files(stage, finalize, timings) if finalize is not None else {}
+    # BM25 state for Searcher mode="hybrid"/"bm25" (dssm/bm25.py owns the format); written before
+    # the manifest so the manifest checksums it, unless the finalize hook wrote it with settings it
+    # chose (`dssm index --hybrid-pairs`: k1 and b tuned on held-out pairs).
+    if not has_bm25_state(stage):
+        tick = time.perf_counter()
+        write_bm25_state(stage, (doc for _, doc in DocStore(stage / DOCS_DB).iter_all()))
+        timings["bm25"] = time.perf_counter() - tick
+    trace.mark("bm25")
     memory = trace.report(matrix_bytes=matrix_bytes, scann_bytes=tree_bytes(stage / SCANN_DIR),
                           bm25_bytes=tree_bytes(stage / BM25_DIR))
     peak = memory["peak_rss_bytes"]
@@ -413,9 +415,11 @@ def build_index_from_shards(
         version: version name; default :func:`new_version_name`.
         extra: more manifest keys (e.g. the encode job's counts).
         progress: show a tqdm bar.
-        finalize: called with the complete staged version (embeddings, doc store, model, BM25) before
-            its manifest is written; returns ``(files, manifest keys)``: small JSON files added to the
-            version and checksummed with it (``dssm index`` stores the label-free hybrid weight so).
+        finalize: called with the staged version (embeddings, doc store, model, ScaNN) before its
+            BM25 state and manifest are written; returns ``(files, manifest keys)``: small JSON files
+            added to the version and checksummed with it (``dssm index`` stores the hybrid weight so).
+            A hook may write the BM25 state itself (:func:`dssm.bm25.write_bm25_state`, with
+            settings it chose); the build writes Lucene's otherwise.
 
     Raises:
         InputError: no documents, a missing column, an embedding of the wrong width (naming the id),
