@@ -7,7 +7,7 @@ split (1,368 synopses among all 34,090 descriptions; its dev queries not looked 
 the whole grid stayed within 0.006 of the defaults. So ``dssm index`` searches a small grid on the
 same held-out pairs the hybrid weight is tuned on, and keeps the best setting **only if it beats the
 configured one with a paired randomisation p < alpha, corrected for having been picked from the grid**
-(:func:`grid_max_p_value`): without that evidence BM25 keeps Lucene's settings.
+(:func:`dssm.metrics.grid_max_p_value`): without that evidence BM25 keeps Lucene's settings.
 
 The documents are tokenised once; every grid point reweights the same (document, term, count)
 triples into the matrix a stored state holds (:func:`dssm.bm25.csc_state`, bm25s' own arithmetic), so
@@ -26,6 +26,7 @@ import numpy as np
 
 from dssm.bm25 import BM25Config, csc_state, term_counts
 from dssm.errors import ConfigError
+from dssm.metrics import grid_max_p_value
 
 __all__ = ["K1_GRID", "B_GRID", "tune_bm25", "grid_max_p_value", "reciprocal_ranks_at"]
 
@@ -95,37 +96,6 @@ def tune_bm25(texts: Sequence[str], pairs: Sequence[tuple[str, str]], *, base: B
     report.update(k1=chosen[0], b=chosen[1], best={"k1": best[0], "b": best[1]}, gain=round(gain, 6), p=round(p, 6),
                   documents=len(corpus), curve={f"k1={k1:g},b={b:g}": round(m, 6) for (k1, b), m in means.items()})
     return dataclasses.replace(base, k1=chosen[0], b=chosen[1]), report
-
-
-def grid_max_p_value(differences: np.ndarray, *, trials: int = 10_000, seed: int = 0) -> float:
-    """Two-sided p-value of the grid's largest mean difference from the base, corrected for the grid.
-
-    A setting picked as the best of many, then tested alone against the base, looks significant by
-    chance far more often than ``alpha`` (on quora-dev's 401 held-out pairs the best of 23 settings
-    gained +0.0057 MRR@10 at a single-test p of 0.044). Here every randomisation trial flips the sign
-    of each query's differences in all settings at once (the paired test of
-    :func:`dssm.metrics.paired_randomization_test`) and takes the largest |mean| over the grid; p is the
-    share of trials reaching the observed largest |mean| (Westfall & Young's max-statistic correction:
-    exact for the selection, and, unlike Bonferroni, not penalised by settings that rank alike).
-
-    Args:
-        differences: ``[settings, queries]`` per-query metric of each setting minus the base's.
-        trials: random sign flips.
-        seed: RNG seed (results repeat).
-
-    Raises:
-        ConfigError: no setting or no query.
-    """
-    differences = np.asarray(differences, dtype=np.float64)
-    if differences.ndim != 2 or 0 in differences.shape:
-        raise ConfigError(f"grid_max_p_value needs [settings, queries] differences, got shape {differences.shape}")
-    observed = np.abs(differences.mean(axis=1)).max()
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for start in range(0, trials, 1000):  # blocks bound memory at 1000 x queries
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(1000, trials - start), differences.shape[1]))
-        hits += int((np.abs(signs @ differences.T / differences.shape[1]).max(axis=1) >= observed - 1e-12).sum())
-    return (hits + 1) / (trials + 1)  # the observed assignment counts, so p is never 0 (Phipson & Smyth 2010)
 
 
 def _query_matrix(queries: Sequence[str], vocab: dict[str, int], config: BM25Config) -> Any:

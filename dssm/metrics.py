@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from dssm.errors import ConfigError, InputError
 
 __all__ = [
+    "grid_max_p_value",
     "DEFAULT_METRICS",
     "Run",
     "Qrels",
@@ -368,16 +369,40 @@ def paired_randomization_test(a: Mapping[str, float], b: Mapping[str, float], *,
         raise InputError(f"paired test needs the same non-empty query set: {len(a)} vs {len(b)} queries, "
                          f"{len(set(a) ^ set(b))} not shared")
     qids = sorted(a)
-    diff = np.array([a[q] - b[q] for q in qids], dtype=np.float64)
-    observed = abs(diff.mean())
+    return grid_max_p_value(np.array([[a[q] - b[q] for q in qids]], dtype=np.float64), trials=trials, seed=seed)
+
+
+def grid_max_p_value(differences: np.ndarray, *, trials: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of the grid's largest mean difference from the base, corrected for the grid.
+
+    A setting picked as the best of many, then tested alone against the base, looks significant by
+    chance far more often than ``alpha`` (on quora-dev's 401 held-out pairs the best of 23 settings
+    gained +0.0057 MRR@10 at a single-test p of 0.044). Here every randomisation trial flips the sign
+    of each query's differences in all settings at once (the paired test of
+    :func:`dssm.metrics.paired_randomization_test`) and takes the largest |mean| over the grid; p is the
+    share of trials reaching the observed largest |mean| (Westfall & Young's max-statistic correction:
+    exact for the selection, and, unlike Bonferroni, not penalised by settings that rank alike). With
+    one setting it is :func:`paired_randomization_test`, which calls it so (used by
+    :func:`dssm.bm25_tuning.tune_bm25`).
+
+    Args:
+        differences: ``[settings, queries]`` per-query metric of each setting minus the base's.
+        trials: random sign flips.
+        seed: RNG seed (results repeat).
+
+    Raises:
+        ConfigError: no setting or no query.
+    """
+    differences = np.asarray(differences, dtype=np.float64)
+    if differences.ndim != 2 or 0 in differences.shape:
+        raise ConfigError(f"grid_max_p_value needs [settings, queries] differences, got shape {differences.shape}")
+    observed = np.abs(differences.mean(axis=1)).max()
     rng = np.random.default_rng(seed)
     hits = 0
-    for start in range(0, trials, 1000):  # blocks bound memory at 1000 x n
-        n = min(1000, trials - start)
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(n, diff.size))
-        hits += int((np.abs((signs * diff).mean(axis=1)) >= observed - 1e-12).sum())
-    # +1 in both counts the observed assignment itself, so p is never 0 (Phipson & Smyth 2010).
-    return (hits + 1) / (trials + 1)
+    for start in range(0, trials, 1000):  # blocks bound memory at 1000 x queries
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(1000, trials - start), differences.shape[1]))
+        hits += int((np.abs(signs @ differences.T / differences.shape[1]).max(axis=1) >= observed - 1e-12).sum())
+    return (hits + 1) / (trials + 1)  # the observed assignment counts, so p is never 0 (Phipson & Smyth 2010)
 
 
 def significance(results: Sequence[SystemResult], *, trials: int = 10_000,
