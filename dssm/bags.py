@@ -20,7 +20,7 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["EmbeddingBag", "bag_plan", "bag_plan_numpy", "bag_plan_csr", "CSR_PLAN_KEYS", "plan_key", "BAG_PLANS",
-           "gathered_rows"]
+           "gathered_rows", "candidate_keys", "bag_keys", "pair_keys"]
 
 # Key of the batch's dict of precomputed bag plans (see dssm.model.bag_groups and dssm.inputs.make_dataset).
 BAG_PLANS = "bag_plans"
@@ -394,3 +394,52 @@ def _segment_sum(data: tf.Tensor, indices: tf.Tensor, segment_ids: tf.Tensor, nu
         parts.append(tf.sparse.segment_sum(data, indices[lo:hi], segment_ids[lo:hi] - bounds[k],
                                            num_segments=bounds[k + 1] - bounds[k]))
     return tf.concat(parts, axis=0)
+
+
+# ----------------------------------------------------------------------------- accidental-hit keys
+
+
+def candidate_keys(ids: tf.Tensor | None, batch: tf.Tensor, *, tag: int) -> tf.Tensor:
+    """``[batch]`` int64 keys for accidental-hit masking.
+
+    String ids are hashed (FarmHash64 into [0, 2^62)): comparing a 1024×1024 grid of strings costs
+    more than the whole softmax. Without ids, every row gets a distinct negative key (unique per
+    replica and per ``tag``), so nothing is masked.
+    """
+    if ids is not None:
+        return tf.strings.to_hash_bucket_fast(ids, 2**62)
+    ctx = tf.distribute.get_replica_context()
+    replica = tf.cast(ctx.replica_id_in_sync_group if ctx is not None else 0, tf.int64)
+    return -1 - ((replica * 2 + tag) * 2**32 + tf.range(tf.cast(batch, tf.int64)))
+
+
+def bag_keys(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> tf.Tensor:
+    """``[batch]`` int64 fingerprint of each bag: equal bags (same ids with the same counts) get equal keys.
+
+    Identical texts (after the featurizer's normalisation) have identical bags, so this masks them
+    as accidental hits even when their ids differ, or when the batch has no ids. Each (id, count)
+    entry is mixed by SplitMix64's finaliser and the row's entries summed (mod 2^64: unsigned
+    arithmetic wraps), so the key does not depend on entry order and two different bags collide
+    with probability ~2^-62.
+    """
+    x = tf.bitcast(ids.flat_values, tf.uint64) * tf.constant(0x9E3779B97F4A7C15, tf.uint64) + tf.cast(
+        tf.round(counts.flat_values), tf.uint64)
+    x = _splitmix64(x)
+    rows = tf.cast(ids.value_rowids(), tf.int32)
+    total = tf.math.unsorted_segment_sum(x, rows, tf.cast(ids.nrows(), tf.int32))
+    # Non-negative int64 (all_gather and equality need no unsigned kernels).
+    return tf.bitcast(tf.bitwise.right_shift(_splitmix64(total), tf.constant(2, tf.uint64)), tf.int64)
+
+
+def _splitmix64(x: tf.Tensor) -> tf.Tensor:
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(30, tf.uint64))) * tf.constant(
+        0xBF58476D1CE4E5B9, tf.uint64)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(27, tf.uint64))) * tf.constant(
+        0x94D049BB133111EB, tf.uint64)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(31, tf.uint64)))
+
+
+def pair_keys(ids: tf.Tensor | None, bag_ids: tf.RaggedTensor, bag_counts: tf.RaggedTensor, batch: tf.Tensor, *,
+               tag: int) -> tf.Tensor:
+    """``[batch, 2]`` int64: (document id key, bag key); a match in either column is an accidental hit."""
+    return tf.stack([candidate_keys(ids, batch, tag=tag), bag_keys(bag_ids, bag_counts)], axis=1)

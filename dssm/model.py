@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from dssm.bags import BAG_PLANS, EmbeddingBag, plan_key
+from dssm.bags import BAG_PLANS, EmbeddingBag, bag_keys, pair_keys, plan_key
 from dssm.config import config_to_dict, field
 from dssm.errors import ConfigError
 from dssm.features import FeatureConfig, Featurizer
@@ -403,7 +403,7 @@ class DSSMModel(tfrs.Model):
         if self.loss_inputs == "classifier":
             logits = self.classifier((query, document))
             return self._loss_fn(logits, features["label"], reduction="sum") / global_batch
-        keys = _pair_keys(features.get("document_id"), features["document_ids"], features["document_counts"],
+        keys = pair_keys(features.get("document_id"), features["document_ids"], features["document_counts"],
                           local_batch, tag=0)
         candidates, candidate_keys = _gather_replicas(document, keys, rotate=True)
         probability = None
@@ -412,7 +412,7 @@ class DSSMModel(tfrs.Model):
         keep_columns = None
         if "negative_ids" in features:
             negative = embedded["negative"]
-            negative_keys = _pair_keys(features.get("negative_id"), features["negative_ids"],
+            negative_keys = pair_keys(features.get("negative_id"), features["negative_ids"],
                                        features["negative_counts"], local_batch, tag=1)
             negative, negative_keys = _gather_replicas(negative, negative_keys, rotate=False)
             # all_gather has no bool kernel on every device; ship the flags as int32.
@@ -489,7 +489,7 @@ class DSSMModel(tfrs.Model):
         first, second = _embed_together(self.query_tower, [bags, bags], training=training)
         local_batch = tf.shape(first)[0]
         # A text repeated in the batch (one query with several pairs) is not its own negative.
-        keys = _bag_keys(*bags)
+        keys = bag_keys(*bags)
         second, keys = _gather_replicas(second, keys, rotate=True)
         loss_sum = self._loss_fn(first, second, keys=keys if self.config.remove_accidental_hits else None,
                                  reduction="sum")
@@ -532,52 +532,6 @@ def _embed_together(tower: Tower, bags: list[tuple[tf.RaggedTensor, tf.RaggedTen
     counts = tf.concat([b[1].with_row_splits_dtype(tf.int64) for b in bags], axis=0)
     out = tower((ids, counts), training=training, plan=plan)
     return tf.split(out, [b[0].nrows(out_type=tf.int32) for b in bags], axis=0)
-
-
-def _candidate_keys(ids: tf.Tensor | None, batch: tf.Tensor, *, tag: int) -> tf.Tensor:
-    """``[batch]`` int64 keys for accidental-hit masking.
-
-    String ids are hashed (FarmHash64 into [0, 2^62)): comparing a 1024×1024 grid of strings costs
-    more than the whole softmax. Without ids, every row gets a distinct negative key (unique per
-    replica and per ``tag``), so nothing is masked.
-    """
-    if ids is not None:
-        return tf.strings.to_hash_bucket_fast(ids, 2**62)
-    ctx = tf.distribute.get_replica_context()
-    replica = tf.cast(ctx.replica_id_in_sync_group if ctx is not None else 0, tf.int64)
-    return -1 - ((replica * 2 + tag) * 2**32 + tf.range(tf.cast(batch, tf.int64)))
-
-
-def _bag_keys(ids: tf.RaggedTensor, counts: tf.RaggedTensor) -> tf.Tensor:
-    """``[batch]`` int64 fingerprint of each bag: equal bags (same ids with the same counts) get equal keys.
-
-    Identical texts (after the featurizer's normalisation) have identical bags, so this masks them
-    as accidental hits even when their ids differ, or when the batch has no ids. Each (id, count)
-    entry is mixed by SplitMix64's finaliser and the row's entries summed (mod 2^64: unsigned
-    arithmetic wraps), so the key does not depend on entry order and two different bags collide
-    with probability ~2^-62.
-    """
-    x = tf.bitcast(ids.flat_values, tf.uint64) * tf.constant(0x9E3779B97F4A7C15, tf.uint64) + tf.cast(
-        tf.round(counts.flat_values), tf.uint64)
-    x = _splitmix64(x)
-    rows = tf.cast(ids.value_rowids(), tf.int32)
-    total = tf.math.unsorted_segment_sum(x, rows, tf.cast(ids.nrows(), tf.int32))
-    # Non-negative int64 (all_gather and equality need no unsigned kernels).
-    return tf.bitcast(tf.bitwise.right_shift(_splitmix64(total), tf.constant(2, tf.uint64)), tf.int64)
-
-
-def _splitmix64(x: tf.Tensor) -> tf.Tensor:
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(30, tf.uint64))) * tf.constant(
-        0xBF58476D1CE4E5B9, tf.uint64)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(27, tf.uint64))) * tf.constant(
-        0x94D049BB133111EB, tf.uint64)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(31, tf.uint64)))
-
-
-def _pair_keys(ids: tf.Tensor | None, bag_ids: tf.RaggedTensor, bag_counts: tf.RaggedTensor, batch: tf.Tensor, *,
-               tag: int) -> tf.Tensor:
-    """``[batch, 2]`` int64: (document id key, bag key); a match in either column is an accidental hit."""
-    return tf.stack([_candidate_keys(ids, batch, tag=tag), _bag_keys(bag_ids, bag_counts)], axis=1)
 
 
 def _gather_replicas(values: tf.Tensor, ids: tf.Tensor | None, *, rotate: bool) -> tuple[tf.Tensor, tf.Tensor | None]:

@@ -266,12 +266,12 @@ def test_identical_texts_are_accidental_hits_even_with_different_ids() -> None:
 
 
 def test_bag_keys_ignore_entry_order_and_tell_bags_apart() -> None:
-    from dssm.model import _bag_keys
+    from dssm.bags import bag_keys
 
     ids = tf.ragged.constant([[3, 9, 12], [12, 3, 9], [3, 9, 12], [3, 9], [3, 9, 13], [], []], dtype=tf.int64)
     counts = tf.ragged.constant([[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [2.0, 1.0, 1.0], [1.0, 2.0], [1.0, 2.0, 1.0],
                                  [], []])
-    keys = _bag_keys(ids, counts).numpy()
+    keys = bag_keys(ids, counts).numpy()
     assert keys.dtype == np.int64 and (keys >= 0).all()
     assert keys[0] == keys[1]  # same (id, count) entries in another order
     assert keys[5] == keys[6]  # two empty bags
