@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pipelines.make_pairs", "Beam job: raw pairs (Quora/CSV/TSV/JSONL/Parquet/BEIR) → TFRecord shards."),
     "train": ("dssm.train", "Train the two-tower model on pair shards and export a SavedModel."),
     "lsa": ("dssm.lsa", "Fit towers to a corpus without training (LSA of its hashed bags; small corpora)."),
+    "ensemble": ("dssm.ensemble", "Join trained towers and a `dssm lsa` fit into one tower (their cosines added)."),
     "select": ("dssm.select", "Pick, among models, the one that retrieves a pairs directory's validation split best."),
     "index": ("pipelines.encode_corpus", "Beam job: encode a corpus with the document tower and build a ScaNN index."),
     "mine": ("pipelines.mine_negatives", "Beam job: hard negatives for training pairs, retrieved from an index."),

@@ -21,9 +21,10 @@ __all__ = ["config_to_dict", "config_from_dict", "save_config", "load_config", "
 T = TypeVar("T")
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a default and a help text (used for ``--help`` and docs)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def field(default: Any, help: str, *, cli: bool = True) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and a help text (used for ``--help`` and docs); ``cli=False``:
+    no ``--flag`` (a setting only a command's own logic sets, saved in the config like the others)."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -74,6 +75,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
         flag = "--" + prefix + f.name.replace("_", "-")
         # argparse %-formats help texts; a literal "3%" in a field's help would crash --help.
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%")

@@ -147,9 +147,7 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
         for tower, value in jit.items():
             tower.jit_dense = value
     if not getattr(train_config, "mixed_precision", False):  # numpy in float32 cannot match a bfloat16 graph
-        tower = model.query_tower
-        write_query_tower(staging / QUERY_TOWER_DIR, table=tower.bag.table.numpy(), bias=tower.bag_bias.numpy(),
-                          layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in tower.hidden])
+        _write_numpy_tower(staging / QUERY_TOWER_DIR, model.query_tower)
     write_json_atomic(staging / "config.json", {
         "features": config_to_dict(model.feature_config),
         "model": config_to_dict(model.config),
@@ -177,6 +175,13 @@ def export_model(model: DSSMModel, model_dir: str | Path, *, train_config: Any,
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
     return model_dir
+
+
+def _write_numpy_tower(directory: Path, tower: Any) -> None:
+    """The query tower's weights as ``.npy`` files (:func:`dssm.query_numpy.write_query_tower`)."""
+    write_query_tower(directory, table=tower.bag.table.numpy(), bias=tower.bag_bias.numpy(),
+                      layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in tower.hidden],
+                      side=tower.side.table.numpy() if tower.side is not None else None)
 
 
 def read_model_configs(model_dir: str | Path) -> tuple[FeatureConfig, ModelConfig, dict[str, Any]]:
@@ -273,9 +278,10 @@ class QueryTower(_NumpyQueryTower):
     """
 
     def __init__(self, *, table: np.ndarray | tf.Variable, bias: np.ndarray,
-                 layers: Sequence[tuple[np.ndarray, np.ndarray]], features: FeatureConfig, model: ModelConfig) -> None:
+                 layers: Sequence[tuple[np.ndarray, np.ndarray]], features: FeatureConfig, model: ModelConfig,
+                 side: np.ndarray | None = None) -> None:
         super().__init__(table=table, bias=bias, layers=layers, features=features, model=model,
-                         rows=row_reader(table))
+                         rows=row_reader(table), side=side)
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig,
@@ -297,7 +303,7 @@ class QueryTower(_NumpyQueryTower):
             table = tower.bag.table
             return cls(table=table.numpy() if copy_table else table, bias=tower.bag_bias.numpy(),
                        layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in list(tower.hidden)],
-                       features=features, model=model)
+                       features=features, model=model, side=tower.side.table.numpy() if model.side_dim else None)
         except (AttributeError, TypeError, ConfigError):
             return None
 

@@ -164,22 +164,53 @@ def is_fit(model_dir: str | Path) -> bool:
 
 
 def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
-    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``.
+    """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``
+    (for a ``dssm ensemble`` model, its side branch made on ``texts``, its trained towers unchanged).
 
     ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
     documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or a
     fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
     """
     model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    features = config_from_dict(FeatureConfig, config["features"])
+    ensemble = read_history(model_dir).get("ensemble")
+    if ensemble is not None:
+        return _ensemble_refit(model_dir, config["model"], config_from_dict(LsaConfig, ensemble["fit_config"]),
+                               features)
     if not is_fit(model_dir):
         return None
-    config = json.loads((model_dir / "config.json").read_text())
     lsa_config = config_from_dict(LsaConfig, config["train"])
-    features = config_from_dict(FeatureConfig, config["features"])
 
     def refit(texts: list[str]) -> tuple[Any, Any]:
         encode = fitted_encoder(fit_texts(texts, config=lsa_config, features=features), features)
         return encode, encode
+
+    return refit
+
+
+def _ensemble_refit(model_dir: Path, model: dict[str, Any], lsa_config: LsaConfig,
+                    features: FeatureConfig) -> Callable[[list[str]], tuple[Any, Any]]:
+    """:func:`refit_for` of a ``dssm ensemble`` model: its trained towers as they are, its side branch (the
+    fit) made again on the tuning texts; the rows joined as ``dssm.model.Tower`` joins them."""
+    from dssm.export import load_encoder  # deferred: TensorFlow
+
+    encoder = load_encoder(model_dir)
+    side_dim, weight = int(model["side_dim"]), float(model["side_weight"])
+    towers_dim = encoder.dim - side_dim
+
+    def refit(texts: list[str]) -> tuple[Any, Any]:
+        side = fitted_encoder(fit_texts(texts, config=lsa_config, features=features), features)
+
+        def joined(embed: Callable[[Sequence[str]], np.ndarray]) -> Callable[[Sequence[str]], np.ndarray]:
+            def encode(batch: Sequence[str]) -> np.ndarray:
+                # The stored rows carry the towers' unit rows scaled by 1/sqrt(1 + w); the side is refitted.
+                towers = embed(batch)[:, :towers_dim]
+                refitted = side(batch) * np.sqrt(weight) / np.sqrt(1.0 + weight)
+                return np.concatenate([towers, refitted], axis=1).astype(np.float32)
+            return encode
+
+        return joined(encoder.embed_queries), joined(encoder.embed_documents)
 
     return refit
 

@@ -85,6 +85,11 @@ class ModelConfig:
     dropout: float = field(0.0, "dropout rate after each hidden layer while training")
     remove_accidental_hits: bool = field(
         True, "mask in-batch negatives that have the same document id, or the same text, as the row's positive")
+    side_dim: int = field(0, "width of a frozen side branch (0: none): a second embedding bag, a `dssm lsa` fit's "
+                          "table set by `dssm ensemble`, whose L2-normalised sum is joined to the tower's output",
+                          cli=False)
+    side_weight: float = field(1.0, "the side branch's share: the joined cosine is (cosine of the towers + "
+                               "side_weight x cosine of the side branch) / (1 + side_weight)", cli=False)
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
@@ -103,11 +108,13 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.embedding_init_stddev > 0:
             raise ConfigError(f"embedding_init_stddev must be > 0, got {self.embedding_init_stddev}")
+        if self.side_dim < 0 or not self.side_weight > 0:
+            raise ConfigError(f"side_dim must be >= 0 and side_weight > 0, got {self.side_dim}, {self.side_weight}")
 
     @property
     def output_dim(self) -> int:
         """Width of the tower output (the embedding dimension the index stores)."""
-        return self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim
+        return (self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim) + self.side_dim
 
 
 def apply_loss_defaults(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
@@ -170,6 +177,12 @@ class Tower(tf.keras.Model):
         # segment sums) has no XLA kernels, so it stays outside; the exported model never uses XLA.
         self.jit_dense = False
         self._dense_xla = tf.function(self._dense, jit_compile=True)
+        # An ensemble's side branch (dssm.ensemble): a fitted table that training never changes.
+        self.side = None
+        if config.side_dim:
+            self.side = EmbeddingBag(num_buckets, config.side_dim, combiner="sum",
+                                     init_stddev=config.embedding_init_stddev, name="side_bag")
+            self.side.trainable = False
 
     def get_config(self) -> dict[str, object]:
         # Lets Keras serialise the tower inside a SavedModel without warning; loading goes through
@@ -190,9 +203,9 @@ class Tower(tf.keras.Model):
         """
         ids, counts = inputs
         pooled = self.bag(ids, counts, plan=plan)
-        if self.jit_dense:
-            return self._dense_xla(pooled, training=bool(training))
-        return self._dense(pooled, training=training)
+        out = self._dense_xla(pooled, training=bool(training)) if self.jit_dense else self._dense(pooled,
+                                                                                                 training=training)
+        return out if self.side is None else self._join_side(out, self.side(ids, counts, plan=plan))
 
     def _dense(self, x: tf.Tensor, training: bool | None) -> tf.Tensor:
         """``[batch, embedding_dim]`` pooled bags → ``[batch, output_dim]`` unit vectors."""
@@ -202,6 +215,13 @@ class Tower(tf.keras.Model):
         # Normalise in float32: under mixed precision the squared norm of a 128-wide fp16 vector is
         # fine, but the scores and softmax that follow must be float32.
         return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+    def _join_side(self, out: tf.Tensor, side: tf.Tensor) -> tf.Tensor:
+        """``[batch, d]`` unit rows and ``[batch, side_dim]`` side sums → ``[batch, d + side_dim]`` unit rows
+        whose dot products are ``(cos + w · cos_side) / (1 + w)``."""
+        weight = self.config.side_weight
+        side = tf.math.l2_normalize(tf.cast(side, tf.float32), axis=-1) * (weight ** 0.5)
+        return tf.concat([out, side], axis=-1) / ((1.0 + weight) ** 0.5)
 
     def embed_texts(self, texts: tf.Tensor) -> tf.Tensor:
         """Featurize raw strings in-graph and embed them.
@@ -218,8 +238,9 @@ class Tower(tf.keras.Model):
             self((tf.ragged.constant([[]], tf.int64), tf.ragged.constant([[]], tf.float32)), training=False)
         # self(featurizer.bags(texts)) without de-duplicating what the pooling re-expands anyway, each
         # distinct word's rows pooled once (EmbeddingBag.pool_words).
-        pooled = self.bag.pool_words(*self.featurizer.word_tokens(texts))
-        return (self._dense_xla if self.jit_dense else self._dense)(pooled, training=False)
+        tokens = self.featurizer.word_tokens(texts)
+        out = (self._dense_xla if self.jit_dense else self._dense)(self.bag.pool_words(*tokens), training=False)
+        return out if self.side is None else self._join_side(out, self.side.pool_words(*tokens))
 
 
 class DSSMModel(tfrs.Model):

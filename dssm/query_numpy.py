@@ -59,16 +59,19 @@ class TowerShape:
     hidden_dims: tuple[int, ...]
     activation: str
     bag_combiner: str
+    side_dim: int = 0
+    side_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, model: dict[str, Any]) -> TowerShape:
         """From ``config.json["model"]``."""
         return cls(int(model["embedding_dim"]), tuple(int(d) for d in model["hidden_dims"]), str(model["activation"]),
-                   str(model.get("bag_combiner", "sum")))
+                   str(model.get("bag_combiner", "sum")), int(model.get("side_dim", 0)),
+                   float(model.get("side_weight", 1.0)))
 
     @property
     def output_dim(self) -> int:
-        return self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim
+        return (self.hidden_dims[-1] if self.hidden_dims else self.embedding_dim) + self.side_dim
 
 
 def l2_normalize_rows(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -114,17 +117,23 @@ class QueryTower:
         features: the hashing the weights belong to.
         model: the tower's shape (a :class:`TowerShape` or a ``ModelConfig``).
         rows: ``ids [n] int64 -> [n, embedding_dim]``; default indexes ``table``.
+        side: ``[num_buckets, side_dim]`` float32, an ensemble's side table (``model.side_dim > 0`` only).
 
     Raises:
         ConfigError: a weight's shape or dtype does not match the configs.
     """
 
     def __init__(self, *, table: Any, bias: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]],
-                 features: FeatureConfig, model: Any, rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 features: FeatureConfig, model: Any, rows: Callable[[np.ndarray], np.ndarray] | None = None,
+                 side: np.ndarray | None = None) -> None:
         expected = [(features.num_buckets, model.embedding_dim), (model.embedding_dim,)]
         widths = (model.embedding_dim, *model.hidden_dims)
         expected += [shape for i, d in enumerate(model.hidden_dims) for shape in ((widths[i], d), (d,))]
         arrays = [bias, *(a for layer in layers for a in layer)]
+        side_dim = getattr(model, "side_dim", 0)
+        if side_dim or side is not None:
+            expected.append((features.num_buckets, side_dim))
+            arrays.append(side if side is not None else np.zeros(0, np.float32))
         got = [(tuple(table.shape), np.dtype(getattr(table.dtype, "as_numpy_dtype", table.dtype)))]
         got += [(a.shape, a.dtype) for a in arrays]
         if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
@@ -133,7 +142,7 @@ class QueryTower:
         # A memory map indexed through its subclass costs a view object per gather; the plain array over
         # the same pages does not.
         self._rows = rows if rows is not None else functools.partial(np.asarray(table).take, axis=0)
-        self.table, self.bias, self.layers = table, bias, list(layers)
+        self.table, self.bias, self.layers, self.side = table, bias, list(layers), side
         self.features, self.model = features, model
         # The query path's word cache (a few MB at 32k words): a query's words are hashed once.
         self._bagger = TokenBagger(features, cache_words=1 << 15)
@@ -156,11 +165,8 @@ class QueryTower:
         # One gather for all texts. Every token's row once, repeats included: the count-weighted sum
         # of the bag's rows without counting (the bag's total count is the number of tokens).
         lengths = [len(buckets) for buckets in bags]
-        rows = self._rows(np.concatenate(bags))
-        if len(bags) == 1:  # the common single query: no split and stack
-            pooled = rows.sum(axis=0, keepdims=True)
-        else:
-            pooled = np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
+        ids = np.concatenate(bags)
+        pooled = _sums(self._rows(ids), lengths)
         if self.model.bag_combiner != "sum":
             totals = np.asarray(lengths, np.float32)
             scale = totals if self.model.bag_combiner == "mean" else np.sqrt(totals)
@@ -168,14 +174,29 @@ class QueryTower:
         x = self._activation(pooled + self.bias)
         for kernel, bias in self.layers:
             x = self._activation(x @ kernel + bias)
-        return l2_normalize_rows(x).astype(np.float32, copy=False)
+        x = l2_normalize_rows(x).astype(np.float32, copy=False)
+        if self.side is None:
+            return x
+        # dssm.model.Tower._join_side: the side sums normalised, scaled by sqrt(w), the row by 1/sqrt(1 + w).
+        weight = np.float32(self.model.side_weight)
+        side = l2_normalize_rows(_sums(np.asarray(self.side).take(ids, axis=0), lengths)) * np.sqrt(weight)
+        return (np.concatenate([x, side], axis=1) / np.sqrt(np.float32(1) + weight)).astype(np.float32, copy=False)
+
+
+def _sums(rows: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """``[sum(lengths), d]`` rows → ``[len(lengths), d]`` sums of consecutive runs of ``lengths`` rows."""
+    if len(lengths) == 1:  # the common single query: no split and stack
+        return rows.sum(axis=0, keepdims=True)
+    return np.stack([part.sum(axis=0) for part in np.split(rows, np.cumsum(lengths)[:-1])])
 
 
 def write_query_tower(directory: str | Path, *, table: np.ndarray, bias: np.ndarray,
-                      layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+                      layers: Sequence[tuple[np.ndarray, np.ndarray]], side: np.ndarray | None = None) -> None:
     """Save the query tower's weights as ``.npy`` files in ``directory`` (created; see the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True)
+    if side is not None:
+        np.save(directory / "side_table.npy", np.ascontiguousarray(side, dtype=np.float32), allow_pickle=False)
     np.save(directory / "table.npy", np.ascontiguousarray(table, dtype=np.float32), allow_pickle=False)
     np.save(directory / "bias.npy", np.asarray(bias, dtype=np.float32), allow_pickle=False)
     for i, (kernel, layer_bias) in enumerate(layers):
@@ -271,6 +292,7 @@ def load_query_encoder(model_dir: str | Path, *, verify: bool = True,
     table = load_npy(weights / "table.npy", mmap_mode="r")
     layers = [(load_npy(weights / f"dense_{i}_kernel.npy"),
                load_npy(weights / f"dense_{i}_bias.npy")) for i in range(len(shape.hidden_dims))]
+    side = load_npy(weights / "side_table.npy", mmap_mode="r") if shape.side_dim else None
     tower = QueryTower(table=table, bias=load_npy(weights / "bias.npy"), layers=layers,
-                       features=features, model=shape)
+                       features=features, model=shape, side=side)
     return NumpyQueryEncoder(model_dir, tower=tower, features=features, batch_size=batch_size)

@@ -246,13 +246,13 @@ class _RunTracker(tf.keras.callbacks.Callback):
 def _run_config(feature_config: FeatureConfig, model_config: ModelConfig, train_config: TrainConfig,
                 loss_config: LossConfig, digest: str) -> dict[str, Any]:
     """What ``run.json`` records: everything that decides what a run computes (``digest``: :func:`pairs_digest`)."""
-    return {"pairs_sha256": digest, "features": config_to_dict(feature_config),
-            "model": config_to_dict(model_config), "train": config_to_dict(train_config),
-            "loss": config_to_dict(loss_config)}
+    return {"pairs_sha256": digest, "features": config_to_dict(feature_config), "model": config_to_dict(model_config),
+            "train": config_to_dict(train_config), "loss": config_to_dict(loss_config)}
 
 
 # ModelConfig fields that decide the towers' variables; the rest (loss, temperature, dropout...) may change.
-_TOWER_FIELDS = ("embedding_dim", "hidden_dims", "activation", "bag_combiner", "shared_towers")
+_TOWER_FIELDS = ("embedding_dim", "hidden_dims", "activation", "bag_combiner", "shared_towers", "side_dim",
+                 "side_weight")
 
 
 def load_towers(model: DSSMModel, model_dir: str | Path, *, batch: dict[str, tf.Tensor] | None) -> None:
