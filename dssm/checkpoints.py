@@ -28,6 +28,8 @@ RUN_CONFIG = "run.json"
 # TrainConfig fields that may change when a run is resumed: they decide how far it goes and what it
 # prints, not what the epochs already trained computed.
 _RESUMABLE_CHANGES = frozenset({"epochs", "verbose", "early_stopping_patience"})
+# Fields added after runs were checkpointed: a run.json without one recorded its value below.
+_ADDED_LATER = {("model", "side_dim"): 0, ("model", "side_weight"): 1.0}
 
 
 class Checkpoints:
@@ -122,7 +124,7 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
         for key in sorted(set(old) | set(new)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
-            if old.get(key) != new.get(key):
+            if old.get(key, _ADDED_LATER.get((section, key))) != new.get(key):
                 raise ConfigError(f"cannot resume: {section}.{key} is {new.get(key)!r} but the checkpointed run used "
                                   f"{old.get(key)!r} ({path}); resume with the same setting or start a new run")
 

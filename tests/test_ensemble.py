@@ -129,3 +129,17 @@ def test_fine_tuning_an_ensemble_keeps_its_side_branch(members, joined, tmp_path
     np.testing.assert_array_equal(side, np.load(fit / QUERY_TOWER_DIR / "table.npy"))
     tuned_table = np.load(tmp_path / "tuned" / QUERY_TOWER_DIR / "table.npy")
     assert not np.array_equal(tuned_table, np.load(joined / QUERY_TOWER_DIR / "table.npy"))  # the towers trained
+
+
+def test_a_run_checkpointed_before_the_side_branch_existed_still_resumes(tmp_path) -> None:
+    from dssm.checkpoints import check_resumable
+    from dssm.config import config_to_dict
+    from dssm.model import ModelConfig
+
+    current = {"pairs_sha256": "ab", "model": config_to_dict(ModelConfig())}
+    before = {"pairs_sha256": "ab", "model": {k: v for k, v in current["model"].items()
+                                              if k not in ("side_dim", "side_weight")}}
+    check_resumable(before, current, tmp_path / "run.json")  # the missing fields were the defaults
+    joined = {"pairs_sha256": "ab", "model": config_to_dict(ModelConfig(side_dim=16))}
+    with pytest.raises(ConfigError, match="model.side_dim is 16"):
+        check_resumable(before, joined, tmp_path / "run.json")
