@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dssm.artifacts import verify_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field
 from dssm.data import split_of
 from dssm.errors import ConfigError, InputError
@@ -85,6 +86,9 @@ class RerankTrainConfig:
     seed: int = field(0, "seed of the negative draw, the query order and the model's initialisation")
     cache_words: int = field(200_000, "the index's most widespread words whose vectors the exported model "
                              "precomputes (4 bytes x dim each), so re-ranking looks them up instead of hashing")
+    word_vectors: str = field("", "a model directory whose first layer starts the word vectors instead of the "
+                              "index model's: e.g. a `dssm lsa` fit of the corpus (corpus co-occurrence vectors; "
+                              "made with --pairs of the same pairs, so it hashes alike; with --activation linear)")
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "bm25", "hybrid"):
@@ -251,7 +255,8 @@ def _split_pairs(pairs_dir: str | Path, config: RerankTrainConfig) -> tuple[list
             [pair for pair, out in zip(pairs, held_out, strict=True) if out])
 
 
-def _build_model(searcher: Searcher, config: Any, *, cache_words: int) -> tuple[Any, np.ndarray]:
+def _build_model(searcher: Searcher, config: Any, *, cache_words: int,
+                 word_vectors: str = "") -> tuple[Any, np.ndarray]:
     """A re-ranker shaped like the index's model, starting from its first layer, with the index's idf;
     and the index's ``cache_words`` most widespread words (for :meth:`Reranker.cache_vocabulary`)."""
     # deferred: TensorFlow, imported only when this runs
@@ -266,9 +271,15 @@ def _build_model(searcher: Searcher, config: Any, *, cache_words: int) -> tuple[
         raise InputError(f"index {searcher.index_dir} has no model/: the re-ranker starts from the index model's "
                          "embedding table")
     features, tower, _ = read_model_configs(model_dir)
+    if word_vectors:
+        verify_manifest(word_vectors, kind="model")
+        vector_features, tower, _ = read_model_configs(word_vectors)
+        if vector_features != features:
+            raise ConfigError(f"--word-vectors {word_vectors} hashes texts unlike the index's model {model_dir}: "
+                              "make it with the same pairs (`dssm lsa --pairs`)")
     model = Reranker(config, feature_config=features, embedding_dim=tower.embedding_dim)
     model((tf.constant(["a"]), tf.constant(["b"])))  # build
-    loaded = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL))
+    loaded = tf.saved_model.load(str(Path(word_vectors or model_dir) / SAVED_MODEL))
     model.init_from_tower(loaded.query_tower.bag.table, loaded.query_tower.bag_bias.numpy())
     counts = tf.function(model.document_frequencies, reduce_retracing=True)
     distinct = tf.function(model.distinct_words, reduce_retracing=True)
@@ -394,7 +405,8 @@ def train_reranker(*, pairs_dir: str | Path, index_dir: str | Path, output: str 
         negatives=config.negatives, seed=config.seed, draw_from=config.candidates)
     if not examples:
         raise InputError(f"no training query of {pairs_dir} has a first-stage candidate that is not its own document")
-    model, vocabulary = _build_model(searcher, model_config, cache_words=config.cache_words)
+    model, vocabulary = _build_model(searcher, model_config, cache_words=config.cache_words,
+                                     word_vectors=config.word_vectors)
     history, lam = _fit(model, examples, config)
     model.cache_vocabulary(vocabulary)
     fusion, curves = (_fusion_weights(model, searcher, validation, config, first_stage_weight=lam)

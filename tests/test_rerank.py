@@ -653,3 +653,35 @@ def test_cli_train_attach_and_search(adi_index, tiny_model_dir, trained, tmp_pat
     assert main(["train-reranker", "--pairs", str(tiny_model_dir.parent / "pairs"), "--index", str(index_dir),
                  "--output", str(trained), "--epochs", "1"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_word_vectors_from_a_corpus_fit_start_the_reranker(adi_index, tiny_model_dir, adi_dir, tmp_path):
+    """`dssm train-reranker --word-vectors FIT`: the fit's table (frozen unless --train-table) is the
+    re-ranker's word layer; a model hashed unlike the index's is refused by name."""
+    import tensorflow as tf
+
+    from dssm.lsa import main as lsa_main
+    from dssm.query_numpy import QUERY_TOWER_DIR
+    from dssm.rerank_train import RerankTrainConfig, train_reranker
+
+    pairs = tiny_model_dir.parent / "pairs"
+    fit = tmp_path / "fit"
+    assert lsa_main(["--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(fit), "--dim", "8",
+                     "--pairs", str(pairs)]) == 0
+    config = RerankTrainConfig(epochs=1, candidates=10, negatives=3, batch_queries=8, fusion_queries=50,
+                               fusion_depth=10, word_vectors=str(fit))
+    out = tmp_path / "rr"
+    train_reranker(pairs_dir=pairs, index_dir=adi_index, output=out,
+                   model_config=RerankConfig(dim=8, activation="linear"), config=config)
+    assert json.loads((out / "config.json").read_text())["embedding_dim"] == 8  # the fit's width, not the tower's 32
+    checkpoint = str(out / "saved_model" / "variables" / "variables")
+    tables = [name for name, _ in tf.train.list_variables(checkpoint)
+              if name.endswith("/table/.ATTRIBUTES/VARIABLE_VALUE")]
+    assert len(tables) == 1
+    np.testing.assert_allclose(tf.train.load_variable(checkpoint, tables[0]),
+                               np.load(fit / QUERY_TOWER_DIR / "table.npy"))
+    other = tmp_path / "other"  # the default 2^17 buckets, not the index model's 4,096
+    assert lsa_main(["--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(other), "--dim", "8"]) == 0
+    with pytest.raises(ConfigError, match="hashes texts unlike the index's model"):
+        train_reranker(pairs_dir=pairs, index_dir=adi_index, output=tmp_path / "rr2",
+                       model_config=RerankConfig(dim=8), config=RerankTrainConfig(epochs=1, word_vectors=str(other)))
