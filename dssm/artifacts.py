@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from dssm.errors import ChecksumError, IndexNotFoundError
+from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 
 __all__ = ["MANIFEST", "RERANKER_KIND", "sha256_file",
            "write_manifest", "read_manifest", "read_history", "verify_manifest", "write_json_atomic", "load_npy",
-           "manifest_extra", "copy_listed"]
+           "manifest_extra", "copy_listed", "refuse_filled_output"]
 
 MANIFEST = "manifest.json"
 # The manifest kind of a re-ranker directory (dssm.rerank_export writes it; dssm.index attaches it).
@@ -48,6 +48,19 @@ def _sha256_once(path: Path, stat: os.stat_result, hashed: dict[tuple[int, int, 
     if inode not in hashed:
         hashed[inode] = sha256_file(path)
     return hashed[inode]
+
+
+def refuse_filled_output(output: str | Path, *, overwrite: bool) -> Path:
+    """``output`` as a Path, unless it is a non-empty directory and ``overwrite`` is False (a command's
+    ``--output`` without ``--overwrite``).
+
+    Raises:
+        InputError: naming ``output``.
+    """
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    return output
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -26,9 +26,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from dssm.artifacts import load_npy, read_history, verify_manifest
+from dssm.artifacts import load_npy, read_history, refuse_filled_output, verify_manifest
 from dssm.config import config_from_dict, config_to_dict
-from dssm.errors import ConfigError, InputError
+from dssm.errors import ConfigError
 from dssm.lsa import is_fit
 from dssm.query_numpy import QUERY_TOWER_DIR
 
@@ -112,9 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``dssm ensemble``: join ``--towers`` and ``--fit`` into one tower at ``--output``."""
     args = _parser().parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    output = refuse_filled_output(args.output, overwrite=args.overwrite)
     out = ensemble_towers(towers=args.towers, fit=args.fit, output=output, side_weight=args.side_weight,
                           overwrite=args.overwrite)
     print(f"wrote {out}: {args.towers} + {args.side_weight:g} x {args.fit} (cosines added)")

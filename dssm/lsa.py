@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from dssm.artifacts import read_history
+from dssm.artifacts import read_history, refuse_filled_output
 from dssm.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict, field
 from dssm.errors import ConfigError, InputError
 from dssm.hashing import FeatureConfig, TokenBagger
@@ -255,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     config = config_from_args(LsaConfig, args)
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    output = refuse_filled_output(args.output, overwrite=args.overwrite)
     features = read_feature_config(args.pairs) if args.pairs else FeatureConfig()
     start = time.perf_counter()
     texts = [document_text(doc.title, doc.text) for doc in iter_corpus(

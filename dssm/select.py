@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dssm.artifacts import copy_listed, read_manifest
+from dssm.artifacts import copy_listed, read_manifest, refuse_filled_output
 from dssm.errors import InputError
 from dssm.export import read_model_configs
 from dssm.inputs import pair_files, read_feature_config
@@ -128,9 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``dssm select``: score ``--models`` on ``--pairs``' validation split; copy the best to ``--output``."""
     args = _parser().parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise InputError(f"output directory {output} exists and is not empty (pass --overwrite to replace it)")
+    output = refuse_filled_output(args.output, overwrite=args.overwrite)
     if any(output.resolve() == Path(m).resolve() for m in args.models):
         raise InputError(f"--output {output} is one of the candidate models")
     if args.distractors < 1:
