@@ -58,6 +58,8 @@ def test_the_joined_cosine_is_the_members_cosines_weighted(members, joined) -> N
                 + 0.5 * fitted.embed_queries(TEXTS) @ fitted.embed_documents(TEXTS).T) / 1.5
     np.testing.assert_allclose(queries @ docs.T, expected, atol=1e-5)
     # The numpy query paths (the loaded encoder's for up to 4 texts, and the TensorFlow-free one) agree.
+    assert ensemble.query_tower is not None and ensemble.query_tower.side is not None
+    np.testing.assert_allclose(ensemble.query_tower.embed(TEXTS[:2]), queries[:2], atol=1e-5)
     np.testing.assert_allclose(ensemble.embed_queries(TEXTS[:2]), queries[:2], atol=1e-5)
     numpy_only = load_query_encoder(joined)
     assert numpy_only is not None
