@@ -3,8 +3,9 @@
 The label-free recipe has two candidate towers for a corpus (docs/quality.md): towers trained on its
 own pairs (``dssm train``) and towers fitted to it without training (``dssm lsa``). They fail
 differently: the fit keeps the corpus's own word geometry, the trained towers what the pairs taught
-them. Their cosines added score better than either alone on four of five label-free collections
-measured (docs/quality.md, "Both towers at once"). ``dssm ensemble`` makes that sum one tower, so
+them. Their cosines added retrieve better than either alone on three of five label-free collections
+and on debian-dev, though the default (hybrid) search does not gain (docs/quality.md, "Both towers
+at once"). ``dssm ensemble`` makes that sum one tower, so
 the index, the numpy query path and every service take it unchanged:
 
     embedding(x) = [ t(x) ; sqrt(w) · f(x) ] / sqrt(1 + w)
