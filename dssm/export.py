@@ -279,9 +279,9 @@ class QueryTower(_NumpyQueryTower):
 
     def __init__(self, *, table: np.ndarray | tf.Variable, bias: np.ndarray,
                  layers: Sequence[tuple[np.ndarray, np.ndarray]], features: FeatureConfig, model: ModelConfig,
-                 side: np.ndarray | None = None) -> None:
+                 side: np.ndarray | tf.Variable | None = None) -> None:
         super().__init__(table=table, bias=bias, layers=layers, features=features, model=model,
-                         rows=row_reader(table), side=side)
+                         rows=row_reader(table), side=side, side_rows=row_reader(side) if side is not None else None)
 
     @classmethod
     def from_loaded(cls, loaded: Any, *, features: FeatureConfig, model: ModelConfig,
@@ -300,10 +300,10 @@ class QueryTower(_NumpyQueryTower):
         """
         try:
             tower = loaded.query_tower
-            table = tower.bag.table
+            table, side = tower.bag.table, tower.side.table if model.side_dim else None
             return cls(table=table.numpy() if copy_table else table, bias=tower.bag_bias.numpy(),
                        layers=[(dense.kernel.numpy(), dense.bias.numpy()) for dense in list(tower.hidden)],
-                       features=features, model=model, side=tower.side.table.numpy() if model.side_dim else None)
+                       features=features, model=model, side=side.numpy() if copy_table and side is not None else side)
         except (AttributeError, TypeError, ConfigError):
             return None
 

@@ -117,7 +117,9 @@ class QueryTower:
         features: the hashing the weights belong to.
         model: the tower's shape (a :class:`TowerShape` or a ``ModelConfig``).
         rows: ``ids [n] int64 -> [n, embedding_dim]``; default indexes ``table``.
-        side: ``[num_buckets, side_dim]`` float32, an ensemble's side table (``model.side_dim > 0`` only).
+        side: ``[num_buckets, side_dim]`` float32, an ensemble's side table (``model.side_dim > 0`` only),
+            like ``table`` a numpy array or memory map, or anything ``side_rows`` reads.
+        side_rows: ``ids [n] int64 -> [n, side_dim]``; default indexes ``side``.
 
     Raises:
         ConfigError: a weight's shape or dtype does not match the configs.
@@ -125,23 +127,23 @@ class QueryTower:
 
     def __init__(self, *, table: Any, bias: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]],
                  features: FeatureConfig, model: Any, rows: Callable[[np.ndarray], np.ndarray] | None = None,
-                 side: np.ndarray | None = None) -> None:
+                 side: Any = None, side_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         expected = [(features.num_buckets, model.embedding_dim), (model.embedding_dim,)]
         widths = (model.embedding_dim, *model.hidden_dims)
         expected += [shape for i, d in enumerate(model.hidden_dims) for shape in ((widths[i], d), (d,))]
+        if getattr(model, "side_dim", 0):
+            expected.append((features.num_buckets, model.side_dim))
         arrays = [bias, *(a for layer in layers for a in layer)]
-        side_dim = getattr(model, "side_dim", 0)
-        if side_dim or side is not None:
-            expected.append((features.num_buckets, side_dim))
-            arrays.append(side if side is not None else np.zeros(0, np.float32))
-        got = [(tuple(table.shape), np.dtype(getattr(table.dtype, "as_numpy_dtype", table.dtype)))]
-        got += [(a.shape, a.dtype) for a in arrays]
+        got = [_shape_and_dtype(table), *((a.shape, a.dtype) for a in arrays)]
+        got += [_shape_and_dtype(side)] if side is not None else []
         if [shape for shape, _ in got] != expected or any(dtype != np.float32 for _, dtype in got):
             raise ConfigError(f"query tower weights {[(shape, str(dtype)) for shape, dtype in got]} do not match "
                               f"the model config (expected float32 {expected})")
         # A memory map indexed through its subclass costs a view object per gather; the plain array over
         # the same pages does not.
         self._rows = rows if rows is not None else functools.partial(np.asarray(table).take, axis=0)
+        self._side_rows = side_rows if side_rows is not None or side is None else functools.partial(
+            np.asarray(side).take, axis=0)
         self.table, self.bias, self.layers, self.side = table, bias, list(layers), side
         self.features, self.model = features, model
         # The query path's word cache (a few MB at 32k words): a query's words are hashed once.
@@ -179,8 +181,13 @@ class QueryTower:
             return x
         # dssm.model.Tower._join_side: the side sums normalised, scaled by sqrt(w), the row by 1/sqrt(1 + w).
         weight = np.float32(self.model.side_weight)
-        side = l2_normalize_rows(_sums(np.asarray(self.side).take(ids, axis=0), lengths)) * np.sqrt(weight)
+        side = l2_normalize_rows(_sums(self._side_rows(ids), lengths)) * np.sqrt(weight)
         return (np.concatenate([x, side], axis=1) / np.sqrt(np.float32(1) + weight)).astype(np.float32, copy=False)
+
+
+def _shape_and_dtype(array: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, numpy dtype)`` of a numpy array, memory map or loaded ``tf.Variable``."""
+    return tuple(array.shape), np.dtype(getattr(array.dtype, "as_numpy_dtype", array.dtype))
 
 
 def _sums(rows: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
