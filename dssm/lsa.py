@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,13 +163,20 @@ def is_fit(model_dir: str | Path) -> bool:
     return "lsa" in read_history(model_dir)
 
 
-def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] | None:
+def refit_for(model_dir: str | Path, *, known: Mapping[str, np.ndarray] | None = None,
+              ) -> Callable[[list[str]], tuple[Any, Any]] | None:
     """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``
     (for a ``dssm ensemble`` model, its side branch made on ``texts``, its trained towers unchanged).
 
     ``dssm index`` hands it to :func:`dssm.hybrid.label_free_weight`, so the pseudo-queries cut out of
     documents are unseen by the fit that ranks them. ``None`` for any other model (trained towers, or a
     fit fine-tuned by ``dssm train``), read from the model's ``config.json`` and ``history.json``.
+
+    Args:
+        model_dir: the model directory.
+        known: document text -> its ``[dim]`` row as the index stores it. An ensemble's refit takes a
+            known document's trained half from there instead of running the towers on it again (a
+            fit's refit encodes everything: all of its rows change).
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -177,7 +184,7 @@ def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] |
     ensemble = read_history(model_dir).get("ensemble")
     if ensemble is not None:
         return _ensemble_refit(model_dir, config["model"], config_from_dict(LsaConfig, ensemble["fit_config"]),
-                               features)
+                               features, known=known or {})
     if not is_fit(model_dir):
         return None
     lsa_config = config_from_dict(LsaConfig, config["train"])
@@ -189,28 +196,39 @@ def refit_for(model_dir: str | Path) -> Callable[[list[str]], tuple[Any, Any]] |
     return refit
 
 
-def _ensemble_refit(model_dir: Path, model: dict[str, Any], lsa_config: LsaConfig,
-                    features: FeatureConfig) -> Callable[[list[str]], tuple[Any, Any]]:
-    """:func:`refit_for` of a ``dssm ensemble`` model: its trained towers as they are, its side branch (the
-    fit) made again on the tuning texts; the rows joined as ``dssm.model.Tower`` joins them."""
+def _ensemble_refit(model_dir: Path, model: dict[str, Any], lsa_config: LsaConfig, features: FeatureConfig, *,
+                    known: Mapping[str, np.ndarray]) -> Callable[[list[str]], tuple[Any, Any]]:
+    """:func:`refit_for` of a ``dssm ensemble`` model: its trained towers as they are (a ``known`` document's
+    from its stored row), its side branch (the fit) made again on the tuning texts; the rows joined as
+    ``dssm.model.Tower`` joins them."""
     from dssm.export import load_encoder  # deferred: TensorFlow
 
     encoder = load_encoder(model_dir)
     side_dim, weight = int(model["side_dim"]), float(model["side_weight"])
     towers_dim = encoder.dim - side_dim
 
+    def stored_or_encoded(batch: Sequence[str]) -> np.ndarray:
+        # Every round's tuning corpus is mostly the index's own documents, whose trained half is stored.
+        towers = np.empty((len(batch), towers_dim), np.float32)
+        missing = [i for i, text in enumerate(batch) if text not in known]
+        for i, text in enumerate(batch):
+            if text in known:
+                towers[i] = known[text][:towers_dim]
+        if missing:
+            towers[missing] = encoder.embed_documents([batch[i] for i in missing])[:, :towers_dim]
+        return towers
+
     def refit(texts: list[str]) -> tuple[Any, Any]:
         side = fitted_encoder(fit_texts(texts, config=lsa_config, features=features), features)
 
-        def joined(embed: Callable[[Sequence[str]], np.ndarray]) -> Callable[[Sequence[str]], np.ndarray]:
+        def joined(towers_of: Callable[[Sequence[str]], np.ndarray]) -> Callable[[Sequence[str]], np.ndarray]:
             def encode(batch: Sequence[str]) -> np.ndarray:
                 # The stored rows carry the towers' unit rows scaled by 1/sqrt(1 + w); the side is refitted.
-                towers = embed(batch)[:, :towers_dim]
                 refitted = side(batch) * np.sqrt(weight) / np.sqrt(1.0 + weight)
-                return np.concatenate([towers, refitted], axis=1).astype(np.float32)
+                return np.concatenate([towers_of(batch), refitted], axis=1).astype(np.float32)
             return encode
 
-        return joined(encoder.embed_queries), joined(encoder.embed_documents)
+        return joined(lambda batch: encoder.embed_queries(batch)[:, :towers_dim]), joined(stored_or_encoded)
 
     return refit
 

@@ -109,6 +109,12 @@ def test_index_tunes_the_weight_on_a_refitted_side_and_untrained_documents(membe
 
     side = fitted_encoder(fit_texts(TEXTS, config=LsaConfig(dim=16), features=features), features)(TEXTS)
     np.testing.assert_allclose(refitted[:, 8:], side * np.sqrt(0.5 / 1.5), atol=1e-5)
+    # A document the index stores gives its trained half from its stored row, without the towers.
+    marked = {TEXTS[0]: np.full(stored.shape[1], 0.5, np.float32)}
+    from_known = refit_for(joined, known=marked)(TEXTS)[1](TEXTS)
+    np.testing.assert_allclose(from_known[0, :8], 0.5)
+    np.testing.assert_allclose(from_known[0, 8:], refitted[0, 8:], atol=1e-6)
+    np.testing.assert_allclose(from_known[1:], refitted[1:], atol=1e-6)
     assert index_main(["--model", str(joined), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
                        str(tmp_path / "index"), "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"]) == 0
     searcher = Searcher.load(tmp_path / "index")
