@@ -312,3 +312,61 @@ def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tm
     with pytest.raises(RuntimeError, match=f"pairs --input {data / 'mine'} "):  # nothing there: the first step fails
         main(["--sets", "mine", "--data", str(data), "--work", str(work), "--out", str(tmp_path / "q.json"),
               "--seeds", "0"])
+
+
+def test_passage_screen_windows_cover_the_text_and_end_at_its_end() -> None:
+    from bench.passage_screen import window_texts
+    from dssm.errors import InputError
+
+    assert window_texts("a b c d e f g h i j", window=4, stride=3) == ["a b c d", "d e f g", "g h i j"]
+    assert window_texts("a b c d e f", window=4, stride=4) == ["a b c d", "c d e f"]
+    assert window_texts("a  b c", window=4, stride=2) == ["a  b c"]  # no longer than a window: itself
+    for window, stride in ((0, 1), (4, 0), (4, 5)):
+        with pytest.raises(InputError, match=f"window {window} and stride {stride}"):
+            window_texts("a b", window=window, stride=stride)
+
+
+def test_passage_screen_best_window_by_hand() -> None:
+    from bench.passage_screen import best_window_scores
+
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    windows = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], dtype=np.float32)
+    owners = np.array([0, 0, 1, 1])  # document 0: windows 0-1; document 1: windows 2-3
+    np.testing.assert_allclose(best_window_scores(queries, windows, owners), [[1.0, 0.8], [0.8, 1.0]])
+
+
+def _word_count_encoder(vocabulary: list[str]):
+    def encode(texts: list[str]) -> np.ndarray:
+        counts = np.array([[text.split().count(word) for word in vocabulary] for text in texts], dtype=np.float32)
+        return counts / np.linalg.norm(counts, axis=1, keepdims=True)
+    return encode
+
+
+def test_passage_screen_finds_a_diluted_document_by_its_window(tmp_path: Path) -> None:
+    from bench.passage_screen import screen, validation_queries
+    from dssm.bm25 import BM25Index
+    from dssm.data import split_of
+    from dssm.errors import InputError
+
+    # d0 holds both query words among 30 fillers: its whole cosine 0.047 is below d1's 0.224, while its
+    # first window's (0.577) lifts it above d1 (0.224 + 0.224 = 0.447 < 0.047 + 0.577).
+    texts = ["apple banana " + "kiwi " * 30, "apple lemon lemon lemon", "plum plum pear"]
+    ids = ["d0", "d1", "d2"]
+    encode = _word_count_encoder(["apple", "banana", "kiwi", "lemon", "plum", "pear"])
+    runs = screen(embed_documents=encode, embed_queries=encode, texts=texts, ids=ids, queries={"q": "apple banana"},
+                  qrels={"q": {"d0": 1}}, bm25=BM25Index.build(ids, texts), window=4, stride=2, weight=1.0, k=3)
+    assert [doc for doc, _ in runs["dssm"]["q"]][:2] == ["d1", "d0"]
+    assert [doc for doc, _ in runs["dssm+windows"]["q"]][:2] == ["d0", "d1"]
+    assert runs["dssm+windows@100"]["q"] == runs["dssm+windows"]["q"]
+    assert [doc for doc, _ in runs["hybrid+windows"]["q"]][:2] == ["d0", "d1"]  # weight 1: the dense order
+    assert runs["bm25"]["q"][0][0] == "d0"
+
+    rows = [(f"question number {i} about apples", f"d{i % 3}") for i in range(200)] + [("a lost one", "d9")]
+    table = tmp_path / "pairs.tsv"
+    table.write_text("query\tdoc_id\n" + "".join(f"{q}\t{d}\n" for q, d in rows))
+    queries, qrels = validation_queries(table, corpus_ids=set(ids), fraction=0.2)
+    expected = [(q, d) for q, d in rows if d in ids and split_of(q, validation_fraction=0.2) == "validation"]
+    assert 0 < len(expected) < 200
+    assert [(queries[qid], next(iter(qrels[qid]))) for qid in queries] == expected
+    with pytest.raises(InputError, match="no validation pair"):
+        validation_queries(table, corpus_ids={"d9"}, fraction=0.0)
