@@ -19,7 +19,8 @@ Systems (every one on the same queries, exact scores, ties by corpus order):
 * ``bm25`` (``--bm25-k1``/``--bm25-b``: give the index's ``bm25/params.json`` settings to match it),
   ``hybrid`` (``w · minmax(dssm) + (1 − w) · minmax(bm25)`` over the union of both top 100, as
   :func:`dssm.hybrid.fuse_scores`; ``--weight`` is the index's ``hybrid.json`` weight) and
-  ``hybrid+windows`` (the same with ``dssm+windows`` as the dense score).
+  ``hybrid+windows`` (the same with ``dssm+windows`` as the dense score; ``hybrid+windows@100``: the
+  dense candidates are still ``dssm``'s top 100, as an index's ANN would give them).
 
 Queries: the BEIR directory's judged queries, or with ``--pairs`` a labelled pairs table's validation
 split (the rows ``dssm pairs`` would put there: :func:`dssm.data.split_of` of the query with
@@ -83,8 +84,10 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -scores[part]))]
 
 
-def _hybrid_top(dense: np.ndarray, sparse: np.ndarray, *, weight: float, k: int) -> np.ndarray:
-    rows = np.union1d(_top(dense, CANDIDATES), _top(sparse, CANDIDATES))
+def _hybrid_top(dense: np.ndarray, sparse: np.ndarray, *, weight: float, k: int,
+                candidates_by: np.ndarray | None = None) -> np.ndarray:
+    """The hybrid's top ``k``; its dense candidates are ``candidates_by``'s top 100 (default: ``dense``'s)."""
+    rows = np.union1d(_top(dense if candidates_by is None else candidates_by, CANDIDATES), _top(sparse, CANDIDATES))
     fused = fuse_scores(dense[rows], sparse[rows], weight=weight)
     return rows[np.lexsort((rows, -fused))][:k]
 
@@ -138,6 +141,7 @@ def screen(*, embed_documents: Callable[[list[str]], np.ndarray], embed_queries:
             put("bm25", qid, _top(sparse, k))
             put("hybrid", qid, _hybrid_top(whole[j], sparse, weight=weight, k=k))
             put("hybrid+windows", qid, _hybrid_top(combined[j], sparse, weight=weight, k=k))
+            put("hybrid+windows@100", qid, _hybrid_top(combined[j], sparse, weight=weight, k=k, candidates_by=whole[j]))
     return runs
 
 
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {r.name: r for r in results}
     p_values = {f"{b} vs {a}": paired_randomization_test(by_name[a].per_query["ndcg@10"],
                                                           by_name[b].per_query["ndcg@10"])
-                for a, b in (("dssm", "dssm+windows"), ("dssm", "dssm+windows@100"), ("hybrid", "hybrid+windows"))}
+                for a, b in (("dssm", "dssm+windows"), ("dssm", "dssm+windows@100"), ("hybrid", "hybrid+windows"),
+                             ("hybrid", "hybrid+windows@100"))}
     report = {"model": str(args.model), "data": str(args.data), "pairs": args.pairs, "window": args.window,
               "stride": args.stride, "bm25": {"k1": args.bm25_k1, "b": args.bm25_b}, "weight": args.weight,
               "queries": len(next(iter(runs.values()))), "means": {r.name: r.means for r in results},

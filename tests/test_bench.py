@@ -359,6 +359,7 @@ def test_passage_screen_finds_a_diluted_document_by_its_window(tmp_path: Path) -
     assert [doc for doc, _ in runs["dssm+windows"]["q"]][:2] == ["d0", "d1"]
     assert runs["dssm+windows@100"]["q"] == runs["dssm+windows"]["q"]
     assert [doc for doc, _ in runs["hybrid+windows"]["q"]][:2] == ["d0", "d1"]  # weight 1: the dense order
+    assert runs["hybrid+windows@100"]["q"] == runs["hybrid+windows"]["q"]  # three documents: all candidates
     assert runs["bm25"]["q"][0][0] == "d0"
 
     rows = [(f"question number {i} about apples", f"d{i % 3}") for i in range(200)] + [("a lost one", "d9")]
