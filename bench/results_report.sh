@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/results.md end to end (issue 6): for quora-dev, cranfield and cisi it trains DSSM
-# by the default recipe (quora-dev: pre-training + fine-tuning; others: `dssm train`, no flags), indexes the corpus, runs `dssm eval`
+# by the recipe of 59d8fe5 (quora-dev: pre-training + fine-tuning; others: `dssm train`, no flags; today's default
+# recipe is bench/quality_table.py's), indexes the corpus, runs `dssm eval`
 # with every system and a --report, and on quora-dev `dssm thresholds`; then assembles the page.
 #
 #   bench/results_report.sh [DATASETS_DIR] [WORKDIR]
