@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from dssm.bm25 import BM25Config, BM25Index
-from dssm.data import document_text, iter_rows, read_beir, split_of
+from dssm.data import document_text, holdout_filter, iter_rows, read_beir, split_of
 from dssm.errors import InputError
 from dssm.hybrid import fuse_scores
-from dssm.metrics import evaluate_run, format_table, paired_randomization_test
+from dssm.metrics import evaluate_run, format_table, paired_randomization_test, select_queries
 
 __all__ = ["window_texts", "best_window_scores", "screen", "main"]
 
@@ -101,7 +101,7 @@ def _rescored_top(whole: np.ndarray, combined: np.ndarray, k: int) -> np.ndarray
 def screen(*, embed_documents: Callable[[list[str]], np.ndarray], embed_queries: Callable[[list[str]], np.ndarray],
            texts: Sequence[str], ids: Sequence[str], queries: Mapping[str, str],
            qrels: Mapping[str, Mapping[str, float]], bm25: BM25Index, window: int, stride: int, weight: float,
-           k: int = 10, batch: int = 256) -> dict[str, dict[str, list[tuple[str, float]]]]:
+           k: int = 10, skip_self: bool = False, batch: int = 256) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """Every system's top ``k`` for every query (the module docstring says what each system is).
 
     Args:
@@ -112,6 +112,7 @@ def screen(*, embed_documents: Callable[[list[str]], np.ndarray], embed_queries:
         bm25: a BM25 index of ``texts`` (same rows).
         window, stride: see :func:`window_texts`.
         weight: the hybrid's share of the dense side.
+        skip_self: a query's own id is not a hit (Quora's retrieval view holds every question as a document).
 
     Returns:
         ``{system: {qid: [(doc id, rank score)]}}``, the rank score ``k - rank`` (the order is what counts).
@@ -125,8 +126,11 @@ def screen(*, embed_documents: Callable[[list[str]], np.ndarray], embed_queries:
     qids = [q for q in qrels if q in queries]
     runs: dict[str, dict[str, list[tuple[str, float]]]] = {}
 
+    depth = k + 1 if skip_self else k
+
     def put(system: str, qid: str, rows: np.ndarray) -> None:
-        runs.setdefault(system, {})[qid] = [(ids[r], float(k - i)) for i, r in enumerate(rows[:k])]
+        hits = [ids[r] for r in rows if not (skip_self and ids[r] == qid)][:k]
+        runs.setdefault(system, {})[qid] = [(doc, float(k - i)) for i, doc in enumerate(hits)]
 
     for start in range(0, len(qids), batch):
         chunk = qids[start:start + batch]
@@ -135,13 +139,14 @@ def screen(*, embed_documents: Callable[[list[str]], np.ndarray], embed_queries:
         combined = whole + best_window_scores(vectors, windows, np.asarray(owners))
         for j, qid in enumerate(chunk):
             sparse = bm25.scores(queries[qid])
-            put("dssm", qid, _top(whole[j], k))
-            put("dssm+windows", qid, _top(combined[j], k))
-            put("dssm+windows@100", qid, _rescored_top(whole[j], combined[j], k))
-            put("bm25", qid, _top(sparse, k))
-            put("hybrid", qid, _hybrid_top(whole[j], sparse, weight=weight, k=k))
-            put("hybrid+windows", qid, _hybrid_top(combined[j], sparse, weight=weight, k=k))
-            put("hybrid+windows@100", qid, _hybrid_top(combined[j], sparse, weight=weight, k=k, candidates_by=whole[j]))
+            put("dssm", qid, _top(whole[j], depth))
+            put("dssm+windows", qid, _top(combined[j], depth))
+            put("dssm+windows@100", qid, _rescored_top(whole[j], combined[j], depth))
+            put("bm25", qid, _top(sparse, depth))
+            put("hybrid", qid, _hybrid_top(whole[j], sparse, weight=weight, k=depth))
+            put("hybrid+windows", qid, _hybrid_top(combined[j], sparse, weight=weight, k=depth))
+            put("hybrid+windows@100", qid, _hybrid_top(combined[j], sparse, weight=weight, k=depth,
+                                                         candidates_by=whole[j]))
     return runs
 
 
@@ -173,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="BEIR directory (corpus.jsonl, queries, qrels)")
     parser.add_argument("--pairs", default=None, help="labelled pairs table: score its validation split instead")
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="as `dssm pairs` (default 0.05)")
+    parser.add_argument("--holdout", default=None, metavar="PAIRS_DIR", help="judged queries in this `dssm pairs` "
+                        "output's validation split only (as `dssm eval --holdout`)")
+    parser.add_argument("--skip-self", action="store_true", help="a query's own id is not a hit (as `dssm eval`)")
     parser.add_argument("--window", type=int, default=8, help="words per window (default 8)")
     parser.add_argument("--stride", type=int, default=4, help="words between window starts (default 4)")
     parser.add_argument("--bm25-k1", type=float, default=BM25Config().k1)
@@ -191,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     ids = list(data.corpus)
     texts = [document_text(d.title, d.text) for d in data.corpus.values()]
     queries, qrels = data.queries, data.qrels
+    if args.holdout:
+        keep = select_queries(queries, qrels, keep=holdout_filter(args.holdout))
+        queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
     if args.pairs:
         queries, qrels = validation_queries(args.pairs, corpus_ids=set(ids), fraction=args.validation_fraction)
     encoder = load_encoder(args.model)
     bm25 = BM25Index.build(ids, texts, config=BM25Config(k1=args.bm25_k1, b=args.bm25_b))
     runs = screen(embed_documents=encoder.embed_documents, embed_queries=encoder.embed_queries, texts=texts,
                   ids=ids, queries=queries, qrels=qrels, bm25=bm25, window=args.window, stride=args.stride,
-                  weight=args.weight)
+                  weight=args.weight, skip_self=args.skip_self)
     results = [evaluate_run(name, run, qrels, metrics=("ndcg@10", "mrr@10", "recall@10")) for name, run in runs.items()]
     by_name = {r.name: r for r in results}
     p_values = {f"{b} vs {a}": paired_randomization_test(by_name[a].per_query["ndcg@10"],

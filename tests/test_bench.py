@@ -361,6 +361,11 @@ def test_passage_screen_finds_a_diluted_document_by_its_window(tmp_path: Path) -
     assert [doc for doc, _ in runs["hybrid+windows"]["q"]][:2] == ["d0", "d1"]  # weight 1: the dense order
     assert runs["hybrid+windows@100"]["q"] == runs["hybrid+windows"]["q"]  # three documents: all candidates
     assert runs["bm25"]["q"][0][0] == "d0"
+    # A query that is itself a document (Quora's view) with skip_self: never its own hit, still k deep.
+    own = screen(embed_documents=encode, embed_queries=encode, texts=texts, ids=ids, queries={"d1": "apple lemon"},
+                 qrels={"d1": {"d0": 1}}, bm25=BM25Index.build(ids, texts), window=4, stride=2, weight=0.5, k=2,
+                 skip_self=True)
+    assert all([doc for doc, _ in run["d1"]] == ["d0", "d2"] for run in own.values())
 
     rows = [(f"question number {i} about apples", f"d{i % 3}") for i in range(200)] + [("a lost one", "d9")]
     table = tmp_path / "pairs.tsv"
