@@ -1,7 +1,7 @@
 """Screen a lever of issue 11: a document scored by its whole cosine *plus* its best window's (MaxP).
 
-``python -m bench.passage_screen --model MODEL --data BEIR_DIR [--pairs PAIRS_TSV] [--window 8]
-[--stride 4] [--bm25-k1 1.5 --bm25-b 0.75] [--weight 0.4] [--out FILE.json]``
+``python -m bench.passage_screen --model MODEL --data BEIR_DIR [--pairs PAIRS_TSV | --holdout PAIRS_DIR
+--skip-self] [--window 8] [--stride 4] [--bm25-k1 1.5 --bm25-b 0.75] [--weight 0.4] [--out FILE.json]``
 
 The towers embed a long document into one vector, in which a short query's few matching words are
 diluted by every other word. This screen cuts each document into windows of ``--window`` words
@@ -22,7 +22,8 @@ Systems (every one on the same queries, exact scores, ties by corpus order):
   ``hybrid+windows`` (the same with ``dssm+windows`` as the dense score; ``hybrid+windows@100``: the
   dense candidates are still ``dssm``'s top 100, as an index's ANN would give them).
 
-Queries: the BEIR directory's judged queries, or with ``--pairs`` a labelled pairs table's validation
+Queries: the BEIR directory's judged queries (``--holdout``/``--skip-self`` as ``dssm eval``'s, for a
+Quora-style view), or with ``--pairs`` a labelled pairs table's validation
 split (the rows ``dssm pairs`` would put there: :func:`dssm.data.split_of` of the query with
 ``--validation-fraction``), each pair's ``--doc-id-column`` the one relevant document. The second is
 training data, so a choice may be made on it; the first is evaluated data and only describes.
