@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,20 @@ def _figures(name: str, report: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def _in_process(argv: list[str], log: Path) -> float:
+    """One ``dssm`` command in this process (the part's output shows it; ``log`` names it)."""
+    from dssm.cli import main as dssm
+
+    with open(log, "a") as handle:
+        handle.write("$ dssm " + " ".join(argv) + "\n")
+    print(f"+ dssm {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    code = dssm(argv)
+    if code != 0:
+        raise RuntimeError(f"dssm {' '.join(argv)} exited with {code}")
+    return time.perf_counter() - start
+
+
 def run(*, quick: bool) -> list[Figure]:
     """Run the default recipe on each set (seed 0); nDCG@10 and Recall@100 beside BM25's."""
     from bench.quality_table import run_set
@@ -64,7 +79,7 @@ def run(*, quick: bool) -> list[Figure]:
     root = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
         for name in names:
-            run_set(name, seeds=[SEED], work=root, reuse=False, data_root=DATASETS)
+            run_set(name, seeds=[SEED], work=root, reuse=False, data_root=DATASETS, run_command=_in_process)
             report = json.loads((root / name / f"seed{SEED}" / "eval.json").read_text())
             figures += _figures(name, report)
     finally:

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +211,13 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
 
 
 def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
-            tower: tuple[str, ...] = (), data_root: Path = DATA) -> dict[str, Any]:
-    """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs."""
+            tower: tuple[str, ...] = (), data_root: Path = DATA,
+            run_command: Callable[[list[str], Path], float] = _dssm) -> dict[str, Any]:
+    """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs.
+
+    ``run_command(argv, log) -> seconds`` runs one ``dssm`` command (default: a child process logging to
+    ``log``; ``bench.part_quality`` runs them in its own process, sparing each a TensorFlow import).
+    """
     data = data_root / name
     log = work / name / "commands.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +232,7 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
             if argv[0] == USER_PAIRS:
                 _write_user_pairs(Path(argv[1]), Path(argv[2]), marker, log)
             else:
-                seconds[argv[0]] = round(seconds.get(argv[0], 0.0) + _dssm(argv, log), 1)
+                seconds[argv[0]] = round(seconds.get(argv[0], 0.0) + run_command(argv, log), 1)
             made.add(marker)
         run = work / name / f"seed{seed}"
         report = json.loads((run / "eval.json").read_text())
