@@ -163,7 +163,7 @@ def is_fit(model_dir: str | Path) -> bool:
     return "lsa" in read_history(model_dir)
 
 
-def refit_for(model_dir: str | Path, *, known: Mapping[str, np.ndarray] | None = None,
+def refit_for(model_dir: str | Path, *, known: Callable[[], Mapping[str, np.ndarray]] | None = None,
               ) -> Callable[[list[str]], tuple[Any, Any]] | None:
     """For a ``dssm lsa`` model: ``texts -> (embed_queries, embed_documents)`` of the same fit made on ``texts``
     (for a ``dssm ensemble`` model, its side branch made on ``texts``, its trained towers unchanged).
@@ -174,18 +174,19 @@ def refit_for(model_dir: str | Path, *, known: Mapping[str, np.ndarray] | None =
 
     Args:
         model_dir: the model directory.
-        known: document text -> its ``[dim]`` row as the index stores it. An ensemble's refit takes a
-            known document's trained half from there instead of running the towers on it again (a
-            fit's refit encodes everything: all of its rows change).
+        known: gives ``document text -> its [dim] row as the index stores it``; called only for an
+            ensemble, whose refit takes a known document's trained half from there instead of running
+            the towers on it again (a fit's refit encodes everything: all of its rows change).
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     features = config_from_dict(FeatureConfig, config["features"])
-    ensemble = read_history(model_dir).get("ensemble")
-    if ensemble is not None:
-        return _ensemble_refit(model_dir, config["model"], config_from_dict(LsaConfig, ensemble["fit_config"]),
-                               features, known=known or {})
-    if not is_fit(model_dir):
+    history = read_history(model_dir)
+    if "ensemble" in history:
+        fit_config = config_from_dict(LsaConfig, history["ensemble"]["fit_config"])
+        return _ensemble_refit(model_dir, config["model"], fit_config, features,
+                               known=known() if known is not None else {})
+    if "lsa" not in history:  # is_fit, on the history already read
         return None
     lsa_config = config_from_dict(LsaConfig, config["train"])
 
@@ -210,10 +211,13 @@ def _ensemble_refit(model_dir: Path, model: dict[str, Any], lsa_config: LsaConfi
     def stored_or_encoded(batch: Sequence[str]) -> np.ndarray:
         # Every round's tuning corpus is mostly the index's own documents, whose trained half is stored.
         towers = np.empty((len(batch), towers_dim), np.float32)
-        missing = [i for i, text in enumerate(batch) if text not in known]
+        missing = []
         for i, text in enumerate(batch):
-            if text in known:
-                towers[i] = known[text][:towers_dim]
+            row = known.get(text)
+            if row is None:
+                missing.append(i)
+            else:
+                towers[i] = row[:towers_dim]
         if missing:
             towers[missing] = encoder.embed_documents([batch[i] for i in missing])[:, :towers_dim]
         return towers

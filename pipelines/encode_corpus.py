@@ -202,7 +202,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
         from dssm.export import load_encoder
-        from dssm.lsa import refit_for
+        from dssm.lsa import is_fit, refit_for
 
         store = index_lib.DocStore(stage / index_lib.DOCS_DB)
         embeddings = np.load(stage / index_lib.EMBEDDINGS, mmap_mode="r")
@@ -211,16 +211,15 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
             rows = np.sort(np.random.default_rng(seed).choice(rows.size, max_docs, replace=False))
         docs = store.get(rows.tolist())
         texts = [document_text(d.title, d.text) for d in docs]
-        history = read_history(stage / index_lib.MODEL_DIR)
         # A fitted tower is fitted again to the tuning corpus, which encodes everything: neither the
         # SavedModel nor the stored rows are read then. An ensemble's refit takes its trained half of
-        # the corpus's documents from the stored rows.
-        known = dict(zip(texts, np.asarray(embeddings[rows]), strict=True)) if "ensemble" in history else None
-        refit = refit_for(stage / index_lib.MODEL_DIR, known=known)
+        # the corpus's documents from the stored rows (read only then).
+        refit = refit_for(stage / index_lib.MODEL_DIR,
+                          known=lambda: dict(zip(texts, np.asarray(embeddings[rows]), strict=True)))
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
         # Trained towers (an ensemble's too) have seen their training documents' spans; a fit has not.
         query_rows = [i for i, d in enumerate(docs) if d.id not in trained_on] \
-            if trained_on is not None and "lsa" not in history else None
+            if trained_on is not None and not is_fit(stage / index_lib.MODEL_DIR) else None
         if query_rows == [] and required:
             raise InputError(f"--hybrid-pairs: the towers trained on every document of this corpus ({len(docs):,}); "
                              "make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`")

@@ -111,7 +111,7 @@ def test_index_tunes_the_weight_on_a_refitted_side_and_untrained_documents(membe
     np.testing.assert_allclose(refitted[:, 8:], side * np.sqrt(0.5 / 1.5), atol=1e-5)
     # A document the index stores gives its trained half from its stored row, without the towers.
     marked = {TEXTS[0]: np.full(stored.shape[1], 0.5, np.float32)}
-    from_known = refit_for(joined, known=marked)(TEXTS)[1](TEXTS)
+    from_known = refit_for(joined, known=lambda: marked)(TEXTS)[1](TEXTS)
     np.testing.assert_allclose(from_known[0, :8], 0.5)
     np.testing.assert_allclose(from_known[0, 8:], refitted[0, 8:], atol=1e-6)
     np.testing.assert_allclose(from_known[1:], refitted[1:], atol=1e-6)
