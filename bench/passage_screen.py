@@ -18,7 +18,7 @@ Systems (every one on the same queries, exact scores, ties by corpus order):
   its ANN candidates); the others keep their order below them.
 * ``bm25`` (``--bm25-k1``/``--bm25-b``: give the index's ``bm25/params.json`` settings to match it),
   ``hybrid`` (``w · minmax(dssm) + (1 − w) · minmax(bm25)`` over the union of both top 100, as
-  :func:`dssm.hybrid.fuse_scores`; ``--weight`` is the index's ``hybrid.json`` weight) and
+  :func:`dssm.hybrid.rank_candidates`; ``--weight`` is the index's ``hybrid.json`` weight) and
   ``hybrid+windows`` (the same with ``dssm+windows`` as the dense score; ``hybrid+windows@100``: the
   dense candidates are still ``dssm``'s top 100, as an index's ANN would give them).
 
@@ -41,7 +41,7 @@ import numpy as np
 from dssm.bm25 import BM25Config, BM25Index
 from dssm.data import document_text, holdout_filter, iter_rows, read_beir, split_of
 from dssm.errors import InputError
-from dssm.hybrid import fuse_scores
+from dssm.hybrid import rank_candidates
 from dssm.metrics import evaluate_run, format_table, paired_randomization_test, select_queries
 
 __all__ = ["window_texts", "best_window_scores", "screen", "main"]
@@ -87,10 +87,10 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _hybrid_top(dense: np.ndarray, sparse: np.ndarray, *, weight: float, k: int,
                 candidates_by: np.ndarray | None = None) -> np.ndarray:
-    """The hybrid's top ``k``; its dense candidates are ``candidates_by``'s top 100 (default: ``dense``'s)."""
+    """The hybrid's top ``k``, ranked as search ranks (:func:`dssm.hybrid.rank_candidates`); its dense
+    candidates are ``candidates_by``'s top 100 (default: ``dense``'s)."""
     rows = np.union1d(_top(dense if candidates_by is None else candidates_by, CANDIDATES), _top(sparse, CANDIDATES))
-    fused = fuse_scores(dense[rows], sparse[rows], weight=weight)
-    return rows[np.lexsort((rows, -fused))][:k]
+    return rank_candidates(rows, dense[rows], sparse[rows], weight=weight, normalization="minmax", k=k)[0]
 
 
 def _rescored_top(whole: np.ndarray, combined: np.ndarray, k: int) -> np.ndarray:
