@@ -43,25 +43,11 @@ from dssm.data import document_text, holdout_filter, iter_rows, read_beir, split
 from dssm.errors import InputError
 from dssm.hybrid import rank_candidates
 from dssm.metrics import evaluate_run, format_table, paired_randomization_test, select_queries
+from dssm.windows import window_texts
 
 __all__ = ["window_texts", "best_window_scores", "screen", "main"]
 
 CANDIDATES = 100
-
-
-def window_texts(text: str, *, window: int, stride: int) -> list[str]:
-    """``text``'s windows of ``window`` whitespace words, ``stride`` apart; the last one ends at the text's end.
-
-    Raises:
-        InputError: ``window < 1`` or ``stride`` outside ``[1, window]``.
-    """
-    if window < 1 or not 1 <= stride <= window:
-        raise InputError(f"window {window} and stride {stride}: need window >= 1 and 1 <= stride <= window")
-    words = text.split()
-    if len(words) <= window:
-        return [text]
-    starts = list(range(0, len(words) - window, stride)) + [len(words) - window]
-    return [" ".join(words[s:s + window]) for s in starts]
 
 
 def best_window_scores(queries: np.ndarray, windows: np.ndarray, owners: np.ndarray) -> np.ndarray:

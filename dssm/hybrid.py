@@ -207,7 +207,8 @@ def read_hybrid_config(version_dir: str | Path) -> HybridConfig:
 
 
 def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode: str, ann: Any, embeddings: np.ndarray,
-               bm25: Any, config: HybridConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+               bm25: Any, config: HybridConfig, rescore: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None
+               = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rows and scores per query for ``mode`` ``bm25`` or ``hybrid`` over one index version.
 
     Args:
@@ -219,6 +220,7 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         embeddings: [n, dim] float32 stored document embeddings (row order of the index).
         bm25: the version's :class:`dssm.bm25.BM25Index` (rows, no ids needed).
         config: weight, normalisation and candidate depth.
+        rescore: ``(query index, rows, cosines) -> dense scores`` of the candidates (:mod:`dssm.windows`).
 
     Returns:
         Per query ``(rows int64 [<=k], scores float64 [<=k])`` best first. ``bm25`` returns only
@@ -235,6 +237,7 @@ def fused_rows(*, query_vectors: np.ndarray, texts: Sequence[str], k: int, mode:
         sparse = bm25.query(text)  # once per query: its top rows and the candidates' scores both come from it
         rows = np.union1d(np.asarray(dense_rows[i], dtype=np.int64), sparse.top(depth))
         cosines = np.asarray(embeddings[rows], dtype=np.float32) @ query_vectors[i]
+        cosines = cosines if rescore is None else rescore(i, rows, cosines)
         out.append(rank_candidates(rows, cosines, sparse.scores[rows], weight=config.weight,
                                    normalization=config.normalization, k=k))
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, Self
 
 import farmhash
 import numpy as np
@@ -51,6 +52,10 @@ class DocumentRows:
         rows: ``[total]`` int32 vocabulary rows, each document's already cut as the re-ranker cuts it.
     """
 
+    #: The manifest's kind, the field naming the artifact the rows belong to, and the rows' dtype
+    #: (:class:`dssm.windows.WindowRows` stores ``[total, dim]`` window vectors the same way).
+    KIND, OWNER_FIELD, DTYPE = DOCUMENTS_KIND, "reranker", np.int32
+
     def __init__(self, *, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> None:
         n = len(keys)
         if lengths.shape != (n,) or offsets.shape != (n + 1,) or (n and int(offsets[-1]) != len(rows)):
@@ -59,6 +64,7 @@ class DocumentRows:
         # plain ndarray views of memory maps: slicing a np.memmap goes through its Python __getitem__
         self.keys, self.lengths = np.asarray(keys), np.asarray(lengths)
         self.offsets, self.rows = np.asarray(offsets), np.asarray(rows)
+        self.manifest: dict[str, Any] = {}  # the loaded manifest (:meth:`load`)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -81,7 +87,7 @@ class DocumentRows:
         def flush() -> None:
             for text, rows in zip(chunk, word_rows(chunk), strict=True):
                 if rows is not None:
-                    keys.setdefault(text_key(text), (len(text), rows.astype(np.int32)))
+                    keys.setdefault(text_key(text), (len(text), rows.astype(cls.DTYPE)))
             if progress is not None:
                 progress(len(chunk))
             chunk.clear()
@@ -97,41 +103,43 @@ class DocumentRows:
         offsets = np.zeros(len(order) + 1, np.int64)
         np.cumsum([len(p) for p in parts], out=offsets[1:])
         return cls(keys=np.asarray(order, np.uint64), lengths=np.asarray([keys[k][0] for k in order], np.int64),
-                   offsets=offsets, rows=np.concatenate(parts) if parts else np.zeros(0, np.int32))
+                   offsets=offsets, rows=np.concatenate(parts) if parts else np.zeros(0, cls.DTYPE))
 
-    def save(self, directory: str | Path, *, reranker: str) -> None:
-        """Write the arrays and a manifest into ``directory`` (created); ``reranker``: the sha256 of the
-        re-ranker's ``manifest.json`` these rows belong to."""
+    def save(self, directory: str | Path, *, owner: str, extra: dict[str, Any] | None = None) -> None:
+        """Write the arrays and a manifest into ``directory`` (created); ``owner``: the sha256 of the
+        ``manifest.json`` of the artifact these rows belong to (:meth:`owner`); ``extra``: more manifest keys."""
         directory = Path(directory)
         directory.mkdir(parents=True)
         for name in _ARRAYS:
             np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
-        write_manifest(directory, kind=DOCUMENTS_KIND,
-                       extra={"reranker": reranker, "documents": len(self), "rows": len(self.rows)})
+        write_manifest(directory, kind=self.KIND,
+                       extra={self.OWNER_FIELD: owner, "documents": len(self), "rows": len(self.rows), **(extra or {})})
 
     @classmethod
-    def load(cls, directory: str | Path, *, reranker: str) -> DocumentRows:
+    def load(cls, directory: str | Path, *, owner: str) -> Self:
         """Verify ``directory``'s manifest and memory-map its arrays.
 
         Raises:
             ChecksumError: a file is missing or changed (named), or the rows were computed for another
-                re-ranker than the one whose manifest has sha256 ``reranker``.
+                artifact than the one whose manifest has sha256 ``owner``.
         """
         directory = Path(directory)
-        manifest = verify_manifest(directory, kind=DOCUMENTS_KIND)
-        if manifest.get("reranker") != reranker:
-            raise ChecksumError(f"{directory} holds word ids for the re-ranker whose manifest has sha256 "
-                                f"{manifest.get('reranker')!r}, not this one's ({reranker!r})")
+        manifest = verify_manifest(directory, kind=cls.KIND)
+        if manifest.get(cls.OWNER_FIELD) != owner:
+            raise ChecksumError(f"{directory} holds rows for the {cls.OWNER_FIELD} whose manifest has sha256 "
+                                f"{manifest.get(cls.OWNER_FIELD)!r}, not this one's ({owner!r})")
         arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-        return cls(**arrays)
+        store = cls(**arrays)
+        store.manifest = manifest
+        return store
 
     @staticmethod
-    def owner(reranker_dir: str | Path) -> str:
-        """What a store inside ``reranker_dir`` must name: the sha256 of its ``manifest.json``."""
-        return sha256_file(Path(reranker_dir) / MANIFEST)
+    def owner(artifact_dir: str | Path) -> str:
+        """What a store of ``artifact_dir``'s rows must name: the sha256 of its ``manifest.json``."""
+        return sha256_file(Path(artifact_dir) / MANIFEST)
 
     def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        """Each text's stored word ids (an int32 view), or ``None`` where it is not stored."""
+        """Each text's stored rows (a view: word ids, or window vectors), or ``None`` where it is not stored."""
         out: list[np.ndarray | None] = [None] * len(texts)
         if not len(self.keys):
             return out

@@ -225,6 +225,6 @@ def load_reranker(directory: str | Path, *, batch_size: int = 512, fast: bool = 
     out = LoadedReranker(loaded, config=config, directory=directory, batch_size=batch_size, fast=fast)
     documents = directory / DOCUMENTS_DIR
     if out.fast is not None and documents.is_dir():  # an index version's: its documents' word ids
-        out.documents = DocumentRows.load(documents, reranker=DocumentRows.owner(directory))
+        out.documents = DocumentRows.load(documents, owner=DocumentRows.owner(directory))
         out.fast.use_documents(out.documents)
     return out

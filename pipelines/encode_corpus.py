@@ -55,6 +55,7 @@ from dssm.hybrid import HYBRID_FILE, label_free_weight
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
 from pipelines.embedding_shards import write_batch
 from pipelines.inference import EncodeBatches
+from pipelines.windows_step import WINDOW_MODES, windows_step
 
 __all__ = ["resolve_corpus", "encode_pipeline", "run", "main"]
 
@@ -178,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
                              "kept only if it beats k1 1.5, b 0.75 significantly; dssm.bm25_tuning) and build "
                              "the index's BM25 with them; none: always k1 1.5, b 0.75. Label-free tuning never "
                              "changes them (default: %(default)s)")
+    parser.add_argument("--windows", choices=WINDOW_MODES, default="auto",
+                        help="score dense candidates by cosine + best 8-word window's cosine (window vectors "
+                             "stored in the version; dssm.windows). auto: only when --hybrid-pairs' held-out "
+                             "labelled pairs show a significant gain; on: always; off: never. Needs the hybrid "
+                             "tuning step (not with --shard or --hybrid-weight none) (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
@@ -185,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
                         pairs: list[tuple[str, str]] | None = None, trained_on: frozenset[str] | None = None,
-                        required: bool = True, tune_bm25: bool = True) -> index_lib.Finalize:
+                        required: bool = True, tune_bm25: bool = True, windows: str = "auto") -> index_lib.Finalize:
     """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
     Reads the staged doc store, embeddings and model copy (a random ``max_docs`` of the documents on a
@@ -198,6 +204,8 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
     With ``pairs`` and ``tune_bm25``, BM25's ``k1`` and ``b`` are chosen on the same pairs first
     (:func:`dssm.bm25_tuning.tune_bm25`; kept only on a significant gain), the staged BM25 state is
     written with them, and the weight is tuned with that BM25 (``bm25_tuning`` in the manifest).
+    Last, :func:`pipelines.windows_step.windows_step` (``windows``: ``auto``/``on``/``off``) decides on
+    the same pairs whether the version stores window vectors (``windows`` in the manifest).
     """
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         # deferred: TensorFlow, and scipy's sparse SVD (dssm.lsa), imported only when this runs
@@ -245,7 +253,11 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
               f"p {report.get('p', 1.0):.3g})",
               file=sys.stderr, flush=True)
         settings = config_to_dict(hybrid)
-        return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report} | (
+        window_report = windows_step(stage, mode=windows, encoder=encoder, texts=texts,
+                                     embeddings=None if refit else np.asarray(embeddings[rows]), pairs=pairs,
+                                     bm25_config=bm25_config, weight=hybrid.weight, normalization=hybrid.normalization,
+                                     seed=seed)
+        return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report, "windows": window_report} | (
             {"bm25_tuning": bm25_report} if bm25_report else {})
 
     return finalize
@@ -468,6 +480,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     inputs = _check_inputs(args)
     shard = inputs.shard
     tune = args.hybrid_weight == "label-free" and shard is None  # a shard stores no weight
+    if args.windows == "on" and not tune:
+        raise ConfigError("--windows on runs in the hybrid tuning step, which --shard and --hybrid-weight none skip")
     tuning_pairs, trained_on, required = _tuning_source(args.hybrid_pairs, Path(inputs.model_dir)) \
         if tune else (None, None, False)
     output = Path(args.output)
@@ -492,7 +506,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
             if shard is not None:
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
             finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, trained_on=trained_on,
-                                           required=required, tune_bm25=args.bm25_tuning == "pairs") if tune else None
+                                           required=required, tune_bm25=args.bm25_tuning == "pairs",
+                                           windows=args.windows) if tune else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)
         finally:

@@ -124,6 +124,6 @@ def read_every_shards_words(reranker: Any, directories: Sequence[Path | None]) -
     from dssm.rerank_docs import DOCUMENTS_DIR, CombinedRows, DocumentRows
 
     stores = [reranker.documents] if reranker.documents is not None else []
-    stores += [DocumentRows.load(d / DOCUMENTS_DIR, reranker=DocumentRows.owner(d))
+    stores += [DocumentRows.load(d / DOCUMENTS_DIR, owner=DocumentRows.owner(d))
                for d in directories[1:] if d is not None and (d / DOCUMENTS_DIR).is_dir()]
     fast.use_documents(CombinedRows(stores) if stores else None)

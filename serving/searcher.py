@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,9 @@ from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_confi
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
 from dssm.query_numpy import load_query_encoder
+from serving.hits import Hit, Similarity, text_similarity
 from serving.reranking import check_rerank, load_reranker_once, read_every_shards_words, rerank_results
+from serving.windowing import rescore_hits, row_rescorer, window_scorer, windowed_depth
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
            "text_similarity", "model_fingerprint", "merge_top_k"]
@@ -43,46 +45,12 @@ class DocumentNotFoundError(IndexNotFoundError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Hit(NamedTuple):
-    """One result; unpacks as ``(doc_id, score, text)``."""
-
-    id: str
-    score: float
-    text: str
-
-
-class Similarity(NamedTuple):
-    """Cosine of two texts (query tower on both sides) and the duplicate verdict when the index has a threshold."""
-
-    cosine: float
-    is_duplicate: bool | None
-    threshold: float | None
-
-
 class QueryEncoder(Protocol):
     """What the searcher needs from a model (``dssm.export.Encoder`` fits)."""
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """texts → [n, dim] float32, L2-normalised."""
         ...
-
-
-def text_similarity(embed: Callable[[Sequence[str]], np.ndarray], text1: str, text2: str,
-                    threshold: float | None) -> Similarity:
-    """Cosine of two texts' query-tower embeddings and the duplicate verdict against ``threshold``.
-
-    The one implementation behind :meth:`Searcher.similarity`, :meth:`ShardedSearcher.similarity`
-    and the serving backend's.
-
-    Args:
-        embed: texts → [n, dim] L2-normalised embeddings (validating the texts).
-        text1: first text.
-        text2: second text.
-        threshold: cosine at or above which the texts are duplicates; ``None``: no verdict.
-    """
-    vectors = embed([text1, text2])
-    cosine = float(np.dot(vectors[0], vectors[1]))
-    return Similarity(cosine, None if threshold is None else cosine >= threshold, threshold)
 
 
 def model_fingerprint(model_dir: Path | None) -> str | None:
@@ -134,10 +102,11 @@ class Searcher:
     connection per thread).
     """
 
-    def __init__(self, *, index: Index, encoder: QueryEncoder | None, reranker: Any = None):
+    def __init__(self, *, index: Index, encoder: QueryEncoder | None, reranker: Any = None, windows: Any = None):
         self.index = index
         self.encoder = encoder
         self.reranker = reranker
+        self.windows = windows  # the version's dssm.windows.WindowScorer (serving.windowing), or None
 
     @classmethod
     def load(cls, index_dir: str | Path, *, encoder: QueryEncoder | None = None, verify: bool = True,
@@ -163,11 +132,13 @@ class Searcher:
         # given encoder (a hot swap reusing the live model) never reads it.
         # Likewise reranker/: load_reranker verifies it against its own manifest, or it is the one
         # already loaded from the same (hard-linked) files, which a write's reload does not load again.
-        index = load_index(index_dir, verify=verify, reranker=False, model=False)
+        # And windows/: WindowRows.load verifies it against its own manifest (serving.windowing).
+        index = load_index(index_dir, verify=verify, reranker=False, model=False, windows=False)
         if encoder is None and index.model_dir is not None:
             encoder = _load_query_encoder(index.model_dir, fast_queries=fast_queries)
         use = reranker and index.reranker_dir is not None
-        return cls(index=index, encoder=encoder, reranker=load_reranker_once(index.reranker_dir) if use else None)
+        return cls(index=index, encoder=encoder, reranker=load_reranker_once(index.reranker_dir) if use else None,
+                   windows=window_scorer(index.windows_dir, index.model_dir, encoder))
 
     @property
     def version(self) -> str:
@@ -215,15 +186,17 @@ class Searcher:
             k: results per query (at most the index size).
 
         Returns:
-            q lists of :class:`Hit`, best first.
+            q lists of :class:`Hit`, best first; with the version's windows (:mod:`serving.windowing`),
+            the ANN's top candidates re-scored by ``cos(q, d) + max_w cos(q, w)``.
         """
-        rows, scores = self.index.search_vectors(vectors, k)
+        rows, scores = self.index.search_vectors(vectors, windowed_depth(self.windows, k))
         docs = self.index.docs.get(rows.ravel().tolist())
-        hits, pos = [], 0
-        for row_scores in scores:
-            hits.append([Hit(docs[pos + j].id, float(s), docs[pos + j].text) for j, s in enumerate(row_scores)])
-            pos += len(row_scores)
-        return hits
+        groups = [docs[i * rows.shape[1]:(i + 1) * rows.shape[1]] for i in range(rows.shape[0])]
+        if self.windows is None:
+            return [[Hit(d.id, float(s), d.text) for d, s in zip(group, row_scores, strict=True)]
+                    for group, row_scores in zip(groups, scores, strict=True)]
+        return [[Hit(d.id, s, d.text) for d, s in top]
+                for top in rescore_hits(self.windows, vectors, groups, list(scores), k)]
 
     def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> list[Hit]:
         """Top-k documents for one query text, best first.
@@ -354,8 +327,11 @@ class Searcher:
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"query is empty, only whitespace or not a string: {text!r}")
         vectors = self._embed(texts) if mode == "hybrid" else None
+        windowed = self.windows is not None and mode == "hybrid"
+        rescore = row_rescorer(self.windows, vectors, self.index.docs.get) if windowed else None
         results = fused_rows(query_vectors=vectors, texts=texts, k=k, mode=mode, ann=self.index.search_vectors,
-                             embeddings=self.index.embeddings(), bm25=self.bm25, config=self.hybrid_config)
+                             embeddings=self.index.embeddings(), bm25=self.bm25, config=self.hybrid_config,
+                             rescore=rescore)
         docs = self.index.docs.get([int(r) for rows, _ in results for r in rows])
         hits, pos = [], 0
         for rows, scores in results:

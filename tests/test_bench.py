@@ -314,18 +314,6 @@ def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tm
               "--seeds", "0"])
 
 
-def test_passage_screen_windows_cover_the_text_and_end_at_its_end() -> None:
-    from bench.passage_screen import window_texts
-    from dssm.errors import InputError
-
-    assert window_texts("a b c d e f g h i j", window=4, stride=3) == ["a b c d", "d e f g", "g h i j"]
-    assert window_texts("a b c d e f", window=4, stride=4) == ["a b c d", "c d e f"]
-    assert window_texts("a  b c", window=4, stride=2) == ["a  b c"]  # no longer than a window: itself
-    for window, stride in ((0, 1), (4, 0), (4, 5)):
-        with pytest.raises(InputError, match=f"window {window} and stride {stride}"):
-            window_texts("a b", window=window, stride=stride)
-
-
 def test_passage_screen_best_window_by_hand() -> None:
     from bench.passage_screen import best_window_scores
 

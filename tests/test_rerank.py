@@ -557,18 +557,18 @@ def test_document_rows_store_lookup_and_round_trip(tmp_path):
     assert list(store.keys) == sorted(store.keys)
     found = store.lookup(["gamma", "alpha beta", "has an unknown word", "not stored", "", "café"])
     assert [None if f is None else f.tolist() for f in found] == [[5], [10, 11], None, None, [], [4]]
-    store.save(tmp_path / "documents", reranker="abc")
-    loaded = DocumentRows.load(tmp_path / "documents", reranker="abc")
+    store.save(tmp_path / "documents", owner="abc")
+    loaded = DocumentRows.load(tmp_path / "documents", owner="abc")
     assert [f.tolist() for f in loaded.lookup(["alpha beta"])] == [[10, 11]]
     with pytest.raises(ChecksumError, match="another re-ranker|not this one's"):
-        DocumentRows.load(tmp_path / "documents", reranker="other")
+        DocumentRows.load(tmp_path / "documents", owner="other")
     # the same fingerprint with another length is not the stored text
     odd = DocumentRows(keys=np.asarray([text_key("gamma")], np.uint64), lengths=np.asarray([99]),
                        offsets=np.asarray([0, 1]), rows=np.asarray([5], np.int32))
     assert odd.lookup(["gamma"]) == [None]
     (tmp_path / "documents" / "rows.npy").write_bytes(b"\x93NUMPY broken")
     with pytest.raises(ChecksumError, match="rows.npy"):
-        DocumentRows.load(tmp_path / "documents", reranker="abc")
+        DocumentRows.load(tmp_path / "documents", owner="abc")
 
 
 def test_stored_word_ids_change_cost_not_scores_and_ride_along_writes(adi_index, trained, tmp_path):

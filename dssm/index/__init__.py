@@ -39,7 +39,7 @@ from dssm.index.build import (  # noqa: I001
 from dssm.index.docstore import Doc, DocStore, DocStoreWriter
 from dssm.index.documents import as_documents, document_fields
 from dssm.index.files import file_identity
-from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS
+from dssm.index.layout import CURRENT, DOCS_DB, EMBEDDINGS, MODEL_DIR, SCANN_DIR, STAGING, VERSIONS, WINDOWS_DIR
 from dssm.index.load import Index, load_index, preload_base
 from dssm.index.recall import MUTATED_FIRST_GROWTH, RecallProbe, tune_leaves_to_search, tune_reorder_k, tune_search
 from dssm.index.reranker import attach_reranker
@@ -66,7 +66,8 @@ from dssm.index.writes import delete_documents, upsert_documents
 
 # The layer's public names (fsync and link helpers, memory and row-reading helpers stay inside it).
 __all__ = [
-    "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "SCANN_MODES",
+    "CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "WINDOWS_DIR",
+    "SCANN_MODES",
     "ScannConfig", "resolve_scann_params", "build_scann", "build_scann_in_chunks", "l2_normalize_inplace",
     "exact_top_k", "MUTATED_FIRST_GROWTH", "RecallProbe", "tune_leaves_to_search", "tune_reorder_k", "tune_search",
     "Doc", "DocStoreWriter", "DocStore", "document_fields",

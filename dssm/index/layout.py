@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["CURRENT", "VERSIONS", "STAGING", "DOCS_DB", "EMBEDDINGS", "SCANN_DIR", "MODEL_DIR", "RERANKER_DIR",
-           "BATCH_ROWS"]
+           "WINDOWS_DIR", "BATCH_ROWS"]
 
 
 CURRENT = "CURRENT"
@@ -31,6 +31,11 @@ MODEL_DIR = "model"
 
 # A version's re-ranker (dssm attach-reranker / dssm index --reranker); updates hard-link it forward.
 RERANKER_DIR = "reranker"
+
+
+# A version's window vectors (dssm.windows; dssm index --windows); keyed by text, so updates hard-link
+# it forward unchanged.
+WINDOWS_DIR = "windows"
 
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

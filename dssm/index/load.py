@@ -24,7 +24,7 @@ from dssm.errors import ChecksumError, IndexNotFoundError, InputError
 from dssm.index.ann import scann_pybind
 from dssm.index.docstore import DocStore
 from dssm.index.files import file_identity
-from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR, WINDOWS_DIR
 from dssm.index.recall import PROBE_DIR
 from dssm.index.segments import (
     DELTA_DIR,
@@ -131,6 +131,12 @@ class Index:
     def reranker_dir(self) -> Path | None:
         """The attached re-ranker directory, or ``None``."""
         path = self.version_dir / RERANKER_DIR
+        return path if path.is_dir() else None
+
+    @property
+    def windows_dir(self) -> Path | None:
+        """The stored window vectors (:mod:`dssm.windows`), or ``None``."""
+        path = self.version_dir / WINDOWS_DIR
         return path if path.is_dir() else None
 
     def embeddings(self, *, mmap: bool = True) -> Any:
@@ -280,7 +286,8 @@ def delta_scores(queries: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True, model: bool = True) -> Index:
+def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = True, model: bool = True,
+               windows: bool = True) -> Index:
     """Load the version ``CURRENT`` points to, after checking every file's sha256.
 
     Files that are the same inodes as an already loaded base or delta segment are not hashed again
@@ -294,6 +301,8 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
         model: also verify ``model/``; ``False`` for a caller that verifies it when it loads it
             (:func:`dssm.export.load_encoder` checks it against its own manifest) or never reads it
             (it brings its own query model), so a write's reload does not hash an unchanged model.
+        windows: also verify ``windows/``; ``False`` for a caller that verifies it as it loads it
+            (:meth:`dssm.windows.WindowRows.load`) or never reads it.
 
     Raises:
         IndexNotFoundError: no index / no ``CURRENT`` / missing version.
@@ -313,6 +322,7 @@ def load_index(index_dir: str | Path, *, verify: bool = True, reranker: bool = T
     known = loaded_delta_segments(version_dir, layout)
     if verify:
         skip = ((() if reranker else (RERANKER_DIR,)) + (() if model else (MODEL_DIR,))
+                + (() if windows else (WINDOWS_DIR,))
                 + (_BASE_FILES if base is not None else ()) + tuple(known))
         manifest = verify_manifest(version_dir, kind="index", skip=skip)
     reused = base is not None  # the same docs.sqlite inode was counted when it was first loaded

@@ -61,7 +61,7 @@ def attach_reranker(index_dir: str | Path, reranker_dir: str | Path, *, document
         link_tree(reranker_dir, staged)
         shutil.rmtree(staged / DOCUMENTS_DIR, ignore_errors=True)  # a version's re-ranker brings its own
         store = _document_rows(current_version_dir(index_dir), fast)
-        store.save(staged / DOCUMENTS_DIR, reranker=DocumentRows.owner(staged))
+        store.save(staged / DOCUMENTS_DIR, owner=DocumentRows.owner(staged))
         updates["reranker"]["documents"] = len(store)
         return publish_index_files(index_dir, files={}, directories={RERANKER_DIR: staged}, manifest_updates=updates)
 

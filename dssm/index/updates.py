@@ -37,7 +37,7 @@ from dssm.index.ann import (
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
-from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR, WINDOWS_DIR
 from dssm.index.recall import MUTATED_FIRST_GROWTH, PROBE_DIR, RecallProbe, carried_probe, tune_search
 from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
 from dssm.index.versions import (
@@ -91,7 +91,7 @@ class UpdateResult:
 _REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES, PROBE_DIR}
 # What an update never reads, only links forward (their checksums carried over by inode): verified by
 # whoever loads them, not hashed by every write.
-_LINKED_ONLY = (MODEL_DIR, RERANKER_DIR)
+_LINKED_ONLY = (MODEL_DIR, RERANKER_DIR, WINDOWS_DIR)
 
 
 def _checked_vectors(ids: list[str], titles: list[str], texts: list[str], upsert_vectors: np.ndarray | None,

@@ -1,0 +1,231 @@
+"""Windows of a document (issue 11): a document scored by its whole cosine *plus* its best window's.
+
+The towers embed a long document into one vector, in which a short query's few matching words are
+diluted by every other word. Cut into windows of ``window`` words (``stride`` apart), each embedded
+by the same document tower, a document's best window holds those words nearly alone. Search then
+scores a candidate as ``cos(q, d) + max_w cos(q, w)`` (a document no longer than one window is its
+own window: ``2 cos(q, d)``, the same order). Only the first stage's top
+:data:`WINDOW_CANDIDATES` are re-scored, so the ANN index is unchanged. On debian-dev (short
+synopsis → long description) this took DSSM alone from 0.579 to 0.642 nDCG@10 over 3 seeds and the
+default search from 0.749 to 0.756 (docs/quality.md, "Windows of a document"); on label-free fits it
+changed nothing measurable, so an index uses windows only where held-out labelled pairs show a
+significant gain (:func:`choose_windows`, ``dssm index --windows auto``).
+
+An index version stores its documents' window vectors in ``windows/`` (:class:`WindowRows`: the
+layout of :class:`dssm.rerank_docs.DocumentRows`, keyed by each document's text, so the store stays
+right through upserts, deletes and compactions, which carry it along unchanged); a candidate whose
+text is not stored (written after the build) has its windows embedded at search time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dssm.config import config_from_dict, config_to_dict, field
+from dssm.errors import ConfigError, InputError
+from dssm.query_numpy import l2_normalize_rows
+from dssm.rerank_docs import DocumentRows
+
+__all__ = ["WindowConfig", "WindowRows", "WindowScorer", "WINDOWS_KIND", "WINDOW_CANDIDATES", "window_texts",
+           "window_vectors", "choose_windows"]
+
+WINDOWS_KIND = "windows"
+#: Dense candidates re-scored per query (what the screen measured as ``@100``).
+WINDOW_CANDIDATES = 100
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """How documents are cut into windows (saved in the store's manifest)."""
+
+    window: int = field(8, "words per window (chosen on debian-dev's training pairs: 8/4 0.634, 8/8 0.614, "
+                           "16/8 0.612 DSSM nDCG@10)")
+    stride: int = field(4, "words between window starts")
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or not 1 <= self.stride <= self.window:
+            raise ConfigError(f"window {self.window} and stride {self.stride}: need window >= 1 and "
+                              "1 <= stride <= window")
+
+
+def window_texts(text: str, *, window: int, stride: int) -> list[str]:
+    """``text``'s windows of ``window`` whitespace words, ``stride`` apart; the last one ends at the text's end.
+
+    Raises:
+        InputError: ``window < 1`` or ``stride`` outside ``[1, window]``.
+    """
+    if window < 1 or not 1 <= stride <= window:
+        raise InputError(f"window {window} and stride {stride}: need window >= 1 and 1 <= stride <= window")
+    words = text.split()
+    if len(words) <= window:
+        return [text]
+    starts = list(range(0, len(words) - window, stride)) + [len(words) - window]
+    return [" ".join(words[s:s + window]) for s in starts]
+
+
+def window_vectors(texts: Sequence[str], embed_documents: Embed, config: WindowConfig) -> list[np.ndarray | None]:
+    """Each text's ``[windows, dim]`` float16 unit window vectors, in one tower call for all; ``None``
+    for a text of one window (its whole vector is its window)."""
+    cuts = [window_texts(t, window=config.window, stride=config.stride) for t in texts]
+    pieces = [w for cut in cuts if len(cut) > 1 for w in cut]
+    if not pieces:
+        return [None] * len(texts)
+    vectors = l2_normalize_rows(np.asarray(embed_documents(pieces), dtype=np.float32)).astype(np.float16)
+    out: list[np.ndarray | None] = []
+    start = 0
+    for cut in cuts:
+        if len(cut) > 1:
+            out.append(vectors[start:start + len(cut)])
+            start += len(cut)
+        else:
+            out.append(None)
+    return out
+
+
+class WindowRows(DocumentRows):
+    """Window vectors of documents, looked up by their text: ``rows`` is ``[total, dim]`` float16, document
+    ``i``'s windows ``rows[offsets[i]:offsets[i + 1]]``; documents of one window are not stored. The
+    manifest names the model (sha256 of its ``manifest.json``) and holds the :class:`WindowConfig`."""
+
+    KIND, OWNER_FIELD, DTYPE = WINDOWS_KIND, "model", np.float16
+
+    @classmethod
+    def embed(cls, texts: Iterable[str], embed_documents: Embed, config: WindowConfig, *, batch: int = 1024,
+              progress: Callable[[int], None] | None = None) -> WindowRows:
+        """Every text's windows embedded by ``embed_documents`` (texts -> ``[len, dim]``)."""
+        return cls.build(texts, lambda chunk: window_vectors(chunk, embed_documents, config), batch=batch,
+                         progress=progress)
+
+    @property
+    def config(self) -> WindowConfig:
+        """The windows' :class:`WindowConfig` (from the loaded manifest)."""
+        return config_from_dict(WindowConfig, self.manifest.get("config", {}))
+
+    @staticmethod
+    def manifest_extra(config: WindowConfig) -> dict[str, Any]:
+        """What :meth:`save` writes beside the arrays for ``config``."""
+        return {"config": config_to_dict(config)}
+
+
+class WindowScorer:
+    """Adds each candidate's best window cosine to its whole cosine.
+
+    Args:
+        store: stored window vectors (``None``: every candidate's windows are embedded here).
+        config: how the store cut its documents (and how unstored texts are cut).
+        embed_documents: the document tower, for texts not in ``store``; ``None`` leaves such a text
+            scored as one window.
+    """
+
+    def __init__(self, store: WindowRows | None, *, config: WindowConfig, embed_documents: Embed | None) -> None:
+        self.store, self.config, self.embed_documents = store, config, embed_documents
+
+    def vectors(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it)."""
+        found = self.store.lookup(texts) if self.store is not None else [None] * len(texts)
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing and self.embed_documents is not None:
+            for i, vectors in zip(missing, window_vectors([texts[i] for i in missing], self.embed_documents,
+                                                          self.config), strict=True):
+                found[i] = vectors
+        return found
+
+    def combined(self, queries: np.ndarray, texts: Sequence[Sequence[str]],
+                 cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per query, ``cosines + best window cosine`` of its candidates.
+
+        Args:
+            queries: [q, dim] unit query vectors.
+            texts: per query, its candidates' full texts (title and body, as the towers read them).
+            cosines: per query, ``[len(texts[i])]`` the candidates' whole-document cosines.
+
+        Returns:
+            Per query, ``[len(texts[i])]`` float32 combined scores.
+        """
+        flat = self.vectors([t for group in texts for t in group])
+        out, start = [], 0
+        for query, group, whole in zip(queries, texts, cosines, strict=True):
+            whole = np.asarray(whole, dtype=np.float32)
+            parts = flat[start:start + len(group)]
+            start += len(group)
+            best = whole.copy()
+            have = [j for j, p in enumerate(parts) if p is not None]
+            if have:
+                sizes = [len(parts[j]) for j in have]
+                sims = np.concatenate([parts[j] for j in have]).astype(np.float32) @ query
+                best[have] = np.maximum.reduceat(sims, np.r_[0, np.cumsum(sizes)[:-1]])
+            out.append(whole + best)
+        return out
+
+
+def choose_windows(*, texts: Sequence[str], embeddings: np.ndarray, pairs: Sequence[tuple[str, str]],
+                   embed_queries: Embed, embed_documents: Embed, bm25: Any, weight: float,
+                   normalization: str = "minmax", config: WindowConfig | None = None, max_pairs: int = 1000,
+                   alpha: float = 0.05, seed: int = 0) -> tuple[bool, dict[str, Any]]:
+    """Whether windows help this corpus, decided on labelled pairs held out from training.
+
+    Each pair's query ranks the corpus by cosine (exact); its target is the row with the pair's
+    document text (pairs whose document is not in ``texts`` are left out). Windows are kept when
+    re-scoring the dense top :data:`WINDOW_CANDIDATES` raises the target's reciprocal rank@10
+    significantly (paired randomisation test, ``alpha``) **and** the hybrid at the index's
+    ``weight`` with the re-scored dense side is not worse on average: the default search must not
+    pay for a dense-only gain.
+
+    Args:
+        texts: [n] the corpus's full texts in row order; ``embeddings`` their [n, dim] unit rows.
+        pairs: ``(query, document text)`` held-out labelled pairs.
+        bm25: a BM25 index of ``texts`` (``.query(text)`` as :func:`dssm.hybrid.fused_rows` takes it).
+        weight: the hybrid weight the index stores; ``normalization`` its normalisation.
+        max_pairs: at most this many pairs (a seeded sample) bound the windows embedded here.
+
+    Returns:
+        ``(keep, report)``; the report holds both systems' means, the p-value and the counts.
+    """
+    # deferred: dssm.hybrid's fusion and the test, imported only when this runs
+    from dssm.hybrid import rank_candidates, reciprocal_ranks
+    from dssm.metrics import paired_randomization_test
+
+    config = config or WindowConfig()
+    row_of = {text: row for row, text in enumerate(texts)}
+    usable = [(q, row_of[d]) for q, d in pairs if d in row_of]
+    if len(usable) > max_pairs:
+        usable = [usable[i] for i in sorted(np.random.default_rng(seed).permutation(len(usable))[:max_pairs])]
+    report: dict[str, Any] = {"pairs": len(usable), "pairs_outside_corpus": sum(d not in row_of for _, d in pairs),
+                              "config": config_to_dict(config), "alpha": alpha, "metric": "mrr@10"}
+    if len(usable) < 30:  # as the hybrid weight: too few to tell a gain from noise
+        return False, report | {"reason": f"only {len(usable)} labelled pairs with their document in the corpus"}
+    queries = l2_normalize_rows(np.asarray(embed_queries([q for q, _ in usable]), dtype=np.float32))
+    depth = min(WINDOW_CANDIDATES, len(texts))
+    found = []  # per query: (candidate rows, their cosines, their BM25 scores, dense top rows)
+    for (query, _), vector in zip(usable, queries, strict=True):
+        cosines = np.asarray(embeddings @ vector, dtype=np.float32)
+        dense = np.argpartition(-cosines, depth - 1)[:depth]
+        sparse = bm25.query(query)
+        rows = np.union1d(dense, sparse.top(depth))
+        found.append((rows, cosines[rows], sparse.scores[rows], np.isin(rows, dense)))
+    # every candidate's windows embedded once, then scored as search scores them
+    candidates = sorted({int(r) for rows, *_ in found for r in rows})
+    scorer = WindowScorer(WindowRows.embed((texts[r] for r in candidates), embed_documents, config),
+                          config=config, embed_documents=None)
+    combined = scorer.combined(queries, [[texts[r] for r in rows] for rows, *_ in found], [c for _, c, *_ in found])
+    ranked: dict[str, list[np.ndarray]] = {"dssm": [], "dssm+windows": [], "hybrid": [], "hybrid+windows": []}
+    for (rows, cosines, sparse, is_dense), both in zip(found, combined, strict=True):
+        for name, dense_scores in (("", cosines), ("+windows", both)):
+            top = np.lexsort((rows[is_dense], -dense_scores[is_dense]))[:10]
+            ranked["dssm" + name].append(rows[is_dense][top])
+            ranked["hybrid" + name].append(rank_candidates(rows, dense_scores, sparse, weight=weight,
+                                                           normalization=normalization, k=10)[0])
+    targets = [row for _, row in usable]
+    rr = {name: reciprocal_ranks(lists, targets) for name, lists in ranked.items()}
+    keyed = {name: dict(enumerate(values.tolist())) for name, values in rr.items()}
+    p = paired_randomization_test(keyed["dssm"], keyed["dssm+windows"], seed=seed)
+    means = {name: round(float(values.mean()), 4) for name, values in rr.items()}
+    keep = bool(means["dssm+windows"] > means["dssm"] and p < alpha and means["hybrid+windows"] >= means["hybrid"])
+    return keep, report | {"means": means, "p": p, "weight": weight, "windows": keep}
+
