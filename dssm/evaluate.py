@@ -4,13 +4,14 @@ Metrics, runs and significance tests are :mod:`dssm.metrics` (its docstring defi
 
 Systems compared by ``dssm eval`` (``--systems``), all on the same queries:
 
-* ``dssm``: the index's ScaNN search (what serving returns);
+* ``dssm``: the index's ScaNN search (what serving returns: with the version's window vectors,
+  ``dssm index --windows``, its top 100 re-scored by cosine + best window's, :mod:`serving.windowing`);
 * ``dssm-exact``: brute force over the index's stored embeddings (``embeddings.npy``), so ANN loss
   shows as the gap to ``dssm`` (zero for brute-force indexes, which all indexes under 20k docs are);
 * ``bm25``: :mod:`dssm.bm25` over ``--data``'s corpus;
 * ``hybrid-rrf``: reciprocal-rank fusion of ``dssm`` and ``bm25`` (no parameter tuned);
-* ``hybrid``: convex combination of per-query min-max normalised exact scores
-  (:mod:`dssm.hybrid`) over the union of both systems' top-``depth`` candidates, with the DSSM weight
+* ``hybrid``: convex combination of per-query min-max normalised exact scores (the dense side with
+  the version's windows as search scores it; :mod:`dssm.hybrid`) over the union of both systems' top-``depth`` candidates, with the DSSM weight
   tuned on nDCG@10 of *tuning queries*: a deterministic ``--tune-fraction`` of the selected queries
   (by sha1 of ``"tune:" + query id``), removed from the evaluated set, so the weight never sees an
   evaluated query. (The train split of ``--holdout`` is not used for tuning: DSSM was trained on

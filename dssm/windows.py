@@ -19,6 +19,8 @@ text is not stored (written after the build) has its windows embedded at search 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +32,15 @@ from dssm.errors import ConfigError, InputError
 from dssm.query_numpy import l2_normalize_rows
 from dssm.rerank_docs import DocumentRows
 
-__all__ = ["WindowConfig", "WindowRows", "WindowScorer", "WINDOWS_KIND", "WINDOW_CANDIDATES", "window_texts",
+__all__ = ["WindowConfig", "WindowRows", "WindowScorer", "WINDOWS_KIND", "WINDOW_CANDIDATES", "COMPUTED_TEXTS",
+           "window_texts",
            "window_vectors", "choose_windows"]
 
 WINDOWS_KIND = "windows"
 #: Dense candidates re-scored per query (what the screen measured as ``@100``).
 WINDOW_CANDIDATES = 100
+#: Texts outside the store whose windows a store remembers once embedded at search time.
+COMPUTED_TEXTS = 4096
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -95,6 +100,13 @@ class WindowRows(DocumentRows):
 
     KIND, OWNER_FIELD, DTYPE = WINDOWS_KIND, "model", np.float16
 
+    def __init__(self, *, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> None:
+        super().__init__(keys=keys, lengths=lengths, offsets=offsets, rows=rows)
+        # Windows embedded at search time for texts the store lacks (written after it was made), kept
+        # for the next query: a server reuses this object across the versions writes publish.
+        self.computed: OrderedDict[str, np.ndarray | None] = OrderedDict()
+        self.computed_lock = threading.Lock()
+
     @classmethod
     def embed(cls, texts: Iterable[str], embed_documents: Embed, config: WindowConfig, *, batch: int = 1024,
               progress: Callable[[int], None] | None = None) -> WindowRows:
@@ -127,13 +139,30 @@ class WindowScorer:
         self.store, self.config, self.embed_documents = store, config, embed_documents
 
     def vectors(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it)."""
-        found = self.store.lookup(texts) if self.store is not None else [None] * len(texts)
+        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it).
+
+        A text the store lacks is embedded here once and remembered (the last :data:`COMPUTED_TEXTS`).
+        """
+        if self.store is None:
+            return window_vectors(texts, self.embed_documents, self.config) if self.embed_documents \
+                else [None] * len(texts)
+        found = self.store.lookup(texts)
         missing = [i for i, f in enumerate(found) if f is None]
-        if missing and self.embed_documents is not None:
-            for i, vectors in zip(missing, window_vectors([texts[i] for i in missing], self.embed_documents,
-                                                          self.config), strict=True):
-                found[i] = vectors
+        if not missing or self.embed_documents is None:
+            return found
+        computed, lock = self.store.computed, self.store.computed_lock
+        with lock:
+            known = {i: computed[texts[i]] for i in missing if texts[i] in computed}
+        for i, vectors in known.items():
+            found[i] = vectors
+        todo = [i for i in missing if i not in known]
+        if todo:
+            fresh = window_vectors([texts[i] for i in todo], self.embed_documents, self.config)
+            with lock:
+                for i, vectors in zip(todo, fresh, strict=True):
+                    found[i] = computed[texts[i]] = vectors
+                while len(computed) > COMPUTED_TEXTS:
+                    computed.popitem(last=False)
         return found
 
     def combined(self, queries: np.ndarray, texts: Sequence[Sequence[str]],

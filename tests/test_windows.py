@@ -84,6 +84,8 @@ def test_combined_score_is_the_cosine_plus_the_best_window_by_hand() -> None:
     # long: best window "w1 w2" -> 0.7071; short: one window, its own cosine; unstored: "w1 w1" -> 1.0
     np.testing.assert_allclose(got, [0.5 + 0.7071, 2 * 0.7071, 0.9487 + 1.0], atol=2e-3)
     assert embedded == [["w9 w1", "w1 w1"]]  # only the text the store lacks, and not the one-window text
+    np.testing.assert_allclose(scorer.combined(query, [texts], [cosines])[0], got)
+    assert len(embedded) == 1 and list(store.computed) == [short_text, unstored]  # remembered, not embedded again
     blind = WindowScorer(None, config=config, embed_documents=None)  # no tower: a text scores as one window
     np.testing.assert_allclose(blind.combined(query, [texts], [cosines])[0], 2 * cosines, rtol=1e-6)
 
