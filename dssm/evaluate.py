@@ -11,11 +11,12 @@ Systems compared by ``dssm eval`` (``--systems``), all on the same queries:
 * ``bm25``: :mod:`dssm.bm25` over ``--data``'s corpus;
 * ``hybrid-rrf``: reciprocal-rank fusion of ``dssm`` and ``bm25`` (no parameter tuned);
 * ``hybrid``: convex combination of per-query min-max normalised exact scores (the dense side with
-  the version's windows as search scores it; :mod:`dssm.hybrid`) over the union of both systems' top-``depth`` candidates, with the DSSM weight
-  tuned on nDCG@10 of *tuning queries*: a deterministic ``--tune-fraction`` of the selected queries
-  (by sha1 of ``"tune:" + query id``), removed from the evaluated set, so the weight never sees an
-  evaluated query. (The train split of ``--holdout`` is not used for tuning: DSSM was trained on
-  those queries' pairs, so a weight tuned there would over-trust it.)
+  the version's windows as search scores it; :mod:`dssm.hybrid`) over the union of both systems'
+  top-``depth`` candidates, with the DSSM weight tuned on nDCG@10 of *tuning queries*: a
+  deterministic ``--tune-fraction`` of the selected queries (by sha1 of ``"tune:" + query id``),
+  removed from the evaluated set, so the weight never sees an evaluated query. (The train split of
+  ``--holdout`` is not used for tuning: DSSM was trained on those queries' pairs, so a weight tuned
+  there would over-trust it.)
 * ``dssm+rerank``, ``bm25+rerank``, ``hybrid+rerank`` (only when named in ``--systems``; the index
   version needs a re-ranker, ``dssm attach-reranker``): what ``dssm search --rerank N`` returns, i.e.
   :meth:`serving.searcher.Searcher.search_batch` with ``mode`` ``dense``, ``bm25`` or ``hybrid`` and

@@ -47,7 +47,7 @@ from dssm.index import current_version_dir
 from dssm.index.documents import as_documents
 from serving.compaction import BackgroundCompactor
 from serving.metrics import Metrics, multiprocess_metrics
-from serving.model_thread import ModelThread
+from serving.model_thread import ModelThread, search_options
 from serving.reranking import check_rerank
 from serving.searcher import DocumentNotFoundError, Searcher, model_fingerprint  # 404 in the HTTP layer
 from serving.writer import WriterProcess
@@ -417,9 +417,7 @@ class Backend:
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         self._check_rerank(snap, rerank)
-        # Keywords only when set, so a searcher without modes or a re-ranker still serves plain searches.
-        options = {**({"mode": mode} if mode != "dense" else {}), **({"rerank": rerank} if rerank else {})}
-        return snap.version, snap.searcher.search(text, k=k, **options)
+        return snap.version, snap.searcher.search(text, k=k, **search_options(snap.searcher, mode, rerank))
 
     def submit_search(self, query: str, k: int) -> Future:
         """Queue one dense query for the model thread; never blocks.
@@ -460,8 +458,7 @@ class Backend:
         mode = self._mode(snap, mode)
         self._check_mode(snap, mode)
         self._check_rerank(snap, rerank)
-        options = {**({"mode": mode} if mode != "dense" else {}), **({"rerank": rerank} if rerank else {})}
-        return snap.version, snap.searcher.search_batch(list(texts), k=k, **options)
+        return snap.version, snap.searcher.search_batch(list(texts), k=k, **search_options(snap.searcher, mode, rerank))
 
     def similarity(self, text1: str, text2: str) -> SimilarityResult:
         """Cosine between the two texts' embeddings (query tower, as for duplicate questions).

@@ -25,7 +25,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-__all__ = ["ModelThread"]
+__all__ = ["ModelThread", "search_options"]
+
+
+def search_options(searcher: Any, mode: str, rerank: int) -> dict[str, Any]:
+    """The keywords of a searcher's ``search``/``search_batch`` for ``mode`` and ``rerank``.
+
+    Only what is needed, so a searcher without modes or a re-ranker still serves plain searches; but
+    ``dense`` is named whenever the searcher's own default is another mode (a version that stores a
+    hybrid weight), or a request for dense results would get the default's.
+    """
+    named = mode != "dense" or getattr(searcher, "default_mode", "dense") != "dense"
+    return {**({"mode": mode} if named else {}), **({"rerank": rerank} if rerank else {})}
 
 
 class _Job(NamedTuple):
@@ -274,10 +285,11 @@ class ModelThread:
         for k, group in by_k.items():
             self._batch_size.observe(len(group))
             try:
+                dense = search_options(snap.searcher, "dense", 0)  # this thread answers dense queries only
                 if len(group) == 1:
-                    results: list[Any] = [snap.searcher.search(group[0].query, k=k)]
+                    results: list[Any] = [snap.searcher.search(group[0].query, k=k, **dense)]
                 else:
-                    results = snap.searcher.search_batch([j.query for j in group], k=k)
+                    results = snap.searcher.search_batch([j.query for j in group], k=k, **dense)
             except Exception as exc:  # noqa: BLE001 - alone, each query gets its own answer or error
                 if len(group) == 1:
                     results = [exc]
@@ -285,7 +297,7 @@ class ModelThread:
                     results = []
                     for job in group:
                         try:
-                            results.append(snap.searcher.search(job.query, k=k))
+                            results.append(snap.searcher.search(job.query, k=k, **dense))
                         except Exception as single:  # noqa: BLE001
                             results.append(single)
             for job, hits in zip(group, results, strict=True):

@@ -251,3 +251,25 @@ def test_windows_auto_decides_on_held_out_pairs_and_off_stores_none(tiny_model_d
     with pytest.raises(ConfigError, match="--windows on"):
         index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
                     str(tmp_path / "x"), "--windows", "on", "--hybrid-weight", "none"])
+
+
+def test_the_http_service_serves_the_windowed_scores(windowed_index):
+    from serving.app import create_app
+    from serving.backend import Backend
+    from serving.client import SearchClient
+    from tests.serving_support import ServerThread, wait_until
+
+    backend = Backend(windowed_index, max_in_flight=4, watch_interval=0.1)
+    with ServerThread(create_app(backend)) as server:
+        wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
+        searcher = backend.current().searcher
+        assert searcher.windows is not None
+        with SearchClient(server.url, retries=0) as client:
+            for query in ("computer based information retrieval systems", "indexing by subject headings"):
+                remote = client.search(query, k=5, mode="dense")
+                assert [h.id for h in remote] == expected_dense(searcher, query, 5)
+                assert [h.score for h in remote] == pytest.approx(
+                    [h.score for h in searcher.search(query, k=5, mode="dense")], abs=1e-6)
+                # the version's default is hybrid: a request without a mode gets it, one naming dense does not
+                assert [h.id for h in client.search(query, k=5)] == [h.id for h in searcher.search(query, k=5)]
+        assert searcher.default_mode == "hybrid"
