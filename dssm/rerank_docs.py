@@ -138,18 +138,22 @@ class DocumentRows:
         """What a store of ``artifact_dir``'s rows must name: the sha256 of its ``manifest.json``."""
         return sha256_file(Path(artifact_dir) / MANIFEST)
 
-    def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        """Each text's stored rows (a view: word ids, or window vectors), or ``None`` where it is not stored."""
-        out: list[np.ndarray | None] = [None] * len(texts)
-        if not len(self.keys):
+    def entries(self, texts: Sequence[str]) -> np.ndarray:
+        """``[len(texts)]`` int64: each text's entry (its rows are ``rows[offsets[e]:offsets[e + 1]]``), or -1."""
+        out = np.full(len(texts), -1, np.int64)
+        if not len(self.keys) or not len(texts):
             return out
         keys = np.fromiter((text_key(t) if isinstance(t, str) else 0 for t in texts), np.uint64, len(texts))
+        lengths = np.fromiter((len(t) if isinstance(t, str) else -1 for t in texts), np.int64, len(texts))
         where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        found = np.flatnonzero(self.keys[where] == keys)
-        for i, w in zip(found.tolist(), where[found].tolist(), strict=True):
-            if int(self.lengths[w]) == len(texts[i]):
-                out[i] = self.rows[self.offsets[w]:self.offsets[w + 1]]
+        found = (self.keys[where] == keys) & (self.lengths[where] == lengths)
+        out[found] = where[found]
         return out
+
+    def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's stored rows (a view: word ids, or window vectors), or ``None`` where it is not stored."""
+        offsets = self.offsets
+        return [None if e < 0 else self.rows[offsets[e]:offsets[e + 1]] for e in self.entries(texts).tolist()]
 
 
 class CombinedRows:

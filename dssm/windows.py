@@ -139,30 +139,38 @@ class WindowScorer:
         self.store, self.config, self.embed_documents = store, config, embed_documents
 
     def vectors(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it).
+        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it)."""
+        entries = self.store.entries(texts) if self.store is not None else np.full(len(texts), -1, np.int64)
+        found = self._computed(texts, entries)
+        offsets, rows = (self.store.offsets, self.store.rows) if self.store is not None else (None, None)
+        for i in np.flatnonzero(entries >= 0).tolist():
+            found[i] = rows[offsets[entries[i]]:offsets[entries[i] + 1]]
+        return found
 
-        A text the store lacks is embedded here once and remembered (the last :data:`COMPUTED_TEXTS`).
-        """
-        if self.store is None:
-            return window_vectors(texts, self.embed_documents, self.config) if self.embed_documents \
-                else [None] * len(texts)
-        found = self.store.lookup(texts)
-        missing = [i for i, f in enumerate(found) if f is None]
+    def _computed(self, texts: Sequence[str], entries: np.ndarray) -> list[np.ndarray | None]:
+        """The window vectors of the texts the store lacks (``entries < 0``), embedded here once and
+        remembered by the store (the last :data:`COMPUTED_TEXTS`); ``None`` elsewhere."""
+        found: list[np.ndarray | None] = [None] * len(texts)
+        missing = np.flatnonzero(entries < 0).tolist()
         if not missing or self.embed_documents is None:
+            return found
+        if self.store is None:
+            for i, vectors in zip(missing, window_vectors([texts[i] for i in missing], self.embed_documents,
+                                                          self.config), strict=True):
+                found[i] = vectors
             return found
         computed, lock = self.store.computed, self.store.computed_lock
         with lock:
             known = {i: computed[texts[i]] for i in missing if texts[i] in computed}
-        for i, vectors in known.items():
-            found[i] = vectors
         todo = [i for i in missing if i not in known]
-        if todo:
-            fresh = window_vectors([texts[i] for i in todo], self.embed_documents, self.config)
-            with lock:
-                for i, vectors in zip(todo, fresh, strict=True):
-                    found[i] = computed[texts[i]] = vectors
-                while len(computed) > COMPUTED_TEXTS:
-                    computed.popitem(last=False)
+        fresh = window_vectors([texts[i] for i in todo], self.embed_documents, self.config) if todo else []
+        with lock:
+            for i, vectors in zip(todo, fresh, strict=True):
+                computed[texts[i]] = vectors
+            while len(computed) > COMPUTED_TEXTS:
+                computed.popitem(last=False)
+        for i, vectors in [*known.items(), *zip(todo, fresh, strict=True)]:
+            found[i] = vectors
         return found
 
     def combined(self, queries: np.ndarray, texts: Sequence[Sequence[str]],
@@ -177,18 +185,27 @@ class WindowScorer:
         Returns:
             Per query, ``[len(texts[i])]`` float32 combined scores.
         """
-        flat = self.vectors([t for group in texts for t in group])
+        flat = [t for group in texts for t in group]
+        entries = self.store.entries(flat) if self.store is not None else np.full(len(flat), -1, np.int64)
+        computed = self._computed(flat, entries)
         out, start = [], 0
         for query, group, whole in zip(queries, texts, cosines, strict=True):
             whole = np.asarray(whole, dtype=np.float32)
-            parts = flat[start:start + len(group)]
-            start += len(group)
             best = whole.copy()
-            have = [j for j, p in enumerate(parts) if p is not None]
-            if have:
-                sizes = [len(parts[j]) for j in have]
-                sims = np.concatenate([parts[j] for j in have]).astype(np.float32) @ query
-                best[have] = np.maximum.reduceat(sims, np.r_[0, np.cumsum(sizes)[:-1]])
+            part = entries[start:start + len(group)]
+            stored = np.flatnonzero(part >= 0)
+            if stored.size:  # every stored candidate's windows gathered in one read
+                first = self.store.offsets[part[stored]]
+                sizes = self.store.offsets[part[stored] + 1] - first
+                heads = np.r_[0, np.cumsum(sizes)[:-1]]
+                index = np.repeat(first - heads, sizes) + np.arange(int(sizes.sum()))
+                sims = self.store.rows[index].astype(np.float32) @ query
+                best[stored] = np.maximum.reduceat(sims, heads)
+            for j in range(len(group)):
+                vectors = computed[start + j]
+                if vectors is not None:
+                    best[j] = float((vectors.astype(np.float32) @ query).max())
+            start += len(group)
             out.append(whole + best)
         return out
 
