@@ -106,6 +106,8 @@ class WindowRows(DocumentRows):
         # for the next query: a server reuses this object across the versions writes publish.
         self.computed: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self.computed_lock = threading.Lock()
+        # Per base segment (by name), each base row's entry as a searcher found it (serving.windowing).
+        self.row_memos: dict[str, np.ndarray] = {}
 
     @classmethod
     def embed(cls, texts: Iterable[str], embed_documents: Embed, config: WindowConfig, *, batch: int = 1024,
@@ -187,12 +189,26 @@ class WindowScorer:
         """
         flat = [t for group in texts for t in group]
         entries = self.store.entries(flat) if self.store is not None else np.full(len(flat), -1, np.int64)
-        computed = self._computed(flat, entries)
+        return self.combine(queries, entries, flat, cosines)
+
+    def combine(self, queries: np.ndarray, entries: np.ndarray, texts: Sequence[str | None],
+                cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`combined` for candidates already looked up (all queries' candidates in a row).
+
+        Args:
+            entries: ``[candidates]`` each one's store entry (:meth:`DocumentRows.entries`), or -1.
+            texts: each candidate's full text where its entry is -1 (its windows are embedded or
+                remembered); ``None`` there for a text known to be one window.
+            cosines: per query, its candidates' whole cosines (their counts split ``entries``).
+        """
+        # a text given as None is known to be one window: masked as found, so nothing is embedded for it
+        computed = self._computed([t or "" for t in texts], np.where([t is None for t in texts], 0, entries))
+        embedded = {i: vectors for i, vectors in enumerate(computed) if vectors is not None}
         out, start = [], 0
-        for query, group, whole in zip(queries, texts, cosines, strict=True):
+        for query, whole in zip(queries, cosines, strict=True):
             whole = np.asarray(whole, dtype=np.float32)
             best = whole.copy()
-            part = entries[start:start + len(group)]
+            part = entries[start:start + len(whole)]
             stored = np.flatnonzero(part >= 0)
             if stored.size:  # every stored candidate's windows gathered in one read
                 first = self.store.offsets[part[stored]]
@@ -201,11 +217,9 @@ class WindowScorer:
                 index = np.repeat(first - heads, sizes) + np.arange(int(sizes.sum()))
                 sims = self.store.rows[index].astype(np.float32) @ query
                 best[stored] = np.maximum.reduceat(sims, heads)
-            for j in range(len(group)):
-                vectors = computed[start + j]
-                if vectors is not None:
-                    best[j] = float((vectors.astype(np.float32) @ query).max())
-            start += len(group)
+            for i in (i for i in embedded if start <= i < start + len(whole)):
+                best[i - start] = float((embedded[i].astype(np.float32) @ query).max())
+            start += len(whole)
             out.append(whole + best)
         return out
 

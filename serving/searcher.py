@@ -32,7 +32,7 @@ from dssm.index.documents import as_documents
 from dssm.query_numpy import load_query_encoder
 from serving.hits import Hit, Similarity, text_similarity
 from serving.reranking import check_rerank, load_reranker_once, read_every_shards_words, rerank_results
-from serving.windowing import rescore_hits, row_rescorer, window_scorer, windowed_depth
+from serving.windowing import RowWindows, window_scorer, windowed_depth
 
 __all__ = ["DocumentNotFoundError", "Hit", "QueryEncoder", "Searcher", "ShardedSearcher", "Similarity", "searchable",
            "text_similarity", "model_fingerprint", "merge_top_k"]
@@ -190,13 +190,18 @@ class Searcher:
             the ANN's top candidates re-scored by ``cos(q, d) + max_w cos(q, w)``.
         """
         rows, scores = self.index.search_vectors(vectors, windowed_depth(self.windows, k))
-        docs = self.index.docs.get(rows.ravel().tolist())
-        groups = [docs[i * rows.shape[1]:(i + 1) * rows.shape[1]] for i in range(rows.shape[0])]
-        if self.windows is None:
-            return [[Hit(d.id, float(s), d.text) for d, s in zip(group, row_scores, strict=True)]
-                    for group, row_scores in zip(groups, scores, strict=True)]
-        return [[Hit(d.id, s, d.text) for d, s in top]
-                for top in rescore_hits(self.windows, vectors, groups, list(scores), k)]
+        if self.windows is not None:
+            rows, scores = self._row_windows.top(vectors, rows, scores, k)
+        docs = self.index.docs.get([int(r) for part in rows for r in part])
+        hits, pos = [], 0
+        for row_scores in scores:
+            hits.append([Hit(docs[pos + j].id, float(s), docs[pos + j].text) for j, s in enumerate(row_scores)])
+            pos += len(row_scores)
+        return hits
+
+    @functools.cached_property
+    def _row_windows(self) -> RowWindows:
+        return RowWindows(self.windows, self.index)
 
     def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> list[Hit]:
         """Top-k documents for one query text, best first.
@@ -328,7 +333,7 @@ class Searcher:
                 raise InputError(f"query is empty, only whitespace or not a string: {text!r}")
         vectors = self._embed(texts) if mode == "hybrid" else None
         windowed = self.windows is not None and mode == "hybrid"
-        rescore = row_rescorer(self.windows, vectors, self.index.docs.get) if windowed else None
+        rescore = self._row_windows.rescorer(vectors) if windowed else None
         results = fused_rows(query_vectors=vectors, texts=texts, k=k, mode=mode, ann=self.index.search_vectors,
                              embeddings=self.index.embeddings(), bm25=self.bm25, config=self.hybrid_config,
                              rescore=rescore)

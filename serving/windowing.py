@@ -19,9 +19,9 @@ import numpy as np
 
 from dssm.data import document_text
 from dssm.index import file_identity
-from dssm.windows import WINDOW_CANDIDATES, WindowRows, WindowScorer
+from dssm.windows import WINDOW_CANDIDATES, WindowRows, WindowScorer, window_texts
 
-__all__ = ["window_scorer", "windowed_depth", "rescore_hits", "row_rescorer"]
+__all__ = ["window_scorer", "windowed_depth", "RowWindows"]
 
 # Stores by the identity of their files, while a searcher holds one: every write publishes a version
 # that hard-links the same windows/, and verifying its checksums per write would hash it again.
@@ -55,39 +55,70 @@ def windowed_depth(scorer: WindowScorer | None, k: int) -> int:
     return k if scorer is None else max(k, WINDOW_CANDIDATES)
 
 
-def rescore_hits(scorer: WindowScorer, vectors: np.ndarray, docs: Sequence[Sequence[Any]],
-                 scores: Sequence[np.ndarray], k: int) -> list[list[tuple[Any, float]]]:
-    """Per query, its top ``k`` of ``docs`` (:class:`dssm.index.Doc`, ANN order) by the windowed score.
+# A base row's remembered entry: not looked up yet, or a text of one window (nothing to add); -1 is a
+# text the store lacks (its windows come from the scorer's per-process memory, by text).
+_UNKNOWN, _ONE_WINDOW = -2, -3
+_MEMO_BASES = 2  # base segments whose rows a store remembers (the live one and the one before a compaction)
+
+
+class RowWindows:
+    """A loaded version's windows looked up by row.
+
+    A base segment's rows never change (writes add delta segments and tombstones; a compaction writes
+    a new base under a new name), so each base row remembers its store entry, per base segment, on the
+    store that a process shares across versions: a candidate seen before costs no doc-store read and
+    no text fingerprint. Delta rows, and base rows the store lacks, read their text every time.
 
     Args:
-        vectors: [q, dim] the queries' vectors.
-        docs: per query, its ANN candidates; ``scores`` their cosines.
-
-    Returns:
-        Per query, up to ``k`` ``(doc, score)`` best first (ties keep the ANN's order).
-    """
-    texts = [[document_text(d.title, d.text) for d in group] for group in docs]
-    combined = scorer.combined(vectors, texts, scores)
-    out = []
-    for group, values in zip(docs, combined, strict=True):
-        order = np.argsort(-values, kind="stable")[:k]
-        out.append([(group[i], float(values[i])) for i in order])
-    return out
-
-
-Rescore = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
-
-
-def row_rescorer(scorer: WindowScorer, vectors: np.ndarray, documents: Callable[[list[int]], Sequence[Any]]) -> Rescore:
-    """``(query index, rows, cosines) -> windowed scores``, for :func:`dssm.hybrid.fused_rows`'s dense side.
-
-    Args:
-        vectors: [q, dim] the queries' vectors.
-        documents: rows -> their :class:`dssm.index.Doc` (the version's doc store).
+        scorer: the version's :class:`dssm.windows.WindowScorer` (with a store).
+        index: the loaded :class:`dssm.index.Index`.
     """
 
-    def rescore(i: int, rows: np.ndarray, cosines: np.ndarray) -> np.ndarray:
-        texts = [document_text(d.title, d.text) for d in documents([int(r) for r in rows])]
-        return scorer.combined(vectors[i:i + 1], [texts], [cosines])[0]
+    def __init__(self, scorer: WindowScorer, index: Any) -> None:
+        self.scorer, self.docs = scorer, index.docs
+        self.base_rows = index.layout.base_documents
+        store = scorer.store
+        with store.computed_lock:
+            memos = store.row_memos
+            key = index.layout.base_version
+            if key not in memos:
+                memos[key] = np.full(self.base_rows, _UNKNOWN, np.int32)
+                for old in list(memos)[:-_MEMO_BASES]:
+                    del memos[old]
+            self.memo = memos[key]
 
-    return rescore
+    def scores(self, vectors: np.ndarray, rows: Sequence[np.ndarray],
+               cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per query, its candidate ``rows``' cosine + best window cosine (``cosines`` their whole cosines)."""
+        flat = np.concatenate([np.asarray(r, np.int64).ravel() for r in rows])
+        base = flat < self.base_rows
+        entries = np.full(len(flat), _UNKNOWN, np.int64)
+        entries[base] = self.memo[flat[base]]
+        texts: list[str | None] = [None] * len(flat)
+        fetch = np.flatnonzero((entries == _UNKNOWN) | (entries == -1))
+        if fetch.size:
+            got = [document_text(d.title, d.text) for d in self.docs.get(flat[fetch].tolist())]
+            entries[fetch] = self.scorer.store.entries(got)
+            config = self.scorer.config
+            for i, text in zip(fetch.tolist(), got, strict=True):
+                if entries[i] >= 0:
+                    continue
+                one = len(window_texts(text, window=config.window, stride=config.stride)) == 1
+                entries[i], texts[i] = (_ONE_WINDOW, None) if one else (-1, text)
+            remembered = fetch[base[fetch]]
+            self.memo[flat[remembered]] = entries[remembered]
+        entries[entries == _ONE_WINDOW] = -1  # with no text: nothing to add to its cosine
+        return self.scorer.combine(vectors, entries, texts, cosines)
+
+    def top(self, vectors: np.ndarray, rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[list[np.ndarray],
+                                                                                             list[np.ndarray]]:
+        """Per query, its ANN candidates (``rows``/``scores`` ``[q, n]``) re-scored: ``(rows [<=k], scores [<=k])``
+        best first (ties keep the ANN's order)."""
+        combined = self.scores(vectors, list(rows), list(scores))
+        order = [np.argsort(-values, kind="stable")[:k] for values in combined]
+        return ([r[o] for r, o in zip(rows, order, strict=True)],
+                [c[o] for c, o in zip(combined, order, strict=True)])
+
+    def rescorer(self, vectors: np.ndarray) -> Callable[[int, np.ndarray, np.ndarray], np.ndarray]:
+        """``(query index, rows, cosines) -> windowed scores``, for :func:`dssm.hybrid.fused_rows`'s dense side."""
+        return lambda i, rows, cosines: self.scores(vectors[i:i + 1], [rows], [cosines])[0]

@@ -170,6 +170,11 @@ def test_an_index_with_windows_serves_them_in_dense_and_hybrid_search(windowed_i
         hits = searcher.search(query, k=5, mode="dense")
         assert [h.id for h in hits] == expected_dense(searcher, query, 5)
         assert all(-2.0 <= h.score <= 2.0 for h in hits) and hits[0].score > 1.0  # cosine + best window
+        # the base rows looked up are remembered (entry, -1 or one window), and answer the same from memory
+        memo = searcher._row_windows.memo
+        assert (memo != -2).sum() == min(100, len(memo))
+        assert [h.id for h in searcher.search(query, k=5, mode="dense")] == [h.id for h in hits]
+        memo[:] = -2
     # hybrid: the dense side of the fusion is the windowed score of every candidate
     plain = Searcher(index=searcher.index, encoder=searcher.encoder)
     assert plain.windows is None
@@ -199,6 +204,9 @@ def test_windows_ride_along_writes_and_new_texts_get_theirs_at_search_time(windo
     long_text = ("a note on subject headings for microfilm archives: the cataloguing of xerography copies in "
                  "libraries and the cost of their storage in large collections")
     searcher.upsert([{"id": "new-1", "title": "", "text": long_text}])
+    in_delta = Searcher.load(index)
+    assert in_delta.index.layout.delta  # the new text is a delta row: read by text, windows embedded
+    assert in_delta.search("xerography copies in libraries", k=1, mode="dense")[0].id == "new-1"
     compact_index(index)
     after = current_version_dir(index)
     assert os.path.samefile(before, after / "windows" / "rows.npy")  # linked forward, not rebuilt
