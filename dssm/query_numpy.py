@@ -219,8 +219,10 @@ class NumpyQueryEncoder:
     the first call that needs it, once, thread-safely.
     """
 
-    def __init__(self, model_dir: Path, *, tower: QueryTower, features: FeatureConfig, batch_size: int = 1024) -> None:
+    def __init__(self, model_dir: Path, *, tower: QueryTower, features: FeatureConfig, batch_size: int = 1024,
+                 shared_towers: bool = False) -> None:
         self.model_dir = model_dir
+        self.shared_towers = shared_towers  # one tower for queries and documents: documents in numpy too
         self.query_tower = tower
         self.features = features
         self.dim = tower.model.output_dim
@@ -269,7 +271,12 @@ class NumpyQueryEncoder:
         return self.graph().embed_queries(texts)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """``n`` texts → ``[n, dim]`` float32 with the document tower (the SavedModel)."""
+        """``n`` texts → ``[n, dim]`` float32 with the document tower: with shared towers (the default)
+        it is the query tower, so as :meth:`embed_queries` (a server embedding a few windows of a
+        document written after its index, :mod:`dssm.windows`, stays free of TensorFlow); else the
+        SavedModel."""
+        if self.shared_towers:
+            return self.embed_queries(texts)
         return self.graph().embed_documents(texts)
 
 
@@ -302,4 +309,5 @@ def load_query_encoder(model_dir: str | Path, *, verify: bool = True,
     side = load_npy(weights / "side_table.npy", mmap_mode="r") if shape.side_dim else None
     tower = QueryTower(table=table, bias=load_npy(weights / "bias.npy"), layers=layers,
                        features=features, model=shape, side=side)
-    return NumpyQueryEncoder(model_dir, tower=tower, features=features, batch_size=batch_size)
+    return NumpyQueryEncoder(model_dir, tower=tower, features=features, batch_size=batch_size,
+                             shared_towers=bool(config["model"].get("shared_towers", False)))

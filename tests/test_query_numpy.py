@@ -51,6 +51,11 @@ def test_numpy_encoder_equals_the_saved_model(exported: Path) -> None:
     assert encoder.graph_loaded
     np.testing.assert_allclose(encoder.embed_documents(ASCII), graph.embed_documents(ASCII), atol=2e-6)
     assert encoder.embed_queries([]).shape == (0, graph.dim)
+    # Shared towers: the document tower is the query tower, so documents take the numpy path too;
+    # two towers: the numpy weights are the query tower's only, documents take the graph.
+    fresh = load_query_encoder(exported)
+    np.testing.assert_allclose(fresh.embed_documents(ASCII), graph.embed_documents(ASCII), atol=2e-6)
+    assert fresh.graph_loaded is not fresh.shared_towers
 
 
 def test_changed_weights_are_refused_and_old_models_fall_back(exported: Path, tmp_path: Path) -> None:
@@ -104,6 +109,7 @@ def test_follow_loads_the_graph_from_a_newer_copy_of_the_model(exported: Path, t
     encoder = load_query_encoder(first)
     encoder.follow(second)
     shutil.rmtree(first)
-    np.testing.assert_allclose(encoder.embed_documents(ASCII[:4]),
+    np.testing.assert_allclose(encoder.graph().embed_documents(ASCII[:4]),
                                load_encoder(exported).embed_documents(ASCII[:4]), atol=2e-6)
     assert encoder.graph_loaded and encoder.model_dir == second
+

@@ -389,7 +389,8 @@ def test_a_derived_manifest_reuses_checksums_of_hard_linked_files_only(tmp_path)
 def test_an_update_does_not_launder_a_corrupt_linked_model(tiny_model_dir, adi_dir, tmp_path):
     """An upsert by a searcher whose SavedModel is loaded reads no model/ file, so it does not hash it; the
     checksum it carries forward still catches a model corrupted in place when the new version is loaded.
-    A searcher on the numpy query path loads (and verifies) the SavedModel to encode, so it refuses."""
+    A searcher on the numpy path encodes with the (verified) numpy weights of its shared towers, never
+    reading the SavedModel: its write succeeds, and that version's SavedModel is still refused."""
     from dssm.errors import ChecksumError
     from tests.serving_support import adi_rows, build_version
 
@@ -405,8 +406,10 @@ def test_an_update_does_not_launder_a_corrupt_linked_model(tiny_model_dir, adi_d
     searcher.upsert([("new-doc", "", "a new document about something")])
     with pytest.raises(ChecksumError, match="variables.data"):
         Searcher.load(index_dir, fast_queries=False)
+    fast.upsert([("other-doc", "", "another new document")])
+    assert not fast.encoder.graph_loaded
     with pytest.raises(ChecksumError, match="variables.data"):
-        fast.upsert([("other-doc", "", "another new document")])
+        Searcher.load(index_dir, fast_queries=False)
 
 
 def test_the_automatic_rebalance_waits_until_half_the_build_has_changed(tmp_path):

@@ -281,3 +281,29 @@ def test_the_http_service_serves_the_windowed_scores(windowed_index):
                 # the version's default is hybrid: a request without a mode gets it, one naming dense does not
                 assert [h.id for h in client.search(query, k=5)] == [h.id for h in searcher.search(query, k=5)]
         assert searcher.default_mode == "hybrid"
+
+
+def test_a_search_process_embeds_a_new_documents_windows_without_tensorflow(windowed_index, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from serving.searcher import Searcher
+
+    index = tmp_path / "index"
+    shutil.copytree(windowed_index, index)
+    long_text = ("a note on subject headings for microfilm archives: the cataloguing of xerography copies in "
+                 "libraries and the cost of their storage in large collections")
+    Searcher.load(index).upsert([{"id": "new-1", "title": "", "text": long_text}])
+    expected = Searcher.load(index).search("xerography copies in libraries", k=1, mode="dense")[0]
+    script = ("import sys, json; from serving.searcher import Searcher; s = Searcher.load(sys.argv[1]); "
+              "hit = s.search('xerography copies in libraries', k=1, mode='dense')[0]; "
+              "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'id': hit.id, 'score': hit.score}))")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script, str(index)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    # the new text is not in windows/: its windows were embedded by the numpy tower (shared towers)
+    assert out["tf"] is False and out["id"] == expected.id == "new-1"
+    assert out["score"] == pytest.approx(expected.score, abs=1e-5)
