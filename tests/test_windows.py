@@ -234,7 +234,7 @@ def test_a_corrupt_windows_store_is_refused_by_name(windowed_index, tmp_path):
         Searcher.load(index)
 
 
-def test_windows_auto_decides_on_held_out_pairs_and_off_stores_none(tiny_model_dir, adi_dir, tmp_path):
+def test_windows_auto_decides_on_held_out_pairs_and_the_other_modes_before_any_work(tiny_model_dir, adi_dir, tmp_path):
     from pipelines.encode_corpus import main as index_main
 
     def build(name: str, *flags: str) -> dict:
@@ -246,8 +246,16 @@ def test_windows_auto_decides_on_held_out_pairs_and_off_stores_none(tiny_model_d
         assert (version / "windows").is_dir() == manifest["windows"]["stored"]
         return manifest["windows"]
 
-    assert build("off", "--windows", "off") == {"stored": False, "reason": "--windows off"}
-    assert "no held-out labelled pairs" in build("auto")["reason"]
+    from pipelines.windows_step import windows_step
+
+    def step(mode: str, encoder: object, pairs: list | None) -> dict:  # the cases that decide before any work
+        return windows_step(tmp_path, mode=mode, encoder=encoder, texts=[], embeddings=np.zeros((0, 2)),
+                            pairs=pairs, bm25_config=None, weight=0.5, normalization="minmax", seed=0)
+
+    assert step("off", object(), [("q", "d")]) == {"stored": False, "reason": "--windows off"}
+    assert "no held-out labelled pairs" in step("auto", object(), None)["reason"]
+    assert "fitted model" in step("on", None, None)["reason"]
+    assert not (tmp_path / "windows").exists()
     decided = build("pairs", "--hybrid-pairs", str(tiny_model_dir.parent / "pairs"))
     # adi's held-out pairs: whatever the verdict, it is the rule's on the numbers it reports
     if "means" in decided:
