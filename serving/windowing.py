@@ -90,6 +90,8 @@ class RowWindows:
     def scores(self, vectors: np.ndarray, rows: Sequence[np.ndarray],
                cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per query, its candidate ``rows``' cosine + best window cosine (``cosines`` their whole cosines)."""
+        if not len(rows):
+            return []
         flat = np.concatenate([np.asarray(r, np.int64).ravel() for r in rows])
         base = flat < self.base_rows
         entries = np.full(len(flat), _UNKNOWN, np.int64)

@@ -175,6 +175,7 @@ def test_an_index_with_windows_serves_them_in_dense_and_hybrid_search(windowed_i
         assert (memo != -2).sum() == min(100, len(memo))
         assert [h.id for h in searcher.search(query, k=5, mode="dense")] == [h.id for h in hits]
         memo[:] = -2
+    assert searcher._row_windows.scores(np.zeros((0, searcher.index.dim), np.float32), [], []) == []
     # hybrid: the dense side of the fusion is the windowed score of every candidate
     plain = Searcher(index=searcher.index, encoder=searcher.encoder)
     assert plain.windows is None
