@@ -21,7 +21,8 @@ import numpy as np
 from dssm.errors import IndexNotFoundError, InputError
 from dssm.index import file_identity
 
-__all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_reranker_once", "read_every_shards_words"]
+__all__ = ["MAX_RERANK", "check_rerank", "rerank_results", "load_once", "load_reranker_once",
+           "read_every_shards_words"]
 
 # Candidates a re-ranked search may read per query: the re-ranker reads every word of each, so this
 # bounds one request's cost (docs/rerank.md has the cost per candidate).
@@ -75,29 +76,39 @@ def rerank_results(reranker: Any, texts: Sequence[str], results: Sequence[Sequen
     return out
 
 
-# Loaded re-rankers by the identity of their files, while a searcher holds one: every write
-# publishes a version that hard-links the same reranker/, and reloading its SavedModel per write cost
-# seconds.
+# Artifacts loaded from a version's directory, by the identity of its files, while a searcher holds
+# one: every write publishes a version that hard-links the same reranker/ (or windows/), and loading
+# and verifying them again per write cost seconds.
 _LOADED: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
 _LOADED_LOCK = threading.Lock()
 
 
-def load_reranker_once(directory: Path) -> Any:
-    """The re-ranker in ``directory``: :func:`dssm.rerank_export.load_reranker` (checksums verified), or
-    the one this process already loaded from the very same files (each the same inode, size and
-    mtime: hard links from an earlier version; a file changed in place since is a miss, and verified)."""
+def load_once(directory: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(directory)``, or what this process already loaded from the very same files (each the same
+    inode, size and mtime: hard links from an earlier version; a file changed in place since is a
+    miss, and loaded — so verified — again). ``load``'s result must be weakly referenceable."""
     key = file_identity(directory.parent, (directory.name,))
     with _LOADED_LOCK:
         found = _LOADED.get(key)
     if found is not None:
         return found
-    # deferred: TensorFlow, imported only when this runs
-    from dssm.rerank_export import load_reranker
-
-    loaded = load_reranker(directory)
+    loaded = load(directory)
     with _LOADED_LOCK:
         _LOADED[key] = loaded
     return loaded
+
+
+def load_reranker_once(directory: Path) -> Any:
+    """The re-ranker in ``directory``: :func:`dssm.rerank_export.load_reranker` (checksums verified),
+    or the one this process already loaded from the same files (:func:`load_once`)."""
+
+    def load(path: Path) -> Any:
+        # deferred: TensorFlow, imported only when this runs
+        from dssm.rerank_export import load_reranker
+
+        return load_reranker(path)
+
+    return load_once(directory, load)
 
 
 def read_every_shards_words(reranker: Any, directories: Sequence[Path | None]) -> None:

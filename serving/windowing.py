@@ -9,8 +9,6 @@ then that sum, in [-2, 2].
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,16 +16,10 @@ from typing import Any
 import numpy as np
 
 from dssm.data import document_text
-from dssm.index import file_identity
 from dssm.windows import WINDOW_CANDIDATES, WindowRows, WindowScorer, window_texts
+from serving.reranking import load_once
 
 __all__ = ["window_scorer", "windowed_depth", "RowWindows"]
-
-# Stores by the identity of their files, while a searcher holds one: every write publishes a version
-# that hard-links the same windows/, and verifying its checksums per write would hash it again.
-_LOADED: weakref.WeakValueDictionary[tuple[Any, ...], WindowRows] = weakref.WeakValueDictionary()
-_LOADED_LOCK = threading.Lock()
-
 
 def window_scorer(windows_dir: Path | None, model_dir: Path | None, encoder: Any) -> WindowScorer | None:
     """The version's :class:`dssm.windows.WindowScorer`, or ``None`` without ``windows/`` (or a model).
@@ -40,13 +32,8 @@ def window_scorer(windows_dir: Path | None, model_dir: Path | None, encoder: Any
     """
     if windows_dir is None or model_dir is None or encoder is None:
         return None
-    key = file_identity(windows_dir.parent, (windows_dir.name,))
-    with _LOADED_LOCK:
-        store = _LOADED.get(key)
-    if store is None:
-        store = WindowRows.load(windows_dir, owner=WindowRows.owner(model_dir))
-        with _LOADED_LOCK:
-            _LOADED[key] = store
+    # loaded once per process while a searcher holds it: writes hard-link the same windows/ forward
+    store = load_once(windows_dir, lambda path: WindowRows.load(path, owner=WindowRows.owner(model_dir)))
     return WindowScorer(store, config=store.config, embed_documents=getattr(encoder, "embed_documents", None))
 
 
