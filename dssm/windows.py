@@ -140,27 +140,15 @@ class WindowScorer:
     def __init__(self, store: WindowRows | None, *, config: WindowConfig, embed_documents: Embed | None) -> None:
         self.store, self.config, self.embed_documents = store, config, embed_documents
 
-    def vectors(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        """Each text's window vectors (``None``: one window, or not stored and no tower to embed it)."""
-        entries = self.store.entries(texts) if self.store is not None else np.full(len(texts), -1, np.int64)
-        found = self._computed(texts, entries)
-        offsets, rows = (self.store.offsets, self.store.rows) if self.store is not None else (None, None)
-        for i in np.flatnonzero(entries >= 0).tolist():
-            found[i] = rows[offsets[entries[i]]:offsets[entries[i] + 1]]
-        return found
-
-    def _computed(self, texts: Sequence[str], entries: np.ndarray) -> list[np.ndarray | None]:
-        """The window vectors of the texts the store lacks (``entries < 0``), embedded here once and
-        remembered by the store (the last :data:`COMPUTED_TEXTS`); ``None`` elsewhere."""
-        found: list[np.ndarray | None] = [None] * len(texts)
-        missing = np.flatnonzero(entries < 0).tolist()
+    def _computed(self, texts: Sequence[str | None], missing: list[int]) -> dict[int, np.ndarray]:
+        """``{i: window vectors}`` of ``texts[i]`` for ``i`` in ``missing`` (texts the store lacks) that have
+        more than one window, embedded here once and remembered by the store (the last
+        :data:`COMPUTED_TEXTS`)."""
         if not missing or self.embed_documents is None:
-            return found
+            return {}
         if self.store is None:
-            for i, vectors in zip(missing, window_vectors([texts[i] for i in missing], self.embed_documents,
-                                                          self.config), strict=True):
-                found[i] = vectors
-            return found
+            fresh = window_vectors([texts[i] for i in missing], self.embed_documents, self.config)
+            return {i: v for i, v in zip(missing, fresh, strict=True) if v is not None}
         computed, lock = self.store.computed, self.store.computed_lock
         with lock:
             known = {i: computed[texts[i]] for i in missing if texts[i] in computed}
@@ -171,9 +159,7 @@ class WindowScorer:
                 computed[texts[i]] = vectors
             while len(computed) > COMPUTED_TEXTS:
                 computed.popitem(last=False)
-        for i, vectors in [*known.items(), *zip(todo, fresh, strict=True)]:
-            found[i] = vectors
-        return found
+        return {i: v for i, v in [*known.items(), *zip(todo, fresh, strict=True)] if v is not None}
 
     def combined(self, queries: np.ndarray, texts: Sequence[Sequence[str]],
                  cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -201,9 +187,8 @@ class WindowScorer:
                 remembered); ``None`` there for a text known to be one window.
             cosines: per query, its candidates' whole cosines (their counts split ``entries``).
         """
-        # a text given as None is known to be one window: masked as found, so nothing is embedded for it
-        computed = self._computed([t or "" for t in texts], np.where([t is None for t in texts], 0, entries))
-        embedded = {i: vectors for i, vectors in enumerate(computed) if vectors is not None}
+        # a text given as None is known to be one window: nothing to embed for it
+        embedded = self._computed(texts, [i for i in np.flatnonzero(entries < 0).tolist() if texts[i] is not None])
         out, start = [], 0
         for query, whole in zip(queries, cosines, strict=True):
             whole = np.asarray(whole, dtype=np.float32)
