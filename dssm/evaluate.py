@@ -218,9 +218,10 @@ def _hybrid_candidates(searcher: Any, bm25: Any, vectors: Any, qids: Sequence[st
     for i, qid in enumerate(qids):
         candidates = sorted({h[0] for h in dense_run.get(qid, ())} | {h[0] for h in sparse_run.get(qid, ())})
         in_index = [d for d in candidates if d in row_of]
-        cosines = np.asarray(embeddings[[row_of[d] for d in in_index]], dtype=np.float32) @ vectors[i]
-        if searcher.windows is not None:  # the dense side as search scores it (serving.windowing)
-            cosines = searcher.windows.combined(vectors[i:i + 1], [searcher.document_texts(in_index)], [cosines])[0]
+        rows = np.asarray([row_of[d] for d in in_index], np.int64)
+        cosines = np.asarray(embeddings[rows], dtype=np.float32) @ vectors[i]
+        if searcher.row_windows is not None:  # the dense side as search scores it (serving.windowing)
+            cosines = searcher.row_windows.scores(vectors[i:i + 1], [rows], [cosines])[0]
         dense[qid] = dict(zip(in_index, cosines.tolist(), strict=True))
         full = bm25.scores(queries[qid])
         sparse[qid] = {d: float(full[corpus_pos[d]]) if d in corpus_pos else 0.0 for d in candidates}

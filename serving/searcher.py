@@ -191,7 +191,7 @@ class Searcher:
         """
         rows, scores = self.index.search_vectors(vectors, windowed_depth(self.windows, k))
         if self.windows is not None:
-            rows, scores = self._row_windows.top(vectors, rows, scores, k)
+            rows, scores = self.row_windows.top(vectors, rows, scores, k)
         docs = self.index.docs.get([int(r) for part in rows for r in part])
         hits, pos = [], 0
         for row_scores in scores:
@@ -200,8 +200,9 @@ class Searcher:
         return hits
 
     @functools.cached_property
-    def _row_windows(self) -> RowWindows:
-        return RowWindows(self.windows, self.index)
+    def row_windows(self) -> RowWindows | None:
+        """The version's windows looked up by row (:class:`serving.windowing.RowWindows`), or ``None``."""
+        return RowWindows(self.windows, self.index) if self.windows is not None else None
 
     def search(self, text: str, k: int = 10, *, mode: str | None = None, rerank: int = 0) -> list[Hit]:
         """Top-k documents for one query text, best first.
@@ -333,7 +334,7 @@ class Searcher:
                 raise InputError(f"query is empty, only whitespace or not a string: {text!r}")
         vectors = self._embed(texts) if mode == "hybrid" else None
         windowed = self.windows is not None and mode == "hybrid"
-        rescore = self._row_windows.rescorer(vectors) if windowed else None
+        rescore = self.row_windows.rescorer(vectors) if windowed else None
         results = fused_rows(query_vectors=vectors, texts=texts, k=k, mode=mode, ann=self.index.search_vectors,
                              embeddings=self.index.embeddings(), bm25=self.bm25, config=self.hybrid_config,
                              rescore=rescore)

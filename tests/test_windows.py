@@ -171,11 +171,11 @@ def test_an_index_with_windows_serves_them_in_dense_and_hybrid_search(windowed_i
         assert [h.id for h in hits] == expected_dense(searcher, query, 5)
         assert all(-2.0 <= h.score <= 2.0 for h in hits) and hits[0].score > 1.0  # cosine + best window
         # the base rows looked up are remembered (entry, -1 or one window), and answer the same from memory
-        memo = searcher._row_windows.memo
+        memo = searcher.row_windows.memo
         assert (memo != -2).sum() == min(100, len(memo))
         assert [h.id for h in searcher.search(query, k=5, mode="dense")] == [h.id for h in hits]
         memo[:] = -2
-    assert searcher._row_windows.scores(np.zeros((0, searcher.index.dim), np.float32), [], []) == []
+    assert searcher.row_windows.scores(np.zeros((0, searcher.index.dim), np.float32), [], []) == []
     # hybrid: the dense side of the fusion is the windowed score of every candidate
     plain = Searcher(index=searcher.index, encoder=searcher.encoder)
     assert plain.windows is None
