@@ -225,6 +225,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         refit = refit_for(stage / index_lib.MODEL_DIR,
                           known=lambda: dict(zip(texts, np.asarray(embeddings[rows]), strict=True)))
         encoder = load_encoder(stage / index_lib.MODEL_DIR) if refit is None else None
+        stored = np.asarray(embeddings[rows]) if refit is None else None  # read once: the weight and the windows
         # Trained towers (an ensemble's too) have seen their training documents' spans; a fit has not.
         query_rows = [i for i, d in enumerate(docs) if d.id not in trained_on] \
             if trained_on is not None and not is_fit(stage / index_lib.MODEL_DIR) else None
@@ -238,7 +239,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         bm25_config, bm25_report = _tuned_bm25(stage, store, texts, pairs, seed=seed) if pairs and tune_bm25 \
             else (None, None)
         tick = time.perf_counter()
-        hybrid, report = label_free_weight(texts=texts, embeddings=None if refit else np.asarray(embeddings[rows]),
+        hybrid, report = label_free_weight(texts=texts, embeddings=stored,
                                            embed_queries=encoder.embed_queries if encoder else None,
                                            embed_documents=encoder.embed_documents if encoder else None,
                                            queries=queries, seed=seed, pairs=pairs, refit=refit,
@@ -253,8 +254,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
               f"p {report.get('p', 1.0):.3g})",
               file=sys.stderr, flush=True)
         settings = config_to_dict(hybrid)
-        window_report = windows_step(stage, mode=windows, encoder=encoder, texts=texts,
-                                     embeddings=None if refit else np.asarray(embeddings[rows]), pairs=pairs,
+        window_report = windows_step(stage, mode=windows, encoder=encoder, texts=texts, embeddings=stored, pairs=pairs,
                                      bm25_config=bm25_config, weight=hybrid.weight, normalization=hybrid.normalization,
                                      seed=seed)
         return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report, "windows": window_report} | (
