@@ -167,16 +167,19 @@ def test_torch_reference_is_the_same_model_as_dssm_model() -> None:
 
 @pytest.mark.slow
 def test_quick_run_writes_results(tmp_path: Path) -> None:
-    """``python -m bench --quick`` on three cheap parts writes both files with the schema and every figure."""
-    done = subprocess.run([sys.executable, "-m", "bench", "--part", "query", "rerank", "quality", "--quick", "--out",
+    """``python -m bench --quick`` on two cheap parts writes both files with the schema and every figure.
+
+    The quality part is left out here (its quick run trains the whole label-free recipe on adi, ~40 s
+    of CI); ``test_quality_part_reports_the_recipes_eval_beside_bm25`` checks its figures.
+    """
+    done = subprocess.run([sys.executable, "-m", "bench", "--part", "query", "rerank", "--quick", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     _check_schema(data, quick=True)
-    assert set(data["parts"]) == {"query", "rerank", "quality"} and data["errors"] == {}
+    assert set(data["parts"]) == {"query", "rerank"} and data["errors"] == {}
     names = [f["name"] for f in data["figures"]]
     assert any("over HTTP, 64 clients, p99" in n for n in names)
-    assert any(n.startswith("ndcg@10 hybrid, adi") for n in names)
     query = [f for f in data["figures"] if f["part"] == "query"]
     assert {f["unit"] for f in query} == {"ms", "queries/s"}
     assert all(f["peer"] and f["ours"]["runs"] == 2 for f in query)
@@ -191,8 +194,39 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
         throughput = rerank[f"batch scoring throughput ({design})"]
         assert throughput["unit"] == "pairs/s" and throughput["ours"]["median"] > 0
     table = (tmp_path / "results.md").read_text()
-    parts = ("| query |", "| rerank |", "| quality |")
-    assert sum(line.startswith(parts) for line in table.splitlines()) == len(names) + 3
+    parts = ("| query |", "| rerank |")
+    assert sum(line.startswith(parts) for line in table.splitlines()) == len(names) + 2
+
+
+def test_quality_part_reports_the_recipes_eval_beside_bm25(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench.part_quality.run``: the recipe runs once per set (adi when quick) in a temporary directory,
+    its ``dssm eval`` report becomes DSSM's and the default search's figures beside BM25's, with the
+    paired test's p and the stored weight in the notes, and the directory is removed afterwards."""
+    import bench.part_quality as part
+    import bench.quality_table as quality_table
+
+    calls = []
+    report = {"queries": 35, "docs": 82, "dssm": {"ndcg@10": 0.5, "recall@100": 0.9},
+              "hybrid": {"ndcg@10": 0.52}, "bm25": {"ndcg@10": 0.48, "recall@100": 0.85},
+              "significance": {"bm25 vs dssm": {"ndcg@10": 0.031}}, "hybrid_tuning": {"weight": 0.5}}
+
+    def fake_run_set(name, *, seeds, work, reuse, data_root, run_command):
+        calls.append((name, seeds, reuse, data_root, run_command))
+        (work / name / "seed0").mkdir(parents=True)
+        (work / name / "seed0" / "eval.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(quality_table, "run_set", fake_run_set)
+    monkeypatch.setattr(part.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "work"))
+    figures = {f.name: f for f in part.run(quick=True)}
+    assert calls == [("adi", [0], False, part.DATASETS, part._in_process)]
+    assert not (tmp_path / "work").exists()
+    label = "adi (35 queries, 82 docs, seed 0)"
+    assert list(figures) == [f"ndcg@10 dssm, {label}", f"ndcg@10 hybrid, {label}", f"recall@100 dssm, {label}"]
+    dense, hybrid, recall = figures.values()
+    assert (dense.ours.median, dense.peer.median, dense.unit) == (0.5, 0.48, "ndcg@10")
+    assert dense.note == "DSSM alone; p = 0.031 (paired randomisation)"
+    assert (hybrid.ours.median, hybrid.note) == (0.52, "the default search; weight 0.50 on DSSM, stored by dssm index")
+    assert (recall.ours.median, recall.peer.median) == (0.9, 0.85)
 
 
 def test_write_part_counts_only_the_bytes_a_version_wrote(tmp_path: Path) -> None:
