@@ -55,6 +55,10 @@ class DocumentRows:
     #: The manifest's kind, the field naming the artifact the rows belong to, and the rows' dtype
     #: (:class:`dssm.windows.WindowRows` stores ``[total, dim]`` window vectors the same way).
     KIND, OWNER_FIELD, DTYPE = DOCUMENTS_KIND, "reranker", np.int32
+    #: The arrays :meth:`save` writes and :meth:`load` maps (``<name>.npy``), and those a store may lack
+    #: (a subclass's additions that older stores were written without: ``None`` when missing).
+    ARRAYS: tuple[str, ...] = _ARRAYS
+    OPTIONAL_ARRAYS: tuple[str, ...] = ()
 
     def __init__(self, *, keys: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> None:
         n = len(keys)
@@ -110,8 +114,9 @@ class DocumentRows:
         ``manifest.json`` of the artifact these rows belong to (:meth:`owner`); ``extra``: more manifest keys."""
         directory = Path(directory)
         directory.mkdir(parents=True)
-        for name in _ARRAYS:
-            np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
+        for name in (*self.ARRAYS, *self.OPTIONAL_ARRAYS):
+            if getattr(self, name) is not None:
+                np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
         write_manifest(directory, kind=self.KIND,
                        extra={self.OWNER_FIELD: owner, "documents": len(self), "rows": len(self.rows), **(extra or {})})
 
@@ -128,7 +133,9 @@ class DocumentRows:
         if manifest.get(cls.OWNER_FIELD) != owner:
             raise ChecksumError(f"{directory} holds rows for the {cls.OWNER_FIELD} whose manifest has sha256 "
                                 f"{manifest.get(cls.OWNER_FIELD)!r}, not this one's ({owner!r})")
-        arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r") for name in cls.ARRAYS}
+        arrays |= {name: load_npy(directory / f"{name}.npy", mmap_mode="r") if f"{name}.npy" in manifest["files"]
+                   else None for name in cls.OPTIONAL_ARRAYS}  # only a file the manifest checksums is read
         store = cls(**arrays)
         store.manifest = manifest
         return store

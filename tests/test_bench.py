@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +399,18 @@ def test_passage_screen_finds_a_diluted_document_by_its_window(tmp_path: Path) -
     assert [(queries[qid], next(iter(qrels[qid]))) for qid in queries] == expected
     with pytest.raises(InputError, match="no validation pair"):
         validation_queries(table, corpus_ids={"d9"}, fraction=0.0)
+
+
+def test_windows_latency_times_every_query_after_the_warmup_in_the_mode_asked() -> None:
+    from bench.windows_latency import time_searches
+
+    calls = []
+
+    class Slow:
+        def search(self, text, k, mode):
+            calls.append((text, k, mode))
+            time.sleep(0.002 if text == "q9" else 0.0)
+
+    got = time_searches(Slow(), [f"q{i}" for i in range(10)], mode="hybrid", warmup=3)
+    assert calls == [(f"q{i}", 10, "hybrid") for i in range(10)]
+    assert got["p99_ms"] >= 1.5 > got["p50_ms"]  # only q9 is slow: the tail, not the median

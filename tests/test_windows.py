@@ -58,12 +58,40 @@ def test_window_vectors_by_hand_and_one_window_texts_are_not_stored(tmp_path) ->
     assert loaded.config == config
     found = loaded.lookup(["w7 w8 w9 w10", "w4", "w1 w2 w3"])
     assert found[1] is None and found[0].shape == (2, 200) and found[2].shape == (2, 200)
-    np.testing.assert_array_equal(found[2], got[0])
+    # Stored as int16 with a scale per window (the largest component is ±32767): [0.7071, 0.7071] -> 32767 twice.
+    entry = int(loaded.entries(["w1 w2 w3"])[0])
+    first, last = loaded.offsets[entry], loaded.offsets[entry + 1]
+    assert loaded.rows.dtype == np.int16 and found[2].tolist()[0][1:3] == [32767, 32767]
+    np.testing.assert_allclose(found[2] * loaded.scales[first:last, None], got[0], atol=1e-6)
+    query = got[0][0].astype(np.float32)  # "w1 w2" itself: cosine 1 with its window, 0.5 with "w2 w3"
+    np.testing.assert_allclose(loaded.similarities(np.arange(first, last), query), [1.0, 0.5], atol=1e-3)
     with pytest.raises(ChecksumError, match="not this one's"):
         WindowRows.load(tmp_path / "windows", owner="another model")
     (tmp_path / "windows" / "rows.npy").write_bytes(b"\x93NUMPY broken")
     with pytest.raises(ChecksumError, match="rows.npy"):
         WindowRows.load(tmp_path / "windows", owner="m1")
+
+
+def test_quantized_windows_by_hand_and_a_float16_store_written_before_still_scores(tmp_path) -> None:
+    rows, scales = WindowRows.quantize(np.array([[0.6, -0.8, 0.0], [0.0, 0.0, 1.0]], np.float32))
+    assert rows.tolist() == [[24575, -32767, 0], [0, 0, 32767]]  # 0.6 / (0.8 / 32767) = 24575.25
+    np.testing.assert_allclose(scales, [0.8 / 32767, 1 / 32767], rtol=1e-6)
+    query = np.array([0.6, -0.8, 0.0], np.float32)
+    keys, lengths, offsets = np.array([7], np.uint64), np.array([3], np.int64), np.array([0, 2], np.int64)
+    quantized = WindowRows(keys=keys, lengths=lengths, offsets=offsets, rows=rows, scales=scales)
+    # 24575 * 0.8 / 32767 * 0.6 + 0.8 * 0.8 = 0.3599963 + 0.64
+    np.testing.assert_allclose(quantized.similarities(np.array([0, 1]), query), [0.9999963, 0.0], atol=1e-6)
+    old = WindowRows(keys=keys, lengths=lengths, offsets=offsets,
+                     rows=np.array([[0.6, -0.8, 0.0], [0.0, 0.0, 1.0]], np.float16))  # no scales.npy
+    old.save(tmp_path / "old", owner="m1", extra=WindowRows.manifest_extra(WindowConfig()))
+    assert not (tmp_path / "old" / "scales.npy").exists()
+    loaded = WindowRows.load(tmp_path / "old", owner="m1")
+    assert loaded.scales is None and loaded.rows.dtype == np.float16
+    np.testing.assert_allclose(loaded.similarities(np.array([1, 0]), query), [0.0, 1.0], atol=1e-3)
+    with pytest.raises(ChecksumError, match="need int16 rows"):  # int16 without its scales
+        WindowRows(keys=keys, lengths=lengths, offsets=offsets, rows=rows)
+    with pytest.raises(ChecksumError, match="need int16 rows"):  # a scale too few
+        WindowRows(keys=keys, lengths=lengths, offsets=offsets, rows=rows, scales=scales[:1])
 
 
 def test_combined_score_is_the_cosine_plus_the_best_window_by_hand() -> None:
