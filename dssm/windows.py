@@ -133,6 +133,30 @@ class WindowRows(DocumentRows):
             sims *= self.scales[index]
         return sims
 
+    def vectors(self, entry: int) -> np.ndarray:
+        """``[windows, dim]`` float32 windows of the store's entry ``entry`` (:meth:`entries`)."""
+        first, last = int(self.offsets[entry]), int(self.offsets[entry + 1])
+        rows = self.rows[first:last].astype(np.float32)
+        return rows if self.scales is None else rows * self.scales[first:last, None]
+
+    @classmethod
+    def merge(cls, stores: Sequence[WindowRows]) -> WindowRows:
+        """One quantized store of every text in ``stores`` (a text in several: the first store's windows)."""
+        if len(stores) == 1 and stores[0].scales is not None:
+            return stores[0]
+        keys = np.concatenate([s.keys for s in stores]) if stores else np.zeros(0, np.uint64)
+        source = np.repeat(np.arange(len(stores)), [len(s) for s in stores])
+        entry = np.concatenate([np.arange(len(s)) for s in stores]) if stores else np.zeros(0, np.int64)
+        order = np.lexsort((source, keys))  # by key, then by store
+        keep = order[np.r_[True, keys[order][1:] != keys[order][:-1]]] if len(order) else order
+        parts = [stores[s].vectors(e) for s, e in zip(source[keep].tolist(), entry[keep].tolist(), strict=True)]
+        offsets = np.zeros(len(keep) + 1, np.int64)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        dim = stores[0].rows.shape[1] if stores and stores[0].rows.ndim == 2 else 0
+        rows, scales = cls.quantize(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+        lengths = np.concatenate([s.lengths for s in stores])[keep] if stores else np.zeros(0, np.int64)
+        return cls(keys=keys[keep], lengths=lengths, offsets=offsets, rows=rows, scales=scales)
+
     @staticmethod
     def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[n, dim]`` vectors as ``(int16 [n, dim], float32 scales [n])``: each row's largest component
@@ -175,17 +199,35 @@ class WindowScorer:
         config: how the store cut its documents (and how unstored texts are cut).
         embed_documents: the document tower, for texts not in ``store``; ``None`` leaves such a text
             scored as one window.
+        written: stores of documents written after ``store`` was made
+            (:mod:`dssm.index.written_windows`), looked up before a text is embedded.
     """
 
-    def __init__(self, store: WindowRows | None, *, config: WindowConfig, embed_documents: Embed | None) -> None:
+    def __init__(self, store: WindowRows | None, *, config: WindowConfig, embed_documents: Embed | None,
+                 written: Sequence[WindowRows] = ()) -> None:
         self.store, self.config, self.embed_documents = store, config, embed_documents
+        self.written = list(written)
 
     def _computed(self, texts: Sequence[str | None], missing: list[int]) -> dict[int, np.ndarray]:
         """``{i: window vectors}`` of ``texts[i]`` for ``i`` in ``missing`` (texts the store lacks) that have
-        more than one window, embedded here once and remembered by the store (the last
-        :data:`COMPUTED_TEXTS`)."""
+        more than one window: from the stores of written documents, or embedded here once and
+        remembered by the store (the last :data:`COMPUTED_TEXTS`)."""
+        found: dict[int, np.ndarray] = {}
+        for store in self.written:
+            if len(found) == len(missing):
+                break
+            rest = [i for i in missing if i not in found]
+            for i, entry in zip(rest, store.entries([texts[i] for i in rest]).tolist(), strict=True):
+                if entry >= 0:
+                    found[i] = store.vectors(entry)
+        if found:
+            missing = [i for i in missing if i not in found]
         if not missing or self.embed_documents is None:
-            return {}
+            return found
+        return found | self._embedded(texts, missing)
+
+    def _embedded(self, texts: Sequence[str | None], missing: list[int]) -> dict[int, np.ndarray]:
+        """:meth:`_computed` for texts no store holds: embedded, or remembered from an earlier search."""
         if self.store is None:
             fresh = window_vectors([texts[i] for i in missing], self.embed_documents, self.config)
             return {i: v for i, v in zip(missing, fresh, strict=True) if v is not None}

@@ -29,6 +29,7 @@ from dssm.errors import IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, SEARCH_MODES, fused_rows, read_hybrid_config
 from dssm.index import Index, current_version_dir, delete_documents, load_index, shard_of, upsert_documents
 from dssm.index.documents import as_documents
+from dssm.index.written_windows import written_window_dirs
 from dssm.query_numpy import load_query_encoder
 from serving.hits import Hit, Similarity, text_similarity
 from serving.reranking import check_rerank, load_reranker_once, read_every_shards_words, rerank_results
@@ -138,7 +139,8 @@ class Searcher:
             encoder = _load_query_encoder(index.model_dir, fast_queries=fast_queries)
         use = reranker and index.reranker_dir is not None
         return cls(index=index, encoder=encoder, reranker=load_reranker_once(index.reranker_dir) if use else None,
-                   windows=window_scorer(index.windows_dir, index.model_dir, encoder))
+                   windows=window_scorer(index.windows_dir, index.model_dir, encoder,
+                                         written_window_dirs(index.version_dir)))
 
     @property
     def version(self) -> str:

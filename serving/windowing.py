@@ -21,11 +21,14 @@ from serving.reranking import load_once
 
 __all__ = ["window_scorer", "windowed_depth", "RowWindows"]
 
-def window_scorer(windows_dir: Path | None, model_dir: Path | None, encoder: Any) -> WindowScorer | None:
+def window_scorer(windows_dir: Path | None, model_dir: Path | None, encoder: Any,
+                  written: Sequence[Path] = ()) -> WindowScorer | None:
     """The version's :class:`dssm.windows.WindowScorer`, or ``None`` without ``windows/`` (or a model).
 
-    The store is verified against its own manifest and must name the version's model; ``encoder``'s
-    document tower (when it has one) embeds the windows of texts written after the store was made.
+    The store is verified against its own manifest and must name the version's model, as must each
+    of ``written`` (the version's stores of documents written since:
+    :func:`dssm.index.written_windows.written_window_dirs`); ``encoder``'s document tower (when it has
+    one) embeds the windows of texts none of them holds.
 
     Raises:
         ChecksumError: a file of ``windows/`` is missing or changed, or it was made for another model.
@@ -33,8 +36,12 @@ def window_scorer(windows_dir: Path | None, model_dir: Path | None, encoder: Any
     if windows_dir is None or model_dir is None or encoder is None:
         return None
     # loaded once per process while a searcher holds it: writes hard-link the same windows/ forward
-    store = load_once(windows_dir, lambda path: WindowRows.load(path, owner=WindowRows.owner(model_dir)))
-    return WindowScorer(store, config=store.config, embed_documents=getattr(encoder, "embed_documents", None))
+    owner = WindowRows.owner(model_dir)
+    store = load_once(windows_dir, lambda path: WindowRows.load(path, owner=owner))
+    # newest first: a store merged by a later write holds the same windows as the ones it merged
+    extra = [load_once(path, lambda p: WindowRows.load(p, owner=owner)) for path in reversed(list(written))]
+    return WindowScorer(store, config=store.config, embed_documents=getattr(encoder, "embed_documents", None),
+                        written=extra)
 
 
 def windowed_depth(scorer: WindowScorer | None, k: int) -> int:

@@ -220,10 +220,11 @@ def test_an_index_with_windows_serves_them_in_dense_and_hybrid_search(windowed_i
     assert [h.id for h in got] == [d.id for d in searcher.index.docs.get(expected.tolist())]
 
 
-def test_windows_ride_along_writes_and_new_texts_get_theirs_at_search_time(windowed_index, tmp_path):
+def test_windows_ride_along_writes_and_written_texts_bring_their_own(windowed_index, tmp_path):
     import shutil
 
     from dssm.index import compact_index, current_version_dir
+    from dssm.index.written_windows import written_window_dirs
     from serving.searcher import Searcher
 
     index = tmp_path / "index"
@@ -232,21 +233,88 @@ def test_windows_ride_along_writes_and_new_texts_get_theirs_at_search_time(windo
     searcher = Searcher.load(index)
     long_text = ("a note on subject headings for microfilm archives: the cataloguing of xerography copies in "
                  "libraries and the cost of their storage in large collections")
+    q = searcher.embed(["xerography copies in libraries"])[0]
+    windows = np.asarray(searcher.encoder.embed_documents(window_texts(long_text, window=8, stride=4)), np.float32)
+    windows /= np.linalg.norm(windows, axis=1, keepdims=True)
+    vector = np.asarray(searcher.encoder.embed_documents([long_text]), np.float32)[0]
+    expected = float(vector / np.linalg.norm(vector) @ q + (windows @ q).max())
     searcher.upsert([{"id": "new-1", "title": "", "text": long_text}])
-    in_delta = Searcher.load(index)
-    assert in_delta.index.layout.delta  # the new text is a delta row: read by text, windows embedded
-    assert in_delta.search("xerography copies in libraries", k=1, mode="dense")[0].id == "new-1"
+    # The write stored the new text's windows beside windows/, embedded by the same tower.
+    stores = written_window_dirs(current_version_dir(index))
+    assert len(stores) == 1 and json.loads((stores[0] / "manifest.json").read_text())["documents"] == 1
+    for compacted in (False, True):
+        if compacted:
+            compact_index(index)
+            after = current_version_dir(index)
+            assert os.path.samefile(before, after / "windows" / "rows.npy")  # linked forward, not rebuilt
+            assert not Searcher.load(index).index.layout.delta and len(written_window_dirs(after)) == 1
+        served = Searcher.load(index)
+        assert served.windows.store.lookup([long_text]) == [None]  # written after windows/ was made
+        hits = served.search("xerography copies in libraries", k=3, mode="dense")
+        assert hits[0].id == "new-1" and hits[0].score == pytest.approx(expected, abs=2e-3)
+        assert long_text not in served.windows.store.computed  # found in the written store, not embedded
+
+
+def test_written_window_stores_merge_by_size_tier_and_a_compaction_folds_them(windowed_index, tmp_path):
+    import shutil
+
+    from dssm.index import compact_index, current_version_dir
+    from dssm.index.written_windows import written_window_dirs
+    from dssm.windows import WindowRows
+    from serving.searcher import Searcher
+
+    index = tmp_path / "index"
+    shutil.copytree(windowed_index, index)
+    searcher = Searcher.load(index)
+    texts = [f"document {i} about the indexing of {i} technical reports by subject and author in libraries"
+             for i in range(5)]
+    counts = []
+    for i, text in enumerate(texts):  # one document per write: four stores of one tier become one
+        searcher.upsert([{"id": f"w{i}", "title": "", "text": text}])
+        counts.append(len(written_window_dirs(current_version_dir(index))))
+    assert counts == [1, 2, 3, 1, 2]
+    version = current_version_dir(index)
+    owner = WindowRows.owner(version / "model")
+    stores = [WindowRows.load(d, owner=owner) for d in written_window_dirs(version)]
+    assert [len(s) for s in stores] == [4, 1]
+    assert all(e >= 0 for e in stores[0].entries(texts[:4])) and stores[1].entries(texts[4:]).tolist() == [0]
     compact_index(index)
-    after = current_version_dir(index)
-    assert os.path.samefile(before, after / "windows" / "rows.npy")  # linked forward, not rebuilt
-    served = Searcher.load(index)
-    assert served.windows.store.lookup([long_text]) == [None]  # written after the store was made
-    hits = served.search("xerography copies in libraries", k=3, mode="dense")
-    assert hits[0].id == "new-1"
-    q = served.embed(["xerography copies in libraries"])[0]
-    windows = np.asarray(served.encoder.embed_documents(window_texts(long_text, window=8, stride=4)), np.float32)
-    vector = np.asarray(served.encoder.embed_documents([long_text]), np.float32)[0]
-    assert hits[0].score == pytest.approx(float(vector @ q + (windows @ q).max()), abs=2e-3)
+    folded = written_window_dirs(current_version_dir(index))
+    assert len(folded) == 1 and (WindowRows.load(folded[0], owner=owner).entries(texts) >= 0).all()
+    hits = Searcher.load(index).search(texts[2], k=1, mode="dense")
+    assert hits[0].id == "w2"
+
+
+def test_merged_window_stores_keep_each_text_once_by_hand() -> None:
+    from dssm.windows import WindowRows
+
+    config = WindowConfig(window=2, stride=2)
+    first = WindowRows.embed(["w1 w2 w3", "w4 w5 w6"], bag_tower, config)
+    second = WindowRows.embed(["w4 w5 w6", "w7 w8 w9 w10"], bag_tower, config)
+    merged = WindowRows.merge([first, second])
+    assert len(merged) == 3 and list(merged.keys) == sorted(merged.keys)
+    for text in ("w1 w2 w3", "w4 w5 w6", "w7 w8 w9 w10"):
+        entry = int(merged.entries([text])[0])
+        expected = bag_tower(window_texts(text, window=2, stride=2))
+        np.testing.assert_allclose(merged.vectors(entry), expected, atol=1e-4)
+    assert WindowRows.merge([first]) is first
+
+
+def test_rebased_compaction_carries_the_stores_that_writes_added_meanwhile(tmp_path) -> None:
+    from dssm.index.written_windows import carry_written_windows
+
+    def version(name: str, stores: list[str]) -> Path:
+        for store in stores:
+            (tmp_path / name / "windows_written" / store).mkdir(parents=True)
+            (tmp_path / name / "windows_written" / store / "rows.npy").write_text(store)
+        return tmp_path / name
+
+    read = version("read", ["w-1", "w-2"])  # what the compaction read
+    live = version("live", ["w-1", "w-2", "w-3", "w-4"])  # two writes published meanwhile
+    out = version("out", ["w-9"])  # the compaction's fold of w-1 and w-2
+    carry_written_windows(out, read=read, live=live)
+    assert sorted(p.name for p in (out / "windows_written").iterdir()) == ["w-3", "w-4", "w-9"]
+    assert os.path.samefile(live / "windows_written" / "w-3" / "rows.npy", out / "windows_written" / "w-3" / "rows.npy")
 
 
 def test_a_corrupt_windows_store_is_refused_by_name(windowed_index, tmp_path):
@@ -331,7 +399,13 @@ def test_a_search_process_embeds_a_new_documents_windows_without_tensorflow(wind
     shutil.copytree(windowed_index, index)
     long_text = ("a note on subject headings for microfilm archives: the cataloguing of xerography copies in "
                  "libraries and the cost of their storage in large collections")
-    Searcher.load(index).upsert([{"id": "new-1", "title": "", "text": long_text}])
+    # Written with raw vectors (no tower at the write): no windows are stored for it.
+    from dssm.index import current_version_dir, update_index
+
+    writer = Searcher.load(index)
+    update_index(index, upsert_ids=["new-1"], upsert_titles=[""], upsert_texts=[long_text],
+                 upsert_vectors=np.asarray(writer.encoder.embed_documents([long_text]), np.float32))
+    assert not (current_version_dir(index) / "windows_written").exists()
     expected = Searcher.load(index).search("xerography copies in libraries", k=1, mode="dense")[0]
     script = ("import sys, json; from serving.searcher import Searcher; s = Searcher.load(sys.argv[1]); "
               "hit = s.search('xerography copies in libraries', k=1, mode='dense')[0]; "

@@ -35,7 +35,7 @@ from dssm.artifacts import manifest_extra, read_manifest, verify_manifest, write
 from dssm.errors import InputError
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import link_tree
-from dssm.index.layout import DOCS_DB
+from dssm.index.layout import DOCS_DB, WINDOWS_WRITTEN_DIR
 from dssm.index.load import delta_segments, loaded_delta_segments, remember_delta_segment
 from dssm.index.segments import (
     DELTA_DIR,
@@ -48,6 +48,7 @@ from dssm.index.segments import (
     merge_start,
     read_tombstones,
 )
+from dssm.index.written_windows import carry_written_windows
 
 __all__ = ["DeltaWrite", "LiveView", "default_max_delta", "compaction_ops", "write_delta",
            "rebase_writes"]
@@ -174,7 +175,7 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
         if child.name == DELTA_DIR:
             for name in kept:
                 link_tree(child / name, stage / DELTA_DIR / name)
-        elif child.name not in ("manifest.json", TOMBSTONES):
+        elif child.name not in ("manifest.json", TOMBSTONES, WINDOWS_WRITTEN_DIR):  # the caller stages those
             link_tree(child, stage / child.name)
     if docs:
         name = f"d-{version}"
@@ -200,7 +201,8 @@ def write_delta(base: Path, stage: Path, manifest: dict[str, Any], view: LiveVie
     return DeltaWrite(layout=new_layout, merged=merged)
 
 
-def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, version: str) -> SegmentLayout | None:
+def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, version: str,
+                  read: Path) -> SegmentLayout | None:
     """Stage in ``out`` the compacted base (staged in ``compacted`` from ``view``) plus the writes that
     were published since ``view``'s version (the live version is now ``live``).
 
@@ -210,7 +212,8 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     same form) gets its row in the compacted base tombstoned and, if it is live, its document in one
     new delta segment. The caller has made ``compacted`` durable (before taking the lock: its files get
     a second link here, and publishing skips linked files as already durable), holds the writers' lock
-    and publishes ``out``.
+    and publishes ``out``. ``read`` is ``view``'s version: the stores of written windows that writes
+    added after it are carried too (:func:`dssm.index.written_windows.carry_written_windows`).
 
     Returns:
         The staged version's layout, or ``None`` if ``live`` no longer shares ``view``'s base (a full
@@ -233,6 +236,7 @@ def rebase_writes(compacted: Path, out: Path, view: LiveView, live: Path, *, ver
     for child in compacted.iterdir():
         if child.name != "manifest.json":
             link_tree(child, out / child.name)
+    carry_written_windows(out, read=read, live=live)
     segments = []
     if carried:
         name = f"d-{version}"

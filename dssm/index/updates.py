@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from dssm.artifacts import load_npy, manifest_extra, read_manifest, verify_manifest, write_manifest
-from dssm.errors import ConfigError, IndexNotFoundError, InputError
+from dssm.errors import ConfigError, InputError
 from dssm.index.ann import (
     ScannConfig,
     build_scann,
-    l2_normalize_inplace,
     resolve_scann_params,
     scann_pybind,
     share_scann_dataset,
@@ -37,9 +36,10 @@ from dssm.index.ann import (
 from dssm.index.delta import LiveView, compaction_ops, default_max_delta, rebase_writes, write_delta
 from dssm.index.docstore import Doc, DocStore
 from dssm.index.files import fsync_file, fsync_tree, link_tree
-from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR, WINDOWS_DIR
+from dssm.index.layout import DOCS_DB, EMBEDDINGS, MODEL_DIR, RERANKER_DIR, SCANN_DIR, WINDOWS_DIR, WINDOWS_WRITTEN_DIR
 from dssm.index.recall import MUTATED_FIRST_GROWTH, PROBE_DIR, RecallProbe, carried_probe, tune_search
 from dssm.index.segments import DELTA_DIR, SEGMENTS_KEY, TOMBSTONES, SegmentLayout, pending_rows
+from dssm.index.update_input import checked_update_settings, checked_vectors
 from dssm.index.versions import (
     DEFAULT_KEEP_VERSIONS,
     CompactionSlot,
@@ -51,6 +51,8 @@ from dssm.index.versions import (
     retain_versions,
     staging,
 )
+from dssm.index.written_windows import stage_written_windows
+from dssm.windows import WindowRows
 
 __all__ = ["DEFAULT_REBALANCE_FRACTION", "UpdateResult", "update_index", "compact_index"]
 
@@ -88,60 +90,11 @@ class UpdateResult:
 
 # Files of a version an update regenerates; everything else (model/, thresholds.json, hybrid.json, ...)
 # is hard-linked from the base version, which is never modified in place.
-_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES, PROBE_DIR}
+_REGENERATED = {SCANN_DIR, DOCS_DB, EMBEDDINGS, "bm25", "manifest.json", DELTA_DIR, TOMBSTONES, PROBE_DIR,
+                WINDOWS_WRITTEN_DIR}
 # What an update never reads, only links forward (their checksums carried over by inode): verified by
 # whoever loads them, not hashed by every write.
-_LINKED_ONLY = (MODEL_DIR, RERANKER_DIR, WINDOWS_DIR)
-
-
-def _checked_vectors(ids: list[str], titles: list[str], texts: list[str], upsert_vectors: np.ndarray | None,
-                     deletes: list[str], dim: int) -> np.ndarray:
-    """The upserts' vectors as a private [n, dim] float32 copy, L2-normalised, after every input check."""
-    vectors = np.zeros((0, dim), np.float32) if upsert_vectors is None else \
-        np.array(upsert_vectors, dtype=np.float32, copy=True, order="C")
-    _check_update_input(ids, titles, texts, vectors, deletes, dim)
-    if not ids and not deletes:
-        raise InputError("nothing to update: no documents to upsert and no ids to delete")
-    l2_normalize_inplace(vectors)
-    return vectors
-
-
-def _check_update_input(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str], vectors: np.ndarray,
-                        deletes: Sequence[str], dim: int) -> None:
-    if vectors.ndim != 2 or vectors.shape[0] != len(ids) or (len(ids) and vectors.shape[1] != dim):
-        raise InputError(f"upsert vectors must be [{len(ids)}, {dim}], got shape {vectors.shape}")
-    if not len(titles) == len(texts) == len(ids):
-        raise InputError(f"{len(ids)} ids, {len(titles)} titles and {len(texts)} texts to upsert")
-    seen: set[str] = set()
-    for doc_id in ids:
-        if not isinstance(doc_id, str) or not doc_id:
-            raise InputError(f"upsert document has an empty or non-string id {doc_id!r}")
-        if doc_id in seen:
-            raise InputError(f"document id {doc_id!r} appears twice in one upsert")
-        seen.add(doc_id)
-    gone: set[str] = set()
-    for doc_id in deletes:
-        if doc_id in seen:
-            raise InputError(f"document id {doc_id!r} is both upserted and deleted in one update")
-        if doc_id in gone:
-            raise InputError(f"document id {doc_id!r} appears twice in one delete")
-        gone.add(doc_id)
-    if len(ids):
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-        if bad.size:
-            raise InputError(f"embedding of document {ids[int(bad[0])]!r} is not finite (NaN/inf)")
-
-
-def _checked_update_settings(index_dir: str | Path, *, rebalance_fraction: float, keep_versions: int) -> Path:
-    """``index_dir`` as a Path once the settings are valid and an index directory exists there."""
-    if not 0.0 < rebalance_fraction <= 1.0:
-        raise ConfigError(f"rebalance_fraction must be in (0, 1], got {rebalance_fraction}")
-    if keep_versions < 0:
-        raise ConfigError(f"keep_versions must be >= 0 (0 keeps every version), got {keep_versions}")
-    index_dir = Path(index_dir)
-    if not index_dir.is_dir():
-        raise IndexNotFoundError(f"no index at {index_dir} (build one with `dssm index`)")
-    return index_dir
+_LINKED_ONLY = (MODEL_DIR, RERANKER_DIR, WINDOWS_DIR, WINDOWS_WRITTEN_DIR)
 
 
 def update_index(
@@ -151,6 +104,7 @@ def update_index(
     upsert_titles: Sequence[str] = (),
     upsert_texts: Sequence[str] = (),
     upsert_vectors: np.ndarray | None = None,
+    upsert_windows: WindowRows | None = None,
     delete_ids: Sequence[str] = (),
     rebalance: bool | None = None,
     rebalance_fraction: float = DEFAULT_REBALANCE_FRACTION,
@@ -179,6 +133,8 @@ def update_index(
         upsert_titles: their titles.
         upsert_texts: their texts.
         upsert_vectors: [len(upsert_ids), dim] float embeddings (L2-normalised here).
+        upsert_windows: the upserts' window vectors, stored with the write
+            (:mod:`dssm.index.written_windows`; ignored by a version without ``windows/``).
         delete_ids: ids to delete; each must be in the base version.
         rebalance: force (``True``) or forbid (``False``) a rebalance; ``None`` decides as above.
         rebalance_fraction: drift threshold for the automatic rebalance, in (0, 1].
@@ -198,15 +154,13 @@ def update_index(
             or the update would leave no documents.
         ConfigError: recall below ``min_recall``, or ScaNN's row bookkeeping disagrees with ours.
     """
-    index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
-                                         keep_versions=keep_versions)
+    index_dir = checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction, keep_versions=keep_versions)
     ids, deletes = list(upsert_ids), list(delete_ids)
     with IndexWriteLock(index_dir):
         tick = time.perf_counter()
         base = current_version_dir(index_dir)
         manifest = read_manifest(base)
-        vectors = _checked_vectors(ids, list(upsert_titles), list(upsert_texts), upsert_vectors, deletes,
-                                   int(manifest["dim"]))
+        vectors = checked_vectors(ids, upsert_titles, upsert_texts, upsert_vectors, deletes, int(manifest["dim"]))
         docs = [Doc(i, t or "", x or "") for i, t, x in zip(ids, upsert_titles, upsert_texts, strict=True)]
         version = version or new_version_name()
         view, replaced = _killed(base, manifest, ids=ids, deletes=deletes)
@@ -216,11 +170,11 @@ def update_index(
         counts = {"deleted": len(deletes), "inserted": len(ids) - replaced, "replaced": replaced}
         if rebalance is not True and pending <= limit:
             result = _delta_update(index_dir, base, manifest, view, docs=docs, vectors=vectors, version=version,
-                                   counts=counts, timings=timings)
+                                   counts=counts, timings=timings, windows=upsert_windows)
         else:
             result = _compact(index_dir, base, view, docs=docs, vectors=vectors, version=version, counts=counts,
                               rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
-                              timings=timings)
+                              timings=timings, windows=upsert_windows)
     retain_versions(index_dir, keep_versions)  # past the lock: its deletes need it only to rename
     return result
 
@@ -245,7 +199,7 @@ def compact_index(index_dir: str | Path, *, rebalance: bool | None = None,
         another process is compacting this index, or if a full build or another compaction replaced
         its base meanwhile (this one is then moot).
     """
-    index_dir = _checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
+    index_dir = checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
                                          keep_versions=keep_versions)
     with CompactionSlot(index_dir) as slot:
         if not slot.acquired:
@@ -284,7 +238,7 @@ def _compact_from(index_dir: Path, base: Path, view: LiveView, *, rebalance: boo
         (stage := root / "version").mkdir()
         changes, state = _fold(base, stage, manifest, view, docs=[], vectors=np.zeros((0, dim), np.float32),
                                version=version, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
-                               min_recall=min_recall, timings=timings)
+                               min_recall=min_recall, timings=timings, windows=None)
         layout: SegmentLayout | None = SegmentLayout(base_version=version, base_documents=changes.final)
         # Durable before the writers' lock: synced under it, the new base (~1.2 GB at 1M) stalled writes 4-5 s.
         tick = time.perf_counter()
@@ -297,7 +251,7 @@ def _compact_from(index_dir: Path, base: Path, view: LiveView, *, rebalance: boo
             live = current_version_dir(index_dir)
             if live.name != base.name:
                 (rebased := root / "rebased").mkdir()
-                layout = rebase_writes(stage, rebased, view, live, version=version)
+                layout = rebase_writes(stage, rebased, view, live, version=version, read=base)
                 if layout is None:
                     return None
                 stage = rebased
@@ -322,11 +276,12 @@ def _killed(base: Path, manifest: dict[str, Any], *, ids: list[str], deletes: li
 
 
 def _delta_update(index_dir: Path, base: Path, manifest: dict[str, Any], view: LiveView, *, docs: list[Doc],
-                  vectors: np.ndarray, version: str, counts: dict[str, int],
-                  timings: dict[str, float]) -> UpdateResult:
+                  vectors: np.ndarray, version: str, counts: dict[str, int], timings: dict[str, float],
+                  windows: WindowRows | None) -> UpdateResult:
     """Publish the write as a delta segment + tombstones over ``base`` (the caller holds the lock)."""
     with staging(index_dir, version) as root:
         (stage := root / "version").mkdir()
+        stage_written_windows(base, stage, windows, version=version, fold=False)
         written = write_delta(base, stage, manifest, view, docs=docs, vectors=vectors, version=version,
                               updates=counts, timings=timings)
         published = publish_version(index_dir, stage, version)
@@ -342,14 +297,14 @@ def _delta_update(index_dir: Path, base: Path, manifest: dict[str, Any], view: L
 
 def _compact(index_dir: Path, base: Path, view: LiveView, *, docs: list[Doc], vectors: np.ndarray, version: str,
              counts: dict[str, int], rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
-             timings: dict[str, float]) -> UpdateResult:
+             timings: dict[str, float], windows: WindowRows | None) -> UpdateResult:
     """Fold base + delta + the write into a new base segment and publish it (the caller holds the lock)."""
     manifest = verify_manifest(base, kind="index", skip=_LINKED_ONLY)  # a compaction reads all of the base
     with staging(index_dir, version) as root:
         (stage := root / "version").mkdir()
         changes, state = _fold(base, stage, manifest, view, docs=docs, vectors=vectors, version=version,
                                rebalance=rebalance, rebalance_fraction=rebalance_fraction, min_recall=min_recall,
-                               timings=timings)
+                               timings=timings, windows=windows)
         published = publish_version(index_dir, stage, version)
     return UpdateResult(index_dir=index_dir, base_version=base.name, version=version, version_dir=published,
                         documents=changes.final, **counts, rebalanced=state.reason is not None,
@@ -359,7 +314,7 @@ def _compact(index_dir: Path, base: Path, view: LiveView, *, docs: list[Doc], ve
 
 def _fold(base: Path, stage: Path, manifest: dict[str, Any], view: LiveView, *, docs: list[Doc], vectors: np.ndarray,
           version: str, rebalance: bool | None, rebalance_fraction: float, min_recall: float | None,
-          timings: dict[str, float]) -> tuple[_RowChanges, _ScannState]:
+          timings: dict[str, float], windows: WindowRows | None) -> tuple[_RowChanges, _ScannState]:
     """Stage base + delta + a write as a new base segment in ``stage`` (with its manifest; not published)."""
     folded, vectors, base_deletes = compaction_ops(view, docs, vectors)
     for child in base.iterdir():
@@ -370,6 +325,7 @@ def _fold(base: Path, stage: Path, manifest: dict[str, Any], view: LiveView, *, 
     state = _update_scann(base, manifest, changes, vectors, rebalance=rebalance, rebalance_fraction=rebalance_fraction,
                           min_recall=min_recall, version=version, timings=timings)
     _write_scann_and_bm25(stage, state, base=base, changes=changes, docs=folded, timings=timings)
+    stage_written_windows(base, stage, windows, version=version, fold=True)
     write_manifest(stage, kind="index", linked_from=base, extra=_updated_manifest(
         manifest, base=base, version=version, changes=changes, state=state, deletes=len(base_deletes),
         rebalance_fraction=rebalance_fraction, timings=timings))

@@ -1,6 +1,7 @@
 """Writes by document: :func:`upsert_documents` encodes only the given documents with the live
-version's document tower, :func:`delete_documents` takes ids; both go through
-:func:`dssm.index.updates.update_index` (a delta segment, or a compaction past ``max_delta``)."""
+version's document tower (and their windows, where the version stores windows),
+:func:`delete_documents` takes ids; both go through :func:`dssm.index.updates.update_index` (a delta
+segment, or a compaction past ``max_delta``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dssm.index.documents import as_documents
 from dssm.index.layout import MODEL_DIR
 from dssm.index.updates import DEFAULT_REBALANCE_FRACTION, UpdateResult, update_index
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS, current_version_dir
+from dssm.index.written_windows import embed_written_windows
 
 __all__ = ["upsert_documents", "delete_documents"]
 
@@ -63,9 +65,12 @@ def upsert_documents(index_dir: str | Path, documents: Sequence[Any], *, encoder
     texts = [document_text(d.title or "", d.text) for d in docs]
     vectors = np.concatenate([np.asarray(encoder.embed_documents(texts[s:s + batch_size]), dtype=np.float32)
                               for s in range(0, len(texts), batch_size)])
+    # A version that stores windows gets the written documents' too, embedded here by the same tower.
+    windows = embed_written_windows(current_version_dir(index_dir), texts, encoder.embed_documents)
     return update_index(index_dir, upsert_ids=[d.id for d in docs], upsert_titles=[d.title or "" for d in docs],
-                        upsert_texts=[d.text for d in docs], upsert_vectors=vectors, rebalance=rebalance,
-                        rebalance_fraction=rebalance_fraction, keep_versions=keep_versions, max_delta=max_delta)
+                        upsert_texts=[d.text for d in docs], upsert_vectors=vectors, upsert_windows=windows,
+                        rebalance=rebalance, rebalance_fraction=rebalance_fraction, keep_versions=keep_versions,
+                        max_delta=max_delta)
 
 
 def delete_documents(index_dir: str | Path, ids: Sequence[str], *, rebalance: bool | None = None,
