@@ -23,14 +23,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.format import open_memmap
 
+from dssm.artifacts import write_manifest
 from dssm.config import config_from_dict, config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.query_numpy import l2_normalize_rows
-from dssm.rerank_docs import DocumentRows
+from dssm.rerank_docs import DocumentRows, text_key
 
 __all__ = ["WindowConfig", "WindowRows", "WindowScorer", "WINDOWS_KIND", "WINDOW_CANDIDATES", "COMPUTED_TEXTS",
            "window_texts",
@@ -179,6 +182,81 @@ class WindowRows(DocumentRows):
                           progress=progress)
         rows, scales = cls.quantize(built.rows)
         return cls(keys=built.keys, lengths=built.lengths, offsets=built.offsets, rows=rows, scales=scales)
+
+    @classmethod
+    def write(cls, directory: str | Path, texts: Callable[[], Iterable[str]], embed_documents: Embed,
+              config: WindowConfig, *, owner: str, batch: int = 1024,
+              progress: Callable[[int], None] | None = None) -> WindowRows:
+        """Every text's windows embedded and written into ``directory`` (created) as they come: the build's
+        memory is one batch, not the store (:meth:`embed` holds it all, three times over while it sorts
+        and quantizes: ~10 GB for a million descriptions of debian-dev's length).
+
+        Args:
+            texts: called twice, each time an iterable of the same texts in the same order: first to
+                count each distinct text's windows (cutting only), then to embed them.
+            owner: the sha256 of the model's ``manifest.json`` (:meth:`owner`).
+
+        Returns:
+            The written store, loaded (memory-mapped, verified).
+        """
+        counts: dict[int, tuple[int, int]] = {}  # text key -> (length, windows), texts of one window left out
+        for text in texts():
+            windows = len(window_texts(text, window=config.window, stride=config.stride))
+            if windows > 1:
+                counts.setdefault(text_key(text), (len(text), windows))
+        keys = np.asarray(sorted(counts), np.uint64)
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum([counts[k][1] for k in keys.tolist()], out=offsets[1:])
+        directory = Path(directory)
+        directory.mkdir(parents=True)
+        rows = scales = None
+        done = np.zeros(len(keys), bool)
+        chunk: list[str] = []
+
+        def flush() -> None:
+            nonlocal rows, scales
+            todo = {text_key(t): t for t in chunk if text_key(t) in counts}
+            entries = np.searchsorted(keys, np.fromiter(todo, np.uint64, len(todo)))
+            fresh = [(int(e), t) for e, t in zip(entries.tolist(), todo.values(), strict=True) if not done[e]]
+            vectors = window_vectors([t for _, t in fresh], embed_documents, config)
+            if fresh:
+                quantized, scaled = cls.quantize(np.concatenate(vectors))
+                if rows is None:  # the width is known once the tower has run
+                    rows = open_memmap(directory / "rows.npy", "w+", np.int16, (int(offsets[-1]), quantized.shape[1]))
+                    scales = open_memmap(directory / "scales.npy", "w+", np.float32, (int(offsets[-1]),))
+                start = 0
+                for entry, _ in fresh:
+                    first, last = offsets[entry], offsets[entry + 1]
+                    rows[first:last], scales[first:last] = quantized[start:start + last - first], \
+                        scaled[start:start + last - first]
+                    start += last - first
+                    done[entry] = True
+            if progress is not None:
+                progress(len(chunk))
+            chunk.clear()
+
+        for text in texts():
+            chunk.append(text)
+            if len(chunk) >= batch:
+                flush()
+        if chunk:
+            flush()
+        if not done.all():
+            raise InputError(f"{int((~done).sum())} texts were not given again the second time: texts() must "
+                             "yield the same texts twice")
+        if rows is None:  # no text longer than one window
+            np.save(directory / "rows.npy", np.zeros((0, 0), np.int16), allow_pickle=False)
+            np.save(directory / "scales.npy", np.zeros(0, np.float32), allow_pickle=False)
+        else:
+            rows.flush()
+            scales.flush()
+            del rows, scales
+        lengths = np.asarray([counts[k][0] for k in keys.tolist()], np.int64)
+        for name, array in (("keys", keys), ("lengths", lengths), ("offsets", offsets)):
+            np.save(directory / f"{name}.npy", array, allow_pickle=False)
+        write_manifest(directory, kind=cls.KIND, extra={cls.OWNER_FIELD: owner, "documents": len(keys),
+                                                         "rows": int(offsets[-1]), **cls.manifest_extra(config)})
+        return cls.load(directory, owner=owner)
 
     @property
     def config(self) -> WindowConfig:

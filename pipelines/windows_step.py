@@ -69,9 +69,9 @@ def windows_step(stage: Path, *, mode: str, encoder: Any, texts: Sequence[str], 
     tick = time.perf_counter()
     store = index_lib.DocStore(stage / index_lib.DOCS_DB)
     with tqdm(total=len(store), desc="window vectors", unit="doc") as bar:
-        rows = WindowRows.embed((document_text(d.title, d.text) for _, d in store.iter_all()),
-                                encoder.embed_documents, config, progress=bar.update)
-    rows.save(stage / index_lib.WINDOWS_DIR, owner=WindowRows.owner(stage / index_lib.MODEL_DIR),
-              extra=WindowRows.manifest_extra(config))
+        rows = WindowRows.write(stage / index_lib.WINDOWS_DIR,
+                                lambda: (document_text(d.title, d.text) for _, d in store.iter_all()),
+                                encoder.embed_documents, config, owner=WindowRows.owner(stage / index_lib.MODEL_DIR),
+                                progress=bar.update)
     return report | {"stored": True, "documents": len(rows), "windows": len(rows.rows),
                      "store_seconds": round(time.perf_counter() - tick, 2)}

@@ -72,6 +72,24 @@ def test_window_vectors_by_hand_and_one_window_texts_are_not_stored(tmp_path) ->
         WindowRows.load(tmp_path / "windows", owner="m1")
 
 
+def test_a_store_written_as_it_is_embedded_equals_the_one_built_in_memory(tmp_path) -> None:
+    config = WindowConfig(window=2, stride=2)
+    texts = ["w1 w2 w3", "w4", "w1 w2 w3", "w7 w8 w9 w10", "w5 w6 w7 w8 w9"]
+    built = WindowRows.embed(texts, bag_tower, config)
+    done: list[int] = []
+    written = WindowRows.write(tmp_path / "windows", lambda: iter(texts), bag_tower, config, owner="m1", batch=2,
+                               progress=done.append)
+    assert done == [2, 2, 1] and len(written) == len(built) == 3 and written.config == config
+    for name in ("keys", "lengths", "offsets", "rows", "scales"):
+        np.testing.assert_array_equal(getattr(written, name), getattr(built, name))
+    assert WindowRows.load(tmp_path / "windows", owner="m1").manifest["rows"] == 7
+    empty = WindowRows.write(tmp_path / "short", lambda: iter(["w1", "w2"]), bag_tower, config, owner="m1")
+    assert len(empty) == 0 and empty.entries(["w1"]).tolist() == [-1]
+    shifting = iter([texts, texts[:2]])
+    with pytest.raises(InputError, match="the same texts twice"):
+        WindowRows.write(tmp_path / "shifting", lambda: iter(next(shifting)), bag_tower, config, owner="m1")
+
+
 def test_quantized_windows_by_hand_and_a_float16_store_written_before_still_scores(tmp_path) -> None:
     rows, scales = WindowRows.quantize(np.array([[0.6, -0.8, 0.0], [0.0, 0.0, 1.0]], np.float32))
     assert rows.tolist() == [[24575, -32767, 0], [0, 0, 32767]]  # 0.6 / (0.8 / 32767) = 24575.25
