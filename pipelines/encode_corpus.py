@@ -55,7 +55,7 @@ from dssm.hybrid import HYBRID_FILE, label_free_weight
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
 from pipelines.embedding_shards import write_batch
 from pipelines.inference import EncodeBatches
-from pipelines.windows_step import WINDOW_MODES, windows_step
+from pipelines.windows_step import WINDOW_MODES, windows_only_finalize, windows_step
 
 __all__ = ["resolve_corpus", "encode_pipeline", "run", "main"]
 
@@ -182,8 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", choices=WINDOW_MODES, default="auto",
                         help="score dense candidates by cosine + best 8-word window's cosine (window vectors "
                              "stored in the version; dssm.windows). auto: only when --hybrid-pairs' held-out "
-                             "labelled pairs show a significant gain; on: always; off: never. Needs the hybrid "
-                             "tuning step (not with --shard or --hybrid-weight none) (default: %(default)s)")
+                             "labelled pairs show a significant gain; on: always (also with --shard, on every "
+                             "shard alike, and --hybrid-weight none, which decide nothing); off: never "
+                             "(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
     return parser
@@ -480,8 +481,6 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     inputs = _check_inputs(args)
     shard = inputs.shard
     tune = args.hybrid_weight == "label-free" and shard is None  # a shard stores no weight
-    if args.windows == "on" and not tune:
-        raise ConfigError("--windows on runs in the hybrid tuning step, which --shard and --hybrid-weight none skip")
     tuning_pairs, trained_on, required = _tuning_source(args.hybrid_pairs, Path(inputs.model_dir)) \
         if tune else (None, None, False)
     output = Path(args.output)
@@ -507,7 +506,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
                 extra["shard"] = {"index": shard[0], "count": shard[1], "hash": "sha1(id)[:8] mod count"}
             finalize = label_free_finalize(seed=config.seed, pairs=tuning_pairs, trained_on=trained_on,
                                            required=required, tune_bm25=args.bm25_tuning == "pairs",
-                                           windows=args.windows) if tune else None
+                                           windows=args.windows) if tune else \
+                windows_only_finalize(seed=config.seed) if args.windows == "on" else None
             result = index_lib.build_index_from_shards(output, shards=shards, model_dir=inputs.model_dir,
                                                        config=config, version=version, extra=extra, finalize=finalize)
         finally:

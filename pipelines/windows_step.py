@@ -21,7 +21,7 @@ from dssm import index as index_lib
 from dssm.data import document_text
 from dssm.windows import WindowConfig, WindowRows, choose_windows
 
-__all__ = ["WINDOW_MODES", "windows_step"]
+__all__ = ["WINDOW_MODES", "windows_step", "windows_only_finalize"]
 
 WINDOW_MODES = ("auto", "on", "off")
 
@@ -75,3 +75,29 @@ def windows_step(stage: Path, *, mode: str, encoder: Any, texts: Sequence[str], 
                                 progress=bar.update)
     return report | {"stored": True, "documents": len(rows), "windows": len(rows.rows),
                      "store_seconds": round(time.perf_counter() - tick, 2)}
+
+
+def windows_only_finalize(*, seed: int = 0) -> Any:
+    """The build's finalize hook for ``--windows on`` where the tuning step does not run (``--shard``,
+    ``--hybrid-weight none``): every document's windows stored, nothing decided.
+
+    Every shard of a sharded index must be built alike: a searcher merges the shards' dense hits by
+    score, and a windowed score (cosine + best window's, in [-2, 2]) is not comparable with a bare
+    cosine (:class:`serving.searcher.ShardedSearcher` refuses shards that disagree).
+    """
+
+    def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        # deferred: TensorFlow, imported only when this runs
+        from dssm.export import load_encoder
+        from dssm.lsa import is_fit
+
+        model = stage / index_lib.MODEL_DIR
+        if is_fit(model):
+            return {}, {"windows": {"stored": False, "reason": "a fitted model (dssm lsa): no windows"}}
+        report = windows_step(stage, mode="on", encoder=load_encoder(model), texts=[],
+                              embeddings=np.zeros((0, 0), np.float32), pairs=None, bm25_config=None, weight=0.0,
+                              normalization="minmax", seed=seed)
+        return {}, {"windows": report}
+
+    return finalize
+

@@ -423,6 +423,10 @@ class ShardedSearcher:
         # One re-ranker serves all shards (re-ranking happens after the merge): only the first loads its copy.
         shards = [Searcher.load(d, encoder=encoder or _NoEncoder(), verify=verify, reranker=i == 0)
                   for i, d in enumerate(dirs)]
+        windowed = [str(d) for d, shard in zip(dirs, shards, strict=True) if shard.windows is not None]
+        if windowed and len(windowed) != len(shards):  # cosine + best window's vs bare cosines: not one order
+            raise InputError(f"shards {windowed} store windows and the others do not: build every shard with "
+                             "the same --windows")
         fingerprints = {model_fingerprint(shard.index.model_dir) for shard in shards}
         if len(fingerprints) != 1:
             raise InputError(f"shards {[str(d) for d in dirs]} hold different models; one query embedding "
@@ -435,6 +439,8 @@ class ShardedSearcher:
             encoder = _load_query_encoder(shards[0].index.model_dir, fast_queries=True)
         for shard in shards:
             shard.encoder = encoder
+            if shard.windows is not None:  # loaded beside the placeholder: the real tower embeds unstored texts
+                shard.windows.embed_documents = getattr(encoder, "embed_documents", None)
         return cls(shards, encoder=encoder)
 
     @property

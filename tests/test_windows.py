@@ -379,9 +379,34 @@ def test_windows_auto_decides_on_held_out_pairs_and_the_other_modes_before_any_w
                                      and means["hybrid+windows"] >= means["hybrid"])
     else:
         assert not decided["stored"] and decided["pairs"] < 30
-    with pytest.raises(ConfigError, match="--windows on"):
-        index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
-                    str(tmp_path / "x"), "--windows", "on", "--hybrid-weight", "none"])
+    # Without the tuning step, `on` still stores them (nothing decided, no hybrid weight).
+    forced = build("noweight", "--windows", "on", "--hybrid-weight", "none")
+    assert forced["stored"] and forced["documents"] > 0 and "means" not in forced
+    assert not list((tmp_path / "noweight" / "versions").glob("*/hybrid.json"))
+
+
+def test_sharded_builds_store_windows_on_every_shard_and_search_as_one_index(windowed_index, tiny_model_dir,
+                                                                              adi_dir, tmp_path):
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher, ShardedSearcher
+
+    for shard in range(2):
+        assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                           str(tmp_path / f"s{shard}"), "--shard", f"{shard}/2", "--windows", "on",
+                           "--direct_running_mode=in_memory"]) == 0
+        assert Searcher.load(tmp_path / f"s{shard}").windows is not None
+    sharded = ShardedSearcher.load([tmp_path / "s0", tmp_path / "s1"])
+    assert all(s.windows.embed_documents is not None for s in sharded.shards)  # the shards' one tower
+    single = Searcher.load(windowed_index)  # the whole of adi, windows on: 82 documents, all re-scored
+    for query in ("computer based information retrieval systems", "automatic indexing of documents"):
+        got, want = sharded.search(query, k=5, mode="dense"), single.search(query, k=5, mode="dense")
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    # A shard without windows scores bare cosines: merged with windowed ones, the order would be wrong.
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                       str(tmp_path / "plain1"), "--shard", "1/2", "--direct_running_mode=in_memory"]) == 0
+    with pytest.raises(InputError, match="windows"):
+        ShardedSearcher.load([tmp_path / "s0", tmp_path / "plain1"])
 
 
 def test_the_http_service_serves_the_windowed_scores(windowed_index):
