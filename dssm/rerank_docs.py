@@ -29,7 +29,7 @@ import numpy as np
 from dssm.artifacts import MANIFEST, load_npy, sha256_file, verify_manifest, write_manifest
 from dssm.errors import ChecksumError
 
-__all__ = ["DocumentRows", "CombinedRows", "DOCUMENTS_DIR", "DOCUMENTS_KIND", "text_key"]
+__all__ = ["DocumentRows", "CombinedRows", "DOCUMENTS_DIR", "DOCUMENTS_KIND", "text_key", "text_keys"]
 
 #: Inside a re-ranker directory of an index version.
 DOCUMENTS_DIR = "documents"
@@ -40,6 +40,14 @@ _ARRAYS = ("keys", "lengths", "offsets", "rows")
 def text_key(text: str) -> int:
     """FarmHash64 fingerprint of ``text``'s UTF-8 bytes (lone surrogates kept, as the re-ranker reads them)."""
     return farmhash.fingerprint64(text.encode("utf-8", "surrogatepass"))
+
+
+def text_keys(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``([n] uint64 :func:`text_key`, [n] int64 lengths)`` of ``texts`` (a non-string: key 0, length -1,
+    found nowhere)."""
+    keys = np.fromiter((text_key(t) if isinstance(t, str) else 0 for t in texts), np.uint64, len(texts))
+    lengths = np.fromiter((len(t) if isinstance(t, str) else -1 for t in texts), np.int64, len(texts))
+    return keys, lengths
 
 
 class DocumentRows:
@@ -117,8 +125,15 @@ class DocumentRows:
         for name in (*self.ARRAYS, *self.OPTIONAL_ARRAYS):
             if getattr(self, name) is not None:
                 np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
-        write_manifest(directory, kind=self.KIND,
-                       extra={self.OWNER_FIELD: owner, "documents": len(self), "rows": len(self.rows), **(extra or {})})
+        self.write_manifest(directory, owner=owner, documents=len(self), rows=len(self.rows), extra=extra)
+
+    @classmethod
+    def write_manifest(cls, directory: Path, *, owner: str, documents: int, rows: int,
+                       extra: dict[str, Any] | None = None) -> None:
+        """The store's ``manifest.json`` over the arrays written into ``directory`` (:meth:`save`, or a
+        subclass that writes its arrays as it makes them)."""
+        write_manifest(directory, kind=cls.KIND,
+                       extra={cls.OWNER_FIELD: owner, "documents": documents, "rows": rows, **(extra or {})})
 
     @classmethod
     def load(cls, directory: str | Path, *, owner: str) -> Self:
@@ -147,11 +162,16 @@ class DocumentRows:
 
     def entries(self, texts: Sequence[str]) -> np.ndarray:
         """``[len(texts)]`` int64: each text's entry (its rows are ``rows[offsets[e]:offsets[e + 1]]``), or -1."""
-        out = np.full(len(texts), -1, np.int64)
         if not len(self.keys) or not len(texts):
+            return np.full(len(texts), -1, np.int64)
+        return self.find(*text_keys(texts))
+
+    def find(self, keys: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """:meth:`entries` of texts already fingerprinted (:func:`text_keys`): one fingerprint per text
+        whatever the number of stores it is looked up in."""
+        out = np.full(len(keys), -1, np.int64)
+        if not len(self.keys) or not len(keys):
             return out
-        keys = np.fromiter((text_key(t) if isinstance(t, str) else 0 for t in texts), np.uint64, len(texts))
-        lengths = np.fromiter((len(t) if isinstance(t, str) else -1 for t in texts), np.int64, len(texts))
         where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         found = (self.keys[where] == keys) & (self.lengths[where] == lengths)
         out[found] = where[found]

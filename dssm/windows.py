@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from dssm.artifacts import write_manifest
 from dssm.config import config_from_dict, config_to_dict, field
 from dssm.errors import ChecksumError, ConfigError, InputError
 from dssm.query_numpy import l2_normalize_rows
-from dssm.rerank_docs import DocumentRows, text_key
+from dssm.rerank_docs import DocumentRows, text_key, text_keys
 
 __all__ = ["WindowConfig", "WindowRows", "WindowScorer", "WINDOWS_KIND", "WINDOW_CANDIDATES", "COMPUTED_TEXTS",
            "window_texts",
@@ -215,7 +214,7 @@ class WindowRows(DocumentRows):
 
         def flush() -> None:
             nonlocal rows, scales
-            todo = {text_key(t): t for t in chunk if text_key(t) in counts}
+            todo = {key: t for key, t in zip(text_keys(chunk)[0].tolist(), chunk, strict=True) if key in counts}
             entries = np.searchsorted(keys, np.fromiter(todo, np.uint64, len(todo)))
             fresh = [(int(e), t) for e, t in zip(entries.tolist(), todo.values(), strict=True) if not done[e]]
             vectors = window_vectors([t for _, t in fresh], embed_documents, config)
@@ -254,8 +253,8 @@ class WindowRows(DocumentRows):
         lengths = np.asarray([counts[k][0] for k in keys.tolist()], np.int64)
         for name, array in (("keys", keys), ("lengths", lengths), ("offsets", offsets)):
             np.save(directory / f"{name}.npy", array, allow_pickle=False)
-        write_manifest(directory, kind=cls.KIND, extra={cls.OWNER_FIELD: owner, "documents": len(keys),
-                                                         "rows": int(offsets[-1]), **cls.manifest_extra(config)})
+        cls.write_manifest(directory, owner=owner, documents=len(keys), rows=int(offsets[-1]),
+                           extra=cls.manifest_extra(config))
         return cls.load(directory, owner=owner)
 
     @property
@@ -291,13 +290,14 @@ class WindowScorer:
         more than one window: from the stores of written documents, or embedded here once and
         remembered by the store (the last :data:`COMPUTED_TEXTS`)."""
         found: dict[int, np.ndarray] = {}
-        for store in self.written:
-            if len(found) == len(missing):
-                break
-            rest = [i for i in missing if i not in found]
-            for i, entry in zip(rest, store.entries([texts[i] for i in rest]).tolist(), strict=True):
-                if entry >= 0:
-                    found[i] = store.vectors(entry)
+        if self.written and missing:
+            keys, lengths = text_keys([texts[i] for i in missing])  # once, for every written store
+            for store in self.written:
+                for j, entry in enumerate(store.find(keys, lengths).tolist()):
+                    if entry >= 0 and missing[j] not in found:
+                        found[missing[j]] = store.vectors(entry)
+                if len(found) == len(missing):
+                    break
         if found:
             missing = [i for i in missing if i not in found]
         if not missing or self.embed_documents is None:
