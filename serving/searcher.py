@@ -142,6 +142,13 @@ class Searcher:
                    windows=window_scorer(index.windows_dir, index.model_dir, encoder,
                                          written_window_dirs(index.version_dir)))
 
+    def use_encoder(self, encoder: QueryEncoder | None) -> None:
+        """Embed with ``encoder`` from now on: queries, and the windows of texts no window store holds
+        (a :class:`ShardedSearcher` loads its shards beside a placeholder, then gives them its one)."""
+        self.encoder = encoder
+        if self.windows is not None:
+            self.windows.embed_documents = getattr(encoder, "embed_documents", None)
+
     @property
     def version(self) -> str:
         """The loaded index version."""
@@ -438,9 +445,7 @@ class ShardedSearcher:
         if encoder is None and shards[0].index.model_dir is not None:
             encoder = _load_query_encoder(shards[0].index.model_dir, fast_queries=True)
         for shard in shards:
-            shard.encoder = encoder
-            if shard.windows is not None:  # loaded beside the placeholder: the real tower embeds unstored texts
-                shard.windows.embed_documents = getattr(encoder, "embed_documents", None)
+            shard.use_encoder(encoder)
         return cls(shards, encoder=encoder)
 
     @property
