@@ -8,6 +8,9 @@ DATA ?= $(wildcard ../shared/datasets/quora-dev)
 WORKDIR ?= work/demo
 PART ?=
 QUICK ?=
+# Test processes: each file's tests stay in one worker (`--dist loadfile`), so module fixtures are built once.
+# Every worker imports TensorFlow (~1 GB), hence a fixed count rather than one per core.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench quality tagging clean
 
@@ -24,7 +27,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check dssm pipelines serving tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check dssm pipelines serving tests bench

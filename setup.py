@@ -34,6 +34,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100",
+                # `make test` runs the suite on two processes, a file per worker (CI's budget is 20 minutes).
+                "pytest-xdist==3.8.0",
                 # trec_eval bindings: tests check our metrics against it.
                 "pytrec-eval-terrier==0.5.11",
                 # property-based HTTP tests against the served OpenAPI document (tests/test_serving.py).
