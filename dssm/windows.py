@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +125,10 @@ class WindowRows(DocumentRows):
         # for the next query: a server reuses this object across the versions writes publish.
         self.computed: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self.computed_lock = threading.Lock()
-        # Per base segment (by name), each base row's entry as a searcher found it (serving.windowing).
+        # Per base segment (by name), each base row's entry as a searcher found it (serving.windowing),
+        # and the text fingerprint of a row this store lacks (its windows are in a written store).
         self.row_memos: dict[str, np.ndarray] = {}
+        self.row_fingerprints: dict[str, dict[int, tuple[int, int]]] = {}
 
     def similarities(self, index: np.ndarray, query: np.ndarray) -> np.ndarray:
         """``[len(index)]`` float32 cosines of ``query`` ``[dim]`` with the stored windows ``rows[index]``."""
@@ -291,18 +293,25 @@ class WindowScorer:
         remembered by the store (the last :data:`COMPUTED_TEXTS`)."""
         found: dict[int, np.ndarray] = {}
         if self.written and missing:
-            keys, lengths = text_keys([texts[i] for i in missing])  # once, for every written store
-            for store in self.written:
-                for j, entry in enumerate(store.find(keys, lengths).tolist()):
-                    if entry >= 0 and missing[j] not in found:
-                        found[missing[j]] = store.vectors(entry)
-                if len(found) == len(missing):
-                    break
+            found = {missing[j]: v for j, v in self.find_written(*text_keys([texts[i] for i in missing])).items()}
         if found:
             missing = [i for i in missing if i not in found]
         if not missing or self.embed_documents is None:
             return found
         return found | self._embedded(texts, missing)
+
+    def find_written(self, keys: np.ndarray, lengths: np.ndarray) -> dict[int, np.ndarray]:
+        """``{j: window vectors}`` of the texts fingerprinted ``keys[j]``/``lengths[j]`` (:func:`text_keys`)
+        that a store of written documents holds (the newest store first); one fingerprint per text
+        whatever the number of stores."""
+        found: dict[int, np.ndarray] = {}
+        for store in self.written:
+            for j, entry in enumerate(store.find(keys, lengths).tolist()):
+                if entry >= 0 and j not in found:
+                    found[j] = store.vectors(entry)
+            if len(found) == len(keys):
+                break
+        return found
 
     def _embedded(self, texts: Sequence[str | None], missing: list[int]) -> dict[int, np.ndarray]:
         """:meth:`_computed` for texts no store holds: embedded, or remembered from an earlier search."""
@@ -338,17 +347,20 @@ class WindowScorer:
         return self.combine(queries, entries, flat, cosines)
 
     def combine(self, queries: np.ndarray, entries: np.ndarray, texts: Sequence[str | None],
-                cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
+                cosines: Sequence[np.ndarray], *, known: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
         """:meth:`combined` for candidates already looked up (all queries' candidates in a row).
 
         Args:
             entries: ``[candidates]`` each one's store entry (:meth:`DocumentRows.entries`), or -1.
             texts: each candidate's full text where its entry is -1 (its windows are embedded or
-                remembered); ``None`` there for a text known to be one window.
+                remembered); ``None`` there for a text known to be one window, or one in ``known``.
             cosines: per query, its candidates' whole cosines (their counts split ``entries``).
+            known: ``{candidate: [windows, dim] vectors}`` of candidates whose windows the caller
+                already found (in a written store, by a remembered fingerprint).
         """
-        # a text given as None is known to be one window: nothing to embed for it
-        embedded = self._computed(texts, [i for i in np.flatnonzero(entries < 0).tolist() if texts[i] is not None])
+        # a text given as None is known to be one window (or its windows are known): nothing to embed for it
+        embedded = dict(known or {}) | self._computed(
+            texts, [i for i in np.flatnonzero(entries < 0).tolist() if texts[i] is not None])
         out, start = [], 0
         for query, whole in zip(queries, cosines, strict=True):
             whole = np.asarray(whole, dtype=np.float32)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dssm.data import document_text
+from dssm.rerank_docs import text_keys
 from dssm.windows import WINDOW_CANDIDATES, WindowRows, WindowScorer, window_texts
 from serving.reranking import load_once
 
@@ -61,7 +62,9 @@ class RowWindows:
     A base segment's rows never change (writes add delta segments and tombstones; a compaction writes
     a new base under a new name), so each base row remembers its store entry, per base segment, on the
     store that a process shares across versions: a candidate seen before costs no doc-store read and
-    no text fingerprint. Delta rows, and base rows the store lacks, read their text every time.
+    no text fingerprint. A base row the store lacks (written after it was made, its windows in a
+    store of written documents since a compaction) remembers its text's fingerprint instead, looked
+    up in the version's written stores; delta rows read their text every time.
 
     Args:
         scorer: the version's :class:`dssm.windows.WindowScorer` (with a store).
@@ -77,9 +80,11 @@ class RowWindows:
             key = index.layout.base_version
             if key not in memos:
                 memos[key] = np.full(self.base_rows, _UNKNOWN, np.int32)
+                store.row_fingerprints[key] = {}
                 for old in list(memos)[:-_MEMO_BASES]:
                     del memos[old]
-            self.memo = memos[key]
+                    store.row_fingerprints.pop(old, None)
+            self.memo, self.fingerprints = memos[key], store.row_fingerprints[key]
 
     def scores(self, vectors: np.ndarray, rows: Sequence[np.ndarray],
                cosines: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -91,7 +96,9 @@ class RowWindows:
         entries = np.full(len(flat), _UNKNOWN, np.int64)
         entries[base] = self.memo[flat[base]]
         texts: list[str | None] = [None] * len(flat)
-        fetch = np.flatnonzero((entries == _UNKNOWN) | (entries == -1))
+        known = self._written(flat, np.flatnonzero(entries == -1))
+        fetch = np.asarray([i for i in np.flatnonzero((entries == _UNKNOWN) | (entries == -1)).tolist()
+                            if i not in known], np.int64)
         if fetch.size:
             got = [document_text(d.title, d.text) for d in self.docs.get(flat[fetch].tolist())]
             entries[fetch] = self.scorer.store.entries(got)
@@ -103,8 +110,26 @@ class RowWindows:
                 entries[i], texts[i] = (_ONE_WINDOW, None) if one else (-1, text)
             remembered = fetch[base[fetch]]
             self.memo[flat[remembered]] = entries[remembered]
+            lacking = [i for i in remembered.tolist() if entries[i] == -1]
+            if lacking:  # their fingerprint, for the written stores next time
+                keys, lengths = text_keys([texts[i] for i in lacking])
+                pairs = zip(keys.tolist(), lengths.tolist(), strict=True)
+                self.fingerprints.update(zip(flat[lacking].tolist(), pairs, strict=True))
         entries[entries == _ONE_WINDOW] = -1  # with no text: nothing to add to its cosine
-        return self.scorer.combine(vectors, entries, texts, cosines)
+        return self.scorer.combine(vectors, entries, texts, cosines, known=known)
+
+    def _written(self, flat: np.ndarray, lacking: np.ndarray) -> dict[int, np.ndarray]:
+        """``{i: window vectors}`` of the candidates ``flat[i]`` (``i`` in ``lacking``: base rows the store
+        lacks) whose remembered fingerprint a written store holds; the others read their text."""
+        if not lacking.size or not self.scorer.written:
+            return {}
+        prints = [(i, self.fingerprints.get(int(flat[i]))) for i in lacking.tolist()]
+        prints = [(i, p) for i, p in prints if p is not None]
+        if not prints:
+            return {}
+        keys = np.fromiter((p[0] for _, p in prints), np.uint64, len(prints))
+        lengths = np.fromiter((p[1] for _, p in prints), np.int64, len(prints))
+        return {prints[j][0]: v for j, v in self.scorer.find_written(keys, lengths).items()}
 
     def top(self, vectors: np.ndarray, rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[list[np.ndarray],
                                                                                              list[np.ndarray]]:

@@ -271,6 +271,19 @@ def test_windows_ride_along_writes_and_written_texts_bring_their_own(windowed_in
         hits = served.search("xerography copies in libraries", k=3, mode="dense")
         assert hits[0].id == "new-1" and hits[0].score == pytest.approx(expected, abs=2e-3)
         assert long_text not in served.windows.store.computed  # found in the written store, not embedded
+        read: list[str] = []
+
+        def get(rows, *, read=read, docs=served.index.docs.get):
+            found = docs(rows)
+            read.extend(d.id for d in found)
+            return found
+
+        served.index.docs.get = get
+        again = served.search("xerography copies in libraries", k=3, mode="dense")
+        assert again == hits
+        # read for the hit; and for its windows only as a delta row: a compacted base row remembers its
+        # text's fingerprint and finds its windows in the written store without reading its text
+        assert read.count("new-1") == (1 if compacted else 2)
 
 
 def test_written_window_stores_merge_by_size_tier_and_a_compaction_folds_them(windowed_index, tmp_path):
