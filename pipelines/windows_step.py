@@ -34,7 +34,8 @@ def windows_step(stage: Path, *, mode: str, encoder: Any, texts: Sequence[str], 
     Args:
         stage: the staged version (doc store and model copy written).
         encoder: the version's towers (``embed_queries``, ``embed_documents``); ``None`` for a fitted
-            model, which is refitted per tuning corpus and gets no windows.
+            model (``dssm lsa``), which is refitted per tuning corpus: ``auto`` cannot decide for it, and
+            ``on`` embeds the windows with the fit's own towers (loaded here).
         texts: the tuning corpus's full texts; ``embeddings`` their [n, dim] stored rows.
         pairs: held-out labelled ``(query, document text)`` pairs, or ``None``.
         bm25_config: the version's BM25 settings; ``weight``/``normalization`` its stored hybrid.
@@ -44,8 +45,13 @@ def windows_step(stage: Path, *, mode: str, encoder: Any, texts: Sequence[str], 
     """
     if mode == "off":
         return {"stored": False, "reason": "--windows off"}
+    if encoder is None and mode == "auto":
+        return {"stored": False, "reason": "a fitted model (dssm lsa) is refitted per corpus: `auto` stores no "
+                                           "windows for it (`on` does)"}
     if encoder is None:
-        return {"stored": False, "reason": "a fitted model (dssm lsa) is refitted per corpus: no windows"}
+        from dssm.export import load_encoder  # deferred: TensorFlow, imported only when this runs
+
+        encoder = load_encoder(stage / index_lib.MODEL_DIR)
     config, report = WindowConfig(), {}
     if mode == "auto":
         if not pairs:
@@ -87,14 +93,7 @@ def windows_only_finalize(*, seed: int = 0) -> Any:
     """
 
     def finalize(stage: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        # deferred: TensorFlow, imported only when this runs
-        from dssm.export import load_encoder
-        from dssm.lsa import is_fit
-
-        model = stage / index_lib.MODEL_DIR
-        if is_fit(model):
-            return {}, {"windows": {"stored": False, "reason": "a fitted model (dssm lsa): no windows"}}
-        report = windows_step(stage, mode="on", encoder=load_encoder(model), texts=[],
+        report = windows_step(stage, mode="on", encoder=None, texts=[],
                               embeddings=np.zeros((0, 0), np.float32), pairs=None, bm25_config=None, weight=0.0,
                               normalization="minmax", seed=seed)
         return {}, {"windows": report}

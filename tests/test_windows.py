@@ -382,7 +382,7 @@ def test_windows_auto_decides_on_held_out_pairs_and_the_other_modes_before_any_w
 
     assert step("off", object(), [("q", "d")]) == {"stored": False, "reason": "--windows off"}
     assert "no held-out labelled pairs" in step("auto", object(), None)["reason"]
-    assert "fitted model" in step("on", None, None)["reason"]
+    assert "fitted model" in step("auto", None, [("q", "d")])["reason"]
     assert not (tmp_path / "windows").exists()
     decided = build("pairs", "--hybrid-pairs", str(tiny_model_dir.parent / "pairs"))
     # adi's held-out pairs: whatever the verdict, it is the rule's on the numbers it reports
@@ -396,6 +396,27 @@ def test_windows_auto_decides_on_held_out_pairs_and_the_other_modes_before_any_w
     forced = build("noweight", "--windows", "on", "--hybrid-weight", "none")
     assert forced["stored"] and forced["documents"] > 0 and "means" not in forced
     assert not list((tmp_path / "noweight" / "versions").glob("*/hybrid.json"))
+
+
+def test_a_fit_stores_windows_when_asked_and_serves_them(adi_dir, tmp_path):
+    from dssm.lsa import main as lsa_main
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    assert lsa_main(["--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(tmp_path / "fit"), "--dim", "16"]) == 0
+    reports = {}
+    for mode in ("auto", "on"):
+        out = tmp_path / mode
+        assert index_main(["--model", str(tmp_path / "fit"), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                           str(out), "--windows", mode, "--direct_running_mode=in_memory"]) == 0
+        version = next((out / "versions").glob("*"))
+        reports[mode] = json.loads((version / "manifest.json").read_text())["windows"]
+        assert (version / "windows").is_dir() == (mode == "on")
+    assert "fitted model" in reports["auto"]["reason"]  # nothing to decide on without labelled pairs
+    assert reports["on"]["stored"] and reports["on"]["documents"] > 0
+    searcher = Searcher.load(tmp_path / "on")
+    query = "the use of computers in the indexing of documents"
+    assert [h.id for h in searcher.search(query, k=5, mode="dense")] == expected_dense(searcher, query, 5)
 
 
 def test_sharded_builds_store_windows_on_every_shard_and_search_as_one_index(windowed_index, tiny_model_dir,
