@@ -182,9 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", choices=WINDOW_MODES, default="auto",
                         help="score dense candidates by cosine + best 8-word window's cosine (window vectors "
                              "stored in the version; dssm.windows). auto: only when --hybrid-pairs' held-out "
-                             "labelled pairs show a significant gain (never for a dssm lsa fit); on: always (also for a "
-                             "fit, with --shard, on every shard alike, and --hybrid-weight none, which decide "
-                             "nothing); off: never "
+                             "labelled pairs show a significant gain (never for a dssm lsa fit); on: always "
+                             "(also for a fit, with --shard, on every shard alike, and --hybrid-weight none, "
+                             "which decide nothing); off: never "
                              "(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON")
     add_config_arguments(parser, index_lib.ScannConfig, prefix="scann-")
