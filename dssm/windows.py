@@ -145,21 +145,31 @@ class WindowRows(DocumentRows):
 
     @classmethod
     def merge(cls, stores: Sequence[WindowRows]) -> WindowRows:
-        """One quantized store of every text in ``stores`` (a text in several: the first store's windows)."""
+        """One quantized store of every text in ``stores`` (a text in several: the first store's windows).
+
+        Quantized rows are copied as they are (a float16 store is quantized first): each kept text's run
+        of windows is gathered from the stores' rows laid end to end.
+        """
+        stores = [s for s in stores if len(s)]  # a store of no text adds nothing (and may have no width)
         if len(stores) == 1 and stores[0].scales is not None:
             return stores[0]
-        keys = np.concatenate([s.keys for s in stores]) if stores else np.zeros(0, np.uint64)
+        if not stores:
+            return cls(keys=np.zeros(0, np.uint64), lengths=np.zeros(0, np.int64), offsets=np.zeros(1, np.int64),
+                       rows=np.zeros((0, 0), np.int16), scales=np.zeros(0, np.float32))
+        keys = np.concatenate([s.keys for s in stores])
         source = np.repeat(np.arange(len(stores)), [len(s) for s in stores])
-        entry = np.concatenate([np.arange(len(s)) for s in stores]) if stores else np.zeros(0, np.int64)
         order = np.lexsort((source, keys))  # by key, then by store
         keep = order[np.r_[True, keys[order][1:] != keys[order][:-1]]] if len(order) else order
-        parts = [stores[s].vectors(e) for s, e in zip(source[keep].tolist(), entry[keep].tolist(), strict=True)]
+        quantized = [(s.rows, s.scales) if s.scales is not None else cls.quantize(s.rows) for s in stores]
+        base = np.cumsum([0] + [len(rows) for rows, _ in quantized[:-1]])
+        first = np.concatenate([s.offsets[:-1] + b for s, b in zip(stores, base.tolist(), strict=True)])[keep]
+        sizes = np.concatenate([np.diff(s.offsets) for s in stores])[keep]
         offsets = np.zeros(len(keep) + 1, np.int64)
-        np.cumsum([len(p) for p in parts], out=offsets[1:])
-        dim = stores[0].rows.shape[1] if stores and stores[0].rows.ndim == 2 else 0
-        rows, scales = cls.quantize(np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
-        lengths = np.concatenate([s.lengths for s in stores])[keep] if stores else np.zeros(0, np.int64)
-        return cls(keys=keys[keep], lengths=lengths, offsets=offsets, rows=rows, scales=scales)
+        np.cumsum(sizes, out=offsets[1:])
+        index = np.repeat(first - offsets[:-1], sizes) + np.arange(int(offsets[-1]))
+        return cls(keys=keys[keep], lengths=np.concatenate([s.lengths for s in stores])[keep], offsets=offsets,
+                   rows=np.concatenate([rows for rows, _ in quantized])[index],
+                   scales=np.concatenate([scales for _, scales in quantized])[index])
 
     @staticmethod
     def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

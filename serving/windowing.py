@@ -111,10 +111,14 @@ class RowWindows:
             remembered = fetch[base[fetch]]
             self.memo[flat[remembered]] = entries[remembered]
             lacking = [i for i in remembered.tolist() if entries[i] == -1]
-            if lacking:  # their fingerprint, for the written stores next time
+            if lacking:  # fingerprinted once: looked up now and remembered for the next search
                 keys, lengths = text_keys([texts[i] for i in lacking])
                 pairs = zip(keys.tolist(), lengths.tolist(), strict=True)
                 self.fingerprints.update(zip(flat[lacking].tolist(), pairs, strict=True))
+                found = self._written(flat, np.asarray(lacking, np.int64))
+                for i in found:
+                    texts[i] = None  # its windows are known: nothing for the scorer to look up or embed
+                known |= found
         entries[entries == _ONE_WINDOW] = -1  # with no text: nothing to add to its cosine
         return self.scorer.combine(vectors, entries, texts, cosines, known=known)
 

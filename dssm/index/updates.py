@@ -199,8 +199,7 @@ def compact_index(index_dir: str | Path, *, rebalance: bool | None = None,
         another process is compacting this index, or if a full build or another compaction replaced
         its base meanwhile (this one is then moot).
     """
-    index_dir = checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction,
-                                         keep_versions=keep_versions)
+    index_dir = checked_update_settings(index_dir, rebalance_fraction=rebalance_fraction, keep_versions=keep_versions)
     with CompactionSlot(index_dir) as slot:
         if not slot.acquired:
             return None
