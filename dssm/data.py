@@ -36,6 +36,11 @@ __all__ = [
     "iter_corpus",
     "read_queries",
     "read_qrels",
+    "iter_qrels",
+    "qrels_layout",
+    "QRELS_LAYOUTS",
+    "TEXT_ENCODING",
+    "BOM",
     "read_beir",
     "is_valid_utf8",
     "split_of",
@@ -46,6 +51,12 @@ __all__ = [
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
              ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+# "utf-8-sig" reads UTF-8 and drops a byte-order mark at the start of the file (Windows tools write one);
+# without it the mark would be part of the first JSON line or of the first column's name.
+TEXT_ENCODING = "utf-8-sig"
+BOM = b"\xef\xbb\xbf"
+QRELS_LAYOUTS = ("beir", "trec", "plain")
 
 # Quora and other sources have questions longer than csv's 128 KiB default field limit.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -116,7 +127,7 @@ def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # n
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
         if kind == "jsonl":
             for line_no, line in enumerate(handle, 1):
                 if line.strip():
@@ -157,7 +168,7 @@ def iter_rows(path: str | Path, format: str | None = None) -> Iterator[Row]:  # 
     if kind == "parquet":
         yield from _iter_parquet(path)
         return
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
         if kind == "jsonl":
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -274,20 +285,84 @@ def read_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
-def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """BEIR ``qrels.tsv`` (header ``query-id corpus-id score``) → {qid: {docid: grade}}.
+def qrels_layout(path: str | Path) -> str:
+    """Which qrels layout ``path`` holds, from its first non-blank line.
+
+    * ``beir``: tab-separated with the header ``query-id corpus-id score`` (BEIR's ``qrels/*.tsv``);
+    * ``trec``: ``query-id iteration corpus-id score`` separated by spaces or tabs, no header (TREC's
+      qrels, written by trec_eval, pyserini and ir_datasets);
+    * ``plain``: ``query-id corpus-id score`` separated by spaces or tabs, no header.
 
     Raises:
-        InputError: missing file, wrong header, or a non-integer score (naming the line).
+        InputError: the file is missing or empty, or its first line is none of these (naming the line).
     """
-    columns = read_columns(path, "tsv")
-    if columns[:2] != ["query-id", "corpus-id"] or len(columns) < 3:
-        raise InputError(f"qrels {path} must have header 'query-id corpus-id score', has {columns}")
+    path = Path(path)
+    _require_file(path, "qrels file")
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+        first = next((line for line in handle if line.strip()), None)
+    if first is None:
+        raise InputError(f"qrels file is empty: {path}")
+    tabbed = first.rstrip("\r\n").split("\t")
+    if [c.strip() for c in tabbed[:2]] == ["query-id", "corpus-id"] and len(tabbed) >= 3:
+        return "beir"
+    fields = first.split()
+    if len(fields) in (3, 4) and _is_number(fields[-1]):
+        return "trec" if len(fields) == 4 else "plain"
+    raise InputError(f"qrels {path}: first line {first.strip()!r} is neither BEIR's header 'query-id corpus-id "
+                     "score' nor a headerless 'query-id [iteration] corpus-id score' line (TREC qrels)")
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def iter_qrels(path: str | Path) -> Iterator[Row]:
+    """The judgements of a qrels file in any of :func:`qrels_layout`'s layouts, as rows of one shape.
+
+    Every row's fields are ``{"query-id", "corpus-id", "score"}`` (strings, as read); a line with the
+    wrong number of fields comes back with ``error`` set, as :func:`iter_rows` does.
+
+    Raises:
+        InputError: see :func:`qrels_layout`.
+    """
+    path = Path(path)
+    layout = qrels_layout(path)
+    if layout == "beir":
+        qid, did, score = read_columns(path, "tsv")[:3]
+        for row in iter_rows(path, "tsv"):
+            fields = {"query-id": row.fields.get(qid), "corpus-id": row.fields.get(did), "score": row.fields.get(score)}
+            yield Row(row.location, fields, row.error)
+        return
+    width = 4 if layout == "trec" else 3
+    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+        for line_no, line in enumerate(handle, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            location = f"{path}:{line_no}"
+            if len(fields) != width:
+                yield Row(location, {"raw": line.rstrip("\r\n")},
+                          f"has {len(fields)} fields, a {layout} qrels line has {width}")
+                continue
+            yield Row(location, {"query-id": fields[0], "corpus-id": fields[-2], "score": fields[-1]})
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """A qrels file (BEIR's ``qrels.tsv`` with its header, or TREC's headerless lines) → {qid: {docid: grade}}.
+
+    Raises:
+        InputError: missing file, a layout :func:`qrels_layout` does not know, a malformed line or a
+            non-integer score (naming the line).
+    """
     qrels: dict[str, dict[str, int]] = {}
-    for row in iter_rows(path, "tsv"):
+    for row in iter_qrels(path):
         if row.error:
             raise InputError(f"{row.location}: {row.error}")
-        qid, did, score = (row.fields[c] for c in columns[:3])
+        qid, did, score = (_text(row.fields.get(c)) for c in ("query-id", "corpus-id", "score"))
         try:
             grade = int(float(score))
         except ValueError as exc:
@@ -359,7 +434,7 @@ def write_rows_outside_holdout(source: str | Path, pairs_dir: str | Path, out: s
     if column not in columns:
         raise InputError(f"{source}: no query column {query_column or 'question1/text1/query'} in {columns}")
     held_out = holdout_filter(pairs_dir)
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = source.read_text(encoding=TEXT_ENCODING).splitlines(keepends=True)
     header, body = (lines[:1], lines[1:]) if fmt in ("csv", "tsv") else ([], lines)
     body = [line for line in body if line.strip()]
     keep = []

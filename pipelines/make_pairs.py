@@ -98,14 +98,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, write_json_atomic, write_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, save_config
-from dssm.data import read_columns, table_format
+from dssm.data import qrels_layout, read_columns, table_format
 from dssm.errors import DSSMError, InputError
 from dssm.hashing import FeatureConfig
 from dssm.teacher import check_teacher
 from pipelines.beir import JoinBeir
 from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
 from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
-from pipelines.records import REJECTED, read_table, rejected_json, sum_counts
+from pipelines.records import REJECTED, read_qrels_table, read_table, rejected_json, sum_counts
 from pipelines.table_reads import ReadTableChunks
 from pipelines.tags import TagPairs, TagSpec, resolve_tags
 from pipelines.tfrecords import WriteTFRecords
@@ -275,9 +275,7 @@ def _resolve_beir(path: Path, config: PairsConfig) -> tuple[PairsInput, PairsCon
     for needed in ("queries.jsonl", "corpus.jsonl"):
         if not (path / needed).is_file():
             raise InputError(f"BEIR directory {path} lacks {needed}")
-    found = read_columns(qrels, "tsv")
-    if found[:3] != ["query-id", "corpus-id", "score"]:
-        raise InputError(f"qrels {qrels} has columns {found}; expected query-id, corpus-id, score")
+    qrels_layout(qrels)  # refuses a file that is no qrels layout we read, before the job starts
     for name in ("queries.jsonl", "corpus.jsonl"):
         cols = read_columns(path / name)
         if "_id" not in cols or "text" not in cols:
@@ -385,7 +383,7 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
         assert source.qrels is not None
         raw = {
             name: (pipeline | f"Path{name.title()}" >> beam.Create([str(file)])
-                   | f"Read{name.title()}" >> beam.FlatMap(read_table, fmt)
+                   | f"Read{name.title()}" >> beam.FlatMap(read_qrels_table if name == "qrels" else read_table, fmt)
                    | f"Spread{name.title()}" >> beam.Reshuffle())
             for name, file, fmt in (("qrels", source.qrels, "tsv"), ("queries", source.path / "queries.jsonl", "jsonl"),
                                     ("corpus", source.path / "corpus.jsonl", "jsonl"))

@@ -38,7 +38,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from dssm.data import Row, is_valid_utf8, iter_rows
+from dssm.data import BOM, Row, is_valid_utf8, iter_qrels, iter_rows
 
 __all__ = [
     "REJECTED",
@@ -47,6 +47,7 @@ __all__ = [
     "as_text",
     "label_of",
     "read_table",
+    "read_qrels_table",
     "raw_record",
     "read_jsonl_range",
     "read_table_chunks",
@@ -144,6 +145,18 @@ def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str,
         yield raw_record(row, location_ok=location_ok)
 
 
+def read_qrels_table(path: str, table_format: str | None = None) -> Iterator[dict[str, Any]]:
+    """Raw records of a qrels file in any layout :func:`dssm.data.qrels_layout` knows (BEIR's or TREC's).
+
+    Every record's fields are ``query-id``, ``corpus-id`` and ``score``, whatever the layout; ``table_format``
+    is ignored (it is there so the readers are interchangeable in a ``FlatMap``).
+    """
+    del table_format
+    location_ok = is_valid_utf8(str(path))
+    for row in iter_qrels(path):
+        yield raw_record(row, location_ok=location_ok)
+
+
 def raw_record(row: Row, *, location_ok: bool) -> dict[str, Any]:
     """A :class:`~dssm.data.Row` as a raw record (``location_ok``: the path is valid UTF-8)."""
     return {
@@ -177,6 +190,8 @@ def read_jsonl_range(path: str, start: int, end: int, first_line: int) -> Iterat
         data = handle.read(end - start)
     location_ok = is_valid_utf8(str(path))
     where = str(path) if location_ok else _printable(str(path))
+    if start == 0:
+        data = data.removeprefix(BOM)  # a byte-order mark is not part of the first record
     lines = data.decode("utf-8", "surrogateescape").split("\n")
     if lines and not lines[-1]:
         lines.pop()

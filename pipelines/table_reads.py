@@ -20,7 +20,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from dssm.data import csv_reader, csv_rows, is_valid_utf8, table_format
+from dssm.data import BOM, TEXT_ENCODING, csv_reader, csv_rows, is_valid_utf8, table_format
 from pipelines.records import chunked, raw_record, read_jsonl_range, read_table_chunks
 
 __all__ = ["ReadTask", "line_cuts", "plan_table_reads", "read_task_chunks", "ReadTableChunks"]
@@ -102,7 +102,7 @@ def plan_table_reads(path: str, table: str | None, *, lines_per_task: int) -> li
         return whole
     header = None
     if kind == "tsv":
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
             header = tuple(next(csv_reader(handle, kind), None) or ())
     return [ReadTask(path, table, kind, start, end, first_line, header) for start, end, first_line in cuts]
 
@@ -111,7 +111,8 @@ def _read_tsv_range(task: ReadTask) -> Iterator[dict[str, Any]]:
     assert task.end is not None and task.header is not None
     with open(task.path, "rb") as handle:
         handle.seek(task.start)
-        text = handle.read(task.end - task.start).decode("utf-8", "surrogateescape")
+        data = handle.read(task.end - task.start)
+    text = data.removeprefix(BOM if task.start == 0 else b"").decode("utf-8", "surrogateescape")
     reader = csv_reader(io.StringIO(text, newline=""), "tsv")
     if task.start == 0:
         next(reader, None)  # the header

@@ -10,7 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dssm.data import is_valid_utf8, iter_corpus, iter_rows, read_beir, read_columns, split_of
+from dssm.data import (
+    is_valid_utf8,
+    iter_corpus,
+    iter_qrels,
+    iter_rows,
+    qrels_layout,
+    read_beir,
+    read_columns,
+    read_qrels,
+    split_of,
+)
 from dssm.errors import InputError
 
 
@@ -51,6 +61,48 @@ def test_missing_files_and_columns_are_input_errors(tmp_path: Path) -> None:
         read_columns(tmp_path / "empty.csv")
     with pytest.raises(InputError, match="BEIR directory not found"):
         read_beir(tmp_path / "missing")
+
+
+def test_qrels_in_beir_trec_and_plain_layouts_read_the_same(tmp_path: Path) -> None:
+    expected = {"1": {"17": 1, "46": 2}, "q 2": {"d9": 0}}
+    layouts = {
+        "beir": "query-id\tcorpus-id\tscore\n1\t17\t1\n1\t46\t2\n\nq 2\td9\t0\n",
+        "trec": "1 0 17 1\n1 0 46 2\n",  # TREC: query, iteration, document, grade
+        "plain": "1\t17\t1\r\n1 46 2\r\n",
+    }
+    for layout, text in layouts.items():
+        path = tmp_path / f"{layout}.tsv"
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark is read past
+        assert qrels_layout(path) == layout
+        got = read_qrels(path)
+        want = expected if layout == "beir" else {"1": expected["1"]}
+        assert got == want, layout
+
+
+def test_bad_qrels_are_refused_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "qrels.txt"
+    path.write_text("1 0 17 1\n1 0 46\n")
+    rows = list(iter_qrels(path))
+    assert rows[0].error is None and rows[1].error == "has 3 fields, a trec qrels line has 4"
+    with pytest.raises(InputError, match=f"{path}:2: has 3 fields"):
+        read_qrels(path)
+    path.write_text("query corpus relevance\n1 17 1\n")
+    with pytest.raises(InputError, match="first line 'query corpus relevance' is neither BEIR's header"):
+        qrels_layout(path)
+    path.write_text("query-id\tcorpus-id\tscore\n1\t17\tyes\n")
+    with pytest.raises(InputError, match=r":2: score 'yes' is not a number"):
+        read_qrels(path)
+    path.write_text("\n")
+    with pytest.raises(InputError, match="qrels file is empty"):
+        read_qrels(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) -> None:
+    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"_id": 1, "text": "first"}\r\n{"_id": 2, "text": "second"}\r\n')
+    (tmp_path / "c.csv").write_bytes(b"\xef\xbb\xbfid,text\r\n1,first\r\n2,second\r\n")
+    for name in ("c.jsonl", "c.csv"):
+        assert [(d.id, d.text) for d in iter_corpus(tmp_path / name)] == [("1", "first"), ("2", "second")], name
+    assert read_columns(tmp_path / "c.csv") == ["id", "text"]
 
 
 def test_split_is_deterministic_and_near_its_fraction() -> None:

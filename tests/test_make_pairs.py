@@ -309,6 +309,29 @@ def test_beir_directory_end_to_end(adi_dir: Path, tmp_path: Path) -> None:
     assert json.loads((out / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv"
 
 
+def test_beir_directory_with_trec_qrels_gives_the_same_pairs(adi_dir: Path, tmp_path: Path) -> None:
+    trec = tmp_path / "adi-trec"
+    trec.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (trec / name).write_bytes((adi_dir / name).read_bytes())
+    rows = [line.split("\t") for line in (adi_dir / "qrels.tsv").read_text().splitlines()[1:]]
+    (trec / "qrels.tsv").write_text("".join(f"{q} 0 {d} {s}\n" for q, d, s in rows) + "1 0 17\n")  # one bad line
+    flags = ["--validation-fraction", "0.3", *SMALL_FLAGS]
+    stats = run(["--input", str(trec), "--output", str(tmp_path / "trec"), *flags],
+                test_pipeline=test_pipeline.TestPipeline())
+    run(["--input", str(adi_dir), "--output", str(tmp_path / "beir"), *flags],
+        test_pipeline=test_pipeline.TestPipeline())
+    assert (stats["read"], stats["written"], stats["rejected"]) == (171, 170, 1)
+    [bad] = _rejected(tmp_path / "trec")
+    assert bad["record"] == f"{trec / 'qrels.tsv'}:171" and "a trec qrels line has 4" in bad["detail"]
+
+    def pairs(out: Path) -> Counter:
+        return Counter((e["query_id"], e["document_id"], e["query_text"], e["document_text"])
+                       for rows in _shards(out).values() for e in rows)
+
+    assert pairs(tmp_path / "trec") == pairs(tmp_path / "beir")
+
+
 def test_split_is_the_same_on_every_run_and_moves_with_the_salt(tmp_path: Path) -> None:
     path = tmp_path / "pairs.tsv"
     path.write_bytes(QUORA_TSV)

@@ -48,6 +48,17 @@ def test_every_split_reads_the_records_read_table_reads(tmp_path: Path, name: st
     assert _records_by_tasks(path, None, lines_per_task) == list(read_table(str(path)))
 
 
+@pytest.mark.parametrize(("name", "data"), [("pairs.tsv", TSV), ("pairs.jsonl", JSONL)])
+def test_a_byte_order_mark_is_read_past_in_every_split(tmp_path: Path, name: str, data: bytes) -> None:
+    plain, marked = tmp_path / name, tmp_path / f"bom-{name}"
+    plain.write_bytes(data)
+    marked.write_bytes(b"\xef\xbb\xbf" + data)  # what Windows tools put before UTF-8 text
+    expected = [{**r, "record": r["record"].replace(str(plain), str(marked))} for r in read_table(str(plain))]
+    assert list(read_table(str(marked))) == expected
+    for lines_per_task in (1, 3, 1000):
+        assert _records_by_tasks(marked, None, lines_per_task) == expected
+
+
 def test_line_cuts_cover_the_file_at_line_starts(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(b"a\nbb\n\nccc\nd")

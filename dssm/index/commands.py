@@ -89,7 +89,8 @@ def read_ids(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise InputError(f"ids file not found: {path}")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark is not part of the first id
+    ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not ids:
         raise InputError(f"ids file {path} holds no ids")
     return ids
