@@ -57,6 +57,7 @@ _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".j
 TEXT_ENCODING = "utf-8-sig"
 BOM = b"\xef\xbb\xbf"
 QRELS_LAYOUTS = ("beir", "trec", "plain")
+JSONL_SAMPLE = 100  # records whose keys make a JSONL file's columns
 
 # Quora and other sources have questions longer than csv's 128 KiB default field limit.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -114,7 +115,11 @@ def table_format(path: str | Path, format: str | None = None) -> str:  # noqa: A
 
 
 def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # noqa: A002
-    """Column names of a table: its header (CSV/TSV), schema (Parquet) or first record's keys (JSONL).
+    """Column names of a table: its header (CSV/TSV), schema (Parquet) or records' keys (JSONL).
+
+    A JSONL file has no header, and a record may leave out a key others have (a title-only document
+    without ``text``), so its columns are the keys of its first :data:`JSONL_SAMPLE` records, in
+    the order they first appear.
 
     Raises:
         InputError: the file is missing, empty, or its first record is not a JSON object.
@@ -129,20 +134,36 @@ def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # n
         return list(pq.read_schema(path).names)
     with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
         if kind == "jsonl":
-            for line_no, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
-                    if not isinstance(first, dict):
-                        raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(first).__name__}")
-                    return list(first)
-            raise InputError(f"input file is empty: {path}")
+            return _jsonl_columns(path, handle)
         header = next(csv_reader(handle, kind), None)
         if not header:
             raise InputError(f"input file is empty: {path}")
         return header
+
+
+def _jsonl_columns(path: Path, handle: Any) -> list[str]:
+    columns: dict[str, None] = {}
+    records = 0
+    for line_no, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not records:
+                raise InputError(f"{path}:{line_no}: not valid JSON: {exc}") from exc
+            continue  # a later bad line is the reader's to reject, with its location
+        if not isinstance(record, dict):
+            if not records:
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            continue
+        columns.update(dict.fromkeys(record))
+        records += 1
+        if records >= JSONL_SAMPLE:
+            break
+    if not records:
+        raise InputError(f"input file is empty: {path}")
+    return list(columns)
 
 
 def csv_reader(handle: Any, kind: str) -> Any:

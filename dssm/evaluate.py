@@ -297,6 +297,10 @@ def _select_queries(args: argparse.Namespace, systems: Sequence[str], searcher: 
         if keep is not None:
             why += f", none of those is in the validation split of {args.holdout}"
         raise InputError(f"--data {data_dir}: no query to evaluate ({why})")
+    blank = [q for q in evaluated_queries(qrels) if q in queries and not queries[q].strip()]
+    if blank:
+        print(f"warning: {len(blank)} judged queries have a blank text and are not evaluated (e.g. id {blank[0]!r})",
+              file=sys.stderr)
     if searcher is not None:
         _check_index_covers(searcher, {q: qrels[q] for q in qids}, corpus_size=len(corpus), index=args.index,
                             data=data_dir)

@@ -307,7 +307,10 @@ def sample_queries(qids: Iterable[str], n: int) -> list[str]:
 
 def select_queries(queries: Mapping[str, str], qrels: Qrels, *, keep: Callable[[str], bool] | None = None,
                    max_queries: int | None = None) -> list[str]:
-    """The query ids to evaluate: in both the queries and (with a relevant doc) the qrels.
+    """The query ids to evaluate: in both the queries (with a non-blank text) and (with a relevant doc) the qrels.
+
+    A blank query cannot be searched by any system; it is left out rather than stopping the run
+    (``dssm eval`` warns with its count).
 
     Args:
         queries: ``{qid: text}``.
@@ -318,7 +321,7 @@ def select_queries(queries: Mapping[str, str], qrels: Qrels, *, keep: Callable[[
     Returns:
         Sorted query ids, possibly empty.
     """
-    qids = [q for q in evaluated_queries(qrels) if q in queries]
+    qids = [q for q in evaluated_queries(qrels) if q in queries and queries[q].strip()]
     if keep is not None:
         qids = [q for q in qids if keep(queries[q])]
     if max_queries is not None:

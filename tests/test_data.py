@@ -105,6 +105,14 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) -> No
     assert read_columns(tmp_path / "c.csv") == ["id", "text"]
 
 
+def test_jsonl_columns_are_the_keys_of_its_first_records(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"_id": "1", "title": "a title only"}\nnot json\n{"_id": "2", "text": "body", "title": "t"}\n')
+    assert read_columns(path) == ["_id", "title", "text"]  # the first record lacks text; later ones have it
+    path.write_text('{"_id": "1", "title": "a title only"}\n{"_id": "2", "text": "body", "title": "t"}\n')
+    assert [(d.id, d.title, d.text) for d in iter_corpus(path)] == [("1", "a title only", ""), ("2", "t", "body")]
+
+
 def test_split_is_deterministic_and_near_its_fraction() -> None:
     texts = [f"question number {i} ?" for i in range(4000)]
     splits = [split_of(t, validation_fraction=0.2) for t in texts]

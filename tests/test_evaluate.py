@@ -183,6 +183,7 @@ def test_sample_and_select_queries_are_deterministic():
     queries = {"q1": "keep me", "q2": "drop me", "q3": "keep too", "q4": "keep"}
     assert select_queries(queries, GRADED) == ["q1", "q2", "q3"]
     assert select_queries(queries, GRADED, keep=lambda t: t.startswith("keep")) == ["q1", "q3"]
+    assert select_queries({**queries, "q2": " \t"}, GRADED) == ["q1", "q3"]  # a blank query cannot be searched
 
 
 # -------------------------------------------------------------------------------------------------- BM25
@@ -426,6 +427,15 @@ def test_cli_end_to_end_known_answers_and_skip_self(adi_index, adi, tiny_model_d
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dssm"]["recall@100"] == 0.0 and report["bm25"]["recall@100"] == 0.0
+
+
+def test_cli_leaves_out_blank_queries_with_a_warning(adi_index, adi, tmp_path, capsys):
+    queries = {**adi.queries, "1": "   "}
+    data = _write_beir(tmp_path / "blank", adi.corpus, queries, adi.qrels)
+    out = tmp_path / "blank.json"
+    assert main(["--index", str(adi_index), "--data", str(data), "--systems", "dssm,bm25", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["queries"] == 34
+    assert "warning: 1 judged queries have a blank text and are not evaluated (e.g. id '1')" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_index_of_another_corpus(adi_index, adi, tmp_path, capsys):
