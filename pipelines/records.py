@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 REJECTED = "rejected"
+_BOOLEAN_WORDS = {"true": 1.0, "false": 0.0}
 
 
 def carry_bytes(value: Any) -> Any:
@@ -121,8 +122,11 @@ def label_of(value: Any) -> float | None:
     if isinstance(value, int | float):
         number = float(value)
     elif isinstance(value, str):
+        word = value.strip().lower()
+        if word in _BOOLEAN_WORDS:  # a boolean column as pandas and spreadsheets write it to CSV
+            return _BOOLEAN_WORDS[word]
         try:
-            number = float(value.strip())
+            number = float(word)
         except ValueError:
             return None
     else:

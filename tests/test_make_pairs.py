@@ -51,6 +51,8 @@ def test_validate_pairs_sends_every_bad_row_to_the_dead_letter_with_its_reason()
         _raw(9, q="what is a label", d="a label", label="yes"),
         _raw(10, q="nan label", d="doc", label="nan"),
         _raw(11, q="graded", d="graded doc", label="3.8"),
+        _raw(13, q="pandas bool", d="written to csv", label=" True"),  # how pandas writes a bool column
+        _raw(14, q="pandas false", d="written to csv", label="FALSE"),
         {"record": "in.tsv:12", "fields": {"q": "a"}, "reason": "unparsable", "error": "has 1 fields, header has 3"},
     ]
     split = SplitSpec(validation_fraction=0.5, salt="s")
@@ -58,6 +60,8 @@ def test_validate_pairs_sends_every_bad_row_to_the_dead_letter_with_its_reason()
         ("in.tsv:2", "Q7", text_id("rice cooking guide"), 1.0),
         ("in.tsv:3", text_id("is the sky blue"), text_id("why the sky is blue"), 0.0),
         ("in.tsv:11", text_id("graded"), text_id("graded doc"), 3.8),
+        ("in.tsv:13", text_id("pandas bool"), text_id("written to csv"), 1.0),
+        ("in.tsv:14", text_id("pandas false"), text_id("written to csv"), 0.0),
     ]
     expected_rejected = [
         ("in.tsv:4", "empty_query"), ("in.tsv:5", "query_not_utf8"), ("in.tsv:6", "document_too_long"),
@@ -71,7 +75,7 @@ def test_validate_pairs_sends_every_bad_row_to_the_dead_letter_with_its_reason()
         assert_that(out.pairs | "P" >> beam.Map(lambda x: (x["record"], x["query_id"], x["document_id"], x["label"])),
                     equal_to(expected_pairs), label="pairs")
         assert_that(out.pairs | "S" >> beam.Map(lambda x: x["split"] == split_of(
-            x["query_text"], validation_fraction=0.5, salt="s")), equal_to([True] * 3), label="splits")
+            x["query_text"], validation_fraction=0.5, salt="s")), equal_to([True] * 5), label="splits")
         assert_that(out[REJECTED] | "R" >> beam.Map(lambda x: (x["record"], x["reason"])),
                     equal_to(expected_rejected), label="rejected")
         # The dead letter keeps the row as read, bytes and all, and says what was wrong.
