@@ -158,6 +158,11 @@ def add_error_handlers(app: FastAPI, *, index_dir: Path | None = None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            # FastAPI says only "There was an error parsing the body"; the cause names the byte.
+            reason = f"request body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} at offset {cause.start}"
+            return _error(400, reason, [reason])
         return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     async def _on_backend_error(_: Request, exc: Exception) -> JSONResponse:

@@ -483,6 +483,7 @@ BAD_REQUESTS = [
     ("/v1/search", ["x"], "application/json", 422, "object"),
     ("/v1/search", {"query": 42}, "application/json", 422, "string"),
     ("/v1/search", b'{"query": "x",', "application/json", 400, "not valid JSON"),
+    ("/v1/search", b'{"query": "caf\xe9"}', "application/json", 400, "not valid UTF-8: byte 0xe9 at offset 14"),
     ("/v1/search", b'{"query": "\\ud800"}', "application/json", 422, "valid string"),
     ("/v1/search", b'{"query": "x"}', "text/plain", 415, "application/json"),
     ("/v1/search", b'{"query": "x"}', None, 415, "application/json"),
