@@ -23,27 +23,20 @@ Input formats (``--format``; guessed from the input when omitted):
   ``--min-query-chars`` characters. ``query_id`` is ``<doc id>#title`` or ``<doc id>#s<i>`` (sentence
   ``i``), ``document_id`` the doc id. The split hashes the *document id* (not the query text), so all
   pairs of a document share a split. ``stats.json`` counts documents: ``read`` = ``paired_documents``
-  + ``rejected``; ``written`` counts pairs. Default ``--pairs-per-document 3``: on cranfield (197
-  queries, one run each) it gave DSSM nDCG@10 0.271 vs 0.236 with 1 (BM25 0.380). Also
-  ``--span-queries`` spans per document, cut out of it (``<doc id>#w<k>``, :func:`pipelines.corpus.span_pairs`).
+  + ``rejected``; ``written`` counts pairs. Also
+  ``--span-queries`` spans per document, cut out of it (``<doc id>#w<k>``, :func:`pipelines.corpus.span_pairs`),
+  each also paired with ``--bm25-span-pairs`` documents from BM25's top 10 (:mod:`pipelines.span_labels`).
 * ``neighbours``: the same corpus inputs and columns as ``corpus``, no queries or labels; BM25 is the
   teacher. Every document (title + " " + text, as BM25 and the index see it) is a query paired with
   its BM25 top ``--neighbours`` (default 1) *other* documents, after passing over the best
   ``--skip-neighbours`` (default 0); its own id and every document with the identical text are
   excluded. Label 1.0; ``query_id``/``document_id`` are the two document ids. The split hashes the
-  query text, as format pairs does (all pairs of a document share a split). This is the default
-  recipe's pre-training data (README, "Training"; docs/losses.md, issue 3): pre-train on the pairs
-  of the corpus you will index, then fine-tune on labelled pairs with ``dssm train --init-from``
-  (docs/losses.md has the figures). ``corpus`` stays the format for corpora with titles and bodies
-  and no labelled pairs at all. ``stats.json`` counts documents as format corpus does (``read`` =
-  ``paired_documents`` + ``rejected``); besides the corpus reasons, a document can be rejected as
-  ``duplicate_id`` (its id was read before; the first record in file order is kept) or
-  ``no_neighbour`` (no other document of a different text shares a term with it). Only
-  ``--max-document-chars`` applies (a document is the query too).
-
-  How it scales: one worker pairs every document (:func:`pipelines.corpus.neighbour_outputs`, measured
-  there). With ``--teacher minilm`` that worker encodes the corpus with the teacher and pairs by its
-  cosine instead of BM25.
+  query text, as format pairs does. The pre-training data of one-sentence corpora (README,
+  "Training"; docs/losses.md). ``stats.json`` counts documents as format corpus does; a document can
+  also be rejected as ``duplicate_id`` (the first record in file order is kept) or ``no_neighbour``.
+  Only ``--max-document-chars`` applies (a document is the query too). One worker pairs every
+  document (:func:`pipelines.corpus.neighbour_outputs` says how it scales); with ``--teacher minilm``
+  it pairs by the teacher's cosine instead of BM25.
 * ``tags``: labelled texts (a text and a list of labels) with ``--label-file`` (``label<TAB>description``):
   one pair per (text, label), the document being the label's description (:mod:`pipelines.tags`).
 
@@ -56,14 +49,10 @@ has ``question1`` or ``text1`` is ``quora``; a table without the ``--query-colum
 columns but with ``text`` and ``_id`` or ``id`` is ``corpus``; any other table is ``pairs``.
 
 Explicit negatives as a third tower input (``--negatives-as-third-input``, formats quora and pairs,
-off by default): rows with label <= 0 (Quora's ``is_duplicate = 0``) are grouped by normalised
-query text and each positive pair of that query carries one of them as ``negative_id``,
-``negative_text``, ``negative_ids``, ``negative_counts`` (both directions: a non-duplicate A/B
-makes B a negative for A's positives and A one for B's). The label-0 rows are still written as
-their own label-0 pairs, so ``read = written + rejected`` holds and the classifier/contrastive
-losses still see them; ``stats.json`` adds ``with_negative`` (positives carrying one). Off by
-default: a grouping shuffle that attaches little when queries rarely repeat (quora-dev: 19 of 4,973
-queries); for the full Quora train set, where questions recur. ``label_0`` counts label <= 0 pairs.
+off by default): each positive pair of a query carries one of the query's label <= 0 rows as
+``negative_*`` features (:func:`pipelines.featurize.attach_negatives`; the label-0 rows are still
+written as their own pairs, and ``stats.json`` adds ``with_negative``). Off by default: a grouping
+shuffle that attaches little when queries rarely repeat (quora-dev: 19 of 4,973 queries).
 
 Output (docs/design.md, "Pair shards"): ``train-*``/``validation-*`` GZIP TFRecord shards,
 ``rejected-*.jsonl`` dead letters, ``stats.json``, ``features.json``, ``pairs_config.json`` and a
@@ -106,6 +95,7 @@ from pipelines.beir import JoinBeir
 from pipelines.corpus import CheckDocuments, CorpusPairs, CorpusSpec, NeighbourSpec, neighbour_outputs
 from pipelines.featurize import FeaturizeChunks, FeaturizePairs, MakePairs, attach_negatives, negative_entries
 from pipelines.records import REJECTED, read_qrels_table, read_table, rejected_json, sum_counts
+from pipelines.span_labels import BM25SpanPairs, SpanLabelSpec, with_span_pairs
 from pipelines.table_reads import ReadTableChunks
 from pipelines.tags import TagPairs, TagSpec, resolve_tags
 from pipelines.tfrecords import WriteTFRecords
@@ -150,11 +140,13 @@ class PairsConfig:
     title_column: str = field("title", "format corpus: title column (optional; missing -> sentence pairs only)")
     text_column: str = field("text", "format corpus: text column")
     pairs_per_document: int = field(3, "format corpus: most pairs per document (title -> body first, then "
-                                       "sentence -> rest); 3 beat 1 on cranfield (see the module docstring)")
+                                       "sentence -> rest); 3 beat 1 on cranfield (DSSM nDCG@10 0.271 vs 0.236)")
     min_query_chars: int = field(20, "format corpus: shortest title or sentence used as a query (characters)")
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
     span_queries: int = field(2, "format corpus: spans of 4-12 words cut out of each document as short queries, "
                                  "beside the sentence pairs (0/2/4: docs/quality.md)")
+    bm25_span_pairs: int = field(1, "format corpus: each span query is also paired with this many documents drawn "
+                                    "from BM25's top 10 among the corpus (SPAR's imitation; 0/1: docs/quality.md)")
     neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
                                "as pre-training on quora-dev, docs/losses.md)")
     skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
@@ -354,6 +346,8 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
     if config.pairs_per_document < 1 or config.min_query_chars < 1 or config.span_queries < 0:
         raise InputError(f"--pairs-per-document and --min-query-chars must be >= 1 and --span-queries >= 0, got "
                          f"{config.pairs_per_document}, {config.min_query_chars} and {config.span_queries}")
+    if config.bm25_span_pairs < 0:
+        raise InputError(f"--bm25-span-pairs must be >= 0, got {config.bm25_span_pairs}")
     if config.negatives_as_third_input:
         raise InputError("--negatives-as-third-input needs labelled pairs (formats quora, pairs); "
                          "a corpus has no explicit negatives (mine some with `dssm mine`)")
@@ -426,6 +420,10 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
                    for split, part in zip(SPLITS, by_split, strict=True)}
     else:
         written = {"train": made.train, "validation": made[MakePairs.VALIDATION]}
+    if source.format == "corpus" and config.bm25_span_pairs and config.span_queries:
+        written = with_span_pairs(chunks, written, count_parts, transform=BM25SpanPairs(
+            corpus=source.corpus, limits=limits, split=split, features=features,
+            spec=SpanLabelSpec(pairs_per_span=config.bm25_span_pairs, chunk=config.batch_size)))
     _write_outputs(written, rejected_parts, count_parts, config=config, output=output)
 
 
@@ -497,6 +495,8 @@ def _stats(counts: dict[str, int], *, source: PairsInput, config: PairsConfig) -
     stats["written"] = stats["train"] + stats["validation"]
     if source.corpus is not None or source.tags is not None:
         stats["paired_documents"] = counts.get("paired_documents", 0)
+    if source.format == "corpus":
+        stats["bm25_span_pairs"] = counts.get("bm25_span_pairs", 0)
     if config.negatives_as_third_input:
         stats["with_negative"] = counts.get("with_negative", 0)
     return stats
@@ -514,7 +514,8 @@ def _clear_outputs(output: Path) -> None:
 
 def format_stats(stats: dict[str, Any]) -> str:
     """A readable table of ``stats.json``."""
-    keys = ("read", "paired_documents", "written", "train", "validation", "label_0", "with_negative", "rejected")
+    keys = ("read", "paired_documents", "written", "bm25_span_pairs", "train", "validation", "label_0", "with_negative",
+            "rejected")
     rows = [(key, stats[key]) for key in keys if key in stats]
     rows += [(f"  {reason}", n) for reason, n in stats["rejected_by_reason"].items()]
     if "seconds" in stats:

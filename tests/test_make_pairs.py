@@ -583,7 +583,8 @@ def test_corpus_end_to_end_on_adi(adi_dir: Path, tmp_path: Path) -> None:
     assert pairs_of("again") == {(e["query_id"], e["query_text"]) for e in examples}
     assert pairs_of("seeded", "--seed", "7") != pairs_of("again")
     # the default --span-queries 2: two more pairs per document (82 documents of 8+ words), short spans
-    spans = pairs_of("spans", "--span-queries", "2") - pairs_of("again")
+    # (each also paired with a BM25 top document by default: tests/test_span_labels.py)
+    spans = pairs_of("spans", "--span-queries", "2", "--bm25-span-pairs", "0") - pairs_of("again")
     assert len(spans) == 2 * 82 and all(q.split("#")[1] in ("w0", "w1") for q, _ in spans)
     assert all(4 <= len(text.split()) <= 12 for _, text in spans)
     with pytest.raises(InputError, match="--span-queries"):
