@@ -72,8 +72,9 @@ def bm25_span_outputs(documents: list[tuple[str, str, str]], *, corpus: CorpusSp
                       split: SplitSpec) -> Iterator[Any]:
     """The global step: all documents at once → chunks of (span query, BM25-drawn document) pairs.
 
-    Documents are ordered by id and a repeated id keeps its first text, so the BM25 rows, and the
-    draws, do not depend on the order the runner delivered them in. Each pair has ``query_id =
+    Documents are ordered by id, and a repeated id keeps one text (the least, whatever the order; the
+    corpus pairs keep both and ``dssm index`` refuses the corpus), so the BM25 rows, and the draws, do
+    not depend on the order the runner delivered them in. Each pair has ``query_id =
     <doc id>#b<span>.<draw>``, the drawn document's id and whole text (title + body, as indexed), label
     1.0 and the span's document's split. Also emits one ``counts`` dict (``bm25_span_pairs``).
     """
