@@ -31,9 +31,13 @@ from pipelines.corpus import CorpusSpec, corpus_document, span_pairs
 from pipelines.featurize import FeaturizeChunks
 from pipelines.validate import PairLimits, SplitSpec
 
-__all__ = ["TOP", "SpanLabelSpec", "SpanDocuments", "bm25_span_outputs", "BM25SpanPairs", "with_span_pairs"]
+__all__ = ["TOP", "MAX_LABELLED", "SpanLabelSpec", "SpanDocuments", "bm25_span_outputs", "BM25SpanPairs",
+           "with_span_pairs"]
 
 TOP = 10  # BM25's top documents a span's positives are drawn from (SPAR draws from the teacher's top 10)
+# The step runs on one worker; past this many span queries a hashed sample of them is labelled, so a
+# large corpus's job does not wait hours on it (debian-dev's 68k spans: ~45 s of the job here).
+MAX_LABELLED = 100_000
 COUNTS = "counts"
 
 
@@ -43,6 +47,7 @@ class SpanLabelSpec:
 
     pairs_per_span: int  # documents drawn from BM25's top TOP for each span query
     chunk: int  # pairs per emitted chunk (the featurizing step's unit of work)
+    max_labelled: int = MAX_LABELLED  # span queries labelled at most (a hashed sample beyond)
 
 
 class SpanDocuments(beam.DoFn):
@@ -89,6 +94,10 @@ def bm25_span_outputs(documents: list[tuple[str, str, str]], *, corpus: CorpusSp
     splits = [split_of(doc_id, validation_fraction=split.validation_fraction, salt=split.salt) for doc_id in ids]
     queries = [(row, suffix, query) for row, doc_id in enumerate(ids)
                for suffix, query, _ in span_pairs(doc_id, *kept[doc_id], count=corpus.span_queries, seed=corpus.seed)]
+    if len(queries) > spec.max_labelled:
+        keys = [_draw(corpus.seed, ids[row], f"sample.{suffix}", 2**62) for row, suffix, _ in queries]
+        chosen = sorted(sorted(range(len(queries)), key=keys.__getitem__)[:spec.max_labelled])
+        queries = [queries[i] for i in chosen]
     made = 0
     chunk: list[dict[str, Any]] = []
     if queries:

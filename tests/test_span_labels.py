@@ -75,6 +75,19 @@ def test_the_draw_does_not_depend_on_the_order_documents_arrive_in(adi_dir: Path
     assert sorted(map(json.dumps, first)) == sorted(map(json.dumps, again))
 
 
+def test_past_the_limit_a_hashed_sample_of_the_spans_is_labelled(adi_dir: Path) -> None:
+    documents = _documents(adi_dir)
+
+    def labelled(docs: list[tuple[str, str, str]]) -> list[str]:
+        spec = SpanLabelSpec(pairs_per_span=1, chunk=100, max_labelled=10)
+        return sorted(p["query_id"] for item in bm25_span_outputs(docs, corpus=SPEC, spec=spec, split=SPLIT)
+                      if not isinstance(item, beam.pvalue.TaggedOutput) for p in item)
+
+    sample = labelled(documents)
+    assert len(sample) == 10 and sample == labelled(list(reversed(documents)))
+    assert len({q.split("#")[0] for q in sample}) > 5  # spread over the corpus, not its first documents
+
+
 def test_span_documents_drops_what_corpus_pairs_rejects() -> None:
     raws = [{"record": "c:1", "fields": {"_id": "a", "title": "t", "text": "some text"}, "reason": None, "error": None},
             {"record": "c:2", "fields": {"_id": "", "text": "no id"}, "reason": None, "error": None},
