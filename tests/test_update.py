@@ -161,7 +161,7 @@ def test_cli_upsert_and_delete(tiny_model_dir, adi_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["inserted"] == 1 and out["documents"] == len(documents) + 1
     ids = tmp_path / "ids.txt"
-    ids.write_text("n1\n\n1\n")
+    ids.write_bytes(b"\xef\xbb\xbfn1\r\n\r\n1\r\n")  # a byte-order mark and CRLF, as Windows tools write
     assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(ids), "--rebalance"]) == 0
     out = capsys.readouterr().out
     assert "rebalanced               True" in out
