@@ -77,6 +77,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -375,13 +376,12 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
         return
     if source.format == "beir":
         assert source.qrels is not None
-        raw = {
-            name: (pipeline | f"Path{name.title()}" >> beam.Create([str(file)])
-                   | f"Read{name.title()}" >> beam.FlatMap(read_qrels_table if name == "qrels" else read_table, fmt)
-                   | f"Spread{name.title()}" >> beam.Reshuffle())
-            for name, file, fmt in (("qrels", source.qrels, "tsv"), ("queries", source.path / "queries.jsonl", "jsonl"),
-                                    ("corpus", source.path / "corpus.jsonl", "jsonl"))
-        }
+        jsonl = partial(read_table, table_format="jsonl")
+        raw = {name: (pipeline | f"Path{name.title()}" >> beam.Create([str(file)])
+                      | f"Read{name.title()}" >> beam.FlatMap(read) | f"Spread{name.title()}" >> beam.Reshuffle())
+               for name, file, read in (("qrels", source.qrels, read_qrels_table),
+                                        ("queries", source.path / "queries.jsonl", jsonl),
+                                        ("corpus", source.path / "corpus.jsonl", jsonl))}
         joined = raw | "JoinBeir" >> JoinBeir()
         chunks = joined["pairs"] | "Chunk" >> beam.BatchElements(min_batch_size=min(32, config.batch_size),
                                                                  max_batch_size=config.batch_size)

@@ -149,13 +149,11 @@ def read_table(path: str, table_format: str | None = None) -> Iterator[dict[str,
         yield raw_record(row, location_ok=location_ok)
 
 
-def read_qrels_table(path: str, table_format: str | None = None) -> Iterator[dict[str, Any]]:
+def read_qrels_table(path: str) -> Iterator[dict[str, Any]]:
     """Raw records of a qrels file in any layout :func:`dssm.data.qrels_layout` knows (BEIR's or TREC's).
 
-    Every record's fields are ``query-id``, ``corpus-id`` and ``score``, whatever the layout; ``table_format``
-    is ignored (it is there so the readers are interchangeable in a ``FlatMap``).
+    Every record's fields are ``query-id``, ``corpus-id`` and ``score``, whatever the layout.
     """
-    del table_format
     location_ok = is_valid_utf8(str(path))
     for row in iter_qrels(path):
         yield raw_record(row, location_ok=location_ok)
