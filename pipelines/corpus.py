@@ -28,6 +28,7 @@ from pipelines.validate import REASONS, PairLimits, SplitSpec
 
 __all__ = [
     "CorpusSpec",
+    "rank_key",
     "sentence_spans",
     "span_pairs",
     "strip_title",
@@ -100,8 +101,12 @@ def strip_title(title: str, text: str) -> str:
     return text[leading[-1].end():].lstrip(" \t\r\n.:;!?,-\u2013\u2014")
 
 
-def _rank_key(seed: int, doc_id: str, index: int) -> bytes:
-    """A repeatable pseudo-random order of a document's sentences (sha256: the same on every runner)."""
+def rank_key(seed: int, doc_id: str, index: int | str) -> bytes:
+    """A repeatable pseudo-random draw for a document's item ``index`` (sha256: the same on every runner).
+
+    Orders a document's sentences, places its span queries and draws their BM25 documents
+    (:mod:`pipelines.span_labels`).
+    """
     return hashlib.sha256(f"{seed}\x00{doc_id}\x00{index}".encode("utf-8", "surrogatepass")).digest()
 
 
@@ -133,7 +138,7 @@ def corpus_pairs(doc_id: str, title: str, text: str, *, pairs_per_document: int,
     if len(spans) < 2:
         return pairs
     candidates = [i for i, (start, end) in enumerate(spans) if min_query_chars <= end - start <= max_query_chars]
-    for i in sorted(candidates, key=lambda i: _rank_key(seed, doc_id, i))[:wanted]:
+    for i in sorted(candidates, key=lambda i: rank_key(seed, doc_id, i))[:wanted]:
         start, end = spans[i]
         rest = f"{body[:start].rstrip()} {body[end:].lstrip()}".strip()
         pairs.append((f"s{i}", body[start:end], f"{title} {rest}" if title else rest))
@@ -158,7 +163,7 @@ def span_pairs(doc_id: str, title: str, text: str, *, count: int, seed: int) -> 
         return []
     pairs, seen = [], set()
     for k in range(count):
-        value = int.from_bytes(_rank_key(seed, doc_id, -1 - k)[:8], "big")
+        value = int.from_bytes(rank_key(seed, doc_id, -1 - k)[:8], "big")
         draws = iter((value, value >> 16))  # the length from the hash's low bits, the start from bits 16 up
         query, rest = cut_span(words, lambda low, high, d=draws: low + next(d) % (high - low + 1))
         if (query, rest) in seen:

@@ -18,7 +18,6 @@ so every run draws the same.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ import apache_beam as beam
 
 from dssm.data import document_text, split_of
 from dssm.hashing import FeatureConfig
-from pipelines.corpus import CorpusSpec, corpus_document, span_pairs
+from pipelines.corpus import CorpusSpec, corpus_document, rank_key, span_pairs
 from pipelines.featurize import FeaturizeChunks
 from pipelines.validate import PairLimits, SplitSpec
 
@@ -69,8 +68,7 @@ class SpanDocuments(beam.DoFn):
 
 
 def _draw(seed: int, doc_id: str, key: str, n: int) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{doc_id}\x00{key}".encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % n
+    return int.from_bytes(rank_key(seed, doc_id, key)[:8], "big") % n
 
 
 def bm25_span_outputs(documents: list[tuple[str, str, str]], *, corpus: CorpusSpec, spec: SpanLabelSpec,
