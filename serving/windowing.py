@@ -97,8 +97,9 @@ class RowWindows:
         entries[base] = self.memo[flat[base]]
         texts: list[str | None] = [None] * len(flat)
         known = self._written(flat, np.flatnonzero(entries == -1))
-        fetch = np.asarray([i for i in np.flatnonzero((entries == _UNKNOWN) | (entries == -1)).tolist()
-                            if i not in known], np.int64)
+        unread = (entries == _UNKNOWN) | (entries == -1)
+        unread[list(known)] = False  # their windows are found: no text to read
+        fetch = np.flatnonzero(unread)
         if fetch.size:
             got = [document_text(d.title, d.text) for d in self.docs.get(flat[fetch].tolist())]
             entries[fetch] = self.scorer.store.entries(got)
