@@ -176,9 +176,6 @@ def _embed_queries(searcher: Any, queries: Mapping[str, str], qids: Sequence[str
 
     if searcher.encoder is None:
         raise InputError("--index has no model/: it cannot embed query texts")
-    for qid in qids:
-        if not queries[qid].strip():
-            raise InputError(f"query {qid!r} has an empty text")
     out = np.zeros((len(qids), searcher.index.dim), dtype=np.float32)
     for start in tqdm(range(0, len(qids), batch_size), desc="embed queries", unit="batch", file=sys.stderr):
         batch = qids[start:start + batch_size]
