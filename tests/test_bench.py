@@ -349,6 +349,26 @@ def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tm
               "--seeds", "0"])
 
 
+def test_tower_screen_hashes_each_word_as_the_towers_do() -> None:
+    """The screen's per-word layout holds the same tokens as the default featurizer's bag (ids shifted by 1,
+    0 pads): every design in it reads what the product's towers read."""
+    from collections import Counter
+
+    from bench.tower_screen import _Words
+    from dssm.hashing import FeatureConfig, token_bag
+
+    features = FeatureConfig()
+    words = _Words(features)
+    text = "Real-time strategy game of ancient warfare (data files)"
+    word_ids, bigrams = words.encode([text, ""], 12)
+    rows = np.asarray(words.rows)[word_ids[0]]
+    screened = Counter((rows[rows > 0] - 1).tolist()) + Counter((bigrams[0][bigrams[0] > 0] - 1).tolist())
+    ids, counts = token_bag(text, features)
+    assert screened == Counter(dict(zip(ids.tolist(), counts.astype(int).tolist(), strict=True)))
+    assert not word_ids[1].any() and not bigrams[1].any()
+    assert (word_ids[0] > 0).sum() == 9  # "real", "time", ..., "files"
+
+
 def test_passage_screen_best_window_by_hand() -> None:
     from bench.passage_screen import best_window_scores
 
