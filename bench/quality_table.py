@@ -82,13 +82,14 @@ __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 
 
 def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
-           tower: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
+           tower: tuple[str, ...] = (), corpus_pairs: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
 
     ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
     pairs by its cosine) and the pre-training distils it (``TEACHER_PRETRAIN``, plus ``TEACHER_PAIRS`` on
     neighbour pairs); the labelled fine-tuning is unchanged. ``tower``: ``dssm train`` flags of the
     towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
+    ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
     """
     shared, run = work / name, work / name / f"seed{seed}"
     teacher_terms = [*TEACHER_PRETRAIN, *(TEACHER_PAIRS if name in PRETRAIN_ON_NEIGHBOURS else [])]
@@ -100,7 +101,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
                 "--validation-fraction", "0.05", *distil[0], *BEAM]
     else:  # documents of several sentences: title -> body and sentence -> rest pairs cut from the corpus
         first = shared / "corpus_pairs"
-        make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *distil[0], *BEAM]
+        make = ["pairs", "--input", str(data), "--format", "corpus", "--output", str(first), *distil[0],
+                *corpus_pairs, *BEAM]
     steps = [(first, make),
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
                            "--seed", str(seed), *distil[1], *tower, "--overwrite"])]
@@ -213,7 +215,7 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
 
 
 def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
-            tower: tuple[str, ...] = (), data_root: Path = DATA,
+            tower: tuple[str, ...] = (), corpus_pairs: tuple[str, ...] = (), data_root: Path = DATA,
             run_command: Callable[[list[str], Path], float] = _dssm) -> dict[str, Any]:
     """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs.
 
@@ -226,7 +228,7 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
     per_seed, commands, made = [], [], set()
     for seed in seeds:
         seconds = {}
-        for marker, argv in recipe(name, data, work, seed, teacher=teacher, tower=tower):
+        for marker, argv in recipe(name, data, work, seed, teacher=teacher, tower=tower, corpus_pairs=corpus_pairs):
             commands.append(("# bench writes " if argv[0] == USER_PAIRS else "dssm ") + " ".join(argv))
             # The seeds share the pairs steps: made once per run (with a teacher, debian-dev's take ~19 min).
             if marker in made or (reuse and marker.exists()):
@@ -417,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                         "recipe()); write to another --out and --work to keep the default recipe's table")
     parser.add_argument("--tower", default="", help="dssm train flags of the towers' shape for every training "
                         "step, e.g. '--embedding-dim 512 --hidden-dims 512 256'; write to another --out and --work")
+    parser.add_argument("--corpus-pairs", default="", help="more `dssm pairs --format corpus` flags for the "
+                        "pre-training pairs, e.g. '--bm25-span-pairs 3'; write to another --out and --work")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -424,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
         result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher,
-                         tower=tuple(args.tower.split()), data_root=args.data)
+                         tower=tuple(args.tower.split()), corpus_pairs=tuple(args.corpus_pairs.split()),
+                         data_root=args.data)
         queries, _, _ = _selected_queries(name, args.work, args.data)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
                                            list(queries.values())[:200])

@@ -349,6 +349,22 @@ def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tm
               "--seeds", "0"])
 
 
+def test_quality_table_corpus_pairs_flags_reach_only_the_corpus_pairs_step(tmp_path: Path) -> None:
+    """`--corpus-pairs '--bm25-span-pairs 3'` (a screen's variant) changes the pre-training pairs' command
+    and nothing else; a one-sentence corpus, paired as neighbours, does not take corpus flags."""
+    from bench.quality_table import recipe
+
+    plain = [argv for _, argv in recipe("mine", tmp_path / "mine", tmp_path / "work", seed=0)]
+    varied = [argv for _, argv in recipe("mine", tmp_path / "mine", tmp_path / "work", seed=0,
+                                         corpus_pairs=("--bm25-span-pairs", "3"))]
+    assert varied[0][varied[0].index("--bm25-span-pairs") + 1] == "3"
+    assert "--bm25-span-pairs" not in plain[0]
+    assert varied[1:] == plain[1:]
+    neighbours = recipe("quora-dev", tmp_path / "quora-dev", tmp_path / "work", seed=0,
+                        corpus_pairs=("--bm25-span-pairs", "3"))
+    assert all("--bm25-span-pairs" not in argv for _, argv in neighbours)
+
+
 def test_tower_screen_hashes_each_word_as_the_towers_do() -> None:
     """The screen's per-word layout holds the same tokens as the default featurizer's bag (ids shifted by 1,
     0 pads): every design in it reads what the product's towers read."""
