@@ -146,8 +146,8 @@ class PairsConfig:
     seed: int = field(0, "format corpus: seed of the hash that picks sentences")
     span_queries: int = field(2, "format corpus: spans of 4-12 words cut out of each document as short queries, "
                                  "beside the sentence pairs (0/2/4: docs/quality.md)")
-    bm25_span_pairs: int = field(1, "format corpus: each span query is also paired with this many documents drawn "
-                                    "from BM25's top 10 among the corpus (SPAR's imitation; 0/1: docs/quality.md)")
+    bm25_span_pairs: int = field(1, "format corpus: each span query is also paired with this many documents from "
+                                    "BM25's top 10 (SPAR's imitation; 0/1/3: docs/quality.md, 3 lifts DSSM alone only)")
     neighbours: int = field(1, "format neighbours: BM25 neighbours paired with each document (top-1 beat top-3 "
                                "as pre-training on quora-dev, docs/losses.md)")
     skip_neighbours: int = field(0, "format neighbours: best BM25 neighbours passed over first")
