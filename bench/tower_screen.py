@@ -39,7 +39,7 @@ import numpy as np
 
 from dssm.data import document_text, iter_rows, read_beir, split_of
 from dssm.hashing import FeatureConfig, _bigram_buckets, _hash_word, unicode_words
-from dssm.metrics import evaluate_run, format_table, paired_randomization_test
+from dssm.metrics import evaluate_run, exact_run, format_table, paired_randomization_test
 
 __all__ = ["DESIGNS", "main"]
 
@@ -149,20 +149,13 @@ def _train(design: str, data: dict[str, Any], *, epochs: int, seed: int, words: 
     return tower, history
 
 
-def _run(tower: Any, encoded: tuple[np.ndarray, np.ndarray], ids: Sequence[str], corpus: np.ndarray
-         ) -> dict[str, list[tuple[str, float]]]:
+def _embed(tower: Any, encoded: tuple[np.ndarray, np.ndarray], *, batch: int = 512) -> np.ndarray:
+    """``[n, 128]`` unit rows of the texts ``encoded`` (word ids, bigram buckets) holds."""
     import tensorflow as tf
 
-    queries = np.concatenate([tower(tf.constant(encoded[0][i:i + 512]), tf.constant(encoded[1][i:i + 512])).numpy()
-                              for i in range(0, len(ids), 512)])
-    run = {}
-    for i in range(0, len(ids), 512):
-        scores = queries[i:i + 512] @ corpus.T
-        top = np.argpartition(-scores, 100, axis=1)[:, :100]
-        for j, row in enumerate(top):
-            ranked = row[np.argsort(-scores[j, row], kind="stable")]
-            run[ids[i + j]] = [(str(d), float(scores[j, d])) for d in ranked]
-    return run
+    words, bigrams = encoded
+    return np.concatenate([tower(tf.constant(words[i:i + batch]), tf.constant(bigrams[i:i + batch])).numpy()
+                           for i in range(0, len(words), batch)])
 
 
 def _load(data_dir: Path, pairs: Path, words: _Words, fraction: float) -> dict[str, Any]:
@@ -197,8 +190,6 @@ def _load(data_dir: Path, pairs: Path, words: _Words, fraction: float) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     """Train each design on the pairs' training split, score both query sets, print and write the table."""
-    import tensorflow as tf
-
     parser = argparse.ArgumentParser(prog="python -m bench.tower_screen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="BEIR directory: corpus, judged queries")
     parser.add_argument("--pairs", type=Path, required=True, help="labelled pairs: query, document, doc_id columns")
@@ -221,12 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"val": [], "eval": []}
     for design in designs:
         tower, history = _train(design, data, epochs=args.epochs, seed=args.seed, words=words)
-        corpus = np.concatenate([tower(tf.constant(data["corpus"][0][i:i + 512]),
-                                       tf.constant(data["corpus"][1][i:i + 512])).numpy()
-                                 for i in range(0, len(data["corpus"][0]), 512)])
+        corpus = _embed(tower, data["corpus"])
+        rows = [str(row) for row in range(len(corpus))]  # documents are named by their row, as the qrels name them
         entry: dict[str, Any] = {"history": history}
         for split in results:
-            run = _run(tower, data[split], data[f"{split}_ids"], corpus)
+            run = exact_run(data[f"{split}_ids"], _embed(tower, data[split]), rows, corpus, k=100)
             result = evaluate_run(design, run, data[f"{split}_qrels"], metrics=("ndcg@10", "mrr@10", "recall@10"))
             results[split].append(result)
             entry[split] = result.means

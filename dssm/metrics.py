@@ -59,6 +59,7 @@ __all__ = [
     "metric_depth",
     "drop_self",
     "retrieve_run",
+    "exact_run",
     "sample_queries",
     "select_queries",
     "reciprocal_rank_fusion",
@@ -291,6 +292,36 @@ def retrieve_run(search_batch: SearchBatch, queries: Mapping[str, str], *, k: in
         for qid, hits in zip(batch, results, strict=True):
             run[qid] = [(str(h[0]), float(h[1])) for h in hits]
     return drop_self(run, k=k) if skip_self else {q: hits[:k] for q, hits in run.items()}
+
+
+def exact_run(query_ids: Sequence[str], query_vectors: np.ndarray, doc_ids: Sequence[str], doc_vectors: np.ndarray,
+              *, k: int, skip_self: bool = False, block: int = 256) -> dict[str, list[tuple[str, float]]]:
+    """Exact dot-product search of every query among every document, as a run (the order of tied scores is
+    numpy's partition's: unspecified).
+
+    Args:
+        query_ids: ``[q]`` ids, one per row of ``query_vectors`` ``[q, dim]``.
+        doc_ids: ``[n]`` ids, one per row of ``doc_vectors`` ``[n, dim]`` (unit rows give cosine).
+        k: ranking depth kept per query.
+        skip_self: drop a hit whose id equals the query id (one more is fetched, so depth stays ``k``).
+        block: queries scored at a time (``[block, n]`` scores in memory).
+
+    Returns:
+        ``{qid: [(doc_id, score), ...]}``, best first.
+    """
+    depth = min(k + int(skip_self), len(doc_ids))
+    run: dict[str, list[tuple[str, float]]] = {}
+    if depth < 1:
+        return {qid: [] for qid in query_ids}
+    for start in range(0, len(query_ids), block):
+        scores = query_vectors[start:start + block] @ doc_vectors.T
+        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+        for i, row in enumerate(top):
+            qid = query_ids[start + i]
+            order = row[np.argsort(-scores[i, row], kind="stable")]
+            hits = [(doc_ids[j], float(scores[i, j])) for j in order if not (skip_self and doc_ids[j] == qid)]
+            run[qid] = hits[:k]
+    return run
 
 
 def sample_queries(qids: Iterable[str], n: int) -> list[str]:

@@ -12,10 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dssm.data import document_text, read_beir
-from dssm.metrics import evaluate_run, select_queries
+from dssm.metrics import evaluate_run, exact_run, select_queries
 from dssm.teacher import minilm_encoder
 
 __all__ = ["minilm_run", "minilm_ndcg"]
@@ -45,17 +43,7 @@ def minilm_run(doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Mappin
     docs = encode(list(doc_texts))
     rate = len(doc_texts) / max(time.perf_counter() - start, 1e-9)
     qids = list(queries)
-    vectors = encode([queries[q] for q in qids])
-    depth = min(k + int(skip_self), len(doc_ids))
-    run: Run = {}
-    for start_row in range(0, len(qids), 256):  # [256, n] scores at a time
-        scores = vectors[start_row:start_row + 256] @ docs.T
-        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-        for i, row in enumerate(top):
-            qid = qids[start_row + i]
-            order = row[np.argsort(-scores[i, row], kind="stable")]
-            hits = [(doc_ids[j], float(scores[i, j])) for j in order if not (skip_self and doc_ids[j] == qid)]
-            run[qid] = hits[:k]
+    run = exact_run(qids, encode([queries[q] for q in qids]), doc_ids, docs, k=k, skip_self=skip_self)
     return run, {"encode_docs_per_second": round(rate, 1), "documents": len(doc_ids)}
 
 

@@ -18,6 +18,7 @@ from dssm.metrics import (
     drop_self,
     evaluate_run,
     evaluated_queries,
+    exact_run,
     format_table,
     metric_depth,
     mrr_at_k,
@@ -168,6 +169,22 @@ def test_retrieve_run_skip_self_fetches_one_more():
     assert [d for d, _ in run["q3"]] == ["q1", "a", "q2"]  # its own id is not retrieved: depth k
     plain = retrieve_run(search_batch, queries, k=3)
     assert asked[-1] == (3, 3) and [d for d, _ in plain["q1"]] == ["q1", "a", "q2"]
+
+
+def test_exact_run_ranks_by_dot_product_in_blocks_and_skips_self():
+    import numpy as np
+
+    docs = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]], dtype=np.float32)
+    queries = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    ids = ["d0", "d1", "d2", "d3"]
+    run = exact_run(["d0", "q1", "q2"], queries, ids, docs, k=2, block=2)  # two blocks: rows 0-1, then 2
+    assert [d for d, _ in run["d0"]] == ["d0", "d3"]  # 1.0, 0.8
+    assert [d for d, _ in run["q1"]] == ["d1", "d2"]  # 1.0, 0.8
+    assert [d for d, _ in run["q2"]] == ["d2", "d3"]  # 1.0, 0.96
+    assert run["q2"][1][1] == pytest.approx(0.96)
+    skipped = exact_run(["d0"], queries[:1], ids, docs, k=2, skip_self=True)
+    assert [d for d, _ in skipped["d0"]] == ["d3", "d2"]  # its own id dropped, depth kept at k: 0.8, 0.6
+    assert exact_run(["q"], queries[:1], [], np.zeros((0, 2), np.float32), k=3) == {"q": []}
 
 
 def test_retrieve_run_rejects_wrong_number_of_rankings():
