@@ -16,26 +16,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dssm.data import read_beir
+from dssm.data import BeirDataset, read_beir
 from dssm.hashing import FeatureConfig
 from dssm.lsa import LsaConfig, fit_texts, fitted_encoder
-from dssm.metrics import evaluate_run
+from dssm.metrics import evaluate_run, exact_run
 
 __all__ = ["main"]
 
 
-def _score(directory: Path, weight: int) -> float:
-    beir = read_beir(directory)
-    ids = list(beir.corpus)
+def _score(beir: BeirDataset, weight: int) -> float:
+    """nDCG@10 of the judged queries among ``beir``'s documents, each title counted ``weight`` times."""
     texts = [" ".join([doc.title.strip()] * weight + [doc.text]).strip() or doc.title for doc in beir.corpus.values()]
     features = FeatureConfig()
     encode = fitted_encoder(fit_texts(texts, config=LsaConfig(), features=features), features)
     judged = [q for q in beir.qrels if q in beir.queries]
-    scores = encode([beir.queries[q] for q in judged]) @ encode(texts).T
-    run = {q: [(ids[d], float(scores[i, d])) for d in np.argsort(-scores[i], kind="stable")[:100]]
-           for i, q in enumerate(judged)}
+    run = exact_run(judged, encode([beir.queries[q] for q in judged]), list(beir.corpus), encode(texts), k=100)
     return evaluate_run("fit", run, {q: beir.qrels[q] for q in judged}, metrics=("ndcg@10",)).means["ndcg@10"]
 
 
@@ -51,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| set | " + " | ".join(f"title x{w}" for w in weights) + " |")
     print("|---|" + "---:|" * len(weights))
     for directory in args.data:
-        report[directory.name] = {str(w): round(_score(directory, w), 4) for w in weights}
+        beir = read_beir(directory)  # once per set: every weight reads the same documents
+        report[directory.name] = {str(w): round(_score(beir, w), 4) for w in weights}
         print(f"| {directory.name} | " + " | ".join(f"{v:.4f}" for v in report[directory.name].values()) + " |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
