@@ -1119,3 +1119,27 @@ def test_read_your_writes_across_server_processes_with_min_version(tmp_path, mod
         answer = httpx.get(two.url + "/v1/documents/1", headers={"X-Min-Version": "99991231T000000Z-ffffff"},
                            timeout=10)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+
+
+def test_backend_freezes_the_heap_after_loading_a_model(tmp_path, model_dir, rows, monkeypatch):
+    """What the first load brought (TensorFlow, the tower, the version) is out of the cyclic collector's reach;
+    a write that keeps the model does not freeze again (a frozen reference cycle would never be collected)."""
+    import gc
+
+    import serving.backend as backend_module
+
+    calls = []
+    freeze = backend_module._freeze_heap
+    monkeypatch.setattr(backend_module, "_freeze_heap", lambda: (calls.append(1), freeze()))
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows[:20])
+    backend = Backend(index_dir, watch_interval=0, loader=support.shared_encoder_loader(model_dir))
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        assert backend.reload()
+        assert len(calls) == 1 and gc.get_freeze_count() > 0
+        backend.upsert([("new", "", "a new document about retrieval")])
+        assert backend.current().documents == 21 and len(calls) == 1
+    finally:
+        gc.unfreeze()
