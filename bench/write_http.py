@@ -1,7 +1,7 @@
 """Writes through HTTP while clients search (issue 14): a ``dssm serve`` on 127.0.0.1, one writer, 8 searchers.
 
 First 20 one-document ``PUT /v1/documents`` one after the other, nothing else running (p50, p99); then
-three phases against the same server, ``seconds``, ``write_seconds`` and ``write_seconds`` long:
+four phases against the same server, ``seconds``, ``write_seconds``, ``seconds`` and ``write_seconds`` long:
 
 * **idle**: 8 clients send single searches (``POST /v1/search``, k=10) back to back, and one client
   fetches documents (``GET /v1/documents/{id}``) back to back;
@@ -10,6 +10,13 @@ three phases against the same server, ``seconds``, ``write_seconds`` and ``write
   version is live). The search and GET tails of this phase are the figures the targets speak of:
   search p99 *while 1,000 documents/s are written* ≤ 2× idle, GET p99 then ≤ 20 ms. Its achieved rate
   is below ``rate`` when the service cannot keep up;
+* **idle again**: every write folded into the base (:func:`settle`: compactions until the live version
+  has no delta, then the service swaps it in), the idle phase once more on the grown index. The paced
+  phase's tail is compared with the p99 of both idle phases' searches together, so that neither the
+  host's drift between two windows a minute apart (the idle p99 alone moved by up to 40% between runs
+  here) nor the index's growth during the writes (100k → ~160k documents) counts as the writes' cost.
+  The idle p99 before the writes alone is reported too (``idle_search_p99_ms``: the figure until
+  2026-12-07);
 * **unthrottled writes**: the writer sends its next batch as soon as the last one is answered; the
   rate reached is the service's sustained write capacity beside searches (target ≥ 1,000 documents/s),
   and the search tail then is reported too (the searchers' price of writing as fast as possible).
@@ -37,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["measure", "writer_main"]
+__all__ = ["measure", "settle", "writer_main"]
 
 _KEY = "bench-write-key"
 
@@ -135,6 +142,36 @@ def _compactions(url: str) -> float:
     return next((float(line.split()[-1]) for line in lines if line.startswith("dssm_index_compactions_total")), 0.0)
 
 
+def settle(index_dir: Path, url: str, *, timeout: float = 600.0) -> float:
+    """Fold every pending write into the base and wait until the server serves that version; seconds taken.
+
+    The idle baseline measured after the paced writes must describe the grown index at rest: no delta
+    for every search to scan exactly, no compaction's CPU beside the searchers. A background compaction
+    may still run when the writes stop (``compact_index`` then returns ``None``), so this compacts until
+    the live version has no delta, then waits for the service's watcher to swap it in.
+    """
+    import httpx
+
+    from dssm.artifacts import read_manifest
+    from dssm.index import compact_index, current_version_dir
+    from dssm.index.segments import SegmentLayout
+
+    tick = time.perf_counter()
+    while True:
+        live = current_version_dir(index_dir)
+        if SegmentLayout.of(read_manifest(live), live.name).plain:
+            break
+        if time.perf_counter() - tick > timeout:
+            raise TimeoutError(f"{index_dir} still had a delta after {timeout:.0f} s of compactions")
+        if compact_index(index_dir) is None:  # the service's compaction holds the slot: let it finish
+            time.sleep(0.5)
+    while httpx.get(url + "/readyz").json().get("version") != live.name:
+        if time.perf_counter() - tick > timeout:
+            raise TimeoutError(f"the service did not swap in {live.name} within {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.perf_counter() - tick
+
+
 def _run_async_clients(port: int, queries: list[str], ids: list[str], *, seconds: float, searchers: int
                        ) -> tuple[list[float], list[float], int]:
     from bench.load_test import _run_async
@@ -171,7 +208,7 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         idle_search, idle_get, idle_errors = _run_async_clients(port, queries, ids, seconds=seconds,
                                                                 searchers=searchers)
         half = (len(texts) - 21) // 2
-        phases = {}
+        phases: dict[str, Any] = {}
         for name, part, phase_rate, prefix in (("paced", texts[:half], rate, "p"),
                                                ("unthrottled", texts[half:2 * half], 0.0, "h")):
             texts_file = index_dir.parent / f"write-texts-{name}.json"
@@ -180,6 +217,11 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
             phases[name] = _writes_phase(port, url, queries, ids, texts_file, seconds=write_seconds, batch=batch,
                                          rate=phase_rate, prefix=prefix, searchers=searchers)
             phases[name]["compactions"] = _compactions(url) - before  # started before the next phase, if any
+            if name == "paced":  # the idle baseline again, on the grown index, before the next phase writes
+                phases["settle_s"] = settle(index_dir, url)
+                after_search, after_get, after_errors = _run_async_clients(port, queries, ids, seconds=seconds,
+                                                                           searchers=searchers)
+                idle_errors += after_errors
         import httpx
 
         metrics = httpx.get(url + "/metrics").text
@@ -192,6 +234,10 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
     result = {
         "idle_search_p50_ms": float(p(idle_search, 50)), "idle_search_p99_ms": float(p(idle_search, 99)),
         "idle_get_p99_ms": float(p(idle_get, 99)), "idle_searches": len(idle_search),
+        "idle_after_search_p99_ms": float(p(after_search, 99)), "idle_after_get_p99_ms": float(p(after_get, 99)),
+        "idle_after_searches": len(after_search), "idle_seconds": seconds,
+        "idle_both_search_p99_ms": float(p(idle_search + after_search, 99)),
+        "idle_both_get_p99_ms": float(p(idle_get + after_get, 99)), "settle_s": phases.pop("settle_s"),
         "put_p50_ms": float(p(put_ms, 50)), "put_p99_ms": float(p(put_ms, 99)), "rate": rate,
         "paced": phases["paced"], "unthrottled": phases["unthrottled"],
         "errors": idle_errors + sum(ph["errors"] for ph in phases.values()), "swaps": swaps,

@@ -450,3 +450,36 @@ def test_windows_latency_times_every_query_after_the_warmup_in_the_mode_asked() 
     got = time_searches(Slow(), [f"q{i}" for i in range(10)], mode="hybrid", warmup=3)
     assert calls == [(f"q{i}", 10, "hybrid") for i in range(10)]
     assert got["p99_ms"] >= 1.5 > got["p50_ms"]  # only q9 is slow: the tail, not the median
+
+
+def test_write_bench_settles_every_write_into_the_base_the_server_serves(tmp_path: Path, tiny_model_dir: Path,
+                                                                         adi_dir: Path) -> None:
+    """``bench.write_http.settle``: after writes, the idle baseline is taken on the grown index with no delta
+    left, and only once the service serves that version."""
+    import serving_support as support
+
+    from bench.write_http import settle
+    from dssm import index as ix
+    from dssm.artifacts import read_manifest
+    from dssm.index.segments import SegmentLayout
+    from serving.app import create_app
+    from serving.backend import Backend
+    from serving.client import SearchClient
+
+    rows = support.adi_rows(adi_dir)
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, tiny_model_dir, rows[:30])
+    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(tiny_model_dir))
+    backend.compactor.max_delta = 10_000  # no background compaction: settle must fold the delta itself
+    with support.ServerThread(create_app(backend, api_key=support.API_KEY)) as server:
+        support.wait_until(lambda: backend.snapshot is not None, timeout=30, what="the index to load")
+        with SearchClient(server.url, api_key=support.API_KEY, retries=0) as client:
+            written = client.upsert([(f"new-{i}", f"a new document number {i} about retrieval") for i in range(5)])
+        live = ix.current_version_dir(index_dir)
+        assert live.name == written.version and not SegmentLayout.of(read_manifest(live), live.name).plain
+        assert settle(index_dir, server.url) > 0
+        live = ix.current_version_dir(index_dir)
+        assert live.name != written.version and SegmentLayout.of(read_manifest(live), live.name).plain
+        assert backend.current().version == live.name and backend.current().documents == 35
+        assert settle(index_dir, server.url) >= 0  # nothing left to fold: returns at once
+        assert ix.current_version_dir(index_dir).name == live.name
