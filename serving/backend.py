@@ -136,9 +136,9 @@ def _freeze_heap() -> None:
     With TensorFlow loaded a full collection walks ~400k objects while holding the interpreter lock,
     and every search in flight waits: in a ``dssm serve`` on the 100k synthetic index of ``make bench
     PART=write`` (20 s idle, 40 s of writes), the 7 full collections took 29-82 ms (median 65), with
-    the heap frozen after the first load a median of 34 ms (at most 38). Called once per model (the previous model's objects become
-    collectable again first), not per version: a frozen object that ends in a reference cycle is
-    never collected.
+    the heap frozen after the first load a median of 34 ms (at most 38). Called once per model (the
+    previous model's objects become collectable again first), not per version: a frozen object that
+    ends in a reference cycle is never collected.
     """
     gc.unfreeze()
     gc.collect()
