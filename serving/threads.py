@@ -20,6 +20,11 @@ def limit_threads(threads: int) -> None:
     threads spin-waiting for a busy core slowed each search's delta scoring and each query encoding
     under load (``bench/write_http.py``).
     """
+    # threadpoolctl limits the BLAS libraries loaded so far: load numpy's and scipy's first. The writer
+    # child calls this before anything imported numpy, and kept OpenBLAS's default (one thread a core).
+    import numpy  # noqa: F401, PLC0415
+    import scipy.linalg  # noqa: F401, PLC0415
+
     threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
     if "tensorflow" not in sys.modules:
         # Queries need no TensorFlow (dssm.query_numpy); it may never be imported. If it is (a write,
