@@ -11,11 +11,14 @@ with its location instead of aborting the whole file; :func:`is_valid_utf8` tell
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import sys
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +45,9 @@ __all__ = [
     "TEXT_ENCODING",
     "BOM",
     "read_beir",
+    "beir_file",
+    "is_gzip",
+    "open_text",
     "is_valid_utf8",
     "split_of",
     "holdout_filter",
@@ -101,17 +107,63 @@ def _require_file(path: Path, what: str) -> None:
         raise InputError(f"{what} is not a file: {path}")
 
 
+def is_gzip(path: str | Path) -> bool:
+    """Whether ``path`` names a gzip-compressed text file (``corpus.jsonl.gz``: its name ends in ``.gz``)."""
+    return str(path).lower().endswith(".gz")
+
+
+@contextmanager
+def open_text(path: str | Path, *, newline: str | None = "") -> Iterator[Any]:
+    """A text handle on ``path`` as every reader here opens it: UTF-8 (a byte-order mark dropped), invalid
+    bytes carried as lone surrogates, and a ``.gz`` file decompressed as it is read.
+
+    Compressed files are common where users get their data (BEIR's copies on the Hugging Face hub ship
+    ``corpus.jsonl.gz``; ir_datasets and MS MARCO ``.tsv.gz``). A gzip stream cannot be cut into byte
+    ranges, so the jobs read such a file whole, on one worker.
+
+    Raises:
+        InputError: a ``.gz`` file that is not gzip or is cut short, naming it (raised where the
+            reading stops, so records before the damage have been read).
+    """
+    if not is_gzip(path):
+        with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline=newline) as handle:
+            yield handle
+        return
+    try:
+        with gzip.open(path, "rt", encoding=TEXT_ENCODING, errors="surrogateescape", newline=newline) as handle:
+            yield handle
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: not a readable gzip file: {exc}") from exc
+
+
+def beir_file(directory: str | Path, name: str) -> Path:
+    """``directory/name``, or ``directory/name.gz`` when only the compressed copy is there."""
+    plain = Path(directory) / name
+    packed = plain.with_name(plain.name + ".gz")
+    return packed if not plain.exists() and packed.exists() else plain
+
+
 def table_format(path: str | Path, format: str | None = None) -> str:  # noqa: A002
-    """The table format of ``path``: ``format`` if given, else from its suffix (``.gz`` is not supported)."""
+    """The table format of ``path``: ``format`` if given, else from its suffix (a ``.gz`` one's inner suffix).
+
+    Raises:
+        InputError: an unknown format or suffix, or a gzip-compressed Parquet file (Parquet compresses
+            its own pages; pyarrow reads only the plain file).
+    """
+    name = Path(path).name.lower()
     if format is not None:
         if format not in TABLE_FORMATS:
             raise InputError(f"unknown table format {format!r}; use one of {TABLE_FORMATS}")
-        return format
-    suffix = Path(path).suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise InputError(f"cannot tell the format of {path} from its suffix {suffix!r}; "
-                         f"use one of {sorted(_SUFFIXES)} or name the format")
-    return _SUFFIXES[suffix]
+        kind = format
+    else:
+        suffix = Path(name.removesuffix(".gz")).suffix
+        if suffix not in _SUFFIXES:
+            raise InputError(f"cannot tell the format of {path} from its suffix {suffix!r}; "
+                             f"use one of {sorted(_SUFFIXES)} (each also gzip-compressed, + .gz) or name the format")
+        kind = _SUFFIXES[suffix]
+    if kind == "parquet" and is_gzip(name):
+        raise InputError(f"{path}: a gzip-compressed Parquet file; Parquet compresses itself: gunzip it first")
+    return kind
 
 
 def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # noqa: A002
@@ -132,7 +184,7 @@ def read_columns(path: str | Path, format: str | None = None) -> list[str]:  # n
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+    with open_text(path) as handle:
         if kind == "jsonl":
             return _jsonl_columns(path, handle)
         header = next(csv_reader(handle, kind), None)
@@ -189,7 +241,7 @@ def iter_rows(path: str | Path, format: str | None = None) -> Iterator[Row]:  # 
     if kind == "parquet":
         yield from _iter_parquet(path)
         return
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+    with open_text(path) as handle:
         if kind == "jsonl":
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -319,7 +371,7 @@ def qrels_layout(path: str | Path) -> str:
     """
     path = Path(path)
     _require_file(path, "qrels file")
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+    with open_text(path) as handle:
         first = next((line for line in handle if line.strip()), None)
     if first is None:
         raise InputError(f"qrels file is empty: {path}")
@@ -359,7 +411,7 @@ def iter_qrels(path: str | Path) -> Iterator[Row]:
             yield Row(row.location, fields, row.error)
         return
     width = 4 if layout == "trec" else 3
-    with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+    with open_text(path) as handle:
         for line_no, line in enumerate(handle, 1):
             fields = line.split()
             if not fields:
@@ -393,7 +445,8 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 
 def read_beir(directory: str | Path) -> BeirDataset:
-    """Read a BEIR directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` or ``qrels/test.tsv``).
+    """Read a BEIR directory (``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` or ``qrels/test.tsv``; each
+    may be gzip-compressed, ``corpus.jsonl.gz``).
 
     Raises:
         InputError: the directory or one of its files is missing, or the corpus is empty.
@@ -401,16 +454,17 @@ def read_beir(directory: str | Path) -> BeirDataset:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"BEIR directory not found: {directory}")
-    qrels_path = directory / "qrels.tsv"
-    if not qrels_path.exists() and (directory / "qrels" / "test.tsv").exists():
-        qrels_path = directory / "qrels" / "test.tsv"
-    for needed in (directory / "corpus.jsonl", directory / "queries.jsonl", qrels_path):
+    qrels_path = beir_file(directory, "qrels.tsv")
+    if not qrels_path.exists() and beir_file(directory / "qrels", "test.tsv").exists():
+        qrels_path = beir_file(directory / "qrels", "test.tsv")
+    corpus_path, queries_path = beir_file(directory, "corpus.jsonl"), beir_file(directory, "queries.jsonl")
+    for needed in (corpus_path, queries_path, qrels_path):
         if not needed.exists():
             raise InputError(f"BEIR directory {directory} lacks {needed.name}")
-    corpus = {doc.id: doc for doc in iter_corpus(directory / "corpus.jsonl")}
+    corpus = {doc.id: doc for doc in iter_corpus(corpus_path)}
     if not corpus:
-        raise InputError(f"corpus {directory / 'corpus.jsonl'} is empty")
-    return BeirDataset(corpus=corpus, queries=read_queries(directory / "queries.jsonl"), qrels=read_qrels(qrels_path))
+        raise InputError(f"corpus {corpus_path} is empty")
+    return BeirDataset(corpus=corpus, queries=read_queries(queries_path), qrels=read_qrels(qrels_path))
 
 
 def split_of(text: str, *, validation_fraction: float, salt: str = "") -> str:
@@ -455,7 +509,8 @@ def write_rows_outside_holdout(source: str | Path, pairs_dir: str | Path, out: s
     if column not in columns:
         raise InputError(f"{source}: no query column {query_column or 'question1/text1/query'} in {columns}")
     held_out = holdout_filter(pairs_dir)
-    lines = source.read_text(encoding=TEXT_ENCODING).splitlines(keepends=True)
+    with open_text(source, newline=None) as handle:
+        lines = handle.read().splitlines(keepends=True)
     header, body = (lines[:1], lines[1:]) if fmt in ("csv", "tsv") else ([], lines)
     body = [line for line in body if line.strip()]
     keep = []

@@ -10,6 +10,7 @@ where the records are read, so no document crosses a shuffle.
 
 from __future__ import annotations
 
+import gzip
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dssm import index as index_lib
-from dssm.data import document_text, table_format
+from dssm.data import document_text, is_gzip, table_format
 from dssm.errors import InputError
 from pipelines.records import REJECTED, as_text, json_safe, read_jsonl_range, read_table_chunks
 from pipelines.table_reads import line_cuts
@@ -126,7 +127,7 @@ def plan_reads(paths: Sequence[str], table: str | None, *, batch_size: int,
     next_batch = records = 0
     for path in paths:
         kind = table_format(path, table)
-        if kind == "jsonl":
+        if kind == "jsonl" and not is_gzip(path):  # a gzip stream has no byte offsets to cut at
             cuts, lines, _ = line_cuts(path, per_batch)
             records += lines
             for start, end, first_line in cuts:
@@ -156,7 +157,7 @@ def count_records(paths: Sequence[str], table: str | None) -> int:
 
             total += pq.ParquetFile(path).metadata.num_rows
             continue
-        with open(path, "rb") as handle:
+        with (gzip.open if is_gzip(path) else open)(path, "rb") as handle:
             lines = sum(1 for line in handle if line.strip())
         total += max(0, lines - (kind in ("csv", "tsv")))
     return total

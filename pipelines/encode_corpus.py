@@ -49,7 +49,7 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm import index as index_lib
 from dssm.artifacts import read_history, read_manifest, verify_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict
-from dssm.data import document_text, read_columns, table_format
+from dssm.data import beir_file, document_text, read_columns, table_format
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, label_free_weight
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
@@ -61,16 +61,16 @@ __all__ = ["resolve_corpus", "encode_pipeline", "run", "main"]
 
 
 def resolve_corpus(corpus: str) -> list[str]:
-    """The corpus file(s): a file, a glob, or a BEIR directory (its ``corpus.jsonl``).
+    """The corpus file(s): a file, a glob, or a BEIR directory (its ``corpus.jsonl`` or ``corpus.jsonl.gz``).
 
     Raises:
         InputError: nothing matches.
     """
     path = Path(corpus)
     if path.is_dir():
-        beir = path / "corpus.jsonl"
+        beir = beir_file(path, "corpus.jsonl")
         if not beir.is_file():
-            raise InputError(f"--corpus {corpus} is a directory without corpus.jsonl")
+            raise InputError(f"--corpus {corpus} is a directory without corpus.jsonl (or corpus.jsonl.gz)")
         return [str(beir)]
     if path.is_file():
         return [str(path)]

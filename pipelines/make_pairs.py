@@ -88,7 +88,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, write_json_atomic, write_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, save_config
-from dssm.data import qrels_layout, read_columns, table_format
+from dssm.data import beir_file, qrels_layout, read_columns, table_format
 from dssm.errors import DSSMError, InputError
 from dssm.hashing import FeatureConfig
 from dssm.teacher import check_teacher
@@ -199,8 +199,8 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
 def _beir_qrels(directory: Path, name: str) -> Path:
     candidates = [name] if name else ["qrels.tsv", "qrels/train.tsv"]
     for candidate in candidates:
-        if (directory / candidate).is_file():
-            return directory / candidate
+        if (found := beir_file(directory, candidate)).is_file():
+            return found
     found = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.tsv"))
     raise InputError(f"BEIR directory {directory} has no {' or '.join(candidates)} (its .tsv files: {found}); "
                      "name the qrels file with --beir-qrels")
@@ -266,13 +266,12 @@ def _resolve_beir(path: Path, config: PairsConfig) -> tuple[PairsInput, PairsCon
         raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
     qrels = _beir_qrels(path, config.beir_qrels)
     for needed in ("queries.jsonl", "corpus.jsonl"):
-        if not (path / needed).is_file():
-            raise InputError(f"BEIR directory {path} lacks {needed}")
+        if not beir_file(path, needed).is_file():
+            raise InputError(f"BEIR directory {path} lacks {needed} (or {needed}.gz)")
     qrels_layout(qrels)  # refuses a file that is no qrels layout we read, before the job starts
     for name in ("queries.jsonl", "corpus.jsonl"):
-        cols = read_columns(path / name)
-        if "_id" not in cols or "text" not in cols:
-            raise InputError(f"{path / name} has columns {cols}; expected _id and text")
+        if "_id" not in (cols := read_columns(beir_file(path, name))) or "text" not in cols:
+            raise InputError(f"{beir_file(path, name)} has columns {cols}; expected _id and text")
     columns = PairColumns("query", "document", "label", "query_id", "document_id")
     resolved = replace(config, query_column="query", document_column="document", label_column="label",
                        query_id_column="query_id", document_id_column="document_id",
@@ -329,10 +328,10 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
                     format: str = "corpus") -> tuple[PairsInput, PairsConfig]:  # noqa: A002
     """``resolve_input`` for formats corpus and neighbours: a corpus table, or a BEIR directory's ``corpus.jsonl``."""
     if path.is_dir():
-        if not (path / "corpus.jsonl").is_file():
+        if not beir_file(path, "corpus.jsonl").is_file():
             raise InputError(f"--format {format} needs a corpus table or a BEIR directory with corpus.jsonl; "
-                             f"{path} has no corpus.jsonl")
-        path = path / "corpus.jsonl"
+                             f"{path} has no corpus.jsonl (or corpus.jsonl.gz)")
+        path = beir_file(path, "corpus.jsonl")
     kind = table_format(path)
     found = read_columns(path, kind)
     id_column = config.id_column or _pick(found, ("_id", "id"))
@@ -380,8 +379,8 @@ def build_pipeline(pipeline: beam.Pipeline, source: PairsInput, *, config: Pairs
         raw = {name: (pipeline | f"Path{name.title()}" >> beam.Create([str(file)])
                       | f"Read{name.title()}" >> beam.FlatMap(read) | f"Spread{name.title()}" >> beam.Reshuffle())
                for name, file, read in (("qrels", source.qrels, read_qrels_table),
-                                        ("queries", source.path / "queries.jsonl", jsonl),
-                                        ("corpus", source.path / "corpus.jsonl", jsonl))}
+                                        ("queries", beir_file(source.path, "queries.jsonl"), jsonl),
+                                        ("corpus", beir_file(source.path, "corpus.jsonl"), jsonl))}
         joined = raw | "JoinBeir" >> JoinBeir()
         chunks = joined["pairs"] | "Chunk" >> beam.BatchElements(min_batch_size=min(32, config.batch_size),
                                                                  max_batch_size=config.batch_size)

@@ -5,8 +5,8 @@ before the job starts (:func:`plan_table_reads`, one fast scan for newlines); th
 over the workers and each reads its own records, as :func:`pipelines.records.read_table` would
 (same raw records, same ``path:line`` locations, same errors). Before, one worker read the whole
 file and every raw record went through a shuffle to reach the others: a serial read plus the cost
-of encoding every record twice. CSV (a quoted field may span lines), Parquet, small files and TSV
-files with carriage returns (``csv`` ends a line at a lone ``\\r`` too) are read whole, then their
+of encoding every record twice. CSV (a quoted field may span lines), Parquet, gzip-compressed files,
+small files and TSV files with carriage returns (``csv`` ends a line at a lone ``\\r`` too) are read whole, then their
 records are shuffled as before (:class:`ReadTableChunks`).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from dssm.data import BOM, TEXT_ENCODING, csv_reader, csv_rows, is_valid_utf8, table_format
+from dssm.data import BOM, csv_reader, csv_rows, is_gzip, is_valid_utf8, open_text, table_format
 from pipelines.records import chunked, raw_record, read_jsonl_range, read_table_chunks
 
 __all__ = ["ReadTask", "line_cuts", "plan_table_reads", "read_task_chunks", "ReadTableChunks"]
@@ -95,14 +95,14 @@ def plan_table_reads(path: str, table: str | None, *, lines_per_task: int) -> li
     """
     kind = table_format(path, table)
     whole = [ReadTask(path, table, kind)]
-    if kind not in ("jsonl", "tsv"):
+    if kind not in ("jsonl", "tsv") or is_gzip(path):  # a gzip stream has no byte offsets to cut at
         return whole
     cuts, _, has_cr = line_cuts(path, lines_per_task)
     if len(cuts) < 2 or (kind == "tsv" and has_cr):
         return whole
     header = None
     if kind == "tsv":
-        with open(path, encoding=TEXT_ENCODING, errors="surrogateescape", newline="") as handle:
+        with open_text(path) as handle:
             header = tuple(next(csv_reader(handle, kind), None) or ())
     return [ReadTask(path, table, kind, start, end, first_line, header) for start, end, first_line in cuts]
 

@@ -149,3 +149,65 @@ def test_rows_outside_a_holdout_are_copied_line_for_line(tmp_path: Path) -> None
         write_rows_outside_holdout(quoted, held, tmp_path / "q.csv")
     with pytest.raises(InputError, match="no query column"):
         write_rows_outside_holdout(source, held, out, query_column="missing")
+
+
+def _gzip_copy(source: Path, target: Path) -> Path:
+    import gzip
+
+    target.write_bytes(gzip.compress(source.read_bytes()))
+    return target
+
+
+def test_gzip_compressed_tables_read_as_the_plain_ones(tmp_path: Path, adi_dir: Path) -> None:
+    """``corpus.jsonl.gz``, ``.tsv.gz``, ``.csv.gz``: the same columns and rows, located ``path:line`` in the
+    compressed file; a byte-order mark inside is read past, as in a plain file."""
+    (tmp_path / "t.csv").write_bytes(b"\xef\xbb\xbfid,text\r\n1,\"first, quoted\"\r\n2,second\r\n3\r\n")
+    (tmp_path / "t.tsv").write_text("id\ttext\n1\tfirst\n\n2\tsecond\textra\n")
+    (tmp_path / "t.jsonl").write_bytes((adi_dir / "corpus.jsonl").read_bytes() + b"{broken\n")
+    for name in ("t.csv", "t.tsv", "t.jsonl"):
+        plain, packed = tmp_path / name, _gzip_copy(tmp_path / name, tmp_path / (name + ".gz"))
+        assert read_columns(packed) == read_columns(plain), name
+        rows = [(r.location, r.fields, r.error) for r in iter_rows(plain)]
+        assert [(r.location.replace(".gz:", ":"), r.fields, r.error) for r in iter_rows(packed)] == rows, name
+        assert any(error for _, _, error in rows), name  # the bad record comes back with its reason, not raised
+    assert [d.id for d in iter_corpus(_gzip_copy(adi_dir / "corpus.jsonl", tmp_path / "c.jsonl.gz"))] == [
+        d.id for d in iter_corpus(adi_dir / "corpus.jsonl")]
+
+
+def test_gzip_suffixes_and_damaged_files_are_named(tmp_path: Path) -> None:
+    from dssm.data import table_format
+
+    assert [table_format(name) for name in ("a.jsonl.gz", "b.TSV.GZ", "c.csv.gz", "d.txt.gz")] == [
+        "jsonl", "tsv", "csv", "tsv"]
+    assert table_format("e.gz", "jsonl") == "jsonl"
+    with pytest.raises(InputError, match="Parquet compresses itself"):
+        table_format("f.parquet.gz")
+    with pytest.raises(InputError, match="cannot tell the format of g.gz"):
+        table_format("g.gz")
+    (tmp_path / "not.jsonl.gz").write_text('{"_id": "1", "text": "plain text behind a .gz name"}\n')
+    with pytest.raises(InputError, match="not.jsonl.gz: not a readable gzip file"):
+        list(iter_rows(tmp_path / "not.jsonl.gz"))
+    import gzip
+
+    whole = gzip.compress(b"".join(b'{"_id": "%d", "text": "document %d"}\n' % (i, i) for i in range(2000)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    with pytest.raises(InputError, match="cut.jsonl.gz: not a readable gzip file"):
+        list(iter_corpus(tmp_path / "cut.jsonl.gz"))
+
+
+def test_a_beir_directory_of_compressed_files_reads_as_the_plain_one(tmp_path: Path, adi_dir: Path) -> None:
+    """As BEIR's copies on the Hugging Face hub ship it: ``corpus.jsonl.gz``, ``queries.jsonl.gz``, and the
+    qrels plain or compressed; a plain file wins where both are there."""
+    from dssm.data import beir_file
+
+    packed = tmp_path / "adi"
+    (packed / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        _gzip_copy(adi_dir / name, packed / (name + ".gz"))
+    _gzip_copy(adi_dir / "qrels.tsv", packed / "qrels" / "test.tsv.gz")
+    plain, got = read_beir(adi_dir), read_beir(packed)
+    assert (got.corpus, got.queries, got.qrels) == (plain.corpus, plain.queries, plain.qrels)
+    assert beir_file(packed, "corpus.jsonl") == packed / "corpus.jsonl.gz"
+    (packed / "corpus.jsonl").write_bytes((adi_dir / "corpus.jsonl").read_bytes())
+    assert beir_file(packed, "corpus.jsonl") == packed / "corpus.jsonl"
+    assert beir_file(packed, "missing.jsonl") == packed / "missing.jsonl"

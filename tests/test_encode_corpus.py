@@ -264,3 +264,26 @@ def test_same_job_on_direct_and_dask_gives_the_same_embeddings(tiny_model_dir, a
     a, b = by_id(tmp_path / "direct"), by_id(tmp_path / "dask")
     assert set(a) == set(b)
     np.testing.assert_allclose(np.stack([a[i] for i in sorted(a)]), np.stack([b[i] for i in sorted(a)]), atol=1e-6)
+
+
+def test_a_compressed_corpus_is_one_read_task_with_the_plain_records(tmp_path, adi_dir):
+    """``corpus.jsonl.gz`` (a BEIR directory's, or given by name): one whole-file task, batches by its record
+    count, the plain file's records."""
+    import gzip
+
+    from pipelines.encode_corpus import resolve_corpus
+
+    directory = tmp_path / "adi"
+    directory.mkdir()
+    packed = directory / "corpus.jsonl.gz"
+    packed.write_bytes(gzip.compress((adi_dir / "corpus.jsonl").read_bytes()))
+    assert resolve_corpus(str(directory)) == [str(packed)]
+    ranges, records = plan_reads([str(packed)], None, batch_size=20)
+    assert records == 82 and [(r.end, r.first_batch, r.batches) for r in ranges] == [(None, 0, 5)]
+    got = list(read_table(str(packed)))
+    assert got[0]["record"] == f"{packed}:1"
+    assert [{**r, "record": r["record"].rsplit(":", 1)[1]} for r in got] == [
+        {**r, "record": r["record"].rsplit(":", 1)[1]} for r in read_table(str(adi_dir / "corpus.jsonl"))]
+    (directory / "corpus.jsonl.gz").unlink()
+    with pytest.raises(InputError, match="without corpus.jsonl"):
+        resolve_corpus(str(directory))

@@ -336,6 +336,30 @@ def test_beir_directory_with_trec_qrels_gives_the_same_pairs(adi_dir: Path, tmp_
     assert pairs(tmp_path / "trec") == pairs(tmp_path / "beir")
 
 
+def test_beir_directory_of_compressed_files_gives_the_same_pairs(adi_dir: Path, tmp_path: Path) -> None:
+    """``corpus.jsonl.gz`` and ``queries.jsonl.gz`` (BEIR's copies on the Hugging Face hub) are read whole and
+    give the plain directory's pairs; the config names the qrels as found."""
+    import gzip
+
+    packed = tmp_path / "adi-gz"
+    packed.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
+        (packed / (name + ".gz")).write_bytes(gzip.compress((adi_dir / name).read_bytes()))
+    flags = ["--validation-fraction", "0.3", *SMALL_FLAGS]
+    stats = run(["--input", str(packed), "--output", str(tmp_path / "gz"), *flags],
+                test_pipeline=test_pipeline.TestPipeline())
+    run(["--input", str(adi_dir), "--output", str(tmp_path / "plain"), *flags],
+        test_pipeline=test_pipeline.TestPipeline())
+    assert (stats["read"], stats["written"], stats["rejected"]) == (170, 170, 0)
+    assert json.loads((tmp_path / "gz" / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv.gz"
+
+    def pairs(out: Path) -> Counter:
+        return Counter((split, e["query_id"], e["document_id"], e["query_text"], e["document_text"])
+                       for split, rows in _shards(out).items() for e in rows)
+
+    assert pairs(tmp_path / "gz") == pairs(tmp_path / "plain")
+
+
 def test_split_is_the_same_on_every_run_and_moves_with_the_salt(tmp_path: Path) -> None:
     path = tmp_path / "pairs.tsv"
     path.write_bytes(QUORA_TSV)

@@ -109,3 +109,16 @@ def _frames(blobs: list[bytes]) -> list[bytes]:
             out.append(blob[at + 12:at + 12 + length])
             at += 16 + length
     return out
+
+
+@pytest.mark.parametrize(("name", "data"), [("pairs.tsv", TSV), ("pairs.jsonl", JSONL)])
+def test_a_gzip_compressed_table_is_one_task_with_the_plain_records(tmp_path: Path, name: str, data: bytes) -> None:
+    """A gzip stream has no byte offsets to cut at: one whole-file task, whose records are the plain file's
+    (located in the compressed file)."""
+    plain, packed = tmp_path / name, tmp_path / (name + ".gz")
+    plain.write_bytes(data)
+    packed.write_bytes(gzip.compress(data))
+    [task] = plan_table_reads(str(packed), None, lines_per_task=2)
+    assert task.end is None and task.kind == name.split(".")[1]
+    got = _records_by_tasks(packed, None, 2)
+    assert [{**r, "record": r["record"].replace(".gz:", ":")} for r in got] == list(read_table(str(plain)))
