@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -166,6 +167,13 @@ def test_cli_upsert_and_delete(tiny_model_dir, adi_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rebalanced               True" in out
     assert len(ix.load_index(tmp_path / "idx").docs) == len(documents) - 1
+    packed = tmp_path / "ids.txt.gz"
+    packed.write_bytes(gzip.compress(b"n2\n2\n"))  # after an upsert of n2: both go, read from a .gz
+    corpus.write_text(json.dumps({"_id": "n2", "title": "", "text": "another new document"}) + "\n")
+    assert dssm_main(["upsert", "--index", str(tmp_path / "idx"), "--corpus", str(corpus)]) == 0
+    assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(packed)]) == 0
+    capsys.readouterr()
+    assert len(ix.load_index(tmp_path / "idx").docs) == len(documents) - 2
     ids.write_text("missing-id\n")
     assert dssm_main(["delete", "--index", str(tmp_path / "idx"), "--ids", str(ids)]) == 2
     assert "'missing-id' is not in index version" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from dssm.data import TEXT_ENCODING, iter_corpus
+from dssm.data import iter_corpus, open_text
 from dssm.errors import InputError
 from dssm.index.updates import DEFAULT_REBALANCE_FRACTION, compact_index
 from dssm.index.versions import DEFAULT_KEEP_VERSIONS
@@ -89,7 +89,8 @@ def read_ids(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise InputError(f"ids file not found: {path}")
-    ids = [line.strip() for line in path.read_text(encoding=TEXT_ENCODING).splitlines() if line.strip()]
+    with open_text(path, newline=None) as handle:  # a .gz file too, as every input
+        ids = [line.strip() for line in handle.read().splitlines() if line.strip()]
     if not ids:
         raise InputError(f"ids file {path} holds no ids")
     return ids
