@@ -313,6 +313,21 @@ def test_beir_directory_end_to_end(adi_dir: Path, tmp_path: Path) -> None:
     assert json.loads((out / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv"
 
 
+def _against_plain_beir(variant: Path, adi_dir: Path, tmp_path: Path) -> tuple[dict, Counter, Counter]:
+    """The pairs job on ``variant`` (adi rewritten) and on adi itself: (variant's stats, both pairs by split)."""
+    flags = ["--validation-fraction", "0.3", *SMALL_FLAGS]
+    stats = run(["--input", str(variant), "--output", str(tmp_path / "variant"), *flags],
+                test_pipeline=test_pipeline.TestPipeline())
+    run(["--input", str(adi_dir), "--output", str(tmp_path / "plain"), *flags],
+        test_pipeline=test_pipeline.TestPipeline())
+
+    def pairs(out: Path) -> Counter:
+        return Counter((split, e["query_id"], e["document_id"], e["query_text"], e["document_text"])
+                       for split, rows in _shards(out).items() for e in rows)
+
+    return stats, pairs(tmp_path / "variant"), pairs(tmp_path / "plain")
+
+
 def test_beir_directory_with_trec_qrels_gives_the_same_pairs(adi_dir: Path, tmp_path: Path) -> None:
     trec = tmp_path / "adi-trec"
     trec.mkdir()
@@ -320,20 +335,11 @@ def test_beir_directory_with_trec_qrels_gives_the_same_pairs(adi_dir: Path, tmp_
         (trec / name).write_bytes((adi_dir / name).read_bytes())
     rows = [line.split("\t") for line in (adi_dir / "qrels.tsv").read_text().splitlines()[1:]]
     (trec / "qrels.tsv").write_text("".join(f"{q} 0 {d} {s}\n" for q, d, s in rows) + "1 0 17\n")  # one bad line
-    flags = ["--validation-fraction", "0.3", *SMALL_FLAGS]
-    stats = run(["--input", str(trec), "--output", str(tmp_path / "trec"), *flags],
-                test_pipeline=test_pipeline.TestPipeline())
-    run(["--input", str(adi_dir), "--output", str(tmp_path / "beir"), *flags],
-        test_pipeline=test_pipeline.TestPipeline())
+    stats, got, expected = _against_plain_beir(trec, adi_dir, tmp_path)
     assert (stats["read"], stats["written"], stats["rejected"]) == (171, 170, 1)
-    [bad] = _rejected(tmp_path / "trec")
+    [bad] = _rejected(tmp_path / "variant")
     assert bad["record"] == f"{trec / 'qrels.tsv'}:171" and "a trec qrels line has 4" in bad["detail"]
-
-    def pairs(out: Path) -> Counter:
-        return Counter((e["query_id"], e["document_id"], e["query_text"], e["document_text"])
-                       for rows in _shards(out).values() for e in rows)
-
-    assert pairs(tmp_path / "trec") == pairs(tmp_path / "beir")
+    assert got == expected
 
 
 def test_beir_directory_of_compressed_files_gives_the_same_pairs(adi_dir: Path, tmp_path: Path) -> None:
@@ -345,19 +351,10 @@ def test_beir_directory_of_compressed_files_gives_the_same_pairs(adi_dir: Path, 
     packed.mkdir()
     for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
         (packed / (name + ".gz")).write_bytes(gzip.compress((adi_dir / name).read_bytes()))
-    flags = ["--validation-fraction", "0.3", *SMALL_FLAGS]
-    stats = run(["--input", str(packed), "--output", str(tmp_path / "gz"), *flags],
-                test_pipeline=test_pipeline.TestPipeline())
-    run(["--input", str(adi_dir), "--output", str(tmp_path / "plain"), *flags],
-        test_pipeline=test_pipeline.TestPipeline())
+    stats, got, expected = _against_plain_beir(packed, adi_dir, tmp_path)
     assert (stats["read"], stats["written"], stats["rejected"]) == (170, 170, 0)
-    assert json.loads((tmp_path / "gz" / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv.gz"
-
-    def pairs(out: Path) -> Counter:
-        return Counter((split, e["query_id"], e["document_id"], e["query_text"], e["document_text"])
-                       for split, rows in _shards(out).items() for e in rows)
-
-    assert pairs(tmp_path / "gz") == pairs(tmp_path / "plain")
+    assert json.loads((tmp_path / "variant" / "pairs_config.json").read_text())["beir_qrels"] == "qrels.tsv.gz"
+    assert got == expected
 
 
 def test_split_is_the_same_on_every_run_and_moves_with_the_salt(tmp_path: Path) -> None:
