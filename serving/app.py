@@ -81,7 +81,9 @@ log = logging.getLogger(__name__)
 
 
 class _WriteQueue:
-    """Writes' own executor: one thread, at most ``limit`` writes admitted (running or waiting).
+    """Writes' own executor: at most ``limit`` writes admitted (running or waiting), each on a thread of
+    its own pool, so that the backend sees the ones waiting and commits them together
+    (:mod:`serving.group_commit`); reads never wait for these threads.
 
     The count lives on the event loop's thread (admission happens there), so it needs no lock.
     """
@@ -96,7 +98,7 @@ class _WriteQueue:
             raise WritesBusyError(f"{self.pending} writes already admitted (max_pending_writes={self.limit}); "
                                   "retry after the Retry-After seconds")
         if self._limiter is None:  # created on the loop that serves
-            self._limiter = anyio.CapacityLimiter(1)
+            self._limiter = anyio.CapacityLimiter(self.limit)
         self.pending += 1
         try:
             return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._limiter)
@@ -121,8 +123,9 @@ def create_app(backend: Backend, *, api_key: str | None = None, require_key_for_
             one listening socket, and a worker that accepted connections while loading would answer
             them 503 although another worker is ready.
         max_pending_writes: writes admitted at once (running or queued); more get 429 with
-            ``Retry-After``. Writes run one at a time on their own thread (they serialise on the index's
-            write lock anyway), so a burst of writes never holds the threads reads run on.
+            ``Retry-After``. Writes wait on threads of their own (one commits at a time, taking every
+            write queued behind it into the same version), so a burst of writes never holds the threads
+            reads run on.
 
     Returns:
         The ASGI app (FastAPI wrapped by the guard layer is installed as middleware).
@@ -297,8 +300,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="worker threads for batch searches, similarity and document reads "
                              "(default: 8); single queries are coalesced in the model thread")
     parser.add_argument("--max-pending-writes", type=int, default=8,
-                        help="writes admitted at once, run one at a time on their own thread; more get 429 with "
-                             "Retry-After, so writes never hold the threads reads use (default: 8)")
+                        help="writes admitted at once, on threads of their own (one commits at a time, with "
+                             "every write queued behind it in the same version); more get 429 with Retry-After, "
+                             "so writes never hold the threads reads use (default: 8)")
     parser.add_argument("--model-threads", type=int, default=1,
                         help="threads that answer single queries, each taking every query waiting at that "
                              "moment as one batch (default: 1)")

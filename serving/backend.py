@@ -47,6 +47,7 @@ from dssm.hybrid import SEARCH_MODES
 from dssm.index import current_version_dir
 from dssm.index.documents import as_documents
 from serving.compaction import BackgroundCompactor
+from serving.group_commit import GroupCommit
 from serving.metrics import Metrics, multiprocess_metrics
 from serving.model_thread import ModelThread, search_options
 from serving.reranking import check_rerank
@@ -186,7 +187,8 @@ class Backend:
         self._snapshot: Snapshot | None = None
         self._swap_lock = threading.Lock()     # guards the swap and the metrics that describe it
         self._load_lock = threading.Lock()     # one load at a time (watcher vs. write path)
-        self._write_lock = threading.Lock()    # one incremental update at a time
+        self._writes = GroupCommit(self._commit, key=lambda method, item: item[0] if method == "upsert" else item,
+                                   merged=self.metrics.merged_writes.inc)  # one commit at a time
         self._writer = writer
         self.compactor = BackgroundCompactor(self.index_dir, reload=self.reload, published=self.metrics.compactions.inc)
         self._slots_lock = threading.Lock()
@@ -528,23 +530,25 @@ class Backend:
     # ---------------------------------------------------------------------------------------------
     # Writes (the incremental update path of the index; each publishes a new version)
 
-    def _write(self, method: str, *args: Any, check: Callable[[Snapshot], None] | None = None) -> str:
-        with self._write_lock:
-            snap = self.current()
-            if check is not None:
-                check(snap)
-            # The child writes to the one index of a Searcher (not the shards of a ShardedSearcher).
-            child = self._writer if self._writer is not None and type(snap.searcher) is Searcher else None
-            fn = getattr(child or snap.searcher, method, None)
-            if fn is None:
-                raise WriteNotSupportedError(
-                    f"the loaded searcher ({type(snap.searcher).__name__}) has no {method}(); "
-                    "incremental updates are not available for this index")
-            fn(*args)
-            self.reload(force=True)  # read-your-writes: the new version is live before the caller hears back
-            live = self.current()
-            self.compactor.after_write(getattr(live.searcher, "index", None))  # in the background, if due
-            return live.version
+    def _write(self, method: str, items: list[Any], check: Callable[[Snapshot], None] | None = None) -> str:
+        # Writes that arrive while one commits go into the next version together (serving.group_commit).
+        return self._writes.write(method, items, check=None if check is None else lambda: check(self.current()))
+
+    def _commit(self, method: str, items: list[Any]) -> str:
+        """One write (under the group commit's lock): applied, the new version live; returns it."""
+        snap = self.current()
+        # The child writes to the one index of a Searcher (not the shards of a ShardedSearcher).
+        child = self._writer if self._writer is not None and type(snap.searcher) is Searcher else None
+        fn = getattr(child or snap.searcher, method, None)
+        if fn is None:
+            raise WriteNotSupportedError(
+                f"the loaded searcher ({type(snap.searcher).__name__}) has no {method}(); "
+                "incremental updates are not available for this index")
+        fn(items)
+        self.reload(force=True)  # read-your-writes: the new version is live before the caller hears back
+        live = self.current()
+        self.compactor.after_write(getattr(live.searcher, "index", None))  # in the background, if due
+        return live.version
 
     def upsert(self, documents: Sequence[Any]) -> str:
         """Add or replace documents; returns the new live version.

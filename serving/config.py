@@ -32,7 +32,8 @@ class ServeConfig:
     require_key_for_reads: bool = field(False, "also require the key for /v1 reads")
     max_in_flight: int = field(64, "requests admitted at once (per process); more get 429 immediately")
     threads: int = field(8, "worker threads for batch searches, similarity and document reads")
-    max_pending_writes: int = field(8, "writes admitted at once (one runs at a time on its own thread); more get 429")
+    max_pending_writes: int = field(8, "writes admitted at once (one commits at a time, with those queued behind it); "
+                                     "more get 429")
     model_threads: int = field(1, "threads that answer single queries, coalesced into batches")
     tf_threads: int = field(1, "TensorFlow intra- and inter-op threads and numpy BLAS threads "
                                    "(0 = the libraries' defaults)")

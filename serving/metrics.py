@@ -45,6 +45,8 @@ class Metrics:
         self.swaps = Counter("dssm_index_swaps", "index versions swapped in (the first load included)", registry=r)
         self.compactions = Counter("dssm_index_compactions", "background compactions that published a version",
                                    registry=r)
+        self.merged_writes = Counter("dssm_merged_writes", "writes published in a version with other writes "
+                                     "(group commit)", registry=r)
         self.load_failures = Counter("dssm_index_load_failures", "index versions that failed to load", registry=r)
         self.batch_size = Histogram("dssm_search_batch_size", "single queries answered per coalesced model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)

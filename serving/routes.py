@@ -295,7 +295,7 @@ def add_read_routes(app: FastAPI, backend: Backend, run: Run) -> FastAnswer:
 def add_write_routes(app: FastAPI, backend: Backend, run: Run) -> None:
     """Upsert and delete (the guard has already checked the API key); each publishes a new index version.
 
-    ``run`` is the writes' own queue (``serving.app``): one at a time, bounded, 429 when full.
+    ``run`` is the writes' own queue (``serving.app``): bounded, 429 when full; queued writes commit together.
     """
 
     @app.put("/v1/documents", response_model=WriteResponse, responses=_WRITE_ERRORS, tags=["documents"],

@@ -1044,33 +1044,37 @@ def test_search_without_a_mode_uses_the_index_default_hybrid_weight(tmp_path, mo
         assert [h.id for h in batch[0]] == [h.id for h in hybrid]
 
 
-def test_writes_queue_on_their_own_thread_and_a_full_queue_is_429_while_reads_stay_fast(tmp_path, model_dir, rows,
-                                                                                       monkeypatch):
+def test_writes_queue_on_their_own_threads_and_a_full_queue_is_429_while_reads_stay_fast(tmp_path, model_dir, rows):
     """Issue 14: writers waiting on the index's write lock used to hold the threads reads run on (a GET
-    took 15.7 s during a write burst). Writes now run one at a time on their own thread, at most
-    ``max_pending_writes`` admitted; the rest get 429 with Retry-After at once."""
+    took 15.7 s during a write burst). Writes now wait on threads of their own, at most
+    ``max_pending_writes`` admitted, and commit one at a time; the rest get 429 with Retry-After at once."""
     index_dir = tmp_path / "index"
     support.build_version(index_dir, model_dir, rows)
     backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(model_dir))
     release = threading.Event()
-    started = []
+    running, started = [], []
+    commit = backend._writes._commit
 
-    def slow_upsert(documents):  # a write stuck behind the index's write lock
-        started.append(threading.current_thread().name)
+    def slow_commit(method, items):  # a write that takes long to commit
+        running.append(1)
+        started.append(len(running))  # how many commits run at this moment
         release.wait(30)
-        return backend.current().version
+        try:
+            return commit(method, items)
+        finally:
+            running.pop()
 
+    backend._writes._commit = slow_commit
     with ServerThread(create_app(backend, api_key=API_KEY, worker_threads=2, max_pending_writes=2)) as server:
         wait_until(lambda: backend.snapshot is not None, timeout=60, what="the index to load")
-        monkeypatch.setattr(backend, "upsert", slow_upsert)
         headers = {"x-api-key": API_KEY}
-        body = {"documents": [{"id": "w1", "text": "a new document"}]}
+        bodies = [{"documents": [{"id": f"w{i}", "text": "a new document"}]} for i in range(3)]
         with ThreadPoolExecutor(4) as pool:
-            writes = [pool.submit(httpx.put, server.url + "/v1/documents", json=body, headers=headers, timeout=60)
-                      for _ in range(2)]
+            first = pool.submit(httpx.put, server.url + "/v1/documents", json=bodies[0], headers=headers, timeout=60)
             wait_until(lambda: len(started) == 1, timeout=10, what="the first write to start")
-            time.sleep(0.2)  # the second is admitted and queued behind it
-            refused = httpx.put(server.url + "/v1/documents", json=body, headers=headers, timeout=10)
+            second = pool.submit(httpx.put, server.url + "/v1/documents", json=bodies[1], headers=headers, timeout=60)
+            wait_until(lambda: len(backend._writes._queue) == 1, timeout=10, what="the second write to queue")
+            refused = httpx.put(server.url + "/v1/documents", json=bodies[2], headers=headers, timeout=10)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             assert "max_pending_writes=2" in refused.json()["error"]
             # two worker threads, two writes admitted: reads still answer at once
@@ -1080,10 +1084,11 @@ def test_writes_queue_on_their_own_thread_and_a_full_queue_is_429_while_reads_st
                 assert httpx.post(server.url + "/v1/search:batch", json={"queries": ["library"], "k": 3},
                                   timeout=10).status_code == 200
             assert time.perf_counter() - tick < 5.0
-            assert len(started) == 1  # one write at a time
+            assert started == [1]  # the second write waits for the first to commit
             release.set()
-            assert [w.result().status_code for w in writes] == [200, 200]
-        assert len(set(started)) == 1  # both ran on the writes' one thread
+            assert [first.result().status_code, second.result().status_code] == [200, 200]
+        assert started == [1, 1]  # one commit at a time
+        assert backend.current().documents == len(rows) + 2
 
 
 def test_read_your_writes_across_server_processes_with_min_version(tmp_path, model_dir, rows):
@@ -1143,3 +1148,40 @@ def test_backend_freezes_the_heap_after_loading_a_model(tmp_path, model_dir, row
         assert backend.current().documents == 21 and len(calls) == 1
     finally:
         gc.unfreeze()
+
+
+def test_concurrent_puts_queued_behind_a_write_share_one_version(tmp_path, model_dir, rows):
+    """Group commit over HTTP: six PUTs, five of them queued while the first commits, publish two versions;
+    each answer names the version its documents are live in, and every document is there."""
+    index_dir = tmp_path / "index"
+    support.build_version(index_dir, model_dir, rows[:20])
+    backend = Backend(index_dir, watch_interval=0.1, loader=support.shared_encoder_loader(model_dir))
+    commit, first = backend._writes._commit, threading.Event()
+
+    def held(method, items):  # the first commit waits until the other five writes are queued
+        if not first.is_set():
+            first.set()
+            wait_until(lambda: len(backend._writes._queue) == 5, timeout=60, what="five queued writes")
+        return commit(method, items)
+
+    backend._writes._commit = held
+    with ServerThread(create_app(backend, api_key=API_KEY)) as server:
+        wait_until(lambda: backend.snapshot is not None, timeout=30, what="the index to load")
+        before = set(ix.list_versions(index_dir))
+
+        def put(i: int) -> str:
+            if i:
+                first.wait(60)
+            with SearchClient(server.url, api_key=API_KEY, retries=0, timeout=120) as client:
+                return client.upsert([(f"g{i}-{j}", f"group commit document {i} {j} about libraries")
+                                      for j in range(2)]).version
+
+        with ThreadPoolExecutor(6) as pool:
+            versions = list(pool.map(put, range(6)))
+        assert len(set(versions[1:])) == 1 and versions[0] != versions[1]
+        assert set(ix.list_versions(index_dir)) - before == set(versions)
+        with SearchClient(server.url, api_key=API_KEY, retries=0) as client:
+            assert all(client.get_document(f"g{i}-{j}").text.startswith("group commit")
+                       for i in range(6) for j in range(2))
+            assert metric_value(client.metrics(), "dssm_merged_writes_total") == 5
+        assert backend.current().documents == 32
