@@ -127,7 +127,7 @@ def run(*, quick: bool) -> list[Figure]:
             used += batch
             print(f"  run: {json.dumps({k: v[-1] for k, v in runs.items()})}", flush=True)
         http = write_http.measure(work / "index", queries=load_test.synthetic_texts(500, seed=1),
-                                  ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(260_000, seed=3),
+                                  ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(480_000, seed=3),
                                   seconds=5.0 if quick else 20.0, write_seconds=5.0 if quick else 60.0)
         shutil.rmtree(work / "index")
         million = [] if quick else _million(work, model_dir, load_test.synthetic_texts(writes + 1, seed=4))
@@ -164,7 +164,7 @@ def _million(work: Path, model_dir: Path, texts: list[str]) -> list[Figure]:
     from bench import write_http
 
     http = write_http.measure(work / "index-1m", queries=load_test.synthetic_texts(500, seed=1),
-                              ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(260_000, seed=5),
+                              ids=[f"s{i}" for i in range(docs)], texts=load_test.synthetic_texts(480_000, seed=5),
                               seconds=20.0, write_seconds=60.0)
     return [
         *_http_figures(http, corpus, size=", 1M"),
@@ -179,7 +179,7 @@ def _million(work: Path, model_dir: Path, texts: list[str]) -> list[Figure]:
 
 def _http_figures(http: dict, corpus: str, *, size: str = "") -> list[Figure]:
     """The HTTP phases' figures (one measurement each: no spread); ``size`` tells a second index's apart."""
-    paced, free = http["paced"], http["unthrottled"]
+    paced, free, many = http["paced"], http["unthrottled"], http["concurrent"]
     rate = f"{http['rate']:,.0f}"
     idle_s = f"{http['idle_seconds']:.0f}"
 
@@ -202,6 +202,12 @@ def _http_figures(http: dict, corpus: str, *, size: str = "") -> list[Figure]:
         Figure("write", f"search p99 during those writes{size}", "ms", Stats.one(free["search_p99_ms"]),
                peer_name="the same clients, no writes", peer=idle, higher_is_better=False,
                note="what writing as fast as the service allows costs the searchers (no target)"),
+        Figure("write", f"HTTP writes in batches of 100 from {many['writers']} writers back to back, while 8 clients "
+                        f"search{size}", "docs/s", Stats.one(many["docs_per_s"]),
+               peer_name="one writer", peer=Stats.one(free["docs_per_s"]),
+               note=f"each writer as the one above; the writes queued behind a running one share its successor's "
+                    f"version (group commit: {http['merged']:,.0f} writes shared one, over the run); "
+                    f"{phase_note(many)}; search p99 then {many['search_p99_ms']:.1f} ms"),
         Figure("write", f"HTTP writes paced at {rate} docs/s in batches of 100 while 8 clients search{size}", "docs/s",
                Stats.one(paced["docs_per_s"]),
                note=f"a batch every {100 / http['rate'] * 1e3:.0f} ms; {phase_note(paced)}; "

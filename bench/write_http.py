@@ -1,7 +1,8 @@
 """Writes through HTTP while clients search (issue 14): a ``dssm serve`` on 127.0.0.1, one writer, 8 searchers.
 
 First 20 one-document ``PUT /v1/documents`` one after the other, nothing else running (p50, p99); then
-four phases against the same server, ``seconds``, ``write_seconds``, ``seconds`` and ``write_seconds`` long:
+five phases against the same server, ``seconds``, ``write_seconds``, ``seconds``, ``write_seconds`` and
+``write_seconds`` long:
 
 * **idle**: 8 clients send single searches (``POST /v1/search``, k=10) back to back, and one client
   fetches documents (``GET /v1/documents/{id}``) back to back;
@@ -19,7 +20,10 @@ four phases against the same server, ``seconds``, ``write_seconds``, ``seconds``
   2026-12-07);
 * **unthrottled writes**: the writer sends its next batch as soon as the last one is answered; the
   rate reached is the service's sustained write capacity beside searches (target ≥ 1,000 documents/s),
-  and the search tail then is reported too (the searchers' price of writing as fast as possible).
+  and the search tail then is reported too (the searchers' price of writing as fast as possible);
+* **concurrent writes**: ``concurrent`` writers (4), each as the unthrottled one: what a service with
+  several writing clients sustains, where the writes queued behind a running one share its successor's
+  version (group commit, :mod:`serving.group_commit`; ``merged`` counts the writes that shared one).
 
 Until 2026-12-06 there was no paced phase: the search tail was measured beside the unthrottled
 writer, so every gain in write speed made the search figure worse (at 100k, 1,648 documents/s made
@@ -115,23 +119,26 @@ def writer_main(argv: list[str]) -> None:
     print(json.dumps(_writer(url, texts, batch=int(batch), seconds=float(seconds), rate=float(rate), prefix=prefix)))
 
 
-def _writes_phase(port: int, url: str, queries: list[str], ids: list[str], texts_file: Path, *, seconds: float,
-                  batch: int, rate: float, prefix: str, searchers: int) -> dict[str, Any]:
-    """One writer process (paced at ``rate``, or back to back at 0) beside the searching clients."""
-    writer = subprocess.Popen([sys.executable, "-c", "import sys; from bench.write_http import writer_main; "
-                               "writer_main(sys.argv[1:])", url, str(seconds), str(batch), str(rate), prefix,
-                               str(texts_file)],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+def _writes_phase(port: int, url: str, queries: list[str], ids: list[str], texts_files: list[Path], *,
+                  seconds: float, batch: int, rate: float, prefix: str, searchers: int) -> dict[str, Any]:
+    """One writer process per texts file (each paced at ``rate``, or back to back at 0) beside the searching
+    clients; the writers' documents/s added up."""
+    writers = [subprocess.Popen([sys.executable, "-c", "import sys; from bench.write_http import writer_main; "
+                                 "writer_main(sys.argv[1:])", url, str(seconds), str(batch), str(rate),
+                                 f"{prefix}{w}-" if len(texts_files) > 1 else prefix, str(texts_file)],
+                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+               for w, texts_file in enumerate(texts_files)]
     search_ms, get_ms, errors = _run_async_clients(port, queries, ids, seconds=seconds, searchers=searchers)
-    out, _ = writer.communicate(timeout=seconds + 300)
-    wrote = json.loads(out.strip().splitlines()[-1])
+    wrote = [json.loads(writer.communicate(timeout=seconds + 300)[0].strip().splitlines()[-1]) for writer in writers]
+    docs, spent = sum(w["docs"] for w in wrote), max(w["seconds"] for w in wrote)
+    batch_ms = [ms for w in wrote for ms in w["batch_ms"]]
     p = np.percentile
     return {"search_p50_ms": float(p(search_ms, 50)), "search_p99_ms": float(p(search_ms, 99)),
-            "get_p99_ms": float(p(get_ms, 99)), "docs_per_s": wrote["docs"] / wrote["seconds"],
-            "docs_written": wrote["docs"], "seconds": wrote["seconds"], "searches": len(search_ms), "errors": errors,
-            "batch_p50_ms": float(p(wrote["batch_ms"], 50)) if wrote["batch_ms"] else None,
-            "batch_p99_ms": float(p(wrote["batch_ms"], 99)) if wrote["batch_ms"] else None,
-            "batch_max_ms": max(wrote["batch_ms"], default=None)}
+            "get_p99_ms": float(p(get_ms, 99)), "docs_per_s": docs / spent, "writers": len(wrote),
+            "docs_written": docs, "seconds": spent, "searches": len(search_ms), "errors": errors,
+            "batch_p50_ms": float(p(batch_ms, 50)) if batch_ms else None,
+            "batch_p99_ms": float(p(batch_ms, 99)) if batch_ms else None,
+            "batch_max_ms": max(batch_ms, default=None)}
 
 
 def _compactions(url: str) -> float:
@@ -180,12 +187,12 @@ def _run_async_clients(port: int, queries: list[str], ids: list[str], *, seconds
 
 
 def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[str], seconds: float,
-            write_seconds: float | None = None, batch: int = 100, rate: float = 1_000.0, searchers: int = 8
-            ) -> dict[str, Any]:
+            write_seconds: float | None = None, batch: int = 100, rate: float = 1_000.0, searchers: int = 8,
+            concurrent: int = 4) -> dict[str, Any]:
     """Run the phases against a fresh ``dssm serve`` of ``index_dir``; the figures as a dict.
 
-    ``texts`` are split between the two writes phases (ids ``p…`` paced, ``h…`` unthrottled), so every
-    write adds a new document.
+    ``texts`` are split between the writers of the writes phases (ids ``p…`` paced, ``h…`` unthrottled,
+    ``c<w>-…`` the ``concurrent`` writers), so every write adds a new document.
     """
     write_seconds = seconds if write_seconds is None else write_seconds
     from bench.load_test import _free_port, start_server
@@ -207,14 +214,16 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
             put_ms.append((time.perf_counter() - tick) * 1e3)
         idle_search, idle_get, idle_errors = _run_async_clients(port, queries, ids, seconds=seconds,
                                                                 searchers=searchers)
-        half = (len(texts) - 21) // 2
+        share = (len(texts) - 21) // (2 + concurrent)
         phases: dict[str, Any] = {}
-        for name, part, phase_rate, prefix in (("paced", texts[:half], rate, "p"),
-                                               ("unthrottled", texts[half:2 * half], 0.0, "h")):
-            texts_file = index_dir.parent / f"write-texts-{name}.json"
-            texts_file.write_text(json.dumps(part))
+        for name, first, writers, phase_rate, prefix in (("paced", 0, 1, rate, "p"), ("unthrottled", 1, 1, 0.0, "h"),
+                                                         ("concurrent", 2, concurrent, 0.0, "c")):
+            files = []
+            for w in range(writers):
+                files.append(index_dir.parent / f"write-texts-{name}-{w}.json")
+                files[-1].write_text(json.dumps(texts[(first + w) * share:(first + w + 1) * share]))
             before = _compactions(url)
-            phases[name] = _writes_phase(port, url, queries, ids, texts_file, seconds=write_seconds, batch=batch,
+            phases[name] = _writes_phase(port, url, queries, ids, files, seconds=write_seconds, batch=batch,
                                          rate=phase_rate, prefix=prefix, searchers=searchers)
             phases[name]["compactions"] = _compactions(url) - before  # started before the next phase, if any
             if name == "paced":  # the idle baseline again, on the grown index, before the next phase writes
@@ -230,6 +239,8 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         server.wait(timeout=60)
     swaps = [line for line in metrics.splitlines() if line.startswith(("dssm_index_swaps_total",
                                                                        "dssm_index_compactions_total"))]
+    merged = next((float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("dssm_merged_writes_total")), 0.0)
     p = np.percentile
     result = {
         "idle_search_p50_ms": float(p(idle_search, 50)), "idle_search_p99_ms": float(p(idle_search, 99)),
@@ -239,8 +250,8 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         "idle_both_search_p99_ms": float(p(idle_search + after_search, 99)),
         "idle_both_get_p99_ms": float(p(idle_get + after_get, 99)), "settle_s": phases.pop("settle_s"),
         "put_p50_ms": float(p(put_ms, 50)), "put_p99_ms": float(p(put_ms, 99)), "rate": rate,
-        "paced": phases["paced"], "unthrottled": phases["unthrottled"],
-        "errors": idle_errors + sum(ph["errors"] for ph in phases.values()), "swaps": swaps,
+        "paced": phases["paced"], "unthrottled": phases["unthrottled"], "concurrent": phases["concurrent"],
+        "errors": idle_errors + sum(ph["errors"] for ph in phases.values()), "swaps": swaps, "merged": merged,
     }
     print(f"  http: {json.dumps(result)}", flush=True)
     return result
