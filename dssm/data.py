@@ -49,6 +49,9 @@ __all__ = [
     "is_gzip",
     "open_text",
     "is_valid_utf8",
+    "ID_COLUMNS",
+    "TEXT_COLUMNS",
+    "corpus_columns",
     "split_of",
     "holdout_filter",
     "document_text",
@@ -57,6 +60,12 @@ __all__ = [
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
              ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+#: The columns a corpus's ids and texts go by when the user names none, in order: BEIR's (``_id``,
+#: ``text``), plain ones, and Pyserini's JsonCollection (``id``, ``contents``), what users of BM25
+#: engines have their corpora in.
+ID_COLUMNS = ("_id", "id", "docid")
+TEXT_COLUMNS = ("text", "contents")
 
 # "utf-8-sig" reads UTF-8 and drops a byte-order mark at the start of the file (Windows tools write one);
 # without it the mark would be part of the first JSON line or of the first column's name.
@@ -310,11 +319,20 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def corpus_columns(found: list[str], *, id_column: str | None = None,
+                   text_column: str | None = None) -> tuple[str, str]:
+    """The id and text columns of a corpus whose columns are ``found``: the ones named, else the first of
+    :data:`ID_COLUMNS` and :data:`TEXT_COLUMNS` it has (``id`` and ``text`` when it has none, for the
+    caller's message naming what is missing)."""
+    return (id_column or next((c for c in ID_COLUMNS if c in found), "id"),
+            text_column or next((c for c in TEXT_COLUMNS if c in found), "text"))
+
+
 def iter_corpus(
     path: str | Path,
     *,
     id_column: str | None = None,
-    text_column: str = "text",
+    text_column: str | None = None,
     title_column: str | None = "title",
     format: str | None = None,  # noqa: A002
 ) -> Iterator[Document]:
@@ -322,8 +340,8 @@ def iter_corpus(
 
     Args:
         path: the corpus file.
-        id_column: id column; default ``_id`` if present, else ``id``.
-        text_column: text column.
+        id_column: id column; default the first of :data:`ID_COLUMNS` present.
+        text_column: text column; default the first of :data:`TEXT_COLUMNS` present.
         title_column: optional title column (missing → empty titles).
         format: table format; default from the suffix.
 
@@ -332,8 +350,7 @@ def iter_corpus(
             invalid UTF-8 (each names the record).
     """
     columns = read_columns(path, format)
-    if id_column is None:
-        id_column = "_id" if "_id" in columns else "id"
+    id_column, text_column = corpus_columns(columns, id_column=id_column, text_column=text_column)
     missing = [c for c in (id_column, text_column) if c not in columns]
     if missing:
         raise InputError(f"corpus {path} lacks column(s) {missing}; it has {columns}")

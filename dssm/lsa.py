@@ -261,8 +261,9 @@ def _parser() -> argparse.ArgumentParser:
                         "--init-from OUTPUT --pairs PAIRS_DIR` can fine-tune the fit (default: the default hashing)")
     parser.add_argument("--format", default=None, choices=["csv", "tsv", "jsonl", "parquet"],
                         help="corpus table format (default: from the suffix)")
-    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
-    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id, id or docid, the first present)")
+    parser.add_argument("--text-column", default=None,
+                        help="text column (default: text, else contents as in Pyserini's JsonCollection)")
     parser.add_argument("--title-column", default="title", help="title column, joined before the text ('' for none)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     add_config_arguments(parser, LsaConfig)
@@ -271,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``dssm lsa``: fit towers to ``--corpus`` by truncated SVD and export them to ``--output``."""
-    from dssm.data import document_text, iter_corpus
+    from dssm.data import corpus_columns, document_text, iter_corpus, read_columns
     from dssm.export import export_model
     from dssm.inputs import read_feature_config
 
@@ -280,16 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     output = refuse_filled_output(args.output, overwrite=args.overwrite)
     features = read_feature_config(args.pairs) if args.pairs else FeatureConfig()
     start = time.perf_counter()
+    id_column, text_column = corpus_columns(read_columns(args.corpus, args.format), id_column=args.id_column,
+                                            text_column=args.text_column)
     texts = [document_text(doc.title, doc.text) for doc in iter_corpus(
-        args.corpus, id_column=args.id_column, text_column=args.text_column,
+        args.corpus, id_column=id_column, text_column=text_column,
         title_column=args.title_column or None, format=args.format)]
     if not texts:
         raise InputError(f"corpus {args.corpus} is empty")
     fit = fit_texts(texts, config=config, features=features)
     model = _lsa_model(fit, features)
     history = {"lsa": fit.summary() | {
-        "corpus": str(Path(args.corpus).resolve()), "format": args.format, "id_column": args.id_column,
-        "text_column": args.text_column, "title_column": args.title_column or None, "corpus_documents": len(texts),
+        "corpus": str(Path(args.corpus).resolve()), "format": args.format, "id_column": id_column,
+        "text_column": text_column, "title_column": args.title_column or None, "corpus_documents": len(texts),
         "seconds": round(time.perf_counter() - start, 3)}}
     export_model(model, output, train_config=config, history=history, overwrite=args.overwrite)
     print(f"wrote {output}: LSA of {fit.documents:,} documents, rank {fit.rank} (dim {fit.table.shape[1]}), "

@@ -49,7 +49,7 @@ import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm import index as index_lib
 from dssm.artifacts import read_history, read_manifest, verify_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict
-from dssm.data import beir_file, document_text, read_columns, table_format
+from dssm.data import beir_file, corpus_columns, document_text, read_columns, table_format
 from dssm.errors import ChecksumError, ConfigError, IndexNotFoundError, InputError
 from dssm.hybrid import HYBRID_FILE, label_free_weight
 from pipelines.corpus_batches import CorpusColumns, ReadBatches, ReadRange, plan_reads
@@ -134,8 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="index directory (a new version is added)")
     parser.add_argument("--format", default=None, choices=["csv", "tsv", "jsonl", "parquet"],
                         help="corpus table format (default: from the suffix)")
-    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
-    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id, id or docid, the first present)")
+    parser.add_argument("--text-column", default=None,
+                        help="text column (default: text, else contents as in Pyserini's JsonCollection)")
     parser.add_argument("--title-column", default="title",
                         help="title column, joined before the text; '' for none (default: title; "
                              "a corpus without it gets empty titles)")
@@ -340,8 +341,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     for path in paths:
         table_format(path, table)  # an unknown suffix fails here, not inside the pipeline
     first_columns = read_columns(paths[0], table)
-    id_column = args.id_column or ("_id" if "_id" in first_columns else "id")
-    columns = CorpusColumns(id=id_column, text=args.text_column, title=args.title_column or None)
+    id_column, text_column = corpus_columns(first_columns, id_column=args.id_column, text_column=args.text_column)
+    columns = CorpusColumns(id=id_column, text=text_column, title=args.title_column or None)
     _check_columns(paths, columns, table)
     model_dir = Path(args.model)
     if not model_dir.is_dir():

@@ -88,7 +88,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.artifacts import MANIFEST, write_json_atomic, write_manifest
 from dssm.config import add_config_arguments, config_from_args, config_to_dict, field, save_config
-from dssm.data import beir_file, qrels_layout, read_columns, table_format
+from dssm.data import TEXT_COLUMNS, beir_file, corpus_columns, qrels_layout, read_columns, table_format
 from dssm.errors import DSSMError, InputError
 from dssm.hashing import FeatureConfig
 from dssm.teacher import check_teacher
@@ -254,8 +254,8 @@ def _guess_format(path: Path, config: PairsConfig) -> str:
     if _pick(found, _QUORA_QUERY):
         return "quora"
     is_pairs = config.query_column in found or config.document_column in found
-    if not is_pairs and config.text_column in found and (
-            config.id_column in found if config.id_column else _pick(found, ("_id", "id"))):
+    if not is_pairs and _pick(found, (config.text_column, *TEXT_COLUMNS)) and (
+            config.id_column in found if config.id_column else corpus_columns(found)[0] in found):
         return "corpus"
     return "pairs"
 
@@ -334,12 +334,13 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
         path = beir_file(path, "corpus.jsonl")
     kind = table_format(path)
     found = read_columns(path, kind)
-    id_column = config.id_column or _pick(found, ("_id", "id"))
-    missing = [c for c in (id_column, config.text_column) if c is None or c not in found]
+    named = config.text_column if "text_column" in explicit else None  # else text, or Pyserini's contents
+    id_column, text = corpus_columns(found, id_column=config.id_column or None, text_column=named)
+    missing = [c for c in (id_column, text) if c not in found]
     if missing:
-        shown = [m or "_id or id" for m in missing]
-        raise InputError(f"{path} ({format} format) lacks column(s) {shown}: it has {found}; expected an id (_id or "
-                         "id), text and optionally title (rename with --id-column/--text-column/--title-column)")
+        raise InputError(f"{path} ({format} format) lacks column(s) {missing}: it has {found}; expected an id (_id, id "
+                         "or docid), text (or contents) and optionally title (name them with --id-column/--text-column/"
+                         "--title-column)")
     title_column = config.title_column if config.title_column in found else None
     if config.title_column and title_column is None and "title_column" in explicit:
         raise InputError(f"{path} ({format} format) lacks the title column {config.title_column!r}: it has {found}")
@@ -354,12 +355,13 @@ def _resolve_corpus(path: Path, config: PairsConfig, explicit: frozenset[str], *
     if config.neighbours < 1 or config.skip_neighbours < 0:
         raise InputError(f"--neighbours must be >= 1 and --skip-neighbours >= 0, got {config.neighbours} "
                          f"and {config.skip_neighbours}")
-    spec = CorpusSpec(id_column=id_column, text_column=config.text_column, title_column=title_column,
+    spec = CorpusSpec(id_column=id_column, text_column=text, title_column=title_column,
                       pairs_per_document=config.pairs_per_document, min_query_chars=config.min_query_chars,
                       seed=config.seed, span_queries=config.span_queries)
-    columns = PairColumns(config.text_column, config.text_column, None, id_column, id_column)
+    columns = PairColumns(text, text, None, id_column, id_column)
     resolved = replace(config, query_column="", document_column="", label_column="", query_id_column="",
-                       document_id_column="", beir_qrels="", id_column=id_column, title_column=title_column or "")
+                       document_id_column="", beir_qrels="", id_column=id_column, text_column=text,
+                       title_column=title_column or "")
     return PairsInput(path, format, kind, columns, corpus=spec), resolved
 
 
@@ -538,8 +540,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         InputError: bad input (missing file, wrong columns), or every record was rejected.
     """
     args, beam_args = _parser().parse_known_args(argv)
-    explicit = frozenset(k for k in ("query_column", "document_column", "label_column", "query_id_column",
-                                     "document_id_column", "title_column") if getattr(args, k) is not None)
+    explicit = frozenset(k for k in ("query_column", "document_column", "label_column", "text_column", "title_column",
+                                     "query_id_column", "document_id_column") if getattr(args, k) is not None)
     config = config_from_args(PairsConfig, args)
     features = config_from_args(FeatureConfig, args)
     if config.teacher:  # refused before the pipeline starts, not in a worker's setup

@@ -211,3 +211,20 @@ def test_a_beir_directory_of_compressed_files_reads_as_the_plain_one(tmp_path: P
     (packed / "corpus.jsonl").write_bytes((adi_dir / "corpus.jsonl").read_bytes())
     assert beir_file(packed, "corpus.jsonl") == packed / "corpus.jsonl"
     assert beir_file(packed, "missing.jsonl") == packed / "missing.jsonl"
+
+
+def test_corpus_columns_default_to_beir_then_pyserini_names(tmp_path: Path) -> None:
+    """Without column names a corpus's ids and texts are BEIR's ``_id``/``text``, else ``id``/``docid`` and
+    Pyserini's ``contents``; a named column always wins."""
+    from dssm.data import corpus_columns
+
+    (tmp_path / "p.jsonl").write_text('{"id": "d1", "contents": "pyserini text"}\n')
+    (tmp_path / "q.jsonl").write_text('{"docid": "d2", "contents": "other", "text": "beir text"}\n')
+    assert [(d.id, d.text) for d in iter_corpus(tmp_path / "p.jsonl")] == [("d1", "pyserini text")]
+    assert [(d.id, d.text) for d in iter_corpus(tmp_path / "q.jsonl")] == [("d2", "beir text")]
+    assert [d.text for d in iter_corpus(tmp_path / "q.jsonl", text_column="contents")] == ["other"]
+    assert corpus_columns(["_id", "id", "text"]) == ("_id", "text")
+    assert corpus_columns(["body"]) == ("id", "text")  # neither: the names the error then says are missing
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['id', 'text'\]"):
+        (tmp_path / "r.jsonl").write_text('{"key": "d3", "body": "x"}\n')
+        list(iter_corpus(tmp_path / "r.jsonl"))

@@ -235,6 +235,21 @@ def test_index_job_reads_parquet_corpus(tiny_model_dir, tmp_path):
         "p1": ("", "alpha beta"), "p2": ("", "gamma"), "p3": ("", "delta epsilon")}
 
 
+def test_index_job_reads_a_pyserini_corpus_without_column_flags(tiny_model_dir, tmp_path):
+    """Pyserini's JsonCollection (``id``, ``contents``), what users of BM25 engines have: indexed as it is."""
+    from dssm import index as ix
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"id": "d1", "contents": "first document about indexing"},
+                                                   {"id": "d2", "contents": "second document about retrieval"}])
+    out = tmp_path / "idx"
+    summary = ec.run(["--model", str(tiny_model_dir), "--corpus", str(corpus), "--output", str(out)],
+                     test_pipeline=test_pipeline.TestPipeline())
+    assert summary["documents"] == 2 and summary["encode"]["columns"] == {"id": "id", "title": "title",
+                                                                          "text": "contents"}
+    assert {d.id: d.text for _, d in ix.load_index(out).docs.iter_all()} == {
+        "d1": "first document about indexing", "d2": "second document about retrieval"}
+
+
 def test_same_job_on_direct_and_dask_gives_the_same_embeddings(tiny_model_dir, adi_dir, tmp_path):
     """The encode job on the DirectRunner (multi-process) and on Dask against a LocalCluster started here.
 

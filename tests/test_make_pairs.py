@@ -948,3 +948,19 @@ def _shards_train_only(out: Path) -> list[dict[str, str]]:
         f = tf.train.Example.FromString(record.numpy()).features.feature
         rows.append({k: f[k].bytes_list.value[0].decode() for k in ("query_id", "document_id", "document_text")})
     return rows
+
+
+def test_a_pyserini_corpus_is_guessed_as_format_corpus(tmp_path: Path) -> None:
+    """``dssm pairs --input docs.jsonl`` on Pyserini's JsonCollection (``id``, ``contents``): format corpus,
+    its text column ``contents`` (written in the pairs config); a named column still wins."""
+    from pipelines.make_pairs import PairsConfig, resolve_input
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "contents": f"a document {i}. about things {i}."}) + "\n"
+                            for i in range(3)))
+    source, resolved = resolve_input(path, format=None, config=PairsConfig())
+    assert source.format == "corpus" and (resolved.id_column, resolved.text_column) == ("id", "contents")
+    assert source.corpus.text_column == "contents"
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['body'\]"):
+        resolve_input(path, format="corpus", config=PairsConfig(text_column="body"),
+                      explicit=frozenset({"text_column"}))

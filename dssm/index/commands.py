@@ -66,8 +66,9 @@ def upsert_main(argv: list[str] | None = None) -> int:
     _add_write_arguments(parser)
     parser.add_argument("--corpus", required=True, type=Path,
                         help="documents to add or replace (BEIR corpus.jsonl, CSV/TSV/JSONL/Parquet)")
-    parser.add_argument("--id-column", default=None, help="id column (default: _id if present, else id)")
-    parser.add_argument("--text-column", default="text", help="text column (default: text)")
+    parser.add_argument("--id-column", default=None, help="id column (default: _id, id or docid, the first present)")
+    parser.add_argument("--text-column", default=None,
+                        help="text column (default: text, else contents as in Pyserini's JsonCollection)")
     parser.add_argument("--title-column", default="title", help="title column, if any (default: title)")
     args = parser.parse_args(argv)
     documents = list(iter_corpus(args.corpus, id_column=args.id_column, text_column=args.text_column,
