@@ -20,12 +20,12 @@ def limit_threads(threads: int) -> None:
     threads spin-waiting for a busy core slowed each search's delta scoring and each query encoding
     under load (``bench/write_http.py``).
     """
-    # threadpoolctl limits the BLAS libraries loaded so far: load numpy's and scipy's first. The writer
-    # child calls this before anything imported numpy, and kept OpenBLAS's default (one thread a core).
-    import numpy  # noqa: F401, PLC0415
-    import scipy.linalg  # noqa: F401, PLC0415
-
-    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+    threadpoolctl.threadpool_limits(limits=threads, user_api="blas")  # the BLAS libraries loaded so far
+    if "numpy" not in sys.modules:
+        # The writer child calls this before anything imported numpy: OpenBLAS reads this when numpy's
+        # and scipy's copies load (importing them here instead put ~0.15-0.2 s of scipy.linalg into
+        # every server's start, which never needs it).
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
     if "tensorflow" not in sys.modules:
         # Queries need no TensorFlow (dssm.query_numpy); it may never be imported. If it is (a write,
         # a query the Python hasher declines), it reads its thread counts from these at start.
