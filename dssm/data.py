@@ -471,9 +471,9 @@ def read_beir(directory: str | Path) -> BeirDataset:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"BEIR directory not found: {directory}")
-    qrels_path = beir_file(directory, "qrels.tsv")
-    if not qrels_path.exists() and beir_file(directory / "qrels", "test.tsv").exists():
-        qrels_path = beir_file(directory / "qrels", "test.tsv")
+    qrels_path, test_qrels = beir_file(directory, "qrels.tsv"), beir_file(directory / "qrels", "test.tsv")
+    if not qrels_path.exists() and test_qrels.exists():
+        qrels_path = test_qrels
     corpus_path, queries_path = beir_file(directory, "corpus.jsonl"), beir_file(directory, "queries.jsonl")
     for needed in (corpus_path, queries_path, qrels_path):
         if not needed.exists():
