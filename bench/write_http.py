@@ -141,12 +141,16 @@ def _writes_phase(port: int, url: str, queries: list[str], ids: list[str], texts
             "batch_max_ms": max(batch_ms, default=None)}
 
 
+def _counter(metrics: str, name: str) -> float:
+    """A counter's value in the service's ``/metrics`` text (0 before it first counts)."""
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name)), 0.0)
+
+
 def _compactions(url: str) -> float:
     """The service's background compactions so far (``dssm_index_compactions_total``)."""
     import httpx
 
-    lines = httpx.get(url + "/metrics").text.splitlines()
-    return next((float(line.split()[-1]) for line in lines if line.startswith("dssm_index_compactions_total")), 0.0)
+    return _counter(httpx.get(url + "/metrics").text, "dssm_index_compactions_total")
 
 
 def settle(index_dir: Path, url: str, *, timeout: float = 600.0) -> float:
@@ -227,7 +231,7 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
                                          rate=phase_rate, prefix=prefix, searchers=searchers)
             phases[name]["compactions"] = _compactions(url) - before  # started before the next phase, if any
             if name == "paced":  # the idle baseline again, on the grown index, before the next phase writes
-                phases["settle_s"] = settle(index_dir, url)
+                settle_s = settle(index_dir, url)
                 after_search, after_get, after_errors = _run_async_clients(port, queries, ids, seconds=seconds,
                                                                            searchers=searchers)
                 idle_errors += after_errors
@@ -239,8 +243,7 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         server.wait(timeout=60)
     swaps = [line for line in metrics.splitlines() if line.startswith(("dssm_index_swaps_total",
                                                                        "dssm_index_compactions_total"))]
-    merged = next((float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith("dssm_merged_writes_total")), 0.0)
+    merged = _counter(metrics, "dssm_merged_writes_total")
     p = np.percentile
     result = {
         "idle_search_p50_ms": float(p(idle_search, 50)), "idle_search_p99_ms": float(p(idle_search, 99)),
@@ -248,7 +251,7 @@ def measure(index_dir: Path, *, queries: list[str], ids: list[str], texts: list[
         "idle_after_search_p99_ms": float(p(after_search, 99)), "idle_after_get_p99_ms": float(p(after_get, 99)),
         "idle_after_searches": len(after_search), "idle_seconds": seconds,
         "idle_both_search_p99_ms": float(p(idle_search + after_search, 99)),
-        "idle_both_get_p99_ms": float(p(idle_get + after_get, 99)), "settle_s": phases.pop("settle_s"),
+        "idle_both_get_p99_ms": float(p(idle_get + after_get, 99)), "settle_s": settle_s,
         "put_p50_ms": float(p(put_ms, 50)), "put_p99_ms": float(p(put_ms, 99)), "rate": rate,
         "paced": phases["paced"], "unthrottled": phases["unthrottled"], "concurrent": phases["concurrent"],
         "errors": idle_errors + sum(ph["errors"] for ph in phases.values()), "swaps": swaps, "merged": merged,
