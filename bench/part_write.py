@@ -210,8 +210,9 @@ def _http_figures(http: dict, corpus: str, *, size: str = "") -> list[Figure]:
                     f"{phase_note(many)}; search p99 then {many['search_p99_ms']:.1f} ms"),
         Figure("write", f"HTTP writes paced at {rate} docs/s in batches of 100 while 8 clients search{size}", "docs/s",
                Stats.one(paced["docs_per_s"]),
-               note=f"a batch every {100 / http['rate'] * 1e3:.0f} ms; {phase_note(paced)}; "
-                    f"below {rate} if the service cannot keep up"),
+               note=f"a batch every {100 / http['rate'] * 1e3:.0f} ms, sent at its slot on up to "
+                    f"{paced.get('in_flight', 1)} connections (open loop; {paced.get('late_batches', 0)} slots "
+                    f"found all busy); {phase_note(paced)}; below {rate} if the service cannot keep up"),
         Figure("write", f"search p99 during the paced writes{size}", "ms", Stats.one(paced["search_p99_ms"]),
                peer_name="the same clients, no writes, before and after",
                peer=Stats.one(http["idle_both_search_p99_ms"]), higher_is_better=False,

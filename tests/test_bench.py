@@ -483,3 +483,39 @@ def test_write_bench_settles_every_write_into_the_base_the_server_serves(tmp_pat
         assert backend.current().version == live.name and backend.current().documents == 35
         assert settle(index_dir, server.url) >= 0  # nothing left to fold: returns at once
         assert ix.current_version_dir(index_dir).name == live.name
+
+
+def test_paced_write_bench_keeps_its_schedule_when_batches_are_slower_than_its_interval(monkeypatch) -> None:
+    """The paced writer is an open loop: a batch leaves at its slot while earlier ones wait on answers, so a
+    slow service still receives the rate the phase names (a closed loop would send half the batches here)."""
+    import threading
+
+    import serving.client
+    from bench import write_http
+
+    busy, most, lock, sent = [0], [0], threading.Lock(), []
+
+    class SlowClient:
+        def __init__(self, url, *, api_key, timeout):
+            pass
+
+        def upsert(self, documents):
+            with lock:
+                busy[0] += 1
+                most[0] = max(most[0], busy[0])
+            time.sleep(0.12)  # every answer takes 2.4 batch intervals
+            with lock:
+                busy[0] -= 1
+                sent.extend(doc_id for doc_id, _, _ in documents)
+
+    monkeypatch.setattr(serving.client, "SearchClient", SlowClient)
+    texts = [f"text {i}" for i in range(100)]
+    got = write_http._writer("http://unused", texts, batch=2, seconds=0.5, rate=40.0, prefix="p")
+    assert got["docs"] == 20 and sorted(sent) == sorted(f"p{i}" for i in range(20))  # 10 slots of 50 ms
+    assert 2 <= most[0] <= write_http.PACED_IN_FLIGHT and got["late_batches"] == 0
+    assert len(got["batch_ms"]) == 10 and min(got["batch_ms"]) >= 110
+    assert got["seconds"] < 0.5 + 0.3  # the last slot at 0.45 s, answered 0.12 s later
+
+    busy[0] = most[0] = 0
+    back_to_back = write_http._writer("http://unused", texts, batch=2, seconds=0.5, rate=0.0, prefix="h")
+    assert most[0] == 1 and back_to_back["docs"] == 2 * len(back_to_back["batch_ms"]) <= 10
