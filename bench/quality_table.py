@@ -5,7 +5,9 @@
 else — and writes ``docs/quality.json`` and ``docs/quality.md`` (the commit, the machine's load, every
 command):
 
-* sets with labelled pairs (quora-dev, debian-dev): ``dssm pairs --format neighbours`` on the corpus,
+* sets with labelled pairs (quora-dev, debian-dev): ``dssm pairs --format neighbours`` on the corpus
+  (quora-dev's one-sentence questions; debian-dev's descriptions are cut into ``--format corpus`` pairs
+  with ``--bm25-span-pairs 3``, and train the wide tower, :data:`PASSAGES_WITH_PAIRS`),
   ``dssm train`` (label-free pre-training, the trainer's defaults), ``dssm pairs`` on the labelled
   pairs, ``dssm train --init-from PRETRAINED --epochs 10 --early-stopping-patience 0 --no-keep-best``
   (fixed epochs: no evaluated query chooses anything), ``dssm index`` (which stores the label-free
@@ -76,13 +78,20 @@ DUPLICATES_LOSS = ["--loss", "softmax+cosent", "--cosent-weight", "0.2"]
 TEACHER_PRETRAIN = ["--distill-weight", "1"]
 TEACHER_PAIRS = ["--distill-pairs-weight", "3"]
 BEAM = ["--direct_running_mode=in_memory"]
+# Passage corpora with labelled pairs (debian-dev) pre-train on three BM25 documents per span query and
+# train a wider tower (512 -> 512 -> 256) in every step: chosen on debian-dev's training split over 3 seeds
+# (docs/quality.md, "A wider tower and three BM25 documents per span"). Quora-style questions (neighbour
+# pairs) and label-free corpora (where `dssm select` keeps the fit) keep the default shape and pairs.
+WIDE_TOWER = ("--embedding-dim", "512", "--hidden-dims", "512", "256")
+PASSAGES_WITH_PAIRS = {"debian-dev": (WIDE_TOWER, ("--bm25-span-pairs", "3"))}
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
 
 
 def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
-           tower: tuple[str, ...] = (), corpus_pairs: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
+           tower: tuple[str, ...] | None = None, corpus_pairs: tuple[str, ...] | None = None
+           ) -> list[tuple[str, list[str]]]:
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
 
     ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
@@ -90,7 +99,11 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     neighbour pairs); the labelled fine-tuning is unchanged. ``tower``: ``dssm train`` flags of the
     towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
     ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
+    ``None`` (either): the set's recipe (:data:`PASSAGES_WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
+    own_tower, own_pairs = PASSAGES_WITH_PAIRS.get(name, ((), ()))
+    tower = own_tower if tower is None else tower
+    corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"
     teacher_terms = [*TEACHER_PRETRAIN, *(TEACHER_PAIRS if name in PRETRAIN_ON_NEIGHBOURS else [])]
     distil = (["--teacher", teacher], teacher_terms) if teacher else ([], [])
@@ -215,7 +228,7 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
 
 
 def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
-            tower: tuple[str, ...] = (), corpus_pairs: tuple[str, ...] = (), data_root: Path = DATA,
+            tower: tuple[str, ...] | None = None, corpus_pairs: tuple[str, ...] | None = None, data_root: Path = DATA,
             run_command: Callable[[list[str], Path], float] = _dssm) -> dict[str, Any]:
     """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs.
 
@@ -417,10 +430,12 @@ def main(argv: list[str] | None = None) -> int:
                              "on 2 cores at ~17 docs/s)")
     parser.add_argument("--teacher", default="", help="distil this teacher in the label-free pre-training (see "
                         "recipe()); write to another --out and --work to keep the default recipe's table")
-    parser.add_argument("--tower", default="", help="dssm train flags of the towers' shape for every training "
-                        "step, e.g. '--embedding-dim 512 --hidden-dims 512 256'; write to another --out and --work")
-    parser.add_argument("--corpus-pairs", default="", help="more `dssm pairs --format corpus` flags for the "
-                        "pre-training pairs, e.g. '--bm25-span-pairs 3'; write to another --out and --work")
+    parser.add_argument("--tower", default=None, help="dssm train flags of the towers' shape for every training "
+                        "step, e.g. '--embedding-dim 512 --hidden-dims 512 256' ('' = the default shape; unset: each "
+                        "set's recipe, PASSAGES_WITH_PAIRS); write to another --out and --work")
+    parser.add_argument("--corpus-pairs", default=None, help="more `dssm pairs --format corpus` flags for the "
+                        "pre-training pairs, e.g. '--bm25-span-pairs 3' ('' = none; unset: each set's recipe); "
+                        "write to another --out and --work")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -428,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
         result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher,
-                         tower=tuple(args.tower.split()), corpus_pairs=tuple(args.corpus_pairs.split()),
+                         tower=None if args.tower is None else tuple(args.tower.split()),
+                         corpus_pairs=None if args.corpus_pairs is None else tuple(args.corpus_pairs.split()),
                          data_root=args.data)
         queries, _, _ = _selected_queries(name, args.work, args.data)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",
