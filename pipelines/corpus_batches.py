@@ -10,7 +10,6 @@ where the records are read, so no document crosses a shuffle.
 
 from __future__ import annotations
 
-import gzip
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +20,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dssm import index as index_lib
-from dssm.data import document_text, is_gzip, table_format
+from dssm.data import document_text, is_gzip, open_text, table_format
 from dssm.errors import InputError
 from pipelines.records import REJECTED, as_text, json_safe, read_jsonl_range, read_table_chunks
 from pipelines.table_reads import line_cuts
@@ -157,7 +156,8 @@ def count_records(paths: Sequence[str], table: str | None) -> int:
 
             total += pq.ParquetFile(path).metadata.num_rows
             continue
-        with (gzip.open if is_gzip(path) else open)(path, "rb") as handle:
+        # open_text decompresses a .gz and refuses a damaged one by name, as the reads will
+        with open_text(path) if is_gzip(path) else open(path, "rb") as handle:
             lines = sum(1 for line in handle if line.strip())
         total += max(0, lines - (kind in ("csv", "tsv")))
     return total

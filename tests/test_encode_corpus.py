@@ -302,3 +302,14 @@ def test_a_compressed_corpus_is_one_read_task_with_the_plain_records(tmp_path, a
     (directory / "corpus.jsonl.gz").unlink()
     with pytest.raises(InputError, match="without corpus.jsonl"):
         resolve_corpus(str(directory))
+
+
+def test_a_damaged_compressed_corpus_is_refused_by_name_when_its_reads_are_planned(tmp_path, adi_dir):
+    """Sizing the batches of a ``.gz`` corpus reads it through; a file cut short fails there with the
+    readers' error naming it, not with gzip's own."""
+    import gzip
+
+    packed = tmp_path / "corpus.jsonl.gz"
+    packed.write_bytes(gzip.compress((adi_dir / "corpus.jsonl").read_bytes())[:-40])
+    with pytest.raises(InputError, match=f"{packed}: not a readable gzip file"):
+        plan_reads([str(packed)], None, batch_size=20)
