@@ -265,13 +265,13 @@ def _resolve_beir(path: Path, config: PairsConfig) -> tuple[PairsInput, PairsCon
     if not path.is_dir():
         raise InputError(f"--format beir needs a BEIR directory, got the file {path}")
     qrels = _beir_qrels(path, config.beir_qrels)
-    for needed in ("queries.jsonl", "corpus.jsonl"):
-        if not beir_file(path, needed).is_file():
-            raise InputError(f"BEIR directory {path} lacks {needed} (or {needed}.gz)")
+    files = [beir_file(path, name) for name in ("queries.jsonl", "corpus.jsonl")]
+    if missing := [file.name for file in files if not file.is_file()]:
+        raise InputError(f"BEIR directory {path} lacks {missing[0]} (or {missing[0]}.gz)")
     qrels_layout(qrels)  # refuses a file that is no qrels layout we read, before the job starts
-    for name in ("queries.jsonl", "corpus.jsonl"):
-        if "_id" not in (cols := read_columns(beir_file(path, name))) or "text" not in cols:
-            raise InputError(f"{beir_file(path, name)} has columns {cols}; expected _id and text")
+    for file in files:
+        if "_id" not in (cols := read_columns(file)) or "text" not in cols:
+            raise InputError(f"{file} has columns {cols}; expected _id and text")
     columns = PairColumns("query", "document", "label", "query_id", "document_id")
     resolved = replace(config, query_column="query", document_column="document", label_column="label",
                        query_id_column="query_id", document_id_column="document_id",
