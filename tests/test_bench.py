@@ -365,25 +365,31 @@ def test_quality_table_corpus_pairs_flags_reach_only_the_corpus_pairs_step(tmp_p
     assert all("--bm25-span-pairs" not in argv for _, argv in neighbours)
 
 
-def test_quality_table_passage_corpora_with_pairs_train_the_wide_tower_on_three_bm25_documents(tmp_path: Path
-                                                                                               ) -> None:
-    """debian-dev's recipe (a passage corpus with labelled pairs) pre-trains on ``--bm25-span-pairs 3`` and gives
-    every training step the wide tower's shape; a question corpus and a user's label-free one keep the defaults,
-    and an explicit ``()`` restores them for debian-dev too (a screen against the default recipe)."""
-    from bench.quality_table import WIDE_TOWER, recipe
+def test_quality_table_sets_with_pairs_train_the_wide_tower_and_passages_three_bm25_documents(tmp_path: Path
+                                                                                             ) -> None:
+    """Both sets with labelled pairs give every training step the wide tower's shape; the passage corpus
+    (debian-dev) also pre-trains on ``--bm25-span-pairs 3``, the question corpus (neighbour pairs) does not; a
+    user's label-free corpus keeps the defaults, and an explicit ``()`` restores them (a screen against the
+    default recipe)."""
+    from bench.quality_table import recipe
+    from dssm.demo import WIDE_TOWER
 
     def trains(steps):
         return [argv for _, argv in steps if argv[0] == "train"]
 
     debian = recipe("debian-dev", tmp_path / "debian-dev", tmp_path / "work", seed=0)
     assert debian[0][1][debian[0][1].index("--bm25-span-pairs") + 1] == "3"
-    assert len(trains(debian)) == 3  # pre-training, round 1, the mined round 2
-    assert all(" ".join(WIDE_TOWER) in " ".join(argv) for argv in trains(debian))
-    plain = recipe("debian-dev", tmp_path / "debian-dev", tmp_path / "work", seed=0, tower=(), corpus_pairs=())
-    assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in plain)
-    for other in ("quora-dev", "mine"):
-        steps = recipe(other, tmp_path / other, tmp_path / "work", seed=0)
-        assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in steps)
+    quora = recipe("quora-dev", tmp_path / "quora-dev", tmp_path / "work", seed=0)
+    assert all("--bm25-span-pairs" not in argv for _, argv in quora)
+    for steps in (debian, quora):
+        # pre-training, round 1, the mined round 2 (and quora-dev's duplicates recipe)
+        assert len(trains(steps)) == (3 if steps is debian else 4)
+        assert all(" ".join(WIDE_TOWER) in " ".join(argv) for argv in trains(steps))
+    for name in ("debian-dev", "quora-dev"):
+        plain = recipe(name, tmp_path / name, tmp_path / "work", seed=0, tower=(), corpus_pairs=())
+        assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in plain)
+    steps = recipe("mine", tmp_path / "mine", tmp_path / "work", seed=0)
+    assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in steps)
 
 
 def test_tower_screen_hashes_each_word_as_the_towers_do() -> None:

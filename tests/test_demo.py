@@ -72,6 +72,10 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     assert fine_tuned["init_from"] == str(work / "pretrained")
     assert f"$ dssm train --pairs {work / 'train_pairs'} --output {work / 'model'}" in shown
     assert (fine_tuned["epochs"], fine_tuned["early_stopping_patience"], fine_tuned["keep_best"]) == (1, 0, False)
+    # The recipe with labelled pairs trains the wide tower in both steps (docs/quality.md).
+    for trained in ("pretrained", "model"):
+        shape = json.loads((work / trained / "config.json").read_text())["model"]
+        assert (shape["embedding_dim"], shape["hidden_dims"]) == (512, [512, 256])
     results = json.loads((work / "eval.json").read_text())
     summary = next(line for line in shown.splitlines() if line.startswith("nDCG@10 on "))
     assert f"DSSM {results['dssm']['ndcg@10']:.4f}" in summary and f"BM25 {results['bm25']['ndcg@10']:.4f}" in summary
@@ -83,3 +87,18 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     assert tuning["method"] == "labelled pairs held out from training" and tuning["pairs"] > 0
     assert results["queries"] > 0 and results["hybrid_tuning"]["tuning_queries"] == 0
     assert "MiniLM" not in summary
+
+
+@pytest.mark.slow
+def test_demo_default_tower_trains_the_trainers_default_shape(tmp_path: Path, capsys: Any) -> None:
+    """``--default-tower`` gives the fine-tuning no shape flags: the trainer's default towers (to compare)."""
+    from dssm.model import ModelConfig
+
+    work = tmp_path / "work"
+    assert main(["--data", str(_quora_like(tmp_path / "data")), "--workdir", str(work), "--epochs", "1",
+                 "--no-pretrain", "--default-tower", "--validation-fraction", "0.3", "--no-minilm"]) == 0
+    train = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("$ dssm train "))
+    assert "--embedding-dim" not in train and "--hidden-dims" not in train
+    shape = json.loads((work / "model" / "config.json").read_text())["model"]
+    assert (shape["embedding_dim"], tuple(shape["hidden_dims"])) == (ModelConfig().embedding_dim,
+                                                                     ModelConfig().hidden_dims)
