@@ -47,8 +47,8 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 
 def test_auto_mode_follows_corpus_size():
     config = ix.ScannConfig()
-    assert ix.resolve_scann_params(config, 19_999)["mode"] == "brute_force"
-    assert ix.resolve_scann_params(config, 20_000)["mode"] == "ah"
+    assert ix.resolve_scann_params(config, 4_999)["mode"] == "brute_force"
+    assert ix.resolve_scann_params(config, 5_000)["mode"] == "ah"
     tree = ix.resolve_scann_params(config, 1_000_000)
     assert tree["mode"] == "tree_ah"
     # sqrt(n) spherical partitions, trained on 100k vectors (100 per partition when more); search starts at 1/40
