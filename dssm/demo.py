@@ -26,7 +26,9 @@ smaller (0.712, below BM25). ``--no-pretrain`` runs the recipe without steps 1-2
 With sqrtn pooling (the default since issue 11) and the weight label-free (0), one run printed DSSM
 0.7489, hybrid 0.7478, BM25 0.7447, MiniLM 0.7850. With the tuning tenth (step 4), docs/quality.md's
 protocol gives DSSM 0.7446 ± 0.0061 and hybrid 0.7633 ± 0.0006 over 3 seeds, and one demo run
-printed DSSM 0.7491, hybrid 0.7626 (weight 0.55), BM25 0.7447, MiniLM 0.7850.
+printed DSSM 0.7491, hybrid 0.7626 (weight 0.55), BM25 0.7447, MiniLM 0.7850. Both training steps now
+train the wide tower (:data:`WIDE_TOWER`; ``--default-tower`` to compare): 3 seeds of docs/quality.md's
+recipe give DSSM 0.7515 ± 0.0024, and one demo run printed DSSM 0.7503, hybrid 0.7622 (weight 0.55).
 """
 
 from __future__ import annotations
