@@ -86,6 +86,9 @@ BEAM = ["--direct_running_mode=in_memory"]
 # corpus (debian-dev) also pre-trains on three BM25 documents per span query. Label-free corpora (where
 # `dssm select` keeps the fit) keep the default shape and pairs.
 WITH_PAIRS = {"debian-dev": (WIDE_TOWER, ("--bm25-span-pairs", "3")), "quora-dev": (WIDE_TOWER, ())}
+# With the teacher, neighbour-pre-trained sets (quora-dev) keep the default shape: the wide tower tied with
+# it on the training split (3 seeds, docs/quality-teacher.md, "The wide tower with the teacher"), as does
+# `dssm demo --teacher` (dssm.demo.tower_flags).
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
@@ -104,6 +107,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
     own_tower, own_pairs = WITH_PAIRS.get(name, ((), ()))
+    if teacher and name in PRETRAIN_ON_NEIGHBOURS:  # see WITH_PAIRS
+        own_tower = ()
     tower = own_tower if tower is None else tower
     corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"

@@ -45,7 +45,7 @@ from dssm.errors import InputError
 from dssm.peers import minilm_ndcg
 from dssm.teacher import check_teacher, minilm_available
 
-__all__ = ["WIDE_TOWER", "main"]
+__all__ = ["WIDE_TOWER", "main", "tower_flags"]
 
 #: The towers' shape of the recipe with labelled pairs (every ``dssm train`` of it): chosen on the training
 #: splits of quora-dev and debian-dev, 3 seeds each (docs/quality.md, "The wide tower on question corpora").
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-tower", action="store_true",
                         help="train the trainer's default shape (a 2^17 x 300 table, then 300 -> 128) instead of "
                              "the recipe's wide tower (" + " ".join(WIDE_TOWER) + "): ~0.6x the model's bytes, "
-                             "a lower nDCG@10 (docs/quality.md)")
+                             "a lower nDCG@10 (docs/quality.md); --teacher trains the default shape")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of the labelled queries held out from training and used for evaluation")
     return parser
@@ -134,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def tower_flags(args: argparse.Namespace) -> list[str]:
+    """The towers' shape flags both training steps get: :data:`WIDE_TOWER`, unless ``--default-tower``.
+
+    With ``--teacher`` the default shape stays: on quora-dev's training split the wide tower tied with it
+    there (3 seeds, docs/quality-teacher.md, "The wide tower with the teacher"), and nothing changes
+    without a measured reason.
+    """
+    return [] if args.default_tower or args.teacher else list(WIDE_TOWER)
+
+
 def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
                  timings: dict[str, float]) -> Path | None:
     """Neighbour pairs → pre-train (unless ``--no-pretrain``), then Quora pairs → fine-tune.
@@ -144,7 +154,7 @@ def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
     """
     neighbours, pretrained, pairs, model = work / "neighbour_pairs", work / "pretrained", work / "pairs", work / "model"
     train_pairs = work / "train_pairs"
-    tower = [] if args.default_tower else list(WIDE_TOWER)
+    tower = tower_flags(args)
     if not args.no_pretrain:
         by = f"teacher {args.teacher}'s" if args.teacher else "BM25"
         start = _step(f"{step()} pairs: each corpus document → its {by} nearest other document (label-free, Beam)")

@@ -390,6 +390,11 @@ def test_quality_table_sets_with_pairs_train_the_wide_tower_and_passages_three_b
         assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in plain)
     steps = recipe("mine", tmp_path / "mine", tmp_path / "work", seed=0)
     assert all("--embedding-dim" not in argv and "--bm25-span-pairs" not in argv for _, argv in steps)
+    # With the teacher, the question corpus keeps the default shape (a tie on its split); the passage corpus not.
+    taught = recipe("quora-dev", tmp_path / "quora-dev", tmp_path / "work", seed=0, teacher="minilm")
+    assert all("--embedding-dim" not in argv for argv in trains(taught))
+    taught = recipe("debian-dev", tmp_path / "debian-dev", tmp_path / "work", seed=0, teacher="minilm")
+    assert all(" ".join(WIDE_TOWER) in " ".join(argv) for argv in trains(taught))
 
 
 def test_tower_screen_hashes_each_word_as_the_towers_do() -> None:

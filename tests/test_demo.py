@@ -89,6 +89,17 @@ def test_demo_pretrains_on_neighbour_pairs_then_fine_tunes(tmp_path: Path, capsy
     assert "MiniLM" not in summary
 
 
+def test_demo_trains_the_wide_tower_unless_asked_or_taught(tmp_path: Path) -> None:
+    """Both training steps get the wide tower's flags; ``--default-tower`` or ``--teacher`` (a tie on
+    quora-dev's split with the teacher) give none."""
+    from dssm.demo import WIDE_TOWER, _parser, tower_flags
+
+    base = ["--data", str(tmp_path)]
+    assert tower_flags(_parser().parse_args(base)) == list(WIDE_TOWER)
+    assert tower_flags(_parser().parse_args([*base, "--default-tower"])) == []
+    assert tower_flags(_parser().parse_args([*base, "--teacher", "minilm"])) == []
+
+
 @pytest.mark.slow
 def test_demo_default_tower_trains_the_trainers_default_shape(tmp_path: Path, capsys: Any) -> None:
     """``--default-tower`` gives the fine-tuning no shape flags: the trainer's default towers (to compare)."""
