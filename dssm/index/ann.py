@@ -64,7 +64,8 @@ class ScannConfig:
                               "AH + reorder < tree_above, tree + AH + reorder above")
     # AH + reorder 100 answers 2.5-5x faster than brute force from ~5k rows on at recall@10 >= 0.999
     # (quora-dev's 19k questions: 0.055 vs 0.160 ms at 128 dims, 0.097 vs 0.505 ms at 256; 5k: 0.021
-    # vs 0.066 ms), and the recall gate still checks every build (docs/scaling.md, "Exact search").
+    # vs 0.066 ms), and the recall gate still checks every build (docs/scaling.md, "Exact search only
+    # below 5k documents").
     brute_force_below: int = field(5_000, "auto mode: exact (brute-force) search below this many documents")
     tree_above: int = field(100_000, "auto mode: partition into a k-means tree at or above this many documents")
     num_leaves: int = field(0, "tree partitions; 0 = round(sqrt(n)). 4 x sqrt(n) searches ~3x faster at 1M "
