@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dssm.demo import WIDE_TOWER
+from dssm.demo import labelled_recipe_tower
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "datasets"
@@ -80,15 +80,13 @@ DUPLICATES_LOSS = ["--loss", "softmax+cosent", "--cosent-weight", "0.2"]
 TEACHER_PRETRAIN = ["--distill-weight", "1"]
 TEACHER_PAIRS = ["--distill-pairs-weight", "3"]
 BEAM = ["--direct_running_mode=in_memory"]
-# Sets with labelled pairs train the wide tower (512 -> 512 -> 256, dssm.demo.WIDE_TOWER) in every step:
-# chosen on each set's training split over 3 seeds (docs/quality.md, "A wider tower and three BM25
-# documents per span" for debian-dev, "The wide tower on question corpora" for quora-dev). The passage
-# corpus (debian-dev) also pre-trains on three BM25 documents per span query. Label-free corpora (where
-# `dssm select` keeps the fit) keep the default shape and pairs.
-WITH_PAIRS = {"debian-dev": (WIDE_TOWER, ("--bm25-span-pairs", "3")), "quora-dev": (WIDE_TOWER, ())}
-# With the teacher, neighbour-pre-trained sets (quora-dev) keep the default shape: the wide tower tied with
-# it on the training split (3 seeds, docs/quality-teacher.md, "The wide tower with the teacher"), as does
-# `dssm demo --teacher` (dssm.demo.tower_flags).
+# Sets with labelled pairs train the wide tower (512 -> 512 -> 256) in every step, as
+# dssm.demo.labelled_recipe_tower says (the default shape with a teacher on neighbour pre-training): chosen
+# on each set's training split over 3 seeds (docs/quality.md, "A wider tower and three BM25 documents per
+# span" for debian-dev, "The wide tower on question corpora" for quora-dev). The passage corpus
+# (debian-dev) also pre-trains on three BM25 documents per span query (this dict's flags). Label-free
+# corpora (where `dssm select` keeps the fit) keep the default shape and pairs.
+WITH_PAIRS = {"debian-dev": ("--bm25-span-pairs", "3"), "quora-dev": ()}
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
 __all__ = ["recipe", "run_set", "minilm_scores", "main"]
@@ -106,9 +104,9 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
     ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
-    own_tower, own_pairs = WITH_PAIRS.get(name, ((), ()))
-    if teacher and name in PRETRAIN_ON_NEIGHBOURS:  # see WITH_PAIRS
-        own_tower = ()
+    own_tower = (labelled_recipe_tower(teacher=bool(teacher), neighbour_pretraining=name in PRETRAIN_ON_NEIGHBOURS)
+                 if name in WITH_PAIRS else ())
+    own_pairs = WITH_PAIRS.get(name, ())
     tower = own_tower if tower is None else tower
     corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"

@@ -45,7 +45,7 @@ from dssm.errors import InputError
 from dssm.peers import minilm_ndcg
 from dssm.teacher import check_teacher, minilm_available
 
-__all__ = ["WIDE_TOWER", "main", "tower_flags"]
+__all__ = ["WIDE_TOWER", "labelled_recipe_tower", "main", "tower_flags"]
 
 #: The towers' shape of the recipe with labelled pairs (every ``dssm train`` of it): chosen on the training
 #: splits of quora-dev and debian-dev, 3 seeds each (docs/quality.md, "The wide tower on question corpora").
@@ -134,14 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def tower_flags(args: argparse.Namespace) -> list[str]:
-    """The towers' shape flags both training steps get: :data:`WIDE_TOWER`, unless ``--default-tower``.
+def labelled_recipe_tower(*, teacher: bool, neighbour_pretraining: bool) -> tuple[str, ...]:
+    """The towers' shape flags of the recipe with labelled pairs: :data:`WIDE_TOWER`, or ``()`` (the default).
 
-    With ``--teacher`` the default shape stays: on quora-dev's training split the wide tower tied with it
-    there (3 seeds, docs/quality-teacher.md, "The wide tower with the teacher"), and nothing changes
-    without a measured reason.
+    With a teacher distilled into neighbour pre-training (question corpora) the default shape stays: on
+    quora-dev's training split the wide tower tied with it there (3 seeds, docs/quality-teacher.md, "The
+    wide tower with the teacher"), and nothing changes without a measured reason. The quality table's
+    recipe (bench/quality_table.py) and ``dssm demo`` both ask here.
     """
-    return [] if args.default_tower or args.teacher else list(WIDE_TOWER)
+    return () if teacher and neighbour_pretraining else WIDE_TOWER
+
+
+def tower_flags(args: argparse.Namespace) -> list[str]:
+    """The shape flags both of the demo's training steps get (it pre-trains on neighbour pairs):
+    :func:`labelled_recipe_tower`'s, none with ``--default-tower``."""
+    if args.default_tower:
+        return []
+    return list(labelled_recipe_tower(teacher=bool(args.teacher), neighbour_pretraining=True))
 
 
 def _train_steps(args: argparse.Namespace, work: Path, step: Callable[[], str],
