@@ -87,9 +87,33 @@ BEAM = ["--direct_running_mode=in_memory"]
 # (debian-dev) also pre-trains on three BM25 documents per span query (this dict's flags). Label-free
 # corpora (where `dssm select` keeps the fit) keep the default shape and pairs.
 WITH_PAIRS = {"debian-dev": ("--bm25-span-pairs", "3"), "quora-dev": ()}
+# A set that is not ours but brings its own labelled pairs (`--data DIR`, a pairs.tsv with these columns
+# beside its BEIR files) is run as a user with a passage corpus and pairs would run the README's recipe:
+# debian-dev's steps (pairs with `dssm pairs`' default validation fraction, the second round, the weight
+# tuned on the pairs' split, the wide tower on three BM25 documents per span). Its queries.jsonl/qrels.tsv
+# are the evaluated ones and must not be in pairs.tsv.
+PAIRS_COLUMNS = ("query", "document", "doc_id")
+OUTSIDE_PAIRS_FLAGS = ["--format", "pairs", "--query-column", "query", "--document-column", "document",
+                       "--document-id-column", "doc_id"]
 _START, _END = "<!-- quality:start", "<!-- quality:end -->"
 
-__all__ = ["recipe", "run_set", "minilm_scores", "main"]
+__all__ = ["recipe", "labelled_flags", "run_set", "minilm_scores", "main"]
+
+
+def labelled_flags(name: str, data: Path) -> tuple[list[str], list[str]] | None:
+    """``(dssm pairs flags, dssm eval flags)`` of a set's labelled pairs, or ``None`` for a label-free set.
+
+    Ours are :data:`LABELLED`; any other set directory is labelled when its ``pairs.tsv`` header holds
+    :data:`PAIRS_COLUMNS` (and is run as debian-dev is: :data:`OUTSIDE_PAIRS_FLAGS`, no holdout).
+    """
+    if name in LABELLED:
+        return LABELLED[name]
+    path = data / "pairs.tsv"
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+    return (list(OUTSIDE_PAIRS_FLAGS), []) if set(PAIRS_COLUMNS) <= set(header) else None
 
 
 def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
@@ -104,9 +128,11 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
     ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
+    labelled = labelled_flags(name, data)
+    outside = labelled is not None and name not in LABELLED  # a user's passage corpus with pairs
     own_tower = (labelled_recipe_tower(teacher=bool(teacher), neighbour_pretraining=name in PRETRAIN_ON_NEIGHBOURS)
-                 if name in WITH_PAIRS else ())
-    own_pairs = WITH_PAIRS.get(name, ())
+                 if name in WITH_PAIRS or outside else ())
+    own_pairs = WITH_PAIRS["debian-dev"] if outside else WITH_PAIRS.get(name, ())
     tower = own_tower if tower is None else tower
     corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"
@@ -125,8 +151,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
                            "--seed", str(seed), *distil[1], *tower, "--overwrite"])]
     eval_flags: list[str] = []
-    if name in LABELLED:
-        pairs_flags, holdout_flags = LABELLED[name]
+    if labelled is not None:
+        pairs_flags, holdout_flags = labelled
         pairs = shared / "pairs"
         eval_flags = [flag for flag in holdout_flags if flag != "--holdout"]
         if "--holdout" in holdout_flags:
@@ -144,7 +170,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
             return (out, ["train", "--pairs", str(source), "--output", str(out), "--verbose", "2", "--seed", str(seed),
                           "--init-from", str(pretrained), *FINE_TUNE, *extra, *tower, "--overwrite"])
 
-        if name in SECOND_ROUND:
+        if name in SECOND_ROUND or outside:
             first_round, second_round = run / "model-round1", run / "model-round2"
             index_round1, mined = run / "index-round1", run / "mined"
             steps += [fine_tune(first_round, []),
@@ -170,8 +196,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     # their corpus pairs: trained towers' pseudo-queries are then cut only from documents they did not
     # train on (a fit is refitted and ignores them). (Before USER_SPLIT, quora-dev with a teacher tuned
     # on the teacher's neighbour pairs, docs/quality-teacher.md.)
-    tune_on = (shared / "pairs" if name in HYBRID_ON_PAIRS else shared / "user-pairs" if name in USER_SPLIT
-               else first if name not in LABELLED and name not in PRETRAIN_ON_NEIGHBOURS else None)
+    tune_on = (shared / "pairs" if name in HYBRID_ON_PAIRS or outside else shared / "user-pairs" if name in USER_SPLIT
+               else first if labelled is None and name not in PRETRAIN_ON_NEIGHBOURS else None)
     tune = ["--hybrid-pairs", str(tune_on)] if tune_on else []
 
     def index_and_eval(trained: Path, out: Path, report: Path) -> list[tuple[Path, list[str]]]:
@@ -424,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sets, print the table, write docs/quality.json and the generated part of docs/quality.md."""
     parser = argparse.ArgumentParser(prog="python -m bench.quality_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help="set names: directories under --data; a name that is "
-                        "not a labelled set here runs the label-free recipe")
+                        "not a labelled set here runs the label-free recipe, or, when its pairs.tsv has the columns "
+                        "query, document and doc_id, the labelled passage recipe (debian-dev's)")
     parser.add_argument("--data", type=Path, default=DATA, help="where the sets are (BEIR layout)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "quality")

@@ -349,6 +349,35 @@ def test_quality_table_runs_a_users_own_collection_with_the_label_free_recipe(tm
               "--seeds", "0"])
 
 
+def test_quality_table_runs_a_users_labelled_collection_with_debian_devs_recipe(tmp_path: Path) -> None:
+    """A set of the user's whose pairs.tsv has query/document/doc_id columns runs the labelled passage recipe
+    (debian-dev's steps on the user's files: second round, weight tuned on the pairs' split, wide tower, three
+    BM25 documents per span); a pairs.tsv of other columns leaves the set label-free."""
+    from bench.quality_table import recipe
+    from dssm.demo import WIDE_TOWER
+
+    data, work = tmp_path / "collections", tmp_path / "work"
+    (data / "mine").mkdir(parents=True)
+    (data / "mine" / "pairs.tsv").write_text("query\tdocument\tdoc_id\nshort words\ta long text\td1\n")
+    steps = [argv for _, argv in recipe("mine", data / "mine", work, seed=0)]
+    debian = [argv for _, argv in recipe("debian-dev", data / "debian-dev", work, seed=0)]
+    assert [argv[0] for argv in steps] == [argv[0] for argv in debian] == [
+        "pairs", "train", "pairs", "train", "index", "mine", "train", "select", "index", "eval"]
+    labelled = steps[2]
+    assert labelled[labelled.index("--input") + 1] == str(data / "mine" / "pairs.tsv")
+    assert labelled[labelled.index("--document-id-column") + 1] == "doc_id"
+    assert "--validation-fraction" not in labelled  # `dssm pairs`' default, as a user's
+    assert steps[0][steps[0].index("--bm25-span-pairs") + 1] == "3"
+    assert all(" ".join(WIDE_TOWER) in " ".join(argv) for argv in steps if argv[0] == "train")
+    index = steps[-2]
+    assert index[index.index("--hybrid-pairs") + 1] == str(work / "mine" / "pairs")
+    assert steps[-1][steps[-1].index("--data") + 1] == str(data / "mine")
+    assert "--holdout" not in steps[-1]
+    (data / "mine" / "pairs.tsv").write_text("question1\tquestion2\tis_duplicate\na\tb\t1\n")
+    assert [argv[0] for _, argv in recipe("mine", data / "mine", work, seed=0)] == [
+        "pairs", "train", "lsa", "select", "index", "eval"]
+
+
 def test_quality_table_corpus_pairs_flags_reach_only_the_corpus_pairs_step(tmp_path: Path) -> None:
     """`--corpus-pairs '--bm25-span-pairs 3'` (a screen's variant) changes the pre-training pairs' command
     and nothing else; a one-sentence corpus, paired as neighbours, does not take corpus flags."""
