@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402  isort: skip
 
 __all__ = ["DataConfig", "VALIDATION_SPEC", "pair_files", "read_feature_config", "has_negatives", "teacher_dim",
            "make_dataset", "add_bag_plans", "count_pairs", "loss_data", "read_labels", "read_document_ids",
-           "read_text_pairs"]
+           "read_text_pairs", "read_text_pairs_with_ids"]
 
 # Only what training reads is parsed; raw texts stay in the shards for mining/eval tools.
 _PARSE_SPEC = {
@@ -356,18 +356,25 @@ def read_document_ids(files: list[str], *, min_label: float) -> np.ndarray:
 
 
 def read_text_pairs(files: Sequence[str], *, min_label: float = 0.0) -> list[tuple[str, str]]:
-    """The ``(query_text, document_text)`` of every pair above ``min_label`` in ``files``, in file order.
+    """The ``(query_text, document_text)`` of every pair above ``min_label`` in ``files``, in file order."""
+    return [(query, document) for query, document, _ in read_text_pairs_with_ids(files, min_label=min_label)]
 
-    ``dssm index --hybrid-pairs`` tunes the hybrid weight on a pairs directory's validation split with it.
+
+def read_text_pairs_with_ids(files: Sequence[str], *, min_label: float = 0.0) -> list[tuple[str, str, str]]:
+    """The ``(query_text, document_text, document_id)`` of every pair above ``min_label`` in ``files``, in file order.
+
+    ``dssm index --hybrid-pairs`` tunes on a pairs directory's validation split with it; the id lets it
+    find a pair's document in the corpus when the pairs file words it differently (e.g. without the title).
     """
     if not files:
         return []
-    spec = {key: VALIDATION_SPEC[key] for key in ("query_text", "document_text", "label")}
+    spec = {key: VALIDATION_SPEC[key] for key in ("query_text", "document_text", "document_id", "label")}
     ds = tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(1024)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str]] = []
     for batch in ds.map(lambda records: tf.io.parse_example(records, spec)):
-        for query, document, label in zip(batch["query_text"].numpy(), batch["document_text"].numpy(),
-                                          batch["label"].numpy(), strict=True):
+        for query, document, doc_id, label in zip(batch["query_text"].numpy(), batch["document_text"].numpy(),
+                                                  batch["document_id"].numpy(), batch["label"].numpy(), strict=True):
             if label > min_label and query and document:
-                out.append((query.decode("utf-8", "replace"), document.decode("utf-8", "replace")))
+                out.append((query.decode("utf-8", "replace"), document.decode("utf-8", "replace"),
+                            doc_id.decode("utf-8", "replace")))
     return out

@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50_000,
-                        pairs: list[tuple[str, str]] | None = None, trained_on: frozenset[str] | None = None,
+                        pairs: list[tuple[str, str, str]] | None = None, trained_on: frozenset[str] | None = None,
                         required: bool = True, tune_bm25: bool = True, windows: str = "auto") -> index_lib.Finalize:
     """The build step that stores the hybrid weight (``hybrid.json``) in the staged version.
 
@@ -222,6 +222,7 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
             rows = np.sort(np.random.default_rng(seed).choice(rows.size, max_docs, replace=False))
         docs = store.get(rows.tolist())
         texts = [document_text(d.title, d.text) for d in docs]
+        worded = _as_corpus_words(pairs, texts, store) if pairs is not None else None
         # A fitted tower is fitted again to the tuning corpus, which encodes everything: neither the
         # SavedModel nor the stored rows are read then. An ensemble's refit takes its trained half of
         # the corpus's documents from the stored rows (read only then).
@@ -235,20 +236,20 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
         if query_rows == [] and required:
             raise InputError(f"--hybrid-pairs: the towers trained on every document of this corpus ({len(docs):,}); "
                              "make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`")
-        if refit is None and pairs is None and trained_on is None:
+        if refit is None and worded is None and trained_on is None:
             print("note: the hybrid weight is tuned on spans cut from any document; towers pre-trained on this "
                   "corpus's own pairs have learnt those spans: pass those pairs (`dssm pairs --format corpus`) "
                   "with --hybrid-pairs to cut only from the documents they did not train on", file=sys.stderr)
-        bm25_config, bm25_report = _tuned_bm25(stage, store, texts, pairs, seed=seed) if pairs and tune_bm25 \
+        bm25_config, bm25_report = _tuned_bm25(stage, store, texts, worded, seed=seed) if worded and tune_bm25 \
             else (None, None)
         tick = time.perf_counter()
         hybrid, report = label_free_weight(texts=texts, embeddings=stored,
                                            embed_queries=encoder.embed_queries if encoder else None,
                                            embed_documents=encoder.embed_documents if encoder else None,
-                                           queries=queries, seed=seed, pairs=pairs, refit=refit,
+                                           queries=queries, seed=seed, pairs=worded, refit=refit,
                                            query_rows=query_rows, bm25_config=bm25_config)
         report.update(corpus_documents=len(store), seconds=round(time.perf_counter() - tick, 2))
-        tuned_on = f"{report['pairs']} held-out labelled pairs" if pairs is not None else \
+        tuned_on = f"{report['pairs']} held-out labelled pairs" if worded is not None else \
             f"label-free, {report['pseudo_queries']} pseudo-queries × {report['rounds']} rounds" + (
                 f" from {report['query_documents']} documents the towers did not train on" if query_rows is not None
                 else "")
@@ -257,13 +258,33 @@ def label_free_finalize(*, seed: int = 0, queries: int = 500, max_docs: int = 50
               f"p {report.get('p', 1.0):.3g})",
               file=sys.stderr, flush=True)
         settings = config_to_dict(hybrid)
-        window_report = windows_step(stage, mode=windows, encoder=encoder, texts=texts, embeddings=stored, pairs=pairs,
+        window_report = windows_step(stage, mode=windows, encoder=encoder, texts=texts, embeddings=stored, pairs=worded,
                                      bm25_config=bm25_config, weight=hybrid.weight, normalization=hybrid.normalization,
                                      seed=seed)
         return {HYBRID_FILE: settings}, {"hybrid": settings, "hybrid_tuning": report, "windows": window_report} | (
             {"bm25_tuning": bm25_report} if bm25_report else {})
 
     return finalize
+
+
+def _as_corpus_words(pairs: list[tuple[str, str, str]], texts: list[str], store: Any) -> list[tuple[str, str]]:
+    """``(query, document text)`` of each tuning pair, its document worded as the corpus words it.
+
+    The tuning steps find a pair's target row by its text. A pairs file may word a corpus document
+    otherwise (a body without its title, other spacing); such a document would join the tuning corpus
+    as one more document beside its own row, and the windows step, which needs the row, would drop the
+    pair. So a pair whose text is not a corpus text and whose document id names a corpus document takes
+    that document's text (title + text, as search reads it); a text the corpus holds is kept as it is,
+    whatever its id says.
+    """
+    known = set(texts)
+    unmatched = {doc_id for _, document, doc_id in pairs if document not in known and doc_id}
+    found = {doc_id: document_text(doc.title, doc.text) for doc_id, doc in store.find(sorted(unmatched)).items()}
+    if found:
+        print(f"tuning pairs: {sum(d not in known and i in found for _, d, i in pairs)} documents worded otherwise "
+              "than the corpus found by their id", file=sys.stderr)
+    return [(query, document if document in known else found.get(doc_id, document))
+            for query, document, doc_id in pairs]
 
 
 def _tuned_bm25(stage: Path, store: Any, texts: list[str], pairs: list[tuple[str, str]], *,
@@ -352,13 +373,13 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
 
 
 def _tuning_source(hybrid_pairs: str | None, model_dir: Path) -> tuple[
-        list[tuple[str, str]] | None, frozenset[str] | None, bool]:
+        list[tuple[str, str, str]] | None, frozenset[str] | None, bool]:
     """What the hybrid weight is tuned on: ``(labelled validation pairs, None, True)`` for ``--hybrid-pairs``;
     ``(None, ids of the documents trained on, required)`` for pairs cut from a corpus (``--format
     corpus``), given or, without the flag, the model's own training pairs (``history.json["pairs"]``,
     written by ``dssm train``); ``(None, None, False)`` for plain label-free tuning."""
     # deferred: TensorFlow, imported only when this runs
-    from dssm.inputs import pair_files, read_document_ids, read_text_pairs
+    from dssm.inputs import pair_files, read_document_ids, read_text_pairs_with_ids
 
     if not hybrid_pairs:
         own = _model_training_pairs(model_dir)
@@ -373,7 +394,7 @@ def _tuning_source(hybrid_pairs: str | None, model_dir: Path) -> tuple[
             raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no document "
                              "(make the corpus pairs with `dssm pairs --format corpus --validation-fraction F`)")
         return None, _trained_on(read_document_ids(pair_files(hybrid_pairs, "train"), min_label=0.0)), True
-    tuning_pairs = read_text_pairs(files)
+    tuning_pairs = read_text_pairs_with_ids(files)
     if not tuning_pairs:
         raise InputError(f"--hybrid-pairs {hybrid_pairs}: its validation split holds no positive pair "
                          "(make it with `dssm pairs --validation-fraction F`)")

@@ -330,6 +330,43 @@ def test_index_tunes_on_hybrid_pairs(tiny_model_dir, adi_dir, tmp_path):
                     str(tmp_path / "other"), "--hybrid-pairs", str(tmp_path / "empty")])
 
 
+def test_index_finds_tuning_pairs_documents_worded_otherwise_by_their_id(tiny_model_dir, adi_dir, tmp_path):
+    """A user's pairs file may word a corpus document otherwise than the corpus (here: the body without its
+    title). `dssm index --hybrid-pairs` finds such a document by its id, so the tuning targets its row instead
+    of adding a second copy beside it; a document whose id is not in the corpus still joins as one more."""
+    import csv
+
+    from dssm.data import read_beir
+    from pipelines import make_pairs
+    from pipelines.encode_corpus import main as index_main
+    from serving.searcher import Searcher
+
+    beir = read_beir(adi_dir)
+    bodies = {doc_id: doc.text for doc_id, doc in beir.corpus.items()}
+    pairs_file = tmp_path / "pairs.tsv"
+    with open(pairs_file, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["query", "document", "doc_id"])
+        for qid, relevant in beir.qrels.items():
+            for doc_id in relevant:
+                writer.writerow([beir.queries[qid], bodies[doc_id], doc_id])
+        writer.writerow([beir.queries[qid], "a document the corpus does not hold", "not-in-corpus"])
+    pairs = tmp_path / "pairs"
+    assert make_pairs.main(["--input", str(pairs_file), "--format", "pairs", "--query-column", "query",
+                            "--document-column", "document", "--document-id-column", "doc_id", "--output", str(pairs),
+                            "--num-buckets", "4096", "--validation-fraction", "0.9",
+                            "--direct_running_mode=in_memory"]) == 0
+    index = tmp_path / "index"
+    assert index_main(["--model", str(tiny_model_dir), "--corpus", str(adi_dir / "corpus.jsonl"), "--output",
+                       str(index), "--hybrid-pairs", str(pairs), "--direct_running_mode=in_memory"]) == 0
+    manifest = Searcher.load(index).index.manifest
+    tuning, windows = manifest["hybrid_tuning"], manifest["windows"]
+    assert tuning["pairs"] > 30
+    outside = 1 if tuning["pairs_documents_added"] else 0  # the split may or may not hold the unknown document
+    assert tuning["pairs_documents_added"] == outside
+    assert windows["pairs_outside_corpus"] == outside and windows["pairs"] == tuning["pairs"] - outside
+
+
 def test_index_cuts_pseudo_queries_from_documents_the_towers_did_not_train_on(tiny_model_dir, adi_dir, tmp_path):
     from dssm.errors import InputError
     from dssm.inputs import pair_files, read_document_ids

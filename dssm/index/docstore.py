@@ -140,6 +140,10 @@ class DocStore:
             raise IndexNotFoundError(f"documents {missing[:5]} are not in the document store {self.path}")
         return [found[i] for i in doc_ids]
 
+    def find(self, doc_ids: Sequence[str]) -> dict[str, Doc]:
+        """``{id: Doc}`` for those of ``doc_ids`` that are in the store (the others are left out)."""
+        return self._select("id", list(doc_ids))
+
     def _select(self, column: str, keys: list[Any]) -> dict[Any, Doc]:
         """``{key: Doc}`` for the distinct ``keys`` of ``column`` (``row`` or ``id``) that exist."""
         found: dict[Any, Doc] = {}
