@@ -12,7 +12,8 @@ Systems compared by ``dssm eval`` (``--systems``), all on the same queries:
 * ``hybrid-rrf``: reciprocal-rank fusion of ``dssm`` and ``bm25`` (no parameter tuned);
 * ``hybrid``: convex combination of per-query min-max normalised exact scores (the dense side with
   the version's windows as search scores it; :mod:`dssm.hybrid`) over the union of both systems'
-  top-``depth`` candidates, with the DSSM weight tuned on nDCG@10 of *tuning queries*: a
+  top-``candidates`` documents (the index's hybrid config, 100 by default, as search fuses them; at
+  least the metrics' depth), with the DSSM weight stored in the index or tuned on nDCG@10 of *tuning queries*: a
   deterministic ``--tune-fraction`` of the selected queries (by sha1 of ``"tune:" + query id``),
   removed from the evaluated set, so the weight never sees an evaluated query. (The train split of
   ``--holdout`` is not used for tuning: DSSM was trained on those queries' pairs, so a weight tuned
@@ -238,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             _check_reranker(searcher, reranked, index=args.index)
     dataset = read_beir(data_dir)
     qids, tune_qids, stored_weight = _select_queries(args, systems, searcher, dataset, data_dir)
-    runs, seconds, candidates = _first_stage_runs(args, systems, searcher, dataset, qids + tune_qids, depth)
+    # The hybrid fuses what search fuses: each side's top `candidates` (the stored config's, or the default's),
+    # however shallow the metrics; fused over the top `depth` only, it ranked otherwise than search.
+    hybrid_depth = max(depth, (stored_weight or HybridConfig()).candidates)
+    runs, seconds, candidates = _first_stage_runs(args, systems, searcher, dataset, qids + tune_qids, depth,
+                                                  hybrid_depth=hybrid_depth)
     hybrid_info: dict[str, Any] | None = None
     if "hybrid" in systems:
         tick = time.perf_counter()
@@ -320,8 +325,12 @@ def _select_queries(args: argparse.Namespace, systems: Sequence[str], searcher: 
 
 
 def _first_stage_runs(args: argparse.Namespace, systems: Sequence[str], searcher: Any, dataset: Any,
-                      all_qids: list[str], depth: int) -> tuple[dict[str, Any], dict[str, float], Any]:
-    """Dense, exact and BM25 runs (and RRF) over every query: ``(runs, seconds, hybrid candidates or None)``."""
+                      all_qids: list[str], depth: int, *, hybrid_depth: int
+                      ) -> tuple[dict[str, Any], dict[str, float], Any]:
+    """Dense, exact and BM25 runs (and RRF) over every query: ``(runs, seconds, hybrid candidates or None)``.
+
+    The runs are ``depth`` deep; the hybrid's candidates are each side's top ``hybrid_depth`` (>= depth).
+    """
     # deferred: bm25s and PyStemmer, imported only when this runs
     from dssm.bm25 import BM25Config, BM25Index
 
@@ -358,11 +367,15 @@ def _first_stage_runs(args: argparse.Namespace, systems: Sequence[str], searcher
     if "hybrid" in systems:
         # hybrid is what search serves: BM25 with the index's own settings (which `dssm index --hybrid-pairs`
         # may have tuned, dssm.bm25_tuning), while the bm25 system keeps --bm25-*'s (Lucene's by default).
-        served, sparse_run = _served_bm25(searcher, bm25, corpus), runs["bm25"]
-        if served is not bm25:
-            sparse_run = retrieve_run(served.search_batch, {q: queries[q] for q in all_qids}, k=depth,
+        served, sparse_run, dense_run = _served_bm25(searcher, bm25, corpus), runs["bm25"], runs["dssm"]
+        if served is not bm25 or hybrid_depth > depth:
+            sparse_run = retrieve_run(served.search_batch, {q: queries[q] for q in all_qids}, k=hybrid_depth,
                                       skip_self=args.skip_self, batch_size=args.batch_size, show_progress=False)
-        candidates = _hybrid_candidates(searcher, served, vectors, all_qids, queries, runs["dssm"], sparse_run)
+        if hybrid_depth > depth:
+            fetch = hybrid_depth + 1 if args.skip_self else hybrid_depth
+            deep = _dense_runs(searcher, vectors, all_qids, fetch=fetch, exact=False, batch_size=args.batch_size)
+            dense_run = drop_self(deep, k=hybrid_depth) if args.skip_self else deep
+        candidates = _hybrid_candidates(searcher, served, vectors, all_qids, queries, dense_run, sparse_run)
     return runs, seconds, candidates
 
 

@@ -124,9 +124,11 @@ def markdown_report(results: Sequence[SystemResult], report: Mapping[str, Any], 
                 markdown_significance(results, tests, pairs=_default_pairs(names)), ""]
     tuning = report.get("hybrid_tuning")
     if tuning:
+        # a weight tuned on queries names its split; one stored in the index (`dssm index`) names its source
+        source = (f"weight tuned for {tuning['tuning_metric']} on {tuning['tuning_queries']} tuning queries "
+                  f"({tuning['tuning_split']})" if "tuning_metric" in tuning else f"weight {tuning['source']}")
         out += [f"`hybrid` = {tuning['weight']:.2f} x DSSM + {1 - tuning['weight']:.2f} x BM25 "
-                f"({tuning['normalization']} per query), weight tuned for {tuning['tuning_metric']} on "
-                f"{tuning['tuning_queries']} tuning queries ({tuning['tuning_split']}).", ""]
+                f"({tuning['normalization']} per query), {source}.", ""]
     for caption, path in images:
         out += [f"![{caption}]({path})", ""]
     return "\n".join(out)

@@ -595,6 +595,39 @@ def test_cli_save_weight_stores_the_tuned_weight_in_the_index(adi_index, adi_dir
         main(["--data", str(adi_dir), "--systems", "hybrid"])
 
 
+def test_cli_hybrid_ranks_as_search_serves_it_whatever_the_metrics_depth(adi_index, adi_dir, adi, tmp_path):
+    """With a stored weight, eval's hybrid is the ranking `Searcher.search(mode="hybrid")` serves: the fusion
+    of each side's top 100, also when the metrics stop at @10 (a fusion of the top 10s ranked otherwise)."""
+    import shutil
+
+    from dssm.config import config_to_dict
+    from dssm.hybrid import HYBRID_FILE, HybridConfig
+    from dssm.index import publish_index_files
+    from serving.searcher import Searcher
+
+    index = tmp_path / "index"
+    shutil.copytree(adi_index, index)
+    settings = config_to_dict(HybridConfig(weight=0.5))
+    publish_index_files(index, files={HYBRID_FILE: settings}, manifest_updates={"hybrid": settings})
+    rankings = {}
+    for label, metrics in (("shallow", ["--metrics", "ndcg@10"]), ("deep", [])):
+        report = tmp_path / label
+        assert main(["--index", str(index), "--data", str(adi_dir), "--systems", "hybrid", *metrics, "--report",
+                     str(report), "--trials", "10"]) == 0
+        assert "weight stored in index version" in (report / "results.md").read_text()
+        lines = (report / "runs" / "hybrid.trec").read_text().splitlines()
+        rankings[label] = {}
+        for line in lines:
+            qid, _, doc_id, rank, *_ = line.split()
+            rankings[label].setdefault(qid, []).append((int(rank), doc_id))
+    searcher = Searcher.load(index)
+    qids = sorted(rankings["shallow"])
+    served = searcher.search_batch([adi.queries[q] for q in qids], k=10, mode="hybrid")
+    for qid, hits in zip(qids, served, strict=True):
+        assert [d for _, d in sorted(rankings["shallow"][qid])] == [h.id for h in hits], qid
+        assert [d for _, d in sorted(rankings["deep"][qid])][:10] == [h.id for h in hits], qid
+
+
 # ------------------------------------------------------------------------- re-ranked systems (issue 13)
 
 
