@@ -91,7 +91,7 @@ WITH_PAIRS = {"debian-dev": ("--bm25-span-pairs", "3"), "quora-dev": ()}
 # beside its BEIR files) is run as a user with a passage corpus and pairs would run the README's recipe:
 # debian-dev's steps (pairs with `dssm pairs`' default validation fraction, the second round, the weight
 # tuned on the pairs' split, the wide tower on three BM25 documents per span). Its queries.jsonl/qrels.tsv
-# are the evaluated ones and must not be in pairs.tsv.
+# are the evaluated ones and must not be in pairs.tsv. A BEIR download with qrels/train.tsv is run the same way.
 PAIRS_COLUMNS = ("query", "document", "doc_id")
 OUTSIDE_PAIRS_FLAGS = ["--format", "pairs", "--query-column", "query", "--document-column", "document",
                        "--document-id-column", "doc_id"]
@@ -104,13 +104,15 @@ def labelled_flags(name: str, data: Path) -> tuple[list[str], list[str]] | None:
     """``(dssm pairs flags, dssm eval flags)`` of a set's labelled pairs, or ``None`` for a label-free set.
 
     Ours are :data:`LABELLED`; any other set directory is labelled when its ``pairs.tsv`` header holds
-    :data:`PAIRS_COLUMNS` (and is run as debian-dev is: :data:`OUTSIDE_PAIRS_FLAGS`, no holdout).
+    :data:`PAIRS_COLUMNS` (and is run as debian-dev is: :data:`OUTSIDE_PAIRS_FLAGS`, no holdout), or when
+    it is a BEIR download with a training split (``qrels/train.tsv``: ``dssm pairs --format beir`` reads
+    it, and ``dssm eval`` reads ``qrels/test.tsv``).
     """
     if name in LABELLED:
         return LABELLED[name]
     path = data / "pairs.tsv"
     if not path.is_file():
-        return None
+        return (["--format", "beir"], []) if (data / "qrels" / "train.tsv").is_file() else None
     with open(path, encoding="utf-8") as handle:
         header = handle.readline().rstrip("\r\n").split("\t")
     return (list(OUTSIDE_PAIRS_FLAGS), []) if set(PAIRS_COLUMNS) <= set(header) else None
@@ -158,7 +160,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
         if "--holdout" in holdout_flags:
             eval_flags += ["--holdout", str(pairs)]
 
-        steps += [(pairs, ["pairs", "--input", str(data / "pairs.tsv"), *pairs_flags, "--output", str(pairs), *BEAM])]
+        source = data if pairs_flags[:2] == ["--format", "beir"] else data / "pairs.tsv"
+        steps += [(pairs, ["pairs", "--input", str(source), *pairs_flags, "--output", str(pairs), *BEAM])]
         train_pairs = pairs
         if name in USER_SPLIT:
             train_pairs = shared / "user-pairs"

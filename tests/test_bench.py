@@ -376,6 +376,13 @@ def test_quality_table_runs_a_users_labelled_collection_with_debian_devs_recipe(
     (data / "mine" / "pairs.tsv").write_text("question1\tquestion2\tis_duplicate\na\tb\t1\n")
     assert [argv[0] for _, argv in recipe("mine", data / "mine", work, seed=0)] == [
         "pairs", "train", "lsa", "select", "index", "eval"]
+    # a BEIR download with a training split: the same recipe, its pairs read by `dssm pairs --format beir`
+    (data / "beir" / "qrels").mkdir(parents=True)
+    (data / "beir" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    beir = [argv for _, argv in recipe("beir", data / "beir", work, seed=0)]
+    assert [argv[0] for argv in beir] == [argv[0] for argv in debian]
+    assert beir[2][beir[2].index("--input") + 1] == str(data / "beir")
+    assert beir[2][beir[2].index("--format") + 1] == "beir"
 
 
 def test_quality_table_corpus_pairs_flags_reach_only_the_corpus_pairs_step(tmp_path: Path) -> None:
