@@ -596,5 +596,5 @@ def main(argv: list[str] | None = None) -> int:
                if isinstance(values, list) and values and key not in ("epoch",)}
     print(f"wrote {output}: weights of epoch {epoch} (best by {history['monitor'] or 'last epoch'}; "
           f"{len(history.get('epoch', []))} trained{', stopped early' if history['stopped_early'] else ''}), "
-          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) + validation.hint(history, train_config))
     return 0
