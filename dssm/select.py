@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation sample (default 0)")
     parser.add_argument("--corpus", default="", help="also search among this corpus file's documents (the corpus to "
                         "index: BEIR corpus.jsonl or a table)")
+    parser.add_argument("--corpus-columns", default="", metavar="ID,TEXT[,TITLE]", help="the columns of a --corpus "
+                        "table whose columns are not named as dssm index looks for by default")
     parser.add_argument("--distractors", type=int, default=50_000, help="at most this many --corpus documents, a "
                         "seeded sample (default 50000)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.distractors < 1:
         raise InputError(f"--distractors must be >= 1, got {args.distractors}")
     distractors = corpus_distractors(args.corpus, features=read_feature_config(args.pairs), limit=args.distractors,
-                                     seed=args.seed)
+                                     seed=args.seed, columns=args.corpus_columns)
     scored = score_models(args.pairs, args.models, max_queries=args.validation_queries, seed=args.seed,
                           distractors=distractors)
     best = Path(scored[0]["model"])

@@ -2,20 +2,18 @@
 
 ``dssm train --pairs PAIRS_DIR --output MODEL_DIR [--epochs N] [--batch-size B] [--resume] [model/train flags]``
 
-This module owns :class:`TrainConfig`, the training loop (:func:`train`) and ``dssm train``
-(:func:`main`). The input is the directory ``dssm pairs`` writes, read by :mod:`dssm.inputs`: GZIP
-TFRecord shards of hashed bags and ``features.json``, the :class:`~dssm.features.FeatureConfig` the
-shards were hashed with. The model is built with that same config, so the exported SavedModel hashes
-raw strings exactly like the shards. The optimizers that update only the embedding rows a batch
-touches are in :mod:`dssm.optim`.
+This module owns :class:`TrainConfig`, the training loop (:func:`train`) and ``dssm train`` (:func:`main`). The
+input is the directory ``dssm pairs`` writes, read by :mod:`dssm.inputs`: GZIP TFRecord shards of hashed bags and
+``features.json``, the :class:`~dssm.features.FeatureConfig` the shards were hashed with. The model is built with
+that same config, so the exported SavedModel hashes raw strings exactly like the shards. The optimizers that
+update only the embedding rows a batch touches are in :mod:`dssm.optim`.
 
-Each epoch ends with an exact-search validation (:mod:`dssm.validation`): up to
-``validation_queries`` validation queries are scored against every document of the validation split
-with the current towers, logged as ``val_recall_at_10`` / ``val_mrr_at_10``. Training stops early when
-``val_recall_at_10`` has not improved for ``early_stopping_patience`` epochs, and the model returned
-(and exported) is the best epoch's. With a checkpoint directory (:mod:`dssm.checkpoints`; ``last/``
-after every epoch, ``best/`` at every new best), ``resume=True`` continues an interrupted run with
-the same batches (epoch ``e`` shuffles with a seed derived from ``(seed, e)``).
+Each epoch ends with an exact-search validation (:mod:`dssm.validation`): up to ``validation_queries`` validation
+queries are scored against every document of the validation split with the current towers, logged as
+``val_recall_at_10`` / ``val_mrr_at_10``. Training stops early when ``val_recall_at_10`` has not improved for
+``early_stopping_patience`` epochs, and the model returned (and exported) is the best epoch's. With a checkpoint
+directory (:mod:`dssm.checkpoints`; ``last/`` after every epoch, ``best/`` at every new best), ``resume=True``
+continues an interrupted run with the same batches (epoch ``e`` shuffles with a seed derived from ``(seed, e)``).
 """
 
 from __future__ import annotations
@@ -79,6 +77,7 @@ class TrainConfig:
                                     "against all validation documents); 0 = no retrieval validation")
     validation_corpus: str = field("", "also search the validation queries among this corpus file's documents (the "
                                    "corpus to index: BEIR corpus.jsonl or a table), a haystack like the real one")
+    validation_corpus_columns: str = field("", "ID,TEXT[,TITLE] columns of a --validation-corpus table named otherwise")
     validation_distractors: int = field(50_000, "at most this many --validation-corpus documents (a seeded sample)")
     early_stopping_patience: int = field(3, "stop after this many epochs without a better val_recall_at_10 "
                                          "(0 = train all epochs)")
@@ -509,7 +508,8 @@ def train(pairs_dir: str | Path, *, model_config: ModelConfig, train_config: Tra
         model.set_sampling_probabilities(read_document_ids(sources.train_files, min_label=data.config.min_label))
     wanted = train_config.validation_distractors if sources.validation_files and train_config.validation_queries else 0
     distractors = validation.corpus_distractors(train_config.validation_corpus, features=sources.feature_config,
-                                                limit=wanted, seed=train_config.seed)
+                                                limit=wanted, seed=train_config.seed,
+                                                columns=train_config.validation_corpus_columns)
     retrieval = read_validation_set(sources.validation_files, min_label=train_config.min_label, seed=train_config.seed,
                                     max_queries=train_config.validation_queries, distractors=distractors)
     first_epoch, state = _resume_or_start(model, sources, data, resume=resume, strategy=strategy)

@@ -30,6 +30,7 @@ import numpy as np
 
 import dssm  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from dssm.data import document_text, iter_corpus
+from dssm.errors import InputError
 from dssm.hashing import FeatureConfig, TokenBagger
 from dssm.inputs import VALIDATION_SPEC
 from dssm.metrics import mrr_at_k, recall_at_k
@@ -110,18 +111,25 @@ class _Rows:
         return row, True
 
 
-def corpus_distractors(path: str | Path, *, features: FeatureConfig, limit: int, seed: int) -> list[Distractor]:
+def corpus_distractors(path: str | Path, *, features: FeatureConfig, limit: int, seed: int,
+                       columns: str = "") -> list[Distractor]:
     """The documents of a corpus file (BEIR ``corpus.jsonl`` or any table :func:`dssm.data.iter_corpus`
     reads) as validation distractors, hashed by ``features``; a seeded sample of ``limit`` if larger;
     none, and nothing read, for ``path`` ``""`` or ``limit`` 0 (the trainer passes 0 when it has no
-    validation split to search).
+    validation split to search). ``columns`` (``"ID,TEXT"`` or ``"ID,TEXT,TITLE"``) names a table's
+    columns when they are not the defaults :func:`dssm.data.iter_corpus` looks for.
 
     Raises:
         InputError: the corpus is missing or a record is bad (named by :func:`dssm.data.iter_corpus`).
     """
     if not path or limit <= 0:
         return []
-    documents = [(doc.id, document_text(doc.title, doc.text)) for doc in iter_corpus(path)]
+    names = [c.strip() for c in columns.split(",")] if columns else []
+    if names and not (2 <= len(names) <= 3 and all(names)):
+        raise InputError(f"corpus columns must be ID,TEXT or ID,TEXT,TITLE, got {columns!r}")
+    read = iter_corpus(path, id_column=names[0], text_column=names[1],
+                       title_column=names[2] if len(names) == 3 else "title") if names else iter_corpus(path)
+    documents = [(doc.id, document_text(doc.title, doc.text)) for doc in read]
     if len(documents) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(documents), size=limit, replace=False))
         documents = [documents[i] for i in keep.tolist()]

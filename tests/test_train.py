@@ -370,6 +370,29 @@ def test_corpus_distractors_read_any_corpus_file_and_sample_it(tmp_path: Path) -
         TrainConfig(validation_distractors=-1)
 
 
+def test_corpus_distractors_read_a_table_whose_columns_are_named_otherwise(tmp_path: Path) -> None:
+    """`--validation-corpus-columns` / `dssm select --corpus-columns`: a corpus table as a user's own export
+    names it (`dssm index` reads it with --id-column/--text-column/--title-column) is read by naming them."""
+    import subprocess
+    import sys
+
+    table = tmp_path / "corpus.csv"
+    table.write_text("doc_id,title,abstract\nd1,First,one abstract\nd2,,two abstract\n")
+    with pytest.raises(InputError, match="lacks column"):
+        validation_module.corpus_distractors(table, features=FEATURES, limit=10, seed=0)
+    # without a third name the title column is the default one ("title"), as dssm index reads it
+    for columns, first in (("doc_id,abstract,title", "First one abstract"), ("doc_id, abstract", "First one abstract")):
+        found = validation_module.corpus_distractors(table, features=FEATURES, limit=10, seed=0, columns=columns)
+        assert [(doc_id, text) for doc_id, text, _ in found] == [("d1", first), ("d2", "two abstract")]
+    for bad in ("doc_id", "doc_id,,title", "a,b,c,d"):
+        with pytest.raises(InputError, match="ID,TEXT"):
+            validation_module.corpus_distractors(table, features=FEATURES, limit=10, seed=0, columns=bad)
+    assert TrainConfig(validation_corpus_columns="doc_id,abstract").validation_corpus_columns == "doc_id,abstract"
+    usage = subprocess.run([str(Path(sys.executable).parent / "dssm"), "select", "--help"], capture_output=True,
+                           text=True)
+    assert "--corpus-columns" in usage.stdout
+
+
 def test_retrieval_metrics_equal_a_brute_force_search(quora_dir: Path, tmp_path: Path) -> None:
     pairs = quora_pairs(quora_dir, 300)
     shards = write_pair_shards(tmp_path / "pairs", pairs, validation_every=1)
