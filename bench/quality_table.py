@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help="set names: directories under --data; a name that is "
                         "not a labelled set here runs the label-free recipe, or, when its pairs.tsv has the columns "
-                        "query, document and doc_id, the labelled passage recipe (debian-dev's)")
+                        "query, document and doc_id or it holds BEIR's qrels/train.tsv, the labelled passage recipe "
+                        "(debian-dev's)")
     parser.add_argument("--data", type=Path, default=DATA, help="where the sets are (BEIR layout)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "quality")
