@@ -131,17 +131,19 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
     labelled = labelled_flags(name, data)
-    outside = labelled is not None and name not in LABELLED  # a user's passage corpus with pairs
-    own_tower = (labelled_recipe_tower(teacher=bool(teacher), neighbour_pretraining=name in PRETRAIN_ON_NEIGHBOURS)
-                 if name in WITH_PAIRS or outside else ())
-    own_pairs = WITH_PAIRS["debian-dev"] if outside else WITH_PAIRS.get(name, ())
+    # Whose recipe the set runs: its own, or debian-dev's for a user's passage corpus with pairs (the
+    # membership tables below name our sets; the paths stay the set's own).
+    kind = "debian-dev" if labelled is not None and name not in LABELLED else name
+    own_tower = (labelled_recipe_tower(teacher=bool(teacher), neighbour_pretraining=kind in PRETRAIN_ON_NEIGHBOURS)
+                 if kind in WITH_PAIRS else ())
+    own_pairs = WITH_PAIRS.get(kind, ())
     tower = own_tower if tower is None else tower
     corpus_pairs = own_pairs if corpus_pairs is None else corpus_pairs
     shared, run = work / name, work / name / f"seed{seed}"
-    teacher_terms = [*TEACHER_PRETRAIN, *(TEACHER_PAIRS if name in PRETRAIN_ON_NEIGHBOURS else [])]
+    teacher_terms = [*TEACHER_PRETRAIN, *(TEACHER_PAIRS if kind in PRETRAIN_ON_NEIGHBOURS else [])]
     distil = (["--teacher", teacher], teacher_terms) if teacher else ([], [])
     pretrained, model, index = run / "pretrained", run / "model", run / "index"
-    if name in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
+    if kind in PRETRAIN_ON_NEIGHBOURS:  # one-sentence documents: BM25-neighbour pairs of the corpus
         first = shared / "neighbours"
         make = ["pairs", "--input", str(data / "corpus.jsonl"), "--format", "neighbours", "--output", str(first),
                 "--validation-fraction", "0.05", *distil[0], *BEAM]
@@ -163,7 +165,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
         source = data if pairs_flags[:2] == ["--format", "beir"] else data / "pairs.tsv"
         steps += [(pairs, ["pairs", "--input", str(source), *pairs_flags, "--output", str(pairs), *BEAM])]
         train_pairs = pairs
-        if name in USER_SPLIT:
+        if kind in USER_SPLIT:
             train_pairs = shared / "user-pairs"
             steps += [(shared / USER_PAIRS, [USER_PAIRS, str(data / "pairs.tsv"), str(pairs)]),
                       (train_pairs, ["pairs", "--input", str(shared / USER_PAIRS), *pairs_flags[:2],
@@ -173,7 +175,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
             return (out, ["train", "--pairs", str(source), "--output", str(out), "--verbose", "2", "--seed", str(seed),
                           "--init-from", str(pretrained), *FINE_TUNE, *extra, *tower, "--overwrite"])
 
-        if name in SECOND_ROUND or outside:
+        if kind in SECOND_ROUND:
             first_round, second_round = run / "model-round1", run / "model-round2"
             index_round1, mined = run / "index-round1", run / "mined"
             steps += [fine_tune(first_round, []),
@@ -199,8 +201,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     # their corpus pairs: trained towers' pseudo-queries are then cut only from documents they did not
     # train on (a fit is refitted and ignores them). (Before USER_SPLIT, quora-dev with a teacher tuned
     # on the teacher's neighbour pairs, docs/quality-teacher.md.)
-    tune_on = (shared / "pairs" if name in HYBRID_ON_PAIRS or outside else shared / "user-pairs" if name in USER_SPLIT
-               else first if labelled is None and name not in PRETRAIN_ON_NEIGHBOURS else None)
+    tune_on = (shared / "pairs" if kind in HYBRID_ON_PAIRS else shared / "user-pairs" if kind in USER_SPLIT
+               else first if labelled is None and kind not in PRETRAIN_ON_NEIGHBOURS else None)
     tune = ["--hybrid-pairs", str(tune_on)] if tune_on else []
 
     def index_and_eval(trained: Path, out: Path, report: Path) -> list[tuple[Path, list[str]]]:
@@ -210,7 +212,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
                           "--json", str(report), *eval_flags])]
 
     steps += index_and_eval(model, index, run / "eval.json")
-    if name in DUPLICATES:
+    if kind in DUPLICATES:
         steps += [fine_tune(run / "model-duplicates", DUPLICATES_LOSS),
                   *index_and_eval(run / "model-duplicates", run / "index-duplicates", run / "eval-duplicates.json")]
     return steps
