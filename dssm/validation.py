@@ -293,7 +293,7 @@ def hint(history: dict[str, Any], train_config: Any) -> str:
     recalls = history.get(MONITOR) or []
     epochs = history.get("epoch") or []
     chose = bool(history.get("stopped_early")) or (bool(epochs) and history.get("weights_epoch") != epochs[-1])
-    if getattr(train_config, "validation_corpus", "") or not chose or not recalls or max(recalls) < EASY_HAYSTACK:
+    if train_config.validation_corpus or not chose or not recalls or max(recalls) < EASY_HAYSTACK:
         return ""
     return (f"\nnote: the epoch kept was judged among the validation split's own documents, where {MONITOR} "
             f"reached {max(recalls):.3f}; pass --validation-corpus CORPUS (the corpus you will index) to judge it "
