@@ -28,6 +28,7 @@ from dssm.config import load_config
 from dssm.errors import ConfigError, InputError
 from dssm.features import FeatureConfig
 from dssm.losses import LOSSES
+from dssm.topics import topic_clusters, topic_order
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
@@ -83,6 +84,9 @@ class DataConfig(Protocol):
 
     @property
     def negatives(self) -> bool: ...
+
+    @property
+    def topic_batches(self) -> bool: ...
 
 
 def pair_files(pairs_dir: str | Path, split: str) -> list[str]:
@@ -152,6 +156,7 @@ def _concatenate(parts: list[tf.data.Dataset]) -> tf.data.Dataset:
     return _concatenate(parts[:middle]).concatenate(_concatenate(parts[middle:]))
 
 
+_CLUSTER = "topic_cluster"  # the in-memory table's column of --topic-batches clusters (never in a batch)
 # Parsed blocks (1024 records each) per in-memory element: 16M pairs (ragged_batch preallocates per slot).
 _MAX_BLOCKS = 1 << 14
 
@@ -217,17 +222,11 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: D
         first, end = epochs
         if not 0 <= first < end:
             raise ConfigError(f"epochs must be (first, end) with 0 <= first < end, got {epochs}")
+        if config.topic_batches and not config.cache:
+            raise ConfigError("topic_batches clusters the in-memory pairs: it needs the cache (drop --no-cache)")
         if config.cache:
-            # All pairs as one element: [pairs, None] ragged bags and [pairs] columns.
-            table = blocks.ragged_batch(_MAX_BLOCKS).map(
-                lambda b: {key: value.merge_dims(0, 1) for key, value in b.items()}).cache()
-
-            def epoch_batches(epoch: int) -> tf.data.Dataset:
-                seed = _epoch_seed(config.seed, epoch)
-                return table.flat_map(lambda pairs: _epoch_batches(pairs, seed=seed, batch_size=batch_size,
-                                                                   drop_remainder=drop_remainder))
-
-            parts = [epoch_batches(epoch) for epoch in range(first, end)]
+            parts = _in_memory_epochs(blocks, config, range(first, end), batch_size=batch_size,
+                                      drop_remainder=drop_remainder)
         else:
             pairs = blocks.unbatch()
             parts = [pairs.shuffle(config.shuffle_buffer, seed=_epoch_seed(config.seed, epoch),
@@ -237,16 +236,36 @@ def make_dataset(files: list[str], *, batch_size: int, training: bool, config: D
     return add_bag_plans(ds, bag_groups).prefetch(tf.data.AUTOTUNE)
 
 
+def _in_memory_epochs(blocks: tf.data.Dataset, config: DataConfig, epochs: range, *, batch_size: int,
+                      drop_remainder: bool) -> list[tf.data.Dataset]:
+    """One dataset of batches per epoch in ``epochs``, cut from all pairs held in memory as one element."""
+    # [pairs, None] ragged bags and [pairs] columns.
+    table = blocks.ragged_batch(_MAX_BLOCKS).map(lambda b: {key: value.merge_dims(0, 1) for key, value in b.items()})
+    if config.topic_batches:  # clustered once, before the cache: every epoch reorders the same clusters
+        table = table.map(lambda pairs: {**pairs, _CLUSTER: topic_clusters(pairs, batch_size=batch_size,
+                                                                           seed=config.seed)})
+    table = table.cache()
+
+    def epoch_batches(epoch: int) -> tf.data.Dataset:
+        seed = _epoch_seed(config.seed, epoch)
+        return table.flat_map(lambda pairs: _epoch_batches(pairs, seed=seed, batch_size=batch_size,
+                                                           drop_remainder=drop_remainder))
+
+    return [epoch_batches(epoch) for epoch in epochs]
+
+
 def _epoch_batches(pairs: dict[str, tf.Tensor], *, seed: int, batch_size: int, drop_remainder: bool
                    ) -> tf.data.Dataset:
     """One epoch of batches of the in-memory ``pairs``, in the order of a permutation seeded by ``seed``."""
     n = tf.shape(pairs["label"], out_type=tf.int64)[0]
-    order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 0])
+    clusters = pairs.get(_CLUSTER)  # --topic-batches: a shuffle that keeps each cluster's pairs together
+    order = (tf.random.experimental.stateless_shuffle(tf.range(n), seed=[seed, 0]) if clusters is None
+             else topic_order(clusters, seed=seed))
     steps = n // batch_size if drop_remainder else -(-n // batch_size)
 
     def take(step: tf.Tensor) -> dict[str, tf.Tensor]:
         rows = order[step * batch_size:tf.minimum((step + 1) * batch_size, n)]
-        return {key: tf.gather(value, rows) for key, value in pairs.items()}
+        return {key: tf.gather(value, rows) for key, value in pairs.items() if key != _CLUSTER}
 
     return tf.data.Dataset.range(steps).map(take)
 

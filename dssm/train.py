@@ -90,6 +90,8 @@ class TrainConfig:
                         "permutation: about half the input pipeline's CPU per pair of unbatch/shuffle/batch")
     negatives: bool = field(True, "use the shards' explicit negatives (negative_ids) as extra softmax columns "
                             "when they have them")
+    topic_batches: bool = field(False, "fill each batch from one cluster of lexically close pairs (TAS-B's topic-aware "
+                                "sampling, dssm.topics): in-batch negatives on the query's topic; needs the cache")
     mixed_precision: bool = field(False, "compute in float16 on GPU / bfloat16 on CPU; variables stay float32")
     xla: bool = field(False, "compile the towers' dense layers with XLA (the sparse bag has no XLA kernels)")
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
@@ -553,9 +555,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_dir(value: str | None, default: Path) -> Path | None:
-    if value is None:
-        return default
-    return Path(value) if value else None
+    return default if value is None else (Path(value) if value else None)
 
 
 def main(argv: list[str] | None = None) -> int:
