@@ -90,8 +90,8 @@ class TrainConfig:
                         "permutation: about half the input pipeline's CPU per pair of unbatch/shuffle/batch")
     negatives: bool = field(True, "use the shards' explicit negatives (negative_ids) as extra softmax columns "
                             "when they have them")
-    topic_batches: bool = field(False, "fill each batch from one cluster of lexically close pairs (TAS-B's topic-aware "
-                                "sampling, dssm.topics): in-batch negatives on the query's topic; needs the cache")
+    topic_batches: bool = field(False, "fill each batch from one cluster of lexically close pairs (TAS-B, dssm.topics);"
+                                " needs the cache. Lost on debian-dev (val R@10 0.737 -> 0.689; docs/quality.md)")
     mixed_precision: bool = field(False, "compute in float16 on GPU / bfloat16 on CPU; variables stay float32")
     xla: bool = field(False, "compile the towers' dense layers with XLA (the sparse bag has no XLA kernels)")
     steps_per_execution: int = field(1, "train steps per tf.function call (fewer Python round trips)")
