@@ -76,6 +76,10 @@ class LossConfig:
         "subtract log(sampling probability) of each in-batch document from its logit (softmax and "
         "contrastive); the trainer passes the probabilities, estimated from document frequency")
 
+    label_smoothing: float = field(
+        0.0, "softmax, contrastive, softmax+cosent: the share of each query's target spread evenly over its in-batch "
+        "columns instead of on its document alone (0: off). Fine-tuning on debian-dev's labelled pairs: 0.5 "
+        "lifted val R@10 among the corpus 0.737 -> 0.776 (docs/quality.md, 'Label smoothing')")
     distill_weight: float = field(
         0.0, "weight of the teacher-distillation term (KL from the teacher's in-batch score distribution to "
         "the towers', beside the loss); needs pairs made with `dssm pairs --teacher minilm`. 0: off")
@@ -98,6 +102,8 @@ class LossConfig:
             raise ConfigError(f"distill_pairs_weight must be >= 0, got {self.distill_pairs_weight}")
         if not self.teacher_temperature > 0:
             raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.margin >= 0:
             raise ConfigError(f"margin must be >= 0, got {self.margin}")
         if not self.cosent_scale > 0:
@@ -149,9 +155,11 @@ class LossSpec:
     summary: str
 
 
+# The softmax family's hyperparameters: (keyword of the function, attribute of ModelConfig / LossConfig).
+_SOFTMAX_PARAMETERS = (("temperature", "temperature"), ("label_smoothing", "label_smoothing"))
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec for spec in (
-        LossSpec("softmax", softmax_loss, "scores", (("temperature", "temperature"),), True,
+        LossSpec("softmax", softmax_loss, "scores", _SOFTMAX_PARAMETERS, True,
                  "DSSM/InfoNCE in-batch softmax with --temperature, accidental hits masked, optional logQ"),
         LossSpec("triplet", triplet_loss, "scores", (("margin", "margin"),), False,
                  "max(s(A,N) - s(A,P) + margin, 0) averaged over all in-batch negatives (--margin)"),
@@ -161,13 +169,13 @@ LOSSES: dict[str, LossSpec] = {
                  "CoSENT ranking loss on labelled pairs (STS scores or 0/1; label-0 rows kept)"),
         LossSpec("circle", circle_loss, "scores", (("m", "circle_m"), ("gamma", "circle_gamma")), False,
                  "Circle loss (Sun et al. 2020) on the in-batch scores (--circle-m, --circle-gamma)"),
-        LossSpec("contrastive", contrastive_loss, "scores+negatives", (("temperature", "temperature"),), True,
+        LossSpec("contrastive", contrastive_loss, "scores+negatives", _SOFTMAX_PARAMETERS, True,
                  "in-batch softmax plus explicit negatives (needs `dssm pairs --negatives-as-third-input`)"),
         LossSpec("simcse", simcse_loss, "views", (("temperature", "temperature"),), False,
                  "label-free SimCSE: two dropout views of each query text (--dropout, 0.1 if unset)"),
         LossSpec("classifier", classifier_loss, "classifier", (), False,
                  "Sentence-BERT classifier over [u, v, |u-v|] on 0/1 pairs (head not exported)"),
-        LossSpec("softmax+cosent", softmax_loss, "scores+graded", (("temperature", "temperature"),), False,
+        LossSpec("softmax+cosent", softmax_loss, "scores+graded", _SOFTMAX_PARAMETERS, False,
                  "in-batch softmax on the duplicates plus --cosent-weight x CoSENT on every labelled pair "
                  "(non-duplicates kept): retrieval and duplicate detection from one model"),
     )
@@ -213,6 +221,9 @@ def get_loss(name: str, *, config: LossConfig | None = None,
         raise ConfigError(f"logq_correction is not available for loss {name!r}; only for {with_logq}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if config.label_smoothing and ("label_smoothing", "label_smoothing") not in spec.hyperparameters:
+        with_smoothing = [n for n, s in LOSSES.items() if ("label_smoothing", "label_smoothing") in s.hyperparameters]
+        raise ConfigError(f"label_smoothing is not available for loss {name!r}; only for {with_smoothing}")
     bound = {keyword: temperature if attribute == "temperature" else getattr(config, attribute)
              for keyword, attribute in spec.hyperparameters}
     return functools.partial(spec.function, **bound)

@@ -72,6 +72,41 @@ def test_softmax_by_hand():
     close(softmax_loss(scores(), temperature=0.5, reduction="sum"), sum(rows), 1e-5)
 
 
+def test_softmax_label_smoothing_by_hand():
+    # temperature 0.5, logits as above; e = 0.5 adds e / (1 - e) = 1 x (logsumexp - mean of the kept logits):
+    # row 0: 2.31213 - (1.6 + 0.6 + 1.2) / 3 = 2.31213 - 1.13333 = 1.17880  -> 0.71213 + 1.17880 = 1.8908
+    # row 1: 2.26185 - (1.2 + 0.8 + 1.4) / 3 = 2.26185 - 1.13333 = 1.12852  -> 1.46185 + 1.12852 = 2.5904
+    # row 2: 2.2211 - (-0.8 + 1.8 + 1.0) / 3 = 2.2211 - 0.6667 = 1.5544  -> 1.2211 + 1.5544 = 2.7755
+    close(softmax_loss(scores(), temperature=0.5, label_smoothing=0.5, reduction="none"), [1.8908, 2.5904, 2.7755])
+    # e = 0.2: weight 0.25; row 0: 0.7121 + 0.25 * 1.1788 = 1.0068
+    close(softmax_loss(scores(), temperature=0.5, label_smoothing=0.2, reduction="none")[0], 1.0068)
+    # A masked column is in neither the denominator nor the mean: row 0 without column 2 ->
+    # logits [1.6, 0.6]: logsumexp log(4.9530 + 1.8221) = 1.9133; 1.9133 - 1.6 + (1.9133 - 1.1) = 1.1266
+    mask = tf.constant([[True, True, False], [True, True, True], [True, True, True]])
+    close(softmax_loss(scores(), temperature=0.5, label_smoothing=0.5, score_mask=mask, reduction="none")[0], 1.1266)
+    close(softmax_loss(scores(), temperature=0.5, label_smoothing=0.0), softmax_loss(scores(), temperature=0.5))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        softmax_loss(scores(), label_smoothing=1.0)
+
+
+def test_contrastive_label_smoothing_counts_the_explicit_negative():
+    # temperature 1, in-batch row 0 [0.8, 0.3, 0.6] + its negative 0.1: logsumexp
+    # log(2.2255 + 1.3499 + 1.8221 + 1.1052) = log(6.5027) = 1.8722; CE 1.0722; mean 0.45; +1.4222 = 2.4944
+    loss = contrastive_loss(scores(), tf.constant([0.1, 0.2, 0.3]), temperature=1.0, label_smoothing=0.5,
+                            reduction="none")
+    close(loss[0], 2.4944)
+
+
+def test_label_smoothing_only_for_the_softmax_family():
+    config = LossConfig(label_smoothing=0.5)
+    for name in ("softmax", "contrastive", "softmax+cosent"):
+        assert get_loss(name, config=config).keywords["label_smoothing"] == 0.5
+    with pytest.raises(ConfigError, match="label_smoothing is not available for loss 'triplet'"):
+        get_loss("triplet", config=config)
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\)"):
+        LossConfig(label_smoothing=-0.1)
+
+
 def test_softmax_masks_accidental_hits_exactly():
     # keys a, b, a: documents 0 and 2 are the same document. Row 0 (positive key a) must not count
     # column 2 as a negative, row 2 (key a) must not count column 0; row 1 (key b) is unchanged.
