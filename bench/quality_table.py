@@ -87,10 +87,6 @@ BEAM = ["--direct_running_mode=in_memory"]
 # (debian-dev) also pre-trains on three BM25 documents per span query (this dict's flags). Label-free
 # corpora (where `dssm select` keeps the fit) keep the default shape and pairs.
 WITH_PAIRS = {"debian-dev": ("--bm25-span-pairs", "3"), "quora-dev": ()}
-# Both fine-tuning rounds of a passage corpus spread half of each query's softmax target over its batch
-# (`--label-smoothing 0.5`): chosen on debian-dev's training split (docs/quality.md, "Label smoothing in
-# the fine-tuning"); quora-dev's recipe was not screened with it and keeps the plain target.
-SMOOTHED = {"debian-dev": ("--label-smoothing", "0.5")}
 # A set that is not ours but brings its own labelled pairs (`--data DIR`, a pairs.tsv with these columns
 # beside its BEIR files) is run as a user with a passage corpus and pairs would run the README's recipe:
 # debian-dev's steps (pairs with `dssm pairs`' default validation fraction, the second round, the weight
@@ -179,22 +175,20 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
             return (out, ["train", "--pairs", str(source), "--output", str(out), "--verbose", "2", "--seed", str(seed),
                           "--init-from", str(pretrained), *FINE_TUNE, *extra, *tower, "--overwrite"])
 
-        smoothed = list(SMOOTHED.get(kind, ()))
-
         if kind in SECOND_ROUND:
             first_round, second_round = run / "model-round1", run / "model-round2"
             index_round1, mined = run / "index-round1", run / "mined"
-            steps += [fine_tune(first_round, smoothed),
+            steps += [fine_tune(first_round, []),
                       (index_round1, ["index", "--model", str(first_round), "--corpus", str(data / "corpus.jsonl"),
                                       "--output", str(index_round1), *BEAM]),
                       (mined, ["mine", "--index", str(index_round1), "--pairs", str(train_pairs), "--output",
                                str(mined), *MINE, *BEAM]),
-                      fine_tune(second_round, ["--loss", "contrastive", *smoothed], mined),
+                      fine_tune(second_round, ["--loss", "contrastive"], mined),
                       (model, ["select", "--pairs", str(train_pairs), "--corpus", str(data / "corpus.jsonl"),
                                "--models", str(first_round), str(second_round), "--output", str(model),
                                "--overwrite"])]
         else:
-            steps.append(fine_tune(model, smoothed))
+            steps.append(fine_tune(model, []))
     else:  # the towers fitted without training compete: the trained ones must beat them on the split
         lsa, model = shared / "lsa", run / "model"
         steps += [(lsa, ["lsa", "--corpus", str(data / "corpus.jsonl"), "--output", str(lsa), "--pairs", str(first),

@@ -78,8 +78,8 @@ class LossConfig:
 
     label_smoothing: float = field(
         0.0, "softmax, contrastive, softmax+cosent: the share of each query's target spread evenly over its in-batch "
-        "columns instead of on its document alone (0: off). Fine-tuning on debian-dev's labelled pairs: 0.5 "
-        "lifted val R@10 among the corpus 0.737 -> 0.776 (docs/quality.md, 'Label smoothing')")
+        "columns instead of on its document alone (0: off). Fine-tuning on debian-dev's pairs, 0.5 lifted the towers "
+        "alone (val R@10 among the corpus 0.753 -> 0.770, 3 seeds) but not the hybrid (docs/quality.md)")
     distill_weight: float = field(
         0.0, "weight of the teacher-distillation term (KL from the teacher's in-batch score distribution to "
         "the towers', beside the loss); needs pairs made with `dssm pairs --teacher minilm`. 0: off")

@@ -587,21 +587,3 @@ def test_paced_write_bench_keeps_its_schedule_when_batches_are_slower_than_its_i
     busy[0] = most[0] = 0
     back_to_back = write_http._writer("http://unused", texts, batch=2, seconds=0.5, rate=0.0, prefix="h")
     assert most[0] == 1 and back_to_back["docs"] == 2 * len(back_to_back["batch_ms"]) <= 10
-
-
-def test_quality_table_passage_corpora_fine_tune_with_label_smoothing(tmp_path: Path) -> None:
-    """Both fine-tuning rounds of a passage corpus with pairs (debian-dev, or a user's set run as it) spread half of
-    the softmax target (`--label-smoothing 0.5`); its pre-training, the question corpus and label-free sets do not."""
-    from bench.quality_table import recipe
-
-    def smoothing(argv: list[str]) -> str | None:
-        return argv[argv.index("--label-smoothing") + 1] if "--label-smoothing" in argv else None
-
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "pairs.tsv").write_text("query\tdocument\tdoc_id\nshort words\ta long text\td1\n")
-    for name in ("debian-dev", "mine"):
-        trains = [argv for _, argv in recipe(name, tmp_path / name, tmp_path / "work", seed=0) if argv[0] == "train"]
-        assert [smoothing(argv) for argv in trains] == [None, "0.5", "0.5"]
-        assert "contrastive" in trains[2]
-    for name in ("quora-dev", "cranfield"):
-        assert all(smoothing(argv) is None for _, argv in recipe(name, tmp_path / name, tmp_path / "work", seed=0))
