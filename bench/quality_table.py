@@ -119,8 +119,8 @@ def labelled_flags(name: str, data: Path) -> tuple[list[str], list[str]] | None:
 
 
 def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
-           tower: tuple[str, ...] | None = None, corpus_pairs: tuple[str, ...] | None = None
-           ) -> list[tuple[str, list[str]]]:
+           tower: tuple[str, ...] | None = None, corpus_pairs: tuple[str, ...] | None = None,
+           pretrain: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
     """The ``dssm`` commands for one set and seed: ``[(output path that marks the step done, argv)]``.
 
     ``teacher`` (``--teacher minilm``): the label-free pairs carry the teacher's vectors (format neighbours
@@ -128,6 +128,8 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
     neighbour pairs); the labelled fine-tuning is unchanged. ``tower``: ``dssm train`` flags of the
     towers' shape (``--embedding-dim 512 --hidden-dims 512 256``), given to every training step.
     ``corpus_pairs``: more ``dssm pairs --format corpus`` flags (``--bm25-span-pairs 3``), for a screen.
+    ``pretrain``: more ``dssm train`` flags for the label-free pre-training only (``--label-smoothing 0.5``), for a
+    screen.
     ``None`` (either): the set's recipe (:data:`WITH_PAIRS`, else the defaults); ``()``: the defaults.
     """
     labelled = labelled_flags(name, data)
@@ -153,7 +155,7 @@ def recipe(name: str, data: Path, work: Path, seed: int, *, teacher: str = "",
                 *corpus_pairs, *BEAM]
     steps = [(first, make),
              (pretrained, ["train", "--pairs", str(first), "--output", str(pretrained), "--verbose", "2",
-                           "--seed", str(seed), *distil[1], *tower, "--overwrite"])]
+                           "--seed", str(seed), *distil[1], *tower, *pretrain, "--overwrite"])]
     eval_flags: list[str] = []
     if labelled is not None:
         pairs_flags, holdout_flags = labelled
@@ -265,6 +267,7 @@ def _query_latency(index: Path, texts: list[str]) -> dict[str, float]:
 
 def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: str = "",
             tower: tuple[str, ...] | None = None, corpus_pairs: tuple[str, ...] | None = None, data_root: Path = DATA,
+            pretrain: tuple[str, ...] = (),
             run_command: Callable[[list[str], Path], float] = _dssm) -> dict[str, Any]:
     """Every seed of one set (``data_root/name``): nDCG@10 of dssm, hybrid and bm25 from ``dssm eval``, with costs.
 
@@ -277,7 +280,8 @@ def run_set(name: str, *, seeds: list[int], work: Path, reuse: bool, teacher: st
     per_seed, commands, made = [], [], set()
     for seed in seeds:
         seconds = {}
-        for marker, argv in recipe(name, data, work, seed, teacher=teacher, tower=tower, corpus_pairs=corpus_pairs):
+        for marker, argv in recipe(name, data, work, seed, teacher=teacher, tower=tower, corpus_pairs=corpus_pairs,
+                                     pretrain=pretrain):
             commands.append(("# bench writes " if argv[0] == USER_PAIRS else "dssm ") + " ".join(argv))
             # The seeds share the pairs steps: made once per run (with a teacher, debian-dev's take ~19 min).
             if marker in made or (reuse and marker.exists()):
@@ -474,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-pairs", default=None, help="more `dssm pairs --format corpus` flags for the "
                         "pre-training pairs, e.g. '--bm25-span-pairs 3' ('' = none; unset: each set's recipe); "
                         "write to another --out and --work")
+    parser.add_argument("--pretrain", default="", help="more dssm train flags for the label-free pre-training only, "
+                        "e.g. '--label-smoothing 0.5' (a screen); write to another --out and --work")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -483,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_set(name, seeds=seeds, work=args.work, reuse=args.reuse, teacher=args.teacher,
                          tower=None if args.tower is None else tuple(args.tower.split()),
                          corpus_pairs=None if args.corpus_pairs is None else tuple(args.corpus_pairs.split()),
+                         pretrain=tuple(args.pretrain.split()),
                          data_root=args.data)
         queries, _, _ = _selected_queries(name, args.work, args.data)
         result["latency"] = _query_latency(args.work / name / f"seed{seeds[0]}" / "index",

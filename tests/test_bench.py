@@ -587,3 +587,16 @@ def test_paced_write_bench_keeps_its_schedule_when_batches_are_slower_than_its_i
     busy[0] = most[0] = 0
     back_to_back = write_http._writer("http://unused", texts, batch=2, seconds=0.5, rate=0.0, prefix="h")
     assert most[0] == 1 and back_to_back["docs"] == 2 * len(back_to_back["batch_ms"]) <= 10
+
+
+def test_quality_table_pretrain_flags_reach_only_the_pre_training(tmp_path: Path) -> None:
+    """`--pretrain '--label-smoothing 0.5'` (a screen's variant) changes the label-free pre-training's command and
+    nothing else, on a labelled set and on a label-free one."""
+    from bench.quality_table import recipe
+
+    for name in ("debian-dev", "cranfield"):
+        plain = recipe(name, tmp_path / name, tmp_path / "work", seed=0)
+        varied = recipe(name, tmp_path / name, tmp_path / "work", seed=0, pretrain=("--label-smoothing", "0.5"))
+        changed = [i for i, (a, b) in enumerate(zip(plain, varied, strict=True)) if a != b]
+        assert changed == [1] and plain[1][1][0] == "train" and "--init-from" not in plain[1][1]
+        assert varied[1][1][varied[1][1].index("--label-smoothing") + 1] == "0.5"
