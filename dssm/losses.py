@@ -156,7 +156,8 @@ class LossSpec:
 
 
 # The softmax family's hyperparameters: (keyword of the function, attribute of ModelConfig / LossConfig).
-_SOFTMAX_PARAMETERS = (("temperature", "temperature"), ("label_smoothing", "label_smoothing"))
+_SMOOTHING = ("label_smoothing", "label_smoothing")
+_SOFTMAX_PARAMETERS = (("temperature", "temperature"), _SMOOTHING)
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec for spec in (
         LossSpec("softmax", softmax_loss, "scores", _SOFTMAX_PARAMETERS, True,
@@ -221,8 +222,8 @@ def get_loss(name: str, *, config: LossConfig | None = None,
         raise ConfigError(f"logq_correction is not available for loss {name!r}; only for {with_logq}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if config.label_smoothing and ("label_smoothing", "label_smoothing") not in spec.hyperparameters:
-        with_smoothing = [n for n, s in LOSSES.items() if ("label_smoothing", "label_smoothing") in s.hyperparameters]
+    if config.label_smoothing and _SMOOTHING not in spec.hyperparameters:
+        with_smoothing = [n for n, s in LOSSES.items() if _SMOOTHING in s.hyperparameters]
         raise ConfigError(f"label_smoothing is not available for loss {name!r}; only for {with_smoothing}")
     bound = {keyword: temperature if attribute == "temperature" else getattr(config, attribute)
              for keyword, attribute in spec.hyperparameters}
