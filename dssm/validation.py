@@ -127,9 +127,9 @@ def corpus_distractors(path: str | Path, *, features: FeatureConfig, limit: int,
     names = [c.strip() for c in columns.split(",")] if columns else []
     if names and not (2 <= len(names) <= 3 and all(names)):
         raise InputError(f"corpus columns must be ID,TEXT or ID,TEXT,TITLE, got {columns!r}")
-    read = iter_corpus(path, id_column=names[0], text_column=names[1],
-                       title_column=names[2] if len(names) == 3 else "title") if names else iter_corpus(path)
-    documents = [(doc.id, document_text(doc.title, doc.text)) for doc in read]
+    id_column, text_column, title_column = (names + ["title"])[:3] if names else (None, None, "title")
+    documents = [(doc.id, document_text(doc.title, doc.text))
+                 for doc in iter_corpus(path, id_column=id_column, text_column=text_column, title_column=title_column)]
     if len(documents) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(documents), size=limit, replace=False))
         documents = [documents[i] for i in keep.tolist()]
